@@ -1,0 +1,81 @@
+#!/usr/bin/env node
+// Compiles contracts/TestUSDC.sol with the pinned npm solc into contracts/build/TestUSDC.json.
+// The artifact is committed so Python needs no compiler; `--check` recompiles and fails (exit 1)
+// when the committed file differs, which is how CI keeps source and artifact in step.
+"use strict";
+
+const fs = require("fs");
+const path = require("path");
+const solc = require("solc");
+
+const CONTRACT = "TestUSDC";
+const EVM_VERSION = "cancun";
+const SOURCE_PATH = path.join(__dirname, `${CONTRACT}.sol`);
+const ARTIFACT_PATH = path.join(__dirname, "build", `${CONTRACT}.json`);
+
+function compile() {
+  // Normalise line endings: the metadata hash at the end of the bytecode covers the source
+  // text, and a CRLF checkout must not produce a different artifact.
+  const content = fs.readFileSync(SOURCE_PATH, "utf8").replace(/\r\n/g, "\n");
+  const input = {
+    language: "Solidity",
+    // A relative source name keeps the checkout directory out of the metadata.
+    sources: { [`${CONTRACT}.sol`]: { content } },
+    settings: {
+      evmVersion: EVM_VERSION,
+      optimizer: { enabled: true, runs: 200 },
+      outputSelection: { "*": { "*": ["abi", "evm.bytecode.object"] } },
+    },
+  };
+  const output = JSON.parse(solc.compile(JSON.stringify(input)));
+  const diagnostics = output.errors || [];
+  for (const d of diagnostics) {
+    process.stderr.write(d.formattedMessage || d.message);
+  }
+  if (diagnostics.some((d) => d.severity === "error")) {
+    throw new Error("compilation failed");
+  }
+  const contract = output.contracts[`${CONTRACT}.sol`][CONTRACT];
+  const artifact = {
+    contractName: CONTRACT,
+    abi: contract.abi,
+    bytecode: "0x" + contract.evm.bytecode.object,
+    compiler: `solc ${solc.version().split("+")[0]}`,
+    evmVersion: EVM_VERSION,
+  };
+  return JSON.stringify(artifact, null, 2) + "\n";
+}
+
+function main(argv) {
+  const check = argv.includes("--check");
+  let text;
+  try {
+    text = compile();
+  } catch (err) {
+    process.stderr.write(`compile.js: ${err.message}\n`);
+    return 2;
+  }
+  if (check) {
+    let committed = null;
+    try {
+      committed = fs.readFileSync(ARTIFACT_PATH, "utf8");
+    } catch (err) {
+      // fall through: a missing artifact is a difference
+    }
+    if (committed !== text) {
+      process.stderr.write(
+        `compile.js: ${path.relative(process.cwd(), ARTIFACT_PATH)} is out of date; ` +
+          "run `node contracts/compile.js` and commit the result\n",
+      );
+      return 1;
+    }
+    process.stdout.write(`${CONTRACT}: artifact up to date\n`);
+    return 0;
+  }
+  fs.mkdirSync(path.dirname(ARTIFACT_PATH), { recursive: true });
+  fs.writeFileSync(ARTIFACT_PATH, text);
+  process.stdout.write(`${CONTRACT}: wrote ${path.relative(process.cwd(), ARTIFACT_PATH)}\n`);
+  return 0;
+}
+
+process.exitCode = main(process.argv.slice(2));

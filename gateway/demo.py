@@ -1,0 +1,141 @@
+"""``x402gw demo``: the whole stack on one machine, and an agent paying for calls.
+
+Starts anvil and deploys the test USDC, the sample legacy REST upstream, and the gateway with the
+example catalog; a sample agent (anvil account 1) pays for a few calls and each is printed with
+its price, HTTP status and settlement transaction. Then the gateway keeps serving until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from catalog import format_amount
+from gateway.agent import PayingAgent
+from gateway.app import create_app
+from gateway.samples import rest_upstream
+from gateway.settings import DEFAULT_CATALOG, Settings
+from settlement.devchain import Anvil, Deployment, setup_devchain
+from settlement.ledger import Ledger
+
+UPSTREAM_PORT = 9101  # the example catalog's upstream base_url
+DEMO_DIR = Path("var/demo")
+
+# (method, path, json body) the sample agent pays for, in turn.
+PLAN: list[tuple[str, str, dict[str, object] | None]] = [
+    ("GET", "/quotes/AAPL", None),
+    ("GET", "/weather?city=Lisbon&units=metric", None),
+    ("POST", "/orders", {"symbol": "MSFT", "quantity": 3}),
+    ("GET", "/reports/42", None),
+    ("GET", "/quotes/NVDA", None),
+]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class _ThreadServer:
+    """A uvicorn server on its own thread and loop (no signal handlers off the main thread)."""
+
+    def __init__(self, app: object, port: int) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.thread.start()
+        ready = threading.Event()
+        for _ in range(int(timeout / 0.02)):
+            if self.server.started:
+                ready.set()
+                break
+            self.thread.join(0.02)
+            if not self.thread.is_alive():
+                break
+        if not ready.is_set():
+            raise RuntimeError("sample upstream did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+async def _agent_calls(base_url: str, deployment: Deployment, calls: int) -> list[str]:
+    payer = deployment.accounts[0]
+    agent = PayingAgent(payer.private_key, max_spend_atomic=1_000_000, accept_assets={(deployment.network, deployment.token.address)})
+    lines: list[str] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        for i in range(calls):
+            method, path, body = PLAN[i % len(PLAN)]
+            result = await agent.call(client, method, path, json=body) if body else await agent.call(client, method, path)
+            price = format_amount(result.price_atomic, deployment.token.decimals) if result.price_atomic else "-"
+            tx = result.tx_hash or (result.body.get("error") if isinstance(result.body, dict) else "-")
+            line = f"  {method:4} {path:36} price {price:>6} USDC  HTTP {result.status}  tx {tx}"
+            print(line, flush=True)
+            lines.append(line)
+    print(f"  agent {payer.address} spent {format_amount(agent.spent_atomic, deployment.token.decimals)} USDC", flush=True)
+    return lines
+
+
+async def _serve_gateway(settings: Settings, deployment: Deployment, calls: int, serve_forever: bool) -> int:
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            return 1
+        await asyncio.sleep(0.02)
+    base_url = f"http://{settings.host}:{settings.port}"
+    print(f"gateway  {base_url}  (catalog {DEFAULT_CATALOG.name})", flush=True)
+    print("sample agent paying for calls:", flush=True)
+    await _agent_calls(base_url, deployment, calls)
+    if serve_forever:
+        print(f"\nx402gw is serving at {base_url} — try: curl -i {base_url}/quotes/AAPL   (Ctrl-C to stop)", flush=True)
+    else:
+        server.should_exit = True
+    await task
+    return 0
+
+
+def run_demo(*, port: int = 8402, calls: int = 4, serve_forever: bool = True, anvil_path: str | None = None) -> int:
+    for needed, what in ((port, "gateway"), (UPSTREAM_PORT, "sample upstream")):
+        if not _port_free(needed):
+            print(f"error: port {needed} for the {what} is in use; stop what holds it or pass --port", flush=True)
+            return 2
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    for stale in DEMO_DIR.glob("ledger.sqlite3*"):
+        stale.unlink()
+    with Anvil(anvil_path=anvil_path) as anvil:
+        deployment = setup_devchain(anvil.rpc_url)
+        deployment_file = DEMO_DIR / "devchain.json"
+        deployment.write(deployment_file)
+        print(f"chain    {anvil.rpc_url}  (chain id {deployment.chain_id}), test USDC at {deployment.token.address}", flush=True)
+        upstream = _ThreadServer(rest_upstream.create_app(), UPSTREAM_PORT)
+        upstream.start()
+        print(f"upstream http://127.0.0.1:{UPSTREAM_PORT}  (sample legacy REST service)", flush=True)
+        settings = Settings(
+            port=port, deployment_file=deployment_file, database_url=f"sqlite:///{DEMO_DIR / 'ledger.sqlite3'}"
+        )
+        try:
+            code = asyncio.run(_serve_gateway(settings, deployment, calls, serve_forever))
+        except KeyboardInterrupt:
+            code = 0
+        finally:
+            upstream.stop()
+        ledger = Ledger(settings.database_url)
+        settled = [p for p in ledger.all() if p.state == "settled"]
+        ledger.close()
+        print(f"ledger: {len(settled)} settled payments in {DEMO_DIR / 'ledger.sqlite3'}", flush=True)
+        return code

@@ -1,0 +1,97 @@
+"""Stage 2, challenge: read and validate the tool's arguments, then ask for payment.
+
+Arguments are the path parameters, the query string (coerced to the schema's scalar types) and a
+JSON object body, merged and validated against the tool's input schema *before* any price is
+quoted: a call that can never succeed gets 422, not a 402. Stops with 413, 400, 422 or 402.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from catalog import Tool
+from gateway.errors import GatewayError
+from gateway.offers import Offer, challenge_header
+from settlement.wire import PaymentRequired
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _coerce(value: str, schema: dict[str, Any]) -> Any:
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "integer" in kinds and value.lstrip("-").isdigit():
+        return int(value)
+    if "number" in kinds:
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            return value
+        if number.is_finite():
+            return int(number) if number == number.to_integral_value() and "." not in value else number
+    if "boolean" in kinds and value in ("true", "false"):
+        return value == "true"
+    return value
+
+
+def collect_arguments(
+    tool: Tool, params: dict[str, str], query: list[tuple[str, str]], body: bytes, method: str
+) -> dict[str, Any]:
+    properties: dict[str, Any] = (tool.input_schema or {}).get("properties", {}) or {}
+    arguments: dict[str, Any] = {}
+    for name, value in params.items():
+        arguments[name] = _coerce(value, properties.get(name, {}))
+    for name, value in query:
+        schema = properties.get(name, {})
+        coerced = _coerce(value, schema.get("items", {}) if schema.get("type") == "array" else schema)
+        if schema.get("type") == "array":
+            arguments.setdefault(name, []).append(coerced)
+        elif name in arguments:
+            raise GatewayError("invalid_arguments", f"argument {name!r} is given twice", fields=[{"field": name}])
+        else:
+            arguments[name] = coerced
+    if method in BODY_METHODS and body.strip():
+        try:
+            data = json.loads(body, parse_float=Decimal)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise GatewayError("invalid_json_body", "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise GatewayError("invalid_json_body", "the request body must be a JSON object")
+        for name, value in data.items():
+            if name in arguments:
+                raise GatewayError("invalid_arguments", f"argument {name!r} is given twice", fields=[{"field": name}])
+            arguments[name] = value
+    return arguments
+
+
+def validate_arguments(validator: Draft202012Validator, arguments: dict[str, Any]) -> None:
+    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    fields = [
+        {"field": "/".join(str(p) for p in error.absolute_path) or "(arguments)", "problem": error.message[:300]}
+        for error in errors[:20]
+    ]
+    raise GatewayError(
+        "invalid_arguments",
+        "the arguments do not match the tool's input schema; fix the listed fields and call again",
+        fields=fields,
+    )
+
+
+class PaymentChallenge(GatewayError):
+    """A 402: the offer in ``PAYMENT-REQUIRED`` and, for v1-style readers, in the body."""
+
+    status = 402
+
+    def __init__(self, offer: Offer, resource_url: str, code: str, message: str, **fields: Any) -> None:
+        super().__init__(code, message, status=402, **fields)
+        self.required: PaymentRequired = offer.payment_required(resource_url, code)
+        self.headers["PAYMENT-REQUIRED"] = challenge_header(self.required)
+
+    def body(self) -> dict[str, Any]:
+        return {**self.required.to_wire(), "message": self.message, **self.fields}

@@ -1,0 +1,25 @@
+"""Stage 7, respond: the upstream's answer, its status and content headers kept, plus the receipt.
+
+Paid content is ``Cache-Control: private, no-store`` so no shared cache serves it for free.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+
+from gateway.stages.bridge import DROPPED_RESPONSE_HEADERS, UpstreamResponse
+from settlement.codec import encode_header
+from settlement.wire import SettleResponse
+
+
+def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_id: str) -> Response:
+    response = Response(content=upstream.body, status_code=upstream.status)
+    headers = response.headers
+    for name, value in upstream.headers:
+        if name.lower() not in DROPPED_RESPONSE_HEADERS:
+            headers.append(name, value)
+    headers["Cache-Control"] = "private, no-store"
+    headers["X-Request-Id"] = request_id
+    if receipt is not None:
+        headers["PAYMENT-RESPONSE"] = encode_header(receipt)
+    return response

@@ -1,0 +1,249 @@
+"""Facilitators: the ``Facilitator`` protocol and the local, in-process implementation.
+
+The local facilitator verifies EIP-3009 payments itself (EIP-712 digest + coincurve recovery,
+recipient, exact amount, time window, nonce unused and balance read from the chain) and settles
+them with ``transferWithAuthorization`` through ``settlement.chain``. Expected payment failures are
+values with the reference SDK's reason codes; broken infrastructure raises ``ChainUnavailable``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from eth_utils import to_checksum_address
+
+from settlement.chain import Chain, Receipt
+from settlement.codec import parse_exact_evm
+from settlement.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
+from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
+from settlement.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
+
+# A client clock a little behind ours must not make a fresh authorization look expired, and an
+# authorization about to expire must not be broadcast: the reference facilitator keeps 6 s.
+VALID_BEFORE_MARGIN_SECONDS = 6
+# Accept validBefore up to maxTimeoutSeconds plus this much ahead: a far-future authorization is
+# a standing cheque we do not want to hold.
+VALID_BEFORE_SLACK_SECONDS = 600
+
+
+class Facilitator(Protocol):
+    def supported(self) -> dict[str, Any]: ...
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse: ...
+
+    async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedPayment:
+    """A payload that passed the offline checks, in integers, with its recovered payer."""
+
+    payer: str
+    token: str
+    auth: TransferAuthorization
+    signature: bytes
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _chain_id(network: str) -> int | None:
+    prefix, _, ident = network.partition(":")
+    if prefix != "eip155" or not ident.isdigit():
+        return None
+    return int(ident)
+
+
+class LocalFacilitator:
+    def __init__(
+        self,
+        chains: dict[str, Chain],
+        *,
+        receipt_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._chains = chains
+        self._receipt_timeout = receipt_timeout
+        self._clock = clock
+        self._domains: dict[tuple[str, str, str, str], bytes] = {}
+
+    def supported(self) -> dict[str, Any]:
+        kinds = [{"x402Version": 2, "scheme": "exact", "network": network} for network in self._chains]
+        signers: list[str] = []
+        for chain in self._chains.values():
+            address = getattr(chain, "settlement_address", None)
+            if address and address not in signers:
+                signers.append(address)
+        return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers}}
+
+    def chain_for(self, network: str) -> Chain | None:
+        return self._chains.get(network)
+
+    def _domain(self, requirements: PaymentRequirements, chain_id: int, name: str, version: str) -> bytes:
+        key = (requirements.network, requirements.asset.lower(), name, version)
+        cached = self._domains.get(key)
+        if cached is None:
+            cached = domain_separator(name, version, chain_id, to_checksum_address(requirements.asset))
+            self._domains[key] = cached
+        return cached
+
+    def check_offline(self, payload: PaymentPayload, requirements: PaymentRequirements) -> CheckedPayment:
+        """Everything that needs no chain: scheme, network, domain, recipient, amount, window, signature."""
+        if payload.accepted.scheme != "exact" or requirements.scheme != "exact":
+            raise Rejected("unsupported_scheme", "only the exact scheme is supported")
+        if payload.accepted.network != requirements.network:
+            raise Rejected("network_mismatch", "payment network differs from the required network")
+        chain_id = _chain_id(requirements.network)
+        if chain_id is None or requirements.network not in self._chains:
+            raise Rejected("invalid_exact_evm_failed_to_get_network_config", f"network {requirements.network} is not served")
+        extra = requirements.extra or {}
+        name, version = extra.get("name"), extra.get("version")
+        if not isinstance(name, str) or not isinstance(version, str):
+            raise Rejected("missing_eip712_domain", "requirements lack extra.name / extra.version")
+        try:
+            exact: ExactEvmPayload = parse_exact_evm(payload)
+        except PaymentDecodeError as exc:
+            raise Rejected("invalid_payload", exc.message) from None
+        a = exact.authorization
+        if a.to.lower() != requirements.pay_to.lower():
+            raise Rejected("invalid_exact_evm_payload_recipient_mismatch", "authorization.to is not the payTo address")
+        if int(a.value) != int(requirements.amount):
+            raise Rejected(
+                "invalid_exact_evm_payload_authorization_value_mismatch",
+                f"authorization.value must be exactly {requirements.amount}",
+            )
+        now = int(self._clock())
+        valid_after, valid_before = int(a.valid_after), int(a.valid_before)
+        if valid_before < now + VALID_BEFORE_MARGIN_SECONDS:
+            raise Rejected("invalid_exact_evm_payload_authorization_valid_before", "authorization has expired")
+        if valid_before > now + requirements.max_timeout_seconds + VALID_BEFORE_SLACK_SECONDS:
+            raise Rejected(
+                "invalid_exact_evm_payload_authorization_valid_before",
+                "authorization is valid for longer than maxTimeoutSeconds allows",
+            )
+        if valid_after > now:
+            raise Rejected("invalid_exact_evm_payload_authorization_valid_after", "authorization is not yet valid")
+        auth = TransferAuthorization(
+            from_=to_checksum_address(a.from_),
+            to=to_checksum_address(a.to),
+            value=int(a.value),
+            valid_after=valid_after,
+            valid_before=valid_before,
+            nonce=bytes.fromhex(a.nonce[2:]),
+        )
+        signature = bytes.fromhex(exact.signature[2:])
+        digest = authorization_digest(self._domain(requirements, chain_id, name, version), auth)
+        signer = recover_signer(digest, signature)
+        if signer is None or signer != auth.from_:
+            raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
+        return CheckedPayment(payer=auth.from_, token=to_checksum_address(requirements.asset), auth=auth, signature=signature)
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        try:
+            checked = self.check_offline(payload, requirements)
+        except Rejected as rej:
+            return VerifyResponse(is_valid=False, invalid_reason=rej.reason, invalid_message=rej.message)
+        chain = self._chains[requirements.network]
+        if await chain.authorization_state(checked.token, checked.payer, checked.auth.nonce):
+            return VerifyResponse(
+                is_valid=False,
+                invalid_reason="invalid_exact_evm_nonce_already_used",
+                invalid_message="this authorization was already used or canceled on chain",
+                payer=checked.payer,
+            )
+        balance = await chain.balance_of(checked.token, checked.payer)
+        if balance < checked.auth.value:
+            return VerifyResponse(
+                is_valid=False,
+                invalid_reason="invalid_exact_evm_insufficient_balance",
+                invalid_message="payer balance is below the price",
+                payer=checked.payer,
+            )
+        return VerifyResponse(is_valid=True, payer=checked.payer)
+
+    async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        network = requirements.network
+        try:
+            checked = self.check_offline(payload, requirements)
+        except Rejected as rej:
+            return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
+        chain = self._chains[network]
+        try:
+            tx_hash = await chain.send_transfer_with_authorization(checked.token, checked.auth, checked.signature)
+        except BroadcastUncertain as exc:
+            return self._pending(exc.tx_hash, checked, network)
+        except ChainUnavailable as exc:
+            rpc_message = getattr(exc, "rpc_message", None)
+            if rpc_message is None:
+                raise
+            # The node refused the transaction outright: nothing was broadcast.
+            return SettleResponse(
+                success=False,
+                error_reason=revert_reason_code(rpc_message),
+                error_message="the chain refused the settlement transaction",
+                payer=checked.payer,
+                network=network,
+            )
+        try:
+            receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
+        except ChainUnavailable:
+            receipt = None  # broadcast, then the node stopped answering: the outcome is unknown
+        if receipt is None:
+            return self._pending(tx_hash, checked, network)
+        return await self._outcome(chain, receipt, checked, network)
+
+    def _pending(self, tx_hash: str, checked: CheckedPayment, network: str) -> SettleResponse:
+        return SettleResponse(
+            success=False,
+            error_reason="settlement_pending",
+            error_message="the settlement transaction was broadcast but is not final yet",
+            payer=checked.payer,
+            transaction=tx_hash,
+            network=network,
+        )
+
+    async def _outcome(self, chain: Chain, receipt: Receipt, checked: CheckedPayment, network: str) -> SettleResponse:
+        base: dict[str, Any] = {"payer": checked.payer, "transaction": receipt.tx_hash, "network": network}
+        if receipt.status == 1:
+            if not receipt.has_transfer(checked.token, checked.auth.from_, checked.auth.to, checked.auth.value):
+                return SettleResponse(success=False, error_reason="invalid_exact_evm_transfer_event_mismatch", **base)
+            return SettleResponse(
+                success=True,
+                amount=str(checked.auth.value),
+                extra={"blockNumber": receipt.block_number},
+                **base,
+            )
+        # Reverted (certain: nothing moved). Say why, from the chain state the revert depended on.
+        reason = "transaction_failed"
+        try:
+            if await chain.authorization_state(checked.token, checked.payer, checked.auth.nonce):
+                reason = "invalid_exact_evm_nonce_already_used"
+            elif await chain.balance_of(checked.token, checked.payer) < checked.auth.value:
+                reason = "invalid_exact_evm_insufficient_balance"
+        except ChainUnavailable:
+            pass
+        return SettleResponse(success=False, error_reason=reason, extra={"blockNumber": receipt.block_number}, **base)
+
+
+_REVERT_CODES = (
+    ("authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
+    ("authorization is not yet valid", "invalid_exact_evm_payload_authorization_valid_after"),
+    ("authorization is used", "invalid_exact_evm_nonce_already_used"),
+    ("transfer amount exceeds balance", "invalid_exact_evm_insufficient_balance"),
+    ("invalid signature", "invalid_exact_evm_payload_signature"),
+)
+
+
+def revert_reason_code(message: str) -> str:
+    lowered = message.lower()
+    for needle, code in _REVERT_CODES:
+        if needle in lowered:
+            return code
+    return "transaction_failed"

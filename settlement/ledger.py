@@ -1,0 +1,213 @@
+"""The payment ledger: one row per payment, SQLAlchemy 2.0, SQLite by default, PostgreSQL by URL.
+
+State machine of a row::
+
+    verified ──▶ settling ──▶ settled
+        │            ├──────▶ failed      (the chain said no; nothing moved)
+        │            └──────▶ pending     (broadcast, outcome not final yet: reconcile)
+        └──────▶ voided                   (upstream failed before settlement: nothing charged)
+
+Amounts are Python ints in atomic units, stored exactly (NUMERIC(78,0) on PostgreSQL, decimal text
+on SQLite, which has no exact wide integer). The repository never decides policy; it records.
+Calls are synchronous: the gateway runs them off the event loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from settlement.errors import LedgerError
+
+
+class PaymentState(enum.StrEnum):
+    VERIFIED = "verified"
+    SETTLING = "settling"
+    SETTLED = "settled"
+    FAILED = "failed"
+    PENDING = "pending"
+    VOIDED = "voided"
+
+
+OPEN_STATES = (PaymentState.SETTLING, PaymentState.PENDING)
+
+
+class AtomicAmount(TypeDecorator[int]):
+    """An unsigned token amount in atomic units, exact up to 78 digits on every backend."""
+
+    impl = Numeric(78, 0)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(78))
+        return dialect.type_descriptor(Numeric(78, 0, asdecimal=True))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("amounts are ints in atomic units")
+        return str(value) if dialect.name == "sqlite" else Decimal(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+    __table_args__ = (UniqueConstraint("network", "asset", "payer", "nonce", name="uq_payment_authorization"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    tool: Mapped[str] = mapped_column(String(64), index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(2048))
+    payer: Mapped[str] = mapped_column(String(42), index=True)
+    pay_to: Mapped[str] = mapped_column(String(42), index=True)
+    amount: Mapped[int] = mapped_column(AtomicAmount())
+    network: Mapped[str] = mapped_column(String(64))
+    asset: Mapped[str] = mapped_column(String(42))
+    nonce: Mapped[str] = mapped_column(String(66))
+    valid_before: Mapped[int] = mapped_column(BigInteger)
+    authorization: Mapped[str] = mapped_column(Text)  # signed authorization JSON: what a reconcile re-checks
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    error_reason: Mapped[str | None] = mapped_column(String(128), default=None)
+    upstream_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    tx_hash: Mapped[str | None] = mapped_column(String(66), default=None, index=True)
+    block_number: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def create_ledger_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.drivername == "postgresql":
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Ledger:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = create_ledger_engine(url)
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from exc
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger write failed ({type(exc).__name__})") from exc
+
+    def record_verified(self, **fields: Any) -> Payment:
+        """Insert a verified payment. If this authorization already has a row that moved no money
+        (voided, or failed before broadcast), that row is reused; otherwise the existing row is
+        returned unchanged with ``state`` telling the caller what happened before."""
+        fields.setdefault("state", PaymentState.VERIFIED.value)
+        try:
+            with self._session() as session:
+                row = Payment(**fields)
+                session.add(row)
+                session.flush()
+                return row
+        except IntegrityError:
+            pass
+        with self._session() as session:
+            existing = session.scalars(
+                select(Payment).where(
+                    Payment.network == fields["network"],
+                    Payment.asset == fields["asset"],
+                    Payment.payer == fields["payer"],
+                    Payment.nonce == fields["nonce"],
+                )
+            ).one()
+            if existing.state == PaymentState.VOIDED or (existing.state == PaymentState.FAILED and not existing.tx_hash):
+                for key in ("request_id", "owner", "tool", "method", "path", "upstream_status", "error_reason"):
+                    setattr(existing, key, fields.get(key))
+                existing.state = PaymentState.VERIFIED.value
+            return existing
+
+    def update(self, payment_id: int, **fields: Any) -> None:
+        with self._session() as session:
+            row = session.get(Payment, payment_id)
+            if row is None:
+                raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
+            for key, value in fields.items():
+                setattr(row, key, value.value if isinstance(value, PaymentState) else value)
+
+    def get(self, payment_id: int) -> Payment | None:
+        with self._session() as session:
+            return session.get(Payment, payment_id)
+
+    def by_request_id(self, request_id: str) -> Payment | None:
+        with self._session() as session:
+            return session.scalars(select(Payment).where(Payment.request_id == request_id)).one_or_none()
+
+    def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
+        with self._session() as session:
+            return session.scalars(
+                select(Payment).where(
+                    Payment.network == network, Payment.asset == asset, Payment.payer == payer, Payment.nonce == nonce
+                )
+            ).one_or_none()
+
+    def all(self) -> list[Payment]:
+        with self._session() as session:
+            return list(session.scalars(select(Payment).order_by(Payment.id)))
