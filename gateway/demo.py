@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ from catalog import format_amount
 from gateway.agent import PayingAgent
 from gateway.app import create_app
 from gateway.samples import rest_upstream
+from gateway.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG, Settings
 from settlement.devchain import Anvil, Deployment, setup_devchain
 from settlement.ledger import Ledger
@@ -43,31 +43,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-class _ThreadServer:
-    """A uvicorn server on its own thread and loop (no signal handlers off the main thread)."""
-
-    def __init__(self, app: object, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.thread.start()
-        ready = threading.Event()
-        for _ in range(int(timeout / 0.02)):
-            if self.server.started:
-                ready.set()
-                break
-            self.thread.join(0.02)
-            if not self.thread.is_alive():
-                break
-        if not ready.is_set():
-            raise RuntimeError("sample upstream did not start")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 async def _agent_calls(base_url: str, deployment: Deployment, calls: int) -> list[str]:
@@ -97,7 +72,8 @@ async def _serve_gateway(settings: Settings, deployment: Deployment, calls: int,
         if task.done():
             return 1
         await asyncio.sleep(0.02)
-    base_url = f"http://{settings.host}:{settings.port}"
+    port = server.servers[0].sockets[0].getsockname()[1]  # the real one when settings.port is 0
+    base_url = f"http://{settings.host}:{port}"
     print(f"gateway  {base_url}  (catalog {DEFAULT_CATALOG.name})", flush=True)
     print("sample agent paying for calls:", flush=True)
     await _agent_calls(base_url, deployment, calls)
@@ -111,7 +87,7 @@ async def _serve_gateway(settings: Settings, deployment: Deployment, calls: int,
 
 def run_demo(*, port: int = 8402, calls: int = 4, serve_forever: bool = True, anvil_path: str | None = None) -> int:
     for needed, what in ((port, "gateway"), (UPSTREAM_PORT, "sample upstream")):
-        if not _port_free(needed):
+        if needed and not _port_free(needed):
             print(f"error: port {needed} for the {what} is in use; stop what holds it or pass --port", flush=True)
             return 2
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
@@ -122,7 +98,7 @@ def run_demo(*, port: int = 8402, calls: int = 4, serve_forever: bool = True, an
         deployment_file = DEMO_DIR / "devchain.json"
         deployment.write(deployment_file)
         print(f"chain    {anvil.rpc_url}  (chain id {deployment.chain_id}), test USDC at {deployment.token.address}", flush=True)
-        upstream = _ThreadServer(rest_upstream.create_app(), UPSTREAM_PORT)
+        upstream = ThreadServer(rest_upstream.create_app(), UPSTREAM_PORT)
         upstream.start()
         print(f"upstream http://127.0.0.1:{UPSTREAM_PORT}  (sample legacy REST service)", flush=True)
         settings = Settings(

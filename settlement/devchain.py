@@ -527,8 +527,8 @@ def run_devchain(
 
     # Signal handlers can only be installed from the main thread; elsewhere the caller stops us.
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
     anvil = Anvil(port, anvil_path=anvil_path)
     try:
         anvil.start()

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
-from eth_utils import keccak
 from web3 import HTTPProvider, Web3
 from web3.contract import Contract
 from web3.exceptions import ContractLogicError
@@ -79,7 +78,7 @@ def w3(devchain_anvil: Anvil) -> Web3:
 
 @pytest.fixture(scope="module")
 def token(w3: Web3, deployment: Deployment) -> Contract:
-    return w3.eth.contract(address=deployment.token.address, abi=load_token_artifact()["abi"])
+    return w3.eth.contract(address=Web3.to_checksum_address(deployment.token.address), abi=load_token_artifact()["abi"])
 
 
 @pytest.fixture(autouse=True)
@@ -244,7 +243,7 @@ def test_domain_separator_and_typehash_match_eip712(token: Contract) -> None:
         }
     )
     assert token.functions.DOMAIN_SEPARATOR().call() == message.header
-    assert token.functions.TRANSFER_WITH_AUTHORIZATION_TYPEHASH().call() == keccak(
+    assert token.functions.TRANSFER_WITH_AUTHORIZATION_TYPEHASH().call() == Web3.keccak(
         text="TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,"
         "uint256 validBefore,bytes32 nonce)"
     )
@@ -259,7 +258,7 @@ def test_selectors_match_usdc(token: Contract) -> None:
         "authorizationState(address,bytes32)": "e94a0102",
     }
     for signature, selector in selectors.items():
-        assert keccak(text=signature)[:4].hex() == selector
+        assert Web3.keccak(text=signature)[:4].hex() == selector
         assert token.get_function_by_signature(signature) is not None
 
 

@@ -1,0 +1,35 @@
+# Two commands matter: `make demo` (the whole stack, paid calls end to end) and `make test`.
+# Each does its own set-up: a virtualenv with the project installed, and anvil + solc from npm.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test devchain serve clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(BIN)/.installed node_modules/.installed
+
+demo: setup
+	$(BIN)/x402gw demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+devchain: setup
+	$(BIN)/x402gw devchain
+
+serve: setup
+	$(BIN)/x402gw serve
+
+clean:
+	rm -rf $(VENV) node_modules var .pytest_cache

@@ -1,0 +1,160 @@
+"""Shared fixtures: a real anvil with the test USDC, the sample upstream, and gateways on loopback."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from web3 import Web3
+
+from catalog import Catalogs, load_catalogs
+from gateway.app import create_app
+from gateway.samples import rest_upstream
+from gateway.serving import ThreadServer
+from gateway.settings import DEFAULT_CATALOG, Settings
+from settlement.chain import SEL_AUTHORIZATION_STATE, SEL_BALANCE_OF
+from settlement.codec import decode_header_json
+from settlement.devchain import Anvil, Deployment, setup_devchain
+from settlement.ledger import Ledger
+from settlement.wire import PaymentRequired
+
+PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"  # anvil account 9, the example catalog's payTo
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass
+class Devchain:
+    anvil: Anvil
+    deployment: Deployment
+    deployment_file: Path
+    w3: Web3
+
+    @property
+    def token(self) -> str:
+        return self.deployment.token.address
+
+    def balance(self, address: str) -> int:
+        data = SEL_BALANCE_OF + bytes.fromhex(address[2:].rjust(64, "0"))
+        return int.from_bytes(self.w3.eth.call({"to": self.token, "data": data}), "big")
+
+    def authorization_state(self, authorizer: str, nonce_hex: str) -> bool:
+        data = SEL_AUTHORIZATION_STATE + bytes.fromhex(authorizer[2:].rjust(64, "0")) + bytes.fromhex(nonce_hex[2:])
+        return bool(int.from_bytes(self.w3.eth.call({"to": self.token, "data": data}), "big"))
+
+    def key(self, index: int) -> str:
+        return self.deployment.accounts[index - 1].private_key
+
+    def address(self, index: int) -> str:
+        return self.deployment.accounts[index - 1].address
+
+
+@pytest.fixture(scope="session")
+def devchain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
+    with Anvil() as anvil:
+        deployment = setup_devchain(anvil.rpc_url)
+        path = tmp_path_factory.mktemp("devchain") / "devchain.json"
+        deployment.write(path)
+        yield Devchain(anvil, deployment, path, Web3(Web3.HTTPProvider(anvil.rpc_url)))
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[ThreadServer]:
+    with ThreadServer(rest_upstream.create_app()) as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(upstream_server: ThreadServer) -> str:
+    httpx.post(f"{upstream_server.url}/stats/reset")
+    return upstream_server.url
+
+
+def upstream_hits(upstream_url: str, key: str) -> int:
+    return int(httpx.get(f"{upstream_url}/stats").json()["requests"].get(key, 0))
+
+
+def demo_catalog(tmp_path: Path, upstream_url: str, source: Path = DEFAULT_CATALOG) -> Path:
+    """The example catalog, pointed at the test's upstream."""
+    text = source.read_text().replace("http://127.0.0.1:9101", upstream_url)
+    path = tmp_path / source.name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped at the end."""
+    name = f"x402gw_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    settings: Settings
+    ledger: Ledger
+    catalogs: Catalogs
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+
+GatewayFactory = Callable[..., RunningGateway]
+
+
+@pytest.fixture
+def start_gateway(
+    tmp_path: Path, devchain: Devchain, upstream: str
+) -> Iterator[GatewayFactory]:
+    servers: list[ThreadServer] = []
+    ledgers: list[Ledger] = []
+
+    def start(catalog: Path | None = None, **overrides: Any) -> RunningGateway:
+        catalog = catalog or demo_catalog(tmp_path, upstream)
+        values: dict[str, Any] = {
+            "catalog": [catalog],
+            "deployment_file": devchain.deployment_file,
+            "database_url": f"sqlite:///{tmp_path / f'ledger{len(servers)}.sqlite3'}",
+            "receipt_timeout_seconds": 10,
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        catalogs = load_catalogs(settings.catalog)
+        ledger = Ledger(settings.database_url)
+        ledgers.append(ledger)
+        server = ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger)).start()
+        servers.append(server)
+        return RunningGateway(server.url, settings, ledger, catalogs)
+
+    yield start
+    for server in servers:
+        server.stop()
+    for ledger in ledgers:
+        ledger.close()
+
+
+@pytest.fixture
+def gateway(start_gateway: GatewayFactory) -> RunningGateway:
+    return start_gateway()
+
+
+def offer_of(response: httpx.Response) -> PaymentRequired:
+    assert response.status_code == 402, response.text
+    return PaymentRequired.model_validate(decode_header_json(response.headers["payment-required"]))
+
+
+def body_json(response: httpx.Response) -> dict[str, Any]:
+    data = json.loads(response.content)
+    assert isinstance(data, dict)
+    return data
