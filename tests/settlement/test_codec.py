@@ -88,7 +88,7 @@ def test_surrounding_whitespace_is_tolerated() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["!!!!", "abc", "a", "eyJ4Ijox", "ey J4Ijox fQ==", "eyJ4IjoxfQ", "éé==", "eyJ4IjoxfQ==="],
+    ["!!!!", "abc", "a", "eyJ4Ijo", "ey J4Ijox fQ==", "eyJ4IjoxfQ", "éé==", "eyJ4IjoxfQ==="],
 )
 def test_not_base64(header: str) -> None:
     assert decode_code(header) == "payment_header_not_base64"
