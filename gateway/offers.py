@@ -1,22 +1,42 @@
 """Offers: the x402 payment requirements of each tool, computed once at catalog load.
 
-A 402 challenge and the binding check both read the same precomputed ``PaymentRequirements``,
-so what the gateway advertises and what it accepts cannot drift apart.
+A 402 challenge and the binding check read the same precomputed ``PaymentRequirements``; per
+request only ``extra.requestBinding`` is added: a digest of method, path and query, so a payment
+made for one route or query is refused on another even when the price is the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode
 
 from catalog import Tool
 from settlement.codec import encode_header
-from settlement.wire import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
+from settlement.networks import to_legacy
+from settlement.wire import (
+    PaymentPayload,
+    PaymentRequired,
+    PaymentRequiredV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+    ResourceInfo,
+)
+
+BINDING_KEY = "requestBinding"
+
+
+def request_binding(method: str, path: str, query: str) -> str:
+    """Digest of what is being bought. HEAD is bound as GET (it is answered with GET's offer)."""
+    verb = "GET" if method == "HEAD" else method
+    canonical_query = urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
+    return hashlib.sha256(f"{verb} {path}?{canonical_query}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
 class Offer:
     tool: Tool
-    requirements: PaymentRequirements
+    requirements: PaymentRequirements  # without the per-request binding
 
     @classmethod
     def for_tool(cls, tool: Tool) -> Offer:
@@ -32,25 +52,71 @@ class Offer:
         )
         return cls(tool=tool, requirements=requirements)
 
-    def payment_required(self, resource_url: str, error: str) -> PaymentRequired:
-        return PaymentRequired(
-            error=error,
-            resource=ResourceInfo(url=resource_url, description=self.tool.description, mime_type="application/json"),
-            accepts=[self.requirements],
-        )
+    def bound(self, binding: str) -> PaymentRequirements:
+        return self.requirements.model_copy(update={"extra": {**(self.requirements.extra or {}), BINDING_KEY: binding}})
 
-    def matches(self, payload: PaymentPayload) -> str | None:
-        """None when ``accepted`` is exactly this offer; else the first field that differs."""
-        accepted, ours = payload.accepted, self.requirements
-        for name in ("scheme", "network", "amount", "asset", "pay_to", "max_timeout_seconds"):
-            if getattr(accepted, name) != getattr(ours, name):
-                return name
-        theirs = accepted.extra or {}
-        for key, value in (ours.extra or {}).items():
-            if theirs.get(key) != value:
-                return f"extra.{key}"
-        return None
+
+def payment_required(
+    offer: Offer, requirements: PaymentRequirements, resource_url: str, error: str
+) -> PaymentRequired:
+    return PaymentRequired(
+        error=error,
+        resource=ResourceInfo(url=resource_url, description=offer.tool.description, mime_type="application/json"),
+        accepts=[requirements],
+    )
+
+
+def payment_required_v1(offer: Offer, requirements: PaymentRequirements, resource_url: str, error: str) -> PaymentRequiredV1:
+    return PaymentRequiredV1(
+        error=error,
+        accepts=[
+            PaymentRequirementsV1(
+                scheme=requirements.scheme,
+                network=to_legacy(requirements.network),
+                max_amount_required=requirements.amount,
+                asset=requirements.asset,
+                pay_to=requirements.pay_to,
+                resource=resource_url,
+                description=offer.tool.description,
+                mime_type="application/json",
+                max_timeout_seconds=requirements.max_timeout_seconds,
+                extra=requirements.extra,
+            )
+        ],
+    )
+
+
+def mismatch(ours: PaymentRequirements, payload: PaymentPayload) -> str | None:
+    """None when ``accepted`` is exactly our requirement; else the first field that differs."""
+    accepted = payload.accepted
+    for name in ("scheme", "network", "amount", "asset", "pay_to", "max_timeout_seconds"):
+        if getattr(accepted, name) != getattr(ours, name):
+            return name
+    theirs = accepted.extra or {}
+    for key, value in (ours.extra or {}).items():
+        if theirs.get(key) != value:
+            return f"extra.{key}"
+    return None
 
 
 def challenge_header(required: PaymentRequired) -> str:
     return encode_header(required)
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """One request's offer: the tool's requirements bound to this request, where it is, and the
+    protocol version the client speaks (v1 clients get v1 bodies and ``X-PAYMENT-RESPONSE``)."""
+
+    offer: Offer
+    requirements: PaymentRequirements
+    resource_url: str
+    version: int = 2
+
+    def challenge(self, error: str) -> tuple[dict[str, str], dict[str, object]]:
+        """Headers and body of a 402. The header is always v2, so a v2 client is never pushed down."""
+        required = payment_required(self.offer, self.requirements, self.resource_url, error)
+        headers = {"PAYMENT-REQUIRED": challenge_header(required)}
+        if self.version == 1:
+            return headers, payment_required_v1(self.offer, self.requirements, self.resource_url, error).to_wire()
+        return headers, required.to_wire()

@@ -24,13 +24,13 @@ from starlette.responses import Response
 from catalog import Catalogs, Router, format_amount
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.offers import Offer
+from gateway.offers import Offer, Quote, request_binding
 from gateway.stages.bridge import UpstreamClient, forward
 from gateway.stages.challenge import PaymentChallenge, collect_arguments, validate_arguments
 from gateway.stages.respond import respond
 from gateway.stages.route import route
 from gateway.stages.settle import settle
-from gateway.stages.verify import bind, decode_payment, verify
+from gateway.stages.verify import bind, decode_payment, decode_payment_v1, verify
 from settlement.codec import parse_exact_evm
 from settlement.errors import LedgerError, PaymentDecodeError
 from settlement.facilitator import Facilitator
@@ -40,6 +40,7 @@ audit_log = logging.getLogger("x402gw.audit")
 log = logging.getLogger("x402gw.pipeline")
 
 PAYMENT_HEADER = "payment-signature"
+PAYMENT_HEADER_V1 = "x-payment"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Pipeline:
         public_url: str | None = None,
         max_body_bytes: int = 1_048_576,
         max_upstream_response_bytes: int = 10 * 1_048_576,
+        challenge_body_version: int = 2,
     ) -> None:
         self.catalogs = catalogs
         self.router = Router(catalogs.tools)
@@ -77,6 +79,7 @@ class Pipeline:
         self.public_url = public_url.rstrip("/") if public_url else None
         self.max_body_bytes = max_body_bytes
         self.max_upstream_response_bytes = max_upstream_response_bytes
+        self.challenge_body_version = challenge_body_version
         self._in_flight: set[tuple[str, str, str]] = set()
 
     async def handle(self, request: Request) -> Response:
@@ -139,41 +142,47 @@ class Pipeline:
         validate_arguments(compiled.validator, ctx.arguments)
         resource_url = self.resource_url(request, ctx)
         header = request.headers.get(PAYMENT_HEADER)
-        if header is None or ctx.method == "HEAD":
+        header_v1 = request.headers.get(PAYMENT_HEADER_V1) if header is None else None
+        version = 1 if header_v1 is not None else (2 if header is not None else self.challenge_body_version)
+        quote = Quote(offer, offer.bound(request_binding(ctx.method, ctx.path, ctx.query)), resource_url, version)
+        if (header is None and header_v1 is None) or ctx.method == "HEAD":
             # A HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
             ctx.outcome = "challenged"
             raise PaymentChallenge(
-                offer,
-                resource_url,
+                quote,
                 "payment_required",
                 f"{tool.name} costs {compiled.price_text} per call; sign the offer in PAYMENT-REQUIRED "
                 "and send it as PAYMENT-SIGNATURE",
             )
 
         # verify
-        payload = decode_payment(header)
+        if header is not None:
+            payload = decode_payment(header)
+            bind(quote, payload)
+        else:
+            payload = decode_payment_v1(str(header_v1), quote)
         ctx.payload = payload
-        bind(offer, payload, resource_url)
         try:
             authorization = parse_exact_evm(payload).authorization
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
-        lock_key = (offer.requirements.network, authorization.from_.lower(), authorization.nonce.lower())
+        lock_key = (quote.requirements.network, authorization.from_.lower(), authorization.nonce.lower())
         if lock_key in self._in_flight:
             raise GatewayError(
                 "payment_in_flight", "this payment is already being processed; wait for that request's answer"
             )
         self._in_flight.add(lock_key)
         try:
-            return await self._paid(ctx, request, offer, payload, resource_url, authorization.nonce)
+            return await self._paid(ctx, request, quote, payload, authorization.nonce)
         finally:
             self._in_flight.discard(lock_key)
 
     async def _paid(
-        self, ctx: RequestContext, request: Request, offer: Offer, payload: Any, resource_url: str, nonce: str
+        self, ctx: RequestContext, request: Request, quote: Quote, payload: Any, nonce: str
     ) -> Response:
-        tool = offer.tool
-        verified = await verify(self.facilitator, offer, payload, resource_url)
+        tool = quote.offer.tool
+        requirements = quote.requirements
+        verified = await verify(self.facilitator, quote, payload)
         ctx.payer = verified.payer
         ctx.outcome = "verified"
         row = await asyncio.to_thread(
@@ -184,10 +193,10 @@ class Pipeline:
             method=ctx.method,
             path=ctx.path,
             payer=verified.payer,
-            pay_to=offer.requirements.pay_to,
-            amount=int(offer.requirements.amount),
-            network=offer.requirements.network,
-            asset=offer.requirements.asset,
+            pay_to=requirements.pay_to,
+            amount=int(requirements.amount),
+            network=requirements.network,
+            asset=requirements.asset,
             nonce=nonce.lower(),
             valid_before=int(payload.payload["authorization"]["validBefore"]),
             authorization=json.dumps(payload.payload, separators=(",", ":")),
@@ -219,17 +228,17 @@ class Pipeline:
                 error_reason="upstream_error",
             )
             ctx.outcome = "upstream_error"
-            return respond(upstream, None, ctx.request_id)
+            return respond(upstream, None, ctx.request_id, quote.version)
 
         # settle
         ctx.outcome = "settling"
-        receipt = await settle(self.facilitator, self.ledger, row.id, offer, payload, resource_url)
+        receipt = await settle(self.facilitator, self.ledger, row.id, quote, payload)
         ctx.settlement = receipt
         ctx.outcome = "settled"
         await asyncio.to_thread(self.ledger.update, row.id, upstream_status=upstream.status)
 
         # respond
-        return respond(upstream, receipt, ctx.request_id)
+        return respond(upstream, receipt, ctx.request_id, quote.version)
 
     def _audit(self, ctx: RequestContext) -> None:
         if not audit_log.isEnabledFor(logging.INFO):

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from settlement.errors import PaymentDecodeError
-from settlement.wire import ExactEvmPayload, PaymentPayload, WireModel
+from settlement.wire import ExactEvmPayload, PaymentPayload, PaymentPayloadV1, WireModel
 
 MAX_HEADER_BYTES = 8192
 
@@ -68,3 +68,12 @@ def parse_exact_evm(payload: PaymentPayload) -> ExactEvmPayload:
 
 def decode_payment_header(header: str) -> PaymentPayload:
     return parse_payment_payload(decode_header_json(header))
+
+
+def decode_payment_header_v1(header: str) -> PaymentPayloadV1:
+    """The v1 ``X-PAYMENT`` header: same encoding, the v1 payload shape."""
+    data = decode_header_json(header)
+    try:
+        return PaymentPayloadV1.model_validate(data)
+    except ValidationError as exc:
+        raise PaymentDecodeError(f"invalid v1 payment payload ({_describe(exc)})", code="invalid_payload") from None

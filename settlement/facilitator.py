@@ -56,7 +56,7 @@ class Rejected(Exception):
 
 def _chain_id(network: str) -> int | None:
     prefix, _, ident = network.partition(":")
-    if prefix != "eip155" or not ident.isdigit():
+    if prefix != "eip155" or not (ident.isascii() and ident.isdigit()):
         return None
     return int(ident)
 

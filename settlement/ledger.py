@@ -179,8 +179,13 @@ class Ledger:
                 )
             ).one()
             if existing.state == PaymentState.VOIDED or (existing.state == PaymentState.FAILED and not existing.tx_hash):
-                for key in ("request_id", "owner", "tool", "method", "path", "upstream_status", "error_reason"):
-                    setattr(existing, key, fields.get(key))
+                # Nothing moved under this authorization: the row now describes the new attempt.
+                existing.upstream_status = None
+                existing.error_reason = None
+                existing.tx_hash = None
+                existing.block_number = None
+                for key, value in fields.items():
+                    setattr(existing, key, value)
                 existing.state = PaymentState.VERIFIED.value
             return existing
 

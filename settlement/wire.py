@@ -22,25 +22,25 @@ _HEX = re.compile(r"^0x[0-9a-fA-F]*$")
 
 
 def _address(value: str) -> str:
-    if not _ADDRESS.match(value):
+    if not _ADDRESS.fullmatch(value):
         raise ValueError("must be a 0x-prefixed 20-byte hex address")
     return value
 
 
 def _bytes32(value: str) -> str:
-    if not _BYTES32.match(value):
+    if not _BYTES32.fullmatch(value):
         raise ValueError("must be a 0x-prefixed 32-byte hex string")
     return value
 
 
 def _uint256(value: str) -> str:
-    if not _UINT.match(value) or int(value) > UINT256_MAX:
+    if not _UINT.fullmatch(value) or int(value) > UINT256_MAX:
         raise ValueError("must be a decimal string of an unsigned 256-bit integer")
     return value
 
 
 def _hex(value: str) -> str:
-    if not _HEX.match(value) or len(value) % 2:
+    if not _HEX.fullmatch(value) or len(value) % 2:
         raise ValueError("must be 0x-prefixed hex")
     return value
 
@@ -121,3 +121,39 @@ class SettleResponse(WireModel):
     network: ShortStr
     amount: ShortStr | None = None
     extra: dict[str, Any] | None = None
+
+
+class PaymentPayloadV1(WireModel):
+    """x402 v1 payment (the ``X-PAYMENT`` header): scheme and network at the top, no ``accepted``."""
+
+    x402_version: StrictInt
+    scheme: ShortStr
+    network: ShortStr
+    payload: dict[str, Any]
+
+
+class PaymentRequirementsV1(WireModel):
+    scheme: ShortStr
+    network: ShortStr
+    max_amount_required: UintString
+    asset: ShortStr
+    pay_to: ShortStr
+    resource: ShortStr
+    description: ShortStr = ""
+    mime_type: ShortStr | None = None
+    max_timeout_seconds: StrictInt
+    extra: dict[str, Any] | None = None
+
+
+class PaymentRequiredV1(WireModel):
+    x402_version: StrictInt = 1
+    error: ShortStr | None = None
+    accepts: list[PaymentRequirementsV1]
+
+
+class SettlementResponseV1(WireModel):
+    success: StrictBool
+    error_reason: ShortStr | None = None
+    transaction: ShortStr = ""
+    network: ShortStr
+    payer: ShortStr = ""

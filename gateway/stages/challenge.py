@@ -15,8 +15,7 @@ from jsonschema import Draft202012Validator
 
 from catalog import Tool
 from gateway.errors import GatewayError
-from gateway.offers import Offer, challenge_header
-from settlement.wire import PaymentRequired
+from gateway.offers import Quote
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -84,14 +83,15 @@ def validate_arguments(validator: Draft202012Validator, arguments: dict[str, Any
 
 
 class PaymentChallenge(GatewayError):
-    """A 402: the offer in ``PAYMENT-REQUIRED`` and, for v1-style readers, in the body."""
+    """A 402: the offer in ``PAYMENT-REQUIRED`` and, for readers of the body, in the body too."""
 
     status = 402
 
-    def __init__(self, offer: Offer, resource_url: str, code: str, message: str, **fields: Any) -> None:
+    def __init__(self, quote: Quote, code: str, message: str, **fields: Any) -> None:
         super().__init__(code, message, status=402, **fields)
-        self.required: PaymentRequired = offer.payment_required(resource_url, code)
-        self.headers["PAYMENT-REQUIRED"] = challenge_header(self.required)
+        headers, self.required_body = quote.challenge(code)
+        self.headers.update(headers)
 
     def body(self) -> dict[str, Any]:
-        return {**self.required.to_wire(), "message": self.message, **self.fields}
+        fields = {key: value for key, value in self.fields.items() if value is not None}
+        return {**self.required_body, "message": self.message, **fields}

@@ -8,11 +8,11 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from gateway.stages.bridge import DROPPED_RESPONSE_HEADERS, UpstreamResponse
-from settlement.codec import encode_header
+from gateway.stages.settle import receipt_headers
 from settlement.wire import SettleResponse
 
 
-def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_id: str) -> Response:
+def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_id: str, version: int = 2) -> Response:
     response = Response(content=upstream.body, status_code=upstream.status)
     headers = response.headers
     for name, value in upstream.headers:
@@ -21,5 +21,6 @@ def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_
     headers["Cache-Control"] = "private, no-store"
     headers["X-Request-Id"] = request_id
     if receipt is not None:
-        headers["PAYMENT-RESPONSE"] = encode_header(receipt)
+        for name, value in receipt_headers(receipt, version).items():
+            headers[name] = value
     return response

@@ -1,8 +1,9 @@
 """Stage 6, settle: move the money, exactly once, and only serve when it is final.
 
 Writes the ledger ahead of the chain: ``settling`` before the transaction is broadcast, then
-``settled`` with the tx hash and block, ``failed`` (nothing moved: a fresh 402), or ``pending``
-(outcome not final: 503 naming the transaction, never a plain 402 inviting a second payment).
+``settled`` with the tx hash and block, ``failed`` (a definite refusal, nothing moved: a fresh 402),
+or ``pending`` (outcome unknown: pending, timed out or a broken facilitator answer; 503 naming the
+payment and any transaction, never a plain 402 inviting a second payment).
 """
 
 from __future__ import annotations
@@ -10,28 +11,43 @@ from __future__ import annotations
 import asyncio
 
 from gateway.errors import GatewayError
-from gateway.offers import Offer
+from gateway.offers import Quote
 from gateway.stages.challenge import PaymentChallenge
 from settlement.codec import encode_header
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable
 from settlement.facilitator import Facilitator
 from settlement.ledger import Ledger, PaymentState
-from settlement.wire import PaymentPayload, SettleResponse
+from settlement.remote import settlement_outcome_unknown
+from settlement.networks import to_legacy
+from settlement.wire import PaymentPayload, SettlementResponseV1, SettleResponse
 
 PENDING_RETRY_AFTER_SECONDS = 5
+
+
+def receipt_headers(result: SettleResponse, version: int) -> dict[str, str]:
+    """``PAYMENT-RESPONSE`` for v2 clients; ``X-PAYMENT-RESPONSE`` in the v1 shape for v1 clients."""
+    if version == 1:
+        v1 = SettlementResponseV1(
+            success=result.success,
+            error_reason=result.error_reason,
+            transaction=result.transaction,
+            network=to_legacy(result.network),
+            payer=result.payer or "",
+        )
+        return {"X-PAYMENT-RESPONSE": encode_header(v1)}
+    return {"PAYMENT-RESPONSE": encode_header(result)}
 
 
 async def settle(
     facilitator: Facilitator,
     ledger: Ledger,
     payment_id: int,
-    offer: Offer,
+    quote: Quote,
     payload: PaymentPayload,
-    resource_url: str,
 ) -> SettleResponse:
     await asyncio.to_thread(ledger.update, payment_id, state=PaymentState.SETTLING)
     try:
-        result = await facilitator.settle(payload, offer.requirements)
+        result = await facilitator.settle(payload, quote.requirements)
     except (ChainUnavailable, FacilitatorUnavailable) as exc:
         # Raised before anything was broadcast (the facilitator reports broadcasts as pending).
         await asyncio.to_thread(
@@ -53,30 +69,40 @@ async def settle(
             block_number=block if isinstance(block, int) else None,
         )
         return result
-    if result.error_reason == "settlement_pending" or (result.transaction and block is None):
+    if settlement_outcome_unknown(result):
+        # Money may have moved: never a 402 inviting a second payment. The row stays open for a
+        # reconcile against the chain (by tx hash when the facilitator gave one).
         await asyncio.to_thread(
             ledger.update, payment_id, state=PaymentState.PENDING, tx_hash=result.transaction or None,
             error_reason=result.error_reason,
         )
+        if result.transaction:
+            code = "settlement_pending"
+            message = "the payment was broadcast but is not final; the content is held; resend the same payment later"
+        else:
+            code = "settlement_unknown"
+            message = "the outcome of the settlement is not known yet; the content is held; resend the same payment later"
+        fields = {"transaction": result.transaction} if result.transaction else {}
         raise GatewayError(
-            "settlement_pending",
-            "the payment was broadcast but is not final; the content is held; resend the same payment later",
-            headers={"PAYMENT-RESPONSE": encode_header(result)},
+            code,
+            message,
+            status=503,
+            headers=receipt_headers(result, quote.version),
             retryAfter=PENDING_RETRY_AFTER_SECONDS,
             paymentId=payment_id,
-            transaction=result.transaction or None,
+            reason=result.error_reason,
+            **fields,
         )
     await asyncio.to_thread(
         ledger.update, payment_id, state=PaymentState.FAILED, error_reason=result.error_reason,
         tx_hash=result.transaction or None, block_number=block if isinstance(block, int) else None,
     )
     challenge = PaymentChallenge(
-        offer,
-        resource_url,
+        quote,
         result.error_reason or "settlement_failed",
         "settlement failed and nothing was charged; pay again with a fresh authorization",
         paymentId=payment_id,
         transaction=result.transaction or None,
     )
-    challenge.headers["PAYMENT-RESPONSE"] = encode_header(result)
+    challenge.headers.update(receipt_headers(result, quote.version))
     raise challenge

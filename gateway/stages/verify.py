@@ -8,9 +8,10 @@ rejects is a 402 carrying a fresh offer and the reason code, passed through unch
 from __future__ import annotations
 
 from gateway.errors import GatewayError
-from gateway.offers import Offer
+from gateway.offers import Quote, mismatch
 from gateway.stages.challenge import PaymentChallenge
-from settlement.codec import decode_payment_header
+from settlement.codec import decode_payment_header, decode_payment_header_v1
+from settlement.networks import to_caip2
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable, PaymentDecodeError
 from settlement.facilitator import Facilitator
 from settlement.wire import X402_VERSION, PaymentPayload, VerifyResponse
@@ -26,26 +27,47 @@ def decode_payment(header: str) -> PaymentPayload:
     return payload
 
 
-def bind(offer: Offer, payload: PaymentPayload, resource_url: str) -> None:
-    mismatch = offer.matches(payload)
-    if mismatch is not None:
+def decode_payment_v1(header: str, quote: Quote) -> PaymentPayload:
+    """A v1 ``X-PAYMENT``, bound by scheme and (legacy) network to this offer and carried on as
+    the v2 payload it is equivalent to: the EIP-3009 authorization is the same in both versions.
+    v1 payloads carry no ``accepted``, so amount and recipient are bound by the facilitator's
+    exact checks of the signed authorization."""
+    try:
+        v1 = decode_payment_header_v1(header)
+    except PaymentDecodeError as exc:
+        raise GatewayError(exc.code, exc.message, status=400) from None
+    if v1.x402_version != 1:
+        raise GatewayError("invalid_x402_version", "X-PAYMENT carries x402 v1 payloads; send v2 as PAYMENT-SIGNATURE")
+    if v1.scheme != quote.requirements.scheme or to_caip2(v1.network) != quote.requirements.network:
         raise PaymentChallenge(
-            offer,
-            resource_url,
+            quote,
             "payment_requirements_mismatch",
-            f"the payment was made for a different offer ({mismatch} differs); pay this offer",
-            field=mismatch,
+            f"the payment is for {v1.scheme} on {v1.network}; this offer is {quote.requirements.scheme} "
+            f"on {quote.requirements.network}",
+            field="network" if v1.scheme == quote.requirements.scheme else "scheme",
+        )
+    return PaymentPayload(x402_version=X402_VERSION, accepted=quote.requirements, payload=v1.payload)
+
+
+def bind(quote: Quote, payload: PaymentPayload) -> None:
+    differs = mismatch(quote.requirements, payload)
+    if differs is not None:
+        raise PaymentChallenge(
+            quote,
+            "payment_requirements_mismatch",
+            f"the payment was made for a different offer ({differs} differs); pay this offer",
+            field=differs,
         )
 
 
-async def verify(facilitator: Facilitator, offer: Offer, payload: PaymentPayload, resource_url: str) -> VerifyResponse:
+async def verify(facilitator: Facilitator, quote: Quote, payload: PaymentPayload) -> VerifyResponse:
     try:
-        result = await facilitator.verify(payload, offer.requirements)
+        result = await facilitator.verify(payload, quote.requirements)
     except (ChainUnavailable, FacilitatorUnavailable) as exc:
         raise GatewayError(
             "facilitator_unavailable", "payment verification is unavailable; retry later", retryAfter=2
         ) from exc
     if not result.is_valid:
         reason = result.invalid_reason or "invalid_payment"
-        raise PaymentChallenge(offer, resource_url, reason, result.invalid_message or "the payment was refused")
+        raise PaymentChallenge(quote, reason, result.invalid_message or "the payment was refused")
     return result

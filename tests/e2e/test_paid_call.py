@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.offers import request_binding
 from settlement.codec import decode_header_json, encode_header
 from settlement.ledger import PaymentState
 from settlement.payer import Payer
@@ -46,7 +47,9 @@ def test_unpaid_call_gets_an_offer_in_header_and_body(gateway: RunningGateway, d
     assert requirement.asset == devchain.token
     assert requirement.pay_to == PAY_TO
     assert requirement.network == "eip155:31337"
-    assert requirement.extra == {"name": "USD Coin", "version": "2"}
+    assert requirement.extra == {
+        "name": "USD Coin", "version": "2", "requestBinding": request_binding("GET", "/quotes/AAPL", "")
+    }
     assert offer.resource.url.endswith("/quotes/AAPL")
     assert body_json(response)["error"] == "payment_required"
 
