@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     # Key of the account that submits settlement transactions (pays gas). Never logged.
     settlement_key: SecretStr | None = None
     receipt_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Body of an unpaid 402: "v2" (the same JSON as PAYMENT-REQUIRED) or "v1" for fleets of old v1
+    # clients that read only the body. The PAYMENT-REQUIRED header is v2 either way.
+    challenge_body: Literal["v2", "v1"] = "v2"
 
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_upstream_response_bytes: int = Field(default=10 * 1_048_576, gt=0)

@@ -141,6 +141,21 @@ def create_app() -> Starlette:
             "rows": [{"month": m, "calls": (seed >> m) % 10_000} for m in range(1, 4)],
         })
 
+    async def request_report(request: Request) -> Response:
+        """Queues a report: 202 Accepted with where to find it, as slow legacy back ends do."""
+        try:
+            data = await request.json()
+        except ValueError:
+            return _error(400, "bad_json", "body must be JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("topic"), str):
+            return _error(400, "bad_request", "topic is required")
+        report_id = str(_seed("queued:" + data["topic"]) % 100_000)
+        return JSONResponse(
+            {"report_id": report_id, "status": "queued"},
+            status_code=202,
+            headers={"Location": f"/reports/{report_id}"},
+        )
+
     async def admin_users(request: Request) -> Response:
         return JSONResponse({"users": [
             {"id": 1, "name": "alice", "email": "alice@acme.test", "role": "admin"},
@@ -169,6 +184,7 @@ def create_app() -> Starlette:
         Route("/orders/{order_id}", get_order, methods=["GET"]),
         Route("/orders/{order_id}", delete_order, methods=["DELETE"]),
         Route("/reports/{report_id}", report, methods=["GET"]),
+        Route("/reports", request_report, methods=["POST"]),
         Route("/admin/users", admin_users, methods=["GET"]),
         Route("/internal/health", health, methods=["GET"]),
         Route("/stats", stats, methods=["GET"]),

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_catalog_validate_accepts_the_examples() -> None:
     result = CliRunner().invoke(main, ["catalog", "validate", str(DEFAULT_CATALOG), str(DEFAULT_CATALOG.with_name("minimal.yaml"))])
     assert result.exit_code == 0, result.output
-    assert "ok, owner acme-legacy, 4 tools" in result.output
+    assert "ok, owner acme-legacy, 5 tools" in result.output
     assert "get_quote" in result.output and "(2000 atomic)" in result.output
 
 
