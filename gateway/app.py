@@ -22,12 +22,17 @@ from catalog import Catalogs, load_catalogs
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
 from gateway.settings import Settings
+from gateway.facilitator_api import facilitator_routes
 from gateway.stages.bridge import AiohttpUpstreamClient, UpstreamClient
+from gateway.store import StateStore, StoreUnavailable, create_store
 from settlement.chain import Web3Chain
 from settlement.devchain import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment
-from settlement.errors import ChainUnavailable
-from settlement.facilitator import Facilitator, LocalFacilitator
+from settlement.errors import ChainUnavailable, FacilitatorUnavailable
+from settlement.facilitator import Facilitator, FacilitatorRouter, LocalFacilitator
 from settlement.ledger import Ledger
+from settlement.reconcile import resolve_open_payments
+from settlement.refunds import Refunder
+from settlement.remote import RemoteFacilitator
 
 log = logging.getLogger("x402gw")
 
@@ -47,40 +52,75 @@ def is_dev_key(key: str) -> bool:
     return key.lower().removeprefix("0x") in _ANVIL_KEYS
 
 
-def build_chains(settings: Settings, catalogs: Catalogs) -> dict[str, Web3Chain]:
-    """One chain client per network the catalog sells on; refuse dev keys off the local chain."""
+def _key_for(settings: Settings, network: str, chain_id: int, deployment: Deployment | None) -> str | None:
+    key = settings.settlement_key.get_secret_value() if settings.settlement_key else None
+    if key is None and chain_id == LOCAL_CHAIN_ID and deployment is not None:
+        key = deployment.settlement_key
+    return key
+
+
+def _refuse_dev_key(key: str | None, network: str, chain_id: int, what: str) -> None:
+    if key is not None and chain_id != LOCAL_CHAIN_ID and is_dev_key(key):
+        raise GatewayConfigError(
+            f"refusing to start: the {what} for {network} is a public anvil dev key; "
+            "anyone can spend from it. Use a key of your own.",
+            code="dev_key_on_public_chain",
+        )
+
+
+def facilitator_plan(settings: Settings, networks: set[str]) -> dict[str, str]:
+    """network → "local" or the URL of the remote facilitator that serves it."""
+    plan: dict[str, str] = {}
+    for network in sorted(networks):
+        plan[network] = settings.facilitators.get(network) or settings.facilitator_url or "local"
+    return plan
+
+
+def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str] | None = None) -> dict[str, Web3Chain]:
+    """One chain client per network the catalog sells on. Networks settled locally need an RPC URL
+    and a settlement key; others get a read-only client when an RPC URL is configured (used to
+    resolve open payments). Dev keys are refused off the local chain."""
     networks = sorted({tool.payment.network for tool in catalogs.tools})
+    local = set(networks) if local_networks is None else local_networks
     deployment: Deployment | None = None
     chains: dict[str, Web3Chain] = {}
     for network in networks:
         chain_id = int(network.split(":", 1)[1])
         rpc_url = settings.rpc_urls.get(network)
-        key = settings.settlement_key.get_secret_value() if settings.settlement_key else None
-        if chain_id == LOCAL_CHAIN_ID and (rpc_url is None or key is None):
-            if deployment is None:
-                try:
-                    deployment = Deployment.read(settings.deployment_file)
-                except Exception as exc:  # DevchainError: message says to run `x402gw devchain`
+        if chain_id == LOCAL_CHAIN_ID and deployment is None and (rpc_url is None or settings.settlement_key is None):
+            try:
+                deployment = Deployment.read(settings.deployment_file)
+            except Exception as exc:  # DevchainError: its message says to run `x402gw devchain`
+                if network in local:
                     raise GatewayConfigError(str(exc), code="deployment_missing") from None
-            rpc_url = rpc_url or deployment.rpc_url
-            key = key or deployment.settlement_key
+        if rpc_url is None and chain_id == LOCAL_CHAIN_ID and deployment is not None:
+            rpc_url = deployment.rpc_url
+        key = _key_for(settings, network, chain_id, deployment) if network in local else None
         if rpc_url is None:
+            if network not in local:
+                continue
             raise GatewayConfigError(
                 f"no RPC URL for {network}: set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}'",
                 code="rpc_url_missing",
             )
-        if key is None:
+        if network in local and key is None:
             raise GatewayConfigError(
                 f"no settlement key for {network}: set X402GW_SETTLEMENT_KEY", code="settlement_key_missing"
             )
-        if chain_id != LOCAL_CHAIN_ID and is_dev_key(key):
-            raise GatewayConfigError(
-                f"refusing to start: the settlement key for {network} is a public anvil dev key; "
-                "anyone can spend from it. Use a key of your own.",
-                code="dev_key_on_public_chain",
-            )
+        _refuse_dev_key(key, network, chain_id, "settlement key")
         chains[network] = Web3Chain(rpc_url, chain_id, key)
     return chains
+
+
+def build_refunder(settings: Settings, chains: dict[str, Web3Chain]) -> Refunder | None:
+    if settings.refund_key is None:
+        return None
+    key = settings.refund_key.get_secret_value()
+    refund_chains: dict[str, Web3Chain] = {}
+    for network, chain in chains.items():
+        _refuse_dev_key(key, network, chain.chain_id, "refund key")
+        refund_chains[network] = Web3Chain(chain.rpc_url, chain.chain_id, key)
+    return Refunder(refund_chains, receipt_timeout=settings.receipt_timeout_seconds)
 
 
 async def check_chains(chains: dict[str, Web3Chain], catalogs: Catalogs) -> None:
@@ -115,6 +155,28 @@ async def check_chains(chains: dict[str, Web3Chain], catalogs: Catalogs) -> None
                 )
 
 
+async def check_remote_facilitators(remotes: dict[str, RemoteFacilitator]) -> None:
+    """Each remote facilitator must say (GET /supported) that it serves exact on its network."""
+    for network, remote in remotes.items():
+        try:
+            supported = await remote.fetch_supported()
+        except FacilitatorUnavailable as exc:
+            raise GatewayConfigError(
+                f"facilitator {remote.url} for {network} did not answer /supported: {exc.message}",
+                code="facilitator_unreachable",
+            ) from None
+        kinds = supported.get("kinds", []) if isinstance(supported, dict) else []
+        if not any(
+            isinstance(k, dict) and k.get("scheme") == "exact" and k.get("network") == network and k.get("x402Version") == 2
+            for k in kinds
+        ):
+            raise GatewayConfigError(
+                f"facilitator {remote.url} does not support exact on {network} (x402 v2); "
+                "the routes on that network cannot be served",
+                code="facilitator_unsupported_network",
+            )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -122,13 +184,37 @@ def create_app(
     facilitator: Facilitator | None = None,
     upstream: UpstreamClient | None = None,
     ledger: Ledger | None = None,
+    store: StateStore | None = None,
 ) -> Starlette:
     catalogs = catalogs if catalogs is not None else load_catalogs(settings.catalog)
+    networks = {tool.payment.network for tool in catalogs.tools}
     chains: dict[str, Web3Chain] = {}
+    remotes: dict[str, RemoteFacilitator] = {}
+    local: LocalFacilitator | None = None
+    write_ahead: set[str] = set()
     if facilitator is None:
-        chains = build_chains(settings, catalogs)
-        facilitator = LocalFacilitator(dict(chains), receipt_timeout=settings.receipt_timeout_seconds)
+        plan = facilitator_plan(settings, networks)
+        local_networks = {n for n, where in plan.items() if where == "local"}
+        chains = build_chains(settings, catalogs, local_networks)
+        by_network: dict[str, Facilitator] = {}
+        if local_networks:
+            local = LocalFacilitator(
+                {n: c for n, c in chains.items() if n in local_networks}, receipt_timeout=settings.receipt_timeout_seconds
+            )
+            write_ahead = set(local_networks)
+        remote_by_url: dict[str, RemoteFacilitator] = {}
+        for network, where in plan.items():
+            if where == "local":
+                assert local is not None
+                by_network[network] = local
+            else:
+                remote = remote_by_url.setdefault(where, RemoteFacilitator(where))
+                remotes[network] = remote
+                by_network[network] = remote
+        facilitator = FacilitatorRouter(by_network)
+    refunder = build_refunder(settings, chains)
     ledger = ledger or Ledger(settings.database_url)
+    store = store or create_store(settings.redis_url, settings.redis_prefix)
     upstream = upstream or AiohttpUpstreamClient()
     pipeline = Pipeline(
         catalogs,
@@ -139,17 +225,37 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         max_upstream_response_bytes=settings.max_upstream_response_bytes,
         challenge_body_version=1 if settings.challenge_body == "v1" else 2,
+        store=store,
+        chains=dict(chains),
+        refunder=refunder,
+        write_ahead_networks=write_ahead,
+        lock_ttl_ms=int(1000 * (2 * settings.receipt_timeout_seconds + 2 * max(
+            (t.upstream.timeout_seconds for t in catalogs.tools), default=10.0) + 30)),
     )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await check_chains(chains, catalogs)
+        await check_remote_facilitators(remotes)
+        try:
+            await store.ping()
+        except StoreUnavailable:
+            raise GatewayConfigError("the state store (Redis) is not reachable", code="store_unavailable") from None
+        # Payments left open by a crash are resolved against the chain before serving.
+        resolved = await resolve_open_payments(ledger, dict(chains), write_ahead=True)
+        for resolution in resolved:
+            log.info("start-up reconcile: %s", resolution.to_json())
         try:
             yield
         finally:
             await upstream.close()
+            await store.close()
+            for remote in set(remotes.values()):
+                await remote.close()
             for chain in chains.values():
                 await chain.close()
+            if refunder is not None:
+                await refunder.close()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -160,11 +266,12 @@ def create_app(
     async def not_found(request: Request, exc: Exception) -> Response:
         return GatewayError("not_found", "no tool is exposed at this path").to_response()
 
+    routes: list[Route] = [Route("/healthz", healthz, methods=["GET"])]
+    if local is not None and settings.serve_facilitator:
+        routes.extend(facilitator_routes(local))
+    routes.append(Route("/{path:path}", paid, methods=ALL_METHODS))
     app = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/{path:path}", paid, methods=ALL_METHODS),
-        ],
+        routes=routes,
         middleware=[
             Middleware(
                 CORSMiddleware,

@@ -28,6 +28,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "settlement_unavailable": 503,
     "facilitator_unavailable": 503,
     "ledger_unavailable": 503,
+    "store_unavailable": 503,
     "internal_error": 500,
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from catalog import Tool
@@ -24,6 +25,22 @@ from settlement.wire import (
 )
 
 BINDING_KEY = "requestBinding"
+
+# The x402 payment-identifier extension, advertised in every offer: a client may send an id that
+# makes its retries idempotent (same id + same request → the stored answer, no second charge).
+PAYMENT_IDENTIFIER = "payment-identifier"
+PAYMENT_IDENTIFIER_EXTENSION: dict[str, Any] = {
+    "info": {"required": False},
+    "schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "required": {"type": "boolean"},
+            "id": {"type": "string", "minLength": 16, "maxLength": 128, "pattern": "^[a-zA-Z0-9_-]+$"},
+        },
+        "required": ["required"],
+    },
+}
 
 
 def request_binding(method: str, path: str, query: str) -> str:
@@ -63,6 +80,7 @@ def payment_required(
         error=error,
         resource=ResourceInfo(url=resource_url, description=offer.tool.description, mime_type="application/json"),
         accepts=[requirements],
+        extensions={PAYMENT_IDENTIFIER: PAYMENT_IDENTIFIER_EXTENSION},
     )
 
 

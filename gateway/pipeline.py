@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from eth_utils import to_checksum_address
 from jsonschema import Draft202012Validator
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,16 +26,21 @@ from catalog import Catalogs, Router, format_amount
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.offers import Offer, Quote, request_binding
-from gateway.stages.bridge import UpstreamClient, forward
+from gateway.stages.bridge import UpstreamClient, UpstreamResponse, forward
 from gateway.stages.challenge import PaymentChallenge, collect_arguments, validate_arguments
+from gateway.stages.exactly_once import in_flight, payment_identifier, receipt_of, request_fingerprint, resume
 from gateway.stages.respond import respond
 from gateway.stages.route import route
-from gateway.stages.settle import settle
+from gateway.stages.settle import receipt_headers, settle
 from gateway.stages.verify import bind, decode_payment, decode_payment_v1, verify
+from gateway.store import MemoryStore, StateStore
+from settlement.chain import Chain
 from settlement.codec import parse_exact_evm
 from settlement.errors import LedgerError, PaymentDecodeError
 from settlement.facilitator import Facilitator
-from settlement.ledger import Ledger, PaymentState
+from settlement.ledger import Ledger, PaymentState, utcnow
+from settlement.refunds import Refunder
+from settlement.wire import PaymentPayload
 
 audit_log = logging.getLogger("x402gw.audit")
 log = logging.getLogger("x402gw.pipeline")
@@ -62,6 +68,11 @@ class Pipeline:
         max_body_bytes: int = 1_048_576,
         max_upstream_response_bytes: int = 10 * 1_048_576,
         challenge_body_version: int = 2,
+        store: StateStore | None = None,
+        chains: dict[str, Chain] | None = None,
+        refunder: Refunder | None = None,
+        write_ahead_networks: set[str] | None = None,
+        lock_ttl_ms: int = 180_000,
     ) -> None:
         self.catalogs = catalogs
         self.router = Router(catalogs.tools)
@@ -80,7 +91,12 @@ class Pipeline:
         self.max_body_bytes = max_body_bytes
         self.max_upstream_response_bytes = max_upstream_response_bytes
         self.challenge_body_version = challenge_body_version
-        self._in_flight: set[tuple[str, str, str]] = set()
+        self.store: StateStore = store or MemoryStore()
+        self.chains = chains or {}
+        self.refunder = refunder
+        # Networks whose facilitator records the tx hash before broadcasting (the local one).
+        self.write_ahead_networks = write_ahead_networks or set()
+        self.lock_ttl_ms = lock_ttl_ms
 
     async def handle(self, request: Request) -> Response:
         ctx = RequestContext(
@@ -155,7 +171,7 @@ class Pipeline:
                 "and send it as PAYMENT-SIGNATURE",
             )
 
-        # verify
+        # verify (decode and bind here; the facilitator's verify runs under the in-flight lock)
         if header is not None:
             payload = decode_payment(header)
             bind(quote, payload)
@@ -166,22 +182,52 @@ class Pipeline:
             authorization = parse_exact_evm(payload).authorization
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
-        lock_key = (quote.requirements.network, authorization.from_.lower(), authorization.nonce.lower())
-        if lock_key in self._in_flight:
-            raise GatewayError(
-                "payment_in_flight", "this payment is already being processed; wait for that request's answer"
-            )
-        self._in_flight.add(lock_key)
-        try:
-            return await self._paid(ctx, request, quote, payload, authorization.nonce)
-        finally:
-            self._in_flight.discard(lock_key)
+        identifier = payment_identifier(payload)
+        network = quote.requirements.network
+        payer = to_checksum_address(authorization.from_)
+        nonce = authorization.nonce.lower()
+        keys = [f"pay:{network}:{payer.lower()}:{nonce}"]
+        if identifier is not None:
+            keys.append(f"pid:{identifier}")
+        async with in_flight(self.store, keys, ctx.request_id, self.lock_ttl_ms):
+            return await self._paid(ctx, request, quote, payload, payer, nonce, identifier)
 
     async def _paid(
-        self, ctx: RequestContext, request: Request, quote: Quote, payload: Any, nonce: str
+        self, ctx: RequestContext, request: Request, quote: Quote, payload: PaymentPayload,
+        payer: str, nonce: str, identifier: str | None,
     ) -> Response:
         tool = quote.offer.tool
         requirements = quote.requirements
+        fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body)
+
+        # exactly once: a payment (or payment-identifier) the ledger knows is resumed, not re-run
+        known = None
+        if identifier is not None:
+            known = await asyncio.to_thread(self.ledger.by_payment_identifier, identifier)
+            if known is not None and (
+                known.fingerprint != fingerprint or known.payer != payer or known.nonce != nonce
+            ):
+                raise GatewayError(
+                    "payment_identifier_conflict",
+                    "this payment-identifier was used for a different request or payment; use a new id",
+                    status=409, paymentId=known.id,
+                )
+        if known is None:
+            known = await asyncio.to_thread(
+                self.ledger.by_authorization, requirements.network, requirements.asset, payer, nonce
+            )
+        if known is not None and known.state not in (PaymentState.VERIFIED, PaymentState.VOIDED, PaymentState.FAILED):
+            resumed = await resume(
+                known, self.ledger, self.chains.get(known.network),
+                write_ahead=known.network in self.write_ahead_networks,
+            )
+            if resumed is not None and resumed.answer is not None:
+                ctx.payer, ctx.payment_id, ctx.outcome = payer, known.id, "replayed"
+                status, headers, body = resumed.answer
+                replay = respond(UpstreamResponse(status, headers, body), receipt_of(resumed.row), ctx.request_id, quote.version)
+                replay.headers["X402GW-Replay"] = "true"
+                return replay
+
         verified = await verify(self.facilitator, quote, payload)
         ctx.payer = verified.payer
         ctx.outcome = "verified"
@@ -192,14 +238,17 @@ class Pipeline:
             tool=tool.name,
             method=ctx.method,
             path=ctx.path,
-            payer=verified.payer,
+            payer=verified.payer or payer,
             pay_to=requirements.pay_to,
             amount=int(requirements.amount),
             network=requirements.network,
             asset=requirements.asset,
-            nonce=nonce.lower(),
+            nonce=nonce,
             valid_before=int(payload.payload["authorization"]["validBefore"]),
             authorization=json.dumps(payload.payload, separators=(",", ":")),
+            payment_identifier=identifier,
+            fingerprint=fingerprint,
+            settle_mode=tool.settle,
         )
         ctx.payment_id = row.id
         if row.state != PaymentState.VERIFIED:
@@ -209,18 +258,11 @@ class Pipeline:
                 paymentId=row.id,
                 transaction=row.tx_hash,
             )
+        if tool.settle == "upfront":
+            return await self._upfront(ctx, request, quote, payload, row.id)
 
         # bridge
-        try:
-            upstream = await forward(
-                self.upstream, tool, ctx.method, ctx.params, ctx.query, dict(request.headers), ctx.body,
-                ctx.request_id, self.max_upstream_response_bytes,
-            )
-        except GatewayError as err:
-            await asyncio.to_thread(self.ledger.update, row.id, state=PaymentState.VOIDED, error_reason=err.code)
-            ctx.outcome = "upstream_failed"
-            raise
-        ctx.upstream_status = upstream.status
+        upstream = await self._call_upstream(ctx, request, row.id)
         if upstream.status >= 400:
             # The upstream failed: nothing is settled, and its error is passed on as it is.
             await asyncio.to_thread(
@@ -230,16 +272,78 @@ class Pipeline:
             ctx.outcome = "upstream_error"
             return respond(upstream, None, ctx.request_id, quote.version)
 
-        # settle
+        # settle (the answer is stored with the write-ahead record: a resend of this payment gets it)
         ctx.outcome = "settling"
-        receipt = await settle(self.facilitator, self.ledger, row.id, quote, payload)
+        await asyncio.to_thread(self.ledger.update, row.id, upstream_status=upstream.status)
+        receipt = await settle(
+            self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body)
+        )
         ctx.settlement = receipt
         ctx.outcome = "settled"
-        await asyncio.to_thread(self.ledger.update, row.id, upstream_status=upstream.status)
 
         # respond
         return respond(upstream, receipt, ctx.request_id, quote.version)
 
+    async def _call_upstream(self, ctx: RequestContext, request: Request, payment_id: int) -> UpstreamResponse:
+        tool = ctx.tool
+        assert tool is not None
+        try:
+            upstream = await forward(
+                self.upstream, tool, ctx.method, ctx.params, ctx.query, dict(request.headers), ctx.body,
+                ctx.request_id, self.max_upstream_response_bytes,
+            )
+        except GatewayError as err:
+            if tool.settle != "upfront":
+                await asyncio.to_thread(self.ledger.update, payment_id, state=PaymentState.VOIDED, error_reason=err.code)
+            ctx.outcome = "upstream_failed"
+            raise
+        ctx.upstream_status = upstream.status
+        return upstream
+
+    async def _upfront(
+        self, ctx: RequestContext, request: Request, quote: Quote, payload: PaymentPayload, payment_id: int
+    ) -> Response:
+        """Settle first (the upstream call has side effects and must not run unpaid); if the upstream
+        then fails, the payer is owed a refund: recorded always, paid when a refund signer exists."""
+        ctx.outcome = "settling"
+        receipt = await settle(self.facilitator, self.ledger, payment_id, quote, payload, None)
+        ctx.settlement = receipt
+        ctx.outcome = "settled"
+        try:
+            upstream = await self._call_upstream(ctx, request, payment_id)
+        except GatewayError as err:
+            refund = await self._refund(ctx, quote, payment_id, err.code)
+            err.headers.update(receipt_headers(receipt, quote.version))
+            err.fields.update(refund)
+            raise
+        await asyncio.to_thread(self.ledger.update, payment_id, upstream_status=upstream.status)
+        if upstream.status >= 400:
+            refund = await self._refund(ctx, quote, payment_id, "upstream_error")
+            response = respond(upstream, receipt, ctx.request_id, quote.version)
+            response.headers["X402GW-Refund"] = f"{refund['refund']} {refund.get('refundTransaction') or ''}".strip()
+            return response
+        await asyncio.to_thread(self.ledger.store_response, payment_id, (upstream.status, upstream.headers, upstream.body))
+        return respond(upstream, receipt, ctx.request_id, quote.version)
+
+    async def _refund(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
+        requirements = quote.requirements
+        amount = int(requirements.amount)
+        await asyncio.to_thread(self.ledger.update, payment_id, refund_owed=amount, refund_reason=reason)
+        ctx.outcome = "refund_owed"
+        if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
+            return {"refund": "owed", "refundAmount": requirements.amount}
+
+        async def before_send(tx_hash: str) -> None:
+            await asyncio.to_thread(self.ledger.update, payment_id, refund_tx=tx_hash)
+
+        result = await self.refunder.refund(requirements.network, requirements.asset, ctx.payer, amount, before_send)
+        if result.confirmed:
+            await asyncio.to_thread(
+                self.ledger.update, payment_id, refund_tx=result.tx_hash, refunded_at=utcnow()
+            )
+            ctx.outcome = "refunded"
+            return {"refund": "refunded", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
+        return {"refund": "owed", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
     def _audit(self, ctx: RequestContext) -> None:
         if not audit_log.isEnabledFor(logging.INFO):
             return

@@ -12,7 +12,7 @@ DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog" / "examples
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="X402GW_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="X402GW_", extra="ignore", populate_by_name=True)
 
     # Catalog files (comma-separated in the environment).
     catalog: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [DEFAULT_CATALOG])
@@ -33,6 +33,20 @@ class Settings(BaseSettings):
     # Body of an unpaid 402: "v2" (the same JSON as PAYMENT-REQUIRED) or "v1" for fleets of old v1
     # clients that read only the body. The PAYMENT-REQUIRED header is v2 either way.
     challenge_body: Literal["v2", "v1"] = "v2"
+
+    # Shared state (in-flight locks, idempotency, rate limits, budgets): memory for one process,
+    # Redis for several replicas. Keys are prefixed so deployments can share a server.
+    redis_url: str | None = None
+    redis_prefix: str = "x402gw:"
+    # Facilitators: "local" (in-process, this gateway's chain access) or a URL, per network; the
+    # standard X402_FACILITATOR_URL (no prefix) selects a remote facilitator for every network.
+    facilitators: dict[str, str] = Field(default_factory=dict)
+    facilitator_url: str | None = Field(default=None, validation_alias="X402_FACILITATOR_URL")
+    # Serve /facilitator/{supported,verify,settle} backed by the local facilitator.
+    serve_facilitator: bool = True
+    # Key of an account holding the payee's funds, used to pay refunds of `upfront` tools back on
+    # chain. Without it refunds are recorded as owed. Never logged.
+    refund_key: SecretStr | None = None
 
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_upstream_response_bytes: int = Field(default=10 * 1_048_576, gt=0)

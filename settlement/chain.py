@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from eth_abi import decode as abi_decode
@@ -34,6 +35,7 @@ SEL_BALANCE_OF = selector("balanceOf(address)")
 SEL_NAME = selector("name()")
 SEL_VERSION = selector("version()")
 SEL_DECIMALS = selector("decimals()")
+SEL_TRANSFER = selector("transfer(address,uint256)")
 SEL_TRANSFER_WITH_AUTHORIZATION = selector(
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 )
@@ -71,6 +73,10 @@ def _topic_address(address: str) -> bytes:
     return bytes.fromhex(address[2:].lower()).rjust(32, b"\x00")
 
 
+# Called with the transaction hash after signing and before broadcasting: the write-ahead hook.
+BeforeSend = Callable[[str], Awaitable[None]]
+
+
 class Chain(Protocol):
     """What the local facilitator needs from a chain."""
 
@@ -81,8 +87,10 @@ class Chain(Protocol):
     async def balance_of(self, token: str, owner: str) -> int: ...
 
     async def send_transfer_with_authorization(
-        self, token: str, auth: TransferAuthorization, signature: bytes
+        self, token: str, auth: TransferAuthorization, signature: bytes, before_send: BeforeSend | None = None
     ) -> str: ...
+
+    async def find_authorization_used(self, token: str, authorizer: str, nonce: bytes) -> Receipt | None: ...
 
     async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None: ...
 
@@ -159,7 +167,7 @@ class Web3Chain:
         return self._fees[1], self._fees[2]
 
     async def send_transfer_with_authorization(
-        self, token: str, auth: TransferAuthorization, signature: bytes
+        self, token: str, auth: TransferAuthorization, signature: bytes, before_send: BeforeSend | None = None
     ) -> str:
         if self._account is None:
             raise ChainUnavailable("no settlement key configured for this chain", code="settlement_key_missing")
@@ -168,6 +176,12 @@ class Web3Chain:
             ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32", "bytes32"],
             [auth.from_, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce, v, r, s],
         )
+        return await self.send_call(token, calldata, before_send)
+
+    async def send_call(self, to: str, calldata: bytes, before_send: BeforeSend | None = None) -> str:
+        """Sign and broadcast a call from the settlement account; the hash is reported first."""
+        if self._account is None:
+            raise ChainUnavailable("no settlement key configured for this chain", code="settlement_key_missing")
         max_fee, priority = await self._fees_now()
         async with self._nonce_lock:
             for attempt in range(2):
@@ -178,7 +192,7 @@ class Web3Chain:
                     "type": 2,
                     "chainId": self.chain_id,
                     "nonce": self._nonce,
-                    "to": to_checksum_address(token),
+                    "to": to_checksum_address(to),
                     "value": 0,
                     "data": calldata,
                     "gas": TRANSFER_GAS_LIMIT,
@@ -186,6 +200,9 @@ class Web3Chain:
                     "maxPriorityFeePerGas": priority,
                 }
                 signed = self._account.sign_transaction(tx)
+                tx_hash_local = "0x" + bytes(signed.hash).hex()
+                if before_send is not None:
+                    await before_send(tx_hash_local)
                 try:
                     tx_hash = await self._rpc("eth_sendRawTransaction", ["0x" + signed.raw_transaction.hex()])
                 except RpcError as exc:
@@ -201,6 +218,25 @@ class Web3Chain:
                 self._nonce += 1
                 return str(tx_hash)
         raise ChainUnavailable("could not allocate a settlement nonce", code="settlement_nonce_error")
+
+    async def send_transfer(self, token: str, to: str, amount: int, before_send: BeforeSend | None = None) -> str:
+        """A plain ERC-20 transfer from this chain client's account (refunds)."""
+        return await self.send_call(token, SEL_TRANSFER + abi_encode(["address", "uint256"], [to, amount]), before_send)
+
+    async def find_authorization_used(self, token: str, authorizer: str, nonce: bytes) -> Receipt | None:
+        """The receipt of the transaction that used (authorizer, nonce), from the token's logs."""
+        logs = await self._rpc(
+            "eth_getLogs",
+            [{
+                "address": token,
+                "fromBlock": "0x0",
+                "toBlock": "latest",
+                "topics": ["0x" + TOPIC_AUTHORIZATION_USED.hex(), "0x" + _topic_address(authorizer).hex(), "0x" + nonce.hex()],
+            }],
+        )
+        if not logs:
+            return None
+        return await self.get_receipt(logs[0]["transactionHash"])
 
     async def get_receipt(self, tx_hash: str) -> Receipt | None:
         raw = await self._rpc("eth_getTransactionReceipt", [tx_hash])

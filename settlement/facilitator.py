@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from eth_utils import to_checksum_address
 
-from settlement.chain import Chain, Receipt
+from settlement.chain import BeforeSend, Chain, Receipt
 from settlement.codec import parse_exact_evm
 from settlement.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
-from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
+from settlement.errors import BroadcastUncertain, ChainUnavailable, FacilitatorUnavailable, PaymentDecodeError
 from settlement.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 # A client clock a little behind ours must not make a fresh authorization look expired, and an
@@ -34,7 +34,12 @@ class Facilitator(Protocol):
 
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse: ...
 
-    async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse: ...
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
+        """``before_send`` is called with the transaction hash before it is broadcast, by
+        facilitators that know it (the local one); remote facilitators never call it."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +173,9 @@ class LocalFacilitator:
             )
         return VerifyResponse(is_valid=True, payer=checked.payer)
 
-    async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
         network = requirements.network
         try:
             checked = self.check_offline(payload, requirements)
@@ -176,7 +183,9 @@ class LocalFacilitator:
             return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
         chain = self._chains[network]
         try:
-            tx_hash = await chain.send_transfer_with_authorization(checked.token, checked.auth, checked.signature)
+            tx_hash = await chain.send_transfer_with_authorization(
+                checked.token, checked.auth, checked.signature, before_send
+            )
         except BroadcastUncertain as exc:
             return self._pending(exc.tx_hash, checked, network)
         except ChainUnavailable as exc:
@@ -247,3 +256,33 @@ def revert_reason_code(message: str) -> str:
         if needle in lowered:
             return code
     return "transaction_failed"
+
+
+class FacilitatorRouter:
+    """Several facilitators behind one: each network goes to the one configured for it."""
+
+    def __init__(self, by_network: dict[str, Facilitator]) -> None:
+        self._by_network = by_network
+
+    def for_network(self, network: str) -> Facilitator | None:
+        return self._by_network.get(network)
+
+    def supported(self) -> dict[str, Any]:
+        kinds: list[dict[str, Any]] = []
+        for network, facilitator in self._by_network.items():
+            kinds.extend(k for k in facilitator.supported().get("kinds", []) if k.get("network") == network)
+        return {"kinds": kinds, "extensions": [], "signers": {}}
+
+    def _pick(self, requirements: PaymentRequirements) -> Facilitator:
+        facilitator = self._by_network.get(requirements.network)
+        if facilitator is None:
+            raise FacilitatorUnavailable(f"no facilitator serves {requirements.network}", code="network_not_served")
+        return facilitator
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        return await self._pick(requirements).verify(payload, requirements)
+
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
+        return await self._pick(requirements).settle(payload, requirements, before_send=before_send)

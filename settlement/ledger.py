@@ -15,6 +15,7 @@ Calls are synchronous: the gateway runs them off the event loop.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,7 +27,9 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Dialect,
+    ForeignKey,
     Integer,
+    LargeBinary,
     Numeric,
     String,
     Text,
@@ -110,6 +113,28 @@ class Payment(Base):
     upstream_status: Mapped[int | None] = mapped_column(Integer, default=None)
     tx_hash: Mapped[str | None] = mapped_column(String(66), default=None, index=True)
     block_number: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # Idempotency: the x402 payment-identifier and the fingerprint of the request it was used for.
+    payment_identifier: Mapped[str | None] = mapped_column(String(128), default=None, unique=True)
+    fingerprint: Mapped[str | None] = mapped_column(String(64), default=None)
+    settle_mode: Mapped[str] = mapped_column(String(16), default="after")
+    # Settled first (upfront), then the upstream failed: what is owed back, and how it was paid.
+    refund_owed: Mapped[int | None] = mapped_column(AtomicAmount(), default=None)
+    refund_reason: Mapped[str | None] = mapped_column(String(128), default=None)
+    refund_tx: Mapped[str | None] = mapped_column(String(66), default=None)
+    refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class StoredResponse(Base):
+    """The upstream answer a payment bought, kept so a resend of the same payment (a retry after a
+    disconnect, a crash, or a pending settlement) gets it without a second charge or upstream call."""
+
+    __tablename__ = "stored_responses"
+
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[int] = mapped_column(Integer)
+    headers: Mapped[str] = mapped_column(Text)  # JSON list of [name, value]
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -184,10 +209,61 @@ class Ledger:
                 existing.error_reason = None
                 existing.tx_hash = None
                 existing.block_number = None
+                existing.payment_identifier = None
+                existing.fingerprint = None
+                stale = session.get(StoredResponse, existing.id)
+                if stale is not None:
+                    session.delete(stale)
                 for key, value in fields.items():
                     setattr(existing, key, value)
                 existing.state = PaymentState.VERIFIED.value
             return existing
+
+    def begin_settlement(
+        self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes] | None
+    ) -> None:
+        """Write-ahead: the row goes to ``settling`` and the answer being bought is stored, in one
+        transaction, before any transaction is broadcast."""
+        with self._session() as session:
+            row = session.get(Payment, payment_id)
+            if row is None:
+                raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
+            row.state = PaymentState.SETTLING.value
+            if response is not None:
+                self._store_response(session, payment_id, response)
+
+    def store_response(self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
+        with self._session() as session:
+            self._store_response(session, payment_id, response)
+
+    @staticmethod
+    def _store_response(session: Session, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
+        status, headers, body = response
+        existing = session.get(StoredResponse, payment_id)
+        if existing is not None:
+            session.delete(existing)
+            session.flush()
+        session.add(StoredResponse(payment_id=payment_id, status=status, headers=json.dumps(headers), body=body))
+
+    def stored_response(self, payment_id: int) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        with self._session() as session:
+            row = session.get(StoredResponse, payment_id)
+            if row is None:
+                return None
+            return row.status, [(str(k), str(v)) for k, v in json.loads(row.headers)], bytes(row.body)
+
+    def by_payment_identifier(self, identifier: str) -> Payment | None:
+        with self._session() as session:
+            return session.scalars(select(Payment).where(Payment.payment_identifier == identifier)).one_or_none()
+
+    def open_payments(self) -> list[Payment]:
+        """Rows whose outcome is not final: ``settling`` or ``pending``."""
+        with self._session() as session:
+            return list(
+                session.scalars(
+                    select(Payment).where(Payment.state.in_([s.value for s in OPEN_STATES])).order_by(Payment.id)
+                )
+            )
 
     def update(self, payment_id: int, **fields: Any) -> None:
         with self._session() as session:

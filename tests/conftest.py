@@ -22,6 +22,7 @@ from gateway.settings import DEFAULT_CATALOG, Settings
 from settlement.chain import SEL_AUTHORIZATION_STATE, SEL_BALANCE_OF
 from settlement.codec import decode_header_json
 from settlement.devchain import Anvil, Deployment, setup_devchain
+from settlement.facilitator import Facilitator
 from settlement.ledger import Ledger
 from settlement.wire import PaymentRequired
 
@@ -120,7 +121,7 @@ def start_gateway(
     servers: list[ThreadServer] = []
     ledgers: list[Ledger] = []
 
-    def start(catalog: Path | None = None, **overrides: Any) -> RunningGateway:
+    def start(catalog: Path | None = None, *, facilitator: Facilitator | None = None, **overrides: Any) -> RunningGateway:
         catalog = catalog or demo_catalog(tmp_path, upstream)
         values: dict[str, Any] = {
             "catalog": [catalog],
@@ -133,7 +134,7 @@ def start_gateway(
         catalogs = load_catalogs(settings.catalog)
         ledger = Ledger(settings.database_url)
         ledgers.append(ledger)
-        server = ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger)).start()
+        server = ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger, facilitator=facilitator)).start()
         servers.append(server)
         return RunningGateway(server.url, settings, ledger, catalogs)
 

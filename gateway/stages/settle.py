@@ -23,6 +23,8 @@ from settlement.wire import PaymentPayload, SettlementResponseV1, SettleResponse
 
 PENDING_RETRY_AFTER_SECONDS = 5
 
+StoredAnswer = tuple[int, list[tuple[str, str]], bytes]
+
 
 def receipt_headers(result: SettleResponse, version: int) -> dict[str, str]:
     """``PAYMENT-RESPONSE`` for v2 clients; ``X-PAYMENT-RESPONSE`` in the v1 shape for v1 clients."""
@@ -44,10 +46,17 @@ async def settle(
     payment_id: int,
     quote: Quote,
     payload: PaymentPayload,
+    response: StoredAnswer | None = None,
 ) -> SettleResponse:
-    await asyncio.to_thread(ledger.update, payment_id, state=PaymentState.SETTLING)
+    # Write-ahead: `settling` and the answer being bought are durable before anything is broadcast,
+    # and the transaction hash is recorded before it is sent.
+    await asyncio.to_thread(ledger.begin_settlement, payment_id, response)
+
+    async def before_send(tx_hash: str) -> None:
+        await asyncio.to_thread(ledger.update, payment_id, tx_hash=tx_hash)
+
     try:
-        result = await facilitator.settle(payload, quote.requirements)
+        result = await facilitator.settle(payload, quote.requirements, before_send=before_send)
     except (ChainUnavailable, FacilitatorUnavailable) as exc:
         # Raised before anything was broadcast (the facilitator reports broadcasts as pending).
         await asyncio.to_thread(

@@ -89,18 +89,42 @@ def test_post_keeps_upstream_status_and_location(gateway: RunningGateway, devcha
     assert receipt_of(paid).success
 
 
-def test_replayed_payment_is_refused_without_a_second_settlement(gateway: RunningGateway, devchain: Devchain) -> None:
+def test_resent_payment_gets_the_stored_answer_without_a_second_settlement(
+    gateway: RunningGateway, devchain: Devchain, upstream: str
+) -> None:
     payer = devchain.address(PAYER)
     with gateway.client() as client:
         _, first, header = pay(client, devchain, "GET", "/quotes/IBM")
         assert first.status_code == 200
         after_first = devchain.balance(payer)
+        again = client.get("/quotes/IBM", headers={"PAYMENT-SIGNATURE": header})
+    assert again.status_code == 200
+    assert again.content == first.content
+    assert again.headers["x402gw-replay"] == "true"
+    assert receipt_of(again).transaction == receipt_of(first).transaction
+    assert devchain.balance(payer) == after_first
+    assert upstream_hits(upstream, "GET /api/v1/quote/IBM") == 1
+    assert [row.state for row in gateway.ledger.all()] == [PaymentState.SETTLED]
+
+
+def test_replayed_payment_unknown_to_this_ledger_is_refused(
+    start_gateway: Any, devchain: Devchain, upstream: str
+) -> None:
+    """A used authorization presented where it was not settled (another deployment's ledger)."""
+    first_gateway, second_gateway = start_gateway(), start_gateway()
+    payer = devchain.address(PAYER)
+    with first_gateway.client() as client:
+        _, first, header = pay(client, devchain, "GET", "/quotes/IBM")
+    assert first.status_code == 200
+    after_first = devchain.balance(payer)
+    with second_gateway.client() as client:
         replay = client.get("/quotes/IBM", headers={"PAYMENT-SIGNATURE": header})
     assert replay.status_code == 402
     assert body_json(replay)["error"] == "invalid_exact_evm_nonce_already_used"
     assert "payment-required" in replay.headers
     assert devchain.balance(payer) == after_first
-    assert [row.state for row in gateway.ledger.all()] == [PaymentState.SETTLED]
+    assert second_gateway.ledger.all() == []
+    assert upstream_hits(upstream, "GET /api/v1/quote/IBM") == 1
 
 
 @pytest.mark.parametrize(

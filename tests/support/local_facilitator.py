@@ -1,0 +1,26 @@
+"""Our facilitator API over the local facilitator on the test anvil, as a Starlette app to serve."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+
+from gateway.facilitator_api import facilitator_routes
+from settlement.chain import Web3Chain
+from settlement.devchain import Deployment
+from settlement.facilitator import LocalFacilitator
+
+
+def local_facilitator_app(deployment: Deployment, prefix: str = "/facilitator") -> Starlette:
+    chain = Web3Chain(deployment.rpc_url, deployment.chain_id, deployment.settlement_key)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await chain.close()  # on the server's own loop, where the RPC session lives
+
+    return Starlette(routes=facilitator_routes(LocalFacilitator({deployment.network: chain}), prefix), lifespan=lifespan)
