@@ -83,6 +83,7 @@ def test_demo_catalog_contents():
         "get_weather": ("GET", "/weather", 1000),
         "create_order": ("POST", "/orders", 10000),
         "get_report": ("GET", "/reports/{report_id}", 5000),
+        "request_report": ("POST", "/reports", 3000),
     }
     assert cat.payment.pay_to == "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"
     assert cat.tool("get_quote").upstream_path == "/api/v1/quote/{symbol}"
@@ -90,7 +91,7 @@ def test_demo_catalog_contents():
 
 def test_load_catalogs_merges_owners():
     both = load_catalogs([EXAMPLES / "demo.yaml", EXAMPLES / "minimal.yaml"])
-    assert len(both.tools) == 5
+    assert len(both.tools) == 6
     assert both.tool("minimal_quote").owner == "minimal"
     assert "get_quote" in both
 

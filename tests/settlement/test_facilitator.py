@@ -69,7 +69,7 @@ class FakeChain:
         return self.balances.get((token.lower(), owner.lower()), 0)
 
     async def send_transfer_with_authorization(
-        self, token: str, auth: TransferAuthorization, signature: bytes
+        self, token: str, auth: TransferAuthorization, signature: bytes, before_send: Any = None
     ) -> str:
         if self.send_error is not None:
             raise self.send_error
@@ -377,8 +377,10 @@ def test_settle_reverted_because_nonce_used(facilitator: LocalFacilitator, chain
 
 def test_settle_reverted_because_balance_dropped() -> None:
     class Draining(FakeChain):
-        async def send_transfer_with_authorization(self, token: str, auth: TransferAuthorization, signature: bytes) -> str:
-            tx_hash = await super().send_transfer_with_authorization(token, auth, signature)
+        async def send_transfer_with_authorization(
+            self, token: str, auth: TransferAuthorization, signature: bytes, before_send: Any = None
+        ) -> str:
+            tx_hash = await super().send_transfer_with_authorization(token, auth, signature, before_send)
             self.fund(PAYER, 0)  # spent elsewhere between verify and settle
             return tx_hash
 
