@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     facilitators: dict[str, str] = Field(default_factory=dict)
     facilitator_url: str | None = Field(default=None, validation_alias="X402_FACILITATOR_URL")
     # Serve /facilitator/{supported,verify,settle} backed by the local facilitator.
-    serve_facilitator: bool = True
+    # Off by default: a public facilitator lets anyone spend this gateway's gas on their transfers.
+    serve_facilitator: bool = False
     # Key of an account holding the payee's funds, used to pay refunds of `upfront` tools back on
     # chain. Without it refunds are recorded as owed. Never logged.
     refund_key: SecretStr | None = None
