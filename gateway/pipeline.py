@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from catalog import Catalogs, Router, format_amount
-from gateway.context import Observer, RequestContext
+from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.offers import Offer, Quote, request_binding
 from gateway.stages.bridge import UpstreamClient, UpstreamResponse, forward
@@ -97,8 +97,6 @@ class Pipeline:
         # Networks whose facilitator records the tx hash before broadcasting (the local one).
         self.write_ahead_networks = write_ahead_networks or set()
         self.lock_ttl_ms = lock_ttl_ms
-        # Told of every finished request, in ``_audit`` (metrics): cheap, never raising.
-        self.observers: list[Observer] = []
 
     async def handle(self, request: Request) -> Response:
         ctx = RequestContext(
@@ -174,7 +172,6 @@ class Pipeline:
             )
 
         # verify (decode and bind here; the facilitator's verify runs under the in-flight lock)
-        ctx.payment_received = True
         if header is not None:
             payload = decode_payment(header)
             bind(quote, payload)
@@ -231,8 +228,7 @@ class Pipeline:
                 replay.headers["X402GW-Replay"] = "true"
                 return replay
 
-        with ctx.timed("verify"):
-            verified = await verify(self.facilitator, quote, payload)
+        verified = await verify(self.facilitator, quote, payload)
         ctx.payer = verified.payer
         ctx.outcome = "verified"
         row = await asyncio.to_thread(
@@ -278,10 +274,9 @@ class Pipeline:
 
         # settle (the answer is stored with the write-ahead record: a resend of this payment gets it)
         ctx.outcome = "settling"
-        with ctx.timed("settle"):
-            receipt = await settle(
-                self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body)
-            )
+        receipt = await settle(
+            self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body)
+        )
         ctx.settlement = receipt
         ctx.outcome = "settled"
 
@@ -292,11 +287,10 @@ class Pipeline:
         tool = ctx.tool
         assert tool is not None
         try:
-            with ctx.timed("upstream"):
-                upstream = await forward(
-                    self.upstream, tool, ctx.method, ctx.params, ctx.query, dict(request.headers), ctx.body,
-                    ctx.request_id, self.max_upstream_response_bytes,
-                )
+            upstream = await forward(
+                self.upstream, tool, ctx.method, ctx.params, ctx.query, dict(request.headers), ctx.body,
+                ctx.request_id, self.max_upstream_response_bytes,
+            )
         except GatewayError as err:
             if tool.settle != "upfront":
                 await asyncio.to_thread(self.ledger.update, payment_id, state=PaymentState.VOIDED, error_reason=err.code)
@@ -311,8 +305,7 @@ class Pipeline:
         """Settle first (the upstream call has side effects and must not run unpaid); if the upstream
         then fails, the payer is owed a refund: recorded always, paid when a refund signer exists."""
         ctx.outcome = "settling"
-        with ctx.timed("settle"):
-            receipt = await settle(self.facilitator, self.ledger, payment_id, quote, payload, None)
+        receipt = await settle(self.facilitator, self.ledger, payment_id, quote, payload, None)
         ctx.settlement = receipt
         ctx.outcome = "settled"
         try:
@@ -351,11 +344,6 @@ class Pipeline:
             return {"refund": "refunded", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
         return {"refund": "owed", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
     def _audit(self, ctx: RequestContext) -> None:
-        for observer in self.observers:
-            try:
-                observer.on_outcome(ctx)
-            except Exception:  # an observer must never change a request's answer
-                log.exception("observer %r failed on request %s", observer, ctx.request_id)
         if not audit_log.isEnabledFor(logging.INFO):
             return
         record = {
