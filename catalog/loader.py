@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from catalog.bridge import bridge_problems
 from catalog.errors import CatalogError, CatalogIssue
 from catalog.models import (
     KNOWN_KEYS,
@@ -32,12 +33,16 @@ from catalog.models import (
 )
 from catalog.routing import route_shape
 
-__all__ = ["load_catalog", "load_catalogs", "parse_catalog"]
+__all__ = ["load_catalog", "load_catalogs", "parse_catalog", "price_ceiling_issues"]
 
 _MAX_NODES = 200_000  # a guard against alias bombs when walking the node tree
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser when the platform has it (tens of times faster on large catalogs).
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
     """SafeLoader whose floats are ``Decimal`` of the source text: money never passes a float."""
 
     def construct_yaml_float(self, node: yaml.Node) -> Decimal:  # type: ignore[override]
@@ -174,6 +179,15 @@ def _resolve(doc: _CatalogDoc, src: _Source) -> Catalog | None:
             decimals=payment.decimals, input_schema=spec.input_schema,
         ):
             src.issue(f"{at}.{field}", code, message)
+        for field, code, message in bridge_problems(
+            kind=spec.kind, method=spec.method,
+            input_schema=spec.input_schema, request=spec.request, soap=spec.soap,
+        ):
+            src.issue(f"{at}.{field}", code, message)
+        ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
+        for ceiling, where in ceilings:
+            if spec.price > ceiling:
+                src.issue(f"{at}.price", "price_above_max", f"price {spec.price:f} is above {where} {ceiling:f}")
         if len(src.issues) > before or upstream is None:
             continue
         try:
@@ -181,7 +195,10 @@ def _resolve(doc: _CatalogDoc, src: _Source) -> Catalog | None:
                 owner=doc.owner, name=spec.name, description=spec.description, method=spec.method,
                 path=spec.path, upstream=upstream, upstream_path=upstream_path, price=spec.price,
                 settle=spec.settle, payment=payment, input_schema=spec.input_schema,
-                output_schema=spec.output_schema,
+                output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
+                rate_limits=spec.rate_limits,
+                kind=spec.kind, request=spec.request, soap=spec.soap.anchored(src.name) if spec.soap else None,
+                retry=spec.retry, failure_when=spec.failure_when,
             ))
         except ValidationError as exc:  # a check the loader missed; still reported, not raised
             src.add_validation_errors(exc, at)
@@ -190,6 +207,7 @@ def _resolve(doc: _CatalogDoc, src: _Source) -> Catalog | None:
     return Catalog(
         source=src.name, owner=doc.owner, description=doc.description,
         payment=doc.payment, upstreams=upstreams, tools=tuple(tools),
+        max_price=doc.max_price, budgets=doc.budgets, rate_limits=doc.rate_limits,
     )
 
 
@@ -288,3 +306,23 @@ def load_catalogs(paths: Iterable[str | os.PathLike[str]]) -> Catalogs:
     return Catalogs(catalogs=tuple(loaded))
 
 
+def price_ceiling_issues(catalogs: Catalogs, ceiling: Decimal, setting: str = "X402GW_MAX_PRICE") -> list[CatalogIssue]:
+    """Tools priced above a gateway-wide ceiling, as issues pointing at the price's line."""
+    issues: list[CatalogIssue] = []
+    for catalog in catalogs.catalogs:
+        src: _Source | None = None
+        for index, tool in enumerate(catalog.tools):
+            if tool.price <= ceiling:
+                continue
+            if src is None:
+                src = _Source(catalog.source)
+                try:
+                    src.parse(Path(catalog.source).read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError):
+                    pass  # no line numbers: the issue still names the tool
+            at = f"tools[{index}].price"
+            issues.append(CatalogIssue(
+                catalog.source, at, src.line(at), f"price {tool.price:f} of {tool.name} is above {setting} {ceiling:f}",
+                "price_above_max",
+            ))
+    return issues

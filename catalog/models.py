@@ -8,6 +8,9 @@ upstream object and its exact price. All are frozen, and unknown keys are errors
 
 from __future__ import annotations
 
+import functools
+import json
+
 import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -20,6 +23,8 @@ from jsonschema.exceptions import SchemaError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
+from catalog.bridge import Auth, BridgeKind, FailureRule, RestRequest, RetryPolicy, SoapOperation
+from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.pricing import to_atomic
 from catalog.routing import parse_template
 
@@ -53,10 +58,16 @@ def _kind(value: Any) -> str:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _checksum(address: str) -> str:
+    # A catalog names a handful of addresses many times (payTo, asset on every tool).
+    return str(to_checksum_address(address))
+
+
 def _address(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"0x[0-9a-fA-F]{40}", value):
         raise _fail("invalid_address", f"{value!r} is not an address (0x followed by 40 hex digits)")
-    checksummed = to_checksum_address(value)
+    checksummed = _checksum(value)
     body = value[2:]
     if body != body.lower() and body != body.upper() and value != checksummed:
         raise _fail("invalid_address", f"{value} has a wrong EIP-55 checksum (expected {checksummed})")
@@ -154,12 +165,30 @@ def _plain_json(value: Any) -> Any:
     return value
 
 
-def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4096)
+def _schema_problem(canonical: str) -> str | None:
+    """Meta-validation is ~4 ms a schema; catalogs repeat schemas, so each distinct one is checked once."""
     try:
-        Draft202012Validator.check_schema(value)
+        Draft202012Validator.check_schema(json.loads(canonical))
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
-        raise _fail("invalid_json_schema", f"not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else "")) from None
+        return f"not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else "")
+    return None
+
+
+def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        canonical = json.dumps(value, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        canonical = None
+    problem = _schema_problem(canonical) if canonical is not None else None
+    if canonical is None:
+        try:
+            Draft202012Validator.check_schema(value)
+        except SchemaError as exc:
+            problem = f"not a valid JSON Schema: {exc.message}"
+    if problem is not None:
+        raise _fail("invalid_json_schema", problem) from None
     return value
 
 
@@ -203,6 +232,11 @@ class Upstream(_Model):
     name: UpstreamName
     base_url: BaseUrl  # no trailing slash
     timeout_seconds: UpstreamTimeout = 10.0
+    breaker: Breaker = Breaker()
+    # protocol bridge (catalog.bridge): alternate base URLs, retries, credentials named not written
+    failover: tuple[BaseUrl, ...] = ()
+    retry: RetryPolicy = RetryPolicy()
+    auth: Auth | None = None
 
 
 def _consistency_problems(
@@ -246,6 +280,16 @@ class Tool(_Model):
     payment: PaymentTerms  # effective terms: catalog defaults merged with the tool's own block
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     output_schema: dict[str, Any] | None = None
+    # safety limits of this tool alone (catalog-wide ones live on its Catalog; see catalog.limits)
+    max_price: Decimal | None = None
+    budgets: Budgets = Budgets()
+    rate_limits: RateLimits = RateLimits()
+    # protocol bridge (catalog.bridge): how arguments reach the upstream, what counts as a failure
+    kind: BridgeKind = "rest"
+    request: RestRequest | None = None
+    soap: SoapOperation | None = None
+    retry: bool | None = None  # None: retried only when the upstream method is idempotent
+    failure_when: tuple[FailureRule, ...] = ()
 
     @model_validator(mode="after")
     def _consistent(self) -> Tool:
@@ -273,6 +317,9 @@ class Catalog(_Model):
     payment: PaymentTerms  # the catalog-wide defaults
     upstreams: dict[str, Upstream]
     tools: tuple[Tool, ...]
+    max_price: Decimal | None = None
+    budgets: Budgets = Budgets()
+    rate_limits: RateLimits = RateLimits()
 
     def tool(self, name: str) -> Tool:
         for tool in self.tools:
@@ -319,6 +366,10 @@ class _PaymentDoc(_Model):
 class _UpstreamDoc(_Model):
     base_url: BaseUrl
     timeout_seconds: UpstreamTimeout = 10.0
+    breaker: Breaker = Breaker()
+    failover: tuple[BaseUrl, ...] = ()
+    retry: RetryPolicy = RetryPolicy()
+    auth: Auth | None = None
 
 
 class _ToolDoc(_Model):
@@ -333,6 +384,14 @@ class _ToolDoc(_Model):
     payment: _PaymentDoc | None = None
     input_schema: JsonSchema = Field(default_factory=lambda: {"type": "object"})
     output_schema: JsonSchema | None = None
+    max_price: Price | None = None
+    budgets: Budgets = Budgets()
+    rate_limits: RateLimits = RateLimits()
+    kind: BridgeKind = "rest"
+    request: RestRequest | None = None
+    soap: SoapOperation | None = None
+    retry: bool | None = None
+    failure_when: tuple[FailureRule, ...] = ()
 
 
 class _CatalogDoc(_Model):
@@ -342,8 +401,11 @@ class _CatalogDoc(_Model):
     payment: PaymentTerms
     upstreams: Annotated[dict[UpstreamName, _UpstreamDoc], Field(min_length=1)]
     tools: Annotated[list[_ToolDoc], Field(min_length=1)]
+    max_price: Price | None = None
+    budgets: Budgets = Budgets()
+    rate_limits: RateLimits = RateLimits()
 
 
 KNOWN_KEYS: frozenset[str] = frozenset().union(
-    *(m.model_fields for m in (_PaymentDoc, _UpstreamDoc, _ToolDoc, _CatalogDoc))
+    *(m.model_fields for m in (_PaymentDoc, _UpstreamDoc, _ToolDoc, _CatalogDoc, Budgets, RateLimits, Breaker))
 )

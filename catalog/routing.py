@@ -7,6 +7,8 @@ router sees an already-decoded path and refuses anything with empty, '.' or '..'
 
 from __future__ import annotations
 
+import functools
+
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,13 @@ class Segment(NamedTuple):
 
 
 def parse_template(path: str, *, allow_trailing_slash: bool = False) -> tuple[Segment, ...]:
+    if not isinstance(path, str):
+        raise ValueError(f"path {path!r} must start with '/'")
+    return _parse_template(path, allow_trailing_slash)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_template(path: str, allow_trailing_slash: bool) -> tuple[Segment, ...]:
     """Split ``/quotes/{symbol}`` into segments; ValueError with a readable reason if invalid."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise ValueError(f"path {path!r} must start with '/'")

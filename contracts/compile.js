@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// Compiles contracts/TestUSDC.sol with the pinned npm solc into contracts/build/TestUSDC.json.
-// The artifact is committed so Python needs no compiler; `--check` recompiles and fails (exit 1)
+// Compiles contracts/TestUSDC.sol and contracts/BatchSettler.sol with the pinned npm solc into
+// contracts/build/<Contract>.json, each from its own compiler input. The artifacts are committed so Python needs no compiler; `--check` recompiles and fails (exit 1)
 // when the committed file differs, which is how CI keeps source and artifact in step.
 "use strict";
 
@@ -8,12 +8,14 @@ const fs = require("fs");
 const path = require("path");
 const solc = require("solc");
 
-const CONTRACT = "TestUSDC";
+const CONTRACTS = ["TestUSDC", "BatchSettler"];
 const EVM_VERSION = "cancun";
-const SOURCE_PATH = path.join(__dirname, `${CONTRACT}.sol`);
-const ARTIFACT_PATH = path.join(__dirname, "build", `${CONTRACT}.json`);
 
-function compile() {
+const sourcePath = (contract) => path.join(__dirname, `${contract}.sol`);
+const artifactPath = (contract) => path.join(__dirname, "build", `${contract}.json`);
+
+function compile(CONTRACT) {
+  const SOURCE_PATH = sourcePath(CONTRACT);
   // Normalise line endings: the metadata hash at the end of the bytecode covers the source
   // text, and a CRLF checkout must not produce a different artifact.
   const content = fs.readFileSync(SOURCE_PATH, "utf8").replace(/\r\n/g, "\n");
@@ -48,11 +50,20 @@ function compile() {
 
 function main(argv) {
   const check = argv.includes("--check");
+  let status = 0;
+  for (const contract of CONTRACTS) {
+    status = Math.max(status, build(contract, check));
+  }
+  return status;
+}
+
+function build(CONTRACT, check) {
+  const ARTIFACT_PATH = artifactPath(CONTRACT);
   let text;
   try {
-    text = compile();
+    text = compile(CONTRACT);
   } catch (err) {
-    process.stderr.write(`compile.js: ${err.message}\n`);
+    process.stderr.write(`compile.js: ${CONTRACT}: ${err.message}\n`);
     return 2;
   }
   if (check) {

@@ -81,3 +81,69 @@ def _body(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return response.text
+
+
+# -- discovery: find the tools and call one by name -------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiscoveredTool:
+    """One entry of a gateway's ``GET /tools``: what the agent needs to call and pay for it."""
+
+    name: str
+    description: str
+    method: str
+    url: str  # template: https://gw/quotes/{symbol}
+    parameters: dict[str, Any]
+    price: str
+    price_atomic: int
+    asset: str
+    decimals: int
+    network: str
+    pay_to: str
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> DiscoveredTool:
+        function = entry["function"]
+        return cls(
+            name=function["name"], description=function.get("description", ""), method=entry["method"],
+            url=entry["url"], parameters=function.get("parameters") or {"type": "object"}, price=entry["price"],
+            price_atomic=int(entry["priceAtomic"]), asset=entry["asset"], decimals=int(entry["decimals"]),
+            network=entry["network"], pay_to=entry["payTo"],
+        )
+
+
+async def discover(client: httpx.AsyncClient, gateway_url: str) -> list[DiscoveredTool]:
+    response = await client.get(gateway_url.rstrip("/") + "/tools")
+    response.raise_for_status()
+    return [DiscoveredTool.from_entry(entry) for entry in response.json()["tools"]]
+
+
+def example_arguments(schema: dict[str, Any]) -> dict[str, Any] | None:
+    """Arguments from the schema's own examples, defaults, consts or enums; None if a required one has none."""
+    properties = schema.get("properties") or {}
+    arguments: dict[str, Any] = {}
+    for name, prop in properties.items():
+        if not isinstance(prop, dict):
+            continue
+        for key in ("examples", "default", "const", "enum"):
+            if key in prop:
+                value = prop[key]
+                arguments[name] = value[0] if key in ("examples", "enum") and isinstance(value, list) and value else value
+                break
+    if any(name not in arguments for name in schema.get("required") or []):
+        return None
+    return arguments
+
+
+async def call_tool(
+    agent: PayingAgent, client: httpx.AsyncClient, tool: DiscoveredTool, arguments: dict[str, Any]
+) -> CallResult:
+    """Call a discovered tool with ``arguments``, paying its 402 within the agent's limits."""
+    from gateway.discovery import tool_request
+
+    request = tool_request(tool.method, tool.url, arguments)
+    kwargs: dict[str, Any] = {}
+    if request.body:
+        kwargs = {"content": request.body, "headers": {"content-type": "application/json"}}
+    return await agent.call(client, request.method, request.target, **kwargs)

@@ -15,20 +15,30 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from catalog import Catalogs, load_catalogs
+from catalog import CatalogError, Catalogs, load_catalogs
+from catalog.loader import price_ceiling_issues
+from gateway.admin import Dashboard, admin_routes
+from gateway.discovery import Discovery
 from gateway.errors import GatewayError
+from gateway.health import Readiness, gateway_checks, healthz
+from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
+from gateway.policy import Policy, policy_routes
+from gateway.stages.safety import Limits, Safety
 from gateway.settings import Settings
 from gateway.facilitator_api import facilitator_routes
-from gateway.stages.bridge import AiohttpUpstreamClient, UpstreamClient
+from gateway.mcp_server import McpEndpoint
+from gateway.stages.bridge import AiohttpUpstreamClient, Bridge, BridgeConfigError, UpstreamClient
 from gateway.store import StateStore, StoreUnavailable, create_store
+from settlement.batch import BatchingFacilitator, BatchPolicy, build_batching
 from settlement.chain import Web3Chain
 from settlement.devchain import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment
-from settlement.errors import ChainUnavailable, FacilitatorUnavailable
+from settlement.errors import ChainUnavailable, FacilitatorUnavailable, SettlementError
 from settlement.facilitator import Facilitator, FacilitatorRouter, LocalFacilitator
+from settlement.audit import AuditSink
 from settlement.ledger import Ledger
 from settlement.reconcile import resolve_open_payments
 from settlement.refunds import Refunder
@@ -112,6 +122,30 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
     return chains
 
 
+def build_batching_facilitator(settings: Settings, local: LocalFacilitator, chains: dict[str, Web3Chain]) -> BatchingFacilitator:
+    policies = {n: BatchPolicy(p.max_wait_ms, p.max_payments) for n, p in settings.batch_settlement.items()}
+    try:
+        return build_batching(
+            local, dict(chains), policies, {n: p.contract for n, p in settings.batch_settlement.items()},
+            deployment_file=settings.deployment_file, receipt_timeout=settings.receipt_timeout_seconds,
+        )
+    except SettlementError as exc:
+        raise GatewayConfigError(exc.message, code=exc.code) from None
+
+
+def build_safety(settings: Settings, catalogs: Catalogs, store: StateStore) -> Safety:
+    """Limits from settings and catalog, the policy (file and store), breakers; refuses to start on
+    a tool priced above X402GW_MAX_PRICE or a budget the token's decimals cannot express."""
+    if settings.max_price is not None:
+        issues = price_ceiling_issues(catalogs, settings.max_price)
+        if issues:
+            raise CatalogError(issues)
+    try:
+        return Safety(store, catalogs, Limits.from_settings(settings), policy=Policy(store, settings.policy_file))
+    except ValueError as exc:
+        raise GatewayConfigError(str(exc), code="invalid_safety_limits") from None
+
+
 def build_refunder(settings: Settings, chains: dict[str, Web3Chain]) -> Refunder | None:
     if settings.refund_key is None:
         return None
@@ -185,12 +219,14 @@ def create_app(
     upstream: UpstreamClient | None = None,
     ledger: Ledger | None = None,
     store: StateStore | None = None,
+    audit: AuditSink | None = None,
 ) -> Starlette:
     catalogs = catalogs if catalogs is not None else load_catalogs(settings.catalog)
     networks = {tool.payment.network for tool in catalogs.tools}
     chains: dict[str, Web3Chain] = {}
     remotes: dict[str, RemoteFacilitator] = {}
     local: LocalFacilitator | None = None
+    batching: BatchingFacilitator | None = None
     write_ahead: set[str] = set()
     if facilitator is None:
         plan = facilitator_plan(settings, networks)
@@ -202,20 +238,26 @@ def create_app(
                 {n: c for n, c in chains.items() if n in local_networks}, receipt_timeout=settings.receipt_timeout_seconds
             )
             write_ahead = set(local_networks)
+            batching = build_batching_facilitator(settings, local, chains) if settings.batch_settlement else None
         remote_by_url: dict[str, RemoteFacilitator] = {}
         for network, where in plan.items():
             if where == "local":
                 assert local is not None
-                by_network[network] = local
+                by_network[network] = batching if batching is not None and network in batching.networks else local
             else:
                 remote = remote_by_url.setdefault(where, RemoteFacilitator(where))
                 remotes[network] = remote
                 by_network[network] = remote
         facilitator = FacilitatorRouter(by_network)
+    try:  # upstream credentials and WSDLs are read now: a missing one stops the start, named
+        bridge = Bridge(catalogs.tools)
+    except BridgeConfigError as exc:
+        raise GatewayConfigError(exc.message, code=exc.code) from None
     refunder = build_refunder(settings, chains)
     ledger = ledger or Ledger(settings.database_url)
     store = store or create_store(settings.redis_url, settings.redis_prefix)
     upstream = upstream or AiohttpUpstreamClient()
+    safety = build_safety(settings, catalogs, store)
     pipeline = Pipeline(
         catalogs,
         facilitator,
@@ -229,8 +271,11 @@ def create_app(
         chains=dict(chains),
         refunder=refunder,
         write_ahead_networks=write_ahead,
+        audit=audit,
+        safety=safety,
         lock_ttl_ms=int(1000 * (2 * settings.receipt_timeout_seconds + 2 * max(
-            (t.upstream.timeout_seconds for t in catalogs.tools), default=10.0) + 30)),
+            (bridge.max_call_seconds(t) for t in catalogs.tools), default=10.0) + 30)),
+        bridge=bridge,
     )
 
     @asynccontextmanager
@@ -246,9 +291,11 @@ def create_app(
         for resolution in resolved:
             log.info("start-up reconcile: %s", resolution.to_json())
         try:
-            yield
+            async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
+                yield
         finally:
             await upstream.close()
+            await pipeline.audit.close()  # writes what is queued before the process goes
             await store.close()
             for remote in set(remotes.values()):
                 await remote.close()
@@ -257,18 +304,37 @@ def create_app(
             if refunder is not None:
                 await refunder.close()
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
     async def paid(request: Request) -> Response:
         return await pipeline.handle(request)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return GatewayError("not_found", "no tool is exposed at this path").to_response()
 
-    routes: list[Route] = [Route("/healthz", healthz, methods=["GET"])]
+    # Operations: metrics observe every request; readiness checks each dependency; the dashboard.
+    metrics = GatewayMetrics()
+    pipeline.observers.append(metrics)
+    readiness = Readiness(
+        gateway_checks(
+            engine=ledger.engine, store=store, chains=chains, remote_facilitators=remotes,
+            local_networks={n for n in chains if local is not None and local.chain_for(n) is not None},
+        ),
+        timeout=settings.readiness_timeout_seconds,
+    )
+    dashboard = Dashboard(ledger.engine, catalogs, metrics, breakers=safety.breakers.states)
+    routes: list[Route] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readiness.endpoint, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        *admin_routes(dashboard, settings.admin_token),
+    ]
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        routes.extend(policy_routes(safety.policy, settings.admin_token.get_secret_value(),
+                                      [t.name for t in catalogs.tools], {t.owner for t in catalogs.tools}))
     if local is not None and settings.serve_facilitator:
         routes.extend(facilitator_routes(local))
+    # Agent interface: every discovery format and MCP, all generated from the pipeline's catalog.
+    mcp_endpoint = McpEndpoint(pipeline, settings.public_url)
+    routes.extend([*Discovery(pipeline, settings.public_url).routes(), mcp_endpoint.route()])
     routes.append(Route("/{path:path}", paid, methods=ALL_METHODS))
     app = Starlette(
         routes=routes,
@@ -286,7 +352,11 @@ def create_app(
     )
     app.state.pipeline = pipeline
     app.state.ledger = ledger
+    app.state.audit = pipeline.audit
     app.state.settings = settings
+    mcp_endpoint.attach(app)  # tools/call goes through this app's own paid path
+    app.state.metrics = metrics
+    app.state.dashboard = dashboard
     return app
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import click
 
 from catalog import CatalogError, load_catalogs
+from gateway.agent_cli import agent
+from gateway.cli_audit import audit
+from gateway.cli_ledger import COMMANDS
 
 
 def _configure_logging(level: str) -> None:
@@ -75,7 +78,7 @@ def devchain(port: int, deployment: Path, anvil_path: str | None) -> None:
 
 @main.command()
 @click.option("--port", default=8402, show_default=True, help="Gateway port.")
-@click.option("--calls", default=4, show_default=True, help="Paid calls the sample agent makes.")
+@click.option("--calls", default=9, show_default=True, help="Paid calls the sample agent makes (the plan has 9: REST and SOAP).")
 @click.option("--exit-after-calls", is_flag=True, help="Stop after the agent's calls instead of serving on.")
 @click.option("--anvil", "anvil_path", default=None, envvar="X402GW_ANVIL_PATH", help="Path to the anvil binary.")
 def demo(port: int, calls: int, exit_after_calls: bool, anvil_path: str | None) -> None:
@@ -103,6 +106,16 @@ def catalog_validate(files: tuple[Path, ...]) -> None:
         click.echo(f"{cat.source}: ok, owner {cat.owner}, {len(cat.tools)} tools")
         for tool in cat.tools:
             click.echo(f"  {tool.method:6} {tool.path:32} {tool.name:20} {tool.price} ({tool.price_atomic} atomic)")
+
+
+main.add_command(audit)
+
+
+for _command in COMMANDS:  # ledger export / summary, reconcile, db upgrade
+    main.add_command(_command)
+
+
+main.add_command(agent)  # the reference agent: discover, pay within a limit, print the receipt
 
 
 if __name__ == "__main__":

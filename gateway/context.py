@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from catalog import Tool
+from settlement.audit import AuditEvent
 from settlement.wire import PaymentPayload, SettleResponse
 
 
@@ -31,3 +34,31 @@ class RequestContext:
     status: int | None = None
     outcome: str = "received"
     reason: str | None = None
+    # What the safety stage holds for this request (budget reservations, breaker probe).
+    safety: Any = None
+    # A payment header came with the request (the funnel's "payment received").
+    payment_received: bool = False
+    # Seconds spent in the stages that wait on the network: "verify", "upstream", "settle".
+    timings: dict[str, float] = field(default_factory=dict)
+    # Decisions taken on this request, in order: chained into the audit trail at the end.
+    events: list[AuditEvent] = field(default_factory=list)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Note a decision for the audit trail: a stable snake_case ``event`` and JSON-able fields
+        (never headers or credentials; URLs lose query and userinfo). Request id, payer and tool
+        are added when the request ends."""
+        self.events.append(AuditEvent(self.request_id, event, fields))
+
+
+class Observer(Protocol):
+    """Told of every finished request (metrics, accounting); must be cheap and must not raise."""
+
+    def on_outcome(self, ctx: RequestContext) -> None: ...

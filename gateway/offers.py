@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from catalog import Tool
+from gateway.discovery import BAZAAR, bazaar_extension
 from settlement.codec import encode_header
 from settlement.networks import to_legacy
 from settlement.wire import (
@@ -54,6 +55,7 @@ def request_binding(method: str, path: str, query: str) -> str:
 class Offer:
     tool: Tool
     requirements: PaymentRequirements  # without the per-request binding
+    extensions: dict[str, Any]  # of every challenge: payment-identifier, bazaar (discovery)
 
     @classmethod
     def for_tool(cls, tool: Tool) -> Offer:
@@ -67,7 +69,8 @@ class Offer:
             max_timeout_seconds=terms.max_timeout_seconds,
             extra={"name": terms.asset_name, "version": terms.asset_version},
         )
-        return cls(tool=tool, requirements=requirements)
+        extensions = {PAYMENT_IDENTIFIER: PAYMENT_IDENTIFIER_EXTENSION, BAZAAR: bazaar_extension(tool)}
+        return cls(tool=tool, requirements=requirements, extensions=extensions)
 
     def bound(self, binding: str) -> PaymentRequirements:
         return self.requirements.model_copy(update={"extra": {**(self.requirements.extra or {}), BINDING_KEY: binding}})
@@ -80,7 +83,7 @@ def payment_required(
         error=error,
         resource=ResourceInfo(url=resource_url, description=offer.tool.description, mime_type="application/json"),
         accepts=[requirements],
-        extensions={PAYMENT_IDENTIFIER: PAYMENT_IDENTIFIER_EXTENSION},
+        extensions=offer.extensions,
     )
 
 

@@ -4,6 +4,10 @@
                 404/405   413/422/402  400/402/409  502/504   402/503
                     audit record written for every outcome, in ``finally``
 
+Safety (``gateway.stages.safety``) runs between them: header size before the body; kill switch,
+price guard, circuit breaker and the per-client rate limit before any 402; payer lists and
+per-payer/per-tool rate limits before verify; budgets after verify; their release in ``finally``.
+
 Each stage lives in ``gateway.stages``; this module only orders them and owns the per-request
 context, the in-flight lock on (payer, nonce), and the ledger row's life.
 """
@@ -23,17 +27,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from catalog import Catalogs, Router, format_amount
-from gateway.context import RequestContext
+from gateway.context import Observer, RequestContext
 from gateway.errors import GatewayError
 from gateway.offers import Offer, Quote, request_binding
-from gateway.stages.bridge import UpstreamClient, UpstreamResponse, forward
+from gateway.stages.audit import RecordingUpstream, audit_events
+from gateway.stages.bridge import Bridge, UpstreamClient, UpstreamResponse
 from gateway.stages.challenge import PaymentChallenge, collect_arguments, validate_arguments
 from gateway.stages.exactly_once import in_flight, payment_identifier, receipt_of, request_fingerprint, resume
 from gateway.stages.respond import respond
 from gateway.stages.route import route
+from gateway.stages.safety import Safety
 from gateway.stages.settle import receipt_headers, settle
 from gateway.stages.verify import bind, decode_payment, decode_payment_v1, verify
 from gateway.store import MemoryStore, StateStore
+from settlement.audit import AuditSink, AuditTrail, AuditWriter
 from settlement.chain import Chain
 from settlement.codec import parse_exact_evm
 from settlement.errors import LedgerError, PaymentDecodeError
@@ -73,6 +80,9 @@ class Pipeline:
         refunder: Refunder | None = None,
         write_ahead_networks: set[str] | None = None,
         lock_ttl_ms: int = 180_000,
+        bridge: Bridge | None = None,
+        audit: AuditSink | None = None,
+        safety: Safety | None = None,
     ) -> None:
         self.catalogs = catalogs
         self.router = Router(catalogs.tools)
@@ -87,6 +97,8 @@ class Pipeline:
         self.facilitator = facilitator
         self.ledger = ledger
         self.upstream = upstream
+        # Upstream calls prepared once (credentials, SOAP definitions); create_app passes its own.
+        self.bridge = bridge or Bridge(catalogs.tools)
         self.public_url = public_url.rstrip("/") if public_url else None
         self.max_body_bytes = max_body_bytes
         self.max_upstream_response_bytes = max_upstream_response_bytes
@@ -97,6 +109,12 @@ class Pipeline:
         # Networks whose facilitator records the tx hash before broadcasting (the local one).
         self.write_ahead_networks = write_ahead_networks or set()
         self.lock_ttl_ms = lock_ttl_ms
+        # Limits, policy and circuit breakers (gateway.stages.safety), sharing the state store.
+        self.safety = safety or Safety(self.store, catalogs)
+        # The hash-chained audit trail, in the ledger's database unless told otherwise.
+        self.audit: AuditSink = audit if audit is not None else AuditWriter(AuditTrail(ledger.url))
+        # Told of every finished request, in ``_audit`` (metrics): cheap, never raising.
+        self.observers: list[Observer] = []
 
     async def handle(self, request: Request) -> Response:
         ctx = RequestContext(
@@ -105,6 +123,7 @@ class Pipeline:
             query=request.url.query,
             client=request.client.host if request.client else None,
         )
+        response: Response | None = None
         try:
             response = await self._run(ctx, request)
         except GatewayError as err:
@@ -123,9 +142,11 @@ class Pipeline:
                 "internal_error", "the gateway failed on this request", requestId=ctx.request_id
             ).to_response()
         finally:
+            await self.safety.finish(ctx, self.ledger)  # budgets back unless money moved; never raises
+            ctx.status = response.status_code if response is not None else None  # None: cancelled
             self._audit(ctx)
+        assert response is not None  # every branch above answers, or the exception goes on
         response.headers["X-Request-Id"] = ctx.request_id
-        ctx.status = response.status_code
         return response
 
     def resource_url(self, request: Request, ctx: RequestContext) -> str:
@@ -152,7 +173,8 @@ class Pipeline:
         compiled = self.tools[tool.name]
         offer = compiled.offer
 
-        # challenge
+        # challenge (size limits, arguments, then the safety checks no price may answer)
+        self.safety.check_headers(request.scope["headers"])
         ctx.body = await self._read_body(request)
         ctx.arguments = collect_arguments(tool, ctx.params, request.query_params.multi_items(), ctx.body, ctx.method)
         validate_arguments(compiled.validator, ctx.arguments)
@@ -161,9 +183,14 @@ class Pipeline:
         header_v1 = request.headers.get(PAYMENT_HEADER_V1) if header is None else None
         version = 1 if header_v1 is not None else (2 if header is not None else self.challenge_body_version)
         quote = Quote(offer, offer.bound(request_binding(ctx.method, ctx.path, ctx.query)), resource_url, version)
-        if (header is None and header_v1 is None) or ctx.method == "HEAD":
+        paying = (header is not None or header_v1 is not None) and ctx.method != "HEAD"
+        await self.safety.before_challenge(ctx, tool, int(quote.requirements.amount), paying=paying)
+        if not paying:
+            await self.safety.unpaid(ctx, tool)
             # A HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
             ctx.outcome = "challenged"
+            ctx.record("challenge_issued", amount=quote.requirements.amount, asset=quote.requirements.asset,
+                       network=quote.requirements.network, payTo=quote.requirements.pay_to)
             raise PaymentChallenge(
                 quote,
                 "payment_required",
@@ -172,6 +199,7 @@ class Pipeline:
             )
 
         # verify (decode and bind here; the facilitator's verify runs under the in-flight lock)
+        ctx.payment_received = True
         if header is not None:
             payload = decode_payment(header)
             bind(quote, payload)
@@ -186,6 +214,7 @@ class Pipeline:
         network = quote.requirements.network
         payer = to_checksum_address(authorization.from_)
         nonce = authorization.nonce.lower()
+        await self.safety.before_verify(ctx, tool, payer)
         keys = [f"pay:{network}:{payer.lower()}:{nonce}"]
         if identifier is not None:
             keys.append(f"pid:{identifier}")
@@ -228,14 +257,19 @@ class Pipeline:
                 replay.headers["X402GW-Replay"] = "true"
                 return replay
 
-        verified = await verify(self.facilitator, quote, payload)
+        with ctx.timed("verify"):
+            verified = await verify(self.facilitator, quote, payload)
         ctx.payer = verified.payer
+        ctx.record("payment_verified", amount=quote.requirements.amount, network=quote.requirements.network,
+                   asset=quote.requirements.asset, payTo=quote.requirements.pay_to, nonce=nonce)
         ctx.outcome = "verified"
+        await self.safety.reserve(ctx, tool, ctx.payer or payer, int(requirements.amount))
         row = await asyncio.to_thread(
             self.ledger.record_verified,
             request_id=ctx.request_id,
             owner=tool.owner,
             tool=tool.name,
+            decimals=tool.payment.decimals,
             method=ctx.method,
             path=ctx.path,
             payer=verified.payer or payer,
@@ -263,8 +297,9 @@ class Pipeline:
 
         # bridge
         upstream = await self._call_upstream(ctx, request, row.id)
-        if upstream.status >= 400:
-            # The upstream failed: nothing is settled, and its error is passed on as it is.
+        if upstream.status >= 300:
+            # The upstream failed, or redirected (not the content, and never followed): nothing is
+            # settled, and its answer is passed on as it is.
             await asyncio.to_thread(
                 self.ledger.update, row.id, state=PaymentState.VOIDED, upstream_status=upstream.status,
                 error_reason="upstream_error",
@@ -274,11 +309,13 @@ class Pipeline:
 
         # settle (the answer is stored with the write-ahead record: a resend of this payment gets it)
         ctx.outcome = "settling"
-        receipt = await settle(
-            self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body)
-        )
+        with ctx.timed("settle"):
+            receipt = await settle(
+                self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body)
+            )
         ctx.settlement = receipt
         ctx.outcome = "settled"
+        ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id)
 
         # respond
         return respond(upstream, receipt, ctx.request_id, quote.version)
@@ -287,16 +324,19 @@ class Pipeline:
         tool = ctx.tool
         assert tool is not None
         try:
-            upstream = await forward(
-                self.upstream, tool, ctx.method, ctx.params, ctx.query, dict(request.headers), ctx.body,
-                ctx.request_id, self.max_upstream_response_bytes,
-            )
+            with ctx.timed("upstream"):
+                upstream = await self.bridge.forward(
+                    RecordingUpstream(self.upstream, ctx), tool, ctx.method, ctx.params, ctx.query, ctx.arguments,
+                    dict(request.headers), ctx.body, ctx.request_id, self.max_upstream_response_bytes,
+                )
         except GatewayError as err:
+            await self.safety.upstream_result(ctx, tool, err.code not in ("upstream_timeout", "upstream_unavailable"))
             if tool.settle != "upfront":
                 await asyncio.to_thread(self.ledger.update, payment_id, state=PaymentState.VOIDED, error_reason=err.code)
             ctx.outcome = "upstream_failed"
             raise
         ctx.upstream_status = upstream.status
+        await self.safety.upstream_result(ctx, tool, upstream.status < 500)
         return upstream
 
     async def _upfront(
@@ -305,9 +345,11 @@ class Pipeline:
         """Settle first (the upstream call has side effects and must not run unpaid); if the upstream
         then fails, the payer is owed a refund: recorded always, paid when a refund signer exists."""
         ctx.outcome = "settling"
-        receipt = await settle(self.facilitator, self.ledger, payment_id, quote, payload, None)
+        with ctx.timed("settle"):
+            receipt = await settle(self.facilitator, self.ledger, payment_id, quote, payload, None)
         ctx.settlement = receipt
         ctx.outcome = "settled"
+        ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id)
         try:
             upstream = await self._call_upstream(ctx, request, payment_id)
         except GatewayError as err:
@@ -344,6 +386,15 @@ class Pipeline:
             return {"refund": "refunded", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
         return {"refund": "owed", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
     def _audit(self, ctx: RequestContext) -> None:
+        try:
+            self.audit.submit(audit_events(ctx))
+        except Exception:  # the trail logs what it cannot write; a request's answer never depends on it
+            log.exception("audit trail submit failed on request %s", ctx.request_id)
+        for observer in self.observers:
+            try:
+                observer.on_outcome(ctx)
+            except Exception:  # an observer must never change a request's answer
+                log.exception("observer %r failed on request %s", observer, ctx.request_id)
         if not audit_log.isEnabledFor(logging.INFO):
             return
         record = {

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from catalog.limits import Budget, RateLimit, parse_budget, parse_rate_limit
+
+def _budget(value: Any) -> Any:
+    return parse_budget(value) if isinstance(value, str) and value.strip() else (value or None)
+
+
+def _rate_limit(value: Any) -> Any:
+    return parse_rate_limit(value) if isinstance(value, str) and value.strip() else (value or None)
+
+
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog" / "examples" / "demo.yaml"
+
+
+class BatchSettlement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_wait_ms: float = Field(default=20.0, gt=0, le=10_000)
+    max_payments: int = Field(default=50, ge=1, le=250)
+    contract: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
 
 
 class Settings(BaseSettings):
@@ -48,9 +67,37 @@ class Settings(BaseSettings):
     # Key of an account holding the payee's funds, used to pay refunds of `upfront` tools back on
     # chain. Without it refunds are recorded as owed. Never logged.
     refund_key: SecretStr | None = None
+    # Batched settlement, opt-in per network: payments collected for up to max_wait_ms or
+    # max_payments and settled in one BatchSettler transaction, e.g.
+    # {"eip155:31337": {"max_wait_ms": 20, "max_payments": 50}}; "contract" names the BatchSettler
+    # (default on the local chain: the one in the dev chain deployment file).
+    batch_settlement: dict[str, BatchSettlement] = Field(default_factory=dict)
+
+    # Operations: the dashboard at /admin needs this token (Bearer, or ?token= once in a browser);
+    # without one /admin answers 404. Each /readyz check is bounded by the timeout.
+    admin_token: SecretStr | None = None
+    readiness_timeout_seconds: float = Field(default=2.0, gt=0)
 
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_upstream_response_bytes: int = Field(default=10 * 1_048_576, gt=0)
+    # Request headers, all names and values together (431 above it).
+    max_header_bytes: int = Field(default=32_768, gt=0)
+
+    # Safety limits, gateway-wide; the catalog can add its own (see catalog/limits.py).
+    # Budgets are AMOUNT/WINDOW in token units, e.g. "5.00/1d" (windows: 30s, 5m, 1h, 1d, 1w).
+    budget_per_payer: Annotated[Budget | None, BeforeValidator(_budget)] = None
+    budget_per_payer_per_tool: Annotated[Budget | None, BeforeValidator(_budget)] = None
+    budget_per_owner: Annotated[Budget | None, BeforeValidator(_budget)] = None
+    # Rate limits are REQUESTS/WINDOW[:BURST], e.g. "10/1s" or "60/1m:120". per_client counts
+    # unpaid requests per client address (the peer address: put the limit at the proxy when there is one).
+    rate_limit_per_payer: Annotated[RateLimit | None, BeforeValidator(_rate_limit)] = None
+    rate_limit_per_tool: Annotated[RateLimit | None, BeforeValidator(_rate_limit)] = None
+    rate_limit_per_client: Annotated[RateLimit | None, BeforeValidator(_rate_limit)] = None
+    # No tool may cost more than this (decimal token amount); checked at start-up and per request.
+    max_price: Decimal | None = Field(default=None, gt=0)
+    # Payer allow/deny lists and kill switches, re-read when the file changes (YAML or JSON);
+    # X402GW_ADMIN_TOKEN also enables POST /admin/kill-switch and /admin/payers (gateway/policy.py).
+    policy_file: Path | None = None
     log_level: str = "INFO"
 
     @field_validator("catalog", mode="before")

@@ -1,6 +1,6 @@
 """Chain access for the exact-EVM scheme: the few reads and the one write settlement needs.
 
-One ``AsyncWeb3`` per RPC URL with request caching; the settlement account's nonce is tracked
+One pooled aiohttp session per chain client speaks JSON-RPC; the settlement account's nonce is tracked
 locally (and resynced after a nonce error), gas and fees are fixed or cached, so a settlement is
 sign + ``eth_sendRawTransaction`` + receipt, never web3's estimate/fee/nonce round trips.
 web3 and RPC errors are translated here into ``ChainUnavailable``.
@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import aiohttp
 from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
-from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import TransactionNotFound, Web3Exception
 
 from settlement.eip712 import TransferAuthorization, split_signature
@@ -68,6 +68,12 @@ class Receipt:
                     return True
         return False
 
+    def has_authorization_used(self, token: str, authorizer: str, nonce: bytes) -> bool:
+        """The token's ``AuthorizationUsed(authorizer, nonce)`` is in this receipt: this transaction
+        used that very authorization (a batch receipt holds many Transfer logs; this one is unique)."""
+        want = (TOPIC_AUTHORIZATION_USED, _topic_address(authorizer), nonce)
+        return any(log.address.lower() == token.lower() and log.topics[:3] == want for log in self.logs)
+
 
 def _topic_address(address: str) -> bytes:
     return bytes.fromhex(address[2:].lower()).rjust(32, b"\x00")
@@ -103,8 +109,12 @@ class Web3Chain:
     def __init__(self, rpc_url: str, chain_id: int, settlement_key: str | None, *, request_timeout: float = 10.0):
         self.rpc_url = rpc_url
         self.chain_id = chain_id
-        provider = AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": request_timeout}, cache_allowed_requests=True)
-        self._w3 = AsyncWeb3(provider)
+        self._request_timeout = request_timeout
+        # JSON-RPC over one pooled aiohttp session (created on first use, in the loop that uses it):
+        # web3's provider layer costs ≈3× the round trip itself on this path (bench/profile_gateway.py).
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._request_id = 0
         self._account = Account.from_key(settlement_key) if settlement_key else None
         self._nonce: int | None = None
         self._nonce_lock = asyncio.Lock()
@@ -115,18 +125,32 @@ class Web3Chain:
         return self._account.address if self._account else None
 
     async def close(self) -> None:
-        provider = self._w3.provider
-        disconnect = getattr(provider, "disconnect", None)
-        if disconnect is not None:
-            await disconnect()
+        session, self._session = self._session, None
+        if session is not None and not session.closed and self._session_loop is asyncio.get_running_loop():
+            await session.close()
+
+    def _client(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self._request_timeout), trust_env=False
+            )
+            self._session_loop = loop
+        return self._session
 
     async def _rpc(self, method: str, params: list[Any]) -> Any:
+        self._request_id += 1
+        body = {"jsonrpc": "2.0", "id": self._request_id, "method": method, "params": params}
         try:
-            response = await self._w3.provider.make_request(method, params)  # type: ignore[arg-type]
+            async with self._client().post(self.rpc_url, json=body) as reply:
+                response = await reply.json(content_type=None)
         except (OSError, asyncio.TimeoutError, Web3Exception) as exc:
             raise ChainUnavailable(f"chain RPC {method} failed: {type(exc).__name__}") from exc
-        except Exception as exc:  # aiohttp client errors and the like: infrastructure, not payment
+        except Exception as exc:  # aiohttp client errors, a body that is not JSON: infrastructure, not payment
             raise ChainUnavailable(f"chain RPC {method} failed: {type(exc).__name__}") from exc
+        if not isinstance(response, dict):
+            raise ChainUnavailable(f"chain RPC {method} failed: not a JSON-RPC answer")
         if "error" in response:
             error = response["error"]
             message = error.get("message", "") if isinstance(error, dict) else str(error)
@@ -178,7 +202,9 @@ class Web3Chain:
         )
         return await self.send_call(token, calldata, before_send)
 
-    async def send_call(self, to: str, calldata: bytes, before_send: BeforeSend | None = None) -> str:
+    async def send_call(
+        self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = TRANSFER_GAS_LIMIT
+    ) -> str:
         """Sign and broadcast a call from the settlement account; the hash is reported first."""
         if self._account is None:
             raise ChainUnavailable("no settlement key configured for this chain", code="settlement_key_missing")
@@ -195,7 +221,7 @@ class Web3Chain:
                     "to": to_checksum_address(to),
                     "value": 0,
                     "data": calldata,
-                    "gas": TRANSFER_GAS_LIMIT,
+                    "gas": gas,
                     "maxFeePerGas": max_fee,
                     "maxPriorityFeePerGas": priority,
                 }
@@ -253,6 +279,16 @@ class Web3Chain:
         return Receipt(
             tx_hash=tx_hash, status=int(raw["status"], 16), block_number=int(raw["blockNumber"], 16), logs=logs
         )
+
+    async def get_logs(
+        self, address: str, topics: list[str | list[str] | None], from_block: int, to_block: int
+    ) -> list[dict[str, Any]]:
+        """Raw ``eth_getLogs`` entries of one contract over an inclusive block range (reconcile)."""
+        logs = await self._rpc(
+            "eth_getLogs",
+            [{"address": address, "fromBlock": hex(from_block), "toBlock": hex(to_block), "topics": topics}],
+        )
+        return list(logs or [])
 
     async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None:
         """The receipt, or None when the transaction is still not mined after ``timeout`` seconds."""

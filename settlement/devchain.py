@@ -46,6 +46,7 @@ __all__ = [
     "DevchainError",
     "FundedAccount",
     "TokenInfo",
+    "deploy_batch_settler",
     "deploy_token",
     "find_anvil",
     "load_token_artifact",
@@ -56,6 +57,7 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN_ARTIFACT_PATH = REPO_ROOT / "contracts" / "build" / "TestUSDC.json"
+BATCH_SETTLER_ARTIFACT_PATH = REPO_ROOT / "contracts" / "build" / "BatchSettler.json"
 
 LOCAL_CHAIN_ID = 31337
 LOCAL_NETWORK = f"eip155:{LOCAL_CHAIN_ID}"
@@ -330,6 +332,25 @@ def load_token_artifact() -> dict[str, Any]:
     return artifact
 
 
+def deploy_batch_settler(rpc_url: str, settler: str, deployer_key: str = ANVIL_KEYS[0]) -> str:
+    """Deploy BatchSettler (contracts/BatchSettler.sol) callable only by ``settler``."""
+    return _deploy_batch_settler(_web3(rpc_url), deployer_key, settler)
+
+
+def _deploy_batch_settler(w3: Web3, deployer_key: str, settler: str) -> str:
+    try:
+        artifact = json.loads(BATCH_SETTLER_ARTIFACT_PATH.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DevchainError(
+            f"artifact missing at {BATCH_SETTLER_ARTIFACT_PATH}: run `node contracts/compile.js`", code="artifact_missing"
+        ) from exc
+    deployer = Account.from_key(deployer_key).address
+    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    tx = _build(w3, factory.constructor(Web3.to_checksum_address(settler)), deployer, _nonce(w3, deployer))
+    receipt = _send(w3, tx, deployer_key, "batch settler deployment")
+    return Web3.to_checksum_address(receipt["contractAddress"])
+
+
 def _web3(rpc_url: str) -> Web3:
     return Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
 
@@ -441,6 +462,8 @@ class Deployment(BaseModel):
     deployer: str
     settlement_key: str  # anvil account 0: pays the gas of settlements (a public dev key)
     accounts: list[FundedAccount]
+    # BatchSettler callable by the settlement account (batched settlement); absent in older files.
+    batch_settler: str | None = None
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: readers see the old file or the new one, never half of one."""
@@ -492,6 +515,8 @@ def setup_devchain(rpc_url: str, mint_atomic: int = DEFAULT_MINT_ATOMIC) -> Depl
     name, symbol, version, decimals = "USD Coin", "USDC", "2", 6
     token, _ = _deploy_token(w3, ANVIL_KEYS[0], name, symbol, version)
     _mint(w3, token, ANVIL_ADDRESSES[1:], mint_atomic, ANVIL_KEYS[0])
+    # After the token and the mints, so the token keeps DEFAULT_TOKEN_ADDRESS.
+    batch_settler = _deploy_batch_settler(w3, ANVIL_KEYS[0], ANVIL_ADDRESSES[0])
     return Deployment(
         rpc_url=rpc_url,
         chain_id=chain_id,
@@ -503,6 +528,7 @@ def setup_devchain(rpc_url: str, mint_atomic: int = DEFAULT_MINT_ATOMIC) -> Depl
             FundedAccount(index=i, address=ANVIL_ADDRESSES[i], private_key=ANVIL_KEYS[i], usdc_atomic=mint_atomic)
             for i in range(1, len(ANVIL_KEYS))
         ],
+        batch_settler=batch_settler,
     )
 
 
@@ -559,6 +585,7 @@ def _summary(deployment: Deployment, path: Path) -> list[str]:
         f"  token        {token.name} ({token.symbol}, version {token.version}, {token.decimals} decimals)",
         f"               {token.address}",
         f"  settlement   {deployment.deployer} (anvil account 0, pays settlement gas)",
+        f"  batch        {deployment.batch_settler} (BatchSettler, batched settlement)",
         f"  deployment   {path}",
         "  funded accounts (public anvil dev keys):",
     ]

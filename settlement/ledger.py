@@ -122,6 +122,8 @@ class Payment(Base):
     refund_reason: Mapped[str | None] = mapped_column(String(128), default=None)
     refund_tx: Mapped[str | None] = mapped_column(String(66), default=None)
     refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Decimals of the asset, so an atomic amount reads as an exact decimal without a chain call.
+    decimals: Mapped[int] = mapped_column(Integer, default=6, server_default="6")
 
 
 class StoredResponse(Base):
@@ -163,7 +165,9 @@ class Ledger:
         self.url = url
         try:
             self.engine = create_ledger_engine(url)
-            Base.metadata.create_all(self.engine)
+            from settlement.migrations import migrate  # imports this module: import on use
+
+            migrate(self.engine)
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -35,7 +35,13 @@ class Resolution:
 
 
 def _settled_by(receipt: Receipt, row: Payment) -> bool:
-    return receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount)
+    # AuthorizationUsed(payer, nonce) ties the receipt to this very authorization: a batch receipt
+    # can hold an identical Transfer (same payer, payee and amount) of another of its items.
+    return (
+        receipt.status == 1
+        and receipt.has_authorization_used(row.asset, row.payer, bytes.fromhex(row.nonce[2:]))
+        and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount)
+    )
 
 
 async def resolve_payment(

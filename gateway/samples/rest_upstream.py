@@ -28,6 +28,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 __all__ = ["create_app", "main"]
 
 _SYMBOL = re.compile(r"[A-Z]{1,5}")
+_PAIR = re.compile(r"[A-Z]{6}")
+FX_KEY_HEADER = "X-Api-Key"
+DEMO_FX_KEY = "demo-fx-key-9c41"  # the demo exports it as ACME_FX_KEY for the gateway
 _STATS_PATHS = ("/stats", "/stats/reset")
 
 
@@ -58,8 +61,9 @@ class _HitCounter:
         await self.app(scope, receive, send)
 
 
-def create_app() -> Starlette:
+def create_app(fx_key: str = DEMO_FX_KEY) -> Starlette:
     counts: dict[str, Counter[str]] = {"paths": Counter(), "requests": Counter()}
+    fx_calls: Counter[str] = Counter()
     orders: dict[str, dict[str, Any]] = {}
     order_ids = itertools.count(1)
 
@@ -156,6 +160,21 @@ def create_app() -> Starlette:
             headers={"Location": f"/reports/{report_id}"},
         )
 
+    async def fx_rate(request: Request) -> Response:
+        """Rate-limited, deterministically: every odd call per pair (1st, 3rd, ...) is a 429 with
+        Retry-After: 1, every even one succeeds. Needs the X-Api-Key header."""
+        if request.headers.get(FX_KEY_HEADER) != fx_key:
+            return _error(401, "bad_api_key", "missing or wrong X-Api-Key")
+        pair = request.path_params["pair"]
+        if not _PAIR.fullmatch(pair):
+            return _error(404, "unknown_pair", f"no rate for {pair!r}")
+        fx_calls[pair] += 1
+        if fx_calls[pair] % 2 == 1:
+            return JSONResponse({"error": {"code": "rate_limited", "message": "slow down"}}, status_code=429,
+                                headers={"Retry-After": "1"})
+        rate = Decimal(_seed("fx:" + pair) % 20_000 + 5_000) / 10_000
+        return JSONResponse({"pair": pair, "rate": str(rate), "source": request.headers.get("X-Source", "ecb")})
+
     async def admin_users(request: Request) -> Response:
         return JSONResponse({"users": [
             {"id": 1, "name": "alice", "email": "alice@acme.test", "role": "admin"},
@@ -175,6 +194,7 @@ def create_app() -> Starlette:
     async def reset_stats(request: Request) -> Response:
         for counter in counts.values():
             counter.clear()
+        fx_calls.clear()
         return JSONResponse({"total": 0, "paths": {}, "requests": {}})
 
     app = Starlette(routes=[
@@ -185,6 +205,7 @@ def create_app() -> Starlette:
         Route("/orders/{order_id}", delete_order, methods=["DELETE"]),
         Route("/reports/{report_id}", report, methods=["GET"]),
         Route("/reports", request_report, methods=["POST"]),
+        Route("/limited/fx/{pair}", fx_rate, methods=["GET"]),
         Route("/admin/users", admin_users, methods=["GET"]),
         Route("/internal/health", health, methods=["GET"]),
         Route("/stats", stats, methods=["GET"]),

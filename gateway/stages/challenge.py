@@ -94,4 +94,4 @@ class PaymentChallenge(GatewayError):
 
     def body(self) -> dict[str, Any]:
         fields = {key: value for key, value in self.fields.items() if value is not None}
-        return {**self.required_body, "message": self.message, **fields}
+        return {**self.required_body, "message": self.message, **fields, "next": self.next_step()}

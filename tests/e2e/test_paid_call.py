@@ -217,7 +217,9 @@ def test_malformed_payment_header_is_a_400_with_a_code(gateway: RunningGateway) 
     with gateway.client() as client:
         response = client.get("/quotes/AAPL", headers={"PAYMENT-SIGNATURE": "%%% not base64 %%%"})
     assert response.status_code == 400
-    assert body_json(response) == {"error": "payment_header_not_base64", "message": body_json(response)["message"]}
+    body = body_json(response)
+    assert body == {"error": "payment_header_not_base64", "message": body["message"], "next": body["next"]}
+    assert body["next"]["action"] == "fix_payment"
 
 
 def test_ledger_on_postgresql(start_gateway: Any, devchain: Devchain, postgres_database: str) -> None:

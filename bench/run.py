@@ -1,0 +1,470 @@
+"""The benchmark harness: seven cases side by side on loopback, one command.
+
+    python -m bench.run [--duration 5] [--cases ABCDEFG] [--output bench/results.txt]
+
+A  the sample upstream (gateway/samples/rest_upstream.py) called directly
+B  bench/passthrough_proxy.py: Starlette + one shared aiohttp session, the floor of a Python proxy
+C  x402gw, unpaid request → 402
+D  x402gw, paid, local facilitator: one settlement transaction per call on anvil
+E  the official x402 SDK's payment middleware + in-process SDK facilitator (bench/sdk_server.py)
+F  x402gw, paid, batched settlement (X402GW_BATCH_SETTLEMENT, BatchSettler)
+G  the chain's own limit: the same kind of pre-signed transferWithAuthorization transactions sent
+   straight to anvil (eth_sendRawTransaction + receipt), bench/chain_limit.py
+
+Every server is its own process (uvicorn, uvloop + httptools, one worker, no access log); the
+upstream is shared. Load: wrk (one thread, bench/wrk_report.lua) at concurrency 1 and 32 for
+``--duration`` seconds each after a one-second warm-up; paid requests each carry a fresh
+authorization pre-signed by the harness (anvil accounts 1-8 take turns). G's load generator is a
+Python asyncio client in its own process pinned to one CPU with taskset. Each paid case (D, E, F,
+G) gets a fresh anvil with automine. Gas per payment with and without batching is measured on a
+fresh anvil at the end. Exits 1 when a target ratio (at concurrency 32) is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coincurve import PrivateKey
+from eth_abi import encode as abi_encode
+from eth_account import Account
+
+from settlement.devchain import ANVIL_ADDRESSES, ANVIL_KEYS, LOCAL_NETWORK, Deployment, find_anvil, setup_devchain
+from settlement.eip712 import TransferAuthorization, authorization_digest, domain_separator, split_signature
+
+REPO = Path(__file__).resolve().parent.parent
+PAY_TO = ANVIL_ADDRESSES[9]
+PAYER_KEYS = ANVIL_KEYS[1:9]
+CONCURRENCIES = (1, 32)
+TARGETS = {"C/B": 1.5, "D/E": 3.0, "D/G": 0.8, "F/B": 0.5}
+GATEWAY_PATH = "/quotes/AAPL"
+UPSTREAM_PATH = "/api/v1/quote/AAPL"
+BATCH_POLICY = {"max_wait_ms": 20, "max_payments": 50}
+SEL_TWA = bytes.fromhex("e3ee160e")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is up
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def process(cmd: Sequence[str], *, env: dict[str, str] | None = None, ready: str | None = None,
+            log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        list(cmd), env={**os.environ, **(env or {})}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        if ready:
+            wait_http(ready, process=proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def uvicorn_cmd(target: str, port: int, *, factory: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
+           "--http", "httptools", "--no-access-log", "--log-level", "warning", "--workers", "1"]
+    return cmd + (["--factory"] if factory else [])
+
+
+@contextmanager
+def anvil(workdir: Path) -> Iterator[Deployment]:
+    """A fresh anvil (automine, --quiet: no per-transaction log) with the token and BatchSettler."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [find_anvil(), "--host", "127.0.0.1", "--port", str(port), "--chain-id", "31337", "--quiet"]
+    with process(cmd):
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                rpc(url, "eth_chainId", [])
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        deployment = setup_devchain(url)
+        yield deployment
+
+
+def rpc(url: str, method: str, params: list[Any]) -> Any:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.load(response)
+    if "error" in answer:
+        raise RuntimeError(f"{method}: {answer['error']}")
+    return answer["result"]
+
+
+# ----------------------------------------------------------------------------------- signing
+
+
+@dataclass
+class Signer:
+    key: PrivateKey
+    address: str
+
+
+SIGNERS = [Signer(PrivateKey(bytes.fromhex(k[2:])), Account.from_key(k).address) for k in PAYER_KEYS]
+
+
+def sign_authorizations(accepted: dict[str, Any], count: int, offset: int = 0) -> list[tuple[TransferAuthorization, bytes]]:
+    extra = accepted["extra"]
+    chain_id = int(accepted["network"].split(":")[1])
+    domain = domain_separator(extra["name"], extra["version"], chain_id, accepted["asset"])
+    valid_before = int(time.time()) + int(accepted["maxTimeoutSeconds"])
+    out = []
+    for i in range(count):
+        signer = SIGNERS[(i + offset) % len(SIGNERS)]
+        auth = TransferAuthorization(signer.address, accepted["payTo"], int(accepted["amount"]), 0, valid_before, os.urandom(32))
+        sig = signer.key.sign_recoverable(authorization_digest(domain, auth), hasher=None)
+        out.append((auth, sig[:64] + bytes([sig[64] + 27])))
+    return out
+
+
+def payment_headers(offer: dict[str, Any], count: int) -> list[str]:
+    """PAYMENT-SIGNATURE values (x402 v2) for the first requirement of a decoded 402 offer."""
+    accepted = offer["accepts"][0]
+    headers = []
+    for auth, sig in sign_authorizations(accepted, count):
+        payload = {
+            "x402Version": 2,
+            "resource": offer.get("resource"),
+            "accepted": accepted,
+            "payload": {
+                "signature": "0x" + sig.hex(),
+                "authorization": {
+                    "from": auth.from_, "to": auth.to, "value": str(auth.value), "validAfter": str(auth.valid_after),
+                    "validBefore": str(auth.valid_before), "nonce": "0x" + auth.nonce.hex(),
+                },
+            },
+        }
+        if payload["resource"] is None:
+            del payload["resource"]
+        headers.append(base64.b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode())
+    return headers
+
+
+def fetch_offer(url: str) -> dict[str, Any]:
+    try:
+        urllib.request.urlopen(url, timeout=10)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 402:
+            return dict(json.loads(base64.b64decode(exc.headers["payment-required"])))
+        raise
+    raise RuntimeError(f"{url} did not answer 402")
+
+
+def raw_settlement_txs(deployment: Deployment, count: int) -> list[str]:
+    """Signed transferWithAuthorization transactions from the settlement account, nonces in order."""
+    accepted = {"network": LOCAL_NETWORK, "asset": deployment.token.address, "payTo": PAY_TO, "amount": "2000",
+                "maxTimeoutSeconds": 600, "extra": {"name": deployment.token.name, "version": deployment.token.version}}
+    account = Account.from_key(deployment.settlement_key)
+    nonce = int(rpc(deployment.rpc_url, "eth_getTransactionCount", [account.address, "pending"]), 16)
+    base_fee = int(rpc(deployment.rpc_url, "eth_getBlockByNumber", ["latest", False])["baseFeePerGas"], 16)
+    txs = []
+    for i, (auth, sig) in enumerate(sign_authorizations(accepted, count)):
+        v, r, s = split_signature(sig)
+        data = SEL_TWA + abi_encode(
+            ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32", "bytes32"],
+            [auth.from_, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce, v, r, s],
+        )
+        tx = {"type": 2, "chainId": 31337, "nonce": nonce + i, "to": deployment.token.address, "value": 0, "data": data,
+              "gas": 150_000, "maxFeePerGas": 2 * base_fee + 1_000_000, "maxPriorityFeePerGas": 1_000_000}
+        txs.append("0x" + account.sign_transaction(tx).raw_transaction.hex())
+    return txs
+
+
+# ------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class Result:
+    case: str
+    concurrency: int
+    requests: int
+    ok: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    note: str = ""
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+
+def wrk(url: str, path: str, expected: int, concurrency: int, duration: float, headers_file: Path | None = None) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "--latency",
+           "-s", str(REPO / "bench" / "wrk_report.lua"), url, "--", path, str(expected),
+           str(headers_file) if headers_file else "", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("WRKJSON "))
+    return dict(json.loads(line[len("WRKJSON "):]))
+
+
+def to_result(case: str, concurrency: int, raw: dict[str, Any]) -> Result:
+    note = []
+    if raw.get("bad"):
+        note.append(f"{raw['bad']} unexpected answers (last status {raw.get('bad_status')})")
+    if raw.get("exhausted"):
+        note.append(f"{raw['exhausted']} requests after the pre-signed payments ran out")
+    if raw.get("socket_errors"):
+        note.append(f"{raw['socket_errors']} socket errors")
+    return Result(case, concurrency, raw["requests"], raw["ok"], raw["duration_us"] / 1e6,
+                  raw["p50_us"] / 1000, raw["p99_us"] / 1000, "; ".join(note))
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_http_case(case: str, url: str, path: str, expected: int, duration: float, workdir: Path,
+                  offer_url: str | None = None, paid_rate: float = 0) -> list[Result]:
+    results = []
+    offer = fetch_offer(offer_url) if offer_url else None
+    warm = None
+    if offer is not None:
+        warm = write_lines(workdir / f"{case}-warm.txt", payment_headers(offer, int(paid_rate * 1.2) + 50))
+    wrk(url, path, expected, 4, 1, warm)  # warm-up: connections, caches, JIT-less but lazy imports
+    for concurrency in CONCURRENCIES:
+        headers_file = None
+        if offer is not None:
+            count = int(paid_rate * duration * (1 if concurrency == 1 else 2.5)) + 200
+            headers_file = write_lines(workdir / f"{case}-c{concurrency}.txt", payment_headers(offer, count))
+        results.append(to_result(case, concurrency, wrk(url, path, expected, concurrency, duration, headers_file)))
+        print(format_result(results[-1]), flush=True)
+    return results
+
+
+def format_result(r: Result) -> str:
+    line = f"{r.case}  c={r.concurrency:<3} {r.rps:9.1f} req/s   p50 {r.p50_ms:8.2f} ms   p99 {r.p99_ms:8.2f} ms   ({r.ok} ok in {r.seconds:.1f} s)"
+    return line + (f"   [{r.note}]" if r.note else "")
+
+
+@contextmanager
+def gateway(workdir: Path, deployment: Deployment, upstream: str, name: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    catalog = (REPO / "catalog" / "examples" / "demo.yaml").read_text().replace("http://127.0.0.1:9101", upstream)
+    catalog_path = workdir / f"{name}-catalog.yaml"
+    catalog_path.write_text(catalog)
+    deployment_path = workdir / f"{name}-devchain.json"
+    deployment.write(deployment_path)
+    port = free_port()
+    env = {
+        "X402GW_CATALOG": str(catalog_path), "X402GW_PORT": str(port), "X402GW_DEPLOYMENT_FILE": str(deployment_path),
+        "X402GW_DATABASE_URL": f"sqlite:///{workdir / f'{name}-ledger.sqlite3'}", "X402GW_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
+    }
+    url = f"http://127.0.0.1:{port}"
+    with process([sys.executable, "-m", "gateway.cli", "serve"], env=env, ready=f"{url}/healthz",
+                 log=workdir / f"{name}.log"):
+        yield url
+
+
+def run_chain_limit(deployment: Deployment, workdir: Path, duration: float, rate: float) -> list[Result]:
+    results = []
+    pin = ["taskset", "-c", "1"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+    for concurrency in CONCURRENCIES:
+        txs = raw_settlement_txs(deployment, int(rate * duration * (1 if concurrency == 1 else 2.5)) + 200)
+        tx_file = write_lines(workdir / f"G-c{concurrency}.txt", txs)
+        out = subprocess.run(
+            pin + [sys.executable, "-m", "bench.chain_limit", "--rpc", deployment.rpc_url, "--txs", str(tx_file),
+                   "--concurrency", str(concurrency), "--duration", str(duration)],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout
+        raw = json.loads(next(l for l in out.splitlines() if l.startswith("RESULTJSON "))[len("RESULTJSON "):])
+        results.append(to_result("G", concurrency, raw))
+        print(format_result(results[-1]), flush=True)
+        # What is left in the file was signed with later nonces: never sent. Nonces are consecutive,
+        # so the next round re-reads the account's nonce.
+    return results
+
+
+# ---------------------------------------------------------------------------------------- gas
+
+
+def measure_gas(workdir: Path) -> list[str]:
+    """Gas per payment: one transferWithAuthorization per transaction vs BatchSettler batches."""
+    from settlement.batch import BatchingFacilitator, BatchPolicy
+    from settlement.chain import Web3Chain
+    from settlement.facilitator import LocalFacilitator
+    from settlement.wire import PaymentRequirements
+
+    lines = []
+    with anvil(workdir) as deployment:
+        req = PaymentRequirements(
+            scheme="exact", network=LOCAL_NETWORK, amount="2000", asset=deployment.token.address, pay_to=PAY_TO,
+            max_timeout_seconds=120, extra={"name": deployment.token.name, "version": deployment.token.version},
+        )
+        offer = {"accepts": [req.to_wire()]}
+
+        def payloads(n: int) -> list[Any]:
+            from settlement.codec import decode_header_json
+            from settlement.wire import PaymentPayload
+
+            return [PaymentPayload.model_validate(decode_header_json(h)) for h in payment_headers(offer, n)]
+
+        async def go() -> None:
+            chain = Web3Chain(deployment.rpc_url, 31337, deployment.settlement_key)
+            local = LocalFacilitator({LOCAL_NETWORK: chain})
+            try:
+                singles = [await local.settle(p, req) for p in payloads(20)]
+                gas = [int(rpc(deployment.rpc_url, "eth_getTransactionReceipt", [s.transaction])["gasUsed"], 16)
+                       for s in singles]
+                lines.append(f"  one transferWithAuthorization per tx: {sorted(gas)[len(gas) // 2]} gas per payment "
+                             f"(median of {len(gas)}; payTo already holds tokens)")
+                for size in (1, 10, 50, 100):
+                    batching = BatchingFacilitator(
+                        local, {LOCAL_NETWORK: chain}, {LOCAL_NETWORK: str(deployment.batch_settler)},
+                        {LOCAL_NETWORK: BatchPolicy(10_000, size)},
+                    )
+                    results = await asyncio.gather(*(batching.settle(p, req) for p in payloads(size)))
+                    assert all(r.success for r in results), results
+                    used = int(rpc(deployment.rpc_url, "eth_getTransactionReceipt", [results[0].transaction])["gasUsed"], 16)
+                    lines.append(f"  batch of {size:3}: {used:8} gas per tx, {used / size:8.0f} gas per payment")
+            finally:
+                await chain.close()
+
+        asyncio.run(go())
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def ratio(results: dict[tuple[str, int], Result], a: str, b: str, concurrency: int) -> float | None:
+    ra, rb = results.get((a, concurrency)), results.get((b, concurrency))
+    if ra is None or rb is None or rb.rps == 0:
+        return None
+    return ra.rps / rb.rps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per case and concurrency")
+    parser.add_argument("--cases", default="ABCDEFG")
+    parser.add_argument("--no-gas", action="store_true", help="skip the gas-per-payment measurement")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    cases = set(args.cases.upper())
+    duration = args.duration
+    results: dict[tuple[str, int], Result] = {}
+    print(f"x402gw benchmark: {os.cpu_count()} CPUs, {duration:g} s per case and concurrency, wrk -t1, "
+          f"concurrency {' and '.join(map(str, CONCURRENCIES))}, batch policy {json.dumps(BATCH_POLICY)}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="x402gw-bench-") as tmp:
+        workdir = Path(tmp)
+        upstream_port = free_port()
+        upstream = f"http://127.0.0.1:{upstream_port}"
+        with process(uvicorn_cmd("gateway.samples.rest_upstream:create_app", upstream_port, factory=True),
+                     ready=f"{upstream}/stats"):
+
+            def record(rs: list[Result]) -> None:
+                for r in rs:
+                    results[(r.case, r.concurrency)] = r
+
+            if "A" in cases:
+                record(run_http_case("A", upstream, UPSTREAM_PATH, 200, duration, workdir))
+            if "B" in cases:
+                port = free_port()
+                with process(uvicorn_cmd("bench.passthrough_proxy:app", port), env={"BENCH_UPSTREAM": upstream},
+                             ready=f"http://127.0.0.1:{port}{UPSTREAM_PATH}"):
+                    record(run_http_case("B", f"http://127.0.0.1:{port}", UPSTREAM_PATH, 200, duration, workdir))
+            if "C" in cases:
+                with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "C") as url:
+                    record(run_http_case("C", url, GATEWAY_PATH, 402, duration, workdir))
+            if "D" in cases:
+                with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "D") as url:
+                    record(run_http_case("D", url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 800))
+            if "E" in cases:
+                with anvil(workdir) as deployment:
+                    port = free_port()
+                    env = {"BENCH_UPSTREAM": upstream, "BENCH_RPC_URL": deployment.rpc_url,
+                           "BENCH_TOKEN": deployment.token.address, "BENCH_PAY_TO": PAY_TO,
+                           "BENCH_SETTLEMENT_KEY": deployment.settlement_key}
+                    url = f"http://127.0.0.1:{port}"
+                    with process(uvicorn_cmd("bench.sdk_server:app", port), env=env, ready=f"{url}/healthz",
+                                 log=workdir / "E.log"):
+                        record(run_http_case("E", url, UPSTREAM_PATH, 200, duration, workdir, url + UPSTREAM_PATH, 150))
+            if "F" in cases:
+                env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})}
+                with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "F", env) as url:
+                    record(run_http_case("F", url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 1500))
+            if "G" in cases:
+                with anvil(workdir) as deployment:
+                    record(run_chain_limit(deployment, workdir, duration, 1500))
+        gas_lines = [] if args.no_gas else measure_gas(workdir)
+
+    print()
+    print("ratios (throughput of successful answers; targets apply at concurrency 32):")
+    missed = []
+    for name, target in TARGETS.items():
+        a, b = name.split("/")
+        parts = []
+        for concurrency in CONCURRENCIES:
+            value = ratio(results, a, b, concurrency)
+            parts.append(f"c={concurrency}: {'n/a' if value is None else f'{value:6.2f}'}")
+        value = ratio(results, a, b, CONCURRENCIES[-1])
+        verdict = "not run" if value is None else ("met" if value >= target else "MISSED")
+        if value is not None and value < target:
+            missed.append(name)
+        print(f"  {name}  {'   '.join(parts)}   target >= {target:g} at c=32: {verdict}")
+    if gas_lines:
+        print()
+        print("gas per payment (fresh anvil):")
+        for line in gas_lines:
+            print(line)
+    if missed:
+        print(f"\nmissed targets: {', '.join(missed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
