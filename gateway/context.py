@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-import uuid
+import itertools
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,13 +15,23 @@ from settlement.audit import AuditEvent
 from settlement.wire import PaymentPayload, SettleResponse
 
 
+# Request ids: a random 64-bit prefix per process and a counter, 32 hex chars like a uuid4's hex,
+# unique across replicas without uuid4's os.urandom call per request.
+_REQUEST_ID_PREFIX = secrets.token_hex(8)
+_request_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
 @dataclass
 class RequestContext:
     method: str
     path: str
     query: str
     client: str | None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: new_request_id())
     started: float = field(default_factory=time.perf_counter)
     tool: Tool | None = None
     params: dict[str, str] = field(default_factory=dict)

@@ -8,7 +8,7 @@ made for one route or query is refused on another even when the price is the sam
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -44,10 +44,13 @@ PAYMENT_IDENTIFIER_EXTENSION: dict[str, Any] = {
 }
 
 
+MAX_RESOURCE_URL = 2048  # ResourceInfo.url's limit: longer ones take the validating path
+
+
 def request_binding(method: str, path: str, query: str) -> str:
     """Digest of what is being bought. HEAD is bound as GET (it is answered with GET's offer)."""
     verb = "GET" if method == "HEAD" else method
-    canonical_query = urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
+    canonical_query = urlencode(sorted(parse_qsl(query, keep_blank_values=True))) if query else ""
     return hashlib.sha256(f"{verb} {path}?{canonical_query}".encode()).hexdigest()[:32]
 
 
@@ -56,6 +59,7 @@ class Offer:
     tool: Tool
     requirements: PaymentRequirements  # without the per-request binding
     extensions: dict[str, Any]  # of every challenge: payment-identifier, bazaar (discovery)
+    _template: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     @classmethod
     def for_tool(cls, tool: Tool) -> Offer:
@@ -71,6 +75,22 @@ class Offer:
         )
         extensions = {PAYMENT_IDENTIFIER: PAYMENT_IDENTIFIER_EXTENSION, BAZAAR: bazaar_extension(tool)}
         return cls(tool=tool, requirements=requirements, extensions=extensions)
+
+    def __post_init__(self) -> None:
+        # The v2 challenge body without the per-request parts (error, resource URL, binding).
+        template = payment_required(self, self.requirements, "", "").to_wire()
+        object.__setattr__(self, "_template", template)
+
+    def challenge_body(self, binding: str, resource_url: str, error: str) -> dict[str, Any]:
+        """``payment_required(self, self.bound(binding), resource_url, error).to_wire()``, from the template."""
+        template = self._template
+        accepted = template["accepts"][0]
+        return {
+            **template,
+            "error": error,
+            "resource": {**template["resource"], "url": resource_url},
+            "accepts": [{**accepted, "extra": {**accepted["extra"], BINDING_KEY: binding}}],
+        }
 
     def bound(self, binding: str) -> PaymentRequirements:
         return self.requirements.model_copy(update={"extra": {**(self.requirements.extra or {}), BINDING_KEY: binding}})
@@ -133,9 +153,13 @@ class Quote:
     requirements: PaymentRequirements
     resource_url: str
     version: int = 2
+    binding: str | None = None  # set when ``requirements`` is ``offer.bound(binding)``: the fast path
 
     def challenge(self, error: str) -> tuple[dict[str, str], dict[str, object]]:
         """Headers and body of a 402. The header is always v2, so a v2 client is never pushed down."""
+        if self.version != 1 and self.binding is not None and len(self.resource_url) <= MAX_RESOURCE_URL:
+            body = self.offer.challenge_body(self.binding, self.resource_url, error)
+            return {"PAYMENT-REQUIRED": encode_header(body)}, body
         required = payment_required(self.offer, self.requirements, self.resource_url, error)
         headers = {"PAYMENT-REQUIRED": challenge_header(required)}
         if self.version == 1:

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils import to_checksum_address
 from jsonschema import Draft202012Validator
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +39,7 @@ from gateway.stages.safety import Safety
 from gateway.stages.settle import receipt_headers, settle
 from gateway.stages.verify import bind, decode_payment, decode_payment_v1, verify
 from gateway.store import MemoryStore, StateStore
+from settlement.addresses import checksum_address
 from settlement.audit import AuditSink, AuditTrail, AuditWriter
 from settlement.chain import Chain
 from settlement.codec import parse_exact_evm
@@ -182,7 +182,8 @@ class Pipeline:
         header = request.headers.get(PAYMENT_HEADER)
         header_v1 = request.headers.get(PAYMENT_HEADER_V1) if header is None else None
         version = 1 if header_v1 is not None else (2 if header is not None else self.challenge_body_version)
-        quote = Quote(offer, offer.bound(request_binding(ctx.method, ctx.path, ctx.query)), resource_url, version)
+        binding = request_binding(ctx.method, ctx.path, ctx.query)
+        quote = Quote(offer, offer.bound(binding), resource_url, version, binding)
         paying = (header is not None or header_v1 is not None) and ctx.method != "HEAD"
         await self.safety.before_challenge(ctx, tool, int(quote.requirements.amount), paying=paying)
         if not paying:
@@ -212,7 +213,7 @@ class Pipeline:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
         network = quote.requirements.network
-        payer = to_checksum_address(authorization.from_)
+        payer = checksum_address(authorization.from_)
         nonce = authorization.nonce.lower()
         await self.safety.before_verify(ctx, tool, payer)
         keys = [f"pay:{network}:{payer.lower()}:{nonce}"]

@@ -19,11 +19,11 @@ from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_hash.auto import keccak
-from eth_utils import to_checksum_address
 from web3.exceptions import TransactionNotFound, Web3Exception
 
 from settlement.eip712 import TransferAuthorization, split_signature
 from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.transaction import TransactionSigner
 
 
 def selector(signature: str) -> bytes:
@@ -116,6 +116,7 @@ class Web3Chain:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._request_id = 0
         self._account = Account.from_key(settlement_key) if settlement_key else None
+        self._signer = TransactionSigner(settlement_key) if settlement_key else None
         self._nonce: int | None = None
         self._nonce_lock = asyncio.Lock()
         self._fees: tuple[float, int, int] | None = None  # (fetched_at, max_fee, priority_fee)
@@ -206,7 +207,7 @@ class Web3Chain:
         self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = TRANSFER_GAS_LIMIT
     ) -> str:
         """Sign and broadcast a call from the settlement account; the hash is reported first."""
-        if self._account is None:
+        if self._signer is None or self._account is None:
             raise ChainUnavailable("no settlement key configured for this chain", code="settlement_key_missing")
         max_fee, priority = await self._fees_now()
         async with self._nonce_lock:
@@ -214,23 +215,20 @@ class Web3Chain:
                 if self._nonce is None:
                     count = await self._rpc("eth_getTransactionCount", [self._account.address, "pending"])
                     self._nonce = int(count, 16)
-                tx = {
-                    "type": 2,
-                    "chainId": self.chain_id,
-                    "nonce": self._nonce,
-                    "to": to_checksum_address(to),
-                    "value": 0,
-                    "data": calldata,
-                    "gas": gas,
-                    "maxFeePerGas": max_fee,
-                    "maxPriorityFeePerGas": priority,
-                }
-                signed = self._account.sign_transaction(tx)
-                tx_hash_local = "0x" + bytes(signed.hash).hex()
+                signed = self._signer.sign(
+                    chain_id=self.chain_id,
+                    nonce=self._nonce,
+                    to=to,
+                    data=calldata,
+                    gas=gas,
+                    max_fee_per_gas=max_fee,
+                    max_priority_fee_per_gas=priority,
+                )
+                tx_hash_local = "0x" + signed.hash.hex()
                 if before_send is not None:
                     await before_send(tx_hash_local)
                 try:
-                    tx_hash = await self._rpc("eth_sendRawTransaction", ["0x" + signed.raw_transaction.hex()])
+                    tx_hash = await self._rpc("eth_sendRawTransaction", ["0x" + signed.raw.hex()])
                 except RpcError as exc:
                     if "nonce" in exc.rpc_message.lower() and attempt == 0:
                         self._nonce = None  # someone else used the account, or a restart: resync once
@@ -240,7 +238,7 @@ class Web3Chain:
                     # Sent, answer lost: the node may have it. Keep the nonce consumed and report
                     # the hash so the outcome can be resolved against the chain.
                     self._nonce += 1
-                    raise BroadcastUncertain("0x" + bytes(signed.hash).hex()) from None
+                    raise BroadcastUncertain(tx_hash_local) from None
                 self._nonce += 1
                 return str(tx_hash)
         raise ChainUnavailable("could not allocate a settlement nonce", code="settlement_nonce_error")

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from coincurve import PublicKey
 from eth_hash.auto import keccak
-from eth_utils import to_checksum_address
+
+from settlement.addresses import checksum_address
 
 DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 TRANSFER_WITH_AUTHORIZATION_TYPEHASH = keccak(
@@ -95,4 +96,4 @@ def recover_signer(digest: bytes, signature: bytes) -> str | None:
     except Exception:  # coincurve raises plain Exception for points that do not recover
         return None
     address = keccak(public.format(compressed=False)[1:])[-20:]
-    return to_checksum_address(address)
+    return checksum_address("0x" + address.hex())

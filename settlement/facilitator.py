@@ -8,13 +8,14 @@ values with the reference SDK's reason codes; broken infrastructure raises ``Cha
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from eth_utils import to_checksum_address
 
+from settlement.addresses import checksum_address
 from settlement.chain import BeforeSend, Chain, Receipt
 from settlement.codec import parse_exact_evm
 from settlement.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
@@ -59,6 +60,15 @@ class Rejected(Exception):
         self.message = message
 
 
+async def _gather(used: Awaitable[bool], balance: Awaitable[int]) -> tuple[bool, int]:
+    """Both reads, concurrently; the first failure is raised once both have finished (no stray task)."""
+    results = await asyncio.gather(used, balance, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return bool(results[0]), int(results[1])  # type: ignore[arg-type]
+
+
 def _chain_id(network: str) -> int | None:
     prefix, _, ident = network.partition(":")
     if prefix != "eip155" or not (ident.isascii() and ident.isdigit()):
@@ -95,7 +105,7 @@ class LocalFacilitator:
         key = (requirements.network, requirements.asset.lower(), name, version)
         cached = self._domains.get(key)
         if cached is None:
-            cached = domain_separator(name, version, chain_id, to_checksum_address(requirements.asset))
+            cached = domain_separator(name, version, chain_id, checksum_address(requirements.asset))
             self._domains[key] = cached
         return cached
 
@@ -136,8 +146,8 @@ class LocalFacilitator:
         if valid_after > now:
             raise Rejected("invalid_exact_evm_payload_authorization_valid_after", "authorization is not yet valid")
         auth = TransferAuthorization(
-            from_=to_checksum_address(a.from_),
-            to=to_checksum_address(a.to),
+            from_=checksum_address(a.from_),
+            to=checksum_address(a.to),
             value=int(a.value),
             valid_after=valid_after,
             valid_before=valid_before,
@@ -148,7 +158,7 @@ class LocalFacilitator:
         signer = recover_signer(digest, signature)
         if signer is None or signer != auth.from_:
             raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
-        return CheckedPayment(payer=auth.from_, token=to_checksum_address(requirements.asset), auth=auth, signature=signature)
+        return CheckedPayment(payer=auth.from_, token=checksum_address(requirements.asset), auth=auth, signature=signature)
 
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
         try:
@@ -156,14 +166,18 @@ class LocalFacilitator:
         except Rejected as rej:
             return VerifyResponse(is_valid=False, invalid_reason=rej.reason, invalid_message=rej.message)
         chain = self._chains[requirements.network]
-        if await chain.authorization_state(checked.token, checked.payer, checked.auth.nonce):
+        # Two independent reads: one round trip's latency instead of two.
+        used, balance = await _gather(
+            chain.authorization_state(checked.token, checked.payer, checked.auth.nonce),
+            chain.balance_of(checked.token, checked.payer),
+        )
+        if used:
             return VerifyResponse(
                 is_valid=False,
                 invalid_reason="invalid_exact_evm_nonce_already_used",
                 invalid_message="this authorization was already used or canceled on chain",
                 payer=checked.payer,
             )
-        balance = await chain.balance_of(checked.token, checked.payer)
         if balance < checked.auth.value:
             return VerifyResponse(
                 is_valid=False,

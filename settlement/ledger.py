@@ -36,10 +36,13 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
+    insert,
     select,
+    update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -176,6 +179,17 @@ class Ledger:
         self.engine.dispose()
 
     @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """One Core transaction: the hot path's statements skip the ORM's unit of work."""
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger write failed ({type(exc).__name__})") from exc
+
+    @contextmanager
     def _session(self) -> Iterator[Session]:
         try:
             with self._sessions.begin() as session:
@@ -191,11 +205,11 @@ class Ledger:
         returned unchanged with ``state`` telling the caller what happened before."""
         fields.setdefault("state", PaymentState.VERIFIED.value)
         try:
-            with self._session() as session:
-                row = Payment(**fields)
-                session.add(row)
-                session.flush()
-                return row
+            with self._connection() as connection:
+                now = utcnow()
+                values = {"created_at": now, "updated_at": now, **fields}
+                inserted = connection.execute(insert(_PAYMENTS), values)
+                return _payment({**_INSERT_DEFAULTS, **values, "id": inserted.inserted_primary_key[0]})
         except IntegrityError:
             pass
         with self._session() as session:
@@ -228,14 +242,20 @@ class Ledger:
     ) -> None:
         """Write-ahead: the row goes to ``settling`` and the answer being bought is stored, in one
         transaction, before any transaction is broadcast."""
-        with self._session() as session:
-            row = session.get(Payment, payment_id)
-            if row is None:
-                raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
-            row.state = PaymentState.SETTLING.value
+        values: dict[str, Any] = {"state": PaymentState.SETTLING.value}
+        if response is not None:
+            values["upstream_status"] = response[0]
+        with self._connection() as connection:
+            _update_row(connection, payment_id, values)
             if response is not None:
-                row.upstream_status = response[0]
-                self._store_response(session, payment_id, response)
+                status, headers, body = response
+                connection.execute(delete(_STORED).where(_STORED.c.payment_id == payment_id))
+                connection.execute(
+                    insert(_STORED).values(
+                        payment_id=payment_id, status=status, headers=json.dumps(headers), body=body,
+                        created_at=utcnow(),
+                    )
+                )
 
     def store_response(self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
         with self._session() as session:
@@ -271,12 +291,9 @@ class Ledger:
             )
 
     def update(self, payment_id: int, **fields: Any) -> None:
-        with self._session() as session:
-            row = session.get(Payment, payment_id)
-            if row is None:
-                raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
-            for key, value in fields.items():
-                setattr(row, key, value.value if isinstance(value, PaymentState) else value)
+        values = {key: value.value if isinstance(value, PaymentState) else value for key, value in fields.items()}
+        with self._connection() as connection:
+            _update_row(connection, payment_id, values)
 
     def get(self, payment_id: int) -> Payment | None:
         with self._session() as session:
@@ -287,13 +304,47 @@ class Ledger:
             return session.scalars(select(Payment).where(Payment.request_id == request_id)).one_or_none()
 
     def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
-        with self._session() as session:
-            return session.scalars(
-                select(Payment).where(
-                    Payment.network == network, Payment.asset == asset, Payment.payer == payer, Payment.nonce == nonce
+        with self._connection() as connection:
+            found = connection.execute(
+                select(_PAYMENTS).where(
+                    _PAYMENTS.c.network == network,
+                    _PAYMENTS.c.asset == asset,
+                    _PAYMENTS.c.payer == payer,
+                    _PAYMENTS.c.nonce == nonce,
                 )
             ).one_or_none()
+        return None if found is None else _payment(found._mapping)
 
     def all(self) -> list[Payment]:
         with self._session() as session:
             return list(session.scalars(select(Payment).order_by(Payment.id)))
+
+
+_PAYMENTS = Payment.__table__
+_STORED = StoredResponse.__table__
+
+
+# Column defaults a plain INSERT applies, so the returned row reads as a reloaded one would.
+_INSERT_DEFAULTS = {
+    column.key: column.default.arg
+    for column in _PAYMENTS.c
+    if column.default is not None and getattr(column.default, "is_scalar", False)
+}
+for _column in _PAYMENTS.c:
+    if _column.key not in _INSERT_DEFAULTS and _column.nullable and not _column.primary_key:
+        _INSERT_DEFAULTS[_column.key] = None
+
+
+def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:
+    """A detached ``Payment`` from a Core row (the same attributes the ORM would load)."""
+    return Payment(**mapping)
+
+
+def _update_row(connection: Connection, payment_id: int, values: dict[str, Any]) -> None:
+    unknown = set(values) - set(_PAYMENTS.c.keys())
+    if unknown:
+        raise AttributeError(f"payments has no column {sorted(unknown)[0]!r}")
+    values.setdefault("updated_at", utcnow())
+    result = connection.execute(update(_PAYMENTS).where(_PAYMENTS.c.id == payment_id).values(**values))
+    if result.rowcount == 0:
+        raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")

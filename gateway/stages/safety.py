@@ -182,6 +182,17 @@ class Safety:
 
     # -- before the 402 --------------------------------------------------------------------------
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _verdict(ctx: RequestContext, stage: str) -> Iterator[None]:
+        """Every refusal of this stage goes to the audit trail with the rule that made it."""
+        try:
+            yield
+        except GatewayError as err:
+            rule = err.fields.get("budget") or err.fields.get("limit") if err.code in ("budget_exceeded", "rate_limited") else None
+            ctx.record("safety_verdict", stage=stage, verdict="deny", rule=rule or err.code, reason=err.code)
+            raise
+
     def check_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         size = sum(len(name) + len(value) + 4 for name, value in headers)  # ": " and CRLF
         if size > self.limits.max_header_bytes:
@@ -193,6 +204,10 @@ class Safety:
 
     async def before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int, *, paying: bool) -> None:
         """Kill switch, price guard, circuit breaker: none of them may be answered with a price."""
+        with self._verdict(ctx, "before_challenge"):
+            await self._before_challenge(ctx, tool, price_atomic, paying=paying)
+
+    async def _before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int, *, paying: bool) -> None:
         held = ctx.safety = Held()
         held.view = await self.policy.current()
         reason = held.view.tool_disabled(tool.name, tool.owner)
@@ -214,13 +229,18 @@ class Safety:
 
     async def unpaid(self, ctx: RequestContext, tool: Tool) -> None:
         """Rate limit per client address for requests that will get a 402."""
-        await self._take(tool, "per_client", ctx.client or "unknown")
+        with self._verdict(ctx, "unpaid"):
+            await self._take(tool, "per_client", ctx.client or "unknown")
 
     # -- with a payment ----------------------------------------------------------------------------
 
     async def before_verify(self, ctx: RequestContext, tool: Tool, payer: str) -> None:
         """Payer lists and rate limits. ``payer`` is the authorization's ``from``, not yet verified:
         good enough to refuse or to slow down, never to spend against (budgets wait for verify)."""
+        with self._verdict(ctx, "before_verify"):
+            await self._before_verify(ctx, tool, payer)
+
+    async def _before_verify(self, ctx: RequestContext, tool: Tool, payer: str) -> None:
         view = ctx.safety.view if isinstance(ctx.safety, Held) and ctx.safety.view else await self.policy.current()
         reason = view.payer_refused(payer)
         if reason is not None:
@@ -248,6 +268,13 @@ class Safety:
         """Reserve ``amount`` against every budget of the tool, after verify and before any money or
         upstream moves. Each reservation is one atomic store operation; if a later one refuses,
         the earlier ones are given back, so a refusal never leaves anything counted."""
+        with self._verdict(ctx, "budgets"):
+            await self._reserve(ctx, tool, payer, amount)
+        if self._budgets[tool.name]:
+            ctx.record("safety_verdict", stage="budgets", verdict="allow",
+                       rules=[rule.name for rule in self._budgets[tool.name]])
+
+    async def _reserve(self, ctx: RequestContext, tool: Tool, payer: str, amount: int) -> None:
         held = ctx.safety if isinstance(ctx.safety, Held) else Held()
         ctx.safety = held
         for rule in self._budgets[tool.name]:

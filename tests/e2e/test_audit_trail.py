@@ -147,3 +147,21 @@ def test_tampering_with_a_paid_calls_settlement_record_is_named(audited: Audited
 def _cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
+
+
+def test_safety_verdicts_name_the_rule(tmp_path: Path, devchain: Devchain, upstream: str) -> None:
+    """A budget that allows one call: the first records an allow verdict, the second the rule that refused it."""
+    database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    settings = Settings(catalog=[demo_catalog(tmp_path, upstream)], deployment_file=devchain.deployment_file,
+                        database_url=database_url, budget_per_payer="0.002/1d")
+    writer = AuditWriter(AuditTrail(database_url))
+    app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=Ledger(database_url), audit=writer)
+    with ThreadServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        _, first, _ = pay(client, devchain, "GET", "/quotes/AUDA", payer=PAYER)
+        _, second, _ = pay(client, devchain, "GET", "/quotes/AUDB", payer=PAYER)
+        assert (first.status_code, second.status_code) == (200, 403)
+        assert writer.drain(30)
+        allowed = [data(r) for r in writer.trail.for_request(first.headers["x-request-id"]) if r.event == "safety_verdict"]
+        denied = [data(r) for r in writer.trail.for_request(second.headers["x-request-id"]) if r.event == "safety_verdict"]
+    assert allowed == [{"stage": "budgets", "verdict": "allow", "rules": ["per_payer"]}]
+    assert denied == [{"stage": "budgets", "verdict": "deny", "rule": "per_payer", "reason": "budget_exceeded"}]
