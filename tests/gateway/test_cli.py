@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,47 @@ def test_demo_prints_settlement_transactions(tmp_path: Path) -> None:
     hashes = re.findall(r"HTTP 20[01]  tx (0x[0-9a-f]{64})", result.stdout)
     assert len(set(hashes)) >= 3, result.stdout
     assert "ledger: 4 settled payments" in result.stdout
+
+
+def _supported_server(kinds: list[dict[str, object]]) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from gateway.serving import ThreadServer
+
+    async def supported(request: object) -> JSONResponse:
+        return JSONResponse({"kinds": kinds, "extensions": [], "signers": {}})
+
+    return ThreadServer(Starlette(routes=[Route("/supported", supported)])).start()
+
+
+@pytest.mark.parametrize(
+    ("kinds", "code"),
+    [([{"x402Version": 2, "scheme": "exact", "network": "eip155:8453"}], "facilitator_unsupported_network"),
+     ([{"x402Version": 2, "scheme": "exact", "network": "eip155:31337"}], None)],
+    ids=["unsupported", "supported"],
+)
+def test_remote_facilitator_must_support_every_route_at_start_up(
+    tmp_path: Path, kinds: list[dict[str, object]], code: str | None
+) -> None:
+    import asyncio
+
+    server = _supported_server(kinds)
+    try:
+        settings = Settings(facilitator_url=server.url, deployment_file=tmp_path / "none.json",
+                            database_url=f"sqlite:///{tmp_path / 'l.sqlite3'}")
+        app = create_app(settings)
+
+        async def start() -> None:
+            async with app.router.lifespan_context(app):
+                pass
+
+        if code is None:
+            asyncio.run(start())
+        else:
+            with pytest.raises(GatewayConfigError) as info:
+                asyncio.run(start())
+            assert info.value.code == code and "eip155:31337" in str(info.value)
+    finally:
+        server.stop()
