@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         small = measure(DEFAULT_CATALOG, ["/quotes/AAPL"], args.requests, workdir, "small")
         big_catalog = write_catalog(workdir / "big.yaml", args.endpoints)
         n = args.endpoints
-        big_paths = [f"/svc0/quotes/AAPL", f"/svc{n // 2}/quotes/AAPL", f"/svc{n - 1}/quotes/AAPL"]
+        big_paths = ["/svc0/quotes/AAPL", f"/svc{n // 2}/quotes/AAPL", f"/svc{n - 1}/quotes/AAPL"]
         big = measure(big_catalog, big_paths, args.requests, workdir, "big")
     print(f"catalog scale ({args.requests} unpaid requests in-process, httpx over ASGI, 402 each)")
     print(f"  demo catalog (5 tools):       load {small[0]*1000:8.1f} ms   create_app {small[1]*1000:8.1f} ms   "

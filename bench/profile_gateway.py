@@ -14,7 +14,6 @@ import collections
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from bench.run import (

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request

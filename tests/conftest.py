@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,20 @@ class Devchain:
         return self.deployment.accounts[index - 1].address
 
 
-@pytest.fixture(scope="session")
-def devchain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
+@contextmanager
+def running_devchain(directory: Path) -> Iterator[Devchain]:
+    """A fresh anvil with the test USDC deployed and accounts funded; its deployment file in ``directory``."""
     with Anvil() as anvil:
         deployment = setup_devchain(anvil.rpc_url)
-        path = tmp_path_factory.mktemp("devchain") / "devchain.json"
+        path = directory / "devchain.json"
         deployment.write(path)
         yield Devchain(anvil, deployment, path, Web3(Web3.HTTPProvider(anvil.rpc_url)))
+
+
+@pytest.fixture(scope="session")
+def devchain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
+    with running_devchain(tmp_path_factory.mktemp("devchain")) as chain:
+        yield chain
 
 
 @pytest.fixture(scope="session")

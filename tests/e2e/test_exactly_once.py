@@ -15,13 +15,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from web3 import Web3
 
 from settlement.codec import encode_header
-from settlement.devchain import Anvil, setup_devchain
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.payer import Payer
-from tests.conftest import PAY_TO, Devchain, body_json, demo_catalog, offer_of, upstream_hits
+from tests.conftest import PAY_TO, Devchain, body_json, demo_catalog, offer_of, running_devchain, upstream_hits
 from tests.e2e.test_paid_call import receipt_of
 from tests.support.processes import gateway_processes
 
@@ -32,11 +30,8 @@ PRICE = 2000  # get_quote
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
     """A private anvil: these tests switch automining off and on."""
-    with Anvil() as anvil:
-        deployment = setup_devchain(anvil.rpc_url)
-        path = tmp_path_factory.mktemp("chain") / "devchain.json"
-        deployment.write(path)
-        yield Devchain(anvil, deployment, path, Web3(Web3.HTTPProvider(anvil.rpc_url)))
+    with running_devchain(tmp_path_factory.mktemp("chain")) as private:
+        yield private
 
 
 @pytest.fixture
