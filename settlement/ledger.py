@@ -14,14 +14,19 @@ Calls are synchronous: the gateway runs them off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import functools
 import json
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -47,6 +52,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from settlement.errors import LedgerError
+
+
+_T = TypeVar("_T")
 
 
 class PaymentState(enum.StrEnum):
@@ -174,14 +182,40 @@ class Ledger:
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The event loop never waits on the database: calls run on the ledger's own threads. SQLite
+        # takes one writer at a time (its lock waits sleep in whole milliseconds), so it gets one
+        # thread that commits the calls queued together in one transaction; a server database gets
+        # a pool of threads and a transaction per call.
+        self._batch = threading.local()
+        if self.engine.dialect.name == "sqlite":
+            self.executor: Executor = _GroupCommitWorker(self)
+            # The audit trail shares the file's one thread (gateway.pipeline), between batches.
+            self.shared_executor: Executor | None = self.executor
+        else:
+            self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="x402gw-ledger")
+            self.shared_executor = None
+
+    async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)`` on the ledger's threads, awaited from the event loop; on SQLite
+        it may share its transaction (and commit) with the calls queued with it."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs)
+        if isinstance(self.executor, _GroupCommitWorker):
+            return await asyncio.wrap_future(self.executor.submit_grouped(call), loop=loop)
+        return await loop.run_in_executor(self.executor, call)
 
     def close(self) -> None:
+        self.executor.shutdown(wait=True)
         self.engine.dispose()
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
         """One Core transaction: the hot path's statements skip the ORM's unit of work."""
+        shared = getattr(self._batch, "connection", None)
         try:
+            if shared is not None:
+                yield shared  # committed with its group (``_GroupCommitWorker``)
+                return
             with self.engine.begin() as connection:
                 yield connection
         except IntegrityError:
@@ -191,7 +225,13 @@ class Ledger:
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
+        shared = getattr(self._batch, "connection", None)
         try:
+            if shared is not None:
+                with Session(bind=shared, expire_on_commit=False) as session:
+                    yield session
+                    session.flush()
+                return
             with self._sessions.begin() as session:
                 yield session
         except IntegrityError:
@@ -238,11 +278,14 @@ class Ledger:
             return existing
 
     def begin_settlement(
-        self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes] | None
+        self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes] | None,
+        tx_hash: str | None = None,
     ) -> None:
         """Write-ahead: the row goes to ``settling`` and the answer being bought is stored, in one
-        transaction, before any transaction is broadcast."""
+        transaction, before any transaction is broadcast (with its hash, when it is known)."""
         values: dict[str, Any] = {"state": PaymentState.SETTLING.value}
+        if tx_hash is not None:
+            values["tx_hash"] = tx_hash
         if response is not None:
             values["upstream_status"] = response[0]
         with self._connection() as connection:
@@ -348,3 +391,104 @@ def _update_row(connection: Connection, payment_id: int, values: dict[str, Any])
     result = connection.execute(update(_PAYMENTS).where(_PAYMENTS.c.id == payment_id).values(**values))
     if result.rowcount == 0:
         raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
+
+
+class _GroupCommitWorker(Executor):
+    """The SQLite ledger's one thread. Calls queued while a transaction runs are run together in the
+    next one, committed once, and only then answered: a caller that was told "written" is durable
+    (the write-ahead rule), and a burst of payments costs one commit, not one each.
+
+    Each call sees its own statements' effects; a call that raises is answered with its error
+    without undoing the others (SQLite rolls back the failing statement, not the transaction).
+    ``submit`` runs a call alone, outside any group transaction (the audit trail's appends, which
+    take the database's write lock with a connection of their own).
+    """
+
+    MAX_GROUP = 256
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], bool] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="x402gw-ledger", daemon=True)
+        self._thread.start()
+
+    def submit_grouped(self, call: Callable[[], _T]) -> Future[_T]:
+        return self._put(call, grouped=True)
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:  # type: ignore[override]
+        return self._put(functools.partial(fn, *args, **kwargs), grouped=False)
+
+    def _put(self, call: Callable[[], Any], *, grouped: bool) -> Future[Any]:
+        if self._closed:
+            raise RuntimeError("the ledger is closed")
+        future: Future[Any] = Future()
+        self._queue.put((call, future, grouped))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        held: tuple[Callable[[], Any], Future[Any], bool] | None = None
+        while True:
+            item = held if held is not None else self._queue.get()
+            held = None
+            if item is None:
+                return
+            call, future, grouped = item
+            if not grouped:
+                self._answer([(future, *_outcome(call))])
+                continue
+            group = [(call, future)]
+            while len(group) < self.MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or not nxt[2]:
+                    held = nxt if nxt is not None else None
+                    if nxt is None:
+                        self._queue.put(None)
+                    break
+                group.append((nxt[0], nxt[1]))
+            self._answer(self._run_group(group))
+
+    def _run_group(self, group: list[tuple[Callable[[], Any], Future[Any]]]) -> list[tuple[Future[Any], bool, Any]]:
+        if len(group) == 1:
+            return [(group[0][1], *_outcome(group[0][0]))]
+        outcomes: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            with self._ledger.engine.begin() as connection:
+                self._ledger._batch.connection = connection
+                try:
+                    for call, future in group:
+                        outcomes.append((future, *_outcome(call)))
+                finally:
+                    self._ledger._batch.connection = None
+        except Exception as exc:  # the commit (or BEGIN) failed: nothing of the group was written
+            error = LedgerError(f"ledger write failed ({type(exc).__name__})")
+            error.__cause__ = exc
+            return [(future, False, error) for _, future in group]
+        return outcomes
+
+    @staticmethod
+    def _answer(outcomes: list[tuple[Future[Any], bool, Any]]) -> None:
+        for future, ok, value in outcomes:
+            if not future.set_running_or_notify_cancel():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, call()
+    except BaseException as exc:  # handed to the caller, like an executor would
+        return False, exc

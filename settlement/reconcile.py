@@ -7,7 +7,6 @@ the recorded transaction, and the ``AuthorizationUsed`` log of whoever used the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -104,7 +103,7 @@ async def resolve_open_payments(
 ) -> list[Resolution]:
     """Resolve every ``settling``/``pending`` row whose network has a chain; apply and report."""
     results: list[Resolution] = []
-    rows = await asyncio.to_thread(ledger.open_payments)
+    rows = await ledger.run(ledger.open_payments)
     for row in rows:
         chain = chains.get(row.network)
         if chain is None:
@@ -114,6 +113,6 @@ async def resolve_open_payments(
         except ChainUnavailable:
             continue
         if resolution.after != resolution.before or resolution.tx_hash != row.tx_hash:
-            await asyncio.to_thread(apply, ledger, resolution)
+            await ledger.run(apply, ledger, resolution)
         results.append(resolution)
     return results

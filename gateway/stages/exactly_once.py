@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -106,12 +105,12 @@ async def resume(
         except ChainUnavailable:
             raise _open_refusal(row) from None
         if resolution.after != row.state or resolution.tx_hash != row.tx_hash:
-            await asyncio.to_thread(apply, ledger, resolution)
-        refreshed = await asyncio.to_thread(ledger.get, row.id)
+            await ledger.run(apply, ledger, resolution)
+        refreshed = await ledger.run(ledger.get, row.id)
         assert refreshed is not None
         row = refreshed
     if row.state == PaymentState.SETTLED:
-        answer = await asyncio.to_thread(ledger.stored_response, row.id)
+        answer = await ledger.run(ledger.stored_response, row.id)
         if answer is None:
             raise GatewayError(
                 "payment_already_settled",

@@ -8,7 +8,6 @@ payment and any transaction, never a plain 402 inviting a second payment).
 
 from __future__ import annotations
 
-import asyncio
 
 from gateway.errors import GatewayError
 from gateway.offers import Quote
@@ -47,19 +46,29 @@ async def settle(
     quote: Quote,
     payload: PaymentPayload,
     response: StoredAnswer | None = None,
+    *,
+    hook_writes_ahead: bool = False,
 ) -> SettleResponse:
+    """``hook_writes_ahead``: the facilitator calls ``before_send`` before it broadcasts anything
+    (the local and batching ones), so the write-ahead record is made there, in one write."""
     # Write-ahead: `settling` and the answer being bought are durable before anything is broadcast,
     # and the transaction hash is recorded before it is sent.
-    await asyncio.to_thread(ledger.begin_settlement, payment_id, response)
+    if hook_writes_ahead:
 
-    async def before_send(tx_hash: str) -> None:
-        await asyncio.to_thread(ledger.update, payment_id, tx_hash=tx_hash)
+        async def before_send(tx_hash: str) -> None:
+            await ledger.run(ledger.begin_settlement, payment_id, response, tx_hash=tx_hash)
+
+    else:
+        await ledger.run(ledger.begin_settlement, payment_id, response)
+
+        async def before_send(tx_hash: str) -> None:
+            await ledger.run(ledger.update, payment_id, tx_hash=tx_hash)
 
     try:
         result = await facilitator.settle(payload, quote.requirements, before_send=before_send)
     except (ChainUnavailable, FacilitatorUnavailable) as exc:
         # Raised before anything was broadcast (the facilitator reports broadcasts as pending).
-        await asyncio.to_thread(
+        await ledger.run(
             ledger.update, payment_id, state=PaymentState.FAILED, error_reason="settlement_unavailable"
         )
         raise GatewayError(
@@ -70,7 +79,7 @@ async def settle(
         ) from exc
     block = (result.extra or {}).get("blockNumber")
     if result.success:
-        await asyncio.to_thread(
+        await ledger.run(
             ledger.update,
             payment_id,
             state=PaymentState.SETTLED,
@@ -81,7 +90,7 @@ async def settle(
     if settlement_outcome_unknown(result):
         # Money may have moved: never a 402 inviting a second payment. The row stays open for a
         # reconcile against the chain (by tx hash when the facilitator gave one).
-        await asyncio.to_thread(
+        await ledger.run(
             ledger.update, payment_id, state=PaymentState.PENDING, tx_hash=result.transaction or None,
             error_reason=result.error_reason,
         )
@@ -102,7 +111,7 @@ async def settle(
             reason=result.error_reason,
             **fields,
         )
-    await asyncio.to_thread(
+    await ledger.run(
         ledger.update, payment_id, state=PaymentState.FAILED, error_reason=result.error_reason,
         tx_hash=result.transaction or None, block_number=block if isinstance(block, int) else None,
     )

@@ -1,0 +1,199 @@
+"""The chain client under concurrency, on a real anvil: JSON-RPC calls coalesced into batches,
+settlements pipelined on locally allocated nonces, and no nonce left as a gap that would queue every
+later settlement behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.serving import ThreadServer
+from settlement.chain import Web3Chain
+from settlement.devchain import ANVIL_KEYS, LOCAL_NETWORK
+from settlement.facilitator import LocalFacilitator
+from settlement.payer import Payer
+from settlement.wire import PaymentRequirements, SettleResponse
+from tests.conftest import PAY_TO, Devchain
+
+PRICE = 1000
+SETTLEMENT_KEY = ANVIL_KEYS[0]
+
+
+def requirements(devchain: Devchain) -> PaymentRequirements:
+    return PaymentRequirements(
+        scheme="exact", network=LOCAL_NETWORK, amount=str(PRICE), asset=devchain.token, pay_to=PAY_TO,
+        max_timeout_seconds=120, extra={"name": "USD Coin", "version": "2"},
+    )
+
+
+class CountingChain(Web3Chain):
+    """Counts the HTTP requests and the JSON-RPC calls in them (the unit under test is the client)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.posts: list[int] = []  # calls per HTTP request
+
+    async def _http(self, body: Any) -> Any:
+        self.posts.append(len(body) if isinstance(body, list) else 1)
+        return await super()._http(body)
+
+
+def settlement_nonce(devchain: Devchain, tag: str) -> int:
+    address = devchain.w3.eth.account.from_key(SETTLEMENT_KEY).address
+    return int(devchain.w3.eth.get_transaction_count(address, tag))
+
+
+def test_concurrent_reads_share_batches(devchain: Devchain) -> None:
+    accounts = [devchain.address(i) for i in range(1, 9)] * 4
+
+    async def run() -> tuple[list[int], list[int]]:
+        chain = CountingChain(devchain.anvil.rpc_url, 31337, None)
+        try:
+            balances = await asyncio.gather(*(chain.balance_of(devchain.token, a) for a in accounts))
+            return balances, chain.posts
+        finally:
+            await chain.close()
+
+    balances, posts = asyncio.run(run())
+    assert balances == [devchain.balance(a) for a in accounts]  # each answer went to its own caller
+    assert sum(posts) == len(accounts)
+    assert len(posts) < len(accounts) // 2  # coalesced: far fewer round trips than calls
+    assert max(posts) > 1
+
+
+def test_concurrent_settlements_are_pipelined_and_all_final(devchain: Devchain) -> None:
+    req = requirements(devchain)
+    payers = [1, 2, 3, 4, 5, 6, 7, 8] * 3
+    payments = [Payer(devchain.key(i)).sign(req) for i in payers]
+    before_pay_to = devchain.balance(PAY_TO)
+    start_nonce = settlement_nonce(devchain, "latest")
+
+    async def run() -> tuple[list[SettleResponse], list[int]]:
+        chain = CountingChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        try:
+            results = await asyncio.gather(*(local.settle(p, req) for p in payments))
+            return results, chain.posts
+        finally:
+            await chain.close()
+
+    results, posts = asyncio.run(run())
+    assert all(r.success for r in results), [r.error_reason for r in results if not r.success]
+    assert len({r.transaction for r in results}) == len(payments)  # one transaction per payment
+    assert devchain.balance(PAY_TO) == before_pay_to + PRICE * len(payments)
+    nonces = sorted(int(devchain.w3.eth.get_transaction(r.transaction)["nonce"]) for r in results)
+    assert nonces == list(range(start_nonce, start_nonce + len(payments)))  # consecutive, no gap, no reuse
+    assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")  # nothing queued
+    assert len(posts) < sum(posts)  # broadcasts and receipt polls travelled in batches
+
+
+def test_a_write_ahead_failure_leaves_no_gap(devchain: Devchain) -> None:
+    """Six settlements take their nonces; the first (the lowest nonce) then fails its write-ahead and
+    is not broadcast. The five signed on later nonces are still mined: the gap is filled."""
+    req = requirements(devchain)
+    payments = [Payer(devchain.key(i)).sign(req) for i in (1, 2, 3, 4, 5, 6)]
+    start_nonce = settlement_nonce(devchain, "latest")
+
+    async def run() -> list[SettleResponse | BaseException]:
+        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        signed: list[str] = []
+        all_signed = asyncio.Event()
+
+        async def before_send(tx_hash: str) -> None:
+            signed.append(tx_hash)  # hooks run in nonce order: signing takes the nonce, then calls this
+            if len(signed) == len(payments):
+                all_signed.set()
+            await all_signed.wait()  # every nonce is taken before anything is broadcast
+            if tx_hash == signed[0]:
+                raise RuntimeError("ledger down")
+
+        try:
+            return await asyncio.gather(
+                *(local.settle(p, req, before_send=before_send) for p in payments), return_exceptions=True
+            )
+        finally:
+            await chain.close()
+
+    results = asyncio.run(run())
+    failed = [i for i, r in enumerate(results) if isinstance(r, RuntimeError)]
+    assert len(failed) == 1
+    others = [r for i, r in enumerate(results) if i != failed[0]]
+    assert all(isinstance(r, SettleResponse) and r.success for r in others), others
+    auth = payments[failed[0]].payload["authorization"]
+    assert devchain.authorization_state(auth["from"], auth["nonce"]) is False  # never broadcast
+    nonces = sorted(int(devchain.w3.eth.get_transaction(r.transaction)["nonce"]) for r in others
+                    if isinstance(r, SettleResponse))
+    assert nonces == list(range(start_nonce + 1, start_nonce + len(payments)))  # all behind the gap
+    # The freed nonce was filled (a zero-value transaction to ourselves): nothing waits behind it.
+    assert settlement_nonce(devchain, "latest") == start_nonce + len(payments)
+    assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")
+
+
+def test_a_freed_nonce_is_reused_by_the_next_settlement(devchain: Devchain) -> None:
+    req = requirements(devchain)
+    start_nonce = settlement_nonce(devchain, "latest")
+
+    async def refuse(tx_hash: str) -> None:
+        raise RuntimeError("ledger down")
+
+    async def run() -> SettleResponse:
+        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        try:
+            with pytest.raises(RuntimeError):
+                await local.settle(Payer(devchain.key(1)).sign(req), req, before_send=refuse)
+            return await local.settle(Payer(devchain.key(2)).sign(req), req)
+        finally:
+            await chain.close()
+
+    result = asyncio.run(run())
+    assert result.success
+    assert int(devchain.w3.eth.get_transaction(result.transaction)["nonce"]) == start_nonce
+
+
+@pytest.fixture
+def no_batch_node(devchain: Devchain) -> Iterator[str]:
+    """A JSON-RPC front that forwards single calls to anvil and answers a batch with one error
+    object, as some hosted nodes do."""
+
+    async def handle(request: Request) -> Response:
+        body = await request.json()
+        if isinstance(body, list):
+            error = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "batch not supported"}}
+            return JSONResponse(error)
+        async with httpx.AsyncClient() as client:
+            reply = await client.post(devchain.anvil.rpc_url, content=json.dumps(body),
+                                      headers={"Content-Type": "application/json"})
+        return JSONResponse(reply.json())
+
+    with ThreadServer(Starlette(routes=[Route("/", handle, methods=["POST"])])) as server:
+        yield server.url
+
+
+def test_a_node_without_batches_is_asked_call_by_call(devchain: Devchain, no_batch_node: str) -> None:
+    accounts = [devchain.address(i) for i in range(1, 9)]
+
+    async def run() -> tuple[list[int], list[int]]:
+        chain = CountingChain(no_batch_node, 31337, None)
+        try:
+            first = await asyncio.gather(*(chain.balance_of(devchain.token, a) for a in accounts))
+            chain.posts.clear()
+            second = await asyncio.gather(*(chain.balance_of(devchain.token, a) for a in accounts))
+            assert first == second
+            return second, chain.posts
+        finally:
+            await chain.close()
+
+    balances, posts = asyncio.run(run())
+    assert balances == [devchain.balance(a) for a in accounts]
+    assert posts == [1] * len(accounts)  # learned once: no more batches to this node
