@@ -28,6 +28,9 @@ VALID_BEFORE_MARGIN_SECONDS = 6
 # Accept validBefore up to maxTimeoutSeconds plus this much ahead: a far-future authorization is
 # a standing cheque we do not want to hold.
 VALID_BEFORE_SLACK_SECONDS = 600
+# Recovered signers remembered between a payment's verify and its settle (oldest dropped first).
+SIGNER_CACHE_SIZE = 4096
+_UNKNOWN = object()
 
 
 class Facilitator(Protocol):
@@ -88,6 +91,7 @@ class LocalFacilitator:
         self._receipt_timeout = receipt_timeout
         self._clock = clock
         self._domains: dict[tuple[str, str, str, str], bytes] = {}
+        self._signers: dict[tuple[bytes, TransferAuthorization, bytes], Any] = {}
 
     def supported(self) -> dict[str, Any]:
         kinds = [{"x402Version": 2, "scheme": "exact", "network": network} for network in self._chains]
@@ -154,8 +158,16 @@ class LocalFacilitator:
             nonce=bytes.fromhex(a.nonce[2:]),
         )
         signature = bytes.fromhex(exact.signature[2:])
-        digest = authorization_digest(self._domain(requirements, chain_id, name, version), auth)
-        signer = recover_signer(digest, signature)
+        domain = self._domain(requirements, chain_id, name, version)
+        # verify and settle check the same payload: the second time, the signer is remembered
+        # (the digest covers every field of the key, so a hit is the same signature on the same data).
+        key = (domain, auth, signature)
+        signer = self._signers.get(key, _UNKNOWN)
+        if signer is _UNKNOWN:
+            signer = recover_signer(authorization_digest(domain, auth), signature)
+            self._signers[key] = signer
+            if len(self._signers) > SIGNER_CACHE_SIZE:
+                self._signers.pop(next(iter(self._signers)))
         if signer is None or signer != auth.from_:
             raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
         return CheckedPayment(payer=auth.from_, token=checksum_address(requirements.asset), auth=auth, signature=signature)

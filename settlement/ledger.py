@@ -40,6 +40,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -248,7 +249,7 @@ class Ledger:
             with self._connection() as connection:
                 now = utcnow()
                 values = {"created_at": now, "updated_at": now, **fields}
-                inserted = connection.execute(insert(_PAYMENTS), values)
+                inserted = connection.execute(_INSERT_PAYMENT, values)
                 return _payment({**_INSERT_DEFAULTS, **values, "id": inserted.inserted_primary_key[0]})
         except IntegrityError:
             pass
@@ -292,13 +293,11 @@ class Ledger:
             _update_row(connection, payment_id, values)
             if response is not None:
                 status, headers, body = response
-                connection.execute(delete(_STORED).where(_STORED.c.payment_id == payment_id))
-                connection.execute(
-                    insert(_STORED).values(
-                        payment_id=payment_id, status=status, headers=json.dumps(headers), body=body,
-                        created_at=utcnow(),
-                    )
-                )
+                connection.execute(_DELETE_STORED, {"pid": payment_id})
+                connection.execute(_INSERT_STORED, {
+                    "payment_id": payment_id, "status": status, "headers": json.dumps(headers), "body": body,
+                    "created_at": utcnow(),
+                })
 
     def store_response(self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
         with self._session() as session:
@@ -349,12 +348,7 @@ class Ledger:
     def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
         with self._connection() as connection:
             found = connection.execute(
-                select(_PAYMENTS).where(
-                    _PAYMENTS.c.network == network,
-                    _PAYMENTS.c.asset == asset,
-                    _PAYMENTS.c.payer == payer,
-                    _PAYMENTS.c.nonce == nonce,
-                )
+                _BY_AUTHORIZATION, {"network": network, "asset": asset, "payer": payer, "nonce": nonce}
             ).one_or_none()
         return None if found is None else _payment(found._mapping)
 
@@ -365,6 +359,20 @@ class Ledger:
 
 _PAYMENTS = Payment.__table__
 _STORED = StoredResponse.__table__
+_COLUMNS = frozenset(_PAYMENTS.c.keys())
+
+# The hot path's statements, built once: parameters are bound at execution (an UPDATE's SET list
+# comes from the keys given), so no statement is constructed, coerced and cache-keyed per call.
+_INSERT_PAYMENT = insert(_PAYMENTS)
+_UPDATE_PAYMENT = update(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
+_BY_AUTHORIZATION = select(_PAYMENTS).where(
+    _PAYMENTS.c.network == bindparam("network"),
+    _PAYMENTS.c.asset == bindparam("asset"),
+    _PAYMENTS.c.payer == bindparam("payer"),
+    _PAYMENTS.c.nonce == bindparam("nonce"),
+)
+_DELETE_STORED = delete(_STORED).where(_STORED.c.payment_id == bindparam("pid"))
+_INSERT_STORED = insert(_STORED)
 
 
 # Column defaults a plain INSERT applies, so the returned row reads as a reloaded one would.
@@ -384,11 +392,11 @@ def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:
 
 
 def _update_row(connection: Connection, payment_id: int, values: dict[str, Any]) -> None:
-    unknown = set(values) - set(_PAYMENTS.c.keys())
+    unknown = values.keys() - _COLUMNS
     if unknown:
         raise AttributeError(f"payments has no column {sorted(unknown)[0]!r}")
     values.setdefault("updated_at", utcnow())
-    result = connection.execute(update(_PAYMENTS).where(_PAYMENTS.c.id == payment_id).values(**values))
+    result = connection.execute(_UPDATE_PAYMENT, {"pid": payment_id, **values})
     if result.rowcount == 0:
         raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
 

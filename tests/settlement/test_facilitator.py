@@ -494,3 +494,28 @@ def test_supported(facilitator: LocalFacilitator) -> None:
 )
 def test_revert_reason_code(message: str, code: str) -> None:
     assert revert_reason_code(message) == code
+
+
+def test_settle_after_verify_recovers_the_signer_once(
+    facilitator: LocalFacilitator, chain: FakeChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import settlement.facilitator as module
+
+    calls: list[bytes] = []
+    real = module.recover_signer
+
+    def counting(digest: bytes, signature: bytes) -> str | None:
+        calls.append(signature)
+        return real(digest, signature)
+
+    monkeypatch.setattr(module, "recover_signer", counting)
+    signed = payment()
+    assert verify(facilitator, signed).is_valid
+    assert settle(facilitator, signed).success
+    assert len(calls) == 1  # settle reused verify's recovery
+
+    # The same authorization with another key's signature is its own entry: recovered, and refused.
+    forged = payment(key=OTHER_KEY, overrides={"from_": PAYER})
+    assert forged.payload["authorization"] == signed.payload["authorization"]
+    assert rejected(verify(facilitator, forged)) == "invalid_exact_evm_payload_signature"
+    assert len(calls) == 2
