@@ -59,9 +59,13 @@ TOPIC_AUTHORIZATION_USED = keccak(b"AuthorizationUsed(address,bytes32)")
 TRANSFER_GAS_LIMIT = 150_000
 FILLER_GAS_LIMIT = 21_000
 FEE_CACHE_SECONDS = 10.0
-# JSON-RPC coalescing: at most this many calls per batch, this many batches in flight at once.
+# JSON-RPC coalescing: at most this many calls per batch, this many batches in flight at once per
+# lane. Broadcasts have a lane of their own: a node may take a while over a batch of them (anvil
+# mines a block per transaction before it answers), and reads and receipt polls must not queue
+# behind that.
 MAX_BATCH_CALLS = 100
 MAX_BATCHES_IN_FLIGHT = 2
+SEND_LANE = "eth_sendRawTransaction"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +144,8 @@ class Web3Chain:
         self._nonce_lock = asyncio.Lock()
         self._fees: tuple[float, int, int] | None = None  # (fetched_at, max_fee, priority_fee)
         # Calls waiting for the next JSON-RPC batch, and the batches in flight.
-        self._waiting: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
-        self._in_flight = 0
+        self._waiting: dict[bool, list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {False: [], True: []}
+        self._in_flight = {False: 0, True: 0}  # by lane: broadcasts (True) or everything else
         self._batching = True  # off for a node that does not answer batches
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -169,9 +173,10 @@ class Web3Chain:
         loop = asyncio.get_running_loop()
         self._request_id += 1
         future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append(({"jsonrpc": "2.0", "id": self._request_id, "method": method, "params": params}, future))
-        if self._in_flight < MAX_BATCHES_IN_FLIGHT:
-            self._spawn(self._flush())
+        lane = method == SEND_LANE
+        self._waiting[lane].append(({"jsonrpc": "2.0", "id": self._request_id, "method": method, "params": params}, future))
+        if self._in_flight[lane] < MAX_BATCHES_IN_FLIGHT:
+            self._spawn(self._flush(lane))
         # The HTTP request belongs to the flusher: a caller cancelled here does not un-send a broadcast.
         return await future
 
@@ -180,14 +185,16 @@ class Web3Chain:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _flush(self) -> None:
-        self._in_flight += 1
+    async def _flush(self, lane: bool) -> None:
+        self._in_flight[lane] += 1
         try:
-            while self._waiting:
-                calls, self._waiting = self._waiting[:MAX_BATCH_CALLS], self._waiting[MAX_BATCH_CALLS:]
+            waiting = self._waiting[lane]
+            while waiting:
+                calls = waiting[:MAX_BATCH_CALLS]
+                del waiting[:MAX_BATCH_CALLS]
                 await self._post(calls)
         finally:
-            self._in_flight -= 1
+            self._in_flight[lane] -= 1
 
     async def _post(self, calls: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
         """Send ``calls`` (a batch when there are several) and settle each caller's future."""
@@ -235,8 +242,19 @@ class Web3Chain:
 
     async def _http(self, body: Any) -> Any:
         data = json.dumps(body, separators=(",", ":")).encode()
-        async with self._client().post(self.rpc_url, data=data, headers={"Content-Type": "application/json"}) as reply:
-            return await reply.json(content_type=None, loads=json.loads)
+        for attempt in range(2):
+            try:
+                async with self._client().post(
+                    self.rpc_url, data=data, headers={"Content-Type": "application/json"}
+                ) as reply:
+                    return await reply.json(content_type=None, loads=json.loads)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # A kept-alive connection the node had closed: the request never reached it. Every
+                # call sent here is safe to repeat (reads, and broadcasts of one signed transaction,
+                # which can be mined only once), so it goes again, once, on a fresh connection.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _call(self, to: str, data: bytes) -> bytes:
         result = await self._rpc("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"])
@@ -312,6 +330,9 @@ class Web3Chain:
                 if "already known" in message or "known transaction" in message:
                     return tx_hash_local  # this very transaction is in the node's pool already
                 if "nonce" in message and ("low" in message or "already" in message or "used" in message):
+                    # Our own broadcast, repeated after a lost answer, may be what used the nonce.
+                    if await self._rpc("eth_getTransactionByHash", [tx_hash_local]) is not None:
+                        return tx_hash_local
                     # Someone else used the account (another process, a restart): resync once.
                     await self._resync_nonce()
                     if attempt == 0:

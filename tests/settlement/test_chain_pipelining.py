@@ -197,3 +197,108 @@ def test_a_node_without_batches_is_asked_call_by_call(devchain: Devchain, no_bat
     balances, posts = asyncio.run(run())
     assert balances == [devchain.balance(a) for a in accounts]
     assert posts == [1] * len(accounts)  # learned once: no more batches to this node
+
+
+def test_a_repeated_broadcast_of_our_own_transaction_is_not_sent_again(devchain: Devchain) -> None:
+    """The node's answer to a broadcast was lost and the same signed transaction went again: the
+    node says its nonce is used. That is our own transaction, not someone else's: its hash is
+    reported, and no second transaction is signed on a fresh nonce."""
+    req = requirements(devchain)
+    payment = Payer(devchain.key(3)).sign(req)
+    start_nonce = settlement_nonce(devchain, "latest")
+
+    async def run() -> tuple[str, str]:
+        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        try:
+            first = await local.settle(payment, req)
+            assert first.success and first.transaction
+            chain._nonce = start_nonce  # as if the first answer had been lost and the same send repeated
+            checked = local.check_offline(payment, req)
+            again = await chain.send_transfer_with_authorization(checked.token, checked.auth, checked.signature)
+            return first.transaction, again
+        finally:
+            await chain.close()
+
+    first, again = asyncio.run(run())
+    assert again == first
+    assert settlement_nonce(devchain, "latest") == start_nonce + 1  # nothing else was sent
+
+
+@pytest.fixture
+def dropping_proxy(devchain: Devchain) -> Iterator[tuple[str, list[int]]]:
+    """A TCP front to anvil that closes each connection's first request unanswered when told to
+    (a kept-alive connection the node has dropped), and relays everything else."""
+    import socket
+    import threading
+
+    drop: list[int] = [0]  # connections still to drop
+    target = devchain.anvil.rpc_url.removeprefix("http://").split(":")
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if drop[0] > 0:
+                drop[0] -= 1
+                client.recv(65536)
+                client.close()
+                continue
+            upstream = socket.create_connection((target[0], int(target[1])))
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", drop
+    finally:
+        stop.set()
+        listener.close()
+        thread.join()
+
+
+def test_a_dropped_connection_is_retried_once(devchain: Devchain, dropping_proxy: tuple[str, list[int]]) -> None:
+    url, drop = dropping_proxy
+
+    async def run() -> tuple[int, str]:
+        chain = Web3Chain(url, 31337, None)
+        try:
+            drop[0] = 1
+            balance = await chain.balance_of(devchain.token, PAY_TO)  # first connection dropped, then retried
+            assert drop[0] == 0
+        finally:
+            await chain.close()
+        chain = Web3Chain(url, 31337, None)
+        try:
+            drop[0] = 2
+            await chain.balance_of(devchain.token, PAY_TO)
+        except Exception as exc:  # twice in a row: the caller hears of it
+            return balance, type(exc).__name__
+        finally:
+            await chain.close()
+        return balance, "no error"
+
+    balance, error = asyncio.run(run())
+    assert balance == devchain.balance(PAY_TO)
+    assert error == "ChainUnavailable"
