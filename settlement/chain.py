@@ -66,6 +66,8 @@ FEE_CACHE_SECONDS = 10.0
 MAX_BATCH_CALLS = 100
 MAX_BATCHES_IN_FLIGHT = 2
 SEND_LANE = "eth_sendRawTransaction"
+# After a broadcast whose answer was lost: when to check that the node has it (and send it again).
+REBROADCAST_DELAYS = (0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,10 +344,26 @@ class Web3Chain:
                 raise
             except ChainUnavailable:
                 # Sent, answer lost: the node may have it. The nonce stays consumed; the hash is
-                # reported so the outcome can be resolved against the chain.
+                # reported so the outcome can be resolved against the chain. If the node never got
+                # it, every later settlement would queue behind its nonce: it is broadcast again
+                # (the same signed transaction, mined at most once) until the node knows it.
+                self._spawn(self._rebroadcast("0x" + signed.raw.hex(), tx_hash_local))
                 raise BroadcastUncertain(tx_hash_local) from None
             return str(tx_hash)
         raise ChainUnavailable("could not allocate a settlement nonce", code="settlement_nonce_error")
+
+    async def _rebroadcast(self, raw: str, tx_hash: str) -> None:
+        for delay in REBROADCAST_DELAYS:
+            await asyncio.sleep(delay)
+            try:
+                if await self._rpc("eth_getTransactionByHash", [tx_hash]) is not None:
+                    return  # the node has it (pending or mined)
+                await self._rpc("eth_sendRawTransaction", [raw])
+                return
+            except RpcError:
+                return  # known, or its nonce used (by it): nothing to fill
+            except ChainUnavailable:
+                continue  # the node is still away: try again later
 
     async def _take_nonce(self) -> int:
         if self._free_nonces:

@@ -302,3 +302,31 @@ def test_a_dropped_connection_is_retried_once(devchain: Devchain, dropping_proxy
     balance, error = asyncio.run(run())
     assert balance == devchain.balance(PAY_TO)
     assert error == "ChainUnavailable"
+
+
+def test_a_broadcast_that_never_reached_the_node_is_sent_again(
+    devchain: Devchain, dropping_proxy: tuple[str, list[int]]
+) -> None:
+    """Both tries of a broadcast are dropped: the payment is reported pending with its hash (never
+    a failure, money may move), and the same signed transaction is sent again once the node is back,
+    so it is mined and nothing queues behind its nonce."""
+    url, drop = dropping_proxy
+    req = requirements(devchain)
+
+    async def run() -> tuple[SettleResponse, Any]:
+        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        try:
+            assert (await local.settle(Payer(devchain.key(4)).sign(req), req)).success  # fees and nonce known
+            await chain.close()  # the next request opens a new connection: the proxy drops two
+            drop[0] = 2
+            pending = await local.settle(Payer(devchain.key(5)).sign(req), req)
+            receipt = await chain.wait_for_receipt(str(pending.transaction), 20)
+            return pending, receipt
+        finally:
+            await chain.close()
+
+    pending, receipt = asyncio.run(run())
+    assert not pending.success and pending.error_reason == "settlement_pending" and pending.transaction
+    assert receipt is not None and receipt.status == 1
+    assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")
