@@ -3,10 +3,11 @@
     python -m bench.catalog_scale [--endpoints 10000] [--requests 2000]
 
 Generates a catalog of N tools (distinct path templates, each with a path parameter and an input
-schema), times ``load_catalogs`` and ``create_app`` (which compiles every tool's offer and schema
-validator), then times the unpaid 402 path in-process (httpx over ASGI, no sockets) on the demo
-catalog and on the large one, hitting the first, middle and last tool. Prints both; exits 1 when the
-load takes 2 s or more.
+schema), times ``load_catalogs`` and ``create_app`` (router, limits and upstream calls of every tool;
+a tool's offer and argument validator are built on its first request, which the warm-up makes),
+then times the unpaid 402 path in-process (httpx over ASGI, no sockets) on the demo catalog and on
+the large one, hitting the first, middle and last tool. Prints both; exits 1 when load and
+create_app together take 2 s or more.
 """
 
 from __future__ import annotations

@@ -20,7 +20,18 @@ from urllib.parse import urlsplit
 from eth_utils import to_checksum_address
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from catalog.bridge import Auth, BridgeKind, FailureRule, RestRequest, RetryPolicy, SoapOperation
@@ -153,15 +164,15 @@ def _version(value: Any) -> int:
     return 1
 
 
-def _plain_json(value: Any) -> Any:
+def _without_decimals(value: Any) -> Any:
     # YAML numbers with a dot load as Decimal (for exact prices); JSON Schemas must stay
     # JSON-serialisable for /tools and /openapi.json, and a schema is not money.
     if isinstance(value, Decimal):
         return int(value) if value == value.to_integral_value() and value.is_finite() else float(value)
     if isinstance(value, dict):
-        return {k: _plain_json(v) for k, v in value.items()}
+        return {k: _without_decimals(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain_json(v) for v in value]
+        return [_without_decimals(v) for v in value]
     return value
 
 
@@ -176,20 +187,42 @@ def _schema_problem(canonical: str) -> str | None:
     return None
 
 
-def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
-    try:
-        canonical = json.dumps(value, sort_keys=True, default=str)
-    except (TypeError, ValueError):
-        canonical = None
+# Key of the validation context under which a load keeps one object per distinct schema: thousands
+# of tools often share a few schemas, and each copy would be a handful of objects to keep and scan.
+_SHARED_SCHEMAS = "shared_schemas"
+
+
+def _json_schema(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> dict[str, Any]:
+    """Decimals made JSON numbers, then ``dict[str, Any]``, then checked against the meta-schema."""
+    canonical: str | None = None
+    if isinstance(value, dict):
+        try:
+            # Most schemas are plain JSON already: they are kept as they are, and this text (which
+            # the validated copy, holding the same keys and values, would give too) is the cache key.
+            canonical = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError):
+            value = _without_decimals(value)
+    else:
+        value = _without_decimals(value)
+    schema: dict[str, Any] = handler(value)
+    if canonical is None:
+        try:
+            canonical = json.dumps(schema, sort_keys=True, default=str)
+        except (TypeError, ValueError):
+            canonical = None
     problem = _schema_problem(canonical) if canonical is not None else None
     if canonical is None:
         try:
-            Draft202012Validator.check_schema(value)
+            Draft202012Validator.check_schema(schema)
         except SchemaError as exc:
             problem = f"not a valid JSON Schema: {exc.message}"
     if problem is not None:
         raise _fail("invalid_json_schema", problem) from None
-    return value
+    shared = info.context.get(_SHARED_SCHEMAS) if isinstance(info.context, dict) else None
+    if isinstance(shared, dict):
+        # repr, not the sorted canonical text: only a schema equal in types and key order is the same
+        schema = shared.setdefault(repr(schema), schema)
+    return schema
 
 
 OwnerId = Annotated[str, BeforeValidator(_pattern(r"[a-z0-9][a-z0-9_-]{0,62}", "invalid_name", "owner"))]
@@ -205,7 +238,7 @@ BaseUrl = Annotated[str, BeforeValidator(_base_url)]
 PublicPath = Annotated[str, BeforeValidator(_path(allow_trailing_slash=False))]
 UpstreamPath = Annotated[str, BeforeValidator(_path(allow_trailing_slash=True))]
 Method = Annotated[HttpMethod, BeforeValidator(_method)]
-JsonSchema = Annotated[dict[str, Any], BeforeValidator(_plain_json), AfterValidator(_json_schema)]
+JsonSchema = Annotated[dict[str, Any], WrapValidator(_json_schema)]
 Text = Annotated[str, Field(min_length=1, max_length=4096)]
 # asset_version: "2" is easy to write unquoted; an integer is accepted and kept as text.
 VersionText = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int else v), Field(min_length=1)]
@@ -239,14 +272,23 @@ class Upstream(_Model):
     auth: Auth | None = None
 
 
+@functools.lru_cache(maxsize=4096)
+def _exact_in(price: Decimal, decimals: int) -> bool:
+    """Whether ``price`` is a whole number of atomic units; a catalog has few distinct prices.
+    (Equal Decimals such as 0.002 and 0.0020 share an entry: they have the same answer.)"""
+    try:
+        to_atomic(price, decimals)
+    except ValueError:
+        return False
+    return True
+
+
 def _consistency_problems(
     *, path: str, upstream_path: str, price: Decimal, decimals: int, input_schema: dict[str, Any]
 ) -> list[tuple[str, str, str]]:
     """Cross-field checks of one tool, as ``(field, code, message)``; shared by loader and Tool."""
     problems: list[tuple[str, str, str]] = []
-    try:
-        to_atomic(price, decimals)
-    except ValueError:
+    if not _exact_in(price, decimals):
         problems.append(("price", "price_precision", f"price {price:f} has more digits than the token's {decimals} decimals"))
     params = [s.value for s in parse_template(path) if s.is_param]
     upstream_params = [s.value for s in parse_template(upstream_path, allow_trailing_slash=True) if s.is_param]
@@ -291,15 +333,21 @@ class Tool(_Model):
     retry: bool | None = None  # None: retried only when the upstream method is idempotent
     failure_when: tuple[FailureRule, ...] = ()
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Tool:
+    @model_validator(mode="wrap")
+    @classmethod
+    def _consistent(cls, value: Any, handler: ModelWrapValidatorHandler[Tool]) -> Tool:
+        # A Tool passed in (as in ``Catalog(tools=...)``) was checked when it was made; an "after"
+        # validator would check every tool of a catalog again.
+        if isinstance(value, Tool):
+            return value
+        tool = handler(value)
         problems = _consistency_problems(
-            path=self.path, upstream_path=self.upstream_path, price=self.price,
-            decimals=self.payment.decimals, input_schema=self.input_schema,
+            path=tool.path, upstream_path=tool.upstream_path, price=tool.price,
+            decimals=tool.payment.decimals, input_schema=tool.input_schema,
         )
         if problems:
             raise ValueError("; ".join(f"{field}: {message}" for field, _, message in problems))
-        return self
+        return tool
 
     @property
     def price_atomic(self) -> int:
@@ -332,14 +380,16 @@ class Catalogs(_Model):
     """Several owners' catalogs served by one gateway; tool names and routes are unique across all."""
 
     catalogs: tuple[Catalog, ...]
+    _tools: tuple[Tool, ...] = PrivateAttr(default=())
     _by_name: dict[str, Tool] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, context: Any, /) -> None:
-        self._by_name = {tool.name: tool for tool in self.tools}
+        self._tools = tuple(tool for catalog in self.catalogs for tool in catalog.tools)
+        self._by_name = {tool.name: tool for tool in self._tools}
 
     @property
     def tools(self) -> tuple[Tool, ...]:
-        return tuple(tool for catalog in self.catalogs for tool in catalog.tools)
+        return self._tools
 
     def tool(self, name: str) -> Tool:
         return self._by_name[name]

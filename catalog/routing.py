@@ -11,7 +11,7 @@ import functools
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -59,15 +59,20 @@ def _parse_template(path: str, allow_trailing_slash: bool) -> tuple[Segment, ...
             if name in names:
                 raise ValueError(f"path {path!r} uses parameter {{{name}}} twice")
             names.add(name)
-            segments.append(Segment(name, True))
+            segments.append(_segment(name, True))
         elif _LITERAL.fullmatch(text):
-            segments.append(Segment(text, False))
+            segments.append(_segment(text, False))
         else:
             raise ValueError(
                 f"path {path!r}: segment {text!r} must be a literal or a whole {{param}} "
                 "(param names: letters, digits, '_')"
             )
     return tuple(segments)
+
+
+# Templates share most segments ("quotes", "{symbol}"); one object each keeps a large catalog's
+# cached templates small (a NamedTuple is never untracked by the cycle collector).
+_segment = functools.lru_cache(maxsize=65536)(Segment)
 
 
 def route_shape(method: str, path: str) -> tuple[str, tuple[str | None, ...]]:
@@ -81,13 +86,6 @@ class RouteMatch:
     params: dict[str, str]
 
 
-@dataclass(slots=True)
-class _Node:
-    literal: dict[str, _Node] = field(default_factory=dict)
-    param: _Node | None = None
-    routes: dict[str, tuple[Tool, tuple[str, ...]]] = field(default_factory=dict)
-
-
 def _split_request_path(path: str) -> list[str] | None:
     if not path.startswith("/"):
         return None
@@ -98,9 +96,20 @@ def _split_request_path(path: str) -> list[str] | None:
 
 
 class Router:
+    """The trie's nodes are numbers, and its edges and routes sit in dicts keyed by them, one per
+    literal segment and per method (the number-to-number ones the cycle collector does not even
+    track): 10,000 routes make no object per node or route, where node objects with their own
+    dicts made 60,000 for every collection to scan and the process to keep."""
+
     def __init__(self, tools: Iterable[Tool]) -> None:
-        self._literal: dict[str, dict[str, Tool]] = {}
-        self._root = _Node()
+        self._literal: dict[str, dict[str, Tool]] = {}  # method → fully literal path → tool
+        self._children: dict[str, dict[int, int]] = {}  # literal segment → node → its child
+        self._param_child: dict[int, int] = {}  # node → its {param} child
+        self._routes: dict[str, dict[int, Tool]] = {}  # method → node → tool
+        self._names: dict[str, dict[int, tuple[str, ...]]] = {}  # method → node → param names
+        self._methods: dict[int, str] = {}  # node with routes → their methods, space-separated
+        self._shared_names: dict[tuple[str, ...], tuple[str, ...]] = {}  # ("symbol",) once
+        self._nodes = 1  # node 0 is the root
         self._size = 0
         for tool in tools:
             self._add(tool)
@@ -109,38 +118,45 @@ class Router:
         method = tool.method.upper()
         segments = parse_template(tool.path)
         if not any(s.is_param for s in segments):
-            by_method = self._literal.setdefault(tool.path, {})
-            if method in by_method:
+            paths = self._literal.setdefault(method, {})
+            if tool.path in paths:
                 raise ValueError(f"route {method} {tool.path} is defined twice")
-            by_method[method] = tool
+            paths[tool.path] = tool
         else:
-            node = self._root
+            node = 0
             for segment in segments:
-                if segment.is_param:
-                    node.param = node.param or _Node()
-                    node = node.param
-                else:
-                    node = node.literal.setdefault(segment.value, _Node())
-            if method in node.routes:
-                raise ValueError(f"route {method} {tool.path} collides with {node.routes[method][0].path}")
-            node.routes[method] = (tool, tuple(s.value for s in segments if s.is_param))
+                edges = self._param_child if segment.is_param else self._children.setdefault(segment.value, {})
+                child = edges.get(node)
+                if child is None:
+                    child = edges[node] = self._nodes
+                    self._nodes += 1
+                node = child
+            routes = self._routes.setdefault(method, {})
+            if node in routes:
+                raise ValueError(f"route {method} {tool.path} collides with {routes[node].path}")
+            routes[node] = tool
+            names = tuple(s.value for s in segments if s.is_param)
+            self._names.setdefault(method, {})[node] = self._shared_names.setdefault(names, names)
+            self._methods[node] = f"{self._methods.get(node, '')} {method}".lstrip()
         self._size += 1
 
     def __len__(self) -> int:
         return self._size
 
-    def _leaves(self, node: _Node, segments: list[str], i: int, values: list[str]) -> Iterator[tuple[_Node, list[str]]]:
+    def _leaves(self, node: int, segments: list[str], i: int, values: list[str]) -> Iterator[tuple[int, list[str]]]:
         # Depth-first, literal child before the param child: the first leaf found is the most
         # specific route. Backtracking is bounded by the template depth, never by tool count.
         if i == len(segments):
-            if node.routes:
+            if node in self._methods:
                 yield node, values
             return
-        child = node.literal.get(segments[i])
+        edges = self._children.get(segments[i])
+        child = edges.get(node) if edges is not None else None
         if child is not None:
             yield from self._leaves(child, segments, i + 1, values)
-        if node.param is not None:
-            yield from self._leaves(node.param, segments, i + 1, [*values, segments[i]])
+        param = self._param_child.get(node)
+        if param is not None:
+            yield from self._leaves(param, segments, i + 1, [*values, segments[i]])
 
     def match(self, method: str, path: str) -> RouteMatch | None:
         segments = _split_request_path(path)
@@ -148,14 +164,17 @@ class Router:
             return None
         method = method.upper()
         wanted = "GET" if method == "HEAD" else method
-        literal = self._literal.get(path)
-        if literal is not None and wanted in literal:
-            return RouteMatch(literal[wanted], {})
-        for node, values in self._leaves(self._root, segments, 0, []):
-            route = node.routes.get(wanted)
-            if route is not None:
-                tool, names = route
-                return RouteMatch(tool, dict(zip(names, values, strict=True)))
+        literal = self._literal.get(wanted)
+        tool = literal.get(path) if literal is not None else None
+        if tool is not None:
+            return RouteMatch(tool, {})
+        routes = self._routes.get(wanted)
+        if routes is None:
+            return None
+        for node, values in self._leaves(0, segments, 0, []):
+            tool = routes.get(node)
+            if tool is not None:
+                return RouteMatch(tool, dict(zip(self._names[wanted][node], values, strict=True)))
         return None
 
     def allowed_methods(self, path: str) -> set[str]:
@@ -163,9 +182,9 @@ class Router:
         segments = _split_request_path(path)
         if segments is None:
             return set()
-        methods = set(self._literal.get(path, {}))
-        for node, _ in self._leaves(self._root, segments, 0, []):
-            methods.update(node.routes)
+        methods = {method for method, paths in self._literal.items() if path in paths}
+        for node, _ in self._leaves(0, segments, 0, []):
+            methods.update(self._methods[node].split())
         if "GET" in methods:
             methods.add("HEAD")
         return methods

@@ -7,7 +7,7 @@ an upstream client, a ledger) through its keyword arguments.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,12 +17,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from catalog import CatalogError, Catalogs, load_catalogs
 from catalog.loader import price_ceiling_issues
 from gateway.admin import Dashboard, admin_routes
 from gateway.discovery import Discovery
 from gateway.errors import GatewayError
+from gateway.fastpath import UnpaidFastPath
 from gateway.health import Readiness, gateway_checks, healthz
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
@@ -211,6 +213,16 @@ async def check_remote_facilitators(remotes: dict[str, RemoteFacilitator]) -> No
             )
 
 
+class _Gateway(Starlette):
+    """Starlette, with an optional front (the unpaid fast path) around its whole middleware stack."""
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else self.front(stack)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -220,6 +232,7 @@ def create_app(
     ledger: Ledger | None = None,
     store: StateStore | None = None,
     audit: AuditSink | None = None,
+    fast_path: bool = True,
 ) -> Starlette:
     catalogs = catalogs if catalogs is not None else load_catalogs(settings.catalog)
     networks = {tool.payment.network for tool in catalogs.tools}
@@ -336,20 +349,24 @@ def create_app(
     mcp_endpoint = McpEndpoint(pipeline, settings.public_url)
     routes.extend([*Discovery(pipeline, settings.public_url).routes(), mcp_endpoint.route()])
     routes.append(Route("/{path:path}", paid, methods=ALL_METHODS))
-    app = Starlette(
+    cors: dict[str, Any] = dict(
+        allow_origins=["*"],
+        allow_methods=ALL_METHODS,
+        allow_headers=["Content-Type", "PAYMENT-SIGNATURE", "X-PAYMENT", "Accept"],
+        expose_headers=["PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE", "X-Request-Id"],
+    )
+    app = _Gateway(
         routes=routes,
-        middleware=[
-            Middleware(
-                CORSMiddleware,
-                allow_origins=["*"],
-                allow_methods=ALL_METHODS,
-                allow_headers=["Content-Type", "PAYMENT-SIGNATURE", "X-PAYMENT", "Accept"],
-                expose_headers=["PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE", "X-Request-Id"],
-            )
-        ],
+        middleware=[Middleware(CORSMiddleware, **cors)],
         exception_handlers={404: not_found},
         lifespan=lifespan,
     )
+    if fast_path:
+        # Unpaid calls to a tool get their 402 before the middleware stack (gateway.fastpath),
+        # with the CORS headers this app's CORSMiddleware would add.
+        app.front = lambda stack: UnpaidFastPath(
+            stack, pipeline=pipeline, cors=CORSMiddleware(stack, **cors), routes=routes[:-1]
+        )
     app.state.pipeline = pipeline
     app.state.ledger = ledger
     app.state.audit = pipeline.audit
@@ -364,6 +381,6 @@ def describe(app: Any) -> list[str]:
     """Lines naming each tool on sale, for the CLI's start-up banner."""
     pipeline: Pipeline = app.state.pipeline
     return [
-        f"  {t.offer.tool.method:6} {t.offer.tool.path:32} {t.offer.tool.name:20} {t.price_text}"
+        f"  {t.tool.method:6} {t.tool.path:32} {t.tool.name:20} {t.price_text}"
         for t in pipeline.tools.values()
     ]

@@ -7,7 +7,9 @@
     GET /llms.txt              the same in plain text for a model to read
 
 Nothing here keeps its own copy of a tool: each answer is built from ``pipeline.tools`` (the
-compiled catalog), so a catalog change shows in every format and none can go stale. The ``bazaar``
+compiled catalog), so a catalog change shows in every format and none can go stale. A document is
+built on its first request and kept for the life of the app (a catalog changes with a restart):
+with thousands of tools, building one takes longer than thousands of paid requests. The ``bazaar``
 extension of each 402 challenge (``bazaar_extension``) comes from here too.
 """
 
@@ -17,7 +19,7 @@ import copy
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -37,6 +39,9 @@ X402_VERSION = 2
 BAZAAR = "bazaar"
 DISCOVERY_LIMIT_DEFAULT = 20
 DISCOVERY_LIMIT_MAX = 100
+# Documents kept per format: one for each base URL they were asked under (the public URL, or the
+# Host a client used), the oldest dropped past this. A catalog changes only with a restart.
+CACHED_BASES = 4
 
 
 # -- one tool, split the way HTTP carries it --------------------------------------------------
@@ -201,12 +206,29 @@ class Discovery:
         self.pipeline = pipeline
         self.public_url = public_url.rstrip("/") if public_url else None
         self.last_updated = int(time.time())
+        # (format, base URL) → the document: built on its first request, not at start-up, and kept,
+        # since with thousands of tools one build takes longer than thousands of paid requests.
+        self._documents: dict[tuple[str, str], Any] = {}
 
     def base_url(self, request: Request) -> str:
         return self.public_url or str(request.base_url).rstrip("/")
 
+    def _document(self, name: str, base: str, build: Callable[[], Any]) -> Any:
+        key = (name, base)
+        document = self._documents.get(key)
+        if document is None:
+            same_format = [k for k in self._documents if k[0] == name]
+            if len(same_format) >= CACHED_BASES:
+                del self._documents[same_format[0]]
+            document = self._documents[key] = build()
+        return document
+
+    def _json(self, name: str, base: str, build: Callable[[], Any]) -> Response:
+        body = self._document(name, base, lambda: JSONResponse(build()).body)
+        return Response(body, media_type="application/json")
+
     def _tools(self) -> list[Tool]:
-        return [compiled.offer.tool for compiled in self.pipeline.tools.values()]
+        return [compiled.tool for compiled in self.pipeline.tools.values()]
 
     def price(self, tool: Tool) -> dict[str, Any]:
         terms = tool.payment
@@ -250,7 +272,7 @@ class Discovery:
 
     def tools(self, request: Request) -> Response:
         base = self.base_url(request)
-        return JSONResponse({
+        return self._json("tools", base, lambda: {
             "x402Version": X402_VERSION,
             "tools": [self.tool_entry(tool, base) for tool in self._tools()],
             "howToPay": HOW_TO_PAY,
@@ -314,6 +336,9 @@ class Discovery:
 
     def openapi(self, request: Request) -> Response:
         base = self.base_url(request)
+        return self._json("openapi", base, lambda: self.openapi_document(base))
+
+    def openapi_document(self, base: str) -> dict[str, Any]:
         paths: dict[str, dict[str, Any]] = {}
         for tool in self._tools():
             paths.setdefault(tool.path, {})[tool.method.lower()] = self.operation(tool)
@@ -329,7 +354,7 @@ class Discovery:
             "paths": paths,
             "components": COMPONENTS,
         }
-        return JSONResponse(document)
+        return document
 
     # bazaar -------------------------------------------------------------------------------
 
@@ -347,7 +372,7 @@ class Discovery:
                 "pathParams": list(tool.path_params),
                 "inputSchema": tool.input_schema,
                 **({"outputSchema": tool.output_schema} if tool.output_schema else {}),
-                "bazaar": bazaar_extension(tool)["info"],
+                "bazaar": self.pipeline.tools[tool.name].offer.extensions[BAZAAR]["info"],
             },
         }
 
@@ -357,7 +382,7 @@ class Discovery:
         offset = _int_param(params.get("offset"), "offset", 0, 0, 10**9)
         kind = params.get("type")
         base = self.base_url(request)
-        items = [self.item(tool, base) for tool in self._tools()] if kind in (None, "", "http") else []
+        items: list[dict[str, Any]] = self._items(base) if kind in (None, "", "http") else []
         for name in ("network", "payTo", "scheme", "asset"):
             wanted = params.get(name)
             if wanted:
@@ -368,13 +393,17 @@ class Discovery:
             "pagination": {"limit": limit, "offset": offset, "total": len(items)},
         })
 
+    def _items(self, base: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._document("items", base, lambda: [self.item(t, base) for t in self._tools()])
+        return items
+
     def well_known(self, request: Request) -> Response:
         base = self.base_url(request)
-        return JSONResponse({
+        return self._json("well_known", base, lambda: {
             "version": 1,
             "x402Version": X402_VERSION,
             "resources": [base + tool.path for tool in self._tools()],
-            "items": [self.item(tool, base) for tool in self._tools()],
+            "items": self._items(base),
             "discovery": {
                 "resources": base + "/discovery/resources",
                 "tools": base + "/tools",
@@ -387,6 +416,10 @@ class Discovery:
 
     def llms_txt(self, request: Request) -> Response:
         base = self.base_url(request)
+        text: str = self._document("llms", base, lambda: self.llms_text(base))
+        return PlainTextResponse(text, media_type="text/plain; charset=utf-8")
+
+    def llms_text(self, base: str) -> str:
         lines = [
             "# x402gw paid tools",
             "",
@@ -440,7 +473,7 @@ class Discovery:
             f"- {base}/discovery/resources and {base}/.well-known/x402 (x402 bazaar listing)",
             "",
         ]
-        return PlainTextResponse("\n".join(lines), media_type="text/plain; charset=utf-8")
+        return "\n".join(lines)
 
     def routes(self) -> list[Route]:
         async def tools(request: Request) -> Response:

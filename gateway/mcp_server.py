@@ -68,6 +68,7 @@ class McpEndpoint:
         self.pipeline = pipeline
         self.public_url = public_url.rstrip("/") if public_url else None
         self._app: ASGIApp | None = None
+        self._listed: list[types.Tool] | None = None
         self.server: Server[Any] = Server(
             "x402gw",
             version="1",
@@ -96,8 +97,7 @@ class McpEndpoint:
     # -- tools/list -------------------------------------------------------------------------
 
     def _tool(self, name: str) -> types.Tool:
-        compiled = self.pipeline.tools[name]
-        tool = compiled.offer.tool
+        tool = self.pipeline.tools[name].tool
         terms = tool.payment
         price = {
             "amount": format_amount(tool.price_atomic, terms.decimals),
@@ -115,7 +115,9 @@ class McpEndpoint:
         )
 
     async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=[self._tool(name) for name in self.pipeline.tools])
+        if self._listed is None:  # built on the first tools/list, then kept: the catalog is fixed
+            self._listed = [self._tool(name) for name in self.pipeline.tools]
+        return types.ListToolsResult(tools=self._listed)
 
     # -- tools/call -------------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class McpEndpoint:
         compiled = self.pipeline.tools.get(params.name)
         if compiled is None:
             return self._refusal(GatewayError("not_found", f"no tool named {params.name!r}; see tools/list"))
-        tool = compiled.offer.tool
+        tool = compiled.tool
         arguments = params.arguments or {}
         meta = dict(params.meta or {})
         headers = {"accept": "application/json", "user-agent": "x402gw-mcp"}

@@ -86,6 +86,10 @@ class GatewayMetrics:
         self._stage = {stage: self.stage_seconds.labels(stage=stage) for stage in STAGES}
         self._reasons: set[str] = set()
         self._lock = threading.Lock()
+        # The labelled children on the per-request path, by label value: ``labels()`` takes a lock
+        # and builds a key on every call. Label values are few (outcomes, tools, capped reasons).
+        self._by_outcome: dict[str, Counter] = {}
+        self._challenges_by_tool: dict[str, Counter] = {}
 
     def _reason(self, reason: str | None) -> str:
         reason = reason or "unknown"
@@ -101,7 +105,10 @@ class GatewayMetrics:
 
     def on_outcome(self, ctx: RequestContext) -> None:
         outcome = ctx.outcome
-        self.requests.labels(outcome=outcome).inc()
+        requests = self._by_outcome.get(outcome)
+        if requests is None:
+            requests = self._by_outcome[outcome] = self.requests.labels(outcome=outcome)
+        requests.inc()
         for stage, seconds in ctx.timings.items():
             histogram = self._stage.get(stage)
             if histogram is not None:
@@ -110,7 +117,10 @@ class GatewayMetrics:
             return  # not a tool (404 and the like): counted by outcome only
         tool = ctx.tool.name
         if outcome == "challenged":
-            self.challenges.labels(tool=tool).inc()
+            challenges = self._challenges_by_tool.get(tool)
+            if challenges is None:
+                challenges = self._challenges_by_tool[tool] = self.challenges.labels(tool=tool)
+            challenges.inc()
             return
         if not ctx.payment_received:
             return

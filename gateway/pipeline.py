@@ -18,20 +18,22 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from jsonschema import Draft202012Validator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from catalog import Catalogs, Router, format_amount
+from catalog import Catalogs, Router, Tool, format_amount
 from gateway.context import Observer, RequestContext
 from gateway.errors import GatewayError
 from gateway.offers import Offer, Quote, request_binding
 from gateway.stages.audit import RecordingUpstream, audit_events
 from gateway.stages.bridge import Bridge, UpstreamClient, UpstreamResponse
-from gateway.stages.challenge import PaymentChallenge, collect_arguments, validate_arguments
+from gateway.stages.challenge import PaymentChallenge, challenge_issued, collect_arguments, validate_arguments
 from gateway.stages.exactly_once import in_flight, payment_identifier, receipt_of, request_fingerprint, resume
 from gateway.stages.respond import respond
 from gateway.stages.route import route
@@ -47,7 +49,7 @@ from settlement.errors import LedgerError, PaymentDecodeError
 from settlement.facilitator import Facilitator
 from settlement.ledger import Ledger, PaymentState, utcnow
 from settlement.refunds import Refunder
-from settlement.wire import PaymentPayload
+from settlement.wire import PaymentPayload, VerifyResponse
 
 audit_log = logging.getLogger("x402gw.audit")
 log = logging.getLogger("x402gw.pipeline")
@@ -56,11 +58,38 @@ PAYMENT_HEADER = "payment-signature"
 PAYMENT_HEADER_V1 = "x-payment"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CompiledTool:
-    offer: Offer
-    validator: Draft202012Validator
-    price_text: str
+    """What a request to one tool needs: its offer, argument validator and price text. Each is built
+    on first use and kept, so a catalog of thousands of tools starts without compiling them all
+    and the first request to a tool pays its build once. Tools with the same input schema share
+    one validator (``validators``, one dict per pipeline)."""
+
+    tool: Tool
+    validators: dict[str, Draft202012Validator] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def offer(self) -> Offer:
+        return Offer.for_tool(self.tool)
+
+    @cached_property
+    def validator(self) -> Draft202012Validator:
+        schema = self.tool.input_schema
+        key = json.dumps(schema, default=repr)  # in the schema's own key order: errors come in it
+        validator = self.validators.get(key)
+        if validator is None:
+            validator = self.validators[key] = Draft202012Validator(schema)
+        return validator
+
+    @cached_property
+    def price_text(self) -> str:
+        return format_amount(self.tool.price_atomic, self.tool.payment.decimals)
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    """Cancel a side task whose answer is no longer wanted, and never leave its error unread."""
+    future.cancel()
+    future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
 
 class Pipeline:
@@ -86,14 +115,8 @@ class Pipeline:
     ) -> None:
         self.catalogs = catalogs
         self.router = Router(catalogs.tools)
-        self.tools: dict[str, CompiledTool] = {
-            tool.name: CompiledTool(
-                offer=Offer.for_tool(tool),
-                validator=Draft202012Validator(tool.input_schema),
-                price_text=format_amount(tool.price_atomic, tool.payment.decimals),
-            )
-            for tool in catalogs.tools
-        }
+        validators: dict[str, Draft202012Validator] = {}
+        self.tools: dict[str, CompiledTool] = {tool.name: CompiledTool(tool, validators) for tool in catalogs.tools}
         self.facilitator = facilitator
         self.ledger = ledger
         self.upstream = upstream
@@ -112,20 +135,27 @@ class Pipeline:
         # Limits, policy and circuit breakers (gateway.stages.safety), sharing the state store.
         self.safety = safety or Safety(self.store, catalogs)
         # The hash-chained audit trail, in the ledger's database unless told otherwise.
-        self.audit: AuditSink = audit if audit is not None else AuditWriter(AuditTrail(ledger.url))
+        self.audit: AuditSink = (
+            audit if audit is not None else AuditWriter(AuditTrail(ledger.url), executor=ledger.shared_executor)
+        )
         # Told of every finished request, in ``_audit`` (metrics): cheap, never raising.
         self.observers: list[Observer] = []
 
     async def handle(self, request: Request) -> Response:
-        ctx = RequestContext(
-            method=request.method,
-            path=request.url.path,
-            query=request.url.query,
-            client=request.client.host if request.client else None,
-        )
+        url = request.url
+        client = request.scope.get("client")
+        ctx = RequestContext(method=request.method, path=url.path, query=url.query, client=client[0] if client else None)
+        response = await self.answer(ctx, self._run(ctx, request))
+        response.headers["X-Request-Id"] = ctx.request_id
+        return response
+
+    async def answer(self, ctx: RequestContext, stages: Coroutine[Any, Any, Response]) -> Response:
+        """Run a request's stages: a refusal becomes its answer; then, always, the safety stage's
+        holds are released and the request is audited and observed. The unpaid fast path
+        (``gateway.fastpath``) runs its shortened stages through here too."""
         response: Response | None = None
         try:
-            response = await self._run(ctx, request)
+            response = await stages
         except GatewayError as err:
             ctx.reason = err.code
             response = err.to_response()
@@ -146,7 +176,6 @@ class Pipeline:
             ctx.status = response.status_code if response is not None else None  # None: cancelled
             self._audit(ctx)
         assert response is not None  # every branch above answers, or the exception goes on
-        response.headers["X-Request-Id"] = ctx.request_id
         return response
 
     def resource_url(self, request: Request, ctx: RequestContext) -> str:
@@ -189,15 +218,8 @@ class Pipeline:
         if not paying:
             await self.safety.unpaid(ctx, tool)
             # A HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
-            ctx.outcome = "challenged"
-            ctx.record("challenge_issued", amount=quote.requirements.amount, asset=quote.requirements.asset,
-                       network=quote.requirements.network, payTo=quote.requirements.pay_to)
-            raise PaymentChallenge(
-                quote,
-                "payment_required",
-                f"{tool.name} costs {compiled.price_text} per call; sign the offer in PAYMENT-REQUIRED "
-                "and send it as PAYMENT-SIGNATURE",
-            )
+            challenge_issued(ctx, quote.requirements)
+            raise PaymentChallenge.unpaid(quote, compiled.price_text)
 
         # verify (decode and bind here; the facilitator's verify runs under the in-flight lock)
         ctx.payment_received = True
@@ -233,7 +255,7 @@ class Pipeline:
         # exactly once: a payment (or payment-identifier) the ledger knows is resumed, not re-run
         known = None
         if identifier is not None:
-            known = await asyncio.to_thread(self.ledger.by_payment_identifier, identifier)
+            known = await self.ledger.run(self.ledger.by_payment_identifier, identifier)
             if known is not None and (
                 known.fingerprint != fingerprint or known.payer != payer or known.nonce != nonce
             ):
@@ -242,11 +264,23 @@ class Pipeline:
                     "this payment-identifier was used for a different request or payment; use a new id",
                     status=409, paymentId=known.id,
                 )
+        early: asyncio.Future[VerifyResponse] | None = None
         if known is None:
-            known = await asyncio.to_thread(
-                self.ledger.by_authorization, requirements.network, requirements.asset, payer, nonce
-            )
+            # The ledger lookup and the facilitator's verify run side by side (a fresh payment, the
+            # usual case, needs both); for a payment the ledger knows, verify runs again after resume.
+            started = time.perf_counter()
+            early = asyncio.ensure_future(verify(self.facilitator, quote, payload))
+            try:
+                known = await self.ledger.run(
+                    self.ledger.by_authorization, requirements.network, requirements.asset, payer, nonce
+                )
+            except BaseException:
+                _discard(early)
+                raise
         if known is not None and known.state not in (PaymentState.VERIFIED, PaymentState.VOIDED, PaymentState.FAILED):
+            if early is not None:
+                _discard(early)
+                early = None
             resumed = await resume(
                 known, self.ledger, self.chains.get(known.network),
                 write_ahead=known.network in self.write_ahead_networks,
@@ -258,14 +292,20 @@ class Pipeline:
                 replay.headers["X402GW-Replay"] = "true"
                 return replay
 
-        with ctx.timed("verify"):
-            verified = await verify(self.facilitator, quote, payload)
+        if early is not None:
+            try:
+                verified = await early
+            finally:
+                ctx.timings["verify"] = ctx.timings.get("verify", 0.0) + time.perf_counter() - started
+        else:
+            with ctx.timed("verify"):
+                verified = await verify(self.facilitator, quote, payload)
         ctx.payer = verified.payer
         ctx.record("payment_verified", amount=quote.requirements.amount, network=quote.requirements.network,
                    asset=quote.requirements.asset, payTo=quote.requirements.pay_to, nonce=nonce)
         ctx.outcome = "verified"
         await self.safety.reserve(ctx, tool, ctx.payer or payer, int(requirements.amount))
-        row = await asyncio.to_thread(
+        row = await self.ledger.run(
             self.ledger.record_verified,
             request_id=ctx.request_id,
             owner=tool.owner,
@@ -301,7 +341,7 @@ class Pipeline:
         if upstream.status >= 300:
             # The upstream failed, or redirected (not the content, and never followed): nothing is
             # settled, and its answer is passed on as it is.
-            await asyncio.to_thread(
+            await self.ledger.run(
                 self.ledger.update, row.id, state=PaymentState.VOIDED, upstream_status=upstream.status,
                 error_reason="upstream_error",
             )
@@ -312,7 +352,8 @@ class Pipeline:
         ctx.outcome = "settling"
         with ctx.timed("settle"):
             receipt = await settle(
-                self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body)
+                self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body),
+                hook_writes_ahead=requirements.network in self.write_ahead_networks,
             )
         ctx.settlement = receipt
         ctx.outcome = "settled"
@@ -333,7 +374,7 @@ class Pipeline:
         except GatewayError as err:
             await self.safety.upstream_result(ctx, tool, err.code not in ("upstream_timeout", "upstream_unavailable"))
             if tool.settle != "upfront":
-                await asyncio.to_thread(self.ledger.update, payment_id, state=PaymentState.VOIDED, error_reason=err.code)
+                await self.ledger.run(self.ledger.update, payment_id, state=PaymentState.VOIDED, error_reason=err.code)
             ctx.outcome = "upstream_failed"
             raise
         ctx.upstream_status = upstream.status
@@ -347,7 +388,10 @@ class Pipeline:
         then fails, the payer is owed a refund: recorded always, paid when a refund signer exists."""
         ctx.outcome = "settling"
         with ctx.timed("settle"):
-            receipt = await settle(self.facilitator, self.ledger, payment_id, quote, payload, None)
+            receipt = await settle(
+                self.facilitator, self.ledger, payment_id, quote, payload, None,
+                hook_writes_ahead=quote.requirements.network in self.write_ahead_networks,
+            )
         ctx.settlement = receipt
         ctx.outcome = "settled"
         ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id)
@@ -358,29 +402,29 @@ class Pipeline:
             err.headers.update(receipt_headers(receipt, quote.version))
             err.fields.update(refund)
             raise
-        await asyncio.to_thread(self.ledger.update, payment_id, upstream_status=upstream.status)
+        await self.ledger.run(self.ledger.update, payment_id, upstream_status=upstream.status)
         if upstream.status >= 400:
             refund = await self._refund(ctx, quote, payment_id, "upstream_error")
             response = respond(upstream, receipt, ctx.request_id, quote.version)
             response.headers["X402GW-Refund"] = f"{refund['refund']} {refund.get('refundTransaction') or ''}".strip()
             return response
-        await asyncio.to_thread(self.ledger.store_response, payment_id, (upstream.status, upstream.headers, upstream.body))
+        await self.ledger.run(self.ledger.store_response, payment_id, (upstream.status, upstream.headers, upstream.body))
         return respond(upstream, receipt, ctx.request_id, quote.version)
 
     async def _refund(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
         requirements = quote.requirements
         amount = int(requirements.amount)
-        await asyncio.to_thread(self.ledger.update, payment_id, refund_owed=amount, refund_reason=reason)
+        await self.ledger.run(self.ledger.update, payment_id, refund_owed=amount, refund_reason=reason)
         ctx.outcome = "refund_owed"
         if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
             return {"refund": "owed", "refundAmount": requirements.amount}
 
         async def before_send(tx_hash: str) -> None:
-            await asyncio.to_thread(self.ledger.update, payment_id, refund_tx=tx_hash)
+            await self.ledger.run(self.ledger.update, payment_id, refund_tx=tx_hash)
 
         result = await self.refunder.refund(requirements.network, requirements.asset, ctx.payer, amount, before_send)
         if result.confirmed:
-            await asyncio.to_thread(
+            await self.ledger.run(
                 self.ledger.update, payment_id, refund_tx=result.tx_hash, refunded_at=utcnow()
             )
             ctx.outcome = "refunded"

@@ -9,7 +9,6 @@ goes to the audit sink in one piece. Never stops a request; never sees headers o
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from gateway.context import RequestContext
@@ -76,4 +75,6 @@ def audit_events(ctx: RequestContext) -> list[AuditEvent]:
         **common,
     )
     tool = ctx.tool.name if ctx.tool else None
-    return [dataclasses.replace(item, payer=ctx.payer, tool=tool) for item in ctx.events]
+    payer = ctx.payer
+    # A constructor call, not dataclasses.replace: the same event at a fraction of the cost.
+    return [AuditEvent(item.request_id, item.event, item.fields, payer, tool, item.at) for item in ctx.events]

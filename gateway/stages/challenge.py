@@ -14,8 +14,10 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from catalog import Tool
+from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.offers import Quote
+from settlement.wire import PaymentRequirements
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -92,6 +94,23 @@ class PaymentChallenge(GatewayError):
         headers, self.required_body = quote.challenge(code)
         self.headers.update(headers)
 
+    @classmethod
+    def unpaid(cls, quote: Quote, price_text: str) -> PaymentChallenge:
+        """The 402 of a call that came without a payment (the pipeline's and the fast path's)."""
+        return cls(
+            quote,
+            "payment_required",
+            f"{quote.offer.tool.name} costs {price_text} per call; sign the offer in PAYMENT-REQUIRED "
+            "and send it as PAYMENT-SIGNATURE",
+        )
+
     def body(self) -> dict[str, Any]:
         fields = {key: value for key, value in self.fields.items() if value is not None}
         return {**self.required_body, "message": self.message, **fields, "next": self.next_step()}
+
+
+def challenge_issued(ctx: RequestContext, requirements: PaymentRequirements) -> None:
+    """Note on the request that it is answered with an offer (the funnel's first step)."""
+    ctx.outcome = "challenged"
+    ctx.record("challenge_issued", amount=requirements.amount, asset=requirements.asset,
+               network=requirements.network, payTo=requirements.pay_to)

@@ -17,13 +17,12 @@ reservations, the breaker ticket) lives in ``ctx.safety``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import TracebackType
 from typing import Any
 
 from catalog import Catalogs, Tool, format_amount, to_atomic
@@ -115,14 +114,46 @@ class Held:
     reservations: list[_Reservation] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
-    try:
-        yield
-    except StoreUnavailable:
-        # fail closed: without the shared state no limit can be enforced, so nothing is sold
-        raise GatewayError("store_unavailable", "the gateway's shared state is unavailable; retry later",
-                           status=503, retryAfter=2) from None
+# The two context managers below are classes, not @contextlib.contextmanager generators: they
+# wrap every check of every request, and a generator per ``with`` cost more than the check.
+
+
+class _StoreErrors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if isinstance(exc, StoreUnavailable):
+            # fail closed: without the shared state no limit can be enforced, so nothing is sold
+            raise GatewayError("store_unavailable", "the gateway's shared state is unavailable; retry later",
+                               status=503, retryAfter=2) from None
+        return False
+
+
+_STORE_ERRORS = _StoreErrors()
+
+
+def _store_errors() -> _StoreErrors:
+    return _STORE_ERRORS
+
+
+class _Verdict:
+    """Every refusal of a stage goes to the audit trail with the rule that made it."""
+
+    __slots__ = ("ctx", "stage")
+
+    def __init__(self, ctx: RequestContext, stage: str) -> None:
+        self.ctx = ctx
+        self.stage = stage
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> bool:
+        if isinstance(err, GatewayError):
+            rule = err.fields.get("budget") or err.fields.get("limit") if err.code in ("budget_exceeded", "rate_limited") else None
+            self.ctx.record("safety_verdict", stage=self.stage, verdict="deny", rule=rule or err.code, reason=err.code)
+        return False
 
 
 class Safety:
@@ -182,16 +213,7 @@ class Safety:
 
     # -- before the 402 --------------------------------------------------------------------------
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _verdict(ctx: RequestContext, stage: str) -> Iterator[None]:
-        """Every refusal of this stage goes to the audit trail with the rule that made it."""
-        try:
-            yield
-        except GatewayError as err:
-            rule = err.fields.get("budget") or err.fields.get("limit") if err.code in ("budget_exceeded", "rate_limited") else None
-            ctx.record("safety_verdict", stage=stage, verdict="deny", rule=rule or err.code, reason=err.code)
-            raise
+    _verdict = _Verdict
 
     def check_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         size = sum(len(name) + len(value) + 4 for name, value in headers)  # ": " and CRLF

@@ -251,3 +251,143 @@ def test_catalog_package_is_a_leaf():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in {"gateway", "settlement", "starlette", "httpx", "uvicorn", "sqlalchemy", "redis", "web3"}, (path, name)
+
+
+# -- large catalogs: a clean file is built without the line map, which is made only to report -------
+
+LARGE_TOOL = """\
+  - name: tool_{i}
+    description: "Generated endpoint number {i}"
+    method: GET
+    path: /svc{i}/quotes/{{symbol}}
+    upstream_path: /api/v1/quote/{{symbol}}
+    price: 0.002
+    input_schema:
+      type: object
+      properties:
+        symbol: {{type: string, pattern: "^[A-Z]{{1,5}}$"}}
+{options}      required: [symbol]
+"""
+OPTIONS = "".join(f"        option_{n}: {{type: string}}\n" for n in range(10))
+
+
+def large_catalog(tools: int, bad: dict[int, tuple[str, str]] | None = None) -> str:
+    """BASE's header and ``tools`` generated tools (more YAML nodes than the old line-map walk
+    covered); ``bad`` replaces a line of some tools: {index: (old, new)}."""
+    header = BASE[: BASE.index("tools:\n") + len("tools:\n")]
+    parts = [header]
+    for i in range(tools):
+        text = LARGE_TOOL.format(i=i, options=OPTIONS)
+        if bad and i in bad:
+            old, new = bad[i]
+            assert old in text
+            text = text.replace(old, new)
+        parts.append(text)
+    return "".join(parts)
+
+
+def line_of(text: str, needle: str, after: str) -> int:
+    """1-based line of the first ``needle`` after the line holding ``after``."""
+    lines = text.splitlines()
+    start = lines.index(after)
+    return next(n for n, line in enumerate(lines[start:], start + 1) if needle in line)
+
+
+def test_large_catalog_loads_with_shared_schema_and_terms():
+    cat = parse_catalog(large_catalog(300))
+    assert len(cat.tools) == 300 and cat.tools[-1].path == "/svc299/quotes/{symbol}"
+    assert cat.tools[0].input_schema == cat.tools[-1].input_schema
+    assert cat.tools[0].input_schema is cat.tools[-1].input_schema  # one object per distinct schema
+    assert cat.tools[0].payment is cat.payment  # no payment block of its own: the catalog's terms
+    assert all(t.price_atomic == 2000 for t in cat.tools)
+
+
+def test_errors_deep_in_a_large_catalog_name_their_line():
+    deep = 5990  # past the 200,000 YAML nodes the line map used to stop at
+    text = large_catalog(6000, {
+        deep: ("    price: 0.002\n", "    price: 0\n"),
+        deep + 5: ("    method: GET\n", "    method: GET\n    prise: 1\n"),
+    })
+    found = issues(text, "big.yaml")
+    by_path = {i.path: i for i in found}
+    assert set(by_path) == {f"tools[{deep}].price", f"tools[{deep + 5}].prise"}
+    price = by_path[f"tools[{deep}].price"]
+    assert (price.code, price.line) == ("invalid_price", line_of(text, "price: 0", f"  - name: tool_{deep}"))
+    assert str(price) == f"big.yaml:{price.line}: tools[{deep}].price: price must be greater than 0, got 0"
+    unknown = by_path[f"tools[{deep + 5}].prise"]
+    assert (unknown.code, unknown.line) == ("unknown_key", line_of(text, "prise: 1", f"  - name: tool_{deep + 5}"))
+
+
+def test_cross_field_errors_deep_in_a_large_catalog_name_their_line():
+    deep = 5995
+    text = large_catalog(6000, {
+        deep - 1: ("    price: 0.002\n", "    price: 0.0000001\n"),
+        deep: ("/api/v1/quote/{symbol}", "/api/v1/quote/{sym}"),
+    })
+    found = issues(text, "big.yaml")
+    price_line = line_of(text, "price: 0.0000001", f"  - name: tool_{deep - 1}")
+    assert [(i.path, i.code, i.line) for i in found] == [
+        (f"tools[{deep - 1}].price", "price_precision", price_line),
+        (f"tools[{deep}].upstream_path", "path_param_mismatch", line_of(text, "{sym}", f"  - name: tool_{deep}")),
+    ]
+
+
+def test_duplicate_key_deep_in_a_large_catalog_names_its_line():
+    deep = 1990  # a clean parse falls back to the full one, which reports it
+    text = large_catalog(2000, {deep: ("    price: 0.002\n", "    price: 0.002\n    price: 0.003\n")})
+    (issue,) = issues(text)
+    assert (issue.path, issue.code) == (f"tools[{deep}].price", "duplicate_key")
+    assert issue.line == line_of(text, "price: 0.003", f"  - name: tool_{deep}")
+
+
+# The fast path builds data from the parser's events; PyYAML's composer and constructor are the
+# reference, and anything the fast path does not build itself goes to them.
+YAML_DOCUMENTS = [
+    "", "# a comment only\n", "---\n", "a: 1", "- a\n- b\n", "a scalar", "'quoted'", "~",
+    "a: &x {b: 1, c: [1, 2]}\nd: *x\n", "a: &s hello\nb: *s\n", "base: &b {x: 1}\nc:\n  <<: *b\n  y: 2\n",
+    "i: [0x1F, 0o17, 017, 1_000, 1:30, -5, +7, 0, 0b101]",
+    "f: [1.5, 1_000.000_1, .inf, -.inf, .nan, 1:30.5, 6.8523015e+5, 1e3, 0.1e-2, 0., .5]",
+    "b: [yes, No, ON, off, true, FALSE, y, n]", "n: [~, null, Null, '', ]", "t: 2001-12-14",
+    "s: !!str 1", "s: !!int '3'", "s: !custom x", "? [a]\n: b", "a: 1\na: 2", "1: a\n'1': b", "1: a\n0x1: b",
+    "yes: a\ntrue: b", "a: ! 12", "a:\n", "a: |\n  one\n  two\n", "a: >\n  folded\n  text\n", 'a: "\\t\\u00e9"',
+    "- {a: 1}\n- [1, [2, [3]]]\n- !!map {x: y}\n- !!seq [1]\n", "a: [1, 2\n", "a: b: c", "--- 1\n--- 2\n",
+    "a: *nope", "a: &x [1, *x]", "a: &x 1\nb: &x 2\nc: *x", "x: !!binary aGVsbG8=", "s: !!set {a, b}",
+    "=: 1", '{"price": 0.002, "tools": [{"name": "x"}]}',
+]
+
+
+@pytest.mark.parametrize("text", YAML_DOCUMENTS)
+def test_fast_yaml_path_builds_what_pyyaml_builds(text):
+    import yaml
+
+    from catalog.loader import _construct_plain, _Loader, _NeedsFullConstructor
+
+    def typed(value):
+        if isinstance(value, dict):
+            return ("dict", [(typed(k), typed(v)) for k, v in value.items()])
+        if isinstance(value, list):
+            return ("list", [typed(v) for v in value])
+        return (type(value).__name__, repr(value))
+
+    try:
+        fast = _construct_plain(text)
+    except _NeedsFullConstructor:
+        return  # left to PyYAML, as before
+    assert typed(fast) == typed(yaml.load(text, Loader=_Loader))  # noqa: S506 - our SafeLoader
+
+
+def test_a_json_catalog_loads_as_its_yaml_twin():
+    import json
+
+    import yaml
+
+    yaml_text = (EXAMPLES / "demo.yaml").read_text()
+    json_text = json.dumps(yaml.safe_load(yaml_text), indent=2)  # JSON is YAML's flow style
+    from_yaml = parse_catalog(yaml_text, "demo")
+    from_json = parse_catalog(json_text, "demo")
+    assert from_json == from_yaml
+    assert [t.price for t in from_json.tools] == [t.price for t in from_yaml.tools]  # Decimals, exact
+    bad = json_text.replace('"price": 0.002', '"price": 0.0000001', 1)
+    (issue,) = issues(bad, "demo.json")
+    assert issue.code == "price_precision"
+    assert issue.line == next(n for n, line in enumerate(bad.splitlines(), 1) if '"price": 0.0000001' in line)

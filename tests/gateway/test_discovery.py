@@ -41,6 +41,19 @@ def test_public_url_is_used_in_every_format(start_gateway: Any) -> None:
         assert "https://pay.example/quotes/{symbol}" in client.get("/llms.txt").text
 
 
+def test_documents_are_kept_per_base_url(gateway: RunningGateway) -> None:
+    with gateway.client() as client:
+        first = client.get("/openapi.json").content
+        other = client.get("/openapi.json", headers={"host": "other.example"}).json()
+        again = client.get("/openapi.json").content
+        tools = client.get("/tools", headers={"host": "other.example"}).json()["tools"]
+        llms = client.get("/llms.txt", headers={"host": "other.example"}).text
+    assert other["servers"] == [{"url": "http://other.example"}]  # each base gets its own document
+    assert again == first and b"other.example" not in first
+    assert all(t["url"].startswith("http://other.example/") for t in tools)
+    assert "http://other.example/quotes/{symbol}" in llms
+
+
 def test_openapi_document_is_valid_and_priced(gateway: RunningGateway) -> None:
     with gateway.client() as client:
         document = client.get("/openapi.json").json()

@@ -25,3 +25,20 @@ def test_template_challenge_matches_the_models(query: str, error: str) -> None:
 
 def test_empty_query_binds_as_before() -> None:
     assert request_binding("GET", "/a", "") == request_binding("GET", "/a", "&")
+
+
+def test_compiled_tools_are_built_on_first_use_and_share_validators() -> None:
+    from catalog import format_amount
+    from gateway.pipeline import CompiledTool
+
+    tools = load_catalogs([DEFAULT_CATALOG]).tools
+    validators: dict[str, object] = {}
+    compiled = [CompiledTool(tool, validators) for tool in tools]  # type: ignore[arg-type]
+    assert not any({"offer", "validator", "price_text"} & set(vars(c)) for c in compiled)  # nothing built yet
+    for one, tool in zip(compiled, tools, strict=True):
+        assert one.offer.requirements == Offer.for_tool(tool).requirements
+        assert one.offer is one.offer  # built once
+        assert one.price_text == format_amount(tool.price_atomic, tool.payment.decimals)
+        assert one.validator.schema == tool.input_schema
+    twin = CompiledTool(tools[0].model_copy(update={"name": "twin"}), validators)  # type: ignore[arg-type]
+    assert twin.validator is compiled[0].validator  # an equal schema: the same validator
