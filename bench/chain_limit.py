@@ -6,10 +6,10 @@ is mined, for ``--duration`` seconds: 32 independent senders, each waiting for i
 Prints one JSON line. Run by ``bench.run`` in its own process (pinned with taskset), so it does not
 share the harness's GIL.
 
-``--batch N`` (informational, not a ratio of the harness): the same transactions in JSON-RPC batches
-of N, one batch at a time, as the gateway's chain client coalesces concurrent settlements. A node
-spends much less per transaction this way, which is how per-call settlement (D) can come close to,
-or pass, G.
+With automine, anvil mines a block as each of these requests arrives: about one transaction per
+block. x402gw's chain client coalesces concurrent settlements' broadcasts into JSON-RPC batches,
+which anvil pools before it mines, so several settlement transactions share a block (each payment
+still has its own transaction): this is how case D can pass G.
 """
 
 from __future__ import annotations
@@ -80,80 +80,18 @@ async def run(rpc_url: str, txs: list[str], concurrency: int, duration: float) -
     }
 
 
-async def run_batched(rpc_url: str, txs: list[str], batch: int, duration: float) -> dict[str, object]:
-    """Informational: the same transactions in JSON-RPC batches of ``batch`` (sends, then one batch
-    of receipt polls), one batch at a time: what anvil takes when calls arrive coalesced, as the
-    gateway's chain client sends them. Latency is per batch."""
-    latencies: list[float] = []
-    failed = done = 0
-    source = iter(txs)
-    exhausted = False
-    async with aiohttp.ClientSession() as session:
-
-        async def rpc(calls: list[dict[str, object]]) -> list[dict[str, object]]:
-            async with session.post(rpc_url, json=calls) as response:
-                return list(await response.json(content_type=None))
-
-        start = time.perf_counter()
-        deadline = start + duration
-        while time.perf_counter() < deadline:
-            raws = [raw for _, raw in zip(range(batch), source)]
-            if len(raws) < batch:
-                exhausted = True
-                break
-            t0 = time.perf_counter()
-            sent = await rpc([{"jsonrpc": "2.0", "id": i, "method": "eth_sendRawTransaction", "params": [raw]}
-                              for i, raw in enumerate(raws)])
-            hashes = [answer.get("result") for answer in sorted(sent, key=lambda a: a["id"])]  # type: ignore[arg-type,return-value]
-            waiting = [h for h in hashes if h]
-            failed += len(hashes) - len(waiting)
-            delay = 0.001
-            while waiting:
-                answers = await rpc([{"jsonrpc": "2.0", "id": i, "method": "eth_getTransactionReceipt", "params": [h]}
-                                     for i, h in enumerate(waiting)])
-                by_id = {a["id"]: a.get("result") for a in answers}
-                still = []
-                for i, h in enumerate(waiting):
-                    receipt = by_id.get(i)
-                    if receipt is None:
-                        still.append(h)
-                    elif int(receipt["status"], 16) != 1:  # type: ignore[index]
-                        failed += 1
-                waiting = still
-                if waiting:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-            done += len(hashes)
-            latencies.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else 0.0
-
-    return {
-        "requests": done, "duration_us": int(elapsed * 1e6), "p50_us": int(pct(0.50) * 1e6),
-        "p99_us": int(pct(0.99) * 1e6), "ok": done - failed, "bad": failed, "exhausted": int(exhausted),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rpc", required=True)
     parser.add_argument("--txs", required=True, help="file of 0x raw transactions, one per line")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--batch", type=int, default=0, help="send in JSON-RPC batches of this size instead")
     args = parser.parse_args()
     with open(args.txs) as handle:
         txs = [line.strip() for line in handle if line.strip()]
     if uvloop is not None:
         uvloop.install()
-    if args.batch:
-        result = asyncio.run(run_batched(args.rpc, txs, args.batch, args.duration))
-    else:
-        result = asyncio.run(run(args.rpc, txs, args.concurrency, args.duration))
-    print("RESULTJSON " + json.dumps(result))
+    print("RESULTJSON " + json.dumps(asyncio.run(run(args.rpc, txs, args.concurrency, args.duration))))
 
 
 if __name__ == "__main__":

@@ -10,14 +10,17 @@ stacks) plus a top-functions summary for each path.
 from __future__ import annotations
 
 import argparse
+import json
 import collections
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from settlement.devchain import LOCAL_NETWORK
+
 from bench.run import (
-    GATEWAY_PATH, anvil, fetch_offer, free_port, gateway, payment_headers, process, uvicorn_cmd, wrk, write_lines,
+    BATCH_POLICY, GATEWAY_PATH, anvil, fetch_offer, free_port, gateway, payment_headers, process, uvicorn_cmd, wrk, write_lines,
 )
 
 
@@ -46,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--out", default=tempfile.gettempdir())
+    parser.add_argument("--batched", action="store_true", help="settle in batches (as case F of bench.run)")
     args = parser.parse_args()
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +57,8 @@ def main() -> None:
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
         with process(uvicorn_cmd("gateway.samples.rest_upstream:create_app", port, factory=True), ready=f"{upstream}/stats"):
-            with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "P") as url:
+            env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})} if args.batched else None
+            with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "P", env) as url:
                 pid = subprocess.run(["pgrep", "-f", "-n", "gateway.cli serve"], capture_output=True, text=True).stdout.split()[0]
                 for name, headers in (("unpaid", None), ("paid", True)):
                     headers_file = None

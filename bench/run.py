@@ -9,9 +9,7 @@ D  x402gw, paid, local facilitator: one settlement transaction per call on anvil
 E  the official x402 SDK's payment middleware + in-process SDK facilitator (bench/sdk_server.py)
 F  x402gw, paid, batched settlement (X402GW_BATCH_SETTLEMENT, BatchSettler)
 G  the chain's own limit: the same kind of pre-signed transferWithAuthorization transactions sent
-   straight to anvil (eth_sendRawTransaction + receipt), bench/chain_limit.py; plus, for
-   information only, G*: the same transactions in JSON-RPC batches (how x402gw's chain client sends
-   concurrent settlements), which anvil takes far faster than 32 separate requests
+   straight to anvil (eth_sendRawTransaction + receipt), bench/chain_limit.py
 
 Every server is its own process (uvicorn, uvloop + httptools, one worker, no access log); the
 upstream is shared. Load: wrk (one thread, bench/wrk_report.lua) at concurrency 1 and 32 for
@@ -285,7 +283,7 @@ def run_http_case(case: str, url: str, path: str, expected: int, duration: float
 
 
 def format_result(r: Result) -> str:
-    line = f"{r.case:<2} c={r.concurrency:<3} {r.rps:9.1f} req/s   p50 {r.p50_ms:8.2f} ms   p99 {r.p99_ms:8.2f} ms   ({r.ok} ok in {r.seconds:.1f} s)"
+    line = f"{r.case}  c={r.concurrency:<3} {r.rps:9.1f} req/s   p50 {r.p50_ms:8.2f} ms   p99 {r.p99_ms:8.2f} ms   ({r.ok} ok in {r.seconds:.1f} s)"
     return line + (f"   [{r.note}]" if r.note else "")
 
 
@@ -311,22 +309,16 @@ def gateway(workdir: Path, deployment: Deployment, upstream: str, name: str, ext
 def run_chain_limit(deployment: Deployment, workdir: Path, duration: float, rate: float) -> list[Result]:
     results = []
     pin = ["taskset", "-c", "1"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
-    rounds: list[tuple[int, list[str]]] = [(c, []) for c in CONCURRENCIES]
-    rounds.append((CONCURRENCIES[-1], ["--batch", str(CONCURRENCIES[-1])]))  # informational: "G*"
-    for concurrency, mode in rounds:
+    for concurrency in CONCURRENCIES:
         txs = raw_settlement_txs(deployment, int(rate * duration * (1 if concurrency == 1 else 2.5)) + 200)
         tx_file = write_lines(workdir / f"G-c{concurrency}.txt", txs)
         out = subprocess.run(
             pin + [sys.executable, "-m", "bench.chain_limit", "--rpc", deployment.rpc_url, "--txs", str(tx_file),
-                   "--concurrency", str(concurrency), "--duration", str(duration), *mode],
+                   "--concurrency", str(concurrency), "--duration", str(duration)],
             cwd=REPO, capture_output=True, text=True, check=True,
         ).stdout
         raw = json.loads(next(l for l in out.splitlines() if l.startswith("RESULTJSON "))[len("RESULTJSON "):])
-        result = to_result("G*" if mode else "G", concurrency, raw)
-        if mode:
-            result.note = (result.note + "; " if result.note else "") + (
-                f"informational: JSON-RPC batches of {concurrency}, latency per batch")
-        results.append(result)
+        results.append(to_result("G", concurrency, raw))
         print(format_result(results[-1]), flush=True)
         # What is left in the file was signed with later nonces: never sent. Nonces are consecutive,
         # so the next round re-reads the account's nonce.
@@ -463,9 +455,6 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < target:
             missed.append(name)
         print(f"  {name}  {'   '.join(parts)}   target >= {target:g} at c=32: {verdict}")
-    informational = ratio(results, "D", "G*", CONCURRENCIES[-1])
-    if informational is not None:
-        print(f"  D/G* c={CONCURRENCIES[-1]}: {informational:6.2f}   (information: against anvil fed JSON-RPC batches)")
     if gas_lines:
         print()
         print("gas per payment (fresh anvil):")

@@ -80,9 +80,10 @@ class AuditRecord(Base):
     seq: Mapped[int] = mapped_column(BigInteger, unique=True)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     request_id: Mapped[str] = mapped_column(String(64), index=True)
-    event: Mapped[str] = mapped_column(String(64), index=True)
-    payer: Mapped[str | None] = mapped_column(String(42), default=None, index=True)
-    tool: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    # Not indexed (migration 0004): nothing reads by them, and every append would pay for them.
+    event: Mapped[str] = mapped_column(String(64))
+    payer: Mapped[str | None] = mapped_column(String(42), default=None)
+    tool: Mapped[str | None] = mapped_column(String(64), default=None)
     data: Mapped[str] = mapped_column(Text)  # canonical JSON object of the event's fields
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
