@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,9 @@ from web3.exceptions import TransactionNotFound
 from settlement.eip712 import TransferAuthorization, split_signature
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.transaction import TransactionSigner
+
+
+log = logging.getLogger("x402gw.chain")
 
 
 def selector(signature: str) -> bytes:
@@ -68,6 +72,9 @@ MAX_BATCHES_IN_FLIGHT = 2
 SEND_LANE = "eth_sendRawTransaction"
 # After a broadcast whose answer was lost: when to check that the node has it (and send it again).
 REBROADCAST_DELAYS = (0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
+# A transaction of ours not mined after this long is looked up (then after 2x, 4x... as long).
+UNMINED_CHECK_SECONDS = 1.0
+MAX_REMEMBERED_RAW = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +157,8 @@ class Web3Chain:
         self._in_flight = {False: 0, True: 0}  # by lane: broadcasts (True) or everything else
         self._batching = True  # off for a node that does not answer batches
         self._tasks: set[asyncio.Task[None]] = set()
+        # Signed transactions of ours not yet seen mined, to send again if the node forgets one.
+        self._sent_raw: dict[str, str] = {}
 
     @property
     def settlement_address(self) -> str | None:
@@ -177,7 +186,9 @@ class Web3Chain:
         future: asyncio.Future[Any] = loop.create_future()
         lane = method == SEND_LANE
         self._waiting[lane].append(({"jsonrpc": "2.0", "id": self._request_id, "method": method, "params": params}, future))
-        if self._in_flight[lane] < MAX_BATCHES_IN_FLIGHT:
+        # One batch of broadcasts in flight at a time (they reach the node in order); reads two.
+        if self._in_flight[lane] < (1 if lane else MAX_BATCHES_IN_FLIGHT):
+            self._in_flight[lane] += 1  # counted now: a second flusher must not start before this one runs
             self._spawn(self._flush(lane))
         # The HTTP request belongs to the flusher: a caller cancelled here does not un-send a broadcast.
         return await future
@@ -188,7 +199,6 @@ class Web3Chain:
         task.add_done_callback(self._tasks.discard)
 
     async def _flush(self, lane: bool) -> None:
-        self._in_flight[lane] += 1
         try:
             waiting = self._waiting[lane]
             while waiting:
@@ -325,10 +335,14 @@ class Web3Chain:
                 except BaseException:
                     self._give_back(nonce)  # never broadcast
                     raise
+            raw = "0x" + signed.raw.hex()
+            self._remember_raw(tx_hash_local, raw)
             try:
-                tx_hash = await self._rpc("eth_sendRawTransaction", ["0x" + signed.raw.hex()])
+                tx_hash = await self._rpc("eth_sendRawTransaction", [raw])
             except RpcError as exc:
                 message = exc.rpc_message.lower()
+                log.warning("the node refused settlement transaction %s (nonce %d): %s", tx_hash_local, nonce,
+                            exc.rpc_message[:200])
                 if "already known" in message or "known transaction" in message:
                     return tx_hash_local  # this very transaction is in the node's pool already
                 if "nonce" in message and ("low" in message or "already" in message or "used" in message):
@@ -342,12 +356,14 @@ class Web3Chain:
                     raise
                 self._give_back(nonce)  # refused outright: the nonce is still free
                 raise
-            except ChainUnavailable:
+            except ChainUnavailable as exc:
+                log.warning("no answer to the broadcast of %s (nonce %d): %s; it will be sent again",
+                            tx_hash_local, nonce, exc)
                 # Sent, answer lost: the node may have it. The nonce stays consumed; the hash is
                 # reported so the outcome can be resolved against the chain. If the node never got
                 # it, every later settlement would queue behind its nonce: it is broadcast again
                 # (the same signed transaction, mined at most once) until the node knows it.
-                self._spawn(self._rebroadcast("0x" + signed.raw.hex(), tx_hash_local))
+                self._spawn(self._rebroadcast(raw, tx_hash_local))
                 raise BroadcastUncertain(tx_hash_local) from None
             return str(tx_hash)
         raise ChainUnavailable("could not allocate a settlement nonce", code="settlement_nonce_error")
@@ -393,6 +409,7 @@ class Web3Chain:
             self._nonce = nonce
             return
         heapq.heappush(self._free_nonces, nonce)
+        log.warning("settlement nonce %d freed with later ones out: it is reused or filled", nonce)
         self._spawn(self._fill_gap())
 
     async def _fill_gap(self) -> None:
@@ -461,8 +478,14 @@ class Web3Chain:
         return list(logs or [])
 
     async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None:
-        """The receipt, or None when the transaction is still not mined after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
+        """The receipt, or None when the transaction is still not mined after ``timeout`` seconds.
+
+        A transaction of ours still unmined after a while is looked up: a node that no longer has
+        it (dropped from its pool; anvil can lose one of a burst of consecutive nonces) gets the
+        same signed transaction again, or every later nonce would wait behind it."""
+        started = time.monotonic()
+        deadline = started + timeout
+        check_at = started + UNMINED_CHECK_SECONDS
         delay = 0.002
         while True:
             try:
@@ -470,11 +493,32 @@ class Web3Chain:
             except TransactionNotFound:
                 receipt = None
             if receipt is not None:
+                self._sent_raw.pop(tx_hash, None)
                 return receipt
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return None
+            if now >= check_at:
+                check_at = now + 2 * (check_at - started)
+                await self._send_again_if_forgotten(tx_hash)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
+
+    async def _send_again_if_forgotten(self, tx_hash: str) -> None:
+        raw = self._sent_raw.get(tx_hash)
+        if raw is None:
+            return  # not sent by this client: nothing to send again
+        try:
+            if await self._rpc("eth_getTransactionByHash", [tx_hash]) is None:
+                log.warning("the node no longer knows settlement transaction %s: sending it again", tx_hash)
+                await self._rpc("eth_sendRawTransaction", [raw])
+        except ChainUnavailable:
+            pass  # known by now, or the node is away: the next check tries again
+
+    def _remember_raw(self, tx_hash: str, raw: str) -> None:
+        self._sent_raw[tx_hash] = raw
+        if len(self._sent_raw) > MAX_REMEMBERED_RAW:
+            self._sent_raw.pop(next(iter(self._sent_raw)))
 
 
 class RpcError(ChainUnavailable):

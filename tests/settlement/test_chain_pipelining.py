@@ -330,3 +330,35 @@ def test_a_broadcast_that_never_reached_the_node_is_sent_again(
     assert not pending.success and pending.error_reason == "settlement_pending" and pending.transaction
     assert receipt is not None and receipt.status == 1
     assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")
+
+
+def test_a_transaction_the_node_forgot_is_sent_again(devchain: Devchain) -> None:
+    """The node drops one of our settlement transactions from its pool (anvil can lose one of a burst
+    of consecutive nonces; real nodes evict): still unmined after a second, it is looked up, found
+    missing, and the same signed transaction goes again, so it and the nonces after it are mined."""
+    req = requirements(devchain)
+    payment = Payer(devchain.key(6)).sign(req)
+
+    def anvil(method: str, *params: Any) -> Any:
+        return devchain.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
+
+    async def run() -> Any:
+        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        anvil("evm_setAutomine", False)
+        try:
+            checked = local.check_offline(payment, req)
+            tx_hash = await chain.send_transfer_with_authorization(checked.token, checked.auth, checked.signature)
+            anvil("anvil_dropTransaction", tx_hash)
+        finally:
+            anvil("evm_setAutomine", True)
+        try:
+            return await chain.wait_for_receipt(tx_hash, 15)
+        finally:
+            await chain.close()
+
+    receipt = asyncio.run(run())
+    assert receipt is not None and receipt.status == 1
+    auth = payment.payload["authorization"]
+    assert devchain.authorization_state(auth["from"], auth["nonce"]) is True
+    assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")
