@@ -86,7 +86,7 @@ class AuditRecord(Base):
     tool: Mapped[str | None] = mapped_column(String(64), default=None)
     data: Mapped[str] = mapped_column(Text)  # canonical JSON object of the event's fields
     prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))  # not unique (migration 0004): the chain is checked by verify
 
 
 class AuditHead(Base):

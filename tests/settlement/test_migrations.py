@@ -13,6 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
+from settlement.audit import AuditEvent, AuditTrail
 from settlement.ledger import Base, Ledger, PaymentState, create_ledger_engine
 from settlement.migrations import (
     alembic_config,
@@ -44,7 +45,7 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
 
 def _drop_everything(engine: Engine) -> None:
     with engine.begin() as conn:
-        for table in ("stored_responses", "payments", "alembic_version"):
+        for table in ("stored_responses", "payments", "audit_records", "audit_head", "alembic_version"):
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
 
 
@@ -139,3 +140,34 @@ def test_a_fresh_database_is_created_and_stamped(empty_engine: Engine) -> None:
     with empty_engine.connect() as conn:
         assert current_revision(conn) == head_revision()
     assert _diff(empty_engine) == []
+
+
+def test_the_audit_trail_keeps_its_chain_when_0004_drops_its_extra_indexes(empty_engine: Engine) -> None:
+    """0004 drops the indexes no reader uses (on SQLite by rebuilding the table): every record, id
+    and hash survives, and the chain still verifies and grows."""
+    _upgrade(empty_engine, "0003")
+    url = empty_engine.url.render_as_string(hide_password=False)
+    trail = AuditTrail(url)
+    try:
+        trail.append([AuditEvent(f"req-{i}", "challenge_issued", {"amount": str(1000 + i)}, None, "quote") for i in range(5)])
+        before = [(r.id, r.seq, r.hash) for r in trail.records()]
+    finally:
+        trail.close()
+    assert any(u["column_names"] == ["hash"] for u in inspect(empty_engine).get_unique_constraints("audit_records"))
+
+    _upgrade(empty_engine, "head")
+
+    schema = inspect(empty_engine)
+    assert not any(u["column_names"] == ["hash"] for u in schema.get_unique_constraints("audit_records"))
+    assert any(u["column_names"] == ["seq"] for u in schema.get_unique_constraints("audit_records"))
+    indexed = {tuple(ix["column_names"]) for ix in schema.get_indexes("audit_records")}
+    assert {("recorded_at",), ("request_id",)} <= indexed
+    assert not indexed & {("event",), ("payer",), ("tool",), ("hash",)}
+    trail = AuditTrail(url)
+    try:
+        assert [(r.id, r.seq, r.hash) for r in trail.records()] == before
+        trail.append([AuditEvent("req-after", "challenge_issued", {"amount": "7"})])
+        report = trail.verify()
+        assert report.intact and report.records == 6
+    finally:
+        trail.close()
