@@ -60,10 +60,6 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> Non
     click.echo(f"x402gw serving on http://{settings.host}:{settings.port}")
     for line in describe(app):
         click.echo(line)
-    # The ledger's and the audit trail's threads give the GIL back to the event loop at every
-    # database call and need it again to go on: a short switch interval keeps them from queueing
-    # for the default 5 ms behind a busy loop (the paid path's latency under load).
-    sys.setswitchinterval(0.0005)
     # What is built by now (modules, catalog, app) lives as long as the process: frozen out of the
     # collector's full passes, which would otherwise walk all of it and stop the loop for 100+ ms.
     gc.collect()
