@@ -34,7 +34,6 @@ from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_hash.auto import keccak
-from web3.exceptions import TransactionNotFound
 
 from settlement.eip712 import TransferAuthorization, split_signature
 from settlement.errors import BroadcastUncertain, ChainUnavailable
@@ -74,6 +73,9 @@ SEND_LANE = "eth_sendRawTransaction"
 REBROADCAST_DELAYS = (0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
 # A transaction of ours not mined after this long is looked up (then after 2x, 4x... as long).
 UNMINED_CHECK_SECONDS = 1.0
+# The receipt poller looks at the chain head this often: soon after a new block, then backing off.
+RECEIPT_POLL_MIN = 0.002
+RECEIPT_POLL_MAX = 0.1
 MAX_REMEMBERED_RAW = 10_000
 
 
@@ -159,12 +161,20 @@ class Web3Chain:
         self._tasks: set[asyncio.Task[None]] = set()
         # Signed transactions of ours not yet seen mined, to send again if the node forgets one.
         self._sent_raw: dict[str, str] = {}
+        # Receipt waiters by lowercase hash, and the poller that reads new blocks for them.
+        self._receipt_waiters: dict[str, list[asyncio.Future[Receipt]]] = {}
+        self._receipt_poller: asyncio.Future[None] | None = None
+        self._receipts_from: int | None = None  # the first block the poller has not read
+        self._block_receipts = True  # off for a node without eth_getBlockReceipts
 
     @property
     def settlement_address(self) -> str | None:
         return self._account.address if self._account else None
 
     async def close(self) -> None:
+        poller, self._receipt_poller = self._receipt_poller, None
+        if poller is not None and not poller.done():
+            poller.cancel()
         session, self._session = self._session, None
         if session is not None and not session.closed and self._session_loop is asyncio.get_running_loop():
             await session.close()
@@ -453,19 +463,7 @@ class Web3Chain:
 
     async def get_receipt(self, tx_hash: str) -> Receipt | None:
         raw = await self._rpc("eth_getTransactionReceipt", [tx_hash])
-        if raw is None:
-            return None
-        logs = tuple(
-            LogEntry(
-                address=log["address"],
-                topics=tuple(bytes.fromhex(t[2:]) for t in log["topics"]),
-                data=bytes.fromhex(log["data"][2:]),
-            )
-            for log in raw.get("logs", [])
-        )
-        return Receipt(
-            tx_hash=tx_hash, status=int(raw["status"], 16), block_number=int(raw["blockNumber"], 16), logs=logs
-        )
+        return None if raw is None else _receipt(tx_hash, raw)
 
     async def get_logs(
         self, address: str, topics: list[str | list[str] | None], from_block: int, to_block: int
@@ -480,32 +478,108 @@ class Web3Chain:
     async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None:
         """The receipt, or None when the transaction is still not mined after ``timeout`` seconds.
 
-        A transaction of ours still unmined after a while is looked up: a node that no longer has
-        it (dropped from its pool; anvil can lose one of a burst of consecutive nonces) gets the
-        same signed transaction again, or every later nonce would wait behind it."""
+        Many settlements wait at once: rather than each polling its own receipt, one poller follows
+        the chain head and reads each new block's receipts in one call (``eth_getBlockReceipts``),
+        handing each waiter its own. A transaction of ours still unmined after a while is looked up:
+        a node that no longer has it (dropped from its pool; anvil can lose one of a burst of
+        consecutive nonces) gets the same signed transaction again, or every later nonce would wait
+        behind it."""
         started = time.monotonic()
         deadline = started + timeout
         check_at = started + UNMINED_CHECK_SECONDS
-        delay = 0.002
-        while True:
-            try:
-                receipt = await self.get_receipt(tx_hash)
-            except TransactionNotFound:
-                receipt = None
+        key = tx_hash.lower()
+        future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        self._receipt_waiters.setdefault(key, []).append(future)
+        try:
+            # Registered first, then asked directly: a receipt mined up to this head is found here,
+            # one mined after it by the poller (which reads the blocks after this head).
+            head, receipt = await asyncio.gather(self.block_number(), self.get_receipt(tx_hash))
             if receipt is not None:
-                self._sent_raw.pop(tx_hash, None)
-                return receipt
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            if now >= check_at:
-                check_at = now + 2 * (check_at - started)
-                await self._send_again_if_forgotten(tx_hash)
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+                return self._mined(key, receipt)
+            self._scan_from(head)
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                done, _ = await asyncio.wait({future}, timeout=min(deadline, check_at) - now)
+                if done:
+                    return self._mined(key, future.result())
+                if time.monotonic() >= check_at:
+                    check_at = time.monotonic() + 2 * (check_at - started)
+                    receipt = await self.get_receipt(tx_hash)  # whatever the poller saw: ask
+                    if receipt is not None:
+                        return self._mined(key, receipt)
+                    await self._send_again_if_forgotten(tx_hash)
+        finally:
+            waiters = self._receipt_waiters.get(key)
+            if waiters is not None:
+                if future in waiters:
+                    waiters.remove(future)
+                if not waiters:
+                    del self._receipt_waiters[key]
+            if not future.done():
+                future.cancel()
+
+    def _mined(self, key: str, receipt: Receipt) -> Receipt:
+        self._sent_raw.pop(key, None)
+        return receipt
+
+    def _scan_from(self, head: int) -> None:
+        """The poller reads every block after ``head`` (again, if it had already read some)."""
+        if self._receipts_from is None or head + 1 < self._receipts_from:
+            self._receipts_from = head + 1
+        if self._receipt_poller is None or self._receipt_poller.done():
+            self._receipt_poller = asyncio.ensure_future(self._poll_receipts())
+
+    async def _poll_receipts(self) -> None:
+        delay = RECEIPT_POLL_MIN
+        try:
+            while self._receipt_waiters:
+                try:
+                    head = await self.block_number()
+                    start = self._receipts_from
+                    if start is not None and head >= start:
+                        for number in range(start, head + 1):
+                            await self._read_block(number)
+                            if self._receipts_from is not None and self._receipts_from == number:
+                                self._receipts_from = number + 1
+                        delay = RECEIPT_POLL_MIN
+                    else:
+                        delay = min(delay * 1.5, RECEIPT_POLL_MAX)
+                except ChainUnavailable:
+                    delay = RECEIPT_POLL_MAX  # the waiters' own checks go on; try again later
+                except Exception:  # a malformed answer: the waiters' own checks go on
+                    log.exception("receipt poller: unexpected answer from the node")
+                    delay = RECEIPT_POLL_MAX
+                await asyncio.sleep(delay)
+        finally:
+            self._receipts_from = None
+
+    async def _read_block(self, number: int) -> None:
+        if self._block_receipts:
+            try:
+                raws = await self._rpc("eth_getBlockReceipts", [hex(number)])
+            except RpcError:
+                self._block_receipts = False  # not offered by this node: each waiter asks for its own
+            else:
+                for raw in raws or []:
+                    key = str(raw.get("transactionHash", "")).lower()
+                    if key in self._receipt_waiters:
+                        self._resolve(key, _receipt(str(raw["transactionHash"]), raw))
+                return
+        waiting = list(self._receipt_waiters)
+        receipts = await asyncio.gather(*(self.get_receipt(h) for h in waiting), return_exceptions=True)
+        for key, receipt in zip(waiting, receipts):
+            if isinstance(receipt, Receipt):
+                self._resolve(key, receipt)
+
+    def _resolve(self, key: str, receipt: Receipt) -> None:
+        for future in self._receipt_waiters.get(key, []):
+            if not future.done():
+                future.set_result(receipt)
 
     async def _send_again_if_forgotten(self, tx_hash: str) -> None:
-        raw = self._sent_raw.get(tx_hash)
+        raw = self._sent_raw.get(tx_hash.lower())
         if raw is None:
             return  # not sent by this client: nothing to send again
         try:
@@ -516,9 +590,21 @@ class Web3Chain:
             pass  # known by now, or the node is away: the next check tries again
 
     def _remember_raw(self, tx_hash: str, raw: str) -> None:
-        self._sent_raw[tx_hash] = raw
+        self._sent_raw[tx_hash.lower()] = raw
         if len(self._sent_raw) > MAX_REMEMBERED_RAW:
             self._sent_raw.pop(next(iter(self._sent_raw)))
+
+
+def _receipt(tx_hash: str, raw: dict[str, Any]) -> Receipt:
+    logs = tuple(
+        LogEntry(
+            address=log["address"],
+            topics=tuple(bytes.fromhex(t[2:]) for t in log["topics"]),
+            data=bytes.fromhex(log["data"][2:]),
+        )
+        for log in raw.get("logs", [])
+    )
+    return Receipt(tx_hash=tx_hash, status=int(raw["status"], 16), block_number=int(raw["blockNumber"], 16), logs=logs)
 
 
 class RpcError(ChainUnavailable):

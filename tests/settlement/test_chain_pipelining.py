@@ -362,3 +362,114 @@ def test_a_transaction_the_node_forgot_is_sent_again(devchain: Devchain) -> None
     auth = payment.payload["authorization"]
     assert devchain.authorization_state(auth["from"], auth["nonce"]) is True
     assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")
+
+
+class MethodCountingChain(Web3Chain):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.methods: list[str] = []
+
+    async def _rpc(self, method: str, params: list[Any]) -> Any:
+        self.methods.append(method)
+        return await super()._rpc(method, params)
+
+
+def test_waiting_settlements_share_one_receipt_poller(devchain: Devchain) -> None:
+    """Twenty-four settlements wait at once: each looks for its receipt once, then one poller reads
+    each new block's receipts and hands each waiter its own; nobody polls its own receipt again."""
+    req = requirements(devchain)
+    payments = [Payer(devchain.key(i)).sign(req) for i in [1, 2, 3, 4, 5, 6, 7, 8] * 3]
+
+    async def run() -> tuple[list[SettleResponse], list[str]]:
+        chain = MethodCountingChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        try:
+            return await asyncio.gather(*(local.settle(p, req) for p in payments)), chain.methods
+        finally:
+            await chain.close()
+
+    results, methods = asyncio.run(run())
+    assert all(r.success for r in results)
+    for result in results:  # each waiter got the receipt of its own transaction
+        assert result.extra == {"blockNumber": devchain.w3.eth.get_transaction_receipt(result.transaction)["blockNumber"]}
+    # One direct look each, at most; whatever was not mined by then came from the poller's block reads
+    # (test_the_poller_finds_receipts_mined_after_the_waiters_looked makes that case certain).
+    assert methods.count("eth_getTransactionReceipt") <= len(payments)
+
+
+@pytest.fixture
+def no_block_receipts_node(devchain: Devchain) -> Iterator[str]:
+    """A JSON-RPC front to anvil that does not offer eth_getBlockReceipts (batches pass through)."""
+
+    def answer(call: dict[str, Any], client: httpx.Client) -> dict[str, Any]:
+        if call.get("method") == "eth_getBlockReceipts":
+            return {"jsonrpc": "2.0", "id": call.get("id"), "error": {"code": -32601, "message": "Method not found"}}
+        return dict(client.post(devchain.anvil.rpc_url, json=call).json())
+
+    def handle(request_body: Any) -> Any:
+        with httpx.Client() as client:
+            if isinstance(request_body, list):
+                return [answer(call, client) for call in request_body]
+            return answer(request_body, client)
+
+    async def endpoint(request: Request) -> Response:
+        import anyio
+
+        return JSONResponse(await anyio.to_thread.run_sync(handle, await request.json()))
+
+    with ThreadServer(Starlette(routes=[Route("/", endpoint, methods=["POST"])])) as server:
+        yield server.url
+
+
+class ScanCountingChain(Web3Chain):
+    """Tells when ``expected`` waiters have passed their direct look and handed over to the poller."""
+
+    def __init__(self, *args: Any, expected: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.expected = expected
+        self.handed_over = asyncio.Event()
+        self._count = 0
+
+    def _scan_from(self, head: int) -> None:
+        super()._scan_from(head)
+        self._count += 1
+        if self._count == self.expected:
+            self.handed_over.set()
+
+
+@pytest.mark.parametrize("block_receipts", [True, False])
+def test_the_poller_finds_receipts_mined_after_the_waiters_looked(
+    devchain: Devchain, no_block_receipts_node: str, block_receipts: bool
+) -> None:
+    """Four transactions sit in the pool (automine off) while their waiters look once, find nothing
+    and hand over to the poller; then one block mines them all and every waiter gets its receipt,
+    through eth_getBlockReceipts, or per transaction from a node that does not offer it."""
+    req = requirements(devchain)
+    payments = [Payer(devchain.key(i)).sign(req) for i in (1, 2, 3, 4)]
+    url = devchain.anvil.rpc_url if block_receipts else no_block_receipts_node
+
+    def anvil(method: str, *params: Any) -> Any:
+        return devchain.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
+
+    async def run() -> tuple[list[Any], bool]:
+        chain = ScanCountingChain(url, 31337, SETTLEMENT_KEY, expected=len(payments))
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        anvil("evm_setAutomine", False)
+        try:
+            hashes = []
+            for payment in payments:
+                checked = local.check_offline(payment, req)
+                hashes.append(await chain.send_transfer_with_authorization(checked.token, checked.auth, checked.signature))
+            waits = asyncio.gather(*(chain.wait_for_receipt(h, 20) for h in hashes))
+            await chain.handed_over.wait()
+            anvil("evm_mine")
+            return await waits, chain._block_receipts
+        finally:
+            anvil("evm_setAutomine", True)
+            await chain.close()
+
+    receipts, used_block_receipts = asyncio.run(run())
+    assert all(r is not None and r.status == 1 for r in receipts)
+    assert len({r.block_number for r in receipts}) == 1  # one block, four waiters, each its own receipt
+    assert len({r.tx_hash for r in receipts}) == 4
+    assert used_block_receipts is block_receipts
