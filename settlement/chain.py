@@ -347,24 +347,35 @@ class Web3Chain:
                     raise
             raw = "0x" + signed.raw.hex()
             self._remember_raw(tx_hash_local, raw)
+            send = asyncio.ensure_future(self._rpc("eth_sendRawTransaction", [raw]))
             try:
-                tx_hash = await self._rpc("eth_sendRawTransaction", [raw])
+                # Shielded: a caller that goes away (a client disconnect) does not leave its nonce
+                # unaccounted for; what the node says is still dealt with.
+                tx_hash = await asyncio.shield(send)
+            except asyncio.CancelledError:
+                send.add_done_callback(lambda done, n=nonce, r=raw, h=tx_hash_local: self._spawn(
+                    self._after_abandoned_send(done, n, r, h)))
+                raise
             except RpcError as exc:
                 message = exc.rpc_message.lower()
                 log.warning("the node refused settlement transaction %s (nonce %d): %s", tx_hash_local, nonce,
                             exc.rpc_message[:200])
-                if "already known" in message or "known transaction" in message:
+                if "already known" in message or "known transaction" in message or "already imported" in message:
                     return tx_hash_local  # this very transaction is in the node's pool already
                 if "nonce" in message and ("low" in message or "already" in message or "used" in message):
                     # Our own broadcast, repeated after a lost answer, may be what used the nonce.
-                    if await self._rpc("eth_getTransactionByHash", [tx_hash_local]) is not None:
+                    if await self._known(tx_hash_local, raw):
                         return tx_hash_local
                     # Someone else used the account (another process, a restart): resync once.
                     await self._resync_nonce()
                     if attempt == 0:
                         continue
                     raise
-                self._give_back(nonce)  # refused outright: the nonce is still free
+                # A repeated send (``_http``'s retry) of a transaction the node has, whatever words
+                # it uses for that; otherwise refused outright, and the nonce is still free.
+                if await self._known(tx_hash_local, raw):
+                    return tx_hash_local
+                self._give_back(nonce)
                 raise
             except ChainUnavailable as exc:
                 log.warning("no answer to the broadcast of %s (nonce %d): %s; it will be sent again",
@@ -377,6 +388,33 @@ class Web3Chain:
                 raise BroadcastUncertain(tx_hash_local) from None
             return str(tx_hash)
         raise ChainUnavailable("could not allocate a settlement nonce", code="settlement_nonce_error")
+
+    async def _after_abandoned_send(self, send: asyncio.Future[Any], nonce: int, raw: str, tx_hash: str) -> None:
+        """What ``send_call`` would have done with the broadcast's outcome, had its caller stayed."""
+        if send.cancelled() or send.exception() is None:
+            return
+        exc = send.exception()
+        if isinstance(exc, RpcError):
+            message = exc.rpc_message.lower()
+            if "already" in message or "known transaction" in message or "nonce" in message:
+                return  # in the pool, or the nonce is used: no gap of ours
+            try:
+                if await self._known(tx_hash, raw):
+                    return
+            except BroadcastUncertain:
+                return  # resent until known
+            self._give_back(nonce)
+        elif isinstance(exc, ChainUnavailable):
+            self._spawn(self._rebroadcast(raw, tx_hash))
+
+    async def _known(self, tx_hash: str, raw: str) -> bool:
+        """Whether the node has our transaction; not knowing is not "no": the broadcast may have
+        landed, so a failed lookup is an uncertain broadcast (resent until the node knows it)."""
+        try:
+            return await self._rpc("eth_getTransactionByHash", [tx_hash]) is not None
+        except ChainUnavailable:
+            self._spawn(self._rebroadcast(raw, tx_hash))
+            raise BroadcastUncertain(tx_hash) from None
 
     async def _rebroadcast(self, raw: str, tx_hash: str) -> None:
         for delay in REBROADCAST_DELAYS:
@@ -430,17 +468,23 @@ class Web3Chain:
         nonce = heapq.heappop(self._free_nonces)
         try:
             max_fee, priority = await self._fees_now()
-            signed = self._signer.sign(
-                chain_id=self.chain_id, nonce=nonce, to=self._account.address, data=b"", gas=FILLER_GAS_LIMIT,
-                max_fee_per_gas=max_fee, max_priority_fee_per_gas=priority,
-            )
-            await self._rpc("eth_sendRawTransaction", ["0x" + signed.raw.hex()])
+        except ChainUnavailable:
+            heapq.heappush(self._free_nonces, nonce)  # nothing signed or sent: still free
+            return
+        signed = self._signer.sign(
+            chain_id=self.chain_id, nonce=nonce, to=self._account.address, data=b"", gas=FILLER_GAS_LIMIT,
+            max_fee_per_gas=max_fee, max_priority_fee_per_gas=priority,
+        )
+        raw = "0x" + signed.raw.hex()
+        try:
+            await self._rpc("eth_sendRawTransaction", [raw])
         except RpcError as exc:
             if "nonce" in exc.rpc_message.lower():
                 return  # used by now (by us or another process): no gap any more
             heapq.heappush(self._free_nonces, nonce)
         except ChainUnavailable:
-            return  # may have been sent; if not, a resync after the next nonce error finds it
+            # It may never have reached the node, and nothing resyncs on a queue: sent again until known.
+            self._spawn(self._rebroadcast(raw, "0x" + signed.hash.hex()))
 
     async def send_transfer(self, token: str, to: str, amount: int, before_send: BeforeSend | None = None) -> str:
         """A plain ERC-20 transfer from this chain client's account (refunds)."""

@@ -229,7 +229,8 @@ class Ledger:
         shared = getattr(self._batch, "connection", None)
         try:
             if shared is not None:
-                with Session(bind=shared, expire_on_commit=False) as session:
+                # Its own savepoint: a failed flush rolls back this call, not the group's transaction.
+                with Session(bind=shared, expire_on_commit=False, join_transaction_mode="create_savepoint") as session:
                     yield session
                     session.flush()
                 return
@@ -406,8 +407,8 @@ class _GroupCommitWorker(Executor):
     next one, committed once, and only then answered: a caller that was told "written" is durable
     (the write-ahead rule), and a burst of payments costs one commit, not one each.
 
-    Each call sees its own statements' effects; a call that raises is answered with its error
-    without undoing the others (SQLite rolls back the failing statement, not the transaction).
+    Each call runs in its own savepoint: one that raises is answered with its error, leaves nothing
+    behind, and undoes none of the others.
     ``submit`` runs a call alone, outside any group transaction (the audit trail's appends, which
     take the database's write lock with a connection of their own).
     """
@@ -472,10 +473,19 @@ class _GroupCommitWorker(Executor):
         outcomes: list[tuple[Future[Any], bool, Any]] = []
         try:
             with self._ledger.engine.begin() as connection:
+                # pysqlite begins lazily at the first write: begin now, so the savepoints below nest
+                # in this one transaction (and the write lock is held from a fresh snapshot).
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
                 self._ledger._batch.connection = connection
                 try:
                     for call, future in group:
-                        outcomes.append((future, *_outcome(call)))
+                        savepoint = connection.begin_nested()
+                        ok, value = _outcome(call)
+                        if ok:
+                            savepoint.commit()
+                        else:
+                            savepoint.rollback()  # a failed call leaves nothing behind and undoes no other
+                        outcomes.append((future, ok, value))
                 finally:
                     self._ledger._batch.connection = None
         except Exception as exc:  # the commit (or BEGIN) failed: nothing of the group was written
