@@ -172,9 +172,18 @@ class Web3Chain:
         return self._account.address if self._account else None
 
     async def close(self) -> None:
+        """Stops the poller and background sends (a pending settlement is resolved by the next
+        start-up's reconcile) and fails the calls still queued."""
         poller, self._receipt_poller = self._receipt_poller, None
-        if poller is not None and not poller.done():
-            poller.cancel()
+        for task in [poller, *self._tasks]:
+            if task is not None and not task.done():
+                task.cancel()
+        for calls in self._waiting.values():
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(ChainUnavailable("the chain client is closed"))
+            calls.clear()
+        self._in_flight = {False: 0, True: 0}
         session, self._session = self._session, None
         if session is not None and not session.closed and self._session_loop is asyncio.get_running_loop():
             await session.close()

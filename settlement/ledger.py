@@ -448,6 +448,7 @@ class _GroupCommitWorker(Executor):
             item = held if held is not None else self._queue.get()
             held = None
             if item is None:
+                self._refuse_the_rest()
                 return
             call, future, grouped = item
             if not grouped:
@@ -493,6 +494,16 @@ class _GroupCommitWorker(Executor):
             error.__cause__ = exc
             return [(future, False, error) for _, future in group]
         return outcomes
+
+    def _refuse_the_rest(self) -> None:
+        """Calls that raced ``shutdown`` past its stop marker are answered, not left waiting."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(RuntimeError("the ledger is closed"))
 
     @staticmethod
     def _answer(outcomes: list[tuple[Future[Any], bool, Any]]) -> None:
