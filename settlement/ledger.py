@@ -56,6 +56,15 @@ from settlement.errors import LedgerError
 
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _atomic_alone(fn: _F) -> _F:
+    """Marks a ledger call that needs no savepoint of its own in a group transaction: it writes at
+    most one statement (SQLite undoes a failing statement by itself), or its ORM part takes its own
+    savepoint (``_session``). Every other call gets a savepoint."""
+    fn.atomic_alone = True  # type: ignore[attr-defined]
+    return fn
 
 
 class PaymentState(enum.StrEnum):
@@ -241,6 +250,7 @@ class Ledger:
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger write failed ({type(exc).__name__})") from exc
 
+    @_atomic_alone
     def record_verified(self, **fields: Any) -> Payment:
         """Insert a verified payment. If this authorization already has a row that moved no money
         (voided, or failed before broadcast), that row is reused; otherwise the existing row is
@@ -313,6 +323,7 @@ class Ledger:
             session.flush()
         session.add(StoredResponse(payment_id=payment_id, status=status, headers=json.dumps(headers), body=body))
 
+    @_atomic_alone
     def stored_response(self, payment_id: int) -> tuple[int, list[tuple[str, str]], bytes] | None:
         with self._session() as session:
             row = session.get(StoredResponse, payment_id)
@@ -320,6 +331,7 @@ class Ledger:
                 return None
             return row.status, [(str(k), str(v)) for k, v in json.loads(row.headers)], bytes(row.body)
 
+    @_atomic_alone
     def by_payment_identifier(self, identifier: str) -> Payment | None:
         with self._session() as session:
             return session.scalars(select(Payment).where(Payment.payment_identifier == identifier)).one_or_none()
@@ -333,11 +345,13 @@ class Ledger:
                 )
             )
 
+    @_atomic_alone
     def update(self, payment_id: int, **fields: Any) -> None:
         values = {key: value.value if isinstance(value, PaymentState) else value for key, value in fields.items()}
         with self._connection() as connection:
             _update_row(connection, payment_id, values)
 
+    @_atomic_alone
     def get(self, payment_id: int) -> Payment | None:
         with self._session() as session:
             return session.get(Payment, payment_id)
@@ -346,6 +360,7 @@ class Ledger:
         with self._session() as session:
             return session.scalars(select(Payment).where(Payment.request_id == request_id)).one_or_none()
 
+    @_atomic_alone
     def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
         with self._connection() as connection:
             found = connection.execute(
@@ -480,6 +495,9 @@ class _GroupCommitWorker(Executor):
                 self._ledger._batch.connection = connection
                 try:
                     for call, future in group:
+                        if getattr(getattr(call, "func", None), "atomic_alone", False):
+                            outcomes.append((future, *_outcome(call)))
+                            continue
                         savepoint = connection.begin_nested()
                         ok, value = _outcome(call)
                         if ok:
