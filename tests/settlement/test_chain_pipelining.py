@@ -18,22 +18,12 @@ from starlette.routing import Route
 
 from gateway.serving import ThreadServer
 from settlement.chain import Web3Chain
-from settlement.devchain import ANVIL_KEYS, LOCAL_NETWORK
+from settlement.devchain import LOCAL_NETWORK
 from settlement.facilitator import LocalFacilitator
 from settlement.payer import Payer
-from settlement.wire import PaymentRequirements, SettleResponse
+from settlement.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain
-
-PRICE = 1000
-SETTLEMENT_KEY = ANVIL_KEYS[0]
-
-
-def requirements(devchain: Devchain) -> PaymentRequirements:
-    return PaymentRequirements(
-        scheme="exact", network=LOCAL_NETWORK, amount=str(PRICE), asset=devchain.token, pay_to=PAY_TO,
-        max_timeout_seconds=120, extra={"name": "USD Coin", "version": "2"},
-    )
-
+from tests.support.settlement_helpers import PRICE, SETTLEMENT_KEY, requirements, settlement_nonce
 
 class CountingChain(Web3Chain):
     """Counts the HTTP requests and the JSON-RPC calls in them (the unit under test is the client)."""
@@ -45,11 +35,6 @@ class CountingChain(Web3Chain):
     async def _http(self, body: Any) -> Any:
         self.posts.append(len(body) if isinstance(body, list) else 1)
         return await super()._http(body)
-
-
-def settlement_nonce(devchain: Devchain, tag: str) -> int:
-    address = devchain.w3.eth.account.from_key(SETTLEMENT_KEY).address
-    return int(devchain.w3.eth.get_transaction_count(address, tag))
 
 
 def test_concurrent_reads_share_batches(devchain: Devchain) -> None:

@@ -22,41 +22,13 @@ from starlette.routing import Route
 
 from gateway.serving import ThreadServer
 from settlement.chain import Web3Chain
-from settlement.devchain import ANVIL_KEYS, LOCAL_NETWORK
+from settlement.devchain import LOCAL_NETWORK
 from settlement.facilitator import LocalFacilitator
 from settlement.ledger import Ledger, PaymentState
 from settlement.payer import Payer
-from settlement.wire import PaymentRequirements, SettleResponse
-from tests.conftest import PAY_TO, Devchain
-
-PRICE = 1000
-SETTLEMENT_KEY = ANVIL_KEYS[0]
-
-
-def requirements(devchain: Devchain) -> PaymentRequirements:
-    return PaymentRequirements(
-        scheme="exact", network=LOCAL_NETWORK, amount=str(PRICE), asset=devchain.token, pay_to=PAY_TO,
-        max_timeout_seconds=120, extra={"name": "USD Coin", "version": "2"},
-    )
-
-
-def settlement_nonce(devchain: Devchain, tag: str) -> int:
-    address = devchain.w3.eth.account.from_key(SETTLEMENT_KEY).address
-    return int(devchain.w3.eth.get_transaction_count(address, tag))
-
-
-def anvil(devchain: Devchain, method: str, *params: Any) -> Any:
-    return devchain.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
-
-
-def ledger_fields(i: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "request_id": f"req-{i}", "owner": "acme", "tool": "quote", "decimals": 6, "method": "GET", "path": "/q",
-        "payer": "0x" + "1" * 40, "pay_to": "0x" + "2" * 40, "amount": 1000 + i, "network": "eip155:31337",
-        "asset": "0x" + "3" * 40, "nonce": f"0x{i:064x}", "valid_before": 1, "authorization": "{}",
-        "payment_identifier": None, "fingerprint": "f", "settle_mode": "after", **extra,
-    }
-
+from settlement.wire import SettleResponse
+from tests.conftest import Devchain
+from tests.support.settlement_helpers import SETTLEMENT_KEY, anvil_rpc, ledger_fields, requirements, settlement_nonce
 
 # ------------------------------------------------------------------------------------------ ledger
 
@@ -281,19 +253,19 @@ def test_a_broadcast_repeated_after_a_dropped_connection_is_not_reported_refused
             await chain.block_number()  # a kept-alive connection
             await chain._fees_now()
             await chain._take_nonce() and chain._give_back(chain._nonce - 1)  # nonce known
-            anvil(devchain, "evm_setAutomine", False)
+            anvil_rpc(devchain, "evm_setAutomine", False)
             drop[0] = 1
-            timer = threading.Timer(2.0, lambda: anvil(devchain, "evm_setAutomine", True))
+            timer = threading.Timer(2.0, lambda: anvil_rpc(devchain, "evm_setAutomine", True))
             timer.start()
             return await local.settle(payment, req)
         finally:
             if timer is not None:
                 timer.cancel()
-            anvil(devchain, "evm_setAutomine", True)
+            anvil_rpc(devchain, "evm_setAutomine", True)
             await chain.close()
 
     result = asyncio.run(run())
-    anvil(devchain, "evm_mine")
+    anvil_rpc(devchain, "evm_mine")
     assert drop[0] == 0
     used = devchain.authorization_state(auth["from"], auth["nonce"])
     assert used, "the transaction should have been mined"

@@ -12,15 +12,7 @@ from sqlalchemy import create_engine, event, text
 
 from settlement.errors import LedgerError
 from settlement.ledger import Ledger, PaymentState
-
-
-def fields(i: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "request_id": f"req-{i}", "owner": "acme", "tool": "quote", "decimals": 6, "method": "GET", "path": "/q",
-        "payer": "0x" + "1" * 40, "pay_to": "0x" + "2" * 40, "amount": 1000 + i, "network": "eip155:31337",
-        "asset": "0x" + "3" * 40, "nonce": f"0x{i:064x}", "valid_before": 1, "authorization": "{}",
-        "payment_identifier": None, "fingerprint": "f", "settle_mode": "after", **extra,
-    }
+from tests.support.settlement_helpers import ledger_fields
 
 
 def count_commits(ledger: Ledger) -> list[int]:
@@ -36,7 +28,7 @@ def test_concurrent_writes_share_commits_and_are_durable_when_answered(tmp_path:
     outside = create_engine(url)  # another connection: sees only what was committed
 
     async def run() -> list[int]:
-        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **fields(i)) for i in range(60)))
+        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(i)) for i in range(60)))
         with outside.connect() as connection:  # answered means committed
             assert connection.execute(text("select count(*) from payments")).scalar() == 60
         await asyncio.gather(*(
@@ -63,13 +55,13 @@ def test_an_error_stays_with_its_call(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
 
     async def run() -> list[Any]:
-        first = await ledger.run(ledger.record_verified, **fields(1))
-        duplicate_nonce = fields(2, nonce=first.nonce)
+        first = await ledger.run(ledger.record_verified, **ledger_fields(1))
+        duplicate_nonce = ledger_fields(2, nonce=first.nonce)
         return await asyncio.gather(
             ledger.run(ledger.update, first.id, upstream_status=201),
             ledger.run(ledger.update, 999_999, upstream_status=500),  # no such row
             ledger.run(ledger.record_verified, **duplicate_nonce),  # conflicts: answers the existing row
-            ledger.run(ledger.record_verified, **fields(3)),
+            ledger.run(ledger.record_verified, **ledger_fields(3)),
             return_exceptions=True,
         )
 
@@ -93,7 +85,7 @@ def test_a_failed_commit_fails_every_call_in_it(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
 
     async def run() -> list[Any]:
-        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **fields(i)) for i in range(2)))
+        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(i)) for i in range(2)))
         event.listen(ledger.engine, "commit", refuse)
         try:
             return await asyncio.gather(
@@ -115,7 +107,7 @@ def test_postgresql_takes_concurrent_calls_on_a_pool(postgres_url: str) -> None:
     ledger = Ledger(postgres_url)
 
     async def run() -> list[Any]:
-        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **fields(10_000 + i)) for i in range(40)))
+        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(10_000 + i)) for i in range(40)))
         await asyncio.gather(*(ledger.run(ledger.update, row.id, state=PaymentState.SETTLED) for row in rows))
         return [await ledger.run(ledger.get, row.id) for row in rows]
 
