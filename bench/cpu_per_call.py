@@ -1,0 +1,74 @@
+"""CPU spent per paid call by each process: the gateway, anvil and the upstream.
+
+    python -m bench.cpu_per_call [--batched] [--duration 5] [--concurrency 32]
+
+Starts the sample upstream, a fresh anvil and one gateway process as ``bench.run`` does, drives paid
+calls with wrk (pre-signed authorizations) and reads each process's CPU time from /proc before and
+after: what a paid call costs where, which tells whether the gateway or the chain is the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.run import (
+    BATCH_POLICY, GATEWAY_PATH, anvil, fetch_offer, free_port, gateway, payment_headers, process, uvicorn_cmd, wrk,
+    write_lines,
+)
+from settlement.devchain import LOCAL_NETWORK
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / float(__import__("os").sysconf("SC_CLK_TCK"))
+
+
+def newest(pattern: str) -> int:
+    out = subprocess.run(["pgrep", "-f", "-n", pattern], capture_output=True, text=True).stdout.split()
+    if not out:
+        raise RuntimeError(f"no process matches {pattern!r}")
+    return int(out[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batched", action="store_true", help="batched settlement (case F) instead of D")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="x402gw-cpu-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        upstream = f"http://127.0.0.1:{port}"
+        env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})} if args.batched else None
+        with process(uvicorn_cmd("gateway.samples.rest_upstream:create_app", port, factory=True),
+                     ready=f"{upstream}/stats") as upstream_process:
+            with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "cpu", env) as url:
+                pids = {
+                    "gateway": newest("gateway.cli serve"),
+                    "anvil": newest(f"anvil --host 127.0.0.1 --port {deployment.rpc_url.rsplit(':', 1)[1]}"),
+                    "upstream": upstream_process.pid,
+                }
+                offer = fetch_offer(url + GATEWAY_PATH)
+                headers = write_lines(workdir / "h.txt", payment_headers(offer, int(800 * args.duration) + 200))
+                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                result = wrk(url, GATEWAY_PATH, 200, args.concurrency, args.duration, headers)
+                after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    calls = result["ok"]
+    if not calls:
+        print("no paid call succeeded", file=sys.stderr)
+        return 1
+    rate = calls / (result["duration_us"] / 1e6)
+    parts = ", ".join(f"{name} {1000 * (after[name] - before[name]) / calls:.2f} ms" for name in pids)
+    print(f"{'F (batched)' if args.batched else 'D'} c={args.concurrency}: {rate:.0f} paid calls/s; CPU per call: {parts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
