@@ -272,3 +272,69 @@ def test_a_broadcast_repeated_after_a_dropped_connection_is_not_reported_refused
     # money moved: the payment must not be answered as a definite failure
     assert result.success or result.error_reason == "settlement_pending", (result.error_reason, result.error_message)
     assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")
+
+
+@pytest.fixture
+def refusing_node(devchain: Devchain) -> Iterator[tuple[str, threading.Event, threading.Event]]:
+    """A JSON-RPC front to anvil that holds the first broadcast until released, then refuses it
+    (the node never gets it); every other call is relayed."""
+    received, release = threading.Event(), threading.Event()
+    state = {"held": False}
+
+    def answer(call: dict[str, Any], client: httpx.Client) -> dict[str, Any]:
+        if call.get("method") == "eth_sendRawTransaction" and not state["held"]:
+            state["held"] = True
+            received.set()
+            release.wait(30)
+            return {"jsonrpc": "2.0", "id": call.get("id"),
+                    "error": {"code": -32003, "message": "insufficient funds for gas * price + value"}}
+        return dict(client.post(devchain.anvil.rpc_url, json=call).json())
+
+    def handle(body: Any) -> Any:
+        with httpx.Client() as client:
+            return [answer(c, client) for c in body] if isinstance(body, list) else answer(body, client)
+
+    async def endpoint(request: Request) -> Response:
+        import anyio
+
+        return JSONResponse(await anyio.to_thread.run_sync(handle, await request.json()))
+
+    with ThreadServer(Starlette(routes=[Route("/", endpoint, methods=["POST"])])) as server:
+        yield server.url, received, release
+
+
+def test_a_caller_gone_mid_broadcast_leaves_no_gap(
+    devchain: Devchain, refusing_node: tuple[str, threading.Event, threading.Event]
+) -> None:
+    """The caller of a settlement goes away (a client disconnect) while its broadcast is in flight,
+    and the node then refuses that broadcast: the nonce is handed back all the same, so the next
+    settlement takes it and is mined, instead of queueing behind a nonce nobody will use."""
+    url, received, release = refusing_node
+    req = requirements(devchain)
+    start = settlement_nonce(devchain, "latest")
+
+    async def run() -> SettleResponse:
+        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=10)
+        try:
+            first = asyncio.ensure_future(local.settle(Payer(devchain.key(1)).sign(req), req))
+            await asyncio.to_thread(received.wait, 30)  # its broadcast is at the node's door
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            release.set()  # the node refuses it now, with nobody waiting for the answer
+            # The refusal is dealt with in the background (the nonce handed back); then the next one.
+            async def handed_back() -> None:
+                while chain._nonce != start:
+                    await asyncio.sleep(0)  # one turn of the loop at a time, until the hand-back is done
+
+            await asyncio.wait_for(handed_back(), 10)  # a bound, so a broken hand-back fails, not hangs
+            return await local.settle(Payer(devchain.key(2)).sign(req), req)
+        finally:
+            release.set()
+            await chain.close()
+
+    second = asyncio.run(run())
+    assert second.success, second.error_reason
+    assert int(devchain.w3.eth.get_transaction(second.transaction)["nonce"]) == start
+    assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest") == start + 1
