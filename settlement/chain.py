@@ -157,6 +157,7 @@ class Web3Chain:
         # Calls waiting for the next JSON-RPC batch, and the batches in flight.
         self._waiting: dict[bool, list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {False: [], True: []}
         self._in_flight = {False: 0, True: 0}  # by lane: broadcasts (True) or everything else
+        self._send_order: dict[int, int] = {}  # JSON-RPC id of a waiting broadcast → its nonce
         self._batching = True  # off for a node that does not answer batches
         self._tasks: set[asyncio.Task[None]] = set()
         # Signed transactions of ours not yet seen mined, to send again if the node forgets one.
@@ -184,6 +185,7 @@ class Web3Chain:
                     future.set_exception(ChainUnavailable("the chain client is closed"))
             calls.clear()
         self._in_flight = {False: 0, True: 0}
+        self._send_order.clear()
         session, self._session = self._session, None
         if session is not None and not session.closed and self._session_loop is asyncio.get_running_loop():
             await session.close()
@@ -198,12 +200,14 @@ class Web3Chain:
             self._session_loop = loop
         return self._session
 
-    async def _rpc(self, method: str, params: list[Any]) -> Any:
+    async def _rpc(self, method: str, params: list[Any], *, order: int | None = None) -> Any:
         """One JSON-RPC call, sent alone or in a batch with the calls made while others are in flight."""
         loop = asyncio.get_running_loop()
         self._request_id += 1
         future: asyncio.Future[Any] = loop.create_future()
         lane = method == SEND_LANE
+        if order is not None:
+            self._send_order[self._request_id] = order  # broadcasts go out in nonce order
         self._waiting[lane].append(({"jsonrpc": "2.0", "id": self._request_id, "method": method, "params": params}, future))
         # One batch of broadcasts in flight at a time (they reach the node in order); reads two.
         if self._in_flight[lane] < (1 if lane else MAX_BATCHES_IN_FLIGHT):
@@ -221,8 +225,12 @@ class Web3Chain:
         try:
             waiting = self._waiting[lane]
             while waiting:
+                if lane and self._send_order:
+                    waiting.sort(key=lambda item: self._send_order.get(item[0]["id"], -1))
                 calls = waiting[:MAX_BATCH_CALLS]
                 del waiting[:MAX_BATCH_CALLS]
+                for call, _ in calls:
+                    self._send_order.pop(call["id"], None)
                 await self._post(calls)
         finally:
             self._in_flight[lane] -= 1
@@ -356,7 +364,7 @@ class Web3Chain:
                     raise
             raw = "0x" + signed.raw.hex()
             self._remember_raw(tx_hash_local, raw)
-            send = asyncio.ensure_future(self._rpc("eth_sendRawTransaction", [raw]))
+            send = asyncio.ensure_future(self._rpc("eth_sendRawTransaction", [raw], order=nonce))
             try:
                 # Shielded: a caller that goes away (a client disconnect) does not leave its nonce
                 # unaccounted for; what the node says is still dealt with.

@@ -354,9 +354,9 @@ class MethodCountingChain(Web3Chain):
         super().__init__(*args, **kwargs)
         self.methods: list[str] = []
 
-    async def _rpc(self, method: str, params: list[Any]) -> Any:
+    async def _rpc(self, method: str, params: list[Any], **kwargs: Any) -> Any:
         self.methods.append(method)
-        return await super()._rpc(method, params)
+        return await super()._rpc(method, params, **kwargs)
 
 
 def test_waiting_settlements_share_one_receipt_poller(devchain: Devchain) -> None:
@@ -458,3 +458,59 @@ def test_the_poller_finds_receipts_mined_after_the_waiters_looked(
     assert len({r.block_number for r in receipts}) == 1  # one block, four waiters, each its own receipt
     assert len({r.tx_hash for r in receipts}) == 4
     assert used_block_receipts is block_receipts
+
+
+class BatchRecordingChain(Web3Chain):
+    """Keeps the nonces of the broadcasts in each JSON-RPC request, in the order they were sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.broadcasts: list[list[int]] = []
+
+    async def _http(self, body: Any) -> Any:
+        import rlp
+
+        calls = body if isinstance(body, list) else [body]
+        nonces = [int.from_bytes(rlp.decode(bytes.fromhex(c["params"][0][4:]))[1], "big")
+                  for c in calls if c["method"] == "eth_sendRawTransaction"]
+        if nonces:
+            self.broadcasts.append(nonces)
+        return await super()._http(body)
+
+
+def test_broadcasts_leave_in_nonce_order(devchain: Devchain) -> None:
+    """Five settlements finish their write-ahead in the reverse order of their nonces: their
+    broadcasts still reach the node lowest nonce first."""
+    req = requirements(devchain)
+    payments = [Payer(devchain.key(i)).sign(req) for i in (1, 2, 3, 4, 5)]
+
+    async def run() -> tuple[list[SettleResponse], list[list[int]]]:
+        chain = BatchRecordingChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        gates: list[asyncio.Event] = []
+        all_signed = asyncio.Event()
+
+        async def before_send(tx_hash: str) -> None:
+            gate = asyncio.Event()
+            gates.append(gate)  # in nonce order: the nonce is taken, the transaction signed, then this
+            if len(gates) == len(payments):
+                all_signed.set()
+            await gate.wait()
+
+        async def release_in_reverse() -> None:
+            await all_signed.wait()
+            for gate in reversed(gates):
+                gate.set()
+
+        try:
+            results = await asyncio.gather(
+                release_in_reverse(), *(local.settle(p, req, before_send=before_send) for p in payments)
+            )
+            return list(results[1:]), chain.broadcasts
+        finally:
+            await chain.close()
+
+    results, broadcasts = asyncio.run(run())
+    assert all(r.success for r in results)
+    sent = [nonce for batch in broadcasts for nonce in batch]
+    assert sorted(sent) == sent and len(sent) == len(payments)
