@@ -514,3 +514,28 @@ def test_broadcasts_leave_in_nonce_order(devchain: Devchain) -> None:
     assert all(r.success for r in results)
     sent = [nonce for batch in broadcasts for nonce in batch]
     assert sorted(sent) == sent and len(sent) == len(payments)
+
+
+def test_close_stops_background_sends(devchain: Devchain, dropping_proxy: tuple[str, list[int]]) -> None:
+    """A broadcast whose answer was lost leaves a resend waiting in the background; closing the
+    client stops it (the payment stays pending for the next start-up's reconcile) and fails any call
+    still queued, rather than leaving tasks running against a closed client."""
+    url, drop = dropping_proxy
+    req = requirements(devchain)
+
+    async def run() -> tuple[SettleResponse, list[asyncio.Task[None]]]:
+        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        assert (await local.settle(Payer(devchain.key(7)).sign(req), req)).success  # fees and nonce known
+        await chain.close()  # the next request opens a new connection: the proxy drops two
+        drop[0] = 2
+        pending = await local.settle(Payer(devchain.key(8)).sign(req), req)
+        background = list(chain._tasks)
+        assert background and not any(task.done() for task in background)  # the resend is waiting
+        await chain.close()
+        await asyncio.gather(*background, return_exceptions=True)
+        return pending, background
+
+    pending, background = asyncio.run(run())
+    assert pending.error_reason == "settlement_pending"
+    assert all(task.cancelled() for task in background)
