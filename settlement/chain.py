@@ -437,14 +437,21 @@ class Web3Chain:
         for delay in REBROADCAST_DELAYS:
             await asyncio.sleep(delay)
             try:
-                if await self._rpc("eth_getTransactionByHash", [tx_hash]) is not None:
-                    return  # the node has it (pending or mined)
-                await self._rpc("eth_sendRawTransaction", [raw])
+                await self._send_if_unknown(raw, tx_hash)
                 return
-            except RpcError:
-                return  # known, or its nonce used (by it): nothing to fill
             except ChainUnavailable:
                 continue  # the node is still away: try again later
+
+    async def _send_if_unknown(self, raw: str, tx_hash: str) -> None:
+        """Sends our signed transaction again if the node does not know it (pending or mined);
+        raises ``ChainUnavailable`` when the node cannot be asked."""
+        if await self._rpc("eth_getTransactionByHash", [tx_hash]) is not None:
+            return
+        log.warning("the node does not know settlement transaction %s: sending it again", tx_hash)
+        try:
+            await self._rpc("eth_sendRawTransaction", [raw])
+        except RpcError:
+            pass  # known by now, or its nonce used (by it): nothing to fill
 
     async def _take_nonce(self) -> int:
         if self._free_nonces:
@@ -644,11 +651,9 @@ class Web3Chain:
         if raw is None:
             return  # not sent by this client: nothing to send again
         try:
-            if await self._rpc("eth_getTransactionByHash", [tx_hash]) is None:
-                log.warning("the node no longer knows settlement transaction %s: sending it again", tx_hash)
-                await self._rpc("eth_sendRawTransaction", [raw])
+            await self._send_if_unknown(raw, tx_hash)
         except ChainUnavailable:
-            pass  # known by now, or the node is away: the next check tries again
+            pass  # the node is away: the next check tries again
 
     def _remember_raw(self, tx_hash: str, raw: str) -> None:
         self._sent_raw[tx_hash.lower()] = raw

@@ -445,7 +445,7 @@ class _GroupCommitWorker(Executor):
 
     def _put(self, call: Callable[[], Any], *, grouped: bool) -> Future[Any]:
         if self._closed:
-            raise RuntimeError("the ledger is closed")
+            raise LedgerError("the ledger is closed", code="ledger_closed")
         future: Future[Any] = Future()
         self._queue.put((call, future, grouped))
         return future
@@ -521,7 +521,7 @@ class _GroupCommitWorker(Executor):
             except queue.Empty:
                 return
             if item is not None and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(RuntimeError("the ledger is closed"))
+                item[1].set_exception(LedgerError("the ledger is closed", code="ledger_closed"))
 
     @staticmethod
     def _answer(outcomes: list[tuple[Future[Any], bool, Any]]) -> None:

@@ -23,7 +23,7 @@ from settlement.facilitator import LocalFacilitator
 from settlement.payer import Payer
 from settlement.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain
-from tests.support.settlement_helpers import PRICE, SETTLEMENT_KEY, requirements, settlement_nonce
+from tests.support.settlement_helpers import PRICE, SETTLEMENT_KEY, requirements, settlement_nonce, tcp_front
 
 class CountingChain(Web3Chain):
     """Counts the HTTP requests and the JSON-RPC calls in them (the unit under test is the client)."""
@@ -218,9 +218,7 @@ def dropping_proxy(devchain: Devchain) -> Iterator[tuple[str, list[int]]]:
     import threading
 
     drop: list[int] = [0]  # connections still to drop
-    target = devchain.anvil.rpc_url.removeprefix("http://").split(":")
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    host, port = devchain.anvil.rpc_url.removeprefix("http://").split(":")
 
     def pipe(src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -235,32 +233,18 @@ def dropping_proxy(devchain: Devchain) -> Iterator[tuple[str, list[int]]]:
                 except OSError:
                     pass
 
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if drop[0] > 0:
-                drop[0] -= 1
-                client.recv(65536)
-                client.close()
-                continue
-            upstream = socket.create_connection((target[0], int(target[1])))
-            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+    def serve_connection(client: socket.socket) -> None:
+        if drop[0] > 0:
+            drop[0] -= 1
+            client.recv(65536)
+            client.close()
+            return
+        upstream = socket.create_connection((host, int(port)))
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", drop
-    finally:
-        stop.set()
-        listener.close()
-        thread.join()
+    with tcp_front(serve_connection) as url:
+        yield url, drop
 
 
 def test_a_dropped_connection_is_retried_once(devchain: Devchain, dropping_proxy: tuple[str, list[int]]) -> None:

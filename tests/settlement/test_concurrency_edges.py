@@ -28,7 +28,7 @@ from settlement.ledger import Ledger, PaymentState
 from settlement.payer import Payer
 from settlement.wire import SettleResponse
 from tests.conftest import Devchain
-from tests.support.settlement_helpers import SETTLEMENT_KEY, anvil_rpc, ledger_fields, requirements, settlement_nonce
+from tests.support.settlement_helpers import SETTLEMENT_KEY, anvil_rpc, ledger_fields, requirements, settlement_nonce, tcp_front
 
 # ------------------------------------------------------------------------------------------ ledger
 
@@ -171,8 +171,6 @@ def answer_dropping_proxy(devchain: Devchain) -> Iterator[tuple[str, list[int]]]
     closes the connection without answering (a kept-alive connection dropped after the request
     reached the node). Everything else is relayed."""
     drop = [0]
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
 
     def read_request(conn: socket.socket, buffer: bytes) -> tuple[bytes | None, bytes]:
         while b"\r\n\r\n" not in buffer:
@@ -211,25 +209,8 @@ def answer_dropping_proxy(devchain: Devchain) -> Iterator[tuple[str, list[int]]]
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                              + str(len(data)).encode() + b"\r\n\r\n" + data)
 
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", drop
-    finally:
-        stop.set()
-        listener.close()
-        thread.join()
+    with tcp_front(serve_connection) as url:
+        yield url, drop
 
 
 def test_a_broadcast_repeated_after_a_dropped_connection_is_not_reported_refused(

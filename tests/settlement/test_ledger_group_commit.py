@@ -121,5 +121,6 @@ def test_postgresql_takes_concurrent_calls_on_a_pool(postgres_url: str) -> None:
 def test_a_closed_ledger_refuses_new_calls(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     ledger.close()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LedgerError) as refused:
         asyncio.run(ledger.run(ledger.all))
+    assert refused.value.code == "ledger_closed"

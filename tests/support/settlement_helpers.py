@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from settlement.devchain import ANVIL_KEYS, LOCAL_NETWORK
@@ -37,3 +41,31 @@ def ledger_fields(i: int, **extra: Any) -> dict[str, Any]:
         "asset": "0x" + "3" * 40, "nonce": f"0x{i:064x}", "valid_before": 1, "authorization": "{}",
         "payment_identifier": None, "fingerprint": "f", "settle_mode": "after", **extra,
     }
+
+
+@contextmanager
+def tcp_front(serve_connection: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A loopback TCP server handing each accepted connection to ``serve_connection`` on a thread of
+    its own (test fronts to anvil that drop or hold what they are told to); yields its http URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join()
