@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,9 +29,14 @@ VALID_BEFORE_MARGIN_SECONDS = 6
 # Accept validBefore up to maxTimeoutSeconds plus this much ahead: a far-future authorization is
 # a standing cheque we do not want to hold.
 VALID_BEFORE_SLACK_SECONDS = 600
-# Recovered signers remembered between a payment's verify and its settle (oldest dropped first).
+# Recovered signers remembered between a payment's verify and its settle (least recently used
+# dropped first). Only signatures that recovered to authorization.from are remembered.
 SIGNER_CACHE_SIZE = 4096
-_UNKNOWN = object()
+# EIP-712 domain separators remembered per (network, asset, name, version), least recently used
+# dropped first; a domain is remembered only once a signature over it has checked out.
+DOMAIN_CACHE_SIZE = 1024
+# extra.name / extra.version are caller data: real tokens use a few characters ("USD Coin", "2").
+MAX_DOMAIN_FIELD_CHARS = 128
 
 
 class Facilitator(Protocol):
@@ -72,6 +78,13 @@ async def _gather(used: Awaitable[bool], balance: Awaitable[int]) -> tuple[bool,
     return bool(results[0]), int(results[1])  # type: ignore[arg-type]
 
 
+def _put_bounded(cache: OrderedDict[Any, Any], key: Any, value: Any, size: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
 def _chain_id(network: str) -> int | None:
     prefix, _, ident = network.partition(":")
     if prefix != "eip155" or not (ident.isascii() and ident.isdigit()):
@@ -90,8 +103,10 @@ class LocalFacilitator:
         self._chains = chains
         self._receipt_timeout = receipt_timeout
         self._clock = clock
-        self._domains: dict[tuple[str, str, str, str], bytes] = {}
-        self._signers: dict[tuple[bytes, TransferAuthorization, bytes], Any] = {}
+        # Both caches are keyed on caller data, so both are bounded and filled only after the
+        # signature recovered to authorization.from (THREATS.md: filled after authentication).
+        self._domains: OrderedDict[tuple[str, str, str, str], bytes] = OrderedDict()
+        self._signers: OrderedDict[tuple[bytes, TransferAuthorization, bytes], str] = OrderedDict()
 
     def supported(self) -> dict[str, Any]:
         kinds = [{"x402Version": 2, "scheme": "exact", "network": network} for network in self._chains]
@@ -105,13 +120,20 @@ class LocalFacilitator:
     def chain_for(self, network: str) -> Chain | None:
         return self._chains.get(network)
 
-    def _domain(self, requirements: PaymentRequirements, chain_id: int, name: str, version: str) -> bytes:
-        key = (requirements.network, requirements.asset.lower(), name, version)
+    def _domain(self, key: tuple[str, str, str, str], chain_id: int) -> bytes:
+        """The domain separator, from the cache or computed; never stored here (see ``_remember``)."""
         cached = self._domains.get(key)
-        if cached is None:
-            cached = domain_separator(name, version, chain_id, checksum_address(requirements.asset))
-            self._domains[key] = cached
-        return cached
+        if cached is not None:
+            self._domains.move_to_end(key)
+            return cached
+        network, asset, name, version = key
+        return domain_separator(name, version, chain_id, checksum_address(asset))
+
+    def _remember(self, domain_key: tuple[str, str, str, str], domain: bytes,
+                  signer_key: tuple[bytes, TransferAuthorization, bytes], signer: str) -> None:
+        """Called only after the signature checked out: both keys are then bounded, signed data."""
+        _put_bounded(self._domains, domain_key, domain, DOMAIN_CACHE_SIZE)
+        _put_bounded(self._signers, signer_key, signer, SIGNER_CACHE_SIZE)
 
     def check_offline(self, payload: PaymentPayload, requirements: PaymentRequirements) -> CheckedPayment:
         """Everything that needs no chain: scheme, network, domain, recipient, amount, window, signature."""
@@ -126,6 +148,11 @@ class LocalFacilitator:
         name, version = extra.get("name"), extra.get("version")
         if not isinstance(name, str) or not isinstance(version, str):
             raise Rejected("missing_eip712_domain", "requirements lack extra.name / extra.version")
+        if len(name) > MAX_DOMAIN_FIELD_CHARS or len(version) > MAX_DOMAIN_FIELD_CHARS:
+            raise Rejected(
+                "invalid_eip712_domain",
+                f"extra.name and extra.version are limited to {MAX_DOMAIN_FIELD_CHARS} characters",
+            )
         try:
             exact: ExactEvmPayload = parse_exact_evm(payload)
         except PaymentDecodeError as exc:
@@ -133,6 +160,13 @@ class LocalFacilitator:
         a = exact.authorization
         if a.to.lower() != requirements.pay_to.lower():
             raise Rejected("invalid_exact_evm_payload_recipient_mismatch", "authorization.to is not the payTo address")
+        # Nothing to collect, and a broadcast would only burn the settlement account's gas.
+        if int(requirements.amount) == 0 or int(a.value) == 0:
+            raise Rejected("invalid_exact_evm_payload_zero_amount", "a payment of 0 is not settled")
+        if a.from_.lower() == a.to.lower():
+            raise Rejected(
+                "invalid_exact_evm_payload_self_transfer", "authorization.from and authorization.to are the same address"
+            )
         if int(a.value) != int(requirements.amount):
             raise Rejected(
                 "invalid_exact_evm_payload_authorization_value_mismatch",
@@ -158,18 +192,19 @@ class LocalFacilitator:
             nonce=bytes.fromhex(a.nonce[2:]),
         )
         signature = bytes.fromhex(exact.signature[2:])
-        domain = self._domain(requirements, chain_id, name, version)
+        domain_key = (requirements.network, requirements.asset.lower(), name, version)
+        domain = self._domain(domain_key, chain_id)
         # verify and settle check the same payload: the second time, the signer is remembered
         # (the digest covers every field of the key, so a hit is the same signature on the same data).
         key = (domain, auth, signature)
-        signer = self._signers.get(key, _UNKNOWN)
-        if signer is _UNKNOWN:
+        signer = self._signers.get(key)
+        if signer is not None:
+            self._signers.move_to_end(key)
+        else:
             signer = recover_signer(authorization_digest(domain, auth), signature)
-            self._signers[key] = signer
-            if len(self._signers) > SIGNER_CACHE_SIZE:
-                self._signers.pop(next(iter(self._signers)))
-        if signer is None or signer != auth.from_:
-            raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
+            if signer is None or signer != auth.from_:
+                raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
+            self._remember(domain_key, domain, key, signer)
         return CheckedPayment(payer=auth.from_, token=checksum_address(requirements.asset), auth=auth, signature=signature)
 
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:

@@ -172,7 +172,7 @@ def test_recipient_mismatch(facilitator: LocalFacilitator) -> None:
     assert rejected(response) == "invalid_exact_evm_payload_recipient_mismatch"
 
 
-@pytest.mark.parametrize("value", [PRICE - 1, PRICE + 1, 0])
+@pytest.mark.parametrize("value", [PRICE - 1, PRICE + 1])
 def test_value_mismatch(facilitator: LocalFacilitator, value: int) -> None:
     response = verify(facilitator, payment(overrides={"value": value}))
 
@@ -519,3 +519,90 @@ def test_settle_after_verify_recovers_the_signer_once(
     assert forged.payload["authorization"] == signed.payload["authorization"]
     assert rejected(verify(facilitator, forged)) == "invalid_exact_evm_payload_signature"
     assert len(calls) == 2
+
+
+# -- griefing: zero amounts, self-transfers, caches keyed on caller data ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("price", "value"), [(0, 0), (PRICE, 0)], ids=["requirements-amount-0", "authorization-value-0"]
+)
+def test_zero_amount_is_refused_and_settles_nothing(facilitator: LocalFacilitator, chain: FakeChain, price: int, value: int) -> None:
+    reqs = requirements(amount=str(price))
+    signed = payment(reqs, overrides={"value": value})
+    assert rejected(verify(facilitator, signed, reqs)) == "invalid_exact_evm_payload_zero_amount"
+    response = settle(facilitator, signed, reqs)
+    assert (response.success, response.error_reason) == (False, "invalid_exact_evm_payload_zero_amount")
+    assert chain.sent == []
+
+
+def test_self_transfer_is_refused_and_settles_nothing(facilitator: LocalFacilitator, chain: FakeChain) -> None:
+    reqs = requirements(pay_to=PAYER)
+    signed = payment(reqs)  # a perfectly valid signature from PAYER to PAYER
+    assert rejected(verify(facilitator, signed, reqs)) == "invalid_exact_evm_payload_self_transfer"
+    lower = requirements(pay_to=PAYER.lower())
+    assert rejected(verify(facilitator, payment(lower), lower)) == "invalid_exact_evm_payload_self_transfer"
+    response = settle(facilitator, signed, reqs)
+    assert (response.success, response.error_reason) == (False, "invalid_exact_evm_payload_self_transfer")
+    assert chain.sent == []
+
+
+def test_domain_fields_have_a_length_limit(facilitator: LocalFacilitator) -> None:
+    import settlement.facilitator as module
+
+    longest = "n" * module.MAX_DOMAIN_FIELD_CHARS
+    reqs = requirements(extra={"name": longest, "version": longest})
+    assert verify(facilitator, payment(reqs), reqs).is_valid  # signed over that domain: fine
+    for extra in ({"name": longest + "n", "version": "2"}, {"name": "USD Coin", "version": "2" * 65_536}):
+        reqs = requirements(extra=extra)
+        assert rejected(verify(facilitator, payment(reqs), reqs)) == "invalid_eip712_domain"
+
+
+def test_junk_signatures_with_64kb_domain_names_leave_no_memory_behind(facilitator: LocalFacilitator) -> None:
+    """300 requests, each with its own 64 KB extra.name and a junk signature: nothing is kept."""
+    import tracemalloc
+
+    signed = payment()
+    junk = signed.model_copy(update={"payload": {**signed.payload, "signature": "0x" + "11" * 65}})
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(300):
+            reqs = requirements(extra={"name": f"{i:06d}" + "x" * 65_530, "version": "2"})
+            assert rejected(verify(facilitator, junk, reqs)) is not None
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(facilitator._domains) == 0 and len(facilitator._signers) == 0
+    assert after - before < 1_000_000  # the unbounded cache held ~20 MB here
+
+
+def test_junk_signatures_are_not_cached(facilitator: LocalFacilitator) -> None:
+    """Short, distinct domains that pass every field check, signed by the wrong key or not at all:
+    the signature check refuses each, and neither cache gains an entry."""
+    for i in range(50):
+        reqs = requirements(extra={"name": f"Token {i}", "version": "2"})
+        forged = payment(reqs, key=OTHER_KEY, overrides={"from_": PAYER})
+        assert rejected(verify(facilitator, forged, reqs)) == "invalid_exact_evm_payload_signature"
+    assert len(facilitator._domains) == 0 and len(facilitator._signers) == 0
+    assert verify(facilitator, payment()).is_valid
+    assert len(facilitator._domains) == 1 and len(facilitator._signers) == 1
+
+
+def test_caches_are_bounded_least_recently_used_first(
+    facilitator: LocalFacilitator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import settlement.facilitator as module
+
+    monkeypatch.setattr(module, "DOMAIN_CACHE_SIZE", 4)
+    monkeypatch.setattr(module, "SIGNER_CACHE_SIZE", 4)
+    first = payment()
+    assert verify(facilitator, first).is_valid
+    for i in range(10):
+        reqs = requirements(extra={"name": f"Token {i}", "version": "2"})
+        assert verify(facilitator, payment(reqs), reqs).is_valid
+        assert verify(facilitator, first).is_valid  # used again: kept
+    assert len(facilitator._domains) == 4 and len(facilitator._signers) == 4
+    assert (NETWORK, TOKEN.lower(), "USD Coin", "2") in facilitator._domains
+    assert (NETWORK, TOKEN.lower(), "Token 9", "2") in facilitator._domains
+    assert (NETWORK, TOKEN.lower(), "Token 0", "2") not in facilitator._domains
