@@ -4,11 +4,17 @@ Reads the tool's arguments, writes one upstream request (REST as mapped by the c
 envelope), retries and fails over as the upstream's policy allows, and turns the answer into what
 the agent gets: the upstream's JSON, the SOAP result as JSON, or the common error model
 ``{"error", "message", "retryable", "upstreamStatus"}`` with a non-2xx status (never settled).
-Stops with 502 (unreachable, fault, rejected), 504 (timeout), or the upstream's own 4xx/5xx.
+Stops with 502 (unreachable, fault, rejected, redirected), 504 (timeout), or the upstream's own
+4xx/5xx.
 
 ``UpstreamClient`` is the seam: the default implementation is one pooled ``aiohttp`` session.
-URLs come only from the catalog; redirects are never followed; hop-by-hop and payment headers
-never cross; credentials are added here and nowhere logged.
+URLs come only from the catalog; redirects are never followed (a 3xx is 502 ``upstream_redirect``,
+its body and Location dropped); hop-by-hop, cookie and payment headers never cross, either way;
+credentials are added here and nowhere logged.
+
+Only what was validated goes upstream: the request body is the tool's JSON-body arguments (or the
+catalog's ``request.body`` mapping of its arguments) re-serialised as ``application/json``, never
+the client's bytes or Content-Type; a GET, HEAD or DELETE without a body mapping sends no body.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import asyncio
 import json
 import logging
 import random
+import re
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import aiohttp
 from lxml import etree
@@ -47,15 +55,34 @@ log = logging.getLogger("x402gw.bridge")
 
 # Request headers an agent may pass to an upstream; everything else (cookies, authorization,
 # payment headers, hop-by-hop, forwarding headers) stays at the gateway.
-FORWARDED_REQUEST_HEADERS = ("accept", "accept-language", "content-type", "user-agent")
-# Response headers that describe the connection, not the content, or that we set ourselves.
+# The body's Content-Type is the gateway's own (the body is built from the arguments).
+FORWARDED_REQUEST_HEADERS = ("accept", "accept-language", "user-agent")
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Characters an upstream header value cannot hold (HTTP clients refuse CR and LF with an exception).
+_HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Response headers that describe the connection, not the content, or that we set ourselves: an
+# upstream must not be able to forge a receipt, an offer or a gateway header in the agent's answer.
 DROPPED_RESPONSE_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "content-length", "content-encoding", "server", "date",
-        "set-cookie", "payment-required", "payment-response", "x-payment-response", "cache-control",
+        "set-cookie", "set-cookie2", "payment-required", "payment-response", "x-payment-response",
+        "x-payment-required", "payment-signature", "x-payment", "cache-control", "x-request-id",
     }
 )
+# Every header of the gateway's own (X402GW-Replay, X402GW-Refund, ...) is dropped too.
+DROPPED_RESPONSE_PREFIXES = ("x402gw-",)
+
+
+def forwarded_response_header(name: str) -> bool:
+    """Whether an upstream response header may reach the agent."""
+    lowered = name.lower()
+    return lowered not in DROPPED_RESPONSE_HEADERS and not lowered.startswith(DROPPED_RESPONSE_PREFIXES)
+
+
+def _strip_headers(response: UpstreamResponse) -> UpstreamResponse:
+    headers = [(k, v) for k, v in response.headers if forwarded_response_header(k)]
+    return response if len(headers) == len(response.headers) else UpstreamResponse(response.status, headers, response.body)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _MESSAGE_LIMIT = 300
@@ -155,14 +182,35 @@ def upstream_target(tool: Tool, params: dict[str, str], query: str) -> str:
 # -- small pure helpers --------------------------------------------------------------------------
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    raise TypeError(type(value).__name__)
-
-
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+    """Compact JSON. Decimals (request bodies are parsed with them) are written with their own
+    digits, never rounded through a binary float: each goes out as a tagged string, swapped for
+    its digits afterwards (the tag is random per call, so no string of the caller's can match)."""
+    numbers: list[str] = []
+    tag = secrets.token_hex(8)
+
+    def default(item: Any) -> Any:
+        if isinstance(item, Decimal):
+            if not item.is_finite():
+                raise ValueError("a JSON number must be finite")
+            numbers.append(str(item))  # always a valid JSON number: 1.50, -0, 1E+2, 5E-7
+            return f"{tag}:{len(numbers) - 1}"
+        raise TypeError(type(item).__name__)
+
+    text = json.dumps(value, separators=(",", ":"), default=default, allow_nan=False)
+    if numbers:
+        text = re.sub(f'"{tag}:([0-9]+)"', lambda match: numbers[int(match.group(1))], text)
+    return text.encode()
+
+
+def _refuse_redirect(response: UpstreamResponse) -> None:
+    """A 3xx is not the content paid for, and is never followed: nothing of it (body, Location)
+    reaches the agent, and nothing is charged."""
+    if 300 <= response.status < 400:
+        raise UpstreamFailure(
+            "upstream_redirect", "the upstream answered with a redirect, which is not followed; nothing was charged",
+            status=502, retryable=False, upstreamStatus=response.status,
+        )
 
 
 def _text(value: Any) -> str:
@@ -359,7 +407,13 @@ class Bridge:
         if mapping is not None and mapping.headers is not None:
             for name, argument in mapping.headers.items():
                 if arguments.get(argument) is not None:
-                    headers[name] = _text(arguments[argument])
+                    value = _text(arguments[argument])
+                    if _HEADER_FORBIDDEN.search(value):  # refused at argument time; never a 500 here
+                        raise GatewayError(
+                            "invalid_arguments", f"argument {argument!r} cannot go into the header {name}",
+                            status=422, retryable=False, fields=[{"field": argument}],
+                        )
+                    headers[name] = value
         if mapping is not None and mapping.body is not None:
             document: dict[str, Any] = {}
             for name, argument in mapping.body.items():
@@ -367,11 +421,20 @@ class Bridge:
                     _set_pointer(document, name if name.startswith("/") else "/" + name.replace("~", "~0").replace("/", "~1"), arguments[argument])
             body = _dumps(document)
             headers["content-type"] = "application/json"
+        elif method in BODY_METHODS:
+            # The arguments that came in the JSON body (neither path nor query), as validated.
+            taken = set(params) | {name for name, _ in parse_qsl(query, keep_blank_values=True)}
+            body = _dumps({name: value for name, value in arguments.items() if name not in taken})
+            headers["content-type"] = "application/json"
+        else:
+            body = b""  # GET, HEAD and DELETE carry no body (the challenge stage refused one)
         headers.update(route.credentials.headers)
         headers["x-request-id"] = request_id
         upstream_method = "HEAD" if method == "HEAD" else method
         response = await self._exchange(client, route, upstream_method, upstream_target(tool, params, query), headers, body, max_bytes)
         credentials = route.credentials
+        _refuse_redirect(response)
+        response = _strip_headers(response)
         if response.status >= 400:
             return self._rest_error(response, credentials)
         if route.rules:
@@ -407,6 +470,7 @@ class Bridge:
         headers["x-request-id"] = request_id
         response = await self._exchange(client, route, "POST", tool.soap.endpoint, headers, envelope, max_bytes)
         credentials = route.credentials
+        _refuse_redirect(response)
         root = parse_xml(response.body)
         fault = find_fault(root) if root is not None else None
         if fault is not None:

@@ -3,11 +3,18 @@
 Arguments are the path parameters, the query string (coerced to the schema's scalar types) and a
 JSON object body, merged and validated against the tool's input schema *before* any price is
 quoted: a call that can never succeed gets 422, not a 402. Stops with 413, 400, 422 or 402.
+
+Only these validated arguments reach the upstream (the bridge re-serialises them), so nothing the
+validator did not see may hide in the request: a JSON key given twice anywhere in the body is 400
+``duplicate_json_key`` (a first-key-wins upstream would read another value than the one checked),
+a body on a method without one (GET, HEAD, DELETE) is 400 ``body_not_allowed``, and an argument the
+catalog maps to an upstream header may not hold control characters (422 ``invalid_arguments``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -20,6 +27,51 @@ from gateway.offers import Quote
 from settlement.wire import PaymentRequirements
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_KEY_SHOWN = 100  # characters of a duplicate key quoted back in the refusal
+# Characters no HTTP header value may carry (CR and LF would split it; the rest are refused by
+# HTTP clients): an argument mapped to an upstream header holding one is refused before any 402.
+_HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of the body's parser: every object, nested ones too, without repeats."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise GatewayError(
+                "duplicate_json_key",
+                f"the JSON body gives key {key[:_KEY_SHOWN]!r} more than once; send each key once",
+                key=key[:_KEY_SHOWN],
+            )
+        document[key] = value
+    return document
+
+
+def _no_constant(name: str) -> Any:
+    raise GatewayError("invalid_json_body", f"the request body is not valid JSON ({name} is not a JSON number)")
+
+
+def _header_values(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [text for item in value for text in _header_values(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def _check_header_arguments(tool: Tool, arguments: dict[str, Any]) -> None:
+    mapping = tool.request
+    if mapping is None or not mapping.headers:
+        return
+    fields = [
+        {"field": argument, "problem": f"goes into the upstream header {header}, which cannot hold control characters"}
+        for header, argument in mapping.headers.items()
+        if any(_HEADER_FORBIDDEN.search(text) for text in _header_values(arguments.get(argument)))
+    ]
+    if fields:
+        raise GatewayError(
+            "invalid_arguments",
+            "an argument holds control characters (CR, LF, ...) that its upstream header cannot carry",
+            fields=fields,
+        )
 
 
 def _coerce(value: str, schema: dict[str, Any]) -> Any:
@@ -55,9 +107,14 @@ def collect_arguments(
             raise GatewayError("invalid_arguments", f"argument {name!r} is given twice", fields=[{"field": name}])
         else:
             arguments[name] = coerced
-    if method in BODY_METHODS and body.strip():
+    if method not in BODY_METHODS:
+        if body:
+            raise GatewayError(
+                "body_not_allowed", f"a {method} call carries no body; send the arguments in the path and query"
+            )
+    elif body.strip():
         try:
-            data = json.loads(body, parse_float=Decimal)
+            data = json.loads(body, parse_float=Decimal, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise GatewayError("invalid_json_body", "the request body is not valid JSON") from None
         if not isinstance(data, dict):
@@ -66,6 +123,7 @@ def collect_arguments(
             if name in arguments:
                 raise GatewayError("invalid_arguments", f"argument {name!r} is given twice", fields=[{"field": name}])
             arguments[name] = value
+    _check_header_arguments(tool, arguments)
     return arguments
 
 

@@ -130,7 +130,8 @@ def tool(name: str, path: str, extra: str = "", method: str = "GET", upstream_pa
 
 def test_default_mapping_passes_path_query_and_body_through_and_keeps_agent_credentials_out(server: ThreadServer) -> None:
     run = Run(catalog(server.url, tool("t", "/things/{id}", method="POST", upstream_path="/echo/x/{id}")))
-    answer = json.loads(run.call("t", "POST", {"id": "a b"}, "city=Lisbon", body=b'{"n":1}').body)
+    arguments = {"id": "a b", "city": "Lisbon", "n": 1}  # as the challenge stage collected them
+    answer = json.loads(run.call("t", "POST", {"id": "a b"}, "city=Lisbon", arguments, body=b'{"n":1}').body)
     assert answer["path"] == "/echo/x/a b" and answer["query"] == "city=Lisbon" and answer["body"] == '{"n":1}'
     assert answer["headers"]["x-request-id"] == "rid"
     assert "cookie" not in answer["headers"] and "authorization" not in answer["headers"]
