@@ -344,7 +344,8 @@ def create_app(
         routes.extend(policy_routes(safety.policy, settings.admin_token.get_secret_value(),
                                       [t.name for t in catalogs.tools], {t.owner for t in catalogs.tools}))
     if local is not None and settings.serve_facilitator:
-        routes.extend(facilitator_routes(local))
+        routes.extend(facilitator_routes(local, rate_limit=settings.facilitator_rate_limit, store=store,
+                                         pay_to=settings.facilitator_pay_to))
     # Agent interface: every discovery format and MCP, all generated from the pipeline's catalog.
     mcp_endpoint = McpEndpoint(pipeline, settings.public_url)
     routes.extend([*Discovery(pipeline, settings.public_url).routes(), mcp_endpoint.route()])

@@ -5,9 +5,19 @@
     POST {prefix}/settle      same body → SettleResponse
 
 Valid and invalid results are both HTTP 200 (the reason is in the body); a body that cannot be a
-request is a 400 with a code; a well-formed request never gets a 5xx. ``/verify`` changes nothing.
+request is a 400 with a code; a well-formed request never gets a 5xx from the facilitator (only
+an unreachable rate-limit store is a 503). ``/verify`` changes nothing.
 ``/settle`` broadcasts an authorization at most once per process: concurrent settles of the same
 payload share one settlement, and a retried settle of a settled payload gets the stored success.
+
+Served publicly, the API is a way to make this gateway pay gas, so (THREATS.md, griefer):
+
+* ``/verify`` and ``/settle`` take a token per client address first (429 ``rate_limited`` with
+  ``Retry-After``), before the body is read;
+* with an allow-list of payTo addresses, any other payTo is refused before any RPC
+  (``pay_to_not_allowed``);
+* the local facilitator refuses zero amounts and self-transfers and bounds its caches
+  (``settlement.facilitator``); a settle is only deduplicated once its signature checked out.
 """
 
 from __future__ import annotations
@@ -16,16 +26,20 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from catalog.limits import RateLimit
+from gateway.store import MemoryStore, StateStore, StoreUnavailable
 from settlement.codec import parse_exact_evm, parse_payment_payload
 from settlement.errors import PaymentDecodeError, SettlementError
-from settlement.facilitator import LocalFacilitator
+from settlement.facilitator import LocalFacilitator, Rejected
 from settlement.wire import X402_VERSION, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 log = logging.getLogger("x402gw.facilitator_api")
@@ -37,14 +51,46 @@ SettlementKey = tuple[str, str, str]  # (network, payer, nonce), lower-case
 
 
 class BadRequest(Exception):
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    def __init__(self, code: str, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.retry_after = retry_after
 
     def to_response(self) -> Response:
-        return JSONResponse({"error": self.code, "message": self.message}, status_code=self.status)
+        body: dict[str, object] = {"error": self.code, "message": self.message}
+        headers: dict[str, str] = {}
+        if self.retry_after is not None:
+            body["retryAfter"] = self.retry_after
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+class ClientLimit:
+    """A token bucket per client address (the peer: put the limit at the proxy when there is one),
+    in the gateway's state store so replicas share it. Fails closed: no store, no settling."""
+
+    def __init__(self, limit: RateLimit, store: StateStore) -> None:
+        self._limit = limit
+        self._store = store
+
+    async def take(self, request: Request) -> None:
+        client = request.client.host if request.client else "unknown"
+        try:
+            decision = await self._store.take_token(
+                f"facilitator:client:{client}", self._limit.rate_per_second, self._limit.capacity
+            )
+        except StoreUnavailable:
+            raise BadRequest("store_unavailable", "the rate limit cannot be checked; retry later", 503, 2) from None
+        if not decision.allowed:
+            wait = max(1, math.ceil(decision.retry_after_seconds))
+            raise BadRequest(
+                "rate_limited",
+                f"too many facilitator requests ({self._limit.requests} per {self._limit.window}s); retry in {wait}s",
+                429,
+                wait,
+            )
 
 
 async def read_request(request: Request) -> tuple[PaymentPayload, PaymentRequirements]:
@@ -118,6 +164,17 @@ class SettleOnce:
         if key is None:
             return await self._facilitator.settle(payload, requirements)
         mark = fingerprint(payload, requirements)
+        stored = self._settled.get(key)
+        if stored is not None and stored[0] == mark:
+            return stored[1]
+        # Nothing is keyed on (payer, nonce) before the payer's signature checked out: a junk
+        # signature naming someone else's nonce neither waits on nor delays their settlement.
+        try:
+            self._facilitator.check_offline(payload, requirements)
+        except Rejected as rej:
+            return SettleResponse(
+                success=False, error_reason=rej.reason, error_message=rej.message, network=requirements.network
+            )
         while True:
             stored = self._settled.get(key)
             if stored is not None and stored[0] == mark:
@@ -148,17 +205,43 @@ class SettleOnce:
         return result
 
 
-def facilitator_routes(facilitator: LocalFacilitator, prefix: str = "/facilitator") -> list[Route]:
+def facilitator_routes(
+    facilitator: LocalFacilitator,
+    prefix: str = "/facilitator",
+    *,
+    rate_limit: RateLimit | None = None,
+    store: StateStore | None = None,
+    pay_to: Iterable[str] | None = None,
+) -> list[Route]:
+    """``rate_limit``: per client address on /verify and /settle (``store``: the gateway's state
+    store; a private in-memory one without it). ``pay_to``: when given and not empty, the only
+    recipients this API verifies or settles for."""
     once = SettleOnce(facilitator)
+    limit = ClientLimit(rate_limit, store or MemoryStore()) if rate_limit is not None else None
+    allowed = frozenset(address.lower() for address in pay_to or ())
+
+    async def admit(request: Request) -> tuple[PaymentPayload, PaymentRequirements]:
+        if limit is not None:
+            await limit.take(request)
+        return await read_request(request)
+
+    def refused_pay_to(requirements: PaymentRequirements) -> str | None:
+        if allowed and requirements.pay_to.lower() not in allowed:
+            return "this facilitator does not settle payments to that payTo address"
+        return None
 
     async def supported(request: Request) -> Response:
         return JSONResponse(facilitator.supported())
 
     async def verify(request: Request) -> Response:
         try:
-            payload, requirements = await read_request(request)
+            payload, requirements = await admit(request)
         except BadRequest as bad:
             return bad.to_response()
+        if (message := refused_pay_to(requirements)) is not None:
+            return JSONResponse(
+                VerifyResponse(is_valid=False, invalid_reason="pay_to_not_allowed", invalid_message=message).to_wire()
+            )
         failed = VerifyResponse(
             is_valid=False, invalid_reason="unexpected_verify_error", invalid_message="verification is unavailable; retry later"
         )
@@ -174,9 +257,15 @@ def facilitator_routes(facilitator: LocalFacilitator, prefix: str = "/facilitato
 
     async def settle(request: Request) -> Response:
         try:
-            payload, requirements = await read_request(request)
+            payload, requirements = await admit(request)
         except BadRequest as bad:
             return bad.to_response()
+        if (message := refused_pay_to(requirements)) is not None:
+            return JSONResponse(
+                SettleResponse(
+                    success=False, error_reason="pay_to_not_allowed", error_message=message, network=requirements.network
+                ).to_wire()
+            )
         failed = SettleResponse(
             success=False,
             error_reason="unexpected_settle_error",

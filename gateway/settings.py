@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,8 @@ def _budget(value: Any) -> Any:
 def _rate_limit(value: Any) -> Any:
     return parse_rate_limit(value) if isinstance(value, str) and value.strip() else (value or None)
 
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog" / "examples" / "demo.yaml"
 
@@ -64,6 +67,14 @@ class Settings(BaseSettings):
     # Serve /facilitator/{supported,verify,settle} backed by the local facilitator.
     # Off by default: a public facilitator lets anyone spend this gateway's gas on their transfers.
     serve_facilitator: bool = False
+    # Requests to /facilitator/verify and /facilitator/settle per client address (peer address),
+    # REQUESTS/WINDOW[:BURST] as below; 429 rate_limited above it. Empty turns the limit off.
+    facilitator_rate_limit: Annotated[RateLimit | None, BeforeValidator(_rate_limit)] = Field(
+        default_factory=lambda: parse_rate_limit("60/1m")
+    )
+    # payTo addresses the served facilitator settles for (comma-separated in the environment);
+    # empty: any payTo. Anything else is refused (pay_to_not_allowed) before any RPC.
+    facilitator_pay_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Key of an account holding the payee's funds, used to pay refunds of `upfront` tools back on
     # chain. Without it refunds are recorded as owed. Never logged.
     refund_key: SecretStr | None = None
@@ -99,6 +110,17 @@ class Settings(BaseSettings):
     # X402GW_ADMIN_TOKEN also enables POST /admin/kill-switch and /admin/payers (gateway/policy.py).
     policy_file: Path | None = None
     log_level: str = "INFO"
+
+    @field_validator("facilitator_pay_to", mode="before")
+    @classmethod
+    def _split_pay_to(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for address in value:
+                if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
+                    raise ValueError(f"facilitator_pay_to entries must be 0x-prefixed 20-byte addresses, got {address!r}")
+        return value
 
     @field_validator("catalog", mode="before")
     @classmethod
