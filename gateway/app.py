@@ -88,6 +88,14 @@ def facilitator_plan(settings: Settings, networks: set[str]) -> dict[str, str]:
     return plan
 
 
+def write_ahead_networks(plan: dict[str, str]) -> set[str]:
+    """The networks whose facilitator records the transaction hash before it broadcasts: those
+    settled by this gateway's local facilitator. On the others (a remote facilitator) a payment
+    left ``settling`` without a hash may have been broadcast, so it is unknown, never "not sent".
+    The request path, the start-up reconcile and ``x402gw reconcile`` all use this set."""
+    return {network for network, where in plan.items() if where == "local"}
+
+
 def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str] | None = None) -> dict[str, Web3Chain]:
     """One chain client per network the catalog sells on. Networks settled locally need an RPC URL
     and a settlement key; others get a read-only client when an RPC URL is configured (used to
@@ -243,7 +251,7 @@ def create_app(
     write_ahead: set[str] = set()
     if facilitator is None:
         plan = facilitator_plan(settings, networks)
-        local_networks = {n for n, where in plan.items() if where == "local"}
+        local_networks = write_ahead_networks(plan)
         chains = build_chains(settings, catalogs, local_networks)
         by_network: dict[str, Facilitator] = {}
         if local_networks:
@@ -300,7 +308,8 @@ def create_app(
         except StoreUnavailable:
             raise GatewayConfigError("the state store (Redis) is not reachable", code="store_unavailable") from None
         # Payments left open by a crash are resolved against the chain before serving.
-        resolved = await resolve_open_payments(ledger, dict(chains), write_ahead=True)
+        # Per network, as on the request path: a remote facilitator's open row stays open.
+        resolved = await resolve_open_payments(ledger, dict(chains), write_ahead=write_ahead)
         for resolution in resolved:
             log.info("start-up reconcile: %s", resolution.to_json())
         try:

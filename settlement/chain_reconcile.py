@@ -219,11 +219,7 @@ async def reconcile(
 
     # 1. Resolve open rows: where this deployment's facilitator writes ahead, an open row without a
     # transaction hash was never broadcast.
-    resolutions: list[Resolution] = []
-    for flag in (True, False):
-        subset: dict[str, Chain] = {n: c for n, c in chains.items() if (n in write_ahead) == flag}
-        if subset:
-            resolutions += await resolve_open_payments(ledger, subset, write_ahead=flag)
+    resolutions: list[Resolution] = await resolve_open_payments(ledger, dict(chains), write_ahead=write_ahead)
     report.resolved = [asdict(r) for r in resolutions]
 
     # 2. What to look at.

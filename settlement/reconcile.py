@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import asdict, dataclass
 
 from eth_utils import to_checksum_address
@@ -99,9 +99,15 @@ def apply(ledger: Ledger, resolution: Resolution) -> None:
 
 
 async def resolve_open_payments(
-    ledger: Ledger, chains: dict[str, Chain], *, write_ahead: bool = True
+    ledger: Ledger, chains: dict[str, Chain], *, write_ahead: bool | Set[str] = True
 ) -> list[Resolution]:
-    """Resolve every ``settling``/``pending`` row whose network has a chain; apply and report."""
+    """Resolve every ``settling``/``pending`` row whose network has a chain; apply and report.
+
+    ``write_ahead``: the networks whose facilitator records the transaction hash before it
+    broadcasts (the local one), or ``True``/``False`` for every network. On any other network (a
+    remote facilitator) an open row without a hash may have been broadcast: it stays open until
+    the chain shows its authorization used, or its ``validBefore`` passes.
+    """
     results: list[Resolution] = []
     rows = await ledger.run(ledger.open_payments)
     for row in rows:
@@ -109,7 +115,8 @@ async def resolve_open_payments(
         if chain is None:
             continue
         try:
-            resolution = await resolve_payment(row, chain, write_ahead=write_ahead)
+            writes_ahead = write_ahead if isinstance(write_ahead, bool) else row.network in write_ahead
+            resolution = await resolve_payment(row, chain, write_ahead=writes_ahead)
         except ChainUnavailable:
             continue
         if resolution.after != resolution.before or resolution.tx_hash != row.tx_hash:

@@ -5,15 +5,18 @@ a definite refusal is a 402."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from settlement.ledger import PaymentState
+from settlement.ledger import Ledger, PaymentState
 from settlement.remote import RemoteFacilitator
-from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, body_json, upstream_hits
+from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, body_json, demo_catalog, upstream_hits
+from tests.e2e.test_exactly_once import process_env, raw_request, signed, wait_for
 from tests.e2e.test_paid_call import pay, receipt_of
 from tests.support.facilitator_double import PENDING_TX_HASH, TX_HASH, FacilitatorDouble, closed_port_url
+from tests.support.processes import gateway_processes
 
 PAYER = 5
 
@@ -146,3 +149,51 @@ def test_verify_refusal_answered_with_400_is_a_402(
     assert body_json(paid)["error"] == "invalid_exact_evm_payload_signature"
     assert "payment-required" in paid.headers
     assert gateway.ledger.all() == []
+
+
+@pytest.mark.parametrize("restarted_with", ["remote", "local"])
+def test_kill_9_while_the_remote_facilitator_settles_then_restart(
+    double: FacilitatorDouble, devchain: Devchain, upstream: str, tmp_path: Path, restarted_with: str
+) -> None:
+    """A crash while waiting for a remote /settle leaves a ``settling`` row without a transaction
+    hash: the facilitator may have broadcast it. Start-up reconcile must keep it open (a resend is
+    a 503 naming it, never a 402 inviting a second payment); only where the network is settled by
+    the local facilitator, which writes the hash ahead of every broadcast, is it "not broadcast"."""
+    database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    local_env = process_env(devchain, demo_catalog(tmp_path, upstream), database_url)
+    remote_env = {**local_env, "X402_FACILITATOR_URL": double.url}
+    ledger = Ledger(database_url)
+    double.settle_mode = "timeout"  # the gateway waits on /settle until it is killed
+    with gateway_processes([remote_env], tmp_path) as [gateway]:
+        with httpx.Client(base_url=gateway.url, timeout=30) as client:
+            header = signed(client, devchain, "/quotes/CRASH", payer=PAYER)
+        sock = raw_request(gateway.port, "/quotes/CRASH", header)
+        wait_for(lambda: len(double.bodies("/settle")) == 1, "the remote /settle")
+        [row] = ledger.all()
+        assert row.state == PaymentState.SETTLING and row.tx_hash is None
+        gateway.kill9()
+        sock.close()
+    # The facilitator did broadcast: asked again, it answers that the nonce is used.
+    double.settle_mode = "nonce_already_used"
+    double.release()
+    env = remote_env if restarted_with == "remote" else local_env
+    with gateway_processes([env], tmp_path) as [restarted]:
+        [row] = ledger.all()
+        resend = httpx.get(f"{restarted.url}/quotes/CRASH", headers={"PAYMENT-SIGNATURE": header}, timeout=30)
+    if restarted_with == "remote":
+        assert row.state in (PaymentState.SETTLING, PaymentState.PENDING), row.error_reason
+        assert resend.status_code == 503, resend.text
+        assert body_json(resend)["error"] == "settlement_unknown"
+        assert body_json(resend)["paymentId"] == row.id
+        assert "payment-required" not in resend.headers
+        assert_not_served(resend)
+        assert len(double.bodies("/settle")) == 1  # never asked to settle it a second time
+        [after] = ledger.all()
+        assert after.state == PaymentState.PENDING
+    else:
+        # the local facilitator writes ahead: no hash means this gateway never broadcast it
+        assert row.state == PaymentState.FAILED and row.error_reason == "not_broadcast"
+        assert resend.status_code == 200, resend.text
+        [after] = ledger.all()
+        assert after.state == PaymentState.SETTLED and after.tx_hash is not None
+    ledger.close()
