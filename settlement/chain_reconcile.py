@@ -30,7 +30,7 @@ from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from catalog.pricing import format_amount
-from settlement.chain import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, Chain, RpcError
+from settlement.chain import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, RpcError
 from settlement.ledger import OPEN_STATES, Ledger, Payment, PaymentState
 from settlement.reconcile import Resolution, resolve_open_payments
 
