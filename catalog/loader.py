@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import functools
 import gc
+import math
 import os
 from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
@@ -27,6 +28,7 @@ from catalog.errors import CatalogError, CatalogIssue
 from catalog.models import (
     _SHARED_SCHEMAS,
     KNOWN_KEYS,
+    SETTLE_MARGIN_SECONDS,
     Catalog,
     Catalogs,
     PaymentTerms,
@@ -36,6 +38,8 @@ from catalog.models import (
     _consistency_problems,
     _PaymentDoc,
     _ToolDoc,
+    default_settle,
+    max_call_seconds,
 )
 from catalog.routing import route_shape
 
@@ -366,6 +370,16 @@ def _resolve(doc: _CatalogDoc, src: _Source) -> Catalog | None:
         for ceiling, where in ceilings:
             if spec.price > ceiling:
                 src.issue(f"{at}.price", "price_above_max", f"price {spec.price:f} is above {where} {ceiling:f}")
+        settle = spec.settle or default_settle(spec.method, spec.side_effects)
+        if upstream is not None and settle == "after":
+            window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS
+            if payment.max_timeout_seconds < window:
+                src.issue(
+                    f"{at}.settle", "payment_window_too_short",
+                    f"settle: after needs max_timeout_seconds >= {window} (the upstream's worst case "
+                    f"{max_call_seconds(upstream):g}s + {SETTLE_MARGIN_SECONDS}s to settle), got "
+                    f"{payment.max_timeout_seconds}; raise it, or settle: upfront",
+                )
         if len(src.issues) > before or upstream is None:
             continue
         # Not validated again: every field comes from ``_ToolDoc`` (the same annotated types, already
@@ -375,7 +389,7 @@ def _resolve(doc: _CatalogDoc, src: _Source) -> Catalog | None:
         tools.append(Tool.model_construct(
             owner=doc.owner, name=spec.name, description=spec.description, method=spec.method,
             path=spec.path, upstream=upstream, upstream_path=upstream_path, price=spec.price,
-            settle=spec.settle, payment=payment, input_schema=spec.input_schema,
+            settle=settle, side_effects=spec.side_effects, payment=payment, input_schema=spec.input_schema,
             output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
             rate_limits=spec.rate_limits,
             kind=spec.kind, request=spec.request, soap=spec.soap.anchored(src.name) if spec.soap else None,

@@ -9,6 +9,7 @@ upstream object and its exact price. All are frozen, and unknown keys are errors
 from __future__ import annotations
 
 import functools
+import math
 import json
 
 import re
@@ -43,6 +44,19 @@ __all__ = ["Catalog", "Catalogs", "HttpMethod", "PaymentTerms", "SettleMode", "T
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 SettleMode = Literal["after", "upfront"]
+
+# Methods that change state on the upstream: their tools settle before the upstream call
+# (``upfront``) unless the catalog says ``settle: after``, so no side effect runs unpaid.
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# What a settle-after payment's window must cover beyond the upstream's worst-case time: verify,
+# the ledger's write-ahead and the facilitator's own margin (it refuses to broadcast an
+# authorization within 6 s of its ``validBefore``).
+SETTLE_MARGIN_SECONDS = 15
+
+
+def default_settle(method: str, side_effects: bool) -> SettleMode:
+    """``upfront`` for state-changing methods and tools marked as having side effects."""
+    return "upfront" if side_effects or method in STATE_CHANGING_METHODS else "after"
 
 
 def _fail(code: str, message: str) -> PydanticCustomError:
@@ -309,6 +323,15 @@ def _consistency_problems(
     return problems
 
 
+def max_call_seconds(upstream: Upstream) -> float:
+    """The longest one call to ``upstream`` can take: every try (retries and failover) at its
+    timeout, and the longest wait between tries (backoff or an honoured Retry-After)."""
+    policy = upstream.retry
+    tries = max(policy.attempts, 1 + len(upstream.failover))
+    waits = (tries - 1) * max(policy.max_backoff_seconds, policy.max_retry_after_seconds)
+    return tries * upstream.timeout_seconds + waits
+
+
 class Tool(_Model):
     owner: OwnerId
     name: ToolName
@@ -318,7 +341,9 @@ class Tool(_Model):
     upstream: Upstream
     upstream_path: UpstreamPath
     price: Price  # decimal token amount
+    # None (not written): ``default_settle(method, side_effects)``; see STATE_CHANGING_METHODS
     settle: SettleMode = "after"
+    side_effects: bool = False
     payment: PaymentTerms  # effective terms: catalog defaults merged with the tool's own block
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     output_schema: dict[str, Any] | None = None
@@ -340,6 +365,8 @@ class Tool(_Model):
         # validator would check every tool of a catalog again.
         if isinstance(value, Tool):
             return value
+        if isinstance(value, dict) and value.get("settle") is None and isinstance(value.get("method"), str):
+            value = {**value, "settle": default_settle(value["method"].upper(), bool(value.get("side_effects")))}
         tool = handler(value)
         problems = _consistency_problems(
             path=tool.path, upstream_path=tool.upstream_path, price=tool.price,
@@ -352,6 +379,19 @@ class Tool(_Model):
     @property
     def price_atomic(self) -> int:
         return to_atomic(self.price, self.payment.decimals)
+
+    @property
+    def max_call_seconds(self) -> float:
+        """The longest one upstream call of this tool can take with every retry and failover."""
+        return max_call_seconds(self.upstream)
+
+    @property
+    def payment_window_seconds(self) -> int:
+        """The least time a payment's ``validBefore`` must leave: for ``settle: after`` tools, the
+        upstream's worst case plus the settle margin (so it cannot expire while the upstream runs);
+        for ``upfront`` tools, the settle margin."""
+        upstream = self.max_call_seconds if self.settle == "after" else 0.0
+        return math.ceil(upstream) + SETTLE_MARGIN_SECONDS
 
     @property
     def path_params(self) -> tuple[str, ...]:
@@ -430,7 +470,8 @@ class _ToolDoc(_Model):
     upstream: UpstreamName | None = None
     upstream_path: UpstreamPath | None = None
     price: Price
-    settle: SettleMode = "after"
+    settle: SettleMode | None = None
+    side_effects: bool = False
     payment: _PaymentDoc | None = None
     input_schema: JsonSchema = Field(default_factory=lambda: {"type": "object"})
     output_schema: JsonSchema | None = None

@@ -121,7 +121,7 @@ class UnpaidFastPath:
         # The pipeline's unpaid branch, in its order, from "before_challenge" on.
         safety = self.pipeline.safety
         await safety.before_challenge(ctx, entry.tool, entry.amount, paying=False)
-        await safety.unpaid(ctx, entry.tool)
+        await safety.per_client(ctx, entry.tool)
         challenge_issued(ctx, entry.requirements)
         ctx.reason = "payment_required"  # what the pipeline's PaymentChallenge sets
         return entry.response(ctx.request_id)

@@ -34,22 +34,29 @@ from gateway.offers import Offer, Quote, request_binding
 from gateway.stages.audit import RecordingUpstream, audit_events
 from gateway.stages.bridge import Bridge, UpstreamClient, UpstreamResponse
 from gateway.stages.challenge import PaymentChallenge, challenge_issued, collect_arguments, validate_arguments
-from gateway.stages.exactly_once import in_flight, payment_identifier, receipt_of, request_fingerprint, resume
+from gateway.stages.exactly_once import (
+    in_flight,
+    payment_identifier,
+    receipt_of,
+    request_fingerprint,
+    resume,
+    same_payment,
+)
 from gateway.stages.respond import respond
 from gateway.stages.route import route
 from gateway.stages.safety import Safety
 from gateway.stages.settle import receipt_headers, settle
 from gateway.stages.verify import bind, decode_payment, decode_payment_v1, verify
 from gateway.store import MemoryStore, StateStore
-from settlement.addresses import checksum_address
 from settlement.audit import AuditSink, AuditTrail, AuditWriter
 from settlement.chain import Chain
 from settlement.codec import parse_exact_evm
 from settlement.errors import LedgerError, PaymentDecodeError
 from settlement.facilitator import Facilitator
-from settlement.ledger import Ledger, PaymentState, utcnow
+from settlement.ledger import Ledger, Payment, PaymentState, utcnow
 from settlement.refunds import Refunder
-from settlement.wire import PaymentPayload, VerifyResponse
+from settlement.signatures import SignerCheck
+from settlement.wire import ExactEvmPayload, PaymentPayload, VerifyResponse
 
 audit_log = logging.getLogger("x402gw.audit")
 log = logging.getLogger("x402gw.pipeline")
@@ -134,6 +141,8 @@ class Pipeline:
         self.lock_ttl_ms = lock_ttl_ms
         # Limits, policy and circuit breakers (gateway.stages.safety), sharing the state store.
         self.safety = safety or Safety(self.store, catalogs)
+        # Offline signature recovery over this gateway's own offers (before any lookup or limit).
+        self.signers = SignerCheck()
         # The hash-chained audit trail, in the ledger's database unless told otherwise.
         self.audit: AuditSink = (
             audit if audit is not None else AuditWriter(AuditTrail(ledger.url), executor=ledger.shared_executor)
@@ -215,8 +224,9 @@ class Pipeline:
         quote = Quote(offer, offer.bound(binding), resource_url, version, binding)
         paying = (header is not None or header_v1 is not None) and ctx.method != "HEAD"
         await self.safety.before_challenge(ctx, tool, int(quote.requirements.amount), paying=paying)
+        # Every request, paid or not, spends its client's tokens: a payment header is no pass.
+        await self.safety.per_client(ctx, tool)
         if not paying:
-            await self.safety.unpaid(ctx, tool)
             # A HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
             challenge_issued(ctx, quote.requirements)
             raise PaymentChallenge.unpaid(quote, compiled.price_text)
@@ -230,23 +240,31 @@ class Pipeline:
             payload = decode_payment_v1(str(header_v1), quote)
         ctx.payload = payload
         try:
-            authorization = parse_exact_evm(payload).authorization
+            exact = parse_exact_evm(payload)
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
+        # Who signed it, offline and over this offer's own token domain, before anything is keyed
+        # on the payer: payer and nonce are public once a payment settles, so a header naming them
+        # proves nothing, and a junk signature costs no lookup, lock, rate-limit token or RPC.
+        payer = self.signers.signer(quote.requirements, exact)
+        if payer is None:
+            raise PaymentChallenge(
+                quote, "invalid_exact_evm_payload_signature",
+                "the signature does not recover to authorization.from for this offer; sign the offer again",
+            )
         network = quote.requirements.network
-        payer = checksum_address(authorization.from_)
-        nonce = authorization.nonce.lower()
+        nonce = exact.authorization.nonce.lower()
         await self.safety.before_verify(ctx, tool, payer)
         keys = [f"pay:{network}:{payer.lower()}:{nonce}"]
         if identifier is not None:
             keys.append(f"pid:{identifier}")
         async with in_flight(self.store, keys, ctx.request_id, self.lock_ttl_ms):
-            return await self._paid(ctx, request, quote, payload, payer, nonce, identifier)
+            return await self._paid(ctx, request, quote, payload, exact, payer, nonce, identifier)
 
     async def _paid(
         self, ctx: RequestContext, request: Request, quote: Quote, payload: PaymentPayload,
-        payer: str, nonce: str, identifier: str | None,
+        exact: ExactEvmPayload, payer: str, nonce: str, identifier: str | None,
     ) -> Response:
         tool = quote.offer.tool
         requirements = quote.requirements
@@ -277,7 +295,14 @@ class Pipeline:
             except BaseException:
                 _discard(early)
                 raise
-        if known is not None and known.state not in (PaymentState.VERIFIED, PaymentState.VOIDED, PaymentState.FAILED):
+        if (
+            known is not None
+            and known.state not in (PaymentState.VERIFIED, PaymentState.VOIDED, PaymentState.FAILED)
+            and same_payment(known, requirements, exact, tool.name, fingerprint)
+        ):
+            # A resend of this very signed payload for this very request: resumed, not re-run.
+            # Anything else naming a known payment is a fresh payment and verified as one below
+            # (a used nonce then gets its 402; one still settling, a 409).
             if early is not None:
                 _discard(early)
                 early = None
@@ -285,13 +310,23 @@ class Pipeline:
                 known, self.ledger, self.chains.get(known.network),
                 write_ahead=known.network in self.write_ahead_networks,
             )
-            if resumed is not None and resumed.answer is not None:
-                ctx.payer, ctx.payment_id, ctx.outcome = payer, known.id, "replayed"
+            if resumed is not None:
+                ctx.payer, ctx.payment_id = payer, known.id
+                if resumed.answer is None:
+                    return await self._answer_lost(ctx, quote, resumed.row)
+                ctx.outcome = "replayed"
                 status, headers, body = resumed.answer
                 replay = respond(UpstreamResponse(status, headers, body), receipt_of(resumed.row), ctx.request_id, quote.version)
                 replay.headers["X402GW-Replay"] = "true"
                 return replay
 
+        if tool.settle == "after":
+            try:
+                self._check_window(quote, tool, exact)
+            except BaseException:
+                if early is not None:
+                    _discard(early)
+                raise
         if early is not None:
             try:
                 verified = await early
@@ -350,17 +385,64 @@ class Pipeline:
 
         # settle (the answer is stored with the write-ahead record: a resend of this payment gets it)
         ctx.outcome = "settling"
-        with ctx.timed("settle"):
-            receipt = await settle(
-                self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body),
-                hook_writes_ahead=requirements.network in self.write_ahead_networks,
-            )
+        try:
+            with ctx.timed("settle"):
+                receipt = await settle(
+                    self.facilitator, self.ledger, row.id, quote, payload, (upstream.status, upstream.headers, upstream.body),
+                    hook_writes_ahead=requirements.network in self.write_ahead_networks,
+                )
+        except PaymentChallenge as refused:
+            # The upstream answered but the payment could not settle (balance drained or nonce
+            # used mid-call): the answer is withheld, and the unpaid upstream call is on record.
+            ctx.record("upstream_answer_withheld", paymentId=row.id, upstreamStatus=upstream.status,
+                       reason=refused.code)
+            raise
         ctx.settlement = receipt
         ctx.outcome = "settled"
         ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id)
 
         # respond
         return respond(upstream, receipt, ctx.request_id, quote.version)
+
+    def _check_window(self, quote: Quote, tool: Tool, exact: ExactEvmPayload) -> None:
+        """A ``settle: after`` payment must stay valid through the upstream's worst case and the
+        settlement after it; otherwise it could expire mid-call and the upstream would have run
+        unpaid. The 402 names the minimum."""
+        needed = tool.payment_window_seconds
+        now = int(time.time())
+        if int(exact.authorization.valid_before) - now >= needed:
+            return
+        raise PaymentChallenge(
+            quote, "payment_window_too_short",
+            f"{tool.name} needs a payment valid for at least {needed}s (validBefore >= now + {needed}); "
+            "sign the offer again with a longer window",
+            minimumValidSeconds=needed, validBeforeAtLeast=str(now + needed),
+        )
+
+    async def _answer_lost(self, ctx: RequestContext, quote: Quote, row: Payment) -> Response:
+        """A settled payment with no stored answer: an ``upfront`` call whose process died between
+        the settlement and the stored answer (or whose upstream failed). It is never charged again
+        and never run again (the upstream may have acted); a refund is owed, once."""
+        receipt = receipt_headers(receipt_of(row), quote.version)
+        if row.settle_mode == "upfront" and row.refund_owed is None:
+            ctx.payer = ctx.payer or row.payer
+            refund = await self._refund(ctx, quote, row.id, "answer_lost")
+            raise GatewayError(
+                "upstream_answer_lost",
+                "this payment was settled but the answer it bought was lost; it will not be charged "
+                "again and a refund is owed",
+                status=502, headers=receipt, retryable=False, paymentId=row.id, transaction=row.tx_hash, **refund,
+            )
+        fields: dict[str, Any] = {}
+        if row.refund_owed is not None:
+            fields = {"refund": "refunded" if row.refunded_at else "owed", "refundAmount": str(row.refund_owed)}
+            if row.refund_tx:
+                fields["refundTransaction"] = row.refund_tx
+        raise GatewayError(
+            "payment_already_settled",
+            "this payment was settled and its answer is not stored; it will not be charged again",
+            status=409, headers=receipt, paymentId=row.id, transaction=row.tx_hash, **fields,
+        )
 
     async def _call_upstream(self, ctx: RequestContext, request: Request, payment_id: int) -> UpstreamResponse:
         tool = ctx.tool

@@ -3,9 +3,13 @@
 * An in-flight lock in the shared store on (network, payer, nonce), and on the client's
   ``payment-identifier`` when it sends one, from verify until the outcome is final: a second
   request with the same payment meanwhile gets 409 ``payment_in_flight``.
-* A payment the ledger already knows is *resumed*, not re-run: a settled one replays the answer
-  it bought (or, if that answer was never stored, a 409 naming the transaction); an open one
-  (``settling``/``pending``) is first resolved against the chain.
+* A payment the ledger already knows is *resumed*, not re-run, but only when the request presents
+  that very signed payload (``same_payment``: every authorization field equal, the signature
+  already recovered to its payer) for that very request (tool and fingerprint of method, path,
+  query and body). A settled one replays the answer it bought (or, if that answer was never
+  stored, the pipeline says so and records the refund an ``upfront`` call is owed); an open one
+  (``settling``/``pending``) is first resolved against the chain. Anything else that names a
+  known payer and nonce (both public on chain) is a fresh payment, verified as one.
 * ``payment-identifier`` (x402 extension): bound to a fingerprint of the request and to the
   payment; the same id with another request or payment is a 409.
 """
@@ -13,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +30,8 @@ from settlement.chain import Chain
 from settlement.errors import ChainUnavailable
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.reconcile import apply, resolve_payment
-from settlement.wire import PaymentPayload, SettleResponse
+from settlement.signatures import same_authorization
+from settlement.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
@@ -50,6 +56,23 @@ def request_fingerprint(method: str, path: str, query: str, body: bytes) -> str:
     verb = "GET" if method == "HEAD" else method
     digest = hashlib.sha256(body).hexdigest()
     return hashlib.sha256(f"{verb}\n{path}\n{query}\n{digest}".encode()).hexdigest()
+
+
+def same_payment(
+    row: Payment, requirements: PaymentRequirements, presented: ExactEvmPayload, tool: str, fingerprint: str
+) -> bool:
+    """Whether ``presented`` (whose signature already recovered to its ``from`` over this offer) is
+    the payment ``row`` recorded, for the same request: same token and network, same tool and
+    request fingerprint, and every field of the signed authorization equal."""
+    if row.network != requirements.network or row.asset.lower() != requirements.asset.lower():
+        return False
+    if row.tool != tool or row.fingerprint != fingerprint or not row.authorization:
+        return False
+    try:
+        stored = ExactEvmPayload.model_validate(json.loads(row.authorization))
+    except ValueError:  # pydantic's ValidationError and json's JSONDecodeError are ValueErrors
+        return False
+    return same_authorization(stored, presented)
 
 
 @asynccontextmanager
@@ -95,8 +118,9 @@ class Resumed:
 async def resume(
     row: Payment, ledger: Ledger, chain: Chain | None, *, write_ahead: bool
 ) -> Resumed | None:
-    """Resume a payment the ledger knows. Returns the stored answer to replay, ``None`` when the
-    payment moved no money and may run again, or raises the refusal that names what happened."""
+    """Resume a payment the ledger knows. Returns the settled payment with its stored answer to
+    replay (``answer`` is None when none was stored), ``None`` when the payment moved no money and
+    may run again, or raises the refusal that names what happened."""
     if row.state in (PaymentState.SETTLING, PaymentState.PENDING):
         if chain is None:
             raise _open_refusal(row)
@@ -111,13 +135,6 @@ async def resume(
         row = refreshed
     if row.state == PaymentState.SETTLED:
         answer = await ledger.run(ledger.stored_response, row.id)
-        if answer is None:
-            raise GatewayError(
-                "payment_already_settled",
-                "this payment was settled and its answer is not stored; it will not be charged again",
-                paymentId=row.id,
-                transaction=row.tx_hash,
-            )
         return Resumed(row, answer)
     if row.state in (PaymentState.SETTLING, PaymentState.PENDING):
         raise _open_refusal(row)

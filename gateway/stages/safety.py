@@ -4,9 +4,13 @@ Checks run in this order; each either returns (continue) or raises a ``GatewayEr
 
     route ─▶ header size (431) ─▶ body size (413) ─▶ arguments (422)
           ─▶ kill switch (503 tool_disabled) ─▶ price guard (503 price_guard)
-          ─▶ circuit breaker (503 upstream_circuit_open) ─▶ [unpaid] rate limit per client (429) ─▶ 402
-          ─▶ [paid] decode/bind ─▶ payer allow/deny (403 payer_denied)
+          ─▶ circuit breaker (503 upstream_circuit_open) ─▶ rate limit per client (429, every request)
+          ─▶ [unpaid] 402
+          ─▶ [paid] decode/bind ─▶ signature recovered offline (402) ─▶ payer allow/deny (403 payer_denied)
           ─▶ rate limits per payer, per tool (429) ─▶ verify ─▶ budgets (403 budget_exceeded)
+
+Nothing is keyed on a payment's claimed ``from`` before its signature recovered to it: a junk
+header naming a victim spends only its own client's tokens, never the victim's or the tool's.
           ─▶ bridge ─▶ settle ─▶ ``finish``: budgets released unless money moved; probe returned
 
 Reads the catalog's and the settings' limits (``catalog.limits``), the policy (``gateway.policy``)
@@ -249,16 +253,17 @@ class Safety:
             status=503, retryable=False,
         )
 
-    async def unpaid(self, ctx: RequestContext, tool: Tool) -> None:
-        """Rate limit per client address for requests that will get a 402."""
-        with self._verdict(ctx, "unpaid"):
+    async def per_client(self, ctx: RequestContext, tool: Tool) -> None:
+        """Rate limit per client address, for every request (paid or not, before any verify)."""
+        with self._verdict(ctx, "per_client"):
             await self._take(tool, "per_client", ctx.client or "unknown")
 
     # -- with a payment ----------------------------------------------------------------------------
 
     async def before_verify(self, ctx: RequestContext, tool: Tool, payer: str) -> None:
-        """Payer lists and rate limits. ``payer`` is the authorization's ``from``, not yet verified:
-        good enough to refuse or to slow down, never to spend against (budgets wait for verify)."""
+        """Payer lists and rate limits. ``payer`` is the signer recovered offline (the signature is
+        valid for this offer), not yet checked against the chain: good enough to refuse or to slow
+        down, never to spend against (budgets wait for verify)."""
         with self._verdict(ctx, "before_verify"):
             await self._before_verify(ctx, tool, payer)
 

@@ -262,15 +262,15 @@ def test_unpaid_requests_are_rate_limited_per_client_address_and_refill() -> Non
     tool = safety_tool(safety, "quote")
 
     async def body() -> None:
-        await safety.unpaid(ctx("10.0.0.1"), tool)
-        await safety.unpaid(ctx("10.0.0.1"), tool)
+        await safety.per_client(ctx("10.0.0.1"), tool)
+        await safety.per_client(ctx("10.0.0.1"), tool)
         with pytest.raises(GatewayError) as limited:
-            await safety.unpaid(ctx("10.0.0.1"), tool)
+            await safety.per_client(ctx("10.0.0.1"), tool)
         assert (limited.value.status, limited.value.code, limited.value.fields["retryAfter"]) == (429, "rate_limited", 5)
         assert limited.value.to_response().headers["retry-after"] == "5"
-        await safety.unpaid(ctx("10.0.0.2"), tool)  # another client has its own bucket
+        await safety.per_client(ctx("10.0.0.2"), tool)  # another client has its own bucket
         clock.advance(5)
-        await safety.unpaid(ctx("10.0.0.1"), tool)
+        await safety.per_client(ctx("10.0.0.1"), tool)
 
     run(body())
 
