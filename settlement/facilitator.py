@@ -126,7 +126,7 @@ class LocalFacilitator:
         if cached is not None:
             self._domains.move_to_end(key)
             return cached
-        network, asset, name, version = key
+        _, asset, name, version = key
         return domain_separator(name, version, chain_id, checksum_address(asset))
 
     def _remember(self, domain_key: tuple[str, str, str, str], domain: bytes,
