@@ -147,7 +147,10 @@ tools:
     upstream: rec
     upstream_path: /u/limited_read/{{item}}
     price: "0.002"
-    rate_limits: {{per_payer: "3/1m", per_tool: "6/1m", per_client: "4/1m"}}
+    rate_limits:
+      per_payer: {{requests: 3, window: 1m}}
+      per_tool: {{requests: 6, window: 1m}}
+      per_client: {{requests: 4, window: 1m}}
 """
 
 
