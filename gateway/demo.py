@@ -16,7 +16,7 @@ import httpx
 import uvicorn
 
 from catalog import format_amount
-from gateway.agent import PayingAgent, discover
+from gateway.agent import PayingAgent, discover, read_token_facts
 from gateway.app import create_app
 from gateway.samples import rest_upstream, soap_warehouse
 from gateway.serving import ThreadServer
@@ -54,7 +54,9 @@ def _port_free(port: int) -> bool:
 
 async def _agent_calls(base_url: str, deployment: Deployment, calls: int) -> list[str]:
     payer = deployment.accounts[0]
-    agent = PayingAgent(payer.private_key, max_spend_atomic=1_000_000, accept_assets={(deployment.network, deployment.token.address)})
+    # The agent reads its token (decimals, EIP-712 name and version) from the chain, not from the gateway.
+    token = await read_token_facts(deployment.rpc_url, deployment.token.address, network=deployment.network)
+    agent = PayingAgent(payer.private_key, token, max_spend_atomic=1_000_000)
     lines: list[str] = []
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         # The agent learns what is on sale, and at what price, as any agent would: GET /tools.

@@ -14,7 +14,8 @@ PAYER = 7
 
 
 def run_agent(gateway: RunningGateway, devchain: Devchain, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AGENT_KEY": devchain.key(PAYER)}
+    # The agent reads the token from the dev chain, found through its deployment file.
+    env = {**os.environ, "AGENT_KEY": devchain.key(PAYER), "X402GW_DEPLOYMENT_FILE": str(devchain.deployment_file)}
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", "agent", "--gateway", gateway.url, "--key-env", "AGENT_KEY", *args],
         capture_output=True, text=True, timeout=120, env=env, check=False,
@@ -26,7 +27,8 @@ def test_agent_discovers_pays_and_prints_the_receipt(gateway: RunningGateway, de
     before_payer, before_pay_to = devchain.balance(payer), devchain.balance(PAY_TO)
     result = run_agent(gateway, devchain, "--max-spend", "0.05", "--tool", "get_quote", "--args", '{"symbol": "ACME"}')
     assert result.returncode == 0, result.stdout + result.stderr
-    receipt = re.search(r"receipt  tool get_quote  price 0.002  status 200  tx (0x[0-9a-f]{64})  settled True", result.stdout)
+    receipt = re.search(r"receipt  tool get_quote  price 0.002  status 200  tx (0x[0-9a-f]{64})  settled True"
+                        r"  payer 0x[0-9a-fA-F]{40}  spent 0.002 of 0.05", result.stdout)
     assert receipt, result.stdout
     assert '"symbol": "ACME"' in result.stdout
     assert devchain.balance(payer) == before_payer - 2000
