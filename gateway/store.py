@@ -10,9 +10,12 @@ Errors::
     StoreUnavailable        the backend cannot be reached or did not answer in time (HTTP 503)
     ValueError              a caller passed an impossible argument (a bug, not an outage)
 
-Amounts are ``int`` atomic units. Redis Lua numbers are IEEE doubles, so budget amounts and limits
-are exact only up to ``MAX_EXACT_UNITS`` (2**53 - 1); both backends refuse anything larger so that
-a process with a memory store and a fleet on Redis agree on every decision.
+Amounts are ``int`` atomic units, exact on both backends up to ``MAX_EXACT_UNITS`` (2**256 - 1,
+the largest amount a token can move). Redis Lua numbers are IEEE doubles (exact only below 2**53,
+which an 18-decimal token passes at 0.009 tokens) and ``INCRBY`` stops at 2**63 - 1 (9.2 tokens),
+so the budget scripts keep counters, amounts and limits as decimal strings and add, subtract and
+compare them digit by digit. Both backends refuse anything larger than ``MAX_EXACT_UNITS``, so a
+process with a memory store and a fleet on Redis agree on every decision.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ __all__ = [
     "create_store",
 ]
 
-MAX_EXACT_UNITS = 2**53 - 1
+MAX_EXACT_UNITS = 2**256 - 1  # uint256: every amount a token can express
 BUDGET_GRACE_SECONDS = 60  # a window's counter outlives the window by this much, for late releases
 
 
@@ -132,7 +135,7 @@ def _check_units(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int of atomic units")
     if value < 0 or value > MAX_EXACT_UNITS:
-        raise ValueError(f"{name} must be between 0 and 2**53 - 1")
+        raise ValueError(f"{name} must be between 0 and 2**256 - 1")
 
 
 def _check_window(window_seconds: int) -> None:
@@ -351,35 +354,74 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, string.format('%.17g', tokens), '0'}
 """
 
-# KEYS[1] budget base key; ARGV amount, limit, window_seconds, grace_seconds. The window key is
-# derived here from the server clock (single Redis, not Cluster: the derived key is not in KEYS).
-# "amount > limit - used" rather than "used + amount > limit": the sum could pass 2**53 and round.
-_RESERVE_BUDGET_LUA = """
-local amount = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
+# Budget arithmetic on non-negative integers written as decimal strings without leading zeros:
+# exact at any size (no Lua number ever holds an amount). Prepended to both budget scripts.
+_DECIMAL_LUA = """
+local function dec_cmp(a, b)
+  if #a ~= #b then
+    if #a < #b then return -1 end
+    return 1
+  end
+  if a == b then return 0 end
+  if a < b then return -1 end
+  return 1
+end
+local function dec_add(a, b)
+  local out, carry = {}, 0
+  local i, j = #a, #b
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry
+    if i > 0 then d = d + string.byte(a, i) - 48; i = i - 1 end
+    if j > 0 then d = d + string.byte(b, j) - 48; j = j - 1 end
+    if d >= 10 then d = d - 10; carry = 1 else carry = 0 end
+    out[#out + 1] = string.char(48 + d)
+  end
+  return string.reverse(table.concat(out))
+end
+local function dec_sub(a, b)
+  local out, borrow = {}, 0
+  local i, j = #a, #b
+  while i > 0 do
+    local d = string.byte(a, i) - 48 - borrow
+    if j > 0 then d = d - (string.byte(b, j) - 48); j = j - 1 end
+    if d < 0 then d = d + 10; borrow = 1 else borrow = 0 end
+    out[#out + 1] = string.char(48 + d)
+    i = i - 1
+  end
+  local s = string.gsub(string.reverse(table.concat(out)), '^0+', '')
+  if s == '' then return '0' end
+  return s
+end
+"""
+
+# KEYS[1] budget base key; ARGV amount, limit (decimal strings), window_seconds, grace_seconds.
+# The window key is derived here from the server clock (single Redis, not Cluster: the derived key
+# is not in KEYS). Returns {allowed, used as a decimal string, window end}.
+_RESERVE_BUDGET_LUA = _DECIMAL_LUA + """
 local window = tonumber(ARGV[3])
 local now = tonumber(redis.call('TIME')[1])
 local start = now - now % window
 local key = KEYS[1] .. ':' .. string.format('%d', start)
-local used = tonumber(redis.call('GET', key) or '0')
-if amount > limit - used then
+local used = redis.call('GET', key) or '0'
+local after = dec_add(used, ARGV[1])
+if dec_cmp(after, ARGV[2]) > 0 then
   return {0, used, start + window}
 end
-used = redis.call('INCRBY', key, ARGV[1])
+redis.call('SET', key, after)
 redis.call('EXPIREAT', key, start + window + tonumber(ARGV[4]))
-return {1, used, start + window}
+return {1, after, start + window}
 """
 
-# KEYS[1] window key; ARGV amount. A lapsed window is not recreated.
-_RELEASE_BUDGET_LUA = """
-local used = tonumber(redis.call('GET', KEYS[1]))
-if used == nil then
+# KEYS[1] window key; ARGV amount (a decimal string). A lapsed window is not recreated.
+_RELEASE_BUDGET_LUA = _DECIMAL_LUA + """
+local used = redis.call('GET', KEYS[1])
+if not used then
   return 0
 end
-if tonumber(ARGV[1]) >= used then
+if dec_cmp(ARGV[1], used) >= 0 then
   redis.call('SET', KEYS[1], '0', 'KEEPTTL')
 else
-  redis.call('DECRBY', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[1], dec_sub(used, ARGV[1]), 'KEEPTTL')
 end
 return 1
 """
@@ -461,7 +503,7 @@ class RedisStore:
         _check_units("amount", amount)
         _check_units("limit", limit)
         _check_window(window_seconds)
-        args = [amount, limit, window_seconds, BUDGET_GRACE_SECONDS]
+        args = [str(amount), str(limit), window_seconds, BUDGET_GRACE_SECONDS]
         with _unavailable_on_redis_errors():
             allowed, used, resets_at = await self._reserve_budget(keys=[self._key(key)], args=args)
         return BudgetDecision(bool(allowed), int(used), limit, int(resets_at))
@@ -471,7 +513,7 @@ class RedisStore:
         _check_window(window_seconds)
         window_key = f"{self._key(key)}:{int(resets_at) - window_seconds}"
         with _unavailable_on_redis_errors():
-            await self._release_budget(keys=[window_key], args=[amount])
+            await self._release_budget(keys=[window_key], args=[str(amount)])
 
     async def ping(self) -> None:
         with _unavailable_on_redis_errors():

@@ -330,8 +330,9 @@ def test_redis_resets_at_is_the_end_of_the_server_window(redis_prefix: str) -> N
         client.close()
 
 
-def test_budget_amounts_are_exact_up_to_2_pow_53_minus_1(store_backend: StoreBackend) -> None:
+def test_budget_amounts_are_exact_up_to_2_pow_256_minus_1(store_backend: StoreBackend) -> None:
     async def body(store: StateStore) -> None:
+        assert MAX_EXACT_UNITS == 2**256 - 1  # every amount a token can move
         with pytest.raises(ValueError):
             await store.reserve_budget("budget:8", 1, limit=MAX_EXACT_UNITS + 1, window_seconds=60)
         with pytest.raises(ValueError):
@@ -345,8 +346,97 @@ def test_budget_amounts_are_exact_up_to_2_pow_53_minus_1(store_backend: StoreBac
         assert not (await store.reserve_budget("budget:8", 2, MAX_EXACT_UNITS, 3600)).allowed
         last = await store.reserve_budget("budget:8", 1, MAX_EXACT_UNITS, 3600)
         assert last.allowed and last.used == MAX_EXACT_UNITS
+        await store.release_budget("budget:8", MAX_EXACT_UNITS - 2, 3600, last.resets_at)
+        assert (await store.reserve_budget("budget:8", 0, MAX_EXACT_UNITS, 3600)).used == 2
 
     store_backend.run(body)
+
+
+# 18-decimal tokens (DAI, WETH): 0.01 token is 10**16 atomic units, past 2**53 (doubles) and a
+# 500-token budget is 5 * 10**20, past 2**63 (Redis INCRBY). Odd amounts: a double would round them.
+CENT_18 = 10**16 + 1
+TOKENS_500 = 500 * 10**18 + 7
+
+
+def test_18_decimal_budgets_are_exact_past_2_pow_53_and_2_pow_63(store_backend: StoreBackend) -> None:
+    async def body(store: StateStore) -> None:
+        assert CENT_18 > 2**53 and TOKENS_500 > 2**63
+        first = await store.reserve_budget("budget:18", CENT_18, limit=TOKENS_500, window_seconds=3600)
+        assert first.allowed and first.used == CENT_18 and first.limit == TOKENS_500
+        big = TOKENS_500 - 2 * CENT_18
+        second = await store.reserve_budget("budget:18", big, limit=TOKENS_500, window_seconds=3600)
+        assert second.allowed and second.used == TOKENS_500 - CENT_18
+        # one unit too many is refused, and changes nothing
+        over = await store.reserve_budget("budget:18", CENT_18 + 1, limit=TOKENS_500, window_seconds=3600)
+        assert not over.allowed and over.used == TOKENS_500 - CENT_18
+        exact = await store.reserve_budget("budget:18", CENT_18, limit=TOKENS_500, window_seconds=3600)
+        assert exact.allowed and exact.used == TOKENS_500
+        assert not (await store.reserve_budget("budget:18", 1, limit=TOKENS_500, window_seconds=3600)).allowed
+        # releases are exact too, and never below zero
+        await store.release_budget("budget:18", big, 3600, exact.resets_at)
+        after = await store.reserve_budget("budget:18", 0, limit=TOKENS_500, window_seconds=3600)
+        assert after.used == 2 * CENT_18
+        await store.release_budget("budget:18", TOKENS_500, 3600, exact.resets_at)
+        assert (await store.reserve_budget("budget:18", 0, limit=TOKENS_500, window_seconds=3600)).used == 0
+
+    store_backend.run(body)
+
+
+def test_concurrent_18_decimal_reservations_never_pass_the_limit(store_backend: StoreBackend) -> None:
+    limit = 7 * CENT_18 + CENT_18 - 1  # room for exactly 7
+
+    async def body(store: StateStore) -> None:
+        decisions = await asyncio.gather(
+            *(store.reserve_budget("budget:19", CENT_18, limit=limit, window_seconds=3600) for _ in range(40))
+        )
+        assert sum(d.allowed for d in decisions) == 7
+        assert sorted(d.used for d in decisions if d.allowed) == [n * CENT_18 for n in range(1, 8)]
+        assert all(d.used == 7 * CENT_18 for d in decisions if not d.allowed)
+
+    store_backend.run(body)
+
+
+def test_two_replicas_share_one_18_decimal_budget_exactly(redis_prefix: str) -> None:
+    start = threading.Barrier(3)
+    allowed: list[int] = []
+    errors: list[BaseException] = []
+    limit = 9 * TOKENS_500 // 10  # 450 tokens and change: room for 4 of 100-token calls, 50 left
+
+    async def replica() -> int:
+        store = RedisStore(REDIS_URL, prefix=redis_prefix)
+        try:
+            await store.ping()
+            start.wait(timeout=10)
+            decisions = await asyncio.gather(
+                *(store.reserve_budget("budget:20", TOKENS_500 // 5, limit=limit, window_seconds=3600)
+                  for _ in range(20))
+            )
+            return sum(d.allowed for d in decisions)
+        finally:
+            await store.close()
+
+    def thread_main() -> None:
+        try:
+            allowed.append(asyncio.run(replica()))
+        except BaseException as exc:  # reported by the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread_main) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    assert sum(allowed) == 4
+
+    async def used() -> int:
+        store = RedisStore(REDIS_URL, prefix=redis_prefix)
+        try:
+            return (await store.reserve_budget("budget:20", 0, limit=limit, window_seconds=3600)).used
+        finally:
+            await store.close()
+
+    assert asyncio.run(used()) == 4 * (TOKENS_500 // 5)
 
 
 # -- keys, outages, construction
