@@ -52,7 +52,7 @@ from settlement.audit import AuditSink, AuditTrail, AuditWriter
 from settlement.chain import Chain
 from settlement.codec import parse_exact_evm
 from settlement.errors import LedgerError, PaymentDecodeError
-from settlement.facilitator import Facilitator
+from settlement.facilitator import VALID_BEFORE_MARGIN_SECONDS, Facilitator
 from settlement.ledger import Ledger, Payment, PaymentState, utcnow
 from settlement.refunds import Refunder
 from settlement.signatures import SignerCheck
@@ -410,8 +410,10 @@ class Pipeline:
         unpaid. The 402 names the minimum."""
         needed = tool.payment_window_seconds
         now = int(time.time())
-        if int(exact.authorization.valid_before) - now >= needed:
-            return
+        remaining = int(exact.authorization.valid_before) - now
+        if remaining >= needed or remaining < VALID_BEFORE_MARGIN_SECONDS:
+            return  # long enough; or already expired, which verify refuses with its own reason
+
         raise PaymentChallenge(
             quote, "payment_window_too_short",
             f"{tool.name} needs a payment valid for at least {needed}s (validBefore >= now + {needed}); "
