@@ -167,7 +167,10 @@ class SoapRequestBuilder:
         for element, argument in self.elements.items():
             if argument in arguments:
                 tag = etree.QName(ns, element).text if self.operation.qualified else element
-                _append(request, tag, arguments[argument])
+                try:
+                    _append(request, tag, arguments[argument])
+                except ValueError:  # lxml: text XML cannot carry (control characters, surrogates)
+                    raise SoapArgumentError(f"argument {argument!r} holds characters XML cannot carry") from None
         return bytes(etree.tostring(envelope, xml_declaration=True, encoding="utf-8"))
 
 

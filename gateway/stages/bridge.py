@@ -59,7 +59,7 @@ log = logging.getLogger("x402gw.bridge")
 FORWARDED_REQUEST_HEADERS = ("accept", "accept-language", "user-agent")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Characters an upstream header value cannot hold (HTTP clients refuse CR and LF with an exception).
-_HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 # Response headers that describe the connection, not the content, or that we set ourselves: an
 # upstream must not be able to forge a receipt, an offer or a gateway header in the agent's answer.
 DROPPED_RESPONSE_HEADERS = frozenset(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal, InvalidOperation
+from collections.abc import Iterator
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -30,7 +31,13 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _KEY_SHOWN = 100  # characters of a duplicate key quoted back in the refusal
 # Characters no HTTP header value may carry (CR and LF would split it; the rest are refused by
 # HTTP clients): an argument mapped to an upstream header holding one is refused before any 402.
-_HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+# Characters XML 1.0 cannot carry: a SOAP tool's string argument holding one is refused likewise.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+# A lone UTF-16 surrogate (from a \ud800 escape) is no character: it cannot be re-encoded for the
+# upstream. Only a body with such an escape, or that is not plain UTF-8, can hold one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -51,25 +58,52 @@ def _no_constant(name: str) -> Any:
     raise GatewayError("invalid_json_body", f"the request body is not valid JSON ({name} is not a JSON number)")
 
 
-def _header_values(value: Any) -> list[str]:
-    if isinstance(value, list):
-        return [text for item in value for text in _header_values(item)]
-    return [value] if isinstance(value, str) else []
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a parsed JSON value, keys included; without recursion (any depth)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
-def _check_header_arguments(tool: Tool, arguments: dict[str, Any]) -> None:
+def _may_hold_surrogates(body: bytes) -> bool:
+    if _ESCAPED_SURROGATE.search(body):
+        return True
+    if body.isascii():
+        return False
+    try:
+        body.decode("utf-8")  # strict: refuses encoded surrogates
+    except UnicodeDecodeError:
+        return True  # UTF-16/32, or UTF-8 with encoded surrogates: look
+    return False
+
+
+def _check_characters(tool: Tool, arguments: dict[str, Any]) -> None:
+    """Arguments bound for an upstream header (REST) or an XML document (SOAP) may hold only what
+    those can carry: refused here, before any offer, rather than failing in the bridge."""
     mapping = tool.request
-    if mapping is None or not mapping.headers:
-        return
+    bound: list[tuple[str, re.Pattern[str], str]] = []
+    if mapping is not None and mapping.headers:
+        bound = [(argument, _HEADER_FORBIDDEN, f"goes into the upstream header {header}, which cannot hold "
+                  "control characters") for header, argument in mapping.headers.items()]
+    if tool.kind == "soap":
+        bound = [(name, _XML_FORBIDDEN, "goes into a SOAP request, which cannot hold control characters")
+                 for name in arguments]
     fields = [
-        {"field": argument, "problem": f"goes into the upstream header {header}, which cannot hold control characters"}
-        for header, argument in mapping.headers.items()
-        if any(_HEADER_FORBIDDEN.search(text) for text in _header_values(arguments.get(argument)))
+        {"field": argument, "problem": problem}
+        for argument, forbidden, problem in bound
+        if any(forbidden.search(text) for text in _strings(arguments.get(argument)))
     ]
     if fields:
         raise GatewayError(
             "invalid_arguments",
-            "an argument holds control characters (CR, LF, ...) that its upstream header cannot carry",
+            "an argument holds control characters (CR, LF, NUL...) that its upstream request cannot carry",
             fields=fields,
         )
 
@@ -119,11 +153,13 @@ def collect_arguments(
             raise GatewayError("invalid_json_body", "the request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise GatewayError("invalid_json_body", "the request body must be a JSON object")
+        if _may_hold_surrogates(body) and any(_SURROGATE.search(text) for text in _strings(data)):
+            raise GatewayError("invalid_json_body", "the request body is not valid JSON (a string holds an unpaired surrogate)")
         for name, value in data.items():
             if name in arguments:
                 raise GatewayError("invalid_arguments", f"argument {name!r} is given twice", fields=[{"field": name}])
             arguments[name] = value
-    _check_header_arguments(tool, arguments)
+    _check_characters(tool, arguments)
     return arguments
 
 

@@ -124,6 +124,31 @@ def test_control_characters_in_a_header_mapped_argument_are_invalid_arguments_na
     assert collect_arguments(tool, {}, [], json.dumps({"symbol": value, "note": "a\tb"}).encode(), "POST")["symbol"] == value
 
 
+@pytest.mark.parametrize("body", [
+    b'{"symbol":"ACME","note":"a\\ud800"}',
+    b'{"symbol":"ACME","legs":[["x\\uDFFF"]]}',
+    b'{"symbol":"ACME","\\udc00":1}',
+    '{"symbol":"ACME","note":"a\ud800"}'.encode("utf-8", "surrogatepass"),
+])
+def test_an_unpaired_surrogate_anywhere_in_the_body_is_invalid_json_body(body: bytes) -> None:
+    tool = tools("http://127.0.0.1:1", entry("t", "POST", "/o", "/rec/o"))["t"]
+    error = refusal(lambda: collect_arguments(tool, {}, [], body, "POST"))
+    assert (error.code, error.status) == ("invalid_json_body", 400)
+    paired = collect_arguments(tool, {}, [], b'{"note":"\\ud83d\\ude00 \xc3\xa9"}', "POST")
+    assert paired == {"note": "\U0001f600 \u00e9"}
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\x1bb", "\ufffe"])
+def test_a_soap_tools_argument_xml_cannot_carry_is_invalid_arguments_before_any_offer(value: str) -> None:
+    soap = "    kind: soap\n    soap: {endpoint: /soap, namespace: 'urn:test', operation: Echo, result: Result}\n"
+    tool = tools("http://127.0.0.1:1", entry("t", "POST", "/o", "/unused", soap))["t"]
+    body = json.dumps({"symbol": "ACME", "legs": [{"note": value}]}).encode()
+    error = refusal(lambda: collect_arguments(tool, {}, [], body, "POST"))
+    assert (error.code, error.status) == ("invalid_arguments", 422)
+    assert [f["field"] for f in error.fields["fields"]] == ["legs"]
+    assert collect_arguments(tool, {}, [], json.dumps({"note": "tab\tcr\rlf\n"}).encode(), "POST")
+
+
 # -- the bridge: the upstream gets the validated arguments, re-serialised ---------------------------
 
 
@@ -190,6 +215,16 @@ def test_the_soap_envelope_is_built_from_the_arguments_alone(upstream: tuple[str
     assert got.header("content-type") == "text/xml; charset=utf-8"
     assert b"<m:Echo><m:Symbol>ACME</m:Symbol><m:Quantity>1</m:Quantity></m:Echo>" in got.body
     assert b"999999" not in got.body and b"Injected" not in got.body
+
+
+def test_a_soap_argument_xml_cannot_carry_is_a_422_at_the_bridge_too(upstream: tuple[str, list[Received]]) -> None:
+    base, received = upstream
+    soap = "    kind: soap\n    soap: {endpoint: /soap, namespace: 'urn:test', operation: Echo, arguments: [note], result: Result}\n"
+    tool = tools(base, entry("t", "POST", "/o", "/unused", soap))["t"]
+    for value in ("a\x00b", "a\ud800b"):
+        error = refusal(lambda: forward(tool, "POST", {}, "", {"note": value}, {}, b""))
+        assert (error.code, error.status) == ("invalid_arguments", 422)
+    assert received == []
 
 
 # -- a malicious upstream ------------------------------------------------------------------------
