@@ -7,7 +7,8 @@ an upstream client, a ledger) through its keyword arguments.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -167,6 +168,38 @@ def build_refunder(settings: Settings, chains: dict[str, Web3Chain]) -> Refunder
     return Refunder(refund_chains, receipt_timeout=settings.receipt_timeout_seconds)
 
 
+# Allowance for a step bounded by chain RPC calls (each Web3Chain request gives up after 10 s):
+# a local verify, a broadcast, resolving an open payment against the chain.
+CHAIN_STEP_SECONDS = 20.0
+LOCK_MARGIN_SECONDS = 30.0
+
+
+def in_flight_lock_ttl_ms(
+    settings: Settings,
+    catalogs: Catalogs,
+    bridge: Bridge,
+    *,
+    remotes: Iterable[RemoteFacilitator] = (),
+    local: bool = True,
+) -> int:
+    """How long a payment's in-flight lock lives: longer than any request can hold it, or it lapses
+    under a live request and a resend of the same payment runs beside it. The longest path is an
+    open payment resolved against the chain, verify, the slowest tool's upstream call (every try,
+    failover and backoff), settlement (a remote facilitator's settle timeout, or a local broadcast,
+    batch wait and receipt wait), and a refund of a settle-first tool; plus a margin.
+    ``remotes``: the remote facilitators in use; ``local``: whether any network settles locally."""
+    remotes = list(remotes)
+    upstream = max((bridge.max_call_seconds(tool) for tool in catalogs.tools), default=0.0)
+    batch_wait = max((p.max_wait_ms / 1000 for p in settings.batch_settlement.values()), default=0.0)
+    local_settle = CHAIN_STEP_SECONDS + batch_wait + settings.receipt_timeout_seconds
+    verify = max([r.verify_timeout_seconds for r in remotes] + ([CHAIN_STEP_SECONDS] if local else []), default=0.0)
+    settle = max([r.settle_timeout_seconds for r in remotes] + ([local_settle] if local else []), default=0.0)
+    refunds = settings.refund_key is not None and any(tool.settle == "upfront" for tool in catalogs.tools)
+    refund = CHAIN_STEP_SECONDS + settings.receipt_timeout_seconds if refunds else 0.0
+    seconds = CHAIN_STEP_SECONDS + verify + upstream + settle + refund + LOCK_MARGIN_SECONDS
+    return math.ceil(1000 * seconds)
+
+
 async def check_chains(chains: dict[str, Web3Chain], catalogs: Catalogs) -> None:
     """Start-up checks against each chain: it is the chain we think, and the tokens are what the
     catalog says (a wrong asset_name/version would make every signature fail on chain)."""
@@ -266,7 +299,9 @@ def create_app(
                 assert local is not None
                 by_network[network] = batching if batching is not None and network in batching.networks else local
             else:
-                remote = remote_by_url.setdefault(where, RemoteFacilitator(where))
+                remote = remote_by_url.setdefault(
+                    where, RemoteFacilitator(where, settle_timeout=settings.facilitator_settle_timeout_seconds)
+                )
                 remotes[network] = remote
                 by_network[network] = remote
         facilitator = FacilitatorRouter(by_network)
@@ -294,8 +329,12 @@ def create_app(
         write_ahead_networks=write_ahead,
         audit=audit,
         safety=safety,
-        lock_ttl_ms=int(1000 * (2 * settings.receipt_timeout_seconds + 2 * max(
-            (bridge.max_call_seconds(t) for t in catalogs.tools), default=10.0) + 30)),
+        lock_ttl_ms=in_flight_lock_ttl_ms(
+            settings, catalogs, bridge,
+            # an injected facilitator (tests, embedding) is timed as what it is
+            remotes=set(remotes.values()) or ([facilitator] if isinstance(facilitator, RemoteFacilitator) else []),
+            local=local is not None or not (remotes or isinstance(facilitator, RemoteFacilitator)),
+        ),
         bridge=bridge,
     )
 

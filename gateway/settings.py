@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # standard X402_FACILITATOR_URL (no prefix) selects a remote facilitator for every network.
     facilitators: dict[str, str] = Field(default_factory=dict)
     facilitator_url: str | None = Field(default=None, validation_alias="X402_FACILITATOR_URL")
+    # Longest wait for a remote facilitator's /settle answer (the whole call); no answer by then is
+    # an unknown outcome (503, reconciled). The in-flight lock of a payment outlives it.
+    facilitator_settle_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     # Serve /facilitator/{supported,verify,settle} backed by the local facilitator.
     # Off by default: a public facilitator lets anyone spend this gateway's gas on their transfers.
     serve_facilitator: bool = False

@@ -9,10 +9,15 @@ HTTP status (some facilitators answer 400 with a valid refusal). Everything else
   exception and never a success. It becomes ``SettleResponse(success=False)`` with one of the
   ``facilitator_*`` reasons below and any transaction hash that could be read from the body;
   ``settlement_outcome_unknown`` tells such outcomes apart from definite refusals.
+
+Each timeout is the whole call's deadline (connect, send, every read), not httpx's per-read
+timeout a trickling facilitator could renew forever: ``settle_timeout`` is the longest a request
+waits on ``/settle``, which the gateway's in-flight lock lifetime is computed from.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -70,10 +75,19 @@ class RemoteFacilitator:
         supported_timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        for name, value in (("connect_timeout", connect_timeout), ("verify_timeout", verify_timeout),
+                            ("settle_timeout", settle_timeout), ("supported_timeout", supported_timeout)):
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be positive and finite")
         self.url = url.rstrip("/")
-        self._verify_timeout = httpx.Timeout(verify_timeout, connect=connect_timeout)
-        self._settle_timeout = httpx.Timeout(settle_timeout, connect=connect_timeout)
-        self._supported_timeout = httpx.Timeout(supported_timeout, connect=connect_timeout)
+        # Whole-call deadlines (asyncio.timeout around each request); httpx's own timeouts, per
+        # operation, stay as a second bound.
+        self.verify_timeout_seconds = float(verify_timeout)
+        self.settle_timeout_seconds = float(settle_timeout)
+        self.supported_timeout_seconds = float(supported_timeout)
+        self._verify_timeout = httpx.Timeout(verify_timeout, connect=min(connect_timeout, verify_timeout))
+        self._settle_timeout = httpx.Timeout(settle_timeout, connect=min(connect_timeout, settle_timeout))
+        self._supported_timeout = httpx.Timeout(supported_timeout, connect=min(connect_timeout, supported_timeout))
         # No redirects: a facilitator that redirects a POST is misconfigured, and following it
         # could replay a settle body somewhere else.
         self._client = httpx.AsyncClient(
@@ -87,8 +101,9 @@ class RemoteFacilitator:
 
     async def fetch_supported(self) -> dict[str, Any]:
         try:
-            response = await self._client.get(f"{self.url}/supported", timeout=self._supported_timeout)
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout(self.supported_timeout_seconds):
+                response = await self._client.get(f"{self.url}/supported", timeout=self._supported_timeout)
+        except (httpx.HTTPError, TimeoutError) as exc:
             log.warning("facilitator %s /supported failed: %s", self.url, type(exc).__name__)
             raise FacilitatorUnavailable("the facilitator did not answer /supported") from exc
         data = _json_object(response.content)
@@ -100,10 +115,11 @@ class RemoteFacilitator:
 
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
         try:
-            response = await self._client.post(
-                f"{self.url}/verify", json=_body(payload, requirements), timeout=self._verify_timeout
-            )
-        except httpx.TimeoutException as exc:
+            async with asyncio.timeout(self.verify_timeout_seconds):
+                response = await self._client.post(
+                    f"{self.url}/verify", json=_body(payload, requirements), timeout=self._verify_timeout
+                )
+        except (httpx.TimeoutException, TimeoutError) as exc:
             log.warning("facilitator %s /verify timed out (%s)", self.url, type(exc).__name__)
             raise FacilitatorUnavailable("the facilitator did not answer in time") from exc
         except httpx.HTTPError as exc:
@@ -129,10 +145,11 @@ class RemoteFacilitator:
         # transaction hash is only known from its answer.
         network = requirements.network
         try:
-            response = await self._client.post(
-                f"{self.url}/settle", json=_body(payload, requirements), timeout=self._settle_timeout
-            )
-        except httpx.TimeoutException as exc:
+            async with asyncio.timeout(self.settle_timeout_seconds):
+                response = await self._client.post(
+                    f"{self.url}/settle", json=_body(payload, requirements), timeout=self._settle_timeout
+                )
+        except (httpx.TimeoutException, TimeoutError) as exc:
             log.warning("facilitator %s /settle timed out (%s): outcome unknown", self.url, type(exc).__name__)
             return _broken(FACILITATOR_TIMEOUT, "the facilitator did not answer in time", network)
         except httpx.HTTPError as exc:

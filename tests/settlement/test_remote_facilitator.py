@@ -190,3 +190,72 @@ def test_settlement_outcome_unknown(reason: str | None, unknown: bool) -> None:
     failed = SettleResponse(success=False, error_reason=reason, network=NETWORK)
     assert settlement_outcome_unknown(failed) is unknown
     assert settlement_outcome_unknown(SettleResponse(success=True, transaction=TX_HASH, network=NETWORK)) is False
+
+
+# ------------------------------------------------------------------------------- whole-call deadlines
+
+
+async def _trickling_facilitator(stop: asyncio.Event) -> tuple[asyncio.AbstractServer, str]:
+    """Answers every request with headers at once, then one body byte every 0.1 s for minutes:
+    each read is quick, so only a whole-call deadline ends the wait."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n\r\n")
+            for _ in range(4096):
+                writer.write(b" ")
+                await writer.drain()
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.1)
+                    break
+                except TimeoutError:
+                    pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("method", ["settle", "verify", "fetch_supported"])
+def test_a_trickling_facilitator_is_cut_off_at_the_whole_call_timeout(method: str) -> None:
+    async def run() -> tuple[Any, float]:
+        stop = asyncio.Event()
+        server, url = await _trickling_facilitator(stop)
+        facilitator = RemoteFacilitator(url, verify_timeout=0.5, settle_timeout=0.5, supported_timeout=0.5)
+        started = asyncio.get_running_loop().time()
+        try:
+            if method == "fetch_supported":
+                outcome: Any = await facilitator.fetch_supported()
+            else:
+                outcome = await getattr(facilitator, method)(payment(), REQUIREMENTS)
+        except FacilitatorUnavailable as exc:
+            outcome = exc
+        finally:
+            elapsed = asyncio.get_running_loop().time() - started
+            stop.set()
+            await facilitator.close()
+            server.close()
+            await server.wait_closed()
+        return outcome, elapsed
+
+    outcome, elapsed = asyncio.run(run())
+    assert elapsed < 5  # the body would take 400 s at this pace; per-read timeouts never fire
+    if method == "settle":
+        assert isinstance(outcome, SettleResponse)
+        assert not outcome.success and outcome.error_reason == "facilitator_timeout"
+        assert settlement_outcome_unknown(outcome)
+    else:
+        assert isinstance(outcome, FacilitatorUnavailable)
+
+
+def test_timeouts_are_positive_and_exposed() -> None:
+    facilitator = RemoteFacilitator("http://127.0.0.1:9", settle_timeout=90, verify_timeout=7)
+    assert (facilitator.settle_timeout_seconds, facilitator.verify_timeout_seconds) == (90.0, 7.0)
+    asyncio.run(facilitator.close())
+    with pytest.raises(ValueError):
+        RemoteFacilitator("http://127.0.0.1:9", settle_timeout=0)
