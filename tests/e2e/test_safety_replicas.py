@@ -52,17 +52,21 @@ def sign_for(url: str, devchain: Devchain, payer: int, path: str) -> str:
     return encode_header(Payer(devchain.key(payer)).sign(offer.accepts[0], resource=offer.resource))
 
 
-def all_at_once(calls: list[tuple[str, str]]) -> list[httpx.Response]:
-    """GET each (url, payment header) at the same moment, one thread each."""
+def all_at_once(calls: list[tuple[str, str]], sources: list[str] | None = None) -> list[httpx.Response]:
+    """GET each (url, payment header) at the same moment, one thread each (from ``sources[i]``, a
+    loopback address, when given: per-client buckets are per address)."""
     barrier = threading.Barrier(len(calls))
 
-    def call(item: tuple[str, str]) -> httpx.Response:
-        url, header = item
-        barrier.wait()
-        return httpx.get(url, headers={"PAYMENT-SIGNATURE": header} if header else {}, timeout=60)
+    def call(index: int) -> httpx.Response:
+        url, header = calls[index]
+        source = sources[index] if sources else None
+        transport = httpx.HTTPTransport(local_address=source) if source else None
+        with httpx.Client(transport=transport, timeout=60) as client:
+            barrier.wait()
+            return client.get(url, headers={"PAYMENT-SIGNATURE": header} if header else {})
 
     with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(call, calls))
+        return list(pool.map(call, range(len(calls))))
 
 
 def settled_for(ledger: Ledger, payer: str, prefix: str) -> list[int]:
@@ -123,7 +127,9 @@ def test_rate_limits_hold_across_two_replicas(
         unpaid = all_at_once([(f"{(one, two)[i % 2].url}/weather?city=Rome", "") for i in range(8)])
         # 127.0.0.1 has spent its bucket; the offers are read from two other loopback addresses
         headers = [sign_from(f"127.0.0.{2 + i // 2}", one.url, devchain, payer, f"/quotes/RL{chr(65 + i)}") for i in range(4)]
-        paid = all_at_once([(f"{(one, two)[i % 2].url}/quotes/RL{chr(65 + i)}", h) for i, h in enumerate(headers)])
+        # paid requests spend per-client tokens too (a payment header is no pass): from a fresh address
+        paid = all_at_once([(f"{(one, two)[i % 2].url}/quotes/RL{chr(65 + i)}", h) for i, h in enumerate(headers)],
+                           sources=[f"127.0.0.{9 + i}" for i in range(4)])
     assert sorted(r.status_code for r in unpaid) == [402] * 3 + [429] * 5
     for limited in (r for r in unpaid if r.status_code == 429):
         assert body_json(limited)["error"] == "rate_limited" and body_json(limited)["limit"] == "per_client"
