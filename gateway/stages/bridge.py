@@ -364,11 +364,7 @@ class Bridge:
 
     def max_call_seconds(self, tool: Tool) -> float:
         """The longest one call of this tool can take with every retry, for lock lifetimes."""
-        upstream = tool.upstream
-        policy = upstream.retry
-        tries = max(policy.attempts, 1 + len(upstream.failover))
-        waits = (tries - 1) * max(policy.max_backoff_seconds, policy.max_retry_after_seconds)
-        return tries * upstream.timeout_seconds + waits
+        return tool.max_call_seconds
 
     async def forward(
         self,
