@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,9 @@ def test_forged_signature_on_a_settled_payers_nonce_gets_nothing(stack: Stack, s
 # -- b. a genuine settled payload re-targeted -----------------------------------------------------------
 
 
-def test_settled_payload_retargeted_never_gets_a_second_answer_or_charge(stack: Stack) -> None:
-    gateway = stack.gateway("memory")
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_settled_payload_retargeted_never_gets_a_second_answer_or_charge(stack: Stack, store: str) -> None:
+    gateway = stack.gateway(store)
     checker = stack.checker(gateway)
     key = stack.chain.key(RETARGET_PAYER)
     payer = stack.chain.address(RETARGET_PAYER)
@@ -327,6 +329,7 @@ def test_upstream_gets_the_validated_arguments_reserialised(stack: Stack) -> Non
 JUNK_CLIENT = {"memory": "127.0.0.2", "redis": "127.0.0.4"}
 VICTIM_CLIENT = {"memory": "127.0.0.3", "redis": "127.0.0.5"}
 OFFER_CLIENT = {"memory": "127.0.0.6", "redis": "127.0.0.7"}
+FRESH_KEY_CLIENT = {"memory": "127.0.0.8", "redis": "127.0.0.9"}
 PER_CLIENT_LIMIT = 4
 
 
@@ -350,6 +353,19 @@ def test_junk_headers_naming_a_victim_do_not_lock_the_victim_out_and_cost_no_rpc
     assert statuses.count((402, "invalid_exact_evm_payload_signature")) <= PER_CLIENT_LIMIT, statuses
     assert (429, "rate_limited") in statuses, f"per_client must limit requests with payment headers too: {statuses}"
     assert not rpc_spent, f"junk signatures cost JSON-RPC calls: {dict(rpc_spent)}"
+    # Valid signatures from fresh, empty keys do cost RPC (balance, nonce), so per_client bounds them.
+    rpc_before = stack.rpc.snapshot()
+    fresh: list[tuple[int, str | None]] = []
+    with gateway.client(FRESH_KEY_CLIENT[store]) as griefer:
+        for i in range(8):
+            payment = sign("0x" + os.urandom(32).hex(), offer)
+            response = checker.send(griefer, "GET", "/limited/1", headers=v2_header(payment), label=f"fresh key {i}")
+            fresh.append((response.status_code, error_of(response)))
+    rpc_spent = stack.rpc.since(rpc_before)
+    verified = [s for s in fresh if s[0] != 429]
+    assert all(s[0] == 402 for s in verified) and len(verified) <= PER_CLIENT_LIMIT, fresh
+    assert (429, "rate_limited") in fresh, fresh
+    assert sum(rpc_spent.values()) <= 4 * len(verified), dict(rpc_spent)
     with gateway.client(VICTIM_CLIENT[store]) as client:
         payment = sign(victim_key, offer_for(client, "GET", "/limited/1"))
         paid = checker.send(client, "GET", "/limited/1", headers=v2_header(payment), label="victim pays")
