@@ -438,3 +438,56 @@ def test_checker_catches_a_served_forgery(stack: Stack, tmp_path: Path) -> None:
     checker.record(fake, label="simulated leak")
     with pytest.raises(InvariantViolation, match="signature recovers to"):
         checker.check()
+
+
+# -- double-spender: one payment raced on several routes at once ------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_one_payment_raced_on_its_route_and_others_is_answered_and_charged_once(stack: Stack, store: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    gateway = stack.gateway(store)
+    checker = stack.checker(gateway)
+    payee_before = stack.chain.balance(PAY_TO)
+    with gateway.client() as client:
+        payment = sign(stack.chain.key(RETARGET_PAYER), offer_for(client, "GET", f"/q/RACE{store[0].upper()}"))
+    own = f"/q/RACE{store[0].upper()}"
+    paths = [own, "/q2/RACEX", own, "/q/RACEY", own, "/q2/RACEX", own, "/q/RACEY"]
+
+    def call(path: str) -> Any:
+        with gateway.client() as client:
+            return checker.send(client, "GET", path, headers=v2_header(payment), label="race")
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        responses = list(pool.map(call, paths))
+    fresh = [r for r in responses if r.status_code == 200 and "x402gw-replay" not in r.headers]
+    assert len(fresh) == 1 and fresh[0].request.url.path == own, [(r.request.url.path, r.status_code) for r in responses]
+    for response in responses:
+        if response.request.url.path != own:
+            assert not 200 <= response.status_code < 300, response.text
+    assert stack.chain.balance(PAY_TO) == payee_before + 2000
+    checker.check()
+
+
+# -- the checker itself: a green suite means something --------------------------------------------------
+
+
+def test_checker_catches_content_in_a_refusal_and_unledgered_money(stack: Stack) -> None:
+    import httpx
+
+    from tests.support.invariant import InvariantViolation
+
+    gateway = stack.gateway("memory")
+    checker = stack.checker(gateway)
+    _, answer = settle_victim(stack, "memory", "/q/CHKL")
+    request = httpx.Request("GET", f"{gateway.url}/q/CHKL")
+    checker.record(httpx.Response(402, content=answer, request=request), label="simulated leak in a 402")
+    with pytest.raises(InvariantViolation, match="upstream content .* served with status 402"):
+        checker.check()
+    checker = stack.checker(gateway)
+    chain_actions.transfer(stack.w3, stack.chain.token, stack.chain.key(FUNDER), PAY_TO, 7)
+    with pytest.raises(InvariantViolation, match="payee balance changed by 7"):
+        checker.check()
+    checker.note_external_payee_credit(7)
+    checker.check()
