@@ -59,7 +59,7 @@ def settle_victim(stack: Stack, store: str, path: str) -> tuple[dict[str, Any], 
 
 # -- a. forged signatures on a known (payer, nonce) --------------------------------------------------
 
-FORGE_TARGETS = [
+FORGE_TARGETS: list[tuple[str, str, dict[str, Any]]] = [
     ("GET", "/q/VICT", {}),  # the victim's own route
     ("GET", "/q2/VICT", {}),  # another tool at the same price
     ("GET", "/w", {"params": {"city": "Lisbon"}}),  # a query route at the same price

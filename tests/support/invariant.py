@@ -49,11 +49,20 @@ from catalog import Catalogs, Router
 from gateway.stages.exactly_once import request_fingerprint
 from settlement.chain import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER
 from settlement.codec import decode_header_json
-from settlement.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
+from settlement.eip712 import (
+    TransferAuthorization,
+    authorization_digest,
+    domain_separator,
+    recover_signer,
+)
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.networks import to_caip2
 from tests.conftest import Devchain
-from tests.support.recording_upstream import MARKER_PREFIX, RecordingUpstream, UpstreamCall
+from tests.support.recording_upstream import (
+    MARKER_PREFIX,
+    RecordingUpstream,
+    UpstreamCall,
+)
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _FINGERPRINT_PARAMS = tuple(inspect.signature(request_fingerprint).parameters)
@@ -85,7 +94,7 @@ class Exchange:
 
 
 def fingerprint_of(tool: str, method: str, path: str, query: str, body: bytes) -> str:
-    values = {"method": method, "path": path, "query": query, "body": body, "tool": tool}
+    values: dict[str, Any] = {"method": method, "path": path, "query": query, "body": body, "tool": tool}
     return request_fingerprint(**{name: values[name] for name in _FINGERPRINT_PARAMS if name in values})
 
 
@@ -196,7 +205,7 @@ class InvariantChecker:
             return None
         try:
             data = decode_header_json(header)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any undecodable header is simply "no parsed payment"
             return version, {}
         return version, data if isinstance(data, dict) else {}
 
@@ -225,17 +234,17 @@ class InvariantChecker:
         calls = {c.marker: c for c in self.upstream.snapshot()}
         success = 200 <= exchange.status < 300
         if not success:
-            problems = []
+            refusal: list[str] = []
             if exchange.replay:
-                problems.append("a non-2xx answer is marked X402GW-Replay")
+                refusal.append("a non-2xx answer is marked X402GW-Replay")
             leaked = self._markers(exchange.content) + [
                 m for value in exchange.headers.values() for m in self._markers(value.encode())
             ]
             for marker in leaked:
                 call = calls.get(marker)
                 if call is None or call.status < 400:
-                    problems.append(f"upstream content {marker} served with status {exchange.status}")
-            return problems
+                    refusal.append(f"upstream content {marker} served with status {exchange.status}")
+            return refusal
         match = self.router.match("GET" if exchange.method == "HEAD" else exchange.method, exchange.path)
         if match is None:
             return []  # not a tool: no paid content
@@ -305,7 +314,7 @@ class InvariantChecker:
         else:
             try:
                 network = to_caip2(str(data.get("network")))
-            except Exception:
+            except Exception:  # noqa: BLE001 - an unknown network name is simply not the row's
                 network = None
             if data.get("scheme") != "exact" or network != row.network:
                 problems.append(f"v1 scheme/network {data.get('scheme')}/{data.get('network')} != exact/{row.network}")
@@ -328,8 +337,8 @@ class InvariantChecker:
 
     def _transfer_problems(self, row: Payment) -> list[str]:
         try:
-            receipt = self.chain.w3.eth.get_transaction_receipt(row.tx_hash)
-        except Exception as exc:
+            receipt = self.chain.w3.eth.get_transaction_receipt(str(row.tx_hash))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - reported as a violation, whatever web3 raised
             return [f"transaction {row.tx_hash} of row {row.id} not found: {exc}"]
         problems = []
         if receipt["status"] != 1:
@@ -343,9 +352,10 @@ class InvariantChecker:
             topics = [bytes(t) for t in log["topics"]]
             if topics[:3] == [TOPIC_AUTHORIZATION_USED, _topic_address(row.payer), nonce]:
                 used = True
-            if topics[:3] == [TOPIC_TRANSFER, _topic_address(row.payer), _topic_address(row.pay_to)]:
-                if int.from_bytes(bytes(log["data"])[:32], "big") == row.amount:
-                    transfer = True
+            if topics[:3] == [TOPIC_TRANSFER, _topic_address(row.payer), _topic_address(row.pay_to)] and (
+                int.from_bytes(bytes(log["data"])[:32], "big") == row.amount
+            ):
+                transfer = True
         if not used:
             problems.append(f"transaction {row.tx_hash} has no AuthorizationUsed({row.payer}, {row.nonce})")
         if not transfer:
@@ -372,12 +382,12 @@ class InvariantChecker:
         per_tool: Counter[str] = Counter()
         for call in calls:
             per_tool[call.tool] += 1
-            row = by_request.get(call.request_id or "")
-            if row is None:
+            paid = by_request.get(call.request_id or "")
+            if paid is None:
                 problems.append(f"upstream call {call.method} {call.path} (request {call.request_id}) has no payment")
                 continue
-            if row.tool != call.tool:
-                problems.append(f"upstream call for {call.tool} was paid as {row.tool} (row {row.id})")
+            if paid.tool != call.tool:
+                problems.append(f"upstream call for {call.tool} was paid as {paid.tool} (row {paid.id})")
             if call.tool in self.state_changing_tools:
                 with self._lock:
                     seen = self._at_call.get(call.seq)
