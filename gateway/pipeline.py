@@ -53,7 +53,7 @@ from settlement.chain import Chain
 from settlement.codec import parse_exact_evm
 from settlement.errors import LedgerError, PaymentDecodeError
 from settlement.facilitator import VALID_BEFORE_MARGIN_SECONDS, Facilitator
-from settlement.ledger import Ledger, Payment, PaymentState, utcnow
+from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.refunds import Refunder
 from settlement.signatures import SignerCheck
 from settlement.wire import ExactEvmPayload, PaymentPayload, VerifyResponse
@@ -377,8 +377,7 @@ class Pipeline:
             # The upstream failed, or redirected (not the content, and never followed): nothing is
             # settled, and its answer is passed on as it is.
             await self.ledger.run(
-                self.ledger.update, row.id, state=PaymentState.VOIDED, upstream_status=upstream.status,
-                error_reason="upstream_error",
+                self.ledger.void, row.id, "upstream_error", upstream_status=upstream.status,
             )
             ctx.outcome = "upstream_error"
             return respond(upstream, None, ctx.request_id, quote.version)
@@ -458,7 +457,7 @@ class Pipeline:
         except GatewayError as err:
             await self.safety.upstream_result(ctx, tool, err.code not in ("upstream_timeout", "upstream_unavailable"))
             if tool.settle != "upfront":
-                await self.ledger.run(self.ledger.update, payment_id, state=PaymentState.VOIDED, error_reason=err.code)
+                await self.ledger.run(self.ledger.void, payment_id, err.code)
             ctx.outcome = "upstream_failed"
             raise
         ctx.upstream_status = upstream.status
@@ -486,7 +485,7 @@ class Pipeline:
             err.headers.update(receipt_headers(receipt, quote.version))
             err.fields.update(refund)
             raise
-        await self.ledger.run(self.ledger.update, payment_id, upstream_status=upstream.status)
+        await self.ledger.run(self.ledger.record_upstream_status, payment_id, upstream.status)
         if upstream.status >= 400:
             refund = await self._refund(ctx, quote, payment_id, "upstream_error")
             response = respond(upstream, receipt, ctx.request_id, quote.version)
@@ -498,19 +497,17 @@ class Pipeline:
     async def _refund(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
         requirements = quote.requirements
         amount = int(requirements.amount)
-        await self.ledger.run(self.ledger.update, payment_id, refund_owed=amount, refund_reason=reason)
+        await self.ledger.run(self.ledger.record_refund_owed, payment_id, amount, reason)
         ctx.outcome = "refund_owed"
         if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
             return {"refund": "owed", "refundAmount": requirements.amount}
 
         async def before_send(tx_hash: str) -> None:
-            await self.ledger.run(self.ledger.update, payment_id, refund_tx=tx_hash)
+            await self.ledger.run(self.ledger.record_refund_tx, payment_id, tx_hash)
 
         result = await self.refunder.refund(requirements.network, requirements.asset, ctx.payer, amount, before_send)
         if result.confirmed:
-            await self.ledger.run(
-                self.ledger.update, payment_id, refund_tx=result.tx_hash, refunded_at=utcnow()
-            )
+            await self.ledger.run(self.ledger.record_refund_paid, payment_id, result.tx_hash)
             ctx.outcome = "refunded"
             return {"refund": "refunded", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
         return {"refund": "owed", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}

@@ -1,11 +1,25 @@
 """The payment ledger: one row per payment, SQLAlchemy 2.0, SQLite by default, PostgreSQL by URL.
 
-State machine of a row::
+State machine of a row, and the only methods that move it (each one UPDATE guarded by the states
+it may leave; a row in any other state is refused with ``LedgerError(code="invalid_transition")``
+and left unchanged)::
 
-    verified ──▶ settling ──▶ settled
-        │            ├──────▶ failed      (the chain said no; nothing moved)
-        │            └──────▶ pending     (broadcast, outcome not final yet: reconcile)
-        └──────▶ voided                   (upstream failed before settlement: nothing charged)
+    (insert) ──record_verified──▶ verified
+    verified ──begin_settlement──▶ settling        (write-ahead, before any broadcast)
+    verified ──void──────────────▶ voided          (upstream failed before settlement: nothing charged)
+    settling ──mark_settled──────▶ settled
+    settling ──fail──────────────▶ failed          (the chain said no; nothing moved)
+    settling ──mark_pending──────▶ pending         (broadcast, outcome not final yet: reconcile)
+    pending  ──mark_settled / fail / mark_pending  (reconcile against the chain)
+
+    Also allowed, as the flows need them: ``begin_settlement`` settling→settling (a re-signed
+    broadcast's new hash), ``fail`` and ``mark_pending`` from verified (refused or unknown before
+    the write-ahead hook ran), ``mark_settled`` settled→settled and ``fail`` failed→failed (a
+    reconcile that got there first). ``record_verified`` reuses a voided row, or a failed one
+    without a transaction hash, as a fresh ``verified`` row.
+
+    No state change: ``record_tx_hash`` (settling), ``record_upstream_status``,
+    ``record_refund_owed``, ``record_refund_tx``, ``record_refund_paid`` (settled).
 
 Amounts are Python ints in atomic units, stored exactly (NUMERIC(78,0) on PostgreSQL, decimal text
 on SQLite, which has no exact wide integer). The repository never decides policy; it records.
@@ -181,6 +195,40 @@ def create_ledger_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+class _Keep:
+    """Leave the column as it is (``None`` clears it)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+_KEEP: Any = _Keep()
+
+_V, _SG, _SD, _F, _P = (s.value for s in (
+    PaymentState.VERIFIED, PaymentState.SETTLING, PaymentState.SETTLED, PaymentState.FAILED, PaymentState.PENDING,
+))
+# The states each transition may leave (see the module docstring).
+_FROM_BEGIN_SETTLEMENT = (_V, _SG)
+_FROM_SETTLING = (_SG,)
+_FROM_MARK_SETTLED = (_SG, _P, _SD)
+_FROM_MARK_PENDING = (_V, _SG, _P)
+_FROM_FAIL = (_V, _SG, _P, _F)
+_FROM_VERIFIED = (_V,)
+_FROM_SETTLED = (_SD,)
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "begin_settlement": _FROM_BEGIN_SETTLEMENT,
+    "record_tx_hash": _FROM_SETTLING,
+    "mark_settled": _FROM_MARK_SETTLED,
+    "mark_pending": _FROM_MARK_PENDING,
+    "fail": _FROM_FAIL,
+    "void": _FROM_VERIFIED,
+    "record_upstream_status": _FROM_SETTLED,
+    "record_refund_owed": _FROM_SETTLED,
+    "record_refund_tx": _FROM_SETTLED,
+    "record_refund_paid": _FROM_SETTLED,
+}
+
+
 class Ledger:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -301,7 +349,7 @@ class Ledger:
         if response is not None:
             values["upstream_status"] = response[0]
         with self._connection() as connection:
-            _update_row(connection, payment_id, values)
+            _transition(connection, payment_id, _FROM_BEGIN_SETTLEMENT, values, "begin_settlement")
             if response is not None:
                 status, headers, body = response
                 connection.execute(_DELETE_STORED, {"pid": payment_id})
@@ -345,11 +393,62 @@ class Ledger:
                 )
             )
 
-    @_atomic_alone
-    def update(self, payment_id: int, **fields: Any) -> None:
-        values = {key: value.value if isinstance(value, PaymentState) else value for key, value in fields.items()}
+    # Named transitions: the only writes of a row after ``record_verified``. Each is one guarded
+    # UPDATE (``_transition``). ``_KEEP`` leaves a column as it is; ``None`` clears it.
+
+    def _move(self, name: str, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any]) -> None:
+        values = {key: value for key, value in values.items() if value is not _KEEP}
         with self._connection() as connection:
-            _update_row(connection, payment_id, values)
+            _transition(connection, payment_id, allowed, values, name)
+
+    @_atomic_alone
+    def record_tx_hash(self, payment_id: int, tx_hash: str) -> None:
+        """The hash of a transaction about to be broadcast (``settling``; no state change)."""
+        self._move("record_tx_hash", payment_id, _FROM_SETTLING, {"tx_hash": tx_hash})
+
+    @_atomic_alone
+    def mark_settled(self, payment_id: int, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP) -> None:
+        self._move("mark_settled", payment_id, _FROM_MARK_SETTLED, {
+            "state": PaymentState.SETTLED.value, "tx_hash": tx_hash, "block_number": block_number,
+        })
+
+    @_atomic_alone
+    def mark_pending(self, payment_id: int, *, tx_hash: Any = _KEEP, error_reason: Any = _KEEP) -> None:
+        self._move("mark_pending", payment_id, _FROM_MARK_PENDING, {
+            "state": PaymentState.PENDING.value, "tx_hash": tx_hash, "error_reason": error_reason,
+        })
+
+    @_atomic_alone
+    def fail(self, payment_id: int, reason: str | None, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP) -> None:
+        self._move("fail", payment_id, _FROM_FAIL, {
+            "state": PaymentState.FAILED.value, "error_reason": reason, "tx_hash": tx_hash,
+            "block_number": block_number,
+        })
+
+    @_atomic_alone
+    def void(self, payment_id: int, reason: str | None, *, upstream_status: Any = _KEEP) -> None:
+        """The upstream failed before settlement: nothing is charged."""
+        self._move("void", payment_id, _FROM_VERIFIED, {
+            "state": PaymentState.VOIDED.value, "error_reason": reason, "upstream_status": upstream_status,
+        })
+
+    @_atomic_alone
+    def record_upstream_status(self, payment_id: int, status: int) -> None:
+        """The upstream's status after an upfront settlement (``settled``; no state change)."""
+        self._move("record_upstream_status", payment_id, _FROM_SETTLED, {"upstream_status": status})
+
+    @_atomic_alone
+    def record_refund_owed(self, payment_id: int, amount: int, reason: str | None) -> None:
+        self._move("record_refund_owed", payment_id, _FROM_SETTLED, {"refund_owed": amount, "refund_reason": reason})
+
+    @_atomic_alone
+    def record_refund_tx(self, payment_id: int, tx_hash: str) -> None:
+        """The refund transaction's hash, before it is broadcast."""
+        self._move("record_refund_tx", payment_id, _FROM_SETTLED, {"refund_tx": tx_hash})
+
+    @_atomic_alone
+    def record_refund_paid(self, payment_id: int, tx_hash: str | None) -> None:
+        self._move("record_refund_paid", payment_id, _FROM_SETTLED, {"refund_tx": tx_hash, "refunded_at": utcnow()})
 
     @_atomic_alone
     def get(self, payment_id: int) -> Payment | None:
@@ -380,7 +479,10 @@ _COLUMNS = frozenset(_PAYMENTS.c.keys())
 # The hot path's statements, built once: parameters are bound at execution (an UPDATE's SET list
 # comes from the keys given), so no statement is constructed, coerced and cache-keyed per call.
 _INSERT_PAYMENT = insert(_PAYMENTS)
-_UPDATE_PAYMENT = update(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
+_TRANSITION = update(_PAYMENTS).where(
+    _PAYMENTS.c.id == bindparam("pid"), _PAYMENTS.c.state.in_(bindparam("allowed_from", expanding=True))
+)
+_STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_AUTHORIZATION = select(_PAYMENTS).where(
     _PAYMENTS.c.network == bindparam("network"),
     _PAYMENTS.c.asset == bindparam("asset"),
@@ -407,14 +509,24 @@ def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:
     return Payment(**mapping)
 
 
-def _update_row(connection: Connection, payment_id: int, values: dict[str, Any]) -> None:
+def _transition(
+    connection: Connection, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any], name: str
+) -> None:
+    """One UPDATE of the row, only from the states in ``allowed``; otherwise nothing is written and
+    ``invalid_transition`` (or ``ledger_row_missing``) is raised."""
     unknown = values.keys() - _COLUMNS
     if unknown:
         raise AttributeError(f"payments has no column {sorted(unknown)[0]!r}")
     values.setdefault("updated_at", utcnow())
-    result = connection.execute(_UPDATE_PAYMENT, {"pid": payment_id, **values})
+    result = connection.execute(_TRANSITION, {"pid": payment_id, "allowed_from": list(allowed), **values})
     if result.rowcount == 0:
-        raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
+        state = connection.execute(_STATE_OF, {"pid": payment_id}).scalar_one_or_none()
+        if state is None:
+            raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
+        raise LedgerError(
+            f"payment {payment_id}: {name} is not allowed from state {state!r} (only from {', '.join(allowed)})",
+            code="invalid_transition",
+        )
 
 
 class _GroupCommitWorker(Executor):

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable, Set
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from eth_utils import to_checksum_address
 
@@ -88,14 +89,23 @@ async def resolve_payment(
 
 
 def apply(ledger: Ledger, resolution: Resolution) -> None:
-    fields: dict[str, object] = {"state": resolution.after}
+    """Writes a resolution through the ledger's transitions (a resolved row is ``settling`` or
+    ``pending``): ``mark_settled``, ``fail`` or ``mark_pending``."""
+    fields: dict[str, Any] = {}
     if resolution.tx_hash:
         fields["tx_hash"] = resolution.tx_hash
+    after = resolution.after
+    if after == PaymentState.PENDING.value:
+        ledger.mark_pending(resolution.payment_id, **fields)
+        return
     if resolution.block_number is not None:
         fields["block_number"] = resolution.block_number
-    if resolution.after == PaymentState.FAILED.value:
-        fields["error_reason"] = resolution.reason
-    ledger.update(resolution.payment_id, **fields)
+    if after == PaymentState.SETTLED.value:
+        ledger.mark_settled(resolution.payment_id, **fields)
+    elif after == PaymentState.FAILED.value:
+        ledger.fail(resolution.payment_id, resolution.reason, **fields)
+    else:
+        raise ValueError(f"a reconcile does not resolve a payment to {after!r}")
 
 
 async def resolve_open_payments(

@@ -15,7 +15,7 @@ from gateway.stages.challenge import PaymentChallenge
 from settlement.codec import encode_header
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable
 from settlement.facilitator import Facilitator
-from settlement.ledger import Ledger, PaymentState
+from settlement.ledger import Ledger
 from settlement.remote import settlement_outcome_unknown
 from settlement.networks import to_legacy
 from settlement.wire import PaymentPayload, SettlementResponseV1, SettleResponse
@@ -62,15 +62,13 @@ async def settle(
         await ledger.run(ledger.begin_settlement, payment_id, response)
 
         async def before_send(tx_hash: str) -> None:
-            await ledger.run(ledger.update, payment_id, tx_hash=tx_hash)
+            await ledger.run(ledger.record_tx_hash, payment_id, tx_hash)
 
     try:
         result = await facilitator.settle(payload, quote.requirements, before_send=before_send)
     except (ChainUnavailable, FacilitatorUnavailable) as exc:
         # Raised before anything was broadcast (the facilitator reports broadcasts as pending).
-        await ledger.run(
-            ledger.update, payment_id, state=PaymentState.FAILED, error_reason="settlement_unavailable"
-        )
+        await ledger.run(ledger.fail, payment_id, "settlement_unavailable")
         raise GatewayError(
             "settlement_unavailable",
             "settlement is unavailable; nothing was charged; retry the same payment later",
@@ -80,9 +78,8 @@ async def settle(
     block = (result.extra or {}).get("blockNumber")
     if result.success:
         await ledger.run(
-            ledger.update,
+            ledger.mark_settled,
             payment_id,
-            state=PaymentState.SETTLED,
             tx_hash=result.transaction,
             block_number=block if isinstance(block, int) else None,
         )
@@ -91,8 +88,7 @@ async def settle(
         # Money may have moved: never a 402 inviting a second payment. The row stays open for a
         # reconcile against the chain (by tx hash when the facilitator gave one).
         await ledger.run(
-            ledger.update, payment_id, state=PaymentState.PENDING, tx_hash=result.transaction or None,
-            error_reason=result.error_reason,
+            ledger.mark_pending, payment_id, tx_hash=result.transaction or None, error_reason=result.error_reason,
         )
         if result.transaction:
             code = "settlement_pending"
@@ -112,7 +108,7 @@ async def settle(
             **fields,
         )
     await ledger.run(
-        ledger.update, payment_id, state=PaymentState.FAILED, error_reason=result.error_reason,
+        ledger.fail, payment_id, result.error_reason,
         tx_hash=result.transaction or None, block_number=block if isinstance(block, int) else None,
     )
     challenge = PaymentChallenge(

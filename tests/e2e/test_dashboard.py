@@ -19,6 +19,7 @@ from gateway.settings import DEFAULT_CATALOG
 from settlement.ledger import Ledger, PaymentState
 from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, GatewayFactory
 from tests.e2e.test_paid_call import pay
+from tests.support.ledger_rows import force_row
 
 TOKEN = "s3cret-admin-token"
 ALICE = "0x" + "a1" * 20
@@ -98,7 +99,7 @@ def add_payment(ledger: Ledger, tool: str, payer: str, amount: int, state: Payme
         nonce="0x" + f"{n:064x}", valid_before=2**40, authorization="{}", payment_identifier=None,
         fingerprint=None, settle_mode="after", created_at=created_at,
     )
-    ledger.update(row.id, state=state, **update)
+    force_row(ledger, row.id, state=state, **update)
     return row.id
 
 

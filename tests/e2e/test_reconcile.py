@@ -19,6 +19,7 @@ from settlement.ledger import Payment, PaymentState
 from settlement.payer import Payer
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of
 from tests.e2e.test_paid_call import pay
+from tests.support.ledger_rows import force_row
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +71,7 @@ def test_reconcile_agrees_then_reports_each_disagreement(start_gateway: GatewayF
     assert [r.state for r in rows] == [PaymentState.SETTLED] * 4
 
     # A row left open by a crash (its transaction did land): reconcile resolves it, then they agree.
-    gateway.ledger.update(rows[3].id, state=PaymentState.PENDING)
+    force_row(gateway.ledger, rows[3].id, state=PaymentState.PENDING)
     code, report = run_reconcile(gateway, start)
     assert code == 0, report
     assert report["agree"] is True
@@ -84,13 +85,13 @@ def test_reconcile_agrees_then_reports_each_disagreement(start_gateway: GatewayF
     # Now break it four ways.
     with gateway.ledger.engine.begin() as conn:
         conn.execute(delete(Payment).where(Payment.id == rows[0].id))
-    gateway.ledger.update(rows[1].id, amount=rows[1].amount + 1)
+    force_row(gateway.ledger, rows[1].id, amount=rows[1].amount + 1)
     ghost = gateway.ledger.record_verified(
         request_id="ghost", owner="acme-legacy", tool="get_quote", method="GET", path="/quotes/X",
         payer=devchain.address(PAYER), pay_to=PAY_TO, amount=2000, network="eip155:31337", asset=devchain.token,
         nonce="0x" + "11" * 32, valid_before=2_000_000_000, authorization="{}",
     )
-    gateway.ledger.update(ghost.id, state=PaymentState.SETTLED, tx_hash="0x" + "22" * 32, block_number=start)
+    force_row(gateway.ledger, ghost.id, state=PaymentState.SETTLED, tx_hash="0x" + "22" * 32, block_number=start)
     outsider_tx = transfer_behind_the_gateway(gateway, devchain)
 
     code, report = run_reconcile(gateway, start)

@@ -46,7 +46,7 @@ def test_a_write_ahead_answered_in_a_group_is_not_undone_by_a_neighbours_failed_
     async def run() -> list[Any]:
         voided = await ledger.run(ledger.record_verified, **ledger_fields(1))
         paying = await ledger.run(ledger.record_verified, **ledger_fields(2, payment_identifier="pid-2"))
-        await ledger.run(ledger.update, voided.id, state=PaymentState.VOIDED)
+        await ledger.run(ledger.void, voided.id, None)
         gate, busy = threading.Event(), threading.Event()
 
         def hold() -> None:

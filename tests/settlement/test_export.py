@@ -19,6 +19,7 @@ from gateway.cli import main
 from settlement.export import COLUMNS, ExportError, Filters, export, parse_when
 from settlement.ledger import Base, Ledger
 from settlement.summary import summarize
+from tests.support.ledger_rows import force_row
 
 NETWORK = "eip155:31337"
 ASSET = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
@@ -106,7 +107,7 @@ def _fill(book: Ledger) -> list[dict[str, Any]]:
             **core, method="GET", path="/x", payer=PAYER, pay_to=PAY_TO, network=NETWORK,
             nonce="0x" + f"{i:064x}", valid_before=1_800_000_000, authorization="{}",
         )
-        book.update(row.id, state=state, created_at=created, **spec)
+        force_row(book, row.id, state=state, created_at=created, **spec)
         ids[core["request_id"]] = row.id
     return [{"payment_id": ids[e["request_id"]], **e, "payer": PAYER, "pay_to": PAY_TO, "network": NETWORK}
             for e in EXPECTED]

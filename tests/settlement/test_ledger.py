@@ -11,6 +11,7 @@ import pytest
 
 from settlement.errors import LedgerError
 from settlement.ledger import Base, Ledger, Payment, PaymentState
+from tests.support.ledger_rows import force_row
 
 NETWORK = "eip155:31337"
 ASSET = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
@@ -66,10 +67,12 @@ def test_amounts_round_trip_exactly(ledger: Ledger, amount: int) -> None:
 
 def test_amount_update_round_trips_exactly(ledger: Ledger) -> None:
     row = ledger.record_verified(**fields())
+    ledger.begin_settlement(row.id, None)
+    ledger.mark_settled(row.id)
 
-    ledger.update(row.id, amount=2**200 + 1)
+    ledger.record_refund_owed(row.id, 2**200 + 1, "upstream_error")
 
-    assert ledger.get(row.id).amount == 2**200 + 1  # type: ignore[union-attr]
+    assert ledger.get(row.id).refund_owed == 2**200 + 1  # type: ignore[union-attr]
 
 
 def test_new_row_is_verified(ledger: Ledger) -> None:
@@ -101,11 +104,13 @@ def test_non_int_amount_is_refused(ledger: Ledger, amount: Any) -> None:
 @pytest.mark.parametrize("amount", [True, 2.5])
 def test_non_int_amount_update_is_refused(ledger: Ledger, amount: Any) -> None:
     row = ledger.record_verified(**fields(amount=7))
+    ledger.begin_settlement(row.id, None)
+    ledger.mark_settled(row.id)
 
     with pytest.raises((TypeError, LedgerError)):
-        ledger.update(row.id, amount=amount)
+        ledger.record_refund_owed(row.id, amount, "upstream_error")
 
-    assert ledger.get(row.id).amount == 7  # type: ignore[union-attr]
+    assert ledger.get(row.id).refund_owed is None  # type: ignore[union-attr]
 
 
 def test_same_authorization_twice_returns_the_same_row(ledger: Ledger) -> None:
@@ -122,7 +127,7 @@ def test_same_authorization_twice_returns_the_same_row(ledger: Ledger) -> None:
 @pytest.mark.parametrize("state", [PaymentState.SETTLED, PaymentState.SETTLING, PaymentState.PENDING])
 def test_same_authorization_after_money_may_have_moved_is_unchanged(ledger: Ledger, state: PaymentState) -> None:
     first = ledger.record_verified(**fields(nonce="0x" + "22" * 32))
-    ledger.update(first.id, state=state, tx_hash="0x" + "ab" * 32, block_number=9)
+    force_row(ledger, first.id, state=state, tx_hash="0x" + "ab" * 32, block_number=9)
 
     again = ledger.record_verified(**fields(nonce="0x" + "22" * 32, request_id="second"))
 
@@ -137,7 +142,8 @@ def test_same_authorization_after_money_may_have_moved_is_unchanged(ledger: Ledg
 
 def test_failed_after_broadcast_is_not_reused(ledger: Ledger) -> None:
     first = ledger.record_verified(**fields(nonce="0x" + "33" * 32))
-    ledger.update(first.id, state=PaymentState.FAILED, tx_hash="0x" + "cd" * 32, error_reason="transaction_failed")
+    ledger.begin_settlement(first.id, None)
+    ledger.fail(first.id, "transaction_failed", tx_hash="0x" + "cd" * 32)
 
     again = ledger.record_verified(**fields(nonce="0x" + "33" * 32, request_id="second"))
 
@@ -158,7 +164,7 @@ def test_failed_after_broadcast_is_not_reused(ledger: Ledger) -> None:
 def test_authorization_that_moved_no_money_is_reused(ledger: Ledger, previous: dict[str, Any]) -> None:
     nonce = "0x" + "44" * 32
     first = ledger.record_verified(**fields(nonce=nonce, request_id="first", tool="weather"))
-    ledger.update(first.id, **previous)
+    force_row(ledger, first.id, **previous)
 
     again = ledger.record_verified(**fields(nonce=nonce, request_id="second", tool="forecast", path="/forecast"))
 
@@ -179,7 +185,7 @@ def test_reused_row_describes_the_new_authorization(ledger: Ledger) -> None:
     # `authorization`, and accounting reads `amount` and `pay_to`.
     nonce = "0x" + "88" * 32
     first = ledger.record_verified(**fields(nonce=nonce, request_id="first"))
-    ledger.update(first.id, state=PaymentState.VOIDED)
+    ledger.void(first.id, None)
     new_terms = fields(
         nonce=nonce,
         request_id="second",
@@ -210,13 +216,14 @@ def test_different_authorizations_get_different_rows(ledger: Ledger) -> None:
 def test_state_transitions_persist(ledger: Ledger) -> None:
     row = ledger.record_verified(**fields())
 
-    ledger.update(row.id, state=PaymentState.SETTLING)
+    ledger.begin_settlement(row.id, None)
     assert ledger.get(row.id).state == PaymentState.SETTLING  # type: ignore[union-attr]
 
-    ledger.update(row.id, state=PaymentState.PENDING, tx_hash="0x" + "ef" * 32)
+    ledger.mark_pending(row.id, tx_hash="0x" + "ef" * 32)
     assert ledger.get(row.id).state == PaymentState.PENDING  # type: ignore[union-attr]
 
-    ledger.update(row.id, state=PaymentState.SETTLED, block_number=2**40, upstream_status=200)
+    ledger.mark_settled(row.id, block_number=2**40)
+    ledger.record_upstream_status(row.id, 200)
     stored = ledger.get(row.id)
     assert stored is not None
     assert stored.state == PaymentState.SETTLED
@@ -228,7 +235,8 @@ def test_state_transitions_persist(ledger: Ledger) -> None:
 
 def test_state_survives_reopening(ledger: Ledger) -> None:
     row = ledger.record_verified(**fields(amount=2**200))
-    ledger.update(row.id, state=PaymentState.SETTLED)
+    ledger.begin_settlement(row.id, None)
+    ledger.mark_settled(row.id)
 
     reopened = Ledger(ledger.url)
     try:
@@ -264,7 +272,7 @@ def test_by_authorization(ledger: Ledger) -> None:
 
 def test_update_of_a_missing_row(ledger: Ledger) -> None:
     with pytest.raises(LedgerError) as caught:
-        ledger.update(123_456, state=PaymentState.SETTLED)
+        ledger.mark_settled(123_456)
 
     assert caught.value.code == "ledger_row_missing"
 

@@ -58,8 +58,8 @@ def test_an_error_stays_with_its_call(tmp_path: Path) -> None:
         first = await ledger.run(ledger.record_verified, **ledger_fields(1))
         duplicate_nonce = ledger_fields(2, nonce=first.nonce)
         return await asyncio.gather(
-            ledger.run(ledger.update, first.id, upstream_status=201),
-            ledger.run(ledger.update, 999_999, upstream_status=500),  # no such row
+            ledger.run(ledger.mark_pending, first.id, error_reason="settlement_pending"),
+            ledger.run(ledger.mark_pending, 999_999, error_reason="settlement_pending"),  # no such row
             ledger.run(ledger.record_verified, **duplicate_nonce),  # conflicts: answers the existing row
             ledger.run(ledger.record_verified, **ledger_fields(3)),
             return_exceptions=True,
@@ -73,7 +73,7 @@ def test_an_error_stays_with_its_call(tmp_path: Path) -> None:
         assert fresh.request_id == "req-3"
         rows = {row.request_id: row for row in ledger.all()}
         assert set(rows) == {"req-1", "req-3"}
-        assert rows["req-1"].upstream_status == 201  # its neighbours' errors undid nothing
+        assert rows["req-1"].error_reason == "settlement_pending"  # its neighbours' errors undid nothing
     finally:
         ledger.close()
 
@@ -89,7 +89,7 @@ def test_a_failed_commit_fails_every_call_in_it(tmp_path: Path) -> None:
         event.listen(ledger.engine, "commit", refuse)
         try:
             return await asyncio.gather(
-                *(ledger.run(ledger.update, row.id, state=PaymentState.SETTLED) for row in rows for _ in range(5)),
+                *(ledger.run(ledger.fail, row.id, "settlement_unavailable") for row in rows for _ in range(5)),
                 return_exceptions=True,
             )
         finally:
@@ -108,7 +108,8 @@ def test_postgresql_takes_concurrent_calls_on_a_pool(postgres_url: str) -> None:
 
     async def run() -> list[Any]:
         rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(10_000 + i)) for i in range(40)))
-        await asyncio.gather(*(ledger.run(ledger.update, row.id, state=PaymentState.SETTLED) for row in rows))
+        await asyncio.gather(*(ledger.run(ledger.begin_settlement, row.id, None) for row in rows))
+        await asyncio.gather(*(ledger.run(ledger.mark_settled, row.id) for row in rows))
         return [await ledger.run(ledger.get, row.id) for row in rows]
 
     try:

@@ -22,6 +22,7 @@ from settlement.migrations import (
     include_object,
     migrate,
 )
+from tests.support.ledger_rows import force_row
 
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 PAY_TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
@@ -98,7 +99,7 @@ def test_upgrade_from_the_first_schema_keeps_rows_and_adds_columns(empty_engine:
         assert {"payment_identifier", "fingerprint", "settle_mode", "refund_owed", "refund_reason", "refund_tx",
                 "refunded_at", "decimals"} <= {c["name"] for c in inspector.get_columns("payments")}
         # The new columns work: an idempotency key is unique, a response can be stored.
-        ledger.update(rows[0].id, payment_identifier="pid-1", refund_owed=2000)
+        force_row(ledger, rows[0].id, payment_identifier="pid-1", refund_owed=2000)
         ledger.store_response(rows[0].id, (200, [("content-type", "text/plain")], b"ok"))
         assert ledger.by_payment_identifier("pid-1").refund_owed == 2000  # type: ignore[union-attr]
         assert ledger.stored_response(rows[0].id) == (200, [("content-type", "text/plain")], b"ok")
