@@ -16,7 +16,7 @@ from pathlib import Path
 from web3 import Web3
 
 from gateway.settings import DEFAULT_CATALOG
-from settlement.devchain import DEFAULT_TOKEN_ADDRESS, Deployment, setup_devchain
+from gateway.devkit.devchain import DEFAULT_TOKEN_ADDRESS, Deployment, setup_devchain
 
 DEMO_UPSTREAM = "http://127.0.0.1:9101"
 

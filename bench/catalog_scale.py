@@ -26,7 +26,7 @@ import httpx
 from catalog import load_catalogs
 from gateway.app import create_app
 from gateway.settings import DEFAULT_CATALOG, Settings
-from settlement.ledger import Ledger
+from settlement.ledger.payments import Ledger
 
 HEADER = """catalog: 1
 owner: scale-test

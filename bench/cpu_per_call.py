@@ -20,7 +20,7 @@ from bench.run import (
     BATCH_POLICY, GATEWAY_PATH, anvil, fetch_offer, free_port, gateway, payment_headers, process, uvicorn_cmd, wrk,
     write_lines,
 )
-from settlement.devchain import LOCAL_NETWORK
+from gateway.devkit.devchain import LOCAL_NETWORK
 
 
 def cpu_seconds(pid: int) -> float:
@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
         env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})} if args.batched else None
-        with process(uvicorn_cmd("gateway.samples.rest_upstream:create_app", port, factory=True),
+        with process(uvicorn_cmd("gateway.devkit.samples.rest_upstream:create_app", port, factory=True),
                      ready=f"{upstream}/stats") as upstream_process:
             with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "cpu", env) as url:
                 pids = {
-                    "gateway": newest("gateway.cli serve"),
+                    "gateway": newest("gateway.cli.main serve"),
                     "anvil": newest(f"anvil --host 127.0.0.1 --port {deployment.rpc_url.rsplit(':', 1)[1]}"),
                     "upstream": upstream_process.pid,
                 }

@@ -60,7 +60,7 @@ def _rows(n: int) -> Iterator[tuple[Any, ...]]:
 
 def insert(db: Path, n: int) -> float:
     """Create the schema through the Ledger (migrations), then one bulk transaction in raw SQLite."""
-    from settlement.ledger import Ledger
+    from settlement.ledger.payments import Ledger
 
     Ledger(f"sqlite:///{db}").close()
     began = time.perf_counter()
@@ -79,8 +79,8 @@ def insert(db: Path, n: int) -> float:
 
 def export_once(db: Path, fmt: str, output: Path) -> dict[str, Any]:
     """Run in a fresh process: export everything, report time and memory."""
-    from settlement.export import Filters, export
-    from settlement.ledger import Ledger
+    from settlement.finance.export import Filters, export
+    from settlement.ledger.payments import Ledger
 
     if fmt == "parquet":
         import pyarrow.parquet  # noqa: F401  (the library's own size is not the export's growth)

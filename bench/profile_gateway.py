@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from settlement.devchain import LOCAL_NETWORK
+from gateway.devkit.devchain import LOCAL_NETWORK
 
 from bench.run import (
     BATCH_POLICY, GATEWAY_PATH, anvil, fetch_offer, free_port, gateway, payment_headers, process, uvicorn_cmd, wrk, write_lines,
@@ -56,10 +56,10 @@ def main() -> None:
         workdir = Path(tmp)
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
-        with process(uvicorn_cmd("gateway.samples.rest_upstream:create_app", port, factory=True), ready=f"{upstream}/stats"):
+        with process(uvicorn_cmd("gateway.devkit.samples.rest_upstream:create_app", port, factory=True), ready=f"{upstream}/stats"):
             env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})} if args.batched else None
             with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "P", env) as url:
-                pid = subprocess.run(["pgrep", "-f", "-n", "gateway.cli serve"], capture_output=True, text=True).stdout.split()[0]
+                pid = subprocess.run(["pgrep", "-f", "-n", "gateway.cli.main serve"], capture_output=True, text=True).stdout.split()[0]
                 for name, headers in (("unpaid", None), ("paid", True)):
                     headers_file = None
                     if headers:

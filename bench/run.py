@@ -2,7 +2,7 @@
 
     python -m bench.run [--duration 5] [--cases ABCDEFG] [--output bench/results.txt]
 
-A  the sample upstream (gateway/samples/rest_upstream.py) called directly
+A  the sample upstream (gateway/devkit/samples/rest_upstream.py) called directly
 B  bench/passthrough_proxy.py: Starlette + one shared aiohttp session, the floor of a Python proxy
 C  x402gw, unpaid request → 402
 D  x402gw, paid, local facilitator: one settlement transaction per call on anvil
@@ -45,8 +45,8 @@ from coincurve import PrivateKey
 from eth_abi import encode as abi_encode
 from eth_account import Account
 
-from settlement.devchain import ANVIL_ADDRESSES, ANVIL_KEYS, LOCAL_NETWORK, Deployment, find_anvil, setup_devchain
-from settlement.eip712 import TransferAuthorization, authorization_digest, domain_separator, split_signature
+from gateway.devkit.devchain import ANVIL_ADDRESSES, ANVIL_KEYS, LOCAL_NETWORK, Deployment, find_anvil, setup_devchain
+from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, split_signature
 
 REPO = Path(__file__).resolve().parent.parent
 PAY_TO = ANVIL_ADDRESSES[9]
@@ -301,7 +301,7 @@ def gateway(workdir: Path, deployment: Deployment, upstream: str, name: str, ext
         **(extra_env or {}),
     }
     url = f"http://127.0.0.1:{port}"
-    with process([sys.executable, "-m", "gateway.cli", "serve"], env=env, ready=f"{url}/healthz",
+    with process([sys.executable, "-m", "gateway.cli.main", "serve"], env=env, ready=f"{url}/healthz",
                  log=workdir / f"{name}.log"):
         yield url
 
@@ -330,10 +330,10 @@ def run_chain_limit(deployment: Deployment, workdir: Path, duration: float, rate
 
 def measure_gas(workdir: Path) -> list[str]:
     """Gas per payment: one transferWithAuthorization per transaction vs BatchSettler batches."""
-    from settlement.batch import BatchingFacilitator, BatchPolicy
-    from settlement.chain import Web3Chain
-    from settlement.facilitator import LocalFacilitator
-    from settlement.wire import PaymentRequirements
+    from settlement.schemes.batch import BatchingFacilitator, BatchPolicy
+    from settlement.chain.client import Web3Chain
+    from settlement.schemes.facilitator import LocalFacilitator
+    from settlement.x402.wire import PaymentRequirements
 
     lines = []
     with anvil(workdir) as deployment:
@@ -344,8 +344,8 @@ def measure_gas(workdir: Path) -> list[str]:
         offer = {"accepts": [req.to_wire()]}
 
         def payloads(n: int) -> list[Any]:
-            from settlement.codec import decode_header_json
-            from settlement.wire import PaymentPayload
+            from settlement.x402.codec import decode_header_json
+            from settlement.x402.wire import PaymentPayload
 
             return [PaymentPayload.model_validate(decode_header_json(h)) for h in payment_headers(offer, n)]
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         upstream_port = free_port()
         upstream = f"http://127.0.0.1:{upstream_port}"
-        with process(uvicorn_cmd("gateway.samples.rest_upstream:create_app", upstream_port, factory=True),
+        with process(uvicorn_cmd("gateway.devkit.samples.rest_upstream:create_app", upstream_port, factory=True),
                      ready=f"{upstream}/stats"):
 
             def record(rs: list[Result]) -> None:

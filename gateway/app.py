@@ -22,30 +22,30 @@ from starlette.types import ASGIApp
 
 from catalog import CatalogError, Catalogs, load_catalogs
 from catalog.loader import price_ceiling_issues
-from gateway.admin import Dashboard, admin_routes
-from gateway.discovery import Discovery
+from gateway.ops.admin import Dashboard, admin_routes
+from gateway.surfaces.discovery import Discovery
 from gateway.errors import GatewayError
-from gateway.fastpath import UnpaidFastPath
-from gateway.health import Readiness, gateway_checks, healthz
-from gateway.metrics import GatewayMetrics
-from gateway.pipeline import Pipeline
-from gateway.policy import Policy, policy_routes
-from gateway.stages.safety import Limits, Safety
+from gateway.pipeline.fastpath import UnpaidFastPath
+from gateway.ops.health import Readiness, gateway_checks, healthz
+from gateway.ops.metrics import GatewayMetrics
+from gateway.pipeline.pipeline import Pipeline
+from gateway.safety.policy import Policy, policy_routes
+from gateway.safety.checks import Limits, Safety
 from gateway.settings import Settings
-from gateway.facilitator_api import facilitator_routes
-from gateway.mcp_server import McpEndpoint
-from gateway.stages.bridge import AiohttpUpstreamClient, Bridge, BridgeConfigError, UpstreamClient
+from gateway.surfaces.facilitator_api import facilitator_routes
+from gateway.surfaces.mcp import McpEndpoint
+from gateway.upstream.bridge import AiohttpUpstreamClient, Bridge, BridgeConfigError, UpstreamClient
 from gateway.store import StateStore, StoreUnavailable, create_store
-from settlement.batch import BatchingFacilitator, BatchPolicy, build_batching
-from settlement.chain import Web3Chain
-from settlement.devchain import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment
+from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
+from settlement.chain.client import Web3Chain
+from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable, SettlementError
-from settlement.facilitator import Facilitator, FacilitatorRouter, LocalFacilitator
-from settlement.audit import AuditSink
-from settlement.ledger import Ledger
-from settlement.reconcile import resolve_open_payments
-from settlement.refunds import Refunder
-from settlement.remote import RemoteFacilitator
+from settlement.schemes.facilitator import Facilitator, FacilitatorRouter, LocalFacilitator
+from settlement.audit.trail import AuditSink
+from settlement.ledger.payments import Ledger
+from settlement.ledger.resolve import resolve_open_payments
+from settlement.chain.refunds import Refunder
+from settlement.schemes.remote import RemoteFacilitator
 
 log = logging.getLogger("x402gw")
 
@@ -411,7 +411,7 @@ def create_app(
         lifespan=lifespan,
     )
     if fast_path:
-        # Unpaid calls to a tool get their 402 before the middleware stack (gateway.fastpath),
+        # Unpaid calls to a tool get their 402 before the middleware stack (gateway.pipeline.fastpath),
         # with the CORS headers this app's CORSMiddleware would add.
         app.front = lambda stack: UnpaidFastPath(
             stack, pipeline=pipeline, cors=CORSMiddleware(stack, **cors), routes=routes[:-1]

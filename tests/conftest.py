@@ -17,15 +17,15 @@ from web3 import Web3
 
 from catalog import Catalogs, load_catalogs
 from gateway.app import create_app
-from gateway.samples import rest_upstream
-from gateway.serving import ThreadServer
+from gateway.devkit.samples import rest_upstream
+from gateway.ops.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG, Settings
-from settlement.chain import SEL_AUTHORIZATION_STATE, SEL_BALANCE_OF
-from settlement.codec import decode_header_json
-from settlement.devchain import Anvil, Deployment, setup_devchain
-from settlement.facilitator import Facilitator
-from settlement.ledger import Ledger
-from settlement.wire import PaymentRequired
+from settlement.chain.client import SEL_AUTHORIZATION_STATE, SEL_BALANCE_OF
+from settlement.x402.codec import decode_header_json
+from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
+from settlement.schemes.facilitator import Facilitator
+from settlement.ledger.payments import Ledger
+from settlement.x402.wire import PaymentRequired
 
 PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"  # anvil account 9, the example catalog's payTo
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.samples import rest_upstream, soap_warehouse
-from gateway.serving import ThreadServer
+from gateway.devkit.samples import rest_upstream, soap_warehouse
+from gateway.ops.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG
 
 WAREHOUSE_CATALOG = DEFAULT_CATALOG.with_name("warehouse.yaml")
@@ -53,7 +53,7 @@ def warehouse_catalog(tmp_path: Path, upstream: str, warehouse: str, *, replace:
         .replace('failover: ["http://localhost:9101"]', f'failover: ["{upstream.replace("127.0.0.1", "localhost")}"]')
         .replace("http://127.0.0.1:9101", upstream)
         .replace("http://127.0.0.1:9102", warehouse)
-        .replace("../../gateway/samples/warehouse.wsdl", str(soap_warehouse.WSDL_PATH))
+        .replace("../../gateway/devkit/samples/warehouse.wsdl", str(soap_warehouse.WSDL_PATH))
     )
     for old, new in (replace or {}).items():
         assert old in text, old

@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.serving import ThreadServer
-from settlement.codec import decode_header_json, encode_header
-from settlement.devchain import ANVIL_ADDRESSES, LOCAL_NETWORK, load_token_artifact
-from settlement.wire import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
+from gateway.ops.serving import ThreadServer
+from settlement.x402.codec import decode_header_json, encode_header
+from gateway.devkit.devchain import ANVIL_ADDRESSES, LOCAL_NETWORK, load_token_artifact
+from settlement.x402.wire import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 from tests.conftest import PAY_TO, Devchain
 
 PAYER = 8  # anvil account 8 signs; no other test pays with it
@@ -136,7 +136,7 @@ def run_agent(url: str, devchain: Devchain, *args: str, deployment: Path | None 
     env = {**os.environ, "AGENT_KEY": devchain.key(PAYER),
            "X402GW_DEPLOYMENT_FILE": str(deployment or devchain.deployment_file)}
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "agent", "--gateway", url, "--key-env", "AGENT_KEY", *args],
+        [sys.executable, "-m", "gateway.cli.main", "agent", "--gateway", url, "--key-env", "AGENT_KEY", *args],
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )
 
@@ -271,7 +271,7 @@ def test_a_pinned_token_needs_no_rpc(evil, devchain: Devchain, tmp_path: Path) -
 
 
 async def _agent_calls(url: str, devchain: Devchain, calls: int, **limits: int) -> tuple[Any, list[Any]]:
-    from gateway.agent import PayingAgent, SpendLimitExceeded, read_token_facts
+    from gateway.devkit.agent import PayingAgent, SpendLimitExceeded, read_token_facts
 
     token = await read_token_facts(devchain.anvil.rpc_url, devchain.token)
     agent = PayingAgent(devchain.key(PAYER), token, **limits)
@@ -286,7 +286,7 @@ async def _agent_calls(url: str, devchain: Devchain, calls: int, **limits: int) 
 
 
 def test_payments_without_receipts_count_against_the_budget(evil, devchain: Devchain) -> None:  # type: ignore[no-untyped-def]
-    from gateway.agent import SpendLimitExceeded
+    from gateway.devkit.agent import SpendLimitExceeded
 
     gateway, url = evil(receipt=False)  # settles every payment, never says so
     payer = devchain.address(PAYER)

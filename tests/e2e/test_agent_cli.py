@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from settlement.ledger import PaymentState
+from settlement.ledger.payments import PaymentState
 from tests.conftest import PAY_TO, Devchain, RunningGateway
 
 PAYER = 7
@@ -17,7 +17,7 @@ def run_agent(gateway: RunningGateway, devchain: Devchain, *args: str) -> subpro
     # The agent reads the token from the dev chain, found through its deployment file.
     env = {**os.environ, "AGENT_KEY": devchain.key(PAYER), "X402GW_DEPLOYMENT_FILE": str(devchain.deployment_file)}
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "agent", "--gateway", gateway.url, "--key-env", "AGENT_KEY", *args],
+        [sys.executable, "-m", "gateway.cli.main", "agent", "--gateway", gateway.url, "--key-env", "AGENT_KEY", *args],
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )
 

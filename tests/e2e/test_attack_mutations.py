@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from settlement.codec import encode_header
-from settlement.wire import PaymentRequired
+from settlement.x402.codec import encode_header
+from settlement.x402.wire import PaymentRequired
 from tests.support.attack_stack import Stack, attack_stack, offer_for, sign, v1_wire
 from tests.support.invariant import InvariantChecker
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from settlement.ledger import Ledger
+from settlement.ledger.payments import Ledger
 from tests.conftest import PAY_TO
 from tests.support.attack_stack import (
     REDIS_URL,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from settlement.codec import decode_header_json
-from settlement.ledger import PaymentState
+from settlement.x402.codec import decode_header_json
+from settlement.ledger.payments import PaymentState
 from tests.conftest import PAY_TO
 from tests.support import chain_actions
 from tests.support.attack_stack import (

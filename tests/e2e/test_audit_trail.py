@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from catalog import load_catalogs
 from gateway.app import create_app
-from gateway.cli import main
-from gateway.serving import ThreadServer
+from gateway.cli.main import main
+from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
-from settlement.audit import AuditTrail, AuditWriter, StoredRecord
-from settlement.ledger import Ledger
+from settlement.audit.trail import AuditTrail, AuditWriter, StoredRecord
+from settlement.ledger.payments import Ledger
 from tests.conftest import Devchain, demo_catalog
 from tests.e2e.test_paid_call import pay, receipt_of
 

@@ -13,10 +13,10 @@ import psycopg
 import pytest
 
 from catalog import load_catalogs
-from gateway.admin import COOKIE, Dashboard
-from gateway.metrics import GatewayMetrics
+from gateway.ops.admin import COOKIE, Dashboard
+from gateway.ops.metrics import GatewayMetrics
 from gateway.settings import DEFAULT_CATALOG
-from settlement.ledger import Ledger, PaymentState
+from settlement.ledger.payments import Ledger, PaymentState
 from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, GatewayFactory
 from tests.e2e.test_paid_call import pay
 from tests.support.ledger_rows import force_row

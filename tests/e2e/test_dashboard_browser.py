@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.admin import BAR_COLOR
+from gateway.ops.admin import BAR_COLOR
 from tests.conftest import Devchain, GatewayFactory
 from tests.e2e.test_paid_call import pay
 

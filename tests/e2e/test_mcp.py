@@ -10,9 +10,9 @@ import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from settlement.ledger import PaymentState
-from settlement.payer import Payer
-from settlement.wire import PaymentRequired
+from settlement.ledger.payments import PaymentState
+from gateway.devkit.payer import Payer
+from settlement.x402.wire import PaymentRequired
 from tests.conftest import PAY_TO, Devchain, RunningGateway, upstream_hits
 
 PAYER = 6  # anvil account used by this module's payments

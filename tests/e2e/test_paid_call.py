@@ -7,11 +7,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.offers import request_binding
-from settlement.codec import decode_header_json, encode_header
-from settlement.ledger import PaymentState
-from settlement.payer import Payer
-from settlement.wire import SettleResponse
+from gateway.protocol.offers import request_binding
+from settlement.x402.codec import decode_header_json, encode_header
+from settlement.ledger.payments import PaymentState
+from gateway.devkit.payer import Payer
+from settlement.x402.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain, RunningGateway, body_json, offer_of, upstream_hits
 
 PAYER = 2  # anvil account used by this module's payments

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from settlement.ledger import Ledger, PaymentState
-from settlement.remote import RemoteFacilitator
+from settlement.ledger.payments import Ledger, PaymentState
+from settlement.schemes.remote import RemoteFacilitator
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, body_json, demo_catalog, upstream_hits
 from tests.e2e.test_exactly_once import process_env, raw_request, signed, wait_for
 from tests.e2e.test_paid_call import pay, receipt_of

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from settlement.codec import encode_header
-from settlement.ledger import Ledger, PaymentState
-from settlement.payer import Payer
+from settlement.x402.codec import encode_header
+from settlement.ledger.payments import Ledger, PaymentState
+from gateway.devkit.payer import Payer
 from tests.conftest import (
     PAY_TO,
     Devchain,

@@ -1,7 +1,7 @@
 """Interoperability with the official x402 SDK (2.25.0), both ways, on a real anvil:
 
-1. the SDK's resource-server middleware uses our facilitator API (``gateway.facilitator_api``);
-2. our gateway uses the SDK's facilitator over HTTP (``settlement.remote.RemoteFacilitator``).
+1. the SDK's resource-server middleware uses our facilitator API (``gateway.surfaces.facilitator_api``);
+2. our gateway uses the SDK's facilitator over HTTP (``settlement.schemes.remote.RemoteFacilitator``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import ExactEvmScheme, ExactEvmServerScheme, register_exact_evm_facilitator
 from x402.schemas import parse_payment_payload, parse_payment_requirements
 
-from gateway.serving import ThreadServer
-from settlement.ledger import PaymentState
-from settlement.remote import RemoteFacilitator
+from gateway.ops.serving import ThreadServer
+from settlement.ledger.payments import PaymentState
+from settlement.schemes.remote import RemoteFacilitator
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, upstream_hits
 from tests.e2e.test_paid_call import pay, receipt_of
 from tests.support.local_facilitator import local_facilitator_app

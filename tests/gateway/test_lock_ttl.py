@@ -14,8 +14,8 @@ from catalog.models import Upstream
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.store import MemoryStore
-from settlement.ledger import Ledger
-from settlement.remote import RemoteFacilitator
+from settlement.ledger.payments import Ledger
+from settlement.schemes.remote import RemoteFacilitator
 
 HEAD = """\
 catalog: 1

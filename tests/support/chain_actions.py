@@ -12,8 +12,8 @@ from eth_account import Account
 from eth_hash.auto import keccak
 from web3 import Web3
 
-from settlement.chain import SEL_BALANCE_OF, SEL_TRANSFER, selector
-from settlement.eip712 import domain_separator
+from settlement.chain.client import SEL_BALANCE_OF, SEL_TRANSFER, selector
+from settlement.schemes.eip712 import domain_separator
 
 SEL_CANCEL_AUTHORIZATION = selector("cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)")
 SEL_TRANSFER_WITH_AUTHORIZATION = selector(

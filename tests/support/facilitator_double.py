@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.serving import ThreadServer
+from gateway.ops.serving import ThreadServer
 
 NETWORK = "eip155:31337"
 TX_HASH = "0x" + "ab" * 32

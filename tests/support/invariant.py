@@ -46,17 +46,17 @@ from typing import Any
 import httpx
 
 from catalog import Catalogs, Router
-from gateway.stages.exactly_once import request_fingerprint
-from settlement.chain import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER
-from settlement.codec import decode_header_json
-from settlement.eip712 import (
+from gateway.pipeline.stages.exactly_once import request_fingerprint
+from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER
+from settlement.x402.codec import decode_header_json
+from settlement.schemes.eip712 import (
     TransferAuthorization,
     authorization_digest,
     domain_separator,
     recover_signer,
 )
-from settlement.ledger import Ledger, Payment, PaymentState
-from settlement.networks import to_caip2
+from settlement.ledger.payments import Ledger, Payment, PaymentState
+from settlement.chain.networks import to_caip2
 from tests.conftest import Devchain
 from tests.support.recording_upstream import (
     MARKER_PREFIX,

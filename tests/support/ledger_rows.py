@@ -1,6 +1,6 @@
 """Test set-up only: write a payment row's columns directly, past the ledger's transitions.
 
-The ledger moves a row only through its named transitions (``settlement.ledger``); a test that
+The ledger moves a row only through its named transitions (``settlement.ledger.payments``); a test that
 needs a row in a given state, or with a column no transition writes (an amount, a creation time),
 puts it there with SQL, as a crash or an operator could.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from settlement.ledger import Ledger, Payment
+from settlement.ledger.payments import Ledger, Payment
 
 
 def force_row(ledger: Ledger, payment_id: int, **fields: Any) -> None:

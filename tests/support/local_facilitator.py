@@ -7,10 +7,10 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
-from gateway.facilitator_api import facilitator_routes
-from settlement.chain import Web3Chain
-from settlement.devchain import Deployment
-from settlement.facilitator import LocalFacilitator
+from gateway.surfaces.facilitator_api import facilitator_routes
+from settlement.chain.client import Web3Chain
+from gateway.devkit.devchain import Deployment
+from settlement.schemes.facilitator import LocalFacilitator
 
 
 def local_facilitator_app(deployment: Deployment, prefix: str = "/facilitator") -> Starlette:

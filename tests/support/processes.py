@@ -32,7 +32,7 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         log = open(self._log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve"], env=self._env, cwd=self._cwd,
+            [sys.executable, "-m", "gateway.cli.main", "serve"], env=self._env, cwd=self._cwd,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         with httpx.Client(timeout=1.0) as client:

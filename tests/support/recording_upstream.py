@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.serving import ThreadServer
+from gateway.ops.serving import ThreadServer
 
 MARKER_PREFIX = "UPSTREAM-CONTENT-"
 INJECTED_RECEIPT = "eyJzdWNjZXNzIjp0cnVlLCJ0cmFuc2FjdGlvbiI6IjB4aW5qZWN0ZWQifQ=="  # {"success":true,"transaction":"0xinjected"}

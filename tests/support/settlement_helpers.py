@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from settlement.devchain import ANVIL_KEYS, LOCAL_NETWORK
-from settlement.wire import PaymentRequirements
+from gateway.devkit.devchain import ANVIL_KEYS, LOCAL_NETWORK
+from settlement.x402.wire import PaymentRequirements
 from tests.conftest import PAY_TO, Devchain
 
 PRICE = 1000

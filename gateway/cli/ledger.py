@@ -1,0 +1,285 @@
+"""Finance and database commands: ``ledger export``, ``ledger summary``, ``reconcile``, ``db upgrade``.
+
+The database, catalog and chains come from the same settings the gateway uses (``X402GW_*``), so
+what is reconciled is what the gateway sells. Exit codes: 0 done / agree, 1 ledger and chain
+disagree, 2 the command could not run (bad option, database or chain unreachable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from gateway.settings import Settings
+
+EXIT_DISAGREE = 1
+EXIT_ERROR = 2
+
+
+def _settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v})
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid settings: {exc.errors(include_url=False)}") from None
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _open_ledger(database_url: str | None) -> Any:
+    from settlement.errors import LedgerError
+    from settlement.ledger.payments import Ledger
+
+    url = database_url or _settings().database_url
+    try:
+        return Ledger(url)
+    except LedgerError as exc:
+        _fail(f"{exc.message} [{exc.code}]")
+
+
+def _filters(start: str | None, end: str | None, owners: tuple[str, ...], tools: tuple[str, ...],
+             states: tuple[str, ...]) -> Any:
+    from settlement.finance.export import ExportError, Filters, parse_when
+
+    try:
+        return Filters(
+            start=parse_when(start) if start else None,
+            end=parse_when(end) if end else None,
+            owners=frozenset(owners), tools=frozenset(tools), states=frozenset(states),
+        )
+    except ExportError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+database_option = click.option(
+    "--database-url", envvar="X402GW_DATABASE_URL", default=None,
+    help="Ledger database (default: X402GW_DATABASE_URL, else the gateway's default).",
+)
+
+
+def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--from", "start", metavar="DATE", help="From this UTC date or datetime, inclusive."),
+        click.option("--to", "end", metavar="DATE",
+                     help="Up to this UTC date or datetime, exclusive (--from 2025-03-01 --to 2025-04-01 is March)."),
+        click.option("--owner", "owners", multiple=True, help="Only this owner (repeatable)."),
+        click.option("--tool", "tools", multiple=True, help="Only this tool (repeatable)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@click.group()
+def ledger() -> None:
+    """Read the payment ledger: exports and revenue summaries."""
+
+
+@ledger.command("export")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="csv", show_default=True)
+@click.option("--output", "-o", default="-", show_default=True, help="File to write, or - for standard output.")
+@filter_options
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["verified", "settling", "settled", "failed", "pending", "voided"]),
+              help="Only payments in this state (repeatable).")
+@database_option
+def ledger_export(fmt: str, output: str, start: str | None, end: str | None, owners: tuple[str, ...],
+                  tools: tuple[str, ...], states: tuple[str, ...], database_url: str | None) -> None:
+    """One row per payment: ids, UTC time, owner, tool, payer, payTo, amount (atomic and exact
+    decimal), asset, network, state, transaction, block, refunds. Streamed: flat memory."""
+    from settlement.finance.export import ExportError, count, export
+
+    filters = _filters(start, end, owners, tools, states)
+    if fmt == "parquet" and output == "-" and sys.stdout.isatty():
+        raise click.BadParameter("Parquet is binary: give --output FILE or redirect standard output", param_hint="--output")
+    book = _open_ledger(database_url)
+    try:
+        with _progress(lambda: count(book, filters)) as tick, _sink(output, binary=fmt == "parquet") as out:
+            rows = export(book, filters, fmt, out, tick=tick)  # type: ignore[arg-type]
+    except ExportError as exc:
+        _fail(str(exc))
+    finally:
+        book.close()
+    if output != "-":
+        click.echo(f"{rows} payments written to {output}", err=True)
+
+
+@contextmanager
+def _progress(total: Callable[[], int]) -> Iterator[Callable[[int], None]]:
+    """A progress bar on standard error when it is a terminal; otherwise nothing at all."""
+    if not sys.stderr.isatty():
+        yield lambda _: None
+        return
+    with click.progressbar(length=total(), label="exporting", file=sys.stderr, show_pos=True) as bar:
+        yield bar.update
+
+
+@contextmanager
+def _sink(output: str, *, binary: bool) -> Iterator[IO[Any]]:
+    """Standard output, or a file written beside its target and renamed into place when complete,
+    so an interrupted export never leaves a truncated file under the final name."""
+    if output == "-":
+        yield sys.stdout.buffer if binary else sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(output)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@ledger.command("summary")
+@click.option("--by", "by", multiple=True, type=click.Choice(["owner", "tool", "day"]),
+              help="Group by (repeatable, in order; default: owner and tool).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@filter_options
+@database_option
+def ledger_summary(by: tuple[str, ...], fmt: str, start: str | None, end: str | None, owners: tuple[str, ...],
+                   tools: tuple[str, ...], database_url: str | None) -> None:
+    """Revenue (settled minus refunds, exact decimals) and counts of settled, failed, pending,
+    voided and refunded payments per group; one group per asset as well."""
+    from settlement.finance.summary import summarize, table
+
+    dimensions = by or ("owner", "tool")
+    filters = _filters(start, end, owners, tools, ())
+    book = _open_ledger(database_url)
+    try:
+        groups = summarize(book, dimensions, filters)  # type: ignore[arg-type]
+    finally:
+        book.close()
+    if fmt == "json":
+        click.echo(json.dumps({"by": list(dimensions), "groups": [g.to_json(dimensions) for g in groups]}, indent=2))  # type: ignore[arg-type]
+    else:
+        for line in table(groups, dimensions):  # type: ignore[arg-type]
+            click.echo(line)
+
+
+@click.command("reconcile")
+@click.option("--from-block", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--to-block", default=None, type=click.IntRange(min=0), help="Inclusive (default: the latest block).")
+@click.option("--pay-to", "pay_to", multiple=True, help="Only this payTo address (repeatable; default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--chunk-blocks", default=5_000, show_default=True, type=click.IntRange(min=1),
+              help="Blocks per eth_getLogs call (halved when the node refuses a range).")
+@click.option("--catalog", "catalogs", multiple=True, type=click.Path(path_type=Path),
+              help="Catalog file (repeatable; default: X402GW_CATALOG).")
+@database_option
+def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as_json: bool, chunk_blocks: int,
+              catalogs: tuple[Path, ...], database_url: str | None) -> None:
+    """Resolve open payments, then compare the ledger with the token's Transfer / AuthorizationUsed
+    logs for each payTo: exit 0 when they agree, 1 when they do not, 2 when it cannot tell."""
+    from catalog import CatalogError, load_catalogs
+    from gateway.app import GatewayConfigError, build_chains, facilitator_plan
+    from settlement.chain.client import Web3Chain
+    from settlement.finance.reconcile import reconcile as run_reconcile
+    from settlement.errors import ChainUnavailable
+
+    if to_block is not None and to_block < from_block:
+        raise click.BadParameter("--to-block is before --from-block", param_hint="--to-block")
+    settings = _settings(catalog=list(catalogs), database_url=database_url)
+    try:
+        loaded = load_catalogs(settings.catalog)
+    except CatalogError as exc:
+        _fail(f"the catalog is invalid\n{exc}")
+    networks = {tool.payment.network for tool in loaded.tools}
+    try:
+        chains: dict[str, Web3Chain] = dict(build_chains(settings, loaded, local_networks=set()))
+    except GatewayConfigError as exc:
+        _fail(f"{exc} [{exc.code}]")
+    for network, url in settings.rpc_urls.items():  # networks the ledger has and the catalog no longer sells
+        if network not in chains and network.startswith("eip155:"):
+            chains[network] = Web3Chain(url, int(network.split(":", 1)[1]), None)
+    for network in sorted(networks - set(chains)):
+        hint = f" or start `x402gw devchain` (no deployment at {settings.deployment_file})" if network == "eip155:31337" else ""
+        _fail(f"no chain access for {network}: set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}'{hint}")
+    plan = facilitator_plan(settings, networks)
+    assets = {(t.payment.network, t.payment.asset, t.payment.pay_to) for t in loaded.tools}
+    book = _open_ledger(settings.database_url)
+
+    async def run() -> Any:
+        try:
+            return await run_reconcile(
+                book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block, to_block=to_block,
+                write_ahead_networks={n for n, where in plan.items() if where == "local"}, chunk=chunk_blocks,
+            )
+        finally:
+            for chain in chains.values():
+                await chain.close()
+
+    try:
+        report = asyncio.run(run())
+    except ChainUnavailable as exc:
+        _fail(f"{exc.message} [{exc.code}]")
+    finally:
+        book.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in _describe(report):
+            click.echo(line)
+    if report.unchecked_networks:  # the ledger has payments on a network we cannot read: cannot tell
+        click.echo(f"error: no RPC URL for {', '.join(report.unchecked_networks)} (X402GW_RPC_URLS)", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(0 if report.agree else EXIT_DISAGREE)
+
+
+def _describe(report: Any) -> list[str]:
+    lines = [
+        f"ranges: {json.dumps(report.ranges)}; payTo: {', '.join(report.pay_to) or '-'}",
+        f"resolved open payments: {len(report.resolved)}",
+        (f"ledger settled: {report.ledger_settled}, chain EIP-3009 payments: {report.chain_payments}, "
+         f"matched: {report.matched}, other transfers to payTo: {report.chain_other_transfers}"),
+    ]
+    for kind in ("missing_on_chain", "missing_in_ledger", "amount_mismatch", "state_mismatch", "still_open"):
+        for item in getattr(report, kind):
+            ident = item.get("payment_id", item.get("tx_hash"))
+            lines.append(f"{kind}: {ident} {json.dumps(item, separators=(',', ':'))}")
+    if report.unchecked_networks:
+        lines.append(f"not checked (no RPC URL): {', '.join(report.unchecked_networks)}")
+    lines.append("agree" if report.agree else "DISAGREE")
+    return lines
+
+
+@click.group()
+def db() -> None:
+    """The ledger database schema (Alembic migrations, shipped with the package)."""
+
+
+@db.command("upgrade")
+@database_option
+def db_upgrade(database_url: str | None) -> None:
+    """Bring the ledger database to the latest schema (creates it when empty)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from settlement.ledger.payments import create_ledger_engine
+    from settlement.ledger.migrations import current_revision, head_revision, migrate
+
+    url = database_url or _settings().database_url
+    engine = create_ledger_engine(url)
+    try:
+        outcome = migrate(engine)
+        with engine.connect() as conn:
+            revision = current_revision(conn)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot migrate the ledger database ({type(exc).__name__})")
+    finally:
+        engine.dispose()
+    click.echo(f"ledger schema {outcome}: revision {revision} (head {head_revision()})")
+
+
+COMMANDS = (ledger, reconcile, db)

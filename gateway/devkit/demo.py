@@ -1,0 +1,137 @@
+"""``x402gw demo``: the whole stack on one machine, and an agent paying for calls.
+
+Starts anvil and deploys the test USDC, the sample legacy REST upstream and SOAP warehouse, and the
+gateway with the example catalogs (demo.yaml, warehouse.yaml); a sample agent (anvil account 1) pays for a few calls and each is printed with
+its price, HTTP status and settlement transaction. Then the gateway keeps serving until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from catalog import format_amount
+from gateway.devkit.agent import PayingAgent, discover, read_token_facts
+from gateway.app import create_app
+from gateway.devkit.samples import rest_upstream, soap_warehouse
+from gateway.ops.serving import ThreadServer
+from gateway.settings import DEFAULT_CATALOG, Settings
+from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
+from settlement.ledger.payments import Ledger
+
+UPSTREAM_PORT = 9101  # the example catalog's upstream base_url
+WAREHOUSE_PORT = 9102  # the SOAP sample, upstream of catalog/examples/warehouse.yaml
+WAREHOUSE_CATALOG = DEFAULT_CATALOG.with_name("warehouse.yaml")
+DEMO_DIR = Path("var/demo")
+
+# (method, path, json body) the sample agent pays for, in turn.
+PLAN: list[tuple[str, str, dict[str, object] | None]] = [
+    ("GET", "/quotes/AAPL", None),
+    ("GET", "/warehouse/stock/BLT-100", None),  # SOAP 1.1, answered as JSON
+    ("GET", "/weather?city=Lisbon&units=metric", None),
+    ("POST", "/orders", {"symbol": "MSFT", "quantity": 3}),
+    ("POST", "/warehouse/shipping-quote", {"sku": "BLT-100", "quantity": 40, "postcode": "1000-001"}),  # SOAP 1.2, flaky: retried
+    ("GET", "/fx/EURUSD?source=ecb", None),  # REST, 429 + Retry-After: waited out, charged once
+    ("GET", "/warehouse/items?query=bolt", None),  # SOAP envelope built from the WSDL
+    ("GET", "/reports/42", None),
+    ("GET", "/quotes/NVDA", None),
+]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _agent_calls(base_url: str, deployment: Deployment, calls: int) -> list[str]:
+    payer = deployment.accounts[0]
+    # The agent reads its token (decimals, EIP-712 name and version) from the chain, not from the gateway.
+    token = await read_token_facts(deployment.rpc_url, deployment.token.address, network=deployment.network)
+    agent = PayingAgent(payer.private_key, token, max_spend_atomic=1_000_000)
+    lines: list[str] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        # The agent learns what is on sale, and at what price, as any agent would: GET /tools.
+        on_sale = await discover(client, base_url)
+        print(f"  agent discovered {len(on_sale)} tools via /tools: {', '.join(t.name for t in on_sale)}", flush=True)
+        for i in range(calls):
+            method, path, body = PLAN[i % len(PLAN)]
+            result = await agent.call(client, method, path, json=body) if body else await agent.call(client, method, path)
+            price = format_amount(result.price_atomic, deployment.token.decimals) if result.price_atomic else "-"
+            tx = result.tx_hash or (result.body.get("error") if isinstance(result.body, dict) else "-")
+            line = f"  {method:4} {path:36} price {price:>6} USDC  HTTP {result.status}  tx {tx}"
+            print(line, flush=True)
+            lines.append(line)
+    print(f"  agent {payer.address} spent {format_amount(agent.spent_atomic, deployment.token.decimals)} USDC", flush=True)
+    return lines
+
+
+async def _serve_gateway(settings: Settings, deployment: Deployment, calls: int, serve_forever: bool) -> int:
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            return 1
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]  # the real one when settings.port is 0
+    base_url = f"http://{settings.host}:{port}"
+    print(f"gateway  {base_url}  (catalogs {DEFAULT_CATALOG.name}, {WAREHOUSE_CATALOG.name})", flush=True)
+    print("sample agent paying for calls:", flush=True)
+    await _agent_calls(base_url, deployment, calls)
+    if serve_forever:
+        print(f"\nx402gw is serving at {base_url} — try: curl -i {base_url}/quotes/AAPL   (Ctrl-C to stop)", flush=True)
+    else:
+        server.should_exit = True
+    await task
+    return 0
+
+
+def run_demo(*, port: int = 8402, calls: int = 9, serve_forever: bool = True, anvil_path: str | None = None) -> int:
+    for needed, what in ((port, "gateway"), (UPSTREAM_PORT, "sample upstream"), (WAREHOUSE_PORT, "sample SOAP warehouse")):
+        if needed and not _port_free(needed):
+            print(f"error: port {needed} for the {what} is in use; stop what holds it or pass --port", flush=True)
+            return 2
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    for stale in DEMO_DIR.glob("ledger.sqlite3*"):
+        stale.unlink()
+    with Anvil(anvil_path=anvil_path) as anvil:
+        deployment = setup_devchain(anvil.rpc_url)
+        deployment_file = DEMO_DIR / "devchain.json"
+        deployment.write(deployment_file)
+        print(f"chain    {anvil.rpc_url}  (chain id {deployment.chain_id}), test USDC at {deployment.token.address}", flush=True)
+        upstream = ThreadServer(rest_upstream.create_app(), UPSTREAM_PORT)
+        upstream.start()
+        print(f"upstream http://127.0.0.1:{UPSTREAM_PORT}  (sample legacy REST service)", flush=True)
+        warehouse = ThreadServer(soap_warehouse.create_app(), WAREHOUSE_PORT)
+        warehouse.start()
+        print(f"upstream http://127.0.0.1:{WAREHOUSE_PORT}/soap/warehouse  (sample SOAP warehouse, ?wsdl)", flush=True)
+        # The samples' demo credentials, read by the gateway the way a deployment's secrets would be.
+        os.environ.setdefault("WAREHOUSE_TOKEN", soap_warehouse.DEMO_TOKEN)
+        os.environ.setdefault("ACME_FX_KEY", rest_upstream.DEMO_FX_KEY)
+        settings = Settings(
+            port=port, deployment_file=deployment_file, database_url=f"sqlite:///{DEMO_DIR / 'ledger.sqlite3'}",
+            catalog=[DEFAULT_CATALOG, WAREHOUSE_CATALOG],
+        )
+        try:
+            code = asyncio.run(_serve_gateway(settings, deployment, calls, serve_forever))
+        except KeyboardInterrupt:
+            code = 0
+        finally:
+            upstream.stop()
+            warehouse.stop()
+        ledger = Ledger(settings.database_url)
+        settled = [p for p in ledger.all() if p.state == "settled"]
+        ledger.close()
+        print(f"ledger: {len(settled)} settled payments in {DEMO_DIR / 'ledger.sqlite3'}", flush=True)
+        return code

@@ -1,0 +1,359 @@
+"""Stage 4, safety: what an agent may do, decided on the server before money or the upstream moves.
+
+Checks run in this order; each either returns (continue) or raises a ``GatewayError``:
+
+    route ─▶ header size (431) ─▶ body size (413) ─▶ arguments (422)
+          ─▶ kill switch (503 tool_disabled) ─▶ price guard (503 price_guard)
+          ─▶ circuit breaker (503 upstream_circuit_open) ─▶ rate limit per client (429, every request)
+          ─▶ [unpaid] 402
+          ─▶ [paid] decode/bind ─▶ signature recovered offline (402) ─▶ payer allow/deny (403 payer_denied)
+          ─▶ rate limits per payer, per tool (429) ─▶ verify ─▶ budgets (403 budget_exceeded)
+
+Nothing is keyed on a payment's claimed ``from`` before its signature recovered to it: a junk
+header naming a victim spends only its own client's tokens, never the victim's or the tool's.
+          ─▶ bridge ─▶ settle ─▶ ``finish``: budgets released unless money moved; probe returned
+
+Reads the catalog's and the settings' limits (``catalog.limits``), the policy (``gateway.safety.policy``)
+and the breakers (``gateway.safety.breaker``); writes only to the state store. Per-request state (the
+reservations, the breaker ticket) lives in ``ctx.safety``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+from catalog import Catalogs, Tool, format_amount, to_atomic
+from catalog.limits import Budget, Budgets, RateLimit, RateLimits
+from gateway.safety.breaker import Breakers, Ticket, upstream_key
+from gateway.pipeline.context import RequestContext
+from gateway.errors import GatewayError
+from gateway.safety.policy import Policy, PolicyView
+from gateway.store import MAX_EXACT_UNITS, StateStore, StoreUnavailable
+from settlement.ledger.payments import Ledger, PaymentState
+
+__all__ = ["Limits", "Safety"]
+
+log = logging.getLogger("x402gw.safety")
+
+# Outcomes after which money may have moved: the budget reservation is kept (unless the ledger
+# row says the settlement failed or was voided).
+_MONEY_MAY_HAVE_MOVED = frozenset({"settling", "settled", "refund_owed", "refunded"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Gateway-wide limits (from settings); the catalog adds its own per owner and per tool."""
+
+    budgets: Budgets = field(default_factory=Budgets)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    max_price: Decimal | None = None
+    max_header_bytes: int = 32_768
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(
+            budgets=Budgets(
+                per_payer=settings.budget_per_payer,
+                per_payer_per_tool=settings.budget_per_payer_per_tool,
+                per_owner=settings.budget_per_owner,
+            ),
+            rate_limits=RateLimits(
+                per_payer=settings.rate_limit_per_payer,
+                per_tool=settings.rate_limit_per_tool,
+                per_client=settings.rate_limit_per_client,
+            ),
+            max_price=settings.max_price,
+            max_header_bytes=settings.max_header_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class _BudgetRule:
+    name: str  # per_payer | per_payer_per_tool | per_owner
+    level: str  # "gateway" | "owner:<owner>" | "tool:<name>": where the limit was written
+    limit: int  # atomic units of the tool's token
+    window: int
+    decimals: int
+
+    def key(self, tool: Tool, payer: str) -> str:
+        parts = ["budget", self.level, self.name, tool.payment.network, tool.payment.asset.lower()]
+        if self.name == "per_payer_per_tool" or (self.name == "per_owner" and self.level == "gateway"):
+            parts.append(tool.name if self.name == "per_payer_per_tool" else tool.owner)
+        if self.name != "per_owner":
+            parts.append(payer.lower())
+        return ":".join(parts)
+
+
+@dataclass(frozen=True)
+class _RateRule:
+    name: str  # per_payer | per_tool | per_client
+    level: str
+    limit: RateLimit
+
+    def key(self, tool: Tool, subject: str) -> str:
+        return f"rl:{self.level}:{self.name}:{tool.name if self.name == 'per_tool' else subject.lower()}"
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    rule: _BudgetRule
+    key: str
+    amount: int
+    resets_at: int
+
+
+@dataclass
+class Held:
+    """What this request holds in the store until ``finish``."""
+
+    view: PolicyView | None = None
+    ticket: Ticket | None = None
+    reservations: list[_Reservation] = field(default_factory=list)
+
+
+# The two context managers below are classes, not @contextlib.contextmanager generators: they
+# wrap every check of every request, and a generator per ``with`` cost more than the check.
+
+
+class _StoreErrors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if isinstance(exc, StoreUnavailable):
+            # fail closed: without the shared state no limit can be enforced, so nothing is sold
+            raise GatewayError("store_unavailable", "the gateway's shared state is unavailable; retry later",
+                               status=503, retryAfter=2) from None
+        return False
+
+
+_STORE_ERRORS = _StoreErrors()
+
+
+def _store_errors() -> _StoreErrors:
+    return _STORE_ERRORS
+
+
+class _Verdict:
+    """Every refusal of a stage goes to the audit trail with the rule that made it."""
+
+    __slots__ = ("ctx", "stage")
+
+    def __init__(self, ctx: RequestContext, stage: str) -> None:
+        self.ctx = ctx
+        self.stage = stage
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> bool:
+        if isinstance(err, GatewayError):
+            rule = err.fields.get("budget") or err.fields.get("limit") if err.code in ("budget_exceeded", "rate_limited") else None
+            self.ctx.record("safety_verdict", stage=self.stage, verdict="deny", rule=rule or err.code, reason=err.code)
+        return False
+
+
+class Safety:
+    def __init__(
+        self,
+        store: StateStore,
+        catalogs: Catalogs,
+        limits: Limits | None = None,
+        *,
+        policy: Policy | None = None,
+        breakers: Breakers | None = None,
+    ) -> None:
+        self.store = store
+        self.limits = limits or Limits()
+        self.policy = policy or Policy(store)
+        self.breakers = breakers or Breakers(store, catalogs.tools)
+        self._budgets: dict[str, list[_BudgetRule]] = {}
+        self._rates: dict[str, list[_RateRule]] = {}
+        self._ceilings: dict[str, Decimal] = {}
+        for catalog in catalogs.catalogs:
+            for tool in catalog.tools:
+                self._compile(tool, catalog.budgets, catalog.rate_limits, catalog.max_price)
+
+    def _compile(self, tool: Tool, budgets: Budgets, rates: RateLimits, catalog_max: Decimal | None) -> None:
+        sources: list[tuple[str, Budgets, RateLimits]] = [
+            ("gateway", self.limits.budgets, self.limits.rate_limits),
+            (f"owner:{tool.owner}", budgets, rates),
+            (f"tool:{tool.name}", tool.budgets, tool.rate_limits),
+        ]
+        decimals = tool.payment.decimals
+        budget_rules: list[_BudgetRule] = []
+        rate_rules: list[_RateRule] = []
+        for level, level_budgets, level_rates in sources:
+            for name in ("per_payer", "per_payer_per_tool", "per_owner"):
+                budget: Budget | None = getattr(level_budgets, name)
+                if budget is None:
+                    continue
+                try:
+                    limit = to_atomic(budget.amount, decimals)
+                except ValueError:
+                    raise ValueError(
+                        f"budget {name} {budget.amount:f} ({level}) has more digits than the {decimals} decimals "
+                        f"of the token of tool {tool.name}"
+                    ) from None
+                if limit > MAX_EXACT_UNITS:
+                    raise ValueError(f"budget {name} {budget.amount:f} ({level}) is too large for tool {tool.name}")
+                budget_rules.append(_BudgetRule(name, level, limit, budget.window, decimals))
+            for name in ("per_payer", "per_tool", "per_client"):
+                rate: RateLimit | None = getattr(level_rates, name)
+                if rate is not None:
+                    rate_rules.append(_RateRule(name, level, rate))
+        self._budgets[tool.name] = budget_rules
+        self._rates[tool.name] = rate_rules
+        ceilings = [c for c in (tool.max_price, catalog_max, self.limits.max_price) if c is not None]
+        if ceilings:
+            self._ceilings[tool.name] = min(ceilings)
+
+    # -- before the 402 --------------------------------------------------------------------------
+
+    _verdict = _Verdict
+
+    def check_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        size = sum(len(name) + len(value) + 4 for name, value in headers)  # ": " and CRLF
+        if size > self.limits.max_header_bytes:
+            raise GatewayError(
+                "request_headers_too_large",
+                f"request headers are limited to {self.limits.max_header_bytes} bytes in total",
+                status=431, limit=self.limits.max_header_bytes,
+            )
+
+    async def before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int, *, paying: bool) -> None:
+        """Kill switch, price guard, circuit breaker: none of them may be answered with a price."""
+        with self._verdict(ctx, "before_challenge"):
+            await self._before_challenge(ctx, tool, price_atomic, paying=paying)
+
+    async def _before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int, *, paying: bool) -> None:
+        held = ctx.safety = Held()
+        held.view = await self.policy.current()
+        reason = held.view.tool_disabled(tool.name, tool.owner)
+        if reason is not None:
+            raise GatewayError("tool_disabled", f"{tool.name} is not available: {reason}", status=503, retryable=False)
+        self.price_guard(tool, price_atomic)
+        with _store_errors():
+            held.ticket = await self.breakers.check(tool, ctx.request_id if paying else None)
+
+    def price_guard(self, tool: Tool, price_atomic: int) -> None:
+        ceiling = self._ceilings.get(tool.name)
+        if ceiling is None or Decimal(price_atomic) <= ceiling.scaleb(tool.payment.decimals):
+            return
+        log.error("price guard: %s priced %s atomic, above its maximum %s", tool.name, price_atomic, ceiling)
+        raise GatewayError(
+            "price_guard", "this tool's price is above the maximum this gateway allows; it is not sold now",
+            status=503, retryable=False,
+        )
+
+    async def per_client(self, ctx: RequestContext, tool: Tool) -> None:
+        """Rate limit per client address, for every request (paid or not, before any verify)."""
+        with self._verdict(ctx, "per_client"):
+            await self._take(tool, "per_client", ctx.client or "unknown")
+
+    # -- with a payment ----------------------------------------------------------------------------
+
+    async def before_verify(self, ctx: RequestContext, tool: Tool, payer: str) -> None:
+        """Payer lists and rate limits. ``payer`` is the signer recovered offline (the signature is
+        valid for this offer), not yet checked against the chain: good enough to refuse or to slow
+        down, never to spend against (budgets wait for verify)."""
+        with self._verdict(ctx, "before_verify"):
+            await self._before_verify(ctx, tool, payer)
+
+    async def _before_verify(self, ctx: RequestContext, tool: Tool, payer: str) -> None:
+        view = ctx.safety.view if isinstance(ctx.safety, Held) and ctx.safety.view else await self.policy.current()
+        reason = view.payer_refused(payer)
+        if reason is not None:
+            raise GatewayError("payer_denied", f"payments from {payer} are not accepted: {reason}",
+                               status=403, retryable=False)
+        await self._take(tool, "per_payer", payer)
+        await self._take(tool, "per_tool", tool.name)
+
+    async def _take(self, tool: Tool, name: str, subject: str) -> None:
+        for rule in self._rates[tool.name]:
+            if rule.name != name:
+                continue
+            with _store_errors():
+                decision = await self.store.take_token(
+                    rule.key(tool, subject), rule.limit.rate_per_second, rule.limit.capacity
+                )
+            if not decision.allowed:
+                wait = max(1, math.ceil(decision.retry_after_seconds))
+                raise GatewayError(
+                    "rate_limited", f"too many requests ({name}, {rule.limit.requests} per {rule.limit.window}s); "
+                    f"retry in {wait}s", status=429, retryAfter=wait, limit=name,
+                )
+
+    async def reserve(self, ctx: RequestContext, tool: Tool, payer: str, amount: int) -> None:
+        """Reserve ``amount`` against every budget of the tool, after verify and before any money or
+        upstream moves. Each reservation is one atomic store operation; if a later one refuses,
+        the earlier ones are given back, so a refusal never leaves anything counted."""
+        with self._verdict(ctx, "budgets"):
+            await self._reserve(ctx, tool, payer, amount)
+        if self._budgets[tool.name]:
+            ctx.record("safety_verdict", stage="budgets", verdict="allow",
+                       rules=[rule.name for rule in self._budgets[tool.name]])
+
+    async def _reserve(self, ctx: RequestContext, tool: Tool, payer: str, amount: int) -> None:
+        held = ctx.safety if isinstance(ctx.safety, Held) else Held()
+        ctx.safety = held
+        for rule in self._budgets[tool.name]:
+            key = rule.key(tool, payer)
+            with _store_errors():
+                decision = await self.store.reserve_budget(key, amount, rule.limit, rule.window)
+            if decision.allowed:
+                held.reservations.append(_Reservation(rule, key, amount, decision.resets_at))
+                continue
+            await self._release(held)
+            raise GatewayError(
+                "budget_exceeded",
+                f"this call would pass the {rule.name.replace('_', ' ')} budget of "
+                f"{format_amount(rule.limit, rule.decimals)} per {rule.window}s; nothing was charged",
+                status=403, retryable=False, budget=rule.name, scope=rule.level.split(":", 1)[0],
+                limit=format_amount(rule.limit, rule.decimals), limitAtomic=str(rule.limit),
+                used=format_amount(decision.used, rule.decimals), usedAtomic=str(decision.used),
+                price=format_amount(amount, rule.decimals), windowSeconds=rule.window,
+                resetsAt=datetime.fromtimestamp(decision.resets_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            )
+
+    async def upstream_result(self, ctx: RequestContext, tool: Tool, ok: bool) -> None:
+        """Feed the breaker: ``ok`` is False for 5xx, timeouts and connection errors."""
+        held = ctx.safety if isinstance(ctx.safety, Held) else None
+        ticket = held.ticket if held is not None and held.ticket is not None else Ticket(upstream_key(tool))
+        try:
+            await self.breakers.record(ticket, ok)
+        except StoreUnavailable:
+            log.warning("breaker state not recorded for %s: the store is unavailable", ticket.upstream)
+
+    async def finish(self, ctx: RequestContext, ledger: Ledger) -> None:
+        """Always runs (in the pipeline's ``finally``): give back budget reservations unless money
+        moved or may have moved, and the breaker's probe if this request held it. Never raises."""
+        held = ctx.safety
+        if not isinstance(held, Held):
+            return
+        try:
+            if held.ticket is not None:
+                await self.breakers.release(held.ticket)
+            if held.reservations and not await self._money_may_have_moved(ctx, ledger):
+                await self._release(held)
+        except Exception:
+            log.exception("safety cleanup failed on request %s", ctx.request_id)
+
+    async def _money_may_have_moved(self, ctx: RequestContext, ledger: Ledger) -> bool:
+        if ctx.outcome not in _MONEY_MAY_HAVE_MOVED or ctx.payment_id is None:
+            return False
+        row = await asyncio.to_thread(ledger.get, ctx.payment_id)
+        return row is None or row.state not in (PaymentState.FAILED, PaymentState.VOIDED)
+
+    async def _release(self, held: Held) -> None:
+        while held.reservations:
+            r = held.reservations.pop()
+            with _store_errors():
+                await self.store.release_budget(r.key, r.amount, r.rule.window, r.resets_at)

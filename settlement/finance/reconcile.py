@@ -1,0 +1,270 @@
+"""Reconcile the ledger with the chain over a block range, for each payTo (``x402gw reconcile``).
+
+1. Open rows (``settling``, ``pending``) are resolved first (``settlement.ledger.resolve``).
+2. For every (network, token) the token's ``Transfer`` logs to the payTo addresses and its
+   ``AuthorizationUsed`` logs are read with ``eth_getLogs`` in chunks (halved when a node refuses
+   a range). A transfer is an EIP-3009 payment when the same transaction logged
+   ``AuthorizationUsed(from, nonce)`` just before it (FiatToken's order); the pair
+   (payer, nonce) is the payment's identity on both sides.
+3. Disagreements, each a list in the report:
+
+   missing_on_chain    settled in the ledger, no EIP-3009 transfer to payTo for its authorization
+   missing_in_ledger   an EIP-3009 transfer to payTo whose authorization the ledger does not know
+   amount_mismatch     both know it, the amounts differ
+   state_mismatch      the chain moved the money, the ledger says it did not (failed, voided, ...)
+   still_open          rows the chain could not resolve yet (pending)
+
+The ledger side is the settled rows whose block is in the range; plain ERC-20 transfers to payTo
+(not EIP-3009) are counted, not reported: they are not x402 payments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import Session
+
+from catalog.pricing import format_amount
+from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, RpcError
+from settlement.ledger.payments import OPEN_STATES, Ledger, Payment, PaymentState
+from settlement.ledger.resolve import Resolution, resolve_open_payments
+
+DEFAULT_CHUNK_BLOCKS = 5_000
+MIN_CHUNK_BLOCKS = 1
+
+
+class LogReader(Protocol):
+    """What reconcile needs from a chain besides ``Chain`` (``Web3Chain`` has both)."""
+
+    async def block_number(self) -> int: ...
+
+    async def get_logs(
+        self, address: str, topics: list[str | list[str] | None], from_block: int, to_block: int
+    ) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChainTransfer:
+    network: str
+    asset: str
+    tx_hash: str
+    log_index: int
+    block_number: int
+    payer: str
+    pay_to: str
+    amount: int
+    nonce: str | None  # set when the transfer used an EIP-3009 authorization
+
+
+@dataclass(slots=True)
+class Report:
+    ranges: dict[str, dict[str, int]] = field(default_factory=dict)  # network -> {from_block, to_block}
+    pay_to: list[str] = field(default_factory=list)
+    resolved: list[dict[str, Any]] = field(default_factory=list)
+    ledger_settled: int = 0
+    chain_payments: int = 0
+    chain_other_transfers: int = 0
+    matched: int = 0
+    missing_on_chain: list[dict[str, Any]] = field(default_factory=list)
+    missing_in_ledger: list[dict[str, Any]] = field(default_factory=list)
+    amount_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    state_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    still_open: list[dict[str, Any]] = field(default_factory=list)
+    unchecked_networks: list[str] = field(default_factory=list)
+
+    @property
+    def agree(self) -> bool:
+        return not (self.missing_on_chain or self.missing_in_ledger or self.amount_mismatch
+                    or self.state_mismatch or self.still_open)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agree": self.agree, **asdict(self)}
+
+
+def _topic(address: str) -> str:
+    return "0x" + address[2:].lower().rjust(64, "0")
+
+
+def _address(topic: str) -> str:
+    return "0x" + topic[-40:].lower()
+
+
+async def read_logs(chain: LogReader, token: str, topics: list[str | list[str] | None], start: int, end: int,
+                    chunk: int = DEFAULT_CHUNK_BLOCKS) -> list[dict[str, Any]]:
+    """All logs in [start, end], ``chunk`` blocks per call; a refused range is split in two."""
+    logs: list[dict[str, Any]] = []
+    low = start
+    while low <= end:
+        high = min(end, low + chunk - 1)
+        try:
+            logs.extend(await chain.get_logs(token, topics, low, high))
+        except RpcError:
+            if high == low or chunk <= MIN_CHUNK_BLOCKS:
+                raise
+            chunk = max(MIN_CHUNK_BLOCKS, chunk // 2)  # "range too large" / "too many results"
+            continue
+        low = high + 1
+    return logs
+
+
+async def chain_transfers(chain: LogReader, network: str, token: str, pay_to: Iterable[str], start: int, end: int,
+                          chunk: int = DEFAULT_CHUNK_BLOCKS) -> list[ChainTransfer]:
+    """Transfers of ``token`` to any of ``pay_to`` in [start, end], each with its authorization nonce."""
+    targets = sorted({_topic(a) for a in pay_to})
+    if not targets:
+        return []
+    transfers = await read_logs(chain, token, ["0x" + TOPIC_TRANSFER.hex(), None, targets], start, end, chunk)
+    if not transfers:
+        return []
+    used = await read_logs(chain, token, ["0x" + TOPIC_AUTHORIZATION_USED.hex()], start, end, chunk)
+    by_tx: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for log in used:
+        by_tx[log["transactionHash"].lower()].append(log)
+    result: list[ChainTransfer] = []
+    for log in transfers:
+        tx = log["transactionHash"].lower()
+        index = int(log["logIndex"], 16)
+        payer = _address(log["topics"][1])
+        # The AuthorizationUsed of this payer logged closest before this Transfer, in this tx.
+        nonce: str | None = None
+        best = -1
+        for auth in by_tx.get(tx, []):
+            auth_index = int(auth["logIndex"], 16)
+            if _address(auth["topics"][1]) == payer and best < auth_index < index:
+                best, nonce = auth_index, auth["topics"][2].lower()
+        result.append(ChainTransfer(
+            network=network, asset=token, tx_hash=tx, log_index=index, block_number=int(log["blockNumber"], 16),
+            payer=payer, pay_to=_address(log["topics"][2]), amount=int(log["data"][2:66] or "0", 16), nonce=nonce,
+        ))
+    return result
+
+
+def _row_json(row: Payment) -> dict[str, Any]:
+    return {
+        "payment_id": row.id, "request_id": row.request_id, "network": row.network, "asset": row.asset,
+        "payer": row.payer, "pay_to": row.pay_to, "nonce": row.nonce, "state": row.state,
+        "amount_atomic": str(row.amount), "amount": format_amount(row.amount, row.decimals),
+        "tx_hash": row.tx_hash, "block_number": row.block_number,
+    }
+
+
+def _transfer_json(t: ChainTransfer) -> dict[str, Any]:
+    return {
+        "network": t.network, "asset": t.asset, "tx_hash": t.tx_hash, "log_index": t.log_index,
+        "block_number": t.block_number, "payer": t.payer, "pay_to": t.pay_to, "nonce": t.nonce,
+        "amount_atomic": str(t.amount),
+    }
+
+
+def _ledger_targets(ledger: Ledger, pay_to: set[str]) -> set[tuple[str, str, str]]:
+    """(network, asset, pay_to) triples the ledger has payments for."""
+    query = select(Payment.network, Payment.asset, Payment.pay_to).distinct()
+    with ledger.engine.connect() as conn:
+        triples = {(n, a.lower(), p.lower()) for n, a, p in conn.execute(query)}
+    return {t for t in triples if not pay_to or t[2] in pay_to}
+
+
+def _settled_in_range(ledger: Ledger, network: str, asset: str, pay_to: set[str], start: int, end: int,
+                      whole_chain: bool) -> list[Payment]:
+    in_range: ColumnElement[bool] = Payment.block_number.between(start, end)
+    if whole_chain:  # a settled row without a block (a remote facilitator did not say) is checked too
+        in_range = or_(in_range, Payment.block_number.is_(None))
+    query = select(Payment).where(
+        Payment.network == network, Payment.state == PaymentState.SETTLED.value, in_range,
+        func.lower(Payment.asset) == asset, func.lower(Payment.pay_to).in_(sorted(pay_to)),
+    )
+    with Session(ledger.engine) as session:
+        return list(session.scalars(query))
+
+
+def _rows_by_authorization(
+    ledger: Ledger, network: str, keys: Sequence[tuple[str, str | None]]
+) -> dict[tuple[str, str | None], Payment]:
+    found: dict[tuple[str, str | None], Payment] = {}
+    with Session(ledger.engine) as session:
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            payers = sorted({k[0] for k in part})
+            nonces = sorted({k[1] for k in part if k[1] is not None})
+            # Addresses are stored checksummed and nonces lower-case hex: match case-insensitively in Python.
+            query = select(Payment).where(Payment.network == network, func.lower(Payment.nonce).in_(nonces))
+            for row in session.scalars(query):
+                key: tuple[str, str | None] = (row.payer.lower(), row.nonce.lower())
+                if key[0] in payers:
+                    found[key] = row
+    return found
+
+
+async def reconcile(
+    ledger: Ledger,
+    chains: dict[str, Any],
+    *,
+    pay_to: Iterable[str] = (),
+    assets: Iterable[tuple[str, str, str]] = (),
+    from_block: int = 0,
+    to_block: int | None = None,
+    write_ahead_networks: set[str] | None = None,
+    chunk: int = DEFAULT_CHUNK_BLOCKS,
+) -> Report:
+    """Compare ledger and chain. ``chains``: network → a ``Chain`` that is also a ``LogReader``.
+    ``assets``: extra (network, asset, pay_to) triples to watch (the catalog's), beyond the ledger's."""
+    report = Report()
+    wanted = {a.lower() for a in pay_to}
+    write_ahead = set(chains) if write_ahead_networks is None else write_ahead_networks
+
+    # 1. Resolve open rows: where this deployment's facilitator writes ahead, an open row without a
+    # transaction hash was never broadcast.
+    resolutions: list[Resolution] = await resolve_open_payments(ledger, dict(chains), write_ahead=write_ahead)
+    report.resolved = [asdict(r) for r in resolutions]
+
+    # 2. What to look at.
+    targets = await asyncio.to_thread(_ledger_targets, ledger, wanted)
+    targets |= {(n, a.lower(), p.lower()) for n, a, p in assets if not wanted or p.lower() in wanted}
+    by_token: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for network, asset, target in targets:
+        by_token[(network, asset)].add(target)
+    report.pay_to = sorted({t[2] for t in targets})
+    report.unchecked_networks = sorted({n for n, _ in by_token} - set(chains))
+
+    for (network, asset), pay_tos in sorted(by_token.items()):
+        chain = chains.get(network)
+        if chain is None:
+            continue
+        end = to_block if to_block is not None else await chain.block_number()
+        report.ranges[network] = {"from_block": from_block, "to_block": end}
+        transfers = await chain_transfers(chain, network, asset, pay_tos, from_block, end, chunk)
+        payments = [t for t in transfers if t.nonce is not None]
+        report.chain_payments += len(payments)
+        report.chain_other_transfers += len(transfers) - len(payments)
+        settled = await asyncio.to_thread(
+            _settled_in_range, ledger, network, asset, pay_tos, from_block, end, from_block == 0 and to_block is None
+        )
+        report.ledger_settled += len(settled)
+        on_chain: dict[tuple[str, str | None], ChainTransfer] = {(t.payer, t.nonce): t for t in payments}
+        for row in settled:
+            t = on_chain.get((row.payer.lower(), row.nonce.lower()))
+            if t is None:
+                report.missing_on_chain.append(_row_json(row))
+            elif t.amount != row.amount:
+                report.amount_mismatch.append({**_row_json(row), "chain": _transfer_json(t)})
+            else:
+                report.matched += 1
+        known = {(r.payer.lower(), r.nonce.lower()) for r in settled}
+        unknown = [(t.payer, t.nonce) for t in payments if t.nonce is not None and (t.payer, t.nonce) not in known]
+        rows = await asyncio.to_thread(_rows_by_authorization, ledger, network, unknown)
+        for key in unknown:
+            t = on_chain[key]
+            found = rows.get(key)
+            if found is None or found.asset.lower() != asset:
+                report.missing_in_ledger.append(_transfer_json(t))
+            elif found.state not in OPEN_STATES:
+                # Failed / voided while the chain moved the money; or settled with a block outside
+                # the range asked for (the ledger's block is wrong). Open rows are in still_open.
+                report.state_mismatch.append({**_row_json(found), "chain": _transfer_json(t)})
+    report.still_open = [_row_json(r) for r in await asyncio.to_thread(ledger.open_payments) if r.network in chains]
+    return report

@@ -1,0 +1,335 @@
+"""Batched settlement: many EIP-3009 payments in one transaction through ``contracts/BatchSettler.sol``.
+
+``BatchingFacilitator`` has the ``Facilitator`` shape. ``verify`` is the local facilitator's;
+``settle`` runs the same offline checks, then queues the payment and waits for its own outcome.
+A network's queue is sent as ONE ``BatchSettler.settle(token, auths)`` transaction when it holds
+``max_payments`` payments or its oldest payment has waited ``max_wait_ms``. The contract calls
+``transferWithAuthorization`` for each item under try/catch and emits ``Settled``/``Failed`` per
+index; each waiter's answer is read from the receipt (that event, plus the token's own
+``AuthorizationUsed`` and ``Transfer`` logs).
+
+The exactly-once rules are the single-payment ones: every item's write-ahead hook is called with
+the batch transaction hash before the broadcast (a hook that fails takes its item out of the batch,
+and the rest is re-signed), and a batch whose outcome is unknown (broadcast lost, receipt timeout)
+answers every item ``settlement_pending`` with that hash, for reconcile to resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_hash.auto import keccak
+from eth_utils import to_checksum_address
+
+from settlement.chain.client import BeforeSend, Chain, Receipt, selector
+from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.schemes.eip712 import split_signature
+from settlement.schemes.facilitator import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
+from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
+
+_AUTH_TUPLE = "(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+SEL_BATCH_SETTLE = selector(f"settle(address,{_AUTH_TUPLE}[])")
+TOPIC_SETTLED = keccak(b"Settled(uint256,address,bytes32)")
+TOPIC_FAILED = keccak(b"Failed(uint256,address,bytes32,bytes)")
+_ERROR_STRING = selector("Error(string)")
+
+# Gas limit of a batch: measured ≈ 30 k for the transaction and loop plus ≤ 70 k per item (a
+# first credit of a recipient is the dearest); unused gas is not charged.
+BATCH_BASE_GAS = 60_000
+BATCH_ITEM_GAS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    max_wait_ms: float = 20.0
+    max_payments: int = 50
+
+
+class BatchChain(Chain, Protocol):
+    async def send_call(
+        self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = ...
+    ) -> str: ...
+
+
+@dataclass(eq=False)
+class _Item:
+    checked: CheckedPayment
+    before_send: BeforeSend | None
+    future: asyncio.Future[SettleResponse]
+
+
+class _HooksFailed(Exception):
+    def __init__(self, failures: list[tuple[_Item, BaseException]]) -> None:
+        super().__init__(f"{len(failures)} write-ahead hooks failed")
+        self.failures = failures
+
+
+def encode_batch(token: str, items: list[CheckedPayment]) -> bytes:
+    auths = []
+    for item in items:
+        v, r, s = split_signature(item.signature)
+        a = item.auth
+        auths.append((a.from_, a.to, a.value, a.valid_after, a.valid_before, a.nonce, v, r, s))
+    return SEL_BATCH_SETTLE + abi_encode(["address", f"{_AUTH_TUPLE}[]"], [token, auths])
+
+
+def decode_revert(reason: bytes) -> str:
+    """The revert string inside ``Error(string)`` data, or "" for anything else."""
+    if reason[:4] == _ERROR_STRING:
+        try:
+            return str(abi_decode(["string"], reason[4:])[0])
+        except Exception:  # malformed revert data from a token: no reason to report
+            return ""
+    return ""
+
+
+def item_outcomes(receipt: Receipt, settler: str) -> dict[int, tuple[bool, bytes]]:
+    """index → (settled, revert data) from the batch contract's events in ``receipt``."""
+    outcomes: dict[int, tuple[bool, bytes]] = {}
+    for log in receipt.logs:
+        if log.address.lower() != settler.lower() or len(log.topics) < 2:
+            continue
+        index = int.from_bytes(log.topics[1], "big")
+        if log.topics[0] == TOPIC_SETTLED:
+            outcomes[index] = (True, b"")
+        elif log.topics[0] == TOPIC_FAILED:
+            try:
+                reason = bytes(abi_decode(["bytes"], log.data)[0])
+            except Exception:  # not our event layout: no reason
+                reason = b""
+            outcomes[index] = (False, reason)
+    return outcomes
+
+
+class _NetworkBatcher:
+    def __init__(
+        self, network: str, chain: BatchChain, settler: str, policy: BatchPolicy, local: LocalFacilitator,
+        receipt_timeout: float,
+    ) -> None:
+        self.network = network
+        self.chain = chain
+        self.settler = to_checksum_address(settler)
+        self.policy = policy
+        self.local = local
+        self.receipt_timeout = receipt_timeout
+        # One queue per token: a batch transaction names one token.
+        self._queues: dict[str, list[_Item]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, item: _Item) -> None:
+        token = item.checked.token
+        queue = self._queues.setdefault(token, [])
+        queue.append(item)
+        if len(queue) >= self.policy.max_payments:
+            self.flush(token)
+        elif len(queue) == 1:
+            loop = asyncio.get_running_loop()
+            self._timers[token] = loop.call_later(self.policy.max_wait_ms / 1000, self.flush, token)
+
+    def flush(self, token: str) -> None:
+        timer = self._timers.pop(token, None)
+        if timer is not None:
+            timer.cancel()
+        items = self._queues.pop(token, [])
+        if items:
+            task = asyncio.get_running_loop().create_task(self._settle(token, items))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        for token in list(self._queues):
+            self.flush(token)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _settle(self, token: str, items: list[_Item]) -> None:
+        try:
+            await self._send_and_resolve(token, items)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it, whatever it is
+            for item in items:
+                _reject(item, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _send_and_resolve(self, token: str, items: list[_Item]) -> None:
+        while items:
+            batch = list(items)
+
+            async def before_send(tx_hash: str) -> None:
+                hooks = [(item, item.before_send) for item in batch if item.before_send is not None]
+                results = await asyncio.gather(*(hook(tx_hash) for _, hook in hooks), return_exceptions=True)
+                failures = [(item, r) for (item, _), r in zip(hooks, results) if isinstance(r, BaseException)]
+                if failures:
+                    raise _HooksFailed(failures)
+
+            calldata = encode_batch(token, [item.checked for item in batch])
+            gas = BATCH_BASE_GAS + BATCH_ITEM_GAS * len(batch)
+            try:
+                tx_hash = await self.chain.send_call(self.settler, calldata, before_send, gas=gas)
+            except _HooksFailed as failed:
+                # Nothing was broadcast. Those items fail as a single settlement would; the others
+                # go again in a re-signed transaction (their rows get its hash).
+                for item, exc in failed.failures:
+                    _reject(item, exc)
+                    items.remove(item)
+                continue
+            except BroadcastUncertain as exc:
+                for item in batch:
+                    _resolve(item, self._pending(exc.tx_hash, item.checked))
+                return
+            except ChainUnavailable as exc:
+                rpc_message = getattr(exc, "rpc_message", None)
+                if rpc_message is None:
+                    raise
+                for item in batch:  # the node refused the transaction outright: nothing was broadcast
+                    _resolve(item, SettleResponse(
+                        success=False, error_reason=revert_reason_code(rpc_message),
+                        error_message="the chain refused the settlement transaction",
+                        payer=item.checked.payer, network=self.network,
+                    ))
+                return
+            try:
+                receipt = await self.chain.wait_for_receipt(tx_hash, self.receipt_timeout)
+            except ChainUnavailable:
+                receipt = None  # broadcast, then the node stopped answering: the outcome is unknown
+            if receipt is None:
+                for item in batch:
+                    _resolve(item, self._pending(tx_hash, item.checked))
+                return
+            await self._resolve_from_receipt(receipt, batch)
+            return
+
+    async def _resolve_from_receipt(self, receipt: Receipt, batch: list[_Item]) -> None:
+        if receipt.status != 1:
+            # The whole batch reverted (out of gas, wrong caller): nothing moved for anyone.
+            for item in batch:
+                _resolve(item, await self.local._outcome(self.chain, receipt, item.checked, self.network))
+            return
+        outcomes = item_outcomes(receipt, self.settler)
+        block = {"blockNumber": receipt.block_number}
+        for index, item in enumerate(batch):
+            c = item.checked
+            base: dict[str, Any] = {"payer": c.payer, "transaction": receipt.tx_hash, "network": self.network}
+            settled, reason = outcomes.get(index, (False, b""))
+            if settled:
+                if receipt.has_authorization_used(c.token, c.auth.from_, c.auth.nonce) and receipt.has_transfer(
+                    c.token, c.auth.from_, c.auth.to, c.auth.value
+                ):
+                    _resolve(item, SettleResponse(success=True, amount=str(c.auth.value), extra=block, **base))
+                else:
+                    _resolve(item, SettleResponse(
+                        success=False, error_reason="invalid_exact_evm_transfer_event_mismatch", extra=block, **base
+                    ))
+                continue
+            message = decode_revert(reason)
+            code = revert_reason_code(message) if message else "transaction_failed"
+            _resolve(item, SettleResponse(
+                success=False, error_reason=code, error_message="the transfer failed on chain; nothing was charged",
+                extra=block, **base,
+            ))
+
+    def _pending(self, tx_hash: str, checked: CheckedPayment) -> SettleResponse:
+        return SettleResponse(
+            success=False,
+            error_reason="settlement_pending",
+            error_message="the settlement transaction was broadcast but is not final yet",
+            payer=checked.payer,
+            transaction=tx_hash,
+            network=self.network,
+        )
+
+
+def _resolve(item: _Item, response: SettleResponse) -> None:
+    if not item.future.done():
+        item.future.set_result(response)
+
+
+def _reject(item: _Item, exc: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)
+
+
+@dataclass
+class BatchingFacilitator:
+    """Settles the networks in ``policies`` in batches; everything else as ``local`` does."""
+
+    local: LocalFacilitator
+    chains: dict[str, BatchChain]
+    settlers: dict[str, str]
+    policies: dict[str, BatchPolicy]
+    receipt_timeout: float = 30.0
+    _batchers: dict[str, _NetworkBatcher] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        for network, policy in self.policies.items():
+            self._batchers[network] = _NetworkBatcher(
+                network, self.chains[network], self.settlers[network], policy, self.local, self.receipt_timeout
+            )
+
+    @property
+    def networks(self) -> set[str]:
+        return set(self._batchers)
+
+    def supported(self) -> dict[str, Any]:
+        return self.local.supported()
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        return await self.local.verify(payload, requirements)
+
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
+        batcher = self._batchers.get(requirements.network)
+        if batcher is None:
+            return await self.local.settle(payload, requirements, before_send=before_send)
+        try:
+            checked = self.local.check_offline(payload, requirements)
+        except Rejected as rej:
+            return SettleResponse(
+                success=False, error_reason=rej.reason, error_message=rej.message, network=requirements.network
+            )
+        future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
+        batcher.submit(_Item(checked, before_send, future))
+        # Shielded: a request that goes away must not cancel its item out of a batch being sent.
+        return await asyncio.shield(future)
+
+    async def drain(self) -> None:
+        """Send whatever is queued now and wait for every batch in flight (shutdown)."""
+        for batcher in self._batchers.values():
+            await batcher.drain()
+
+
+def build_batching(
+    local: LocalFacilitator,
+    chains: dict[str, BatchChain],
+    policies: dict[str, BatchPolicy],
+    contracts: dict[str, str | None],
+    *,
+    deployment_file: Path | None = None,
+    receipt_timeout: float = 30.0,
+) -> BatchingFacilitator:
+    """A batching facilitator for ``policies``' networks; a network's BatchSettler address is its
+    ``contracts`` entry, or, on the local chain, the one the dev chain deployment recorded."""
+    from settlement.chain.deployment import LOCAL_NETWORK, Deployment, DevchainError
+
+    settlers: dict[str, str] = {}
+    for network in policies:
+        if network not in chains:
+            raise DevchainError(f"batched settlement on {network}, which is not settled locally", code="batch_network")
+        address = contracts.get(network)
+        if address is None and network == LOCAL_NETWORK and deployment_file is not None:
+            address = Deployment.read(deployment_file).batch_settler
+        if address is None:
+            raise DevchainError(
+                f"no BatchSettler contract for {network}: set its \"contract\" in X402GW_BATCH_SETTLEMENT "
+                "(or restart `x402gw devchain`, which deploys one)",
+                code="batch_settler_missing",
+            )
+        settlers[network] = address
+    return BatchingFacilitator(local, chains, settlers, policies, receipt_timeout=receipt_timeout)

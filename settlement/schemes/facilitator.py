@@ -1,0 +1,349 @@
+"""Facilitators: the ``Facilitator`` protocol and the local, in-process implementation.
+
+The local facilitator verifies EIP-3009 payments itself (EIP-712 digest + coincurve recovery,
+recipient, exact amount, time window, nonce unused and balance read from the chain) and settles
+them with ``transferWithAuthorization`` through ``settlement.chain.client``. Expected payment failures are
+values with the reference SDK's reason codes; broken infrastructure raises ``ChainUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+from settlement.chain.addresses import checksum_address
+from settlement.chain.client import BeforeSend, Chain, Receipt
+from settlement.x402.codec import parse_exact_evm
+from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
+from settlement.errors import BroadcastUncertain, ChainUnavailable, FacilitatorUnavailable, PaymentDecodeError
+from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
+
+# A client clock a little behind ours must not make a fresh authorization look expired, and an
+# authorization about to expire must not be broadcast: the reference facilitator keeps 6 s.
+VALID_BEFORE_MARGIN_SECONDS = 6
+# Accept validBefore up to maxTimeoutSeconds plus this much ahead: a far-future authorization is
+# a standing cheque we do not want to hold.
+VALID_BEFORE_SLACK_SECONDS = 600
+# Recovered signers remembered between a payment's verify and its settle (least recently used
+# dropped first). Only signatures that recovered to authorization.from are remembered.
+SIGNER_CACHE_SIZE = 4096
+# EIP-712 domain separators remembered per (network, asset, name, version), least recently used
+# dropped first; a domain is remembered only once a signature over it has checked out.
+DOMAIN_CACHE_SIZE = 1024
+# extra.name / extra.version are caller data: real tokens use a few characters ("USD Coin", "2").
+MAX_DOMAIN_FIELD_CHARS = 128
+
+
+class Facilitator(Protocol):
+    def supported(self) -> dict[str, Any]: ...
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse: ...
+
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
+        """``before_send`` is called with the transaction hash before it is broadcast, by
+        facilitators that know it (the local one); remote facilitators never call it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedPayment:
+    """A payload that passed the offline checks, in integers, with its recovered payer."""
+
+    payer: str
+    token: str
+    auth: TransferAuthorization
+    signature: bytes
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+async def _gather(used: Awaitable[bool], balance: Awaitable[int]) -> tuple[bool, int]:
+    """Both reads, concurrently; the first failure is raised once both have finished (no stray task)."""
+    results = await asyncio.gather(used, balance, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return bool(results[0]), int(results[1])  # type: ignore[arg-type]
+
+
+def _put_bounded(cache: OrderedDict[Any, Any], key: Any, value: Any, size: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+def _chain_id(network: str) -> int | None:
+    prefix, _, ident = network.partition(":")
+    if prefix != "eip155" or not (ident.isascii() and ident.isdigit()):
+        return None
+    return int(ident)
+
+
+class LocalFacilitator:
+    def __init__(
+        self,
+        chains: dict[str, Chain],
+        *,
+        receipt_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._chains = chains
+        self._receipt_timeout = receipt_timeout
+        self._clock = clock
+        # Both caches are keyed on caller data, so both are bounded and filled only after the
+        # signature recovered to authorization.from (THREATS.md: filled after authentication).
+        self._domains: OrderedDict[tuple[str, str, str, str], bytes] = OrderedDict()
+        self._signers: OrderedDict[tuple[bytes, TransferAuthorization, bytes], str] = OrderedDict()
+
+    def supported(self) -> dict[str, Any]:
+        kinds = [{"x402Version": 2, "scheme": "exact", "network": network} for network in self._chains]
+        signers: list[str] = []
+        for chain in self._chains.values():
+            address = getattr(chain, "settlement_address", None)
+            if address and address not in signers:
+                signers.append(address)
+        return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers}}
+
+    def chain_for(self, network: str) -> Chain | None:
+        return self._chains.get(network)
+
+    def _domain(self, key: tuple[str, str, str, str], chain_id: int) -> bytes:
+        """The domain separator, from the cache or computed; never stored here (see ``_remember``)."""
+        cached = self._domains.get(key)
+        if cached is not None:
+            self._domains.move_to_end(key)
+            return cached
+        _, asset, name, version = key
+        return domain_separator(name, version, chain_id, checksum_address(asset))
+
+    def _remember(self, domain_key: tuple[str, str, str, str], domain: bytes,
+                  signer_key: tuple[bytes, TransferAuthorization, bytes], signer: str) -> None:
+        """Called only after the signature checked out: both keys are then bounded, signed data."""
+        _put_bounded(self._domains, domain_key, domain, DOMAIN_CACHE_SIZE)
+        _put_bounded(self._signers, signer_key, signer, SIGNER_CACHE_SIZE)
+
+    def check_offline(self, payload: PaymentPayload, requirements: PaymentRequirements) -> CheckedPayment:
+        """Everything that needs no chain: scheme, network, domain, recipient, amount, window, signature."""
+        if payload.accepted.scheme != "exact" or requirements.scheme != "exact":
+            raise Rejected("unsupported_scheme", "only the exact scheme is supported")
+        if payload.accepted.network != requirements.network:
+            raise Rejected("network_mismatch", "payment network differs from the required network")
+        chain_id = _chain_id(requirements.network)
+        if chain_id is None or requirements.network not in self._chains:
+            raise Rejected("invalid_exact_evm_failed_to_get_network_config", f"network {requirements.network} is not served")
+        extra = requirements.extra or {}
+        name, version = extra.get("name"), extra.get("version")
+        if not isinstance(name, str) or not isinstance(version, str):
+            raise Rejected("missing_eip712_domain", "requirements lack extra.name / extra.version")
+        if len(name) > MAX_DOMAIN_FIELD_CHARS or len(version) > MAX_DOMAIN_FIELD_CHARS:
+            raise Rejected(
+                "invalid_eip712_domain",
+                f"extra.name and extra.version are limited to {MAX_DOMAIN_FIELD_CHARS} characters",
+            )
+        try:
+            exact: ExactEvmPayload = parse_exact_evm(payload)
+        except PaymentDecodeError as exc:
+            raise Rejected("invalid_payload", exc.message) from None
+        a = exact.authorization
+        if a.to.lower() != requirements.pay_to.lower():
+            raise Rejected("invalid_exact_evm_payload_recipient_mismatch", "authorization.to is not the payTo address")
+        # Nothing to collect, and a broadcast would only burn the settlement account's gas.
+        if int(requirements.amount) == 0 or int(a.value) == 0:
+            raise Rejected("invalid_exact_evm_payload_zero_amount", "a payment of 0 is not settled")
+        if a.from_.lower() == a.to.lower():
+            raise Rejected(
+                "invalid_exact_evm_payload_self_transfer", "authorization.from and authorization.to are the same address"
+            )
+        if int(a.value) != int(requirements.amount):
+            raise Rejected(
+                "invalid_exact_evm_payload_authorization_value_mismatch",
+                f"authorization.value must be exactly {requirements.amount}",
+            )
+        now = int(self._clock())
+        valid_after, valid_before = int(a.valid_after), int(a.valid_before)
+        if valid_before < now + VALID_BEFORE_MARGIN_SECONDS:
+            raise Rejected("invalid_exact_evm_payload_authorization_valid_before", "authorization has expired")
+        if valid_before > now + requirements.max_timeout_seconds + VALID_BEFORE_SLACK_SECONDS:
+            raise Rejected(
+                "invalid_exact_evm_payload_authorization_valid_before",
+                "authorization is valid for longer than maxTimeoutSeconds allows",
+            )
+        if valid_after > now:
+            raise Rejected("invalid_exact_evm_payload_authorization_valid_after", "authorization is not yet valid")
+        auth = TransferAuthorization(
+            from_=checksum_address(a.from_),
+            to=checksum_address(a.to),
+            value=int(a.value),
+            valid_after=valid_after,
+            valid_before=valid_before,
+            nonce=bytes.fromhex(a.nonce[2:]),
+        )
+        signature = bytes.fromhex(exact.signature[2:])
+        domain_key = (requirements.network, requirements.asset.lower(), name, version)
+        domain = self._domain(domain_key, chain_id)
+        # verify and settle check the same payload: the second time, the signer is remembered
+        # (the digest covers every field of the key, so a hit is the same signature on the same data).
+        key = (domain, auth, signature)
+        signer = self._signers.get(key)
+        if signer is not None:
+            self._signers.move_to_end(key)
+        else:
+            signer = recover_signer(authorization_digest(domain, auth), signature)
+            if signer is None or signer != auth.from_:
+                raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
+            self._remember(domain_key, domain, key, signer)
+        return CheckedPayment(payer=auth.from_, token=checksum_address(requirements.asset), auth=auth, signature=signature)
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        try:
+            checked = self.check_offline(payload, requirements)
+        except Rejected as rej:
+            return VerifyResponse(is_valid=False, invalid_reason=rej.reason, invalid_message=rej.message)
+        chain = self._chains[requirements.network]
+        # Two independent reads: one round trip's latency instead of two.
+        used, balance = await _gather(
+            chain.authorization_state(checked.token, checked.payer, checked.auth.nonce),
+            chain.balance_of(checked.token, checked.payer),
+        )
+        if used:
+            return VerifyResponse(
+                is_valid=False,
+                invalid_reason="invalid_exact_evm_nonce_already_used",
+                invalid_message="this authorization was already used or canceled on chain",
+                payer=checked.payer,
+            )
+        if balance < checked.auth.value:
+            return VerifyResponse(
+                is_valid=False,
+                invalid_reason="invalid_exact_evm_insufficient_balance",
+                invalid_message="payer balance is below the price",
+                payer=checked.payer,
+            )
+        return VerifyResponse(is_valid=True, payer=checked.payer)
+
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
+        network = requirements.network
+        try:
+            checked = self.check_offline(payload, requirements)
+        except Rejected as rej:
+            return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
+        chain = self._chains[network]
+        try:
+            tx_hash = await chain.send_transfer_with_authorization(
+                checked.token, checked.auth, checked.signature, before_send
+            )
+        except BroadcastUncertain as exc:
+            return self._pending(exc.tx_hash, checked, network)
+        except ChainUnavailable as exc:
+            rpc_message = getattr(exc, "rpc_message", None)
+            if rpc_message is None:
+                raise
+            # The node refused the transaction outright: nothing was broadcast.
+            return SettleResponse(
+                success=False,
+                error_reason=revert_reason_code(rpc_message),
+                error_message="the chain refused the settlement transaction",
+                payer=checked.payer,
+                network=network,
+            )
+        try:
+            receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
+        except ChainUnavailable:
+            receipt = None  # broadcast, then the node stopped answering: the outcome is unknown
+        if receipt is None:
+            return self._pending(tx_hash, checked, network)
+        return await self._outcome(chain, receipt, checked, network)
+
+    def _pending(self, tx_hash: str, checked: CheckedPayment, network: str) -> SettleResponse:
+        return SettleResponse(
+            success=False,
+            error_reason="settlement_pending",
+            error_message="the settlement transaction was broadcast but is not final yet",
+            payer=checked.payer,
+            transaction=tx_hash,
+            network=network,
+        )
+
+    async def _outcome(self, chain: Chain, receipt: Receipt, checked: CheckedPayment, network: str) -> SettleResponse:
+        base: dict[str, Any] = {"payer": checked.payer, "transaction": receipt.tx_hash, "network": network}
+        if receipt.status == 1:
+            if not receipt.has_transfer(checked.token, checked.auth.from_, checked.auth.to, checked.auth.value):
+                return SettleResponse(success=False, error_reason="invalid_exact_evm_transfer_event_mismatch", **base)
+            return SettleResponse(
+                success=True,
+                amount=str(checked.auth.value),
+                extra={"blockNumber": receipt.block_number},
+                **base,
+            )
+        # Reverted (certain: nothing moved). Say why, from the chain state the revert depended on.
+        reason = "transaction_failed"
+        try:
+            if await chain.authorization_state(checked.token, checked.payer, checked.auth.nonce):
+                reason = "invalid_exact_evm_nonce_already_used"
+            elif await chain.balance_of(checked.token, checked.payer) < checked.auth.value:
+                reason = "invalid_exact_evm_insufficient_balance"
+        except ChainUnavailable:
+            pass
+        return SettleResponse(success=False, error_reason=reason, extra={"blockNumber": receipt.block_number}, **base)
+
+
+_REVERT_CODES = (
+    ("authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
+    ("authorization is not yet valid", "invalid_exact_evm_payload_authorization_valid_after"),
+    ("authorization is used", "invalid_exact_evm_nonce_already_used"),
+    ("transfer amount exceeds balance", "invalid_exact_evm_insufficient_balance"),
+    ("invalid signature", "invalid_exact_evm_payload_signature"),
+)
+
+
+def revert_reason_code(message: str) -> str:
+    lowered = message.lower()
+    for needle, code in _REVERT_CODES:
+        if needle in lowered:
+            return code
+    return "transaction_failed"
+
+
+class FacilitatorRouter:
+    """Several facilitators behind one: each network goes to the one configured for it."""
+
+    def __init__(self, by_network: dict[str, Facilitator]) -> None:
+        self._by_network = by_network
+
+    def for_network(self, network: str) -> Facilitator | None:
+        return self._by_network.get(network)
+
+    def supported(self) -> dict[str, Any]:
+        kinds: list[dict[str, Any]] = []
+        for network, facilitator in self._by_network.items():
+            kinds.extend(k for k in facilitator.supported().get("kinds", []) if k.get("network") == network)
+        return {"kinds": kinds, "extensions": [], "signers": {}}
+
+    def _pick(self, requirements: PaymentRequirements) -> Facilitator:
+        facilitator = self._by_network.get(requirements.network)
+        if facilitator is None:
+            raise FacilitatorUnavailable(f"no facilitator serves {requirements.network}", code="network_not_served")
+        return facilitator
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        return await self._pick(requirements).verify(payload, requirements)
+
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
+        return await self._pick(requirements).settle(payload, requirements, before_send=before_send)

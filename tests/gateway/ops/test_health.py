@@ -1,0 +1,163 @@
+"""/healthz and /readyz: each dependency checked, bounded by a timeout, and the failing one named."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine
+
+from catalog import load_catalogs
+from gateway.app import create_app
+from gateway.ops.health import (
+    CheckFailed,
+    Readiness,
+    chain_check,
+    database_check,
+    remote_facilitator_check,
+    store_check,
+)
+from gateway.ops.serving import ThreadServer
+from gateway.settings import Settings
+from gateway.store import MemoryStore, RedisStore, StoreUnavailable
+from settlement.chain.client import Web3Chain
+from settlement.ledger.payments import Ledger
+from settlement.schemes.remote import RemoteFacilitator
+from tests.conftest import Devchain, GatewayFactory, demo_catalog
+from tests.support.facilitator_double import NETWORK, SUPPORTED, closed_port_url
+
+
+def run(readiness: Readiness) -> tuple[bool, dict[str, dict[str, str]]]:
+    return asyncio.run(readiness.run())
+
+
+async def ok() -> None:
+    return None
+
+
+async def hangs() -> None:
+    await asyncio.Event().wait()
+
+
+async def wrong() -> None:
+    raise CheckFailed("chain_id_mismatch")
+
+
+async def broken() -> None:
+    raise ConnectionRefusedError("secret internals")
+
+
+def test_all_checks_pass() -> None:
+    ready, report = run(Readiness({"database": ok, "store": ok}))
+    assert ready and report == {"database": {"status": "ok"}, "store": {"status": "ok"}}
+
+
+def test_each_failure_is_named_with_a_code_and_no_internals() -> None:
+    ready, report = run(Readiness({"database": ok, "store": broken, "chain": wrong, "facilitator": hangs}, timeout=0.05))
+    assert not ready
+    assert report == {
+        "database": {"status": "ok"},
+        "store": {"status": "fail", "error": "unreachable"},
+        "chain": {"status": "fail", "error": "chain_id_mismatch"},
+        "facilitator": {"status": "fail", "error": "timeout"},
+    }
+
+
+def test_database_check(tmp_path: Any) -> None:
+    assert run(Readiness({"db": database_check(create_engine(f"sqlite:///{tmp_path / 'x.sqlite3'}"))}))[0]
+    dead = create_engine(closed_port_url().replace("http", "postgresql+psycopg") + "/x")
+    assert run(Readiness({"db": database_check(dead)}))[1]["db"]["status"] == "fail"
+
+
+def test_store_check() -> None:
+    assert run(Readiness({"store": store_check(MemoryStore())}))[0]
+    dead = RedisStore(closed_port_url().replace("http", "redis") + "/0")
+    assert run(Readiness({"store": store_check(dead)}))[1] == {"store": {"status": "fail", "error": "unreachable"}}
+
+
+def test_chain_check(devchain: Devchain) -> None:
+    async def body() -> tuple[bool, dict[str, dict[str, str]]]:
+        good = Web3Chain(devchain.anvil.rpc_url, 31337, None)
+        other = Web3Chain(devchain.anvil.rpc_url, 8453, None)
+        dead = Web3Chain(closed_port_url(), 31337, None)
+        try:
+            return await Readiness({"good": chain_check(good), "other": chain_check(other),
+                                    "dead": chain_check(dead)}).run()
+        finally:
+            for chain in (good, other, dead):
+                await chain.close()
+
+    ready, report = asyncio.run(body())
+    assert not ready
+    assert report["good"] == {"status": "ok"}
+    assert report["other"] == {"status": "fail", "error": "chain_id_mismatch"}
+    assert report["dead"] == {"status": "fail", "error": "unreachable"}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "network", "expected"),
+    [
+        (200, SUPPORTED, NETWORK, {"status": "ok"}),
+        (200, SUPPORTED, "eip155:1", {"status": "fail", "error": "unsupported_network"}),
+        (502, {"error": "bad gateway"}, NETWORK, {"status": "fail", "error": "unreachable"}),
+    ],
+)
+def test_remote_facilitator_check(status: int, body: dict[str, Any], network: str, expected: dict[str, str]) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/supported"
+        return httpx.Response(status, json=body)
+
+    async def main() -> dict[str, dict[str, str]]:
+        remote = RemoteFacilitator("http://facilitator.test", transport=httpx.MockTransport(answer))
+        try:
+            return (await Readiness({"f": remote_facilitator_check(remote, network)}).run())[1]
+        finally:
+            await remote.close()
+
+    assert asyncio.run(main()) == {"f": expected}
+
+
+def test_gateway_is_live_and_ready(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway()
+    with gateway.client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {name: {"status": "ok"} for name in
+                   ("database", "store", "chain:eip155:31337", "facilitator:eip155:31337")},
+    }
+
+
+class SwitchableStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def ping(self) -> None:
+        if self.down:
+            raise StoreUnavailable()
+
+
+def test_gateway_not_ready_when_the_store_goes_away(tmp_path: Any, devchain: Devchain, upstream: str) -> None:
+    settings = Settings(
+        catalog=[demo_catalog(tmp_path, upstream)], deployment_file=devchain.deployment_file,
+        database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+    )
+    store = SwitchableStore()
+    ledger = Ledger(settings.database_url)
+    app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger, store=store)
+    try:
+        with ThreadServer(app) as server:
+            assert httpx.get(f"{server.url}/readyz").status_code == 200
+            store.down = True
+            answer = httpx.get(f"{server.url}/readyz")
+            assert httpx.get(f"{server.url}/healthz").status_code == 200  # alive, just not ready
+    finally:
+        ledger.close()
+    assert answer.status_code == 503
+    assert answer.json()["failing"] == ["store"]
+    assert answer.json()["checks"]["store"] == {"status": "fail", "error": "unreachable"}

@@ -1,0 +1,127 @@
+"""The ledger off the event loop: on SQLite, calls queued together share one transaction and one
+commit, each caller is answered only once its write is durable, and one call's error stays its own."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event, text
+
+from settlement.errors import LedgerError
+from settlement.ledger.payments import Ledger, PaymentState
+from tests.support.settlement_helpers import ledger_fields
+
+
+def count_commits(ledger: Ledger) -> list[int]:
+    commits: list[int] = []
+    event.listen(ledger.engine, "commit", lambda _conn: commits.append(1))
+    return commits
+
+
+def test_concurrent_writes_share_commits_and_are_durable_when_answered(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    ledger = Ledger(url)
+    commits = count_commits(ledger)
+    outside = create_engine(url)  # another connection: sees only what was committed
+
+    async def run() -> list[int]:
+        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(i)) for i in range(60)))
+        with outside.connect() as connection:  # answered means committed
+            assert connection.execute(text("select count(*) from payments")).scalar() == 60
+        await asyncio.gather(*(
+            ledger.run(ledger.begin_settlement, row.id, (200, [("content-type", "text/plain")], b"ok"), tx_hash="0x" + "a" * 64)
+            for row in rows
+        ))
+        with outside.connect() as connection:
+            states = connection.execute(text("select state, tx_hash from payments")).all()
+            assert {s for s, _ in states} == {PaymentState.SETTLING.value}
+            assert {h for _, h in states} == {"0x" + "a" * 64}
+            assert connection.execute(text("select count(*) from stored_responses")).scalar() == 60
+        return [row.id for row in rows]
+
+    try:
+        ids = asyncio.run(run())
+        assert len(set(ids)) == 60
+        assert 0 < len(commits) < 60  # two rounds of 60 writes: grouped, far fewer commits than calls
+    finally:
+        outside.dispose()
+        ledger.close()
+
+
+def test_an_error_stays_with_its_call(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+
+    async def run() -> list[Any]:
+        first = await ledger.run(ledger.record_verified, **ledger_fields(1))
+        duplicate_nonce = ledger_fields(2, nonce=first.nonce)
+        return await asyncio.gather(
+            ledger.run(ledger.mark_pending, first.id, error_reason="settlement_pending"),
+            ledger.run(ledger.mark_pending, 999_999, error_reason="settlement_pending"),  # no such row
+            ledger.run(ledger.record_verified, **duplicate_nonce),  # conflicts: answers the existing row
+            ledger.run(ledger.record_verified, **ledger_fields(3)),
+            return_exceptions=True,
+        )
+
+    try:
+        updated, missing, existing, fresh = asyncio.run(run())
+        assert updated is None
+        assert isinstance(missing, LedgerError) and missing.code == "ledger_row_missing"
+        assert existing.request_id == "req-1"  # the same authorization's row, not a second one
+        assert fresh.request_id == "req-3"
+        rows = {row.request_id: row for row in ledger.all()}
+        assert set(rows) == {"req-1", "req-3"}
+        assert rows["req-1"].error_reason == "settlement_pending"  # its neighbours' errors undid nothing
+    finally:
+        ledger.close()
+
+
+def test_a_failed_commit_fails_every_call_in_it(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+
+    def refuse(_conn: Any) -> None:
+        raise RuntimeError("disk full")
+
+    async def run() -> list[Any]:
+        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(i)) for i in range(2)))
+        event.listen(ledger.engine, "commit", refuse)
+        try:
+            return await asyncio.gather(
+                *(ledger.run(ledger.fail, row.id, "settlement_unavailable") for row in rows for _ in range(5)),
+                return_exceptions=True,
+            )
+        finally:
+            event.remove(ledger.engine, "commit", refuse)
+
+    try:
+        results = asyncio.run(run())
+        assert results and all(isinstance(r, (LedgerError, RuntimeError)) for r in results)
+        assert {row.state for row in ledger.all()} == {PaymentState.VERIFIED.value}  # nothing half-written
+    finally:
+        ledger.close()
+
+
+def test_postgresql_takes_concurrent_calls_on_a_pool(postgres_url: str) -> None:
+    ledger = Ledger(postgres_url)
+
+    async def run() -> list[Any]:
+        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(10_000 + i)) for i in range(40)))
+        await asyncio.gather(*(ledger.run(ledger.begin_settlement, row.id, None) for row in rows))
+        await asyncio.gather(*(ledger.run(ledger.mark_settled, row.id) for row in rows))
+        return [await ledger.run(ledger.get, row.id) for row in rows]
+
+    try:
+        rows = asyncio.run(run())
+        assert [row.state for row in rows] == [PaymentState.SETTLED.value] * 40
+    finally:
+        ledger.close()
+
+
+def test_a_closed_ledger_refuses_new_calls(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger.close()
+    with pytest.raises(LedgerError) as refused:
+        asyncio.run(ledger.run(ledger.all))
+    assert refused.value.code == "ledger_closed"
