@@ -1,11 +1,14 @@
 """The dashboard in a real headless Chromium: the page renders offline and the revenue chart is drawn.
 
-Needs Debian's ``chromium`` (/usr/bin/chromium); CI installs it. Without it this test fails: a
-dashboard nobody has seen render is not tested.
+Needs Debian's ``chromium`` (/usr/bin/chromium), which a test cannot install without root. On a
+laptop without it the test is skipped and the skip names the install command; under CI (``CI``
+set, as `.ci/run` runs) a missing browser is a failure: a dashboard nobody has seen render is not
+tested.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -29,7 +32,10 @@ CHROMIUM_FLAGS = [
 def chromium() -> str:
     found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
     if found is None:
-        pytest.fail("chromium is not installed: apt-get install -y chromium (CI's .ci/run does this)")
+        reason = "chromium is not installed: sudo apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     return found
 
 
