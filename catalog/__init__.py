@@ -5,9 +5,18 @@ A leaf package: it imports nothing else of x402gw and does no I/O beyond reading
 
 from catalog.errors import CatalogError, CatalogIssue
 from catalog.loader import load_catalog, load_catalogs, parse_catalog
-from catalog.models import Catalog, Catalogs, HttpMethod, PaymentTerms, SettleMode, Tool, Upstream
+from catalog.models import (
+    Catalog,
+    Catalogs,
+    HttpMethod,
+    PaymentTerms,
+    SettleMode,
+    Tool,
+    Upstream,
+)
 from catalog.pricing import format_amount, to_atomic
-from catalog.routing import RouteMatch, Router, parse_template, route_shape
+from catalog.routing import RouteMatch, Router
+from catalog.templates import parse_template, route_shape
 
 __all__ = [
     "Catalog",

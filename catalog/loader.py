@@ -1,400 +1,70 @@
 """Read catalog YAML files into resolved, validated ``Catalog`` objects.
 
-The data is built straight from libyaml's events; the YAML node tree, which knows each field's
-line, is composed only when there is something to report (or when the text uses what the fast
-path leaves to PyYAML: tags, merge keys, a key written twice...), so a clean 10,000-tool catalog
-loads in a fraction of a second. YAML floats become ``Decimal`` of their source text so
-``price: 0.002`` stays exact. Every problem found becomes a ``CatalogIssue`` naming its line; a
-load either returns a catalog or raises one ``CatalogError`` listing them all.
+``catalog.source`` reads a file (YAML, line map, issues); this module validates it against the
+file shapes (``catalog.documents``), resolves each tool against its catalog (upstream, effective
+payment terms, settle mode) and checks what spans tools: names and routes unique, within a file
+and across files. A load either returns a catalog or raises one ``CatalogError`` listing every
+issue.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import gc
 import math
 import os
 from collections.abc import Callable, Iterable
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-import yaml
 from pydantic import ValidationError
 
 from catalog.bridge import bridge_problems
+from catalog.documents import CatalogDoc, PaymentDoc, ToolDoc
 from catalog.errors import CatalogError, CatalogIssue
+from catalog.fields import SHARED_SCHEMAS
 from catalog.models import (
-    _SHARED_SCHEMAS,
-    KNOWN_KEYS,
     SETTLE_MARGIN_SECONDS,
     Catalog,
     Catalogs,
     PaymentTerms,
+    SettleMode,
     Tool,
     Upstream,
-    _CatalogDoc,
-    _consistency_problems,
-    _PaymentDoc,
-    _ToolDoc,
+    consistency_problems,
     default_settle,
     max_call_seconds,
 )
-from catalog.routing import route_shape
+from catalog.source import Source
+from catalog.templates import route_shape
 
 __all__ = ["load_catalog", "load_catalogs", "parse_catalog", "price_ceiling_issues"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-_MAX_NODES = 200_000  # a guard against alias bombs: aliased nodes walked again for the line map
+_RouteShape = tuple[str, tuple[str | None, ...]]
 
 
-# libyaml's parser when the platform has it (tens of times faster on large catalogs).
-_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
-    """SafeLoader whose floats are ``Decimal`` of the source text: money never passes a float."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._plain_tags: dict[str, str] = {}
-
-    def resolve(self, kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
-        # The composer asks the tag of every node, and matching a plain scalar against the implicit
-        # resolvers' regexes is most of the parse; a catalog repeats the same plain scalars.
-        if kind is yaml.ScalarNode and implicit[0]:
-            tag = self._plain_tags.get(value)
-            if tag is None:
-                tag = self._plain_tags[value] = super().resolve(kind, value, implicit)
-            return tag
-        resolved: str = super().resolve(kind, value, implicit)
-        return resolved
-
-    def construct_yaml_float(self, node: yaml.Node) -> Decimal:  # type: ignore[override]
-        text = str(self.construct_scalar(node)).replace("_", "").lower()  # type: ignore[arg-type]
-        special = {".inf": "Infinity", "+.inf": "Infinity", "-.inf": "-Infinity", ".nan": "NaN"}
-        if text in special:
-            return Decimal(special[text])
-        try:
-            return Decimal(text)
-        except InvalidOperation:  # sexagesimal (1:30.5) and other YAML 1.1 oddities
-            return Decimal(repr(super().construct_yaml_float(node)))
-
-
-_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
-
-_STR, _NULL, _BOOL, _INT, _FLOAT, _MAP, _SEQ = (
-    f"tag:yaml.org,2002:{name}" for name in ("str", "null", "bool", "int", "float", "map", "seq")
-)
-
-
-class _NeedsFullConstructor(Exception):
-    """The text uses what ``_construct_plain`` leaves to PyYAML's composer and constructor: explicit
-    tags, merge keys, recursive aliases, a key written twice, a syntax error. The full path (node
-    tree, line map, ``construct_document``) handles it, and reports what is to be reported."""
-
-
-_NO_KEY = object()  # a mapping's next event is a key
-
-
-def _construct_plain(text: str) -> Any:
-    """The data of a document of plain maps, sequences and scalars, built from the parser's events:
-    what composing the node tree and ``construct_document`` give, in half the time (no node tree,
-    no resolver calls per node). Anything else raises ``_NeedsFullConstructor``."""
-    loader = _Loader(text)
-    try:
-        return _build_from_events(loader)
-    except (yaml.YAMLError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise _NeedsFullConstructor(type(exc).__name__) from None
-    finally:
-        loader.dispose()
-
-
-def _build_from_events(loader: _Loader) -> Any:
-    get, bools, plain_tags = loader.get_event, loader.bool_values, loader._plain_tags
-    scalar_event, mapping_start, sequence_start = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
-    mapping_end, sequence_end, alias_event = yaml.MappingEndEvent, yaml.SequenceEndEvent, yaml.AliasEvent
-    anchors: dict[str, Any] = {}
-    get()  # stream start
-    if type(get()) is yaml.StreamEndEvent:
-        return None  # no document
-    # The open collections, innermost last: (collection, its pending key, keys seen, anchor).
-    stack: list[tuple[Any, Any, set[str] | None, str | None]] = []
-    collection: Any = None
-    key: Any = _NO_KEY
-    seen: set[str] | None = None  # the raw keys of the innermost mapping (None: a sequence)
-    anchor: str | None = None
-    root: Any = None
-    while True:
-        event = get()
-        kind = type(event)
-        value: Any
-        if kind is scalar_event:
-            text, tag = event.value, event.tag
-            if tag is None or tag == "!":
-                if event.implicit[0]:
-                    tag = plain_tags.get(text) or loader.resolve(yaml.ScalarNode, text, event.implicit)
-                else:
-                    tag = _STR
-            if tag == _STR:
-                value = text
-            elif tag == _NULL:
-                value = None
-            elif tag == _BOOL:
-                value = bools[text.lower()]
-            elif tag == _INT:
-                value = loader.construct_yaml_int(yaml.ScalarNode(tag, text))
-            elif tag == _FLOAT:
-                value = loader.construct_yaml_float(yaml.ScalarNode(tag, text))
-            else:
-                raise _NeedsFullConstructor(tag)
-            if event.anchor is not None:
-                if event.anchor in anchors:
-                    raise _NeedsFullConstructor("duplicate anchor")
-                anchors[event.anchor] = value
-        elif kind is mapping_start or kind is sequence_start:
-            if event.tag is not None and event.tag != (_MAP if kind is mapping_start else _SEQ):
-                raise _NeedsFullConstructor(event.tag)
-            if collection is not None and seen is not None and key is _NO_KEY:
-                raise _NeedsFullConstructor("complex key")
-            stack.append((collection, key, seen, anchor))
-            if kind is mapping_start:
-                collection, seen = {}, set()
-            else:
-                collection, seen = [], None
-            key, anchor = _NO_KEY, event.anchor
-            continue
-        elif kind is mapping_end or kind is sequence_end:
-            value = collection
-            # A repeated key is reported (duplicate_key) by the full path, which knows its line;
-            # so is a pair of keys written differently that are equal (1 and 0x1).
-            if seen is not None and len(value) != len(seen):
-                raise _NeedsFullConstructor("repeated key")
-            if anchor is not None:
-                if anchor in anchors:
-                    raise _NeedsFullConstructor("duplicate anchor")
-                anchors[anchor] = value
-            collection, key, seen, anchor = stack.pop()
-        elif kind is alias_event:
-            if event.anchor not in anchors:  # undefined, or an alias inside its own anchor
-                raise _NeedsFullConstructor("alias")
-            value = anchors[event.anchor]
-        elif kind is yaml.DocumentEndEvent:
-            if type(get()) is not yaml.StreamEndEvent:
-                raise _NeedsFullConstructor("several documents")
-            return root
-        else:
-            raise _NeedsFullConstructor(kind.__name__)
-        if seen is None:
-            if collection is None:
-                root = value
-            else:
-                collection.append(value)
-        elif key is _NO_KEY:
-            if kind is not scalar_event or event.value in seen:
-                raise _NeedsFullConstructor("complex or repeated key")
-            seen.add(event.value)
-            key = value
-        else:
-            collection[key] = value
-            key = _NO_KEY
-
-
-def _join(path: str, part: str | int) -> str:
-    if isinstance(part, int):
-        return f"{path}[{part}]"
-    return f"{path}.{part}" if path else str(part)
-
-
-class _Source:
-    """One file's text, data and field-path → line map.
-
-    The line map costs as much as the parse itself, and is needed only when there is something to
-    report: a clean document is built without it, and the map is made from the text on first use.
-    """
-
-    def __init__(self, name: str, text: str | None = None) -> None:
-        self.name = name
-        self.text = text
-        self._lines: dict[str, int] | None = None
-        self.issues: list[CatalogIssue] = []
-
-    def issue(self, path: str, code: str, message: str, line: int | None = None) -> None:
-        self.issues.append(CatalogIssue(self.name, path, line if line is not None else self.line(path), message, code))
-
-    @property
-    def lines(self) -> dict[str, int]:
-        if self._lines is None:
-            self._lines = {"": 1}
-            if self.text is not None:
-                loader = _Loader(self.text)
-                try:
-                    node = loader.get_single_node()
-                    if node is not None:
-                        self._walk(node, "", set(), set(), [0], report=False)
-                except yaml.YAMLError:
-                    pass  # a text that does not parse: every issue is at line 1
-                finally:
-                    loader.dispose()
-        return self._lines
-
-    def line(self, path: str) -> int | None:
-        # The nearest known ancestor: a missing key is reported at its parent's line.
-        lines = self.lines
-        while path not in lines:
-            cut = max(path.rfind("."), path.rfind("["))
-            if cut <= 0:
-                return lines[""]
-            path = path[:cut]
-        return lines[path]
-
-    def parse(self, text: str) -> Any:
-        self.text, self._lines = text, None
-        try:
-            return _construct_plain(text)
-        except _NeedsFullConstructor:
-            pass
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            self._lines = {"": 1}
-            self._walk(node, "", set(), set(), [0], report=True)
-            return loader.construct_document(node)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            message = ", ".join(filter(None, [exc.context, exc.problem])) or "invalid YAML"
-            self.issue("", "yaml_syntax", f"YAML syntax error: {message}", mark.line + 1 if mark else None)
-        except yaml.YAMLError as exc:
-            self.issue("", "yaml_syntax", f"YAML syntax error: {exc}")
-        finally:
-            loader.dispose()
-        return None
-
-    def _walk(
-        self, node: yaml.Node, path: str, stack: set[int], seen: set[int], revisits: list[int], *, report: bool
-    ) -> None:
-        # An alias is walked again under its own path (its fields get lines there too); the walk
-        # is bounded by the number of such re-visits, not by the size of the file.
-        if id(node) in stack:
-            return
-        if id(node) in seen:
-            revisits[0] += 1
-            if revisits[0] > _MAX_NODES:
-                return
-        seen.add(id(node))
-        stack.add(id(node))
-        lines = self._lines
-        assert lines is not None
-        if isinstance(node, yaml.MappingNode):
-            keys: set[str] = set()
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                child = _join(path, key_node.value)
-                if key_node.value in keys and report:
-                    self.issue(child, "duplicate_key", f"key {key_node.value!r} appears twice", key_node.start_mark.line + 1)
-                keys.add(key_node.value)
-                lines.setdefault(child, key_node.start_mark.line + 1)
-                self._walk(value_node, child, stack, seen, revisits, report=report)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                child = _join(path, index)
-                lines.setdefault(child, item.start_mark.line + 1)
-                self._walk(item, child, stack, seen, revisits, report=report)
-        stack.discard(id(node))
-
-    def add_validation_errors(self, exc: ValidationError, prefix: str = "") -> None:
-        for error in exc.errors(include_url=False):
-            path = prefix
-            for part in error["loc"]:
-                if part != "[key]":
-                    path = _join(path, part)
-            last = str(error["loc"][-1]) if error["loc"] else ""
-            kind = error["type"]
-            if kind == "extra_forbidden":
-                code, message = "unknown_key", f"unknown key {last!r}"
-                close = difflib.get_close_matches(last, KNOWN_KEYS, n=1)
-                if close:
-                    message += f" (did you mean {close[0]!r}?)"
-            elif kind == "missing":
-                code, message = "missing_key", f"required key {last!r} is missing"
-            elif kind in ("model_type", "model_attributes_type", "dict_type"):
-                code, message = "invalid_value", f"expected a mapping, got {type(error['input']).__name__}"
-            elif "detail" in (error.get("ctx") or {}):  # raised by our validators with a stable code
-                code, message = kind, str(error["ctx"]["detail"])
-            else:
-                code, message = "invalid_value", error["msg"]
-            self.issue(path, code, message)
-
-
-def _resolve(doc: _CatalogDoc, src: _Source) -> Catalog | None:
+def _resolve(doc: CatalogDoc, src: Source) -> Catalog | None:
     upstreams = {name: Upstream(name=name, **u.model_dump()) for name, u in doc.upstreams.items()}
     shared_terms: dict[tuple[tuple[str, Any], ...], PaymentTerms] = {}
     tools: list[Tool] = []
     names: dict[str, int] = {}
-    routes: dict[tuple[str, tuple[str | None, ...]], int] = {}
+    routes: dict[_RouteShape, int] = {}
     for index, spec in enumerate(doc.tools):
         at = f"tools[{index}]"
         before = len(src.issues)
-        if spec.name in names:
-            src.issue(f"{at}.name", "duplicate_tool", f"tool name {spec.name!r} is already used by tools[{names[spec.name]}]")
-        names.setdefault(spec.name, index)
-        shape = route_shape(spec.method, spec.path)
-        if shape in routes:
-            other = doc.tools[routes[shape]]
-            src.issue(
-                f"{at}.path", "duplicate_route",
-                f"route {spec.method} {spec.path} collides with tools[{routes[shape]}] ({other.name}: {other.method} {other.path})",
-            )
-        routes.setdefault(shape, index)
-
+        _check_unique(doc, index, names, routes, src)
         upstream = _pick_upstream(spec, upstreams, at, src)
         payment = _payment_terms(doc.payment, spec.payment, shared_terms)
         upstream_path = spec.upstream_path or spec.path
-        for field, code, message in _consistency_problems(
-            path=spec.path, upstream_path=upstream_path, price=spec.price,
-            decimals=payment.decimals, input_schema=spec.input_schema,
-        ):
-            src.issue(f"{at}.{field}", code, message)
-        for field, code, message in bridge_problems(
-            kind=spec.kind, method=spec.method,
-            input_schema=spec.input_schema, request=spec.request, soap=spec.soap,
-        ):
-            src.issue(f"{at}.{field}", code, message)
-        ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
-        for ceiling, where in ceilings:
-            if spec.price > ceiling:
-                src.issue(f"{at}.price", "price_above_max", f"price {spec.price:f} is above {where} {ceiling:f}")
         settle = spec.settle or default_settle(spec.method, spec.side_effects)
-        if upstream is not None and settle == "after":
-            window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS
-            if payment.max_timeout_seconds < window:
-                src.issue(
-                    f"{at}.settle", "payment_window_too_short",
-                    f"settle: after needs max_timeout_seconds >= {window} (the upstream's worst case "
-                    f"{max_call_seconds(upstream):g}s + {SETTLE_MARGIN_SECONDS}s to settle), got "
-                    f"{payment.max_timeout_seconds}; raise it, or settle: upfront",
-                )
+        _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
         if len(src.issues) > before or upstream is None:
             continue
-        # Not validated again: every field comes from ``_ToolDoc`` (the same annotated types, already
-        # checked), the resolved upstream and terms are validated models, and ``Tool``'s cross-field
-        # check is the ``_consistency_problems`` just run. Validating all that again cost more than the
-        # rest of this loop.
-        tools.append(Tool.model_construct(
-            owner=doc.owner, name=spec.name, description=spec.description, method=spec.method,
-            path=spec.path, upstream=upstream, upstream_path=upstream_path, price=spec.price,
-            settle=settle, side_effects=spec.side_effects, payment=payment, input_schema=spec.input_schema,
-            output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
-            rate_limits=spec.rate_limits,
-            kind=spec.kind, request=spec.request, soap=spec.soap.anchored(src.name) if spec.soap else None,
-            retry=spec.retry, failure_when=spec.failure_when,
-        ))
+        tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name))
     if src.issues:
         return None
     return Catalog(
@@ -404,8 +74,76 @@ def _resolve(doc: _CatalogDoc, src: _Source) -> Catalog | None:
     )
 
 
+def _check_unique(
+    doc: CatalogDoc, index: int, names: dict[str, int], routes: dict[_RouteShape, int], src: Source
+) -> None:
+    """Within one file, a tool's name and its route (method and path shape) are its own."""
+    spec, at = doc.tools[index], f"tools[{index}]"
+    if spec.name in names:
+        src.issue(f"{at}.name", "duplicate_tool", f"tool name {spec.name!r} is already used by tools[{names[spec.name]}]")
+    names.setdefault(spec.name, index)
+    shape = route_shape(spec.method, spec.path)
+    if shape in routes:
+        other = doc.tools[routes[shape]]
+        src.issue(
+            f"{at}.path", "duplicate_route",
+            f"route {spec.method} {spec.path} collides with tools[{routes[shape]}] ({other.name}: {other.method} {other.path})",
+        )
+    routes.setdefault(shape, index)
+
+
+def _check_tool(
+    doc: CatalogDoc, spec: ToolDoc, at: str, upstream: Upstream | None, payment: PaymentTerms,
+    upstream_path: str, settle: SettleMode, src: Source,
+) -> None:
+    """A tool's checks against its resolved terms: the model's cross-field checks, the bridge's,
+    the price ceilings, and a settle-after payment window long enough for the upstream."""
+    for field, code, message in consistency_problems(
+        path=spec.path, upstream_path=upstream_path, price=spec.price,
+        decimals=payment.decimals, input_schema=spec.input_schema,
+    ):
+        src.issue(f"{at}.{field}", code, message)
+    for field, code, message in bridge_problems(
+        kind=spec.kind, method=spec.method,
+        input_schema=spec.input_schema, request=spec.request, soap=spec.soap,
+    ):
+        src.issue(f"{at}.{field}", code, message)
+    ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
+    for ceiling, where in ceilings:
+        if spec.price > ceiling:
+            src.issue(f"{at}.price", "price_above_max", f"price {spec.price:f} is above {where} {ceiling:f}")
+    if upstream is not None and settle == "after":
+        window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS
+        if payment.max_timeout_seconds < window:
+            src.issue(
+                f"{at}.settle", "payment_window_too_short",
+                f"settle: after needs max_timeout_seconds >= {window} (the upstream's worst case "
+                f"{max_call_seconds(upstream):g}s + {SETTLE_MARGIN_SECONDS}s to settle), got "
+                f"{payment.max_timeout_seconds}; raise it, or settle: upfront",
+            )
+
+
+def _tool(
+    doc: CatalogDoc, spec: ToolDoc, upstream: Upstream, payment: PaymentTerms,
+    upstream_path: str, settle: SettleMode, source: str,
+) -> Tool:
+    # Not validated again: every field comes from ``ToolDoc`` (the same annotated types, already
+    # checked), the resolved upstream and terms are validated models, and ``Tool``'s cross-field
+    # check is the ``consistency_problems`` just run. Validating all that again cost more than the
+    # rest of the resolve loop.
+    return Tool.model_construct(
+        owner=doc.owner, name=spec.name, description=spec.description, method=spec.method,
+        path=spec.path, upstream=upstream, upstream_path=upstream_path, price=spec.price,
+        settle=settle, side_effects=spec.side_effects, payment=payment, input_schema=spec.input_schema,
+        output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
+        rate_limits=spec.rate_limits,
+        kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
+        retry=spec.retry, failure_when=spec.failure_when,
+    )
+
+
 def _payment_terms(
-    defaults: PaymentTerms, own: _PaymentDoc | None, shared: dict[tuple[tuple[str, Any], ...], PaymentTerms]
+    defaults: PaymentTerms, own: PaymentDoc | None, shared: dict[tuple[tuple[str, Any], ...], PaymentTerms]
 ) -> PaymentTerms:
     """A tool's effective terms: the catalog's, with its own block on top. Tools with the same block
     share one object (most have none and share the catalog's)."""
@@ -420,7 +158,7 @@ def _payment_terms(
     return terms
 
 
-def _pick_upstream(spec: _ToolDoc, upstreams: dict[str, Upstream], at: str, src: _Source) -> Upstream | None:
+def _pick_upstream(spec: ToolDoc, upstreams: dict[str, Upstream], at: str, src: Source) -> Upstream | None:
     if spec.upstream is None:
         if len(upstreams) == 1:
             return next(iter(upstreams.values()))
@@ -434,8 +172,8 @@ def _pick_upstream(spec: _ToolDoc, upstreams: dict[str, Upstream], at: str, src:
     return upstreams[spec.upstream]
 
 
-def _parse(text: str, source_name: str) -> tuple[Catalog | None, _Source]:
-    src = _Source(source_name)
+def _parse(text: str, source_name: str) -> tuple[Catalog | None, Source]:
+    src = Source(source_name)
     data = src.parse(text)
     if src.issues:
         return None, src
@@ -443,30 +181,30 @@ def _parse(text: str, source_name: str) -> tuple[Catalog | None, _Source]:
         src.issue("", "empty_catalog", "the file is empty")
         return None, src
     try:
-        doc = _CatalogDoc.model_validate(data, context={_SHARED_SCHEMAS: {}})
+        doc = CatalogDoc.model_validate(data, context={SHARED_SCHEMAS: {}})
     except ValidationError as exc:
         src.add_validation_errors(exc)
         return None, src
     return _resolve(doc, src), src
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[Catalog | None, _Source]:
+def _read(path: str | os.PathLike[str]) -> tuple[Catalog | None, Source]:
     name = os.fspath(path)
     try:
         text = Path(name).read_text(encoding="utf-8")
     except FileNotFoundError:
-        src = _Source(name)
+        src = Source(name)
         src.issue("", "file_not_found", "no such file")
         return None, src
     except (OSError, UnicodeDecodeError) as exc:
-        src = _Source(name)
+        src = Source(name)
         reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or type(exc).__name__)
         src.issue("", "file_unreadable", f"cannot read the file: {reason}", line=None)
         return None, src
     return _parse(text, name)
 
 
-def _fixed_lines(src: _Source) -> list[CatalogIssue]:
+def _fixed_lines(src: Source) -> list[CatalogIssue]:
     return sorted(src.issues, key=lambda i: (i.line or 0))
 
 
@@ -511,7 +249,7 @@ def load_catalogs(paths: Iterable[str | os.PathLike[str]]) -> Catalogs:
     issues: list[CatalogIssue] = []
     loaded: list[Catalog] = []
     names: dict[str, str] = {}
-    routes: dict[tuple[str, tuple[str | None, ...]], tuple[str, str]] = {}
+    routes: dict[_RouteShape, tuple[str, str]] = {}
     files = list(paths)
     for path in files:
         catalog, src = _read(path)
@@ -543,15 +281,15 @@ def price_ceiling_issues(catalogs: Catalogs, ceiling: Decimal, setting: str = "X
     """Tools priced above a gateway-wide ceiling, as issues pointing at the price's line."""
     issues: list[CatalogIssue] = []
     for catalog in catalogs.catalogs:
-        src: _Source | None = None
+        src: Source | None = None
         for index, tool in enumerate(catalog.tools):
             if tool.price <= ceiling:
                 continue
             if src is None:
                 try:
-                    src = _Source(catalog.source, Path(catalog.source).read_text(encoding="utf-8"))
+                    src = Source(catalog.source, Path(catalog.source).read_text(encoding="utf-8"))
                 except (OSError, UnicodeDecodeError):
-                    src = _Source(catalog.source)  # no line numbers: the issue still names the tool
+                    src = Source(catalog.source)  # no line numbers: the issue still names the tool
             at = f"tools[{index}].price"
             issues.append(CatalogIssue(
                 catalog.source, at, src.line(at), f"price {tool.price:f} of {tool.name} is above {setting} {ceiling:f}",

@@ -1,49 +1,65 @@
-"""Typed catalog models.
+"""The resolved catalog: the view the gateway uses.
 
-Two layers: the private ``_*Doc`` models mirror the YAML file exactly (every key optional where
-the file may omit it), and the public ``Catalog`` / ``Tool`` / ``PaymentTerms`` / ``Upstream``
-are the *resolved* view the gateway uses: every tool carries its effective payment terms, its
-upstream object and its exact price. All are frozen, and unknown keys are errors.
+Every tool carries its effective payment terms, its upstream object and its exact price. All
+models are frozen, and unknown keys are errors. What an owner writes is ``catalog.documents``;
+the field types and their checks are ``catalog.fields``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import json
+from decimal import Decimal
+from typing import Any
 
-import re
-from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from pydantic import Field, ModelWrapValidatorHandler, PrivateAttr, model_validator
 
-from eth_utils import to_checksum_address
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ModelWrapValidatorHandler,
-    PrivateAttr,
-    ValidationInfo,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-    model_validator,
+from catalog.bridge import (
+    Auth,
+    BridgeKind,
+    FailureRule,
+    RestRequest,
+    RetryPolicy,
+    SoapOperation,
 )
-from pydantic_core import PydanticCustomError
-
-from catalog.bridge import Auth, BridgeKind, FailureRule, RestRequest, RetryPolicy, SoapOperation
+from catalog.fields import (
+    Address,
+    BaseUrl,
+    Decimals,
+    FrozenModel,
+    HttpMethod,
+    Method,
+    Network,
+    OwnerId,
+    Price,
+    PublicPath,
+    SettleMode,
+    Text,
+    TimeoutSeconds,
+    ToolName,
+    UpstreamName,
+    UpstreamPath,
+    UpstreamTimeout,
+    VersionText,
+)
 from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.pricing import to_atomic
-from catalog.routing import parse_template
+from catalog.templates import parse_template
 
-__all__ = ["Catalog", "Catalogs", "HttpMethod", "PaymentTerms", "SettleMode", "Tool", "Upstream"]
+__all__ = [
+    "SETTLE_MARGIN_SECONDS",
+    "Catalog",
+    "Catalogs",
+    "HttpMethod",
+    "PaymentTerms",
+    "SettleMode",
+    "Tool",
+    "Upstream",
+    "consistency_problems",
+    "default_settle",
+    "max_call_seconds",
+]
 
-HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
-SettleMode = Literal["after", "upfront"]
 
 # Methods that change state on the upstream: their tools settle before the upstream call
 # (``upfront``) unless the catalog says ``settle: after``, so no side effect runs unpaid.
@@ -59,213 +75,8 @@ def default_settle(method: str, side_effects: bool) -> SettleMode:
     return "upfront" if side_effects or method in STATE_CHANGING_METHODS else "after"
 
 
-def _fail(code: str, message: str) -> PydanticCustomError:
-    # The message goes through context so braces in paths like /a/{x} are not format fields.
-    return PydanticCustomError(code, "{detail}", {"detail": message})
 
-
-def _pattern(regex: str, code: str, what: str) -> Callable[[Any], str]:
-    compiled = re.compile(regex)
-
-    def check(value: Any) -> str:
-        if not isinstance(value, str):
-            raise _fail(code, f"{what} must be a string, got {_kind(value)}")
-        if not compiled.fullmatch(value):
-            raise _fail(code, f"{what} {value!r} must match {regex}")
-        return value
-
-    return check
-
-
-def _kind(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", Decimal: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def _checksum(address: str) -> str:
-    # A catalog names a handful of addresses many times (payTo, asset on every tool).
-    return str(to_checksum_address(address))
-
-
-def _address(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"0x[0-9a-fA-F]{40}", value):
-        raise _fail("invalid_address", f"{value!r} is not an address (0x followed by 40 hex digits)")
-    checksummed = _checksum(value)
-    body = value[2:]
-    if body != body.lower() and body != body.upper() and value != checksummed:
-        raise _fail("invalid_address", f"{value} has a wrong EIP-55 checksum (expected {checksummed})")
-    if int(body, 16) == 0:
-        raise _fail("zero_address", "the zero address cannot be used")
-    return checksummed
-
-
-def _price(value: Any) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
-        raise _fail("invalid_price", f"price must be a decimal number like \"0.002\", got {_kind(value)}")
-    try:
-        price = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
-    except InvalidOperation:
-        raise _fail("invalid_price", f"price {value!r} is not a decimal number") from None
-    if not price.is_finite():
-        raise _fail("invalid_price", f"price must be a finite number, got {value}")
-    if price <= 0:
-        raise _fail("invalid_price", f"price must be greater than 0, got {value}")
-    return price
-
-
-def _strict_int(low: int, high: int, code: str = "invalid_value") -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(code, f"expected an integer, got {_kind(value)}")
-        if not low <= value <= high:
-            raise _fail(code, f"{value} is out of range {low}..{high}")
-        return value
-
-    return check
-
-
-def _timeout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, Decimal, float)):
-        raise _fail("invalid_value", f"timeout must be a number of seconds, got {_kind(value)}")
-    if not 0 < value <= 300:
-        raise _fail("invalid_value", f"timeout {value} must be > 0 and <= 300 seconds")
-    return float(value)
-
-
-def _base_url(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _fail("invalid_url", f"base_url must be a string, got {_kind(value)}")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise _fail("invalid_url", f"base_url {value!r} is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail("invalid_url", f"base_url {value!r} must be an http:// or https:// URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise _fail("invalid_url", "base_url must not contain credentials; configure them on the gateway")
-    if parts.query or parts.fragment or "?" in value or "#" in value:
-        raise _fail("invalid_url", f"base_url {value!r} must not have a query or fragment")
-    return value.rstrip("/")
-
-
-def _path(allow_trailing_slash: bool) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str):
-            raise _fail("invalid_path", f"path must be a string, got {_kind(value)}")
-        try:
-            parse_template(value, allow_trailing_slash=allow_trailing_slash)
-        except ValueError as exc:
-            raise _fail("invalid_path", str(exc)) from None
-        return value
-
-    return check
-
-
-def _method(value: Any) -> str:
-    method = value.upper() if isinstance(value, str) else value
-    if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
-        hint = " (HEAD is served automatically for GET routes)" if method == "HEAD" else ""
-        raise _fail("invalid_method", f"method must be GET, POST, PUT, PATCH or DELETE, got {value!r}{hint}")
-    return method
-
-
-def _version(value: Any) -> int:
-    if isinstance(value, bool) or value != 1:
-        raise _fail("unsupported_version", f"catalog schema version must be 1, got {value!r}")
-    return 1
-
-
-def _without_decimals(value: Any) -> Any:
-    # YAML numbers with a dot load as Decimal (for exact prices); JSON Schemas must stay
-    # JSON-serialisable for /tools and /openapi.json, and a schema is not money.
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() and value.is_finite() else float(value)
-    if isinstance(value, dict):
-        return {k: _without_decimals(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_decimals(v) for v in value]
-    return value
-
-
-@functools.lru_cache(maxsize=4096)
-def _schema_problem(canonical: str) -> str | None:
-    """Meta-validation is ~4 ms a schema; catalogs repeat schemas, so each distinct one is checked once."""
-    try:
-        Draft202012Validator.check_schema(json.loads(canonical))
-    except SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path)
-        return f"not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else "")
-    return None
-
-
-# Key of the validation context under which a load keeps one object per distinct schema: thousands
-# of tools often share a few schemas, and each copy would be a handful of objects to keep and scan.
-_SHARED_SCHEMAS = "shared_schemas"
-
-
-def _json_schema(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> dict[str, Any]:
-    """Decimals made JSON numbers, then ``dict[str, Any]``, then checked against the meta-schema."""
-    canonical: str | None = None
-    if isinstance(value, dict):
-        try:
-            # Most schemas are plain JSON already: they are kept as they are, and this text (which
-            # the validated copy, holding the same keys and values, would give too) is the cache key.
-            canonical = json.dumps(value, sort_keys=True)
-        except (TypeError, ValueError):
-            value = _without_decimals(value)
-    else:
-        value = _without_decimals(value)
-    schema: dict[str, Any] = handler(value)
-    if canonical is None:
-        try:
-            canonical = json.dumps(schema, sort_keys=True, default=str)
-        except (TypeError, ValueError):
-            canonical = None
-    problem = _schema_problem(canonical) if canonical is not None else None
-    if canonical is None:
-        try:
-            Draft202012Validator.check_schema(schema)
-        except SchemaError as exc:
-            problem = f"not a valid JSON Schema: {exc.message}"
-    if problem is not None:
-        raise _fail("invalid_json_schema", problem) from None
-    shared = info.context.get(_SHARED_SCHEMAS) if isinstance(info.context, dict) else None
-    if isinstance(shared, dict):
-        # repr, not the sorted canonical text: only a schema equal in types and key order is the same
-        schema = shared.setdefault(repr(schema), schema)
-    return schema
-
-
-OwnerId = Annotated[str, BeforeValidator(_pattern(r"[a-z0-9][a-z0-9_-]{0,62}", "invalid_name", "owner"))]
-UpstreamName = Annotated[str, BeforeValidator(_pattern(r"[a-z0-9_-]{1,64}", "invalid_name", "upstream name"))]
-ToolName = Annotated[str, BeforeValidator(_pattern(r"[a-zA-Z0-9_-]{1,64}", "invalid_name", "tool name"))]
-Network = Annotated[str, BeforeValidator(_pattern(r"eip155:[0-9]+", "invalid_network", "network"))]
-Address = Annotated[str, BeforeValidator(_address)]
-Price = Annotated[Decimal, BeforeValidator(_price)]
-Decimals = Annotated[int, BeforeValidator(_strict_int(0, 36))]
-TimeoutSeconds = Annotated[int, BeforeValidator(_strict_int(1, 3600))]
-UpstreamTimeout = Annotated[float, BeforeValidator(_timeout)]
-BaseUrl = Annotated[str, BeforeValidator(_base_url)]
-PublicPath = Annotated[str, BeforeValidator(_path(allow_trailing_slash=False))]
-UpstreamPath = Annotated[str, BeforeValidator(_path(allow_trailing_slash=True))]
-Method = Annotated[HttpMethod, BeforeValidator(_method)]
-JsonSchema = Annotated[dict[str, Any], WrapValidator(_json_schema)]
-Text = Annotated[str, Field(min_length=1, max_length=4096)]
-# asset_version: "2" is easy to write unquoted; an integer is accepted and kept as text.
-VersionText = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int else v), Field(min_length=1)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
-
-
-# -- resolved models: what the gateway uses ---------------------------------------------------
-
-
-class PaymentTerms(_Model):
+class PaymentTerms(FrozenModel):
     network: Network  # CAIP-2, eip155:<chain id>
     asset: Address  # token contract, EIP-55 checksummed
     asset_name: Text  # EIP-712 domain name of the token
@@ -273,9 +84,12 @@ class PaymentTerms(_Model):
     decimals: Decimals
     pay_to: Address
     max_timeout_seconds: TimeoutSeconds = 120
+    # The x402 scheme the offer is made in; checked against the gateway's registered schemes
+    # (settlement.schemes.Schemes) at start-up, since the catalog knows no scheme.
+    scheme: str = "exact"
 
 
-class Upstream(_Model):
+class Upstream(FrozenModel):
     name: UpstreamName
     base_url: BaseUrl  # no trailing slash
     timeout_seconds: UpstreamTimeout = 10.0
@@ -297,7 +111,7 @@ def _exact_in(price: Decimal, decimals: int) -> bool:
     return True
 
 
-def _consistency_problems(
+def consistency_problems(
     *, path: str, upstream_path: str, price: Decimal, decimals: int, input_schema: dict[str, Any]
 ) -> list[tuple[str, str, str]]:
     """Cross-field checks of one tool, as ``(field, code, message)``; shared by loader and Tool."""
@@ -332,7 +146,7 @@ def max_call_seconds(upstream: Upstream) -> float:
     return tries * upstream.timeout_seconds + waits
 
 
-class Tool(_Model):
+class Tool(FrozenModel):
     owner: OwnerId
     name: ToolName
     description: Text
@@ -368,7 +182,7 @@ class Tool(_Model):
         if isinstance(value, dict) and value.get("settle") is None and isinstance(value.get("method"), str):
             value = {**value, "settle": default_settle(value["method"].upper(), bool(value.get("side_effects")))}
         tool = handler(value)
-        problems = _consistency_problems(
+        problems = consistency_problems(
             path=tool.path, upstream_path=tool.upstream_path, price=tool.price,
             decimals=tool.payment.decimals, input_schema=tool.input_schema,
         )
@@ -398,7 +212,7 @@ class Tool(_Model):
         return tuple(s.value for s in parse_template(self.path) if s.is_param)
 
 
-class Catalog(_Model):
+class Catalog(FrozenModel):
     source: str  # file (or name) the catalog was read from
     owner: OwnerId
     description: str | None = None
@@ -416,7 +230,7 @@ class Catalog(_Model):
         raise KeyError(name)
 
 
-class Catalogs(_Model):
+class Catalogs(FrozenModel):
     """Several owners' catalogs served by one gateway; tool names and routes are unique across all."""
 
     catalogs: tuple[Catalog, ...]
@@ -436,67 +250,3 @@ class Catalogs(_Model):
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
-
-
-# -- file shapes: exactly what an owner writes -----------------------------------------------
-
-
-class _PaymentDoc(_Model):
-    """A tool's own ``payment:`` block: any subset of the catalog's terms."""
-
-    network: Network | None = None
-    asset: Address | None = None
-    asset_name: Text | None = None
-    asset_version: VersionText | None = None
-    decimals: Decimals | None = None
-    pay_to: Address | None = None
-    max_timeout_seconds: TimeoutSeconds | None = None
-
-
-class _UpstreamDoc(_Model):
-    base_url: BaseUrl
-    timeout_seconds: UpstreamTimeout = 10.0
-    breaker: Breaker = Breaker()
-    failover: tuple[BaseUrl, ...] = ()
-    retry: RetryPolicy = RetryPolicy()
-    auth: Auth | None = None
-
-
-class _ToolDoc(_Model):
-    name: ToolName
-    description: Text
-    method: Method
-    path: PublicPath
-    upstream: UpstreamName | None = None
-    upstream_path: UpstreamPath | None = None
-    price: Price
-    settle: SettleMode | None = None
-    side_effects: bool = False
-    payment: _PaymentDoc | None = None
-    input_schema: JsonSchema = Field(default_factory=lambda: {"type": "object"})
-    output_schema: JsonSchema | None = None
-    max_price: Price | None = None
-    budgets: Budgets = Budgets()
-    rate_limits: RateLimits = RateLimits()
-    kind: BridgeKind = "rest"
-    request: RestRequest | None = None
-    soap: SoapOperation | None = None
-    retry: bool | None = None
-    failure_when: tuple[FailureRule, ...] = ()
-
-
-class _CatalogDoc(_Model):
-    catalog: Annotated[int, BeforeValidator(_version)]
-    owner: OwnerId
-    description: str | None = None
-    payment: PaymentTerms
-    upstreams: Annotated[dict[UpstreamName, _UpstreamDoc], Field(min_length=1)]
-    tools: Annotated[list[_ToolDoc], Field(min_length=1)]
-    max_price: Price | None = None
-    budgets: Budgets = Budgets()
-    rate_limits: RateLimits = RateLimits()
-
-
-KNOWN_KEYS: frozenset[str] = frozenset().union(
-    *(m.model_fields for m in (_PaymentDoc, _UpstreamDoc, _ToolDoc, _CatalogDoc, Budgets, RateLimits, Breaker))
-)

@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 
 import catalog
-from catalog import CatalogError, CatalogIssue, load_catalog, load_catalogs, parse_catalog
+from catalog import (
+    CatalogError,
+    CatalogIssue,
+    load_catalog,
+    load_catalogs,
+    parse_catalog,
+)
 
 EXAMPLES = Path(catalog.__file__).parent / "examples"
 
@@ -360,7 +366,7 @@ YAML_DOCUMENTS = [
 def test_fast_yaml_path_builds_what_pyyaml_builds(text):
     import yaml
 
-    from catalog.loader import _construct_plain, _Loader, _NeedsFullConstructor
+    from catalog.source import _construct_plain, _Loader, _NeedsFullConstructor
 
     def typed(value):
         if isinstance(value, dict):
