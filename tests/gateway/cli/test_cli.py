@@ -18,7 +18,7 @@ from gateway.cli.main import main
 from gateway.settings import DEFAULT_CATALOG, Settings
 from gateway.devkit.devchain import ANVIL_KEYS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_catalog_validate_accepts_the_examples() -> None:

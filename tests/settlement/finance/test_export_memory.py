@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "export_million.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "export_million.py"
 
 
 def bench(rows: int, tmp_path: Path) -> dict[str, dict[str, Any]]:
