@@ -8,26 +8,20 @@ Everything here uses public anvil dev keys: never point it at a real network.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import re
-import shutil
 import signal
-import subprocess
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 from eth_account import Account
 from web3 import HTTPProvider, Web3
 from web3.exceptions import Web3Exception
 
+from gateway.devkit.anvil import REPO_ROOT, Anvil, find_anvil
 from settlement.chain.deployment import (
     ANVIL_ADDRESSES,
     ANVIL_KEYS,
@@ -65,222 +59,11 @@ __all__ = [
     "setup_devchain",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 TOKEN_ARTIFACT_PATH = REPO_ROOT / "contracts" / "build" / "TestUSDC.json"
 BATCH_SETTLER_ARTIFACT_PATH = REPO_ROOT / "contracts" / "build" / "BatchSettler.json"
 
 DEFAULT_MINT_ATOMIC = 1_000_000_000  # 1000 USDC at 6 decimals
-
-_LISTENING = re.compile(r"Listening on ([0-9.]+|\[[0-9a-fA-F:]+\]):(\d+)")
 _RECEIPT_TIMEOUT_S = 30.0
-
-
-# --------------------------------------------------------------------------------------- anvil
-
-
-def find_anvil(explicit: str | None = None) -> str:
-    """Path of the anvil binary: the explicit setting, else PATH, else the npm copy."""
-    if explicit:
-        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
-            return explicit
-        raise DevchainError(
-            f"anvil not found or not executable at {explicit!r} (the configured path)",
-            code="anvil_not_found",
-        )
-    on_path = shutil.which("anvil")
-    if on_path:
-        return on_path
-    npm_copy = REPO_ROOT / "node_modules" / ".bin" / "anvil"
-    if npm_copy.is_file() and os.access(npm_copy, os.X_OK):
-        return str(npm_copy)
-    raise DevchainError(
-        "anvil not found: run `npm ci` in the repository root (Linux x64), or install Foundry "
-        "and put anvil on PATH, or configure the path to the anvil binary",
-        code="anvil_not_found",
-    )
-
-
-class Anvil:
-    """An anvil child process on 127.0.0.1, chain id 31337.
-
-    ``port=0`` lets the OS pick a free port, read back from anvil's ``Listening on`` line.
-    Use as a context manager, or call ``start()`` and ``stop()``.
-    """
-
-    host = "127.0.0.1"
-
-    def __init__(
-        self,
-        port: int = 0,
-        *,
-        anvil_path: str | None = None,
-        block_time: float | None = None,
-        extra_args: Sequence[str] = (),
-        startup_timeout: float = 15.0,
-    ) -> None:
-        self._requested_port = port
-        self._anvil_path = anvil_path
-        self._block_time = block_time
-        self._extra_args = tuple(extra_args)
-        self._startup_timeout = startup_timeout
-        self._process: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-        self._output: collections.deque[str] = collections.deque(maxlen=200)
-        self._listening = threading.Event()
-        self._port: int | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise DevchainError("anvil is not running", code="anvil_start_failed")
-        return self._port
-
-    @property
-    def rpc_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def command(self) -> list[str]:
-        cmd = [
-            find_anvil(self._anvil_path),
-            "--host",
-            self.host,
-            "--port",
-            str(self._requested_port),
-            "--chain-id",
-            str(LOCAL_CHAIN_ID),
-        ]
-        if self._block_time is not None:
-            cmd += ["--block-time", _format_seconds(self._block_time)]
-        # Never --quiet: the `Listening on` line is how a port-0 start learns its port.
-        return cmd + list(self._extra_args)
-
-    def start(self) -> Anvil:
-        if self._process is not None:
-            raise DevchainError("anvil already started", code="anvil_start_failed")
-        cmd = self.command()
-        try:
-            self._process = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                bufsize=1,
-                # Own process group: a terminal's Ctrl-C reaches us, not anvil; we stop it.
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise DevchainError(f"could not start anvil ({cmd[0]}): {exc}", code="anvil_start_failed") from exc
-        self._reader = threading.Thread(target=self._drain, name="anvil-stdout", daemon=True)
-        self._reader.start()
-        try:
-            self._wait_ready(time.monotonic() + self._startup_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            self._signal_group(process, signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal_group(process, signal.SIGKILL)
-                process.wait()
-        if self._reader is not None:
-            self._reader.join(timeout)
-        if process.stdout is not None:
-            process.stdout.close()
-        self._port = None
-
-    def output_tail(self, lines: int = 20) -> str:
-        return "\n".join(list(self._output)[-lines:])
-
-    def __enter__(self) -> Anvil:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # Reads anvil's output for as long as it runs, so the pipe never fills and blocks anvil.
-    def _drain(self) -> None:
-        process = self._process
-        if process is None or process.stdout is None:
-            return
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            self._output.append(line)
-            if not self._listening.is_set():
-                match = _LISTENING.search(line)
-                if match:
-                    self._port = int(match.group(2))
-                    self._listening.set()
-
-    def _wait_ready(self, deadline: float) -> None:
-        process = self._process
-        assert process is not None
-        while not self._listening.wait(0.02):
-            if process.poll() is not None:
-                self._reader_join()
-                raise self._start_failed(f"anvil exited with status {process.returncode}")
-            if time.monotonic() > deadline:
-                raise self._start_failed("anvil did not report its port in time")
-        request = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}).encode()
-        while True:
-            chain_id = _query_chain_id(self.rpc_url, request)
-            if chain_id is not None:
-                if chain_id != LOCAL_CHAIN_ID:
-                    raise self._start_failed(f"anvil answered chain id {chain_id}, expected {LOCAL_CHAIN_ID}")
-                return
-            if process.poll() is not None:
-                self._reader_join()
-                raise self._start_failed(f"anvil exited with status {process.returncode}")
-            if time.monotonic() > deadline:
-                raise self._start_failed("anvil did not answer eth_chainId in time")
-            time.sleep(0.01)  # poll interval, bounded by the deadline above
-
-    def _reader_join(self) -> None:
-        if self._reader is not None:
-            self._reader.join(1.0)
-
-    def _start_failed(self, reason: str) -> DevchainError:
-        tail = self.output_tail()
-        detail = f"\n--- anvil output ---\n{tail}" if tail else ""
-        return DevchainError(f"{reason}{detail}", code="anvil_start_failed")
-
-    @staticmethod
-    def _signal_group(process: subprocess.Popen[str], sig: signal.Signals) -> None:
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _query_chain_id(rpc_url: str, request: bytes) -> int | None:
-    http_request = urllib.request.Request(rpc_url, data=request, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(http_request, timeout=1.0) as response:
-            return int(json.load(response)["result"], 16)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _format_seconds(seconds: float) -> str:
-    return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
 
 
 # --------------------------------------------------------------------------------------- token
