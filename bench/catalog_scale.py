@@ -26,7 +26,7 @@ import httpx
 from catalog import load_catalogs
 from gateway.app import create_app
 from gateway.settings import DEFAULT_CATALOG, Settings
-from settlement.ledger.payments import Ledger
+from settlement.schema import open_ledger
 
 HEADER = """catalog: 1
 owner: scale-test
@@ -94,7 +94,7 @@ def measure(catalog: Path, paths: list[str], requests: int, workdir: Path, name:
     catalogs = load_catalogs([catalog])
     loaded = time.perf_counter() - t0
     settings = Settings(catalog=[catalog], database_url=f"sqlite:///{workdir / f'{name}.sqlite3'}")
-    ledger = Ledger(settings.database_url)
+    ledger = open_ledger(settings.database_url)
     t1 = time.perf_counter()
     app = create_app(settings, catalogs=catalogs, facilitator=NoFacilitator(), ledger=ledger)  # type: ignore[arg-type]
     built = time.perf_counter() - t1

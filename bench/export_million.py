@@ -60,9 +60,9 @@ def _rows(n: int) -> Iterator[tuple[Any, ...]]:
 
 def insert(db: Path, n: int) -> float:
     """Create the schema through the Ledger (migrations), then one bulk transaction in raw SQLite."""
-    from settlement.ledger.payments import Ledger
+    from settlement.schema import open_ledger
 
-    Ledger(f"sqlite:///{db}").close()
+    open_ledger(f"sqlite:///{db}").close()
     began = time.perf_counter()
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA synchronous=OFF")
@@ -80,12 +80,12 @@ def insert(db: Path, n: int) -> float:
 def export_once(db: Path, fmt: str, output: Path) -> dict[str, Any]:
     """Run in a fresh process: export everything, report time and memory."""
     from settlement.finance.export import Filters, export
-    from settlement.ledger.payments import Ledger
+    from settlement.schema import open_ledger
 
     if fmt == "parquet":
         import pyarrow.parquet  # noqa: F401  (the library's own size is not the export's growth)
 
-    ledger = Ledger(f"sqlite:///{db}")
+    ledger = open_ledger(f"sqlite:///{db}")
     baseline = rss_now_mb()
     began = time.perf_counter()
     with open(output, "wb") if fmt == "parquet" else open(output, "w", encoding="utf-8", newline="") as out:

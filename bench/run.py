@@ -331,8 +331,8 @@ def run_chain_limit(deployment: Deployment, workdir: Path, duration: float, rate
 def measure_gas(workdir: Path) -> list[str]:
     """Gas per payment: one transferWithAuthorization per transaction vs BatchSettler batches."""
     from settlement.schemes.batch import BatchingFacilitator, BatchPolicy
-    from settlement.chain.client import Web3Chain
-    from settlement.schemes.facilitator import LocalFacilitator
+    from settlement.chain.client import JsonRpcChain
+    from settlement.schemes.exact_local import LocalFacilitator
     from settlement.x402.wire import PaymentRequirements
 
     lines = []
@@ -350,7 +350,7 @@ def measure_gas(workdir: Path) -> list[str]:
             return [PaymentPayload.model_validate(decode_header_json(h)) for h in payment_headers(offer, n)]
 
         async def go() -> None:
-            chain = Web3Chain(deployment.rpc_url, 31337, deployment.settlement_key)
+            chain = JsonRpcChain(deployment.rpc_url, 31337, deployment.settlement_key)
             local = LocalFacilitator({LOCAL_NETWORK: chain})
             try:
                 singles = [await local.settle(p, req) for p in payloads(20)]

@@ -23,8 +23,9 @@ from gateway.settings import DEFAULT_CATALOG, Settings
 from settlement.chain.client import SEL_AUTHORIZATION_STATE, SEL_BALANCE_OF
 from settlement.x402.codec import decode_header_json
 from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
-from settlement.schemes.facilitator import Facilitator
-from settlement.ledger.payments import Ledger
+from settlement.schemes import Facilitator
+from settlement.ledger import Ledger
+from settlement.schema import open_ledger
 from settlement.x402.wire import PaymentRequired
 
 PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"  # anvil account 9, the example catalog's payTo
@@ -140,7 +141,7 @@ def start_gateway(
         values.update(overrides)
         settings = Settings(**values)
         catalogs = load_catalogs(settings.catalog)
-        ledger = Ledger(settings.database_url)
+        ledger = open_ledger(settings.database_url)
         ledgers.append(ledger)
         server = ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger, facilitator=facilitator)).start()
         servers.append(server)

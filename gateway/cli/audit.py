@@ -53,7 +53,7 @@ def audit() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(database_url: str | None, file: Path | None, anchor: str | None, as_json: bool) -> None:
     """Walk the chain; exit 1 and name each edited, inserted, deleted or reordered record."""
-    from settlement.audit.trail import AuditTrail, StoredRecord, verify_chain
+    from settlement.audit import AuditTrail, StoredRecord, verify_chain
     from settlement.errors import LedgerError
 
     pinned = _anchor(anchor)
@@ -100,7 +100,7 @@ def verify(database_url: str | None, file: Path | None, anchor: str | None, as_j
 def export(database_url: str | None, fmt: str, since: str | None, until: str | None, from_seq: int | None,
            to_seq: int | None, output: IO[str]) -> None:
     """Stream records in chain order, one JSON object a line (verifiable with `audit verify --file`)."""
-    from settlement.audit.trail import AuditTrail
+    from settlement.audit import AuditTrail
     from settlement.errors import LedgerError
 
     try:

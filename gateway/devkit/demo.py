@@ -22,7 +22,7 @@ from gateway.devkit.samples import rest_upstream, soap_warehouse
 from gateway.ops.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG, Settings
 from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
-from settlement.ledger.payments import Ledger
+from settlement.schema import open_ledger
 
 UPSTREAM_PORT = 9101  # the example catalog's upstream base_url
 WAREHOUSE_PORT = 9102  # the SOAP sample, upstream of catalog/examples/warehouse.yaml
@@ -130,7 +130,7 @@ def run_demo(*, port: int = 8402, calls: int = 9, serve_forever: bool = True, an
         finally:
             upstream.stop()
             warehouse.stop()
-        ledger = Ledger(settings.database_url)
+        ledger = open_ledger(settings.database_url)
         settled = [p for p in ledger.all() if p.state == "settled"]
         ledger.close()
         print(f"ledger: {len(settled)} settled payments in {DEMO_DIR / 'ledger.sqlite3'}", flush=True)

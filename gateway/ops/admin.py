@@ -35,7 +35,7 @@ from starlette.routing import Route
 from catalog import Catalogs, format_amount
 from gateway.errors import GatewayError
 from gateway.ops.metrics import GatewayMetrics, ToolCounts
-from settlement.ledger.payments import OPEN_STATES, Payment, PaymentState
+from settlement.ledger import OPEN_STATES, Payment, PaymentState
 
 __all__ = ["AdminAuth", "Dashboard", "admin_routes", "ledger_summary"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settlement.chain.client import BeforeSend, Web3Chain
+from settlement.chain.client import BeforeSend, JsonRpcChain
 from settlement.errors import ChainUnavailable
 
 
@@ -21,7 +21,7 @@ class RefundResult:
 
 
 class Refunder:
-    def __init__(self, chains: dict[str, Web3Chain], *, receipt_timeout: float = 30.0) -> None:
+    def __init__(self, chains: dict[str, JsonRpcChain], *, receipt_timeout: float = 30.0) -> None:
         self._chains = chains
         self._receipt_timeout = receipt_timeout
 

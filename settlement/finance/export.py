@@ -21,7 +21,7 @@ from typing import IO, Any, Literal, TypeVar
 from sqlalchemy import func, select
 
 from catalog.pricing import format_amount
-from settlement.ledger.payments import Ledger, Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 
 _Q = TypeVar("_Q")  # a Select of any columns
 

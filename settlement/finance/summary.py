@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from catalog.pricing import format_amount
 from settlement.finance.export import BATCH_ROWS, Filters
-from settlement.ledger.payments import Ledger, Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 
 Dimension = Literal["owner", "tool", "day"]
 DIMENSIONS: tuple[Dimension, ...] = ("owner", "tool", "day")

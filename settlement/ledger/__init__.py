@@ -1,0 +1,31 @@
+"""The payment ledger: one row per payment, its named state transitions, and group commit.
+
+Knows nothing of migrations or of the audit trail (both sit above it): a ``Ledger`` opens a
+database whose schema is already current. At start-up use ``settlement.schema.open_ledger``.
+``settlement.ledger.resolve`` (settling an unknown outcome against the chain) is imported by name.
+"""
+
+from settlement.ledger.models import (
+    OPEN_STATES,
+    AtomicAmount,
+    Base,
+    Payment,
+    PaymentState,
+    StoredResponse,
+    create_ledger_engine,
+    utcnow,
+)
+from settlement.ledger.payments import TRANSITIONS, Ledger
+
+__all__ = [
+    "OPEN_STATES",
+    "TRANSITIONS",
+    "AtomicAmount",
+    "Base",
+    "Ledger",
+    "Payment",
+    "PaymentState",
+    "StoredResponse",
+    "create_ledger_engine",
+    "utcnow",
+]

@@ -21,178 +21,41 @@ and left unchanged)::
     No state change: ``record_tx_hash`` (settling), ``record_upstream_status``,
     ``record_refund_owed``, ``record_refund_tx``, ``record_refund_paid`` (settled).
 
-Amounts are Python ints in atomic units, stored exactly (NUMERIC(78,0) on PostgreSQL, decimal text
-on SQLite, which has no exact wide integer). The repository never decides policy; it records.
-Calls are synchronous: the gateway runs them off the event loop.
+Amounts are Python ints in atomic units (see ``settlement.ledger.models``). The repository never
+decides policy; it records. Calls are synchronous: the gateway runs them off the event loop.
+The schema is not touched here: ``settlement.schema.open_ledger`` migrates, then opens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import json
-import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from decimal import Decimal
-from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    DateTime,
-    Dialect,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    Numeric,
-    String,
-    Text,
-    TypeDecorator,
-    UniqueConstraint,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    insert,
-    select,
-    update,
-)
-from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
+from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from settlement.errors import LedgerError
+from settlement.ledger.group_commit import GroupCommitWorker, atomic_alone
+from settlement.ledger.models import (
+    OPEN_STATES,
+    Payment,
+    PaymentState,
+    StoredResponse,
+    create_ledger_engine,
+    utcnow,
+)
 
+__all__ = ["TRANSITIONS", "Ledger"]
 
 _T = TypeVar("_T")
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _atomic_alone(fn: _F) -> _F:
-    """Marks a ledger call that needs no savepoint of its own in a group transaction: it writes at
-    most one statement (SQLite undoes a failing statement by itself), or its ORM part takes its own
-    savepoint (``_session``). Every other call gets a savepoint."""
-    fn.atomic_alone = True  # type: ignore[attr-defined]
-    return fn
-
-
-class PaymentState(enum.StrEnum):
-    VERIFIED = "verified"
-    SETTLING = "settling"
-    SETTLED = "settled"
-    FAILED = "failed"
-    PENDING = "pending"
-    VOIDED = "voided"
-
-
-OPEN_STATES = (PaymentState.SETTLING, PaymentState.PENDING)
-
-
-class AtomicAmount(TypeDecorator[int]):
-    """An unsigned token amount in atomic units, exact up to 78 digits on every backend."""
-
-    impl = Numeric(78, 0)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> Any:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(String(78))
-        return dialect.type_descriptor(Numeric(78, 0, asdecimal=True))
-
-    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError("amounts are ints in atomic units")
-        return str(value) if dialect.name == "sqlite" else Decimal(value)
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
-        return None if value is None else int(value)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Payment(Base):
-    __tablename__ = "payments"
-    __table_args__ = (UniqueConstraint("network", "asset", "payer", "nonce", name="uq_payment_authorization"),)
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
-    owner: Mapped[str] = mapped_column(String(64), index=True)
-    tool: Mapped[str] = mapped_column(String(64), index=True)
-    method: Mapped[str] = mapped_column(String(8))
-    path: Mapped[str] = mapped_column(String(2048))
-    payer: Mapped[str] = mapped_column(String(42), index=True)
-    pay_to: Mapped[str] = mapped_column(String(42), index=True)
-    amount: Mapped[int] = mapped_column(AtomicAmount())
-    network: Mapped[str] = mapped_column(String(64))
-    asset: Mapped[str] = mapped_column(String(42))
-    nonce: Mapped[str] = mapped_column(String(66))
-    valid_before: Mapped[int] = mapped_column(BigInteger)
-    authorization: Mapped[str] = mapped_column(Text)  # signed authorization JSON: what a reconcile re-checks
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    error_reason: Mapped[str | None] = mapped_column(String(128), default=None)
-    upstream_status: Mapped[int | None] = mapped_column(Integer, default=None)
-    tx_hash: Mapped[str | None] = mapped_column(String(66), default=None, index=True)
-    block_number: Mapped[int | None] = mapped_column(BigInteger, default=None)
-    # Idempotency: the x402 payment-identifier and the fingerprint of the request it was used for.
-    payment_identifier: Mapped[str | None] = mapped_column(String(128), default=None, unique=True)
-    fingerprint: Mapped[str | None] = mapped_column(String(64), default=None)
-    settle_mode: Mapped[str] = mapped_column(String(16), default="after")
-    # Settled first (upfront), then the upstream failed: what is owed back, and how it was paid.
-    refund_owed: Mapped[int | None] = mapped_column(AtomicAmount(), default=None)
-    refund_reason: Mapped[str | None] = mapped_column(String(128), default=None)
-    refund_tx: Mapped[str | None] = mapped_column(String(66), default=None)
-    refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    # Decimals of the asset, so an atomic amount reads as an exact decimal without a chain call.
-    decimals: Mapped[int] = mapped_column(Integer, default=6, server_default="6")
-
-
-class StoredResponse(Base):
-    """The upstream answer a payment bought, kept so a resend of the same payment (a retry after a
-    disconnect, a crash, or a pending settlement) gets it without a second charge or upstream call."""
-
-    __tablename__ = "stored_responses"
-
-    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id", ondelete="CASCADE"), primary_key=True)
-    status: Mapped[int] = mapped_column(Integer)
-    headers: Mapped[str] = mapped_column(Text)  # JSON list of [name, value]
-    body: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()
-
-
-def create_ledger_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    if parsed.drivername == "postgresql":
-        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True)
 
 
 class _Keep:
@@ -234,9 +97,6 @@ class Ledger:
         self.url = url
         try:
             self.engine = create_ledger_engine(url)
-            from settlement.ledger.migrations import migrate  # imports this module: import on use
-
-            migrate(self.engine)
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -246,7 +106,7 @@ class Ledger:
         # a pool of threads and a transaction per call.
         self._batch = threading.local()
         if self.engine.dialect.name == "sqlite":
-            self.executor: Executor = _GroupCommitWorker(self)
+            self.executor: Executor = GroupCommitWorker(self.engine, self._batch)
             # The audit trail shares the file's one thread (gateway.pipeline.pipeline), between batches.
             self.shared_executor: Executor | None = self.executor
         else:
@@ -258,7 +118,7 @@ class Ledger:
         it may share its transaction (and commit) with the calls queued with it."""
         loop = asyncio.get_running_loop()
         call = functools.partial(fn, *args, **kwargs)
-        if isinstance(self.executor, _GroupCommitWorker):
+        if isinstance(self.executor, GroupCommitWorker):
             return await asyncio.wrap_future(self.executor.submit_grouped(call), loop=loop)
         return await loop.run_in_executor(self.executor, call)
 
@@ -272,7 +132,7 @@ class Ledger:
         shared = getattr(self._batch, "connection", None)
         try:
             if shared is not None:
-                yield shared  # committed with its group (``_GroupCommitWorker``)
+                yield shared  # committed with its group (``GroupCommitWorker``)
                 return
             with self.engine.begin() as connection:
                 yield connection
@@ -298,7 +158,7 @@ class Ledger:
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger write failed ({type(exc).__name__})") from exc
 
-    @_atomic_alone
+    @atomic_alone
     def record_verified(self, **fields: Any) -> Payment:
         """Insert a verified payment. If this authorization already has a row that moved no money
         (voided, or failed before broadcast), that row is reused; otherwise the existing row is
@@ -371,7 +231,7 @@ class Ledger:
             session.flush()
         session.add(StoredResponse(payment_id=payment_id, status=status, headers=json.dumps(headers), body=body))
 
-    @_atomic_alone
+    @atomic_alone
     def stored_response(self, payment_id: int) -> tuple[int, list[tuple[str, str]], bytes] | None:
         with self._session() as session:
             row = session.get(StoredResponse, payment_id)
@@ -379,7 +239,7 @@ class Ledger:
                 return None
             return row.status, [(str(k), str(v)) for k, v in json.loads(row.headers)], bytes(row.body)
 
-    @_atomic_alone
+    @atomic_alone
     def by_payment_identifier(self, identifier: str) -> Payment | None:
         with self._session() as session:
             return session.scalars(select(Payment).where(Payment.payment_identifier == identifier)).one_or_none()
@@ -401,56 +261,56 @@ class Ledger:
         with self._connection() as connection:
             _transition(connection, payment_id, allowed, values, name)
 
-    @_atomic_alone
+    @atomic_alone
     def record_tx_hash(self, payment_id: int, tx_hash: str) -> None:
         """The hash of a transaction about to be broadcast (``settling``; no state change)."""
         self._move("record_tx_hash", payment_id, _FROM_SETTLING, {"tx_hash": tx_hash})
 
-    @_atomic_alone
+    @atomic_alone
     def mark_settled(self, payment_id: int, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP) -> None:
         self._move("mark_settled", payment_id, _FROM_MARK_SETTLED, {
             "state": PaymentState.SETTLED.value, "tx_hash": tx_hash, "block_number": block_number,
         })
 
-    @_atomic_alone
+    @atomic_alone
     def mark_pending(self, payment_id: int, *, tx_hash: Any = _KEEP, error_reason: Any = _KEEP) -> None:
         self._move("mark_pending", payment_id, _FROM_MARK_PENDING, {
             "state": PaymentState.PENDING.value, "tx_hash": tx_hash, "error_reason": error_reason,
         })
 
-    @_atomic_alone
+    @atomic_alone
     def fail(self, payment_id: int, reason: str | None, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP) -> None:
         self._move("fail", payment_id, _FROM_FAIL, {
             "state": PaymentState.FAILED.value, "error_reason": reason, "tx_hash": tx_hash,
             "block_number": block_number,
         })
 
-    @_atomic_alone
+    @atomic_alone
     def void(self, payment_id: int, reason: str | None, *, upstream_status: Any = _KEEP) -> None:
         """The upstream failed before settlement: nothing is charged."""
         self._move("void", payment_id, _FROM_VERIFIED, {
             "state": PaymentState.VOIDED.value, "error_reason": reason, "upstream_status": upstream_status,
         })
 
-    @_atomic_alone
+    @atomic_alone
     def record_upstream_status(self, payment_id: int, status: int) -> None:
         """The upstream's status after an upfront settlement (``settled``; no state change)."""
         self._move("record_upstream_status", payment_id, _FROM_SETTLED, {"upstream_status": status})
 
-    @_atomic_alone
+    @atomic_alone
     def record_refund_owed(self, payment_id: int, amount: int, reason: str | None) -> None:
         self._move("record_refund_owed", payment_id, _FROM_SETTLED, {"refund_owed": amount, "refund_reason": reason})
 
-    @_atomic_alone
+    @atomic_alone
     def record_refund_tx(self, payment_id: int, tx_hash: str) -> None:
         """The refund transaction's hash, before it is broadcast."""
         self._move("record_refund_tx", payment_id, _FROM_SETTLED, {"refund_tx": tx_hash})
 
-    @_atomic_alone
+    @atomic_alone
     def record_refund_paid(self, payment_id: int, tx_hash: str | None) -> None:
         self._move("record_refund_paid", payment_id, _FROM_SETTLED, {"refund_tx": tx_hash, "refunded_at": utcnow()})
 
-    @_atomic_alone
+    @atomic_alone
     def get(self, payment_id: int) -> Payment | None:
         with self._session() as session:
             return session.get(Payment, payment_id)
@@ -459,7 +319,7 @@ class Ledger:
         with self._session() as session:
             return session.scalars(select(Payment).where(Payment.request_id == request_id)).one_or_none()
 
-    @_atomic_alone
+    @atomic_alone
     def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
         with self._connection() as connection:
             found = connection.execute(
@@ -527,127 +387,3 @@ def _transition(
             f"payment {payment_id}: {name} is not allowed from state {state!r} (only from {', '.join(allowed)})",
             code="invalid_transition",
         )
-
-
-class _GroupCommitWorker(Executor):
-    """The SQLite ledger's one thread. Calls queued while a transaction runs are run together in the
-    next one, committed once, and only then answered: a caller that was told "written" is durable
-    (the write-ahead rule), and a burst of payments costs one commit, not one each.
-
-    Each call runs in its own savepoint: one that raises is answered with its error, leaves nothing
-    behind, and undoes none of the others.
-    ``submit`` runs a call alone, outside any group transaction (the audit trail's appends, which
-    take the database's write lock with a connection of their own).
-    """
-
-    MAX_GROUP = 256
-
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], bool] | None] = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="x402gw-ledger", daemon=True)
-        self._thread.start()
-
-    def submit_grouped(self, call: Callable[[], _T]) -> Future[_T]:
-        return self._put(call, grouped=True)
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:  # type: ignore[override]
-        return self._put(functools.partial(fn, *args, **kwargs), grouped=False)
-
-    def _put(self, call: Callable[[], Any], *, grouped: bool) -> Future[Any]:
-        if self._closed:
-            raise LedgerError("the ledger is closed", code="ledger_closed")
-        future: Future[Any] = Future()
-        self._queue.put((call, future, grouped))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-        if wait and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _loop(self) -> None:
-        held: tuple[Callable[[], Any], Future[Any], bool] | None = None
-        while True:
-            item = held if held is not None else self._queue.get()
-            held = None
-            if item is None:
-                self._refuse_the_rest()
-                return
-            call, future, grouped = item
-            if not grouped:
-                self._answer([(future, *_outcome(call))])
-                continue
-            group = [(call, future)]
-            while len(group) < self.MAX_GROUP:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None or not nxt[2]:
-                    held = nxt if nxt is not None else None
-                    if nxt is None:
-                        self._queue.put(None)
-                    break
-                group.append((nxt[0], nxt[1]))
-            self._answer(self._run_group(group))
-
-    def _run_group(self, group: list[tuple[Callable[[], Any], Future[Any]]]) -> list[tuple[Future[Any], bool, Any]]:
-        if len(group) == 1:
-            return [(group[0][1], *_outcome(group[0][0]))]
-        outcomes: list[tuple[Future[Any], bool, Any]] = []
-        try:
-            with self._ledger.engine.begin() as connection:
-                # pysqlite begins lazily at the first write: begin now, so the savepoints below nest
-                # in this one transaction (and the write lock is held from a fresh snapshot).
-                connection.exec_driver_sql("BEGIN IMMEDIATE")
-                self._ledger._batch.connection = connection
-                try:
-                    for call, future in group:
-                        if getattr(getattr(call, "func", None), "atomic_alone", False):
-                            outcomes.append((future, *_outcome(call)))
-                            continue
-                        savepoint = connection.begin_nested()
-                        ok, value = _outcome(call)
-                        if ok:
-                            savepoint.commit()
-                        else:
-                            savepoint.rollback()  # a failed call leaves nothing behind and undoes no other
-                        outcomes.append((future, ok, value))
-                finally:
-                    self._ledger._batch.connection = None
-        except Exception as exc:  # the commit (or BEGIN) failed: nothing of the group was written
-            error = LedgerError(f"ledger write failed ({type(exc).__name__})")
-            error.__cause__ = exc
-            return [(future, False, error) for _, future in group]
-        return outcomes
-
-    def _refuse_the_rest(self) -> None:
-        """Calls that raced ``shutdown`` past its stop marker are answered, not left waiting."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(LedgerError("the ledger is closed", code="ledger_closed"))
-
-    @staticmethod
-    def _answer(outcomes: list[tuple[Future[Any], bool, Any]]) -> None:
-        for future, ok, value in outcomes:
-            if not future.set_running_or_notify_cancel():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-
-def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
-    try:
-        return True, call()
-    except BaseException as exc:  # handed to the caller, like an executor would
-        return False, exc

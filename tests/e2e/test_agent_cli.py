@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from tests.conftest import PAY_TO, Devchain, RunningGateway
 
 PAYER = 7

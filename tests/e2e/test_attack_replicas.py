@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from settlement.ledger.payments import Ledger
+from settlement.ledger import Ledger
+from settlement.schema import open_ledger
 from tests.conftest import PAY_TO
 from tests.support.attack_stack import (
     REDIS_URL,
@@ -48,7 +49,7 @@ def replicas(stack: Stack, postgres_database: str, tmp_path: Path) -> Iterator[t
         "X402GW_REDIS_PREFIX": stack.redis_prefix,
         "X402GW_RECEIPT_TIMEOUT_SECONDS": "10",
     }
-    ledger = Ledger(postgres_database)
+    ledger = open_ledger(postgres_database)
     processes = [GatewayProcess(env, tmp_path, tmp_path / f"gateway{i}.log") for i in range(2)]
     try:
         with ThreadPoolExecutor(2) as pool:  # start both at once: start-up is mostly imports

@@ -18,8 +18,8 @@ from gateway.app import create_app
 from gateway.cli.main import main
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
-from settlement.audit.trail import AuditTrail, AuditWriter, StoredRecord
-from settlement.ledger.payments import Ledger
+from settlement.audit import AuditTrail, AuditWriter, StoredRecord
+from settlement.schema import open_ledger
 from tests.conftest import Devchain, demo_catalog
 from tests.e2e.test_paid_call import pay, receipt_of
 
@@ -46,7 +46,7 @@ def audited(tmp_path: Path, devchain: Devchain, upstream: str) -> Iterator[Audit
     database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     settings = Settings(catalog=[demo_catalog(tmp_path, upstream)], deployment_file=devchain.deployment_file,
                         database_url=database_url, receipt_timeout_seconds=10)
-    ledger = Ledger(database_url)
+    ledger = open_ledger(database_url)
     writer = AuditWriter(AuditTrail(database_url))
     app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger, audit=writer)
     assert app.state.audit is writer
@@ -155,7 +155,7 @@ def test_safety_verdicts_name_the_rule(tmp_path: Path, devchain: Devchain, upstr
     settings = Settings(catalog=[demo_catalog(tmp_path, upstream)], deployment_file=devchain.deployment_file,
                         database_url=database_url, budget_per_payer="0.002/1d")
     writer = AuditWriter(AuditTrail(database_url))
-    app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=Ledger(database_url), audit=writer)
+    app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=open_ledger(database_url), audit=writer)
     with ThreadServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         _, first, _ = pay(client, devchain, "GET", "/quotes/AUDA", payer=PAYER)
         _, second, _ = pay(client, devchain, "GET", "/quotes/AUDB", payer=PAYER)

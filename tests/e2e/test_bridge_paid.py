@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 
 from gateway.app import GatewayConfigError, create_app
 from gateway.settings import Settings
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from tests.conftest import (
     PAY_TO,
     Devchain,

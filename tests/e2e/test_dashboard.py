@@ -16,7 +16,8 @@ from catalog import load_catalogs
 from gateway.ops.admin import COOKIE, Dashboard
 from gateway.ops.metrics import GatewayMetrics
 from gateway.settings import DEFAULT_CATALOG
-from settlement.ledger.payments import Ledger, PaymentState
+from settlement.ledger import Ledger, PaymentState
+from settlement.schema import open_ledger
 from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, GatewayFactory
 from tests.e2e.test_paid_call import pay
 from tests.support.ledger_rows import force_row
@@ -130,7 +131,7 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
 
 
 def test_data_matches_the_ledger(ledger_url: str) -> None:
-    ledger = Ledger(ledger_url)
+    ledger = open_ledger(ledger_url)
     try:
         now = datetime.now(UTC)
         ids = seed(ledger, now)

@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from settlement.x402.codec import encode_header
-from settlement.ledger.payments import Ledger, Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
+from settlement.schema import open_ledger
 from gateway.devkit.payer import Payer
 from tests.conftest import PAY_TO, Devchain, body_json, demo_catalog, offer_of, running_devchain, upstream_hits
 from tests.e2e.test_paid_call import receipt_of
@@ -209,7 +210,7 @@ def test_kill_9_after_broadcast_then_restart_neither_charges_twice_nor_asks_agai
 ) -> None:
     database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     env = process_env(chain, demo_catalog(tmp_path, upstream), database_url, X402GW_RECEIPT_TIMEOUT_SECONDS="60")
-    ledger = Ledger(database_url)
+    ledger = open_ledger(database_url)
     before = chain.balance(PAY_TO)
     with gateway_processes([env], tmp_path) as [gateway]:
         with httpx.Client(base_url=gateway.url, timeout=30) as client:
@@ -251,7 +252,7 @@ def test_two_replicas_sharing_redis_and_postgres_settle_once(
         chain, demo_catalog(tmp_path, upstream), postgres_database,
         X402GW_REDIS_URL="redis://127.0.0.1:6379/0", X402GW_REDIS_PREFIX=redis_prefix,
     )
-    ledger = Ledger(postgres_database)
+    ledger = open_ledger(postgres_database)
     settled_before = sum(r.amount for r in ledger.all() if r.state == PaymentState.SETTLED)
     before = chain.balance(PAY_TO)
     with gateway_processes([env, env], tmp_path) as [one, two]:

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.ops.serving import ThreadServer
 from settlement.x402.codec import encode_header
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of
 from tests.e2e.test_paid_call import pay, receipt_of

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import delete, update
 
 from settlement.x402.codec import encode_header
-from settlement.ledger.payments import Payment, PaymentState, StoredResponse
+from settlement.ledger import Payment, PaymentState, StoredResponse
 from gateway.devkit.payer import Payer
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, body_json, demo_catalog, offer_of, upstream_hits
 from tests.e2e.test_paid_call import receipt_of

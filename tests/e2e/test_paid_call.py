@@ -9,7 +9,7 @@ import pytest
 
 from gateway.protocol.offers import request_binding
 from settlement.x402.codec import decode_header_json, encode_header
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
 from settlement.x402.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain, RunningGateway, body_json, offer_of, upstream_hits

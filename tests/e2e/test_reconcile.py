@@ -15,7 +15,7 @@ from sqlalchemy import delete
 
 from gateway.cli.main import main
 from settlement.chain.client import SEL_TRANSFER_WITH_AUTHORIZATION
-from settlement.ledger.payments import Payment, PaymentState
+from settlement.ledger import Payment, PaymentState
 from gateway.devkit.payer import Payer
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of
 from tests.e2e.test_paid_call import pay

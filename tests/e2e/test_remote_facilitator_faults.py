@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from settlement.ledger.payments import Ledger, PaymentState
+from settlement.ledger import PaymentState
+from settlement.schema import open_ledger
 from settlement.schemes.remote import RemoteFacilitator
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, body_json, demo_catalog, upstream_hits
 from tests.e2e.test_exactly_once import process_env, raw_request, signed, wait_for
@@ -162,7 +163,7 @@ def test_kill_9_while_the_remote_facilitator_settles_then_restart(
     database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     local_env = process_env(devchain, demo_catalog(tmp_path, upstream), database_url)
     remote_env = {**local_env, "X402_FACILITATOR_URL": double.url}
-    ledger = Ledger(database_url)
+    ledger = open_ledger(database_url)
     double.settle_mode = "timeout"  # the gateway waits on /settle until it is killed
     with gateway_processes([remote_env], tmp_path) as [gateway]:
         with httpx.Client(base_url=gateway.url, timeout=30) as client:

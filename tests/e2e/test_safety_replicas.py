@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from settlement.x402.codec import encode_header
-from settlement.ledger.payments import Ledger, PaymentState
+from settlement.ledger import Ledger, PaymentState
+from settlement.schema import open_ledger
 from gateway.devkit.payer import Payer
 from tests.conftest import (
     PAY_TO,
@@ -83,7 +84,7 @@ def test_a_budget_holds_across_two_replicas_under_concurrency(
         "\nupstreams:", '\nbudgets:\n  per_payer: {amount: "0.010", window: 1d}\n\nupstreams:', 1))
     payer = 4
     address = devchain.address(payer)
-    ledger = Ledger(postgres_database)
+    ledger = open_ledger(postgres_database)
     before = devchain.balance(PAY_TO)
     with gateway_processes(replica_envs(devchain, catalog, postgres_database, redis_prefix), tmp_path) as replicas:
         one, two = replicas

@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from gateway.ops.serving import ThreadServer
 from settlement.x402.codec import encode_header
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
 from tests.conftest import (
     PAY_TO,

@@ -10,7 +10,7 @@ from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
 
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from tests.conftest import PAY_TO, Devchain, RunningGateway
 
 PAYER = 4

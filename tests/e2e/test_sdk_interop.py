@@ -27,7 +27,7 @@ from x402.mechanisms.evm.exact import ExactEvmScheme, ExactEvmServerScheme, regi
 from x402.schemas import parse_payment_payload, parse_payment_requirements
 
 from gateway.ops.serving import ThreadServer
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from settlement.schemes.remote import RemoteFacilitator
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, upstream_hits
 from tests.e2e.test_paid_call import pay, receipt_of

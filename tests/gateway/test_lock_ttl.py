@@ -14,7 +14,7 @@ from catalog.models import Upstream
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.store import MemoryStore
-from settlement.ledger.payments import Ledger
+from settlement.schema import open_ledger
 from settlement.schemes.remote import RemoteFacilitator
 
 HEAD = """\
@@ -69,7 +69,7 @@ def lock_ttl_seconds(tmp_path: Path, catalog: str, **overrides: object) -> tuple
         deployment_file=tmp_path / "absent.json", **overrides,
     )
     catalogs = load_catalogs(settings.catalog)
-    ledger = Ledger(settings.database_url)
+    ledger = open_ledger(settings.database_url)
     try:
         app = create_app(settings, catalogs=catalogs, ledger=ledger, store=MemoryStore())
         worst = [worst_upstream_seconds(tool.upstream) for tool in catalogs.tools]

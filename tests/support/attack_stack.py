@@ -23,7 +23,8 @@ from gateway.app import create_app
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
 from settlement.x402.codec import decode_header_json, encode_header
-from settlement.ledger.payments import Ledger
+from settlement.ledger import Ledger
+from settlement.schema import open_ledger
 from gateway.devkit.payer import Payer
 from settlement.x402.wire import PaymentPayload, PaymentRequired, PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, running_devchain
@@ -190,7 +191,7 @@ class Stack:
             if store == "redis":
                 values.update(redis_url=REDIS_URL, redis_prefix=self.redis_prefix)
             settings = Settings(**values)
-            ledger = Ledger(settings.database_url)
+            ledger = open_ledger(settings.database_url)
             server = ThreadServer(create_app(settings, catalogs=self.catalogs, ledger=ledger)).start()
             self.gateways[store] = Gateway(server.url, store, ledger, server)
         return self.gateways[store]

@@ -55,7 +55,7 @@ from settlement.schemes.eip712 import (
     domain_separator,
     recover_signer,
 )
-from settlement.ledger.payments import Ledger, Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.chain.networks import to_caip2
 from tests.conftest import Devchain
 from tests.support.recording_upstream import (

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from settlement.ledger.payments import Ledger, Payment
+from settlement.ledger import Ledger, Payment
 
 
 def force_row(ledger: Ledger, payment_id: int, **fields: Any) -> None:

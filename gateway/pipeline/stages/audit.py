@@ -14,7 +14,7 @@ import time
 from gateway.pipeline.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.upstream.bridge import UpstreamClient, UpstreamResponse
-from settlement.audit.trail import AuditEvent, redact_url
+from settlement.audit import AuditEvent, redact_url
 
 
 class RecordingUpstream:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from gateway.cli.main import main
-from settlement.audit.trail import AuditEvent, AuditTrail
+from settlement.audit import AuditEvent, AuditTrail
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from gateway.ops.health import (
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
 from gateway.store import MemoryStore, RedisStore, StoreUnavailable
-from settlement.chain.client import Web3Chain
-from settlement.ledger.payments import Ledger
+from settlement.chain.client import JsonRpcChain
+from settlement.schema import open_ledger
 from settlement.schemes.remote import RemoteFacilitator
 from tests.conftest import Devchain, GatewayFactory, demo_catalog
 from tests.support.facilitator_double import NETWORK, SUPPORTED, closed_port_url
@@ -79,9 +79,9 @@ def test_store_check() -> None:
 
 def test_chain_check(devchain: Devchain) -> None:
     async def body() -> tuple[bool, dict[str, dict[str, str]]]:
-        good = Web3Chain(devchain.anvil.rpc_url, 31337, None)
-        other = Web3Chain(devchain.anvil.rpc_url, 8453, None)
-        dead = Web3Chain(closed_port_url(), 31337, None)
+        good = JsonRpcChain(devchain.anvil.rpc_url, 31337, None)
+        other = JsonRpcChain(devchain.anvil.rpc_url, 8453, None)
+        dead = JsonRpcChain(closed_port_url(), 31337, None)
         try:
             return await Readiness({"good": chain_check(good), "other": chain_check(other),
                                     "dead": chain_check(dead)}).run()
@@ -148,7 +148,7 @@ def test_gateway_not_ready_when_the_store_goes_away(tmp_path: Any, devchain: Dev
         database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
     )
     store = SwitchableStore()
-    ledger = Ledger(settings.database_url)
+    ledger = open_ledger(settings.database_url)
     app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger, store=store)
     try:
         with ThreadServer(app) as server:

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.settings import DEFAULT_CATALOG, Settings
 from gateway.store import MemoryStore
-from settlement.audit.trail import AuditEvent
+from settlement.audit import AuditEvent
 from tests.gateway.conftest import FakeClock
 
 Request = tuple[str, str, dict[str, str], bytes | None]  # method, path and query, headers, body

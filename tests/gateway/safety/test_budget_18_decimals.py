@@ -11,7 +11,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.safety.checks import Safety
 from gateway.store import StateStore
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from tests.gateway.conftest import StoreBackend
 
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"

@@ -24,7 +24,7 @@ from gateway.safety.policy import Policy, parse_policy, policy_routes
 from gateway.settings import Settings
 from gateway.safety.checks import Limits, Safety
 from gateway.store import MemoryStore, StateStore
-from settlement.ledger.payments import PaymentState
+from settlement.ledger import PaymentState
 from tests.gateway.conftest import FakeClock, StoreBackend
 
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"

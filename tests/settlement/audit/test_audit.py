@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from settlement.audit.trail import (
+from settlement.audit import (
     GENESIS_HASH,
     REDACTED,
     AuditEvent,
@@ -241,7 +241,7 @@ def test_concurrent_writers_on_postgresql_make_one_chain(postgres_url: str) -> N
 
 WRITER = """
 import sys
-from settlement.audit.trail import AuditEvent, AuditTrail
+from settlement.audit import AuditEvent, AuditTrail
 trail = AuditTrail(sys.argv[1])
 sys.stdin.readline()  # go: both processes are connected and waiting
 for n in range(100):
@@ -255,7 +255,7 @@ def test_two_processes_append_to_one_chain(backend: str, postgres_url: str, tmp_
     url = postgres_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     trail = AuditTrail(url)  # creates the tables and the head before the writers race
     before = trail.head()[0]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     processes = [
         subprocess.Popen([sys.executable, "-c", WRITER, url, f"p{i}"], cwd=root, stdin=subprocess.PIPE,
                          stderr=subprocess.PIPE)

@@ -9,7 +9,7 @@ import random
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from settlement.audit.trail import HASH_VERSION, canonical_json, clean_fields, iso_utc, record_hash
+from settlement.audit import HASH_VERSION, canonical_json, clean_fields, iso_utc, record_hash
 
 
 def reference_canonical(value: Any) -> str:

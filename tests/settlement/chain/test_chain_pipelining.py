@@ -17,15 +17,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.ops.serving import ThreadServer
-from settlement.chain.client import Web3Chain
+from settlement.chain.client import JsonRpcChain
 from gateway.devkit.devchain import LOCAL_NETWORK
-from settlement.schemes.facilitator import LocalFacilitator
+from settlement.schemes.exact_local import LocalFacilitator
 from gateway.devkit.payer import Payer
 from settlement.x402.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain
 from tests.support.settlement_helpers import PRICE, SETTLEMENT_KEY, requirements, settlement_nonce, tcp_front
 
-class CountingChain(Web3Chain):
+class CountingChain(JsonRpcChain):
     """Counts the HTTP requests and the JSON-RPC calls in them (the unit under test is the client)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -89,7 +89,7 @@ def test_a_write_ahead_failure_leaves_no_gap(devchain: Devchain) -> None:
     start_nonce = settlement_nonce(devchain, "latest")
 
     async def run() -> list[SettleResponse | BaseException]:
-        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
         signed: list[str] = []
         all_signed = asyncio.Event()
@@ -132,7 +132,7 @@ def test_a_freed_nonce_is_reused_by_the_next_settlement(devchain: Devchain) -> N
         raise RuntimeError("ledger down")
 
     async def run() -> SettleResponse:
-        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
         try:
             with pytest.raises(RuntimeError):
@@ -193,7 +193,7 @@ def test_a_repeated_broadcast_of_our_own_transaction_is_not_sent_again(devchain:
     start_nonce = settlement_nonce(devchain, "latest")
 
     async def run() -> tuple[str, str]:
-        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
         try:
             first = await local.settle(payment, req)
@@ -251,14 +251,14 @@ def test_a_dropped_connection_is_retried_once(devchain: Devchain, dropping_proxy
     url, drop = dropping_proxy
 
     async def run() -> tuple[int, str]:
-        chain = Web3Chain(url, 31337, None)
+        chain = JsonRpcChain(url, 31337, None)
         try:
             drop[0] = 1
             balance = await chain.balance_of(devchain.token, PAY_TO)  # first connection dropped, then retried
             assert drop[0] == 0
         finally:
             await chain.close()
-        chain = Web3Chain(url, 31337, None)
+        chain = JsonRpcChain(url, 31337, None)
         try:
             drop[0] = 2
             await chain.balance_of(devchain.token, PAY_TO)
@@ -283,7 +283,7 @@ def test_a_broadcast_that_never_reached_the_node_is_sent_again(
     req = requirements(devchain)
 
     async def run() -> tuple[SettleResponse, Any]:
-        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
         try:
             assert (await local.settle(Payer(devchain.key(4)).sign(req), req)).success  # fees and nonce known
@@ -312,7 +312,7 @@ def test_a_transaction_the_node_forgot_is_sent_again(devchain: Devchain) -> None
         return devchain.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
 
     async def run() -> Any:
-        chain = Web3Chain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
         anvil("evm_setAutomine", False)
         try:
@@ -333,7 +333,7 @@ def test_a_transaction_the_node_forgot_is_sent_again(devchain: Devchain) -> None
     assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest")
 
 
-class MethodCountingChain(Web3Chain):
+class MethodCountingChain(JsonRpcChain):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.methods: list[str] = []
@@ -390,7 +390,7 @@ def no_block_receipts_node(devchain: Devchain) -> Iterator[str]:
         yield server.url
 
 
-class ScanCountingChain(Web3Chain):
+class ScanCountingChain(JsonRpcChain):
     """Tells when ``expected`` waiters have passed their direct look and handed over to the poller."""
 
     def __init__(self, *args: Any, expected: int, **kwargs: Any) -> None:
@@ -444,7 +444,7 @@ def test_the_poller_finds_receipts_mined_after_the_waiters_looked(
     assert used_block_receipts is block_receipts
 
 
-class BatchRecordingChain(Web3Chain):
+class BatchRecordingChain(JsonRpcChain):
     """Keeps the nonces of the broadcasts in each JSON-RPC request, in the order they were sent."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -508,7 +508,7 @@ def test_close_stops_background_sends(devchain: Devchain, dropping_proxy: tuple[
     req = requirements(devchain)
 
     async def run() -> tuple[SettleResponse, list[asyncio.Task[None]]]:
-        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
         assert (await local.settle(Payer(devchain.key(7)).sign(req), req)).success  # fees and nonce known
         await chain.close()  # the next request opens a new connection: the proxy drops two

@@ -21,10 +21,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.ops.serving import ThreadServer
-from settlement.chain.client import Web3Chain
+from settlement.chain.client import JsonRpcChain
 from gateway.devkit.devchain import LOCAL_NETWORK
-from settlement.schemes.facilitator import LocalFacilitator
-from settlement.ledger.payments import Ledger, PaymentState
+from settlement.schemes.exact_local import LocalFacilitator
+from settlement.ledger import PaymentState
+from settlement.schema import open_ledger
 from gateway.devkit.payer import Payer
 from settlement.x402.wire import SettleResponse
 from tests.conftest import Devchain
@@ -40,7 +41,7 @@ def test_a_write_ahead_answered_in_a_group_is_not_undone_by_a_neighbours_failed_
     transaction back on its flush error, yet the write-ahead was already answered "written":
     the settlement would be broadcast with no ``settling`` row and no stored answer."""
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    ledger = Ledger(url)
+    ledger = open_ledger(url)
     outside = create_engine(url)
 
     async def run() -> list[Any]:
@@ -133,7 +134,7 @@ def test_a_gap_filler_whose_broadcast_was_lost_leaves_no_gap(
     start_nonce = settlement_nonce(devchain, "latest")
 
     async def run() -> list[SettleResponse | BaseException]:
-        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=8)
         signed: list[str] = []
         all_signed = asyncio.Event()
@@ -227,7 +228,7 @@ def test_a_broadcast_repeated_after_a_dropped_connection_is_not_reported_refused
     auth = payment.payload["authorization"]
 
     async def run() -> SettleResponse:
-        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
         timer: threading.Timer | None = None
         try:
@@ -295,7 +296,7 @@ def test_a_caller_gone_mid_broadcast_leaves_no_gap(
     start = settlement_nonce(devchain, "latest")
 
     async def run() -> SettleResponse:
-        chain = Web3Chain(url, 31337, SETTLEMENT_KEY)
+        chain = JsonRpcChain(url, 31337, SETTLEMENT_KEY)
         local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=10)
         try:
             first = asyncio.ensure_future(local.settle(Payer(devchain.key(1)).sign(req), req))

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from settlement.errors import LedgerError
-from settlement.ledger.payments import Base, Ledger, Payment, PaymentState
+from settlement.ledger import Base, Ledger, Payment, PaymentState
+from settlement.schema import open_ledger
 from tests.support.ledger_rows import force_row
 
 NETWORK = "eip155:31337"
@@ -25,7 +26,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
         url = f"sqlite:///{tmp_path / 'ledger' / 'payments.db'}"
     else:
         url = request.getfixturevalue("postgres_url")
-    ledger = Ledger(url)
+    ledger = open_ledger(url)
     try:
         yield ledger
     finally:
@@ -238,7 +239,7 @@ def test_state_survives_reopening(ledger: Ledger) -> None:
     ledger.begin_settlement(row.id, None)
     ledger.mark_settled(row.id)
 
-    reopened = Ledger(ledger.url)
+    reopened = open_ledger(ledger.url)
     try:
         stored = reopened.get(row.id)
     finally:
@@ -292,4 +293,4 @@ def test_rows_are_detached_and_readable(ledger: Ledger) -> None:
 
 def test_unreachable_database_is_a_ledger_error() -> None:
     with pytest.raises(LedgerError):
-        Ledger("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
+        open_ledger("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=2")

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import create_engine, event, text
 
 from settlement.errors import LedgerError
-from settlement.ledger.payments import Ledger, PaymentState
+from settlement.ledger import Ledger, PaymentState
+from settlement.schema import open_ledger
 from tests.support.settlement_helpers import ledger_fields
 
 
@@ -23,7 +24,7 @@ def count_commits(ledger: Ledger) -> list[int]:
 
 def test_concurrent_writes_share_commits_and_are_durable_when_answered(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    ledger = Ledger(url)
+    ledger = open_ledger(url)
     commits = count_commits(ledger)
     outside = create_engine(url)  # another connection: sees only what was committed
 
@@ -52,7 +53,7 @@ def test_concurrent_writes_share_commits_and_are_durable_when_answered(tmp_path:
 
 
 def test_an_error_stays_with_its_call(tmp_path: Path) -> None:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
 
     async def run() -> list[Any]:
         first = await ledger.run(ledger.record_verified, **ledger_fields(1))
@@ -79,7 +80,7 @@ def test_an_error_stays_with_its_call(tmp_path: Path) -> None:
 
 
 def test_a_failed_commit_fails_every_call_in_it(tmp_path: Path) -> None:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
 
     def refuse(_conn: Any) -> None:
         raise RuntimeError("disk full")
@@ -104,7 +105,7 @@ def test_a_failed_commit_fails_every_call_in_it(tmp_path: Path) -> None:
 
 
 def test_postgresql_takes_concurrent_calls_on_a_pool(postgres_url: str) -> None:
-    ledger = Ledger(postgres_url)
+    ledger = open_ledger(postgres_url)
 
     async def run() -> list[Any]:
         rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(10_000 + i)) for i in range(40)))
@@ -120,7 +121,7 @@ def test_postgresql_takes_concurrent_calls_on_a_pool(postgres_url: str) -> None:
 
 
 def test_a_closed_ledger_refuses_new_calls(tmp_path: Path) -> None:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     ledger.close()
     with pytest.raises(LedgerError) as refused:
         asyncio.run(ledger.run(ledger.all))

@@ -13,9 +13,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
-from settlement.audit.trail import AuditEvent, AuditTrail
-from settlement.ledger.payments import Base, Ledger, PaymentState, create_ledger_engine
-from settlement.ledger.migrations import (
+from settlement.audit import AuditEvent, AuditTrail
+from settlement.ledger import Base, PaymentState, create_ledger_engine
+from settlement.schema import open_ledger
+from settlement.schema.migrations import (
     alembic_config,
     current_revision,
     head_revision,
@@ -82,7 +83,7 @@ def test_upgrade_from_the_first_schema_keeps_rows_and_adds_columns(empty_engine:
     assert not inspect(empty_engine).has_table("stored_responses")
     _insert_first_schema_rows(empty_engine)
 
-    ledger = Ledger(empty_engine.url.render_as_string(hide_password=False))  # upgrades on open
+    ledger = open_ledger(empty_engine.url.render_as_string(hide_password=False))  # upgrades on open
     try:
         rows = ledger.all()
         assert [(r.request_id, r.amount, r.state, r.decimals, r.settle_mode, r.refund_owed) for r in rows] == [

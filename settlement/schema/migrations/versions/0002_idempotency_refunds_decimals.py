@@ -2,7 +2,7 @@
 token's decimals per payment (exports print exact decimal amounts without guessing).
 
 Adds only what is missing, so a database created by ``create_all`` at any commit before Alembic
-(stamped as 0001 by ``settlement.ledger.migrations.migrate``) is adopted.
+(stamped as 0001 by ``settlement.schema.migrations.migrate``) is adopted.
 
 Revision ID: 0002
 Revises: 0001

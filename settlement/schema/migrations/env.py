@@ -1,14 +1,14 @@
-"""Alembic environment: the connection comes from ``settlement.ledger.migrations.alembic_config``
-(``Ledger`` and ``x402gw db upgrade``), or an engine from ``sqlalchemy.url`` for the alembic CLI."""
+"""Alembic environment: the connection comes from ``settlement.schema.migrations.alembic_config``
+(``open_ledger`` and ``x402gw db upgrade``), or an engine from ``sqlalchemy.url`` for the alembic CLI."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-import settlement.audit.trail  # noqa: F401  (registers the audit tables on the metadata)
-from settlement.ledger.payments import Base, create_ledger_engine
-from settlement.ledger.migrations import include_object
+import settlement.audit.records  # noqa: F401  (registers the audit tables on the metadata)
+from settlement.ledger.models import Base, create_ledger_engine
+from settlement.schema.migrations import include_object
 
 
 def _run(connection: Connection) -> None:

@@ -1,6 +1,7 @@
 """Alembic migrations of the ledger schema, runnable from an installed package (no alembic.ini).
 
-``migrate(engine)`` is what ``Ledger`` runs on start and what ``x402gw db upgrade`` runs:
+``migrate(engine)`` is what ``settlement.schema.open_ledger`` runs at start-up and what
+``x402gw db upgrade`` runs:
 
 * a database already at the head revision: one query, nothing else;
 * an empty database: ``create_all`` from the models and a stamp of the head revision (fast, and
@@ -25,6 +26,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
+
+import settlement.audit.records  # noqa: F401  (registers the audit tables on the metadata)
+from settlement.ledger.models import Base
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 FIRST_REVISION = "0001"
@@ -75,9 +79,6 @@ def _migrate(connection: Connection) -> str:
         return "current"
     if not has_payments:
         # Empty (or emptied by drop_all, which leaves alembic_version behind): build and stamp.
-        import settlement.audit.trail  # noqa: F401  (registers the audit tables on the metadata)
-        from settlement.ledger.payments import Base
-
         Base.metadata.create_all(connection, tables=[Base.metadata.tables[name] for name in LEDGER_TABLES])
         context.stamp(script_directory(), "head")
         return "created"

@@ -1,0 +1,160 @@
+"""Group commit: the SQLite ledger's one writer thread.
+
+SQLite takes one writer at a time and its lock waits sleep in whole milliseconds, so the ledger
+gives it one thread that runs the calls queued together in one transaction and commits once.
+``Ledger`` (``settlement.ledger.payments``) owns the worker; this module knows only an engine and
+the thread-local slot through which a call finds the group's connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Engine
+
+from settlement.errors import LedgerError
+
+__all__ = ["GroupCommitWorker", "atomic_alone"]
+
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def atomic_alone(fn: _F) -> _F:
+    """Marks a ledger call that needs no savepoint of its own in a group transaction: it writes at
+    most one statement (SQLite undoes a failing statement by itself), or its ORM part takes its own
+    savepoint (``_session``). Every other call gets a savepoint."""
+    fn.atomic_alone = True  # type: ignore[attr-defined]
+    return fn
+
+
+class GroupCommitWorker(Executor):
+    """The SQLite ledger's one thread. Calls queued while a transaction runs are run together in the
+    next one, committed once, and only then answered: a caller that was told "written" is durable
+    (the write-ahead rule), and a burst of payments costs one commit, not one each.
+
+    Each call runs in its own savepoint: one that raises is answered with its error, leaves nothing
+    behind, and undoes none of the others.
+    ``submit`` runs a call alone, outside any group transaction (the audit trail's appends, which
+    take the database's write lock with a connection of their own).
+    """
+
+    MAX_GROUP = 256
+
+    def __init__(self, engine: Engine, batch: threading.local) -> None:
+        """``batch.connection`` is set to the group's connection while its calls run (and read by
+        the ledger's ``_connection`` and ``_session``)."""
+        self._engine = engine
+        self._batch = batch
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], bool] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="x402gw-ledger", daemon=True)
+        self._thread.start()
+
+    def submit_grouped(self, call: Callable[[], _T]) -> Future[_T]:
+        return self._put(call, grouped=True)
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:  # type: ignore[override]
+        return self._put(functools.partial(fn, *args, **kwargs), grouped=False)
+
+    def _put(self, call: Callable[[], Any], *, grouped: bool) -> Future[Any]:
+        if self._closed:
+            raise LedgerError("the ledger is closed", code="ledger_closed")
+        future: Future[Any] = Future()
+        self._queue.put((call, future, grouped))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        held: tuple[Callable[[], Any], Future[Any], bool] | None = None
+        while True:
+            item = held if held is not None else self._queue.get()
+            held = None
+            if item is None:
+                self._refuse_the_rest()
+                return
+            call, future, grouped = item
+            if not grouped:
+                self._answer([(future, *_outcome(call))])
+                continue
+            group = [(call, future)]
+            while len(group) < self.MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or not nxt[2]:
+                    held = nxt if nxt is not None else None
+                    if nxt is None:
+                        self._queue.put(None)
+                    break
+                group.append((nxt[0], nxt[1]))
+            self._answer(self._run_group(group))
+
+    def _run_group(self, group: list[tuple[Callable[[], Any], Future[Any]]]) -> list[tuple[Future[Any], bool, Any]]:
+        if len(group) == 1:
+            return [(group[0][1], *_outcome(group[0][0]))]
+        outcomes: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            with self._engine.begin() as connection:
+                # pysqlite begins lazily at the first write: begin now, so the savepoints below nest
+                # in this one transaction (and the write lock is held from a fresh snapshot).
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+                self._batch.connection = connection
+                try:
+                    for call, future in group:
+                        if getattr(getattr(call, "func", None), "atomic_alone", False):
+                            outcomes.append((future, *_outcome(call)))
+                            continue
+                        savepoint = connection.begin_nested()
+                        ok, value = _outcome(call)
+                        if ok:
+                            savepoint.commit()
+                        else:
+                            savepoint.rollback()  # a failed call leaves nothing behind and undoes no other
+                        outcomes.append((future, ok, value))
+                finally:
+                    self._batch.connection = None
+        except Exception as exc:  # the commit (or BEGIN) failed: nothing of the group was written
+            error = LedgerError(f"ledger write failed ({type(exc).__name__})")
+            error.__cause__ = exc
+            return [(future, False, error) for _, future in group]
+        return outcomes
+
+    def _refuse_the_rest(self) -> None:
+        """Calls that raced ``shutdown`` past its stop marker are answered, not left waiting."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(LedgerError("the ledger is closed", code="ledger_closed"))
+
+    @staticmethod
+    def _answer(outcomes: list[tuple[Future[Any], bool, Any]]) -> None:
+        for future, ok, value in outcomes:
+            if not future.set_running_or_notify_cancel():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, call()
+    except BaseException as exc:  # handed to the caller, like an executor would
+        return False, exc
