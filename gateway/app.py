@@ -24,7 +24,17 @@ from catalog import CatalogError, Catalogs, load_catalogs
 from catalog.loader import price_ceiling_issues
 from gateway.ops.admin import Dashboard, admin_routes
 from gateway.surfaces.discovery import Discovery
-from gateway.errors import GatewayError
+from gateway.errors import GatewayConfigError, GatewayError
+from gateway.headers import (
+    ACCEPT,
+    CONTENT_TYPE,
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    REQUEST_ID,
+    X_PAYMENT,
+    X_PAYMENT_RESPONSE,
+)
 from gateway.pipeline.fastpath import UnpaidFastPath
 from gateway.ops.health import Readiness, gateway_checks, healthz
 from gateway.ops.metrics import GatewayMetrics
@@ -51,14 +61,6 @@ log = logging.getLogger("x402gw")
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _ANVIL_KEYS = frozenset(key.lower().removeprefix("0x") for key in ANVIL_KEYS)
-
-
-class GatewayConfigError(Exception):
-    """The gateway refuses to start: the message says what to fix."""
-
-    def __init__(self, message: str, code: str = "invalid_configuration") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def is_dev_key(key: str) -> bool:
@@ -401,8 +403,8 @@ def create_app(
     cors: dict[str, Any] = dict(
         allow_origins=["*"],
         allow_methods=ALL_METHODS,
-        allow_headers=["Content-Type", "PAYMENT-SIGNATURE", "X-PAYMENT", "Accept"],
-        expose_headers=["PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE", "X-Request-Id"],
+        allow_headers=[CONTENT_TYPE, PAYMENT_SIGNATURE, X_PAYMENT, ACCEPT],
+        expose_headers=[PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, REQUEST_ID],
     )
     app = _Gateway(
         routes=routes,

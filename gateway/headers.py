@@ -7,10 +7,20 @@ Names are written in their canonical case; ``*_LOWER`` forms are for ASGI scopes
 from __future__ import annotations
 
 __all__ = [
+    "ACCEPT",
+    "ACCEPT_LANGUAGE",
+    "AUTHORIZATION",
+    "CACHE_CONTROL",
+    "CONTENT_TYPE",
+    "PAYMENT_HEADERS",
     "PAYMENT_REQUIRED",
     "PAYMENT_RESPONSE",
     "PAYMENT_SIGNATURE",
     "REQUEST_ID",
+    "RETRY_AFTER",
+    "SOAP_ACTION",
+    "USER_AGENT",
+    "WWW_AUTHENTICATE",
     "X402GW_PREFIX",
     "X402GW_REFUND",
     "X402GW_REPLAY",
@@ -33,6 +43,18 @@ REQUEST_ID = "X-Request-Id"
 X402GW_PREFIX = "X402GW-"
 X402GW_REPLAY = "X402GW-Replay"
 X402GW_REFUND = "X402GW-Refund"
+# Every x402 payment header of either version: the gateway's alone, never passed to or from an upstream.
+PAYMENT_HEADERS = (PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PAYMENT_RESPONSE, X_PAYMENT, X_PAYMENT_REQUIRED, X_PAYMENT_RESPONSE)
+# HTTP's own, where the gateway reads or sets them by name
+ACCEPT = "Accept"
+ACCEPT_LANGUAGE = "Accept-Language"
+AUTHORIZATION = "Authorization"
+CACHE_CONTROL = "Cache-Control"
+CONTENT_TYPE = "Content-Type"
+RETRY_AFTER = "Retry-After"
+SOAP_ACTION = "SOAPAction"
+USER_AGENT = "User-Agent"
+WWW_AUTHENTICATE = "WWW-Authenticate"
 
 
 def lower(name: str) -> str:

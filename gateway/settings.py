@@ -1,8 +1,25 @@
-"""Gateway settings: one typed object, env prefix ``X402GW_``, built once in ``main()``."""
+"""Gateway settings: one typed object, env prefix ``X402GW_``, built once in ``main()``.
+
+The fields are flat because they are the environment's vocabulary (``X402GW_RATE_LIMIT_PER_CLIENT``
+and friends are a stable interface) and the constructor's (``Settings(database_url=...)``). Code
+reads them by concern, through typed read-only views built from those fields:
+
+    settings.server         host, port, public_url, challenge_body, log_level
+    settings.http           request and response size limits
+    settings.storage        database_url, redis_url, redis_prefix
+    settings.chain          deployment_file, rpc_urls, settlement_key, refund_key, receipt timeout, batching
+    settings.facilitator    per-network facilitators, remote URL and timeout, the served facilitator
+    settings.safety         gateway-wide budgets, rate limits, price ceiling, policy file
+    settings.admin          admin token, readiness timeout
+
+A view is rebuilt on each access (a few attribute copies), so it never goes stale when a test sets a
+flat field; read it once where it matters.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -11,6 +28,20 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, f
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from catalog.limits import Budget, RateLimit, parse_budget, parse_rate_limit
+
+__all__ = [
+    "DEFAULT_CATALOG",
+    "AdminSettings",
+    "BatchSettlement",
+    "ChainSettings",
+    "FacilitatorSettings",
+    "HttpLimits",
+    "SafetySettings",
+    "ServerSettings",
+    "Settings",
+    "StorageSettings",
+]
+
 
 def _budget(value: Any) -> Any:
     return parse_budget(value) if isinstance(value, str) and value.strip() else (value or None)
@@ -31,6 +62,67 @@ class BatchSettlement(BaseModel):
     max_wait_ms: float = Field(default=20.0, gt=0, le=10_000)
     max_payments: int = Field(default=50, ge=1, le=250)
     contract: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str
+    port: int
+    public_url: str | None
+    challenge_body: Literal["v2", "v1"]
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    max_body_bytes: int
+    max_header_bytes: int
+    max_upstream_response_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    database_url: str
+    redis_url: str | None
+    redis_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainSettings:
+    deployment_file: Path
+    rpc_urls: dict[str, str]
+    settlement_key: SecretStr | None
+    refund_key: SecretStr | None
+    receipt_timeout_seconds: float
+    batch_settlement: dict[str, BatchSettlement]
+
+
+@dataclass(frozen=True, slots=True)
+class FacilitatorSettings:
+    by_network: dict[str, str]  # X402GW_FACILITATORS
+    url: str | None  # X402_FACILITATOR_URL
+    settle_timeout_seconds: float
+    serve: bool  # X402GW_SERVE_FACILITATOR
+    rate_limit: RateLimit | None  # X402GW_FACILITATOR_RATE_LIMIT
+    pay_to: list[str]  # X402GW_FACILITATOR_PAY_TO
+
+
+@dataclass(frozen=True, slots=True)
+class SafetySettings:
+    budget_per_payer: Budget | None
+    budget_per_payer_per_tool: Budget | None
+    budget_per_owner: Budget | None
+    rate_limit_per_payer: RateLimit | None
+    rate_limit_per_tool: RateLimit | None
+    rate_limit_per_client: RateLimit | None
+    max_price: Decimal | None
+    policy_file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    token: SecretStr | None  # X402GW_ADMIN_TOKEN
+    readiness_timeout_seconds: float
 
 
 class Settings(BaseSettings):
@@ -131,3 +223,43 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    # -- views by concern (see the module docstring) --
+
+    @property
+    def server(self) -> ServerSettings:
+        return ServerSettings(self.host, self.port, self.public_url, self.challenge_body, self.log_level)
+
+    @property
+    def http(self) -> HttpLimits:
+        return HttpLimits(self.max_body_bytes, self.max_header_bytes, self.max_upstream_response_bytes)
+
+    @property
+    def storage(self) -> StorageSettings:
+        return StorageSettings(self.database_url, self.redis_url, self.redis_prefix)
+
+    @property
+    def chain(self) -> ChainSettings:
+        return ChainSettings(
+            self.deployment_file, self.rpc_urls, self.settlement_key, self.refund_key,
+            self.receipt_timeout_seconds, self.batch_settlement,
+        )
+
+    @property
+    def facilitator(self) -> FacilitatorSettings:
+        return FacilitatorSettings(
+            self.facilitators, self.facilitator_url, self.facilitator_settle_timeout_seconds,
+            self.serve_facilitator, self.facilitator_rate_limit, self.facilitator_pay_to,
+        )
+
+    @property
+    def safety(self) -> SafetySettings:
+        return SafetySettings(
+            self.budget_per_payer, self.budget_per_payer_per_tool, self.budget_per_owner,
+            self.rate_limit_per_payer, self.rate_limit_per_tool, self.rate_limit_per_client,
+            self.max_price, self.policy_file,
+        )
+
+    @property
+    def admin(self) -> AdminSettings:
+        return AdminSettings(self.admin_token, self.readiness_timeout_seconds)

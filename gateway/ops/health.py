@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.errors import GatewayError
 from gateway.store import StateStore
 
 __all__ = ["CheckFailed", "Readiness", "gateway_checks", "healthz"]
@@ -26,12 +27,13 @@ __all__ = ["CheckFailed", "Readiness", "gateway_checks", "healthz"]
 log = logging.getLogger("x402gw.health")
 
 
-class CheckFailed(Exception):
+class CheckFailed(GatewayError):
     """A dependency answered, but not as it should: ``code`` is what /readyz reports."""
 
+    status = 503
+
     def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
+        super().__init__(code, code)
 
 
 # A check returns nothing when the dependency is fine and raises otherwise.

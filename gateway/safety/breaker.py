@@ -26,6 +26,7 @@ from typing import Any
 
 from catalog import Tool
 from catalog.limits import Breaker
+from gateway import codes
 from gateway.errors import GatewayError
 from gateway.store import StateStore
 
@@ -101,7 +102,7 @@ class Breakers:
 
     def _refusal(self, upstream: str, seconds: float) -> GatewayError:
         return GatewayError(
-            "upstream_circuit_open",
+            codes.UPSTREAM_CIRCUIT_OPEN,
             "the upstream behind this tool is failing; no payment is asked while it recovers; retry later",
             status=503, retryAfter=max(1, math.ceil(seconds)), upstream=upstream, retryable=True,
         )

@@ -33,8 +33,10 @@ from catalog import Catalogs, Tool, format_amount, to_atomic
 from catalog.limits import Budget, Budgets, RateLimit, RateLimits
 from gateway.safety.breaker import Breakers, Ticket, upstream_key
 from gateway.pipeline.context import RequestContext
+from gateway import codes
 from gateway.errors import GatewayError
 from gateway.safety.policy import Policy, PolicyView
+from gateway.settings import Settings
 from gateway.store import MAX_EXACT_UNITS, StateStore, StoreUnavailable
 from settlement.ledger.payments import Ledger, PaymentState
 
@@ -57,20 +59,21 @@ class Limits:
     max_header_bytes: int = 32_768
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Limits:
+    def from_settings(cls, settings: Settings) -> Limits:
+        safety = settings.safety
         return cls(
             budgets=Budgets(
-                per_payer=settings.budget_per_payer,
-                per_payer_per_tool=settings.budget_per_payer_per_tool,
-                per_owner=settings.budget_per_owner,
+                per_payer=safety.budget_per_payer,
+                per_payer_per_tool=safety.budget_per_payer_per_tool,
+                per_owner=safety.budget_per_owner,
             ),
             rate_limits=RateLimits(
-                per_payer=settings.rate_limit_per_payer,
-                per_tool=settings.rate_limit_per_tool,
-                per_client=settings.rate_limit_per_client,
+                per_payer=safety.rate_limit_per_payer,
+                per_tool=safety.rate_limit_per_tool,
+                per_client=safety.rate_limit_per_client,
             ),
-            max_price=settings.max_price,
-            max_header_bytes=settings.max_header_bytes,
+            max_price=safety.max_price,
+            max_header_bytes=settings.http.max_header_bytes,
         )
 
 
@@ -129,7 +132,7 @@ class _StoreErrors:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if isinstance(exc, StoreUnavailable):
             # fail closed: without the shared state no limit can be enforced, so nothing is sold
-            raise GatewayError("store_unavailable", "the gateway's shared state is unavailable; retry later",
+            raise GatewayError(codes.STORE_UNAVAILABLE, "the gateway's shared state is unavailable; retry later",
                                status=503, retryAfter=2) from None
         return False
 
@@ -223,7 +226,7 @@ class Safety:
         size = sum(len(name) + len(value) + 4 for name, value in headers)  # ": " and CRLF
         if size > self.limits.max_header_bytes:
             raise GatewayError(
-                "request_headers_too_large",
+                codes.REQUEST_HEADERS_TOO_LARGE,
                 f"request headers are limited to {self.limits.max_header_bytes} bytes in total",
                 status=431, limit=self.limits.max_header_bytes,
             )
@@ -238,7 +241,7 @@ class Safety:
         held.view = await self.policy.current()
         reason = held.view.tool_disabled(tool.name, tool.owner)
         if reason is not None:
-            raise GatewayError("tool_disabled", f"{tool.name} is not available: {reason}", status=503, retryable=False)
+            raise GatewayError(codes.TOOL_DISABLED, f"{tool.name} is not available: {reason}", status=503, retryable=False)
         self.price_guard(tool, price_atomic)
         with _store_errors():
             held.ticket = await self.breakers.check(tool, ctx.request_id if paying else None)
@@ -249,7 +252,7 @@ class Safety:
             return
         log.error("price guard: %s priced %s atomic, above its maximum %s", tool.name, price_atomic, ceiling)
         raise GatewayError(
-            "price_guard", "this tool's price is above the maximum this gateway allows; it is not sold now",
+            codes.PRICE_GUARD, "this tool's price is above the maximum this gateway allows; it is not sold now",
             status=503, retryable=False,
         )
 
@@ -271,7 +274,7 @@ class Safety:
         view = ctx.safety.view if isinstance(ctx.safety, Held) and ctx.safety.view else await self.policy.current()
         reason = view.payer_refused(payer)
         if reason is not None:
-            raise GatewayError("payer_denied", f"payments from {payer} are not accepted: {reason}",
+            raise GatewayError(codes.PAYER_DENIED, f"payments from {payer} are not accepted: {reason}",
                                status=403, retryable=False)
         await self._take(tool, "per_payer", payer)
         await self._take(tool, "per_tool", tool.name)
@@ -287,7 +290,7 @@ class Safety:
             if not decision.allowed:
                 wait = max(1, math.ceil(decision.retry_after_seconds))
                 raise GatewayError(
-                    "rate_limited", f"too many requests ({name}, {rule.limit.requests} per {rule.limit.window}s); "
+                    codes.RATE_LIMITED, f"too many requests ({name}, {rule.limit.requests} per {rule.limit.window}s); "
                     f"retry in {wait}s", status=429, retryAfter=wait, limit=name,
                 )
 
@@ -313,7 +316,7 @@ class Safety:
                 continue
             await self._release(held)
             raise GatewayError(
-                "budget_exceeded",
+                codes.BUDGET_EXCEEDED,
                 f"this call would pass the {rule.name.replace('_', ' ')} budget of "
                 f"{format_amount(rule.limit, rule.decimals)} per {rule.window}s; nothing was charged",
                 status=403, retryable=False, budget=rule.name, scope=rule.level.split(":", 1)[0],
@@ -343,7 +346,7 @@ class Safety:
                 await self.breakers.release(held.ticket)
             if held.reservations and not await self._money_may_have_moved(ctx, ledger):
                 await self._release(held)
-        except Exception:
+        except Exception:  # noqa: BLE001 - deliberate: a finalizer never raises (store, ledger or a bug: logged, answer kept)
             log.exception("safety cleanup failed on request %s", ctx.request_id)
 
     async def _money_may_have_moved(self, ctx: RequestContext, ledger: Ledger) -> bool:

@@ -35,7 +35,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import codes
 from gateway.errors import GatewayError
+from gateway.headers import AUTHORIZATION, WWW_AUTHENTICATE, lower
 from gateway.store import StateStore, StoreUnavailable
 
 __all__ = ["Policy", "PolicyView", "parse_policy", "policy_routes"]
@@ -155,7 +157,7 @@ class Policy:
         try:
             extra = await self.overrides()
         except StoreUnavailable:
-            raise GatewayError("store_unavailable", "the gateway's shared state is unavailable; retry later",
+            raise GatewayError(codes.STORE_UNAVAILABLE, "the gateway's shared state is unavailable; retry later",
                                status=503, retryAfter=2) from None
         if not any(extra.values()):
             return base
@@ -177,7 +179,7 @@ class Policy:
                 break
             await asyncio.sleep(0.02)  # another admin change is being written; it takes a moment
         else:
-            raise GatewayError("store_busy", "another policy change is in progress; retry", status=503, retryAfter=1)
+            raise GatewayError(codes.STORE_BUSY, "another policy change is in progress; retry", status=503, retryAfter=1)
         try:
             data = await self.overrides()
             entries = data[kind]
@@ -203,33 +205,33 @@ def policy_routes(policy: Policy, token: str, tools: Iterable[str], owners: Iter
     expected = f"Bearer {token}".encode()
 
     def authorised(request: Request) -> bool:
-        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
+        return hmac.compare_digest(request.headers.get(lower(AUTHORIZATION), "").encode(), expected)
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:
             data = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
-            raise GatewayError("invalid_json_body", "the request body is not valid JSON") from None
+            raise GatewayError(codes.INVALID_JSON_BODY, "the request body is not valid JSON") from None
         if not isinstance(data, dict):
-            raise GatewayError("invalid_json_body", "the request body must be a JSON object")
+            raise GatewayError(codes.INVALID_JSON_BODY, "the request body must be a JSON object")
         return data
 
     def reason_of(data: dict[str, Any]) -> str:
         reason = data.get("reason", "")
         if not isinstance(reason, str) or len(reason) > 500:
-            raise GatewayError("invalid_arguments", "reason must be a string of at most 500 characters")
+            raise GatewayError(codes.INVALID_ARGUMENTS, "reason must be a string of at most 500 characters")
         return reason
 
     async def guarded(request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
         if not authorised(request):
-            return GatewayError("admin_unauthorized", "the admin token is missing or wrong", status=401,
-                                headers={"WWW-Authenticate": 'Bearer realm="x402gw-admin"'}).to_response()
+            return GatewayError(codes.ADMIN_UNAUTHORIZED, "the admin token is missing or wrong", status=401,
+                                headers={WWW_AUTHENTICATE: 'Bearer realm="x402gw-admin"'}).to_response()
         try:
             return await handler(request)
         except GatewayError as err:
             return err.to_response()
         except StoreUnavailable:
-            return GatewayError("store_unavailable", "the shared state is unavailable; retry later",
+            return GatewayError(codes.STORE_UNAVAILABLE, "the shared state is unavailable; retry later",
                                 status=503, retryAfter=2).to_response()
 
     async def kill_switch(request: Request) -> Response:
@@ -243,11 +245,11 @@ def policy_routes(policy: Policy, token: str, tools: Iterable[str], owners: Iter
         data = await body_of(request)
         kinds = [k for k in ("tool", "owner") if k in data]
         if len(kinds) != 1 or not isinstance(data[kinds[0]], str) or not isinstance(data.get("disabled"), bool):
-            raise GatewayError("invalid_arguments", 'send {"tool": name} or {"owner": name} and "disabled": true|false')
+            raise GatewayError(codes.INVALID_ARGUMENTS, 'send {"tool": name} or {"owner": name} and "disabled": true|false')
         kind = kinds[0] + "s"
         name = data[kinds[0]]
         if name not in known[kind]:
-            raise GatewayError("not_found", f"no {kinds[0]} named {name!r} in the catalog", status=404)
+            raise GatewayError(codes.NOT_FOUND, f"no {kinds[0]} named {name!r} in the catalog", status=404)
         overrides = await policy.set(kind, name, data["disabled"], reason_of(data))
         log.warning("kill switch: %s %s %s", kinds[0], name, "disabled" if data["disabled"] else "enabled")
         return JSONResponse({"ok": True, "overrides": overrides})
@@ -256,7 +258,7 @@ def policy_routes(policy: Policy, token: str, tools: Iterable[str], owners: Iter
         data = await body_of(request)
         payer = data.get("payer")
         if not isinstance(payer, str) or not is_address(payer) or not isinstance(data.get("denied"), bool):
-            raise GatewayError("invalid_arguments", 'send {"payer": "0x...", "denied": true|false}')
+            raise GatewayError(codes.INVALID_ARGUMENTS, 'send {"payer": "0x...", "denied": true|false}')
         overrides = await policy.set("payers", payer, data["denied"], reason_of(data))
         log.warning("payer %s %s", payer, "denied" if data["denied"] else "no longer denied")
         return JSONResponse({"ok": True, "overrides": overrides})

@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from catalog.limits import RateLimit
+from gateway.errors import GatewayError
 from gateway.store import MemoryStore, StateStore, StoreUnavailable
 from settlement.x402.codec import parse_exact_evm, parse_payment_payload
 from settlement.errors import PaymentDecodeError, SettlementError
@@ -50,12 +51,11 @@ REMEMBERED_SETTLEMENTS = 10_000
 SettlementKey = tuple[str, str, str]  # (network, payer, nonce), lower-case
 
 
-class BadRequest(Exception):
+class BadRequest(GatewayError):
+    """A refusal of the served facilitator's API: its own body (no ``next``: callers are facilitator clients)."""
+
     def __init__(self, code: str, message: str, status: int = 400, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
+        super().__init__(code, message, status=status)
         self.retry_after = retry_after
 
     def to_response(self) -> Response:
@@ -250,7 +250,7 @@ def facilitator_routes(
         except SettlementError as exc:
             log.warning("verify on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
             result = failed
-        except Exception:
+        except Exception:  # noqa: BLE001 - deliberate: a well-formed request gets an outcome, never a 5xx; the log gets the detail
             log.exception("verify on %s failed unexpectedly", requirements.network)
             result = failed
         return JSONResponse(result.to_wire())
@@ -278,7 +278,7 @@ def facilitator_routes(
         except SettlementError as exc:  # the chain did not answer before anything was broadcast
             log.warning("settle on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
             result = failed
-        except Exception:
+        except Exception:  # noqa: BLE001 - deliberate, as in verify: the outcome is reported, the detail logged
             log.exception("settle on %s failed unexpectedly", requirements.network)
             result = failed
         return JSONResponse(result.to_wire())

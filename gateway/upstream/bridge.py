@@ -39,7 +39,20 @@ from lxml import etree
 from catalog import Tool
 from catalog.bridge import FailureRule, RetryPolicy
 from gateway.upstream.credentials import Credentials, CredentialsError, resolve_credentials
-from gateway.errors import GatewayError
+from gateway import codes
+from gateway.errors import GatewayConfigError, GatewayError
+from gateway.headers import (
+    ACCEPT,
+    ACCEPT_LANGUAGE,
+    CACHE_CONTROL,
+    CONTENT_TYPE,
+    PAYMENT_HEADERS,
+    REQUEST_ID,
+    RETRY_AFTER,
+    USER_AGENT,
+    X402GW_PREFIX,
+    lower,
+)
 from gateway.upstream.soap import (
     SoapArgumentError,
     SoapDefinitionError,
@@ -56,7 +69,7 @@ log = logging.getLogger("x402gw.bridge")
 # Request headers an agent may pass to an upstream; everything else (cookies, authorization,
 # payment headers, hop-by-hop, forwarding headers) stays at the gateway.
 # The body's Content-Type is the gateway's own (the body is built from the arguments).
-FORWARDED_REQUEST_HEADERS = ("accept", "accept-language", "user-agent")
+FORWARDED_REQUEST_HEADERS = tuple(lower(name) for name in (ACCEPT, ACCEPT_LANGUAGE, USER_AGENT))
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Characters an upstream header value cannot hold (HTTP clients refuse CR and LF with an exception).
 _HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
@@ -66,12 +79,12 @@ DROPPED_RESPONSE_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "content-length", "content-encoding", "server", "date",
-        "set-cookie", "set-cookie2", "payment-required", "payment-response", "x-payment-response",
-        "x-payment-required", "payment-signature", "x-payment", "cache-control", "x-request-id",
+        "set-cookie", "set-cookie2",
+        *(lower(name) for name in (*PAYMENT_HEADERS, CACHE_CONTROL, REQUEST_ID)),
     }
 )
 # Every header of the gateway's own (X402GW-Replay, X402GW-Refund, ...) is dropped too.
-DROPPED_RESPONSE_PREFIXES = ("x402gw-",)
+DROPPED_RESPONSE_PREFIXES = (lower(X402GW_PREFIX),)
 
 
 def forwarded_response_header(name: str) -> bool:
@@ -114,11 +127,11 @@ class UpstreamFailure(GatewayError):
     """The upstream answered, and the answer is a failure (SOAP fault, catalog failure rule)."""
 
 
-class BridgeConfigError(Exception):
+class BridgeConfigError(GatewayConfigError):
+    """A tool's upstream cannot be prepared (credentials, WSDL, failure rules): the gateway does not start."""
+
     def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
+        super().__init__(message, code)
 
 
 class AiohttpUpstreamClient:
@@ -145,22 +158,22 @@ class AiohttpUpstreamClient:
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 if response.content_length is not None and response.content_length > max_bytes:
-                    raise GatewayError("upstream_response_too_large", "the upstream answer exceeds the size limit")
+                    raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
                 data = await response.content.read(max_bytes + 1)
                 if len(data) > max_bytes:
-                    raise GatewayError("upstream_response_too_large", "the upstream answer exceeds the size limit")
+                    raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
                 return UpstreamResponse(response.status, list(response.headers.items()), data)
         except TimeoutError:
             raise GatewayError(
-                "upstream_timeout", "the upstream did not answer in time; nothing was charged", retryAfter=1, retryable=True
+                codes.UPSTREAM_TIMEOUT, "the upstream did not answer in time; nothing was charged", retryAfter=1, retryable=True
             ) from None
         except aiohttp.ClientConnectorError:
             raise UpstreamUnreachable(
-                "upstream_unavailable", "the upstream could not be reached; nothing was charged", retryAfter=1, retryable=True
+                codes.UPSTREAM_UNAVAILABLE, "the upstream could not be reached; nothing was charged", retryAfter=1, retryable=True
             ) from None
         except aiohttp.ClientError:
             raise GatewayError(
-                "upstream_unavailable", "the upstream connection failed; nothing was charged", retryAfter=1, retryable=True
+                codes.UPSTREAM_UNAVAILABLE, "the upstream connection failed; nothing was charged", retryAfter=1, retryable=True
             ) from None
 
     async def close(self) -> None:
@@ -208,7 +221,7 @@ def _refuse_redirect(response: UpstreamResponse) -> None:
     reaches the agent, and nothing is charged."""
     if 300 <= response.status < 400:
         raise UpstreamFailure(
-            "upstream_redirect", "the upstream answered with a redirect, which is not followed; nothing was charged",
+            codes.UPSTREAM_REDIRECT, "the upstream answered with a redirect, which is not followed; nothing was charged",
             status=502, retryable=False, upstreamStatus=response.status,
         )
 
@@ -296,10 +309,10 @@ def error_response(
     retry_after: float | None = None, **fields: Any,
 ) -> UpstreamResponse:
     body: dict[str, Any] = {"error": code, "message": message, "retryable": retryable, "upstreamStatus": upstream_status}
-    headers = [("content-type", "application/json")]
+    headers = [(lower(CONTENT_TYPE), "application/json")]
     if retry_after is not None:
         body["retryAfter"] = int(retry_after + 0.999)
-        headers.append(("retry-after", str(body["retryAfter"])))
+        headers.append((lower(RETRY_AFTER), str(body["retryAfter"])))
     body.update({k: v for k, v in fields.items() if v is not None})
     return UpstreamResponse(status, headers, _dumps(body))
 
@@ -406,7 +419,7 @@ class Bridge:
                     value = _text(arguments[argument])
                     if _HEADER_FORBIDDEN.search(value):  # refused at argument time; never a 500 here
                         raise GatewayError(
-                            "invalid_arguments", f"argument {argument!r} cannot go into the header {name}",
+                            codes.INVALID_ARGUMENTS, f"argument {argument!r} cannot go into the header {name}",
                             status=422, retryable=False, fields=[{"field": argument}],
                         )
                     headers[name] = value
@@ -416,16 +429,16 @@ class Bridge:
                 if argument in arguments:
                     _set_pointer(document, name if name.startswith("/") else "/" + name.replace("~", "~0").replace("/", "~1"), arguments[argument])
             body = _dumps(document)
-            headers["content-type"] = "application/json"
+            headers[lower(CONTENT_TYPE)] = "application/json"
         elif method in BODY_METHODS:
             # The arguments that came in the JSON body (neither path nor query), as validated.
             taken = set(params) | {name for name, _ in parse_qsl(query, keep_blank_values=True)}
             body = _dumps({name: value for name, value in arguments.items() if name not in taken})
-            headers["content-type"] = "application/json"
+            headers[lower(CONTENT_TYPE)] = "application/json"
         else:
             body = b""  # GET, HEAD and DELETE carry no body (the challenge stage refused one)
         headers.update(route.credentials.headers)
-        headers["x-request-id"] = request_id
+        headers[lower(REQUEST_ID)] = request_id
         upstream_method = "HEAD" if method == "HEAD" else method
         response = await self._exchange(client, route, upstream_method, upstream_target(tool, params, query), headers, body, max_bytes)
         credentials = route.credentials
@@ -446,7 +459,7 @@ class Bridge:
         return error_response(
             code, message or f"the upstream answered HTTP {status}; nothing was charged", status,
             retryable=status in RETRYABLE_STATUS, upstream_status=status,
-            retry_after=retry_after_seconds(response.header("retry-after")), upstreamError=upstream_code,
+            retry_after=retry_after_seconds(response.header(lower(RETRY_AFTER))), upstreamError=upstream_code,
         )
 
     # -- SOAP --
@@ -459,11 +472,11 @@ class Bridge:
         try:
             envelope = builder.build(arguments)
         except SoapArgumentError as exc:
-            raise GatewayError("invalid_arguments", str(exc), status=422, retryable=False) from None
+            raise GatewayError(codes.INVALID_ARGUMENTS, str(exc), status=422, retryable=False) from None
         headers = soap_content_type(builder.version, builder.action)
-        headers["accept"] = "application/soap+xml, text/xml" if builder.version == "1.2" else "text/xml"
+        headers[lower(ACCEPT)] = "application/soap+xml, text/xml" if builder.version == "1.2" else "text/xml"
         headers.update(route.credentials.headers)
-        headers["x-request-id"] = request_id
+        headers[lower(REQUEST_ID)] = request_id
         response = await self._exchange(client, route, "POST", tool.soap.endpoint, headers, envelope, max_bytes)
         credentials = route.credentials
         _refuse_redirect(response)
@@ -471,7 +484,7 @@ class Bridge:
         fault = find_fault(root) if root is not None else None
         if fault is not None:
             raise UpstreamFailure(
-                "upstream_fault", credentials.redact(fault.message)[:_MESSAGE_LIMIT], status=502,
+                codes.UPSTREAM_FAULT, credentials.redact(fault.message)[:_MESSAGE_LIMIT], status=502,
                 retryable=fault.retryable, upstreamStatus=response.status, faultCode=fault.code,
             )
         if response.status >= 400:
@@ -481,14 +494,14 @@ class Bridge:
         result = find_result(root, tool.soap.result) if root is not None else None
         if result is None:
             raise UpstreamFailure(
-                "upstream_invalid_response", "the upstream's answer is not the SOAP response this tool expects",
+                codes.UPSTREAM_INVALID_RESPONSE, "the upstream's answer is not the SOAP response this tool expects",
                 status=502, retryable=False, upstreamStatus=response.status,
             )
         document = element_to_json(result, tool.output_schema)
         if route.rules:
             self._check_rules(route, response, document, None, pointer_only=True)
         body = credentials.redact_bytes(_dumps(document)) if credentials.secrets else _dumps(document)
-        return UpstreamResponse(response.status, [("content-type", "application/json")], body)
+        return UpstreamResponse(response.status, [(lower(CONTENT_TYPE), "application/json")], body)
 
     # -- failure rules --
 
@@ -576,7 +589,7 @@ class Bridge:
                 continue
             if attempt >= attempts or not self._retry_status(route, policy, response):
                 return response
-            delay = retry_after_seconds(response.header("retry-after"))
+            delay = retry_after_seconds(response.header(lower(RETRY_AFTER)))
             if delay is not None and delay > policy.max_retry_after_seconds:
                 log.info("upstream %s: Retry-After %.0fs exceeds the cap; answering now", upstream.name, delay)
                 return response

@@ -15,17 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalog.bridge import BasicAuth, BearerAuth, HeaderAuth
+from gateway.errors import GatewayConfigError
+from gateway.headers import AUTHORIZATION
 
 __all__ = ["Credentials", "CredentialsError", "resolve_credentials"]
 
 REDACTED = "[redacted]"
 
 
-class CredentialsError(Exception):
+class CredentialsError(GatewayConfigError):
+    """An upstream credential (environment variable, secret file) is missing: the gateway does not start."""
+
     def __init__(self, message: str, code: str = "upstream_secret_missing") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
+        super().__init__(message, code)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ def resolve_credentials(
         return Credentials({auth.name: auth.prefix + value}, (value,))
     if isinstance(auth, BearerAuth):
         token = _one(auth, "token", env, where)
-        return Credentials({"Authorization": f"Bearer {token}"}, (token,))
+        return Credentials({AUTHORIZATION: f"Bearer {token}"}, (token,))
     username = auth.username if auth.username is not None else _one(auth, "username", env, where)
     password = _one(auth, "password", env, where)
     encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
-    return Credentials({"Authorization": f"Basic {encoded}"}, (password, encoded))
+    return Credentials({AUTHORIZATION: f"Basic {encoded}"}, (password, encoded))

@@ -28,6 +28,9 @@ from typing import Any
 from lxml import etree
 
 from catalog.bridge import SoapOperation
+from gateway.codes import INVALID_ARGUMENTS
+from gateway.errors import GatewayConfigError, GatewayError
+from gateway.headers import CONTENT_TYPE, SOAP_ACTION, lower
 
 __all__ = [
     "SOAP11_NS", "SOAP12_NS", "SoapArgumentError", "SoapDefinitionError", "SoapFault", "SoapRequestBuilder", "content_type",
@@ -43,12 +46,18 @@ _ENVELOPE_NS = {"1.1": SOAP11_NS, "1.2": SOAP12_NS}
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, remove_blank_text=True)
 
 
-class SoapArgumentError(ValueError):
-    """The arguments cannot be written as this operation's request."""
+class SoapArgumentError(GatewayError, ValueError):
+    """The arguments cannot be written as this operation's request (still a ValueError, as before)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INVALID_ARGUMENTS, message)
 
 
-class SoapDefinitionError(Exception):
+class SoapDefinitionError(GatewayConfigError):
     """A SOAP operation cannot be prepared (bad WSDL, unknown operation): the gateway does not start."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "soap_definition_invalid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +78,8 @@ def local(tag: Any) -> str:
 def content_type(version: str, action: str | None) -> dict[str, str]:
     if version == "1.2":
         value = "application/soap+xml; charset=utf-8"
-        return {"content-type": value + (f'; action="{action}"' if action else "")}
-    return {"content-type": "text/xml; charset=utf-8", "soapaction": f'"{action or ""}"'}
+        return {lower(CONTENT_TYPE): value + (f'; action="{action}"' if action else "")}
+    return {lower(CONTENT_TYPE): "text/xml; charset=utf-8", lower(SOAP_ACTION): f'"{action or ""}"'}
 
 
 def _text(value: Any) -> str:

@@ -259,7 +259,7 @@ def test_bad_bridge_settings_are_catalog_errors_with_a_line(upstream_extra: str,
 
 
 def test_version_may_be_written_as_a_number_and_wsdl_paths_follow_the_catalog_file() -> None:
-    text = Path(__file__).resolve().parents[2].joinpath("catalog/examples/warehouse.yaml").read_text()
+    text = Path(__file__).resolve().parents[3].joinpath("catalog/examples/warehouse.yaml").read_text()
     tools = parse_catalog(text.replace('version: "1.1"', "version: 1.1"), "/srv/catalogs/w.yaml").tools
     assert tools[0].soap is not None and tools[0].soap.version == "1.1"
     assert tools[1].soap is not None and tools[1].soap.wsdl == "/srv/catalogs/../../gateway/devkit/samples/warehouse.wsdl"

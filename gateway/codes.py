@@ -1,0 +1,200 @@
+"""Every refusal code the gateway answers with: its HTTP status and the agent's next step, in one table.
+
+Codes are stable snake_case strings (agents switch on them), so each is a constant here and
+``REFUSALS`` says, for each, the status it is answered with and the kind of ``next`` step its body
+carries. ``gateway.errors`` derives a refusal's default status and its ``next`` from this table;
+tests/gateway/test_codes.py holds every code raised in gateway/ to it.
+
+Kinds of next step (the ``next.action`` an agent reads; timing fields can turn most kinds into
+``retry`` (``retryAfter``) or ``wait_until`` (``resetsAt``), see ``gateway.errors.next_step``):
+
+    pay             402: sign the offer in PAYMENT-REQUIRED (or structuredContent over MCP)
+    fix_arguments   the arguments or body are wrong: ``fields`` names them
+    fix_payment     the payment header is malformed: rebuild it from the offer
+    new_payment     this authorization or payment-identifier is spent: sign a fresh one
+    retry           transient: resend after ``retryAfter`` seconds (``same_payment``: the same one)
+    wait_until      a budget or limit resets at ``resetsAt``
+    use_method      another HTTP method is allowed here
+    discover        nothing is sold here: see /tools
+    another_tool    this tool is off for now: discover another, or retry the same payment later
+    none            nothing the agent can do (blocked, or an error on our side)
+
+Codes not in the table (a catalog failure rule's own code, a remote facilitator's reason inside a
+402) are answered with the status their raiser gives and a next step derived from status and
+prefix alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, Literal
+
+__all__ = [
+    "FIX_PAYMENT_PREFIXES",
+    "NEXT_KINDS",
+    "REFUSALS",
+    "SETTLEMENT_REASONS",
+    "NextKind",
+    "Refusal",
+    "refusal",
+]
+
+NextKind = Literal[
+    "pay", "fix_arguments", "fix_payment", "new_payment", "retry", "wait_until", "use_method", "discover",
+    "another_tool", "none",
+]
+NEXT_KINDS: Final[frozenset[str]] = frozenset(NextKind.__args__)  # type: ignore[attr-defined]
+
+# Codes of a malformed payment (the settlement codec's and the payload checks'): rebuild it.
+FIX_PAYMENT_PREFIXES: Final = (
+    "payment_header_", "invalid_payload", "invalid_exact_evm_payload", "invalid_x402_version",
+    "invalid_payment_identifier",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: str
+    status: int
+    next: NextKind
+    same_payment: bool = False  # a retry may resend the very same payment (nothing was spent)
+
+
+# -- routing and the request itself -------------------------------------------------------------
+NOT_FOUND: Final = "not_found"
+METHOD_NOT_ALLOWED: Final = "method_not_allowed"
+INVALID_ARGUMENTS: Final = "invalid_arguments"
+INVALID_PARAMETER: Final = "invalid_parameter"
+INVALID_JSON_BODY: Final = "invalid_json_body"
+DUPLICATE_JSON_KEY: Final = "duplicate_json_key"
+BODY_NOT_ALLOWED: Final = "body_not_allowed"
+REQUEST_TOO_LARGE: Final = "request_too_large"
+REQUEST_HEADERS_TOO_LARGE: Final = "request_headers_too_large"
+INVALID_RANGE: Final = "invalid_range"
+ADMIN_UNAUTHORIZED: Final = "admin_unauthorized"
+# -- the payment ----------------------------------------------------------------------------------
+PAYMENT_REQUIRED: Final = "payment_required"
+PAYMENT_REQUIREMENTS_MISMATCH: Final = "payment_requirements_mismatch"
+PAYMENT_WINDOW_TOO_SHORT: Final = "payment_window_too_short"
+SETTLEMENT_FAILED: Final = "settlement_failed"
+INVALID_X402_VERSION: Final = "invalid_x402_version"
+INVALID_PAYLOAD: Final = "invalid_payload"
+INVALID_PAYMENT: Final = "invalid_payment"
+INVALID_EXACT_EVM_PAYLOAD: Final = "invalid_exact_evm_payload"
+INVALID_EXACT_EVM_PAYLOAD_SIGNATURE: Final = "invalid_exact_evm_payload_signature"
+INVALID_PAYMENT_IDENTIFIER: Final = "invalid_payment_identifier"
+INVALID_PAYMENT_REQUIREMENTS: Final = "invalid_payment_requirements"
+PAYMENT_HEADER_TOO_LARGE: Final = "payment_header_too_large"
+PAYMENT_HEADER_NOT_BASE64: Final = "payment_header_not_base64"
+PAYMENT_HEADER_NOT_JSON: Final = "payment_header_not_json"
+PAYMENT_HEADER_NOT_OBJECT: Final = "payment_header_not_object"
+PAYMENT_ALREADY_SETTLED: Final = "payment_already_settled"
+PAYMENT_IDENTIFIER_CONFLICT: Final = "payment_identifier_conflict"
+PAYMENT_IN_FLIGHT: Final = "payment_in_flight"
+SETTLEMENT_PENDING: Final = "settlement_pending"
+SETTLEMENT_UNKNOWN: Final = "settlement_unknown"
+SETTLEMENT_UNAVAILABLE: Final = "settlement_unavailable"
+FACILITATOR_UNAVAILABLE: Final = "facilitator_unavailable"
+# -- safety ---------------------------------------------------------------------------------------
+PAYER_DENIED: Final = "payer_denied"
+BUDGET_EXCEEDED: Final = "budget_exceeded"
+RATE_LIMITED: Final = "rate_limited"
+TOOL_DISABLED: Final = "tool_disabled"
+UPSTREAM_CIRCUIT_OPEN: Final = "upstream_circuit_open"
+PRICE_GUARD: Final = "price_guard"
+# -- the upstream ---------------------------------------------------------------------------------
+UPSTREAM_TIMEOUT: Final = "upstream_timeout"
+UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
+UPSTREAM_RESPONSE_TOO_LARGE: Final = "upstream_response_too_large"
+UPSTREAM_REDIRECT: Final = "upstream_redirect"
+UPSTREAM_FAULT: Final = "upstream_fault"
+UPSTREAM_INVALID_RESPONSE: Final = "upstream_invalid_response"
+UPSTREAM_ANSWER_LOST: Final = "upstream_answer_lost"
+# -- our side -------------------------------------------------------------------------------------
+LEDGER_UNAVAILABLE: Final = "ledger_unavailable"
+STORE_UNAVAILABLE: Final = "store_unavailable"
+STORE_BUSY: Final = "store_busy"
+INTERNAL_ERROR: Final = "internal_error"
+
+REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
+    Refusal(NOT_FOUND, 404, "discover"),
+    Refusal(METHOD_NOT_ALLOWED, 405, "use_method"),
+    Refusal(INVALID_ARGUMENTS, 422, "fix_arguments"),
+    Refusal(INVALID_PARAMETER, 400, "fix_arguments"),
+    Refusal(INVALID_JSON_BODY, 400, "fix_arguments"),
+    Refusal(DUPLICATE_JSON_KEY, 400, "none"),
+    Refusal(BODY_NOT_ALLOWED, 400, "none"),
+    Refusal(REQUEST_TOO_LARGE, 413, "fix_arguments"),
+    Refusal(REQUEST_HEADERS_TOO_LARGE, 431, "fix_arguments"),
+    Refusal(INVALID_RANGE, 422, "none"),
+    Refusal(ADMIN_UNAUTHORIZED, 401, "none"),
+
+    Refusal(PAYMENT_REQUIRED, 402, "pay"),
+    Refusal(PAYMENT_REQUIREMENTS_MISMATCH, 402, "pay"),
+    Refusal(PAYMENT_WINDOW_TOO_SHORT, 402, "pay"),
+    Refusal(SETTLEMENT_FAILED, 402, "pay"),
+    Refusal(INVALID_X402_VERSION, 400, "fix_payment"),
+    Refusal(INVALID_PAYLOAD, 400, "fix_payment"),
+    Refusal(INVALID_PAYMENT, 400, "none"),  # the codec's generic code: no prefix, so no fix_payment
+    Refusal(INVALID_EXACT_EVM_PAYLOAD, 400, "fix_payment"),
+    Refusal(INVALID_EXACT_EVM_PAYLOAD_SIGNATURE, 402, "pay"),  # checked offline, answered with the offer
+    Refusal(INVALID_PAYMENT_IDENTIFIER, 400, "fix_payment"),
+    Refusal(INVALID_PAYMENT_REQUIREMENTS, 400, "none"),  # the served facilitator's: a caller's bug
+    Refusal(PAYMENT_HEADER_TOO_LARGE, 400, "fix_payment"),
+    Refusal(PAYMENT_HEADER_NOT_BASE64, 400, "fix_payment"),
+    Refusal(PAYMENT_HEADER_NOT_JSON, 400, "fix_payment"),
+    Refusal(PAYMENT_HEADER_NOT_OBJECT, 400, "fix_payment"),
+    Refusal(PAYMENT_ALREADY_SETTLED, 409, "new_payment"),
+    Refusal(PAYMENT_IDENTIFIER_CONFLICT, 409, "new_payment"),
+    Refusal(PAYMENT_IN_FLIGHT, 409, "retry", same_payment=True),
+    Refusal(SETTLEMENT_PENDING, 503, "retry", same_payment=True),
+    Refusal(SETTLEMENT_UNKNOWN, 503, "retry", same_payment=True),
+    Refusal(SETTLEMENT_UNAVAILABLE, 503, "retry", same_payment=True),
+    Refusal(FACILITATOR_UNAVAILABLE, 503, "retry", same_payment=True),
+
+    Refusal(PAYER_DENIED, 403, "none"),
+    Refusal(BUDGET_EXCEEDED, 403, "wait_until"),
+    Refusal(RATE_LIMITED, 429, "retry"),
+    Refusal(TOOL_DISABLED, 503, "another_tool"),
+    Refusal(UPSTREAM_CIRCUIT_OPEN, 503, "another_tool"),
+    Refusal(PRICE_GUARD, 503, "another_tool"),
+
+    Refusal(UPSTREAM_TIMEOUT, 504, "retry", same_payment=True),
+    Refusal(UPSTREAM_UNAVAILABLE, 502, "retry", same_payment=True),
+    Refusal(UPSTREAM_RESPONSE_TOO_LARGE, 502, "none"),
+    Refusal(UPSTREAM_REDIRECT, 502, "none"),
+    Refusal(UPSTREAM_FAULT, 502, "none"),
+    Refusal(UPSTREAM_INVALID_RESPONSE, 502, "none"),
+    Refusal(UPSTREAM_ANSWER_LOST, 502, "none"),
+
+    Refusal(LEDGER_UNAVAILABLE, 503, "retry", same_payment=True),
+    Refusal(STORE_UNAVAILABLE, 503, "retry", same_payment=True),
+    Refusal(STORE_BUSY, 503, "retry"),
+    Refusal(INTERNAL_ERROR, 500, "none"),
+)})
+
+# Reasons the local facilitator gives for a payment it will not verify or could not settle. They
+# reach the agent as the code of a fresh 402 (``PaymentChallenge``: next step ``pay``), like any
+# reason a remote facilitator gives, so they are listed here but take no entry of their own.
+SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
+    "invalid_payload",
+    "unsupported_scheme",
+    "network_mismatch",
+    "missing_eip712_domain",
+    "invalid_exact_evm_failed_to_get_network_config",
+    "invalid_exact_evm_payload_signature",
+    "invalid_exact_evm_payload_zero_amount",
+    "invalid_exact_evm_payload_recipient_mismatch",
+    "invalid_exact_evm_payload_authorization_valid_after",
+    "invalid_exact_evm_payload_authorization_valid_before",
+    "invalid_exact_evm_insufficient_balance",
+    "invalid_exact_evm_nonce_already_used",
+    "invalid_exact_evm_transfer_event_mismatch",
+})
+
+
+def refusal(code: str) -> Refusal | None:
+    """The table's entry for ``code``; None for a code the table does not know (see above)."""
+    return REFUSALS.get(code)
