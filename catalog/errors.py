@@ -1,7 +1,10 @@
 """Errors raised while loading a catalog.
 
-    CatalogError            one exception per load, carrying every issue found
+    CatalogError            root, and the one exception of a load, carrying every issue found
      └─ .issues: list[CatalogIssue]   file, dotted field path, line, message, stable code
+
+    The loader's private ``_NeedsFullConstructor`` (catalog/source.py) is a signal between its
+    fast and full YAML paths and never leaves that module, so it stays a plain exception.
 
 Every problem in a hand-written catalog becomes an issue with a line number where one is
 known, so ``x402gw catalog validate`` can print compiler-style diagnostics, never a traceback.

@@ -5,7 +5,12 @@
     ├── ChainUnavailable            the chain RPC did not answer usably (infrastructure)
     │   └── BroadcastUncertain      a settlement was sent and its acknowledgement lost
     ├── FacilitatorUnavailable      a facilitator did not answer usably (infrastructure)
-    └── LedgerError                 the ledger database failed (infrastructure)
+    ├── LedgerError                 the ledger database failed (infrastructure)
+    └── ExportError                 an export filter or option that cannot be used; also a ValueError
+                                    (settlement.finance.export)
+
+    Private signals that never leave their module stay plain exceptions: the local facilitator's
+    ``Rejected`` (turned into a ``VerifyResponse`` value) and the batch settler's ``_HooksFailed``.
 
 Expected payment failures (bad signature, wrong amount, nonce used) are not exceptions: they are
 values, ``VerifyResponse(is_valid=False, invalid_reason=...)`` and
@@ -13,6 +18,15 @@ values, ``VerifyResponse(is_valid=False, invalid_reason=...)`` and
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "BroadcastUncertain",
+    "ChainUnavailable",
+    "FacilitatorUnavailable",
+    "LedgerError",
+    "PaymentDecodeError",
+    "SettlementError",
+]
 
 
 class SettlementError(Exception):

@@ -21,6 +21,7 @@ from typing import IO, Any, Literal, TypeVar
 from sqlalchemy import func, select
 
 from catalog.pricing import format_amount
+from settlement.errors import SettlementError
 from settlement.ledger import Ledger, Payment, PaymentState
 
 _Q = TypeVar("_Q")  # a Select of any columns
@@ -53,8 +54,10 @@ COLUMNS = (
 )
 
 
-class ExportError(ValueError):
-    """A filter or option that cannot be used (the CLI shows the message)."""
+class ExportError(SettlementError, ValueError):
+    """A filter or option that cannot be used (the CLI shows the message); still a ValueError, as before."""
+
+    code = "invalid_export_filter"
 
 
 def parse_when(text: str) -> datetime:
