@@ -242,18 +242,7 @@ def facilitator_routes(
             return JSONResponse(
                 VerifyResponse(is_valid=False, invalid_reason="pay_to_not_allowed", invalid_message=message).to_wire()
             )
-        failed = VerifyResponse(
-            is_valid=False, invalid_reason="unexpected_verify_error", invalid_message="verification is unavailable; retry later"
-        )
-        try:
-            result = await facilitator.verify(payload, requirements)
-        except SettlementError as exc:
-            log.warning("verify on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
-            result = failed
-        except Exception:  # noqa: BLE001 - deliberate: a well-formed request gets an outcome, never a 5xx; the log gets the detail
-            log.exception("verify on %s failed unexpectedly", requirements.network)
-            result = failed
-        return JSONResponse(result.to_wire())
+        return JSONResponse((await _verify_outcome(facilitator, payload, requirements)).to_wire())
 
     async def settle(request: Request) -> Response:
         try:
@@ -266,22 +255,7 @@ def facilitator_routes(
                     success=False, error_reason="pay_to_not_allowed", error_message=message, network=requirements.network
                 ).to_wire()
             )
-        failed = SettleResponse(
-            success=False,
-            error_reason="unexpected_settle_error",
-            error_message="settlement is unavailable; retry the same payment later",
-            network=requirements.network,
-        )
-        # Never a 5xx for a well-formed request: the outcome is reported, the detail is logged.
-        try:
-            result = await once.settle(payload, requirements)
-        except SettlementError as exc:  # the chain did not answer before anything was broadcast
-            log.warning("settle on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
-            result = failed
-        except Exception:  # noqa: BLE001 - deliberate, as in verify: the outcome is reported, the detail logged
-            log.exception("settle on %s failed unexpectedly", requirements.network)
-            result = failed
-        return JSONResponse(result.to_wire())
+        return JSONResponse((await _settle_outcome(once, payload, requirements)).to_wire())
 
     prefix = prefix.rstrip("/")
     return [
@@ -289,3 +263,41 @@ def facilitator_routes(
         Route(f"{prefix}/verify", verify, methods=["POST"]),
         Route(f"{prefix}/settle", settle, methods=["POST"]),
     ]
+
+
+async def _verify_outcome(
+    facilitator: LocalFacilitator, payload: PaymentPayload, requirements: PaymentRequirements
+) -> VerifyResponse:
+    """The facilitator's verdict; an outage is an invalid outcome, never a 5xx (the log gets the detail)."""
+    failed = VerifyResponse(
+        is_valid=False, invalid_reason="unexpected_verify_error", invalid_message="verification is unavailable; retry later"
+    )
+    try:
+        return await facilitator.verify(payload, requirements)
+    except SettlementError as exc:
+        log.warning("verify on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
+        return failed
+    except Exception:  # noqa: BLE001 - deliberate: a well-formed request gets an outcome, never a 5xx; the log gets the detail
+        log.exception("verify on %s failed unexpectedly", requirements.network)
+        return failed
+
+
+async def _settle_outcome(
+    once: SettleOnce, payload: PaymentPayload, requirements: PaymentRequirements
+) -> SettleResponse:
+    """The settlement's outcome, settled at most once per (network, payer, nonce)."""
+    failed = SettleResponse(
+        success=False,
+        error_reason="unexpected_settle_error",
+        error_message="settlement is unavailable; retry the same payment later",
+        network=requirements.network,
+    )
+    # Never a 5xx for a well-formed request: the outcome is reported, the detail is logged.
+    try:
+        return await once.settle(payload, requirements)
+    except SettlementError as exc:  # the chain did not answer before anything was broadcast
+        log.warning("settle on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
+        return failed
+    except Exception:  # noqa: BLE001 - deliberate, as in verify: the outcome is reported, the detail logged
+        log.exception("settle on %s failed unexpectedly", requirements.network)
+        return failed
