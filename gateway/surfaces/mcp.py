@@ -37,7 +37,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from catalog import format_amount
+from gateway import codes
 from gateway.surfaces.discovery import tool_request
+from gateway.headers import (
+    ACCEPT,
+    CONTENT_TYPE,
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    REQUEST_ID,
+    USER_AGENT,
+    lower,
+)
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -131,25 +142,25 @@ class McpEndpoint:
     async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         compiled = self.pipeline.tools.get(params.name)
         if compiled is None:
-            return self._refusal(GatewayError("not_found", f"no tool named {params.name!r}; see tools/list"))
+            return self._refusal(GatewayError(codes.NOT_FOUND, f"no tool named {params.name!r}; see tools/list"))
         tool = compiled.tool
         arguments = params.arguments or {}
         meta = dict(params.meta or {})
-        headers = {"accept": "application/json", "user-agent": "x402gw-mcp"}
+        headers = {lower(ACCEPT): "application/json", lower(USER_AGENT): "x402gw-mcp"}
         payment = meta.get(PAYMENT_META)
         if payment is not None:
             if not isinstance(payment, dict):
                 return self._refusal(GatewayError(
-                    "invalid_payload", f"_meta[{PAYMENT_META!r}] must be a PaymentPayload JSON object"
+                    codes.INVALID_PAYLOAD, f"_meta[{PAYMENT_META!r}] must be a PaymentPayload JSON object"
                 ))
             text = json.dumps(payment, separators=(",", ":"), ensure_ascii=False)
-            headers["payment-signature"] = base64.b64encode(text.encode()).decode("ascii")
+            headers[lower(PAYMENT_SIGNATURE)] = base64.b64encode(text.encode()).decode("ascii")
         try:
             call = tool_request(tool.method, tool.path, arguments)
         except GatewayError as err:
             return self._refusal(err)
         if call.body:
-            headers["content-type"] = "application/json"
+            headers[lower(CONTENT_TYPE)] = "application/json"
         request = getattr(ctx, "request", None)
         client = getattr(request, "client", None)
         assert self._app is not None, "McpEndpoint.attach(app) was not called"
@@ -160,13 +171,13 @@ class McpEndpoint:
 
     def _result(self, response: httpx.Response) -> types.CallToolResult:
         result_meta: dict[str, Any] = {"x402gw/status": response.status_code}
-        receipt = response.headers.get("payment-response")
+        receipt = response.headers.get(PAYMENT_RESPONSE)
         if receipt is not None:
             result_meta[PAYMENT_RESPONSE_META] = _decode(receipt)
-        request_id = response.headers.get("x-request-id")
+        request_id = response.headers.get(REQUEST_ID)
         if request_id:
             result_meta["x402gw/requestId"] = request_id
-        required = response.headers.get("payment-required")
+        required = response.headers.get(PAYMENT_REQUIRED)
         if response.status_code == 402 and required is not None:
             offer = _decode(required)
             return types.CallToolResult(content=_text(offer), structured_content=offer, is_error=True, _meta=result_meta)
