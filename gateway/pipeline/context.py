@@ -1,19 +1,40 @@
-"""Per-request state shared by the pipeline stages: one object, filled in as the request moves."""
+"""Per-request state shared by the stages: one object, filled in as the request moves down the chain.
+
+``RequestContext`` is what every request has (from the route on); ``Paid`` is what a request with a
+payment adds, set by the ``decode_and_bind`` stage, so the stages after it read typed, non-optional
+fields. The vocabulary of the chain (``Stage``, ``Finalizer``, ``Observer``) is here too.
+"""
 
 from __future__ import annotations
 
-import time
+import asyncio
 import itertools
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
 
 from catalog import Tool
-from settlement.audit.trail import AuditEvent
-from settlement.x402.wire import PaymentPayload, SettleResponse
+from gateway.protocol.offers import Quote
+from gateway.upstream.bridge import UpstreamResponse
+from settlement.audit import AuditEvent
+from settlement.x402.wire import (
+    ExactEvmPayload,
+    PaymentPayload,
+    SettleResponse,
+    VerifyResponse,
+)
 
+if TYPE_CHECKING:
+    from gateway.pipeline.compiled import CompiledTool
+    from settlement.ledger import Payment
+
+__all__ = ["Finalizer", "Observer", "Paid", "RequestContext", "Stage", "new_request_id"]
 
 # Request ids: a random 64-bit prefix per process and a counter, 32 hex chars like a uuid4's hex,
 # unique across replicas without uuid4's os.urandom call per request.
@@ -26,6 +47,24 @@ def new_request_id() -> str:
 
 
 @dataclass
+class Paid:
+    """A request's payment, once decoded, bound to the offer and its signer recovered offline."""
+
+    payload: PaymentPayload
+    exact: ExactEvmPayload
+    signer: str  # recovered offline over this offer; the facilitator's verify confirms it on chain
+    nonce: str  # lower case
+    identifier: str | None  # the client's payment-identifier
+    fingerprint: str  # of method, path, query and body: what a replay must match
+    known: Payment | None = None  # the ledger's row for this payment, when it has one
+    # The facilitator's verify, started beside the ledger lookup (exactly_once), awaited by verify.
+    early_verify: asyncio.Future[VerifyResponse] | None = None
+    early_started: float = 0.0
+    verified: VerifyResponse | None = None
+    upstream: UpstreamResponse | None = None
+
+
+@dataclass
 class RequestContext:
     method: str
     path: str
@@ -33,10 +72,19 @@ class RequestContext:
     client: str | None
     request_id: str = field(default_factory=lambda: new_request_id())
     started: float = field(default_factory=time.perf_counter)
+    # The request as the stages read it: the ASGI headers always; the Starlette request when the
+    # pipeline runs (the unpaid fast path restores what reading it would give, from its cache).
+    raw_headers: Sequence[tuple[bytes, bytes]] = ()
+    request: Request | None = None
     tool: Tool | None = None
+    compiled: CompiledTool | None = None
     params: dict[str, str] = field(default_factory=dict)
     arguments: dict[str, Any] = field(default_factory=dict)
     body: bytes = b""
+    quote: Quote | None = None
+    # A payment header came and will be read (never on HEAD): the stages after the challenge run.
+    paying: bool = False
+    paid: Paid | None = None
     payload: PaymentPayload | None = None
     payer: str | None = None
     payment_id: int | None = None
@@ -47,6 +95,8 @@ class RequestContext:
     reason: str | None = None
     # What the safety stage holds for this request (budget reservations, breaker probe).
     safety: Any = None
+    # In-flight locks held in the state store (exactly_once); released by the finalizers.
+    locks: tuple[str, ...] = ()
     # A payment header came with the request (the funnel's "payment received").
     payment_received: bool = False
     # Seconds spent in the stages that wait on the network: "verify", "upstream", "settle".
@@ -67,6 +117,26 @@ class RequestContext:
         (never headers or credentials; URLs lose query and userinfo). Request id, payer and tool
         are added when the request ends."""
         self.events.append(AuditEvent(self.request_id, event, fields))
+
+
+class Stage(Protocol):
+    """One step of the chain (``gateway.pipeline.chain``). Returns None to pass the request on, or
+    answers it: by returning a response, or by raising a ``GatewayError`` (its answer)."""
+
+    name: str  # as written in the declared order
+    # True when the stage's result depends only on what the unpaid fast path keys a request by
+    # (method, path, query, Host; no body, no payment header): the fast path keeps it per key.
+    shape_only: bool
+
+    async def __call__(self, ctx: RequestContext) -> Response | None: ...
+
+
+class Finalizer(Protocol):
+    """Runs after every request, whatever its stages did; never raises."""
+
+    name: str
+
+    async def __call__(self, ctx: RequestContext) -> None: ...
 
 
 class Observer(Protocol):

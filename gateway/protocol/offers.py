@@ -13,9 +13,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from catalog import Tool
-from gateway.surfaces.discovery import BAZAAR, bazaar_extension
-from settlement.x402.codec import encode_header
+from gateway.headers import PAYMENT_REQUIRED
+from gateway.protocol.bazaar import BAZAAR, bazaar_extension
 from settlement.chain.networks import to_legacy
+from settlement.schemes.exact import exact_requirements
+from settlement.x402.codec import encode_header
 from settlement.x402.wire import (
     PaymentPayload,
     PaymentRequired,
@@ -62,17 +64,10 @@ class Offer:
     _template: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     @classmethod
-    def for_tool(cls, tool: Tool) -> Offer:
-        terms = tool.payment
-        requirements = PaymentRequirements(
-            scheme="exact",
-            network=terms.network,
-            amount=str(tool.price_atomic),
-            asset=terms.asset,
-            pay_to=terms.pay_to,
-            max_timeout_seconds=terms.max_timeout_seconds,
-            extra={"name": terms.asset_name, "version": terms.asset_version},
-        )
+    def for_tool(cls, tool: Tool, requirements: PaymentRequirements | None = None) -> Offer:
+        """``requirements``: what the tool's scheme asks for (``Schemes.requirements``); exact's by default."""
+        if requirements is None:
+            requirements = exact_requirements(tool.payment, tool.price_atomic)
         extensions = {PAYMENT_IDENTIFIER: PAYMENT_IDENTIFIER_EXTENSION, BAZAAR: bazaar_extension(tool)}
         return cls(tool=tool, requirements=requirements, extensions=extensions)
 
@@ -159,9 +154,9 @@ class Quote:
         """Headers and body of a 402. The header is always v2, so a v2 client is never pushed down."""
         if self.version != 1 and self.binding is not None and len(self.resource_url) <= MAX_RESOURCE_URL:
             body = self.offer.challenge_body(self.binding, self.resource_url, error)
-            return {"PAYMENT-REQUIRED": encode_header(body)}, body
+            return {PAYMENT_REQUIRED: encode_header(body)}, body
         required = payment_required(self.offer, self.requirements, self.resource_url, error)
-        headers = {"PAYMENT-REQUIRED": challenge_header(required)}
+        headers = {PAYMENT_REQUIRED: challenge_header(required)}
         if self.version == 1:
             return headers, payment_required_v1(self.offer, self.requirements, self.resource_url, error).to_wire()
         return headers, required.to_wire()

@@ -10,16 +10,15 @@ Nothing here keeps its own copy of a tool: each answer is built from ``pipeline.
 compiled catalog), so a catalog change shows in every format and none can go stale. A document is
 built on its first request and kept for the life of the app (a catalog changes with a restart):
 with thousands of tools, building one takes longer than thousands of paid requests. The ``bazaar``
-extension of each 402 challenge (``bazaar_extension``) comes from here too.
+extension of each 402 challenge lives below both, in ``gateway.protocol.bazaar``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -30,13 +29,13 @@ from starlette.routing import Route
 
 from catalog import Tool, format_amount
 from gateway.errors import GatewayError
+from gateway.protocol.bazaar import BAZAAR, carries_body
+from gateway.protocol.bazaar import schema_without as _without
 
 if TYPE_CHECKING:
     from gateway.pipeline.pipeline import Pipeline
 
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 X402_VERSION = 2
-BAZAAR = "bazaar"
 DISCOVERY_LIMIT_DEFAULT = 20
 DISCOVERY_LIMIT_MAX = 100
 # Documents kept per format: one for each base URL they were asked under (the public URL, or the
@@ -57,20 +56,6 @@ def _required(tool: Tool) -> list[str]:
     return [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
 
 
-def _without(schema: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The input schema minus the path parameters: what the query string or the body carries."""
-    names = set(names)
-    rest = copy.deepcopy(schema)
-    if names and isinstance(rest.get("properties"), dict):
-        rest["properties"] = {k: v for k, v in rest["properties"].items() if k not in names}
-    if names and isinstance(rest.get("required"), list):
-        rest["required"] = [r for r in rest["required"] if r not in names]
-        if not rest["required"]:
-            del rest["required"]
-    rest.setdefault("type", "object")
-    return rest
-
-
 def _path_params_schema(tool: Tool) -> dict[str, Any]:
     properties = _properties(tool)
     return {
@@ -78,10 +63,6 @@ def _path_params_schema(tool: Tool) -> dict[str, Any]:
         "properties": {name: properties.get(name, {"type": "string"}) for name in tool.path_params},
         "required": list(tool.path_params),
     }
-
-
-def carries_body(method: str) -> bool:
-    return method.upper() in BODY_METHODS
 
 
 _TEMPLATE_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -140,60 +121,6 @@ def tool_request(method: str, path_template: str, arguments: dict[str, Any]) -> 
         for item in value if isinstance(value, list) else [value]:
             pairs.append((name, _text(item)))
     return ToolRequest(method, path, urlencode(pairs), b"")
-
-
-# -- the bazaar extension of a 402 (x402 §6.2) ------------------------------------------------
-
-
-def _compact(schema: Any) -> Any:
-    """A schema without its prose (``description``, ``examples``, ``title``): clients echo extensions
-    in PAYMENT-SIGNATURE, so the 402's copy stays small; the prose is in /tools and /openapi.json."""
-    if isinstance(schema, dict):
-        return {k: _compact(v) for k, v in schema.items()
-                if not (k in ("description", "title") and isinstance(v, str)) and k != "examples"}
-    if isinstance(schema, list):
-        return [_compact(v) for v in schema]
-    return schema
-
-
-def bazaar_extension(tool: Tool) -> dict[str, Any]:
-    """``extensions.bazaar = {info, schema}``: how to call this resource and what it answers."""
-    input_info: dict[str, Any] = {"type": "http", "method": tool.method}
-    input_schema: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            "type": {"type": "string", "const": "http"},
-            "method": {"type": "string", "enum": [tool.method]},
-        },
-        "required": ["type", "method"],
-    }
-    rest = _compact(_without(tool.input_schema, tool.path_params))
-    if tool.path_params:
-        input_info["pathParams"] = {name: "{" + name + "}" for name in tool.path_params}
-        input_schema["properties"]["pathParams"] = {
-            "type": "object",
-            "properties": {name: {"type": "string"} for name in tool.path_params},
-        }
-    if carries_body(tool.method):
-        input_info.update(bodyType="json", body={})
-        input_schema["properties"]["bodyType"] = {"type": "string", "enum": ["json"]}
-        input_schema["properties"]["body"] = rest
-        input_schema["required"] += ["bodyType", "body"]
-    elif rest.get("properties"):
-        input_schema["properties"]["queryParams"] = {"type": "object", **{k: v for k, v in rest.items() if k != "type"}}
-    info: dict[str, Any] = {"input": input_info, "output": {"type": "json"}}
-    schema: dict[str, Any] = {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "type": "object",
-        "properties": {"input": input_schema, "output": {"type": "object"}},
-        "required": ["input"],
-    }
-    if tool.output_schema:
-        schema["properties"]["output"] = {
-            "type": "object",
-            "properties": {"type": {"type": "string"}, "schema": _compact(tool.output_schema)},
-        }
-    return {"info": info, "schema": schema}
 
 
 # -- the formats ------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from gateway.pipeline.context import RequestContext
 from gateway.errors import GatewayError
+from gateway.pipeline.context import RequestContext
 from gateway.upstream.bridge import UpstreamClient, UpstreamResponse
 from settlement.audit import AuditEvent, redact_url
 

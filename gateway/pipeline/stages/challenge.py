@@ -1,206 +1,75 @@
-"""Stage 2, challenge: read and validate the tool's arguments, then ask for payment.
+"""Stages ``offer`` and ``challenge``: quote this request's price, and ask a call without payment to pay.
 
-Arguments are the path parameters, the query string (coerced to the schema's scalar types) and a
-JSON object body, merged and validated against the tool's input schema *before* any price is
-quoted: a call that can never succeed gets 422, not a 402. Stops with 413, 400, 422 or 402.
-
-Only these validated arguments reach the upstream (the bridge re-serialises them), so nothing the
-validator did not see may hide in the request: a JSON key given twice anywhere in the body is 400
-``duplicate_json_key`` (a first-key-wins upstream would read another value than the one checked),
-a body on a method without one (GET, HEAD, DELETE) is 400 ``body_not_allowed``, and an argument the
-catalog maps to an upstream header may not hold control characters (422 ``invalid_arguments``).
+``offer`` reads which payment header came (v2 ``PAYMENT-SIGNATURE``, v1 ``X-PAYMENT``) and writes
+``ctx.quote`` (the tool's offer bound to this request, in the client's protocol version) and
+``ctx.paying``. ``challenge`` answers a call that is not paying with its 402 and otherwise passes
+it on; a HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
+The unpaid fast path keeps the 402 ``challenge`` renders and hands it back through ``issue``.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from decimal import Decimal, InvalidOperation
-from collections.abc import Iterator
-from typing import Any
+from starlette.responses import Response
 
-from jsonschema import Draft202012Validator
-
-from catalog import Tool
+from gateway.headers import PAYMENT_SIGNATURE, X_PAYMENT, lower
 from gateway.pipeline.context import RequestContext
-from gateway.errors import GatewayError
-from gateway.protocol.offers import Quote
+from gateway.protocol.challenge import PaymentChallenge
+from gateway.protocol.offers import Quote, request_binding
 from settlement.x402.wire import PaymentRequirements
 
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_KEY_SHOWN = 100  # characters of a duplicate key quoted back in the refusal
-# Characters no HTTP header value may carry (CR and LF would split it; the rest are refused by
-# HTTP clients): an argument mapped to an upstream header holding one is refused before any 402.
-_HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
-# Characters XML 1.0 cannot carry: a SOAP tool's string argument holding one is refused likewise.
-_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
-# A lone UTF-16 surrogate (from a \ud800 escape) is no character: it cannot be re-encoded for the
-# upstream. Only a body with such an escape, or that is not plain UTF-8, can hold one.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+__all__ = ["Challenge", "OfferStage", "challenge_issued"]
+
+_PAYMENT_SIGNATURE = lower(PAYMENT_SIGNATURE)
+_X_PAYMENT = lower(X_PAYMENT)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` of the body's parser: every object, nested ones too, without repeats."""
-    document: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in document:
-            raise GatewayError(
-                "duplicate_json_key",
-                f"the JSON body gives key {key[:_KEY_SHOWN]!r} more than once; send each key once",
-                key=key[:_KEY_SHOWN],
-            )
-        document[key] = value
-    return document
+class OfferStage:
+    name = "offer"
+    shape_only = True  # for the requests the fast path takes: no payment header
+
+    def __init__(self, public_url: str | None, challenge_body_version: int) -> None:
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.challenge_body_version = challenge_body_version
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        request, compiled = ctx.request, ctx.compiled
+        assert request is not None and compiled is not None
+        headers = request.headers
+        header = headers.get(_PAYMENT_SIGNATURE)
+        header_v1 = headers.get(_X_PAYMENT) if header is None else None
+        version = 1 if header_v1 is not None else (2 if header is not None else self.challenge_body_version)
+        base = self.public_url or str(request.base_url).rstrip("/")
+        resource_url = f"{base}{ctx.path}?{ctx.query}" if ctx.query else f"{base}{ctx.path}"
+        offer = compiled.offer
+        binding = request_binding(ctx.method, ctx.path, ctx.query)
+        ctx.quote = Quote(offer, offer.bound(binding), resource_url, version, binding)
+        ctx.paying = (header is not None or header_v1 is not None) and ctx.method != "HEAD"
+        return None
 
 
-def _no_constant(name: str) -> Any:
-    raise GatewayError("invalid_json_body", f"the request body is not valid JSON ({name} is not a JSON number)")
+class Challenge:
+    name = "challenge"
+    shape_only = False  # its 402 is the shape's; noting it on the request is per request (``issue``)
 
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        if ctx.paying:
+            return None
+        challenge = self.unpaid(ctx)
+        return self.issue(ctx, challenge.code, challenge.to_response())
 
-def _strings(value: Any) -> Iterator[str]:
-    """Every string in a parsed JSON value, keys included; without recursion (any depth)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+    @staticmethod
+    def unpaid(ctx: RequestContext) -> PaymentChallenge:
+        """The 402 of this call without payment: depends only on the request's shape."""
+        assert ctx.quote is not None and ctx.compiled is not None
+        return PaymentChallenge.unpaid(ctx.quote, ctx.compiled.price_text)
 
-
-def _may_hold_surrogates(body: bytes) -> bool:
-    if _ESCAPED_SURROGATE.search(body):
-        return True
-    if body.isascii():
-        return False
-    try:
-        body.decode("utf-8")  # strict: refuses encoded surrogates
-    except UnicodeDecodeError:
-        return True  # UTF-16/32, or UTF-8 with encoded surrogates: look
-    return False
-
-
-def _check_characters(tool: Tool, arguments: dict[str, Any]) -> None:
-    """Arguments bound for an upstream header (REST) or an XML document (SOAP) may hold only what
-    those can carry: refused here, before any offer, rather than failing in the bridge."""
-    mapping = tool.request
-    bound: list[tuple[str, re.Pattern[str], str]] = []
-    if mapping is not None and mapping.headers:
-        bound = [(argument, _HEADER_FORBIDDEN, f"goes into the upstream header {header}, which cannot hold "
-                  "control characters") for header, argument in mapping.headers.items()]
-    if tool.kind == "soap":
-        bound = [(name, _XML_FORBIDDEN, "goes into a SOAP request, which cannot hold control characters")
-                 for name in arguments]
-    fields = [
-        {"field": argument, "problem": problem}
-        for argument, forbidden, problem in bound
-        if any(forbidden.search(text) for text in _strings(arguments.get(argument)))
-    ]
-    if fields:
-        raise GatewayError(
-            "invalid_arguments",
-            "an argument holds control characters (CR, LF, NUL...) that its upstream request cannot carry",
-            fields=fields,
-        )
-
-
-def _coerce(value: str, schema: dict[str, Any]) -> Any:
-    kind = schema.get("type")
-    kinds = kind if isinstance(kind, list) else [kind]
-    if "integer" in kinds and value.lstrip("-").isdigit():
-        return int(value)
-    if "number" in kinds:
-        try:
-            number = Decimal(value)
-        except InvalidOperation:
-            return value
-        if number.is_finite():
-            return int(number) if number == number.to_integral_value() and "." not in value else number
-    if "boolean" in kinds and value in ("true", "false"):
-        return value == "true"
-    return value
-
-
-def collect_arguments(
-    tool: Tool, params: dict[str, str], query: list[tuple[str, str]], body: bytes, method: str
-) -> dict[str, Any]:
-    properties: dict[str, Any] = (tool.input_schema or {}).get("properties", {}) or {}
-    arguments: dict[str, Any] = {}
-    for name, value in params.items():
-        arguments[name] = _coerce(value, properties.get(name, {}))
-    for name, value in query:
-        schema = properties.get(name, {})
-        coerced = _coerce(value, schema.get("items", {}) if schema.get("type") == "array" else schema)
-        if schema.get("type") == "array":
-            arguments.setdefault(name, []).append(coerced)
-        elif name in arguments:
-            raise GatewayError("invalid_arguments", f"argument {name!r} is given twice", fields=[{"field": name}])
-        else:
-            arguments[name] = coerced
-    if method not in BODY_METHODS:
-        if body:
-            raise GatewayError(
-                "body_not_allowed", f"a {method} call carries no body; send the arguments in the path and query"
-            )
-    elif body.strip():
-        try:
-            data = json.loads(body, parse_float=Decimal, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise GatewayError("invalid_json_body", "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise GatewayError("invalid_json_body", "the request body must be a JSON object")
-        if _may_hold_surrogates(body) and any(_SURROGATE.search(text) for text in _strings(data)):
-            raise GatewayError("invalid_json_body", "the request body is not valid JSON (a string holds an unpaired surrogate)")
-        for name, value in data.items():
-            if name in arguments:
-                raise GatewayError("invalid_arguments", f"argument {name!r} is given twice", fields=[{"field": name}])
-            arguments[name] = value
-    _check_characters(tool, arguments)
-    return arguments
-
-
-def validate_arguments(validator: Draft202012Validator, arguments: dict[str, Any]) -> None:
-    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
-    if not errors:
-        return
-    fields = [
-        {"field": "/".join(str(p) for p in error.absolute_path) or "(arguments)", "problem": error.message[:300]}
-        for error in errors[:20]
-    ]
-    raise GatewayError(
-        "invalid_arguments",
-        "the arguments do not match the tool's input schema; fix the listed fields and call again",
-        fields=fields,
-    )
-
-
-class PaymentChallenge(GatewayError):
-    """A 402: the offer in ``PAYMENT-REQUIRED`` and, for readers of the body, in the body too."""
-
-    status = 402
-
-    def __init__(self, quote: Quote, code: str, message: str, **fields: Any) -> None:
-        super().__init__(code, message, status=402, **fields)
-        headers, self.required_body = quote.challenge(code)
-        self.headers.update(headers)
-
-    @classmethod
-    def unpaid(cls, quote: Quote, price_text: str) -> PaymentChallenge:
-        """The 402 of a call that came without a payment (the pipeline's and the fast path's)."""
-        return cls(
-            quote,
-            "payment_required",
-            f"{quote.offer.tool.name} costs {price_text} per call; sign the offer in PAYMENT-REQUIRED "
-            "and send it as PAYMENT-SIGNATURE",
-        )
-
-    def body(self) -> dict[str, Any]:
-        fields = {key: value for key, value in self.fields.items() if value is not None}
-        return {**self.required_body, "message": self.message, **fields, "next": self.next_step()}
+    @staticmethod
+    def issue(ctx: RequestContext, code: str, answer: Response) -> Response:
+        """Answer ``ctx`` with a rendered 402 (``unpaid``'s, or the fast path's copy of it)."""
+        assert ctx.quote is not None
+        challenge_issued(ctx, ctx.quote.requirements)
+        ctx.reason = code
+        return answer
 
 
 def challenge_issued(ctx: RequestContext, requirements: PaymentRequirements) -> None:

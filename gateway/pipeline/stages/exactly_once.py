@@ -16,40 +16,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import time
 from typing import Any
 
+from starlette.responses import Response
+
 from gateway.errors import GatewayError
-from gateway.protocol.offers import PAYMENT_IDENTIFIER
+from gateway.headers import X402GW_REPLAY
+from gateway.pipeline.context import RequestContext
+from gateway.pipeline.refunds import Refunds
+from gateway.pipeline.stages.respond import respond
+from gateway.pipeline.stages.verify import verify
+from gateway.protocol.offers import Quote
+from gateway.protocol.receipts import receipt_headers
 from gateway.store import StateStore, StoreUnavailable
-from settlement.chain.client import Chain
+from gateway.upstream.bridge import UpstreamResponse
 from settlement.errors import ChainUnavailable
-from settlement.ledger.payments import Ledger, Payment, PaymentState
-from settlement.ledger.resolve import apply, resolve_payment
+from settlement.ledger import Ledger, Payment, PaymentState
+from settlement.ledger.resolve import Resolver, apply, changes
+from settlement.schemes import Schemes
 from settlement.schemes.signatures import same_authorization
-from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse
+from settlement.x402.wire import ExactEvmPayload, PaymentRequirements, SettleResponse
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9_-]{16,128}")
-
-
-def payment_identifier(payload: PaymentPayload) -> str | None:
-    extension = (payload.extensions or {}).get(PAYMENT_IDENTIFIER)
-    if extension is None:
-        return None
-    info = extension.get("info") if isinstance(extension, dict) else None
-    identifier = info.get("id") if isinstance(info, dict) else None
-    if identifier is None:
-        return None
-    if not isinstance(identifier, str) or not _IDENTIFIER.fullmatch(identifier):
-        raise GatewayError(
-            "invalid_payment_identifier",
-            "payment-identifier id must be 16-128 characters of A-Z, a-z, 0-9, '_' and '-'",
-        )
-    return identifier
+__all__ = ["ExactlyOnce", "InFlight", "acquire", "release", "request_fingerprint", "resume", "same_payment"]
 
 
 def request_fingerprint(method: str, path: str, query: str, body: bytes) -> str:
@@ -75,29 +67,35 @@ def same_payment(
     return same_authorization(stored, presented)
 
 
-@asynccontextmanager
-async def in_flight(store: StateStore, keys: list[str], owner: str, ttl_ms: int) -> AsyncIterator[None]:
-    """Hold every key for the request, or refuse with 409 if another request holds one."""
-    held: list[str] = []
+async def acquire(store: StateStore, ctx: RequestContext, keys: list[str], ttl_ms: int) -> None:
+    """Hold every key for the request (``ctx.locks``, released by the finalizers), or refuse with
+    409 if another request holds one."""
     try:
         for key in keys:
-            if not await store.acquire(key, owner, ttl_ms):
+            if not await store.acquire(key, ctx.request_id, ttl_ms):
                 raise GatewayError(
                     "payment_in_flight",
                     "this payment is being processed by another request; resend it when that one has answered",
                     retryAfter=1,
                 )
-            held.append(key)
-        yield
+            ctx.locks = (*ctx.locks, key)
     except StoreUnavailable:
-        raise GatewayError("store_unavailable", "the gateway's shared state is unavailable; retry later",
-                           status=503, retryAfter=2) from None
-    finally:
-        for key in reversed(held):
-            try:
-                await store.release(key, owner)
-            except StoreUnavailable:
-                pass  # the lock expires on its own
+        raise store_unavailable() from None
+
+
+async def release(store: StateStore, ctx: RequestContext) -> None:
+    """Give back the request's in-flight locks, last taken first; never raises."""
+    held, ctx.locks = ctx.locks, ()
+    for key in reversed(held):
+        try:
+            await store.release(key, ctx.request_id)
+        except StoreUnavailable:
+            pass  # the lock expires on its own
+
+
+def store_unavailable() -> GatewayError:
+    return GatewayError("store_unavailable", "the gateway's shared state is unavailable; retry later",
+                        status=503, retryAfter=2)
 
 
 def receipt_of(row: Payment) -> SettleResponse:
@@ -116,19 +114,19 @@ class Resumed:
 
 
 async def resume(
-    row: Payment, ledger: Ledger, chain: Chain | None, *, write_ahead: bool
+    row: Payment, ledger: Ledger, schemes: Resolver
 ) -> Resumed | None:
     """Resume a payment the ledger knows. Returns the settled payment with its stored answer to
     replay (``answer`` is None when none was stored), ``None`` when the payment moved no money and
     may run again, or raises the refusal that names what happened."""
     if row.state in (PaymentState.SETTLING, PaymentState.PENDING):
-        if chain is None:
-            raise _open_refusal(row)
         try:
-            resolution = await resolve_payment(row, chain, write_ahead=write_ahead)
+            resolution = await schemes.resolve(row)  # the payment's scheme says what happened
         except ChainUnavailable:
             raise _open_refusal(row) from None
-        if resolution.after != row.state or resolution.tx_hash != row.tx_hash:
+        if resolution is None:  # no scheme here can tell (no chain access for its network)
+            raise _open_refusal(row)
+        if changes(row, resolution):
             await ledger.run(apply, ledger, resolution)
         refreshed = await ledger.run(ledger.get, row.id)
         assert refreshed is not None
@@ -155,3 +153,117 @@ def _open_refusal(row: Payment) -> GatewayError:
         "this payment's settlement outcome is not known yet; resend the same payment later",
         status=503, **fields,
     )
+
+
+class InFlight:
+    """Stage ``in_flight``: one request at a time per payment (and per payment-identifier)."""
+
+    name = "in_flight"
+    shape_only = False
+
+    def __init__(self, store: StateStore, lock_ttl_ms: int) -> None:
+        self.store = store
+        self.lock_ttl_ms = lock_ttl_ms
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        quote, paid = ctx.quote, ctx.paid
+        assert quote is not None and paid is not None
+        keys = [f"pay:{quote.requirements.network}:{paid.signer.lower()}:{paid.nonce}"]
+        if paid.identifier is not None:
+            keys.append(f"pid:{paid.identifier}")
+        await acquire(self.store, ctx, keys, self.lock_ttl_ms)
+        return None
+
+
+class ExactlyOnce:
+    """Stage ``exactly_once``: a payment (or payment-identifier) the ledger knows is resumed, not
+    re-run; answers a resend with the answer it bought. A fresh payment passes on, its verify
+    already started beside the ledger lookup (``Paid.early_verify``, awaited by ``verify``)."""
+
+    name = "exactly_once"
+    shape_only = False
+
+    def __init__(self, ledger: Ledger, schemes: Schemes, refunds: Refunds) -> None:
+        self.ledger = ledger
+        self.schemes = schemes
+        self.refunds = refunds
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
+        assert tool is not None and quote is not None and paid is not None
+        ledger, requirements = self.ledger, quote.requirements
+        known = None
+        if paid.identifier is not None:
+            known = await ledger.run(ledger.by_payment_identifier, paid.identifier)
+            if known is not None and (
+                known.fingerprint != paid.fingerprint or known.payer != paid.signer or known.nonce != paid.nonce
+            ):
+                raise GatewayError(
+                    "payment_identifier_conflict",
+                    "this payment-identifier was used for a different request or payment; use a new id",
+                    status=409, paymentId=known.id,
+                )
+        if known is None:
+            # The ledger lookup and the scheme's verify run side by side (a fresh payment, the usual
+            # case, needs both); for a payment the ledger knows, verify runs again after resume.
+            paid.early_started = time.perf_counter()
+            paid.early_verify = asyncio.ensure_future(verify(self.schemes, quote, paid.payload))
+            known = await ledger.run(
+                ledger.by_authorization, requirements.network, requirements.asset, paid.signer, paid.nonce
+            )
+        if (
+            known is None
+            or known.state in (PaymentState.VERIFIED, PaymentState.VOIDED, PaymentState.FAILED)
+            or not same_payment(known, requirements, paid.exact, tool.name, paid.fingerprint)
+        ):
+            # Fresh, or something else naming a known payment: verified as a fresh one (a used
+            # nonce then gets its 402; one still settling, a 409).
+            return None
+        # A resend of this very signed payload for this very request: resumed, not re-run.
+        discard_early_verify(ctx)
+        resumed = await resume(known, ledger, self.schemes)
+        if resumed is None:
+            return None
+        ctx.payer, ctx.payment_id = paid.signer, known.id
+        if resumed.answer is None:
+            raise await self._answer_lost(ctx, quote, resumed.row)
+        ctx.outcome = "replayed"
+        status, headers, body = resumed.answer
+        replay = respond(UpstreamResponse(status, headers, body), receipt_of(resumed.row), ctx.request_id, quote.version)
+        replay.headers[X402GW_REPLAY] = "true"
+        return replay
+
+    async def _answer_lost(self, ctx: RequestContext, quote: Quote, row: Payment) -> GatewayError:
+        """A settled payment with no stored answer: an ``upfront`` call whose process died between
+        the settlement and the stored answer (or whose upstream failed). It is never charged again
+        and never run again (the upstream may have acted); a refund is owed, once."""
+        receipt = receipt_headers(receipt_of(row), quote.version)
+        if row.settle_mode == "upfront" and row.refund_owed is None:
+            ctx.payer = ctx.payer or row.payer
+            refund = await self.refunds.owe(ctx, quote, row.id, "answer_lost")
+            return GatewayError(
+                "upstream_answer_lost",
+                "this payment was settled but the answer it bought was lost; it will not be charged "
+                "again and a refund is owed",
+                status=502, headers=receipt, retryable=False, paymentId=row.id, transaction=row.tx_hash, **refund,
+            )
+        fields: dict[str, Any] = {}
+        if row.refund_owed is not None:
+            fields = {"refund": "refunded" if row.refunded_at else "owed", "refundAmount": str(row.refund_owed)}
+            if row.refund_tx:
+                fields["refundTransaction"] = row.refund_tx
+        return GatewayError(
+            "payment_already_settled",
+            "this payment was settled and its answer is not stored; it will not be charged again",
+            status=409, headers=receipt, paymentId=row.id, transaction=row.tx_hash, **fields,
+        )
+
+
+def discard_early_verify(ctx: RequestContext) -> None:
+    """Cancel a verify started early whose answer is no longer wanted, and never leave its error unread."""
+    paid = ctx.paid
+    if paid is None or paid.early_verify is None:
+        return
+    future, paid.early_verify = paid.early_verify, None
+    future.cancel()
+    future.add_done_callback(lambda f: None if f.cancelled() else f.exception())

@@ -1,15 +1,20 @@
-"""Stage 7, respond: the upstream's answer, its status and content headers kept, plus the receipt.
+"""Stage ``respond``, the last: the upstream's answer, its status and content headers kept, plus the receipt.
 
 Paid content is ``Cache-Control: private, no-store`` so no shared cache serves it for free.
+Always answers.
 """
 
 from __future__ import annotations
 
 from starlette.responses import Response
 
+from gateway.headers import REQUEST_ID
+from gateway.pipeline.context import RequestContext
+from gateway.protocol.receipts import receipt_headers
 from gateway.upstream.bridge import DROPPED_RESPONSE_HEADERS, UpstreamResponse
-from gateway.pipeline.stages.settle import receipt_headers
 from settlement.x402.wire import SettleResponse
+
+__all__ = ["Respond", "respond"]
 
 
 def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_id: str, version: int = 2) -> Response:
@@ -19,8 +24,18 @@ def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_
         if name.lower() not in DROPPED_RESPONSE_HEADERS:
             headers.append(name, value)
     headers["Cache-Control"] = "private, no-store"
-    headers["X-Request-Id"] = request_id
+    headers[REQUEST_ID] = request_id
     if receipt is not None:
         for name, value in receipt_headers(receipt, version).items():
             headers[name] = value
     return response
+
+
+class Respond:
+    name = "respond"
+    shape_only = False
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        quote, paid = ctx.quote, ctx.paid
+        assert quote is not None and paid is not None and paid.upstream is not None
+        return respond(paid.upstream, ctx.settlement, ctx.request_id, quote.version)

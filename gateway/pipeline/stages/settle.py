@@ -1,42 +1,96 @@
-"""Stage 6, settle: move the money, exactly once, and only serve when it is final.
+"""Stages ``settle_upfront`` and ``settle``: move the money, exactly once, and only serve when it is final.
 
-Writes the ledger ahead of the chain: ``settling`` before the transaction is broadcast, then
-``settled`` with the tx hash and block, ``failed`` (a definite refusal, nothing moved: a fresh 402),
-or ``pending`` (outcome unknown: pending, timed out or a broken facilitator answer; 503 naming the
-payment and any transaction, never a plain 402 inviting a second payment).
+``settle_upfront`` settles an ``upfront`` tool's payment before its upstream runs (its call has
+side effects and must not run unpaid); ``settle`` settles a ``settle: after`` payment once the
+upstream answered, storing that answer with the write-ahead record (a resend gets it). Writes the
+ledger ahead of the chain: ``settling`` before the transaction is broadcast, then ``settled`` with
+the tx hash and block, ``failed`` (a definite refusal, nothing moved: a fresh 402), or ``pending``
+(outcome unknown: 503 naming the payment and any transaction, never a 402 inviting a second payment).
 """
 
 from __future__ import annotations
 
+from starlette.responses import Response
 
 from gateway.errors import GatewayError
+from gateway.pipeline.context import RequestContext
+from gateway.protocol.challenge import PaymentChallenge
 from gateway.protocol.offers import Quote
-from gateway.pipeline.stages.challenge import PaymentChallenge
-from settlement.x402.codec import encode_header
+from gateway.protocol.receipts import receipt_headers
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable
-from settlement.schemes.facilitator import Facilitator
-from settlement.ledger.payments import Ledger
+from settlement.ledger import Ledger
+from settlement.schemes import Schemes
+from settlement.schemes.base import Facilitator
 from settlement.schemes.remote import settlement_outcome_unknown
-from settlement.chain.networks import to_legacy
-from settlement.x402.wire import PaymentPayload, SettlementResponseV1, SettleResponse
+from settlement.x402.wire import PaymentPayload, SettleResponse
+
+__all__ = ["Settle", "SettleUpfront", "settle"]
 
 PENDING_RETRY_AFTER_SECONDS = 5
 
 StoredAnswer = tuple[int, list[tuple[str, str]], bytes]
 
 
-def receipt_headers(result: SettleResponse, version: int) -> dict[str, str]:
-    """``PAYMENT-RESPONSE`` for v2 clients; ``X-PAYMENT-RESPONSE`` in the v1 shape for v1 clients."""
-    if version == 1:
-        v1 = SettlementResponseV1(
-            success=result.success,
-            error_reason=result.error_reason,
-            transaction=result.transaction,
-            network=to_legacy(result.network),
-            payer=result.payer or "",
-        )
-        return {"X-PAYMENT-RESPONSE": encode_header(v1)}
-    return {"PAYMENT-RESPONSE": encode_header(result)}
+class SettleUpfront:
+    name = "settle_upfront"
+    shape_only = False
+
+    def __init__(self, schemes: Schemes, ledger: Ledger) -> None:
+        self.schemes = schemes
+        self.ledger = ledger
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
+        assert tool is not None and quote is not None and paid is not None and ctx.payment_id is not None
+        if tool.settle != "upfront":
+            return None
+        ctx.outcome = "settling"
+        with ctx.timed("settle"):
+            receipt = await settle(
+                self.schemes, self.ledger, ctx.payment_id, quote, paid.payload, None,
+                hook_writes_ahead=self.schemes.writes_ahead(quote.requirements),
+            )
+        settled(ctx, receipt)
+        return None
+
+
+class Settle:
+    name = "settle"
+    shape_only = False
+
+    def __init__(self, schemes: Schemes, ledger: Ledger) -> None:
+        self.schemes = schemes
+        self.ledger = ledger
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
+        assert tool is not None and quote is not None and paid is not None and ctx.payment_id is not None
+        if tool.settle == "upfront":
+            return None  # settled before the upstream ran
+        upstream = paid.upstream
+        assert upstream is not None
+        ctx.outcome = "settling"
+        try:
+            with ctx.timed("settle"):
+                receipt = await settle(
+                    self.schemes, self.ledger, ctx.payment_id, quote, paid.payload,
+                    (upstream.status, upstream.headers, upstream.body),
+                    hook_writes_ahead=self.schemes.writes_ahead(quote.requirements),
+                )
+        except PaymentChallenge as refused:
+            # The upstream answered but the payment could not settle (balance drained or nonce
+            # used mid-call): the answer is withheld, and the unpaid upstream call is on record.
+            ctx.record("upstream_answer_withheld", paymentId=ctx.payment_id, upstreamStatus=upstream.status,
+                       reason=refused.code)
+            raise
+        settled(ctx, receipt)
+        return None
+
+
+def settled(ctx: RequestContext, receipt: SettleResponse) -> None:
+    ctx.settlement = receipt
+    ctx.outcome = "settled"
+    ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id)
 
 
 async def settle(

@@ -1,66 +1,34 @@
-"""Stage 3, verify: decode the payment, bind it to this offer, and have the facilitator verify it.
+"""Stages ``payment_window``, ``verify`` and ``record``: a fresh payment checked, confirmed, written down.
 
-Reads ``PAYMENT-SIGNATURE``. A header that cannot be a payment is a 400 with a decode code; a
-payment for another offer (route, method, price, payTo, asset, network) or one the facilitator
-rejects is a 402 carrying a fresh offer and the reason code, passed through unchanged.
+``payment_window`` (``settle: after`` tools) refuses with 402 a payment that could expire while the
+upstream works. ``verify`` has the payment's scheme verify it (started early, beside the ledger
+lookup, by ``exactly_once``); a rejection is a 402 carrying a fresh offer and the scheme's reason
+code, passed through unchanged. ``record`` writes the ``verified`` ledger row (``ctx.payment_id``);
+a row that is already further on is a 409.
 """
 
 from __future__ import annotations
 
+import json
+import time
+
+from starlette.responses import Response
+
 from gateway.errors import GatewayError
-from gateway.protocol.offers import Quote, mismatch
-from gateway.pipeline.stages.challenge import PaymentChallenge
-from settlement.x402.codec import decode_payment_header, decode_payment_header_v1
-from settlement.chain.networks import to_caip2
-from settlement.errors import ChainUnavailable, FacilitatorUnavailable, PaymentDecodeError
-from settlement.schemes.facilitator import Facilitator
-from settlement.x402.wire import X402_VERSION, PaymentPayload, VerifyResponse
+from gateway.pipeline.context import RequestContext
+from gateway.protocol.challenge import PaymentChallenge
+from gateway.protocol.offers import Quote
+from settlement.errors import ChainUnavailable, FacilitatorUnavailable
+from settlement.ledger import Ledger, PaymentState
+from settlement.schemes import VALID_BEFORE_MARGIN_SECONDS
+from settlement.schemes.base import Facilitator
+from settlement.x402.wire import ExactEvmPayload, PaymentPayload, VerifyResponse
 
-
-def decode_payment(header: str) -> PaymentPayload:
-    try:
-        payload = decode_payment_header(header)
-    except PaymentDecodeError as exc:
-        raise GatewayError(exc.code, exc.message, status=400) from None
-    if payload.x402_version != X402_VERSION:
-        raise GatewayError("invalid_x402_version", f"x402Version {payload.x402_version} is not supported here; use 2")
-    return payload
-
-
-def decode_payment_v1(header: str, quote: Quote) -> PaymentPayload:
-    """A v1 ``X-PAYMENT``, bound by scheme and (legacy) network to this offer and carried on as
-    the v2 payload it is equivalent to: the EIP-3009 authorization is the same in both versions.
-    v1 payloads carry no ``accepted``, so amount and recipient are bound by the facilitator's
-    exact checks of the signed authorization."""
-    try:
-        v1 = decode_payment_header_v1(header)
-    except PaymentDecodeError as exc:
-        raise GatewayError(exc.code, exc.message, status=400) from None
-    if v1.x402_version != 1:
-        raise GatewayError("invalid_x402_version", "X-PAYMENT carries x402 v1 payloads; send v2 as PAYMENT-SIGNATURE")
-    if v1.scheme != quote.requirements.scheme or to_caip2(v1.network) != quote.requirements.network:
-        raise PaymentChallenge(
-            quote,
-            "payment_requirements_mismatch",
-            f"the payment is for {v1.scheme} on {v1.network}; this offer is {quote.requirements.scheme} "
-            f"on {quote.requirements.network}",
-            field="network" if v1.scheme == quote.requirements.scheme else "scheme",
-        )
-    return PaymentPayload(x402_version=X402_VERSION, accepted=quote.requirements, payload=v1.payload)
-
-
-def bind(quote: Quote, payload: PaymentPayload) -> None:
-    differs = mismatch(quote.requirements, payload)
-    if differs is not None:
-        raise PaymentChallenge(
-            quote,
-            "payment_requirements_mismatch",
-            f"the payment was made for a different offer ({differs} differs); pay this offer",
-            field=differs,
-        )
+__all__ = ["PaymentWindow", "Record", "Verify", "verify"]
 
 
 async def verify(facilitator: Facilitator, quote: Quote, payload: PaymentPayload) -> VerifyResponse:
+    """The one place the chain asks a scheme to verify a payment."""
     try:
         result = await facilitator.verify(payload, quote.requirements)
     except (ChainUnavailable, FacilitatorUnavailable) as exc:
@@ -71,3 +39,103 @@ async def verify(facilitator: Facilitator, quote: Quote, payload: PaymentPayload
         reason = result.invalid_reason or "invalid_payment"
         raise PaymentChallenge(quote, reason, result.invalid_message or "the payment was refused")
     return result
+
+
+class PaymentWindow:
+    """A ``settle: after`` payment must stay valid through the upstream's worst case and the
+    settlement after it; otherwise it could expire mid-call and the upstream would have run
+    unpaid. The 402 names the minimum. Only fresh payments get here (a resend was resumed)."""
+
+    name = "payment_window"
+    shape_only = False
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
+        assert tool is not None and quote is not None and paid is not None
+        if tool.settle == "after":
+            check_window(quote, tool.name, tool.payment_window_seconds, paid.exact)
+        return None
+
+
+def check_window(quote: Quote, tool: str, needed: int, exact: ExactEvmPayload) -> None:
+    now = int(time.time())
+    remaining = int(exact.authorization.valid_before) - now
+    if remaining >= needed or remaining < VALID_BEFORE_MARGIN_SECONDS:
+        return  # long enough; or already expired, which verify refuses with its own reason
+    raise PaymentChallenge(
+        quote, "payment_window_too_short",
+        f"{tool} needs a payment valid for at least {needed}s (validBefore >= now + {needed}); "
+        "sign the offer again with a longer window",
+        minimumValidSeconds=needed, validBeforeAtLeast=str(now + needed),
+    )
+
+
+class Verify:
+    name = "verify"
+    shape_only = False
+
+    def __init__(self, facilitator: Facilitator) -> None:
+        self.facilitator = facilitator
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        quote, paid = ctx.quote, ctx.paid
+        assert quote is not None and paid is not None
+        early = paid.early_verify
+        if early is not None:
+            paid.early_verify = None  # awaited here: no longer the finalizers' to cancel
+            try:
+                verified = await early
+            finally:
+                ctx.timings["verify"] = ctx.timings.get("verify", 0.0) + time.perf_counter() - paid.early_started
+        else:
+            with ctx.timed("verify"):
+                verified = await verify(self.facilitator, quote, paid.payload)
+        paid.verified = verified
+        ctx.payer = verified.payer
+        requirements = quote.requirements
+        ctx.record("payment_verified", amount=requirements.amount, network=requirements.network,
+                   asset=requirements.asset, payTo=requirements.pay_to, nonce=paid.nonce)
+        ctx.outcome = "verified"
+        return None
+
+
+class Record:
+    name = "record"
+    shape_only = False
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
+        assert tool is not None and quote is not None and paid is not None and paid.verified is not None
+        requirements = quote.requirements
+        row = await self.ledger.run(
+            self.ledger.record_verified,
+            request_id=ctx.request_id,
+            owner=tool.owner,
+            tool=tool.name,
+            decimals=tool.payment.decimals,
+            method=ctx.method,
+            path=ctx.path,
+            payer=paid.verified.payer or paid.signer,
+            pay_to=requirements.pay_to,
+            amount=int(requirements.amount),
+            network=requirements.network,
+            asset=requirements.asset,
+            nonce=paid.nonce,
+            valid_before=int(paid.payload.payload["authorization"]["validBefore"]),
+            authorization=json.dumps(paid.payload.payload, separators=(",", ":")),
+            payment_identifier=paid.identifier,
+            fingerprint=paid.fingerprint,
+            settle_mode=tool.settle,
+        )
+        ctx.payment_id = row.id
+        if row.state != PaymentState.VERIFIED:
+            raise GatewayError(
+                "payment_already_settled" if row.state == PaymentState.SETTLED else "payment_in_flight",
+                f"this payment was already used (state {row.state}); sign a fresh authorization",
+                paymentId=row.id,
+                transaction=row.tx_hash,
+            )
+        return None

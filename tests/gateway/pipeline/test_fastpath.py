@@ -196,7 +196,9 @@ def test_the_fast_path_answers_unpaid_calls_without_the_pipeline(apps: AppFactor
         ("GET", "/quotes/AAPL", {"X-Big": "x" * 40_000}, None),
     ]
     assert assert_same(fast, slow, left) == [422, 422, 402, 400, 431]
-    assert calls == [len(left)]
+    # All but the 431: header_limits is a stage of the chain's per-request prefix, which the fast
+    # path runs itself (the same stage, the same answer: assert_same compared them).
+    assert calls == [len(left) - 1]
 
 
 def test_the_resource_url_follows_the_public_url_or_the_host(apps: AppFactory) -> None:

@@ -19,7 +19,7 @@ from catalog import Tool, parse_catalog
 from gateway.errors import GatewayError
 from gateway.ops.serving import ThreadServer
 from gateway.upstream.bridge import AiohttpUpstreamClient, Bridge, UpstreamResponse
-from gateway.pipeline.stages.challenge import collect_arguments
+from gateway.pipeline.stages.arguments import collect_arguments
 from gateway.pipeline.stages.respond import respond
 from tests.support.forwarding_upstream import SECRET_CONTENT, Received, create_app
 

@@ -1,0 +1,206 @@
+"""The chain: every stage of a request, in order, written once (``build_chain``), and its runner.
+
+    route ─▶ header_limits ─▶ body ─▶ arguments ─▶ offer ─▶ pre_challenge_safety ─▶ challenge
+    404/405   431              413     400/422                503/429                402 (unpaid)
+      ─▶ decode_and_bind ─▶ payer_checks ─▶ in_flight ─▶ exactly_once ─▶ payment_window ─▶ verify
+         400/402             403/429         409          replay/409/502/503  402          402/503
+      ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ settle ─▶ respond
+         403         409       402/503            502/504   402/503
+
+    finally, always: release_holds ─▶ audit ─▶ observers ─▶ access_log
+
+Like an Envoy filter chain: each stage (``gateway.pipeline.context.Stage``) reads and writes the
+one per-request ``RequestContext`` and either passes it on (returns None) or answers (returns a
+response, or raises a ``GatewayError``); exactly one stage (``bridge``) talks to the upstream.
+The unpaid fast path (``gateway.pipeline.fastpath``) runs this same chain up to ``challenge``:
+the stages marked ``shape_only`` once per distinct request (kept with the 402 they lead to),
+the others on every request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, Protocol
+
+from starlette.responses import Response
+
+from catalog import Router
+from gateway.errors import GatewayError
+from gateway.pipeline.compiled import CompiledTool
+from gateway.pipeline.context import Finalizer, Observer, RequestContext, Stage
+from gateway.pipeline.finalizers import (
+    AccessLog,
+    AuditTrailWrite,
+    Observe,
+    ReleaseHolds,
+)
+from gateway.pipeline.refunds import Refunds
+from gateway.pipeline.stages.arguments import Arguments, Body
+from gateway.pipeline.stages.bridge import CallUpstream
+from gateway.pipeline.stages.challenge import Challenge, OfferStage
+from gateway.pipeline.stages.decode import DecodeAndBind
+from gateway.pipeline.stages.exactly_once import (
+    ExactlyOnce,
+    InFlight,
+    store_unavailable,
+)
+from gateway.pipeline.stages.respond import Respond
+from gateway.pipeline.stages.route import Route
+from gateway.pipeline.stages.safety import (
+    HeaderLimits,
+    PayerChecks,
+    PreChallengeSafety,
+    Reserve,
+)
+from gateway.pipeline.stages.settle import Settle, SettleUpfront
+from gateway.pipeline.stages.verify import PaymentWindow, Record, Verify
+from gateway.protocol.challenge import PaymentChallenge
+from gateway.safety.checks import Safety
+from gateway.store import StateStore, StoreUnavailable
+from gateway.upstream.bridge import Bridge, UpstreamClient
+from settlement.audit import AuditSink
+from settlement.errors import LedgerError
+from settlement.ledger import Ledger
+from settlement.schemes import Schemes
+from settlement.schemes.signatures import SignerCheck
+
+__all__ = ["CachedChallenge", "Chain", "build_chain"]
+
+log = logging.getLogger("x402gw.pipeline")
+
+
+class CachedChallenge(Protocol):
+    """The fast path's copy of the 402 that ``challenge`` renders for one request shape."""
+
+    @property
+    def code(self) -> str: ...  # the 402's reason
+
+    def response(self, request_id: str) -> Response: ...
+
+
+class Chain:
+    def __init__(self, stages: Sequence[Stage], finalizers: Sequence[Finalizer]) -> None:
+        self.stages = tuple(stages)
+        self.finalizers = tuple(finalizers)
+        names = [stage.name for stage in self.stages]
+        at = names.index(Challenge.name)
+        challenge = self.stages[at]
+        assert isinstance(challenge, Challenge)
+        assert not any(stage.shape_only for stage in self.stages[at:]), "a shape-only stage after the 402"
+        self.challenge = challenge
+        # The unpaid prefix, split the way the fast path runs it.
+        self.shape_stages = tuple(stage for stage in self.stages[:at] if stage.shape_only)
+        self.live_stages = tuple(stage for stage in self.stages[:at] if not stage.shape_only)
+
+    @property
+    def names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    async def answer(self, ctx: RequestContext, stages: Coroutine[Any, Any, Response]) -> Response:
+        """Run ``stages`` (``run``, or the fast path's ``run_cached``): a refusal becomes its answer;
+        then, always, the finalizers run, in order, each whatever the others did."""
+        response: Response | None = None
+        try:
+            response = await stages
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer; _refusal logs the unexpected
+            response = _refusal(ctx, exc)
+        finally:
+            ctx.status = response.status_code if response is not None else None  # None: cancelled
+            for finalizer in self.finalizers:
+                try:
+                    await finalizer(ctx)
+                except Exception:  # each guards itself; this keeps the next ones running regardless
+                    log.exception("finalizer %s failed on request %s", finalizer.name, ctx.request_id)
+        assert response is not None  # every branch above answers, or the exception goes on
+        return response
+
+    async def run(self, ctx: RequestContext) -> Response:
+        for stage in self.stages:
+            answer = await stage(ctx)
+            if answer is not None:
+                return answer
+        raise AssertionError("the chain ended without an answer")  # ``respond`` always answers
+
+    async def run_shape(self, ctx: RequestContext) -> PaymentChallenge | None:
+        """The unpaid prefix's shape-only stages (a refusal raises); then the 402 they lead to, or
+        None when a stage answers otherwise."""
+        for stage in self.shape_stages:
+            if await stage(ctx) is not None:
+                return None
+        return self.challenge.unpaid(ctx)
+
+    async def run_cached(self, ctx: RequestContext, cached: CachedChallenge) -> Response:
+        """The unpaid prefix for a request whose shape-only stages' results are already in ``ctx``."""
+        for stage in self.live_stages:
+            answer = await stage(ctx)
+            if answer is not None:
+                return answer
+        return self.challenge.issue(ctx, cached.code, cached.response(ctx.request_id))
+
+
+def _refusal(ctx: RequestContext, exc: Exception) -> Response:
+    """The answer to a stage that raised: its own for a ``GatewayError``; for broken
+    infrastructure, a code and a next step, never the exception's text."""
+    if isinstance(exc, GatewayError):
+        refusal = exc
+    elif isinstance(exc, LedgerError):
+        log.error("ledger failure on request %s: %s", ctx.request_id, exc.message)
+        ctx.reason = exc.code
+        return GatewayError("ledger_unavailable", "the payment ledger is unavailable; retry later", retryAfter=2).to_response()
+    elif isinstance(exc, StoreUnavailable) and ctx.locks:
+        refusal = store_unavailable()  # under the in-flight lock: the store's 503, as its holder says
+    else:
+        log.error("unexpected failure on request %s", ctx.request_id, exc_info=exc)
+        refusal = GatewayError("internal_error", "the gateway failed on this request", requestId=ctx.request_id)
+    ctx.reason = refusal.code
+    return refusal.to_response()
+
+
+def build_chain(
+    *,
+    router: Router,
+    tools: Mapping[str, CompiledTool],
+    safety: Safety,
+    store: StateStore,
+    ledger: Ledger,
+    schemes: Schemes,
+    signers: SignerCheck,
+    refunds: Refunds,
+    bridge: Bridge,
+    upstream: UpstreamClient,
+    audit: AuditSink,
+    observers: Sequence[Observer],
+    public_url: str | None,
+    challenge_body_version: int,
+    max_body_bytes: int,
+    max_upstream_response_bytes: int,
+    lock_ttl_ms: int,
+) -> Chain:
+    """The order of a request, written once. ``tests/gateway/pipeline/test_chain.py`` holds it."""
+    return Chain(
+        [
+            Route(router, tools),
+            HeaderLimits(safety),
+            Body(max_body_bytes),
+            Arguments(),
+            OfferStage(public_url, challenge_body_version),
+            PreChallengeSafety(safety),
+            Challenge(),
+            # with a payment from here on
+            DecodeAndBind(signers),  # offline signer recovery: before any limit or lookup keyed on the payer
+            PayerChecks(safety),
+            InFlight(store, lock_ttl_ms),
+            ExactlyOnce(ledger, schemes, refunds),
+            PaymentWindow(),  # fresh payments only: a resend was answered by exactly_once
+            Verify(schemes),
+            Reserve(safety),
+            Record(ledger),
+            SettleUpfront(schemes, ledger),
+            CallUpstream(bridge, upstream, safety=safety, ledger=ledger, refunds=refunds,
+                         max_response_bytes=max_upstream_response_bytes),
+            Settle(schemes, ledger),
+            Respond(),
+        ],
+        [ReleaseHolds(store, safety, ledger), AuditTrailWrite(audit), Observe(observers), AccessLog()],
+    )

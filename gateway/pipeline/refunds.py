@@ -1,0 +1,40 @@
+"""A refund owed to a payer whose settled payment bought nothing: recorded always, paid when a
+refund signer exists for the network. Used by the ``bridge`` stage (an ``upfront`` call whose
+upstream failed) and by ``exactly_once`` (a settled payment whose answer was lost)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.pipeline.context import RequestContext
+from gateway.protocol.offers import Quote
+from settlement.chain.refunds import Refunder
+from settlement.ledger.payments import Ledger
+
+__all__ = ["Refunds"]
+
+
+class Refunds:
+    def __init__(self, ledger: Ledger, refunder: Refunder | None) -> None:
+        self.ledger = ledger
+        self.refunder = refunder
+
+    async def owe(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
+        """Record the refund and pay it if possible; the fields the answer carries about it."""
+        ledger = self.ledger
+        requirements = quote.requirements
+        amount = int(requirements.amount)
+        await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
+        ctx.outcome = "refund_owed"
+        if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
+            return {"refund": "owed", "refundAmount": requirements.amount}
+
+        async def before_send(tx_hash: str) -> None:
+            await ledger.run(ledger.record_refund_tx, payment_id, tx_hash)
+
+        result = await self.refunder.refund(requirements.network, requirements.asset, ctx.payer, amount, before_send)
+        if result.confirmed:
+            await ledger.run(ledger.record_refund_paid, payment_id, result.tx_hash)
+            ctx.outcome = "refunded"
+            return {"refund": "refunded", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
+        return {"refund": "owed", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}

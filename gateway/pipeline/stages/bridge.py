@@ -1,0 +1,102 @@
+"""Stage ``bridge``: the one stage that talks to the upstream, then says what its answer means.
+
+Writes ``ctx.upstream_status`` and ``Paid.upstream``, and tells the circuit breaker how the
+upstream did. For a ``settle: after`` payment, an upstream that failed or redirected (status >= 300;
+never followed) voids the payment and its answer is passed on unpaid. For an ``upfront`` one
+(already settled), a failure is recorded as a refund owed (and paid where a refund signer exists),
+and a good answer is stored so a resend of the payment replays it. Every attempt is noted for the
+audit trail through ``RecordingUpstream``.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+
+from gateway.errors import GatewayError
+from gateway.headers import X402GW_REFUND
+from gateway.pipeline.context import RequestContext
+from gateway.pipeline.refunds import Refunds
+from gateway.pipeline.stages.audit import RecordingUpstream
+from gateway.pipeline.stages.respond import respond
+from gateway.protocol.offers import Quote
+from gateway.protocol.receipts import receipt_headers
+from gateway.safety.checks import Safety
+from gateway.upstream.bridge import Bridge, UpstreamClient, UpstreamResponse
+from settlement.ledger import Ledger
+
+__all__ = ["CallUpstream"]
+
+_UNREACHABLE = ("upstream_timeout", "upstream_unavailable")  # what counts against the breaker
+
+
+class CallUpstream:
+    name = "bridge"
+    shape_only = False
+
+    def __init__(
+        self, bridge: Bridge, upstream: UpstreamClient, *, safety: Safety, ledger: Ledger, refunds: Refunds,
+        max_response_bytes: int,
+    ) -> None:
+        self.bridge = bridge
+        self.upstream = upstream
+        self.safety = safety
+        self.ledger = ledger
+        self.refunds = refunds
+        self.max_response_bytes = max_response_bytes
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        tool, quote, paid, payment_id = ctx.tool, ctx.quote, ctx.paid, ctx.payment_id
+        assert tool is not None and quote is not None and paid is not None and payment_id is not None
+        try:
+            upstream = await self._forward(ctx, payment_id)
+        except GatewayError as err:
+            if tool.settle == "upfront":
+                refund = await self.refunds.owe(ctx, quote, payment_id, err.code)
+                assert ctx.settlement is not None
+                err.headers.update(receipt_headers(ctx.settlement, quote.version))
+                err.fields.update(refund)
+            raise
+        paid.upstream = upstream
+        if tool.settle == "upfront":
+            return await self._settled_outcome(ctx, quote, upstream, payment_id)
+        if upstream.status >= 300:
+            # The upstream failed, or redirected (not the content, and never followed): nothing is
+            # settled, and its answer is passed on as it is.
+            await self.ledger.run(self.ledger.void, payment_id, "upstream_error", upstream_status=upstream.status)
+            ctx.outcome = "upstream_error"
+            return respond(upstream, None, ctx.request_id, quote.version)
+        return None
+
+    async def _forward(self, ctx: RequestContext, payment_id: int) -> UpstreamResponse:
+        tool, request = ctx.tool, ctx.request
+        assert tool is not None and request is not None
+        try:
+            with ctx.timed("upstream"):
+                upstream = await self.bridge.forward(
+                    RecordingUpstream(self.upstream, ctx), tool, ctx.method, ctx.params, ctx.query, ctx.arguments,
+                    dict(request.headers), ctx.body, ctx.request_id, self.max_response_bytes,
+                )
+        except GatewayError as err:
+            await self.safety.upstream_result(ctx, tool, err.code not in _UNREACHABLE)
+            if tool.settle != "upfront":
+                await self.ledger.run(self.ledger.void, payment_id, err.code)
+            ctx.outcome = "upstream_failed"
+            raise
+        ctx.upstream_status = upstream.status
+        await self.safety.upstream_result(ctx, tool, upstream.status < 500)
+        return upstream
+
+    async def _settled_outcome(
+        self, ctx: RequestContext, quote: Quote, upstream: UpstreamResponse, payment_id: int
+    ) -> Response | None:
+        """An ``upfront`` payment settled before the call: a failed call is owed a refund; a good
+        answer is stored for a resend of the payment to replay."""
+        ledger = self.ledger
+        await ledger.run(ledger.record_upstream_status, payment_id, upstream.status)
+        if upstream.status >= 400:
+            refund = await self.refunds.owe(ctx, quote, payment_id, "upstream_error")
+            response = respond(upstream, ctx.settlement, ctx.request_id, quote.version)
+            response.headers[X402GW_REFUND] = f"{refund['refund']} {refund.get('refundTransaction') or ''}".strip()
+            return response
+        await ledger.run(ledger.store_response, payment_id, (upstream.status, upstream.headers, upstream.body))
+        return None
