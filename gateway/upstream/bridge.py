@@ -20,20 +20,14 @@ the client's bytes or Content-Type; a GET, HEAD or DELETE without a body mapping
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import re
-import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
-from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
-import aiohttp
 from lxml import etree
 
 from catalog import Tool
@@ -43,14 +37,9 @@ from gateway import codes
 from gateway.errors import GatewayConfigError, GatewayError
 from gateway.headers import (
     ACCEPT,
-    ACCEPT_LANGUAGE,
-    CACHE_CONTROL,
     CONTENT_TYPE,
-    PAYMENT_HEADERS,
     REQUEST_ID,
     RETRY_AFTER,
-    USER_AGENT,
-    X402GW_PREFIX,
     lower,
 )
 from gateway.upstream.soap import (
@@ -64,63 +53,59 @@ from gateway.upstream.soap import (
 )
 from gateway.upstream.soap import content_type as soap_content_type
 
+from gateway.upstream.answers import (
+    _MESSAGE_LIMIT,
+    IDEMPOTENT_METHODS,
+    RETRYABLE_STATUS,
+    backoff_seconds,
+    error_response,
+    retry_after_seconds,
+)
+from gateway.upstream.answers import upstream_message as _upstream_message
+from gateway.upstream.documents import MISSING as _MISSING
+from gateway.upstream.documents import dumps as _dumps
+from gateway.upstream.documents import json_or_none as _json_or_none
+from gateway.upstream.documents import resolve_pointer
+from gateway.upstream.documents import set_pointer as _set_pointer
+from gateway.upstream.documents import text as _text
+from gateway.upstream.documents import xpath_value as _xpath_value
+from gateway.upstream.transport import (
+    DROPPED_RESPONSE_HEADERS,
+    DROPPED_RESPONSE_PREFIXES,
+    FORWARDED_REQUEST_HEADERS,
+    AiohttpUpstreamClient,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamUnreachable,
+    forwarded_response_header,
+)
+from gateway.upstream.transport import strip_headers as _strip_headers
+
+__all__ = [
+    "DROPPED_RESPONSE_HEADERS",
+    "DROPPED_RESPONSE_PREFIXES",
+    "FORWARDED_REQUEST_HEADERS",
+    "AiohttpUpstreamClient",
+    "Bridge",
+    "BridgeConfigError",
+    "UpstreamClient",
+    "UpstreamFailure",
+    "UpstreamResponse",
+    "UpstreamUnreachable",
+    "backoff_seconds",
+    "error_response",
+    "forwarded_response_header",
+    "resolve_pointer",
+    "retry_after_seconds",
+    "upstream_target",
+    "upstream_url",
+]
+
 log = logging.getLogger("x402gw.bridge")
 
-# Request headers an agent may pass to an upstream; everything else (cookies, authorization,
-# payment headers, hop-by-hop, forwarding headers) stays at the gateway.
-# The body's Content-Type is the gateway's own (the body is built from the arguments).
-FORWARDED_REQUEST_HEADERS = tuple(lower(name) for name in (ACCEPT, ACCEPT_LANGUAGE, USER_AGENT))
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Characters an upstream header value cannot hold (HTTP clients refuse CR and LF with an exception).
 _HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
-# Response headers that describe the connection, not the content, or that we set ourselves: an
-# upstream must not be able to forge a receipt, an offer or a gateway header in the agent's answer.
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "transfer-encoding", "upgrade", "content-length", "content-encoding", "server", "date",
-        "set-cookie", "set-cookie2",
-        *(lower(name) for name in (*PAYMENT_HEADERS, CACHE_CONTROL, REQUEST_ID)),
-    }
-)
-# Every header of the gateway's own (X402GW-Replay, X402GW-Refund, ...) is dropped too.
-DROPPED_RESPONSE_PREFIXES = (lower(X402GW_PREFIX),)
-
-
-def forwarded_response_header(name: str) -> bool:
-    """Whether an upstream response header may reach the agent."""
-    lowered = name.lower()
-    return lowered not in DROPPED_RESPONSE_HEADERS and not lowered.startswith(DROPPED_RESPONSE_PREFIXES)
-
-
-def _strip_headers(response: UpstreamResponse) -> UpstreamResponse:
-    headers = [(k, v) for k, v in response.headers if forwarded_response_header(k)]
-    return response if len(headers) == len(response.headers) else UpstreamResponse(response.status, headers, response.body)
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-_MESSAGE_LIMIT = 300
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name), None)
-
-
-class UpstreamClient(Protocol):
-    async def send(
-        self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
-    ) -> UpstreamResponse: ...
-
-    async def close(self) -> None: ...
-
-
-class UpstreamUnreachable(GatewayError):
-    """No connection could be made: the request was never sent, so another base URL is safe."""
 
 
 class UpstreamFailure(GatewayError):
@@ -134,51 +119,14 @@ class BridgeConfigError(GatewayConfigError):
         super().__init__(message, code)
 
 
-class AiohttpUpstreamClient:
-    def __init__(self, *, max_connections: int = 256) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._max_connections = max_connections
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
-        return self._session
-
-    async def send(
-        self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
-    ) -> UpstreamResponse:
-        try:
-            async with self._client().request(
-                method,
-                url,
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as response:
-                if response.content_length is not None and response.content_length > max_bytes:
-                    raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
-                data = await response.content.read(max_bytes + 1)
-                if len(data) > max_bytes:
-                    raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
-                return UpstreamResponse(response.status, list(response.headers.items()), data)
-        except TimeoutError:
-            raise GatewayError(
-                codes.UPSTREAM_TIMEOUT, "the upstream did not answer in time; nothing was charged", retryAfter=1, retryable=True
-            ) from None
-        except aiohttp.ClientConnectorError:
-            raise UpstreamUnreachable(
-                codes.UPSTREAM_UNAVAILABLE, "the upstream could not be reached; nothing was charged", retryAfter=1, retryable=True
-            ) from None
-        except aiohttp.ClientError:
-            raise GatewayError(
-                codes.UPSTREAM_UNAVAILABLE, "the upstream connection failed; nothing was charged", retryAfter=1, retryable=True
-            ) from None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+def _refuse_redirect(response: UpstreamResponse) -> None:
+    """A 3xx is not the content paid for, and is never followed: nothing of it (body, Location)
+    reaches the agent, and nothing is charged."""
+    if 300 <= response.status < 400:
+        raise UpstreamFailure(
+            codes.UPSTREAM_REDIRECT, "the upstream answered with a redirect, which is not followed; nothing was charged",
+            status=502, retryable=False, upstreamStatus=response.status,
+        )
 
 
 def upstream_url(tool: Tool, params: dict[str, str], query: str) -> str:
@@ -190,131 +138,6 @@ def upstream_target(tool: Tool, params: dict[str, str], query: str) -> str:
     for name, value in params.items():
         path = path.replace("{" + name + "}", quote(value, safe=""))
     return f"{path}?{query}" if query else path
-
-
-# -- small pure helpers --------------------------------------------------------------------------
-
-
-def _dumps(value: Any) -> bytes:
-    """Compact JSON. Decimals (request bodies are parsed with them) are written with their own
-    digits, never rounded through a binary float: each goes out as a tagged string, swapped for
-    its digits afterwards (the tag is random per call, so no string of the caller's can match)."""
-    numbers: list[str] = []
-    tag = secrets.token_hex(8)
-
-    def default(item: Any) -> Any:
-        if isinstance(item, Decimal):
-            if not item.is_finite():
-                raise ValueError("a JSON number must be finite")
-            numbers.append(str(item))  # always a valid JSON number: 1.50, -0, 1E+2, 5E-7
-            return f"{tag}:{len(numbers) - 1}"
-        raise TypeError(type(item).__name__)
-
-    text = json.dumps(value, separators=(",", ":"), default=default, allow_nan=False)
-    if numbers:
-        text = re.sub(f'"{tag}:([0-9]+)"', lambda match: numbers[int(match.group(1))], text)
-    return text.encode()
-
-
-def _refuse_redirect(response: UpstreamResponse) -> None:
-    """A 3xx is not the content paid for, and is never followed: nothing of it (body, Location)
-    reaches the agent, and nothing is charged."""
-    if 300 <= response.status < 400:
-        raise UpstreamFailure(
-            codes.UPSTREAM_REDIRECT, "the upstream answered with a redirect, which is not followed; nothing was charged",
-            status=502, retryable=False, upstreamStatus=response.status,
-        )
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    return str(value)
-
-
-def _pointer_parts(pointer: str) -> list[str]:
-    return [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
-
-
-_MISSING = object()
-
-
-def resolve_pointer(document: Any, pointer: str) -> Any:
-    node = document
-    for part in _pointer_parts(pointer):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return _MISSING
-    return node
-
-
-def _set_pointer(document: dict[str, Any], pointer: str, value: Any) -> None:
-    parts = _pointer_parts(pointer)
-    node = document
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
-def backoff_seconds(policy: RetryPolicy, retry: int, draw: Callable[[], float]) -> float:
-    """Exponential with "equal jitter": half the step is fixed, half random, so retries of many
-    requests do not arrive together yet never come back at once."""
-    step = float(min(policy.max_backoff_seconds, policy.backoff_seconds * (2 ** (retry - 1))))
-    return step / 2 + draw() * step / 2
-
-
-def _upstream_message(body: bytes, credentials: Credentials) -> tuple[str | None, str | None]:
-    """(code, message) the upstream gave in a JSON error body, if any; redacted and cut short."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None, None
-    code = message = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict):
-            code, message = error.get("code"), error.get("message")
-        elif isinstance(error, str):
-            code = error
-        message = message or data.get("message") or data.get("detail")
-
-    def clean(value: Any) -> str | None:
-        return credentials.redact(str(value))[:_MESSAGE_LIMIT] if isinstance(value, (str, int)) else None
-
-    return clean(code), clean(message)
-
-
-def error_response(
-    code: str, message: str, status: int, *, retryable: bool, upstream_status: int | None,
-    retry_after: float | None = None, **fields: Any,
-) -> UpstreamResponse:
-    body: dict[str, Any] = {"error": code, "message": message, "retryable": retryable, "upstreamStatus": upstream_status}
-    headers = [(lower(CONTENT_TYPE), "application/json")]
-    if retry_after is not None:
-        body["retryAfter"] = int(retry_after + 0.999)
-        headers.append((lower(RETRY_AFTER), str(body["retryAfter"])))
-    body.update({k: v for k, v in fields.items() if v is not None})
-    return UpstreamResponse(status, headers, _dumps(body))
 
 
 # -- compiled per tool ---------------------------------------------------------------------------
@@ -603,23 +426,3 @@ class Bridge:
             )
             attempt += 1
             await self.sleep(delay)
-
-
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _xpath_value(found: Any) -> str | None:
-    if isinstance(found, list):
-        if not found:
-            return None
-        first = found[0]
-        if isinstance(first, etree._Element):
-            return " ".join("".join(first.itertext()).split())
-        return str(first)
-    if isinstance(found, bool):
-        return "true" if found else "false"
-    return None if found is None else str(found)
