@@ -1,7 +1,7 @@
 """The gateway's errors: refusals it answers with, and the one table that maps them to HTTP.
 
     GatewayError                    root; a stable ``code``, a ``message``, an HTTP ``status``, a ``next`` step
-    ├── PaymentChallenge            a 402 carrying the offer (gateway.pipeline.stages.challenge)
+    ├── PaymentChallenge            a 402 carrying the offer (the challenge, gateway.protocol)
     ├── UpstreamUnreachable         no connection was made: another base URL is safe (gateway.upstream.bridge)
     ├── UpstreamFailure             the upstream answered, with a failure (gateway.upstream.bridge)
     ├── SoapArgumentError           arguments a SOAP operation cannot carry; also a ValueError (gateway.upstream.soap)
