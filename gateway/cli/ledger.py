@@ -144,15 +144,17 @@ def _sink(output: str, *, binary: bool) -> Iterator[IO[Any]]:
 
 
 @ledger.command("summary")
-@click.option("--by", "by", multiple=True, type=click.Choice(["owner", "tool", "day"]),
-              help="Group by (repeatable, in order; default: owner and tool).")
+@click.option("--by", "by", multiple=True, type=click.Choice(["owner", "tool", "day", "hour"]),
+              help="Group by (repeatable, in order; default: owner and tool; days and hours are UTC).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @filter_options
 @database_option
 def ledger_summary(by: tuple[str, ...], fmt: str, start: str | None, end: str | None, owners: tuple[str, ...],
                    tools: tuple[str, ...], database_url: str | None) -> None:
-    """Revenue (settled minus refunds, exact decimals) and counts of settled, failed, pending,
-    voided and refunded payments per group; one group per asset as well."""
+    """Revenue per group and asset, exact decimals: gross (settled amounts), refunds (owed on
+    settled payments, paid back or not) and net (gross minus refunds), as the admin dashboard shows
+    it (settlement.finance.summary); and counts of settled, failed, pending, voided and refunded
+    payments. Different tokens are never added: each group is one asset."""
     from settlement.finance.summary import summarize, table
 
     dimensions = by or ("owner", "tool")

@@ -165,10 +165,23 @@ def test_data_matches_the_ledger(ledger_url: str) -> None:
     assert revenue["unit"] == "hour" and revenue["asset"] == ASSET and revenue["assetName"] == "USD Coin"
     assert len(revenue["points"]) == 24
     assert revenue["points"][-1]["start"] == now.strftime("%Y-%m-%dT%H:00:00Z")
-    assert revenue["points"][-1]["atomic"] == "12000"  # 2000 + 10000 this hour
+    # The chart plots net revenue (settlement.finance.summary): create_order's 10000 settled this
+    # hour is refunded in full, so it is gross and not net.
+    assert revenue["measure"] == "net"
+    last = revenue["points"][-1]
+    assert (last["atomic"], last["gross"]["atomic"], last["refunds"]["atomic"]) == ("2000", "12000", "10000")
     assert revenue["points"][-3]["atomic"] == "7000"  # 2000 + 5000 two hours ago
-    assert revenue["total"] == {"atomic": "19000", "decimal": "0.019", "asset": ASSET}
-    assert len(week["revenue"]["points"]) == 7 and week["revenue"]["total"]["atomic"] == "24000"
+    assert revenue["total"] == {"atomic": "9000", "decimal": "0.009", "asset": ASSET}
+    assert (revenue["gross"]["atomic"], revenue["refunds"]["atomic"]) == ("19000", "10000")
+    assert len(week["revenue"]["points"]) == 7 and week["revenue"]["total"]["atomic"] == "14000"
+    assert week["revenue"]["gross"]["atomic"] == "24000"
+    order = tools["create_order"]
+    assert (order["gross"]["atomic"], order["refunds"]["atomic"], order["net"]["atomic"]) == ("10000", "10000", "0")
+    assert order["revenue"]["atomic"] == "0"
+    assert data["totals"] == [{"asset": ASSET, "assetName": "USD Coin",
+                               "gross": {"atomic": "24000", "decimal": "0.024", "asset": ASSET},
+                               "refunds": {"atomic": "10000", "decimal": "0.01", "asset": ASSET},
+                               "net": {"atomic": "14000", "decimal": "0.014", "asset": ASSET}}]
 
 
 def test_paid_calls_show_on_the_dashboard(start_gateway: GatewayFactory, devchain: Devchain) -> None:

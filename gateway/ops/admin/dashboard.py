@@ -1,5 +1,9 @@
 """The dashboard's numbers: the ledger summary (persistent) joined with this process's metrics
-and the circuit breakers, with amounts in atomic units and in the token's decimals."""
+and the circuit breakers, with amounts in atomic units and in the token's decimals.
+
+Revenue is ``settlement.finance.summary``'s (as ``x402gw ledger summary`` prints it): ``gross``
+(settled amounts), ``refunds`` (refunds owed on settled payments, paid back or not) and ``net``
+(gross - refunds), per asset. Per tool ``revenue`` is its net; the chart plots net."""
 
 from __future__ import annotations
 
@@ -42,13 +46,29 @@ class Dashboard:
             terms = tool.payment
             self.assets.setdefault(terms.asset, Asset(terms.asset, terms.asset_name, terms.decimals))
 
-    def _amount(self, atomic: int, asset: str | None) -> dict[str, Any]:
-        known = self.assets.get(asset or "")
+    def _amount(self, atomic: int, asset: str | None, decimals: int | None = None) -> dict[str, Any]:
+        """``decimals``: the ledger's, where the number comes from ledger rows; else the catalog's."""
+        known = self._known(asset)
+        if decimals is None and known is not None:
+            decimals = known.decimals
         return {
             "atomic": str(atomic),
-            "decimal": format_amount(atomic, known.decimals) if known else None,
+            "decimal": format_amount(atomic, decimals) if decimals is not None else None,
             "asset": asset,
         }
+
+    def _known(self, asset: str | None) -> Asset | None:
+        return self.assets.get(asset or "") or next(
+            (a for address, a in self.assets.items() if address.lower() == (asset or "").lower()), None
+        )
+
+    def _asset_name(self, asset: str | None) -> str | None:
+        known = self._known(asset)
+        return known.name if known else None
+
+    def _revenue(self, row: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """``gross``, ``refunds``, ``net`` of a summary row, as amounts."""
+        return {name: self._amount(row[name], row["asset"], row["decimals"]) for name in ("gross", "refunds", "net")}
 
     def _breakers(self) -> dict[str, str] | None:
         if self.breakers is None:
@@ -66,10 +86,14 @@ class Dashboard:
         names += sorted(set(summary["tools"]) - set(names))
         tools = []
         for name in names:
-            row = summary["tools"].get(name, {"asset": None, "states": {}, "revenue": 0, "refundsOwed": 0, "refunded": 0})
-            asset = row["asset"] or self.tool_assets.get(name)
+            row = summary["tools"].get(name) or {
+                "asset": None, "decimals": None, "states": {}, "gross": 0, "refunds": 0, "net": 0, "byAsset": [],
+                "refundsOwed": 0, "refunded": 0,
+            }
+            row = {**row, "asset": row["asset"] or self.tool_assets.get(name)}
             counts = live.get(name, ToolCounts())
             states = row["states"]
+            revenue = self._revenue(row)
             tools.append({
                 "tool": name,
                 "calls": sum(states.values()),
@@ -79,7 +103,9 @@ class Dashboard:
                 "open": states.get("settling", 0) + states.get("pending", 0),
                 "refundsOwed": row["refundsOwed"],
                 "refunded": row["refunded"],
-                "revenue": self._amount(row["revenue"], asset),
+                "revenue": revenue["net"],
+                **revenue,
+                "revenueByAsset": [{"asset": r["asset"], **self._revenue(r)} for r in row["byAsset"]],
                 "sinceStart": {
                     "challenges": counts.challenges, "paymentsReceived": counts.received,
                     "rejected": counts.rejected, "rejectedByReason": counts.rejected_by_reason,
@@ -87,20 +113,14 @@ class Dashboard:
                     "settled": counts.settled, "settlementFailed": counts.failed, "pending": counts.pending,
                 },
             })
-        # The chart shows one asset: the one that earned most in the range (else the catalog's first).
-        series = summary["revenue"]
-        chart_asset = max(series, key=lambda a: sum(series[a].values())) if series else next(iter(self.assets), None)
-        points = series.get(chart_asset or "", dict.fromkeys(summary["buckets"], 0))
         return {
             "generatedAt": now.isoformat(),
             "range": summary["range"],
-            "revenue": {
-                "unit": summary["unit"],
-                "asset": chart_asset,
-                "assetName": self.assets[chart_asset].name if chart_asset in self.assets else None,
-                "points": [{"start": key + "Z", **self._amount(value, chart_asset)} for key, value in points.items()],
-                "total": self._amount(sum(points.values()), chart_asset),
-            },
+            "revenue": self._chart(summary),
+            "totals": [
+                {"asset": t["asset"], "assetName": self._asset_name(t["asset"]), **self._revenue(t)}
+                for t in summary["totals"]
+            ],
             "tools": tools,
             "topPayers": [
                 {"payer": p["payer"], "payments": p["payments"], "amount": self._amount(p["amount"], p["asset"])}
@@ -110,4 +130,30 @@ class Dashboard:
                 {**p, "amount": self._amount(p["amount"], p["asset"])} for p in summary["pending"]
             ],
             "openCircuitBreakers": self._breakers(),
+        }
+
+    def _chart(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        """Net revenue per bucket of the range, in one asset: the one that earned most (net, then
+        gross) in the range, else the catalog's first. Each point has its gross and refunds too."""
+        series = summary["revenue"]
+        chart_asset = (max(series, key=lambda a: (sum(p["net"] for p in series[a]["points"].values()),
+                                                  sum(p["gross"] for p in series[a]["points"].values())))
+                       if series else next(iter(self.assets), None))
+        empty = {"gross": 0, "refunds": 0, "net": 0}
+        chosen = series.get(chart_asset or "", {"decimals": None, "points": dict.fromkeys(summary["buckets"], empty)})
+        decimals = chosen["decimals"]
+        points = chosen["points"]
+        total = {name: sum(p[name] for p in points.values()) for name in ("gross", "refunds", "net")}
+        return {
+            "unit": summary["unit"],
+            "measure": "net",
+            "asset": chart_asset,
+            "assetName": self._asset_name(chart_asset),
+            "points": [
+                {"start": key + "Z", **self._amount(p["net"], chart_asset, decimals),
+                 **{name: self._amount(p[name], chart_asset, decimals) for name in ("gross", "refunds", "net")}}
+                for key, p in points.items()
+            ],
+            "total": self._amount(total["net"], chart_asset, decimals),
+            **{name: self._amount(total[name], chart_asset, decimals) for name in ("gross", "refunds", "net")},
         }

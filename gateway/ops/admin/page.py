@@ -34,7 +34,7 @@ def _revenue_svg(revenue: dict[str, Any]) -> str:
     slot = plot_w / max(len(points), 1)
     parts = [
         (f'<svg id="revenue-chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-         f'width="100%" role="img" aria-label="settled revenue per {escape(revenue["unit"])}">'),
+         f'width="100%" role="img" aria-label="net revenue (settled minus refunds) per {escape(revenue["unit"])}">'),
         f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#9ca3af"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#9ca3af"/>',
     ]
@@ -71,7 +71,8 @@ def render_page(data: dict[str, Any]) -> str:
         f'<tr><td>{escape(t["tool"])}</td><td>{t["calls"]}</td><td>{t["settled"]}</td>'
         f'<td>{t["failed"]}</td><td>{t["voided"]}</td><td>{t["open"]}</td><td>{t["refundsOwed"]}</td>'
         f'<td>{t["sinceStart"]["challenges"]}</td><td>{t["sinceStart"]["rejected"]}</td>'
-        f'<td>{t["sinceStart"]["upstreamFailed"]}</td><td>{_money(t["revenue"])}</td></tr>'
+        f'<td>{t["sinceStart"]["upstreamFailed"]}</td><td>{_money(t["gross"])}</td><td>{_money(t["refunds"])}</td>'
+        f'<td>{_money(t["net"])}</td></tr>'
         for t in data["tools"]
     )
     payers = "".join(
@@ -94,15 +95,18 @@ def render_page(data: dict[str, Any]) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>x402gw dashboard</title>
 <meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head>
-<body><header><h1>x402gw</h1><span>revenue {escape(data["range"])}: {_money(revenue["total"])} {asset_name}</span>
+<body><header><h1>x402gw</h1><span>net revenue {escape(data["range"])}: {_money(revenue["net"])} {asset_name}
+(gross {_money(revenue["gross"])}, refunds {_money(revenue["refunds"])})</span>
 <span class="muted">generated {escape(data["generatedAt"][:19])}Z</span></header>
 <main>
-<section class="wide" id="revenue"><h2>Settled revenue per {escape(revenue["unit"])} ({asset_name})</h2>
+<section class="wide" id="revenue"><h2>Net revenue (settled minus refunds) per {escape(revenue["unit"])} ({asset_name})</h2>
 <nav>{ranges}<a href="/admin/data.json">data.json</a></nav>{_revenue_svg(revenue)}</section>
 <section class="wide" id="tools"><h2>Per tool</h2><table>
 <tr><th>tool</th><th>paid calls</th><th>settled</th><th>failed</th><th>upstream failed (voided)</th><th>open</th>
-<th>refunds owed</th><th>402s*</th><th>rejected*</th><th>upstream errors*</th><th>revenue</th></tr>{rows}</table>
-<p class="muted">Ledger counts are all-time; * since this process started.</p></section>
+<th>refunds owed</th><th>402s*</th><th>rejected*</th><th>upstream errors*</th><th>gross</th><th>refunds</th>
+<th>net revenue</th></tr>{rows}</table>
+<p class="muted">Ledger counts and revenue are all-time (revenue in the tool's main asset; gross: settled amounts,
+refunds: owed on settled payments, paid back or not, net: gross minus refunds); * since this process started.</p></section>
 <section id="payers"><h2>Top payers</h2><table><tr><th>payer</th><th>payments</th><th>amount</th></tr>{payers}</table></section>
 <section id="breakers"><h2>Open circuit breakers</h2><table><tr><th>upstream</th><th>state</th></tr>{breaker_rows}</table></section>
 <section class="wide" id="pending"><h2>Pending settlements</h2><table>

@@ -1,8 +1,11 @@
 """The ledger's aggregates for the dashboard, amounts as ``int`` atomic units: per tool and state,
-top payers, open settlements, and settled revenue per time bucket and asset.
+top payers, open settlements, and revenue (gross, refunds, net) per tool, per asset and per time
+bucket and asset.
 
-Synchronous SQL (the dashboard runs it in a thread); the revenue per bucket is one query, in
-``settled_revenue_by_bucket``.
+Revenue is not computed here: it comes from ``settlement.finance.summary`` (``summarize`` and
+``rollup``), the one definition ``x402gw ledger summary`` prints too. The SQL here counts payments,
+ranks payers by what they paid and lists open settlements. Synchronous (the dashboard runs it in a
+thread).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from sqlalchemy import BigInteger, Numeric, Row, cast, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from settlement.finance.export import Filters
+from settlement.finance.summary import Dimension, Group, rollup, summarize
 from settlement.ledger import OPEN_STATES, Payment, PaymentState
 
 __all__ = ["PENDING_ROWS", "RANGES", "TOP_PAYERS", "ledger_summary", "settled_revenue_by_bucket"]
@@ -24,21 +29,13 @@ TOP_PAYERS = 10
 PENDING_ROWS = 50
 
 
-def _sum_amount(engine: Engine) -> Any:
-    # SQLite keeps amounts as decimal text: SUM of text is a float there, so cast to an integer
-    # (exact to 2**63 atomic units); PostgreSQL sums NUMERIC exactly.
+def _paid_by_payer(engine: Engine) -> Any:
+    """What a payer paid in settled payments (gross, for ranking payers; not revenue, which is
+    ``settlement.finance.summary``'s). SQLite keeps amounts as decimal text: SUM of text is a float
+    there, so cast to an integer (exact to 2**63 atomic units); PostgreSQL sums NUMERIC exactly."""
     if engine.dialect.name == "sqlite":
         return func.sum(cast(Payment.amount, BigInteger))
     return func.sum(cast(Payment.amount, Numeric(78, 0)))
-
-
-def _bucket(engine: Engine, unit: str) -> Any:
-    """``created_at`` truncated to the hour or day (UTC), as ``YYYY-MM-DDTHH:00:00`` text."""
-    if engine.dialect.name == "sqlite":
-        fmt = "%Y-%m-%dT%H:00:00" if unit == "hour" else "%Y-%m-%dT00:00:00"
-        return func.strftime(fmt, Payment.created_at)
-    fmt = 'YYYY-MM-DD"T"HH24:00:00' if unit == "hour" else 'YYYY-MM-DD"T"00:00:00'
-    return func.to_char(func.date_trunc(unit, func.timezone("UTC", Payment.created_at)), fmt)
 
 
 def _bucket_keys(now: datetime, unit: str, count: int) -> list[str]:
@@ -54,28 +51,23 @@ def _bucket_keys(now: datetime, unit: str, count: int) -> list[str]:
 
 def ledger_summary(engine: Engine, now: datetime, range_key: str = "24h") -> dict[str, Any]:
     """Aggregates over the ledger, amounts as int atomic units: per tool and state, top payers,
-    open settlements, and settled revenue per time bucket and asset. Synchronous (run it in a thread)."""
+    open settlements, revenue per tool and per asset (all time) and per time bucket and asset (the
+    range). Synchronous (run it in a thread)."""
     unit, count = RANGES[range_key]
     keys = _bucket_keys(now, unit, count)
     start = datetime.fromisoformat(keys[0]).replace(tzinfo=UTC)
-    amount = _sum_amount(engine)
-    settled = PaymentState.SETTLED.value
+    paid = _paid_by_payer(engine)
     with Session(engine) as session:
         by_tool_state = session.execute(
-            select(Payment.tool, Payment.asset, Payment.state, func.count(), amount).group_by(
+            select(Payment.tool, Payment.asset, Payment.state, func.count()).group_by(
                 Payment.tool, Payment.asset, Payment.state
             )
         ).all()
-        refunds = session.execute(
-            select(Payment.tool, func.count(), func.count(Payment.refunded_at))
-            .where(Payment.refund_owed.is_not(None))
-            .group_by(Payment.tool)
-        ).all()
         payers = session.execute(
-            select(Payment.payer, Payment.asset, func.count(), amount.label("total"))
-            .where(Payment.state == settled)
+            select(Payment.payer, Payment.asset, func.count(), paid.label("total"))
+            .where(Payment.state == PaymentState.SETTLED.value)
             .group_by(Payment.payer, Payment.asset)
-            .order_by(amount.desc(), Payment.payer)
+            .order_by(paid.desc(), Payment.payer)
             .limit(TOP_PAYERS)
         ).all()
         pending = session.scalars(
@@ -84,55 +76,77 @@ def ledger_summary(engine: Engine, now: datetime, range_key: str = "24h") -> dic
             .order_by(Payment.created_at)
             .limit(PENDING_ROWS)
         ).all()
-        revenue = settled_revenue_by_bucket(session, engine, unit, start, keys)
+    per_tool = summarize(engine, ("tool",))
     return {
         "range": range_key,
         "unit": unit,
         "buckets": keys,
-        "tools": _per_tool(by_tool_state, refunds),
+        "tools": _per_tool(by_tool_state, per_tool),
+        "totals": [_revenue(g) for g in rollup(per_tool)],
         "topPayers": [
             {"payer": payer, "asset": asset, "payments": int(n), "amount": int(total or 0)}
             for payer, asset, n, total in payers
         ],
         "pending": [_pending_row(row) for row in pending],
-        "revenue": revenue,
+        "revenue": settled_revenue_by_bucket(engine, unit, start, keys),
     }
 
 
-def settled_revenue_by_bucket(
-    session: Session, engine: Engine, unit: str, start: datetime, keys: list[str]
-) -> dict[str, dict[str, int]]:
-    """The revenue query: settled amounts (gross) per asset and time bucket since ``start``, every
-    bucket of ``keys`` present (0 when nothing settled in it)."""
-    amount = _sum_amount(engine)
-    bucket = _bucket(engine, unit)
-    series = session.execute(
-        select(bucket, Payment.asset, amount)
-        .where(Payment.state == PaymentState.SETTLED.value, Payment.created_at >= start)
-        .group_by(bucket, Payment.asset)
-    ).all()
-    revenue: dict[str, dict[str, int]] = {}
-    for key, asset, total in series:
-        key = str(key)
-        if key in keys:
-            revenue.setdefault(asset, dict.fromkeys(keys, 0))[key] += int(total or 0)
+def _revenue(group: Group) -> dict[str, Any]:
+    return {"asset": group.asset, "decimals": group.decimals, "gross": group.gross, "refunds": group.refunds,
+            "net": group.net}
+
+
+def settled_revenue_by_bucket(engine: Engine, unit: str, start: datetime, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Revenue (``summarize`` by hour or day) per asset and time bucket since ``start``: per asset its
+    ``decimals`` and ``points``, ``{bucket: {"gross", "refunds", "net"}}`` with every bucket of
+    ``keys`` present (0 when nothing settled in it). A payment counts in the bucket it was created in."""
+    dimension: Dimension = "hour" if unit == "hour" else "day"
+    revenue: dict[str, dict[str, Any]] = {}
+    for g in summarize(engine, (dimension,), Filters(start=start)):
+        [bucket] = g.key
+        key = f"{bucket}:00" if unit == "hour" else f"{bucket}T00:00:00"
+        if key not in keys:
+            continue
+        entry = revenue.setdefault(g.asset, {
+            "decimals": g.decimals, "points": {k: {"gross": 0, "refunds": 0, "net": 0} for k in keys},
+        })
+        point = entry["points"][key]
+        point["gross"], point["refunds"], point["net"] = g.gross, g.refunds, g.net
     return revenue
 
 
+_NO_REVENUE = {"gross": 0, "refunds": 0, "net": 0}
+
+
 def _per_tool(
-    by_tool_state: Sequence[Row[str, str, str, int, Any]], refunds: Sequence[Row[str, int, int]]
+    by_tool_state: Sequence[Row[str, str, str, int]], revenue: Sequence[Group]
 ) -> dict[str, dict[str, Any]]:
-    """Per tool: its asset, payments per state, settled revenue, refunds owed and paid."""
-    settled = PaymentState.SETTLED.value
+    """Per tool: payments per state, and from the summary its revenue per asset (``byAsset``) and
+    in its main asset (the one it earned most in, else the one its payments name): ``gross``,
+    ``refunds``, ``net`` (also as ``revenue``), refunds owed and paid (counts)."""
     tools: dict[str, dict[str, Any]] = {}
-    for tool, asset, state, n, total in by_tool_state:
-        entry = tools.setdefault(tool, {"asset": asset, "states": {}, "revenue": 0, "refundsOwed": 0, "refunded": 0})
-        entry["states"][state] = int(n)
-        if state == settled:
-            entry["revenue"] += int(total or 0)
-    for tool, owed, refunded in refunds:
-        entry = tools.setdefault(tool, {"asset": None, "states": {}, "revenue": 0, "refundsOwed": 0, "refunded": 0})
-        entry["refundsOwed"], entry["refunded"] = int(owed) - int(refunded), int(refunded)
+
+    def entry(tool: str) -> dict[str, Any]:
+        return tools.setdefault(tool, {
+            "asset": None, "decimals": None, "states": {}, **_NO_REVENUE, "revenue": 0, "byAsset": [],
+            "refundsOwed": 0, "refunded": 0,
+        })
+
+    for tool, asset, state, n in by_tool_state:
+        row = entry(tool)
+        row["asset"] = row["asset"] or asset
+        row["states"][state] = row["states"].get(state, 0) + int(n)
+    for g in revenue:
+        row = entry(g.key[0])
+        row["byAsset"].append(_revenue(g))
+        row["refundsOwed"] += g.counts.get("refund_owed", 0)
+        row["refunded"] += g.counts.get("refunded", 0)
+    for row in tools.values():
+        if row["byAsset"]:
+            main = max(row["byAsset"], key=lambda r: (r["gross"], r["net"]))
+            row.update(asset=main["asset"], decimals=main["decimals"], gross=main["gross"],
+                       refunds=main["refunds"], net=main["net"], revenue=main["net"])
     return tools
 
 
