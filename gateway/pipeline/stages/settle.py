@@ -104,7 +104,10 @@ async def settle(
     hook_writes_ahead: bool = False,
 ) -> SettleResponse:
     """``hook_writes_ahead``: the facilitator calls ``before_send`` before it broadcasts anything
-    (the local and batching ones), so the write-ahead record is made there, in one write."""
+    (the local and batching ones), so the write-ahead record is made there, in one write.
+
+    Longer than the usual 60 lines on purpose: the write-ahead record, the one call to the scheme
+    and its three outcomes (settled, unknown: 503, refused: 402) read as one sequence, top to bottom."""
     # Write-ahead: `settling` and the answer being bought are durable before anything is broadcast,
     # and the transaction hash is recorded before it is sent.
     if hook_writes_ahead:
