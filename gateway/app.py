@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -47,12 +48,13 @@ from gateway.surfaces.mcp import McpEndpoint
 from gateway.upstream.bridge import AiohttpUpstreamClient, Bridge, BridgeConfigError, UpstreamClient
 from gateway.store import StateStore, StoreUnavailable, create_store
 from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
-from settlement.chain.client import Web3Chain
+from settlement.chain.client import JsonRpcChain
 from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable, SettlementError
-from settlement.schemes.facilitator import Facilitator, FacilitatorRouter, LocalFacilitator
-from settlement.audit.trail import AuditSink
-from settlement.ledger.payments import Ledger
+from settlement.schemes import ExactEvm, Facilitator, LocalFacilitator, Schemes
+from settlement.audit import AuditSink
+from settlement.ledger import Ledger
+from settlement.schema import open_ledger
 from settlement.ledger.resolve import resolve_open_payments
 from settlement.chain.refunds import Refunder
 from settlement.schemes.remote import RemoteFacilitator
@@ -99,14 +101,14 @@ def write_ahead_networks(plan: dict[str, str]) -> set[str]:
     return {network for network, where in plan.items() if where == "local"}
 
 
-def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str] | None = None) -> dict[str, Web3Chain]:
+def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str] | None = None) -> dict[str, JsonRpcChain]:
     """One chain client per network the catalog sells on. Networks settled locally need an RPC URL
     and a settlement key; others get a read-only client when an RPC URL is configured (used to
     resolve open payments). Dev keys are refused off the local chain."""
     networks = sorted({tool.payment.network for tool in catalogs.tools})
     local = set(networks) if local_networks is None else local_networks
     deployment: Deployment | None = None
-    chains: dict[str, Web3Chain] = {}
+    chains: dict[str, JsonRpcChain] = {}
     for network in networks:
         chain_id = int(network.split(":", 1)[1])
         rpc_url = settings.rpc_urls.get(network)
@@ -131,11 +133,11 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
                 f"no settlement key for {network}: set X402GW_SETTLEMENT_KEY", code="settlement_key_missing"
             )
         _refuse_dev_key(key, network, chain_id, "settlement key")
-        chains[network] = Web3Chain(rpc_url, chain_id, key)
+        chains[network] = JsonRpcChain(rpc_url, chain_id, key)
     return chains
 
 
-def build_batching_facilitator(settings: Settings, local: LocalFacilitator, chains: dict[str, Web3Chain]) -> BatchingFacilitator:
+def build_batching_facilitator(settings: Settings, local: LocalFacilitator, chains: dict[str, JsonRpcChain]) -> BatchingFacilitator:
     policies = {n: BatchPolicy(p.max_wait_ms, p.max_payments) for n, p in settings.batch_settlement.items()}
     try:
         return build_batching(
@@ -144,6 +146,51 @@ def build_batching_facilitator(settings: Settings, local: LocalFacilitator, chai
         )
     except SettlementError as exc:
         raise GatewayConfigError(exc.message, code=exc.code) from None
+
+
+@dataclass
+class SchemeWiring:
+    """The schemes this gateway offers, and the parts behind them that the app also needs: chain
+    clients (start-up checks, refunds, readiness), the local facilitator (the /facilitator API)
+    and the remote ones (their /supported at start-up, readiness, lock lifetime, closing)."""
+
+    schemes: Schemes
+    chains: dict[str, JsonRpcChain] = field(default_factory=dict)
+    local: LocalFacilitator | None = None
+    remotes: dict[str, RemoteFacilitator] = field(default_factory=dict)
+
+
+def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
+    """``exact`` on every network the catalog sells on: settled by this gateway's local facilitator
+    (batched where X402GW_BATCH_SETTLEMENT says so; it writes the transaction hash ahead), or by
+    the remote facilitator configured for the network (read-only chain access, where configured,
+    resolves its open payments). A scheme to come is one more ``Scheme`` in this list."""
+    plan = facilitator_plan(settings, {tool.payment.network for tool in catalogs.tools})
+    local_networks = write_ahead_networks(plan)
+    wiring = SchemeWiring(Schemes(), build_chains(settings, catalogs, local_networks))
+    if local_networks:
+        local_chains = {n: c for n, c in wiring.chains.items() if n in local_networks}
+        wiring.local = LocalFacilitator(local_chains, receipt_timeout=settings.receipt_timeout_seconds)
+        batching = build_batching_facilitator(settings, wiring.local, wiring.chains) if settings.batch_settlement else None
+        # The batching facilitator settles its networks in batches and the others as ``local`` does.
+        settler: Facilitator = batching if batching is not None else wiring.local
+        wiring.schemes.register(ExactEvm(settler, local_networks, chains=wiring.chains, writes_ahead=True))
+    by_url: dict[str, list[str]] = {}
+    for network, where in plan.items():
+        if where != "local":
+            by_url.setdefault(where, []).append(network)
+    for url, served in by_url.items():
+        remote = RemoteFacilitator(url, settle_timeout=settings.facilitator_settle_timeout_seconds)
+        wiring.remotes.update((network, remote) for network in served)
+        wiring.schemes.register(ExactEvm(remote, served, chains=wiring.chains, writes_ahead=False))
+    return wiring
+
+
+def check_schemes(schemes: Schemes, catalogs: Catalogs) -> None:
+    """Every tool's ``payment.scheme`` must be served on its network by a registered scheme."""
+    unserved = schemes.unserved(catalogs.tools)
+    if unserved:
+        raise GatewayConfigError("; ".join(unserved), code="scheme_not_served")
 
 
 def build_safety(settings: Settings, catalogs: Catalogs, store: StateStore) -> Safety:
@@ -159,18 +206,18 @@ def build_safety(settings: Settings, catalogs: Catalogs, store: StateStore) -> S
         raise GatewayConfigError(str(exc), code="invalid_safety_limits") from None
 
 
-def build_refunder(settings: Settings, chains: dict[str, Web3Chain]) -> Refunder | None:
+def build_refunder(settings: Settings, chains: dict[str, JsonRpcChain]) -> Refunder | None:
     if settings.refund_key is None:
         return None
     key = settings.refund_key.get_secret_value()
-    refund_chains: dict[str, Web3Chain] = {}
+    refund_chains: dict[str, JsonRpcChain] = {}
     for network, chain in chains.items():
         _refuse_dev_key(key, network, chain.chain_id, "refund key")
-        refund_chains[network] = Web3Chain(chain.rpc_url, chain.chain_id, key)
+        refund_chains[network] = JsonRpcChain(chain.rpc_url, chain.chain_id, key)
     return Refunder(refund_chains, receipt_timeout=settings.receipt_timeout_seconds)
 
 
-# Allowance for a step bounded by chain RPC calls (each Web3Chain request gives up after 10 s):
+# Allowance for a step bounded by chain RPC calls (each JsonRpcChain request gives up after 10 s):
 # a local verify, a broadcast, resolving an open payment against the chain.
 CHAIN_STEP_SECONDS = 20.0
 LOCK_MARGIN_SECONDS = 30.0
@@ -202,7 +249,7 @@ def in_flight_lock_ttl_ms(
     return math.ceil(1000 * seconds)
 
 
-async def check_chains(chains: dict[str, Web3Chain], catalogs: Catalogs) -> None:
+async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs) -> None:
     """Start-up checks against each chain: it is the chain we think, and the tokens are what the
     catalog says (a wrong asset_name/version would make every signature fail on chain)."""
     for network, chain in chains.items():
@@ -271,6 +318,7 @@ def create_app(
     *,
     catalogs: Catalogs | None = None,
     facilitator: Facilitator | None = None,
+    schemes: Schemes | None = None,
     upstream: UpstreamClient | None = None,
     ledger: Ledger | None = None,
     store: StateStore | None = None,
@@ -278,47 +326,28 @@ def create_app(
     fast_path: bool = True,
 ) -> Starlette:
     catalogs = catalogs if catalogs is not None else load_catalogs(settings.catalog)
-    networks = {tool.payment.network for tool in catalogs.tools}
-    chains: dict[str, Web3Chain] = {}
-    remotes: dict[str, RemoteFacilitator] = {}
-    local: LocalFacilitator | None = None
-    batching: BatchingFacilitator | None = None
-    write_ahead: set[str] = set()
-    if facilitator is None:
-        plan = facilitator_plan(settings, networks)
-        local_networks = write_ahead_networks(plan)
-        chains = build_chains(settings, catalogs, local_networks)
-        by_network: dict[str, Facilitator] = {}
-        if local_networks:
-            local = LocalFacilitator(
-                {n: c for n, c in chains.items() if n in local_networks}, receipt_timeout=settings.receipt_timeout_seconds
-            )
-            write_ahead = set(local_networks)
-            batching = build_batching_facilitator(settings, local, chains) if settings.batch_settlement else None
-        remote_by_url: dict[str, RemoteFacilitator] = {}
-        for network, where in plan.items():
-            if where == "local":
-                assert local is not None
-                by_network[network] = batching if batching is not None and network in batching.networks else local
-            else:
-                remote = remote_by_url.setdefault(
-                    where, RemoteFacilitator(where, settle_timeout=settings.facilitator_settle_timeout_seconds)
-                )
-                remotes[network] = remote
-                by_network[network] = remote
-        facilitator = FacilitatorRouter(by_network)
+    # The schemes on offer: built from settings, or handed in (tests, embedding). A facilitator
+    # handed in serves exact on every network, without chain access or write-ahead.
+    if schemes is not None:
+        wiring = SchemeWiring(schemes)
+    elif facilitator is not None:
+        wiring = SchemeWiring(Schemes([ExactEvm(facilitator)]))
+    else:
+        wiring = build_schemes(settings, catalogs)
+    check_schemes(wiring.schemes, catalogs)
+    chains, local, remotes = wiring.chains, wiring.local, wiring.remotes
     try:  # upstream credentials and WSDLs are read now: a missing one stops the start, named
         bridge = Bridge(catalogs.tools)
     except BridgeConfigError as exc:
         raise GatewayConfigError(exc.message, code=exc.code) from None
     refunder = build_refunder(settings, chains)
-    ledger = ledger or Ledger(settings.database_url)
+    ledger = ledger or open_ledger(settings.database_url)
     store = store or create_store(settings.redis_url, settings.redis_prefix)
     upstream = upstream or AiohttpUpstreamClient()
     safety = build_safety(settings, catalogs, store)
     pipeline = Pipeline(
         catalogs,
-        facilitator,
+        wiring.schemes,
         ledger,
         upstream,
         public_url=settings.public_url,
@@ -326,9 +355,7 @@ def create_app(
         max_upstream_response_bytes=settings.max_upstream_response_bytes,
         challenge_body_version=1 if settings.challenge_body == "v1" else 2,
         store=store,
-        chains=dict(chains),
         refunder=refunder,
-        write_ahead_networks=write_ahead,
         audit=audit,
         safety=safety,
         lock_ttl_ms=in_flight_lock_ttl_ms(
@@ -350,7 +377,7 @@ def create_app(
             raise GatewayConfigError("the state store (Redis) is not reachable", code="store_unavailable") from None
         # Payments left open by a crash are resolved against the chain before serving.
         # Per network, as on the request path: a remote facilitator's open row stays open.
-        resolved = await resolve_open_payments(ledger, dict(chains), write_ahead=write_ahead)
+        resolved = await resolve_open_payments(ledger, wiring.schemes)
         for resolution in resolved:
             log.info("start-up reconcile: %s", resolution.to_json())
         try:

@@ -40,11 +40,11 @@ def _fail(message: str) -> None:
 
 def _open_ledger(database_url: str | None) -> Any:
     from settlement.errors import LedgerError
-    from settlement.ledger.payments import Ledger
+    from settlement.schema import open_ledger
 
     url = database_url or _settings().database_url
     try:
-        return Ledger(url)
+        return open_ledger(url)
     except LedgerError as exc:
         _fail(f"{exc.message} [{exc.code}]")
 
@@ -186,9 +186,10 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     """Resolve open payments, then compare the ledger with the token's Transfer / AuthorizationUsed
     logs for each payTo: exit 0 when they agree, 1 when they do not, 2 when it cannot tell."""
     from catalog import CatalogError, load_catalogs
-    from gateway.app import GatewayConfigError, build_chains, facilitator_plan
-    from settlement.chain.client import Web3Chain
+    from gateway.app import GatewayConfigError, build_chains, facilitator_plan, write_ahead_networks
+    from settlement.chain.client import JsonRpcChain
     from settlement.finance.reconcile import reconcile as run_reconcile
+    from settlement.schemes import Schemes, exact_resolvers
     from settlement.errors import ChainUnavailable
 
     if to_block is not None and to_block < from_block:
@@ -200,12 +201,12 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
         _fail(f"the catalog is invalid\n{exc}")
     networks = {tool.payment.network for tool in loaded.tools}
     try:
-        chains: dict[str, Web3Chain] = dict(build_chains(settings, loaded, local_networks=set()))
+        chains: dict[str, JsonRpcChain] = dict(build_chains(settings, loaded, local_networks=set()))
     except GatewayConfigError as exc:
         _fail(f"{exc} [{exc.code}]")
     for network, url in settings.rpc_urls.items():  # networks the ledger has and the catalog no longer sells
         if network not in chains and network.startswith("eip155:"):
-            chains[network] = Web3Chain(url, int(network.split(":", 1)[1]), None)
+            chains[network] = JsonRpcChain(url, int(network.split(":", 1)[1]), None)
     for network in sorted(networks - set(chains)):
         hint = f" or start `x402gw devchain` (no deployment at {settings.deployment_file})" if network == "eip155:31337" else ""
         _fail(f"no chain access for {network}: set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}'{hint}")
@@ -217,7 +218,7 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
         try:
             return await run_reconcile(
                 book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block, to_block=to_block,
-                write_ahead_networks={n for n, where in plan.items() if where == "local"}, chunk=chunk_blocks,
+                schemes=Schemes(exact_resolvers(chains, write_ahead_networks(plan))), chunk=chunk_blocks,
             )
         finally:
             for chain in chains.values():
@@ -268,8 +269,8 @@ def db_upgrade(database_url: str | None) -> None:
     """Bring the ledger database to the latest schema (creates it when empty)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from settlement.ledger.payments import create_ledger_engine
-    from settlement.ledger.migrations import current_revision, head_revision, migrate
+    from settlement.ledger import create_ledger_engine
+    from settlement.schema import current_revision, head_revision, migrate
 
     url = database_url or _settings().database_url
     engine = create_ledger_engine(url)

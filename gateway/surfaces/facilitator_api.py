@@ -17,7 +17,7 @@ Served publicly, the API is a way to make this gateway pay gas, so (THREATS.md, 
 * with an allow-list of payTo addresses, any other payTo is refused before any RPC
   (``pay_to_not_allowed``);
 * the local facilitator refuses zero amounts and self-transfers and bounds its caches
-  (``settlement.schemes.facilitator``); a settle is only deduplicated once its signature checked out.
+  (``settlement.schemes.exact_local``); a settle is only deduplicated once its signature checked out.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from gateway.errors import GatewayError
 from gateway.store import MemoryStore, StateStore, StoreUnavailable
 from settlement.x402.codec import parse_exact_evm, parse_payment_payload
 from settlement.errors import PaymentDecodeError, SettlementError
-from settlement.schemes.facilitator import LocalFacilitator, Rejected
+from settlement.schemes.exact_local import LocalFacilitator, Rejected
 from settlement.x402.wire import X402_VERSION, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 log = logging.getLogger("x402gw.facilitator_api")

@@ -31,15 +31,16 @@ from sqlalchemy.orm import Session
 
 from catalog.pricing import format_amount
 from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, RpcError
-from settlement.ledger.payments import OPEN_STATES, Ledger, Payment, PaymentState
-from settlement.ledger.resolve import Resolution, resolve_open_payments
+from settlement.ledger import OPEN_STATES, Ledger, Payment, PaymentState
+from settlement.ledger.resolve import Resolution, Resolver, resolve_open_payments
+from settlement.schemes import Schemes, exact_resolvers
 
 DEFAULT_CHUNK_BLOCKS = 5_000
 MIN_CHUNK_BLOCKS = 1
 
 
 class LogReader(Protocol):
-    """What reconcile needs from a chain besides ``Chain`` (``Web3Chain`` has both)."""
+    """What reconcile needs from a chain besides ``Chain`` (``JsonRpcChain`` has both)."""
 
     async def block_number(self) -> int: ...
 
@@ -208,18 +209,20 @@ async def reconcile(
     assets: Iterable[tuple[str, str, str]] = (),
     from_block: int = 0,
     to_block: int | None = None,
-    write_ahead_networks: set[str] | None = None,
+    schemes: Resolver | None = None,
     chunk: int = DEFAULT_CHUNK_BLOCKS,
 ) -> Report:
     """Compare ledger and chain. ``chains``: network → a ``Chain`` that is also a ``LogReader``.
-    ``assets``: extra (network, asset, pay_to) triples to watch (the catalog's), beyond the ledger's."""
+    ``assets``: extra (network, asset, pay_to) triples to watch (the catalog's), beyond the ledger's.
+    ``schemes``: what resolves open rows (the gateway's registry); by default exact on ``chains``,
+    every network's facilitator writing the transaction hash ahead."""
     report = Report()
     wanted = {a.lower() for a in pay_to}
-    write_ahead = set(chains) if write_ahead_networks is None else write_ahead_networks
 
     # 1. Resolve open rows: where this deployment's facilitator writes ahead, an open row without a
     # transaction hash was never broadcast.
-    resolutions: list[Resolution] = await resolve_open_payments(ledger, dict(chains), write_ahead=write_ahead)
+    resolver = schemes if schemes is not None else Schemes(exact_resolvers(chains, set(chains)))
+    resolutions: list[Resolution] = await resolve_open_payments(ledger, resolver)
     report.resolved = [asdict(r) for r in resolutions]
 
     # 2. What to look at.

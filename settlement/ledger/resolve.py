@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from settlement.errors import ChainUnavailable
-from settlement.ledger.payments import Ledger, Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,42 @@
+"""x402 payment schemes behind one seam (``Scheme``), held by one registry (``Schemes``).
+
+    base.py           the Facilitator and Scheme protocols
+    registry.py       Schemes: by scheme name and network; what the gateway holds
+    exact.py          ExactEvm: the exact scheme (EIP-3009) through any facilitator
+    exact_local.py    LocalFacilitator: verifies and settles exact payments in process
+    exact_resolve.py  an open exact payment's outcome, read from the chain
+    batch.py          BatchingFacilitator: exact payments settled many to a transaction
+    remote.py         RemoteFacilitator: a facilitator over HTTP
+    eip712.py, signatures.py   EIP-712 digests and offline signer recovery
+
+Adding a scheme: a module with a ``Scheme``, registered in the gateway's composition root, and
+``payment.scheme`` in the catalog.
+"""
+
+from settlement.schemes.base import Facilitator, Scheme, Supported
+from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
+from settlement.schemes.exact import EXACT, ExactEvm, exact_requirements, exact_resolvers
+from settlement.schemes.exact_local import VALID_BEFORE_MARGIN_SECONDS, LocalFacilitator, Rejected
+from settlement.schemes.exact_resolve import resolve_exact
+from settlement.schemes.registry import Schemes
+from settlement.schemes.remote import RemoteFacilitator, settlement_outcome_unknown
+
+__all__ = [
+    "EXACT",
+    "VALID_BEFORE_MARGIN_SECONDS",
+    "BatchPolicy",
+    "BatchingFacilitator",
+    "ExactEvm",
+    "Facilitator",
+    "LocalFacilitator",
+    "Rejected",
+    "RemoteFacilitator",
+    "Scheme",
+    "Schemes",
+    "Supported",
+    "build_batching",
+    "exact_requirements",
+    "exact_resolvers",
+    "resolve_exact",
+    "settlement_outcome_unknown",
+]

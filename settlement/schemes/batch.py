@@ -29,7 +29,7 @@ from eth_utils import to_checksum_address
 from settlement.chain.client import BeforeSend, Chain, Receipt, selector
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.eip712 import split_signature
-from settlement.schemes.facilitator import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
+from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 _AUTH_TUPLE = "(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"

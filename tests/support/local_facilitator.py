@@ -8,13 +8,13 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 
 from gateway.surfaces.facilitator_api import facilitator_routes
-from settlement.chain.client import Web3Chain
+from settlement.chain.client import JsonRpcChain
 from gateway.devkit.devchain import Deployment
-from settlement.schemes.facilitator import LocalFacilitator
+from settlement.schemes.exact_local import LocalFacilitator
 
 
 def local_facilitator_app(deployment: Deployment, prefix: str = "/facilitator") -> Starlette:
-    chain = Web3Chain(deployment.rpc_url, deployment.chain_id, deployment.settlement_key)
+    chain = JsonRpcChain(deployment.rpc_url, deployment.chain_id, deployment.settlement_key)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

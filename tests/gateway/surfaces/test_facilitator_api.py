@@ -19,8 +19,8 @@ from catalog.limits import parse_rate_limit
 from gateway.surfaces.facilitator_api import facilitator_routes
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
-from settlement.chain.client import Web3Chain
-from settlement.schemes.facilitator import LocalFacilitator
+from settlement.chain.client import JsonRpcChain
+from settlement.schemes.exact_local import LocalFacilitator
 from gateway.devkit.payer import Payer
 from settlement.x402.wire import PaymentPayload, PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, GatewayFactory
@@ -178,7 +178,7 @@ def serving(devchain: Devchain, rpc_url: str | None = None, **options: Any) -> I
     """The facilitator API with ``options`` (rate_limit, store, pay_to), and its LocalFacilitator
     to look inside. ``rpc_url`` replaces the devchain's (a dead one proves no RPC was made)."""
     deployment = devchain.deployment
-    chain = Web3Chain(rpc_url or deployment.rpc_url, deployment.chain_id, deployment.settlement_key)
+    chain = JsonRpcChain(rpc_url or deployment.rpc_url, deployment.chain_id, deployment.settlement_key)
     local = LocalFacilitator({NETWORK: chain})
 
     @asynccontextmanager

@@ -11,11 +11,11 @@ import pytest
 from web3 import Web3
 
 from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, decode_revert, encode_batch, item_outcomes
-from settlement.chain.client import Web3Chain
+from settlement.chain.client import JsonRpcChain
 from gateway.devkit.devchain import ANVIL_KEYS, LOCAL_NETWORK
-from settlement.schemes.facilitator import LocalFacilitator
+from settlement.schemes.exact_local import LocalFacilitator
 from gateway.devkit.payer import Payer
-from settlement.ledger.resolve import _settled_by
+from settlement.schemes.exact_resolve import settled_by
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse
 from tests.conftest import PAY_TO, Devchain
 
@@ -31,8 +31,8 @@ def requirements(devchain: Devchain, amount: int = PRICE) -> PaymentRequirements
 
 def facilitators(
     devchain: Devchain, *, max_payments: int = 50, max_wait_ms: float = 200, receipt_timeout: float = 10
-) -> tuple[Web3Chain, LocalFacilitator, BatchingFacilitator]:
-    chain = Web3Chain(devchain.anvil.rpc_url, 31337, ANVIL_KEYS[0])
+) -> tuple[JsonRpcChain, LocalFacilitator, BatchingFacilitator]:
+    chain = JsonRpcChain(devchain.anvil.rpc_url, 31337, ANVIL_KEYS[0])
     local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=receipt_timeout)
     assert devchain.deployment.batch_settler is not None
     batching = BatchingFacilitator(
@@ -131,7 +131,7 @@ def test_one_bad_authorization_fails_alone(devchain: Devchain) -> None:
     # Reconcile reads this receipt too: it holds a Transfer identical to the failed duplicate's
     # (payer 6 → payTo, PRICE), so only AuthorizationUsed tells the failed item from the settled.
     async def receipt() -> Any:
-        chain = Web3Chain(devchain.anvil.rpc_url, 31337, None)
+        chain = JsonRpcChain(devchain.anvil.rpc_url, 31337, None)
         try:
             return await chain.get_receipt(str(ok1.transaction))
         finally:
@@ -143,10 +143,10 @@ def test_one_bad_authorization_fails_alone(devchain: Devchain) -> None:
         auth = payment.payload["authorization"]
         return SimpleNamespace(asset=devchain.token, payer=auth["from"], pay_to=PAY_TO, amount=amount, nonce=auth["nonce"])
 
-    assert _settled_by(batch_receipt, row(payments[0][0]))
-    assert _settled_by(batch_receipt, row(payments[3][0]))
-    assert not _settled_by(batch_receipt, row(used))
-    assert not _settled_by(batch_receipt, row(payments[2][0], 10**15))
+    assert settled_by(batch_receipt, row(payments[0][0]))
+    assert settled_by(batch_receipt, row(payments[3][0]))
+    assert not settled_by(batch_receipt, row(used))
+    assert not settled_by(batch_receipt, row(payments[2][0], 10**15))
     outcomes = item_outcomes(batch_receipt, str(devchain.deployment.batch_settler))
     assert [outcomes[i][0] for i in range(4)] == [True, False, False, True]
     assert "authorization is used" in decode_revert(outcomes[1][1])
@@ -217,7 +217,7 @@ def test_the_wait_bound_flushes_a_partial_batch(devchain: Devchain) -> None:
 def test_only_the_settler_may_call_the_batch_contract(devchain: Devchain) -> None:
     req = requirements(devchain)
     payment = Payer(devchain.key(4)).sign(req)
-    local = LocalFacilitator({LOCAL_NETWORK: Web3Chain(devchain.anvil.rpc_url, 31337, None)})
+    local = LocalFacilitator({LOCAL_NETWORK: JsonRpcChain(devchain.anvil.rpc_url, 31337, None)})
     checked = local.check_offline(payment, req)
     w3: Web3 = devchain.w3
     stranger = devchain.address(4)

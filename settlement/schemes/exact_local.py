@@ -1,6 +1,6 @@
-"""Facilitators: the ``Facilitator`` protocol and the local, in-process implementation.
+"""The exact scheme's local, in-process facilitator (EIP-3009 on EVM chains).
 
-The local facilitator verifies EIP-3009 payments itself (EIP-712 digest + coincurve recovery,
+It verifies EIP-3009 payments itself (EIP-712 digest + coincurve recovery,
 recipient, exact amount, time window, nonce unused and balance read from the chain) and settles
 them with ``transferWithAuthorization`` through ``settlement.chain.client``. Expected payment failures are
 values with the reference SDK's reason codes; broken infrastructure raises ``ChainUnavailable``.
@@ -13,14 +13,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 
 from settlement.chain.addresses import checksum_address
 from settlement.chain.client import BeforeSend, Chain, Receipt
 from settlement.x402.codec import parse_exact_evm
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
-from settlement.errors import BroadcastUncertain, ChainUnavailable, FacilitatorUnavailable, PaymentDecodeError
+from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 # A client clock a little behind ours must not make a fresh authorization look expired, and an
@@ -37,19 +37,6 @@ SIGNER_CACHE_SIZE = 4096
 DOMAIN_CACHE_SIZE = 1024
 # extra.name / extra.version are caller data: real tokens use a few characters ("USD Coin", "2").
 MAX_DOMAIN_FIELD_CHARS = 128
-
-
-class Facilitator(Protocol):
-    def supported(self) -> dict[str, Any]: ...
-
-    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse: ...
-
-    async def settle(
-        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
-    ) -> SettleResponse:
-        """``before_send`` is called with the transaction hash before it is broadcast, by
-        facilitators that know it (the local one); remote facilitators never call it."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,33 +304,3 @@ def revert_reason_code(message: str) -> str:
         if needle in lowered:
             return code
     return "transaction_failed"
-
-
-class FacilitatorRouter:
-    """Several facilitators behind one: each network goes to the one configured for it."""
-
-    def __init__(self, by_network: dict[str, Facilitator]) -> None:
-        self._by_network = by_network
-
-    def for_network(self, network: str) -> Facilitator | None:
-        return self._by_network.get(network)
-
-    def supported(self) -> dict[str, Any]:
-        kinds: list[dict[str, Any]] = []
-        for network, facilitator in self._by_network.items():
-            kinds.extend(k for k in facilitator.supported().get("kinds", []) if k.get("network") == network)
-        return {"kinds": kinds, "extensions": [], "signers": {}}
-
-    def _pick(self, requirements: PaymentRequirements) -> Facilitator:
-        facilitator = self._by_network.get(requirements.network)
-        if facilitator is None:
-            raise FacilitatorUnavailable(f"no facilitator serves {requirements.network}", code="network_not_served")
-        return facilitator
-
-    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
-        return await self._pick(requirements).verify(payload, requirements)
-
-    async def settle(
-        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
-    ) -> SettleResponse:
-        return await self._pick(requirements).settle(payload, requirements, before_send=before_send)

@@ -13,7 +13,7 @@ from eth_hash.auto import keccak
 from settlement.chain.client import LogEntry, Receipt, RpcError
 from settlement.schemes.eip712 import TransferAuthorization
 from settlement.errors import BroadcastUncertain, ChainUnavailable
-from settlement.schemes.facilitator import LocalFacilitator, revert_reason_code
+from settlement.schemes.exact_local import LocalFacilitator, revert_reason_code
 from gateway.devkit.payer import Payer
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -499,7 +499,7 @@ def test_revert_reason_code(message: str, code: str) -> None:
 def test_settle_after_verify_recovers_the_signer_once(
     facilitator: LocalFacilitator, chain: FakeChain, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import settlement.schemes.facilitator as module
+    import settlement.schemes.exact_local as module
 
     calls: list[bytes] = []
     real = module.recover_signer
@@ -548,7 +548,7 @@ def test_self_transfer_is_refused_and_settles_nothing(facilitator: LocalFacilita
 
 
 def test_domain_fields_have_a_length_limit(facilitator: LocalFacilitator) -> None:
-    import settlement.schemes.facilitator as module
+    import settlement.schemes.exact_local as module
 
     longest = "n" * module.MAX_DOMAIN_FIELD_CHARS
     reqs = requirements(extra={"name": longest, "version": longest})
@@ -592,7 +592,7 @@ def test_junk_signatures_are_not_cached(facilitator: LocalFacilitator) -> None:
 def test_caches_are_bounded_least_recently_used_first(
     facilitator: LocalFacilitator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import settlement.schemes.facilitator as module
+    import settlement.schemes.exact_local as module
 
     monkeypatch.setattr(module, "DOMAIN_CACHE_SIZE", 4)
     monkeypatch.setattr(module, "SIGNER_CACHE_SIZE", 4)

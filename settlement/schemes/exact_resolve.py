@@ -1,0 +1,71 @@
+"""How the exact scheme (EIP-3009) tells what happened to an open payment: the chain is the truth.
+
+The token's ``authorizationState``, the receipt of the recorded transaction, and the
+``AuthorizationUsed`` log of whoever used the authorization. The answer is a
+``settlement.ledger.resolve.Resolution``; the ledger applies it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from eth_utils import to_checksum_address
+
+from settlement.chain.client import Chain, Receipt
+from settlement.ledger import Payment, PaymentState
+from settlement.ledger.resolve import Resolution
+
+
+def settled_by(receipt: Receipt, row: Payment) -> bool:
+    # AuthorizationUsed(payer, nonce) ties the receipt to this very authorization: a batch receipt
+    # can hold an identical Transfer (same payer, payee and amount) of another of its items.
+    return (
+        receipt.status == 1
+        and receipt.has_authorization_used(row.asset, row.payer, bytes.fromhex(row.nonce[2:]))
+        and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount)
+    )
+
+
+async def resolve_exact(
+    row: Payment, chain: Chain, *, write_ahead: bool = True, clock: Callable[[], float] = time.time
+) -> Resolution:
+    """What the chain says about one open payment (the ledger is not touched here).
+
+    ``write_ahead``: the facilitator recorded the transaction hash before broadcasting, so an
+    open row without a hash was never broadcast by us.
+    """
+    nonce = bytes.fromhex(row.nonce[2:])
+    token = to_checksum_address(row.asset)
+
+    def outcome(after: PaymentState, reason: str, receipt: Receipt | None = None) -> Resolution:
+        return Resolution(
+            payment_id=row.id,
+            request_id=row.request_id,
+            before=row.state,
+            after=after.value,
+            tx_hash=receipt.tx_hash if receipt else row.tx_hash,
+            block_number=receipt.block_number if receipt else row.block_number,
+            reason=reason,
+        )
+
+    if row.tx_hash:
+        receipt = await chain.wait_for_receipt(row.tx_hash, 0)
+        if receipt is not None and settled_by(receipt, row):
+            return outcome(PaymentState.SETTLED, "receipt_success", receipt)
+    used = await chain.authorization_state(token, row.payer, nonce)
+    if used:
+        receipt = await chain.find_authorization_used(token, row.payer, nonce)
+        if receipt is not None and settled_by(receipt, row):
+            return outcome(PaymentState.SETTLED, "authorization_used", receipt)
+        return outcome(PaymentState.FAILED, "authorization_used_elsewhere", receipt)
+    if row.tx_hash:
+        receipt = await chain.wait_for_receipt(row.tx_hash, 0)
+        if receipt is not None:  # mined, reverted, and the authorization is still unused
+            return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
+        if clock() >= row.valid_before:
+            return outcome(PaymentState.FAILED, "authorization_expired_unmined")
+        return outcome(PaymentState.PENDING, "transaction_not_mined")
+    if write_ahead or clock() >= row.valid_before:
+        return outcome(PaymentState.FAILED, "not_broadcast")
+    return outcome(PaymentState.PENDING, "outcome_unknown")
