@@ -27,20 +27,32 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from catalog import Catalogs, Tool, format_amount, to_atomic
 from catalog.limits import Budget, Budgets, RateLimit, RateLimits
 from gateway.safety.breaker import Breakers, Ticket, upstream_key
-from gateway.pipeline.context import RequestContext
 from gateway import codes
 from gateway.errors import GatewayError
 from gateway.safety.policy import Policy, PolicyView
 from gateway.settings import Settings
 from gateway.store import MAX_EXACT_UNITS, StateStore, StoreUnavailable
-from settlement.ledger.payments import Ledger, PaymentState
+from settlement.ledger import Ledger, PaymentState
 
 __all__ = ["Limits", "Safety"]
+
+
+class RequestContext(Protocol):
+    """What safety reads and writes of a request (the pipeline's ``RequestContext`` has it all):
+    declared here so the safety room does not import the pipeline that calls it."""
+
+    request_id: str
+    client: str | None
+    payment_id: int | None
+    outcome: str
+    safety: Any  # what this request holds: budget reservations, the breaker's probe
+
+    def record(self, event: str, **fields: Any) -> None: ...
 
 log = logging.getLogger("x402gw.safety")
 

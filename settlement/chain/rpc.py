@@ -128,6 +128,10 @@ class JsonRpcTransport:
                 future.set_result(response.get("result"))
 
     @staticmethod
+    def _unavailable(method: str, exc: BaseException) -> ChainUnavailable:
+        error = ChainUnavailable(f"chain RPC {method} failed: {type(exc).__name__}")
+        error.__cause__ = exc
+        return error
 
     async def _http(self, body: Any) -> Any:
         data = json.dumps(body, separators=(",", ":")).encode()

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from gateway.cli.main import main
 from settlement.finance.export import COLUMNS, ExportError, Filters, export, parse_when
-from settlement.ledger.payments import Base, Ledger
+from settlement.ledger import Base, Ledger
+from settlement.schema import open_ledger
 from settlement.finance.summary import summarize
 from tests.support.ledger_rows import force_row
 
@@ -33,7 +34,7 @@ REFUND_TX = "0x" + "cd" * 32
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     url = f"sqlite:///{tmp_path / 'export.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    book = Ledger(url)
+    book = open_ledger(url)
     try:
         yield book
     finally:
@@ -231,7 +232,7 @@ def test_summary_per_day(ledger: Ledger) -> None:
 
 def test_cli_export_and_summary(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    book = Ledger(url)
+    book = open_ledger(url)
     expected = _fill(book)
     book.close()
     runner = CliRunner()
