@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test devchain serve clean
+.PHONY: setup demo test lint devchain serve clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The gates CI runs beside the tests: ruff (lint, import order), mypy --strict, import-linter
+# (the import rules of ARCHITECTURE.md, contracts in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check gateway settlement catalog tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
 devchain: setup
 	$(BIN)/x402gw devchain
 
@@ -32,4 +39,4 @@ serve: setup
 	$(BIN)/x402gw serve
 
 clean:
-	rm -rf $(VENV) node_modules var .pytest_cache
+	rm -rf $(VENV) node_modules var .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -17,8 +17,17 @@ import tempfile
 from pathlib import Path
 
 from bench.run import (
-    BATCH_POLICY, GATEWAY_PATH, anvil, fetch_offer, free_port, gateway, payment_headers, process, uvicorn_cmd, wrk,
+    BATCH_POLICY,
+    GATEWAY_PATH,
+    anvil,
+    fetch_offer,
+    free_port,
+    gateway,
+    payment_headers,
+    process,
+    uvicorn_cmd,
     write_lines,
+    wrk,
 )
 from gateway.devkit.devchain import LOCAL_NETWORK
 

@@ -10,18 +10,27 @@ stacks) plus a top-functions summary for each path.
 from __future__ import annotations
 
 import argparse
-import json
 import collections
+import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from gateway.devkit.devchain import LOCAL_NETWORK
-
 from bench.run import (
-    BATCH_POLICY, GATEWAY_PATH, anvil, fetch_offer, free_port, gateway, payment_headers, process, uvicorn_cmd, wrk, write_lines,
+    BATCH_POLICY,
+    GATEWAY_PATH,
+    anvil,
+    fetch_offer,
+    free_port,
+    gateway,
+    payment_headers,
+    process,
+    uvicorn_cmd,
+    write_lines,
+    wrk,
 )
+from gateway.devkit.devchain import LOCAL_NETWORK
 
 
 def top(collapsed: Path, n: int = 25) -> list[str]:

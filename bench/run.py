@@ -330,8 +330,8 @@ def run_chain_limit(deployment: Deployment, workdir: Path, duration: float, rate
 
 def measure_gas(workdir: Path) -> list[str]:
     """Gas per payment: one transferWithAuthorization per transaction vs BatchSettler batches."""
-    from settlement.schemes.batch import BatchingFacilitator, BatchPolicy
     from settlement.chain.client import JsonRpcChain
+    from settlement.schemes.batch import BatchingFacilitator, BatchPolicy
     from settlement.schemes.exact_local import LocalFacilitator
     from settlement.x402.wire import PaymentRequirements
 

@@ -45,7 +45,8 @@ def to_atomic(amount: Decimal | str | int, decimals: int) -> int:
         atomic, remainder = divmod(coefficient, 10**-exponent)
         if remainder:
             raise ValueError(f"{value:f} has more digits than the token's {decimals} decimals")
-    return -atomic if sign else atomic
+    result: int = -atomic if sign else atomic
+    return result
 
 
 def format_amount(atomic: int, decimals: int) -> str:

@@ -46,8 +46,8 @@ class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
         resolved: str = super().resolve(kind, value, implicit)
         return resolved
 
-    def construct_yaml_float(self, node: yaml.Node) -> Decimal:  # type: ignore[override]
-        text = str(self.construct_scalar(node)).replace("_", "").lower()  # type: ignore[arg-type]
+    def construct_yaml_float(self, node: yaml.Node) -> Decimal:
+        text = str(self.construct_scalar(node)).replace("_", "").lower()
         special = {".inf": "Infinity", "+.inf": "Infinity", "-.inf": "-Infinity", ".nan": "NaN"}
         if text in special:
             return Decimal(special[text])

@@ -17,15 +17,15 @@ from web3 import Web3
 
 from catalog import Catalogs, load_catalogs
 from gateway.app import create_app
+from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
 from gateway.devkit.samples import rest_upstream
 from gateway.ops.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG, Settings
 from settlement.chain.client import SEL_AUTHORIZATION_STATE, SEL_BALANCE_OF
-from settlement.x402.codec import decode_header_json
-from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
-from settlement.schemes import Facilitator
 from settlement.ledger import Ledger
 from settlement.schema import open_ledger
+from settlement.schemes import Facilitator
+from settlement.x402.codec import decode_header_json
 from settlement.x402.wire import PaymentRequired
 
 PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"  # anvil account 9, the example catalog's payTo

@@ -14,8 +14,8 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from catalog import load_catalogs
-from gateway.settings import Settings
 from gateway.devkit.devchain import Anvil, Deployment
+from gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -116,7 +116,9 @@ async def _run(
     limit = _limit(max_spend, token.decimals, "--max-spend")
     per_call = _limit(max_per_call, token.decimals, "--max-per-call") if max_per_call is not None else limit
     agent = PayingAgent(key, token, max_spend_atomic=limit, max_per_call_atomic=per_call, max_valid_seconds=max_valid_seconds)
-    fmt = lambda atomic: format_amount(atomic, token.decimals)  # noqa: E731
+    def fmt(atomic: int) -> str:
+        return format_amount(atomic, token.decimals)
+
     click.echo(f"token    {token.name!r} v{token.version}  {token.address} on {token.network}  "
                f"{token.decimals} decimals  ({token.source})")
     async with httpx.AsyncClient(base_url=gateway.rstrip("/"), timeout=60) as client:

@@ -188,9 +188,9 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     from catalog import CatalogError, load_catalogs
     from gateway.app import GatewayConfigError, build_chains, facilitator_plan, write_ahead_networks
     from settlement.chain.client import JsonRpcChain
+    from settlement.errors import ChainUnavailable
     from settlement.finance.reconcile import reconcile as run_reconcile
     from settlement.schemes import Schemes, exact_resolvers
-    from settlement.errors import ChainUnavailable
 
     if to_block is not None and to_block < from_block:
         raise click.BadParameter("--to-block is before --from-block", param_hint="--to-block")

@@ -16,12 +16,12 @@ import httpx
 import uvicorn
 
 from catalog import format_amount
-from gateway.devkit.agent import PayingAgent, discover, read_token_facts
 from gateway.app import create_app
+from gateway.devkit.agent import PayingAgent, discover, read_token_facts
+from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
 from gateway.devkit.samples import rest_upstream, soap_warehouse
 from gateway.ops.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG, Settings
-from gateway.devkit.devchain import Anvil, Deployment, setup_devchain
 from settlement.schema import open_ledger
 
 UPSTREAM_PORT = 9101  # the example catalog's upstream base_url

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from catalog import Catalogs, Tool, format_amount, to_atomic
 from catalog.limits import Budget, Budgets, RateLimit, RateLimits
-from gateway.safety.breaker import Breakers, Ticket, upstream_key
 from gateway import codes
 from gateway.errors import GatewayError
+from gateway.safety.breaker import Breakers, Ticket, upstream_key
 from gateway.safety.policy import Policy, PolicyView
 from gateway.settings import Settings
 from gateway.store import MAX_EXACT_UNITS, StateStore, StoreUnavailable
@@ -141,7 +141,7 @@ class _StoreErrors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> Literal[False]:
         if isinstance(exc, StoreUnavailable):
             # fail closed: without the shared state no limit can be enforced, so nothing is sold
             raise GatewayError(codes.STORE_UNAVAILABLE, "the gateway's shared state is unavailable; retry later",
@@ -168,7 +168,7 @@ class _Verdict:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> Literal[False]:
         if isinstance(err, GatewayError):
             rule = err.fields.get("budget") or err.fields.get("limit") if err.code in ("budget_exceeded", "rate_limited") else None
             self.ctx.record("safety_verdict", stage=self.stage, verdict="deny", rule=rule or err.code, reason=err.code)
@@ -358,7 +358,7 @@ class Safety:
                 await self.breakers.release(held.ticket)
             if held.reservations and not await self._money_may_have_moved(ctx, ledger):
                 await self._release(held)
-        except Exception:  # noqa: BLE001 - deliberate: a finalizer never raises (store, ledger or a bug: logged, answer kept)
+        except Exception:
             log.exception("safety cleanup failed on request %s", ctx.request_id)
 
     async def _money_may_have_moved(self, ctx: RequestContext, ledger: Ledger) -> bool:

@@ -38,9 +38,9 @@ from starlette.routing import Route
 from catalog.limits import RateLimit
 from gateway.errors import GatewayError
 from gateway.store import MemoryStore, StateStore, StoreUnavailable
-from settlement.x402.codec import parse_exact_evm, parse_payment_payload
 from settlement.errors import PaymentDecodeError, SettlementError
 from settlement.schemes.exact_local import LocalFacilitator, Rejected
+from settlement.x402.codec import parse_exact_evm, parse_payment_payload
 from settlement.x402.wire import X402_VERSION, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 log = logging.getLogger("x402gw.facilitator_api")
@@ -277,7 +277,7 @@ async def _verify_outcome(
     except SettlementError as exc:
         log.warning("verify on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
         return failed
-    except Exception:  # noqa: BLE001 - deliberate: a well-formed request gets an outcome, never a 5xx; the log gets the detail
+    except Exception:
         log.exception("verify on %s failed unexpectedly", requirements.network)
         return failed
 
@@ -298,6 +298,6 @@ async def _settle_outcome(
     except SettlementError as exc:  # the chain did not answer before anything was broadcast
         log.warning("settle on %s failed: %s (%s)", requirements.network, exc.code, exc.message)
         return failed
-    except Exception:  # noqa: BLE001 - deliberate, as in verify: the outcome is reported, the detail logged
+    except Exception:
         log.exception("settle on %s failed unexpectedly", requirements.network)
         return failed

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp
 
 from catalog import format_amount
 from gateway import codes
-from gateway.surfaces.discovery import tool_request
+from gateway.errors import GatewayError
 from gateway.headers import (
     ACCEPT,
     CONTENT_TYPE,
@@ -49,7 +49,7 @@ from gateway.headers import (
     USER_AGENT,
     lower,
 )
-from gateway.errors import GatewayError
+from gateway.surfaces.discovery import tool_request
 
 if TYPE_CHECKING:
     from gateway.pipeline.pipeline import Pipeline

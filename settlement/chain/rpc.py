@@ -108,7 +108,7 @@ class JsonRpcTransport:
                 if not future.done():
                     future.set_exception(ChainUnavailable(f"chain RPC {methods[0]} failed: cancelled"))
             raise
-        except Exception as exc:  # OSError, timeouts, aiohttp errors, a body that is not JSON: infrastructure
+        except Exception as exc:  # noqa: BLE001 - OSError, timeouts, aiohttp errors, a body that is not JSON: infrastructure
             for call, future in calls:
                 if not future.done():
                     future.set_exception(self._unavailable(call["method"], exc))

@@ -59,7 +59,7 @@ class GroupCommitWorker(Executor):
     def submit_grouped(self, call: Callable[[], _T]) -> Future[_T]:
         return self._put(call, grouped=True)
 
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:  # type: ignore[override]
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         return self._put(functools.partial(fn, *args, **kwargs), grouped=False)
 
     def _put(self, call: Callable[[], Any], *, grouped: bool) -> Future[Any]:
@@ -126,7 +126,7 @@ class GroupCommitWorker(Executor):
                         outcomes.append((future, ok, value))
                 finally:
                     self._batch.connection = None
-        except Exception as exc:  # the commit (or BEGIN) failed: nothing of the group was written
+        except Exception as exc:  # noqa: BLE001 - the commit (or BEGIN) failed: nothing of the group was written
             error = LedgerError(f"ledger write failed ({type(exc).__name__})")
             error.__cause__ = exc
             return [(future, False, error) for _, future in group]
@@ -156,5 +156,5 @@ class GroupCommitWorker(Executor):
 def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
     try:
         return True, call()
-    except BaseException as exc:  # handed to the caller, like an executor would
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller, like an executor would
         return False, exc

@@ -37,10 +37,11 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from settlement.errors import LedgerError
 from settlement.ledger.group_commit import GroupCommitWorker, atomic_alone
@@ -169,7 +170,9 @@ class Ledger:
                 now = utcnow()
                 values = {"created_at": now, "updated_at": now, **fields}
                 inserted = connection.execute(_INSERT_PAYMENT, values)
-                return _payment({**_INSERT_DEFAULTS, **values, "id": inserted.inserted_primary_key[0]})
+                key = inserted.inserted_primary_key
+                assert key is not None  # an INSERT of one row always has its key
+                return _payment({**_INSERT_DEFAULTS, **values, "id": key[0]})
         except IntegrityError:
             pass
         with self._session() as session:
@@ -332,8 +335,8 @@ class Ledger:
             return list(session.scalars(select(Payment).order_by(Payment.id)))
 
 
-_PAYMENTS = Payment.__table__
-_STORED = StoredResponse.__table__
+_PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables
+_STORED: Table = StoredResponse.__table__  # type: ignore[assignment]
 _COLUMNS = frozenset(_PAYMENTS.c.keys())
 
 # The hot path's statements, built once: parameters are bound at execution (an UPDATE's SET list
@@ -357,7 +360,7 @@ _INSERT_STORED = insert(_STORED)
 _INSERT_DEFAULTS = {
     column.key: column.default.arg
     for column in _PAYMENTS.c
-    if column.default is not None and getattr(column.default, "is_scalar", False)
+    if isinstance(column.default, ScalarElementColumnDefault)
 }
 for _column in _PAYMENTS.c:
     if _column.key not in _INSERT_DEFAULTS and _column.nullable and not _column.primary_key:

@@ -83,7 +83,7 @@ def decode_revert(reason: bytes) -> str:
     if reason[:4] == _ERROR_STRING:
         try:
             return str(abi_decode(["string"], reason[4:])[0])
-        except Exception:  # malformed revert data from a token: no reason to report
+        except Exception:  # noqa: BLE001 - malformed revert data from a token: no reason to report
             return ""
     return ""
 
@@ -100,7 +100,7 @@ def item_outcomes(receipt: Receipt, settler: str) -> dict[int, tuple[bool, bytes
         elif log.topics[0] == TOPIC_FAILED:
             try:
                 reason = bytes(abi_decode(["bytes"], log.data)[0])
-            except Exception:  # not our event layout: no reason
+            except Exception:  # noqa: BLE001 - not our event layout: no reason
                 reason = b""
             outcomes[index] = (False, reason)
     return outcomes
@@ -151,7 +151,7 @@ class _NetworkBatcher:
     async def _settle(self, token: str, items: list[_Item]) -> None:
         try:
             await self._send_and_resolve(token, items)
-        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it, whatever it is
+        except BaseException as exc:
             for item in items:
                 _reject(item, exc)
             if not isinstance(exc, Exception):
@@ -162,7 +162,8 @@ class _NetworkBatcher:
             batch = list(items)
 
             async def before_send(tx_hash: str) -> None:
-                hooks = [(item, item.before_send) for item in batch if item.before_send is not None]
+                # B023 is fine here: awaited within this iteration, so it sees this iteration's batch
+                hooks = [(item, item.before_send) for item in batch if item.before_send is not None]  # noqa: B023
                 results = await asyncio.gather(*(hook(tx_hash) for _, hook in hooks), return_exceptions=True)
                 failures = [(item, r) for (item, _), r in zip(hooks, results) if isinstance(r, BaseException)]
                 if failures:

@@ -93,7 +93,7 @@ def recover_signer(digest: bytes, signature: bytes) -> str | None:
         return None
     try:
         public = PublicKey.from_signature_and_message(r + s + bytes([v - 27]), digest, hasher=None)
-    except Exception:  # coincurve raises plain Exception for points that do not recover
+    except Exception:  # noqa: BLE001 - coincurve raises plain Exception for points that do not recover
         return None
     address = keccak(public.format(compressed=False)[1:])[-20:]
     return checksum_address("0x" + address.hex())

@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.devkit.devchain import ANVIL_ADDRESSES, LOCAL_NETWORK, load_token_artifact
 from gateway.ops.serving import ThreadServer
 from settlement.x402.codec import decode_header_json, encode_header
-from gateway.devkit.devchain import ANVIL_ADDRESSES, LOCAL_NETWORK, load_token_artifact
 from settlement.x402.wire import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 from tests.conftest import PAY_TO, Devchain
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from settlement.x402.codec import decode_header_json
 from settlement.ledger import PaymentState
+from settlement.x402.codec import decode_header_json
 from tests.conftest import PAY_TO
 from tests.support import chain_actions
 from tests.support.attack_stack import (

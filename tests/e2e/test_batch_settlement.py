@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from settlement.x402.codec import encode_header
-from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
+from settlement.ledger import PaymentState
+from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, offer_of
 from tests.e2e.test_paid_call import receipt_of
 

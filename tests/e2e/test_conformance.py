@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from settlement.x402.codec import decode_header_json, encode_header
-from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
+from settlement.ledger import PaymentState
+from settlement.x402.codec import decode_header_json, encode_header
 from settlement.x402.wire import PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, RunningGateway, body_json, offer_of, upstream_hits
 from tests.e2e.test_paid_call import pay, receipt_of

@@ -16,10 +16,10 @@ import httpx
 import pytest
 import redis
 
-from settlement.x402.codec import encode_header
+from gateway.devkit.payer import Payer
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schema import open_ledger
-from gateway.devkit.payer import Payer
+from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, body_json, demo_catalog, offer_of, running_devchain, upstream_hits
 from tests.e2e.test_paid_call import receipt_of
 from tests.support.processes import gateway_processes

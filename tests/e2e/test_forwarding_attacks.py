@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.ops.serving import ThreadServer
-from settlement.x402.codec import encode_header
-from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
+from gateway.ops.serving import ThreadServer
+from settlement.ledger import PaymentState
+from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of
 from tests.e2e.test_paid_call import pay, receipt_of
 from tests.support.forwarding_upstream import SECRET_CONTENT, Received, create_app

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import delete, update
 
-from settlement.x402.codec import encode_header
-from settlement.ledger import Payment, PaymentState, StoredResponse
 from gateway.devkit.payer import Payer
+from settlement.ledger import Payment, PaymentState, StoredResponse
+from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, body_json, demo_catalog, offer_of, upstream_hits
 from tests.e2e.test_paid_call import receipt_of
 

@@ -10,8 +10,8 @@ import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
+from settlement.ledger import PaymentState
 from settlement.x402.wire import PaymentRequired
 from tests.conftest import PAY_TO, Devchain, RunningGateway, upstream_hits
 

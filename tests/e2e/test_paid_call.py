@@ -7,10 +7,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.protocol.offers import request_binding
-from settlement.x402.codec import decode_header_json, encode_header
-from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
+from gateway.protocol.offers import request_binding
+from settlement.ledger import PaymentState
+from settlement.x402.codec import decode_header_json, encode_header
 from settlement.x402.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain, RunningGateway, body_json, offer_of, upstream_hits
 

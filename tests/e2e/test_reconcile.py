@@ -14,9 +14,9 @@ from eth_abi import encode as abi_encode
 from sqlalchemy import delete
 
 from gateway.cli.main import main
+from gateway.devkit.payer import Payer
 from settlement.chain.client import SEL_TRANSFER_WITH_AUTHORIZATION
 from settlement.ledger import Payment, PaymentState
-from gateway.devkit.payer import Payer
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of
 from tests.e2e.test_paid_call import pay
 from tests.support.ledger_rows import force_row

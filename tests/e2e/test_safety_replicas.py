@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from settlement.x402.codec import encode_header
+from gateway.devkit.payer import Payer
 from settlement.ledger import Ledger, PaymentState
 from settlement.schema import open_ledger
-from gateway.devkit.payer import Payer
+from settlement.x402.codec import encode_header
 from tests.conftest import (
     PAY_TO,
     Devchain,

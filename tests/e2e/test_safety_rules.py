@@ -19,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from gateway.ops.serving import ThreadServer
-from settlement.x402.codec import encode_header
-from settlement.ledger import PaymentState
 from gateway.devkit.payer import Payer
+from gateway.ops.serving import ThreadServer
+from settlement.ledger import PaymentState
+from settlement.x402.codec import encode_header
 from tests.conftest import (
     PAY_TO,
     Devchain,

@@ -20,12 +20,12 @@ import redis
 
 from catalog import Catalogs, load_catalogs
 from gateway.app import create_app
+from gateway.devkit.payer import Payer
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
-from settlement.x402.codec import decode_header_json, encode_header
 from settlement.ledger import Ledger
 from settlement.schema import open_ledger
-from gateway.devkit.payer import Payer
+from settlement.x402.codec import decode_header_json, encode_header
 from settlement.x402.wire import PaymentPayload, PaymentRequired, PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, running_devchain
 from tests.support.invariant import InvariantChecker

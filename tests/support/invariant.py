@@ -48,15 +48,15 @@ import httpx
 from catalog import Catalogs, Router
 from gateway.pipeline.stages.exactly_once import request_fingerprint
 from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER
-from settlement.x402.codec import decode_header_json
+from settlement.chain.networks import to_caip2
+from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schemes.eip712 import (
     TransferAuthorization,
     authorization_digest,
     domain_separator,
     recover_signer,
 )
-from settlement.ledger import Ledger, Payment, PaymentState
-from settlement.chain.networks import to_caip2
+from settlement.x402.codec import decode_header_json
 from tests.conftest import Devchain
 from tests.support.recording_upstream import (
     MARKER_PREFIX,
@@ -205,7 +205,7 @@ class InvariantChecker:
             return None
         try:
             data = decode_header_json(header)
-        except Exception:  # noqa: BLE001 - any undecodable header is simply "no parsed payment"
+        except Exception:
             return version, {}
         return version, data if isinstance(data, dict) else {}
 
@@ -314,7 +314,7 @@ class InvariantChecker:
         else:
             try:
                 network = to_caip2(str(data.get("network")))
-            except Exception:  # noqa: BLE001 - an unknown network name is simply not the row's
+            except Exception:
                 network = None
             if data.get("scheme") != "exact" or network != row.network:
                 problems.append(f"v1 scheme/network {data.get('scheme')}/{data.get('network')} != exact/{row.network}")
@@ -338,7 +338,7 @@ class InvariantChecker:
     def _transfer_problems(self, row: Payment) -> list[str]:
         try:
             receipt = self.chain.w3.eth.get_transaction_receipt(str(row.tx_hash))  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - reported as a violation, whatever web3 raised
+        except Exception as exc:
             return [f"transaction {row.tx_hash} of row {row.id} not found: {exc}"]
         problems = []
         if receipt["status"] != 1:

@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
+from gateway.devkit.devchain import Deployment
 from gateway.surfaces.facilitator_api import facilitator_routes
 from settlement.chain.client import JsonRpcChain
-from gateway.devkit.devchain import Deployment
 from settlement.schemes.exact_local import LocalFacilitator
 
 

@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.ops.serving import ThreadServer
 from gateway.devkit.devchain import Deployment
+from gateway.ops.serving import ThreadServer
 
 
 class RpcCounter:

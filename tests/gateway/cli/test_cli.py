@@ -6,8 +6,8 @@ import os
 import re
 import subprocess
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from catalog import load_catalogs
 from gateway.app import GatewayConfigError, create_app
 from gateway.cli.main import main
-from gateway.settings import DEFAULT_CATALOG, Settings
 from gateway.devkit.devchain import ANVIL_KEYS
+from gateway.settings import DEFAULT_CATALOG, Settings
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -21,9 +21,9 @@ from gateway.devkit.agent import (
     pinned_token,
     read_token_facts,
 )
+from gateway.devkit.devchain import ANVIL_KEYS
 from gateway.ops.serving import ThreadServer
 from settlement.chain.client import SEL_DECIMALS, SEL_NAME, SEL_VERSION
-from gateway.devkit.devchain import ANVIL_KEYS
 from settlement.x402.wire import PaymentRequired, PaymentRequirements, ResourceInfo
 
 BASE_SEPOLIA = "eip155:84532"

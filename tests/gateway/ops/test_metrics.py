@@ -6,11 +6,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from catalog import Tool, load_catalogs
-from gateway.pipeline.context import RequestContext
+from gateway.devkit.payer import Payer
 from gateway.ops.metrics import MAX_REASONS, GatewayMetrics
+from gateway.pipeline.context import RequestContext
 from gateway.settings import DEFAULT_CATALOG
 from settlement.x402.codec import encode_header
-from gateway.devkit.payer import Payer
 from settlement.x402.wire import SettleResponse
 from tests.conftest import Devchain, GatewayFactory, offer_of
 from tests.e2e.test_paid_call import pay

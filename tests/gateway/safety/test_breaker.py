@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from catalog import Tool, parse_catalog
-from gateway.safety.breaker import Breakers, Ticket
 from gateway.errors import GatewayError
+from gateway.safety.breaker import Breakers, Ticket
 from gateway.store import StateStore
 from tests.gateway.conftest import FakeClock, StoreBackend
 

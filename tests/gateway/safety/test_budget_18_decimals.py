@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from catalog import Catalogs, parse_catalog
-from gateway.pipeline.context import RequestContext
 from gateway.errors import GatewayError
+from gateway.pipeline.context import RequestContext
 from gateway.safety.checks import Safety
 from gateway.store import StateStore
 from settlement.ledger import PaymentState

@@ -18,11 +18,11 @@ from starlette.testclient import TestClient
 from catalog import CatalogError, Catalogs, Tool, load_catalogs, parse_catalog
 from catalog.limits import parse_budget, parse_rate_limit, parse_window
 from catalog.loader import price_ceiling_issues
-from gateway.pipeline.context import RequestContext
 from gateway.errors import GatewayError
+from gateway.pipeline.context import RequestContext
+from gateway.safety.checks import Limits, Safety
 from gateway.safety.policy import Policy, parse_policy, policy_routes
 from gateway.settings import Settings
-from gateway.safety.checks import Limits, Safety
 from gateway.store import MemoryStore, StateStore
 from settlement.ledger import PaymentState
 from tests.gateway.conftest import FakeClock, StoreBackend

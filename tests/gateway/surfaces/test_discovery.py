@@ -10,8 +10,8 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from x402.extensions.bazaar import BodyDiscoveryExtension, QueryDiscoveryExtension
 
-from gateway.surfaces.discovery import tool_request
 from gateway.errors import GatewayError
+from gateway.surfaces.discovery import tool_request
 from tests.conftest import PAY_TO, Devchain, RunningGateway, body_json, offer_of
 
 

@@ -11,17 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 from web3 import Web3
 
-from starlette.applications import Starlette
-
 from catalog.limits import parse_rate_limit
-from gateway.surfaces.facilitator_api import facilitator_routes
+from gateway.devkit.payer import Payer
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
+from gateway.surfaces.facilitator_api import facilitator_routes
 from settlement.chain.client import JsonRpcChain
 from settlement.schemes.exact_local import LocalFacilitator
-from gateway.devkit.payer import Payer
 from settlement.x402.wire import PaymentPayload, PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, GatewayFactory
 from tests.support.local_facilitator import local_facilitator_app

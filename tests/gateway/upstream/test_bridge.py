@@ -21,7 +21,6 @@ from starlette.routing import Route
 
 from catalog import CatalogError, Tool, parse_catalog
 from catalog.bridge import RetryPolicy
-from gateway.upstream.credentials import CredentialsError, resolve_credentials
 from gateway.errors import GatewayError
 from gateway.ops.serving import ThreadServer
 from gateway.upstream.bridge import (
@@ -32,6 +31,7 @@ from gateway.upstream.bridge import (
     backoff_seconds,
     retry_after_seconds,
 )
+from gateway.upstream.credentials import CredentialsError, resolve_credentials
 from tests.e2e.conftest import dead_url
 
 SECRET = "s3cr3t-key-value"

@@ -18,9 +18,9 @@ import pytest
 from catalog import Tool, parse_catalog
 from gateway.errors import GatewayError
 from gateway.ops.serving import ThreadServer
-from gateway.upstream.bridge import AiohttpUpstreamClient, Bridge, UpstreamResponse
 from gateway.pipeline.stages.arguments import collect_arguments
 from gateway.pipeline.stages.respond import respond
+from gateway.upstream.bridge import AiohttpUpstreamClient, Bridge, UpstreamResponse
 from tests.support.forwarding_upstream import SECRET_CONTENT, Received, create_app
 
 ORDER_SCHEMA = ("{type: object, properties: {id: {type: string}, symbol: {type: string}, quantity: {type: integer},"

@@ -191,7 +191,7 @@ def _hammer(trails: list[AuditTrail], threads_per_trail: int, batches: int) -> N
             start.wait()
             for n in range(batches):
                 trail.append(events(f"{name}-{n}", 1 + n % 3))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     workers = [threading.Thread(target=write, args=(trail, f"t{i}-{j}"))

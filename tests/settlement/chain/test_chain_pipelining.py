@@ -16,14 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.devkit.devchain import LOCAL_NETWORK
+from gateway.devkit.payer import Payer
 from gateway.ops.serving import ThreadServer
 from settlement.chain.client import JsonRpcChain
-from gateway.devkit.devchain import LOCAL_NETWORK
 from settlement.schemes.exact_local import LocalFacilitator
-from gateway.devkit.payer import Payer
 from settlement.x402.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain
 from tests.support.settlement_helpers import PRICE, SETTLEMENT_KEY, requirements, settlement_nonce, tcp_front
+
 
 class CountingChain(JsonRpcChain):
     """Counts the HTTP requests and the JSON-RPC calls in them (the unit under test is the client)."""

@@ -20,13 +20,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.devkit.devchain import LOCAL_NETWORK
+from gateway.devkit.payer import Payer
 from gateway.ops.serving import ThreadServer
 from settlement.chain.client import JsonRpcChain
-from gateway.devkit.devchain import LOCAL_NETWORK
-from settlement.schemes.exact_local import LocalFacilitator
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
-from gateway.devkit.payer import Payer
+from settlement.schemes.exact_local import LocalFacilitator
 from settlement.x402.wire import SettleResponse
 from tests.conftest import Devchain
 from tests.support.settlement_helpers import SETTLEMENT_KEY, anvil_rpc, ledger_fields, requirements, settlement_nonce, tcp_front

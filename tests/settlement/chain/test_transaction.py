@@ -8,8 +8,8 @@ from eth_utils import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settlement.schemes.eip712 import SECP256K1_N
 from settlement.chain.transaction import TransactionSigner, rlp_encode
+from settlement.schemes.eip712 import SECP256K1_N
 
 PRIVATE_KEYS = st.integers(min_value=1, max_value=SECP256K1_N - 1).map(lambda k: "0x" + k.to_bytes(32, "big").hex())
 ADDRESSES = st.binary(min_size=20, max_size=20).map(to_checksum_address)

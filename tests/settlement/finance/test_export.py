@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from gateway.cli.main import main
 from settlement.finance.export import COLUMNS, ExportError, Filters, export, parse_when
+from settlement.finance.summary import summarize
 from settlement.ledger import Base, Ledger
 from settlement.schema import open_ledger
-from settlement.finance.summary import summarize
 from tests.support.ledger_rows import force_row
 
 NETWORK = "eip155:31337"

@@ -139,7 +139,7 @@ _PRIVATE_WRITERS = {"_transition", "_TRANSITION", "_PAYMENTS", "_update_row"}
 def _dotted(node: ast.AST) -> str:
     try:
         return ast.unparse(node)
-    except Exception:  # noqa: BLE001 - a node ast cannot print is not a writer
+    except Exception:
         return ""
 
 

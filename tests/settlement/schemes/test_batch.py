@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from web3 import Web3
 
-from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, decode_revert, encode_batch, item_outcomes
-from settlement.chain.client import JsonRpcChain
 from gateway.devkit.devchain import ANVIL_KEYS, LOCAL_NETWORK
-from settlement.schemes.exact_local import LocalFacilitator
 from gateway.devkit.payer import Payer
+from settlement.chain.client import JsonRpcChain
+from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, decode_revert, encode_batch, item_outcomes
+from settlement.schemes.exact_local import LocalFacilitator
 from settlement.schemes.exact_resolve import settled_by
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse
 from tests.conftest import PAY_TO, Devchain

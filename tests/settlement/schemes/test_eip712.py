@@ -10,6 +10,7 @@ from eth_utils import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.devkit.payer import Payer
 from settlement.schemes.eip712 import (
     SECP256K1_HALF_N,
     SECP256K1_N,
@@ -18,7 +19,6 @@ from settlement.schemes.eip712 import (
     domain_separator,
     recover_signer,
 )
-from gateway.devkit.payer import Payer
 from settlement.x402.wire import PaymentRequirements
 
 UINT256 = st.integers(min_value=0, max_value=2**256 - 1)

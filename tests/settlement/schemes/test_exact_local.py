@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from eth_hash.auto import keccak
 
-from settlement.chain.client import LogEntry, Receipt, RpcError
-from settlement.schemes.eip712 import TransferAuthorization
-from settlement.errors import BroadcastUncertain, ChainUnavailable
-from settlement.schemes.exact_local import LocalFacilitator, revert_reason_code
 from gateway.devkit.payer import Payer
+from settlement.chain.client import LogEntry, Receipt, RpcError
+from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.schemes.eip712 import TransferAuthorization
+from settlement.schemes.exact_local import LocalFacilitator, revert_reason_code
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 NOW = 1_700_000_000

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from gateway.devkit.devchain import ANVIL_KEYS
-from settlement.errors import FacilitatorUnavailable
 from gateway.devkit.payer import Payer
+from settlement.errors import FacilitatorUnavailable
 from settlement.schemes.remote import RemoteFacilitator, settlement_outcome_unknown
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 from tests.support.facilitator_double import NETWORK, PENDING_TX_HASH, SUPPORTED, TX_HASH, FacilitatorDouble, closed_port_url

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settlement.x402.codec import MAX_HEADER_BYTES, decode_payment_header, encode_header, parse_exact_evm
-from settlement.errors import PaymentDecodeError
 from gateway.devkit.payer import Payer
+from settlement.errors import PaymentDecodeError
+from settlement.x402.codec import MAX_HEADER_BYTES, decode_payment_header, encode_header, parse_exact_evm
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, ResourceInfo
 
 PAYER_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
