@@ -12,6 +12,7 @@ import click
 from catalog import CatalogError, load_catalogs
 from gateway.cli.agent import agent
 from gateway.cli.audit import audit
+from gateway.cli.doctor import doctor
 from gateway.cli.ledger import COMMANDS
 
 
@@ -86,11 +87,14 @@ def devchain(port: int, deployment: Path, anvil_path: str | None) -> None:
 @click.option("--calls", default=9, show_default=True, help="Paid calls the sample agent makes (the plan has 9: REST and SOAP).")
 @click.option("--exit-after-calls", is_flag=True, help="Stop after the agent's calls instead of serving on.")
 @click.option("--anvil", "anvil_path", default=None, envvar="X402GW_ANVIL_PATH", help="Path to the anvil binary.")
-def demo(port: int, calls: int, exit_after_calls: bool, anvil_path: str | None) -> None:
+@click.option("--upstream-port", default=9101, show_default=True, help="Port of the sample REST upstream (0: a free one).")
+@click.option("--warehouse-port", default=9102, show_default=True, help="Port of the sample SOAP warehouse (0: a free one).")
+def demo(port: int, calls: int, exit_after_calls: bool, anvil_path: str | None, upstream_port: int, warehouse_port: int) -> None:
     """Local chain + token + sample upstream + gateway, and an agent making paid calls."""
     from gateway.devkit.demo import run_demo
 
-    sys.exit(run_demo(port=port, calls=calls, serve_forever=not exit_after_calls, anvil_path=anvil_path))
+    sys.exit(run_demo(port=port, calls=calls, serve_forever=not exit_after_calls, anvil_path=anvil_path,
+                      upstream_port=upstream_port, warehouse_port=warehouse_port))
 
 
 @main.group()
@@ -114,6 +118,7 @@ def catalog_validate(files: tuple[Path, ...]) -> None:
 
 
 main.add_command(audit)
+main.add_command(doctor)  # is this configuration ready to take payments?
 
 
 for _command in COMMANDS:  # ledger export / summary, reconcile, db upgrade

@@ -1,0 +1,149 @@
+"""What the doctor examines, read from the settings and the catalogs without touching anything:
+per network, its RPC URLs, its facilitators ("local" or URLs), the settlement key that pays gas
+and the offers the catalog makes on it; beside them the database, the store, the admin token.
+
+The plan mirrors how the gateway wires itself (``gateway.app``: the facilitator for a network is
+``X402GW_FACILITATORS[network]``, else ``X402_FACILITATOR_URL``, else local; the local chain's RPC
+and key come from the deployment file when not set). ``headers_for`` gives the headers a request to
+a facilitator carries (its credentials); ``facilitator_headers`` is the one place that knows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from catalog import Catalogs
+from gateway.ops.doctor.findings import Finding, fail, warn
+from gateway.settings import Settings
+from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment
+
+__all__ = ["DoctorPlan", "HeadersFor", "NetworkPlan", "Offer", "facilitator_headers", "no_headers", "plan_from_settings"]
+
+# (method, url) → the headers a request to that facilitator URL carries (credentials included).
+HeadersFor = Callable[[str, str], Mapping[str, str]]
+
+
+def no_headers(method: str, url: str) -> Mapping[str, str]:
+    return {}
+
+
+def facilitator_headers(settings: Settings) -> HeadersFor:
+    """The credentials the gateway sends to its facilitators, per request. Until facilitator
+    credentials are part of the settings, none: point this at them when they are."""
+    return no_headers
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Payment terms that one or more tools share (the token facts the doctor checks on chain)."""
+
+    network: str
+    asset: str
+    asset_name: str
+    asset_version: str
+    decimals: int
+    tools: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPlan:
+    network: str
+    chain_id: int | None  # None: not an eip155 network
+    rpc_urls: tuple[str, ...]
+    facilitators: tuple[str, ...]  # "local" or a remote facilitator's URL
+    settlement_key: str | None = field(default=None, repr=False)  # a secret: never rendered
+    key_source: str = ""
+    offers: tuple[Offer, ...] = ()
+    schemes: tuple[str, ...] = ("exact",)
+    problems: tuple[Finding, ...] = ()  # found while planning (no RPC URL, no deployment file)
+
+    @property
+    def local(self) -> bool:
+        return "local" in self.facilitators
+
+    @property
+    def is_local_chain(self) -> bool:
+        return self.chain_id == LOCAL_CHAIN_ID
+
+
+@dataclass(frozen=True, slots=True)
+class DoctorPlan:
+    networks: tuple[NetworkPlan, ...]
+    database_url: str = field(repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    redis_prefix: str = "x402gw:"
+    admin_token: str | None = field(default=None, repr=False)
+    refund_key: str | None = field(default=None, repr=False)
+    headers_for: HeadersFor = no_headers
+
+    @property
+    def public_networks(self) -> list[str]:
+        return [n.network for n in self.networks if not n.is_local_chain]
+
+
+def _chain_id(network: str) -> int | None:
+    namespace, _, reference = network.partition(":")
+    return int(reference) if namespace == "eip155" and reference.isdigit() else None
+
+
+def _offers(catalogs: Catalogs, network: str) -> tuple[Offer, ...]:
+    grouped: dict[tuple[str, str, str, int], list[str]] = {}
+    for tool in catalogs.tools:
+        terms = tool.payment
+        if terms.network == network:
+            grouped.setdefault((terms.asset, terms.asset_name, terms.asset_version, terms.decimals), []).append(tool.name)
+    return tuple(Offer(network, a, n, v, d, tuple(tools)) for (a, n, v, d), tools in sorted(grouped.items()))
+
+
+def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: list[Deployment | None]) -> NetworkPlan:
+    chain_id = _chain_id(network)
+    facilitator = settings.facilitators.get(network) or settings.facilitator_url or "local"
+    rpc_url = settings.rpc_urls.get(network)
+    key = settings.settlement_key.get_secret_value() if settings.settlement_key else None
+    source = "X402GW_SETTLEMENT_KEY" if key else ""
+    problems: list[Finding] = []
+    if chain_id == LOCAL_CHAIN_ID and (rpc_url is None or (key is None and facilitator == "local")):
+        if deployment[0] is None:
+            try:
+                deployment[0] = Deployment.read(settings.deployment_file)
+            except Exception:  # noqa: BLE001 -- DevchainError or a broken file: both mean "no deployment"
+                problems.append(fail(
+                    "rpc", network, "deployment_missing",
+                    f"no RPC URL for {network} and no dev chain deployment at {settings.deployment_file}",
+                    "start the local chain with `x402gw devchain` (or set X402GW_DEPLOYMENT_FILE, or "
+                    f"X402GW_RPC_URLS='{{\"{network}\": \"http://...\"}}' and X402GW_SETTLEMENT_KEY)",
+                ))
+        found = deployment[0]
+        if found is not None:
+            rpc_url = rpc_url or found.rpc_url
+            if key is None and facilitator == "local":
+                key, source = found.settlement_key, f"deployment file {settings.deployment_file}"
+    if rpc_url is None and not problems and chain_id is not None:
+        # Settled locally, nothing works without it; settled remotely, the token facts go unchecked
+        # and open payments cannot be resolved on chain.
+        verdict = fail if facilitator == "local" else warn
+        problems.append(verdict(
+            "rpc", network, "rpc_url_missing", f"no RPC URL for {network}",
+            f"set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}' (your node or an RPC provider's URL)",
+        ))
+    schemes = tuple(sorted({t.payment.scheme for t in catalogs.tools if t.payment.network == network}))
+    return NetworkPlan(
+        network, chain_id, (rpc_url,) if rpc_url else (), (facilitator,), key, source,
+        _offers(catalogs, network), schemes, tuple(problems),
+    )
+
+
+def plan_from_settings(settings: Settings, catalogs: Catalogs, *, headers_for: HeadersFor | None = None) -> DoctorPlan:
+    """The doctor's plan for this configuration: every network the catalogs sell on."""
+    deployment: list[Deployment | None] = [None]  # read once, for the local chain only
+    networks = tuple(_network(settings, catalogs, n, deployment) for n in sorted({t.payment.network for t in catalogs.tools}))
+    return DoctorPlan(
+        networks,
+        settings.database_url,
+        settings.redis_url,
+        settings.redis_prefix,
+        settings.admin_token.get_secret_value() if settings.admin_token else None,
+        settings.refund_key.get_secret_value() if settings.refund_key else None,
+        headers_for or facilitator_headers(settings),
+    )

@@ -1,0 +1,240 @@
+"""``x402gw doctor`` against a real anvil (the session's dev chain, read only), real facilitator
+doubles on loopback ports of their own, Redis and a migrated SQLite ledger: each broken setup is a
+named failure with its fix, and a correct one passes with exit status 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import ec
+from eth_account import Account
+
+from catalog import load_catalogs
+from gateway.cli.main import main
+from gateway.ops.doctor import GAS_PER_SETTLEMENT, Report, plan_from_settings, run_doctor
+from gateway.settings import Settings
+from settlement.chain.deployment import ANVIL_KEYS
+from settlement.schema import open_ledger
+from tests.conftest import Devchain, demo_catalog
+from tests.support.facilitator_auth_double import AuthFacilitatorDouble
+from tests.support.facilitator_double import closed_port_url
+
+LOCAL = "eip155:31337"
+ADMIN_TOKEN = "doctor-test-admin-token-0123456789"
+AMBIENT = ("X402_FACILITATOR_URL", "X402GW_FACILITATORS", "X402GW_RPC_URLS", "X402GW_SETTLEMENT_KEY", "X402GW_REFUND_KEY",
+           "X402GW_REDIS_URL", "X402GW_ADMIN_TOKEN", "X402GW_DATABASE_URL", "X402GW_CATALOG", "X402GW_DEPLOYMENT_FILE")
+KINDS = [{"x402Version": 2, "scheme": "exact", "network": LOCAL}]
+
+
+@pytest.fixture
+def ledger_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    open_ledger(url).close()  # migrated to head, as the gateway leaves it
+    return url
+
+
+def catalog(tmp_path: Path, **replace: str) -> Path:
+    text = demo_catalog(tmp_path, "http://127.0.0.1:9").read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / f"catalog-{len(list(tmp_path.glob('catalog-*.yaml')))}.yaml"  # one file per variant
+    path.write_text(text)
+    return path
+
+
+def environment(tmp_path: Path, devchain: Devchain, ledger_url: str, **values: str) -> dict[str, str | None]:
+    env: dict[str, str | None] = dict.fromkeys(AMBIENT)
+    env.update({
+        "X402GW_CATALOG": str(catalog(tmp_path)),
+        "X402GW_DEPLOYMENT_FILE": str(devchain.deployment_file),
+        "X402GW_DATABASE_URL": ledger_url,
+        "X402GW_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "X402GW_ADMIN_TOKEN": ADMIN_TOKEN,
+    })
+    env.update(values)
+    return env
+
+
+def doctor(env: dict[str, str | None], *args: str) -> tuple[int, dict[str, Any]]:
+    result = CliRunner().invoke(main, ["doctor", "--format", "json", *args], env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def failures(report: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {f["code"]: f for f in report["findings"] if f["status"] == "fail"}
+
+
+def fresh_key() -> str:
+    return "0x" + bytes(Account.create().key).hex()
+
+
+def test_a_correct_setup_passes(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    status, report = doctor(environment(tmp_path, devchain, ledger_url))
+    assert status == 0, report
+    assert report["status"] == "ok" and report["counts"]["fail"] == report["counts"]["warn"] == 0
+    checks = {f["check"] for f in report["findings"]}
+    assert {"rpc", "asset", "gas", "facilitator", "database", "store", "admin_token", "keys"} <= checks
+    text = CliRunner().invoke(main, ["doctor"], env=environment(tmp_path, devchain, ledger_url))
+    assert text.exit_code == 0 and text.stdout.startswith("x402gw doctor: all checks passed")
+
+
+def test_wrong_chain_id(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    # The catalog sells on Base Sepolia; the RPC configured for it is the local anvil (31337).
+    env = environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(catalog(tmp_path, **{LOCAL: "eip155:84532"})),
+                      X402GW_RPC_URLS=json.dumps({"eip155:84532": devchain.anvil.rpc_url}), X402GW_SETTLEMENT_KEY=fresh_key())
+    status, report = doctor(env)
+    assert status == 1
+    found = failures(report)["chain_id_mismatch"]
+    assert "serves chain id 31337" in found["message"] and "eip155:84532" in found["message"]
+    assert "X402GW_RPC_URLS" in found["fix"]
+    assert not any(f["check"] in ("asset", "gas") for f in report["findings"])  # nothing read from the wrong chain
+
+
+def test_wrong_token_name(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    env = environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(catalog(tmp_path, **{'"USD Coin"': '"USDC"'})))
+    status, report = doctor(env)
+    assert status == 1
+    found = failures(report)["asset_name_mismatch"]
+    assert "'USD Coin'" in found["message"] and "'USDC'" in found["message"] and "get_quote" in found["message"]
+    assert found["fix"].startswith('set asset_name: "USD Coin"')
+    assert set(failures(report)) == {"asset_name_mismatch"}
+
+
+def test_wrong_version_and_decimals(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    path = catalog(tmp_path, **{'asset_version: "2"': 'asset_version: "1"', "decimals: 6": "decimals: 18"})
+    status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(path)))
+    assert status == 1
+    assert {"asset_version_mismatch", "asset_decimals_mismatch"} <= set(failures(report))
+    assert failures(report)["asset_decimals_mismatch"]["fix"].startswith("set decimals: 6")
+
+
+def test_a_key_without_gas(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    key = fresh_key()
+    status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_SETTLEMENT_KEY=key))
+    assert status == 1
+    found = failures(report)["gas_insufficient"]
+    address = Account.from_key(key).address
+    assert f"{address} holds 0 ETH: 0 settlements" in found["message"] and f"{GAS_PER_SETTLEMENT:,} gas" in found["message"]
+    assert address in found["fix"] and "send at least" in found["fix"]
+    assert key.removeprefix("0x") not in json.dumps(report)  # never the key itself
+
+
+def test_gas_thresholds_are_options(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    # The dev settlement account holds ~10,000 ETH: far fewer settlements than 10**12, so a warning
+    # when only the warning threshold is above it, a failure when both are.
+    env = environment(tmp_path, devchain, ledger_url)
+    status, report = doctor(env, "--gas-warn", str(10**12), "--gas-fail", "1")
+    assert status == 2 and report["status"] == "warn"
+    assert [f["code"] for f in report["findings"] if f["status"] == "warn"] == ["gas_low"]
+    status, report = doctor(env, "--gas-warn", str(10**12), "--gas-fail", str(10**12))
+    assert status == 1 and "gas_insufficient" in failures(report)
+
+
+def test_a_dead_facilitator(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    dead = closed_port_url()
+    status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_FACILITATORS=json.dumps({LOCAL: dead})))
+    assert status == 1
+    found = failures(report)["facilitator_unreachable"]
+    assert found["subject"] == f"{LOCAL} {dead}" and "X402GW_FACILITATORS" in found["fix"]
+    assert not any(f["check"] == "gas" for f in report["findings"])  # a remote facilitator pays its own gas
+
+
+def test_a_facilitator_that_does_not_serve_the_network(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    other = [{"x402Version": 2, "scheme": "exact", "network": "eip155:84532"}]
+    with AuthFacilitatorDouble(other, bearer="unused") as double:
+        settings = Settings(**settings_values(tmp_path, devchain, ledger_url, facilitators={LOCAL: double.url}))
+        report = run(settings, lambda method, url: {"Authorization": "Bearer unused"})
+    found = {f.code: f for f in report.findings}["facilitator_unsupported"]
+    assert "does not support exact on eip155:31337" in found.message and "exact on eip155:84532" in found.message
+
+
+def settings_values(tmp_path: Path, devchain: Devchain, ledger_url: str, **values: Any) -> dict[str, Any]:
+    base: dict[str, Any] = dict(catalog=[catalog(tmp_path)], deployment_file=devchain.deployment_file, database_url=ledger_url,
+                                admin_token=ADMIN_TOKEN)
+    return base | values
+
+
+def run(settings: Settings, headers_for: Any) -> Report:
+    plan = plan_from_settings(settings, load_catalogs(settings.catalog), headers_for=headers_for)
+    return asyncio.run(run_doctor(plan, timeout=5))
+
+
+def test_a_facilitator_that_demands_a_bearer_token(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    with AuthFacilitatorDouble(KINDS, bearer="s3cret-bearer") as double:
+        # Through the command, which sends no credentials yet: refused, named, with its fix.
+        status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_FACILITATORS=json.dumps({LOCAL: double.url})))
+        assert status == 1
+        found = failures(report)["facilitator_unauthorized"]
+        assert "refused our credentials: GET /supported answered 401" in found["message"] and "credentials" in found["fix"]
+        settings = Settings(**settings_values(tmp_path, devchain, ledger_url, facilitators={LOCAL: double.url}))
+        wrong = run(settings, lambda method, url: {"Authorization": "Bearer wrong"})
+        right = run(settings, lambda method, url: {"Authorization": "Bearer s3cret-bearer"})
+    assert [(f.code, "answered 403" in f.message) for f in wrong.findings if f.status == "fail"] == [("facilitator_unauthorized", True)]
+    assert right.exit_status == 0, right.render_text()
+    assert "s3cret-bearer" not in right.render_json() + wrong.render_json()
+    assert {(m, p) for m, p, auth in double.seen if auth == "Bearer s3cret-bearer"} == {("GET", "/supported"), ("POST", "/verify")}
+
+
+def test_a_facilitator_that_demands_a_valid_jwt(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    stranger = ec.generate_private_key(ec.SECP256R1())
+
+    def signed_by(signer: ec.EllipticCurvePrivateKey, *, lifetime: int = 120) -> Any:
+        def headers(method: str, url: str) -> dict[str, str]:
+            parts = urlsplit(url)
+            claims = {"uri": f"{method} {parts.hostname}:{parts.port}{parts.path}", "exp": int(time.time()) + lifetime}
+            return {"Authorization": "Bearer " + jwt.encode(claims, signer, algorithm="ES256")}
+        return headers
+
+    with AuthFacilitatorDouble(KINDS, jwt_key=key.public_key()) as double:
+        settings = Settings(**settings_values(tmp_path, devchain, ledger_url, facilitators={LOCAL: double.url}))
+        valid = run(settings, signed_by(key))
+        forged = run(settings, signed_by(stranger))
+        expired = run(settings, signed_by(key, lifetime=-60))
+    assert valid.exit_status == 0, valid.render_text()
+    for report in (forged, expired):
+        assert report.codes() == ["facilitator_unauthorized"], report.render_text()
+
+
+def test_dev_keys_are_refused_off_the_local_chain(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    env = environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(catalog(tmp_path, **{LOCAL: "eip155:84532"})),
+                      X402GW_RPC_URLS=json.dumps({"eip155:84532": closed_port_url()}),
+                      X402GW_SETTLEMENT_KEY=ANVIL_KEYS[0], X402GW_REFUND_KEY=ANVIL_KEYS[1])
+    status, report = doctor(env)
+    assert status == 1
+    dev = [f for f in report["findings"] if f["code"] == "dev_key_on_public_chain"]
+    assert {("settlement key" in f["message"], "refund key" in f["message"]) for f in dev} == {(True, False), (False, True)}
+    assert "rpc_unreachable" in failures(report)
+    assert ANVIL_KEYS[0].removeprefix("0x") not in json.dumps(report)
+
+
+def test_database_store_and_admin_token(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    unmigrated = f"sqlite:///{tmp_path / 'never-created.sqlite3'}"
+    env = environment(tmp_path, devchain, ledger_url, X402GW_DATABASE_URL=unmigrated,
+                      X402GW_REDIS_URL=closed_port_url().replace("http", "redis") + "/0")
+    status, report = doctor(env)
+    assert status == 1
+    assert {"database_not_migrated", "store_unreachable"} == set(failures(report))
+    assert "x402gw db upgrade" in failures(report)["database_not_migrated"]["fix"]
+    assert not (tmp_path / "never-created.sqlite3").exists()  # the doctor never writes
+    # Only warnings (no admin token on the local chain): exit status 2.
+    status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_ADMIN_TOKEN=None))
+    assert status == 2 and [f["code"] for f in report["findings"] if f["status"] != "ok"] == ["admin_token_missing"]
+
+
+def test_postgres_at_head_passes(tmp_path: Path, devchain: Devchain, postgres_database: str) -> None:
+    open_ledger(postgres_database).close()
+    status, report = doctor(environment(tmp_path, devchain, postgres_database))
+    assert status == 0, report
+    database = next(f for f in report["findings"] if f["check"] == "database")
+    assert database["message"].startswith("postgresql 127.0.0.1:5432/") and "postgres@" not in json.dumps(report)
