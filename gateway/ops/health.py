@@ -5,12 +5,19 @@ Readiness runs every check concurrently, each bounded by a short timeout: the le
 each network's facilitator (remote: ``GET /supported`` lists exact on that network; local: its
 chain answers). 200 with one entry per check when all pass; 503 naming the failing checks
 otherwise. Answers carry stable codes only; the log gets the detail.
+
+``GET /readyz?detail=1`` adds ``detail``: the ``x402gw doctor`` report of this gateway (token facts,
+gas in settlements, facilitator credentials, migrations, admin token, dev keys), each finding with
+its code, message and fix, and no secret in it. The status code stays readiness's: low gas is for
+an operator to read, not a reason to take the replica out of rotation. The report makes outbound
+calls, so one is shared by concurrent requests and reused for ``detail_ttl`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -20,9 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.errors import GatewayError
+from gateway.ops.doctor import DoctorPlan, GasThresholds, run_doctor
 from gateway.store import StateStore
 
-__all__ = ["CheckFailed", "Readiness", "gateway_checks", "healthz"]
+__all__ = ["CheckFailed", "Detail", "Readiness", "doctor_detail", "gateway_checks", "healthz"]
 
 log = logging.getLogger("x402gw.health")
 
@@ -38,6 +46,8 @@ class CheckFailed(GatewayError):
 
 # A check returns nothing when the dependency is fine and raises otherwise.
 Check = Callable[[], Awaitable[None]]
+# The detail of ``/readyz?detail=1``: a JSON object without secrets (the doctor's report).
+Detail = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class ChainProbe(Protocol):
@@ -55,9 +65,45 @@ async def healthz(request: Request) -> Response:
 
 
 class Readiness:
-    def __init__(self, checks: Mapping[str, Check], timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        checks: Mapping[str, Check],
+        timeout: float = 2.0,
+        *,
+        detail: Detail | None = None,
+        detail_timeout: float = 15.0,
+        detail_ttl: float = 30.0,
+    ) -> None:
         self.checks = dict(checks)
         self.timeout = timeout
+        self.detail = detail
+        self.detail_timeout = detail_timeout
+        self.detail_ttl = detail_ttl
+        self._detail_task: asyncio.Task[dict[str, Any]] | None = None
+        self._detail_at = 0.0
+
+    async def _run_detail(self, detail: Detail) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(detail(), self.detail_timeout)
+        except TimeoutError:
+            log.warning("readiness detail timed out after %ss", self.detail_timeout)
+            return {"status": "fail", "error": "timeout"}
+        except Exception as exc:  # noqa: BLE001 -- the detail is advice: a broken one never breaks /readyz
+            log.warning("readiness detail failed: %s: %s", type(exc).__name__, exc)
+            return {"status": "fail", "error": "unavailable"}
+
+    async def run_detail(self) -> dict[str, Any] | None:
+        """The detail, computed at most once per ``detail_ttl`` and shared by concurrent callers."""
+        if self.detail is None:
+            return None
+        task = self._detail_task
+        stale = task is not None and task.done() and time.monotonic() - self._detail_at > self.detail_ttl
+        if task is None or stale:
+            self._detail_at = time.monotonic()
+            task = self._detail_task = asyncio.ensure_future(self._run_detail(self.detail))
+        if task.done():
+            return task.result()
+        return await asyncio.shield(task)  # a caller that goes away does not cancel the others' report
 
     async def _run_one(self, name: str, check: Check) -> dict[str, str]:
         try:
@@ -84,6 +130,9 @@ class Readiness:
         body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": report}
         if not ready:
             body["failing"] = [name for name, r in report.items() if r["status"] != "ok"]
+        if request.query_params.get("detail", "").lower() in ("1", "true", "yes"):
+            detail = await self.run_detail()
+            body["detail"] = detail if detail is not None else {"status": "fail", "error": "not_configured"}
         return JSONResponse(body, status_code=200 if ready else 503, headers={"Cache-Control": "no-store"})
 
 
@@ -141,3 +190,21 @@ def gateway_checks(
     for network, remote in sorted(remote_facilitators.items()):
         checks[f"facilitator:{network}"] = remote_facilitator_check(remote, network)
     return checks
+
+
+def doctor_detail(
+    plan: DoctorPlan,
+    *,
+    engine: Engine | None = None,
+    store: StateStore | None = None,
+    thresholds: GasThresholds | None = None,
+    timeout: float = 5.0,
+) -> Detail:
+    """``/readyz?detail=1`` from the doctor's checks over ``plan`` (``gateway.ops.doctor``), with
+    the running gateway's own database engine and store."""
+
+    async def detail() -> dict[str, Any]:
+        report = await run_doctor(plan, thresholds=thresholds, timeout=timeout, engine=engine, store=store)
+        return report.to_json()
+
+    return detail

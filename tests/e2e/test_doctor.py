@@ -192,7 +192,7 @@ def test_a_facilitator_that_demands_a_valid_jwt(tmp_path: Path, devchain: Devcha
     def signed_by(signer: ec.EllipticCurvePrivateKey, *, lifetime: int = 120) -> Any:
         def headers(method: str, url: str) -> dict[str, str]:
             parts = urlsplit(url)
-            claims = {"uri": f"{method} {parts.hostname}:{parts.port}{parts.path}", "exp": int(time.time()) + lifetime}
+            claims = {"uris": [f"{method} {parts.netloc}{parts.path}"], "exp": int(time.time()) + lifetime}
             return {"Authorization": "Bearer " + jwt.encode(claims, signer, algorithm="ES256")}
         return headers
 

@@ -1,8 +1,8 @@
 """A facilitator double that demands credentials, as production facilitators do: a real Starlette
 app on a loopback port of its own. ``bearer`` mode wants ``Authorization: Bearer <token>``;
 ``jwt`` mode wants a bearer JWT signed (ES256) by the key whose public half it was given, naming
-this very request in its ``uri`` claim (``"GET 127.0.0.1:PORT/supported"``, CDP's style) and not
-expired. No credentials: 401; wrong ones: 403. With them, ``/supported`` lists ``kinds`` and
+this very request in its ``uris`` claim (``["GET 127.0.0.1:PORT/supported"]``, as CDP's JWTs do)
+and not expired. No credentials: 401; wrong ones: 403. With them, ``/supported`` lists ``kinds`` and
 ``/verify`` answers an empty body with a 400, as a facilitator that accepted the caller does.
 """
 
@@ -52,11 +52,11 @@ class AuthFacilitatorDouble:
         if self.bearer is not None:
             return None if token == self.bearer else JSONResponse({"error": "forbidden"}, status_code=403)
         try:
-            claims = jwt.decode(token, self.jwt_key, algorithms=["ES256"], options={"require": ["exp", "uri"]})
+            claims = jwt.decode(token, self.jwt_key, algorithms=["ES256"], options={"require": ["exp", "uris"]})
         except jwt.PyJWTError:
             return JSONResponse({"error": "forbidden"}, status_code=403)
         wanted = f"{request.method} {request.url.hostname}:{request.url.port}{request.url.path}"
-        return None if claims["uri"] == wanted else JSONResponse({"error": "forbidden"}, status_code=403)
+        return None if wanted in claims["uris"] else JSONResponse({"error": "forbidden"}, status_code=403)
 
     async def _supported(self, request: Request) -> Response:
         refusal = self._refusal(request)

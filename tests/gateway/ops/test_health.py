@@ -161,3 +161,93 @@ def test_gateway_not_ready_when_the_store_goes_away(tmp_path: Any, devchain: Dev
     assert answer.status_code == 503
     assert answer.json()["failing"] == ["store"]
     assert answer.json()["checks"]["store"] == {"status": "fail", "error": "unreachable"}
+
+
+# -- /readyz?detail=1: the doctor's report beside readiness --------------------------------------
+
+
+def readyz(readiness: Readiness, *queries: str) -> list[httpx.Response]:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    app = Starlette(routes=[Route("/readyz", readiness.endpoint)])
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            return [await client.get(f"/readyz{q}") for q in queries]
+
+    return asyncio.run(main())
+
+
+def test_readyz_answers_as_before_without_the_detail_query() -> None:
+    calls: list[int] = []
+
+    async def detail() -> dict[str, Any]:
+        calls.append(1)
+        return {"status": "ok"}
+
+    plain, failing = readyz(Readiness({"database": ok}, detail=detail), ""), readyz(Readiness({"store": wrong}, detail=detail), "")
+    assert plain[0].json() == {"status": "ready", "checks": {"database": {"status": "ok"}}}
+    assert failing[0].status_code == 503 and failing[0].json() == {
+        "status": "not_ready", "checks": {"store": {"status": "fail", "error": "chain_id_mismatch"}}, "failing": ["store"]}
+    assert calls == []  # the doctor runs only when asked
+
+
+def test_readyz_detail_is_added_and_the_status_code_stays_readinesss() -> None:
+    async def detail() -> dict[str, Any]:
+        return {"status": "fail", "findings": [{"code": "gas_low"}]}
+
+    answer = readyz(Readiness({"database": ok}, detail=detail), "?detail=1")[0]
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ready", "checks": {"database": {"status": "ok"}},
+                             "detail": {"status": "fail", "findings": [{"code": "gas_low"}]}}
+
+
+def test_readyz_detail_is_shared_and_reused_within_its_ttl() -> None:
+    calls: list[int] = []
+
+    async def detail() -> dict[str, Any]:
+        calls.append(1)
+        return {"run": len(calls)}
+
+    answers = readyz(Readiness({}, detail=detail, detail_ttl=3600), "?detail=1", "?detail=true", "?detail=1")
+    assert [a.json()["detail"] for a in answers] == [{"run": 1}] * 3
+    answers = readyz(Readiness({}, detail=detail, detail_ttl=-1), "?detail=1", "?detail=1")
+    assert [a.json()["detail"] for a in answers] == [{"run": 2}, {"run": 3}]
+
+
+def test_readyz_detail_that_breaks_or_hangs_is_named_not_a_500() -> None:
+    async def broken_detail() -> dict[str, Any]:
+        raise RuntimeError("secret internals")
+
+    async def hanging_detail() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    broken_answer = readyz(Readiness({}, detail=broken_detail), "?detail=1")[0]
+    hanging_answer = readyz(Readiness({}, detail=hanging_detail, detail_timeout=0.05), "?detail=1")[0]
+    unset = readyz(Readiness({}), "?detail=1")[0]
+    assert broken_answer.json()["detail"] == {"status": "fail", "error": "unavailable"}
+    assert "secret" not in broken_answer.text
+    assert hanging_answer.json()["detail"] == {"status": "fail", "error": "timeout"}
+    assert unset.json()["detail"] == {"status": "fail", "error": "not_configured"}
+
+
+def test_readyz_detail_is_the_doctors_report_without_secrets(tmp_path: Any, devchain: Devchain) -> None:
+    from gateway.ops.doctor import plan_from_settings
+    from gateway.ops.health import doctor_detail
+
+    admin_token = "readyz-detail-admin-token-0123456789"
+    settings = Settings(catalog=[demo_catalog(tmp_path, "http://127.0.0.1:9")], deployment_file=devchain.deployment_file,
+                        database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", admin_token=admin_token)
+    ledger = open_ledger(settings.database_url)
+    try:
+        plan = plan_from_settings(settings, load_catalogs(settings.catalog))
+        answer = readyz(Readiness({}, detail=doctor_detail(plan, engine=ledger.engine, store=MemoryStore())), "?detail=1")[0]
+    finally:
+        ledger.close()
+    detail = answer.json()["detail"]
+    assert detail["status"] == "ok" and detail["exitStatus"] == 0, detail
+    assert {f["check"] for f in detail["findings"]} >= {"rpc", "asset", "gas", "facilitator", "database", "store", "admin_token", "keys"}
+    for secret in (admin_token, devchain.deployment.settlement_key.removeprefix("0x")):
+        assert secret not in answer.text
