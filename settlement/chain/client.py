@@ -13,6 +13,8 @@ pipelined rather than serialised (see those modules).
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -31,7 +33,7 @@ from settlement.chain.receipts import (
     ReceiptPoller,
     _topic_address,
 )
-from settlement.chain.rpc import RpcError
+from settlement.chain.rpc import RpcError, RpcUrlHealth, rpc_url_list
 from settlement.chain.transaction import TransactionSigner
 from settlement.errors import ChainUnavailable
 
@@ -95,8 +97,14 @@ class Chain(Protocol):
 class JsonRpcChain(BroadcastLane, ReceiptPoller):
     """Chain access over raw JSON-RPC (aiohttp): reads, the settlement account's sends, receipts."""
 
-    def __init__(self, rpc_url: str, chain_id: int, settlement_key: str | None, *, request_timeout: float = 10.0):
-        self.rpc_url = rpc_url
+    def __init__(
+        self, rpc_url: str | Sequence[str], chain_id: int, settlement_key: str | None, *, request_timeout: float = 10.0
+    ):
+        # One URL, or several in order of preference: calls fail over between them (``rpc``).
+        self.rpc_urls = rpc_url_list(rpc_url)
+        self.rpc_url = self.rpc_urls[0]
+        self._rpc_health = {url: RpcUrlHealth() for url in self.rpc_urls}
+        self._clock = time.monotonic
         self.chain_id = chain_id
         self._request_timeout = request_timeout
         # JSON-RPC over one pooled aiohttp session (created on first use, in the loop that uses it):

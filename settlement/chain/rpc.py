@@ -5,20 +5,44 @@ round trip for every read, broadcast and receipt poll waiting at that moment). A
 less per call on a batch than on as many concurrent requests (``bench/results.txt``). Broadcasts
 have a lane of their own, sent in nonce order. Transport errors become ``ChainUnavailable``; a
 JSON-RPC error answer becomes ``RpcError``.
+
+Several RPC URLs per network fail over: each HTTP request goes to the first URL that is not known
+to be down, then the next, until one answers (a down URL is tried last until
+``RPC_DOWN_SECONDS`` have passed, then first again). Every call may be repeated at another node:
+reads, and broadcasts of one signed transaction, which has one hash and can be mined only once
+(the broadcast lane already treats "already known" and its own nonce as sent). A URL fails on a
+transport error, a timeout, HTTP 429, or a 5xx without a JSON answer; a JSON-RPC error answer
+(a revert, a nonce error) is the node's answer, not a failure. ``rpc_health()`` tells each URL's
+state, redacted (``redact_url``: scheme and host; paths often carry an API key).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from settlement.errors import ChainUnavailable
 
-__all__ = ["MAX_BATCHES_IN_FLIGHT", "MAX_BATCH_CALLS", "SEND_LANE", "JsonRpcTransport", "RpcError"]
+__all__ = [
+    "MAX_BATCHES_IN_FLIGHT",
+    "MAX_BATCH_CALLS",
+    "RPC_DOWN_SECONDS",
+    "SEND_LANE",
+    "JsonRpcTransport",
+    "RpcError",
+    "RpcUrlHealth",
+    "redact_url",
+    "rpc_url_list",
+]
+
+log = logging.getLogger("x402gw.chain")
 
 # JSON-RPC coalescing: at most this many calls per batch, this many batches in flight at once per
 # lane. Broadcasts have a lane of their own: a node may take a while over a batch of them (anvil
@@ -27,13 +51,52 @@ __all__ = ["MAX_BATCHES_IN_FLIGHT", "MAX_BATCH_CALLS", "SEND_LANE", "JsonRpcTran
 MAX_BATCH_CALLS = 100
 MAX_BATCHES_IN_FLIGHT = 2
 SEND_LANE = "eth_sendRawTransaction"
+# A URL that failed is tried after the others for this long.
+RPC_DOWN_SECONDS = 30.0
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: what may be logged or shown. RPC and facilitator URLs
+    often carry an API key in their path or query, a password in their user info."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparseable url>"
+    return f"{parts.scheme}://{host}{port}" if host else "<url>"
+
+
+def rpc_url_list(rpc_url: str | Sequence[str]) -> list[str]:
+    """One URL or several, in order of preference, as a non-empty list."""
+    urls = [rpc_url] if isinstance(rpc_url, str) else [str(u) for u in rpc_url]
+    if not urls or not all(urls):
+        raise ValueError("at least one RPC URL is needed")
+    return urls
+
+
+@dataclass
+class RpcUrlHealth:
+    """One RPC URL's state: ``unknown`` until used, ``up`` after an answer, ``down`` after a failure."""
+
+    status: str = "unknown"
+    failures: int = 0  # consecutive
+    last_error: str | None = None
+    down_until: float = 0.0
+
+
+class _UnusableStatus(Exception):
+    """An HTTP status that means "this node cannot serve now" (429, or a 5xx without JSON)."""
 
 
 class JsonRpcTransport:
     """The transport part of ``JsonRpcChain`` (whose ``__init__`` sets this state): ``_rpc`` is every
     other part's way to the node."""
 
-    rpc_url: str
+    rpc_url: str  # the first (preferred) URL
+    rpc_urls: list[str]
+    _rpc_health: dict[str, RpcUrlHealth]
+    _clock: Callable[[], float]
     _request_timeout: float
     _session: aiohttp.ClientSession | None
     _session_loop: asyncio.AbstractEventLoop | None
@@ -133,14 +196,50 @@ class JsonRpcTransport:
         error.__cause__ = exc
         return error
 
+    def rpc_health(self) -> list[dict[str, Any]]:
+        """Each RPC URL, in configured order: ``{"url" (redacted), "state", "failures", "lastError"}``."""
+        return [
+            {"url": redact_url(url), "state": h.status, "failures": h.failures, "lastError": h.last_error}
+            for url, h in ((url, self._rpc_health[url]) for url in self.rpc_urls)
+        ]
+
+    def _url_order(self) -> list[str]:
+        now = self._clock()
+        up = [url for url in self.rpc_urls if self._rpc_health[url].down_until <= now]
+        return up + [url for url in self.rpc_urls if url not in up]
+
     async def _http(self, body: Any) -> Any:
         data = json.dumps(body, separators=(",", ":")).encode()
+        failure: BaseException | None = None
+        for url in self._url_order():
+            health = self._rpc_health[url]
+            try:
+                answer = await self._http_at(url, data)
+            except Exception as exc:  # noqa: BLE001 - any failure of this node: the next one is asked
+                failure = exc
+                health.status, health.last_error = "down", type(exc).__name__
+                health.failures += 1
+                health.down_until = self._clock() + RPC_DOWN_SECONDS
+                if len(self.rpc_urls) > 1:
+                    log.warning("chain RPC %s failed (%s)", redact_url(url), type(exc).__name__)
+                continue
+            health.status, health.failures, health.last_error, health.down_until = "up", 0, None, 0.0
+            return answer
+        assert failure is not None
+        raise failure
+
+    async def _http_at(self, url: str, data: bytes) -> Any:
         for attempt in range(2):
             try:
-                async with self._client().post(
-                    self.rpc_url, data=data, headers={"Content-Type": "application/json"}
-                ) as reply:
-                    return await reply.json(content_type=None, loads=json.loads)
+                async with self._client().post(url, data=data, headers={"Content-Type": "application/json"}) as reply:
+                    if reply.status == 429:
+                        raise _UnusableStatus("HTTP 429")
+                    try:
+                        return await reply.json(content_type=None, loads=json.loads)
+                    except ValueError:
+                        if reply.status >= 500:
+                            raise _UnusableStatus(f"HTTP {reply.status}") from None
+                        raise
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 # A kept-alive connection the node had closed: the request never reached it. Every
                 # call sent here is safe to repeat (reads, and broadcasts of one signed transaction,

@@ -7,6 +7,8 @@
     exact_resolve.py  an open exact payment's outcome, read from the chain
     batch.py          BatchingFacilitator: exact payments settled many to a transaction
     remote.py         RemoteFacilitator: a facilitator over HTTP
+    failover.py       FailoverFacilitator: several remote ones in order, one settlement at most
+    facilitator_auth.py   credentials for remote facilitators: static headers, CDP JWTs
     eip712.py, signatures.py   EIP-712 digests and offline signer recovery
 
 Adding a scheme: a module with a ``Scheme``, registered in the gateway's composition root, and
@@ -18,6 +20,8 @@ from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_bat
 from settlement.schemes.exact import EXACT, ExactEvm, exact_requirements, exact_resolvers
 from settlement.schemes.exact_local import VALID_BEFORE_MARGIN_SECONDS, LocalFacilitator, Rejected
 from settlement.schemes.exact_resolve import resolve_exact
+from settlement.schemes.facilitator_auth import CdpJwtAuth, FacilitatorAuth, FacilitatorAuthError, StaticHeaders
+from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.registry import Schemes
 from settlement.schemes.remote import RemoteFacilitator, settlement_outcome_unknown
 
@@ -26,13 +30,18 @@ __all__ = [
     "VALID_BEFORE_MARGIN_SECONDS",
     "BatchPolicy",
     "BatchingFacilitator",
+    "CdpJwtAuth",
     "ExactEvm",
     "Facilitator",
+    "FacilitatorAuth",
+    "FacilitatorAuthError",
+    "FailoverFacilitator",
     "LocalFacilitator",
     "Rejected",
     "RemoteFacilitator",
     "Scheme",
     "Schemes",
+    "StaticHeaders",
     "Supported",
     "build_batching",
     "exact_requirements",

@@ -10,6 +10,15 @@ HTTP status (some facilitators answer 400 with a valid refusal). Everything else
   ``facilitator_*`` reasons below and any transaction hash that could be read from the body;
   ``settlement_outcome_unknown`` tells such outcomes apart from definite refusals.
 
+Credentials (``auth``, a ``FacilitatorAuth``) are asked for fresh headers on every request (a CDP
+JWT is bound to its method, host and path and lives two minutes); they are never logged, and log
+lines name the facilitator by ``redact_url`` (scheme and host: paths and queries may hold keys).
+A 401 or 403 is reported as refused credentials.
+
+``settle_attempt`` tells the one failure after which a settlement provably never reached the
+facilitator (the connection could not be made: ``SettleNotSent``); ``FailoverFacilitator``
+(``failover.py``) moves to the next facilitator only then.
+
 Each timeout is the whole call's deadline (connect, send, every read), not httpx's per-read
 timeout a trickling facilitator could renew forever: ``settle_timeout`` is the longest a request
 waits on ``/settle``, which the gateway's in-flight lock lifetime is computed from.
@@ -27,7 +36,9 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from settlement.chain.rpc import redact_url
 from settlement.errors import FacilitatorUnavailable
+from settlement.schemes.facilitator_auth import FacilitatorAuth
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 log = logging.getLogger("x402gw.facilitator")
@@ -56,6 +67,11 @@ MAX_RESPONSE_BYTES = 1_048_576
 _TX_HASH = re.compile(r'"transaction"\s*:\s*"(0x[0-9a-fA-F]{64})"')
 
 
+class SettleNotSent(Exception):
+    """The settle request never left: the connection to the facilitator could not be made
+    (refused, no route, DNS, TLS handshake, connect timeout). Nothing can have been settled."""
+
+
 def settlement_outcome_unknown(resp: SettleResponse) -> bool:
     """True when a failed settlement may still have moved money (or may yet move it)."""
     if resp.success:
@@ -69,6 +85,7 @@ class RemoteFacilitator:
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
+        auth: FacilitatorAuth | None = None,
         connect_timeout: float = 5.0,
         verify_timeout: float = 10.0,
         settle_timeout: float = 60.0,
@@ -80,6 +97,12 @@ class RemoteFacilitator:
             if not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be positive and finite")
         self.url = url.rstrip("/")
+        self.label = redact_url(self.url)  # what logs and errors may show
+        self._auth = auth
+        # Health, for readiness and metrics: "unknown" until the first call, then "up" after a
+        # usable answer, "down" after none (unreachable, timeout, unusable answer, refused credentials).
+        self.health_state = "unknown"
+        self.last_error: str | None = None
         # Whole-call deadlines (asyncio.timeout around each request); httpx's own timeouts, per
         # operation, stay as a second bound.
         self.verify_timeout_seconds = float(verify_timeout)
@@ -99,32 +122,65 @@ class RemoteFacilitator:
         """The last answer of ``fetch_supported`` (empty kinds before the first fetch)."""
         return self._supported
 
+    def health(self) -> dict[str, str | None]:
+        """This facilitator's state as the last call left it (no secret: the URL is redacted)."""
+        return {"url": self.label, "state": self.health_state, "lastError": self.last_error}
+
+    def _mark(self, error: str | None) -> None:
+        self.health_state = "down" if error else "up"
+        self.last_error = error
+
+    def _headers(self, method: str, url: str) -> dict[str, str]:
+        return self._auth.headers(method, url) if self._auth is not None else {}
+
+    def _refused_credentials(self, status: int, path: str) -> bool:
+        if status not in (401, 403):
+            return False
+        # The operator's problem, said plainly; what was sent is not repeated.
+        log.warning(
+            "facilitator %s %s answered %s: it refused this gateway's credentials "
+            "(check X402GW_FACILITATOR_AUTH or CDP_API_KEY_ID / CDP_API_KEY_SECRET)", self.label, path, status,
+        )
+        self._mark(f"credentials_refused_{status}")
+        return True
+
     async def fetch_supported(self) -> dict[str, Any]:
+        url = f"{self.url}/supported"
         try:
             async with asyncio.timeout(self.supported_timeout_seconds):
-                response = await self._client.get(f"{self.url}/supported", timeout=self._supported_timeout)
+                response = await self._client.get(url, headers=self._headers("GET", url), timeout=self._supported_timeout)
         except (httpx.HTTPError, TimeoutError) as exc:
-            log.warning("facilitator %s /supported failed: %s", self.url, type(exc).__name__)
+            log.warning("facilitator %s /supported failed: %s", self.label, type(exc).__name__)
+            self._mark(type(exc).__name__)
             raise FacilitatorUnavailable("the facilitator did not answer /supported") from exc
+        if self._refused_credentials(response.status_code, "/supported"):
+            raise FacilitatorUnavailable("the facilitator refused this gateway's credentials")
         data = _json_object(response.content)
         if response.status_code != 200 or data is None or not isinstance(data.get("kinds"), list):
-            log.warning("facilitator %s /supported answered %s with an unusable body", self.url, response.status_code)
+            log.warning("facilitator %s /supported answered %s with an unusable body", self.label, response.status_code)
+            self._mark("unusable_answer")
             raise FacilitatorUnavailable("the facilitator's /supported answer is unusable")
+        self._mark(None)
         self._supported = data
         return data
 
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        url = f"{self.url}/verify"
         try:
             async with asyncio.timeout(self.verify_timeout_seconds):
                 response = await self._client.post(
-                    f"{self.url}/verify", json=_body(payload, requirements), timeout=self._verify_timeout
+                    url, json=_body(payload, requirements), headers=self._headers("POST", url), timeout=self._verify_timeout
                 )
         except (httpx.TimeoutException, TimeoutError) as exc:
-            log.warning("facilitator %s /verify timed out (%s)", self.url, type(exc).__name__)
+            log.warning("facilitator %s /verify timed out (%s)", self.label, type(exc).__name__)
+            self._mark(type(exc).__name__)
             raise FacilitatorUnavailable("the facilitator did not answer in time") from exc
         except httpx.HTTPError as exc:
-            log.warning("facilitator %s /verify failed: %s", self.url, type(exc).__name__)
+            log.warning("facilitator %s /verify failed: %s", self.label, type(exc).__name__)
+            self._mark(type(exc).__name__)
             raise FacilitatorUnavailable("the facilitator is unreachable") from exc
+        if self._refused_credentials(response.status_code, "/verify"):
+            raise FacilitatorUnavailable("the facilitator refused this gateway's credentials")
         data = _json_object(response.content)
         result: VerifyResponse | None = None
         if data is not None:
@@ -134,8 +190,10 @@ class RemoteFacilitator:
                 result = None
         # A 5xx saying "valid" is a broken facilitator, not a verification.
         if result is None or (result.is_valid and response.status_code >= 500):
-            log.warning("facilitator %s /verify answered %s with an unusable body", self.url, response.status_code)
+            log.warning("facilitator %s /verify answered %s with an unusable body", self.label, response.status_code)
+            self._mark("unusable_answer")
             raise FacilitatorUnavailable("the facilitator's verify answer is unusable")
+        self._mark(None)
         return result
 
     async def settle(
@@ -143,19 +201,46 @@ class RemoteFacilitator:
     ) -> SettleResponse:
         # ``before_send`` is the local facilitator's write-ahead hook; a remote facilitator's
         # transaction hash is only known from its answer.
+        try:
+            return await self.settle_attempt(payload, requirements)
+        except SettleNotSent:
+            # Alone, a facilitator that could not be reached is reported as before: an unknown
+            # outcome (the failover, which knows more, reads ``SettleNotSent`` itself).
+            return _broken(FACILITATOR_UNREACHABLE, "the facilitator could not be reached", requirements.network)
+
+    async def settle_attempt(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        """``settle``, except that a request that provably never left raises ``SettleNotSent``.
+
+        Only a failure to connect qualifies (httpx's ``ConnectError``/``ConnectTimeout``: no byte
+        of the request was written). Anything after the connection was made (a write or read
+        error, a reset, a timeout of the whole call, an unusable answer, refused credentials) may
+        have been acted on, and is an unknown outcome, resolved from the chain."""
         network = requirements.network
+        url = f"{self.url}/settle"
         try:
             async with asyncio.timeout(self.settle_timeout_seconds):
                 response = await self._client.post(
-                    f"{self.url}/settle", json=_body(payload, requirements), timeout=self._settle_timeout
+                    url, json=_body(payload, requirements), headers=self._headers("POST", url), timeout=self._settle_timeout
                 )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            log.warning("facilitator %s /settle: no connection (%s): not sent", self.label, type(exc).__name__)
+            self._mark(type(exc).__name__)
+            raise SettleNotSent(type(exc).__name__) from exc
         except (httpx.TimeoutException, TimeoutError) as exc:
-            log.warning("facilitator %s /settle timed out (%s): outcome unknown", self.url, type(exc).__name__)
+            log.warning("facilitator %s /settle timed out (%s): outcome unknown", self.label, type(exc).__name__)
+            self._mark(type(exc).__name__)
             return _broken(FACILITATOR_TIMEOUT, "the facilitator did not answer in time", network)
         except httpx.HTTPError as exc:
-            log.warning("facilitator %s /settle failed (%s): outcome unknown", self.url, type(exc).__name__)
+            log.warning("facilitator %s /settle failed (%s): outcome unknown", self.label, type(exc).__name__)
+            self._mark(type(exc).__name__)
             return _broken(FACILITATOR_UNREACHABLE, "the facilitator could not be reached", network)
-        return _settle_answer(response.status_code, response.content, network, self.url)
+        if self._refused_credentials(response.status_code, "/settle"):
+            # Received and refused; whether it acted first cannot be known from here: unknown.
+            return _broken(FACILITATOR_ERROR_STATUS, "the facilitator refused this gateway's credentials", network)
+        result = _settle_answer(response.status_code, response.content, network, self.label)
+        broken = result.error_reason in (FACILITATOR_BAD_RESPONSE, FACILITATOR_ERROR_STATUS)
+        self._mark("unusable_answer" if broken else None)
+        return result
 
     async def close(self) -> None:
         await self._client.aclose()
