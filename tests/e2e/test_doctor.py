@@ -90,10 +90,13 @@ def test_a_correct_setup_passes(tmp_path: Path, devchain: Devchain, ledger_url: 
 
 def test_wrong_chain_id(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
     # The catalog sells on Base Sepolia; the RPC configured for it is the local anvil (31337).
+    # An API key in the RPC URL (query or path) never reaches the report.
+    rpc_url = devchain.anvil.rpc_url + "/?apikey=PROVIDER-API-KEY"
     env = environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(catalog(tmp_path, **{LOCAL: "eip155:84532"})),
-                      X402GW_RPC_URLS=json.dumps({"eip155:84532": devchain.anvil.rpc_url}), X402GW_SETTLEMENT_KEY=fresh_key())
+                      X402GW_RPC_URLS=json.dumps({"eip155:84532": rpc_url}), X402GW_SETTLEMENT_KEY=fresh_key())
     status, report = doctor(env)
     assert status == 1
+    assert "PROVIDER-API-KEY" not in json.dumps(report)
     found = failures(report)["chain_id_mismatch"]
     assert "serves chain id 31337" in found["message"] and "eip155:84532" in found["message"]
     assert "X402GW_RPC_URLS" in found["fix"]

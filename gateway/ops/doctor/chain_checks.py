@@ -44,7 +44,7 @@ def _tools(offer: Offer) -> str:
 
 
 async def check_rpc(plan: NetworkPlan, rpc: RpcReader) -> Finding:
-    where = redact_url(rpc.url)
+    where = redact_url(rpc.url, keep_path=False)
     try:
         served = await rpc.chain_id()
     except RpcProblem as exc:

@@ -118,8 +118,9 @@ class Report:
         return "\n".join(lines)
 
 
-def redact_url(url: str) -> str:
-    """A URL fit for a report: no user, password, query or fragment (API keys hide there)."""
+def redact_url(url: str, *, keep_path: bool = True) -> str:
+    """A URL fit for a report: no user, password, query or fragment (API keys hide there); without
+    ``keep_path`` only scheme, host and port (RPC providers put the API key in the path)."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -127,4 +128,4 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     if parts.port is not None:
         host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, host, parts.path if keep_path else "", "", ""))

@@ -60,36 +60,36 @@ async def check_database(url: str, *, engine: Engine | None = None, timeout: flo
         try:
             parsed = make_url(url)
         except Exception:  # noqa: BLE001 -- any unparsable URL
-            return fail("database", "ledger", "database_unreachable", f"{what}", "set X402GW_DATABASE_URL to a SQLAlchemy URL")
+            return fail("database", "ledger database", "database_unreachable", f"{what}", "set X402GW_DATABASE_URL to a SQLAlchemy URL")
         if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
             # Connecting would create the file: the doctor reads, it never writes.
-            return fail("database", "ledger", "database_not_migrated", f"{what} does not exist yet", upgrade)
+            return fail("database", "ledger database", "database_not_migrated", f"{what} does not exist yet", upgrade)
     try:
         revision = await asyncio.wait_for(asyncio.to_thread(_revision, url, engine), timeout)
     except Exception as exc:  # noqa: BLE001 -- driver errors of every kind: the database is not usable
-        return fail("database", "ledger", "database_unreachable", f"{what} did not answer: {type(exc).__name__}",
+        return fail("database", "ledger database", "database_unreachable", f"{what} did not answer: {type(exc).__name__}",
                     "check X402GW_DATABASE_URL and that the database server is up and reachable from here")
     head = head_revision()
     if revision != head:
         state = "has no schema" if revision is None else f"is at revision {revision}"
-        return fail("database", "ledger", "database_not_migrated", f"{what} {state}; this x402gw's head is {head}",
+        return fail("database", "ledger database", "database_not_migrated", f"{what} {state}; this x402gw's head is {head}",
                     upgrade + "; a database newer than this x402gw needs the matching x402gw version")
-    return ok("database", "ledger", f"{what} reachable, at the migrations' head ({head})")
+    return ok("database", "ledger database", f"{what} reachable, at the migrations' head ({head})")
 
 
 async def check_store(plan: DoctorPlan, *, store: StateStore | None = None, timeout: float = 5.0) -> Finding:
     if store is None and plan.redis_url is None:
-        return ok("store", "state", "in-memory store (one replica; set X402GW_REDIS_URL to run several)")
+        return ok("store", "state store", "in-memory store (one replica; set X402GW_REDIS_URL to run several)")
     target = store or create_store(plan.redis_url, plan.redis_prefix)
     try:
         await asyncio.wait_for(target.ping(), timeout)
     except Exception as exc:  # noqa: BLE001 -- StoreUnavailable, timeouts, refused connections alike
-        return fail("store", "state", "store_unreachable", f"the state store did not answer a ping: {type(exc).__name__}",
+        return fail("store", "state store", "store_unreachable", f"the state store did not answer a ping: {type(exc).__name__}",
                     "start Redis, or fix X402GW_REDIS_URL (host, port, password, TLS)")
     finally:
         if store is None:
             await target.close()
-    return ok("store", "state", "Redis answers" if plan.redis_url else "the state store answers")
+    return ok("store", "state store", "Redis answers" if plan.redis_url else "the state store answers")
 
 
 def check_admin_token(plan: DoctorPlan) -> Finding:
@@ -99,11 +99,11 @@ def check_admin_token(plan: DoctorPlan) -> Finding:
     if not token:
         message = "no admin token: /admin, the kill switch and the payer lists are off"
         if plan.public_networks:
-            return fail("admin_token", "admin", "admin_token_missing", message + f" while selling on {', '.join(plan.public_networks)}", fix)
-        return warn("admin_token", "admin", "admin_token_missing", message, fix)
+            return fail("admin_token", "X402GW_ADMIN_TOKEN", "admin_token_missing", message + f" while selling on {', '.join(plan.public_networks)}", fix)
+        return warn("admin_token", "X402GW_ADMIN_TOKEN", "admin_token_missing", message, fix)
     if len(token) < MIN_ADMIN_TOKEN_LENGTH:
-        return warn("admin_token", "admin", "admin_token_weak", f"the admin token is shorter than {MIN_ADMIN_TOKEN_LENGTH} characters", fix)
-    return ok("admin_token", "admin", "set")
+        return warn("admin_token", "X402GW_ADMIN_TOKEN", "admin_token_weak", f"the admin token is shorter than {MIN_ADMIN_TOKEN_LENGTH} characters", fix)
+    return ok("admin_token", "X402GW_ADMIN_TOKEN", "set")
 
 
 def check_dev_keys(plan: DoctorPlan) -> list[Finding]:
@@ -120,6 +120,6 @@ def check_dev_keys(plan: DoctorPlan) -> list[Finding]:
                                   f"set {variable} to a key of your own (a new account, funded for gas), never a published one"))
     if not found:
         local_only = not plan.public_networks
-        found.append(ok("keys", "keys", "local chain only: anvil's dev keys are fine here" if local_only
+        found.append(ok("keys", "all networks", "local chain only: anvil's dev keys are fine here" if local_only
                         else "no public anvil key is used off the local chain"))
     return found
