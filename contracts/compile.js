@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // Compiles contracts/TestUSDC.sol and contracts/BatchSettler.sol with the pinned npm solc into
-// contracts/build/<Contract>.json, each from its own compiler input. The artifacts are committed so Python needs no compiler; `--check` recompiles and fails (exit 1)
-// when the committed file differs, which is how CI keeps source and artifact in step.
+// contracts/build/<Contract>.json, each from its own compiler input, and writes the same bytes to
+// gateway/devkit/contracts/<Contract>.json (package data: what an installed wheel deploys). The
+// artifacts are committed so Python needs no compiler; `--check` recompiles and fails (exit 1)
+// when either committed copy differs, which is how CI keeps source and artifacts in step.
 "use strict";
 
 const fs = require("fs");
@@ -12,7 +14,8 @@ const CONTRACTS = ["TestUSDC", "BatchSettler"];
 const EVM_VERSION = "cancun";
 
 const sourcePath = (contract) => path.join(__dirname, `${contract}.sol`);
-const artifactPath = (contract) => path.join(__dirname, "build", `${contract}.json`);
+const ARTIFACT_DIRS = [path.join(__dirname, "build"), path.join(__dirname, "..", "gateway", "devkit", "contracts")];
+const artifactPaths = (contract) => ARTIFACT_DIRS.map((dir) => path.join(dir, `${contract}.json`));
 
 function compile(CONTRACT) {
   const SOURCE_PATH = sourcePath(CONTRACT);
@@ -58,7 +61,6 @@ function main(argv) {
 }
 
 function build(CONTRACT, check) {
-  const ARTIFACT_PATH = artifactPath(CONTRACT);
   let text;
   try {
     text = compile(CONTRACT);
@@ -66,6 +68,14 @@ function build(CONTRACT, check) {
     process.stderr.write(`compile.js: ${CONTRACT}: ${err.message}\n`);
     return 2;
   }
+  let status = 0;
+  for (const ARTIFACT_PATH of artifactPaths(CONTRACT)) {
+    status = Math.max(status, write(CONTRACT, ARTIFACT_PATH, text, check));
+  }
+  return status;
+}
+
+function write(CONTRACT, ARTIFACT_PATH, text, check) {
   if (check) {
     let committed = null;
     try {
@@ -80,7 +90,7 @@ function build(CONTRACT, check) {
       );
       return 1;
     }
-    process.stdout.write(`${CONTRACT}: artifact up to date\n`);
+    process.stdout.write(`${CONTRACT}: ${path.relative(process.cwd(), ARTIFACT_PATH)} up to date\n`);
     return 0;
   }
   fs.mkdirSync(path.dirname(ARTIFACT_PATH), { recursive: true });

@@ -49,6 +49,22 @@ def _open_ledger(database_url: str | None) -> Any:
         _fail(f"{exc.message} [{exc.code}]")
 
 
+def _ledger_to_read(database_url: str | None) -> str:
+    """The ledger ``ledger export`` / ``summary`` read: the one given, else the gateway's default,
+    else (no default file here, a demo ran here) the demo's, saying so on standard error."""
+    if database_url:
+        return database_url
+    url = _settings().database_url
+    if url != Settings.model_fields["database_url"].default:
+        return url  # chosen in the environment or a settings file: never second-guessed
+    from gateway.devkit.demo_ledger import choose_ledger
+
+    choice = choose_ledger(url)
+    if choice.note:
+        click.echo(choice.note, err=True)
+    return choice.url
+
+
 def _filters(start: str | None, end: str | None, owners: tuple[str, ...], tools: tuple[str, ...],
              states: tuple[str, ...]) -> Any:
     from settlement.finance.export import ExportError, Filters, parse_when
@@ -103,7 +119,7 @@ def ledger_export(fmt: str, output: str, start: str | None, end: str | None, own
     filters = _filters(start, end, owners, tools, states)
     if fmt == "parquet" and output == "-" and sys.stdout.isatty():
         raise click.BadParameter("Parquet is binary: give --output FILE or redirect standard output", param_hint="--output")
-    book = _open_ledger(database_url)
+    book = _open_ledger(_ledger_to_read(database_url))
     try:
         with _progress(lambda: count(book, filters)) as tick, _sink(output, binary=fmt == "parquet") as out:
             rows = export(book, filters, fmt, out, tick=tick)  # type: ignore[arg-type]
@@ -159,7 +175,7 @@ def ledger_summary(by: tuple[str, ...], fmt: str, start: str | None, end: str | 
 
     dimensions = by or ("owner", "tool")
     filters = _filters(start, end, owners, tools, ())
-    book = _open_ledger(database_url)
+    book = _open_ledger(_ledger_to_read(database_url))
     try:
         groups = summarize(book, dimensions, filters)  # type: ignore[arg-type]
     finally:

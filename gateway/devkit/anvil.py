@@ -1,5 +1,9 @@
-"""An anvil node as a child process: found (explicit path, PATH, or the npm copy), started on a
-port, waited for until it answers with the local chain id, and stopped with its process group.
+"""An anvil node as a child process: found (explicit path, PATH, the repository's npm copy, or one
+fetched with npm into the user's cache), started on a port, waited for until it answers with the
+local chain id, and stopped with its process group.
+
+On Linux anvil is also told to die with the thread that started it (``PR_SET_PDEATHSIG``): a demo
+or devchain killed by a signal it cannot handle (SIGKILL) leaves no node behind holding its port.
 
 Used by ``gateway.devkit.devchain`` and by the integration tests.
 """
@@ -7,12 +11,15 @@ Used by ``gateway.devkit.devchain`` and by the integration tests.
 from __future__ import annotations
 
 import collections
+import ctypes
+import functools
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -23,15 +30,42 @@ from types import TracebackType
 
 from settlement.chain.deployment import LOCAL_CHAIN_ID, DevchainError
 
-__all__ = ["REPO_ROOT", "Anvil", "find_anvil"]
+__all__ = ["ANVIL_NPM_VERSION", "REPO_ROOT", "Anvil", "anvil_cache_dir", "anvil_npm_package", "find_anvil"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
+# The anvil build package.json pins; fetched with npm when no anvil is found (an installed wheel).
+ANVIL_NPM_VERSION = "1.7.1"
+_NPM_PLATFORMS = {
+    ("linux", "x86_64"): "linux-amd64", ("linux", "aarch64"): "linux-arm64",
+    ("darwin", "x86_64"): "darwin-amd64", ("darwin", "arm64"): "darwin-arm64",
+}
+
 _LISTENING = re.compile(r"Listening on ([0-9.]+|\[[0-9a-fA-F:]+\]):(\d+)")
+_PR_SET_PDEATHSIG = 1
 
 
-def find_anvil(explicit: str | None = None) -> str:
-    """Path of the anvil binary: the explicit setting, else PATH, else the npm copy."""
+def anvil_npm_package() -> str:
+    """The npm package that ships anvil's native binary for this platform (Foundry's own build)."""
+    platform = _NPM_PLATFORMS.get((sys.platform, os.uname().machine), "linux-amd64")
+    return f"@foundry-rs/anvil-{platform}@{ANVIL_NPM_VERSION}"
+
+
+def anvil_cache_dir() -> Path:
+    """Where anvil fetched with npm lives: ``$XDG_CACHE_HOME/x402gw/anvil`` (``~/.cache`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "x402gw" / "anvil"
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def find_anvil(explicit: str | None = None, *, fetch: bool = True) -> str:
+    """Path of the anvil binary: the explicit setting, else PATH, else the repository's npm copy,
+    else the copy in the user's cache, else (``fetch``, npm on PATH) one installed there with npm.
+
+    Not found: a one-line ``DevchainError`` naming the two ways to get it, never a traceback."""
     if explicit:
         if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
             return explicit
@@ -42,14 +76,62 @@ def find_anvil(explicit: str | None = None) -> str:
     on_path = shutil.which("anvil")
     if on_path:
         return on_path
-    npm_copy = REPO_ROOT / "node_modules" / ".bin" / "anvil"
-    if npm_copy.is_file() and os.access(npm_copy, os.X_OK):
-        return str(npm_copy)
+    cached = anvil_cache_dir() / "node_modules" / ".bin" / "anvil"
+    for candidate in (REPO_ROOT / "node_modules" / ".bin" / "anvil", cached):
+        if _executable(candidate):
+            return str(candidate)
+    npm = shutil.which("npm")
+    if fetch and npm:
+        return _fetch_with_npm(npm, cached)
     raise DevchainError(
-        "anvil not found: run `npm ci` in the repository root (Linux x64), or install Foundry "
-        "and put anvil on PATH, or configure the path to the anvil binary",
+        "anvil not found: install Foundry and put anvil on PATH (or set X402GW_ANVIL_PATH), "
+        f"or install Node.js with npm so x402gw can fetch it (npm install {anvil_npm_package()})",
         code="anvil_not_found",
     )
+
+
+def _fetch_with_npm(npm: str, binary: Path) -> str:
+    """``npm install`` Foundry's anvil package into the user's cache; its native binary ships in
+    the package, so nothing else is downloaded."""
+    prefix = binary.parent.parent.parent
+    prefix.mkdir(parents=True, exist_ok=True)
+    package = anvil_npm_package()
+    print(f"anvil not found on PATH: installing {package} with npm into {prefix} (once)", file=sys.stderr, flush=True)
+    cmd = [npm, "install", "--prefix", str(prefix), "--no-save", "--no-audit", "--no-fund", "--loglevel=error", package]
+    try:
+        # A bound on a hung registry, not a measurement.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DevchainError(f"could not fetch anvil with npm ({package}): {exc}", code="anvil_not_found") from exc
+    if done.returncode != 0 or not _executable(binary):
+        last = (done.stderr.strip().splitlines() or ["no anvil binary after the install"])[-1]
+        raise DevchainError(
+            f"could not fetch anvil with npm ({package}): {last}; install Foundry and put anvil on PATH instead",
+            code="anvil_not_found",
+        )
+    return str(binary)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Child side (between fork and exec): SIGKILL this process when the thread that started it
+    dies, however it dies. Linux only; anywhere else the normal stop() is all there is."""
+    if _LIBC is None:
+        return
+    _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect: die now
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()  # loaded before any fork: the child only calls into it
 
 
 class Anvil:
@@ -114,6 +196,10 @@ class Anvil:
         if self._process is not None:
             raise DevchainError("anvil already started", code="anvil_start_failed")
         cmd = self.command()
+        # PR_SET_PDEATHSIG fires when the *thread* that forked exits: only the main thread (which
+        # lives as long as the process) asks for it, so a node started by a worker thread is not
+        # killed when that thread ends.
+        in_main = threading.current_thread() is threading.main_thread()
         try:
             self._process = subprocess.Popen(
                 cmd,
@@ -125,6 +211,7 @@ class Anvil:
                 bufsize=1,
                 # Own process group: a terminal's Ctrl-C reaches us, not anvil; we stop it.
                 start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()) if in_main and _LIBC is not None else None,
             )
         except OSError as exc:
             raise DevchainError(f"could not start anvil ({cmd[0]}): {exc}", code="anvil_start_failed") from exc

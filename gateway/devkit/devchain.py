@@ -2,7 +2,9 @@
 
 Used by `x402gw devchain` (``run_devchain``) and by the integration tests (``Anvil`` +
 ``setup_devchain``). The token is ``contracts/TestUSDC.sol``, compiled ahead of time into the
-committed artifact ``contracts/build/TestUSDC.json``, so no compiler is needed at run time.
+committed artifact ``contracts/build/TestUSDC.json``, so no compiler is needed at run time; the
+artifacts are read from their copies in ``gateway/devkit/contracts/`` (package data, so an
+installed wheel has them; ``contracts/compile.js`` writes and checks both copies).
 Everything here uses public anvil dev keys: never point it at a real network.
 """
 
@@ -21,7 +23,7 @@ from eth_account import Account
 from web3 import HTTPProvider, Web3
 from web3.exceptions import Web3Exception
 
-from gateway.devkit.anvil import REPO_ROOT, Anvil, find_anvil
+from gateway.devkit.anvil import Anvil, find_anvil
 from settlement.chain.deployment import (
     ANVIL_ADDRESSES,
     ANVIL_KEYS,
@@ -59,8 +61,9 @@ __all__ = [
     "setup_devchain",
 ]
 
-TOKEN_ARTIFACT_PATH = REPO_ROOT / "contracts" / "build" / "TestUSDC.json"
-BATCH_SETTLER_ARTIFACT_PATH = REPO_ROOT / "contracts" / "build" / "BatchSettler.json"
+ARTIFACT_DIR = Path(__file__).resolve().parent / "contracts"  # package data, = contracts/build/
+TOKEN_ARTIFACT_PATH = ARTIFACT_DIR / "TestUSDC.json"
+BATCH_SETTLER_ARTIFACT_PATH = ARTIFACT_DIR / "BatchSettler.json"
 
 DEFAULT_MINT_ATOMIC = 1_000_000_000  # 1000 USDC at 6 decimals
 _RECEIPT_TIMEOUT_S = 30.0

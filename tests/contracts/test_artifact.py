@@ -80,3 +80,15 @@ def test_abi_has_the_eip3009_surface() -> None:
         "Transfer(address,address,uint256)",
         "Approval(address,address,uint256)",
     } <= events
+
+
+@pytest.mark.parametrize("contract", ["TestUSDC", "BatchSettler"])
+def test_packaged_artifacts_are_the_committed_build(contract: str) -> None:
+    """What the devchain deploys (gateway/devkit/contracts/, package data: an installed wheel has
+    it) is byte for byte contracts/build/ (what `node contracts/compile.js --check` checks)."""
+    from gateway.devkit.devchain import ARTIFACT_DIR
+
+    packaged = ARTIFACT_DIR / f"{contract}.json"
+    assert packaged.read_bytes() == (REPO / "contracts" / "build" / f"{contract}.json").read_bytes(), (
+        f"{packaged} differs from contracts/build/{contract}.json: run `node contracts/compile.js`"
+    )
