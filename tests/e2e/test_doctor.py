@@ -9,11 +9,10 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import jwt
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from eth_account import Account
 
@@ -23,6 +22,7 @@ from gateway.ops.doctor import GAS_PER_SETTLEMENT, Report, plan_from_settings, r
 from gateway.settings import Settings
 from settlement.chain.deployment import ANVIL_KEYS
 from settlement.schema import open_ledger
+from settlement.schemes import CdpJwtAuth, StaticHeaders
 from tests.conftest import Devchain, demo_catalog
 from tests.support.facilitator_auth_double import AuthFacilitatorDouble
 from tests.support.facilitator_double import closed_port_url
@@ -174,39 +174,36 @@ def run(settings: Settings, headers_for: Any) -> Report:
 
 def test_a_facilitator_that_demands_a_bearer_token(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
     with AuthFacilitatorDouble(KINDS, bearer="s3cret-bearer") as double:
-        # Through the command, which sends no credentials yet: refused, named, with its fix.
+        # Through the command, which sends no credentials (none configured): refused, named, with its fix.
         status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_FACILITATORS=json.dumps({LOCAL: double.url})))
         assert status == 1
         found = failures(report)["facilitator_unauthorized"]
         assert "refused our credentials: GET /supported answered 401" in found["message"] and "credentials" in found["fix"]
         settings = Settings(**settings_values(tmp_path, devchain, ledger_url, facilitators={LOCAL: double.url}))
-        wrong = run(settings, lambda method, url: {"Authorization": "Bearer wrong"})
-        right = run(settings, lambda method, url: {"Authorization": "Bearer s3cret-bearer"})
+        wrong = run(settings, StaticHeaders({"Authorization": "Bearer wrong"}).headers)
+        right = run(settings, StaticHeaders({"Authorization": "Bearer s3cret-bearer"}).headers)
     assert [(f.code, "answered 403" in f.message) for f in wrong.findings if f.status == "fail"] == [("facilitator_unauthorized", True)]
     assert right.exit_status == 0, right.render_text()
     assert "s3cret-bearer" not in right.render_json() + wrong.render_json()
     assert {(m, p) for m, p, auth in double.seen if auth == "Bearer s3cret-bearer"} == {("GET", "/supported"), ("POST", "/verify")}
 
 
-def test_a_facilitator_that_demands_a_valid_jwt(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+def pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+
+def test_a_facilitator_that_demands_a_valid_cdp_jwt(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     stranger = ec.generate_private_key(ec.SECP256R1())
-
-    def signed_by(signer: ec.EllipticCurvePrivateKey, *, lifetime: int = 120) -> Any:
-        def headers(method: str, url: str) -> dict[str, str]:
-            parts = urlsplit(url)
-            claims = {"uris": [f"{method} {parts.netloc}{parts.path}"], "exp": int(time.time()) + lifetime}
-            return {"Authorization": "Bearer " + jwt.encode(claims, signer, algorithm="ES256")}
-        return headers
-
     with AuthFacilitatorDouble(KINDS, jwt_key=key.public_key()) as double:
         settings = Settings(**settings_values(tmp_path, devchain, ledger_url, facilitators={LOCAL: double.url}))
-        valid = run(settings, signed_by(key))
-        forged = run(settings, signed_by(stranger))
-        expired = run(settings, signed_by(key, lifetime=-60))
+        valid = run(settings, CdpJwtAuth("organizations/o/apiKeys/k", pem(key)).headers)
+        forged = run(settings, CdpJwtAuth("organizations/o/apiKeys/k", pem(stranger)).headers)
+        expired = run(settings, CdpJwtAuth("organizations/o/apiKeys/k", pem(key), clock=lambda: time.time() - 600).headers)
     assert valid.exit_status == 0, valid.render_text()
     for report in (forged, expired):
         assert report.codes() == ["facilitator_unauthorized"], report.render_text()
+    assert "BEGIN PRIVATE KEY" not in valid.render_json() + forged.render_json()
 
 
 def test_dev_keys_are_refused_off_the_local_chain(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:

@@ -38,8 +38,8 @@ def _refused(response: httpx.Response) -> bool:
 async def check_facilitator(
     plan: NetworkPlan, url: str, client: httpx.AsyncClient, headers_for: HeadersFor, *, timeout: float = 5.0
 ) -> Finding:
-    subject = f"{plan.network} {redact_url(url)}"
-    where = redact_url(url)
+    where = redact_url(url, keep_path=False)  # as the gateway's logs name it: paths may hold keys
+    subject = f"{plan.network} {where}"
     if url == "local":
         return ok("facilitator", plan.network, "settled by this gateway (local facilitator); its gas is checked below")
     base = url.rstrip("/")
