@@ -21,7 +21,7 @@ def _configure_logging(level: str) -> None:
 
 
 @click.group()
-@click.version_option(package_name="x402gw")
+@click.version_option(package_name="x402gw", prog_name="x402gw")
 def main() -> None:
     """x402gw: sell calls to your APIs to AI agents, paid per call over x402."""
 

@@ -29,14 +29,34 @@ CHROMIUM_FLAGS = [
 ]
 
 
+CHROMIUM_FALLBACK = Path("/usr/bin/chromium")
+INSTALL_COMMAND = "sudo apt-get install -y chromium"
+
+
 def chromium() -> str:
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    found = shutil.which("chromium") or (str(CHROMIUM_FALLBACK) if CHROMIUM_FALLBACK.exists() else None)
     if found is None:
-        reason = "chromium is not installed: sudo apt-get install -y chromium (.ci/run installs it)"
+        reason = f"chromium is not installed: {INSTALL_COMMAND} (.ci/run installs it)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(reason)
         pytest.skip(reason)
     return found
+
+
+@pytest.mark.parametrize("ci", [None, "true"], ids=["laptop", "CI=true"])
+def test_a_missing_browser_is_a_skip_naming_the_install_command_and_a_failure_under_ci(
+    ci: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no chromium on PATH
+    monkeypatch.setattr(f"{__name__}.CHROMIUM_FALLBACK", tmp_path / "chromium")  # nor at Debian's path
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome) as info:
+        chromium()
+    assert INSTALL_COMMAND in str(info.value)
 
 
 def run_chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
