@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-
 from settlement.chain.addresses import checksum_address
 from settlement.chain.client import BeforeSend, Chain, Receipt
-from settlement.x402.codec import parse_exact_evm
-from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
+from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
+from settlement.x402.codec import parse_exact_evm
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 # A client clock a little behind ours must not make a fresh authorization look expired, and an
@@ -79,10 +78,24 @@ def _chain_id(network: str) -> int | None:
     return int(ident)
 
 
+def _domain_fields(requirements: PaymentRequirements) -> tuple[str, str]:
+    """The token's EIP-712 name and version from the requirements' extra, bounded in length."""
+    extra = requirements.extra or {}
+    name, version = extra.get("name"), extra.get("version")
+    if not isinstance(name, str) or not isinstance(version, str):
+        raise Rejected("missing_eip712_domain", "requirements lack extra.name / extra.version")
+    if len(name) > MAX_DOMAIN_FIELD_CHARS or len(version) > MAX_DOMAIN_FIELD_CHARS:
+        raise Rejected(
+            "invalid_eip712_domain",
+            f"extra.name and extra.version are limited to {MAX_DOMAIN_FIELD_CHARS} characters",
+        )
+    return name, version
+
+
 class LocalFacilitator:
     def __init__(
         self,
-        chains: dict[str, Chain],
+        chains: Mapping[str, Chain],
         *,
         receipt_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -124,6 +137,31 @@ class LocalFacilitator:
 
     def check_offline(self, payload: PaymentPayload, requirements: PaymentRequirements) -> CheckedPayment:
         """Everything that needs no chain: scheme, network, domain, recipient, amount, window, signature."""
+        chain_id = self._served_chain_id(payload, requirements)
+        name, version = _domain_fields(requirements)
+        try:
+            exact: ExactEvmPayload = parse_exact_evm(payload)
+        except PaymentDecodeError as exc:
+            raise Rejected("invalid_payload", exc.message) from None
+        auth = self._authorization(exact, requirements)
+        signature = bytes.fromhex(exact.signature[2:])
+        domain_key = (requirements.network, requirements.asset.lower(), name, version)
+        domain = self._domain(domain_key, chain_id)
+        # verify and settle check the same payload: the second time, the signer is remembered
+        # (the digest covers every field of the key, so a hit is the same signature on the same data).
+        key = (domain, auth, signature)
+        signer = self._signers.get(key)
+        if signer is not None:
+            self._signers.move_to_end(key)
+        else:
+            signer = recover_signer(authorization_digest(domain, auth), signature)
+            if signer is None or signer != auth.from_:
+                raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
+            self._remember(domain_key, domain, key, signer)
+        return CheckedPayment(payer=auth.from_, token=checksum_address(requirements.asset), auth=auth, signature=signature)
+
+    def _served_chain_id(self, payload: PaymentPayload, requirements: PaymentRequirements) -> int:
+        """The chain id of the required network, if the payment is exact on it and it is served here."""
         if payload.accepted.scheme != "exact" or requirements.scheme != "exact":
             raise Rejected("unsupported_scheme", "only the exact scheme is supported")
         if payload.accepted.network != requirements.network:
@@ -131,19 +169,10 @@ class LocalFacilitator:
         chain_id = _chain_id(requirements.network)
         if chain_id is None or requirements.network not in self._chains:
             raise Rejected("invalid_exact_evm_failed_to_get_network_config", f"network {requirements.network} is not served")
-        extra = requirements.extra or {}
-        name, version = extra.get("name"), extra.get("version")
-        if not isinstance(name, str) or not isinstance(version, str):
-            raise Rejected("missing_eip712_domain", "requirements lack extra.name / extra.version")
-        if len(name) > MAX_DOMAIN_FIELD_CHARS or len(version) > MAX_DOMAIN_FIELD_CHARS:
-            raise Rejected(
-                "invalid_eip712_domain",
-                f"extra.name and extra.version are limited to {MAX_DOMAIN_FIELD_CHARS} characters",
-            )
-        try:
-            exact: ExactEvmPayload = parse_exact_evm(payload)
-        except PaymentDecodeError as exc:
-            raise Rejected("invalid_payload", exc.message) from None
+        return chain_id
+
+    def _authorization(self, exact: ExactEvmPayload, requirements: PaymentRequirements) -> TransferAuthorization:
+        """The authorization in integers, once recipient, amount and time window check out."""
         a = exact.authorization
         if a.to.lower() != requirements.pay_to.lower():
             raise Rejected("invalid_exact_evm_payload_recipient_mismatch", "authorization.to is not the payTo address")
@@ -170,7 +199,7 @@ class LocalFacilitator:
             )
         if valid_after > now:
             raise Rejected("invalid_exact_evm_payload_authorization_valid_after", "authorization is not yet valid")
-        auth = TransferAuthorization(
+        return TransferAuthorization(
             from_=checksum_address(a.from_),
             to=checksum_address(a.to),
             value=int(a.value),
@@ -178,21 +207,6 @@ class LocalFacilitator:
             valid_before=valid_before,
             nonce=bytes.fromhex(a.nonce[2:]),
         )
-        signature = bytes.fromhex(exact.signature[2:])
-        domain_key = (requirements.network, requirements.asset.lower(), name, version)
-        domain = self._domain(domain_key, chain_id)
-        # verify and settle check the same payload: the second time, the signer is remembered
-        # (the digest covers every field of the key, so a hit is the same signature on the same data).
-        key = (domain, auth, signature)
-        signer = self._signers.get(key)
-        if signer is not None:
-            self._signers.move_to_end(key)
-        else:
-            signer = recover_signer(authorization_digest(domain, auth), signature)
-            if signer is None or signer != auth.from_:
-                raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
-            self._remember(domain_key, domain, key, signer)
-        return CheckedPayment(payer=auth.from_, token=checksum_address(requirements.asset), auth=auth, signature=signature)
 
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
         try:
