@@ -9,6 +9,12 @@ reads them by concern, through typed read-only views built from those fields:
     settings.storage        database_url, redis_url, redis_prefix
     settings.chain          deployment_file, rpc_urls, settlement_key, refund_key, receipt timeout, batching
     settings.facilitator    per-network facilitators, remote URL and timeout, the served facilitator
+
+Several RPC URLs or facilitators per network (a JSON list instead of one string) are read with
+``rpc_urls_for`` / ``facilitators_for``; the credentials sent to each remote facilitator with
+``facilitator_auth_for`` (static headers, or a CDP JWT per request). Secrets may come from files
+(``X402GW_SETTLEMENT_KEY_FILE``, ``X402GW_REFUND_KEY_FILE``, ``X402GW_FACILITATOR_AUTH_FILE``,
+``X402GW_CDP_API_KEY_SECRET_FILE``); they are ``SecretStr`` and never in a repr or an error.
     settings.safety         gateway-wide budgets, rate limits, price ceiling, policy file
     settings.admin          admin token, readiness timeout
 
@@ -18,16 +24,21 @@ flat field; read it once where it matters.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from catalog.limits import Budget, RateLimit, parse_budget, parse_rate_limit
+from gateway.errors import GatewayConfigError
+from settlement.chain.rpc import redact_url
+from settlement.schemes.facilitator_auth import CdpJwtAuth, FacilitatorAuth, FacilitatorAuthError, StaticHeaders
 
 __all__ = [
     "DEFAULT_CATALOG",
@@ -54,6 +65,38 @@ def _rate_limit(value: Any) -> Any:
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog" / "examples" / "demo.yaml"
+# Facilitators on this host get a CDP JWT when CDP_API_KEY_ID is set and X402GW_FACILITATOR_AUTH
+# names no other credentials for them.
+CDP_HOST = "api.cdp.coinbase.com"
+
+
+def _url_lists(value: Any) -> Any:
+    """{network: URL, or several}: a JSON list of URLs, or one string with URLs separated by spaces
+    (a URL holds no raw space), kept as that one string so every reader of the map still gets
+    strings; ``_as_list`` splits it."""
+    if not isinstance(value, dict):
+        return value
+    joined: dict[Any, Any] = {}
+    for network, urls in value.items():
+        listed = urls.split() if isinstance(urls, str) else urls
+        if not isinstance(listed, list) or not listed or not all(isinstance(u, str) and u.split() == [u] for u in listed):
+            raise GatewayConfigError(f"{network}: give a URL, or a non-empty list of URLs")
+        joined[network] = " ".join(listed)
+    return joined
+
+
+def _as_list(value: str) -> list[str]:
+    return value.split()
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise GatewayConfigError(f"{what}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if not text:
+        raise GatewayConfigError(f"{what}: {path} is empty")
+    return text
 
 
 class BatchSettlement(BaseModel):
@@ -90,7 +133,7 @@ class StorageSettings:
 @dataclass(frozen=True, slots=True)
 class ChainSettings:
     deployment_file: Path
-    rpc_urls: dict[str, str]
+    rpc_urls: dict[str, str]  # several URLs of a network separated by spaces: Settings.rpc_urls_for
     settlement_key: SecretStr | None
     refund_key: SecretStr | None
     receipt_timeout_seconds: float
@@ -99,7 +142,7 @@ class ChainSettings:
 
 @dataclass(frozen=True, slots=True)
 class FacilitatorSettings:
-    by_network: dict[str, str]  # X402GW_FACILITATORS
+    by_network: dict[str, str]  # X402GW_FACILITATORS (several: separated by spaces)
     url: str | None  # X402_FACILITATOR_URL
     settle_timeout_seconds: float
     serve: bool  # X402GW_SERVE_FACILITATOR
@@ -138,10 +181,13 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///var/x402gw.sqlite3"
     # Written by `x402gw devchain`: RPC URL, token, settlement key for the local chain.
     deployment_file: Path = Path("var/devchain.json")
-    # Per-network RPC endpoints, e.g. {"eip155:8453": "https://..."} (JSON in the environment).
-    rpc_urls: dict[str, str] = Field(default_factory=dict)
-    # Key of the account that submits settlement transactions (pays gas). Never logged.
+    # Per-network RPC endpoints, e.g. {"eip155:8453": "https://..."} (JSON in the environment); a
+    # list of URLs fails over in order (settlement.chain.rpc). Read with rpc_urls_for().
+    rpc_urls: Annotated[dict[str, str], BeforeValidator(_url_lists)] = Field(default_factory=dict)
+    # Key of the account that submits settlement transactions (pays gas). Never logged. Or a file
+    # holding it (X402GW_SETTLEMENT_KEY_FILE, e.g. a mounted secret), never both.
     settlement_key: SecretStr | None = None
+    settlement_key_file: Path | None = None
     receipt_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Body of an unpaid 402: "v2" (the same JSON as PAYMENT-REQUIRED) or "v1" for fleets of old v1
@@ -154,8 +200,20 @@ class Settings(BaseSettings):
     redis_prefix: str = "x402gw:"
     # Facilitators: "local" (in-process, this gateway's chain access) or a URL, per network; the
     # standard X402_FACILITATOR_URL (no prefix) selects a remote facilitator for every network.
-    facilitators: dict[str, str] = Field(default_factory=dict)
+    # A list of URLs is tried in order (settlement.schemes.failover); "local" stands alone.
+    facilitators: Annotated[dict[str, str], BeforeValidator(_url_lists)] = Field(default_factory=dict)
     facilitator_url: str | None = Field(default=None, validation_alias="X402_FACILITATOR_URL")
+    # Credentials per remote facilitator URL (JSON, or the same JSON in a file): {"https://f.example":
+    # {"Authorization": "Bearer ..."}} for static headers, or "cdp" for a CDP JWT per request from
+    # CDP_API_KEY_ID and CDP_API_KEY_SECRET (or X402GW_CDP_API_KEY_SECRET_FILE). Keyed by URL, not
+    # network: one facilitator's credentials are never sent to another.
+    facilitator_auth: SecretStr | None = None
+    facilitator_auth_file: Path | None = None
+    cdp_api_key_id: str | None = Field(default=None, validation_alias=AliasChoices("CDP_API_KEY_ID", "cdp_api_key_id"))
+    cdp_api_key_secret: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("CDP_API_KEY_SECRET", "cdp_api_key_secret")
+    )
+    cdp_api_key_secret_file: Path | None = None
     # Longest wait for a remote facilitator's /settle answer (the whole call); no answer by then is
     # an unknown outcome (503, reconciled). The in-flight lock of a payment outlives it.
     facilitator_settle_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
@@ -173,6 +231,7 @@ class Settings(BaseSettings):
     # Key of an account holding the payee's funds, used to pay refunds of `upfront` tools back on
     # chain. Without it refunds are recorded as owed. Never logged.
     refund_key: SecretStr | None = None
+    refund_key_file: Path | None = None
     # Batched settlement, opt-in per network: payments collected for up to max_wait_ms or
     # max_payments and settled in one BatchSettler transaction, e.g.
     # {"eip155:31337": {"max_wait_ms": 20, "max_payments": 50}}; "contract" names the BatchSettler
@@ -217,12 +276,77 @@ class Settings(BaseSettings):
                     raise ValueError(f"facilitator_pay_to entries must be 0x-prefixed 20-byte addresses, got {address!r}")
         return value
 
+    @field_validator("facilitators")
+    @classmethod
+    def _local_stands_alone(cls, value: dict[str, str]) -> dict[str, str]:
+        for network, where in value.items():
+            if len(where.split()) > 1 and "local" in where.split():
+                raise GatewayConfigError(f"{network}: \"local\" cannot be in a list of facilitators (it writes ahead, remote ones cannot)")
+        return value
+
+    # These validators raise GatewayConfigError, not ValueError: pydantic passes it through as it
+    # is, where a ValueError would become a ValidationError quoting the input (secrets included).
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> Settings:
+        for name in ("settlement_key", "refund_key", "facilitator_auth", "cdp_api_key_secret"):
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            env = f"X402GW_{name.upper()}_FILE"
+            if getattr(self, name) is not None:
+                raise GatewayConfigError(f"{env} and the value itself are both set: keep one")
+            setattr(self, name, SecretStr(_read_secret_file(path, env)))
+        return self
+
     @field_validator("catalog", mode="before")
     @classmethod
     def _split_catalogs(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    # -- several URLs per network, and the credentials of each facilitator --
+
+    def rpc_urls_for(self, network: str) -> list[str]:
+        """The RPC URLs configured for ``network``, in order (empty: none configured)."""
+        urls = self.rpc_urls.get(network)
+        return [] if urls is None else _as_list(urls)
+
+    def facilitators_for(self, network: str) -> list[str]:
+        """``["local"]`` or the remote facilitators' URLs for ``network``, in order."""
+        where = self.facilitators.get(network) or self.facilitator_url or "local"
+        return [u.rstrip("/") if u != "local" else u for u in _as_list(where)]
+
+    def facilitator_auth_for(self, url: str) -> FacilitatorAuth | None:
+        """The credentials sent to the facilitator at ``url``: its entry in X402GW_FACILITATOR_AUTH,
+        else a CDP JWT for CDP's own host when CDP_API_KEY_ID is set, else none. ``ValueError``
+        (naming the setting, never a secret) when they cannot be used."""
+        entry = self._facilitator_auth_entries().get(url.rstrip("/"))
+        if entry is None and urlsplit(url).hostname == CDP_HOST and self.cdp_api_key_id:
+            entry = "cdp"
+        if entry is None:
+            return None
+        try:
+            if entry == "cdp":
+                if not self.cdp_api_key_id or self.cdp_api_key_secret is None:
+                    raise ValueError("a CDP facilitator needs CDP_API_KEY_ID and CDP_API_KEY_SECRET (or X402GW_CDP_API_KEY_SECRET_FILE)")
+                return CdpJwtAuth(self.cdp_api_key_id, self.cdp_api_key_secret.get_secret_value())
+            if isinstance(entry, dict):
+                return StaticHeaders(entry)
+        except FacilitatorAuthError as exc:
+            raise ValueError(f"credentials for facilitator {redact_url(url)}: {exc}") from None
+        raise ValueError("X402GW_FACILITATOR_AUTH: each value is an object of headers or \"cdp\"")
+
+    def _facilitator_auth_entries(self) -> dict[str, Any]:
+        if self.facilitator_auth is None:
+            return {}
+        try:
+            data = json.loads(self.facilitator_auth.get_secret_value())
+        except json.JSONDecodeError as exc:  # its message names a position, never the text
+            raise ValueError(f"X402GW_FACILITATOR_AUTH is not JSON (line {exc.lineno} column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise ValueError("X402GW_FACILITATOR_AUTH must be a JSON object: facilitator URL -> headers or \"cdp\"")
+        return {str(url).rstrip("/"): value for url, value in data.items()}
 
     # -- views by concern (see the module docstring) --
 

@@ -68,8 +68,9 @@ def redact_url(url: str) -> str:
 
 
 def rpc_url_list(rpc_url: str | Sequence[str]) -> list[str]:
-    """One URL or several, in order of preference, as a non-empty list."""
-    urls = [rpc_url] if isinstance(rpc_url, str) else [str(u) for u in rpc_url]
+    """One URL or several, in order of preference, as a non-empty list. A string may hold several
+    separated by spaces (as the settings keep them): a URL never holds a raw space."""
+    urls = rpc_url.split() if isinstance(rpc_url, str) else [str(u) for u in rpc_url]
     if not urls or not all(urls):
         raise ValueError("at least one RPC URL is needed")
     return urls

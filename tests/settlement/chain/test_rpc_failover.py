@@ -123,5 +123,7 @@ def test_a_down_url_is_asked_first_again_after_its_cooldown(devchain: Devchain) 
 def test_one_url_string_still_works() -> None:
     chain = JsonRpcChain("http://127.0.0.1:1", 1, None)
     assert chain.rpc_urls == ["http://127.0.0.1:1"] and chain.rpc_url == "http://127.0.0.1:1"
+    # as the settings keep several: separated by spaces
+    assert JsonRpcChain("http://a/v2/k  http://b", 1, None).rpc_urls == ["http://a/v2/k", "http://b"]
     with pytest.raises(ValueError):
         JsonRpcChain([], 1, None)
