@@ -12,6 +12,7 @@ again (the same signed transaction, mined at most once) until the node knows it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import time
@@ -99,30 +100,12 @@ class BroadcastLane(JsonRpcTransport):
                 # unaccounted for; what the node says is still dealt with.
                 tx_hash = await asyncio.shield(send)
             except asyncio.CancelledError:
-                send.add_done_callback(lambda done, n=nonce, r=raw, h=tx_hash_local: self._spawn(
-                    self._after_abandoned_send(done, n, r, h)))
+                send.add_done_callback(functools.partial(self._on_abandoned_send, nonce, raw, tx_hash_local))
                 raise
             except RpcError as exc:
-                message = exc.rpc_message.lower()
-                log.warning("the node refused settlement transaction %s (nonce %d): %s", tx_hash_local, nonce,
-                            exc.rpc_message[:200])
-                if "already known" in message or "known transaction" in message or "already imported" in message:
-                    return tx_hash_local  # this very transaction is in the node's pool already
-                if "nonce" in message and ("low" in message or "already" in message or "used" in message):
-                    # Our own broadcast, repeated after a lost answer, may be what used the nonce.
-                    if await self._known(tx_hash_local, raw):
-                        return tx_hash_local
-                    # Someone else used the account (another process, a restart): resync once.
-                    await self._resync_nonce()
-                    if attempt == 0:
-                        continue
-                    raise
-                # A repeated send (``_http``'s retry) of a transaction the node has, whatever words
-                # it uses for that; otherwise refused outright, and the nonce is still free.
-                if await self._known(tx_hash_local, raw):
+                if await self._refused(exc, nonce, raw, tx_hash_local, retry=attempt == 0):
                     return tx_hash_local
-                self._give_back(nonce)
-                raise
+                continue
             except ChainUnavailable as exc:
                 log.warning("no answer to the broadcast of %s (nonce %d): %s; it will be sent again",
                             tx_hash_local, nonce, exc)
@@ -134,6 +117,35 @@ class BroadcastLane(JsonRpcTransport):
                 raise BroadcastUncertain(tx_hash_local) from None
             return str(tx_hash)
         raise ChainUnavailable("could not allocate a settlement nonce", code="settlement_nonce_error")
+
+    async def _refused(self, exc: RpcError, nonce: int, raw: str, tx_hash: str, *, retry: bool) -> bool:
+        """The node refused our broadcast: True if it has the transaction anyway (its hash is the
+        answer), False to sign again on a fresh nonce (``retry``: once, after a resync); otherwise
+        ``exc`` is raised, the nonce handed back if nothing used it."""
+        message = exc.rpc_message.lower()
+        log.warning("the node refused settlement transaction %s (nonce %d): %s", tx_hash, nonce,
+                    exc.rpc_message[:200])
+        if "already known" in message or "known transaction" in message or "already imported" in message:
+            return True  # this very transaction is in the node's pool already
+        if "nonce" in message and ("low" in message or "already" in message or "used" in message):
+            # Our own broadcast, repeated after a lost answer, may be what used the nonce.
+            if await self._known(tx_hash, raw):
+                return True
+            # Someone else used the account (another process, a restart): resync once.
+            await self._resync_nonce()
+            if retry:
+                return False
+            raise exc
+        # A repeated send (``_http``'s retry) of a transaction the node has, whatever words
+        # it uses for that; otherwise refused outright, and the nonce is still free.
+        if await self._known(tx_hash, raw):
+            return True
+        self._give_back(nonce)
+        raise exc
+
+    def _on_abandoned_send(self, nonce: int, raw: str, tx_hash: str, send: asyncio.Future[Any]) -> None:
+        """The done callback of a broadcast whose caller went away (cancelled while shielded)."""
+        self._spawn(self._after_abandoned_send(send, nonce, raw, tx_hash))
 
     async def _after_abandoned_send(self, send: asyncio.Future[Any], nonce: int, raw: str, tx_hash: str) -> None:
         """What ``send_call`` would have done with the broadcast's outcome, had its caller stayed."""

@@ -234,40 +234,48 @@ async def reconcile(
     report.pay_to = sorted({t[2] for t in targets})
     report.unchecked_networks = sorted({n for n, _ in by_token} - set(chains))
 
+    # 3. Each (network, token) with a chain to read.
     for (network, asset), pay_tos in sorted(by_token.items()):
         chain = chains.get(network)
         if chain is None:
             continue
         end = to_block if to_block is not None else await chain.block_number()
         report.ranges[network] = {"from_block": from_block, "to_block": end}
-        transfers = await chain_transfers(chain, network, asset, pay_tos, from_block, end, chunk)
-        payments = [t for t in transfers if t.nonce is not None]
-        report.chain_payments += len(payments)
-        report.chain_other_transfers += len(transfers) - len(payments)
-        settled = await asyncio.to_thread(
-            _settled_in_range, ledger, network, asset, pay_tos, from_block, end, from_block == 0 and to_block is None
-        )
-        report.ledger_settled += len(settled)
-        on_chain: dict[tuple[str, str | None], ChainTransfer] = {(t.payer, t.nonce): t for t in payments}
-        for row in settled:
-            t = on_chain.get((row.payer.lower(), row.nonce.lower()))
-            if t is None:
-                report.missing_on_chain.append(_row_json(row))
-            elif t.amount != row.amount:
-                report.amount_mismatch.append({**_row_json(row), "chain": _transfer_json(t)})
-            else:
-                report.matched += 1
-        known = {(r.payer.lower(), r.nonce.lower()) for r in settled}
-        unknown = [(t.payer, t.nonce) for t in payments if t.nonce is not None and (t.payer, t.nonce) not in known]
-        rows = await asyncio.to_thread(_rows_by_authorization, ledger, network, unknown)
-        for key in unknown:
-            t = on_chain[key]
-            found = rows.get(key)
-            if found is None or found.asset.lower() != asset:
-                report.missing_in_ledger.append(_transfer_json(t))
-            elif found.state not in OPEN_STATES:
-                # Failed / voided while the chain moved the money; or settled with a block outside
-                # the range asked for (the ledger's block is wrong). Open rows are in still_open.
-                report.state_mismatch.append({**_row_json(found), "chain": _transfer_json(t)})
+        whole_chain = from_block == 0 and to_block is None
+        await _reconcile_token(report, ledger, chain, network, asset, pay_tos, from_block, end, whole_chain, chunk)
     report.still_open = [_row_json(r) for r in await asyncio.to_thread(ledger.open_payments) if r.network in chains]
     return report
+
+
+async def _reconcile_token(
+    report: Report, ledger: Ledger, chain: LogReader, network: str, asset: str, pay_tos: set[str],
+    start: int, end: int, whole_chain: bool, chunk: int,
+) -> None:
+    """One token's EIP-3009 transfers to ``pay_tos`` in [start, end] against the ledger, into ``report``."""
+    transfers = await chain_transfers(chain, network, asset, pay_tos, start, end, chunk)
+    payments = [t for t in transfers if t.nonce is not None]
+    report.chain_payments += len(payments)
+    report.chain_other_transfers += len(transfers) - len(payments)
+    settled = await asyncio.to_thread(_settled_in_range, ledger, network, asset, pay_tos, start, end, whole_chain)
+    report.ledger_settled += len(settled)
+    on_chain: dict[tuple[str, str | None], ChainTransfer] = {(t.payer, t.nonce): t for t in payments}
+    for row in settled:
+        t = on_chain.get((row.payer.lower(), row.nonce.lower()))
+        if t is None:
+            report.missing_on_chain.append(_row_json(row))
+        elif t.amount != row.amount:
+            report.amount_mismatch.append({**_row_json(row), "chain": _transfer_json(t)})
+        else:
+            report.matched += 1
+    known = {(r.payer.lower(), r.nonce.lower()) for r in settled}
+    unknown = [(t.payer, t.nonce) for t in payments if t.nonce is not None and (t.payer, t.nonce) not in known]
+    rows = await asyncio.to_thread(_rows_by_authorization, ledger, network, unknown)
+    for key in unknown:
+        t = on_chain[key]
+        found = rows.get(key)
+        if found is None or found.asset.lower() != asset:
+            report.missing_in_ledger.append(_transfer_json(t))
+        elif found.state not in OPEN_STATES:
+            # Failed / voided while the chain moved the money; or settled with a block outside
+            # the range asked for (the ledger's block is wrong). Open rows are in still_open.
+            report.state_mismatch.append({**_row_json(found), "chain": _transfer_json(t)})
