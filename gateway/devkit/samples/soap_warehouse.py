@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -74,69 +75,79 @@ def _arguments(operation: etree._Element) -> dict[str, str]:
     return {etree.QName(child).localname: (child.text or "").strip() for child in operation if isinstance(child.tag, str)}
 
 
-def create_app(token: str = DEMO_TOKEN, slow_seconds: float = 2.0) -> Starlette:
-    counts: Counter[str] = Counter()
-    flaky = Counter[str]()
+def _answer(version: str, xml: str, status: int = 200) -> Response:
+    media = "application/soap+xml; charset=utf-8" if version == "1.2" else "text/xml; charset=utf-8"
+    return Response(xml, status_code=status, media_type=media)
 
-    def answer(version: str, xml: str, status: int = 200) -> Response:
-        media = "application/soap+xml; charset=utf-8" if version == "1.2" else "text/xml; charset=utf-8"
-        return Response(xml, status_code=status, media_type=media)
 
-    async def stock_level(version: str, args: dict[str, str]) -> Response:
-        sku = args.get("Sku", "")
-        if sku.startswith("OLD-"):
-            # Quirk: a business error as a normal 200 answer with an <Error> element.
-            return answer(version, _envelope(version, f'<GetStockLevelResponse xmlns="{NS}"><Error code="DISCONTINUED">'
-                                                      f"item {escape(sku)} is discontinued</Error></GetStockLevelResponse>"))
-        if not _SKU.fullmatch(sku) or sku.startswith("ZZZ"):
-            # Quirk: a fault, but in HTTP 200.
-            return answer(version, _fault(version, "Client", f"unknown SKU {sku!r}"))
-        seed = _seed(sku + args.get("Warehouse", "MAIN"))
-        bins = "".join(f"<Bin>{chr(65 + (seed >> i) % 6)}{(seed >> (i + 3)) % 20 + 1}</Bin>" for i in range(seed % 3 + 1))
-        quantity, reserved = seed % 500, seed % 17
-        # Quirk: <Payload> where the WSDL says <GetStockLevelResult>, and Available comes first.
-        return answer(version, _envelope(version,
-            f'<GetStockLevelResponse xmlns="{NS}"><Payload><StockLevel sku="{sku}" unit="pcs">'
-            f"<Available>{'true' if quantity > reserved else 'false'}</Available><Bins>{bins}</Bins>"
-            f"<Reserved>{reserved}</Reserved><Quantity>{quantity}</Quantity></StockLevel></Payload></GetStockLevelResponse>"))
+# -- operations --------------------------------------------------------------------------------------
 
-    async def search_items(version: str, args: dict[str, str]) -> Response:
-        query = args.get("Query", "").lower()
-        limit = int(args["MaxResults"]) if args.get("MaxResults", "").isdigit() else 10
-        found = [item for item in _ITEMS if query in item[1].lower() or query in item[0].lower()][:limit]
-        items = "".join(
-            f'<Item sku="{sku}"><Price>{price}</Price><Name>{escape(name)}</Name>'
-            f"<InStock>{'1' if _seed(sku) % 4 else '0'}</InStock></Item>"
-            for sku, name, price in found
-        )
-        return answer(version, _envelope(version,
-            f'<SearchItemsResponse xmlns="{NS}"><SearchItemsResult>{items}</SearchItemsResult></SearchItemsResponse>'))
 
-    async def shipping_quote(version: str, args: dict[str, str]) -> Response:
-        flaky["GetShippingQuote"] += 1
-        if flaky["GetShippingQuote"] % 2 == 1:
-            return answer(version, _fault(version, "Server", "carrier backend temporarily unavailable"), status=500)
+async def _stock_level(version: str, args: dict[str, str]) -> Response:
+    sku = args.get("Sku", "")
+    if sku.startswith("OLD-"):
+        # Quirk: a business error as a normal 200 answer with an <Error> element.
+        return _answer(version, _envelope(version, f'<GetStockLevelResponse xmlns="{NS}"><Error code="DISCONTINUED">'
+                                                   f"item {escape(sku)} is discontinued</Error></GetStockLevelResponse>"))
+    if not _SKU.fullmatch(sku) or sku.startswith("ZZZ"):
+        # Quirk: a fault, but in HTTP 200.
+        return _answer(version, _fault(version, "Client", f"unknown SKU {sku!r}"))
+    seed = _seed(sku + args.get("Warehouse", "MAIN"))
+    bins = "".join(f"<Bin>{chr(65 + (seed >> i) % 6)}{(seed >> (i + 3)) % 20 + 1}</Bin>" for i in range(seed % 3 + 1))
+    quantity, reserved = seed % 500, seed % 17
+    # Quirk: <Payload> where the WSDL says <GetStockLevelResult>, and Available comes first.
+    return _answer(version, _envelope(version,
+        f'<GetStockLevelResponse xmlns="{NS}"><Payload><StockLevel sku="{sku}" unit="pcs">'
+        f"<Available>{'true' if quantity > reserved else 'false'}</Available><Bins>{bins}</Bins>"
+        f"<Reserved>{reserved}</Reserved><Quantity>{quantity}</Quantity></StockLevel></Payload></GetStockLevelResponse>"))
+
+
+async def _search_items(version: str, args: dict[str, str]) -> Response:
+    query = args.get("Query", "").lower()
+    limit = int(args["MaxResults"]) if args.get("MaxResults", "").isdigit() else 10
+    found = [item for item in _ITEMS if query in item[1].lower() or query in item[0].lower()][:limit]
+    items = "".join(
+        f'<Item sku="{sku}"><Price>{price}</Price><Name>{escape(name)}</Name>'
+        f"<InStock>{'1' if _seed(sku) % 4 else '0'}</InStock></Item>"
+        for sku, name, price in found
+    )
+    return _answer(version, _envelope(version,
+        f'<SearchItemsResponse xmlns="{NS}"><SearchItemsResult>{items}</SearchItemsResult></SearchItemsResponse>'))
+
+
+class _Warehouse:
+    """One app's token, call counts and slowness, its stateful operations, and its endpoints."""
+
+    def __init__(self, token: str, slow_seconds: float) -> None:
+        self.token = token
+        self.slow_seconds = slow_seconds
+        self.counts: Counter[str] = Counter()
+        self.flaky = Counter[str]()
+        self.operations: dict[str, Callable[[str, dict[str, str]], Awaitable[Response]]] = {
+            "GetStockLevel": _stock_level, "SearchItems": _search_items,
+            "GetShippingQuote": self.shipping_quote, "GetInventoryReport": self.inventory_report,
+        }
+
+    async def shipping_quote(self, version: str, args: dict[str, str]) -> Response:
+        self.flaky["GetShippingQuote"] += 1
+        if self.flaky["GetShippingQuote"] % 2 == 1:
+            return _answer(version, _fault(version, "Server", "carrier backend temporarily unavailable"), status=500)
         quantity = int(args["Quantity"]) if args.get("Quantity", "").isdigit() else 1
         seed = _seed(args.get("Postcode", "") + args.get("Sku", ""))
         cost = Decimal(seed % 2000 + 500) / 100 + quantity * Decimal("0.25")
-        return answer(version, _envelope(version,
+        return _answer(version, _envelope(version,
             f'<GetShippingQuoteResponse xmlns="{NS}"><Days>{seed % 5 + 1}</Days><Cost currency="EUR">{cost}</Cost>'
             f"<Carrier>{['DHL', 'UPS', 'CTT'][seed % 3]}</Carrier></GetShippingQuoteResponse>"))
 
-    async def inventory_report(version: str, args: dict[str, str]) -> Response:
-        await asyncio.sleep(slow_seconds)  # the slow one: a report that takes its time
+    async def inventory_report(self, version: str, args: dict[str, str]) -> Response:
+        await asyncio.sleep(self.slow_seconds)  # the slow one: a report that takes its time
         warehouse = args.get("Warehouse", "MAIN")
         seed = _seed("report:" + warehouse)
-        return answer(version, _envelope(version,
+        return _answer(version, _envelope(version,
             f'<GetInventoryReportResponse xmlns="{NS}"><Warehouse>{escape(warehouse)}</Warehouse>'
             f"<Lines>{seed % 900 + 100}</Lines><Units>{seed % 90_000 + 10_000}</Units></GetInventoryReportResponse>"))
 
-    operations = {
-        "GetStockLevel": stock_level, "SearchItems": search_items,
-        "GetShippingQuote": shipping_quote, "GetInventoryReport": inventory_report,
-    }
-
-    async def soap(request: Request) -> Response:
+    async def soap(self, request: Request) -> Response:
         if request.method == "GET":
             if "wsdl" in request.query_params or request.url.query.lower() == "wsdl":
                 return Response(WSDL_PATH.read_bytes(), media_type="text/xml; charset=utf-8")
@@ -145,30 +156,33 @@ def create_app(token: str = DEMO_TOKEN, slow_seconds: float = 2.0) -> Starlette:
         try:
             root = etree.fromstring(await request.body(), _PARSER)
         except etree.XMLSyntaxError:
-            return answer(version, _fault(version, "Client", "the request is not XML"), status=500)
+            return _answer(version, _fault(version, "Client", "the request is not XML"), status=500)
         body = next((c for c in root if isinstance(c.tag, str) and etree.QName(c).localname == "Body"), None)
         operation = next((c for c in body if isinstance(c.tag, str)), None) if body is not None else None
         name = etree.QName(operation).localname if operation is not None else "?"
-        counts[name] += 1
-        if request.headers.get(TOKEN_HEADER) != token:
-            return answer(version, _fault(version, "Client", "authentication failed: missing or wrong token"), status=500)
-        handler = operations.get(name)
+        self.counts[name] += 1
+        if request.headers.get(TOKEN_HEADER) != self.token:
+            return _answer(version, _fault(version, "Client", "authentication failed: missing or wrong token"), status=500)
+        handler = self.operations.get(name)
         if handler is None:
-            return answer(version, _fault(version, "Client", f"no operation {name!r}"), status=500)
+            return _answer(version, _fault(version, "Client", f"no operation {name!r}"), status=500)
         return await handler(version, _arguments(operation))
 
-    async def stats(request: Request) -> Response:
-        return JSONResponse({"total": sum(counts.values()), "operations": dict(counts)})
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse({"total": sum(self.counts.values()), "operations": dict(self.counts)})
 
-    async def reset_stats(request: Request) -> Response:
-        counts.clear()
-        flaky.clear()
+    async def reset_stats(self, request: Request) -> Response:
+        self.counts.clear()
+        self.flaky.clear()
         return JSONResponse({"total": 0, "operations": {}})
 
+
+def create_app(token: str = DEMO_TOKEN, slow_seconds: float = 2.0) -> Starlette:
+    warehouse = _Warehouse(token, slow_seconds)
     return Starlette(routes=[
-        Route("/soap/warehouse", soap, methods=["GET", "POST"]),
-        Route("/stats", stats, methods=["GET"]),
-        Route("/stats/reset", reset_stats, methods=["POST"]),
+        Route("/soap/warehouse", warehouse.soap, methods=["GET", "POST"]),
+        Route("/stats", warehouse.stats, methods=["GET"]),
+        Route("/stats/reset", warehouse.reset_stats, methods=["POST"]),
     ])
 
 
