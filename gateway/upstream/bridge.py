@@ -15,6 +15,9 @@ credentials are added here and nowhere logged.
 Only what was validated goes upstream: the request body is the tool's JSON-body arguments (or the
 catalog's ``request.body`` mapping of its arguments) re-serialised as ``application/json``, never
 the client's bytes or Content-Type; a GET, HEAD or DELETE without a body mapping sends no body.
+
+``UpstreamFailure`` and the catalog's failure rules are in ``gateway.upstream.failures``
+(``UpstreamFailure`` is re-exported here).
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 from lxml import etree
 
 from catalog import Tool
-from catalog.bridge import FailureRule, RetryPolicy
-from gateway.upstream.credentials import Credentials, CredentialsError, resolve_credentials
+from catalog.bridge import RetryPolicy
 from gateway import codes
 from gateway.errors import GatewayConfigError, GatewayError
 from gateway.headers import (
@@ -42,6 +44,22 @@ from gateway.headers import (
     RETRY_AFTER,
     lower,
 )
+from gateway.upstream.answers import (
+    _MESSAGE_LIMIT,
+    IDEMPOTENT_METHODS,
+    RETRYABLE_STATUS,
+    backoff_seconds,
+    error_response,
+    retry_after_seconds,
+)
+from gateway.upstream.answers import upstream_message as _upstream_message
+from gateway.upstream.credentials import Credentials, CredentialsError, resolve_credentials
+from gateway.upstream.documents import dumps as _dumps
+from gateway.upstream.documents import json_or_none as _json_or_none
+from gateway.upstream.documents import resolve_pointer
+from gateway.upstream.documents import set_pointer as _set_pointer
+from gateway.upstream.documents import text as _text
+from gateway.upstream.failures import CompiledRule, UpstreamFailure, check_rules, compile_rule
 from gateway.upstream.soap import (
     SoapArgumentError,
     SoapDefinitionError,
@@ -52,23 +70,6 @@ from gateway.upstream.soap import (
     parse_xml,
 )
 from gateway.upstream.soap import content_type as soap_content_type
-
-from gateway.upstream.answers import (
-    _MESSAGE_LIMIT,
-    IDEMPOTENT_METHODS,
-    RETRYABLE_STATUS,
-    backoff_seconds,
-    error_response,
-    retry_after_seconds,
-)
-from gateway.upstream.answers import upstream_message as _upstream_message
-from gateway.upstream.documents import MISSING as _MISSING
-from gateway.upstream.documents import dumps as _dumps
-from gateway.upstream.documents import json_or_none as _json_or_none
-from gateway.upstream.documents import resolve_pointer
-from gateway.upstream.documents import set_pointer as _set_pointer
-from gateway.upstream.documents import text as _text
-from gateway.upstream.documents import xpath_value as _xpath_value
 from gateway.upstream.transport import (
     DROPPED_RESPONSE_HEADERS,
     DROPPED_RESPONSE_PREFIXES,
@@ -108,10 +109,6 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _HEADER_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
-class UpstreamFailure(GatewayError):
-    """The upstream answered, and the answer is a failure (SOAP fault, catalog failure rule)."""
-
-
 class BridgeConfigError(GatewayConfigError):
     """A tool's upstream cannot be prepared (credentials, WSDL, failure rules): the gateway does not start."""
 
@@ -144,17 +141,11 @@ def upstream_target(tool: Tool, params: dict[str, str], query: str) -> str:
 
 
 @dataclass(frozen=True)
-class _CompiledRule:
-    rule: FailureRule
-    xpath: etree.XPath | None
-
-
-@dataclass(frozen=True)
 class _Route:
     tool: Tool
     credentials: Credentials
     soap: SoapRequestBuilder | None
-    rules: tuple[_CompiledRule, ...]
+    rules: tuple[CompiledRule, ...]
 
 
 class Bridge:
@@ -189,13 +180,12 @@ class Bridge:
                     soap = SoapRequestBuilder(tool.soap, tool.input_schema)
                 except SoapDefinitionError as exc:
                     raise BridgeConfigError(f"tool {tool.name}: {exc}", "soap_definition_invalid") from None
-            rules: list[_CompiledRule] = []
+            rules: list[CompiledRule] = []
             for rule in tool.failure_when:
                 try:
-                    xpath = etree.XPath(rule.xpath, smart_strings=False) if rule.xpath else None
+                    rules.append(compile_rule(rule))
                 except etree.XPathSyntaxError:
                     raise BridgeConfigError(f"tool {tool.name}: failure rule xpath {rule.xpath!r} is invalid", "invalid_xpath") from None
-                rules.append(_CompiledRule(rule, xpath))
             self._routes[tool.name] = _Route(tool, credentials[key], soap, tuple(rules))
 
     def max_call_seconds(self, tool: Tool) -> float:
@@ -270,7 +260,7 @@ class Bridge:
         if response.status >= 400:
             return self._rest_error(response, credentials)
         if route.rules:
-            self._check_rules(route, response, _json_or_none(response.body), None)
+            check_rules(route.rules, tool.name, credentials, response, _json_or_none(response.body), None)
         if credentials.secrets:
             response = UpstreamResponse(response.status, response.headers, credentials.redact_bytes(response.body))
         return response
@@ -313,7 +303,8 @@ class Bridge:
         if response.status >= 400:
             return self._rest_error(response, credentials)
         if route.rules and root is not None:
-            self._check_rules(route, response, None, root, xpath_only=True)  # before: an <Error> may replace the result
+            # before: an <Error> may replace the result
+            check_rules(route.rules, tool.name, credentials, response, None, root, xpath_only=True)
         result = find_result(root, tool.soap.result) if root is not None else None
         if result is None:
             raise UpstreamFailure(
@@ -322,44 +313,9 @@ class Bridge:
             )
         document = element_to_json(result, tool.output_schema)
         if route.rules:
-            self._check_rules(route, response, document, None, pointer_only=True)
+            check_rules(route.rules, tool.name, credentials, response, document, None, pointer_only=True)
         body = credentials.redact_bytes(_dumps(document)) if credentials.secrets else _dumps(document)
         return UpstreamResponse(response.status, [(lower(CONTENT_TYPE), "application/json")], body)
-
-    # -- failure rules --
-
-    def _check_rules(
-        self, route: _Route, response: UpstreamResponse, document: Any, root: Any,
-        *, xpath_only: bool = False, pointer_only: bool = False,
-    ) -> None:
-        for compiled in route.rules:
-            rule = compiled.rule
-            if (xpath_only and compiled.xpath is None) or (pointer_only and compiled.xpath is not None):
-                continue
-            if compiled.xpath is not None:
-                tree = root if root is not None else parse_xml(response.body)
-                if tree is None:
-                    continue
-                found = compiled.xpath(tree)
-                value = _xpath_value(found)
-                matched = (value == _text(rule.equals)) if rule.has_equals else bool(found)
-                detail = value
-            else:
-                if document is None:
-                    continue
-                value = resolve_pointer(document, rule.pointer or "")
-                matched = (value is not _MISSING and value == rule.equals) if rule.has_equals else value is not _MISSING
-                detail = None
-            if not matched:
-                continue
-            message = rule.message
-            if message is None and rule.message_pointer is not None and document is not None:
-                found_message = resolve_pointer(document, rule.message_pointer)
-                message = None if found_message is _MISSING else str(found_message)
-            message = message or (detail if isinstance(detail, str) and detail else None)
-            message = route.credentials.redact(message or "the upstream reported a failure")[:_MESSAGE_LIMIT]
-            log.info("tool %s: answer matched failure rule %s (HTTP %s)", route.tool.name, rule.code, response.status)
-            raise UpstreamFailure(rule.code, message, status=rule.status, retryable=rule.retryable, upstreamStatus=response.status)
 
     # -- retries and failover --
 
