@@ -80,7 +80,8 @@ def test_demo_prints_settlement_transactions(tmp_path: Path) -> None:
     """The Quick start's first command, bounded: at least three settled calls with tx hashes."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli.main", "demo", "--exit-after-calls", "--port", "0", "--calls", "4"],
+        [sys.executable, "-m", "gateway.cli.main", "demo", "--exit-after-calls", "--port", "0", "--calls", "4",
+         "--upstream-port", "0", "--warehouse-port", "0"],
         capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
