@@ -3,7 +3,7 @@
     GatewayError                    root; a stable ``code``, a ``message``, an HTTP ``status``, a ``next`` step
     ├── PaymentChallenge            a 402 carrying the offer (the challenge, gateway.protocol)
     ├── UpstreamUnreachable         no connection was made: another base URL is safe (gateway.upstream.bridge)
-    ├── UpstreamFailure             the upstream answered, with a failure (gateway.upstream.bridge)
+    ├── UpstreamFailure             the upstream answered, with a failure (gateway.upstream.failures)
     ├── SoapArgumentError           arguments a SOAP operation cannot carry; also a ValueError (gateway.upstream.soap)
     ├── BadRequest                  a refusal of the served facilitator's API (gateway.surfaces.facilitator_api)
     ├── CheckFailed                 a /readyz dependency answered wrongly (gateway.ops.health)

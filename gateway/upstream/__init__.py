@@ -3,6 +3,7 @@
     bridge.py       ``Bridge``: one upstream request per paid call, retries, failover, failure rules
     transport.py    ``UpstreamClient`` (the seam), ``UpstreamResponse``, which headers may cross
     answers.py      retry timing and the common error model of a failed call
+    failures.py     ``UpstreamFailure`` and the catalog's failure rules (an answer that is a failure)
     documents.py    exact-decimal JSON, JSON pointers, values of failure rules
     soap.py         SOAP envelopes from a WSDL operation, faults and results
     credentials.py  upstream credentials from the environment or secret files
