@@ -244,6 +244,7 @@ def create_app(
     app.state.ledger = ledger
     app.state.audit = pipeline.audit
     app.state.settings = settings
+    app.state.dependency_health = wiring.health  # per RPC URL and per facilitator (metrics, readiness)
     mcp_endpoint.attach(app)  # tools/call goes through this app's own paid path
     app.state.metrics = metrics
     app.state.dashboard = dashboard

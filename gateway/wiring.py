@@ -9,8 +9,9 @@ the names other modules import from it (``build_chains``, ``facilitator_plan``, 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from catalog import CatalogError, Catalogs
 from catalog.loader import price_ceiling_issues
@@ -26,6 +27,7 @@ from settlement.chain.refunds import Refunder
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable, SettlementError
 from settlement.schemes import ExactEvm, Facilitator, LocalFacilitator, Schemes
 from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
+from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.remote import RemoteFacilitator
 
 __all__ = [
@@ -72,20 +74,17 @@ def _refuse_dev_key(key: str | None, network: str, chain_id: int, what: str) -> 
         )
 
 
-def facilitator_plan(settings: Settings, networks: set[str]) -> dict[str, str]:
-    """network → "local" or the URL of the remote facilitator that serves it."""
-    plan: dict[str, str] = {}
-    for network in sorted(networks):
-        plan[network] = settings.facilitators.get(network) or settings.facilitator_url or "local"
-    return plan
+def facilitator_plan(settings: Settings, networks: set[str]) -> dict[str, list[str]]:
+    """network → ["local"], or the URLs of the remote facilitators that serve it, in order."""
+    return {network: settings.facilitators_for(network) for network in sorted(networks)}
 
 
-def write_ahead_networks(plan: dict[str, str]) -> set[str]:
+def write_ahead_networks(plan: Mapping[str, Sequence[str]]) -> set[str]:
     """The networks whose facilitator records the transaction hash before it broadcasts: those
     settled by this gateway's local facilitator. On the others (a remote facilitator) a payment
     left ``settling`` without a hash may have been broadcast, so it is unknown, never "not sent".
     The request path, the start-up reconcile and ``x402gw reconcile`` all use this set."""
-    return {network for network, where in plan.items() if where == "local"}
+    return {network for network, where in plan.items() if list(where) == ["local"]}
 
 
 def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str] | None = None) -> dict[str, JsonRpcChain]:
@@ -98,8 +97,8 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
     chains: dict[str, JsonRpcChain] = {}
     for network in networks:
         chain_id = int(network.split(":", 1)[1])
-        rpc_url = settings.rpc_urls.get(network)
-        if chain_id == LOCAL_CHAIN_ID and deployment is None and (rpc_url is None or settings.settlement_key is None):
+        rpc_urls = settings.rpc_urls_for(network)  # several: failover, in order
+        if chain_id == LOCAL_CHAIN_ID and deployment is None and (not rpc_urls or settings.settlement_key is None):
             try:
                 deployment = Deployment.read(settings.deployment_file)
             # DevchainError: its message says to run `x402gw devchain`. UnicodeDecodeError: a file
@@ -107,10 +106,10 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
             except (DevchainError, UnicodeDecodeError) as exc:
                 if network in local:
                     raise GatewayConfigError(str(exc), code="deployment_missing") from None
-        if rpc_url is None and chain_id == LOCAL_CHAIN_ID and deployment is not None:
-            rpc_url = deployment.rpc_url
+        if not rpc_urls and chain_id == LOCAL_CHAIN_ID and deployment is not None:
+            rpc_urls = [deployment.rpc_url]
         key = _key_for(settings, network, chain_id, deployment) if network in local else None
-        if rpc_url is None:
+        if not rpc_urls:
             if network not in local:
                 continue
             raise GatewayConfigError(
@@ -122,7 +121,7 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
                 f"no settlement key for {network}: set X402GW_SETTLEMENT_KEY", code="settlement_key_missing"
             )
         _refuse_dev_key(key, network, chain_id, "settlement key")
-        chains[network] = JsonRpcChain(rpc_url, chain_id, key)
+        chains[network] = JsonRpcChain(rpc_urls, chain_id, key)
     return chains
 
 
@@ -141,12 +140,22 @@ def build_batching_facilitator(settings: Settings, local: LocalFacilitator, chai
 class SchemeWiring:
     """The schemes this gateway offers, and the parts behind them that the app also needs: chain
     clients (start-up checks, refunds, readiness), the local facilitator (the /facilitator API)
-    and the remote ones (their /supported at start-up, readiness, lock lifetime, closing)."""
+    and the remote ones, each network's list in order (their /supported at start-up, readiness,
+    lock lifetime, closing)."""
 
     schemes: Schemes
     chains: dict[str, JsonRpcChain] = field(default_factory=dict)
     local: LocalFacilitator | None = None
-    remotes: dict[str, RemoteFacilitator] = field(default_factory=dict)
+    remotes: dict[str, FailoverFacilitator] = field(default_factory=dict)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Per network, each RPC URL's and each remote facilitator's state as the last call left
+        it (``unknown``, ``up``, ``down``; URLs redacted to scheme and host), for metrics and
+        readiness: ``{"rpc": {network: [...]}, "facilitators": {network: [...]}}``."""
+        return {
+            "rpc": {network: chain.rpc_health() for network, chain in sorted(self.chains.items())},
+            "facilitators": {network: remote.health() for network, remote in sorted(self.remotes.items())},
+        }
 
 
 def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
@@ -164,15 +173,25 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
         # The batching facilitator settles its networks in batches and the others as ``local`` does.
         settler: Facilitator = batching if batching is not None else wiring.local
         wiring.schemes.register(ExactEvm(settler, local_networks, chains=wiring.chains, writes_ahead=True))
-    by_url: dict[str, list[str]] = {}
+    by_urls: dict[tuple[str, ...], list[str]] = {}
     for network, where in plan.items():
-        if where != "local":
-            by_url.setdefault(where, []).append(network)
-    for url, served in by_url.items():
-        remote = RemoteFacilitator(url, settle_timeout=settings.facilitator_settle_timeout_seconds)
+        if network not in local_networks:
+            by_urls.setdefault(tuple(where), []).append(network)
+    for urls, served in by_urls.items():
+        # Tried in order; a settle moves on only when it was never sent (settlement.schemes.failover).
+        remote = FailoverFacilitator([remote_facilitator(settings, url) for url in urls])
         wiring.remotes.update((network, remote) for network in served)
         wiring.schemes.register(ExactEvm(remote, served, chains=wiring.chains, writes_ahead=False))
     return wiring
+
+
+def remote_facilitator(settings: Settings, url: str) -> RemoteFacilitator:
+    """The facilitator at ``url`` with its own credentials (X402GW_FACILITATOR_AUTH, CDP)."""
+    try:
+        auth = settings.facilitator_auth_for(url)
+    except ValueError as exc:  # names the setting and the problem, never the secret
+        raise GatewayConfigError(str(exc), code="facilitator_credentials_invalid") from None
+    return RemoteFacilitator(url, auth=auth, settle_timeout=settings.facilitator_settle_timeout_seconds)
 
 
 def check_schemes(schemes: Schemes, catalogs: Catalogs) -> None:
@@ -227,7 +246,7 @@ def build_refunder(settings: Settings, chains: dict[str, JsonRpcChain]) -> Refun
     refund_chains: dict[str, JsonRpcChain] = {}
     for network, chain in chains.items():
         _refuse_dev_key(key, network, chain.chain_id, "refund key")
-        refund_chains[network] = JsonRpcChain(chain.rpc_url, chain.chain_id, key)
+        refund_chains[network] = JsonRpcChain(chain.rpc_urls, chain.chain_id, key)
     return Refunder(refund_chains, receipt_timeout=settings.receipt_timeout_seconds)
 
 
@@ -242,7 +261,7 @@ def in_flight_lock_ttl_ms(
     catalogs: Catalogs,
     bridge: Bridge,
     *,
-    remotes: Iterable[RemoteFacilitator] = (),
+    remotes: Iterable[RemoteFacilitator | FailoverFacilitator] = (),
     local: bool = True,
 ) -> int:
     """How long a payment's in-flight lock lives: longer than any request can hold it, or it lapses
@@ -269,10 +288,13 @@ def lock_ttl_ms(
     """``in_flight_lock_ttl_ms`` for these schemes; an injected facilitator (tests, embedding) is
     timed as what it is."""
     remotes = wiring.remotes
+    injected: list[RemoteFacilitator | FailoverFacilitator] = (
+        [facilitator] if isinstance(facilitator, RemoteFacilitator | FailoverFacilitator) else []
+    )
     return in_flight_lock_ttl_ms(
         settings, catalogs, bridge,
-        remotes=set(remotes.values()) or ([facilitator] if isinstance(facilitator, RemoteFacilitator) else []),
-        local=wiring.local is not None or not (remotes or isinstance(facilitator, RemoteFacilitator)),
+        remotes=set(remotes.values()) or injected,
+        local=wiring.local is not None or not (remotes or injected),
     )
 
 
@@ -308,23 +330,32 @@ async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs) -> N
                 )
 
 
-async def check_remote_facilitators(remotes: dict[str, RemoteFacilitator]) -> None:
-    """Each remote facilitator must say (GET /supported) that it serves exact on its network."""
-    for network, remote in remotes.items():
-        try:
-            supported = await remote.fetch_supported()
-        except FacilitatorUnavailable as exc:
+async def check_remote_facilitators(remotes: Mapping[str, FailoverFacilitator]) -> None:
+    """The remote facilitators of each network must say (GET /supported) that they serve exact on
+    it: at least one must answer, and every one that answers must list it (a backup that cannot
+    serve the network is a configuration error, found now rather than at failover). Facilitators
+    are named by scheme and host only (their URLs may hold keys)."""
+    for network, remotes_of_network in remotes.items():
+        answered = 0
+        for remote in remotes_of_network.facilitators:
+            try:
+                supported = await remote.fetch_supported()
+            except FacilitatorUnavailable:
+                continue
+            answered += 1
+            kinds = supported.get("kinds", []) if isinstance(supported, dict) else []
+            if not any(
+                isinstance(k, dict) and k.get("scheme") == "exact" and k.get("network") == network and k.get("x402Version") == 2
+                for k in kinds
+            ):
+                raise GatewayConfigError(
+                    f"facilitator {remote.label} does not support exact on {network} (x402 v2); "
+                    "the routes on that network cannot be served",
+                    code="facilitator_unsupported_network",
+                )
+        if not answered:
             raise GatewayConfigError(
-                f"facilitator {remote.url} for {network} did not answer /supported: {exc.message}",
+                f"facilitator {remotes_of_network.label} for {network} did not answer /supported "
+                "(unreachable, or it refused this gateway's credentials: see the log)",
                 code="facilitator_unreachable",
-            ) from None
-        kinds = supported.get("kinds", []) if isinstance(supported, dict) else []
-        if not any(
-            isinstance(k, dict) and k.get("scheme") == "exact" and k.get("network") == network and k.get("x402Version") == 2
-            for k in kinds
-        ):
-            raise GatewayConfigError(
-                f"facilitator {remote.url} does not support exact on {network} (x402 v2); "
-                "the routes on that network cannot be served",
-                code="facilitator_unsupported_network",
             )
