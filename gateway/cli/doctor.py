@@ -32,6 +32,7 @@ def doctor(catalogs: tuple[Path, ...], output: str, gas_warn: int, gas_fail: int
     Exit 0: all passed; 1: failures; 2: warnings only."""
     from pydantic import ValidationError
 
+    from gateway.errors import GatewayConfigError
     from gateway.ops.doctor import GasThresholds, plan_from_settings, run_doctor
     from gateway.settings import Settings
 
@@ -41,6 +42,9 @@ def doctor(catalogs: tuple[Path, ...], output: str, gas_warn: int, gas_fail: int
         settings = Settings(**({"catalog": list(catalogs)} if catalogs else {}))  # type: ignore[arg-type]
     except ValidationError as exc:
         click.echo(f"error: invalid settings: {exc.errors(include_url=False)}", err=True)
+        sys.exit(1)
+    except GatewayConfigError as exc:  # the settings' own checks (URL lists, secret files): never quote a secret
+        click.echo(f"error: invalid settings: {exc}", err=True)
         sys.exit(1)
     try:
         loaded = load_catalogs(settings.catalog)

@@ -22,7 +22,7 @@ from gateway.ops.doctor import GAS_PER_SETTLEMENT, Report, plan_from_settings, r
 from gateway.settings import Settings
 from settlement.chain.deployment import ANVIL_KEYS
 from settlement.schema import open_ledger
-from settlement.schemes import CdpJwtAuth, StaticHeaders
+from settlement.schemes import CdpJwtAuth
 from tests.conftest import Devchain, demo_catalog
 from tests.support.facilitator_auth_double import AuthFacilitatorDouble
 from tests.support.facilitator_double import closed_port_url
@@ -30,7 +30,9 @@ from tests.support.facilitator_double import closed_port_url
 LOCAL = "eip155:31337"
 ADMIN_TOKEN = "doctor-test-admin-token-0123456789"
 AMBIENT = ("X402_FACILITATOR_URL", "X402GW_FACILITATORS", "X402GW_RPC_URLS", "X402GW_SETTLEMENT_KEY", "X402GW_REFUND_KEY",
-           "X402GW_REDIS_URL", "X402GW_ADMIN_TOKEN", "X402GW_DATABASE_URL", "X402GW_CATALOG", "X402GW_DEPLOYMENT_FILE")
+           "X402GW_REDIS_URL", "X402GW_ADMIN_TOKEN", "X402GW_DATABASE_URL", "X402GW_CATALOG", "X402GW_DEPLOYMENT_FILE",
+           "X402GW_FACILITATOR_AUTH", "X402GW_FACILITATOR_AUTH_FILE", "CDP_API_KEY_ID", "CDP_API_KEY_SECRET",
+           "X402GW_CDP_API_KEY_SECRET_FILE", "X402GW_SETTLEMENT_KEY_FILE", "X402GW_REFUND_KEY_FILE")
 KINDS = [{"x402Version": 2, "scheme": "exact", "network": LOCAL}]
 
 
@@ -101,6 +103,18 @@ def test_wrong_chain_id(tmp_path: Path, devchain: Devchain, ledger_url: str) -> 
     assert "serves chain id 31337" in found["message"] and "eip155:84532" in found["message"]
     assert "X402GW_RPC_URLS" in found["fix"]
     assert not any(f["check"] in ("asset", "gas") for f in report["findings"])  # nothing read from the wrong chain
+
+
+def test_every_rpc_url_of_a_network_is_checked(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    dead = closed_port_url()
+    # A dead URL beside a working one: the gateway fails over, so a warning (exit 2).
+    status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_RPC_URLS=json.dumps({LOCAL: [devchain.anvil.rpc_url, dead]})))
+    assert status == 2, report
+    assert [(f["code"], f["status"], dead in f["message"]) for f in report["findings"] if f["status"] != "ok"] == [
+        ("rpc_unreachable", "warn", True)]
+    # Every URL dead: a failure.
+    status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_RPC_URLS=json.dumps({LOCAL: [dead, closed_port_url()]})))
+    assert status == 1 and [f["code"] for f in report["findings"] if f["status"] == "fail"] == ["rpc_unreachable"] * 2
 
 
 def test_wrong_token_name(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
@@ -174,18 +188,33 @@ def run(settings: Settings, headers_for: Any) -> Report:
 
 def test_a_facilitator_that_demands_a_bearer_token(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
     with AuthFacilitatorDouble(KINDS, bearer="s3cret-bearer") as double:
-        # Through the command, which sends no credentials (none configured): refused, named, with its fix.
-        status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_FACILITATORS=json.dumps({LOCAL: double.url})))
+        def env(auth: dict[str, Any] | None) -> dict[str, str | None]:
+            return environment(tmp_path, devchain, ledger_url, X402GW_FACILITATORS=json.dumps({LOCAL: double.url}),
+                               X402GW_FACILITATOR_AUTH=None if auth is None else json.dumps({double.url: auth}))
+
+        missing = doctor(env(None))
+        wrong = doctor(env({"Authorization": "Bearer wrong"}))
+        right = doctor(env({"Authorization": "Bearer s3cret-bearer"}))
+    for (status, report), answered in ((missing, 401), (wrong, 403)):
         assert status == 1
         found = failures(report)["facilitator_unauthorized"]
-        assert "refused our credentials: GET /supported answered 401" in found["message"] and "credentials" in found["fix"]
-        settings = Settings(**settings_values(tmp_path, devchain, ledger_url, facilitators={LOCAL: double.url}))
-        wrong = run(settings, StaticHeaders({"Authorization": "Bearer wrong"}).headers)
-        right = run(settings, StaticHeaders({"Authorization": "Bearer s3cret-bearer"}).headers)
-    assert [(f.code, "answered 403" in f.message) for f in wrong.findings if f.status == "fail"] == [("facilitator_unauthorized", True)]
-    assert right.exit_status == 0, right.render_text()
-    assert "s3cret-bearer" not in right.render_json() + wrong.render_json()
+        assert f"refused our credentials: GET /supported answered {answered}" in found["message"]
+        assert "X402GW_FACILITATOR_AUTH" in found["fix"]
+    assert right[0] == 0, right[1]
+    assert "s3cret-bearer" not in json.dumps([missing, wrong, right])
     assert {(m, p) for m, p, auth in double.seen if auth == "Bearer s3cret-bearer"} == {("GET", "/supported"), ("POST", "/verify")}
+
+
+def test_unusable_facilitator_credentials_are_named(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    with AuthFacilitatorDouble(KINDS, bearer="unused") as double:
+        status, report = doctor(environment(
+            tmp_path, devchain, ledger_url, X402GW_FACILITATORS=json.dumps({LOCAL: double.url}),
+            X402GW_FACILITATOR_AUTH=json.dumps({double.url: "cdp"}), CDP_API_KEY_ID="organizations/o/apiKeys/k",
+            CDP_API_KEY_SECRET="not-a-key-at-all"))
+    assert status == 1
+    found = failures(report)["facilitator_credentials_invalid"]
+    assert "CDP API key secret" in found["message"] and "not-a-key-at-all" not in json.dumps(report)
+    assert double.seen == []  # nothing sent with credentials that cannot be right
 
 
 def pem(key: ec.EllipticCurvePrivateKey) -> str:
@@ -196,14 +225,19 @@ def test_a_facilitator_that_demands_a_valid_cdp_jwt(tmp_path: Path, devchain: De
     key = ec.generate_private_key(ec.SECP256R1())
     stranger = ec.generate_private_key(ec.SECP256R1())
     with AuthFacilitatorDouble(KINDS, jwt_key=key.public_key()) as double:
+        def env(secret: str) -> dict[str, str | None]:
+            return environment(tmp_path, devchain, ledger_url, X402GW_FACILITATORS=json.dumps({LOCAL: double.url}),
+                               X402GW_FACILITATOR_AUTH=json.dumps({double.url: "cdp"}),
+                               CDP_API_KEY_ID="organizations/o/apiKeys/k", CDP_API_KEY_SECRET=secret)
+
+        valid = doctor(env(pem(key)))
+        forged = doctor(env(pem(stranger)))
         settings = Settings(**settings_values(tmp_path, devchain, ledger_url, facilitators={LOCAL: double.url}))
-        valid = run(settings, CdpJwtAuth("organizations/o/apiKeys/k", pem(key)).headers)
-        forged = run(settings, CdpJwtAuth("organizations/o/apiKeys/k", pem(stranger)).headers)
         expired = run(settings, CdpJwtAuth("organizations/o/apiKeys/k", pem(key), clock=lambda: time.time() - 600).headers)
-    assert valid.exit_status == 0, valid.render_text()
-    for report in (forged, expired):
-        assert report.codes() == ["facilitator_unauthorized"], report.render_text()
-    assert "BEGIN PRIVATE KEY" not in valid.render_json() + forged.render_json()
+    assert valid[0] == 0, valid[1]
+    assert forged[0] == 1 and [f["code"] for f in forged[1]["findings"] if f["status"] != "ok"] == ["facilitator_unauthorized"]
+    assert expired.codes() == ["facilitator_unauthorized"], expired.render_text()
+    assert "PRIVATE KEY" not in json.dumps([valid, forged])
 
 
 def test_dev_keys_are_refused_off_the_local_chain(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:

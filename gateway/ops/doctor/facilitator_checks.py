@@ -3,7 +3,8 @@ chain). A remote one must answer ``GET /supported`` listing, for x402 v2, every 
 catalog's routes use on that network, and must accept our credentials: its ``/supported`` and a
 deliberately empty ``POST /verify`` (harmless: it verifies nothing) must not answer 401 or 403.
 
-Codes: ``facilitator_unreachable``, ``facilitator_unauthorized``, ``facilitator_bad_answer``,
+Codes: ``facilitator_credentials_invalid`` (the configured credentials cannot be used),
+``facilitator_unreachable``, ``facilitator_unauthorized``, ``facilitator_bad_answer``,
 ``facilitator_unsupported``.
 """
 
@@ -20,8 +21,9 @@ from gateway.ops.doctor.plan import HeadersFor, NetworkPlan
 __all__ = ["check_facilitator"]
 
 CREDENTIALS_FIX = (
-    "set the facilitator's credentials for this gateway (its API key or bearer token, as the "
-    "facilitator's documentation says) and check they are valid for {url}"
+    "set this facilitator's credentials in X402GW_FACILITATOR_AUTH, keyed by its URL as X402GW_FACILITATORS "
+    "names it ({{\"https://...\": {{\"Authorization\": \"Bearer ...\"}}}} or \"cdp\" with CDP_API_KEY_ID and "
+    "CDP_API_KEY_SECRET), and check they are valid for {url} and not revoked"
 )
 
 
@@ -43,6 +45,12 @@ async def check_facilitator(
     if url == "local":
         return ok("facilitator", plan.network, "settled by this gateway (local facilitator); its gas is checked below")
     base = url.rstrip("/")
+    try:
+        headers_for("GET", f"{base}/supported")
+    except ValueError as exc:  # unusable credentials: the message names the setting, never the secret
+        return fail("facilitator", subject, "facilitator_credentials_invalid", str(exc),
+                    "fix X402GW_FACILITATOR_AUTH (an object of headers or \"cdp\" per facilitator URL) or "
+                    "CDP_API_KEY_ID / CDP_API_KEY_SECRET")
     try:
         supported = await _request(client, "GET", f"{base}/supported", headers_for, timeout)
         if _refused(supported):

@@ -2,9 +2,10 @@
 per network, its RPC URLs, its facilitators ("local" or URLs), the settlement key that pays gas
 and the offers the catalog makes on it; beside them the database, the store, the admin token.
 
-The plan mirrors how the gateway wires itself (``gateway.app``: the facilitator for a network is
-``X402GW_FACILITATORS[network]``, else ``X402_FACILITATOR_URL``, else local; the local chain's RPC
-and key come from the deployment file when not set). ``headers_for`` gives the headers a request to
+The plan mirrors how the gateway wires itself (``gateway.wiring``): the settings' own readers give
+each network's RPC URLs (``rpc_urls_for``, every one checked) and facilitators
+(``facilitators_for``: ``X402GW_FACILITATORS[network]``, else ``X402_FACILITATOR_URL``, else local);
+the local chain's RPC and key come from the deployment file when not set. ``headers_for`` gives the headers a request to
 a facilitator carries (its credentials); ``facilitator_headers`` is the one place that knows them.
 """
 
@@ -29,9 +30,16 @@ def no_headers(method: str, url: str) -> Mapping[str, str]:
 
 
 def facilitator_headers(settings: Settings) -> HeadersFor:
-    """The credentials the gateway sends to its facilitators, per request. Until facilitator
-    credentials are part of the settings, none: point this at them when they are."""
-    return no_headers
+    """The credentials the gateway sends to its facilitators, per request, as the gateway picks them
+    (``Settings.facilitator_auth_for``: X402GW_FACILITATOR_AUTH, or a CDP JWT for CDP's host). The
+    request URL is the facilitator's URL and one path segment (``/supported``, ``/verify``).
+    Unusable credentials raise ``ValueError`` naming the setting, never the secret."""
+
+    def headers(method: str, url: str) -> Mapping[str, str]:
+        auth = settings.facilitator_auth_for(url.rsplit("/", 1)[0])
+        return auth.headers(method, url) if auth is not None else {}
+
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +106,13 @@ def _offers(catalogs: Catalogs, network: str) -> tuple[Offer, ...]:
 
 def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: list[Deployment | None]) -> NetworkPlan:
     chain_id = _chain_id(network)
-    facilitator = settings.facilitators.get(network) or settings.facilitator_url or "local"
-    rpc_url = settings.rpc_urls.get(network)
+    facilitators = tuple(settings.facilitators_for(network))
+    local = "local" in facilitators
+    rpc_urls = tuple(settings.rpc_urls_for(network))
     key = settings.settlement_key.get_secret_value() if settings.settlement_key else None
-    source = "X402GW_SETTLEMENT_KEY" if key else ""
+    source = ("X402GW_SETTLEMENT_KEY_FILE" if settings.settlement_key_file else "X402GW_SETTLEMENT_KEY") if key else ""
     problems: list[Finding] = []
-    if chain_id == LOCAL_CHAIN_ID and (rpc_url is None or (key is None and facilitator == "local")):
+    if chain_id == LOCAL_CHAIN_ID and (not rpc_urls or (key is None and local)):
         if deployment[0] is None:
             try:
                 deployment[0] = Deployment.read(settings.deployment_file)
@@ -116,20 +125,20 @@ def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: l
                 ))
         found = deployment[0]
         if found is not None:
-            rpc_url = rpc_url or found.rpc_url
-            if key is None and facilitator == "local":
+            rpc_urls = rpc_urls or (found.rpc_url,)
+            if key is None and local:
                 key, source = found.settlement_key, f"deployment file {settings.deployment_file}"
-    if rpc_url is None and not problems and chain_id is not None:
+    if not rpc_urls and not problems and chain_id is not None:
         # Settled locally, nothing works without it; settled remotely, the token facts go unchecked
         # and open payments cannot be resolved on chain.
-        verdict = fail if facilitator == "local" else warn
+        verdict = fail if local else warn
         problems.append(verdict(
             "rpc", network, "rpc_url_missing", f"no RPC URL for {network}",
             f"set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}' (your node or an RPC provider's URL)",
         ))
     schemes = tuple(sorted({t.payment.scheme for t in catalogs.tools if t.payment.network == network}))
     return NetworkPlan(
-        network, chain_id, (rpc_url,) if rpc_url else (), (facilitator,), key, source,
+        network, chain_id, rpc_urls, facilitators, key, source,
         _offers(catalogs, network), schemes, tuple(problems),
     )
 

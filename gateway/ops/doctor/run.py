@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from dataclasses import replace
 
 import httpx
 from sqlalchemy.engine import Engine
@@ -36,6 +37,10 @@ async def _chain(plan: NetworkPlan, client: httpx.AsyncClient, thresholds: GasTh
         if plan.local and not gas_checked:
             found.append(await check_gas(plan, rpc, thresholds))
             gas_checked = True
+    if any(f.check == "rpc" and f.status == "ok" for f in found):
+        # Several RPC URLs fail over in order: a dead one beside a working one is degraded, not down.
+        # (A URL serving another chain stays a failure: the gateway would read that chain.)
+        found = [replace(f, status="warn") if f.check == "rpc" and f.code == "rpc_unreachable" else f for f in found]
     return found
 
 
