@@ -33,7 +33,8 @@ from gateway.headers import (
     X_PAYMENT_RESPONSE,
 )
 from gateway.ops.admin import Dashboard, admin_routes
-from gateway.ops.health import Readiness, gateway_checks, healthz
+from gateway.ops.doctor import plan_from_settings
+from gateway.ops.health import Readiness, doctor_detail, gateway_checks, healthz
 from gateway.ops.metrics import GatewayMetrics
 from gateway.pipeline.fastpath import UnpaidFastPath
 from gateway.pipeline.pipeline import Pipeline
@@ -175,6 +176,9 @@ def _operations(
             local_networks={n for n in chains if local is not None and local.chain_for(n) is not None},
         ),
         timeout=settings.readiness_timeout_seconds,
+        # /readyz?detail=1: the x402gw doctor's report of this configuration, with this app's ledger and store
+        detail=doctor_detail(plan_from_settings(settings, catalogs), engine=ledger.engine, store=store,
+                             timeout=settings.readiness_timeout_seconds),
     )
     dashboard = Dashboard(ledger.engine, catalogs, metrics, breakers=safety.breakers.states)
     routes: list[Route] = [

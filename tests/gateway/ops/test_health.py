@@ -251,3 +251,18 @@ def test_readyz_detail_is_the_doctors_report_without_secrets(tmp_path: Any, devc
     assert {f["check"] for f in detail["findings"]} >= {"rpc", "asset", "gas", "facilitator", "database", "store", "admin_token", "keys"}
     for secret in (admin_token, devchain.deployment.settlement_key.removeprefix("0x")):
         assert secret not in answer.text
+
+
+def test_a_running_gateway_serves_the_doctors_detail(start_gateway: GatewayFactory, devchain: Devchain) -> None:
+    gateway = start_gateway()  # no admin token: a warning in the detail, readiness unchanged
+    with gateway.client() as client:
+        plain = client.get("/readyz")
+        detailed = client.get("/readyz", params={"detail": "1"})
+    assert plain.status_code == detailed.status_code == 200
+    assert "detail" not in plain.json()
+    assert {k: v for k, v in detailed.json().items() if k != "detail"} == plain.json()
+    detail = detailed.json()["detail"]
+    assert detail["status"] == "warn" and detail["exitStatus"] == 2
+    assert [f["code"] for f in detail["findings"] if f["status"] != "ok"] == ["admin_token_missing"]
+    assert any(f["check"] == "gas" and f["status"] == "ok" for f in detail["findings"])
+    assert devchain.deployment.settlement_key.removeprefix("0x") not in detailed.text
