@@ -228,6 +228,11 @@ class Settings(BaseSettings):
     # payTo addresses the served facilitator settles for (comma-separated in the environment);
     # empty: any payTo. Anything else is refused (pay_to_not_allowed) before any RPC.
     facilitator_pay_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # ERC-6492 (counterfactual smart-wallet) payments: the wallet factories whose deployment the
+    # gateway simulates and, at settlement, pays the gas for (comma-separated addresses, any
+    # network). Empty: every 6492 signature is refused (eip6492_factory_not_allowed). On the
+    # local chain, the dev chain deployment file's factory is allowed as well.
+    eip6492_allowed_factories: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Key of an account holding the payee's funds, used to pay refunds of `upfront` tools back on
     # chain. Without it refunds are recorded as owed. Never logged.
     refund_key: SecretStr | None = None
@@ -274,6 +279,19 @@ class Settings(BaseSettings):
             for address in value:
                 if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
                     raise ValueError(f"facilitator_pay_to entries must be 0x-prefixed 20-byte addresses, got {address!r}")
+        return value
+
+    @field_validator("eip6492_allowed_factories", mode="before")
+    @classmethod
+    def _split_factories(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for address in value:
+                if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
+                    raise ValueError(
+                        f"eip6492_allowed_factories entries must be 0x-prefixed 20-byte addresses, got {address!r}"
+                    )
         return value
 
     @field_validator("facilitators")
