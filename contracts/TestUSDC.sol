@@ -5,7 +5,10 @@ pragma solidity 0.8.37;
 /// @notice ERC-20 with 6 decimals plus EIP-3009 (transfer / receive / cancel with an
 ///         EIP-712 authorization). It reverts with USDC's own strings so that the gateway's
 ///         settlement code meets on anvil exactly what it meets on Base. Test-only: the
-///         deployer can mint without limit; there is no pausing, blacklisting or ERC-1271.
+///         deployer can mint without limit; there is no pausing or blacklisting. Signatures are
+///         checked as FiatToken v2.2 does (SignatureChecker): an authorizer with code (a contract
+///         wallet, an EIP-7702 delegated account) is asked `isValidSignature` (ERC-1271), any
+///         other is ecrecovered; both overloads (v,r,s and bytes) take that one route.
 contract TestUSDC {
     bytes32 private constant EIP712_DOMAIN_TYPEHASH =
         keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
@@ -23,6 +26,9 @@ contract TestUSDC {
     // are the malleable twin of a valid one and are refused (EIP-2).
     uint256 private constant SECP256K1_HALF_ORDER =
         0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
+
+    // ERC-1271: isValidSignature(bytes32,bytes) returns this selector for a valid signature.
+    bytes4 private constant ERC1271_MAGIC_VALUE = 0x1626ba7e;
 
     string public name;
     string public symbol;
@@ -123,7 +129,8 @@ contract TestUSDC {
     ) external {
         _requireValidAuthorization(from, nonce, validAfter, validBefore);
         _transferWithAuthorization(
-            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce,
+            abi.encodePacked(r, s, v)
         );
     }
 
@@ -137,9 +144,8 @@ contract TestUSDC {
         bytes calldata signature
     ) external {
         _requireValidAuthorization(from, nonce, validAfter, validBefore);
-        (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
         _transferWithAuthorization(
-            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
         );
     }
 
@@ -158,7 +164,8 @@ contract TestUSDC {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
         _requireValidAuthorization(from, nonce, validAfter, validBefore);
         _transferWithAuthorization(
-            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce,
+            abi.encodePacked(r, s, v)
         );
     }
 
@@ -173,21 +180,19 @@ contract TestUSDC {
     ) external {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
         _requireValidAuthorization(from, nonce, validAfter, validBefore);
-        (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
         _transferWithAuthorization(
-            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
         );
     }
 
     function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external {
         _requireUnusedAuthorization(authorizer, nonce);
-        _cancelAuthorization(authorizer, nonce, v, r, s);
+        _cancelAuthorization(authorizer, nonce, abi.encodePacked(r, s, v));
     }
 
     function cancelAuthorization(address authorizer, bytes32 nonce, bytes calldata signature) external {
         _requireUnusedAuthorization(authorizer, nonce);
-        (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
-        _cancelAuthorization(authorizer, nonce, v, r, s);
+        _cancelAuthorization(authorizer, nonce, signature);
     }
 
     // --------------------------------------------------------------------------- internal
@@ -200,23 +205,21 @@ contract TestUSDC {
         uint256 validAfter,
         uint256 validBefore,
         bytes32 nonce,
-        uint8 v,
-        bytes32 r,
-        bytes32 s
+        bytes memory signature
     ) private {
         // The caller has run _requireValidAuthorization: FiatTokenV2 checks the time window and
         // the nonce before it looks at the signature, so a replay reads "used or canceled".
         bytes32 structHash = keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce));
-        _requireValidSignature(from, structHash, v, r, s);
+        _requireValidSignature(from, structHash, signature);
 
         _authorizationStates[from][nonce] = true;
         emit AuthorizationUsed(from, nonce);
         _transfer(from, to, value);
     }
 
-    function _cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) private {
+    function _cancelAuthorization(address authorizer, bytes32 nonce, bytes memory signature) private {
         bytes32 structHash = keccak256(abi.encode(CANCEL_AUTHORIZATION_TYPEHASH, authorizer, nonce));
-        _requireValidSignature(authorizer, structHash, v, r, s);
+        _requireValidSignature(authorizer, structHash, signature);
 
         _authorizationStates[authorizer][nonce] = true;
         emit AuthorizationCanceled(authorizer, nonce);
@@ -235,21 +238,39 @@ contract TestUSDC {
         require(!_authorizationStates[authorizer][nonce], "FiatTokenV2: authorization is used or canceled");
     }
 
-    function _requireValidSignature(address signer, bytes32 structHash, uint8 v, bytes32 r, bytes32 s)
-        private
-        view
-    {
+    function _requireValidSignature(address signer, bytes32 structHash, bytes memory signature) private view {
         bytes32 digest = keccak256(abi.encodePacked("\x19\x01", DOMAIN_SEPARATOR(), structHash));
-        require(uint256(s) <= SECP256K1_HALF_ORDER && (v == 27 || v == 28), "FiatTokenV2: invalid signature");
-        address recovered = ecrecover(digest, v, r, s);
-        require(recovered != address(0) && recovered == signer, "FiatTokenV2: invalid signature");
+        require(_isValidSignatureNow(signer, digest, signature), "FiatTokenV2: invalid signature");
     }
 
-    function _splitSignature(bytes calldata signature) private pure returns (uint8 v, bytes32 r, bytes32 s) {
-        require(signature.length == 65, "FiatTokenV2: invalid signature");
-        r = bytes32(signature[0:32]);
-        s = bytes32(signature[32:64]);
-        v = uint8(signature[64]);
+    /// FiatToken v2.2's SignatureChecker: code at `signer` (a contract wallet, or an EIP-7702
+    /// delegation) means ERC-1271 and nothing else; no code means ecrecover of r||s||v.
+    function _isValidSignatureNow(address signer, bytes32 digest, bytes memory signature)
+        private
+        view
+        returns (bool)
+    {
+        if (signer.code.length > 0) {
+            (bool success, bytes memory result) =
+                signer.staticcall(abi.encodeWithSelector(ERC1271_MAGIC_VALUE, digest, signature));
+            return success && result.length >= 32 && abi.decode(result, (bytes32)) == bytes32(ERC1271_MAGIC_VALUE);
+        }
+        if (signature.length != 65) {
+            return false;
+        }
+        bytes32 r;
+        bytes32 s;
+        uint8 v;
+        assembly {
+            r := mload(add(signature, 0x20))
+            s := mload(add(signature, 0x40))
+            v := byte(0, mload(add(signature, 0x60)))
+        }
+        if (uint256(s) > SECP256K1_HALF_ORDER || (v != 27 && v != 28)) {
+            return false;
+        }
+        address recovered = ecrecover(digest, v, r, s);
+        return recovered != address(0) && recovered == signer;
     }
 
     function _transfer(address from, address to, uint256 value) private {

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-// Compiles contracts/TestUSDC.sol and contracts/BatchSettler.sol with the pinned npm solc into
-// contracts/build/<Contract>.json, each from its own compiler input, and writes the same bytes to
+// Compiles each contracts/<Source>.sol below with the pinned npm solc into
+// contracts/build/<Contract>.json (one per contract it names), each source from its own compiler
+// input, and writes the same bytes to
 // gateway/devkit/contracts/<Contract>.json (package data: what an installed wheel deploys). The
 // artifacts are committed so Python needs no compiler; `--check` recompiles and fails (exit 1)
 // when either committed copy differs, which is how CI keeps source and artifacts in step.
@@ -10,22 +11,30 @@ const fs = require("fs");
 const path = require("path");
 const solc = require("solc");
 
-const CONTRACTS = ["TestUSDC", "BatchSettler"];
+// Source file (without .sol) → the contracts of it that get an artifact.
+const SOURCES = {
+  TestUSDC: ["TestUSDC"],
+  BatchSettler: ["BatchSettler"],
+  SmartWallet: ["SmartWallet", "SmartWalletFactory"],
+  Eip7702Delegate: ["Eip7702Delegate"],
+  Multicall3: ["Multicall3"],
+  WalletDoubles: ["LyingWallet", "RevertingWallet"],
+};
 const EVM_VERSION = "cancun";
 
 const sourcePath = (contract) => path.join(__dirname, `${contract}.sol`);
 const ARTIFACT_DIRS = [path.join(__dirname, "build"), path.join(__dirname, "..", "gateway", "devkit", "contracts")];
 const artifactPaths = (contract) => ARTIFACT_DIRS.map((dir) => path.join(dir, `${contract}.json`));
 
-function compile(CONTRACT) {
-  const SOURCE_PATH = sourcePath(CONTRACT);
+function compile(SOURCE) {
+  const SOURCE_PATH = sourcePath(SOURCE);
   // Normalise line endings: the metadata hash at the end of the bytecode covers the source
   // text, and a CRLF checkout must not produce a different artifact.
   const content = fs.readFileSync(SOURCE_PATH, "utf8").replace(/\r\n/g, "\n");
   const input = {
     language: "Solidity",
     // A relative source name keeps the checkout directory out of the metadata.
-    sources: { [`${CONTRACT}.sol`]: { content } },
+    sources: { [`${SOURCE}.sol`]: { content } },
     settings: {
       evmVersion: EVM_VERSION,
       optimizer: { enabled: true, runs: 200 },
@@ -40,37 +49,43 @@ function compile(CONTRACT) {
   if (diagnostics.some((d) => d.severity === "error")) {
     throw new Error("compilation failed");
   }
-  const contract = output.contracts[`${CONTRACT}.sol`][CONTRACT];
-  const artifact = {
-    contractName: CONTRACT,
-    abi: contract.abi,
-    bytecode: "0x" + contract.evm.bytecode.object,
-    compiler: `solc ${solc.version().split("+")[0]}`,
-    evmVersion: EVM_VERSION,
-  };
-  return JSON.stringify(artifact, null, 2) + "\n";
+  const texts = {};
+  for (const CONTRACT of SOURCES[SOURCE]) {
+    const contract = output.contracts[`${SOURCE}.sol`][CONTRACT];
+    const artifact = {
+      contractName: CONTRACT,
+      abi: contract.abi,
+      bytecode: "0x" + contract.evm.bytecode.object,
+      compiler: `solc ${solc.version().split("+")[0]}`,
+      evmVersion: EVM_VERSION,
+    };
+    texts[CONTRACT] = JSON.stringify(artifact, null, 2) + "\n";
+  }
+  return texts;
 }
 
 function main(argv) {
   const check = argv.includes("--check");
   let status = 0;
-  for (const contract of CONTRACTS) {
-    status = Math.max(status, build(contract, check));
+  for (const source of Object.keys(SOURCES)) {
+    status = Math.max(status, build(source, check));
   }
   return status;
 }
 
-function build(CONTRACT, check) {
-  let text;
+function build(SOURCE, check) {
+  let texts;
   try {
-    text = compile(CONTRACT);
+    texts = compile(SOURCE);
   } catch (err) {
-    process.stderr.write(`compile.js: ${CONTRACT}: ${err.message}\n`);
+    process.stderr.write(`compile.js: ${SOURCE}: ${err.message}\n`);
     return 2;
   }
   let status = 0;
-  for (const ARTIFACT_PATH of artifactPaths(CONTRACT)) {
-    status = Math.max(status, write(CONTRACT, ARTIFACT_PATH, text, check));
+  for (const [CONTRACT, text] of Object.entries(texts)) {
+    for (const ARTIFACT_PATH of artifactPaths(CONTRACT)) {
+      status = Math.max(status, write(CONTRACT, ARTIFACT_PATH, text, check));
+    }
   }
   return status;
 }

@@ -225,6 +225,7 @@ def create_app(
         challenge_body_version=1 if settings.challenge_body == "v1" else 2,
         store=store, refunder=refunder, audit=audit, safety=safety,
         lock_ttl_ms=lock_ttl_ms(settings, catalogs, bridge, wiring, facilitator), bridge=bridge,
+        wallets=wiring.wallets,
     )
     metrics, dashboard, routes = _operations(settings, catalogs, wiring, pipeline, ledger, store, safety)
     # Agent interface: every discovery format and MCP, all generated from the pipeline's catalog.

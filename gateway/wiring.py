@@ -25,7 +25,7 @@ from settlement.chain.client import JsonRpcChain
 from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment, DevchainError
 from settlement.chain.refunds import Refunder
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable, SettlementError
-from settlement.schemes import ExactEvm, Facilitator, LocalFacilitator, Schemes
+from settlement.schemes import ANY_NETWORK, ExactEvm, Facilitator, LocalFacilitator, Schemes, WalletSignatures
 from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
 from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.remote import RemoteFacilitator
@@ -147,6 +147,7 @@ class SchemeWiring:
     chains: dict[str, JsonRpcChain] = field(default_factory=dict)
     local: LocalFacilitator | None = None
     remotes: dict[str, FailoverFacilitator] = field(default_factory=dict)
+    wallets: WalletSignatures | None = None  # contract-wallet signature checks, on ``chains``
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Per network, each RPC URL's and each remote facilitator's state as the last call left
@@ -166,9 +167,12 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
     plan = facilitator_plan(settings, {tool.payment.network for tool in catalogs.tools})
     local_networks = write_ahead_networks(plan)
     wiring = SchemeWiring(Schemes(), build_chains(settings, catalogs, local_networks))
+    wiring.wallets = build_wallets(settings, wiring.chains)
     if local_networks:
         local_chains = {n: c for n, c in wiring.chains.items() if n in local_networks}
-        wiring.local = LocalFacilitator(local_chains, receipt_timeout=settings.receipt_timeout_seconds)
+        wiring.local = LocalFacilitator(
+            local_chains, receipt_timeout=settings.receipt_timeout_seconds, wallets=wiring.wallets
+        )
         batching = build_batching_facilitator(settings, wiring.local, wiring.chains) if settings.batch_settlement else None
         # The batching facilitator settles its networks in batches and the others as ``local`` does.
         settler: Facilitator = batching if batching is not None else wiring.local
@@ -183,6 +187,23 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
         wiring.remotes.update((network, remote) for network in served)
         wiring.schemes.register(ExactEvm(remote, served, chains=wiring.chains, writes_ahead=False))
     return wiring
+
+
+def build_wallets(settings: Settings, chains: Mapping[str, JsonRpcChain]) -> WalletSignatures:
+    """Contract-wallet checks on every network with a chain client. ERC-6492 factories: those of
+    X402GW_EIP6492_ALLOWED_FACTORIES on any network, and on the local chain the dev chain
+    deployment's own factory (the demo and devchain configuration)."""
+    allowed: dict[str, list[str]] = {ANY_NETWORK: list(settings.eip6492_allowed_factories)}
+    for network, chain in chains.items():
+        if chain.chain_id != LOCAL_CHAIN_ID:
+            continue
+        try:
+            factory = Deployment.read(settings.deployment_file).wallet_factory
+        except (DevchainError, UnicodeDecodeError):
+            factory = None  # no dev chain deployment: only the setting's factories
+        if factory is not None:
+            allowed[network] = [factory]
+    return WalletSignatures(chains, allowed)
 
 
 def remote_facilitator(settings: Settings, url: str) -> RemoteFacilitator:

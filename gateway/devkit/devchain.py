@@ -37,6 +37,7 @@ from settlement.chain.deployment import (
     FundedAccount,
     TokenInfo,
 )
+from settlement.schemes import MULTICALL3_ADDRESS
 
 __all__ = [
     "ANVIL_ADDRESSES",
@@ -54,6 +55,7 @@ __all__ = [
     "TokenInfo",
     "deploy_batch_settler",
     "deploy_token",
+    "deploy_wallet_contracts",
     "find_anvil",
     "load_token_artifact",
     "mint",
@@ -101,6 +103,44 @@ def _deploy_batch_settler(w3: Web3, deployer_key: str, settler: str) -> str:
     tx = _build(w3, factory.constructor(Web3.to_checksum_address(settler)), deployer, _nonce(w3, deployer))
     receipt = _send(w3, tx, deployer_key, "batch settler deployment")
     return Web3.to_checksum_address(receipt["contractAddress"])
+
+
+def load_artifact(contract: str) -> dict[str, Any]:
+    """The committed compile output of one of contracts/*.sol's contracts (package data)."""
+    path = ARTIFACT_DIR / f"{contract}.json"
+    try:
+        artifact: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DevchainError(f"artifact missing at {path}: run `node contracts/compile.js`", code="artifact_missing") from exc
+    return artifact
+
+
+def _deploy(w3: Web3, deployer_key: str, contract: str, *args: Any) -> str:
+    artifact = load_artifact(contract)
+    deployer = Account.from_key(deployer_key).address
+    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    receipt = _send(w3, _build(w3, factory.constructor(*args), deployer, _nonce(w3, deployer)), deployer_key,
+                    f"{contract} deployment")
+    return Web3.to_checksum_address(receipt["contractAddress"])
+
+
+def deploy_wallet_contracts(rpc_url: str, deployer_key: str = ANVIL_KEYS[0]) -> tuple[str, str, str]:
+    """Smart-wallet support on an anvil chain: the SmartWalletFactory (ERC-6492 factory), the
+    EIP-7702 delegate, and Multicall3's code at its canonical address (anvil_setCode of a deployed
+    copy: the gateway's 6492 check calls it there, as on public chains). Returns the three addresses."""
+    return _deploy_wallet_contracts(_web3(rpc_url), deployer_key)
+
+
+def _deploy_wallet_contracts(w3: Web3, deployer_key: str) -> tuple[str, str, str]:
+    factory = _deploy(w3, deployer_key, "SmartWalletFactory")
+    delegate = _deploy(w3, deployer_key, "Eip7702Delegate")
+    copy = _deploy(w3, deployer_key, "Multicall3")
+    try:
+        code = w3.eth.get_code(Web3.to_checksum_address(copy))
+        w3.provider.make_request("anvil_setCode", [MULTICALL3_ADDRESS, "0x" + bytes(code).hex()])  # type: ignore[arg-type]
+    except (OSError, Web3Exception) as exc:
+        raise DevchainError(f"could not place Multicall3 on the dev chain: {exc}", code="transaction_failed") from exc
+    return factory, delegate, MULTICALL3_ADDRESS
 
 
 def _web3(rpc_url: str) -> Web3:
@@ -195,6 +235,8 @@ def setup_devchain(rpc_url: str, mint_atomic: int = DEFAULT_MINT_ATOMIC) -> Depl
     _mint(w3, token, ANVIL_ADDRESSES[1:], mint_atomic, ANVIL_KEYS[0])
     # After the token and the mints, so the token keeps DEFAULT_TOKEN_ADDRESS.
     batch_settler = _deploy_batch_settler(w3, ANVIL_KEYS[0], ANVIL_ADDRESSES[0])
+    # Last, so the token and the batch settler keep their addresses.
+    wallet_factory, delegate, multicall3 = _deploy_wallet_contracts(w3, ANVIL_KEYS[0])
     return Deployment(
         rpc_url=rpc_url,
         chain_id=chain_id,
@@ -207,6 +249,9 @@ def setup_devchain(rpc_url: str, mint_atomic: int = DEFAULT_MINT_ATOMIC) -> Depl
             for i in range(1, len(ANVIL_KEYS))
         ],
         batch_settler=batch_settler,
+        wallet_factory=wallet_factory,
+        eip7702_delegate=delegate,
+        multicall3=multicall3,
     )
 
 
@@ -264,6 +309,8 @@ def _summary(deployment: Deployment, path: Path) -> list[str]:
         f"               {token.address}",
         f"  settlement   {deployment.deployer} (anvil account 0, pays settlement gas)",
         f"  batch        {deployment.batch_settler} (BatchSettler, batched settlement)",
+        f"  wallets      {deployment.wallet_factory} (SmartWalletFactory, ERC-1271 wallets, ERC-6492 factory)",
+        f"               {deployment.eip7702_delegate} (EIP-7702 delegate)",
         f"  deployment   {path}",
         "  funded accounts (public anvil dev keys):",
     ]

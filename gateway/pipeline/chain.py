@@ -2,8 +2,10 @@
 
     route ─▶ header_limits ─▶ body ─▶ arguments ─▶ offer ─▶ pre_challenge_safety ─▶ challenge
     404/405   431              413     400/422                503/429                402 (unpaid)
-      ─▶ decode_and_bind ─▶ payer_checks ─▶ in_flight ─▶ exactly_once ─▶ payment_window ─▶ verify
-         400/402             403/429         409          replay/409/502/503  402          402/503
+      ─▶ decode_and_bind ─▶ wallet_check ─▶ payer_checks ─▶ in_flight ─▶ exactly_once ─▶ payment_window
+         400/402             402/503        403/429         409          replay/409/502/503  402
+      ─▶ verify
+         402/503
       ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ settle ─▶ respond
          403         409       402/503            502/504   402/503
 
@@ -39,7 +41,7 @@ from gateway.pipeline.refunds import Refunds
 from gateway.pipeline.stages.arguments import Arguments, Body
 from gateway.pipeline.stages.bridge import CallUpstream
 from gateway.pipeline.stages.challenge import Challenge, OfferStage
-from gateway.pipeline.stages.decode import DecodeAndBind
+from gateway.pipeline.stages.decode import DecodeAndBind, WalletCheck
 from gateway.pipeline.stages.exactly_once import (
     ExactlyOnce,
     InFlight,
@@ -64,6 +66,7 @@ from settlement.errors import LedgerError
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
 from settlement.schemes.signatures import SignerCheck
+from settlement.schemes.wallets import WalletSignatures
 
 __all__ = ["CachedChallenge", "Chain", "build_chain"]
 
@@ -176,6 +179,7 @@ def build_chain(
     max_body_bytes: int,
     max_upstream_response_bytes: int,
     lock_ttl_ms: int,
+    wallets: WalletSignatures | None = None,
 ) -> Chain:
     """The order of a request, written once. ``tests/gateway/pipeline/test_chain.py`` holds it."""
     return Chain(
@@ -188,7 +192,8 @@ def build_chain(
             PreChallengeSafety(safety),
             Challenge(),
             # with a payment from here on
-            DecodeAndBind(signers),  # offline signer recovery: before any limit or lookup keyed on the payer
+            DecodeAndBind(signers, wallets),  # offline signer recovery: before any limit or lookup keyed on the payer
+            WalletCheck(wallets),  # a contract wallet's signature, on chain (one capped eth_call); EOAs: nothing
             PayerChecks(safety),
             InFlight(store, lock_ttl_ms),
             ExactlyOnce(ledger, schemes, refunds),

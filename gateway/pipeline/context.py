@@ -33,6 +33,7 @@ from settlement.x402.wire import (
 if TYPE_CHECKING:
     from gateway.pipeline.compiled import CompiledTool
     from settlement.ledger import Payment
+    from settlement.schemes.wallets import WalletSignature
 
 __all__ = ["Finalizer", "Observer", "Paid", "RequestContext", "Stage", "new_request_id"]
 
@@ -56,6 +57,10 @@ class Paid:
     nonce: str  # lower case
     identifier: str | None  # the client's payment-identifier
     fingerprint: str  # of method, path, query and body: what a replay must match
+    # A contract wallet's signature (ERC-1271 / ERC-6492), confirmed on chain by ``wallet_check``
+    # before anything is keyed on ``signer`` (then ``signer`` is authorization.from); None: an EOA's.
+    wallet: WalletSignature | None = None
+    digest: bytes = b""  # the EIP-712 digest the wallet is asked about
     known: Payment | None = None  # the ledger's row for this payment, when it has one
     # The facilitator's verify, started beside the ledger lookup (exactly_once), awaited by verify.
     early_verify: asyncio.Future[VerifyResponse] | None = None

@@ -28,6 +28,7 @@ from settlement.chain.refunds import Refunder
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
 from settlement.schemes.signatures import SignerCheck
+from settlement.schemes.wallets import WalletSignatures
 
 __all__ = ["CompiledTool", "Pipeline"]
 
@@ -49,6 +50,7 @@ class Pipeline:
         bridge: Bridge | None = None,
         audit: AuditSink | None = None,
         safety: Safety | None = None,
+        wallets: WalletSignatures | None = None,
     ) -> None:
         self.catalogs = catalogs
         self.router = Router(catalogs.tools)
@@ -72,6 +74,8 @@ class Pipeline:
         self.safety = safety or Safety(self.store, catalogs)
         # Offline signature recovery over this gateway's own offers (before any lookup or limit).
         self.signers = SignerCheck()
+        # Contract-wallet signatures (ERC-1271 / ERC-6492), checked on chain after the per-client limit.
+        self.wallets = wallets
         # The hash-chained audit trail, in the ledger's database unless told otherwise.
         self.audit: AuditSink = (
             audit if audit is not None else AuditWriter(AuditTrail(ledger.url), executor=ledger.shared_executor)
@@ -83,7 +87,7 @@ class Pipeline:
             schemes=schemes, signers=self.signers, refunds=Refunds(ledger, refunder), bridge=self.bridge,
             upstream=upstream, audit=self.audit, observers=self.observers, public_url=public_url,
             challenge_body_version=challenge_body_version, max_body_bytes=max_body_bytes,
-            max_upstream_response_bytes=max_upstream_response_bytes, lock_ttl_ms=lock_ttl_ms,
+            max_upstream_response_bytes=max_upstream_response_bytes, lock_ttl_ms=lock_ttl_ms, wallets=wallets,
         )
 
     async def handle(self, request: Request) -> Response:

@@ -44,10 +44,12 @@ __all__ = [
     "SEL_NAME",
     "SEL_TRANSFER",
     "SEL_TRANSFER_WITH_AUTHORIZATION",
+    "SEL_TRANSFER_WITH_AUTHORIZATION_BYTES",
     "SEL_VERSION",
     "TOPIC_AUTHORIZATION_USED",
     "TOPIC_TRANSFER",
     "TRANSFER_GAS_LIMIT",
+    "WALLET_TRANSFER_GAS_LIMIT",
     "BeforeSend",
     "Chain",
     "JsonRpcChain",
@@ -71,6 +73,12 @@ SEL_TRANSFER = selector("transfer(address,uint256)")
 SEL_TRANSFER_WITH_AUTHORIZATION = selector(
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 )
+# USDC v2.2's overload for any signature a contract wallet (ERC-1271) accepts: 0xcf092995.
+SEL_TRANSFER_WITH_AUTHORIZATION_BYTES = selector(
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+)
+# A contract wallet's check runs inside the transfer: more gas than an ecrecover.
+WALLET_TRANSFER_GAS_LIMIT = 400_000
 
 
 class Chain(Protocol):
@@ -158,6 +166,18 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         result = await self._rpc("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"])
         return bytes.fromhex(str(result)[2:])
 
+    async def eth_call(self, to: str, data: bytes, *, gas: int | None = None) -> bytes:
+        """One ``eth_call`` at the latest block, its gas capped when ``gas`` is given; a revert is
+        an ``RpcError`` (``rpc_message`` says why)."""
+        call: dict[str, str] = {"to": to, "data": "0x" + data.hex()}
+        if gas is not None:
+            call["gas"] = hex(gas)
+        result = await self._rpc("eth_call", [call, "latest"])
+        return bytes.fromhex(str(result)[2:])
+
+    async def get_code(self, address: str) -> bytes:
+        return bytes.fromhex(str(await self._rpc("eth_getCode", [address, "latest"]))[2:])
+
     async def authorization_state(self, token: str, authorizer: str, nonce: bytes) -> bool:
         out = await self._call(token, SEL_AUTHORIZATION_STATE + abi_encode(["address", "bytes32"], [authorizer, nonce]))
         return bool(int.from_bytes(out[:32], "big"))
@@ -186,6 +206,17 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
             [auth.from_, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce, v, r, s],
         )
         return await self.send_call(token, calldata, before_send)
+
+    async def send_transfer_with_signature_bytes(
+        self, token: str, auth: Eip3009Authorization, signature: bytes, before_send: BeforeSend | None = None
+    ) -> str:
+        """``transferWithAuthorization`` through the ``bytes signature`` overload (0xcf092995), for
+        a contract wallet's signature, passed to the token byte for byte."""
+        calldata = SEL_TRANSFER_WITH_AUTHORIZATION_BYTES + abi_encode(
+            ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"],
+            [auth.from_, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce, signature],
+        )
+        return await self.send_call(token, calldata, before_send, gas=WALLET_TRANSFER_GAS_LIMIT)
 
     async def send_transfer(self, token: str, to: str, amount: int, before_send: BeforeSend | None = None) -> str:
         """A plain ERC-20 transfer from this chain client's account (refunds)."""

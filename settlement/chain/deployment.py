@@ -106,6 +106,11 @@ class Deployment(BaseModel):
     accounts: list[FundedAccount]
     # BatchSettler callable by the settlement account (batched settlement); absent in older files.
     batch_settler: str | None = None
+    # Smart-wallet support (absent in older files): the SmartWalletFactory (CREATE2, ERC-6492
+    # factory), the EIP-7702 delegate, and Multicall3 at its canonical address.
+    wallet_factory: str | None = None
+    eip7702_delegate: str | None = None
+    multicall3: str | None = None
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: readers see the old file or the new one, never half of one."""

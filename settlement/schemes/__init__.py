@@ -10,6 +10,7 @@
     failover.py       FailoverFacilitator: several remote ones in order, one settlement at most
     facilitator_auth.py   credentials for remote facilitators: static headers, CDP JWTs
     eip712.py, signatures.py   EIP-712 digests and offline signer recovery
+    wallets.py        contract-wallet signatures (ERC-1271, ERC-6492): checked on chain, settled
 
 Adding a scheme: a module with a ``Scheme``, registered in the gateway's composition root, and
 ``payment.scheme`` in the catalog.
@@ -24,9 +25,18 @@ from settlement.schemes.facilitator_auth import CdpJwtAuth, FacilitatorAuth, Fac
 from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.registry import Schemes
 from settlement.schemes.remote import RemoteFacilitator, settlement_outcome_unknown
+from settlement.schemes.wallets import (
+    ANY_NETWORK,
+    MULTICALL3_ADDRESS,
+    WalletRefused,
+    WalletSignature,
+    WalletSignatures,
+)
 
 __all__ = [
+    "ANY_NETWORK",
     "EXACT",
+    "MULTICALL3_ADDRESS",
     "VALID_BEFORE_MARGIN_SECONDS",
     "BatchPolicy",
     "BatchingFacilitator",
@@ -43,6 +53,9 @@ __all__ = [
     "Schemes",
     "StaticHeaders",
     "Supported",
+    "WalletRefused",
+    "WalletSignature",
+    "WalletSignatures",
     "build_batching",
     "exact_requirements",
     "exact_resolvers",

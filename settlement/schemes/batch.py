@@ -295,6 +295,9 @@ class BatchingFacilitator:
             return SettleResponse(
                 success=False, error_reason=rej.reason, error_message=rej.message, network=requirements.network
             )
+        if checked.wallet is not None:
+            # BatchSettler passes v,r,s: a contract wallet's signature is settled on its own.
+            return await self.local.settle(payload, requirements, before_send=before_send)
         future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
         batcher.submit(_Item(checked, before_send, future))
         # Shielded: a request that goes away must not cancel its item out of a batch being sent.

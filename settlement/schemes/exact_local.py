@@ -2,7 +2,10 @@
 
 It verifies EIP-3009 payments itself (EIP-712 digest + coincurve recovery,
 recipient, exact amount, time window, nonce unused and balance read from the chain) and settles
-them with ``transferWithAuthorization`` through ``settlement.chain.client``. Expected payment failures are
+them with ``transferWithAuthorization`` through ``settlement.chain.client``. With ``wallets``, a
+signature that is not ``from``'s own ECDSA one is checked as a contract wallet's (ERC-1271 /
+ERC-6492, ``settlement.schemes.wallets``: one gas-capped eth_call) and settled through the
+``bytes`` overload, an undeployed wallet deployed through its allow-listed factory first. Expected payment failures are
 values with the reference SDK's reason codes; broken infrastructure raises ``ChainUnavailable``.
 """
 
@@ -19,6 +22,7 @@ from settlement.chain.addresses import checksum_address
 from settlement.chain.client import BeforeSend, Chain, Receipt
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
+from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
 from settlement.x402.codec import parse_exact_evm
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -46,6 +50,9 @@ class CheckedPayment:
     token: str
     auth: TransferAuthorization
     signature: bytes
+    # A contract wallet's signature, not yet confirmed on chain (``confirm_wallet``); None: an EOA's.
+    wallet: WalletSignature | None = None
+    digest: bytes = b""
 
 
 class Rejected(Exception):
@@ -99,8 +106,10 @@ class LocalFacilitator:
         *,
         receipt_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
+        wallets: WalletSignatures | None = None,
     ) -> None:
         self._chains = chains
+        self._wallets = wallets
         self._receipt_timeout = receipt_timeout
         self._clock = clock
         # Both caches are keyed on caller data, so both are bounded and filled only after the
@@ -151,14 +160,33 @@ class LocalFacilitator:
         # (the digest covers every field of the key, so a hit is the same signature on the same data).
         key = (domain, auth, signature)
         signer = self._signers.get(key)
+        token = checksum_address(requirements.asset)
         if signer is not None:
             self._signers.move_to_end(key)
         else:
-            signer = recover_signer(authorization_digest(domain, auth), signature)
+            digest = authorization_digest(domain, auth)
+            signer = recover_signer(digest, signature)
             if signer is None or signer != auth.from_:
-                raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
+                if self._wallets is None:
+                    raise Rejected("invalid_exact_evm_payload_signature", "signature does not recover to authorization.from")
+                try:  # a contract wallet's, perhaps: confirmed on chain by verify and settle
+                    wallet = self._wallets.parse(requirements.network, signature)
+                except WalletRefused as refused:
+                    raise Rejected(refused.reason, refused.message) from None
+                return CheckedPayment(payer=auth.from_, token=token, auth=auth, signature=signature,
+                                      wallet=wallet, digest=digest)
             self._remember(domain_key, domain, key, signer)
-        return CheckedPayment(payer=auth.from_, token=checksum_address(requirements.asset), auth=auth, signature=signature)
+        return CheckedPayment(payer=auth.from_, token=token, auth=auth, signature=signature)
+
+    async def confirm_wallet(self, checked: CheckedPayment, network: str) -> None:
+        """A contract wallet's signature, confirmed on chain (``Rejected`` if the wallet refuses it;
+        ``ChainUnavailable`` if the chain cannot say); nothing for an EOA's."""
+        if checked.wallet is None or self._wallets is None:
+            return
+        try:
+            await self._wallets.check(network, checked.payer, checked.digest, checked.signature)
+        except WalletRefused as refused:
+            raise Rejected(refused.reason, refused.message) from None
 
     def _served_chain_id(self, payload: PaymentPayload, requirements: PaymentRequirements) -> int:
         """The chain id of the required network, if the payment is exact on it and it is served here."""
@@ -211,6 +239,7 @@ class LocalFacilitator:
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
         try:
             checked = self.check_offline(payload, requirements)
+            await self.confirm_wallet(checked, requirements.network)
         except Rejected as rej:
             return VerifyResponse(is_valid=False, invalid_reason=rej.reason, invalid_message=rej.message)
         chain = self._chains[requirements.network]
@@ -241,13 +270,13 @@ class LocalFacilitator:
         network = requirements.network
         try:
             checked = self.check_offline(payload, requirements)
+            await self.confirm_wallet(checked, network)
+            await self._deploy(checked, network)
         except Rejected as rej:
             return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
         chain = self._chains[network]
         try:
-            tx_hash = await chain.send_transfer_with_authorization(
-                checked.token, checked.auth, checked.signature, before_send
-            )
+            tx_hash = await self._send(chain, checked, network, before_send)
         except BroadcastUncertain as exc:
             return self._pending(exc.tx_hash, checked, network)
         except ChainUnavailable as exc:
@@ -269,6 +298,29 @@ class LocalFacilitator:
         if receipt is None:
             return self._pending(tx_hash, checked, network)
         return await self._outcome(chain, receipt, checked, network)
+
+    async def _send(self, chain: Chain, checked: CheckedPayment, network: str, before_send: BeforeSend | None) -> str:
+        """The transfer: the v,r,s overload for an EOA's signature; for a contract wallet's, the
+        ``bytes`` overload with what the wallet checks (a 6492 wrapper's inner signature)."""
+        wallet_chain = self._wallets.chain(network) if self._wallets is not None else None
+        if checked.wallet is None or wallet_chain is None:
+            return await chain.send_transfer_with_authorization(checked.token, checked.auth, checked.signature, before_send)
+        return await wallet_chain.send_transfer_with_signature_bytes(
+            checked.token, checked.auth, checked.wallet.inner, before_send
+        )
+
+    async def _deploy(self, checked: CheckedPayment, network: str) -> None:
+        """An undeployed ERC-6492 wallet deployed through its (allow-listed) factory before its
+        transfer; ``Rejected`` when that fails (nothing of the payer's moved)."""
+        chain = self._wallets.chain(network) if self._wallets is not None else None
+        if checked.wallet is None or checked.wallet.factory is None:
+            return
+        if chain is None:
+            raise Rejected("invalid_exact_evm_payload_signature", f"contract-wallet signatures are not settled on {network}")
+        try:
+            await deploy_wallet(chain, checked.payer, checked.wallet, self._receipt_timeout)
+        except WalletRefused as refused:
+            raise Rejected(refused.reason, refused.message) from None
 
     def _pending(self, tx_hash: str, checked: CheckedPayment, network: str) -> SettleResponse:
         return SettleResponse(

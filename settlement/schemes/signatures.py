@@ -58,6 +58,17 @@ class SignerCheck:
         signer = recover_signer(authorization_digest(domain, auth), signature)
         return signer if signer is not None and signer == auth.from_ else None
 
+    def digest(self, requirements: PaymentRequirements, exact: ExactEvmPayload) -> bytes | None:
+        """The EIP-712 digest the payer signed under this offer's token domain (what a contract
+        wallet's ``isValidSignature`` is asked about), or None for a payload that has none."""
+        domain = self._domain(requirements)
+        if domain is None:
+            return None
+        try:
+            return authorization_digest(domain, authorization_of(exact))
+        except ValueError:
+            return None
+
     def _domain(self, requirements: PaymentRequirements) -> bytes | None:
         extra = requirements.extra or {}
         name, version = extra.get("name"), extra.get("version")

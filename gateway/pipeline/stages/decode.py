@@ -1,9 +1,17 @@
-"""Stage ``decode_and_bind``: read the payment off the request, bind it to this offer, recover its signer.
+"""Stages ``decode_and_bind`` and ``wallet_check``: read the payment off the request, bind it to this
+offer, establish who signed it.
 
-Writes ``ctx.payload`` and ``ctx.paid``. Who signed is recovered offline, over this offer's own
-token domain, before anything is keyed on the payer: payer and nonce are public once a payment
-settles, so a header naming them proves nothing, and a junk signature costs no lookup, lock,
-rate-limit token or RPC. Stops with 400 (not a payment) or 402 (another offer; a bad signature).
+``decode_and_bind`` writes ``ctx.payload`` and ``ctx.paid``. Who signed is recovered offline, over
+this offer's own token domain, before anything is keyed on the payer: payer and nonce are public
+once a payment settles, so a header naming them proves nothing, and a junk signature costs no
+lookup, lock, rate-limit token or RPC. A signature that is not ``from``'s own ECDSA signature may be
+a contract wallet's (ERC-1271, or ERC-6492 for a wallet not deployed yet): when this gateway can
+check those on the offer's network, its shape is checked offline (length cap; a 6492 factory must
+be on the allow-list) and ``wallet_check`` asks the chain, with one gas-capped ``eth_call``, right
+after: behind the per-client rate limit (``pre_challenge_safety``), and before the payer lists, the
+per-payer limits, the in-flight lock and the ledger lookup, which all key on the payer, so those
+only ever see a payer whose signature checked out. Stops with 400 (not a payment), 402 (another
+offer; a bad signature; a factory not allowed) or 503 (the chain cannot say).
 """
 
 from __future__ import annotations
@@ -15,25 +23,32 @@ from gateway.headers import PAYMENT_SIGNATURE, X_PAYMENT
 from gateway.pipeline.context import Paid, RequestContext
 from gateway.pipeline.stages.exactly_once import request_fingerprint
 from gateway.protocol.challenge import PaymentChallenge
+from gateway.protocol.offers import Quote
 from gateway.protocol.payment import (
     bind,
     decode_payment,
     decode_payment_v1,
     payment_identifier,
 )
-from settlement.errors import PaymentDecodeError
+from settlement.chain.addresses import checksum_address
+from settlement.errors import ChainUnavailable, PaymentDecodeError
 from settlement.schemes.signatures import SignerCheck
+from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures
 from settlement.x402.codec import parse_exact_evm
+from settlement.x402.wire import ExactEvmPayload
 
-__all__ = ["DecodeAndBind"]
+__all__ = ["DecodeAndBind", "WalletCheck"]
+
+_BAD_SIGNATURE = "the signature does not recover to authorization.from for this offer; sign the offer again"
 
 
 class DecodeAndBind:
     name = "decode_and_bind"
     shape_only = False
 
-    def __init__(self, signers: SignerCheck) -> None:
+    def __init__(self, signers: SignerCheck, wallets: WalletSignatures | None = None) -> None:
         self.signers = signers
+        self.wallets = wallets
 
     async def __call__(self, ctx: RequestContext) -> Response | None:
         request, quote = ctx.request, ctx.quote
@@ -51,14 +66,63 @@ class DecodeAndBind:
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
+        fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body)
         signer = self.signers.signer(quote.requirements, exact)
+        wallet, digest = None, b""
         if signer is None:
-            raise PaymentChallenge(
-                quote, "invalid_exact_evm_payload_signature",
-                "the signature does not recover to authorization.from for this offer; sign the offer again",
-            )
+            wallet, digest = self._wallet_claim(quote, exact)
+            signer = checksum_address(exact.authorization.from_)
         ctx.paid = Paid(
             payload=payload, exact=exact, signer=signer, nonce=exact.authorization.nonce.lower(),
-            identifier=identifier, fingerprint=request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body),
+            identifier=identifier, fingerprint=fingerprint, wallet=wallet, digest=digest,
         )
+        return None
+
+    def _wallet_claim(self, quote: Quote, exact: ExactEvmPayload) -> tuple[WalletSignature, bytes]:
+        """Not ``from``'s ECDSA signature: a contract wallet's, if it has the shape of one (checked
+        offline) and this gateway checks wallets on the network; otherwise the 402."""
+        network = quote.requirements.network
+        digest = self.signers.digest(quote.requirements, exact)
+        if self.wallets is None or not self.wallets.serves(network) or digest is None:
+            raise PaymentChallenge(quote, "invalid_exact_evm_payload_signature", _BAD_SIGNATURE)
+        try:
+            return self.wallets.parse(network, bytes.fromhex(exact.signature[2:])), digest
+        except ValueError:
+            raise PaymentChallenge(quote, "invalid_exact_evm_payload_signature", _BAD_SIGNATURE) from None
+        except WalletRefused as refused:
+            raise PaymentChallenge(quote, refused.reason, refused.message) from None
+
+
+class WalletCheck:
+    """Stage ``wallet_check``: a contract wallet's signature confirmed on chain (one gas-capped
+    ``eth_call``: ``isValidSignature``, or a simulated 6492 deployment and then it); nothing to do
+    for an EOA's signature. The verdict is remembered only when valid, so the scheme's verify and
+    settle of the same payment do not ask again."""
+
+    name = "wallet_check"
+    shape_only = False
+
+    def __init__(self, wallets: WalletSignatures | None) -> None:
+        self.wallets = wallets
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        quote, paid = ctx.quote, ctx.paid
+        assert quote is not None and paid is not None
+        if paid.wallet is None:
+            return None
+        assert self.wallets is not None  # decode_and_bind makes wallet claims only with wallets
+        try:
+            with ctx.timed("verify"):
+                await self.wallets.check(
+                    quote.requirements.network, paid.signer, paid.digest, bytes.fromhex(paid.exact.signature[2:])
+                )
+        except WalletRefused as refused:
+            raise PaymentChallenge(quote, refused.reason, refused.message) from None
+        except ChainUnavailable as exc:
+            raise GatewayError(
+                "facilitator_unavailable", "the contract wallet's signature cannot be checked now; retry later",
+                retryAfter=2,
+            ) from exc
+        ctx.record("contract_wallet_signature", wallet=paid.signer,
+                   kind="erc6492" if paid.wallet.factory else "erc1271", factory=paid.wallet.factory)
         return None

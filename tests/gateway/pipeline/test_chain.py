@@ -18,7 +18,7 @@ from settlement.audit import AuditEvent
 
 STAGES = [
     "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "challenge",
-    "decode_and_bind", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
+    "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
     "reserve", "record", "settle_upfront", "bridge", "settle", "respond",
 ]
 FINALIZERS = ["release_holds", "audit", "observers", "access_log"]
@@ -49,6 +49,16 @@ def test_issue_13_order_holds() -> None:
     assert names.index("in_flight") < names.index("exactly_once") < names.index("payment_window") < names.index("verify")
     assert names.index("pre_challenge_safety") < names.index("challenge")
     assert names.index("bridge") == names.index("settle") - 1  # exactly one stage talks to the upstream
+
+
+def test_issue_16_a_contract_wallet_is_checked_on_chain_before_anything_keys_on_it() -> None:
+    names = declared_chain().names
+    # The chain read a contract wallet's signature needs comes after the per-client limit (its
+    # cost bound) and before the payer lists and limits, the in-flight lock and the ledger lookup
+    # (which would otherwise key on an unverified claim: junk naming a wallet could lock it out).
+    assert names.index("pre_challenge_safety") < names.index("decode_and_bind") < names.index("wallet_check")
+    assert names.index("wallet_check") < names.index("payer_checks") < names.index("in_flight")
+    assert names.index("wallet_check") < names.index("exactly_once")
 
 
 def test_the_fast_path_halves_of_the_unpaid_prefix() -> None:
