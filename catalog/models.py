@@ -51,6 +51,7 @@ __all__ = [
     "Catalog",
     "Catalogs",
     "HttpMethod",
+    "PaymentOffer",
     "PaymentTerms",
     "SettleMode",
     "Tool",
@@ -87,6 +88,21 @@ class PaymentTerms(FrozenModel):
     # The x402 scheme the offer is made in; checked against the gateway's registered schemes
     # (settlement.schemes.Schemes) at start-up, since the catalog knows no scheme.
     scheme: str = "exact"
+    # A dollar stablecoin (USDC, USDT, DAI...): one unit is one US dollar. Budgets count such
+    # assets together in dollars; others per asset. A price without a token may only be shared by
+    # offers of such assets (``catalog.offers``).
+    usd_pegged: bool = False
+
+
+class PaymentOffer(FrozenModel):
+    """One way to pay for a tool: terms (network, asset, scheme, payee...) and the price in that asset."""
+
+    terms: PaymentTerms
+    price: Price  # decimal amount of ``terms.asset``
+
+    @property
+    def price_atomic(self) -> int:
+        return to_atomic(self.price, self.terms.decimals)
 
 
 class Upstream(FrozenModel):
@@ -159,6 +175,9 @@ class Tool(FrozenModel):
     settle: SettleMode = "after"
     side_effects: bool = False
     payment: PaymentTerms  # effective terms: catalog defaults merged with the tool's own block
+    # Further ways to pay, beside ``payment`` at ``price`` (which stays the first offer): the
+    # catalog's or the tool's ``offers`` (``catalog.offers``). Empty for a single-offer tool.
+    alternatives: tuple[PaymentOffer, ...] = ()
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     output_schema: dict[str, Any] | None = None
     # safety limits of this tool alone (catalog-wide ones live on its Catalog; see catalog.limits)
@@ -186,9 +205,26 @@ class Tool(FrozenModel):
             path=tool.path, upstream_path=tool.upstream_path, price=tool.price,
             decimals=tool.payment.decimals, input_schema=tool.input_schema,
         )
+        problems += [
+            (f"alternatives[{i}].price", "price_precision",
+             f"price {offer.price:f} has more digits than the token's {offer.terms.decimals} decimals")
+            for i, offer in enumerate(tool.alternatives) if not _exact_in(offer.price, offer.terms.decimals)
+        ]
         if problems:
             raise ValueError("; ".join(f"{field}: {message}" for field, _, message in problems))
         return tool
+
+    @property
+    def offers(self) -> tuple[PaymentOffer, ...]:
+        """Every way to pay for this tool, the catalog's ``payment`` at ``price`` first."""
+        return (PaymentOffer.model_construct(terms=self.payment, price=self.price), *self.alternatives)
+
+    def paid_with(self, offer: PaymentOffer) -> Tool:
+        """This tool as paid with ``offer``: its terms and price in place of the first offer's, so
+        what follows the payer's choice (ledger row, budgets, decimals) reads the chosen terms."""
+        if offer.terms is self.payment and offer.price == self.price:
+            return self
+        return self.model_copy(update={"payment": offer.terms, "price": offer.price})
 
     @property
     def price_atomic(self) -> int:
