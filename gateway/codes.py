@@ -74,6 +74,10 @@ REQUEST_TOO_LARGE: Final = "request_too_large"
 REQUEST_HEADERS_TOO_LARGE: Final = "request_headers_too_large"
 INVALID_RANGE: Final = "invalid_range"
 ADMIN_UNAUTHORIZED: Final = "admin_unauthorized"
+# -- tool search (GET /tools?q=, MCP search_tools) ------------------------------------------------
+SEARCH_QUERY_INVALID: Final = "search_query_invalid"
+SEARCH_LIMIT_INVALID: Final = "search_limit_invalid"
+SEARCH_BUDGET_INVALID: Final = "search_budget_invalid"
 # -- the payment ----------------------------------------------------------------------------------
 PAYMENT_REQUIRED: Final = "payment_required"
 PAYMENT_REQUIREMENTS_MISMATCH: Final = "payment_requirements_mismatch"
@@ -130,6 +134,9 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(REQUEST_HEADERS_TOO_LARGE, 431, "fix_arguments"),
     Refusal(INVALID_RANGE, 422, "none"),
     Refusal(ADMIN_UNAUTHORIZED, 401, "none"),
+    Refusal(SEARCH_QUERY_INVALID, 400, "fix_arguments"),
+    Refusal(SEARCH_LIMIT_INVALID, 400, "fix_arguments"),
+    Refusal(SEARCH_BUDGET_INVALID, 400, "fix_arguments"),
 
     Refusal(PAYMENT_REQUIRED, 402, "pay"),
     Refusal(PAYMENT_REQUIREMENTS_MISMATCH, 402, "pay"),
