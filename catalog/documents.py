@@ -19,15 +19,17 @@ from catalog.bridge import (
 )
 from catalog.fields import (
     Address,
+    AssetRef,
     BaseUrl,
     CatalogVersion,
     Decimals,
     FrozenModel,
     JsonSchema,
     Method,
-    Network,
+    NetworkRef,
     OwnerId,
     Price,
+    PriceRef,
     PublicPath,
     SettleMode,
     Text,
@@ -39,20 +41,33 @@ from catalog.fields import (
     VersionText,
 )
 from catalog.limits import Breaker, Budgets, RateLimits
-from catalog.models import PaymentTerms
 
-__all__ = ["KNOWN_KEYS", "CatalogDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
+__all__ = ["KNOWN_KEYS", "CatalogDoc", "CatalogPaymentDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
+
 
 class PaymentDoc(FrozenModel):
-    """A tool's own ``payment:`` block: any subset of the catalog's terms."""
+    """A tool's own ``payment:`` block: any subset of the catalog's terms. ``network`` may be a
+    name (``base``) and ``asset`` a stablecoin's symbol (``USDC``); the loader resolves both
+    against ``catalog.registry`` (``catalog.terms``)."""
 
-    network: Network | None = None
-    asset: Address | None = None
+    network: NetworkRef | None = None
+    asset: AssetRef | None = None
     asset_name: Text | None = None
     asset_version: VersionText | None = None
     decimals: Decimals | None = None
     pay_to: Address | None = None
     max_timeout_seconds: TimeoutSeconds | None = None
+
+
+class CatalogPaymentDoc(PaymentDoc):
+    """The catalog's ``payment:`` block, the defaults of every tool. ``asset_name``,
+    ``asset_version`` and ``decimals`` may be left out when the registry knows the asset."""
+
+    network: NetworkRef
+    asset: AssetRef
+    pay_to: Address
+    max_timeout_seconds: TimeoutSeconds = 120
+    scheme: str = "exact"
 
 
 class UpstreamDoc(FrozenModel):
@@ -71,7 +86,7 @@ class ToolDoc(FrozenModel):
     path: PublicPath
     upstream: UpstreamName | None = None
     upstream_path: UpstreamPath | None = None
-    price: Price
+    price: PriceRef  # a token amount, or dollars ("$0.01", for a dollar stablecoin)
     settle: SettleMode | None = None
     side_effects: bool = False
     payment: PaymentDoc | None = None
@@ -91,7 +106,7 @@ class CatalogDoc(FrozenModel):
     catalog: CatalogVersion
     owner: OwnerId
     description: str | None = None
-    payment: PaymentTerms
+    payment: CatalogPaymentDoc
     upstreams: Annotated[dict[UpstreamName, UpstreamDoc], Field(min_length=1)]
     tools: Annotated[list[ToolDoc], Field(min_length=1)]
     max_price: Price | None = None
@@ -100,5 +115,5 @@ class CatalogDoc(FrozenModel):
 
 
 KNOWN_KEYS: frozenset[str] = frozenset().union(
-    *(m.model_fields for m in (PaymentDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker))
+    *(m.model_fields for m in (CatalogPaymentDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker))
 )

@@ -22,27 +22,33 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
 )
 from pydantic_core import PydanticCustomError
 
+from catalog.registry import network_names, resolve_network
 from catalog.templates import parse_template
 
 __all__ = [
     "SHARED_SCHEMAS",
     "Address",
+    "AssetRef",
     "BaseUrl",
     "CatalogVersion",
     "Decimals",
+    "Dollars",
     "FrozenModel",
     "HttpMethod",
     "JsonSchema",
     "Method",
     "Network",
+    "NetworkRef",
     "OwnerId",
     "Price",
+    "PriceRef",
     "PublicPath",
     "SettleMode",
     "Text",
@@ -112,6 +118,47 @@ def _price(value: Any) -> Decimal:
     if price <= 0:
         raise _fail("invalid_price", f"price must be greater than 0, got {value}")
     return price
+
+
+class Dollars(Decimal):
+    """A price written in dollars (``"$0.01"``): the amount, marked so the loader can require a
+    dollar stablecoin for it. Arithmetic on it gives plain ``Decimal``s."""
+
+    __slots__ = ()
+
+
+def _price_ref(value: Any) -> Decimal:
+    """A token amount (``0.002``, ``"0.002"``) or a price in dollars (``"$0.01"``, ``Dollars``)."""
+    if isinstance(value, str) and value.strip().startswith("$"):
+        text = value.strip()[1:].strip()
+        if not text or text[0] in "+-" or not re.fullmatch(r"[0-9]*\.?[0-9]*", text):
+            raise _fail("invalid_price", f"price {value!r} is not a dollar amount like \"$0.01\"")
+        return Dollars(_price(text))
+    return _price(value)
+
+
+_network = _pattern(r"eip155:[0-9]+", "invalid_network", "network")
+
+
+def _network_ref(value: Any) -> str:
+    """``eip155:<chain id>``, or a network name the registry knows (``base``, ``base-sepolia``)."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", value.strip()):
+        caip2 = resolve_network(value)
+        if caip2 is None:
+            raise _fail(
+                "unknown_network",
+                f"unknown network name {value!r}: write eip155:<chain id>, or one of {', '.join(network_names())}",
+            )
+        return caip2
+    return _network(value)
+
+
+def _asset_ref(value: Any) -> str:
+    """A token address (checksummed as ``Address``) or a stablecoin's symbol (``USDC``), kept
+    upper case; the loader resolves a symbol against the registry for the tool's network."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9.]{1,15}", value.strip()):
+        return value.strip().upper()
+    return _address(value)
 
 
 def _strict_int(low: int, high: int, code: str = "invalid_value") -> Callable[[Any], int]:
@@ -241,7 +288,10 @@ def _json_schema(value: Any, handler: ValidatorFunctionWrapHandler, info: Valida
 OwnerId = Annotated[str, BeforeValidator(_pattern(r"[a-z0-9][a-z0-9_-]{0,62}", "invalid_name", "owner"))]
 UpstreamName = Annotated[str, BeforeValidator(_pattern(r"[a-z0-9_-]{1,64}", "invalid_name", "upstream name"))]
 ToolName = Annotated[str, BeforeValidator(_pattern(r"[a-zA-Z0-9_-]{1,64}", "invalid_name", "tool name"))]
-Network = Annotated[str, BeforeValidator(_pattern(r"eip155:[0-9]+", "invalid_network", "network"))]
+Network = Annotated[str, BeforeValidator(_network)]
+NetworkRef = Annotated[str, BeforeValidator(_network_ref)]  # a name (base) becomes eip155:8453
+AssetRef = Annotated[str, BeforeValidator(_asset_ref)]  # an address, or a symbol (USDC)
+PriceRef = Annotated[Decimal, PlainValidator(_price_ref)]  # a token amount, or Dollars
 Address = Annotated[str, BeforeValidator(_address)]
 Price = Annotated[Decimal, BeforeValidator(_price)]
 Decimals = Annotated[int, BeforeValidator(_strict_int(0, 36))]

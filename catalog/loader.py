@@ -13,15 +13,15 @@ import functools
 import gc
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from pydantic import ValidationError
 
 from catalog.bridge import bridge_problems
-from catalog.documents import CatalogDoc, PaymentDoc, ToolDoc
+from catalog.documents import CatalogDoc, ToolDoc
 from catalog.errors import CatalogError, CatalogIssue
 from catalog.fields import SHARED_SCHEMAS
 from catalog.models import (
@@ -36,8 +36,10 @@ from catalog.models import (
     default_settle,
     max_call_seconds,
 )
+from catalog.registry import Stablecoin
 from catalog.source import Source
 from catalog.templates import route_shape
+from catalog.terms import TermsResolver, dollar_problem
 
 __all__ = ["load_catalog", "load_catalogs", "parse_catalog", "price_ceiling_issues"]
 
@@ -45,11 +47,17 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 _RouteShape = tuple[str, tuple[str | None, ...]]
+# network → its stablecoins as a deployment file has them, in place of the registry's (the local
+# chain's test token); see catalog.registry.with_local_token.
+LocalTokens = Mapping[str, Iterable[Stablecoin]] | None
 
 
-def _resolve(doc: CatalogDoc, src: Source) -> Catalog | None:
+def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None:
     upstreams = {name: Upstream(name=name, **u.model_dump()) for name, u in doc.upstreams.items()}
-    shared_terms: dict[tuple[tuple[str, Any], ...], PaymentTerms] = {}
+    resolver = TermsResolver(doc.payment, local)
+    defaults, _, problems = resolver.resolve()
+    for field, code, message in problems:
+        src.issue(f"payment.{field}", code, message)
     tools: list[Tool] = []
     names: dict[str, int] = {}
     routes: dict[_RouteShape, int] = {}
@@ -58,20 +66,38 @@ def _resolve(doc: CatalogDoc, src: Source) -> Catalog | None:
         before = len(src.issues)
         _check_unique(doc, index, names, routes, src)
         upstream = _pick_upstream(spec, upstreams, at, src)
-        payment = _payment_terms(doc.payment, spec.payment, shared_terms)
+        payment = _tool_terms(resolver, spec, at, src) if defaults is not None else None
         upstream_path = spec.upstream_path or spec.path
         settle = spec.settle or default_settle(spec.method, spec.side_effects)
-        _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
-        if len(src.issues) > before or upstream is None:
+        if payment is not None:
+            _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
+        if len(src.issues) > before or upstream is None or payment is None:
             continue
         tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name))
-    if src.issues:
+    if src.issues or defaults is None:
         return None
     return Catalog(
         source=src.name, owner=doc.owner, description=doc.description,
-        payment=doc.payment, upstreams=upstreams, tools=tuple(tools),
+        payment=defaults, upstreams=upstreams, tools=tuple(tools),
         max_price=doc.max_price, budgets=doc.budgets, rate_limits=doc.rate_limits,
     )
+
+
+def _tool_terms(resolver: TermsResolver, spec: ToolDoc, at: str, src: Source) -> PaymentTerms | None:
+    """The tool's effective terms, or None after reporting why not. A problem with a field the
+    tool's own block writes is reported at that field; one its block only caused (a symbol of the
+    catalog's unknown on the tool's network) at the block."""
+    terms, coin, problems = resolver.resolve(spec.payment)
+    written = spec.payment.model_fields_set if spec.payment is not None else set()
+    for field, code, message in problems:
+        src.issue(f"{at}.payment.{field}" if field in written else f"{at}.payment", code, message)
+    if terms is None:
+        return None
+    problem = dollar_problem(spec.price, terms, coin)
+    if problem is not None:
+        src.issue(f"{at}.price", "dollar_price_not_usd", problem)
+        return None
+    return terms
 
 
 def _check_unique(
@@ -133,29 +159,14 @@ def _tool(
     # rest of the resolve loop.
     return Tool.model_construct(
         owner=doc.owner, name=spec.name, description=spec.description, method=spec.method,
-        path=spec.path, upstream=upstream, upstream_path=upstream_path, price=spec.price,
+        path=spec.path, upstream=upstream, upstream_path=upstream_path,
+        price=spec.price if type(spec.price) is Decimal else Decimal(spec.price),
         settle=settle, side_effects=spec.side_effects, payment=payment, input_schema=spec.input_schema,
         output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
         rate_limits=spec.rate_limits,
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
         retry=spec.retry, failure_when=spec.failure_when,
     )
-
-
-def _payment_terms(
-    defaults: PaymentTerms, own: PaymentDoc | None, shared: dict[tuple[tuple[str, Any], ...], PaymentTerms]
-) -> PaymentTerms:
-    """A tool's effective terms: the catalog's, with its own block on top. Tools with the same block
-    share one object (most have none and share the catalog's)."""
-    if own is None:
-        return defaults
-    overrides = tuple(own.model_dump(exclude_none=True).items())
-    if not overrides:
-        return defaults
-    terms = shared.get(overrides)
-    if terms is None:
-        terms = shared[overrides] = PaymentTerms(**{**defaults.model_dump(), **dict(overrides)})
-    return terms
 
 
 def _pick_upstream(spec: ToolDoc, upstreams: dict[str, Upstream], at: str, src: Source) -> Upstream | None:
@@ -172,7 +183,7 @@ def _pick_upstream(spec: ToolDoc, upstreams: dict[str, Upstream], at: str, src: 
     return upstreams[spec.upstream]
 
 
-def _parse(text: str, source_name: str) -> tuple[Catalog | None, Source]:
+def _parse(text: str, source_name: str, local: LocalTokens = None) -> tuple[Catalog | None, Source]:
     src = Source(source_name)
     data = src.parse(text)
     if src.issues:
@@ -185,10 +196,10 @@ def _parse(text: str, source_name: str) -> tuple[Catalog | None, Source]:
     except ValidationError as exc:
         src.add_validation_errors(exc)
         return None, src
-    return _resolve(doc, src), src
+    return _resolve(doc, src, local), src
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[Catalog | None, Source]:
+def _read(path: str | os.PathLike[str], local: LocalTokens = None) -> tuple[Catalog | None, Source]:
     name = os.fspath(path)
     try:
         text = Path(name).read_text(encoding="utf-8")
@@ -201,7 +212,7 @@ def _read(path: str | os.PathLike[str]) -> tuple[Catalog | None, Source]:
         reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or type(exc).__name__)
         src.issue("", "file_unreadable", f"cannot read the file: {reason}", line=None)
         return None, src
-    return _parse(text, name)
+    return _parse(text, name, local)
 
 
 def _fixed_lines(src: Source) -> list[CatalogIssue]:
@@ -228,31 +239,32 @@ def _without_cyclic_gc(load: Callable[_P, _T]) -> Callable[_P, _T]:
 
 
 @_without_cyclic_gc
-def parse_catalog(text: str, source_name: str = "<catalog>") -> Catalog:
-    catalog, src = _parse(text, source_name)
+def parse_catalog(text: str, source_name: str = "<catalog>", *, local: LocalTokens = None) -> Catalog:
+    catalog, src = _parse(text, source_name, local)
     if catalog is None:
         raise CatalogError(_fixed_lines(src))
     return catalog
 
 
 @_without_cyclic_gc
-def load_catalog(path: str | os.PathLike[str]) -> Catalog:
-    catalog, src = _read(path)
+def load_catalog(path: str | os.PathLike[str], *, local: LocalTokens = None) -> Catalog:
+    catalog, src = _read(path, local)
     if catalog is None:
         raise CatalogError(_fixed_lines(src))
     return catalog
 
 
 @_without_cyclic_gc
-def load_catalogs(paths: Iterable[str | os.PathLike[str]]) -> Catalogs:
-    """Load several owners' files; every file is checked, and all issues are raised together."""
+def load_catalogs(paths: Iterable[str | os.PathLike[str]], *, local: LocalTokens = None) -> Catalogs:
+    """Load several owners' files; every file is checked, and all issues are raised together.
+    ``local``: the stablecoins of the local chain as its deployment file has them."""
     issues: list[CatalogIssue] = []
     loaded: list[Catalog] = []
     names: dict[str, str] = {}
     routes: dict[_RouteShape, tuple[str, str]] = {}
     files = list(paths)
     for path in files:
-        catalog, src = _read(path)
+        catalog, src = _read(path, local)
         if catalog is None:
             issues.extend(_fixed_lines(src))
             continue

@@ -232,7 +232,7 @@ def test_cross_file_duplicates_name_both_files(tmp_path):
 
 
 def test_all_issues_reported_at_once():
-    text = BASE.replace("    price: 0.002\n", "    price: 0\n").replace('  network: "eip155:31337"', '  network: "x"')
+    text = BASE.replace("    price: 0.002\n", "    price: 0\n").replace('  network: "eip155:31337"', '  network: "x:1"')
     assert {i.code for i in issues(text)} == {"invalid_price", "invalid_network"}
 
 
