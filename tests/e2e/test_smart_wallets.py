@@ -36,7 +36,7 @@ from settlement.ledger import PaymentState
 from settlement.schemes.wallets import MAX_WALLET_SIGNATURE_BYTES
 from settlement.x402.codec import decode_header_json, encode_header
 from tests.conftest import PAY_TO
-from tests.support.attack_stack import Gateway, Stack, attack_stack, offer_for
+from tests.support.attack_stack import Gateway, Stack, attack_stack
 from tests.support.chain_actions import balance_of, set_eth, transfer
 from tests.support.invariant import InvariantChecker
 
