@@ -31,7 +31,9 @@ class CompiledTool:
 
     @cached_property
     def offer(self) -> Offer:
-        return Offer.for_tool(self.tool, self.scheme_requirements(self.tool.payment, self.tool.price_atomic))
+        tool, requirements = self.tool, self.scheme_requirements
+        alternatives = [requirements(offer.terms, offer.price_atomic) for offer in tool.alternatives]
+        return Offer.for_tool(tool, requirements(tool.payment, tool.price_atomic), alternatives)
 
     @cached_property
     def validator(self) -> Draft202012Validator:

@@ -3,12 +3,17 @@
 A 402 challenge and the binding check read the same precomputed ``PaymentRequirements``; per
 request only ``extra.requestBinding`` is added: a digest of method, path and query, so a payment
 made for one route or query is refused on another even when the price is the same.
+
+A tool with several offers (``Tool.alternatives``: another token, chain or scheme) lists every one
+in ``accepts``, the catalog's ``payment`` first; the payer picks one, and ``Quote.chosen`` is the
+quote of that one: its requirements and the tool as paid with it (``Tool.paid_with``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -59,65 +64,103 @@ def request_binding(method: str, path: str, query: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Offer:
     tool: Tool
-    requirements: PaymentRequirements  # without the per-request binding
+    requirements: PaymentRequirements  # the first offer (the catalog's payment), without the per-request binding
     extensions: dict[str, Any]  # of every challenge: payment-identifier, bazaar (discovery)
+    # The tool's further offers (``Tool.alternatives``, in order), each as its scheme asks for it.
+    alternatives: tuple[PaymentRequirements, ...] = ()
     _template: dict[str, Any] = field(init=False, repr=False, compare=False)
+    # The tool as paid with each offer, in the order of ``options`` (``Tool.paid_with``).
+    _tools: tuple[Tool, ...] = field(init=False, repr=False, compare=False)
 
     @classmethod
-    def for_tool(cls, tool: Tool, requirements: PaymentRequirements | None = None) -> Offer:
-        """``requirements``: what the tool's scheme asks for (``Schemes.requirements``); exact's by default."""
+    def for_tool(
+        cls, tool: Tool, requirements: PaymentRequirements | None = None,
+        alternatives: Sequence[PaymentRequirements] | None = None,
+    ) -> Offer:
+        """``requirements`` (and ``alternatives``, one per ``tool.alternatives``): what the tool's
+        scheme asks for each offer (``Schemes.requirements``); exact's by default."""
         if requirements is None:
             requirements = exact_requirements(tool.payment, tool.price_atomic)
+        if alternatives is None:
+            alternatives = [exact_requirements(o.terms, o.price_atomic) for o in tool.alternatives]
+        if len(alternatives) != len(tool.alternatives):
+            raise ValueError(f"{tool.name} has {len(tool.alternatives)} further offers, got {len(alternatives)} requirements")
         extensions = {PAYMENT_IDENTIFIER: PAYMENT_IDENTIFIER_EXTENSION, BAZAAR: bazaar_extension(tool)}
-        return cls(tool=tool, requirements=requirements, extensions=extensions)
+        return cls(tool=tool, requirements=requirements, extensions=extensions, alternatives=tuple(alternatives))
 
     def __post_init__(self) -> None:
         # The v2 challenge body without the per-request parts (error, resource URL, binding).
         template = payment_required(self, self.requirements, "", "").to_wire()
         object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_tools", (self.tool, *(self.tool.paid_with(o) for o in self.tool.alternatives)))
+
+    @property
+    def options(self) -> tuple[PaymentRequirements, ...]:
+        """Every offer's requirements, as ``accepts`` lists them: the first offer first."""
+        return (self.requirements, *self.alternatives)
+
+    def tool_for(self, index: int) -> Tool:
+        """The tool as paid with offer ``index`` of ``options``."""
+        return self._tools[index]
 
     def challenge_body(self, binding: str, resource_url: str, error: str) -> dict[str, Any]:
         """``payment_required(self, self.bound(binding), resource_url, error).to_wire()``, from the template."""
         template = self._template
-        accepted = template["accepts"][0]
         return {
             **template,
             "error": error,
             "resource": {**template["resource"], "url": resource_url},
-            "accepts": [{**accepted, "extra": {**accepted["extra"], BINDING_KEY: binding}}],
+            "accepts": [{**accepted, "extra": {**accepted["extra"], BINDING_KEY: binding}} for accepted in template["accepts"]],
         }
 
-    def bound(self, binding: str) -> PaymentRequirements:
-        return self.requirements.model_copy(update={"extra": {**(self.requirements.extra or {}), BINDING_KEY: binding}})
+    def bound(self, binding: str, index: int = 0) -> PaymentRequirements:
+        """Offer ``index`` of ``options`` bound to one request."""
+        requirements = self.options[index]
+        return requirements.model_copy(update={"extra": {**(requirements.extra or {}), BINDING_KEY: binding}})
+
+    def accepts(self, requirements: PaymentRequirements, index: int = 0) -> list[PaymentRequirements]:
+        """Every offer, in order, with ``requirements`` as offer ``index`` and the others bound
+        like it (the same ``extra.requestBinding``, or none)."""
+        if not self.alternatives:
+            return [requirements]
+        binding = (requirements.extra or {}).get(BINDING_KEY)
+        return [
+            requirements if i == index else (self.bound(binding, i) if isinstance(binding, str) else option)
+            for i, option in enumerate(self.options)
+        ]
 
 
 def payment_required(
-    offer: Offer, requirements: PaymentRequirements, resource_url: str, error: str
+    offer: Offer, requirements: PaymentRequirements, resource_url: str, error: str, index: int = 0
 ) -> PaymentRequired:
+    """The v2 402 body: ``requirements`` is offer ``index``, the others are listed beside it."""
     return PaymentRequired(
         error=error,
         resource=ResourceInfo(url=resource_url, description=offer.tool.description, mime_type="application/json"),
-        accepts=[requirements],
+        accepts=offer.accepts(requirements, index),
         extensions=offer.extensions,
     )
 
 
-def payment_required_v1(offer: Offer, requirements: PaymentRequirements, resource_url: str, error: str) -> PaymentRequiredV1:
+def payment_required_v1(
+    offer: Offer, requirements: PaymentRequirements, resource_url: str, error: str, index: int = 0
+) -> PaymentRequiredV1:
     return PaymentRequiredV1(
         error=error,
         accepts=[
             PaymentRequirementsV1(
-                scheme=requirements.scheme,
-                network=to_legacy(requirements.network),
-                max_amount_required=requirements.amount,
-                asset=requirements.asset,
-                pay_to=requirements.pay_to,
+                scheme=option.scheme,
+                network=to_legacy(option.network),
+                max_amount_required=option.amount,
+                asset=option.asset,
+                pay_to=option.pay_to,
                 resource=resource_url,
                 description=offer.tool.description,
                 mime_type="application/json",
-                max_timeout_seconds=requirements.max_timeout_seconds,
-                extra=requirements.extra,
+                max_timeout_seconds=option.max_timeout_seconds,
+                extra=option.extra,
             )
+            for option in offer.accepts(requirements, index)
         ],
     )
 
@@ -145,18 +188,33 @@ class Quote:
     protocol version the client speaks (v1 clients get v1 bodies and ``X-PAYMENT-RESPONSE``)."""
 
     offer: Offer
-    requirements: PaymentRequirements
+    requirements: PaymentRequirements  # of the offer the payer chose (``index``); the first until then
     resource_url: str
     version: int = 2
-    binding: str | None = None  # set when ``requirements`` is ``offer.bound(binding)``: the fast path
+    binding: str | None = None  # set when ``requirements`` is ``offer.bound(binding, index)``: the fast path
+    index: int = 0  # which of ``offer.options`` ``requirements`` is
+
+    @property
+    def tool(self) -> Tool:
+        """The tool as paid with this quote's offer (its terms and price)."""
+        return self.offer.tool_for(self.index)
+
+    def chosen(self, index: int) -> Quote:
+        """This request's quote for offer ``index`` (the payer's choice); every 402 still lists all."""
+        if index == self.index:
+            return self
+        binding = self.binding if self.binding is not None else (self.requirements.extra or {}).get(BINDING_KEY)
+        requirements = self.offer.bound(binding, index) if isinstance(binding, str) else self.offer.options[index]
+        return replace(self, requirements=requirements, index=index)
 
     def challenge(self, error: str) -> tuple[dict[str, str], dict[str, object]]:
         """Headers and body of a 402. The header is always v2, so a v2 client is never pushed down."""
         if self.version != 1 and self.binding is not None and len(self.resource_url) <= MAX_RESOURCE_URL:
             body = self.offer.challenge_body(self.binding, self.resource_url, error)
             return {PAYMENT_REQUIRED: encode_header(body)}, body
-        required = payment_required(self.offer, self.requirements, self.resource_url, error)
+        required = payment_required(self.offer, self.requirements, self.resource_url, error, self.index)
         headers = {PAYMENT_REQUIRED: challenge_header(required)}
         if self.version == 1:
-            return headers, payment_required_v1(self.offer, self.requirements, self.resource_url, error).to_wire()
+            v1 = payment_required_v1(self.offer, self.requirements, self.resource_url, error, self.index)
+            return headers, v1.to_wire()
         return headers, required.to_wire()

@@ -29,7 +29,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from catalog import Catalogs, Tool, format_amount, to_atomic
+from catalog import Catalogs, PaymentTerms, Tool, format_amount, to_atomic
 from catalog.limits import Budget, Budgets, RateLimit, RateLimits
 from gateway import codes
 from gateway.errors import GatewayError
@@ -89,16 +89,29 @@ class Limits:
         )
 
 
+# Budgets over dollar stablecoins (``usd_pegged`` assets) count in dollars, every such asset on every
+# network into one counter, in units of 10**-USD_DECIMALS dollars: exact for any token's decimals.
+USD_DECIMALS = 36
+
+
+def _offer_key(tool: Tool) -> tuple[str, str, str]:
+    """Budget rules are compiled per tool and offer; ``tool`` is the tool as paid with one offer."""
+    return tool.name, tool.payment.network, tool.payment.asset
+
+
 @dataclass(frozen=True)
 class _BudgetRule:
     name: str  # per_payer | per_payer_per_tool | per_owner
     level: str  # "gateway" | "owner:<owner>" | "tool:<name>": where the limit was written
-    limit: int  # atomic units of the tool's token
+    limit: int  # atomic units of the offer's token; for a dollar stablecoin, of USD_DECIMALS dollars
     window: int
-    decimals: int
+    decimals: int  # of ``limit``: the token's, or USD_DECIMALS
+    usd: bool = False  # counted in dollars with every other dollar stablecoin
+    scale: int = 1  # token atomic units → the rule's units
 
     def key(self, tool: Tool, payer: str) -> str:
-        parts = ["budget", self.level, self.name, tool.payment.network, tool.payment.asset.lower()]
+        unit = ["usd"] if self.usd else [tool.payment.network, tool.payment.asset.lower()]
+        parts = ["budget", self.level, self.name, *unit]
         if self.name == "per_payer_per_tool" or (self.name == "per_owner" and self.level == "gateway"):
             parts.append(tool.name if self.name == "per_payer_per_tool" else tool.owner)
         if self.name != "per_owner":
@@ -189,7 +202,7 @@ class Safety:
         self.limits = limits or Limits()
         self.policy = policy or Policy(store)
         self.breakers = breakers or Breakers(store, catalogs.tools)
-        self._budgets: dict[str, list[_BudgetRule]] = {}
+        self._budgets: dict[tuple[str, str, str], list[_BudgetRule]] = {}
         self._rates: dict[str, list[_RateRule]] = {}
         self._ceilings: dict[str, Decimal] = {}
         for catalog in catalogs.catalogs:
@@ -202,10 +215,26 @@ class Safety:
             (f"owner:{tool.owner}", budgets, rates),
             (f"tool:{tool.name}", tool.budgets, tool.rate_limits),
         ]
-        decimals = tool.payment.decimals
-        budget_rules: list[_BudgetRule] = []
+        for offer in tool.offers:
+            self._budgets[_offer_key(tool.paid_with(offer))] = self._budget_rules(tool, offer.terms, sources)
         rate_rules: list[_RateRule] = []
-        for level, level_budgets, level_rates in sources:
+        for level, _, level_rates in sources:
+            for name in ("per_payer", "per_tool", "per_client"):
+                rate: RateLimit | None = getattr(level_rates, name)
+                if rate is not None:
+                    rate_rules.append(_RateRule(name, level, rate))
+        self._rates[tool.name] = rate_rules
+        ceilings = [c for c in (tool.max_price, catalog_max, self.limits.max_price) if c is not None]
+        if ceilings:
+            self._ceilings[tool.name] = min(ceilings)
+
+    @staticmethod
+    def _budget_rules(tool: Tool, terms: PaymentTerms, sources: list[tuple[str, Budgets, RateLimits]]) -> list[_BudgetRule]:
+        """The budgets of one offer of ``tool``: in dollars for a dollar stablecoin, else in its token."""
+        decimals = USD_DECIMALS if terms.usd_pegged else terms.decimals
+        scale = 10 ** (USD_DECIMALS - terms.decimals) if terms.usd_pegged else 1
+        rules: list[_BudgetRule] = []
+        for level, level_budgets, _ in sources:
             for name in ("per_payer", "per_payer_per_tool", "per_owner"):
                 budget: Budget | None = getattr(level_budgets, name)
                 if budget is None:
@@ -219,16 +248,8 @@ class Safety:
                     ) from None
                 if limit > MAX_EXACT_UNITS:
                     raise ValueError(f"budget {name} {budget.amount:f} ({level}) is too large for tool {tool.name}")
-                budget_rules.append(_BudgetRule(name, level, limit, budget.window, decimals))
-            for name in ("per_payer", "per_tool", "per_client"):
-                rate: RateLimit | None = getattr(level_rates, name)
-                if rate is not None:
-                    rate_rules.append(_RateRule(name, level, rate))
-        self._budgets[tool.name] = budget_rules
-        self._rates[tool.name] = rate_rules
-        ceilings = [c for c in (tool.max_price, catalog_max, self.limits.max_price) if c is not None]
-        if ceilings:
-            self._ceilings[tool.name] = min(ceilings)
+                rules.append(_BudgetRule(name, level, limit, budget.window, decimals, terms.usd_pegged, scale))
+        return rules
 
     # -- before the 402 --------------------------------------------------------------------------
 
@@ -312,29 +333,33 @@ class Safety:
         the earlier ones are given back, so a refusal never leaves anything counted."""
         with self._verdict(ctx, "budgets"):
             await self._reserve(ctx, tool, payer, amount)
-        if self._budgets[tool.name]:
-            ctx.record("safety_verdict", stage="budgets", verdict="allow",
-                       rules=[rule.name for rule in self._budgets[tool.name]])
+        rules = self._budgets[_offer_key(tool)]
+        if rules:
+            ctx.record("safety_verdict", stage="budgets", verdict="allow", rules=[rule.name for rule in rules])
 
     async def _reserve(self, ctx: RequestContext, tool: Tool, payer: str, amount: int) -> None:
+        """``tool``: as paid with the payer's offer; ``amount``: atomic units of that offer's token."""
         held = ctx.safety if isinstance(ctx.safety, Held) else Held()
         ctx.safety = held
-        for rule in self._budgets[tool.name]:
+        for rule in self._budgets[_offer_key(tool)]:
             key = rule.key(tool, payer)
+            units = amount * rule.scale
             with _store_errors():
-                decision = await self.store.reserve_budget(key, amount, rule.limit, rule.window)
+                decision = await self.store.reserve_budget(key, units, rule.limit, rule.window)
             if decision.allowed:
-                held.reservations.append(_Reservation(rule, key, amount, decision.resets_at))
+                held.reservations.append(_Reservation(rule, key, units, decision.resets_at))
                 continue
             await self._release(held)
+            counted: dict[str, Any] = (
+                {"currency": "USD"} if rule.usd else {"limitAtomic": str(rule.limit), "usedAtomic": str(decision.used)}
+            )
             raise GatewayError(
                 codes.BUDGET_EXCEEDED,
                 f"this call would pass the {rule.name.replace('_', ' ')} budget of "
-                f"{format_amount(rule.limit, rule.decimals)} per {rule.window}s; nothing was charged",
+                f"{'$' if rule.usd else ''}{format_amount(rule.limit, rule.decimals)} per {rule.window}s; nothing was charged",
                 status=403, retryable=False, budget=rule.name, scope=rule.level.split(":", 1)[0],
-                limit=format_amount(rule.limit, rule.decimals), limitAtomic=str(rule.limit),
-                used=format_amount(decision.used, rule.decimals), usedAtomic=str(decision.used),
-                price=format_amount(amount, rule.decimals), windowSeconds=rule.window,
+                limit=format_amount(rule.limit, rule.decimals), used=format_amount(decision.used, rule.decimals),
+                price=format_amount(units, rule.decimals), windowSeconds=rule.window, **counted,
                 resetsAt=datetime.fromtimestamp(decision.resets_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             )
 

@@ -35,7 +35,7 @@ from settlement.errors import ChainUnavailable, PaymentDecodeError
 from settlement.schemes.signatures import SignerCheck
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures
 from settlement.x402.codec import parse_exact_evm
-from settlement.x402.wire import ExactEvmPayload
+from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements
 
 __all__ = ["DecodeAndBind", "WalletCheck"]
 
@@ -57,10 +57,11 @@ class DecodeAndBind:
         header = request.headers.get(PAYMENT_SIGNATURE)
         if header is not None:
             payload = decode_payment(header)
-            bind(quote, payload)
+            quote = bind(quote, payload)
         else:
-            payload = decode_payment_v1(str(request.headers.get(X_PAYMENT)), quote)
-        ctx.payload = payload
+            payload, quote = decode_payment_v1(str(request.headers.get(X_PAYMENT)), quote, self._recovers)
+        # The offer the payer chose (of a tool's several): the stages after this one follow it.
+        ctx.payload, ctx.quote, ctx.tool = payload, quote, quote.tool
         try:
             exact = parse_exact_evm(payload)
         except PaymentDecodeError as exc:
@@ -91,6 +92,13 @@ class DecodeAndBind:
             raise PaymentChallenge(quote, "invalid_exact_evm_payload_signature", _BAD_SIGNATURE) from None
         except WalletRefused as refused:
             raise PaymentChallenge(quote, refused.reason, refused.message) from None
+
+    def _recovers(self, requirements: PaymentRequirements, payload: PaymentPayload) -> bool:
+        """Whether a v1 payment's signature recovers to its payer under this offer's token domain."""
+        try:
+            return self.signers.signer(requirements, parse_exact_evm(payload)) is not None
+        except PaymentDecodeError:
+            return False
 
 
 class WalletCheck:
