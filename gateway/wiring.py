@@ -91,7 +91,7 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
     """One chain client per network the catalog sells on. Networks settled locally need an RPC URL
     and a settlement key; others get a read-only client when an RPC URL is configured (used to
     resolve open payments). Dev keys are refused off the local chain."""
-    networks = sorted({tool.payment.network for tool in catalogs.tools})
+    networks = sorted({offer.terms.network for tool in catalogs.tools for offer in tool.offers})
     local = set(networks) if local_networks is None else local_networks
     deployment: Deployment | None = None
     chains: dict[str, JsonRpcChain] = {}
@@ -164,7 +164,7 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
     (batched where X402GW_BATCH_SETTLEMENT says so; it writes the transaction hash ahead), or by
     the remote facilitator configured for the network (read-only chain access, where configured,
     resolves its open payments). A scheme to come is one more ``Scheme`` in this list."""
-    plan = facilitator_plan(settings, {tool.payment.network for tool in catalogs.tools})
+    plan = facilitator_plan(settings, {offer.terms.network for tool in catalogs.tools for offer in tool.offers})
     local_networks = write_ahead_networks(plan)
     wiring = SchemeWiring(Schemes(), build_chains(settings, catalogs, local_networks))
     wiring.wallets = build_wallets(settings, wiring.chains)
@@ -330,8 +330,7 @@ async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs) -> N
         if remote_id != chain.chain_id:
             raise GatewayConfigError(f"RPC for {network} serves chain id {remote_id}", code="chain_id_mismatch")
         checked: set[str] = set()
-        for tool in catalogs.tools:
-            terms = tool.payment
+        for terms in (offer.terms for tool in catalogs.tools for offer in tool.offers):
             if terms.network != network or terms.asset in checked:
                 continue
             checked.add(terms.asset)

@@ -215,7 +215,7 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
         loaded = load_catalogs(settings.catalog)
     except CatalogError as exc:
         _fail(f"the catalog is invalid\n{exc}")
-    networks = {tool.payment.network for tool in loaded.tools}
+    networks = {offer.terms.network for tool in loaded.tools for offer in tool.offers}
     try:
         chains: dict[str, JsonRpcChain] = dict(build_chains(settings, loaded, local_networks=set()))
     except GatewayConfigError as exc:
@@ -227,7 +227,7 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
         hint = f" or start `x402gw devchain` (no deployment at {settings.deployment_file})" if network == "eip155:31337" else ""
         _fail(f"no chain access for {network}: set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}'{hint}")
     plan = facilitator_plan(settings, networks)
-    assets = {(t.payment.network, t.payment.asset, t.payment.pay_to) for t in loaded.tools}
+    assets = {(o.terms.network, o.terms.asset, o.terms.pay_to) for t in loaded.tools for o in t.offers}
     book = _open_ledger(settings.database_url)
 
     async def run() -> Any:

@@ -54,7 +54,7 @@ class Schemes:
     def unserved(self, tools: Iterable[Tool]) -> list[str]:
         """What the catalog asks for that no registered scheme serves, one line per (scheme, network)."""
         missing = sorted(
-            {(t.payment.scheme, t.payment.network) for t in tools if self.get(t.payment.scheme, t.payment.network) is None}
+            {(o.terms.scheme, o.terms.network) for t in tools for o in t.offers if self.get(o.terms.scheme, o.terms.network) is None}
         )
         known = ", ".join(sorted(self.names)) or "none"
         return [f"scheme {name!r} on {network} is not served (registered schemes: {known})" for name, network in missing]

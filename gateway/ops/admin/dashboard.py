@@ -42,8 +42,7 @@ class Dashboard:
         self.breakers = breakers
         self.assets: dict[str, Asset] = {}
         self.tool_assets = {tool.name: tool.payment.asset for tool in catalogs.tools}
-        for tool in catalogs.tools:
-            terms = tool.payment
+        for terms in (offer.terms for tool in catalogs.tools for offer in tool.offers):
             self.assets.setdefault(terms.asset, Asset(terms.asset, terms.asset_name, terms.decimals))
 
     def _amount(self, atomic: int, asset: str | None, decimals: int | None = None) -> dict[str, Any]:
