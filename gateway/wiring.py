@@ -22,7 +22,7 @@ from gateway.settings import Settings
 from gateway.store import StateStore
 from gateway.upstream.bridge import Bridge, BridgeConfigError
 from settlement.chain.client import JsonRpcChain
-from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment, DevchainError
+from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment, DevchainError, rehearsal_deployment
 from settlement.chain.refunds import Refunder
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable, SettlementError
 from settlement.schemes import ANY_NETWORK, ExactEvm, Facilitator, LocalFacilitator, Schemes, WalletSignatures
@@ -60,7 +60,7 @@ def is_dev_key(key: str) -> bool:
 
 def _key_for(settings: Settings, network: str, chain_id: int, deployment: Deployment | None) -> str | None:
     key = settings.settlement_key.get_secret_value() if settings.settlement_key else None
-    if key is None and chain_id == LOCAL_CHAIN_ID and deployment is not None:
+    if key is None and deployment is not None and deployment.chain_id == chain_id:
         key = deployment.settlement_key
     return key
 
@@ -108,7 +108,12 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
                     raise GatewayConfigError(str(exc), code="deployment_missing") from None
         if not rpc_urls and chain_id == LOCAL_CHAIN_ID and deployment is not None:
             rpc_urls = [deployment.rpc_url]
-        key = _key_for(settings, network, chain_id, deployment) if network in local else None
+        # A rehearsal (x402gw devchain --rehearse): this network's chain id on a local anvil, as
+        # the deployment file says, every RPC URL on loopback and answering as anvil.
+        rehearsal = rehearsal_deployment(settings.deployment_file, network, rpc_urls) if chain_id != LOCAL_CHAIN_ID else None
+        if rehearsal is not None:
+            rpc_urls = rpc_urls or [rehearsal.rpc_url]
+        key = _key_for(settings, network, chain_id, rehearsal or deployment) if network in local else None
         if not rpc_urls:
             if network not in local:
                 continue
@@ -120,7 +125,8 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
             raise GatewayConfigError(
                 f"no settlement key for {network}: set X402GW_SETTLEMENT_KEY", code="settlement_key_missing"
             )
-        _refuse_dev_key(key, network, chain_id, "settlement key")
+        if rehearsal is None:
+            _refuse_dev_key(key, network, chain_id, "settlement key")
         chains[network] = JsonRpcChain(rpc_urls, chain_id, key)
     return chains
 
@@ -266,7 +272,8 @@ def build_refunder(settings: Settings, chains: dict[str, JsonRpcChain]) -> Refun
     key = settings.refund_key.get_secret_value()
     refund_chains: dict[str, JsonRpcChain] = {}
     for network, chain in chains.items():
-        _refuse_dev_key(key, network, chain.chain_id, "refund key")
+        if chain.chain_id == LOCAL_CHAIN_ID or rehearsal_deployment(settings.deployment_file, network, chain.rpc_urls) is None:
+            _refuse_dev_key(key, network, chain.chain_id, "refund key")
         refund_chains[network] = JsonRpcChain(chain.rpc_urls, chain.chain_id, key)
     return Refunder(refund_chains, receipt_timeout=settings.receipt_timeout_seconds)
 

@@ -75,8 +75,14 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> Non
 @click.option("--port", default=8545, show_default=True, help="Anvil port on 127.0.0.1.")
 @click.option("--deployment", default="var/devchain.json", show_default=True, type=click.Path(path_type=Path))
 @click.option("--anvil", "anvil_path", default=None, envvar="X402GW_ANVIL_PATH", help="Path to the anvil binary.")
-def devchain(port: int, deployment: Path, anvil_path: str | None) -> None:
+@click.option("--rehearse", "rehearse", default=None, metavar="NETWORK",
+              help="Imitate a real network (e.g. base-sepolia): its chain id, the test token at its USDC address.")
+def devchain(port: int, deployment: Path, anvil_path: str | None, rehearse: str | None) -> None:
     """Start anvil (chain id 31337), deploy the test USDC, fund accounts 1-9; Ctrl-C stops it."""
+    if rehearse:
+        from gateway.devkit.rehearsal import run_rehearsal
+
+        sys.exit(run_rehearsal(rehearse, port=port, deployment_path=deployment, anvil_path=anvil_path, echo=click.echo))
     from gateway.devkit.devchain import run_devchain
 
     sys.exit(run_devchain(port=port, deployment_path=deployment, anvil_path=anvil_path, echo=click.echo))
@@ -104,17 +110,25 @@ def catalog() -> None:
 
 @catalog.command("validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def catalog_validate(files: tuple[Path, ...]) -> None:
-    """Check catalog files; exit 1 and name file, field and line for every problem."""
+@click.option("--check-chain", "rpc_urls", multiple=True, metavar="RPC",
+              help="Read each offered token on the chain this RPC serves; refuse a name, version or decimals mismatch (repeatable).")
+@click.option("--deployment", default="var/devchain.json", show_default=True, envvar="X402GW_DEPLOYMENT_FILE",
+              type=click.Path(path_type=Path), help="The dev chain's deployment file (asset: USDC on the local chain).")
+def catalog_validate(files: tuple[Path, ...], rpc_urls: tuple[str, ...], deployment: Path) -> None:
+    """Check catalog files and print the offers they make; exit 1 and name file, field and line for every problem."""
+    from gateway.cli.catalog_check import check_chain, describe_offers
+    from settlement.chain.deployment import local_tokens
+
+    local = local_tokens(deployment)
     try:
-        catalogs = load_catalogs(files)
+        catalogs = load_catalogs(files, local=local)
     except CatalogError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
-    for cat in catalogs.catalogs:
-        click.echo(f"{cat.source}: ok, owner {cat.owner}, {len(cat.tools)} tools")
-        for tool in cat.tools:
-            click.echo(f"  {tool.method:6} {tool.path:32} {tool.name:20} {tool.price} ({tool.price_atomic} atomic)")
+    for line in describe_offers(catalogs, local):
+        click.echo(line)
+    if rpc_urls and not check_chain(catalogs, rpc_urls, click.echo):
+        sys.exit(1)
 
 
 main.add_command(audit)

@@ -151,8 +151,10 @@ class Anvil:
         block_time: float | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 15.0,
+        chain_id: int = LOCAL_CHAIN_ID,
     ) -> None:
         self._requested_port = port
+        self.chain_id = chain_id  # another network's id for a rehearsal (gateway.devkit.rehearsal)
         self._anvil_path = anvil_path
         self._block_time = block_time
         self._extra_args = tuple(extra_args)
@@ -185,7 +187,7 @@ class Anvil:
             "--port",
             str(self._requested_port),
             "--chain-id",
-            str(LOCAL_CHAIN_ID),
+            str(self.chain_id),
         ]
         if self._block_time is not None:
             cmd += ["--block-time", _format_seconds(self._block_time)]
@@ -282,8 +284,8 @@ class Anvil:
         while True:
             chain_id = _query_chain_id(self.rpc_url, request)
             if chain_id is not None:
-                if chain_id != LOCAL_CHAIN_ID:
-                    raise self._start_failed(f"anvil answered chain id {chain_id}, expected {LOCAL_CHAIN_ID}")
+                if chain_id != self.chain_id:
+                    raise self._start_failed(f"anvil answered chain id {chain_id}, expected {self.chain_id}")
                 return
             if process.poll() is not None:
                 self._reader_join()

@@ -265,9 +265,12 @@ def run_devchain(
     echo: Callable[[str], object] = print,
     mint_atomic: int = DEFAULT_MINT_ATOMIC,
     stop_event: threading.Event | None = None,
+    chain_id: int = LOCAL_CHAIN_ID,
+    setup: Callable[[str, int], Deployment] | None = None,
 ) -> int:
     """Run a dev chain in the foreground until Ctrl-C, SIGTERM or ``stop_event``; returns the
-    exit code (0 after a clean stop, 1 if the chain could not be started or died)."""
+    exit code (0 after a clean stop, 1 if the chain could not be started or died). ``chain_id``
+    and ``setup`` (rpc_url, mint_atomic → deployment): a rehearsal (gateway.devkit.rehearsal)."""
     stop = stop_event if stop_event is not None else threading.Event()
     previous: dict[int, Any] = {}
 
@@ -278,10 +281,10 @@ def run_devchain(
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
-    anvil = Anvil(port, anvil_path=anvil_path)
+    anvil = Anvil(port, anvil_path=anvil_path, chain_id=chain_id)
     try:
         anvil.start()
-        deployment = setup_devchain(anvil.rpc_url, mint_atomic=mint_atomic)
+        deployment = (setup or setup_devchain)(anvil.rpc_url, mint_atomic)
         deployment.write(deployment_path)
         for line in _summary(deployment, Path(deployment_path)):
             echo(line)
@@ -314,6 +317,9 @@ def _summary(deployment: Deployment, path: Path) -> list[str]:
         f"  deployment   {path}",
         "  funded accounts (public anvil dev keys):",
     ]
+    if deployment.rehearsal:
+        lines[1:1] = [f"  rehearsal    of {deployment.rehearsal}: its chain id, its USDC's address, name and version "
+                      "(anvil dev keys: never a real network)"]
     for account in deployment.accounts:
         amount = _format_usdc(account.usdc_atomic, token.decimals)
         lines.append(f"    [{account.index}] {account.address}  {amount} {token.symbol}  key {account.private_key}")

@@ -5,12 +5,19 @@ chain). Production code reads deployments; ``gateway.devkit.devchain`` starts ch
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from catalog.registry import Stablecoin, with_local_token
 from settlement.errors import SettlementError
 
 __all__ = [
@@ -25,6 +32,9 @@ __all__ = [
     "DevchainError",
     "FundedAccount",
     "TokenInfo",
+    "is_loopback_url",
+    "local_tokens",
+    "rehearsal_deployment",
 ]
 
 LOCAL_CHAIN_ID = 31337
@@ -106,6 +116,9 @@ class Deployment(BaseModel):
     accounts: list[FundedAccount]
     # BatchSettler callable by the settlement account (batched settlement); absent in older files.
     batch_settler: str | None = None
+    # A rehearsal chain (x402gw devchain --rehearse NAME): anvil with that network's chain id and
+    # the test token at its real USDC address. None: the local chain (31337).
+    rehearsal: str | None = None
     # Smart-wallet support (absent in older files): the SmartWalletFactory (CREATE2, ERC-6492
     # factory), the EIP-7702 delegate, and Multicall3 at its canonical address.
     wallet_factory: str | None = None
@@ -150,3 +163,67 @@ class Deployment(BaseModel):
                 "delete it and restart `x402gw devchain`",
                 code="deployment_invalid",
             ) from exc
+
+
+def is_loopback_url(url: str) -> bool:
+    """An http(s) URL whose host is this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _client_version(rpc_url: str, timeout: float = 3.0) -> str | None:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "web3_clientVersion", "params": []}).encode()
+    request = urllib.request.Request(rpc_url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        # No proxy: the question is what answers on this machine's loopback.
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=timeout) as response:
+            result = json.load(response).get("result")
+    except (OSError, ValueError, AttributeError, urllib.error.URLError):
+        return None
+    return result if isinstance(result, str) else None
+
+
+def rehearsal_deployment(path: str | os.PathLike[str], network: str, rpc_urls: Sequence[str]) -> Deployment | None:
+    """The deployment of a rehearsal of ``network`` (a real network's chain id on a local anvil),
+    or None. All of it must hold: the deployment file marks a rehearsal of exactly this network,
+    every RPC URL of the network (the deployment's own when none is configured) is on loopback,
+    and each answers ``web3_clientVersion`` as anvil. Only then may anvil's public dev keys settle
+    on a chain id that is not the local one; anywhere else the gateway refuses them."""
+    try:
+        deployment = Deployment.read(path)
+    except (DevchainError, UnicodeDecodeError):
+        return None
+    if not deployment.rehearsal or deployment.network != network or network == LOCAL_NETWORK:
+        return None
+    urls = list(rpc_urls) or [deployment.rpc_url]
+    if not all(is_loopback_url(url) for url in urls):
+        return None
+    if not all((_client_version(url) or "").lower().startswith("anvil/") for url in urls):
+        return None
+    return deployment
+
+
+def local_tokens(path: str | os.PathLike[str]) -> dict[str, tuple[Stablecoin, ...]] | None:
+    """The local chain's test token as the deployment file names it, for the catalog loader's
+    ``local=`` (``asset: USDC`` on eip155:31337 is the deployed token); None without a readable
+    local deployment (a rehearsal's token is at the real address the registry already has)."""
+    try:
+        deployment = Deployment.read(path)
+    except (DevchainError, UnicodeDecodeError):
+        return None
+    if deployment.rehearsal or deployment.network != LOCAL_NETWORK:
+        return None
+    token = deployment.token
+    return with_local_token(deployment.network, token.address, token.name, token.version, token.decimals,
+                            token.symbol, f"deployment file {path}")
