@@ -45,6 +45,7 @@ from gateway.store import StateStore, StoreUnavailable, create_store
 from gateway.surfaces.discovery import Discovery
 from gateway.surfaces.facilitator_api import facilitator_routes
 from gateway.surfaces.mcp import McpEndpoint
+from gateway.surfaces.search import ToolSearch
 from gateway.upstream.bridge import AiohttpUpstreamClient, UpstreamClient
 from gateway.wiring import (
     SchemeWiring,
@@ -229,8 +230,10 @@ def create_app(
     )
     metrics, dashboard, routes = _operations(settings, catalogs, wiring, pipeline, ledger, store, safety)
     # Agent interface: every discovery format and MCP, all generated from the pipeline's catalog.
-    mcp_endpoint = McpEndpoint(pipeline, settings.public_url)
-    routes.extend([*Discovery(pipeline, settings.public_url).routes(), mcp_endpoint.route()])
+    # One search index for /tools?q= and MCP's search_tools, built on the first search.
+    search = ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
+    mcp_endpoint = McpEndpoint(pipeline, settings.public_url, search=search)
+    routes.extend([*Discovery(pipeline, settings.public_url, search=search).routes(), mcp_endpoint.route()])
     routes.append(_paid_route(pipeline))
     cors = _cors()
     app = _Gateway(

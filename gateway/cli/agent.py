@@ -123,7 +123,7 @@ async def _run(
                f"{token.decimals} decimals  ({token.source})")
     async with httpx.AsyncClient(base_url=gateway.rstrip("/"), timeout=60) as client:
         try:
-            tools = await discover(client, gateway)
+            tools = await discover(client, gateway, query=name)  # a big catalog is searched for the name
             if not tools:
                 raise click.ClickException("the gateway lists no tools")
             tool, chosen = _choose(tools, name, arguments)

@@ -2,8 +2,13 @@
 
 Follows the x402 MCP transport (x402-protocol.md §6.3):
 
-* ``tools/list``: every exposed tool; ``inputSchema`` is the catalog's input schema, the price is in
-  the description and in ``_meta["x402/price"]``.
+* ``tools/list``: every exposed tool, ``PAGE_SIZE`` a page (``nextCursor``, passed back as
+  ``cursor``; a cursor this server did not make, or made for another catalog, is JSON-RPC -32602);
+  ``inputSchema`` is the catalog's input schema, the price is in the description and in
+  ``_meta["x402/price"]``, the definition's estimated size in tokens in ``_meta["x402gw/tokens"]``.
+* ``search_tools`` (first on the first page, free: no price, never a 402): the best tools for a few
+  words, as ``tools/list`` would list them (``gateway.surfaces.search``; a catalog tool of the same
+  name takes precedence and search is then offered over HTTP only).
 * ``tools/call`` without payment: ``isError`` result whose ``structuredContent`` is the
   PaymentRequired (``content[0].text`` the same JSON).
 * ``tools/call`` with ``params._meta["x402/payment"]`` = PaymentPayload (plain JSON): the tool's
@@ -20,6 +25,8 @@ is bound to.
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -33,6 +40,7 @@ from mcp.server.streamable_http_manager import (
     StreamableHTTPASGIApp,
     StreamableHTTPSessionManager,
 )
+from mcp.shared.exceptions import MCPError
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -50,6 +58,17 @@ from gateway.headers import (
     lower,
 )
 from gateway.surfaces.discovery import tool_request
+from gateway.surfaces.search import (
+    BUDGET_MAX,
+    CANDIDATES,
+    LIMIT_MAX,
+    QUERY_MAX_CHARS,
+    TOKEN_ESTIMATE,
+    ToolSearch,
+    estimate_tokens,
+    fit,
+    search_request,
+)
 
 if TYPE_CHECKING:
     from gateway.pipeline.pipeline import Pipeline
@@ -59,6 +78,10 @@ log = logging.getLogger("x402gw.mcp")
 PAYMENT_META = "x402/payment"
 PAYMENT_RESPONSE_META = "x402/payment-response"
 PRICE_META = "x402/price"
+TOKENS_META = "x402gw/tokens"
+FREE_META = "x402gw/free"
+SEARCH_TOOL = "search_tools"
+PAGE_SIZE = 100
 
 
 def _decode(header: str) -> Any:
@@ -72,14 +95,26 @@ def _text(data: Any) -> list[types.ContentBlock]:
     return [types.TextContent(type="text", text=json.dumps(data, separators=(",", ":")))]
 
 
+def _tokens(name: str, description: str, input_schema: Any) -> int:
+    """An MCP tool definition's size in tokens: what a client hands its model (gateway.surfaces.search)."""
+    return estimate_tokens({"name": name, "description": description, "inputSchema": input_schema})
+
+
 class McpEndpoint:
     """The MCP server of one gateway app: its route, and the session manager the app's lifespan runs."""
 
-    def __init__(self, pipeline: Pipeline, public_url: str | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, public_url: str | None = None, search: ToolSearch | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
         self.pipeline = pipeline
         self.public_url = public_url.rstrip("/") if public_url else None
+        self.search = search or ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
+        self.page_size = page_size
         self._app: ASGIApp | None = None
         self._listed: list[types.Tool] | None = None
+        self._by_name: dict[str, types.Tool] = {}
+        self._catalog_id = ""
         self.server: Server[Any] = Server(
             "x402gw",
             version="1",
@@ -118,17 +153,85 @@ class McpEndpoint:
             "payTo": terms.pay_to,
             "scheme": "exact",
         }
+        description = f"{tool.description} (x402: {price['amount']} {terms.asset_name} per call on {terms.network})"
         return types.Tool(
             name=tool.name,
-            description=f"{tool.description} (x402: {price['amount']} {terms.asset_name} per call on {terms.network})",
+            description=description,
             input_schema=tool.input_schema,
-            _meta={PRICE_META: price},
+            _meta={PRICE_META: price, TOKENS_META: _tokens(tool.name, description, tool.input_schema)},
         )
 
-    async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+    def _search_tool(self) -> types.Tool:
+        description = (
+            "Free (not paid): the paid tools best matching a few words, best first, each as tools/list lists it "
+            "with its size in tokens (_meta['x402gw/tokens']). With budget, only the best tools whose "
+            "definitions fit that many tokens."
+        )
+        schema = {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "maxLength": QUERY_MAX_CHARS, "description": "What the tool should do"},
+                "limit": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX, "description": "Most tools returned"},
+                "budget": {"type": "integer", "minimum": 1, "maximum": BUDGET_MAX,
+                           "description": "Most tokens the returned definitions may take together"},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        }
+        return types.Tool(
+            name=SEARCH_TOOL, description=description, input_schema=schema,
+            _meta={FREE_META: True, TOKENS_META: _tokens(SEARCH_TOOL, description, schema)},
+        )
+
+    def _listing(self) -> list[types.Tool]:
         if self._listed is None:  # built on the first tools/list, then kept: the catalog is fixed
-            self._listed = [self._tool(name) for name in self.pipeline.tools]
-        return types.ListToolsResult(tools=self._listed)
+            names = list(self.pipeline.tools)
+            self._by_name = {name: self._tool(name) for name in names}
+            search = [] if SEARCH_TOOL in self._by_name else [self._search_tool()]
+            self._listed = search + list(self._by_name.values())
+            self._catalog_id = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+        return self._listed
+
+    def _cursor(self, offset: int) -> str:
+        return base64.urlsafe_b64encode(f"{self._catalog_id}:{offset}".encode()).decode("ascii")
+
+    def _offset(self, cursor: str | None, total: int) -> int:
+        """Where a cursor points; JSON-RPC invalid params for one this catalog's listing did not make."""
+        if cursor is None:
+            return 0
+        try:
+            catalog_id, _, offset = base64.urlsafe_b64decode(cursor.encode("ascii")).decode("ascii").partition(":")
+            if catalog_id == self._catalog_id and offset.isdigit() and 0 < int(offset) < total:
+                return int(offset)
+        except (ValueError, binascii.Error, UnicodeError):
+            pass
+        raise MCPError(types.INVALID_PARAMS, "invalid cursor: list again without one (the catalog may have changed)")
+
+    async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        listed = self._listing()
+        start = self._offset(params.cursor if params else None, len(listed))
+        end = start + self.page_size
+        next_cursor = self._cursor(end) if end < len(listed) else None
+        return types.ListToolsResult(tools=listed[start:end], next_cursor=next_cursor)
+
+    def _search(self, arguments: dict[str, Any]) -> types.CallToolResult:
+        try:
+            wanted = search_request(arguments.get("query"), arguments.get("limit"), arguments.get("budget"), text=False)
+        except GatewayError as err:
+            return self._refusal(err)
+        self._listing()
+        ranked = self.search.search(wanted.query, CANDIDATES if wanted.budget else wanted.limit)
+        listed = [self._by_name[hit.tool.name] for hit in ranked]
+        chosen = fit(listed, lambda tool: int((tool.meta or {})[TOKENS_META]), wanted.limit, wanted.budget)
+        found = {
+            "tools": [tool.model_dump(mode="json", by_alias=True, exclude_none=True) for tool in chosen],
+            "search": {
+                "query": wanted.query, "limit": wanted.limit, "budget": wanted.budget, "returned": len(chosen),
+                "tokens": sum(int((tool.meta or {})[TOKENS_META]) for tool in chosen),
+                "tokenEstimate": TOKEN_ESTIMATE, "catalogSize": len(self.pipeline.tools),
+            },
+        }
+        return types.CallToolResult(content=_text(found), structured_content=found)
 
     # -- tools/call -------------------------------------------------------------------------
 
@@ -141,6 +244,8 @@ class McpEndpoint:
 
     async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         compiled = self.pipeline.tools.get(params.name)
+        if compiled is None and params.name == SEARCH_TOOL:
+            return self._search(params.arguments or {})
         if compiled is None:
             return self._refusal(GatewayError(codes.NOT_FOUND, f"no tool named {params.name!r}; see tools/list"))
         tool = compiled.tool

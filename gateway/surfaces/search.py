@@ -214,11 +214,11 @@ def _refuse(code: str, field: str, problem: str, message: str) -> GatewayError:
     return GatewayError(code, message, fields=[{"field": field, "problem": problem}])
 
 
-def _count(value: Any, field: str, code: str, high: int, default: int | None) -> int | None:
-    if value is None or value == "":
+def _count(value: Any, field: str, code: str, high: int, default: int | None, text: bool) -> int | None:
+    if value is None or (text and value == ""):
         return default
     if isinstance(value, bool) or not (
-        (isinstance(value, int)) or (isinstance(value, str) and _DIGITS.match(value))
+        (isinstance(value, int)) or (text and isinstance(value, str) and _DIGITS.match(value))
     ) or not 1 <= int(value) <= high:
         shown = value[:40] if isinstance(value, str) else value
         raise _refuse(
@@ -228,10 +228,10 @@ def _count(value: Any, field: str, code: str, high: int, default: int | None) ->
     return int(value)
 
 
-def search_request(query: Any, limit: Any = None, budget: Any = None) -> SearchRequest:
-    """A search's parameters checked (query-string text or MCP JSON values alike): a refusal with a
-    stable code for a query that is empty, not text or too long, a limit or budget that is not a
-    positive integer within its cap."""
+def search_request(query: Any, limit: Any = None, budget: Any = None, *, text: bool = True) -> SearchRequest:
+    """A search's parameters checked: a refusal with a stable code for a query that is empty, not
+    text or too long, a limit or budget that is not a positive integer within its cap. ``text``:
+    they come from a query string (ASCII digits; empty = absent), else JSON (integers only)."""
     if not isinstance(query, str) or not query.strip():
         raise _refuse(codes.SEARCH_QUERY_INVALID, "q", "expected a few words", "q must be a few words to search for")
     if len(query) > QUERY_MAX_CHARS:
@@ -239,6 +239,6 @@ def search_request(query: Any, limit: Any = None, budget: Any = None) -> SearchR
             codes.SEARCH_QUERY_INVALID, "q", f"at most {QUERY_MAX_CHARS} characters, got {len(query)}",
             f"q must be at most {QUERY_MAX_CHARS} characters",
         )
-    chosen = _count(limit, "limit", codes.SEARCH_LIMIT_INVALID, LIMIT_MAX, LIMIT_DEFAULT)
+    chosen = _count(limit, "limit", codes.SEARCH_LIMIT_INVALID, LIMIT_MAX, LIMIT_DEFAULT, text)
     assert chosen is not None
-    return SearchRequest(query, chosen, _count(budget, "budget", codes.SEARCH_BUDGET_INVALID, BUDGET_MAX, None))
+    return SearchRequest(query, chosen, _count(budget, "budget", codes.SEARCH_BUDGET_INVALID, BUDGET_MAX, None, text))

@@ -20,7 +20,7 @@ gateway it pays:
     tokens.py   token facts: read from the chain, or pinned
     offers.py   the checks an offer must pass before anything is signed
     paying.py   the agent: choose, sign, call, count
-    tools.py    a gateway's ``/tools``: discover, and call one by name
+    tools.py    a gateway's ``/tools``: discover (searching ``?q=`` on a big catalog), and call one by name
 """
 
 from __future__ import annotations
@@ -46,13 +46,16 @@ from gateway.devkit.agent.tokens import (
     read_token_facts,
 )
 from gateway.devkit.agent.tools import (
+    BIG_CATALOG,
     DiscoveredTool,
     call_tool,
     discover,
     example_arguments,
+    search_tools,
 )
 
 __all__ = [
+    "BIG_CATALOG",
     "DEFAULT_MAX_VALID_SECONDS",
     "PINNED_TOKENS",
     "CallResult",
@@ -71,4 +74,5 @@ __all__ = [
     "offer_problem",
     "pinned_token",
     "read_token_facts",
+    "search_tools",
 ]

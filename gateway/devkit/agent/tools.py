@@ -1,5 +1,10 @@
 """A gateway's ``GET /tools``, as the agent reads it: discover the tools, and call one by name,
-paying only to the advertised payee and at most the advertised price."""
+paying only to the advertised payee and at most the advertised price.
+
+With something to look for, the agent asks ``GET /tools?q=`` first: on a big catalog (more than
+``BIG_CATALOG`` tools, as the search answer's ``catalogSize`` says) the ranked answer is what it
+works from, instead of thousands of definitions; on a small one, or a gateway without search, it
+reads the whole list."""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ import httpx
 from gateway.devkit.agent.offers import UntrustedOffer
 from gateway.devkit.agent.paying import CallResult, PayingAgent
 
-__all__ = ["DiscoveredTool", "call_tool", "discover", "example_arguments"]
+__all__ = ["BIG_CATALOG", "DiscoveredTool", "call_tool", "discover", "example_arguments", "search_tools"]
+
+BIG_CATALOG = 200  # tools: past this, the agent works from a search rather than the whole list
+SEARCH_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -44,13 +52,37 @@ class DiscoveredTool:
         )
 
 
-async def discover(client: httpx.AsyncClient, gateway_url: str) -> list[DiscoveredTool]:
-    response = await client.get(gateway_url.rstrip("/") + "/tools")
+async def _tool_list(
+    client: httpx.AsyncClient, gateway_url: str, params: dict[str, str | int] | None = None
+) -> tuple[list[DiscoveredTool], dict[str, Any]]:
+    response = await client.get(gateway_url.rstrip("/") + "/tools", params=params)
     response.raise_for_status()
     try:
-        return [DiscoveredTool.from_entry(entry) for entry in response.json()["tools"]]
+        document = response.json()
+        return [DiscoveredTool.from_entry(entry) for entry in document["tools"]], document
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UntrustedOffer(f"{gateway_url}/tools is not a valid tool list") from None
+
+
+async def search_tools(
+    client: httpx.AsyncClient, gateway_url: str, query: str, limit: int = SEARCH_LIMIT, budget: int | None = None
+) -> list[DiscoveredTool]:
+    """The gateway's best tools for ``query`` (``GET /tools?q=``), best first."""
+    params: dict[str, str | int] = {"q": query, "limit": limit}
+    if budget is not None:
+        params["budget"] = budget
+    return (await _tool_list(client, gateway_url, params))[0]
+
+
+async def discover(client: httpx.AsyncClient, gateway_url: str, query: str | None = None) -> list[DiscoveredTool]:
+    """The gateway's tools: with a ``query`` and a big catalog, only the best matches (see above)."""
+    if query is not None and query.strip():
+        found, document = await _tool_list(client, gateway_url, {"q": query[:300], "limit": SEARCH_LIMIT})
+        search = document.get("search")
+        size = search.get("catalogSize") if isinstance(search, dict) else None
+        if isinstance(size, int) and size > BIG_CATALOG:
+            return found
+    return (await _tool_list(client, gateway_url))[0]
 
 
 def example_arguments(schema: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """Discovery: every format an agent reads, generated from the one catalog the pipeline serves.
 
     GET /tools                 OpenAI-style function definitions, with price, URL and pay terms
+    GET /tools?q=&limit=&budget=  the best tools for a few words (gateway.surfaces.search)
     GET /openapi.json          OpenAPI 3.1, the 402 documented, the price in ``x-x402-price``
     GET /.well-known/x402      where everything is (bazaar-style resource list and links)
     GET /discovery/resources   bazaar listing with paging (x402 facilitator discovery shape)

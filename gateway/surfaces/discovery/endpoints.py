@@ -16,6 +16,7 @@ from gateway.errors import GatewayError
 from gateway.protocol.bazaar import BAZAAR
 from gateway.surfaces.discovery.llms import llms_text
 from gateway.surfaces.discovery.openapi import HOW_TO_PAY, openapi_document
+from gateway.surfaces.search import CANDIDATES, TOKEN_ESTIMATE, ToolSearch, estimate_tokens, fit, search_request
 
 if TYPE_CHECKING:
     from gateway.pipeline.pipeline import Pipeline
@@ -25,6 +26,8 @@ __all__ = ["CACHED_BASES", "DISCOVERY_LIMIT_DEFAULT", "DISCOVERY_LIMIT_MAX", "X4
 X402_VERSION = 2
 DISCOVERY_LIMIT_DEFAULT = 20
 DISCOVERY_LIMIT_MAX = 100
+# Query parameters that make GET /tools a search (gateway.surfaces.search) rather than the full list.
+SEARCH_PARAMETERS = ("q", "limit", "budget")
 # Documents kept per format: one for each base URL they were asked under (the public URL, or the
 # Host a client used), the oldest dropped past this. A catalog changes only with a restart.
 CACHED_BASES = 4
@@ -33,10 +36,12 @@ CACHED_BASES = 4
 class Discovery:
     """Answers every discovery format from the pipeline's compiled catalog."""
 
-    def __init__(self, pipeline: Pipeline, public_url: str | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, public_url: str | None = None, search: ToolSearch | None = None) -> None:
         self.pipeline = pipeline
         self.public_url = public_url.rstrip("/") if public_url else None
         self.last_updated = int(time.time())
+        self.search = search or ToolSearch(self._tools)
+        self._sizes: dict[str, int] = {}  # tool name → its function definition's size in tokens
         # (format, base URL) → the document: built on its first request, not at start-up, and kept,
         # since with thousands of tools one build takes longer than thousands of paid requests.
         self._documents: dict[tuple[str, str], Any] = {}
@@ -79,11 +84,23 @@ class Discovery:
         # The offer without the per-request binding: a listing is not a request.
         return [self.pipeline.tools[tool.name].offer.requirements.to_wire()]
 
+    def function(self, tool: Tool) -> dict[str, Any]:
+        """The part of a /tools entry a model is given: OpenAI's function definition."""
+        return {"name": tool.name, "description": tool.description, "parameters": tool.input_schema}
+
+    def tokens(self, tool: Tool) -> int:
+        """The function definition's size in tokens (``gateway.surfaces.search.estimate_tokens``)."""
+        size = self._sizes.get(tool.name)
+        if size is None:
+            size = self._sizes[tool.name] = estimate_tokens({"type": "function", "function": self.function(tool)})
+        return size
+
     def tool_entry(self, tool: Tool, base: str) -> dict[str, Any]:
         price = self.price(tool)
         entry: dict[str, Any] = {
             "type": "function",
-            "function": {"name": tool.name, "description": tool.description, "parameters": tool.input_schema},
+            "function": self.function(tool),
+            "tokens": self.tokens(tool),
             "method": tool.method,
             "path": tool.path,
             "url": base + tool.path,
@@ -102,10 +119,37 @@ class Discovery:
         return entry
 
     def tools(self, request: Request) -> Response:
+        if any(name in request.query_params for name in SEARCH_PARAMETERS):
+            return self.search_tools(request)
         base = self.base_url(request)
         return self._json("tools", base, lambda: {
             "x402Version": X402_VERSION,
             "tools": [self.tool_entry(tool, base) for tool in self._tools()],
+            "howToPay": HOW_TO_PAY,
+            "mcp": base + "/mcp",
+        })
+
+    def search_tools(self, request: Request) -> Response:
+        """``GET /tools?q=words&limit=10&budget=2000``: the best tools for the words, each entry as in
+        the full list plus its ``score``; with a budget, only those whose ``tokens`` fit it."""
+        params = request.query_params
+        wanted = search_request(params.get("q"), params.get("limit"), params.get("budget"))
+        base = self.base_url(request)
+        ranked = self.search.search(wanted.query, CANDIDATES if wanted.budget else wanted.limit)
+        hits = fit(ranked, lambda hit: self.tokens(hit.tool), wanted.limit, wanted.budget)
+        entries = [{**self.tool_entry(hit.tool, base), "score": round(hit.score, 4)} for hit in hits]
+        return JSONResponse({
+            "x402Version": X402_VERSION,
+            "tools": entries,
+            "search": {
+                "query": wanted.query,
+                "limit": wanted.limit,
+                "budget": wanted.budget,
+                "returned": len(entries),
+                "tokens": sum(entry["tokens"] for entry in entries),
+                "tokenEstimate": TOKEN_ESTIMATE,
+                "catalogSize": len(self.pipeline.tools),
+            },
             "howToPay": HOW_TO_PAY,
             "mcp": base + "/mcp",
         })
@@ -183,7 +227,10 @@ class Discovery:
 
     def routes(self) -> list[Route]:
         async def tools(request: Request) -> Response:
-            return self.tools(request)
+            try:
+                return self.tools(request)
+            except GatewayError as err:  # a search's bad q, limit or budget
+                return err.to_response()
 
         async def openapi(request: Request) -> Response:
             return self.openapi(request)

@@ -8,12 +8,20 @@ from typing import Any
 from catalog import Tool
 from gateway.protocol.bazaar import carries_body
 from gateway.surfaces.discovery.requests import input_properties, required_inputs
+from gateway.surfaces.search import BUDGET_MAX, CHARS_PER_TOKEN, LIMIT_DEFAULT, LIMIT_MAX, QUERY_MAX_CHARS
 
-__all__ = ["llms_text"]
+__all__ = ["LLMS_LIST_MAX", "llms_text"]
+
+# Past this many tools, llms.txt says how to search them instead of listing each (a model reading
+# 10,000 tool descriptions spends its context before it gets to work).
+LLMS_LIST_MAX = 200
 
 
-def llms_text(tools: list[Tool], base: str, price: Callable[[Tool], dict[str, Any]]) -> str:
-    """The discovery documents in plain text, for a model to read: how to pay, then every tool."""
+def llms_text(
+    tools: list[Tool], base: str, price: Callable[[Tool], dict[str, Any]], list_max: int = LLMS_LIST_MAX
+) -> str:
+    """The discovery documents in plain text, for a model to read: how to pay, then every tool (or,
+    past ``list_max`` tools, how to search for the right ones)."""
     lines = [
         "# x402gw paid tools",
         "",
@@ -36,9 +44,43 @@ def llms_text(tools: list[Tool], base: str, price: Callable[[Tool], dict[str, An
         (f"Over MCP (streamable HTTP at {base}/mcp) an unpaid tools/call returns isError with the PaymentRequired "
         "in structuredContent; call again with params._meta[\"x402/payment\"] = the PaymentPayload (plain JSON)."),
         "",
-        "## Tools",
+    ]
+    lines += _tool_lines(tools, base, price) if len(tools) <= list_max else _how_to_search(len(tools), base)
+    lines += [
+        "## Machine-readable formats",
+        "",
+        f"- {base}/tools (OpenAI-style function definitions with prices; ?q= to search them)",
+        f"- {base}/openapi.json (OpenAPI 3.1, price in x-x402-price)",
+        f"- {base}/mcp (MCP, streamable HTTP; tools/list is paged, search_tools is free)",
+        f"- {base}/discovery/resources and {base}/.well-known/x402 (x402 bazaar listing)",
         "",
     ]
+    return "\n".join(lines)
+
+
+def _how_to_search(count: int, base: str) -> list[str]:
+    return [
+        "## Finding a tool",
+        "",
+        (f"This gateway sells {count} tools, too many to list here. Search them by what you need, in a few "
+        "words; the answer is the best tools first, as OpenAI-style function definitions with price and URL:"),
+        "",
+        f"- GET {base}/tools?q=weather+forecast+for+a+city&limit=5",
+        (f"- GET {base}/tools?q=...&budget=2000 keeps the best tools whose definitions fit 2000 tokens "
+        f"(each tool's `tokens` is an estimate: its JSON definition's characters / {CHARS_PER_TOKEN}, rounded up)"),
+        ("- over MCP: the free tool `search_tools` with {\"query\": \"...\", \"limit\": 5, \"budget\": 2000}; "
+        "tools/list is paged (pass nextCursor back as cursor)"),
+        "",
+        (f"`limit` is 1 to {LIMIT_MAX} (default {LIMIT_DEFAULT}), `budget` 1 to {BUDGET_MAX:,} tokens, `q` at most "
+        f"{QUERY_MAX_CHARS} characters; "
+        "anything else is refused with 400 and a code (search_query_invalid, search_limit_invalid, "
+        "search_budget_invalid)."),
+        "",
+    ]
+
+
+def _tool_lines(tools: list[Tool], base: str, price: Callable[[Tool], dict[str, Any]]) -> list[str]:
+    lines = ["## Tools", ""]
     for tool in tools:
         terms = price(tool)
         lines.append(
@@ -58,13 +100,4 @@ def llms_text(tools: list[Tool], base: str, price: Callable[[Tool], dict[str, An
                 + (f": {note}" if note else "")
             )
         lines.append("")
-    lines += [
-        "## Machine-readable formats",
-        "",
-        f"- {base}/tools (OpenAI-style function definitions with prices)",
-        f"- {base}/openapi.json (OpenAPI 3.1, price in x-x402-price)",
-        f"- {base}/mcp (MCP, streamable HTTP)",
-        f"- {base}/discovery/resources and {base}/.well-known/x402 (x402 bazaar listing)",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines

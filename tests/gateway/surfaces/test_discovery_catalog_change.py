@@ -42,7 +42,8 @@ def mcp_tools(gateway: RunningGateway) -> dict[str, Any]:
         ):
             await session.initialize()
             listed = await session.list_tools()
-            return {t.name: t.meta["x402/price"]["atomic"] for t in listed.tools}
+            # (the free search_tools comes first: it has no price)
+            return {t.name: t.meta["x402/price"]["atomic"] for t in listed.tools if t.name != "search_tools"}
 
     return asyncio.run(run())
 
