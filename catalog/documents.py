@@ -42,7 +42,7 @@ from catalog.fields import (
 )
 from catalog.limits import Breaker, Budgets, RateLimits
 
-__all__ = ["KNOWN_KEYS", "CatalogDoc", "CatalogPaymentDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
+__all__ = ["KNOWN_KEYS", "CatalogDoc", "CatalogPaymentDoc", "OfferDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
 
 
 class PaymentDoc(FrozenModel):
@@ -57,6 +57,7 @@ class PaymentDoc(FrozenModel):
     decimals: Decimals | None = None
     pay_to: Address | None = None
     max_timeout_seconds: TimeoutSeconds | None = None
+    usd_pegged: bool | None = None  # a dollar stablecoin; the registry says so for the ones it knows
 
 
 class CatalogPaymentDoc(PaymentDoc):
@@ -68,6 +69,15 @@ class CatalogPaymentDoc(PaymentDoc):
     pay_to: Address
     max_timeout_seconds: TimeoutSeconds = 120
     scheme: str = "exact"
+
+
+class OfferDoc(PaymentDoc):
+    """One further offer (``catalog.offers``): a payment block that names its asset, with an
+    optional price and scheme; the rest defaults to the tool's terms."""
+
+    asset: AssetRef
+    scheme: str | None = None
+    price: PriceRef | None = None
 
 
 class UpstreamDoc(FrozenModel):
@@ -90,6 +100,7 @@ class ToolDoc(FrozenModel):
     settle: SettleMode | None = None
     side_effects: bool = False
     payment: PaymentDoc | None = None
+    offers: tuple[OfferDoc, ...] | None = None  # None: the catalog's offers; (): none beside payment
     input_schema: JsonSchema = Field(default_factory=lambda: {"type": "object"})
     output_schema: JsonSchema | None = None
     max_price: Price | None = None
@@ -107,6 +118,7 @@ class CatalogDoc(FrozenModel):
     owner: OwnerId
     description: str | None = None
     payment: CatalogPaymentDoc
+    offers: tuple[OfferDoc, ...] = ()  # further offers of every tool that has no offers of its own
     upstreams: Annotated[dict[UpstreamName, UpstreamDoc], Field(min_length=1)]
     tools: Annotated[list[ToolDoc], Field(min_length=1)]
     max_price: Price | None = None
@@ -115,5 +127,5 @@ class CatalogDoc(FrozenModel):
 
 
 KNOWN_KEYS: frozenset[str] = frozenset().union(
-    *(m.model_fields for m in (CatalogPaymentDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker))
+    *(m.model_fields for m in (CatalogPaymentDoc, OfferDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker))
 )

@@ -28,6 +28,7 @@ from catalog.models import (
     SETTLE_MARGIN_SECONDS,
     Catalog,
     Catalogs,
+    PaymentOffer,
     PaymentTerms,
     SettleMode,
     Tool,
@@ -36,6 +37,7 @@ from catalog.models import (
     default_settle,
     max_call_seconds,
 )
+from catalog.offers import resolve_offers
 from catalog.registry import Stablecoin
 from catalog.source import Source
 from catalog.templates import route_shape
@@ -71,9 +73,10 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
         settle = spec.settle or default_settle(spec.method, spec.side_effects)
         if payment is not None:
             _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
+        alternatives = _tool_offers(doc, spec, at, payment, settle, upstream, local, src) if payment is not None else ()
         if len(src.issues) > before or upstream is None or payment is None:
             continue
-        tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name))
+        tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name, alternatives))
     if src.issues or defaults is None:
         return None
     return Catalog(
@@ -81,6 +84,30 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
         payment=defaults, upstreams=upstreams, tools=tuple(tools),
         max_price=doc.max_price, budgets=doc.budgets, rate_limits=doc.rate_limits,
     )
+
+
+def _tool_offers(
+    doc: CatalogDoc, spec: ToolDoc, at: str, payment: PaymentTerms, settle: SettleMode, upstream: Upstream | None,
+    local: LocalTokens, src: Source,
+) -> tuple[PaymentOffer, ...]:
+    """The tool's further offers (``catalog.offers``): its own ``offers``, else the catalog's. A
+    problem of the catalog's offers is reported at them, naming the tool."""
+    own = spec.offers is not None
+    docs = spec.offers if spec.offers is not None else doc.offers
+    offers, problems = resolve_offers(payment, spec.price, docs, local)
+    for field, code, message in problems:
+        src.issue(f"{at}.{field}", code, message) if own else src.issue(field, code, f"{spec.name}: {message}")
+    ceilings = [m for m in (spec.max_price, doc.max_price) if m is not None]
+    window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS if upstream is not None and settle == "after" else 0
+    for index, offer in enumerate(offers):
+        where = f"{at}.offers[{index}]" if own else f"offers[{index}]"
+        if any(offer.price > ceiling for ceiling in ceilings):
+            src.issue(f"{where}.price" if own else where, "price_above_max",
+                      f"{spec.name}: price {offer.price:f} is above the maximum {min(ceilings):f}")
+        if offer.terms.max_timeout_seconds < window:
+            src.issue(where, "payment_window_too_short",
+                      f"{spec.name}: settle: after needs max_timeout_seconds >= {window}, got {offer.terms.max_timeout_seconds}")
+    return offers
 
 
 def _tool_terms(resolver: TermsResolver, spec: ToolDoc, at: str, src: Source) -> PaymentTerms | None:
@@ -151,7 +178,7 @@ def _check_tool(
 
 def _tool(
     doc: CatalogDoc, spec: ToolDoc, upstream: Upstream, payment: PaymentTerms,
-    upstream_path: str, settle: SettleMode, source: str,
+    upstream_path: str, settle: SettleMode, source: str, alternatives: tuple[PaymentOffer, ...] = (),
 ) -> Tool:
     # Not validated again: every field comes from ``ToolDoc`` (the same annotated types, already
     # checked), the resolved upstream and terms are validated models, and ``Tool``'s cross-field
@@ -165,7 +192,7 @@ def _tool(
         output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
         rate_limits=spec.rate_limits,
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
-        retry=spec.retry, failure_when=spec.failure_when,
+        retry=spec.retry, failure_when=spec.failure_when, alternatives=alternatives,
     )
 
 

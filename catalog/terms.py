@@ -84,6 +84,7 @@ class TermsResolver:
                                      f"({value!r}); leave it out and the registry fills it in"))
                 merged.setdefault(key, value)
             merged["asset"] = coin.address
+            merged.setdefault("usd_pegged", coin.currency == "USD")  # budgets count it in dollars
         for key in FACTS:
             if key not in merged:
                 problems.append((key, "missing_key",
