@@ -239,11 +239,11 @@ class Safety:
                 budget: Budget | None = getattr(level_budgets, name)
                 if budget is None:
                     continue
-                try:
-                    limit = to_atomic(budget.amount, decimals)
+                try:  # in dollars or not, a budget must be an amount of the offer's token
+                    limit = to_atomic(budget.amount, terms.decimals) * scale
                 except ValueError:
                     raise ValueError(
-                        f"budget {name} {budget.amount:f} ({level}) has more digits than the {decimals} decimals "
+                        f"budget {name} {budget.amount:f} ({level}) has more digits than the {terms.decimals} decimals "
                         f"of the token of tool {tool.name}"
                     ) from None
                 if limit > MAX_EXACT_UNITS:
@@ -350,16 +350,15 @@ class Safety:
                 held.reservations.append(_Reservation(rule, key, units, decision.resets_at))
                 continue
             await self._release(held)
-            counted: dict[str, Any] = (
-                {"currency": "USD"} if rule.usd else {"limitAtomic": str(rule.limit), "usedAtomic": str(decision.used)}
-            )
+            # A dollar budget's limit and use read in dollars, their atomic forms in the offer's token.
             raise GatewayError(
                 codes.BUDGET_EXCEEDED,
                 f"this call would pass the {rule.name.replace('_', ' ')} budget of "
-                f"{'$' if rule.usd else ''}{format_amount(rule.limit, rule.decimals)} per {rule.window}s; nothing was charged",
+                f"{format_amount(rule.limit, rule.decimals)} per {rule.window}s; nothing was charged",
                 status=403, retryable=False, budget=rule.name, scope=rule.level.split(":", 1)[0],
-                limit=format_amount(rule.limit, rule.decimals), used=format_amount(decision.used, rule.decimals),
-                price=format_amount(units, rule.decimals), windowSeconds=rule.window, **counted,
+                limit=format_amount(rule.limit, rule.decimals), limitAtomic=str(rule.limit // rule.scale),
+                used=format_amount(decision.used, rule.decimals), usedAtomic=str(decision.used // rule.scale),
+                price=format_amount(units, rule.decimals), windowSeconds=rule.window,
                 resetsAt=datetime.fromtimestamp(decision.resets_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             )
 
