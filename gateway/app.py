@@ -61,6 +61,7 @@ from gateway.wiring import (
     write_ahead_networks,
 )
 from settlement.audit import AuditSink
+from settlement.chain.deployment import local_tokens
 from settlement.chain.refunds import Refunder
 from settlement.ledger import Ledger
 from settlement.ledger.resolve import resolve_open_payments
@@ -211,7 +212,8 @@ def create_app(
 ) -> Starlette:
     """The gateway app. Schemes are built from settings unless handed in (``schemes``, or one
     ``facilitator`` serving exact on every network); the other keywords are seams as well."""
-    catalogs = catalogs if catalogs is not None else load_catalogs(settings.catalog)
+    # asset: USDC on the local chain is the token of the dev chain's deployment file, when there is one.
+    catalogs = catalogs if catalogs is not None else load_catalogs(settings.catalog, local=local_tokens(settings.deployment_file))
     wiring = wire_schemes(settings, catalogs, facilitator=facilitator, schemes=schemes)
     bridge = build_bridge(catalogs)
     refunder = build_refunder(settings, wiring.chains)
