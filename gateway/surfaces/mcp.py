@@ -57,7 +57,7 @@ from gateway.headers import (
     USER_AGENT,
     lower,
 )
-from gateway.surfaces.discovery import tool_request
+from gateway.surfaces.discovery import offer_prices, tool_request
 from gateway.surfaces.search import (
     BUDGET_MAX,
     CANDIDATES,
@@ -145,7 +145,7 @@ class McpEndpoint:
     def _tool(self, name: str) -> types.Tool:
         tool = self.pipeline.tools[name].tool
         terms = tool.payment
-        price = {
+        price: dict[str, Any] = {
             "amount": format_amount(tool.price_atomic, terms.decimals),
             "atomic": str(tool.price_atomic),
             "asset": terms.asset,
@@ -154,6 +154,9 @@ class McpEndpoint:
             "scheme": "exact",
         }
         description = f"{tool.description} (x402: {price['amount']} {terms.asset_name} per call on {terms.network})"
+        if tool.alternatives:  # several ways to pay: every one listed, and said in the description
+            offers = price["offers"] = offer_prices(tool)
+            description += "".join(f" (or {o['amount']} {o['assetName']} on {o['network']})" for o in offers[1:])
         return types.Tool(
             name=tool.name,
             description=description,

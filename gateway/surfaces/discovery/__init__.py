@@ -16,6 +16,7 @@ extension of each 402 challenge lives below both, in ``gateway.protocol.bazaar``
     endpoints.py  ``Discovery``: the routes, the document cache, /tools and the bazaar listing
     openapi.py    the OpenAPI 3.1 document
     llms.py       the plain-text document
+    offers.py     every offer of a tool with several ways to pay (``offer_prices``)
     requests.py   one tool call as an HTTP request (``tool_request``), shared with MCP and the agent
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from gateway.surfaces.discovery.endpoints import X402_VERSION, Discovery
 from gateway.surfaces.discovery.llms import llms_text
+from gateway.surfaces.discovery.offers import offer_prices
 from gateway.surfaces.discovery.openapi import (
     COMPONENTS,
     HOW_TO_PAY,
@@ -38,6 +40,7 @@ __all__ = [
     "Discovery",
     "ToolRequest",
     "llms_text",
+    "offer_prices",
     "openapi_document",
     "operation",
     "tool_request",

@@ -15,6 +15,7 @@ from catalog import Tool, format_amount
 from gateway.errors import GatewayError
 from gateway.protocol.bazaar import BAZAAR
 from gateway.surfaces.discovery.llms import llms_text
+from gateway.surfaces.discovery.offers import offer_prices
 from gateway.surfaces.discovery.openapi import HOW_TO_PAY, openapi_document
 from gateway.surfaces.search import CANDIDATES, TOKEN_ESTIMATE, ToolSearch, estimate_tokens, fit, search_request
 
@@ -78,11 +79,13 @@ class Discovery:
             "payTo": terms.pay_to,
             "scheme": "exact",
             "settle": tool.settle,
+            # several ways to pay: every one (the first is the fields above); none for a single offer
+            **({"offers": offer_prices(tool)} if tool.alternatives else {}),
         }
 
     def accepts(self, tool: Tool) -> list[dict[str, Any]]:
-        # The offer without the per-request binding: a listing is not a request.
-        return [self.pipeline.tools[tool.name].offer.requirements.to_wire()]
+        # Every offer without the per-request binding: a listing is not a request.
+        return [requirements.to_wire() for requirements in self.pipeline.tools[tool.name].offer.options]
 
     def function(self, tool: Tool) -> dict[str, Any]:
         """The part of a /tools entry a model is given: OpenAI's function definition."""
@@ -114,6 +117,8 @@ class Discovery:
             "scheme": "exact",
             "settle": tool.settle,
         }
+        if "offers" in price:
+            entry["offers"] = price["offers"]
         if tool.output_schema:
             entry["outputSchema"] = tool.output_schema
         return entry

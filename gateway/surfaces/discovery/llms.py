@@ -90,6 +90,11 @@ def _tool_lines(tools: list[Tool], base: str, price: Callable[[Tool], dict[str, 
             f"{terms['asset']}) on {terms['network']}, paid to {terms['payTo']}"
             + (" — settled before the call (side effects)" if tool.settle == "upfront" else "")
         )
+        lines.extend(  # a tool's other offers (catalog.offers): accepts lists each, the payer picks one
+            f"- or: {o['amount']} {o['assetName']} ({o['atomic']} atomic units of {o['asset']}) on {o['network']}, "
+            f"paid to {o['payTo']} ({o['scheme']})"
+            for o in terms.get("offers", [])[1:]
+        )
         required = set(required_inputs(tool))
         for name, schema in input_properties(tool).items():
             kind = schema.get("type", "any") if isinstance(schema, dict) else "any"
