@@ -296,17 +296,21 @@ def in_flight_lock_ttl_ms(
     under a live request and a resend of the same payment runs beside it. The longest path is an
     open payment resolved against the chain, verify, the slowest tool's upstream call (every try,
     failover and backoff), settlement (a remote facilitator's settle timeout, or a local broadcast,
-    batch wait and receipt wait), and a refund of a settle-first tool; plus a margin.
+    batch wait and receipt wait), and a refund of a settle-first tool; plus a margin. Chain steps
+    count once per RPC URL of the network with the most (each may be tried in turn).
     ``remotes``: the remote facilitators in use; ``local``: whether any network settles locally."""
     remotes = list(remotes)
+    # A chain request may be tried at each of its network's RPC URLs in turn (settlement.chain.rpc).
+    urls = max((len(settings.rpc_urls_for(tool.payment.network)) for tool in catalogs.tools), default=1)
+    chain_step = CHAIN_STEP_SECONDS * max(urls, 1)
     upstream = max((bridge.max_call_seconds(tool) for tool in catalogs.tools), default=0.0)
     batch_wait = max((p.max_wait_ms / 1000 for p in settings.batch_settlement.values()), default=0.0)
-    local_settle = CHAIN_STEP_SECONDS + batch_wait + settings.receipt_timeout_seconds
-    verify = max([r.verify_timeout_seconds for r in remotes] + ([CHAIN_STEP_SECONDS] if local else []), default=0.0)
+    local_settle = chain_step + batch_wait + settings.receipt_timeout_seconds
+    verify = max([r.verify_timeout_seconds for r in remotes] + ([chain_step] if local else []), default=0.0)
     settle = max([r.settle_timeout_seconds for r in remotes] + ([local_settle] if local else []), default=0.0)
     refunds = settings.refund_key is not None and any(tool.settle == "upfront" for tool in catalogs.tools)
-    refund = CHAIN_STEP_SECONDS + settings.receipt_timeout_seconds if refunds else 0.0
-    seconds = CHAIN_STEP_SECONDS + verify + upstream + settle + refund + LOCK_MARGIN_SECONDS
+    refund = chain_step + settings.receipt_timeout_seconds if refunds else 0.0
+    seconds = chain_step + verify + upstream + settle + refund + LOCK_MARGIN_SECONDS
     return math.ceil(1000 * seconds)
 
 
