@@ -120,7 +120,7 @@ class WalletCheck:
             return None
         assert self.wallets is not None  # decode_and_bind makes wallet claims only with wallets
         try:
-            with ctx.timed("verify"):
+            with ctx.timed("wallet_check"):
                 await self.wallets.check(
                     quote.requirements.network, paid.signer, paid.digest, bytes.fromhex(paid.exact.signature[2:])
                 )
