@@ -7,7 +7,7 @@ Catalog syntax (owner level: every tool without an ``offers`` of its own; tool l
     payment: {network: base, asset: USDC, pay_to: "0x..."}   # the first offer, as before
     offers:                                                  # the others, in order
       - {asset: EURC, price: "0.0095"}                       # same network and payee, own price
-      - {network: "eip155:10", asset: USDC}                  # the tool's price: both are dollars
+      - {network: "eip155:42161", asset: USDC}               # the tool's price: both are dollars
       - asset: "0x6B17...1d0F"                               # an address the registry does not know
         asset_name: Dai Stablecoin
         asset_version: "1"
@@ -16,7 +16,7 @@ Catalog syntax (owner level: every tool without an ``offers`` of its own; tool l
     tools:
       - name: get_quote
         price: "$0.002"                                      # one dollar price: every offer's
-        offers: [{asset: USDC, network: optimism}]           # this tool: only these beside payment
+        offers: [{asset: USDC, network: arbitrum}]           # this tool: only these beside payment
 
 Each offer names its ``asset`` (a symbol the registry knows on its network, or an address with
 ``asset_name``, ``asset_version`` and ``decimals``); its ``network``, ``pay_to``,

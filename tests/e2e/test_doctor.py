@@ -127,6 +127,21 @@ def test_wrong_token_name(tmp_path: Path, devchain: Devchain, ledger_url: str) -
     assert set(failures(report)) == {"asset_name_mismatch"}
 
 
+def test_every_offer_is_checked_not_only_the_first(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
+    """A second offer (same token, another payee) naming the token wrongly fails, though the first is right."""
+    second = (
+        'max_timeout_seconds: 120\noffers:\n  - asset: "0x5FbDB2315678afecb367f032d93F642f64180aa3"\n'
+        '    asset_name: "Wrong Coin"\n    asset_version: "2"\n    decimals: 6\n'
+        '    pay_to: "0x14dC79964da2C08b23698B3D3cc7Ca32193d9955"\n'
+    )
+    path = catalog(tmp_path, **{"max_timeout_seconds: 120\n": second})
+    status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(path)))
+    assert status == 1
+    found = failures(report)["asset_name_mismatch"]
+    assert "'Wrong Coin'" in found["message"] and "'USD Coin'" in found["message"]
+    assert set(failures(report)) == {"asset_name_mismatch"}
+
+
 def test_wrong_version_and_decimals(tmp_path: Path, devchain: Devchain, ledger_url: str) -> None:
     path = catalog(tmp_path, **{'asset_version: "2"': 'asset_version: "1"', "decimals: 6": "decimals: 18"})
     status, report = doctor(environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(path)))

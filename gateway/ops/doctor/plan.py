@@ -98,9 +98,12 @@ def _chain_id(network: str) -> int | None:
 def _offers(catalogs: Catalogs, network: str) -> tuple[Offer, ...]:
     grouped: dict[tuple[str, str, str, int], list[str]] = {}
     for tool in catalogs.tools:
-        terms = tool.payment
-        if terms.network == network:
-            grouped.setdefault((terms.asset, terms.asset_name, terms.asset_version, terms.decimals), []).append(tool.name)
+        for offer in tool.offers:  # every way to pay, not only the first offer
+            terms = offer.terms
+            if terms.network == network:
+                names = grouped.setdefault((terms.asset, terms.asset_name, terms.asset_version, terms.decimals), [])
+                if tool.name not in names:
+                    names.append(tool.name)
     return tuple(Offer(network, a, n, v, d, tuple(tools)) for (a, n, v, d), tools in sorted(grouped.items()))
 
 
@@ -136,7 +139,7 @@ def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: l
             "rpc", network, "rpc_url_missing", f"no RPC URL for {network}",
             f"set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}' (your node or an RPC provider's URL)",
         ))
-    schemes = tuple(sorted({t.payment.scheme for t in catalogs.tools if t.payment.network == network}))
+    schemes = tuple(sorted({o.terms.scheme for t in catalogs.tools for o in t.offers if o.terms.network == network}))
     return NetworkPlan(
         network, chain_id, rpc_urls, facilitators, key, source,
         _offers(catalogs, network), schemes, tuple(problems),
@@ -146,7 +149,7 @@ def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: l
 def plan_from_settings(settings: Settings, catalogs: Catalogs, *, headers_for: HeadersFor | None = None) -> DoctorPlan:
     """The doctor's plan for this configuration: every network the catalogs sell on."""
     deployment: list[Deployment | None] = [None]  # read once, for the local chain only
-    networks = tuple(_network(settings, catalogs, n, deployment) for n in sorted({t.payment.network for t in catalogs.tools}))
+    networks = tuple(_network(settings, catalogs, n, deployment) for n in sorted({o.terms.network for t in catalogs.tools for o in t.offers}))
     return DoctorPlan(
         networks,
         settings.database_url,
