@@ -171,6 +171,7 @@ def _operations(
     the policy API (with an admin token) and the /facilitator API (when served)."""
     chains, local = wiring.chains, wiring.local
     metrics = GatewayMetrics()
+    metrics.watch_dependencies(wiring.health)  # per RPC URL and per facilitator
     pipeline.observers.append(metrics)
     readiness = Readiness(
         gateway_checks(
@@ -181,6 +182,7 @@ def _operations(
         # /readyz?detail=1: the x402gw doctor's report of this configuration, with this app's ledger and store
         detail=doctor_detail(plan_from_settings(settings, catalogs), engine=ledger.engine, store=store,
                              timeout=settings.readiness_timeout_seconds),
+        dependencies=wiring.health,
     )
     dashboard = Dashboard(ledger.engine, catalogs, metrics, breakers=safety.breakers.states)
     routes: list[Route] = [

@@ -11,6 +11,10 @@ gas in settlements, facilitator credentials, migrations, admin token, dev keys),
 its code, message and fix, and no secret in it. The status code stays readiness's: low gas is for
 an operator to read, not a reason to take the replica out of rotation. The report makes outbound
 calls, so one is shared by concurrent requests and reused for ``detail_ttl`` seconds.
+
+Every answer also carries ``dependencies``: each RPC URL's and each remote facilitator's state as
+the last real call left it (``up``, ``down``, ``unknown``; URLs redacted to scheme and host), so
+a failover that is already happening shows before the last URL of a network goes.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class CheckFailed(GatewayError):
 Check = Callable[[], Awaitable[None]]
 # The detail of ``/readyz?detail=1``: a JSON object without secrets (the doctor's report).
 Detail = Callable[[], Awaitable[dict[str, Any]]]
+# Per-URL state of the RPC endpoints and facilitators (``gateway.wiring.SchemeWiring.health``).
+Dependencies = Callable[[], Mapping[str, Any]]
 
 
 class ChainProbe(Protocol):
@@ -73,12 +79,14 @@ class Readiness:
         detail: Detail | None = None,
         detail_timeout: float = 15.0,
         detail_ttl: float = 30.0,
+        dependencies: Dependencies | None = None,
     ) -> None:
         self.checks = dict(checks)
         self.timeout = timeout
         self.detail = detail
         self.detail_timeout = detail_timeout
         self.detail_ttl = detail_ttl
+        self.dependencies = dependencies
         self._detail_task: asyncio.Task[dict[str, Any]] | None = None
         self._detail_at = 0.0
 
@@ -130,6 +138,8 @@ class Readiness:
         body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": report}
         if not ready:
             body["failing"] = [name for name, r in report.items() if r["status"] != "ok"]
+        if self.dependencies is not None:
+            body["dependencies"] = self.dependencies()
         if request.query_params.get("detail", "").lower() in ("1", "true", "yes"):
             detail = await self.run_detail()
             body["detail"] = detail if detail is not None else {"status": "fail", "error": "not_configured"}

@@ -10,16 +10,25 @@ Funnel, per tool::
                         └▶ rejected{reason}   └▶ upstream failed  ├▶ failed
                                                                    └▶ pending
     refunds: owed / refunded (upfront tools whose upstream failed after settlement)
+
+Dependencies (``watch_dependencies``): ``x402gw_dependency_up{kind, network, position, url}`` is 1
+while an RPC URL or a facilitator answered its last call, 0 when it failed or has not been used
+yet (``x402gw_dependency_failures``: consecutive failures of an RPC URL). URLs are redacted to
+scheme and host; ``position`` is the URL's place in its network's failover order.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -38,6 +47,27 @@ VERIFIED_OUTCOMES = frozenset(
 # Reason codes come partly from remote facilitators: keep the label set small and well-formed.
 MAX_REASONS = 64
 _REASON = re.compile(r"[a-z0-9_]{1,64}")
+
+
+class DependencyCollector(Collector):
+    """Reads the per-URL health at each scrape (``SchemeWiring.health``'s shape)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, Mapping[str, list[Mapping[str, Any]]]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["kind", "network", "position", "url"]
+        up = GaugeMetricFamily("x402gw_dependency_up", "1 when the RPC URL or facilitator answered its last call", labels=labels)
+        failures = GaugeMetricFamily("x402gw_dependency_failures", "Consecutive failures of an RPC URL", labels=labels)
+        for kind, networks in self.source().items():
+            for network, entries in networks.items():
+                for position, entry in enumerate(entries):
+                    values = [kind, network, str(position), str(entry.get("url"))]
+                    up.add_metric(values, 1.0 if entry.get("state") == "up" else 0.0)
+                    if "failures" in entry:
+                        failures.add_metric(values, float(entry["failures"]))
+        yield up
+        yield failures
 
 
 @dataclass
@@ -90,6 +120,10 @@ class GatewayMetrics:
         # and builds a key on every call. Label values are few (outcomes, tools, capped reasons).
         self._by_outcome: dict[str, Counter] = {}
         self._challenges_by_tool: dict[str, Counter] = {}
+
+    def watch_dependencies(self, source: Callable[[], Mapping[str, Mapping[str, list[Mapping[str, Any]]]]]) -> None:
+        """Export the per-URL state of the RPC endpoints and facilitators at every scrape."""
+        self.registry.register(DependencyCollector(source))
 
     def _reason(self, reason: str | None) -> str:
         reason = reason or "unknown"

@@ -335,5 +335,12 @@ def test_first_rpc_url_dead_reads_and_settlement_go_through_the_second(
     [rpc] = gateway.app.state.dependency_health()["rpc"].values()
     assert [u["state"] for u in rpc] == ["down", "up"]
     assert rpc[0]["lastError"] == "ClientConnectorError"
-    assert leaks("rpc-api-key-0d7e", caplog.text, str(rpc)) == []
+    # /readyz and /metrics show the same per-URL state, redacted
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        ready, metrics = client.get("/readyz"), client.get("/metrics").text
+    assert [u["state"] for u in ready.json()["dependencies"]["rpc"][NETWORK]] == ["down", "up"]
+    up = {line.split("position=")[1][1]: line.rsplit(" ", 1)[1] for line in metrics.splitlines()
+          if line.startswith('x402gw_dependency_up{kind="rpc"') and f'network="{NETWORK}"' in line}
+    assert up == {"0": "0.0", "1": "1.0"}
+    assert leaks("rpc-api-key-0d7e", caplog.text, str(rpc), ready.text, metrics) == []
     assert leaks(devchain.deployment.settlement_key[2:], caplog.text) == []
