@@ -232,8 +232,17 @@ def setup_devchain(rpc_url: str, mint_atomic: int = DEFAULT_MINT_ATOMIC) -> Depl
         raise DevchainError(f"dev chain not reachable at {rpc_url}: {exc}", code="chain_unreachable") from exc
     name, symbol, version, decimals = "USD Coin", "USDC", "2", 6
     token, _ = _deploy_token(w3, ANVIL_KEYS[0], name, symbol, version)
-    _mint(w3, token, ANVIL_ADDRESSES[1:], mint_atomic, ANVIL_KEYS[0])
-    # After the token and the mints, so the token keeps DEFAULT_TOKEN_ADDRESS.
+    token_info = TokenInfo(address=token, name=name, symbol=symbol, version=version, decimals=decimals)
+    return fund_and_deploy(w3, rpc_url, chain_id, token_info, mint_atomic)
+
+
+def fund_and_deploy(
+    w3: Web3, rpc_url: str, chain_id: int, token: TokenInfo, mint_atomic: int, *, rehearsal: str | None = None,
+) -> Deployment:
+    """With ``token`` in place: mint ``mint_atomic`` to accounts 1..9, then deploy the batch settler
+    and the wallet contracts (in this order, so a fresh anvil's addresses never change), and describe
+    the chain. The dev chain and a rehearsal (``gateway.devkit.rehearsal``) both end here."""
+    _mint(w3, token.address, ANVIL_ADDRESSES[1:], mint_atomic, ANVIL_KEYS[0])
     batch_settler = _deploy_batch_settler(w3, ANVIL_KEYS[0], ANVIL_ADDRESSES[0])
     # Last, so the token and the batch settler keep their addresses.
     wallet_factory, delegate, multicall3 = _deploy_wallet_contracts(w3, ANVIL_KEYS[0])
@@ -241,7 +250,7 @@ def setup_devchain(rpc_url: str, mint_atomic: int = DEFAULT_MINT_ATOMIC) -> Depl
         rpc_url=rpc_url,
         chain_id=chain_id,
         network=f"eip155:{chain_id}",
-        token=TokenInfo(address=token, name=name, symbol=symbol, version=version, decimals=decimals),
+        token=token,
         deployer=ANVIL_ADDRESSES[0],
         settlement_key=ANVIL_KEYS[0],
         accounts=[
@@ -249,6 +258,7 @@ def setup_devchain(rpc_url: str, mint_atomic: int = DEFAULT_MINT_ATOMIC) -> Depl
             for i in range(1, len(ANVIL_KEYS))
         ],
         batch_settler=batch_settler,
+        rehearsal=rehearsal,
         wallet_factory=wallet_factory,
         eip7702_delegate=delegate,
         multicall3=multicall3,

@@ -34,20 +34,16 @@ from web3.exceptions import Web3Exception
 from catalog.registry import find_network, stablecoin
 from gateway.devkit.devchain import (
     DEFAULT_MINT_ATOMIC,
-    _deploy_batch_settler,
     _deploy_token,
-    _deploy_wallet_contracts,
-    _mint,
     _web3,
+    fund_and_deploy,
     run_devchain,
 )
 from settlement.chain.deployment import (
-    ANVIL_ADDRESSES,
     ANVIL_KEYS,
     DEFAULT_DEPLOYMENT_PATH,
     Deployment,
     DevchainError,
-    FundedAccount,
     TokenInfo,
 )
 from settlement.schemes.eip712 import domain_separator
@@ -137,26 +133,8 @@ def setup_rehearsal(rpc_url: str, network: str, mint_atomic: int = DEFAULT_MINT_
             code="rehearsal_chain_id_mismatch",
         )
     place_token(w3, coin.address, coin.name, coin.version, chain_id)
-    _mint(w3, coin.address, ANVIL_ADDRESSES[1:], mint_atomic, ANVIL_KEYS[0])
-    batch_settler = _deploy_batch_settler(w3, ANVIL_KEYS[0], ANVIL_ADDRESSES[0])
-    wallet_factory, delegate, multicall3 = _deploy_wallet_contracts(w3, ANVIL_KEYS[0])
-    return Deployment(
-        rpc_url=rpc_url,
-        chain_id=chain_id,
-        network=f"eip155:{chain_id}",
-        token=TokenInfo(address=coin.address, name=coin.name, symbol="USDC", version=coin.version, decimals=coin.decimals),
-        deployer=ANVIL_ADDRESSES[0],
-        settlement_key=ANVIL_KEYS[0],
-        accounts=[
-            FundedAccount(index=i, address=ANVIL_ADDRESSES[i], private_key=ANVIL_KEYS[i], usdc_atomic=mint_atomic)
-            for i in range(1, len(ANVIL_KEYS))
-        ],
-        batch_settler=batch_settler,
-        rehearsal=name,
-        wallet_factory=wallet_factory,
-        eip7702_delegate=delegate,
-        multicall3=multicall3,
-    )
+    token = TokenInfo(address=coin.address, name=coin.name, symbol="USDC", version=coin.version, decimals=coin.decimals)
+    return fund_and_deploy(w3, rpc_url, chain_id, token, mint_atomic, rehearsal=name)
 
 
 def run_rehearsal(

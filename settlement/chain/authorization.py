@@ -36,7 +36,7 @@ class Eip3009Authorization(Protocol):
 def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
     """65-byte r‖s‖v → (v as 27/28, r, s); ValueError for anything else.
 
-    The same rule as ``settlement.schemes.eip712.split_signature`` (which may import this one)."""
+    The one rule for every 65-byte signature (settlement.schemes imports it from here)."""
     if len(signature) != 65:
         raise ValueError("signature must be 65 bytes")
     r, s, v = signature[:32], signature[32:64], signature[64]

@@ -26,9 +26,9 @@ from eth_abi import encode as abi_encode
 from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
+from settlement.chain.authorization import split_signature
 from settlement.chain.client import BeforeSend, Chain, Receipt, selector
 from settlement.errors import BroadcastUncertain, ChainUnavailable
-from settlement.schemes.eip712 import split_signature
 from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 

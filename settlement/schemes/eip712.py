@@ -12,6 +12,7 @@ from coincurve import PublicKey
 from eth_hash.auto import keccak
 
 from settlement.chain.addresses import checksum_address
+from settlement.chain.authorization import split_signature  # 65-byte r‖s‖v → (v as 27/28, r, s)
 
 DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 TRANSFER_WITH_AUTHORIZATION_TYPEHASH = keccak(
@@ -66,18 +67,6 @@ class TransferAuthorization:
 
 def authorization_digest(domain_sep: bytes, auth: TransferAuthorization) -> bytes:
     return keccak(b"\x19\x01" + domain_sep + auth.struct_hash())
-
-
-def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
-    """65-byte r‖s‖v → (v as 27/28, r, s); ValueError for anything else."""
-    if len(signature) != 65:
-        raise ValueError("signature must be 65 bytes")
-    r, s, v = signature[:32], signature[32:64], signature[64]
-    if v in (0, 1):
-        v += 27
-    if v not in (27, 28):
-        raise ValueError("signature v must be 27 or 28")
-    return v, r, s
 
 
 def recover_signer(digest: bytes, signature: bytes) -> str | None:
