@@ -29,6 +29,9 @@ from gateway.headers import (
     PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
     REQUEST_ID,
+    X402GW_RECEIPT,
+    X402GW_RECEIPT_SIGNATURE,
+    X402GW_RECEIPT_TIME,
     X_PAYMENT,
     X_PAYMENT_RESPONSE,
 )
@@ -45,6 +48,7 @@ from gateway.store import StateStore, StoreUnavailable, create_store
 from gateway.surfaces.discovery import Discovery
 from gateway.surfaces.facilitator_api import facilitator_routes
 from gateway.surfaces.mcp import McpEndpoint
+from gateway.surfaces.receipts import ReceiptEndpoint, receipt_signer, receipts_discovery
 from gateway.surfaces.search import ToolSearch
 from gateway.upstream.bridge import AiohttpUpstreamClient, UpstreamClient
 from gateway.wiring import (
@@ -97,8 +101,8 @@ def _cors() -> dict[str, Any]:
     return dict(
         allow_origins=["*"],
         allow_methods=ALL_METHODS,
-        allow_headers=[CONTENT_TYPE, PAYMENT_SIGNATURE, X_PAYMENT, ACCEPT],
-        expose_headers=[PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, REQUEST_ID],
+        allow_headers=[CONTENT_TYPE, PAYMENT_SIGNATURE, X_PAYMENT, ACCEPT, X402GW_RECEIPT_TIME, X402GW_RECEIPT_SIGNATURE],
+        expose_headers=[PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, REQUEST_ID, X402GW_RECEIPT],
     )
 
 
@@ -223,6 +227,7 @@ def create_app(
     store = store or create_store(settings.redis_url, settings.redis_prefix)
     upstream = upstream or AiohttpUpstreamClient()
     safety = build_safety(settings, catalogs, store)
+    receipts = receipt_signer(settings, {offer.terms.network for tool in catalogs.tools for offer in tool.offers})
     pipeline = Pipeline(
         catalogs, wiring.schemes, ledger, upstream,
         public_url=settings.public_url, max_body_bytes=settings.max_body_bytes,
@@ -230,14 +235,16 @@ def create_app(
         challenge_body_version=1 if settings.challenge_body == "v1" else 2,
         store=store, refunder=refunder, audit=audit, safety=safety,
         lock_ttl_ms=lock_ttl_ms(settings, catalogs, bridge, wiring, facilitator), bridge=bridge,
-        wallets=wiring.wallets,
+        wallets=wiring.wallets, receipts=receipts,
     )
     metrics, dashboard, routes = _operations(settings, catalogs, wiring, pipeline, ledger, store, safety)
     # Agent interface: every discovery format and MCP, all generated from the pipeline's catalog.
     # One search index for /tools?q= and MCP's search_tools, built on the first search.
     search = ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
     mcp_endpoint = McpEndpoint(pipeline, settings.public_url, search=search)
-    routes.extend([*Discovery(pipeline, settings.public_url, search=search).routes(), mcp_endpoint.route()])
+    discovery = Discovery(pipeline, settings.public_url, search=search, receipts=lambda base: receipts_discovery(receipts, base))
+    routes.extend([*discovery.routes(), mcp_endpoint.route()])
+    routes.extend(ReceiptEndpoint(receipts, ledger, store, settings.public_url).routes())
     routes.append(_paid_route(pipeline))
     cors = _cors()
     app = _Gateway(

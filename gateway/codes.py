@@ -121,6 +121,13 @@ LEDGER_UNAVAILABLE: Final = "ledger_unavailable"
 STORE_UNAVAILABLE: Final = "store_unavailable"
 STORE_BUSY: Final = "store_busy"
 INTERNAL_ERROR: Final = "internal_error"
+# -- signed receipts (GET /receipts/{paymentId}) --------------------------------------------------
+RECEIPT_AUTH_INVALID: Final = "receipt_auth_invalid"
+RECEIPT_AUTH_EXPIRED: Final = "receipt_auth_expired"
+RECEIPT_AUTH_REPLAYED: Final = "receipt_auth_replayed"
+RECEIPT_NOT_FOUND: Final = "receipt_not_found"
+RECEIPT_NOT_SETTLED: Final = "receipt_not_settled"
+RECEIPTS_DISABLED: Final = "receipts_disabled"
 
 REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(NOT_FOUND, 404, "discover"),
@@ -180,6 +187,13 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(STORE_UNAVAILABLE, 503, "retry", same_payment=True),
     Refusal(STORE_BUSY, 503, "retry"),
     Refusal(INTERNAL_ERROR, 500, "none"),
+
+    Refusal(RECEIPT_AUTH_INVALID, 401, "none"),
+    Refusal(RECEIPT_AUTH_EXPIRED, 401, "none"),
+    Refusal(RECEIPT_AUTH_REPLAYED, 401, "none"),
+    Refusal(RECEIPT_NOT_FOUND, 404, "none"),
+    Refusal(RECEIPT_NOT_SETTLED, 409, "none"),
+    Refusal(RECEIPTS_DISABLED, 404, "none"),
 )})
 
 # Reasons the local facilitator gives for a payment it will not verify or could not settle. They

@@ -22,6 +22,9 @@ __all__ = [
     "USER_AGENT",
     "WWW_AUTHENTICATE",
     "X402GW_PREFIX",
+    "X402GW_RECEIPT",
+    "X402GW_RECEIPT_SIGNATURE",
+    "X402GW_RECEIPT_TIME",
     "X402GW_REFUND",
     "X402GW_REPLAY",
     "X_PAYMENT",
@@ -43,6 +46,10 @@ REQUEST_ID = "X-Request-Id"
 X402GW_PREFIX = "X402GW-"
 X402GW_REPLAY = "X402GW-Replay"
 X402GW_REFUND = "X402GW-Refund"
+# The signed receipt of a settled payment (base64 JSON), and a payer's proof when fetching one later.
+X402GW_RECEIPT = "X402GW-Receipt"
+X402GW_RECEIPT_TIME = "X402GW-Receipt-Time"
+X402GW_RECEIPT_SIGNATURE = "X402GW-Receipt-Signature"
 # Every x402 payment header of either version: the gateway's alone, never passed to or from an upstream.
 PAYMENT_HEADERS = (PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PAYMENT_RESPONSE, X_PAYMENT, X_PAYMENT_REQUIRED, X_PAYMENT_RESPONSE)
 # HTTP's own, where the gateway reads or sets them by name

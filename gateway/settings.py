@@ -189,6 +189,10 @@ class Settings(BaseSettings):
     settlement_key: SecretStr | None = None
     settlement_key_file: Path | None = None
     receipt_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Key that signs payers' receipts (EIP-712; its address is published in /.well-known/x402). Never
+    # logged. Default on the local chain only: an anvil dev key (gateway.surfaces.receipts).
+    receipt_key: SecretStr | None = None
+    receipt_key_file: Path | None = None
 
     # Body of an unpaid 402: "v2" (the same JSON as PAYMENT-REQUIRED) or "v1" for fleets of old v1
     # clients that read only the body. The PAYMENT-REQUIRED header is v2 either way.
@@ -306,7 +310,7 @@ class Settings(BaseSettings):
     # is, where a ValueError would become a ValidationError quoting the input (secrets included).
     @model_validator(mode="after")
     def _keys_from_files(self) -> Settings:
-        for name in ("settlement_key", "refund_key", "facilitator_auth", "cdp_api_key_secret"):
+        for name in ("settlement_key", "refund_key", "facilitator_auth", "cdp_api_key_secret", "receipt_key"):
             path: Path | None = getattr(self, f"{name}_file")
             if path is None:
                 continue

@@ -14,6 +14,7 @@ from gateway.cli.agent import agent
 from gateway.cli.audit import audit
 from gateway.cli.doctor import doctor
 from gateway.cli.ledger import COMMANDS
+from gateway.cli.receipt import receipt
 
 
 def _configure_logging(level: str) -> None:
@@ -140,6 +141,7 @@ for _command in COMMANDS:  # ledger export / summary, reconcile, db upgrade
 
 
 main.add_command(agent)  # the reference agent: discover, pay within a limit, print the receipt
+main.add_command(receipt)  # receipt verify: a gateway-signed receipt checked offline
 
 
 if __name__ == "__main__":

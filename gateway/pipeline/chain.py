@@ -63,6 +63,7 @@ from gateway.store import StateStore, StoreUnavailable
 from gateway.upstream.bridge import Bridge, UpstreamClient
 from settlement.audit import AuditSink
 from settlement.errors import LedgerError
+from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
 from settlement.schemes.signatures import SignerCheck
@@ -180,6 +181,7 @@ def build_chain(
     max_upstream_response_bytes: int,
     lock_ttl_ms: int,
     wallets: WalletSignatures | None = None,
+    receipts: ReceiptSigner | None = None,
 ) -> Chain:
     """The order of a request, written once. ``tests/gateway/pipeline/test_chain.py`` holds it."""
     return Chain(
@@ -205,7 +207,7 @@ def build_chain(
             CallUpstream(bridge, upstream, safety=safety, ledger=ledger, refunds=refunds,
                          max_response_bytes=max_upstream_response_bytes),
             Settle(schemes, ledger),
-            Respond(),
+            Respond(ledger, receipts, public_url),
         ],
         [ReleaseHolds(store, safety, ledger), AuditTrailWrite(audit), Observe(observers), AccessLog()],
     )

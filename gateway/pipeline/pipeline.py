@@ -25,6 +25,7 @@ from gateway.store import MemoryStore, StateStore
 from gateway.upstream.bridge import Bridge, UpstreamClient
 from settlement.audit import AuditSink, AuditTrail, AuditWriter
 from settlement.chain.refunds import Refunder
+from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
 from settlement.schemes.signatures import SignerCheck
@@ -51,6 +52,7 @@ class Pipeline:
         audit: AuditSink | None = None,
         safety: Safety | None = None,
         wallets: WalletSignatures | None = None,
+        receipts: ReceiptSigner | None = None,
     ) -> None:
         self.catalogs = catalogs
         self.router = Router(catalogs.tools)
@@ -76,6 +78,8 @@ class Pipeline:
         self.signers = SignerCheck()
         # Contract-wallet signatures (ERC-1271 / ERC-6492), checked on chain after the per-client limit.
         self.wallets = wallets
+        # The receipt key: a settled payment's answer carries its signed receipt (X402GW-Receipt).
+        self.receipts = receipts
         # The hash-chained audit trail, in the ledger's database unless told otherwise.
         self.audit: AuditSink = (
             audit if audit is not None else AuditWriter(AuditTrail(ledger.url), executor=ledger.shared_executor)
@@ -88,6 +92,7 @@ class Pipeline:
             upstream=upstream, audit=self.audit, observers=self.observers, public_url=public_url,
             challenge_body_version=challenge_body_version, max_body_bytes=max_body_bytes,
             max_upstream_response_bytes=max_upstream_response_bytes, lock_ttl_ms=lock_ttl_ms, wallets=wallets,
+            receipts=receipts,
         )
 
     async def handle(self, request: Request) -> Response:

@@ -1,7 +1,8 @@
 """Stage ``respond``, the last: the upstream's answer, its status and content headers kept, plus the receipt.
 
-Paid content is ``Cache-Control: private, no-store`` so no shared cache serves it for free.
-Always answers.
+Paid content is ``Cache-Control: private, no-store`` so no shared cache serves it for free. With a
+receipt key, a settled payment's signed receipt (``X402GW-Receipt``) is derived from its ledger row,
+the very row ``GET /receipts/{paymentId}`` derives it from later. Always answers.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from starlette.responses import Response
 
 from gateway.headers import REQUEST_ID
 from gateway.pipeline.context import RequestContext
-from gateway.protocol.receipts import receipt_headers
+from gateway.protocol.receipts import receipt_headers, signed_receipt_header
 from gateway.upstream.bridge import DROPPED_RESPONSE_HEADERS, UpstreamResponse
+from settlement.finance.receipts import ReceiptSigner
+from settlement.ledger import Ledger, PaymentState
 from settlement.x402.wire import SettleResponse
 
 __all__ = ["Respond", "respond"]
@@ -35,7 +38,18 @@ class Respond:
     name = "respond"
     shape_only = False
 
+    def __init__(self, ledger: Ledger | None = None, receipts: ReceiptSigner | None = None,
+                 public_url: str | None = None) -> None:
+        self.ledger = ledger
+        self.receipts = receipts
+        self.public_url = public_url
+
     async def __call__(self, ctx: RequestContext) -> Response | None:
         quote, paid = ctx.quote, ctx.paid
         assert quote is not None and paid is not None and paid.upstream is not None
-        return respond(paid.upstream, ctx.settlement, ctx.request_id, quote.version)
+        response = respond(paid.upstream, ctx.settlement, ctx.request_id, quote.version)
+        if self.receipts is not None and self.ledger is not None and ctx.payment_id is not None:
+            row = await self.ledger.run(self.ledger.get, ctx.payment_id)
+            if row is not None and row.state == PaymentState.SETTLED and row.tx_hash:
+                response.headers.update(signed_receipt_header(self.receipts.receipt(row, self.public_url)))
+        return response

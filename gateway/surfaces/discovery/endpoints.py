@@ -37,8 +37,12 @@ CACHED_BASES = 4
 class Discovery:
     """Answers every discovery format from the pipeline's compiled catalog."""
 
-    def __init__(self, pipeline: Pipeline, public_url: str | None = None, search: ToolSearch | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, public_url: str | None = None, search: ToolSearch | None = None,
+        receipts: Callable[[str], dict[str, Any] | None] | None = None,
+    ) -> None:
         self.pipeline = pipeline
+        self.receipts = receipts  # base URL → the receipts entry of /.well-known/x402 (signer, how to fetch)
         self.public_url = public_url.rstrip("/") if public_url else None
         self.last_updated = int(time.time())
         self.search = search or ToolSearch(self._tools)
@@ -223,6 +227,7 @@ class Discovery:
                 "llms": base + "/llms.txt",
             },
             "instructions": HOW_TO_PAY,
+            **({"receipts": self.receipts(base)} if self.receipts is not None else {}),
         })
 
     def llms_txt(self, request: Request) -> Response:

@@ -1,0 +1,65 @@
+"""``x402gw receipt verify FILE``: check a gateway-signed receipt offline.
+
+The file holds the receipt as JSON (``{"format": "eip712", "payload": {...}, "signature": "0x..."}``,
+what ``GET /receipts/{paymentId}`` answers) or the ``X402GW-Receipt`` header's base64 value. The
+signature must recover to the gateway's published receipt signer (``receipts.signer`` in its
+``/.well-known/x402``), given with ``--signer``. Exit codes: 0 valid (the fields are printed),
+1 invalid (tampered, or signed by another key), 2 the file cannot be read as a receipt.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_INVALID = 1
+EXIT_UNREADABLE = 2
+
+
+def _read(path: Path) -> Any:
+    text = path.read_text().strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    return json.loads(base64.b64decode(text, validate=True))
+
+
+@click.group()
+def receipt() -> None:
+    """Signed payment receipts."""
+
+
+@receipt.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--signer", required=True, help="The gateway's receipt signer address (receipts.signer in /.well-known/x402).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verified fields as JSON.")
+def verify(file: Path, signer: str, as_json: bool) -> None:
+    """Check FILE's signature against the gateway's receipt signer and print what it attests."""
+    from settlement.finance.receipts import ReceiptInvalid, recover_receipt_signer
+
+    try:
+        signed = _read(file)
+    except (OSError, UnicodeDecodeError, ValueError, binascii.Error):
+        click.echo(f"error: {file} is not a receipt (JSON or base64 JSON) [receipt_unreadable]", err=True)
+        sys.exit(EXIT_UNREADABLE)
+    try:
+        recovered = recover_receipt_signer(signed)
+    except ReceiptInvalid as exc:
+        click.echo(f"invalid: {exc.message} [{exc.code}]", err=True)
+        sys.exit(EXIT_INVALID)
+    if recovered.lower() != signer.lower():
+        click.echo(f"invalid: signed by {recovered}, not by the gateway's receipt signer {signer} "
+                   "[receipt_signer_mismatch]", err=True)
+        sys.exit(EXIT_INVALID)
+    payload = signed["payload"]
+    if as_json:
+        click.echo(json.dumps({"valid": True, "signer": recovered, "payload": payload}, indent=2))
+        return
+    click.echo(f"valid: signed by {recovered}")
+    for name, value in payload.items():
+        click.echo(f"  {name:16} {value}")

@@ -1,0 +1,159 @@
+"""Signed receipts for payers: the gateway's receipt key, and ``GET /receipts/{paymentId}``.
+
+A receipt (``settlement.finance.receipts``) is derived from the ledger row and the receipt key, so
+an old one is fetched by deriving it again. Only the payment's payer gets it: the request carries
+an EIP-191 ``personal_sign`` by the payer's wallet over ``challenge_message`` (this gateway's
+receipt signer, the payment id, a unix time), in two headers::
+
+    X402GW-Receipt-Time: 1764851234
+    X402GW-Receipt-Signature: 0x<65 bytes>
+
+The time must be within ``MAX_SKEW_SECONDS`` of the gateway's clock, and each signature is taken
+once (kept in the state store until it would have expired anyway). Refusals, in the order checked:
+401 ``receipt_auth_invalid`` (headers missing or malformed, a signature that recovers to nobody),
+401 ``receipt_auth_expired``, 401 ``receipt_auth_replayed``, 404 ``receipt_not_found`` (no such
+payment, or another wallet's: the two are not told apart), 409 ``receipt_not_settled``; 404
+``receipts_disabled`` when the gateway has no receipt key. EOAs only: a smart wallet's owner key
+signs for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway import codes
+from gateway.errors import GatewayConfigError, GatewayError
+from gateway.headers import CACHE_CONTROL, X402GW_RECEIPT, X402GW_RECEIPT_SIGNATURE, X402GW_RECEIPT_TIME
+from gateway.settings import Settings
+from gateway.store import StateStore
+from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID
+from settlement.finance.receipts import RECEIPT_DOMAIN_NAME, RECEIPT_DOMAIN_VERSION, RECEIPT_FORMAT, ReceiptSigner
+from settlement.ledger import Ledger, PaymentState
+
+__all__ = ["MAX_SKEW_SECONDS", "ReceiptEndpoint", "challenge_message", "receipt_signer", "receipts_discovery"]
+
+MAX_SKEW_SECONDS = 300
+# The local chain's default receipt key: a public anvil key (account 8), never accepted elsewhere.
+DEV_RECEIPT_KEY = ANVIL_KEYS[8]
+_DEV_KEYS = frozenset(key.lower().removeprefix("0x") for key in ANVIL_KEYS)
+
+
+def receipt_signer(settings: Settings, networks: Iterable[str]) -> ReceiptSigner | None:
+    """``X402GW_RECEIPT_KEY`` (or ``_FILE``); without it, on a gateway that sells on the local chain
+    only, the anvil dev key; otherwise None (no receipts). A dev key with any other chain in the
+    catalog is refused (``dev_key_on_public_chain``), as the settlement key is."""
+    local_only = all(network == f"eip155:{LOCAL_CHAIN_ID}" for network in networks)
+    if settings.receipt_key is None:
+        return ReceiptSigner.from_key(DEV_RECEIPT_KEY) if local_only else None
+    key = settings.receipt_key.get_secret_value()
+    if not local_only and key.lower().removeprefix("0x") in _DEV_KEYS:
+        raise GatewayConfigError(
+            "refusing to start: the receipt key is a public anvil dev key and this gateway sells off "
+            "the local chain; anyone could sign receipts in its name. Use a key of your own.",
+            code="dev_key_on_public_chain",
+        )
+    try:
+        return ReceiptSigner.from_key(key)
+    except (ValueError, TypeError):
+        raise GatewayConfigError("X402GW_RECEIPT_KEY is not a private key (32 bytes in hex)",
+                                 code="receipt_key_invalid") from None
+
+
+_MESSAGE = "x402gw receipt request\ngateway: {signer}\npayment: {payment_id}\ntime: {timestamp}"
+
+
+def challenge_message(signer: str, payment_id: int | str, timestamp: int | str) -> str:
+    """What the payer signs (EIP-191 personal_sign) to fetch one receipt from this gateway."""
+    return _MESSAGE.format(signer=signer, payment_id=payment_id, timestamp=timestamp)
+
+
+class ReceiptEndpoint:
+    def __init__(
+        self, signer: ReceiptSigner | None, ledger: Ledger, store: StateStore, public_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.signer = signer
+        self.ledger = ledger
+        self.store = store
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.clock = clock
+
+    def routes(self) -> list[Route]:
+        async def receipt(request: Request) -> Response:
+            try:
+                return await self.receipt(request)
+            except GatewayError as err:
+                return err.to_response()
+
+        return [Route("/receipts/{payment_id}", receipt, methods=["GET"])]
+
+    async def receipt(self, request: Request) -> Response:
+        if self.signer is None:
+            raise GatewayError(codes.RECEIPTS_DISABLED, "this gateway signs no receipts (no receipt key)")
+        raw_id = request.path_params["payment_id"]
+        if not raw_id.isdigit() or len(raw_id) > 18:
+            raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this payment id")
+        wallet = await self._authenticate(request, self.signer.address, int(raw_id))
+        row = await self.ledger.run(self.ledger.get, int(raw_id))
+        if row is None or row.payer.lower() != wallet.lower():
+            raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this payment id")
+        if row.state != PaymentState.SETTLED or not row.tx_hash:
+            raise GatewayError(codes.RECEIPT_NOT_SETTLED, f"this payment is {row.state}: only a settled payment has a receipt",
+                               paymentId=row.id)
+        return JSONResponse(self.signer.receipt(row, self.public_url), headers={CACHE_CONTROL: "private, no-store"})
+
+    async def _authenticate(self, request: Request, signer: str, payment_id: int) -> str:
+        """The wallet that signed this request's challenge; each signature once, within the skew."""
+        raw_time = request.headers.get(X402GW_RECEIPT_TIME, "")
+        signature = request.headers.get(X402GW_RECEIPT_SIGNATURE, "")
+        if not raw_time.isdigit() or len(raw_time) > 12 or len(signature) != 132 or not signature.startswith("0x"):
+            raise GatewayError(
+                codes.RECEIPT_AUTH_INVALID,
+                f"sign messageTemplate (time: the current unix seconds) with the payer's wallet (personal_sign) "
+                f"and send {X402GW_RECEIPT_TIME} and {X402GW_RECEIPT_SIGNATURE}",
+                messageTemplate=challenge_message(signer, payment_id, "{unixSeconds}"),
+            )
+        timestamp = int(raw_time)
+        if abs(self.clock() - timestamp) > MAX_SKEW_SECONDS:
+            raise GatewayError(codes.RECEIPT_AUTH_EXPIRED,
+                               f"{X402GW_RECEIPT_TIME} must be within {MAX_SKEW_SECONDS} s of now; sign again",
+                               maxSkewSeconds=MAX_SKEW_SECONDS)
+        try:
+            wallet = str(Account.recover_message(encode_defunct(text=challenge_message(signer, payment_id, timestamp)),
+                                                 signature=signature))
+        except Exception:  # noqa: BLE001 - eth-keys raises several types for a bad signature; all mean invalid
+            raise GatewayError(codes.RECEIPT_AUTH_INVALID, "the signature recovers to no wallet") from None
+        # Once only, bounded: a key per signature seen, kept until its time is out of the window.
+        digest = hashlib.sha256(signature.lower().encode()).hexdigest()
+        fresh = await self.store.put(f"receipt-auth:{digest}", b"1", ttl_ms=2 * MAX_SKEW_SECONDS * 1000 + 1000,
+                                     only_if_absent=True)
+        if not fresh:
+            raise GatewayError(codes.RECEIPT_AUTH_REPLAYED, "this signature was already used; sign a new request")
+        return wallet
+
+
+def receipts_discovery(signer: ReceiptSigner | None, base: str) -> dict[str, object] | None:
+    """What /.well-known/x402 says about receipts: who signs them, and how to fetch one."""
+    if signer is None:
+        return None
+    return {
+        "signer": signer.address,
+        "format": RECEIPT_FORMAT,
+        "domain": {"name": RECEIPT_DOMAIN_NAME, "version": RECEIPT_DOMAIN_VERSION},
+        "header": X402GW_RECEIPT,
+        "retrieve": base + "/receipts/{paymentId}",
+        "auth": {
+            "scheme": "eip191",
+            "headers": [X402GW_RECEIPT_TIME, X402GW_RECEIPT_SIGNATURE],
+            "maxSkewSeconds": MAX_SKEW_SECONDS,
+            "message": challenge_message(signer.address, "{paymentId}", "{unixSeconds}"),
+        },
+    }

@@ -1,0 +1,164 @@
+"""Signed receipts: a settled payment's facts, signed by the gateway's receipt key (EIP-712).
+
+The shape follows the x402 offer-receipt extension (``{"format": "eip712", "payload", "signature"}``,
+domain ``{name, version: "1", chainId}`` with the chain id from ``payload.network``) and keeps its
+field names (``network``, ``resourceUrl``, ``payer``, ``issuedAt``, ``transaction``); it adds what a
+dispute needs (who was paid, what, how much, for which call), so its type is this gateway's own:
+domain name ``x402gw receipt``, primary type ``Receipt`` as in ``RECEIPT_TYPES`` (normative, never
+sent). A receipt is derived from the ledger row and the key alone (ECDSA signatures here are
+deterministic, RFC 6979): the same row gives the same bytes today and next year, so nothing is
+stored. ``issuedAt`` is the payment's ``created_at`` (when the gateway accepted it), not the time
+the receipt was signed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from eth_abi.exceptions import EncodingError
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+
+from settlement.errors import SettlementError
+from settlement.ledger import Payment, PaymentState
+
+__all__ = [
+    "RECEIPT_DOMAIN_NAME",
+    "RECEIPT_DOMAIN_VERSION",
+    "RECEIPT_FORMAT",
+    "RECEIPT_TYPES",
+    "ReceiptInvalid",
+    "ReceiptSigner",
+    "receipt_payload",
+    "recover_receipt_signer",
+]
+
+RECEIPT_FORMAT = "eip712"
+RECEIPT_DOMAIN_NAME = "x402gw receipt"
+RECEIPT_DOMAIN_VERSION = "1"
+# Normative: a change here is a new domain version, or every receipt already given out stops verifying.
+RECEIPT_TYPES: dict[str, list[dict[str, str]]] = {
+    "Receipt": [
+        {"name": "network", "type": "string"},
+        {"name": "resourceUrl", "type": "string"},
+        {"name": "payer", "type": "address"},
+        {"name": "issuedAt", "type": "uint256"},
+        {"name": "transaction", "type": "string"},
+        {"name": "blockNumber", "type": "uint256"},
+        {"name": "payTo", "type": "address"},
+        {"name": "asset", "type": "address"},
+        {"name": "amount", "type": "uint256"},
+        {"name": "maxAmount", "type": "uint256"},
+        {"name": "tool", "type": "string"},
+        {"name": "method", "type": "string"},
+        {"name": "argumentsDigest", "type": "string"},
+        {"name": "paymentId", "type": "uint256"},
+        {"name": "requestId", "type": "string"},
+    ],
+}
+_FIELDS = tuple(item["name"] for item in RECEIPT_TYPES["Receipt"])
+_UINTS = frozenset(item["name"] for item in RECEIPT_TYPES["Receipt"] if item["type"] == "uint256")
+
+
+class ReceiptInvalid(SettlementError):
+    """A receipt that is malformed or whose signature does not hold."""
+
+    code = "receipt_invalid"
+
+
+def _chain_id(network: Any) -> int:
+    if not isinstance(network, str) or not network.startswith("eip155:") or not network[7:].isdigit():
+        raise ReceiptInvalid(f"network must be eip155:<chainId>, not {network!r}")
+    return int(network[7:])
+
+
+def receipt_payload(payment: Payment, public_url: str | None = None) -> dict[str, Any]:
+    """The signed fields of a settled payment's receipt (camelCase, amounts as decimal strings on
+    the wire as in x402; uint256 fields as JSON numbers)."""
+    if payment.state != PaymentState.SETTLED or not payment.tx_hash:
+        raise ReceiptInvalid(f"payment {payment.id} is {payment.state}: only a settled payment has a receipt")
+    created = payment.created_at if payment.created_at.tzinfo else payment.created_at.replace(tzinfo=UTC)
+    authorization = json.loads(payment.authorization).get("authorization", {})
+    return {
+        "network": payment.network,
+        "resourceUrl": f"{public_url.rstrip('/')}{payment.path}" if public_url else payment.path,
+        "payer": payment.payer,
+        "issuedAt": int(created.timestamp()),
+        "transaction": payment.tx_hash,
+        "blockNumber": payment.block_number or 0,
+        "payTo": payment.pay_to,
+        "asset": payment.asset,
+        "amount": str(payment.amount),
+        "maxAmount": str(authorization.get("value", payment.amount)),
+        "tool": payment.tool,
+        "method": payment.method,
+        "argumentsDigest": payment.fingerprint or "",
+        "paymentId": payment.id,
+        "requestId": payment.request_id,
+    }
+
+
+def _typed(payload: Mapping[str, Any]) -> Any:
+    if not isinstance(payload, Mapping) or set(payload) != set(_FIELDS):
+        raise ReceiptInvalid(f"a receipt payload has exactly these fields: {', '.join(_FIELDS)}")
+    message: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = payload[name]
+        if name in _UINTS:
+            if name in ("amount", "maxAmount") and isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ReceiptInvalid(f"{name} must be an unsigned integer")
+        elif not isinstance(value, str):
+            raise ReceiptInvalid(f"{name} must be a string")
+        message[name] = value
+    domain = {"name": RECEIPT_DOMAIN_NAME, "version": RECEIPT_DOMAIN_VERSION, "chainId": _chain_id(payload["network"])}
+    try:
+        return encode_typed_data(domain_data=domain, message_types=RECEIPT_TYPES, message_data=message)
+    except (ValueError, TypeError, EncodingError) as exc:  # a malformed address, an integer out of range
+        raise ReceiptInvalid(f"the receipt payload cannot be encoded: {type(exc).__name__}") from None
+
+
+def recover_receipt_signer(receipt: Mapping[str, Any]) -> str:
+    """The address that signed ``receipt`` (checksummed); ``ReceiptInvalid`` when malformed."""
+    if not isinstance(receipt, Mapping) or receipt.get("format") != RECEIPT_FORMAT:
+        raise ReceiptInvalid(f'a receipt is {{"format": "{RECEIPT_FORMAT}", "payload": ..., "signature": ...}}')
+    signature = receipt.get("signature")
+    if not isinstance(signature, str) or len(signature) != 132 or not signature.startswith("0x"):
+        raise ReceiptInvalid("signature must be 0x and 65 bytes in hex")
+    signable = _typed(receipt.get("payload"))  # type: ignore[arg-type]  # checked in _typed
+    try:
+        return str(Account.recover_message(signable, signature=signature))
+    except Exception:  # noqa: BLE001 - eth-keys raises several types for a bad signature; all mean invalid
+        raise ReceiptInvalid("the signature does not recover to any address") from None
+
+
+@dataclass(frozen=True)
+class ReceiptSigner:
+    """The gateway's receipt key and what it signs with. The key never leaves the account object
+    (no repr of it), and only ``address`` is published."""
+
+    account: LocalAccount
+
+    @classmethod
+    def from_key(cls, key: str) -> ReceiptSigner:
+        return cls(Account.from_key(key))
+
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+    def __repr__(self) -> str:
+        return f"ReceiptSigner({self.address})"
+
+    def sign(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        signed = self.account.sign_message(_typed(payload))
+        return {"format": RECEIPT_FORMAT, "payload": dict(payload), "signature": "0x" + bytes(signed.signature).hex()}
+
+    def receipt(self, payment: Payment, public_url: str | None = None) -> dict[str, Any]:
+        return self.sign(receipt_payload(payment, public_url))
