@@ -188,7 +188,8 @@ def _operations(
                              timeout=settings.readiness_timeout_seconds),
         dependencies=wiring.health,
     )
-    dashboard = Dashboard(ledger.engine, catalogs, metrics, breakers=safety.breakers.states)
+    dashboard = Dashboard(ledger.engine, catalogs, metrics, breakers=safety.breakers.states,
+                          native_usd_rates=settings.native_usd_rate)
     routes: list[Route] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readiness.endpoint, methods=["GET"]),

@@ -70,6 +70,22 @@ DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog" / "examples
 CDP_HOST = "api.cdp.coinbase.com"
 
 
+def _usd_rates(value: Any) -> Any:
+    """{network: dollars per native coin}: decimal strings (or ints), never a JSON float (inexact)."""
+    if not isinstance(value, dict):
+        return value
+    rates: dict[Any, Decimal] = {}
+    for network, rate in value.items():
+        try:
+            exact = Decimal(rate) if isinstance(rate, (str, int)) and not isinstance(rate, bool) else None
+        except ArithmeticError:  # decimal.InvalidOperation: not a number
+            exact = None
+        if exact is None or not exact.is_finite() or exact < 0:
+            raise GatewayConfigError(f"{network}: write the native coin's dollar rate as a decimal string, e.g. \"3150.25\"")
+        rates[network] = exact
+    return rates
+
+
 def _url_lists(value: Any) -> Any:
     """{network: URL, or several}: a JSON list of URLs, or one string with URLs separated by spaces
     (a URL holds no raw space), kept as that one string so every reader of the map still gets
@@ -189,6 +205,9 @@ class Settings(BaseSettings):
     settlement_key: SecretStr | None = None
     settlement_key_file: Path | None = None
     receipt_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Dollars per native coin per network, for gas in dollars in ledger summaries and /admin, e.g.
+    # {"eip155:8453": "3150.25"} (JSON in X402GW_NATIVE_USD_RATE; strings, never floats).
+    native_usd_rate: Annotated[dict[str, Decimal], BeforeValidator(_usd_rates)] = Field(default_factory=dict)
     # Key that signs payers' receipts (EIP-712; its address is published in /.well-known/x402). Never
     # logged. Default on the local chain only: an anvil dev key (gateway.surfaces.receipts).
     receipt_key: SecretStr | None = None

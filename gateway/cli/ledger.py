@@ -169,10 +169,13 @@ def ledger_summary(by: tuple[str, ...], fmt: str, start: str | None, end: str | 
                    tools: tuple[str, ...], database_url: str | None) -> None:
     """Revenue per group and asset, exact decimals: gross (settled amounts), refunds (owed on
     settled payments, paid back or not) and net (gross minus refunds), as the admin dashboard shows
-    it (settlement.finance.summary); and counts of settled, failed, pending, voided and refunded
-    payments. Different tokens are never added: each group is one asset."""
+    it (settlement.finance.summary); gas the settlement key paid (native coin; in dollars with
+    X402GW_NATIVE_USD_RATE) and net minus gas in dollars (dollar stablecoins); and counts of
+    settled, failed, pending, voided and refunded payments. Different tokens are never added: each
+    group is one asset on one network."""
     from settlement.finance.summary import summarize, table
 
+    rates = _settings(database_url=database_url).native_usd_rate
     dimensions = by or ("owner", "tool")
     filters = _filters(start, end, owners, tools, ())
     book = _open_ledger(_ledger_to_read(database_url))
@@ -181,9 +184,9 @@ def ledger_summary(by: tuple[str, ...], fmt: str, start: str | None, end: str | 
     finally:
         book.close()
     if fmt == "json":
-        click.echo(json.dumps({"by": list(dimensions), "groups": [g.to_json(dimensions) for g in groups]}, indent=2))  # type: ignore[arg-type]
+        click.echo(json.dumps({"by": list(dimensions), "groups": [g.to_json(dimensions, rates) for g in groups]}, indent=2))  # type: ignore[arg-type]
     else:
-        for line in table(groups, dimensions):  # type: ignore[arg-type]
+        for line in table(groups, dimensions, rates):  # type: ignore[arg-type]
             click.echo(line)
 
 
@@ -201,9 +204,7 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
               catalogs: tuple[Path, ...], database_url: str | None) -> None:
     """Resolve open payments, then compare the ledger with the token's Transfer / AuthorizationUsed
     logs for each payTo: exit 0 when they agree, 1 when they do not, 2 when it cannot tell."""
-    from catalog import CatalogError, load_catalogs
-    from gateway.app import GatewayConfigError, build_chains, facilitator_plan, write_ahead_networks
-    from settlement.chain.client import JsonRpcChain
+    from gateway.app import facilitator_plan, write_ahead_networks
     from settlement.errors import ChainUnavailable
     from settlement.finance.reconcile import reconcile as run_reconcile
     from settlement.schemes import Schemes, exact_resolvers
@@ -211,21 +212,8 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     if to_block is not None and to_block < from_block:
         raise click.BadParameter("--to-block is before --from-block", param_hint="--to-block")
     settings = _settings(catalog=list(catalogs), database_url=database_url)
-    try:
-        loaded = load_catalogs(settings.catalog)
-    except CatalogError as exc:
-        _fail(f"the catalog is invalid\n{exc}")
+    loaded, chains = _chains(settings)
     networks = {offer.terms.network for tool in loaded.tools for offer in tool.offers}
-    try:
-        chains: dict[str, JsonRpcChain] = dict(build_chains(settings, loaded, local_networks=set()))
-    except GatewayConfigError as exc:
-        _fail(f"{exc} [{exc.code}]")
-    for network, url in settings.rpc_urls.items():  # networks the ledger has and the catalog no longer sells
-        if network not in chains and network.startswith("eip155:"):
-            chains[network] = JsonRpcChain(url, int(network.split(":", 1)[1]), None)
-    for network in sorted(networks - set(chains)):
-        hint = f" or start `x402gw devchain` (no deployment at {settings.deployment_file})" if network == "eip155:31337" else ""
-        _fail(f"no chain access for {network}: set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}'{hint}")
     plan = facilitator_plan(settings, networks)
     assets = {(o.terms.network, o.terms.asset, o.terms.pay_to) for t in loaded.tools for o in t.offers}
     book = _open_ledger(settings.database_url)
@@ -255,6 +243,81 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
         click.echo(f"error: no RPC URL for {', '.join(report.unchecked_networks)} (X402GW_RPC_URLS)", err=True)
         sys.exit(EXIT_ERROR)
     sys.exit(0 if report.agree else EXIT_DISAGREE)
+
+
+def _chains(settings: Settings, *, keyed: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The catalogs, and chain access for every network they sell on and every network of
+    X402GW_RPC_URLS (the ledger may hold networks the catalog no longer sells); exits when a sold
+    network has none. ``keyed``: networks this gateway settles itself get their settlement key
+    (so its address is known), as the gateway builds them; otherwise read-only."""
+    from catalog import CatalogError, load_catalogs
+    from gateway.app import GatewayConfigError, build_chains, facilitator_plan, write_ahead_networks
+    from settlement.chain.client import JsonRpcChain
+
+    try:
+        loaded = load_catalogs(settings.catalog)
+    except CatalogError as exc:
+        _fail(f"the catalog is invalid\n{exc}")
+    networks = {offer.terms.network for tool in loaded.tools for offer in tool.offers}
+    try:
+        local = write_ahead_networks(facilitator_plan(settings, networks)) if keyed else set()
+        chains: dict[str, JsonRpcChain] = dict(build_chains(settings, loaded, local_networks=local))
+    except GatewayConfigError as exc:
+        _fail(f"{exc} [{exc.code}]")
+    for network, url in settings.rpc_urls.items():
+        if network not in chains and network.startswith("eip155:"):
+            chains[network] = JsonRpcChain(url, int(network.split(":", 1)[1]), None)
+    for network in sorted(networks - set(chains)):
+        hint = f" or start `x402gw devchain` (no deployment at {settings.deployment_file})" if network == "eip155:31337" else ""
+        _fail(f"no chain access for {network}: set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}'{hint}")
+    return loaded, chains
+
+
+@ledger.command("backfill-gas")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--catalog", "catalogs", multiple=True, type=click.Path(path_type=Path),
+              help="Catalog file (repeatable; default: X402GW_CATALOG).")
+@database_option
+def ledger_backfill_gas(as_json: bool, catalogs: tuple[Path, ...], database_url: str | None) -> None:
+    """Record the gas of settled and failed rows that lack it (settled before the gas columns, by
+    a remote facilitator, or resolved by a reconcile), read from each transaction's receipt; a
+    batch's gas is shared exactly among its rows (settlement.chain.gas). Only transactions sent by
+    the network's settlement key count (a remote facilitator's are listed, not recorded). Exit 2 when a network has
+    no chain access or a node stops answering (run it again: filled rows are kept)."""
+    from settlement.errors import ChainUnavailable
+    from settlement.finance.gas import backfill_gas
+
+    settings = _settings(catalog=list(catalogs), database_url=database_url)
+    _, chains = _chains(settings, keyed=True)
+    book = _open_ledger(settings.database_url)
+
+    async def run() -> Any:
+        try:
+            senders = {n: c.settlement_address for n, c in chains.items() if c.settlement_address}
+            return await backfill_gas(book, chains, senders)
+        finally:
+            for chain in chains.values():
+                await chain.close()
+
+    try:
+        report = asyncio.run(run())
+    except ChainUnavailable as exc:
+        _fail(f"{exc.message} [{exc.code}]")
+    finally:
+        book.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(f"gas recorded for {report.filled} payments ({report.transactions} receipts read)")
+        for tx_hash in report.no_receipt:
+            click.echo(f"no receipt (never mined): {tx_hash}")
+        for tx_hash in report.no_gas:
+            click.echo(f"receipt without gasUsed/effectiveGasPrice: {tx_hash}")
+        for tx_hash in report.other_sender:
+            click.echo(f"sent by another account than the settlement key (not ours to count): {tx_hash}")
+    if report.unchecked_networks:
+        click.echo(f"error: no RPC URL for {', '.join(report.unchecked_networks)} (X402GW_RPC_URLS)", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 def _describe(report: Any) -> list[str]:

@@ -38,6 +38,7 @@ from starlette.routing import Route
 from catalog.limits import RateLimit
 from gateway.errors import GatewayError
 from gateway.store import MemoryStore, StateStore, StoreUnavailable
+from settlement.chain.gas import take_gas
 from settlement.errors import PaymentDecodeError, SettlementError
 from settlement.schemes.exact_local import LocalFacilitator, Rejected
 from settlement.x402.codec import parse_exact_evm, parse_payment_payload
@@ -255,7 +256,9 @@ def facilitator_routes(
                     success=False, error_reason="pay_to_not_allowed", error_message=message, network=requirements.network
                 ).to_wire()
             )
-        return JSONResponse((await _settle_outcome(once, payload, requirements)).to_wire())
+        outcome = await _settle_outcome(once, payload, requirements)
+        extra, _ = take_gas(outcome.extra)  # this gateway's own accounting: the caller pays no gas here
+        return JSONResponse(outcome.model_copy(update={"extra": extra}).to_wire())
 
     prefix = prefix.rstrip("/")
     return [

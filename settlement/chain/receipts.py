@@ -52,6 +52,17 @@ class Receipt:
     status: int
     block_number: int
     logs: tuple[LogEntry, ...] = field(default=())
+    # What the sender paid: gasUsed × effectiveGasPrice wei (None: a node that does not report them).
+    gas_used: int | None = None
+    effective_gas_price: int | None = None
+    sender: str | None = None  # the account that sent it (and paid its gas)
+
+    @property
+    def gas_cost(self) -> int | None:
+        """Wei the sender paid for this transaction, or None when the node did not say."""
+        if self.gas_used is None or self.effective_gas_price is None:
+            return None
+        return self.gas_used * self.effective_gas_price
 
     def has_transfer(self, token: str, from_: str, to: str, value: int) -> bool:
         want = (TOPIC_TRANSFER, _topic_address(from_), _topic_address(to))
@@ -204,4 +215,10 @@ def _receipt(tx_hash: str, raw: dict[str, Any]) -> Receipt:
         )
         for log in raw.get("logs", [])
     )
-    return Receipt(tx_hash=tx_hash, status=int(raw["status"], 16), block_number=int(raw["blockNumber"], 16), logs=logs)
+    gas_used, price = raw.get("gasUsed"), raw.get("effectiveGasPrice")
+    return Receipt(
+        tx_hash=tx_hash, status=int(raw["status"], 16), block_number=int(raw["blockNumber"], 16), logs=logs,
+        gas_used=int(gas_used, 16) if isinstance(gas_used, str) else None,
+        effective_gas_price=int(price, 16) if isinstance(price, str) else None,
+        sender=raw["from"] if isinstance(raw.get("from"), str) else None,
+    )

@@ -51,6 +51,9 @@ COLUMNS = (
     "refund_owed",
     "refund_tx",
     "refunded_at",
+    "gas_used",  # the settlement transaction's gasUsed and effectiveGasPrice (wei per gas),
+    "gas_price",  # and this payment's share of their product in wei (settlement.chain.gas)
+    "gas_cost_wei",
 )
 
 
@@ -129,6 +132,9 @@ _SELECTED = (
     Payment.refund_owed,
     Payment.refund_tx,
     Payment.refunded_at,
+    Payment.gas_used,
+    Payment.gas_price,
+    Payment.gas_cost,
 )
 
 
@@ -143,7 +149,8 @@ def iter_rows(ledger: Ledger, filters: Filters, batch_rows: int = BATCH_ROWS) ->
     with ledger.engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=batch_rows).execute(query)
         for (pid, request_id, created_at, owner, tool, payer, pay_to, amount, decimals, asset, network, state,
-             error_reason, tx_hash, block_number, refund_owed, refund_tx, refunded_at) in result:
+             error_reason, tx_hash, block_number, refund_owed, refund_tx, refunded_at, gas_used, gas_price,
+             gas_cost) in result:
             yield {
                 "payment_id": pid,
                 "request_id": request_id,
@@ -165,6 +172,9 @@ def iter_rows(ledger: Ledger, filters: Filters, batch_rows: int = BATCH_ROWS) ->
                 "refund_owed": None if refund_owed is None else format_amount(refund_owed, decimals),
                 "refund_tx": refund_tx,
                 "refunded_at": iso_utc(refunded_at),
+                "gas_used": None if gas_used is None else str(gas_used),
+                "gas_price": None if gas_price is None else str(gas_price),
+                "gas_cost_wei": None if gas_cost is None else str(gas_cost),
             }
 
 

@@ -12,19 +12,27 @@ part of a group's key.
     gross    settled amounts
     refunds  refunds owed on settled payments (paid back or not: either way not earned)
     net      gross - refunds
+    gas      wei the settlement key paid for the group's transactions (settled and failed rows
+             alike: a reverted transaction costs gas too), each row's share (settlement.chain.gas);
+             in the network's native coin (18 decimals), and in dollars with a rate per network
+    net_usd  net - gas, in dollars: only for a dollar stablecoin (the registry's, or ``usd_assets``)
+             on a network with a native coin rate. Exact decimals (never float)
+    gas_missing  mined rows whose gas is not recorded yet (``x402gw ledger backfill-gas``)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, localcontext
 from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from catalog.pricing import format_amount
+from catalog.registry import stablecoin_at
 from settlement.finance.export import BATCH_ROWS, Filters
 from settlement.ledger import Ledger, Payment, PaymentState
 
@@ -41,12 +49,26 @@ class Group:
     gross: int = 0
     refunds: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    gas: int = 0  # wei
+    gas_missing: int = 0
 
     @property
     def net(self) -> int:
         return self.gross - self.refunds
 
-    def to_json(self, by: Sequence[Dimension]) -> dict[str, Any]:
+    def dollars(self, rate: Decimal | None, usd_asset: bool) -> tuple[Decimal | None, Decimal | None]:
+        """(gas in dollars, net minus gas in dollars), each None when it cannot be told."""
+        if rate is None:
+            return None, None
+        with localcontext() as exact:
+            exact.prec = 200  # wider than any product of a 78-digit amount and a rate
+            gas_usd = Decimal(self.gas) * rate / Decimal(10) ** NATIVE_DECIMALS
+            net_usd = Decimal(self.net) / Decimal(10) ** self.decimals - gas_usd if usd_asset else None
+        return gas_usd, net_usd
+
+    def to_json(self, by: Sequence[Dimension], rates: Mapping[str, Decimal] | None = None,
+                usd_assets: Collection[tuple[str, str]] = ()) -> dict[str, Any]:
+        gas_usd, net_usd = self.dollars((rates or {}).get(self.network), is_usd(self.network, self.asset, usd_assets))
         return {
             **dict(zip(by, self.key)),
             "network": self.network,
@@ -58,13 +80,40 @@ class Group:
             "gross_atomic": str(self.gross),
             "refunds_atomic": str(self.refunds),
             "net_atomic": str(self.net),
+            "gas": format_amount(self.gas, NATIVE_DECIMALS),
+            "gas_wei": str(self.gas),
+            "gas_usd": None if gas_usd is None else decimal_text(gas_usd),
+            "net_usd": None if net_usd is None else decimal_text(net_usd),
+            "gas_missing": self.gas_missing,
             **{name: self.counts.get(name, 0) for name in COUNTED},
         }
+
+
+NATIVE_DECIMALS = 18  # every EVM network's native coin (ETH, POL, AVAX, CELO...)
+
+
+def is_usd(network: str, asset: str, usd_assets: Collection[tuple[str, str]] = ()) -> bool:
+    """A dollar stablecoin: the registry's, or one the caller names as ``(network, asset)``."""
+    coin = stablecoin_at(network, asset)
+    return (coin is not None and coin.currency == "USD") or (network, asset.lower()) in {
+        (n, a.lower()) for n, a in usd_assets
+    }
+
+
+def decimal_text(value: Decimal) -> str:
+    """``Decimal`` as a plain decimal string: no exponent, trailing zeros trimmed."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
 
 
 # Counted outcomes: "pending" covers settling and pending (outcome not final yet); "refunded" is a
 # refund paid back on chain, "refund_owed" one recorded and not (yet) paid.
 COUNTED = ("payments", "settled", "failed", "pending", "voided", "refunded", "refund_owed")
+# Rows whose transaction was mined (a failed row with a hash reverted on chain, or was refused
+# before broadcast by a node; backfill-gas finds no receipt for the latter and leaves it).
+MINED_STATES = (PaymentState.SETTLED, PaymentState.FAILED)
 
 
 def _utc(value: datetime) -> datetime:
@@ -95,7 +144,7 @@ def summarize(ledger: Ledger | Engine, by: Sequence[Dimension], filters: Filters
     filters = filters or Filters()
     query = filters.apply(select(
         Payment.owner, Payment.tool, Payment.created_at, Payment.state, Payment.amount, Payment.refund_owed,
-        Payment.refunded_at, Payment.network, Payment.asset, Payment.decimals,
+        Payment.refunded_at, Payment.network, Payment.asset, Payment.decimals, Payment.tx_hash, Payment.gas_cost,
     ))
     groups: dict[tuple[Any, ...], Group] = {}
     with engine.connect() as conn:
@@ -115,6 +164,10 @@ def _count(group: Group, r: Any) -> None:
     state = "pending" if r.state == PaymentState.SETTLING else r.state
     if state in COUNTED:
         counts[state] = counts.get(state, 0) + 1
+    if r.gas_cost is not None:
+        group.gas += r.gas_cost
+    elif r.tx_hash and r.state in MINED_STATES:
+        group.gas_missing += 1
     if r.state == PaymentState.SETTLED:
         group.gross += r.amount
         if r.refund_owed is not None:
@@ -136,19 +189,23 @@ def rollup(groups: Iterable[Group], keep: Sequence[int] = ()) -> list[Group]:
             into = merged[full] = Group(key, g.network, g.asset, g.decimals)
         into.gross += g.gross
         into.refunds += g.refunds
+        into.gas += g.gas
+        into.gas_missing += g.gas_missing
         for name, n in g.counts.items():
             into.counts[name] = into.counts.get(name, 0) + n
     return [merged[k] for k in sorted(merged)]
 
 
-def table(groups: Iterable[Group], by: Sequence[Dimension]) -> list[str]:
-    """Aligned text lines: one header, one line per group."""
-    header = [*by, "asset", "gross", "refunds", "net", *COUNTED[1:]]
+def table(groups: Iterable[Group], by: Sequence[Dimension], rates: Mapping[str, Decimal] | None = None,
+          usd_assets: Collection[tuple[str, str]] = ()) -> list[str]:
+    """Aligned text lines: one header, one line per group (``-``: no rate for the network's coin,
+    or net in dollars of a token that is not a dollar)."""
+    header = [*by, "asset", "gross", "refunds", "net", "gas", "gas_usd", "net_usd", *COUNTED[1:]]
     lines = [header]
     for g in groups:
-        data = g.to_json(by)
-        lines.append([*g.key, _short(g.asset), data["gross"], data["refunds"], data["net"],
-                      *(str(data[c]) for c in COUNTED[1:])])
+        data = g.to_json(by, rates, usd_assets)
+        lines.append([*g.key, _short(g.asset), data["gross"], data["refunds"], data["net"], data["gas"],
+                      data["gas_usd"] or "-", data["net_usd"] or "-", *(str(data[c]) for c in COUNTED[1:])])
     numeric = set(range(len(by) + 1, len(header)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return [

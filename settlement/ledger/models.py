@@ -121,6 +121,12 @@ class Payment(Base):
     refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     # Decimals of the asset, so an atomic amount reads as an exact decimal without a chain call.
     decimals: Mapped[int] = mapped_column(Integer, default=6, server_default="6")
+    # Gas the settlement key paid for this payment's transaction (settlement.chain.gas): the
+    # receipt's gasUsed and effectiveGasPrice, and this payment's share of their product in wei
+    # (a batch shares one transaction). None: not known yet (ledger backfill-gas reads receipts).
+    gas_used: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    gas_price: Mapped[int | None] = mapped_column(AtomicAmount(), default=None)
+    gas_cost: Mapped[int | None] = mapped_column(AtomicAmount(), default=None)
 
 
 class StoredResponse(Base):

@@ -19,7 +19,11 @@ and left unchanged)::
     without a transaction hash, as a fresh ``verified`` row.
 
     No state change: ``record_tx_hash`` (settling), ``record_upstream_status``,
-    ``record_refund_owed``, ``record_refund_tx``, ``record_refund_paid`` (settled).
+    ``record_refund_owed``, ``record_refund_tx``, ``record_refund_paid`` (settled), ``record_gas``
+    (settled or failed: the gas of a mined transaction, read later from its receipt).
+
+``mark_settled`` and ``fail`` take the transaction's gas as well (``gas``: ``gas_used``,
+``gas_price``, ``gas_cost``; see ``settlement.chain.gas``), written in the same UPDATE.
 
 Amounts are Python ints in atomic units (see ``settlement.ledger.models``). The repository never
 decides policy; it records. Calls are synchronous: the gateway runs them off the event loop.
@@ -32,7 +36,7 @@ import asyncio
 import functools
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -79,6 +83,8 @@ _FROM_MARK_PENDING = (_V, _SG, _P)
 _FROM_FAIL = (_V, _SG, _P, _F)
 _FROM_VERIFIED = (_V,)
 _FROM_SETTLED = (_SD,)
+_FROM_MINED = (_SD, _F)
+_GAS_COLUMNS = frozenset({"gas_used", "gas_price", "gas_cost"})
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "begin_settlement": _FROM_BEGIN_SETTLEMENT,
     "record_tx_hash": _FROM_SETTLING,
@@ -90,6 +96,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "record_refund_owed": _FROM_SETTLED,
     "record_refund_tx": _FROM_SETTLED,
     "record_refund_paid": _FROM_SETTLED,
+    "record_gas": _FROM_MINED,
 }
 
 
@@ -270,9 +277,11 @@ class Ledger:
         self._move("record_tx_hash", payment_id, _FROM_SETTLING, {"tx_hash": tx_hash})
 
     @atomic_alone
-    def mark_settled(self, payment_id: int, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP) -> None:
+    def mark_settled(
+        self, payment_id: int, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP, gas: Mapping[str, int] | None = None,
+    ) -> None:
         self._move("mark_settled", payment_id, _FROM_MARK_SETTLED, {
-            "state": PaymentState.SETTLED.value, "tx_hash": tx_hash, "block_number": block_number,
+            "state": PaymentState.SETTLED.value, "tx_hash": tx_hash, "block_number": block_number, **_gas(gas),
         })
 
     @atomic_alone
@@ -282,11 +291,20 @@ class Ledger:
         })
 
     @atomic_alone
-    def fail(self, payment_id: int, reason: str | None, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP) -> None:
+    def fail(
+        self, payment_id: int, reason: str | None, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP,
+        gas: Mapping[str, int] | None = None,
+    ) -> None:
         self._move("fail", payment_id, _FROM_FAIL, {
             "state": PaymentState.FAILED.value, "error_reason": reason, "tx_hash": tx_hash,
-            "block_number": block_number,
+            "block_number": block_number, **_gas(gas),
         })
+
+    @atomic_alone
+    def record_gas(self, payment_id: int, gas: Mapping[str, int]) -> None:
+        """The gas of a mined settlement transaction, read from its receipt after the fact
+        (``settlement.finance.gas.backfill_gas``; settled or failed, no state change)."""
+        self._move("record_gas", payment_id, _FROM_MINED, _gas(gas))
 
     @atomic_alone
     def void(self, payment_id: int, reason: str | None, *, upstream_status: Any = _KEEP) -> None:
@@ -365,6 +383,14 @@ _INSERT_DEFAULTS = {
 for _column in _PAYMENTS.c:
     if _column.key not in _INSERT_DEFAULTS and _column.nullable and not _column.primary_key:
         _INSERT_DEFAULTS[_column.key] = None
+
+
+def _gas(gas: Mapping[str, int] | None) -> dict[str, int]:
+    if gas is None:
+        return {}
+    if set(gas) != _GAS_COLUMNS:
+        raise ValueError(f"gas is {sorted(_GAS_COLUMNS)}, got {sorted(gas)}")
+    return dict(gas)
 
 
 def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:

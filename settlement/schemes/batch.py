@@ -28,6 +28,7 @@ from eth_utils import to_checksum_address
 
 from settlement.chain.authorization import split_signature
 from settlement.chain.client import BeforeSend, Chain, Receipt, selector
+from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -207,14 +208,19 @@ class _NetworkBatcher:
             return
 
     async def _resolve_from_receipt(self, receipt: Receipt, batch: list[_Item]) -> None:
+        # One transaction's gas, shared exactly among its payments (settlement.chain.gas).
+        split = receipt_shares(receipt, len(batch))
+        shares: list[GasShare | None] = list(split) if split is not None else [None] * len(batch)
         if receipt.status != 1:
             # The whole batch reverted (out of gas, wrong caller): nothing moved for anyone.
-            for item in batch:
-                _resolve(item, await self.local._outcome(self.chain, receipt, item.checked, self.network))
+            for item, share in zip(batch, shares, strict=True):
+                outcome = await self.local._outcome(self.chain, receipt, item.checked, self.network)
+                extra = {**(outcome.extra or {}), **gas_extra(share)}
+                _resolve(item, outcome.model_copy(update={"extra": extra}))
             return
         outcomes = item_outcomes(receipt, self.settler)
-        block = {"blockNumber": receipt.block_number}
         for index, item in enumerate(batch):
+            block = {"blockNumber": receipt.block_number, **gas_extra(shares[index])}
             c = item.checked
             base: dict[str, Any] = {"payer": c.payer, "transaction": receipt.tx_hash, "network": self.network}
             settled, reason = outcomes.get(index, (False, b""))

@@ -20,6 +20,7 @@ from typing import Any
 
 from settlement.chain.addresses import checksum_address
 from settlement.chain.client import BeforeSend, Chain, Receipt
+from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
@@ -340,7 +341,7 @@ class LocalFacilitator:
             return SettleResponse(
                 success=True,
                 amount=str(checked.auth.value),
-                extra={"blockNumber": receipt.block_number},
+                extra={"blockNumber": receipt.block_number, **gas_extra(_one(receipt))},
                 **base,
             )
         # Reverted (certain: nothing moved). Say why, from the chain state the revert depended on.
@@ -352,7 +353,13 @@ class LocalFacilitator:
                 reason = "invalid_exact_evm_insufficient_balance"
         except ChainUnavailable:
             pass
-        return SettleResponse(success=False, error_reason=reason, extra={"blockNumber": receipt.block_number}, **base)
+        extra = {"blockNumber": receipt.block_number, **gas_extra(_one(receipt))}  # a revert costs gas too
+        return SettleResponse(success=False, error_reason=reason, extra=extra, **base)
+
+
+def _one(receipt: Receipt) -> GasShare | None:
+    shares = receipt_shares(receipt, 1)
+    return None if shares is None else shares[0]
 
 
 _REVERT_CODES = (

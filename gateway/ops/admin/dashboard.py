@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -34,9 +35,11 @@ class Asset:
 
 class Dashboard:
     def __init__(
-        self, engine: Engine, catalogs: Catalogs, metrics: GatewayMetrics, breakers: BreakerStates | None = None
+        self, engine: Engine, catalogs: Catalogs, metrics: GatewayMetrics, breakers: BreakerStates | None = None,
+        native_usd_rates: Mapping[str, Decimal] | None = None,
     ) -> None:
         self.engine = engine
+        self.native_usd_rates = dict(native_usd_rates or {})
         self.catalogs = catalogs
         self.metrics = metrics
         self.breakers = breakers
@@ -44,6 +47,8 @@ class Dashboard:
         self.tool_assets = {tool.name: tool.payment.asset for tool in catalogs.tools}
         for terms in (offer.terms for tool in catalogs.tools for offer in tool.offers):
             self.assets.setdefault(terms.asset, Asset(terms.asset, terms.asset_name, terms.decimals))
+        # The catalog's dollar tokens (usd_pegged) count as dollars in net of gas, with the registry's.
+        self.usd_assets = {(o.terms.network, o.terms.asset) for t in catalogs.tools for o in t.offers if o.terms.usd_pegged}
 
     def _amount(self, atomic: int, asset: str | None, decimals: int | None = None) -> dict[str, Any]:
         """``decimals``: the ledger's, where the number comes from ledger rows; else the catalog's."""
@@ -77,7 +82,9 @@ class Dashboard:
     async def data(self, range_key: str = "24h") -> dict[str, Any]:
         now = datetime.now(UTC)
         try:
-            summary = await asyncio.to_thread(ledger_summary, self.engine, now, range_key)
+            summary = await asyncio.to_thread(
+                ledger_summary, self.engine, now, range_key, self.native_usd_rates, self.usd_assets
+            )
         except SQLAlchemyError as exc:
             raise GatewayError("ledger_unavailable", "the payment ledger is unavailable; retry later", status=503) from exc
         live = self.metrics.per_tool()
@@ -129,6 +136,7 @@ class Dashboard:
                 {**p, "amount": self._amount(p["amount"], p["asset"])} for p in summary["pending"]
             ],
             "openCircuitBreakers": self._breakers(),
+            "netOfGas": summary["netOfGas"],
         }
 
     def _chart(self, summary: Mapping[str, Any]) -> dict[str, Any]:

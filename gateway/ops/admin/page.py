@@ -85,6 +85,12 @@ def render_page(data: dict[str, Any]) -> str:
         f'<td class="mono">{escape(p["transaction"] or "")}</td></tr>'
         for p in data["pendingSettlements"]
     ) or '<tr><td colspan="7" class="muted">none</td></tr>'
+    net_of_gas = "".join(
+        f'<tr><td>{escape(g["owner"])}</td><td>{escape(g["tool"])}</td><td class="mono">{escape(g["asset"])}</td>'
+        f'<td>{escape(g["network"])}</td><td>{escape(g["gross"])}</td><td>{escape(g["refunds"])}</td>'
+        f'<td>{escape(g["gas"])}</td><td>{escape(g["gas_usd"] or "-")}</td><td>{escape(g["net_usd"] or "-")}</td></tr>'
+        for g in data["netOfGas"]
+    ) or '<tr><td colspan="9" class="muted">no payments yet</td></tr>'
     breakers = data["openCircuitBreakers"]
     breaker_rows = "".join(
         f"<tr><td>{escape(name)}</td><td>{escape(state)}</td></tr>" for name, state in (breakers or {}).items()
@@ -107,6 +113,11 @@ def render_page(data: dict[str, Any]) -> str:
 <th>net revenue</th></tr>{rows}</table>
 <p class="muted">Ledger counts and revenue are all-time (revenue in the tool's main asset; gross: settled amounts,
 refunds: owed on settled payments, paid back or not, net: gross minus refunds); * since this process started.</p></section>
+<section class="wide" id="net-of-gas"><h2>Revenue net of gas</h2><table>
+<tr><th>owner</th><th>tool</th><th>asset</th><th>network</th><th>gross</th><th>refunds</th><th>gas (native)</th>
+<th>gas $</th><th>net of gas $</th></tr>{net_of_gas}</table>
+<p class="muted">Gas: what the settlement key paid for these payments' transactions (a batch's shared exactly);
+in dollars with X402GW_NATIVE_USD_RATE; net of gas: gross minus refunds minus gas, for dollar tokens.</p></section>
 <section id="payers"><h2>Top payers</h2><table><tr><th>payer</th><th>payments</th><th>amount</th></tr>{payers}</table></section>
 <section id="breakers"><h2>Open circuit breakers</h2><table><tr><th>upstream</th><th>state</th></tr>{breaker_rows}</table></section>
 <section class="wide" id="pending"><h2>Pending settlements</h2><table>

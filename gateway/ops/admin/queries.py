@@ -10,8 +10,9 @@ thread).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import BigInteger, Numeric, Row, cast, func, select
@@ -49,10 +50,13 @@ def _bucket_keys(now: datetime, unit: str, count: int) -> list[str]:
 
 
 
-def ledger_summary(engine: Engine, now: datetime, range_key: str = "24h") -> dict[str, Any]:
+def ledger_summary(engine: Engine, now: datetime, range_key: str = "24h", rates: Mapping[str, Decimal] | None = None,
+                   usd_assets: Collection[tuple[str, str]] = ()) -> dict[str, Any]:
     """Aggregates over the ledger, amounts as int atomic units: per tool and state, top payers,
     open settlements, revenue per tool and per asset (all time) and per time bucket and asset (the
-    range). Synchronous (run it in a thread)."""
+    range); ``netOfGas``: per owner, tool, asset and network, the summary's rows with gas (wei, the
+    native coin, dollars with ``rates``) and net minus gas in dollars, as decimal strings.
+    Synchronous (run it in a thread)."""
     unit, count = RANGES[range_key]
     keys = _bucket_keys(now, unit, count)
     start = datetime.fromisoformat(keys[0]).replace(tzinfo=UTC)
@@ -76,7 +80,8 @@ def ledger_summary(engine: Engine, now: datetime, range_key: str = "24h") -> dic
             .order_by(Payment.created_at)
             .limit(PENDING_ROWS)
         ).all()
-    per_tool = summarize(engine, ("tool",))
+    per_owner_tool = summarize(engine, ("owner", "tool"))
+    per_tool = rollup(per_owner_tool, (1,))
     return {
         "range": range_key,
         "unit": unit,
@@ -89,6 +94,7 @@ def ledger_summary(engine: Engine, now: datetime, range_key: str = "24h") -> dic
         ],
         "pending": [_pending_row(row) for row in pending],
         "revenue": settled_revenue_by_bucket(engine, unit, start, keys),
+        "netOfGas": [g.to_json(("owner", "tool"), rates, usd_assets) for g in per_owner_tool],
     }
 
 

@@ -17,6 +17,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.protocol.challenge import PaymentChallenge
 from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers
+from settlement.chain.gas import take_gas
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
@@ -132,6 +133,9 @@ async def settle(
             retryAfter=2,
             paymentId=payment_id,
         ) from exc
+    extra, share = take_gas(result.extra)  # the gas is the ledger's, not the payer's receipt's
+    result = result.model_copy(update={"extra": extra})
+    gas = share.ledger_fields() if share is not None else None
     block = (result.extra or {}).get("blockNumber")
     if result.success:
         await ledger.run(
@@ -139,6 +143,7 @@ async def settle(
             payment_id,
             tx_hash=result.transaction,
             block_number=block if isinstance(block, int) else None,
+            gas=gas,
         )
         return result
     if settlement_outcome_unknown(result):
@@ -166,7 +171,7 @@ async def settle(
         )
     await ledger.run(
         ledger.fail, payment_id, result.error_reason,
-        tx_hash=result.transaction or None, block_number=block if isinstance(block, int) else None,
+        tx_hash=result.transaction or None, block_number=block if isinstance(block, int) else None, gas=gas,
     )
     challenge = PaymentChallenge(
         quote,

@@ -360,8 +360,13 @@ def test_waiting_settlements_share_one_receipt_poller(devchain: Devchain) -> Non
 
     results, methods = asyncio.run(run())
     assert all(r.success for r in results)
-    for result in results:  # each waiter got the receipt of its own transaction
-        assert result.extra == {"blockNumber": devchain.w3.eth.get_transaction_receipt(result.transaction)["blockNumber"]}
+    for result in results:  # each waiter got the receipt of its own transaction (its block and its gas)
+        receipt = devchain.w3.eth.get_transaction_receipt(result.transaction)
+        assert result.extra == {
+            "blockNumber": receipt["blockNumber"], "gasUsed": str(receipt["gasUsed"]),
+            "effectiveGasPrice": str(receipt["effectiveGasPrice"]),
+            "gasCost": str(receipt["gasUsed"] * receipt["effectiveGasPrice"]),
+        }
     # One direct look each, at most; whatever was not mined by then came from the poller's block reads
     # (test_the_poller_finds_receipts_mined_after_the_waiters_looked makes that case certain).
     assert methods.count("eth_getTransactionReceipt") <= len(payments)

@@ -49,7 +49,8 @@ def _at(day: int, hour: int, micro: int = 0) -> datetime:
 ROWS: list[dict[str, Any]] = [
     # request id, time, owner, tool, amount, decimals, asset, state, extra fields
     dict(request_id="r1", created_at=_at(1, 9, 123456), owner="acme", tool="quote", amount=2000, decimals=6,
-         asset=ASSET, state="settled", tx_hash=TX, block_number=12),
+         asset=ASSET, state="settled", tx_hash=TX, block_number=12,
+         gas_used=61_234, gas_price=2**70 + 3, gas_cost=61_234 * (2**70 + 3)),
     dict(request_id="r2", created_at=_at(1, 23), owner="acme", tool="report", amount=1_500_000, decimals=6,
          asset=ASSET, state="settled", tx_hash=TX, block_number=13, refund_owed=1_500_000,
          refund_reason="upstream_error", refund_tx=REFUND_TX, refunded_at=_at(2, 0, 5)),
@@ -69,7 +70,8 @@ EXPECTED: list[dict[str, Any]] = [
     {"request_id": "r1", "time": "2025-03-01T09:00:00.123456Z", "owner": "acme", "tool": "quote",
      "amount_atomic": "2000", "amount": "0.002", "decimals": 6, "asset": ASSET, "state": "settled",
      "error_reason": None, "tx_hash": TX, "block_number": 12, "refund_owed_atomic": None, "refund_owed": None,
-     "refund_tx": None, "refunded_at": None},
+     "refund_tx": None, "refunded_at": None,
+     "gas_used": "61234", "gas_price": str(2**70 + 3), "gas_cost_wei": str(61_234 * (2**70 + 3))},
     {"request_id": "r2", "time": "2025-03-01T23:00:00.000000Z", "owner": "acme", "tool": "report",
      "amount_atomic": "1500000", "amount": "1.5", "decimals": 6, "asset": ASSET, "state": "settled",
      "error_reason": None, "tx_hash": TX, "block_number": 13, "refund_owed_atomic": "1500000", "refund_owed": "1.5",
@@ -110,7 +112,8 @@ def _fill(book: Ledger) -> list[dict[str, Any]]:
         )
         force_row(book, row.id, state=state, created_at=created, **spec)
         ids[core["request_id"]] = row.id
-    return [{"payment_id": ids[e["request_id"]], **e, "payer": PAYER, "pay_to": PAY_TO, "network": NETWORK}
+    no_gas = {"gas_used": None, "gas_price": None, "gas_cost_wei": None}
+    return [{"payment_id": ids[e["request_id"]], **no_gas, **e, "payer": PAYER, "pay_to": PAY_TO, "network": NETWORK}
             for e in EXPECTED]
 
 

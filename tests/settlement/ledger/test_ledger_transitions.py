@@ -40,6 +40,8 @@ CASES: dict[str, tuple[Callable[[Ledger, int], None], set[PaymentState], Payment
     "record_refund_owed": (lambda lg, pid: lg.record_refund_owed(pid, 1000, "upstream_error"), {SD}, None),
     "record_refund_tx": (lambda lg, pid: lg.record_refund_tx(pid, TX), {SD}, None),
     "record_refund_paid": (lambda lg, pid: lg.record_refund_paid(pid, TX), {SD}, None),
+    "record_gas": (lambda lg, pid: lg.record_gas(pid, {"gas_used": 21_000, "gas_price": 7, "gas_cost": 147_000}),
+                   {SD, F}, None),
 }
 
 
