@@ -14,6 +14,7 @@ import gc
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -24,6 +25,7 @@ from catalog.bridge import bridge_problems
 from catalog.documents import CatalogDoc, ToolDoc
 from catalog.errors import CatalogError, CatalogIssue
 from catalog.fields import SHARED_SCHEMAS
+from catalog.interpolation import interpolate, needs_interpolation, variables_note
 from catalog.models import (
     SETTLE_MARGIN_SECONDS,
     Catalog,
@@ -52,6 +54,9 @@ _RouteShape = tuple[str, tuple[str | None, ...]]
 # network → its stablecoins as a deployment file has them, in place of the registry's (the local
 # chain's test token); see catalog.registry.with_local_token.
 LocalTokens = Mapping[str, Iterable[Stablecoin]] | None
+# The environment ``${NAME}`` in a catalog's values reads (catalog.interpolation), handed in by the
+# caller (the gateway passes os.environ); None: an empty one, so only defaults resolve.
+Environment = Mapping[str, str] | None
 
 
 def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None:
@@ -210,7 +215,7 @@ def _pick_upstream(spec: ToolDoc, upstreams: dict[str, Upstream], at: str, src: 
     return upstreams[spec.upstream]
 
 
-def _parse(text: str, source_name: str, local: LocalTokens = None) -> tuple[Catalog | None, Source]:
+def _parse(text: str, source_name: str, local: LocalTokens = None, env: Environment = None) -> tuple[Catalog | None, Source]:
     src = Source(source_name)
     data = src.parse(text)
     if src.issues:
@@ -218,15 +223,23 @@ def _parse(text: str, source_name: str, local: LocalTokens = None) -> tuple[Cata
     if data is None:
         src.issue("", "empty_catalog", "the file is empty")
         return None, src
+    sources: dict[str, tuple[str, ...]] = {}
+    if needs_interpolation(text):  # before validation: what the environment gives is validated as written
+        data, sources = interpolate(data, env or {}, src.issue)
+        if src.issues:
+            return None, src
     try:
         doc = CatalogDoc.model_validate(data, context={SHARED_SCHEMAS: {}})
     except ValidationError as exc:
         src.add_validation_errors(exc)
-        return None, src
-    return _resolve(doc, src, local), src
+        doc = None
+    catalog = _resolve(doc, src, local) if doc is not None else None
+    if sources and src.issues:
+        src.issues = [replace(i, message=i.message + variables_note(i.path, sources)) for i in src.issues]
+    return catalog, src
 
 
-def _read(path: str | os.PathLike[str], local: LocalTokens = None) -> tuple[Catalog | None, Source]:
+def _read(path: str | os.PathLike[str], local: LocalTokens = None, env: Environment = None) -> tuple[Catalog | None, Source]:
     name = os.fspath(path)
     try:
         text = Path(name).read_text(encoding="utf-8")
@@ -239,7 +252,7 @@ def _read(path: str | os.PathLike[str], local: LocalTokens = None) -> tuple[Cata
         reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or type(exc).__name__)
         src.issue("", "file_unreadable", f"cannot read the file: {reason}", line=None)
         return None, src
-    return _parse(text, name, local)
+    return _parse(text, name, local, env)
 
 
 def _fixed_lines(src: Source) -> list[CatalogIssue]:
@@ -266,32 +279,37 @@ def _without_cyclic_gc(load: Callable[_P, _T]) -> Callable[_P, _T]:
 
 
 @_without_cyclic_gc
-def parse_catalog(text: str, source_name: str = "<catalog>", *, local: LocalTokens = None) -> Catalog:
-    catalog, src = _parse(text, source_name, local)
+def parse_catalog(
+    text: str, source_name: str = "<catalog>", *, local: LocalTokens = None, env: Environment = None
+) -> Catalog:
+    catalog, src = _parse(text, source_name, local, env)
     if catalog is None:
         raise CatalogError(_fixed_lines(src))
     return catalog
 
 
 @_without_cyclic_gc
-def load_catalog(path: str | os.PathLike[str], *, local: LocalTokens = None) -> Catalog:
-    catalog, src = _read(path, local)
+def load_catalog(path: str | os.PathLike[str], *, local: LocalTokens = None, env: Environment = None) -> Catalog:
+    catalog, src = _read(path, local, env)
     if catalog is None:
         raise CatalogError(_fixed_lines(src))
     return catalog
 
 
 @_without_cyclic_gc
-def load_catalogs(paths: Iterable[str | os.PathLike[str]], *, local: LocalTokens = None) -> Catalogs:
+def load_catalogs(
+    paths: Iterable[str | os.PathLike[str]], *, local: LocalTokens = None, env: Environment = None
+) -> Catalogs:
     """Load several owners' files; every file is checked, and all issues are raised together.
-    ``local``: the stablecoins of the local chain as its deployment file has them."""
+    ``local``: the stablecoins of the local chain as its deployment file has them; ``env``: the
+    environment ``${NAME}`` in the files reads (none given: only ``${NAME:-default}`` resolves)."""
     issues: list[CatalogIssue] = []
     loaded: list[Catalog] = []
     names: dict[str, str] = {}
     routes: dict[_RouteShape, tuple[str, str]] = {}
     files = list(paths)
     for path in files:
-        catalog, src = _read(path, local)
+        catalog, src = _read(path, local, env)
         if catalog is None:
             issues.extend(_fixed_lines(src))
             continue

@@ -8,6 +8,7 @@ the start-up checks, are in ``gateway.wiring`` (re-exported here where other mod
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -220,7 +221,10 @@ def create_app(
     """The gateway app. Schemes are built from settings unless handed in (``schemes``, or one
     ``facilitator`` serving exact on every network); the other keywords are seams as well."""
     # asset: USDC on the local chain is the token of the dev chain's deployment file, when there is one.
-    catalogs = catalogs if catalogs is not None else load_catalogs(settings.catalog, local=local_tokens(settings.deployment_file))
+    # ${NAME} in the catalog's values reads this process's environment (catalog.interpolation).
+    catalogs = catalogs if catalogs is not None else load_catalogs(
+        settings.catalog, local=local_tokens(settings.deployment_file), env=os.environ
+    )
     wiring = wire_schemes(settings, catalogs, facilitator=facilitator, schemes=schemes)
     bridge = build_bridge(catalogs)
     refunder = build_refunder(settings, wiring.chains)

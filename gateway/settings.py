@@ -109,9 +109,10 @@ def _read_secret_file(path: Path, what: str) -> str:
     try:
         text = path.read_text().strip()
     except OSError as exc:
-        raise GatewayConfigError(f"{what}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+        raise GatewayConfigError(f"{what}: cannot read {path}: {exc.strerror or type(exc).__name__}",
+                                 code="secret_file_unreadable") from None
     if not text:
-        raise GatewayConfigError(f"{what}: {path} is empty")
+        raise GatewayConfigError(f"{what}: {path} is empty", code="secret_file_empty")
     return text
 
 
@@ -335,7 +336,7 @@ class Settings(BaseSettings):
                 continue
             env = f"X402GW_{name.upper()}_FILE"
             if getattr(self, name) is not None:
-                raise GatewayConfigError(f"{env} and the value itself are both set: keep one")
+                raise GatewayConfigError(f"{env} and the value itself are both set: keep one", code="secret_set_twice")
             setattr(self, name, SecretStr(_read_secret_file(path, env)))
         return self
 

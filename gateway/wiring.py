@@ -9,6 +9,7 @@ the names other modules import from it (``build_chains``, ``facilitator_plan``, 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,15 @@ def _key_for(settings: Settings, network: str, chain_id: int, deployment: Deploy
     if key is None and deployment is not None and deployment.chain_id == chain_id:
         key = deployment.settlement_key
     return key
+
+
+_PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+
+
+def _check_key(key: str | None, setting: str) -> None:
+    """A key that is not 32 bytes of hex is named by its setting, never quoted (it is a secret)."""
+    if key is not None and (_PRIVATE_KEY.fullmatch(key.strip()) is None or int(key.strip(), 16) == 0):
+        raise GatewayConfigError(f"{setting} is not a private key (32 bytes, hex)", code="invalid_key")
 
 
 def _refuse_dev_key(key: str | None, network: str, chain_id: int, what: str) -> None:
@@ -125,6 +135,7 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
             raise GatewayConfigError(
                 f"no settlement key for {network}: set X402GW_SETTLEMENT_KEY", code="settlement_key_missing"
             )
+        _check_key(key, "X402GW_SETTLEMENT_KEY")
         if rehearsal is None:
             _refuse_dev_key(key, network, chain_id, "settlement key")
         chains[network] = JsonRpcChain(rpc_urls, chain_id, key)
@@ -270,6 +281,7 @@ def build_refunder(settings: Settings, chains: dict[str, JsonRpcChain]) -> Refun
     if settings.refund_key is None:
         return None
     key = settings.refund_key.get_secret_value()
+    _check_key(key, "X402GW_REFUND_KEY")
     refund_chains: dict[str, JsonRpcChain] = {}
     for network, chain in chains.items():
         if chain.chain_id == LOCAL_CHAIN_ID or rehearsal_deployment(settings.deployment_file, network, chain.rpc_urls) is None:

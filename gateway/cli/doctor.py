@@ -8,6 +8,7 @@ prints the report as one JSON document (``status``, ``exitStatus``, ``counts``, 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -30,24 +31,15 @@ def doctor(catalogs: tuple[Path, ...], output: str, gas_warn: int, gas_fail: int
     """Check the chains, tokens, gas, facilitators, database, store and keys this gateway uses.
 
     Exit 0: all passed; 1: failures; 2: warnings only."""
-    from pydantic import ValidationError
-
-    from gateway.errors import GatewayConfigError
+    from gateway.cli.settings_errors import load_settings
     from gateway.ops.doctor import GasThresholds, plan_from_settings, run_doctor
-    from gateway.settings import Settings
 
     if gas_warn < gas_fail:
         raise click.BadParameter("--gas-warn must be at least --gas-fail", param_hint="--gas-warn")
-    try:
-        settings = Settings(**({"catalog": list(catalogs)} if catalogs else {}))  # type: ignore[arg-type]
-    except ValidationError as exc:
-        click.echo(f"error: invalid settings: {exc.errors(include_url=False)}", err=True)
-        sys.exit(1)
-    except GatewayConfigError as exc:  # the settings' own checks (URL lists, secret files): never quote a secret
-        click.echo(f"error: invalid settings: {exc}", err=True)
-        sys.exit(1)
-    try:
-        loaded = load_catalogs(settings.catalog)
+    # Bad settings: one line with a code, no value (the settings' checks never quote a secret).
+    settings = load_settings({"catalog": list(catalogs)} if catalogs else {}, exit_status=1)
+    try:  # the catalog as `serve` reads it: ${NAME} from this environment
+        loaded = load_catalogs(settings.catalog, env=os.environ)
     except CatalogError as exc:
         click.echo(f"error: the catalog is invalid (fix: `x402gw catalog validate`)\n{exc}", err=True)
         sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,10 +35,9 @@ def main() -> None:
 def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> None:
     """Run the gateway."""
     import uvicorn
-    from pydantic import ValidationError
 
     from gateway.app import GatewayConfigError, create_app, describe
-    from gateway.settings import Settings
+    from gateway.cli.settings_errors import load_settings
 
     overrides: dict[str, object] = {}
     if catalogs:
@@ -46,10 +46,7 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> Non
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings: {exc.errors(include_url=False)}") from None
+    settings = load_settings(overrides)  # bad settings: one line with a code, exit 2, no value echoed
     _configure_logging(settings.log_level)
     try:
         app = create_app(settings)
@@ -58,6 +55,12 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> Non
         sys.exit(2)
     except GatewayConfigError as exc:
         click.echo(f"error: {exc} [{exc.code}]", err=True)
+        sys.exit(2)
+    except Exception as exc:  # any other start-up failure: one line, never str(exc) (it may quote a secret URL)
+        logging.getLogger("x402gw").debug("start-up failed", exc_info=True)
+        code = getattr(exc, "code", None)  # a SettlementError's (ledger_unavailable...), else startup_failed
+        click.echo(f"error: the gateway could not start ({type(exc).__name__}); X402GW_LOG_LEVEL=DEBUG logs the "
+                   f"details [{code if isinstance(code, str) else 'startup_failed'}]", err=True)
         sys.exit(2)
     click.echo(f"x402gw serving on http://{settings.host}:{settings.port}")
     for line in describe(app):
@@ -121,8 +124,8 @@ def catalog_validate(files: tuple[Path, ...], rpc_urls: tuple[str, ...], deploym
     from settlement.chain.deployment import local_tokens
 
     local = local_tokens(deployment)
-    try:
-        catalogs = load_catalogs(files, local=local)
+    try:  # ${NAME} in the files reads this environment: the offers printed are this environment's
+        catalogs = load_catalogs(files, local=local, env=os.environ)
     except CatalogError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)

@@ -6,6 +6,7 @@ refusal on real networks stands. And catalog validate --check-chain against real
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
+from eth_account import Account
 from web3 import Web3
 
-from catalog import load_catalogs
+import catalog
+from catalog import Catalogs, load_catalogs
 from catalog.registry import stablecoin
 from gateway.app import GatewayConfigError, create_app
 from gateway.cli.main import main
@@ -100,15 +103,13 @@ def test_the_rehearsal_chain_imitates_base_sepolia(rehearsal: Rehearsal) -> None
     assert rehearsal.balance(deployment.accounts[0].address) == deployment.accounts[0].usdc_atomic
 
 
-def test_the_live_catalog_settles_a_paid_call_on_the_rehearsal(rehearsal: Rehearsal, tmp_path: Path, upstream: str) -> None:
-    settings = Settings(
-        catalog=[live_catalog(tmp_path, upstream)], deployment_file=rehearsal.deployment_file,
-        database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", receipt_timeout_seconds=10,
-    )
-    catalogs = load_catalogs(settings.catalog)
+def pay_once(rehearsal: Rehearsal, settings: Settings, catalogs: Catalogs | None = None, pay_to: str = PAY_TO) -> None:
+    """One paid call through a gateway built from ``settings`` (its catalogs loaded by the app
+    itself unless given): the 402 names Base Sepolia's USDC, the payment settles on the rehearsal
+    chain (exactly 0.01 USDC moves from the payer to ``pay_to``) and the ledger has it settled."""
     ledger = open_ledger(settings.database_url)
     payer = rehearsal.deployment.accounts[1]
-    before_payer, before_pay_to = rehearsal.balance(payer.address), rehearsal.balance(PAY_TO)
+    before_payer, before_pay_to = rehearsal.balance(payer.address), rehearsal.balance(pay_to)
     try:
         with ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger)) as server, \
                 httpx.Client(base_url=server.url, timeout=30) as client:
@@ -116,15 +117,82 @@ def test_the_live_catalog_settles_a_paid_call_on_the_rehearsal(rehearsal: Rehear
             offer = offer_of(challenge)
             requirements = offer.accepts[0]
             assert (requirements.network, requirements.asset, requirements.amount) == (BASE_SEPOLIA, USDC.address, "10000")
-            assert (requirements.extra or {})["name"] == "USDC"
+            assert requirements.pay_to == pay_to and (requirements.extra or {})["name"] == "USDC"
             payment = Payer(payer.private_key).sign(requirements, resource=offer.resource)
             paid = client.get("/quotes/ACME", headers={"PAYMENT-SIGNATURE": encode_header(payment)})
         assert paid.status_code == 200, paid.text
         assert rehearsal.balance(payer.address) == before_payer - 10_000
-        assert rehearsal.balance(PAY_TO) == before_pay_to + 10_000
+        assert rehearsal.balance(pay_to) == before_pay_to + 10_000
         assert [(row.state, row.amount) for row in ledger.all()] == [(PaymentState.SETTLED, 10_000)]
     finally:
         ledger.close()
+
+
+def test_the_live_catalog_settles_a_paid_call_on_the_rehearsal(rehearsal: Rehearsal, tmp_path: Path, upstream: str) -> None:
+    settings = Settings(
+        catalog=[live_catalog(tmp_path, upstream)], deployment_file=rehearsal.deployment_file,
+        database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", receipt_timeout_seconds=10,
+    )
+    pay_once(rehearsal, settings, load_catalogs(settings.catalog))
+
+
+# ------------------------------------------- going live: one catalog file, only the environment changes
+
+GOING_LIVE = Path(catalog.__file__).parent / "examples" / "going-live.yaml"
+LIVE_PAY_TO = "0x14dC79964da2C08b23698B3D3cc7Ca32193d9955"  # anvil account 7: not the payee of the other tests
+
+
+def rehearsal_environment(monkeypatch: pytest.MonkeyPatch, rehearsal: Rehearsal, tmp_path: Path, upstream: str) -> None:
+    """README "Going live", step 1: the environment of a rehearsal of Base Sepolia (no RPC URL, no
+    key: both come from the rehearsal's deployment file), the sample catalog's variables set."""
+    for name, value in {
+        "X402GW_CATALOG": str(GOING_LIVE), "X402GW_DEPLOYMENT_FILE": str(rehearsal.deployment_file),
+        "X402GW_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.sqlite3'}", "X402GW_ADMIN_TOKEN": "a" * 40,
+        "X402GW_NETWORK": "base-sepolia", "X402GW_PAY_TO": LIVE_PAY_TO, "X402GW_UPSTREAM_URL": upstream,
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("X402GW_RPC_URLS", "X402GW_SETTLEMENT_KEY", "X402GW_SETTLEMENT_KEY_FILE", "X402_FACILITATOR_URL", "X402GW_FACILITATORS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_going_live_catalog_serves_a_paid_call_on_the_rehearsal_from_its_environment(
+    rehearsal: Rehearsal, tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rehearsal_environment(monkeypatch, rehearsal, tmp_path, upstream)
+    # the app loads the file itself, its ${...} from this process's environment (what `serve` does)
+    pay_once(rehearsal, Settings(receipt_timeout_seconds=10), pay_to=LIVE_PAY_TO)
+
+
+def test_doctor_passes_the_rehearsal_step_and_validate_prints_its_offer(
+    rehearsal: Rehearsal, tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rehearsal_environment(monkeypatch, rehearsal, tmp_path, upstream)
+    open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}").close()  # `x402gw db upgrade`
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert f"asset {BASE_SEPOLIA} {USDC.address}: 'USDC' version '2', 6 decimals, as the catalog says" in result.output
+    assert f"rpc {BASE_SEPOLIA}: {rehearsal.anvil.rpc_url} serves chain id 84532" in result.output
+    settler = Account.from_key(rehearsal.deployment.settlement_key).address  # the rehearsal's dev key: allowed there
+    assert f"gas {BASE_SEPOLIA}: settlement account {settler}" in result.output
+    code, output = validate(str(GOING_LIVE), "--check-chain", rehearsal.anvil.rpc_url)
+    assert code == 0, output
+    assert f"offer 1: exact on {BASE_SEPOLIA} (base-sepolia), asset USDC {USDC.address}" in output
+    assert f"pay to {LIVE_PAY_TO}" in output and "$0.01 = 0.01 USDC (10000 atomic)" in output
+    assert f"chain {BASE_SEPOLIA} {USDC.address}: ok" in output
+
+
+def test_doctor_still_refuses_a_dev_key_off_a_rehearsal(
+    rehearsal: Rehearsal, tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rehearsal_environment(monkeypatch, rehearsal, tmp_path, upstream)
+    open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}").close()
+    plain = tmp_path / "plain.json"  # the same anvil, but the deployment file does not mark a rehearsal
+    rehearsal.deployment.model_copy(update={"rehearsal": None}).write(plain)
+    monkeypatch.setenv("X402GW_DEPLOYMENT_FILE", str(plain))
+    monkeypatch.setenv("X402GW_RPC_URLS", json.dumps({BASE_SEPOLIA: rehearsal.anvil.rpc_url}))
+    monkeypatch.setenv("X402GW_SETTLEMENT_KEY", ANVIL_KEYS[0])
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 1 and "dev_key_on_public_chain" in result.output, result.output
 
 
 def _settings(tmp_path: Path, upstream: str, deployment_file: Path, **overrides: object) -> tuple[Settings, object]:

@@ -5,7 +5,9 @@ and the offers the catalog makes on it; beside them the database, the store, the
 The plan mirrors how the gateway wires itself (``gateway.wiring``): the settings' own readers give
 each network's RPC URLs (``rpc_urls_for``, every one checked) and facilitators
 (``facilitators_for``: ``X402GW_FACILITATORS[network]``, else ``X402_FACILITATOR_URL``, else local);
-the local chain's RPC and key come from the deployment file when not set. ``headers_for`` gives the headers a request to
+the local chain's RPC and key come from the deployment file when not set, and so do a rehearsal's
+(``x402gw devchain --rehearse``: a real network's chain id on a loopback anvil, as
+``rehearsal_deployment`` decides for the gateway; its dev key is then allowed). ``headers_for`` gives the headers a request to
 a facilitator carries (its credentials); ``facilitator_headers`` is the one place that knows them.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from catalog import Catalogs
 from gateway.ops.doctor.findings import Finding, fail, warn
 from gateway.settings import Settings
-from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment
+from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, rehearsal_deployment
 
 __all__ = ["DoctorPlan", "HeadersFor", "NetworkPlan", "Offer", "facilitator_headers", "no_headers", "plan_from_settings"]
 
@@ -65,6 +67,7 @@ class NetworkPlan:
     offers: tuple[Offer, ...] = ()
     schemes: tuple[str, ...] = ("exact",)
     problems: tuple[Finding, ...] = ()  # found while planning (no RPC URL, no deployment file)
+    rehearsal: bool = False  # a rehearsal chain of this network (anvil): its dev key is allowed
 
     @property
     def local(self) -> bool:
@@ -131,6 +134,13 @@ def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: l
             rpc_urls = rpc_urls or (found.rpc_url,)
             if key is None and local:
                 key, source = found.settlement_key, f"deployment file {settings.deployment_file}"
+    rehearsal = None
+    if chain_id is not None and chain_id != LOCAL_CHAIN_ID:  # as gateway.wiring.build_chains decides it
+        rehearsal = rehearsal_deployment(settings.deployment_file, network, rpc_urls)
+        if rehearsal is not None:
+            rpc_urls = rpc_urls or (rehearsal.rpc_url,)
+            if key is None and local:
+                key, source = rehearsal.settlement_key, f"rehearsal deployment file {settings.deployment_file}"
     if not rpc_urls and not problems and chain_id is not None:
         # Settled locally, nothing works without it; settled remotely, the token facts go unchecked
         # and open payments cannot be resolved on chain.
@@ -142,7 +152,7 @@ def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: l
     schemes = tuple(sorted({o.terms.scheme for t in catalogs.tools for o in t.offers if o.terms.network == network}))
     return NetworkPlan(
         network, chain_id, rpc_urls, facilitators, key, source,
-        _offers(catalogs, network), schemes, tuple(problems),
+        _offers(catalogs, network), schemes, tuple(problems), rehearsal is not None,
     )
 
 

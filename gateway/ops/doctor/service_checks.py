@@ -109,7 +109,7 @@ def check_admin_token(plan: DoctorPlan) -> Finding:
 def check_dev_keys(plan: DoctorPlan) -> list[Finding]:
     found: list[Finding] = []
     for network in plan.networks:
-        if network.is_local_chain:
+        if network.is_local_chain or network.rehearsal:  # anvil either way: the gateway allows its dev keys there too
             continue
         keys = [("settlement key", "X402GW_SETTLEMENT_KEY", network.settlement_key if network.local else None),
                 ("refund key", "X402GW_REFUND_KEY", plan.refund_key)]
@@ -120,6 +120,8 @@ def check_dev_keys(plan: DoctorPlan) -> list[Finding]:
                                   f"set {variable} to a key of your own (a new account, funded for gas), never a published one"))
     if not found:
         local_only = not plan.public_networks
+        rehearsals = [n.network for n in plan.networks if n.rehearsal]
         found.append(ok("keys", "all networks", "local chain only: anvil's dev keys are fine here" if local_only
-                        else "no public anvil key is used off the local chain"))
+                        else "no public anvil key is used off the local chain"
+                        + (f" (rehearsal chains of {', '.join(rehearsals)}: anvil on loopback, its dev keys allowed)" if rehearsals else "")))
     return found
