@@ -42,6 +42,7 @@ from gateway.ops.health import Readiness, doctor_detail, gateway_checks, healthz
 from gateway.ops.metrics import GatewayMetrics
 from gateway.pipeline.fastpath import UnpaidFastPath
 from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.tracing import Tracing, tracing_from_env
 from gateway.safety.checks import Safety
 from gateway.safety.policy import policy_routes
 from gateway.settings import Settings
@@ -159,6 +160,8 @@ def _lifespan(
                 await chain.close()
             if refunder is not None:
                 await refunder.close()
+            if pipeline.tracing is not None:
+                pipeline.tracing.shutdown()  # the spans still queued are exported
 
     return lifespan
 
@@ -217,6 +220,7 @@ def create_app(
     store: StateStore | None = None,
     audit: AuditSink | None = None,
     fast_path: bool = True,
+    tracing: Tracing | None = None,
 ) -> Starlette:
     """The gateway app. Schemes are built from settings unless handed in (``schemes``, or one
     ``facilitator`` serving exact on every network); the other keywords are seams as well."""
@@ -241,6 +245,7 @@ def create_app(
         store=store, refunder=refunder, audit=audit, safety=safety,
         lock_ttl_ms=lock_ttl_ms(settings, catalogs, bridge, wiring, facilitator), bridge=bridge,
         wallets=wiring.wallets, receipts=receipts,
+        tracing=tracing if tracing is not None else tracing_from_env(),  # OTEL_* asks for traces, or off
     )
     metrics, dashboard, routes = _operations(settings, catalogs, wiring, pipeline, ledger, store, safety)
     # Agent interface: every discovery format and MCP, all generated from the pipeline's catalog.

@@ -130,7 +130,9 @@ def start_gateway(
     servers: list[ThreadServer] = []
     ledgers: list[Ledger] = []
 
-    def start(catalog: Path | None = None, *, facilitator: Facilitator | None = None, **overrides: Any) -> RunningGateway:
+    def start(catalog: Path | None = None, *, facilitator: Facilitator | None = None,
+              app_options: dict[str, Any] | None = None, **overrides: Any) -> RunningGateway:
+        """A gateway on loopback: ``overrides`` are settings, ``app_options`` create_app's seams."""
         catalog = catalog or demo_catalog(tmp_path, upstream)
         values: dict[str, Any] = {
             "catalog": [catalog],
@@ -143,7 +145,8 @@ def start_gateway(
         catalogs = load_catalogs(settings.catalog)
         ledger = open_ledger(settings.database_url)
         ledgers.append(ledger)
-        server = ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger, facilitator=facilitator)).start()
+        app = create_app(settings, catalogs=catalogs, ledger=ledger, facilitator=facilitator, **(app_options or {}))
+        server = ThreadServer(app).start()
         servers.append(server)
         return RunningGateway(server.url, settings, ledger, catalogs)
 

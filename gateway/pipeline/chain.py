@@ -11,6 +11,9 @@
 
     finally, always: release_holds ─▶ audit ─▶ observers ─▶ access_log
 
+With OpenTelemetry on (``gateway.pipeline.tracing``), the request, each stage, each finalizer and
+each upstream attempt is a span; off, the chain is exactly the one below.
+
 Like an Envoy filter chain: each stage (``gateway.pipeline.context.Stage``) reads and writes the
 one per-request ``RequestContext`` and either passes it on (returns None) or answers (returns a
 response, or raises a ``GatewayError``); exactly one stage (``bridge``) talks to the upstream.
@@ -57,6 +60,7 @@ from gateway.pipeline.stages.safety import (
 )
 from gateway.pipeline.stages.settle import Settle, SettleUpfront
 from gateway.pipeline.stages.verify import PaymentWindow, Record, Verify
+from gateway.pipeline.tracing import Tracing
 from gateway.protocol.challenge import PaymentChallenge
 from gateway.safety.checks import Safety
 from gateway.store import StateStore, StoreUnavailable
@@ -84,13 +88,16 @@ class CachedChallenge(Protocol):
 
 
 class Chain:
-    def __init__(self, stages: Sequence[Stage], finalizers: Sequence[Finalizer]) -> None:
-        self.stages = tuple(stages)
-        self.finalizers = tuple(finalizers)
-        names = [stage.name for stage in self.stages]
+    def __init__(self, stages: Sequence[Stage], finalizers: Sequence[Finalizer], tracing: Tracing | None = None) -> None:
+        names = [stage.name for stage in stages]
         at = names.index(Challenge.name)
-        challenge = self.stages[at]
+        challenge = stages[at]
         assert isinstance(challenge, Challenge)
+        # With tracing, each stage and finalizer is wrapped in its span once, here: without it the
+        # chain is the very one written in build_chain, and ``answer`` tests ``tracing`` once.
+        self.tracing = tracing
+        self.stages = tuple(stages) if tracing is None else tuple(tracing.stage(stage) for stage in stages)
+        self.finalizers = tuple(finalizers) if tracing is None else tuple(tracing.finalizer(f) for f in finalizers)
         assert not any(stage.shape_only for stage in self.stages[at:]), "a shape-only stage after the 402"
         self.challenge = challenge
         # The unpaid prefix, split the way the fast path runs it.
@@ -104,6 +111,11 @@ class Chain:
     async def answer(self, ctx: RequestContext, stages: Coroutine[Any, Any, Response]) -> Response:
         """Run ``stages`` (``run``, or the fast path's ``run_cached``): a refusal becomes its answer;
         then, always, the finalizers run, in order, each whatever the others did."""
+        if self.tracing is not None:
+            return await self.tracing.request(ctx, lambda: self._answer(ctx, stages))
+        return await self._answer(ctx, stages)
+
+    async def _answer(self, ctx: RequestContext, stages: Coroutine[Any, Any, Response]) -> Response:
         response: Response | None = None
         try:
             response = await stages
@@ -182,6 +194,7 @@ def build_chain(
     lock_ttl_ms: int,
     wallets: WalletSignatures | None = None,
     receipts: ReceiptSigner | None = None,
+    tracing: Tracing | None = None,
 ) -> Chain:
     """The order of a request, written once. ``tests/gateway/pipeline/test_chain.py`` holds it."""
     return Chain(
@@ -210,4 +223,5 @@ def build_chain(
             Respond(ledger, receipts, public_url),
         ],
         [ReleaseHolds(store, safety, ledger), AuditTrailWrite(audit), Observe(observers), AccessLog()],
+        tracing,
     )

@@ -108,6 +108,10 @@ class RequestContext:
     timings: dict[str, float] = field(default_factory=dict)
     # Decisions taken on this request, in order: chained into the audit trail at the end.
     events: list[AuditEvent] = field(default_factory=list)
+    # OpenTelemetry, when on (gateway.pipeline.tracing): the tracing itself and the request span's
+    # W3C traceparent, recorded in the audit trail.
+    tracing: Any = None
+    traceparent: str | None = None
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

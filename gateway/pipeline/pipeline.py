@@ -20,6 +20,7 @@ from gateway.pipeline.chain import Chain, build_chain
 from gateway.pipeline.compiled import CompiledTool
 from gateway.pipeline.context import Observer, RequestContext
 from gateway.pipeline.refunds import Refunds
+from gateway.pipeline.tracing import Tracing
 from gateway.safety.checks import Safety
 from gateway.store import MemoryStore, StateStore
 from gateway.upstream.bridge import Bridge, UpstreamClient
@@ -53,6 +54,7 @@ class Pipeline:
         safety: Safety | None = None,
         wallets: WalletSignatures | None = None,
         receipts: ReceiptSigner | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.catalogs = catalogs
         self.router = Router(catalogs.tools)
@@ -80,6 +82,8 @@ class Pipeline:
         self.wallets = wallets
         # The receipt key: a settled payment's answer carries its signed receipt (X402GW-Receipt).
         self.receipts = receipts
+        # OpenTelemetry spans (gateway.pipeline.tracing), when the OTEL_* environment asks for them.
+        self.tracing = tracing
         # The hash-chained audit trail, in the ledger's database unless told otherwise.
         self.audit: AuditSink = (
             audit if audit is not None else AuditWriter(AuditTrail(ledger.url), executor=ledger.shared_executor)
@@ -92,7 +96,7 @@ class Pipeline:
             upstream=upstream, audit=self.audit, observers=self.observers, public_url=public_url,
             challenge_body_version=challenge_body_version, max_body_bytes=max_body_bytes,
             max_upstream_response_bytes=max_upstream_response_bytes, lock_ttl_ms=lock_ttl_ms, wallets=wallets,
-            receipts=receipts,
+            receipts=receipts, tracing=tracing,
         )
 
     async def handle(self, request: Request) -> Response:

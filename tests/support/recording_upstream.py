@@ -8,6 +8,7 @@ pointing each tool at its own prefix lets the invariant checker count upstream c
 Behaviours by tool name (the first path segment after ``/u/``):
 
 * ``redirect*``: 302 with a Location and a body carrying a marker (an unpaid-leak probe).
+* ``flaky*``: 503 to the first call of each path, then 200 (an upstream retry).
 * ``inject*``: 200 whose headers try to inject ``PAYMENT-RESPONSE``, ``X-PAYMENT-RESPONSE`` and
   ``X402GW-Replay`` into the agent's answer.
 * POST/PUT/PATCH/DELETE: 201 echoing the JSON body the upstream received.
@@ -120,6 +121,9 @@ class RecordingUpstream:
                     json.dumps(content), status_code=302, media_type="application/json",
                     headers={"Location": f"{self.url}/elsewhere/{call.marker}"},
                 )
+            if tool.startswith("flaky") and sum(1 for c in self.snapshot() if c.path == call.path) == 1:
+                call.status = 503
+                return JSONResponse(content, status_code=503)
             if tool.startswith("inject"):
                 call.status = 200
                 return JSONResponse(content, headers={

@@ -32,9 +32,18 @@ class RecordingUpstream:
         attempt = self._attempts
         self._attempts += 1
         started = time.perf_counter()
-        fields: dict[str, object] = {"method": method, "url": redact_url(url), "attempt": attempt}
+        redacted = redact_url(url)
+        fields: dict[str, object] = {"method": method, "url": redacted, "attempt": attempt}
+        tracing = self._ctx.tracing
         try:
-            response = await self._client.send(method, url, headers, body, timeout, max_bytes)
+            if tracing is None:
+                response = await self._client.send(method, url, headers, body, timeout, max_bytes)
+            else:  # a span of its own, its traceparent sent upstream and noted for the trail
+                headers = dict(headers)
+                with tracing.upstream_attempt(method, redacted, attempt, headers) as span:
+                    fields["traceparent"] = headers.get("traceparent")
+                    response = await self._client.send(method, url, headers, body, timeout, max_bytes)
+                    span.set_attribute("http.response.status_code", response.status)
         except GatewayError as err:
             fields["error"] = err.code
             raise
@@ -73,6 +82,7 @@ def audit_events(ctx: RequestContext) -> list[AuditEvent]:
         upstreamStatus=ctx.upstream_status,
         latencyMs=round((time.perf_counter() - ctx.started) * 1000, 3),
         **common,
+        **({"traceparent": ctx.traceparent} if ctx.traceparent is not None else {}),
     )
     tool = ctx.tool.name if ctx.tool else None
     payer = ctx.payer
