@@ -9,6 +9,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from catalog.answers import Answers
 from catalog.bridge import (
     Auth,
     BridgeKind,
@@ -41,6 +42,7 @@ from catalog.fields import (
     VersionText,
 )
 from catalog.limits import Breaker, Budgets, RateLimits
+from catalog.user_auth import TokenExchange, UserAuth
 
 __all__ = ["KNOWN_KEYS", "CatalogDoc", "CatalogPaymentDoc", "OfferDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
 
@@ -111,6 +113,8 @@ class ToolDoc(FrozenModel):
     soap: SoapOperation | None = None
     retry: bool | None = None
     failure_when: tuple[FailureRule, ...] = ()
+    answers: Answers | None = None  # trimming to a caller's budget, schema drift (catalog.answers)
+    user_auth: UserAuth | None = None  # the end user's OAuth token, checked before the offer (catalog.user_auth)
 
 
 class CatalogDoc(FrozenModel):
@@ -127,5 +131,6 @@ class CatalogDoc(FrozenModel):
 
 
 KNOWN_KEYS: frozenset[str] = frozenset().union(
-    *(m.model_fields for m in (CatalogPaymentDoc, OfferDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker))
+    *(m.model_fields for m in (CatalogPaymentDoc, OfferDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker, Answers,
+                                      UserAuth, TokenExchange))
 )

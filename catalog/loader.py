@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar
 
 from pydantic import ValidationError
 
+from catalog.answers import answers_problems
 from catalog.bridge import bridge_problems
 from catalog.documents import CatalogDoc, ToolDoc
 from catalog.errors import CatalogError, CatalogIssue
@@ -166,6 +167,8 @@ def _check_tool(
         input_schema=spec.input_schema, request=spec.request, soap=spec.soap,
     ):
         src.issue(f"{at}.{field}", code, message)
+    for field, code, message in answers_problems(spec.answers, spec.output_schema, spec.input_schema):
+        src.issue(f"{at}.{field}", code, message)
     ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
     for ceiling, where in ceilings:
         if spec.price > ceiling:
@@ -197,7 +200,7 @@ def _tool(
         output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
         rate_limits=spec.rate_limits,
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
-        retry=spec.retry, failure_when=spec.failure_when, alternatives=alternatives,
+        retry=spec.retry, failure_when=spec.failure_when, alternatives=alternatives, answers=spec.answers,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import Field, ModelWrapValidatorHandler, PrivateAttr, model_validator
 
+from catalog.answers import Answers
 from catalog.bridge import (
     Auth,
     BridgeKind,
@@ -45,6 +46,7 @@ from catalog.fields import (
 from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.pricing import to_atomic
 from catalog.templates import parse_template
+from catalog.user_auth import UserAuth
 
 __all__ = [
     "SETTLE_MARGIN_SECONDS",
@@ -190,6 +192,10 @@ class Tool(FrozenModel):
     soap: SoapOperation | None = None
     retry: bool | None = None  # None: retried only when the upstream method is idempotent
     failure_when: tuple[FailureRule, ...] = ()
+    # what answers may be made into: trimmed to a caller's budget, checked for drift (catalog.answers)
+    answers: Answers | None = None
+    # the end user's OAuth 2.0 token, checked before the offer and sent upstream (catalog.user_auth)
+    user_auth: UserAuth | None = None
 
     @model_validator(mode="wrap")
     @classmethod

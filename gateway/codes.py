@@ -78,6 +78,11 @@ ADMIN_UNAUTHORIZED: Final = "admin_unauthorized"
 SEARCH_QUERY_INVALID: Final = "search_query_invalid"
 SEARCH_LIMIT_INVALID: Final = "search_limit_invalid"
 SEARCH_BUDGET_INVALID: Final = "search_budget_invalid"
+# -- answers sized to a budget (x402gw_* query parameters, gateway.upstream.trimming) --------------
+ANSWER_FIELDS_INVALID: Final = "answer_fields_invalid"
+ANSWER_LIMIT_INVALID: Final = "answer_limit_invalid"
+ANSWER_PARAMETER_INVALID: Final = "answer_parameter_invalid"
+ANSWER_TRIMMING_NOT_OFFERED: Final = "answer_trimming_not_offered"
 # -- the payment ----------------------------------------------------------------------------------
 PAYMENT_REQUIRED: Final = "payment_required"
 PAYMENT_REQUIREMENTS_MISMATCH: Final = "payment_requirements_mismatch"
@@ -116,6 +121,7 @@ UPSTREAM_REDIRECT: Final = "upstream_redirect"
 UPSTREAM_FAULT: Final = "upstream_fault"
 UPSTREAM_INVALID_RESPONSE: Final = "upstream_invalid_response"
 UPSTREAM_ANSWER_LOST: Final = "upstream_answer_lost"
+UPSTREAM_SCHEMA_DRIFT: Final = "upstream_schema_drift"
 # -- our side -------------------------------------------------------------------------------------
 LEDGER_UNAVAILABLE: Final = "ledger_unavailable"
 STORE_UNAVAILABLE: Final = "store_unavailable"
@@ -144,6 +150,10 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(SEARCH_QUERY_INVALID, 400, "fix_arguments"),
     Refusal(SEARCH_LIMIT_INVALID, 400, "fix_arguments"),
     Refusal(SEARCH_BUDGET_INVALID, 400, "fix_arguments"),
+    Refusal(ANSWER_FIELDS_INVALID, 400, "fix_arguments"),
+    Refusal(ANSWER_LIMIT_INVALID, 400, "fix_arguments"),
+    Refusal(ANSWER_PARAMETER_INVALID, 400, "fix_arguments"),
+    Refusal(ANSWER_TRIMMING_NOT_OFFERED, 400, "fix_arguments"),
 
     Refusal(PAYMENT_REQUIRED, 402, "pay"),
     Refusal(PAYMENT_REQUIREMENTS_MISMATCH, 402, "pay"),
@@ -182,6 +192,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(UPSTREAM_FAULT, 502, "none"),
     Refusal(UPSTREAM_INVALID_RESPONSE, 502, "none"),
     Refusal(UPSTREAM_ANSWER_LOST, 502, "none"),
+    Refusal(UPSTREAM_SCHEMA_DRIFT, 502, "none"),
 
     Refusal(LEDGER_UNAVAILABLE, 503, "retry", same_payment=True),
     Refusal(STORE_UNAVAILABLE, 503, "retry", same_payment=True),

@@ -27,6 +27,7 @@ __all__ = [
     "X402GW_RECEIPT_TIME",
     "X402GW_REFUND",
     "X402GW_REPLAY",
+    "X402GW_TRIMMED",
     "X_PAYMENT",
     "X_PAYMENT_REQUIRED",
     "X_PAYMENT_RESPONSE",
@@ -46,6 +47,8 @@ REQUEST_ID = "X-Request-Id"
 X402GW_PREFIX = "X402GW-"
 X402GW_REPLAY = "X402GW-Replay"
 X402GW_REFUND = "X402GW-Refund"
+# What the gateway cut from an answer at the caller's asking (x402gw_* query parameters).
+X402GW_TRIMMED = "X402GW-Trimmed"
 # The signed receipt of a settled payment (base64 JSON), and a payer's proof when fetching one later.
 X402GW_RECEIPT = "X402GW-Receipt"
 X402GW_RECEIPT_TIME = "X402GW-Receipt-Time"

@@ -10,6 +10,7 @@ Funnel, per tool::
                         └▶ rejected{reason}   └▶ upstream failed  ├▶ failed
                                                                    └▶ pending
     refunds: owed / refunded (upfront tools whose upstream failed after settlement)
+    schema drift: x402gw_upstream_schema_drift{tool, handling} (answers not matching output_schema)
 
 Dependencies (``watch_dependencies``): ``x402gw_dependency_up{kind, network, position, url}`` is 1
 while an RPC URL or a facilitator answered its last call, 0 when it failed or has not been used
@@ -110,6 +111,10 @@ class GatewayMetrics:
         self.revenue = Counter(
             "x402gw_revenue_atomic", "Settled amount in the asset's atomic units", ["tool", "asset"], registry=r
         )
+        self.drift = Counter(
+            "x402gw_upstream_schema_drift", "Upstream answers that did not match the tool's output_schema, by handling",
+            ["tool", "handling"], registry=r,
+        )
         self.stage_seconds = Histogram(
             "x402gw_stage_seconds", "Time spent per stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -158,6 +163,8 @@ class GatewayMetrics:
             return
         if not ctx.payment_received:
             return
+        if ctx.drift is not None:
+            self.drift.labels(tool=tool, handling=ctx.drift).inc()
         self.received.labels(tool=tool).inc()
         if outcome == "replayed":
             self.replayed.labels(tool=tool).inc()

@@ -6,8 +6,8 @@
          400/402             402/503        403/429         409          replay/409/502/503  402
       ─▶ verify
          402/503
-      ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ settle ─▶ respond
-         403         409       402/503            502/504   402/503
+      ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ answer ─▶ settle ─▶ respond
+         403         409       402/503            502/504   502       402/503
 
     finally, always: release_holds ─▶ audit ─▶ observers ─▶ access_log
 
@@ -41,6 +41,7 @@ from gateway.pipeline.finalizers import (
     ReleaseHolds,
 )
 from gateway.pipeline.refunds import Refunds
+from gateway.pipeline.stages.answer import CheckAnswer
 from gateway.pipeline.stages.arguments import Arguments, Body
 from gateway.pipeline.stages.bridge import CallUpstream
 from gateway.pipeline.stages.challenge import Challenge, OfferStage
@@ -219,6 +220,7 @@ def build_chain(
             SettleUpfront(schemes, ledger),
             CallUpstream(bridge, upstream, safety=safety, ledger=ledger, refunds=refunds,
                          max_response_bytes=max_upstream_response_bytes),
+            CheckAnswer(ledger, refunds),  # drift against output_schema (fail: withheld), then trimming as asked
             Settle(schemes, ledger),
             Respond(ledger, receipts, public_url),
         ],

@@ -45,5 +45,17 @@ class CompiledTool:
         return validator
 
     @cached_property
+    def output_validator(self) -> Draft202012Validator | None:
+        """The tool's output_schema compiled once (answers.drift checks every answer against it)."""
+        schema = self.tool.output_schema
+        if not schema or self.tool.answers is None or self.tool.answers.drift is None:
+            return None
+        key = "output:" + json.dumps(schema, default=repr)
+        validator = self.validators.get(key)
+        if validator is None:
+            validator = self.validators[key] = Draft202012Validator(schema)
+        return validator
+
+    @cached_property
     def price_text(self) -> str:
         return format_amount(self.tool.price_atomic, self.tool.payment.decimals)

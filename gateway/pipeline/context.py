@@ -22,6 +22,7 @@ from starlette.responses import Response
 from catalog import Tool
 from gateway.protocol.offers import Quote
 from gateway.upstream.bridge import UpstreamResponse
+from gateway.upstream.trimming import AnswerRequest
 from settlement.audit import AuditEvent
 from settlement.x402.wire import (
     ExactEvmPayload,
@@ -108,6 +109,11 @@ class RequestContext:
     timings: dict[str, float] = field(default_factory=dict)
     # Decisions taken on this request, in order: chained into the audit trail at the end.
     events: list[AuditEvent] = field(default_factory=list)
+    # What the caller asked of the answer (x402gw_* query parameters, read by ``arguments``); None:
+    # the answer is served as the upstream gave it.
+    answer_request: AnswerRequest | None = None
+    # The upstream's answer did not match the tool's output_schema: the tool's handling (pass, fail).
+    drift: str | None = None
     # OpenTelemetry, when on (gateway.pipeline.tracing): the tracing itself and the request span's
     # W3C traceparent, recorded in the audit trail.
     tracing: Any = None

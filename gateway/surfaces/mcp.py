@@ -57,7 +57,7 @@ from gateway.headers import (
     USER_AGENT,
     lower,
 )
-from gateway.surfaces.discovery import offer_prices, tool_request
+from gateway.surfaces.discovery import advertised_schema, offer_prices, tool_request
 from gateway.surfaces.search import (
     BUDGET_MAX,
     CANDIDATES,
@@ -160,8 +160,8 @@ class McpEndpoint:
         return types.Tool(
             name=tool.name,
             description=description,
-            input_schema=tool.input_schema,
-            _meta={PRICE_META: price, TOKENS_META: _tokens(tool.name, description, tool.input_schema)},
+            input_schema=advertised_schema(tool),
+            _meta={PRICE_META: price, TOKENS_META: _tokens(tool.name, description, advertised_schema(tool))},
         )
 
     def _search_tool(self) -> types.Tool:

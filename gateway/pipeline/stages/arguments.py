@@ -26,6 +26,7 @@ from starlette.responses import Response
 from catalog import Tool
 from gateway.errors import GatewayError
 from gateway.pipeline.context import RequestContext
+from gateway.upstream.trimming import answer_request
 
 __all__ = ["Arguments", "Body", "collect_arguments", "validate_arguments"]
 
@@ -218,6 +219,9 @@ class Arguments:
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, compiled, request = ctx.tool, ctx.compiled, ctx.request
         assert tool is not None and compiled is not None and request is not None
-        ctx.arguments = collect_arguments(tool, ctx.params, request.query_params.multi_items(), ctx.body, ctx.method)
+        # The gateway's own x402gw_* parameters (trimming of the answer) are read here, before any
+        # 402, and are not arguments: a malformed one is a 400 that costs nothing.
+        ctx.answer_request, query = answer_request(tool, request.query_params.multi_items(), ctx.query)
+        ctx.arguments = collect_arguments(tool, ctx.params, query, ctx.body, ctx.method)
         validate_arguments(compiled.validator, ctx.arguments)
         return None

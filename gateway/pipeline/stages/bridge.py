@@ -3,8 +3,8 @@
 Writes ``ctx.upstream_status`` and ``Paid.upstream``, and tells the circuit breaker how the
 upstream did. For a ``settle: after`` payment, an upstream that failed or redirected (status >= 300;
 never followed) voids the payment and its answer is passed on unpaid. For an ``upfront`` one
-(already settled), a failure is recorded as a refund owed (and paid where a refund signer exists),
-and a good answer is stored so a resend of the payment replays it. Every attempt is noted for the
+(already settled), a failure is recorded as a refund owed (and paid where a refund signer exists);
+a good answer goes on to ``answer`` and ``settle`` (which stores it for a resend to replay). Every attempt is noted for the
 audit trail through ``RecordingUpstream``.
 """
 
@@ -73,7 +73,8 @@ class CallUpstream:
         try:
             with ctx.timed("upstream"):
                 upstream = await self.bridge.forward(
-                    RecordingUpstream(self.upstream, ctx), tool, ctx.method, ctx.params, ctx.query, ctx.arguments,
+                    RecordingUpstream(self.upstream, ctx), tool, ctx.method, ctx.params,
+                    ctx.query if ctx.answer_request is None else ctx.answer_request.upstream_query, ctx.arguments,
                     dict(request.headers), ctx.body, ctx.request_id, self.max_response_bytes,
                 )
         except GatewayError as err:
@@ -90,7 +91,7 @@ class CallUpstream:
         self, ctx: RequestContext, quote: Quote, upstream: UpstreamResponse, payment_id: int
     ) -> Response | None:
         """An ``upfront`` payment settled before the call: a failed call is owed a refund; a good
-        answer is stored for a resend of the payment to replay."""
+        answer goes on (``answer`` checks it, ``settle`` stores it for a resend to replay)."""
         ledger = self.ledger
         await ledger.run(ledger.record_upstream_status, payment_id, upstream.status)
         if upstream.status >= 400:
@@ -98,5 +99,4 @@ class CallUpstream:
             response = respond(upstream, ctx.settlement, ctx.request_id, quote.version)
             response.headers[X402GW_REFUND] = f"{refund['refund']} {refund.get('refundTransaction') or ''}".strip()
             return response
-        await ledger.run(ledger.store_response, payment_id, (upstream.status, upstream.headers, upstream.body))
         return None

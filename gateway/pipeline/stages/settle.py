@@ -2,7 +2,8 @@
 
 ``settle_upfront`` settles an ``upfront`` tool's payment before its upstream runs (its call has
 side effects and must not run unpaid); ``settle`` settles a ``settle: after`` payment once the
-upstream answered, storing that answer with the write-ahead record (a resend gets it). Writes the
+upstream answered, storing that answer with the write-ahead record (a resend gets it), and stores
+an ``upfront`` tool's answer for a resend to replay. Writes the
 ledger ahead of the chain: ``settling`` before the transaction is broadcast, then ``settled`` with
 the tx hash and block, ``failed`` (a definite refusal, nothing moved: a fresh 402), or ``pending``
 (outcome unknown: 503 naming the payment and any transaction, never a 402 inviting a second payment).
@@ -66,10 +67,13 @@ class Settle:
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
         assert tool is not None and quote is not None and paid is not None and ctx.payment_id is not None
-        if tool.settle == "upfront":
-            return None  # settled before the upstream ran
         upstream = paid.upstream
         assert upstream is not None
+        if tool.settle == "upfront":
+            # Settled before the upstream ran: the answer (as ``answer`` let it through) is stored
+            # for a resend of the payment to replay. One withheld is never stored (a refund is owed).
+            await self.ledger.run(self.ledger.store_response, ctx.payment_id, (upstream.status, upstream.headers, upstream.body))
+            return None
         ctx.outcome = "settling"
         try:
             with ctx.timed("settle"):

@@ -31,13 +31,14 @@ from gateway.surfaces.discovery.openapi import (
     openapi_document,
     operation,
 )
-from gateway.surfaces.discovery.requests import ToolRequest, tool_request
+from gateway.surfaces.discovery.requests import ToolRequest, advertised_schema, tool_request
 
 __all__ = [
     "COMPONENTS",
     "HOW_TO_PAY",
     "X402_VERSION",
     "Discovery",
+    "advertised_schema",
     "ToolRequest",
     "llms_text",
     "offer_prices",

@@ -17,6 +17,7 @@ from gateway.protocol.bazaar import BAZAAR
 from gateway.surfaces.discovery.llms import llms_text
 from gateway.surfaces.discovery.offers import offer_prices
 from gateway.surfaces.discovery.openapi import HOW_TO_PAY, openapi_document
+from gateway.surfaces.discovery.requests import advertised_schema
 from gateway.surfaces.search import CANDIDATES, TOKEN_ESTIMATE, ToolSearch, estimate_tokens, fit, search_request
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class Discovery:
 
     def function(self, tool: Tool) -> dict[str, Any]:
         """The part of a /tools entry a model is given: OpenAI's function definition."""
-        return {"name": tool.name, "description": tool.description, "parameters": tool.input_schema}
+        return {"name": tool.name, "description": tool.description, "parameters": advertised_schema(tool)}
 
     def tokens(self, tool: Tool) -> int:
         """The function definition's size in tokens (``gateway.surfaces.search.estimate_tokens``)."""

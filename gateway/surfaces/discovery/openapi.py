@@ -10,6 +10,7 @@ from catalog import Tool
 from gateway.protocol.bazaar import carries_body
 from gateway.protocol.bazaar import schema_without as _without
 from gateway.surfaces.discovery.requests import input_properties, required_inputs
+from gateway.upstream.trimming import answer_parameters
 
 __all__ = ["COMPONENTS", "HOW_TO_PAY", "openapi_document", "operation"]
 
@@ -17,6 +18,15 @@ HOW_TO_PAY = (
     "Every tool is paid per call over x402 v2 (scheme exact, EIP-3009 on EVM): call it, answer the 402's "
     "PAYMENT-REQUIRED offer with a signed PAYMENT-SIGNATURE, get the answer and a PAYMENT-RESPONSE receipt."
 )
+
+
+_TRIMMED_HEADER: dict[str, Any] = {
+    "X402GW-Trimmed": {
+        "description": "What the gateway cut at the caller's asking (x402gw_fields, x402gw_max_items, "
+                       "x402gw_token_budget), e.g. 'fields, max-items=5;arrays=1;dropped=20'",
+        "schema": {"type": "string"},
+    }
+}
 
 
 def operation(tool: Tool, price: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +57,12 @@ def operation(tool: Tool, price: dict[str, Any]) -> dict[str, Any]:
             if isinstance(schema, dict) and schema.get("description"):
                 parameter["description"] = schema["description"]
             parameters.append(parameter)
+    # The gateway's own: trimming of the answer, in the query whatever the method (same price).
+    trimming = answer_parameters(tool)
+    parameters += [
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": schema["description"]}
+        for name, schema in trimming.items()
+    ]
     if parameters:
         spec["parameters"] = parameters
     success_schema = tool.output_schema or {}
@@ -54,8 +70,9 @@ def operation(tool: Tool, price: dict[str, Any]) -> dict[str, Any]:
     spec["responses"] = {
         "2XX": {
             "description": "The upstream's answer, paid for; the settlement receipt is in PAYMENT-RESPONSE.",
-            "headers": {"PAYMENT-RESPONSE": {"$ref": "#/components/headers/PAYMENT-RESPONSE"}},
-            "content": {"application/json": {"schema": success_schema}},
+            "headers": {"PAYMENT-RESPONSE": {"$ref": "#/components/headers/PAYMENT-RESPONSE"}, **_TRIMMED_HEADER}
+            if trimming else {"PAYMENT-RESPONSE": {"$ref": "#/components/headers/PAYMENT-RESPONSE"}},
+            "content": {"application/json": {"schema": {} if trimming else success_schema}},
         },
         "400": {"description": "Malformed payment header or request body.", **error},
         "402": {

@@ -11,10 +11,21 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from catalog import Tool
+from catalog.answers import RESERVED_PREFIX
 from gateway.errors import GatewayError
 from gateway.protocol.bazaar import carries_body
+from gateway.upstream.trimming import answer_parameters
 
-__all__ = ["ToolRequest", "input_properties", "required_inputs", "tool_request"]
+__all__ = ["ToolRequest", "advertised_schema", "input_properties", "required_inputs", "tool_request"]
+
+
+def advertised_schema(tool: Tool) -> dict[str, Any]:
+    """The tool's input schema as discovery gives it: with the gateway's x402gw_* parameters
+    (trimming of the answer) for a tool that takes them; else the catalog's, unchanged."""
+    extra = answer_parameters(tool)
+    if not extra:
+        return tool.input_schema
+    return {**tool.input_schema, "properties": {**input_properties(tool), **extra}}
 
 
 def input_properties(tool: Tool) -> dict[str, Any]:
@@ -63,16 +74,19 @@ def _text(value: Any) -> str:
 
 def tool_request(method: str, path_template: str, arguments: dict[str, Any]) -> ToolRequest:
     """Path parameters fill the template; the other arguments go to a JSON body (POST, PUT,
-    PATCH) or the query string. Deterministic (sorted keys), so the same arguments always make the
+    PATCH) or the query string; the gateway's own x402gw_* parameters always go in the query. Deterministic (sorted keys), so the same arguments always make the
     same request, and a payment bound to one is accepted on its re-sending. A path argument that is
     missing is a GatewayError (invalid_arguments), never a literal ``{name}`` sent on."""
     method = method.upper()
     path = path_template
     rest: dict[str, Any] = {}
+    reserved: dict[str, Any] = {}
     for name, value in arguments.items():
         token = "{" + name + "}"
         if token in path:
             path = path.replace(token, quote(_text(value), safe=""))
+        elif name.startswith(RESERVED_PREFIX):
+            reserved[name] = value
         else:
             rest[name] = value
     missing = _TEMPLATE_PARAM.findall(path)
@@ -83,12 +97,16 @@ def tool_request(method: str, path_template: str, arguments: dict[str, Any]) -> 
         )
     if carries_body(method):
         body = json.dumps(rest, separators=(",", ":"), sort_keys=True).encode() if rest else b""
-        return ToolRequest(method, path, "", body)
+        return ToolRequest(method, path, _query(reserved), body)
+    return ToolRequest(method, path, _query({**rest, **reserved}), b"")
+
+
+def _query(arguments: dict[str, Any]) -> str:
     pairs: list[tuple[str, str]] = []
-    for name in sorted(rest):
-        value = rest[name]
+    for name in sorted(arguments):
+        value = arguments[name]
         if value is None:
             continue
         for item in value if isinstance(value, list) else [value]:
             pairs.append((name, _text(item)))
-    return ToolRequest(method, path, urlencode(pairs), b"")
+    return urlencode(pairs)

@@ -19,7 +19,7 @@ from settlement.audit import AuditEvent
 STAGES = [
     "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "challenge",
     "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
-    "reserve", "record", "settle_upfront", "bridge", "settle", "respond",
+    "reserve", "record", "settle_upfront", "bridge", "answer", "settle", "respond",
 ]
 FINALIZERS = ["release_holds", "audit", "observers", "access_log"]
 
@@ -48,7 +48,16 @@ def test_issue_13_order_holds() -> None:
     assert names.index("decode_and_bind") < names.index("payer_checks") < names.index("in_flight")
     assert names.index("in_flight") < names.index("exactly_once") < names.index("payment_window") < names.index("verify")
     assert names.index("pre_challenge_safety") < names.index("challenge")
-    assert names.index("bridge") == names.index("settle") - 1  # exactly one stage talks to the upstream
+    # exactly one stage talks to the upstream; only ``answer`` (drift, trimming) sits between it and settle
+    assert names.index("bridge") == names.index("answer") - 1 == names.index("settle") - 2
+
+
+def test_issue_17_answers_are_checked_before_settlement_and_their_parameters_before_the_402() -> None:
+    names = declared_chain().names
+    # Trimming parameters are read with the arguments (a malformed projection is a 400 before any
+    # offer); the answer is checked for drift after the upstream and before any money moves for it.
+    assert names.index("arguments") < names.index("challenge")
+    assert names.index("bridge") < names.index("answer") < names.index("settle") < names.index("respond")
 
 
 def test_issue_16_a_contract_wallet_is_checked_on_chain_before_anything_keys_on_it() -> None:

@@ -146,12 +146,25 @@ def test_verify_notes_the_payer_or_passes_the_scheme_reason_on_in_a_402() -> Non
     assert unavailable.value.code == "facilitator_unavailable"
 
 
-def test_settle_leaves_an_upfront_payment_alone() -> None:
+class StoringLedger:
+    def __init__(self) -> None:
+        self.stored: list[tuple[int, Any]] = []
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    def store_response(self, payment_id: int, answer: Any) -> None:
+        self.stored.append((payment_id, answer))
+
+
+def test_settle_leaves_an_upfront_payment_alone_and_stores_its_answer_for_a_replay() -> None:
     ctx = paid(offered("POST", "/orders", body=b'{"symbol": "AAPL", "quantity": 5}'))
     ctx.payment_id = 1
-    assert ctx.tool is not None and ctx.tool.settle == "upfront"
-    facilitator = FakeFacilitator(VerifyResponse(is_valid=True))
-    assert run(Settle(cast(Any, facilitator), cast(Any, None))(ctx)) is None and facilitator.calls == []
+    assert ctx.tool is not None and ctx.tool.settle == "upfront" and ctx.paid is not None
+    ctx.paid.upstream = UpstreamResponse(201, [("content-type", "application/json")], b'{"id": 7}')
+    facilitator, ledger = FakeFacilitator(VerifyResponse(is_valid=True)), StoringLedger()
+    assert run(Settle(cast(Any, facilitator), cast(Any, ledger))(ctx)) is None and facilitator.calls == []
+    assert ledger.stored == [(1, (201, [("content-type", "application/json")], b'{"id": 7}'))]
 
 
 def test_respond_serves_the_upstream_answer_privately_with_the_receipt() -> None:
