@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import click
 
+from gateway.cli.webhooks import webhooks
 from gateway.settings import Settings
 
 EXIT_DISAGREE = 1
@@ -25,12 +26,10 @@ EXIT_ERROR = 2
 
 
 def _settings(**overrides: Any) -> Settings:
-    from pydantic import ValidationError
+    from gateway.cli.settings_errors import load_settings
 
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v})
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings: {exc.errors(include_url=False)}") from None
+    # Bad settings: one line with a code, never a value (gateway.cli.settings_errors).
+    return load_settings({k: v for k, v in overrides.items() if v}, exit_status=EXIT_ERROR)
 
 
 def _fail(message: str) -> None:
@@ -254,8 +253,8 @@ def _chains(settings: Settings, *, keyed: bool = False) -> tuple[Any, dict[str, 
     from gateway.app import GatewayConfigError, build_chains, facilitator_plan, write_ahead_networks
     from settlement.chain.client import JsonRpcChain
 
-    try:
-        loaded = load_catalogs(settings.catalog)
+    try:  # the catalog as `serve` reads it: ${NAME} from this environment
+        loaded = load_catalogs(settings.catalog, env=os.environ)
     except CatalogError as exc:
         _fail(f"the catalog is invalid\n{exc}")
     networks = {offer.terms.network for tool in loaded.tools for offer in tool.offers}
@@ -364,4 +363,4 @@ def db_upgrade(database_url: str | None) -> None:
     click.echo(f"ledger schema {outcome}: revision {revision} (head {head_revision()})")
 
 
-COMMANDS = (ledger, reconcile, db)
+COMMANDS = (ledger, reconcile, db, webhooks)  # webhooks list / replay: gateway.cli.webhooks

@@ -5,8 +5,9 @@ never a value: an environment variable may hold a key, a token or a password.
     error: X402GW_SETTLEMENT_KEY_FILE: cannot read /run/secrets/key: No such file ... [secret_file_unreadable]
 
 Codes: ``invalid_setting`` (a value of the wrong shape: pydantic's message, its ``input`` left
-out), ``invalid_setting_json`` (a JSON setting that does not parse), and the settings' own
-``GatewayConfigError`` codes (``gateway.settings``: secret files, URL lists...).
+out), ``invalid_setting_json`` (a JSON setting that does not parse), and the codes of the settings' own
+checks (``gateway.settings``: ``secret_file_unreadable``, ``secret_file_empty``,
+``secret_set_twice``; a check without a code of its own is ``invalid_setting`` too).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from gateway.errors import GatewayConfigError
 from gateway.settings import Settings
 
 __all__ = ["describe_settings_error", "load_settings"]
+
+_UNCODED = GatewayConfigError("").code  # the default code of GatewayConfigError
 
 # Fields read from a variable without the X402GW_ prefix (their validation_alias).
 _UNPREFIXED = {"facilitator_url": "X402_FACILITATOR_URL", "cdp_api_key_id": "CDP_API_KEY_ID",
@@ -48,7 +51,8 @@ def describe_settings_error(exc: Exception) -> tuple[str, str]:
         field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "a setting"
         return f"invalid settings: {_variable(field)} is not valid JSON", "invalid_setting_json"
     if isinstance(exc, GatewayConfigError):  # raised by the settings' own checks: never quote a secret
-        return exc.message, exc.code
+        # a check without a code of its own (URL lists, dollar rates...): a value of the wrong shape
+        return exc.message, "invalid_setting" if exc.code == _UNCODED else exc.code
     raise TypeError(type(exc).__name__)
 
 

@@ -77,3 +77,32 @@ def test_a_settlement_key_that_is_not_a_key(tmp_path: Path) -> None:
 def test_a_database_url_that_cannot_be_opened_is_not_quoted(tmp_path: Path) -> None:
     refused(tmp_path, "ledger_unavailable", **LIVE, X402GW_SETTLEMENT_KEY=KEY,
             X402GW_DATABASE_URL=f"nosuchdialect://user:{SECRET}@db.example/ledger")
+
+
+def test_reconcile_reads_the_catalog_with_this_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli.main import main
+
+    for name in ("X402GW_RPC_URLS", "X402GW_NETWORK", "X402GW_PAY_TO", "X402_FACILITATOR_URL", "X402GW_FACILITATORS"):
+        monkeypatch.delenv(name, raising=False)
+    database = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    args = ["reconcile", "--catalog", GOING_LIVE, "--database-url", database]
+    unset = CliRunner().invoke(main, args)
+    assert unset.exit_code == 2 and "payment.pay_to: ${X402GW_PAY_TO} is not set" in unset.output, unset.output
+    monkeypatch.setenv("X402GW_PAY_TO", PAY_TO)
+    monkeypatch.setenv("X402GW_NETWORK", "base")
+    resolved = CliRunner().invoke(main, args)  # past the catalog: on to the chain of the network it resolved to
+    assert resolved.exit_code == 2 and "no chain access for eip155:8453" in resolved.output, resolved.output
+
+
+def test_ledger_commands_refuse_bad_settings_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli.main import main
+
+    monkeypatch.setenv("X402GW_NATIVE_USD_RATE", json.dumps({"eip155:8453": SECRET}))
+    result = CliRunner().invoke(main, ["ledger", "summary", "--database-url", f"sqlite:///{tmp_path / 'l.sqlite3'}"])
+    assert result.exit_code == 2 and SECRET not in result.output and "Traceback" not in result.output, result.output
+    assert result.output.strip().startswith("error: ") and result.output.strip().endswith("[invalid_setting]"), result.output
+    assert result.output.strip().count("\n") == 0, result.output
