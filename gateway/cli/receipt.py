@@ -1,10 +1,16 @@
-"""``x402gw receipt verify FILE``: check a gateway-signed receipt offline.
+"""``x402gw receipt verify FILE``: check a gateway-signed receipt offline; ``x402gw receipt export``:
+every settled payment's receipt, as JSON lines.
 
 The file holds the receipt as JSON (``{"format": "eip712", "payload": {...}, "signature": "0x..."}``,
 what ``GET /receipts/{paymentId}`` answers) or the ``X402GW-Receipt`` header's base64 value. The
 signature must recover to the gateway's published receipt signer (``receipts.signer`` in its
 ``/.well-known/x402``), given with ``--signer``. Exit codes: 0 valid (the fields are printed),
 1 invalid (tampered, or signed by another key), 2 the file cannot be read as a receipt.
+
+``export`` derives the receipts from the ledger with the gateway's settings (``X402GW_RECEIPT_KEY``
+or its local-chain default, ``X402GW_PUBLIC_URL``), so each line is byte for byte what the gateway
+served and serves: one ``{"paymentId", "receipt"}`` object per settled payment, in id order.
+Exit codes: 0 written, 2 no receipt key for these networks or the ledger unreadable.
 """
 
 from __future__ import annotations
@@ -63,3 +69,37 @@ def verify(file: Path, signer: str, as_json: bool) -> None:
     click.echo(f"valid: signed by {recovered}")
     for name, value in payload.items():
         click.echo(f"  {name:16} {value}")
+
+
+@receipt.command("export")
+@click.option("--payer", "payers", multiple=True, help="Only this payer's receipts (repeatable).")
+@click.option("--payment-id", "payment_ids", multiple=True, type=click.IntRange(min=1), help="Only this payment (repeatable).")
+@click.option("--output", "-o", type=click.File("w"), default="-", show_default=True, help="File to write, or - for standard output.")
+@click.option("--database-url", default=None, help="The ledger (default: X402GW_DATABASE_URL or the gateway's).")
+def export(payers: tuple[str, ...], payment_ids: tuple[int, ...], output: Any, database_url: str | None) -> None:
+    """Signed receipts of settled payments, one JSON object a line."""
+    from gateway.cli.ledger import _ledger_to_read, _open_ledger, _settings
+    from gateway.errors import GatewayConfigError
+    from gateway.surfaces.receipts import receipt_signer
+    from settlement.finance.receipts import settled_payments
+
+    settings = _settings()
+    book = _open_ledger(_ledger_to_read(database_url))
+    try:
+        networks = {p.network for p in settled_payments(book, payers=payers, payment_ids=payment_ids)}
+        try:
+            signer = receipt_signer(settings, networks)
+        except GatewayConfigError as exc:
+            click.echo(f"error: {exc} [{exc.code}]", err=True)
+            sys.exit(EXIT_UNREADABLE)
+        if signer is None:
+            click.echo("error: no receipt key for these networks: set X402GW_RECEIPT_KEY [receipt_key_missing]", err=True)
+            sys.exit(EXIT_UNREADABLE)
+        written = 0
+        for payment in settled_payments(book, payers=payers, payment_ids=payment_ids):
+            line = {"paymentId": payment.id, "receipt": signer.receipt(payment, settings.public_url)}
+            output.write(json.dumps(line, separators=(",", ":")) + "\n")
+            written += 1
+    finally:
+        book.close()
+    click.echo(f"{written} receipts (signer {signer.address})", err=True)

@@ -1,4 +1,5 @@
-"""Signed receipts for payers: the gateway's receipt key, and ``GET /receipts/{paymentId}``.
+"""Signed receipts for payers: the gateway's receipt key, and ``GET /receipts/{paymentId}`` (or
+``GET /receipts/0x<settlement tx hash>``: ``{"receipts": [...]}``, the payer's in that transaction).
 
 A receipt (``settlement.finance.receipts``) is derived from the ledger row and the receipt key, so
 an old one is fetched by deriving it again. Only the payment's payer gets it: the request carries
@@ -20,6 +21,7 @@ signs for it.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterable
 
@@ -35,7 +37,13 @@ from gateway.headers import CACHE_CONTROL, X402GW_RECEIPT, X402GW_RECEIPT_SIGNAT
 from gateway.settings import Settings
 from gateway.store import StateStore
 from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID
-from settlement.finance.receipts import RECEIPT_DOMAIN_NAME, RECEIPT_DOMAIN_VERSION, RECEIPT_FORMAT, ReceiptSigner
+from settlement.finance.receipts import (
+    RECEIPT_DOMAIN_NAME,
+    RECEIPT_DOMAIN_VERSION,
+    RECEIPT_FORMAT,
+    ReceiptSigner,
+    settled_payments,
+)
 from settlement.ledger import Ledger, PaymentState
 
 __all__ = ["MAX_SKEW_SECONDS", "ReceiptEndpoint", "challenge_message", "receipt_signer", "receipts_discovery"]
@@ -44,6 +52,7 @@ MAX_SKEW_SECONDS = 300
 # The local chain's default receipt key: a public anvil key (account 8), never accepted elsewhere.
 DEV_RECEIPT_KEY = ANVIL_KEYS[8]
 _DEV_KEYS = frozenset(key.lower().removeprefix("0x") for key in ANVIL_KEYS)
+_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
 def receipt_signer(settings: Settings, networks: Iterable[str]) -> ReceiptSigner | None:
@@ -99,6 +108,8 @@ class ReceiptEndpoint:
         if self.signer is None:
             raise GatewayError(codes.RECEIPTS_DISABLED, "this gateway signs no receipts (no receipt key)")
         raw_id = request.path_params["payment_id"]
+        if _TX_HASH.fullmatch(raw_id):
+            return await self._by_transaction(request, self.signer, raw_id)
         if not raw_id.isdigit() or len(raw_id) > 18:
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this payment id")
         wallet = await self._authenticate(request, self.signer.address, int(raw_id))
@@ -110,7 +121,17 @@ class ReceiptEndpoint:
                                paymentId=row.id)
         return JSONResponse(self.signer.receipt(row, self.public_url), headers={CACHE_CONTROL: "private, no-store"})
 
-    async def _authenticate(self, request: Request, signer: str, payment_id: int) -> str:
+    async def _by_transaction(self, request: Request, signer: ReceiptSigner, transaction: str) -> Response:
+        """``GET /receipts/0x<tx hash>``: the signer's settled payments in that transaction (a batch
+        may hold several), as ``{"receipts": [...]}``; none: 404, as for another wallet's."""
+        wallet = await self._authenticate(request, signer.address, transaction)
+        rows = await self.ledger.run(lambda: list(settled_payments(self.ledger, payers=[wallet], transaction=transaction)))
+        if not rows:
+            raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this transaction")
+        receipts = [signer.receipt(row, self.public_url) for row in rows]
+        return JSONResponse({"receipts": receipts}, headers={CACHE_CONTROL: "private, no-store"})
+
+    async def _authenticate(self, request: Request, signer: str, payment_id: int | str) -> str:
         """The wallet that signed this request's challenge; each signature once, within the skew."""
         raw_time = request.headers.get(X402GW_RECEIPT_TIME, "")
         signature = request.headers.get(X402GW_RECEIPT_SIGNATURE, "")
@@ -150,10 +171,11 @@ def receipts_discovery(signer: ReceiptSigner | None, base: str) -> dict[str, obj
         "domain": {"name": RECEIPT_DOMAIN_NAME, "version": RECEIPT_DOMAIN_VERSION},
         "header": X402GW_RECEIPT,
         "retrieve": base + "/receipts/{paymentId}",
+        "retrieveByTransaction": base + "/receipts/{transaction}",
         "auth": {
             "scheme": "eip191",
             "headers": [X402GW_RECEIPT_TIME, X402GW_RECEIPT_SIGNATURE],
             "maxSkewSeconds": MAX_SKEW_SECONDS,
-            "message": challenge_message(signer.address, "{paymentId}", "{unixSeconds}"),
+            "message": challenge_message(signer.address, "{paymentId or transaction}", "{unixSeconds}"),
         },
     }

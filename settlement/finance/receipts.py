@@ -14,7 +14,7 @@ the receipt was signed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -23,9 +23,11 @@ from eth_abi.exceptions import EncodingError
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from settlement.errors import SettlementError
-from settlement.ledger import Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 
 __all__ = [
     "RECEIPT_DOMAIN_NAME",
@@ -36,6 +38,7 @@ __all__ = [
     "ReceiptSigner",
     "receipt_payload",
     "recover_receipt_signer",
+    "settled_payments",
 ]
 
 RECEIPT_FORMAT = "eip712"
@@ -162,3 +165,20 @@ class ReceiptSigner:
 
     def receipt(self, payment: Payment, public_url: str | None = None) -> dict[str, Any]:
         return self.sign(receipt_payload(payment, public_url))
+
+
+def settled_payments(
+    ledger: Ledger, *, payers: Sequence[str] = (), payment_ids: Sequence[int] = (), transaction: str | None = None,
+    batch_rows: int = 1000,
+) -> Iterator[Payment]:
+    """Settled payments in id order, read-only and streamed (receipts are derived from these):
+    only these payers (any case), ids or settlement transaction, when given."""
+    query = select(Payment).where(Payment.state == PaymentState.SETTLED.value, Payment.tx_hash.is_not(None))
+    if payers:
+        query = query.where(func.lower(Payment.payer).in_([payer.lower() for payer in payers]))
+    if payment_ids:
+        query = query.where(Payment.id.in_(list(payment_ids)))
+    if transaction is not None:
+        query = query.where(func.lower(Payment.tx_hash) == transaction.lower())
+    with Session(ledger.engine) as session:
+        yield from session.scalars(query.order_by(Payment.id).execution_options(yield_per=batch_rows))

@@ -75,6 +75,19 @@ def test_a_settled_call_carries_a_receipt_the_payer_fetches_again(
     assert again.status_code == 200, again.text
     assert again.headers["cache-control"] == "private, no-store"
     assert again.json() == receipt
+    # By the settlement transaction, too: the payer's receipts in it; another wallet's: nothing.
+    with gateway.client() as client:
+        by_tx = fetch(client, devchain.key(PAYER), signer, tx)
+        not_theirs = fetch(client, devchain.key(OTHER), signer, tx)
+    assert by_tx.status_code == 200 and by_tx.json() == {"receipts": [receipt]}
+    assert (not_theirs.status_code, body_json(not_theirs)["error"]) == (404, "receipt_not_found")
+    # Exported from the ledger: the same bytes, one line per settled payment (both of this payer's).
+    exported = CliRunner().invoke(main, ["receipt", "export", "--database-url", gateway.settings.database_url,
+                                         "--payer", payer.lower()])
+    assert exported.exit_code == 0, exported.output
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [line["paymentId"] for line in lines] == [row.id, row.id + 1]
+    assert lines[0]["receipt"] == receipt and recover_receipt_signer(lines[1]["receipt"]) == signer
     # Offline: valid against the published signer (exit 0, fields printed), invalid otherwise.
     path = tmp_path / "receipt.json"
     path.write_text(json.dumps(receipt))
