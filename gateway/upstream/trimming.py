@@ -167,6 +167,8 @@ def compile_projection(expression: str) -> ParsedResult:
         parsed = Parser().parse(expression)
     except jmespath_errors.LexerError as exc:
         raise _invalid_fields(int(exc.lexer_position), str(exc.message)) from None
+    except jmespath_errors.IncompleteExpressionError as exc:
+        raise _invalid_fields(int(exc.lex_position), "the expression ends too soon") from None
     except jmespath_errors.ParseError as exc:
         raise _invalid_fields(int(exc.lex_position), str(exc.msg)) from None
     except jmespath_errors.JMESPathError:
@@ -321,11 +323,17 @@ def _arrays(value: Any) -> list[list[Any]]:
 def _cap(value: Any, limit: int) -> tuple[int, int]:
     """Every array of ``value`` cut to ``limit`` items, in place: (arrays cut, items dropped)."""
     arrays = dropped = 0
-    for array in _arrays(value):
-        if len(array) > limit:
-            arrays += 1
-            dropped += len(array) - limit
-            del array[limit:]
+    stack = [value]
+    while stack:  # top down: what an array cut drops is not counted again inside it
+        item = stack.pop()
+        if isinstance(item, list):
+            if len(item) > limit:
+                arrays += 1
+                dropped += len(item) - limit
+                del item[limit:]
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
     return arrays, dropped
 
 
