@@ -54,9 +54,13 @@ def test_a_settled_call_carries_a_receipt_the_payer_fetches_again(
     payer = devchain.address(PAYER)
     with gateway.client() as client:
         signer = signer_of(client)
-        _, paid, _ = pay(client, devchain, "GET", "/quotes/AAPL", payer=PAYER)
+        _, paid, header = pay(client, devchain, "GET", "/quotes/AAPL", payer=PAYER)
         assert paid.status_code == 200, paid.text
         receipt = decode_signed_receipt(paid.headers["x402gw-receipt"])
+        # A resend of the same payment replays the stored answer with the same receipt.
+        replay = client.get("/quotes/AAPL", headers={"PAYMENT-SIGNATURE": header})
+        assert replay.headers["x402gw-replay"] == "true"
+        assert replay.headers["x402gw-receipt"] == paid.headers["x402gw-receipt"]
         [row] = gateway.ledger.all()
         assert signer == Account.from_key(DEV_RECEIPT_KEY).address
         assert recover_receipt_signer(receipt) == signer
