@@ -127,6 +127,15 @@ LEDGER_UNAVAILABLE: Final = "ledger_unavailable"
 STORE_UNAVAILABLE: Final = "store_unavailable"
 STORE_BUSY: Final = "store_busy"
 INTERNAL_ERROR: Final = "internal_error"
+# -- the end user's OAuth 2.0 token (a tool's user_auth; gateway.upstream.user_auth) --------------
+USER_TOKEN_MISSING: Final = "user_token_missing"
+USER_TOKEN_INVALID: Final = "user_token_invalid"
+USER_TOKEN_EXPIRED: Final = "user_token_expired"
+USER_TOKEN_WRONG_ISSUER: Final = "user_token_wrong_issuer"
+USER_TOKEN_WRONG_AUDIENCE: Final = "user_token_wrong_audience"
+USER_SCOPE_MISSING: Final = "user_scope_missing"
+USER_AUTH_UNAVAILABLE: Final = "user_auth_unavailable"
+USER_TOKEN_EXCHANGE_FAILED: Final = "user_token_exchange_failed"
 # -- signed receipts (GET /receipts/{paymentId}) --------------------------------------------------
 RECEIPT_AUTH_INVALID: Final = "receipt_auth_invalid"
 RECEIPT_AUTH_EXPIRED: Final = "receipt_auth_expired"
@@ -198,6 +207,15 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(STORE_UNAVAILABLE, 503, "retry", same_payment=True),
     Refusal(STORE_BUSY, 503, "retry"),
     Refusal(INTERNAL_ERROR, 500, "none"),
+
+    Refusal(USER_TOKEN_MISSING, 401, "none"),
+    Refusal(USER_TOKEN_INVALID, 401, "none"),
+    Refusal(USER_TOKEN_EXPIRED, 401, "none"),
+    Refusal(USER_TOKEN_WRONG_ISSUER, 401, "none"),
+    Refusal(USER_TOKEN_WRONG_AUDIENCE, 401, "none"),
+    Refusal(USER_SCOPE_MISSING, 403, "none"),
+    Refusal(USER_AUTH_UNAVAILABLE, 503, "retry"),
+    Refusal(USER_TOKEN_EXCHANGE_FAILED, 502, "none"),
 
     Refusal(RECEIPT_AUTH_INVALID, 401, "none"),
     Refusal(RECEIPT_AUTH_EXPIRED, 401, "none"),

@@ -1,7 +1,7 @@
 """The chain: every stage of a request, in order, written once (``build_chain``), and its runner.
 
-    route ─▶ header_limits ─▶ body ─▶ arguments ─▶ offer ─▶ pre_challenge_safety ─▶ challenge
-    404/405   431              413     400/422                503/429                402 (unpaid)
+    route ─▶ header_limits ─▶ body ─▶ arguments ─▶ offer ─▶ pre_challenge_safety ─▶ user_auth ─▶ challenge
+    404/405   431              413     400/422                503/429                401/403/503  402 (unpaid)
       ─▶ decode_and_bind ─▶ wallet_check ─▶ payer_checks ─▶ in_flight ─▶ exactly_once ─▶ payment_window
          400/402             402/503        403/429         409          replay/409/502/503  402
       ─▶ verify
@@ -60,12 +60,14 @@ from gateway.pipeline.stages.safety import (
     Reserve,
 )
 from gateway.pipeline.stages.settle import Settle, SettleUpfront
+from gateway.pipeline.stages.user_auth import UserAuthStage
 from gateway.pipeline.stages.verify import PaymentWindow, Record, Verify
 from gateway.pipeline.tracing import Tracing
 from gateway.protocol.challenge import PaymentChallenge
 from gateway.safety.checks import Safety
 from gateway.store import StateStore, StoreUnavailable
 from gateway.upstream.bridge import Bridge, UpstreamClient
+from gateway.upstream.user_auth import UserAuthority
 from settlement.audit import AuditSink
 from settlement.errors import LedgerError
 from settlement.finance.receipts import ReceiptSigner
@@ -195,9 +197,11 @@ def build_chain(
     lock_ttl_ms: int,
     wallets: WalletSignatures | None = None,
     receipts: ReceiptSigner | None = None,
+    users: UserAuthority | None = None,
     tracing: Tracing | None = None,
 ) -> Chain:
     """The order of a request, written once. ``tests/gateway/pipeline/test_chain.py`` holds it."""
+    users = users if users is not None else UserAuthority(compiled.tool for compiled in (tools or {}).values())
     return Chain(
         [
             Route(router, tools),
@@ -206,20 +210,21 @@ def build_chain(
             Arguments(),
             OfferStage(public_url, challenge_body_version),
             PreChallengeSafety(safety),
+            UserAuthStage(users),  # a user-scoped tool: the end user's OAuth token, before any 402
             Challenge(),
             # with a payment from here on
             DecodeAndBind(signers, wallets),  # offline signer recovery: before any limit or lookup keyed on the payer
             WalletCheck(wallets),  # a contract wallet's signature, on chain (one capped eth_call); EOAs: nothing
             PayerChecks(safety),
             InFlight(store, lock_ttl_ms),
-            ExactlyOnce(ledger, schemes, refunds, receipts, public_url),
+            ExactlyOnce(ledger, schemes, refunds),
             PaymentWindow(),  # fresh payments only: a resend was answered by exactly_once
             Verify(schemes),
             Reserve(safety),
             Record(ledger),
             SettleUpfront(schemes, ledger),
             CallUpstream(bridge, upstream, safety=safety, ledger=ledger, refunds=refunds,
-                         max_response_bytes=max_upstream_response_bytes),
+                         max_response_bytes=max_upstream_response_bytes, users=users),
             CheckAnswer(ledger, refunds),  # drift against output_schema (fail: withheld), then trimming as asked
             Settle(schemes, ledger),
             Respond(ledger, receipts, public_url),

@@ -23,6 +23,7 @@ from catalog import Tool
 from gateway.protocol.offers import Quote
 from gateway.upstream.bridge import UpstreamResponse
 from gateway.upstream.trimming import AnswerRequest
+from gateway.upstream.user_auth import UserToken
 from settlement.audit import AuditEvent
 from settlement.x402.wire import (
     ExactEvmPayload,
@@ -90,6 +91,8 @@ class RequestContext:
     quote: Quote | None = None
     # A payment header came and will be read (never on HEAD): the stages after the challenge run.
     paying: bool = False
+    # The end user's checked OAuth token, for a tool with user_auth (stage ``user_auth``); never logged.
+    user: UserToken | None = None
     paid: Paid | None = None
     payload: PaymentPayload | None = None
     payer: str | None = None

@@ -204,8 +204,13 @@ class Bridge:
         body: bytes,
         request_id: str,
         max_bytes: int,
+        user: Credentials | None = None,
     ) -> UpstreamResponse:
+        """``user``: the end user's credential (``gateway.upstream.user_auth``), sent instead of the
+        upstream's own and redacted from its answer like it."""
         route = self._routes[tool.name]
+        if user is not None:
+            route = _Route(route.tool, user, route.soap, route.rules)
         if route.soap is not None:
             return await self._soap(client, route, arguments, request_headers, request_id, max_bytes)
         return await self._rest(client, route, method, params, query, arguments, request_headers, body, request_id, max_bytes)

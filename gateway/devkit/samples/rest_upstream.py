@@ -25,6 +25,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.devkit.samples.user_orders import UserOrders
+
 __all__ = ["create_app", "main"]
 
 _SYMBOL = re.compile(r"[A-Z]{1,5}")
@@ -214,9 +216,11 @@ class _State:
         return JSONResponse({"total": 0, "paths": {}, "requests": {}})
 
 
-def create_app(fx_key: str = DEMO_FX_KEY) -> Starlette:
+def create_app(fx_key: str = DEMO_FX_KEY, users: UserOrders | None = None) -> Starlette:
+    """``users``: per-user orders behind the issuer's tokens (``/users/{user}/orders``)."""
     state = _State(fx_key)
     app = Starlette(routes=[
+        *(users.routes() if users is not None else []),
         Route("/api/v1/quote/{symbol}", quote, methods=["GET"]),
         Route("/weather", weather, methods=["GET"]),
         Route("/orders", state.create_order, methods=["POST"]),

@@ -22,6 +22,7 @@ from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers
 from gateway.safety.checks import Safety
 from gateway.upstream.bridge import Bridge, UpstreamClient, UpstreamResponse
+from gateway.upstream.user_auth import UserAuthority
 from settlement.ledger import Ledger
 
 __all__ = ["CallUpstream"]
@@ -35,7 +36,7 @@ class CallUpstream:
 
     def __init__(
         self, bridge: Bridge, upstream: UpstreamClient, *, safety: Safety, ledger: Ledger, refunds: Refunds,
-        max_response_bytes: int,
+        max_response_bytes: int, users: UserAuthority | None = None,
     ) -> None:
         self.bridge = bridge
         self.upstream = upstream
@@ -43,6 +44,7 @@ class CallUpstream:
         self.ledger = ledger
         self.refunds = refunds
         self.max_response_bytes = max_response_bytes
+        self.users = users  # a user-scoped tool's token (or its exchange) goes upstream
 
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, quote, paid, payment_id = ctx.tool, ctx.quote, ctx.paid, ctx.payment_id
@@ -71,11 +73,14 @@ class CallUpstream:
         tool, request = ctx.tool, ctx.request
         assert tool is not None and request is not None
         try:
+            user = None
+            if tool.user_auth is not None and ctx.user is not None and self.users is not None:
+                user = await self.users.upstream_credentials(tool.user_auth, ctx.user)
             with ctx.timed("upstream"):
                 upstream = await self.bridge.forward(
                     RecordingUpstream(self.upstream, ctx), tool, ctx.method, ctx.params,
                     ctx.query if ctx.answer_request is None else ctx.answer_request.upstream_query, ctx.arguments,
-                    dict(request.headers), ctx.body, ctx.request_id, self.max_response_bytes,
+                    dict(request.headers), ctx.body, ctx.request_id, self.max_response_bytes, user,
                 )
         except GatewayError as err:
             await self.safety.upstream_result(ctx, tool, err.code not in _UNREACHABLE)

@@ -67,7 +67,8 @@ class DecodeAndBind:
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
-        fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body)
+        principal = ctx.user.principal if ctx.user is not None else None  # a user-scoped tool's user
+        fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal)
         signer = self.signers.signer(quote.requirements, exact)
         wallet, digest = None, b""
         if signer is None:

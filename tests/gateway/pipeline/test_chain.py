@@ -17,7 +17,7 @@ from gateway.pipeline.stages.challenge import Challenge
 from settlement.audit import AuditEvent
 
 STAGES = [
-    "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "challenge",
+    "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "user_auth", "challenge",
     "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
     "reserve", "record", "settle_upfront", "bridge", "answer", "settle", "respond",
 ]
@@ -60,6 +60,13 @@ def test_issue_17_answers_are_checked_before_settlement_and_their_parameters_bef
     assert names.index("bridge") < names.index("answer") < names.index("settle") < names.index("respond")
 
 
+def test_issue_17_the_user_token_is_checked_behind_the_client_limit_and_before_any_402() -> None:
+    names = declared_chain().names
+    # The per-client limit stands before any JWKS fetch; no price is shown, no payment read, without
+    # a good user token.
+    assert names.index("pre_challenge_safety") < names.index("user_auth") == names.index("challenge") - 1
+
+
 def test_issue_16_a_contract_wallet_is_checked_on_chain_before_anything_keys_on_it() -> None:
     names = declared_chain().names
     # The chain read a contract wallet's signature needs comes after the per-client limit (its
@@ -73,7 +80,7 @@ def test_issue_16_a_contract_wallet_is_checked_on_chain_before_anything_keys_on_
 def test_the_fast_path_halves_of_the_unpaid_prefix() -> None:
     chain = declared_chain()
     assert [s.name for s in chain.shape_stages] == ["route", "body", "arguments", "offer"]
-    assert [s.name for s in chain.live_stages] == ["header_limits", "pre_challenge_safety"]
+    assert [s.name for s in chain.live_stages] == ["header_limits", "pre_challenge_safety", "user_auth"]
 
 
 # -- driving a chain of fakes ----------------------------------------------------------------
