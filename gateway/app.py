@@ -40,6 +40,7 @@ from gateway.ops.admin import Dashboard, admin_routes
 from gateway.ops.doctor import plan_from_settings
 from gateway.ops.health import Readiness, doctor_detail, gateway_checks, healthz
 from gateway.ops.metrics import GatewayMetrics
+from gateway.ops.webhooks import Webhooks
 from gateway.pipeline.fastpath import UnpaidFastPath
 from gateway.pipeline.pipeline import Pipeline
 from gateway.pipeline.tracing import Tracing, tracing_from_env
@@ -233,9 +234,11 @@ def create_app(
     bridge = build_bridge(catalogs)
     refunder = build_refunder(settings, wiring.chains)
     ledger = ledger or open_ledger(settings.database_url)
+    webhooks = Webhooks.from_settings(settings, ledger)  # the ledger writes their events from now on
     store = store or create_store(settings.redis_url, settings.redis_prefix)
     upstream = upstream or AiohttpUpstreamClient()
     safety = build_safety(settings, catalogs, store)
+    webhooks.watch(safety)  # breaker.opened, budget.exhausted
     receipts = receipt_signer(settings, {offer.terms.network for tool in catalogs.tools for offer in tool.offers})
     pipeline = Pipeline(
         catalogs, wiring.schemes, ledger, upstream,
@@ -255,13 +258,14 @@ def create_app(
     discovery = Discovery(pipeline, settings.public_url, search=search, receipts=lambda base: receipts_discovery(receipts, base))
     routes.extend([*discovery.routes(), mcp_endpoint.route()])
     routes.extend(ReceiptEndpoint(receipts, ledger, store, settings.public_url).routes())
+    routes.extend(webhooks.routes(settings))
     routes.append(_paid_route(pipeline))
     cors = _cors()
     app = _Gateway(
         routes=routes,
         middleware=[Middleware(CORSMiddleware, **cors)],
         exception_handlers={404: _not_found},
-        lifespan=_lifespan(wiring, catalogs, ledger, store, upstream, pipeline, mcp_endpoint, refunder),
+        lifespan=webhooks.around(_lifespan(wiring, catalogs, ledger, store, upstream, pipeline, mcp_endpoint, refunder)),
     )
     if fast_path:
         # Unpaid calls to a tool get their 402 before the middleware stack (gateway.pipeline.fastpath),
@@ -271,6 +275,7 @@ def create_app(
         )
     app.state.pipeline = pipeline
     app.state.ledger = ledger
+    app.state.webhooks = webhooks
     app.state.audit = pipeline.audit
     app.state.settings = settings
     app.state.dependency_health = wiring.health  # per RPC URL and per facilitator (metrics, readiness)

@@ -206,13 +206,20 @@ class Settings(BaseSettings):
     settlement_key: SecretStr | None = None
     settlement_key_file: Path | None = None
     receipt_timeout_seconds: float = Field(default=30.0, gt=0)
-    # Dollars per native coin per network, for gas in dollars in ledger summaries and /admin, e.g.
-    # {"eip155:8453": "3150.25"} (JSON in X402GW_NATIVE_USD_RATE; strings, never floats).
-    native_usd_rate: Annotated[dict[str, Decimal], BeforeValidator(_usd_rates)] = Field(default_factory=dict)
     # Key that signs payers' receipts (EIP-712; its address is published in /.well-known/x402). Never
     # logged. Default on the local chain only: an anvil dev key (gateway.surfaces.receipts).
     receipt_key: SecretStr | None = None
     receipt_key_file: Path | None = None
+    # Dollars per native coin per network, for gas in dollars in ledger summaries and /admin, e.g.
+    # {"eip155:8453": "3150.25"} (JSON in X402GW_NATIVE_USD_RATE; strings, never floats).
+    native_usd_rate: Annotated[dict[str, Decimal], BeforeValidator(_usd_rates)] = Field(default_factory=dict)
+    # Webhook endpoints per owner (JSON; gateway.ops.webhooks.config): {"owner": [{"name", "url",
+    # "events", "secret_env" | "secret_file"}]}. Deliveries: a lease per row, then a retry after
+    # 1 s, 2 s, 4 s ... (at most an hour) up to webhook_max_attempts; the outbox is polled this often.
+    webhooks: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    webhook_lease_seconds: float = Field(default=30.0, gt=0)
+    webhook_max_attempts: int = Field(default=12, ge=1)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
 
     # Body of an unpaid 402: "v2" (the same JSON as PAYMENT-REQUIRED) or "v1" for fleets of old v1
     # clients that read only the body. The PAYMENT-REQUIRED header is v2 either way.

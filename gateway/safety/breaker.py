@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +60,8 @@ class Breakers:
         # The state this process last saw of each breaker, for a synchronous dashboard.
         self._seen: dict[str, str] = {}
         self._until: dict[str, float] = {}
+        # Told when this process opens a breaker (upstream key, open until): the webhooks' breaker.opened.
+        self.on_open: Callable[[str, float], Awaitable[None]] | None = None
 
     def states(self) -> dict[str, str]:
         """``{upstream: closed|open|half_open}`` as this process last saw it (every request for an
@@ -142,6 +144,8 @@ class Breakers:
         await self.store.put(self._key(upstream, "open"), repr(until).encode(), ttl_ms)
         self._note(upstream, until)
         log.warning("circuit breaker for %s is open until %s", upstream, datetime.fromtimestamp(until, UTC).isoformat())
+        if self.on_open is not None:
+            await self.on_open(upstream, until)
 
     async def _reset_failures(self, upstream: str, config: Breaker) -> None:
         now = math.floor(self.clock())

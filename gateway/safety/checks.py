@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -205,6 +206,9 @@ class Safety:
         self._budgets: dict[tuple[str, str, str], list[_BudgetRule]] = {}
         self._rates: dict[str, list[_RateRule]] = {}
         self._ceilings: dict[str, Decimal] = {}
+        # Told of a budget's first refusal in each window (owner, event, data): budget.exhausted.
+        self.on_event: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
+        self._exhausted: set[tuple[str, int]] = set()
         for catalog in catalogs.catalogs:
             for tool in catalog.tools:
                 self._compile(tool, catalog.budgets, catalog.rate_limits, catalog.max_price)
@@ -350,6 +354,7 @@ class Safety:
                 held.reservations.append(_Reservation(rule, key, units, decision.resets_at))
                 continue
             await self._release(held)
+            await self._exhausted_once(tool, rule.name, key, int(decision.resets_at))
             # A dollar budget's limit and use read in dollars, their atomic forms in the offer's token.
             raise GatewayError(
                 codes.BUDGET_EXCEEDED,
@@ -361,6 +366,14 @@ class Safety:
                 price=format_amount(units, rule.decimals), windowSeconds=rule.window,
                 resetsAt=datetime.fromtimestamp(decision.resets_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             )
+
+    async def _exhausted_once(self, tool: Tool, budget: str, key: str, resets_at: int) -> None:
+        if self.on_event is None or (key, resets_at) in self._exhausted:
+            return
+        if len(self._exhausted) > 10_000:
+            self._exhausted.clear()  # bounded: at worst a window's event is sent twice
+        self._exhausted.add((key, resets_at))
+        await self.on_event(tool.owner, "budget.exhausted", {"budget": budget, "tool": tool.name, "resetsAt": resets_at})
 
     async def upstream_result(self, ctx: RequestContext, tool: Tool, ok: bool) -> None:
         """Feed the breaker: ``ok`` is False for 5xx, timeouts and connection errors."""

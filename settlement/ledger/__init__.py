@@ -15,17 +15,21 @@ from settlement.ledger.models import (
     create_ledger_engine,
     utcnow,
 )
+from settlement.ledger.outbox import EVENTS, OutboxRow, Subscriptions
 from settlement.ledger.payments import TRANSITIONS, Ledger
 
 __all__ = [
+    "EVENTS",
     "OPEN_STATES",
     "TRANSITIONS",
     "AtomicAmount",
     "Base",
     "Ledger",
+    "OutboxRow",
     "Payment",
     "PaymentState",
     "StoredResponse",
+    "Subscriptions",
     "create_ledger_engine",
     "utcnow",
 ]

@@ -33,6 +33,14 @@ def atomic_alone(fn: _F) -> _F:
     return fn
 
 
+def _alone(call: Callable[[], Any]) -> bool:
+    """Run without a savepoint: marked ``atomic_alone``, and not a ledger's transition that also
+    writes its webhook event (two statements: the event and the change stand or fall together)."""
+    func = getattr(call, "func", None)
+    owner = getattr(func, "__self__", None)
+    return bool(getattr(func, "atomic_alone", False)) and getattr(owner, "subscriptions", None) is None
+
+
 class GroupCommitWorker(Executor):
     """The SQLite ledger's one thread. Calls queued while a transaction runs are run together in the
     next one, committed once, and only then answered: a caller that was told "written" is durable
@@ -114,7 +122,7 @@ class GroupCommitWorker(Executor):
                 self._batch.connection = connection
                 try:
                     for call, future in group:
-                        if getattr(getattr(call, "func", None), "atomic_alone", False):
+                        if _alone(call):
                             outcomes.append((future, *_outcome(call)))
                             continue
                         savepoint = connection.begin_nested()

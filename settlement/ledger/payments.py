@@ -22,6 +22,10 @@ and left unchanged)::
     ``record_refund_owed``, ``record_refund_tx``, ``record_refund_paid`` (settled), ``record_gas``
     (settled or failed: the gas of a mined transaction, read later from its receipt).
 
+With ``subscriptions`` set (webhooks configured), ``mark_settled``, ``fail``, ``mark_pending`` (each
+when the state changed), ``record_refund_owed`` and ``record_refund_paid`` also write their event to
+the webhook outbox in the same transaction (``settlement.ledger.outbox``): a crash loses neither.
+
 ``mark_settled`` and ``fail`` take the transaction's gas as well (``gas``: ``gas_used``,
 ``gas_price``, ``gas_cost``; see ``settlement.chain.gas``), written in the same UPDATE.
 
@@ -57,6 +61,7 @@ from settlement.ledger.models import (
     create_ledger_engine,
     utcnow,
 )
+from settlement.ledger.outbox import EVENT_OF, Subscriptions, emit_payment_event
 
 __all__ = ["TRANSITIONS", "Ledger"]
 
@@ -113,6 +118,8 @@ class Ledger:
         # thread that commits the calls queued together in one transaction; a server database gets
         # a pool of threads and a transaction per call.
         self._batch = threading.local()
+        # Who wants which events (gateway.ops.webhooks); None: no webhooks, nothing is written.
+        self.subscriptions: Subscriptions | None = None
         if self.engine.dialect.name == "sqlite":
             self.executor: Executor = GroupCommitWorker(self.engine, self._batch)
             # The audit trail shares the file's one thread (gateway.pipeline.pipeline), between batches.
@@ -269,7 +276,22 @@ class Ledger:
     def _move(self, name: str, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any]) -> None:
         values = {key: value for key, value in values.items() if value is not _KEEP}
         with self._connection() as connection:
+            subscriptions = self.subscriptions
+            if subscriptions is None or name not in EVENT_OF:
+                _transition(connection, payment_id, allowed, values, name)
+                return
+            before = connection.execute(_STATE_OF, {"pid": payment_id}).scalar_one_or_none()
             _transition(connection, payment_id, allowed, values, name)
+            if "state" not in values or values["state"] != before:  # a repeated transition is no new event
+                row = connection.execute(_BY_ID, {"pid": payment_id}).mappings().one()
+                emit_payment_event(connection, subscriptions, name, row)
+
+    @contextmanager
+    def outbox_transaction(self) -> Iterator[Connection]:
+        """A transaction for the webhook outbox's own rows (``settlement.ledger.outbox``: claims,
+        attempts, replays, events outside the ledger's transitions), never for payments."""
+        with self._connection() as connection:
+            yield connection
 
     @atomic_alone
     def record_tx_hash(self, payment_id: int, tx_hash: str) -> None:
@@ -364,6 +386,7 @@ _TRANSITION = update(_PAYMENTS).where(
     _PAYMENTS.c.id == bindparam("pid"), _PAYMENTS.c.state.in_(bindparam("allowed_from", expanding=True))
 )
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
+_BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_AUTHORIZATION = select(_PAYMENTS).where(
     _PAYMENTS.c.network == bindparam("network"),
     _PAYMENTS.c.asset == bindparam("asset"),

@@ -33,7 +33,7 @@ from settlement.ledger.models import Base
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 FIRST_REVISION = "0001"
 # The tables these migrations own (the ledger's and the audit trail's).
-LEDGER_TABLES = ("payments", "stored_responses", "audit_records", "audit_head")
+LEDGER_TABLES = ("payments", "stored_responses", "audit_records", "audit_head", "webhook_outbox")
 _ADVISORY_LOCK_KEY = 4_020_402  # any constant shared by every x402gw process
 
 

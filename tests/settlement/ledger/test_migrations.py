@@ -47,7 +47,7 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
 
 def _drop_everything(engine: Engine) -> None:
     with engine.begin() as conn:
-        for table in ("stored_responses", "payments", "audit_records", "audit_head", "alembic_version"):
+        for table in ("webhook_outbox", "stored_responses", "payments", "audit_records", "audit_head", "alembic_version"):
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
 
 
