@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import click
 
+from gateway.cli.webhooks import webhooks
 from gateway.settings import Settings
 
 EXIT_DISAGREE = 1
@@ -362,4 +363,4 @@ def db_upgrade(database_url: str | None) -> None:
     click.echo(f"ledger schema {outcome}: revision {revision} (head {head_revision()})")
 
 
-COMMANDS = (ledger, reconcile, db)
+COMMANDS = (ledger, reconcile, db, webhooks)  # webhooks list / replay: gateway.cli.webhooks
