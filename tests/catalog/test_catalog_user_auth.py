@@ -1,0 +1,65 @@
+"""A tool's user_auth: block (catalog.user_auth): what loads, and the refusals at file:line."""
+
+from __future__ import annotations
+
+import pytest
+
+from catalog import CatalogError, parse_catalog
+
+USDC = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"
+GOOD = "{issuer: https://auth.test, audience: orders, jwks_url: https://auth.test/jwks, scopes: [orders:read]}"
+
+
+def catalog(tool_extra: str) -> str:
+    return f"""catalog: 1
+owner: acme
+payment:
+  network: "eip155:31337"
+  asset: "{USDC}"
+  pay_to: "{PAY_TO}"
+upstreams:
+  u: {{base_url: "http://127.0.0.1:9"}}
+tools:
+  - name: a
+    description: d
+    method: GET
+    path: /a
+    price: "0.002"
+{tool_extra}"""
+
+
+def test_no_block_means_the_service_credential() -> None:
+    [tool] = parse_catalog(catalog("")).tools
+    assert tool.user_auth is None
+
+
+def test_a_full_block_loads_with_safe_defaults() -> None:
+    text = catalog(
+        "    user_auth:\n      issuer: https://auth.test\n      audience: gw\n      jwks_url: https://auth.test/jwks\n"
+        "      scopes: [orders:read, profile]\n      exchange: {token_url: https://auth.test/token, audience: orders,"
+        " client_id: x402gw, client_secret_env: EXCHANGE_SECRET}\n"
+    )
+    [tool] = parse_catalog(text).tools
+    auth = tool.user_auth
+    assert auth is not None and auth.scopes == ("orders:read", "profile")
+    assert auth.algorithms == ("RS256", "ES256") and auth.leeway_seconds == 30
+    assert auth.exchange is not None and auth.exchange.client_secret_env == "EXCHANGE_SECRET"
+
+
+@pytest.mark.parametrize(("block", "code", "path"), [
+    (GOOD.replace("scopes: [orders:read]", "algorithms: [HS256]"), "invalid_algorithm", "tools[0].user_auth.algorithms"),
+    (GOOD.replace("scopes: [orders:read]", "algorithms: [none]"), "invalid_algorithm", "tools[0].user_auth.algorithms"),
+    (GOOD.replace("https://auth.test/jwks", "file:///etc/keys"), "invalid_url", "tools[0].user_auth.jwks_url"),
+    (GOOD.replace("[orders:read]", '["orders read"]'), "invalid_scope", "tools[0].user_auth.scopes"),
+    (GOOD.replace("scopes: [orders:read]", "leeway_seconds: 600"), "invalid_value", "tools[0].user_auth.leeway_seconds"),
+    (GOOD.replace("scopes:", "scope:"), "unknown_key", "tools[0].user_auth.scope"),
+    (GOOD.replace("}", ", exchange: {token_url: https://a.test/t, audience: o, client_id: c, client_secret_env: 'no-such var'}}"),
+     "invalid_value", "tools[0].user_auth.exchange.client_secret_env"),
+])
+def test_mistakes_are_reported_at_their_line(block: str, code: str, path: str) -> None:
+    with pytest.raises(CatalogError) as error:
+        parse_catalog(catalog(f"    user_auth: {block}\n"), "tools.yaml")
+    issue = next(i for i in error.value.issues if i.code == code)
+    assert (issue.path, issue.line, issue.file) == (path, 15, "tools.yaml")
+    assert str(issue).startswith("tools.yaml:15: ")
