@@ -14,6 +14,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+import settlement.ledger.outbox as outbox
 from gateway.cli.main import main
 from settlement.audit import AuditTrail
 from tests.conftest import Devchain, GatewayFactory, demo_catalog
@@ -121,3 +122,32 @@ def test_a_gateway_killed_before_delivery_delivers_after_restart(
     assert delivery.signed and delivery.event_type == "payment.settled"
     assert {d.event_id for d in receiver.deliveries} == {delivery.event_id}  # one idempotency key per event
     assert SECRET not in log.read_text(errors="replace")
+
+
+def test_a_breaker_opening_and_a_budget_running_out_are_events(
+    start_gateway: GatewayFactory, devchain: Devchain, upstream: str, tmp_path: Path, receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    catalog = demo_catalog(tmp_path, upstream)
+    text = catalog.read_text()
+    catalog.write_text(text.replace("    timeout_seconds: 10\n", "    timeout_seconds: 10\n    breaker: {failures: 1}\n", 1))
+    config = {"acme-legacy": [{"name": "ops", "url": receiver.url, "secret_env": SECRET_ENV,
+                               "events": ["breaker.opened", "budget.exhausted"]}]}
+    gateway = start_gateway(catalog=catalog, webhooks=config, webhook_poll_seconds=0.05,
+                            budget_per_payer="0.005/1d")
+    with gateway.client() as client:
+        for path in ("/quotes/BUDF", "/quotes/BUDG"):  # 0.004 of the payer's 0.005
+            assert pay(client, devchain, "GET", path, payer=6)[1].status_code == 200
+        refused = [pay(client, devchain, "GET", path, payer=6)[1] for path in ("/quotes/BUDH", "/quotes/BUDI")]
+        assert [r.status_code for r in refused] == [403, 403]  # the second refusal: no second event
+        failed = pay(client, devchain, "GET", "/reports/500", payer=7)[1]  # the upstream fails: breaker opens
+    assert failed.status_code >= 500
+    events = receiver.wait_accepted(2)
+    assert sorted(d.event_type for d in events) == ["breaker.opened", "budget.exhausted"]
+    by_type = {d.event_type: d.body["data"] for d in events}
+    assert by_type["breaker.opened"]["upstream"] == "legacy"
+    assert by_type["budget.exhausted"]["tool"] == "get_quote" and by_type["budget.exhausted"]["budget"] == "per_payer"
+    assert all(d.signed and d.body["owner"] == "acme-legacy" for d in events)
+    with gateway.ledger.outbox_transaction() as connection:  # one event per window, not per refusal
+        assert sorted(r["event_type"] for r in outbox.list_rows(connection)) == ["breaker.opened", "budget.exhausted"]
