@@ -49,6 +49,7 @@ from gateway import codes
 from gateway.errors import GatewayError
 from gateway.headers import (
     ACCEPT,
+    AUTHORIZATION,
     CONTENT_TYPE,
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
@@ -58,6 +59,7 @@ from gateway.headers import (
     lower,
 )
 from gateway.surfaces.discovery import advertised_schema, offer_prices, tool_request
+from gateway.surfaces.discovery.users import user_auth_facts, user_auth_sentence
 from gateway.surfaces.search import (
     BUDGET_MAX,
     CANDIDATES,
@@ -78,6 +80,7 @@ log = logging.getLogger("x402gw.mcp")
 PAYMENT_META = "x402/payment"
 PAYMENT_RESPONSE_META = "x402/payment-response"
 PRICE_META = "x402/price"
+USER_AUTH_META = "x402gw/userAuth"  # a tool that acts for its user: the token it needs
 TOKENS_META = "x402gw/tokens"
 FREE_META = "x402gw/free"
 SEARCH_TOOL = "search_tools"
@@ -157,11 +160,15 @@ class McpEndpoint:
         if tool.alternatives:  # several ways to pay: every one listed, and said in the description
             offers = price["offers"] = offer_prices(tool)
             description += "".join(f" (or {o['amount']} {o['assetName']} on {o['network']})" for o in offers[1:])
+        meta: dict[str, Any] = {}
+        if tool.user_auth is not None:  # the user's token: the MCP request's own Authorization is passed on
+            description += user_auth_sentence(tool)
+            meta[USER_AUTH_META] = user_auth_facts(tool)
         return types.Tool(
             name=tool.name,
             description=description,
             input_schema=advertised_schema(tool),
-            _meta={PRICE_META: price, TOKENS_META: _tokens(tool.name, description, advertised_schema(tool))},
+            _meta={PRICE_META: price, TOKENS_META: _tokens(tool.name, description, advertised_schema(tool)), **meta},
         )
 
     def _search_tool(self) -> types.Tool:
@@ -271,6 +278,9 @@ class McpEndpoint:
             headers[lower(CONTENT_TYPE)] = "application/json"
         request = getattr(ctx, "request", None)
         client = getattr(request, "client", None)
+        user_token = getattr(request, "headers", {}).get(lower(AUTHORIZATION)) if tool.user_auth is not None else None
+        if user_token:  # the end user's token, for a tool that acts for its user: only there
+            headers[lower(AUTHORIZATION)] = user_token
         assert self._app is not None, "McpEndpoint.attach(app) was not called"
         transport = httpx.ASGITransport(app=self._app, client=(client.host, client.port) if client else ("127.0.0.1", 0))
         async with httpx.AsyncClient(transport=transport, base_url=self._base_url(ctx)) as http:

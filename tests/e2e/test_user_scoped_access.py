@@ -9,6 +9,7 @@ stored answer is only ever replayed to the user it was made for; no token is wri
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -22,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import jwt
+import mcp_types as types
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
 from gateway.devkit.payer import Payer
 from gateway.devkit.samples import rest_upstream
@@ -34,6 +39,7 @@ from gateway.devkit.samples.user_orders import SAMPLE_ORDERS, UserOrders
 from gateway.ops.serving import ThreadServer
 from settlement.ledger import PaymentState
 from settlement.x402.codec import encode_header
+from settlement.x402.wire import PaymentRequired
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of, upstream_hits
 
 PAYER = 6
@@ -265,3 +271,45 @@ def test_no_token_appears_in_logs_ledger_audit_or_answers(
             assert not any(part in record for record in audit)
             for answer in answers:
                 assert part not in answer.text and part not in str(answer.headers)
+
+
+def test_discovery_says_which_token_a_tool_needs(stack: Stack) -> None:
+    with stack.gateway.client() as client:
+        tools = {entry["function"]["name"]: entry for entry in client.get("/tools").json()["tools"]}
+        openapi = client.get("/openapi.json").json()
+    facts = tools["my_orders"]["userAuth"]
+    assert (facts["issuer"], facts["audience"], facts["scopes"]) == (stack.auth.issuer, UPSTREAM_AUDIENCE, [READ])
+    assert tools["my_orders_exchanged"]["userAuth"]["audience"] == GATEWAY_AUDIENCE  # what the agent's token is for
+    operation = openapi["paths"]["/me/orders/{user}"]["get"]
+    assert operation["security"] == [{"x402": [], "user_my_orders": [READ]}]
+    assert {"401", "403"} <= set(operation["responses"])
+    scheme = openapi["components"]["securitySchemes"]["user_my_orders"]
+    assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
+    assert stack.auth.issuer in scheme["description"]
+
+
+def test_over_mcp_the_users_token_on_the_mcp_request_reaches_the_tool(stack: Stack, devchain: Devchain) -> None:
+    alice = stack.auth.issue("alice", UPSTREAM_AUDIENCE, READ)
+
+    async def run(token: str | None) -> tuple[types.Tool, types.CallToolResult, types.CallToolResult | None]:
+        async with (
+            httpx2.AsyncClient(headers=bearer(token) if token else {}, timeout=30) as http,
+            streamable_http_client(f"{stack.gateway.url}/mcp", http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            listed = next(t for t in (await session.list_tools()).tools if t.name == "my_orders")
+            unpaid = await session.call_tool("my_orders", {"user": "alice"})
+            if token is None:
+                return listed, unpaid, None
+            offer = PaymentRequired.model_validate(unpaid.structured_content)
+            payment = Payer(devchain.key(PAYER)).sign(offer.accepts[0], resource=offer.resource).to_wire()
+            return listed, unpaid, await session.call_tool("my_orders", {"user": "alice"}, meta={"x402/payment": payment})
+
+    listed, refused, _ = asyncio.run(run(None))
+    assert "acts for its user" in (listed.description or "") and listed.meta is not None
+    assert listed.meta["x402gw/userAuth"]["scopes"] == [READ]
+    assert refused.is_error and "user_token_missing" in json.dumps(refused.structured_content or refused.model_dump(mode="json"))
+    _, unpaid, paid = asyncio.run(run(alice))
+    assert unpaid.is_error and paid is not None and not paid.is_error, paid
+    assert "A-1001" in json.dumps(paid.model_dump(mode="json"))

@@ -18,6 +18,7 @@ from gateway.surfaces.discovery.llms import llms_text
 from gateway.surfaces.discovery.offers import offer_prices
 from gateway.surfaces.discovery.openapi import HOW_TO_PAY, openapi_document
 from gateway.surfaces.discovery.requests import advertised_schema
+from gateway.surfaces.discovery.users import user_auth_facts
 from gateway.surfaces.search import CANDIDATES, TOKEN_ESTIMATE, ToolSearch, estimate_tokens, fit, search_request
 
 if TYPE_CHECKING:
@@ -126,6 +127,8 @@ class Discovery:
             entry["offers"] = price["offers"]
         if tool.output_schema:
             entry["outputSchema"] = tool.output_schema
+        if tool.user_auth is not None:
+            entry["userAuth"] = user_auth_facts(tool)
         return entry
 
     def tools(self, request: Request) -> Response:

@@ -10,6 +10,7 @@ from catalog import Tool
 from gateway.protocol.bazaar import carries_body
 from gateway.protocol.bazaar import schema_without as _without
 from gateway.surfaces.discovery.requests import input_properties, required_inputs
+from gateway.surfaces.discovery.users import scheme_name, security_scheme
 from gateway.upstream.trimming import answer_parameters
 
 __all__ = ["COMPONENTS", "HOW_TO_PAY", "openapi_document", "operation"]
@@ -44,6 +45,8 @@ def operation(tool: Tool, price: dict[str, Any]) -> dict[str, Any]:
         "x-x402-price": price,
         "security": [{"x402": []}],
     }
+    if tool.user_auth is not None:  # both: the user's token (checked first) and the payment
+        spec["security"] = [{"x402": [], scheme_name(tool): list(tool.user_auth.scopes)}]
     if carries_body(tool.method):
         spec["requestBody"] = {
             "required": bool(required - set(tool.path_params)),
@@ -83,6 +86,10 @@ def operation(tool: Tool, price: dict[str, Any]) -> dict[str, Any]:
             "headers": {"PAYMENT-REQUIRED": {"$ref": "#/components/headers/PAYMENT-REQUIRED"}},
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PaymentRequired"}}},
         },
+        **({"401": {"description": "The user's access token is missing, expired or not valid for this tool; "
+                           "no offer is made.", **error},
+            "403": {"description": "The user's access token lacks a scope (missingScopes).", **error}}
+           if tool.user_auth is not None else {}),
         "409": {"description": "The payment is in flight, already used, or its payment-identifier conflicts.", **error},
         "422": {"description": "The arguments do not match the input schema; nothing is charged.", **error},
         "503": {"description": "Settlement, facilitator or ledger unavailable or pending; see retryAfter.", **error},
@@ -98,7 +105,7 @@ def openapi_document(
     for tool in tools:
         paths.setdefault(tool.path, {})[tool.method.lower()] = operation(tool, price(tool))
     descriptions = catalog_descriptions
-    document = {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "x402gw paid tools",
@@ -109,6 +116,9 @@ def openapi_document(
         "paths": paths,
         "components": COMPONENTS,
     }
+    users = {scheme_name(tool): security_scheme(tool) for tool in tools if tool.user_auth is not None}
+    if users:  # a copy: COMPONENTS is shared
+        document["components"] = {**COMPONENTS, "securitySchemes": {**COMPONENTS["securitySchemes"], **users}}
     return document
 
 
