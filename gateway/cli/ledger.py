@@ -216,6 +216,7 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     plan = facilitator_plan(settings, networks)
     assets = {(o.terms.network, o.terms.asset, o.terms.pay_to) for t in loaded.tools for o in t.offers}
     book = _open_ledger(settings.database_url)
+    _write_webhook_events(book, settings)
 
     async def run() -> Any:
         try:
@@ -242,6 +243,20 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
         click.echo(f"error: no RPC URL for {', '.join(report.unchecked_networks)} (X402GW_RPC_URLS)", err=True)
         sys.exit(EXIT_ERROR)
     sys.exit(0 if report.agree else EXIT_DISAGREE)
+
+
+def _write_webhook_events(book: Any, settings: Settings) -> None:
+    """Payments this command resolves write their webhook events, as the gateway's would; the
+    gateway's dispatcher sends them (this command reads no webhook secret)."""
+    from gateway.errors import GatewayConfigError
+    from gateway.ops.webhooks import endpoints_from_settings
+    from gateway.ops.webhooks.config import subscriptions_of
+
+    try:
+        endpoints = endpoints_from_settings(settings.webhooks, secrets=False)
+    except GatewayConfigError as exc:
+        _fail(f"{exc.message} [{exc.code}]")
+    book.subscriptions = subscriptions_of(endpoints) if endpoints else None
 
 
 def _chains(settings: Settings, *, keyed: bool = False) -> tuple[Any, dict[str, Any]]:

@@ -19,6 +19,7 @@ from gateway.cli.main import main
 from settlement.audit import AuditTrail
 from tests.conftest import Devchain, GatewayFactory, demo_catalog
 from tests.e2e.test_paid_call import pay
+from tests.support.ledger_rows import force_row
 from tests.support.processes import GatewayProcess
 from tests.support.webhook_receiver import Receiver
 
@@ -151,3 +152,28 @@ def test_a_breaker_opening_and_a_budget_running_out_are_events(
     assert all(d.signed and d.body["owner"] == "acme-legacy" for d in events)
     with gateway.ledger.outbox_transaction() as connection:  # one event per window, not per refusal
         assert sorted(r["event_type"] for r in outbox.list_rows(connection)) == ["breaker.opened", "budget.exhausted"]
+
+
+def test_x402gw_reconcile_writes_the_events_of_what_it_resolves(
+    start_gateway: GatewayFactory, devchain: Devchain,
+) -> None:
+    """A payment left pending (outcome unknown) and resolved by the command, not by the gateway:
+    its payment.settled event is in the outbox for the gateway's dispatcher (no secret needed here)."""
+    gateway = start_gateway()
+    with gateway.client() as client:
+        assert pay(client, devchain, "GET", "/quotes/RECO", payer=8)[1].status_code == 200
+    [row] = gateway.ledger.all()
+    force_row(gateway.ledger, row.id, state="pending")
+    env = {
+        "X402GW_DEPLOYMENT_FILE": str(gateway.settings.deployment_file),
+        "X402GW_CATALOG": ",".join(str(p) for p in gateway.settings.catalog),
+        "X402GW_DATABASE_URL": gateway.settings.database_url,
+        "X402GW_WEBHOOKS": json.dumps(webhooks_config("https://erp.example/hooks")),
+    }
+    result = CliRunner().invoke(main, ["reconcile", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert gateway.ledger.get(row.id).state == "settled"  # type: ignore[union-attr]
+    with gateway.ledger.outbox_transaction() as connection:
+        [event] = outbox.list_rows(connection)
+    assert (event["event_type"], event["status"], event["endpoint"]) == ("payment.settled", "pending", "erp")
+    assert json.loads(event["payload"])["data"]["paymentId"] == row.id

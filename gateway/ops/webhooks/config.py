@@ -60,7 +60,7 @@ def _secret(owner: str, name: str, spec: Mapping[str, Any], environ: Mapping[str
     return value.encode()
 
 
-def _endpoint(owner: str, spec: Any, environ: Mapping[str, str]) -> Endpoint:
+def _endpoint(owner: str, spec: Any, environ: Mapping[str, str] | None) -> Endpoint:
     if not isinstance(spec, Mapping):
         raise GatewayConfigError(f"webhooks of {owner}: each endpoint is an object", code="webhook_invalid")
     name, url = str(spec.get("name", "")), str(spec.get("url", ""))
@@ -75,13 +75,15 @@ def _endpoint(owner: str, spec: Any, environ: Mapping[str, str]) -> Endpoint:
     if unknown:
         raise GatewayConfigError(f"webhook {owner}/{name}: unknown events {unknown}; known: {', '.join(EVENTS)}",
                                  code="webhook_invalid")
-    return Endpoint(name, owner, url, frozenset(events), _secret(owner, name, spec, environ))
+    secret = b"" if environ is None else _secret(owner, name, spec, environ)
+    return Endpoint(name, owner, url, frozenset(events), secret)
 
 
-def endpoints_from_settings(config: Mapping[str, Sequence[Any]], environ: Mapping[str, str] | None = None
-                            ) -> dict[str, Endpoint]:
-    """name → endpoint, every secret read now (a missing one stops the start-up, naming the variable)."""
-    environ = os.environ if environ is None else environ
+def endpoints_from_settings(config: Mapping[str, Sequence[Any]], environ: Mapping[str, str] | None = None,
+                            *, secrets: bool = True) -> dict[str, Endpoint]:
+    """name → endpoint, every secret read now (a missing one stops the start-up, naming the variable).
+    ``secrets=False``: names and events only (a command that writes events but sends none)."""
+    environ = (os.environ if environ is None else environ) if secrets else None
     found: dict[str, Endpoint] = {}
     for owner, specs in config.items():
         for spec in specs:
