@@ -9,11 +9,14 @@ receipt signer, the payment id, a unix time), in two headers::
     X402GW-Receipt-Time: 1764851234
     X402GW-Receipt-Signature: 0x<65 bytes>
 
-The time must be within ``MAX_SKEW_SECONDS`` of the gateway's clock, and each signature is taken
-once (kept in the state store until it would have expired anyway). Refusals, in the order checked:
-401 ``receipt_auth_invalid`` (headers missing or malformed, a signature that recovers to nobody),
-401 ``receipt_auth_expired``, 401 ``receipt_auth_replayed``, 404 ``receipt_not_found`` (no such
-payment, or another wallet's: the two are not told apart), 409 ``receipt_not_settled``; 404
+The time must be within ``MAX_SKEW_SECONDS`` of the gateway's clock, and each signed message is
+taken once: the key is the message (wallet, payment, time), not the signature's bytes, which a
+replayer could re-encode (ECDSA's s and n - s). It is kept in the state store until the time is out
+of the window, and written only once the wallet is known to be the payment's payer, so strangers'
+wallets fill nothing. Refusals, in the order checked: 401 ``receipt_auth_invalid`` (headers missing
+or malformed, a signature that recovers to nobody), 401 ``receipt_auth_expired``, 404
+``receipt_not_found`` (no such payment, or another wallet's: the two are not told apart), 401
+``receipt_auth_replayed``, 409 ``receipt_not_settled``; 404
 ``receipts_disabled`` when the gateway has no receipt key. EOAs only: a smart wallet's owner key
 signs for it.
 """
@@ -112,10 +115,11 @@ class ReceiptEndpoint:
             return await self._by_transaction(request, self.signer, raw_id)
         if not raw_id.isdigit() or len(raw_id) > 18:
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this payment id")
-        wallet = await self._authenticate(request, self.signer.address, int(raw_id))
+        wallet, timestamp = await self._authenticate(request, self.signer.address, int(raw_id))
         row = await self.ledger.run(self.ledger.get, int(raw_id))
         if row is None or row.payer.lower() != wallet.lower():
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this payment id")
+        await self._once(wallet, raw_id, timestamp)
         if row.state != PaymentState.SETTLED or not row.tx_hash:
             raise GatewayError(codes.RECEIPT_NOT_SETTLED, f"this payment is {row.state}: only a settled payment has a receipt",
                                paymentId=row.id)
@@ -124,15 +128,16 @@ class ReceiptEndpoint:
     async def _by_transaction(self, request: Request, signer: ReceiptSigner, transaction: str) -> Response:
         """``GET /receipts/0x<tx hash>``: the signer's settled payments in that transaction (a batch
         may hold several), as ``{"receipts": [...]}``; none: 404, as for another wallet's."""
-        wallet = await self._authenticate(request, signer.address, transaction)
+        wallet, timestamp = await self._authenticate(request, signer.address, transaction)
         rows = await self.ledger.run(lambda: list(settled_payments(self.ledger, payers=[wallet], transaction=transaction)))
         if not rows:
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this transaction")
+        await self._once(wallet, transaction.lower(), timestamp)
         receipts = [signer.receipt(row, self.public_url) for row in rows]
         return JSONResponse({"receipts": receipts}, headers={CACHE_CONTROL: "private, no-store"})
 
-    async def _authenticate(self, request: Request, signer: str, payment_id: int | str) -> str:
-        """The wallet that signed this request's challenge; each signature once, within the skew."""
+    async def _authenticate(self, request: Request, signer: str, payment_id: int | str) -> tuple[str, int]:
+        """The wallet that signed this request's challenge within the skew, and the time it signed."""
         raw_time = request.headers.get(X402GW_RECEIPT_TIME, "")
         signature = request.headers.get(X402GW_RECEIPT_SIGNATURE, "")
         if not raw_time.isdigit() or len(raw_time) > 12 or len(signature) != 132 or not signature.startswith("0x"):
@@ -152,13 +157,16 @@ class ReceiptEndpoint:
                                                  signature=signature))
         except Exception:  # noqa: BLE001 - eth-keys raises several types for a bad signature; all mean invalid
             raise GatewayError(codes.RECEIPT_AUTH_INVALID, "the signature recovers to no wallet") from None
-        # Once only, bounded: a key per signature seen, kept until its time is out of the window.
-        digest = hashlib.sha256(signature.lower().encode()).hexdigest()
+        return wallet, timestamp
+
+    async def _once(self, wallet: str, reference: str, timestamp: int) -> None:
+        """Each signed message once, keyed on what was signed (a re-encoded signature is the same
+        message); kept until its time is out of the window."""
+        digest = hashlib.sha256(f"{wallet.lower()}\n{reference}\n{timestamp}".encode()).hexdigest()
         fresh = await self.store.put(f"receipt-auth:{digest}", b"1", ttl_ms=2 * MAX_SKEW_SECONDS * 1000 + 1000,
                                      only_if_absent=True)
         if not fresh:
-            raise GatewayError(codes.RECEIPT_AUTH_REPLAYED, "this signature was already used; sign a new request")
-        return wallet
+            raise GatewayError(codes.RECEIPT_AUTH_REPLAYED, "this signed request was already used; sign a new one")
 
 
 def receipts_discovery(signer: ReceiptSigner | None, base: str) -> dict[str, object] | None:

@@ -31,6 +31,7 @@ from tests.e2e.test_paid_call import pay, receipt_of
 
 PAYER = 5
 OTHER = 6
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 def signer_of(client: httpx.Client) -> str:
@@ -138,6 +139,14 @@ def test_only_the_payer_gets_a_receipt_once_per_signature_within_the_skew(
         assert fetch(client, devchain.key(PAYER), signer, row.id, headers=own).status_code == 200
         replayed = fetch(client, devchain.key(PAYER), signer, row.id, headers=own)
         assert (replayed.status_code, body_json(replayed)["error"]) == (401, "receipt_auth_replayed")
+        # The same signature re-encoded (s -> n - s, v flipped) is still the same signed message.
+        raw = bytes.fromhex(own["X402GW-Receipt-Signature"][2:])
+        r, high_s, v = raw[:32], SECP256K1_N - int.from_bytes(raw[32:64], "big"), raw[64]
+        malleated = "0x" + (r + high_s.to_bytes(32, "big") + bytes([55 - v])).hex()
+        assert Account.recover_message(message, signature=malleated) == devchain.address(PAYER)
+        twin = fetch(client, devchain.key(PAYER), signer, row.id,
+                     headers={**own, "X402GW-Receipt-Signature": malleated})
+        assert (twin.status_code, body_json(twin)["error"]) == (401, "receipt_auth_replayed")
         # Signed too long ago, or in the future: expired, whoever signed.
         old = fetch(client, devchain.key(PAYER), signer, row.id, at=int(time.time()) - 301 - 60)
         ahead = fetch(client, devchain.key(PAYER), signer, row.id, at=int(time.time()) + 301 + 60)
