@@ -12,7 +12,8 @@ Follows the x402 MCP transport (x402-protocol.md §6.3):
 * ``tools/call`` without payment: ``isError`` result whose ``structuredContent`` is the
   PaymentRequired (``content[0].text`` the same JSON).
 * ``tools/call`` with ``params._meta["x402/payment"]`` = PaymentPayload (plain JSON): the tool's
-  answer with ``_meta["x402/payment-response"]`` = SettleResponse.
+  answer with ``_meta["x402/payment-response"]`` = SettleResponse (and, with a receipt key,
+  ``_meta["x402gw/receipt"]`` = the gateway-signed receipt, as in ``X402GW-Receipt``).
 
 A call is not a second implementation of the paid path: it is turned into the equivalent HTTP
 request (path from the template, query or JSON body from the other arguments, the payment as
@@ -56,6 +57,7 @@ from gateway.headers import (
     PAYMENT_SIGNATURE,
     REQUEST_ID,
     USER_AGENT,
+    X402GW_RECEIPT,
     lower,
 )
 from gateway.surfaces.discovery import advertised_schema, offer_prices, tool_request
@@ -292,6 +294,9 @@ class McpEndpoint:
         receipt = response.headers.get(PAYMENT_RESPONSE)
         if receipt is not None:
             result_meta[PAYMENT_RESPONSE_META] = _decode(receipt)
+        signed = response.headers.get(X402GW_RECEIPT)
+        if signed is not None:
+            result_meta["x402gw/receipt"] = _decode(signed)
         request_id = response.headers.get(REQUEST_ID)
         if request_id:
             result_meta["x402gw/requestId"] = request_id

@@ -27,6 +27,7 @@ from settlement.chain.deployment import ANVIL_KEYS
 from settlement.finance.receipts import recover_receipt_signer
 from settlement.ledger import PaymentState
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, body_json
+from tests.e2e.test_mcp import pay_over_mcp, with_session
 from tests.e2e.test_paid_call import pay, receipt_of
 
 PAYER = 5
@@ -192,3 +193,13 @@ def test_the_receipt_key_from_settings_and_dev_keys_only_on_the_local_chain(
         receipt_signer(gateway.settings.model_copy(update={"receipt_key": SecretStr(ANVIL_KEYS[3])}),
                        {"eip155:31337", "eip155:8453"})
     assert refused.value.code == "dev_key_on_public_chain"
+
+
+def test_a_paid_mcp_call_carries_the_signed_receipt_in_meta(gateway: RunningGateway, devchain: Devchain) -> None:
+    _, paid, _ = with_session(gateway, lambda s: pay_over_mcp(s, devchain, "get_quote", {"symbol": "AAPL"}, payer=PAYER))
+    assert not paid.is_error and paid.meta is not None
+    receipt = paid.meta["x402gw/receipt"]
+    [row] = gateway.ledger.all()
+    assert receipt["payload"]["paymentId"] == row.id and receipt["payload"]["transaction"] == row.tx_hash
+    with gateway.client() as client:
+        assert recover_receipt_signer(receipt) == signer_of(client)
