@@ -3,7 +3,8 @@ before the gas columns existed, resolved by a reconcile, or settled by a remote 
 does not report gas) get it from the transaction's receipt (``eth_getTransactionReceipt``).
 
 Only gas the settlement key paid counts: with ``senders`` (network → the settlement key's address),
-a receipt sent by another account (a remote facilitator's) is reported, not recorded.
+a receipt sent by another account (a remote facilitator's) is reported, and its rows get the
+transaction's gasUsed and effectiveGasPrice with a cost of 0 (not ours; no longer missing).
 
 A transaction shared by several rows (a batch) is split among every row that names it, in ledger
 id order, with ``settlement.chain.gas.split_gas``: rows that already have their share keep it, and
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -34,7 +35,7 @@ class ReceiptReader(Protocol):
 
 @dataclass(slots=True)
 class BackfillReport:
-    filled: int = 0  # rows that got their gas
+    filled: int = 0  # rows that got their gas (not counting other_sender's, recorded at 0 wei)
     transactions: int = 0  # receipts read
     no_receipt: list[str] = field(default_factory=list)  # hashes the chain does not know (never mined)
     no_gas: list[str] = field(default_factory=list)  # receipts without gasUsed/effectiveGasPrice
@@ -81,17 +82,19 @@ async def backfill_gas(
         if receipt is None:
             report.no_receipt.append(tx_hash)
             continue
-        ours = (senders or {}).get(network)
-        if ours is not None and (receipt.sender or "").lower() != ours.lower():
-            report.other_sender.append(tx_hash)
-            continue
         shares = receipt_shares(receipt, len(rows))
         if shares is None:
             report.no_gas.append(tx_hash)
             continue
+        ours = (senders or {}).get(network)
+        if ours is not None and (receipt.sender or "").lower() != ours.lower():
+            # Sent (and paid for) by another account: the settlement key paid nothing for these rows.
+            report.other_sender.append(tx_hash)
+            shares = [replace(share, gas_cost=0) for share in shares]
         for (pid, has_gas), share in zip(rows, shares, strict=True):
             if not has_gas:
                 await ledger.run(ledger.record_gas, pid, share.ledger_fields())
-                report.filled += 1
+                if not report.other_sender or report.other_sender[-1] != tx_hash:
+                    report.filled += 1
     report.unchecked_networks = sorted(unchecked)
     return report

@@ -171,4 +171,8 @@ def test_backfill_gas_reads_the_receipts_of_rows_missing_it(
               gas_cost=None)
     report = backfill()
     assert report["filled"] == 0 and report["otherSender"] == ["0x" + other.hex().removeprefix("0x")]
-    assert gateway.ledger.get(first).gas_cost is None  # type: ignore[union-attr]
+    other_receipt = devchain.w3.eth.get_transaction_receipt(other)
+    row = gateway.ledger.get(first)
+    assert row is not None and (row.gas_used, row.gas_price, row.gas_cost) == (
+        other_receipt["gasUsed"], other_receipt["effectiveGasPrice"], 0)  # not the settlement key's gas
+    assert summarize(gateway.ledger, ())[0].gas_missing == 0
