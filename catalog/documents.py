@@ -42,7 +42,7 @@ from catalog.fields import (
     VersionText,
 )
 from catalog.limits import Breaker, Budgets, RateLimits
-from catalog.user_auth import TokenExchange, UserAuth
+from catalog.user_auth import TokenExchange, UserAuth, WalletAccounts
 
 __all__ = ["KNOWN_KEYS", "CatalogDoc", "CatalogPaymentDoc", "OfferDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
 
@@ -115,6 +115,7 @@ class ToolDoc(FrozenModel):
     failure_when: tuple[FailureRule, ...] = ()
     answers: Answers | None = None  # trimming to a caller's budget, schema drift (catalog.answers)
     user_auth: UserAuth | None = None  # the end user's OAuth token, checked before the offer (catalog.user_auth)
+    wallet_accounts: WalletAccounts | None = None  # payer address -> upstream user credential, after verify
 
 
 class CatalogDoc(FrozenModel):
@@ -132,5 +133,5 @@ class CatalogDoc(FrozenModel):
 
 KNOWN_KEYS: frozenset[str] = frozenset().union(
     *(m.model_fields for m in (CatalogPaymentDoc, OfferDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker, Answers,
-                                      UserAuth, TokenExchange))
+                                      UserAuth, TokenExchange, WalletAccounts))
 )

@@ -201,7 +201,7 @@ def _tool(
         rate_limits=spec.rate_limits,
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
         retry=spec.retry, failure_when=spec.failure_when, alternatives=alternatives, answers=spec.answers,
-        user_auth=spec.user_auth,
+        user_auth=spec.user_auth, wallet_accounts=spec.wallet_accounts,
     )
 
 

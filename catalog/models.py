@@ -46,7 +46,7 @@ from catalog.fields import (
 from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.pricing import to_atomic
 from catalog.templates import parse_template
-from catalog.user_auth import UserAuth
+from catalog.user_auth import UserAuth, WalletAccounts
 
 __all__ = [
     "SETTLE_MARGIN_SECONDS",
@@ -196,6 +196,8 @@ class Tool(FrozenModel):
     answers: Answers | None = None
     # the end user's OAuth 2.0 token, checked before the offer and sent upstream (catalog.user_auth)
     user_auth: UserAuth | None = None
+    # or: the verified payer's own upstream credential, from the owner's secret file (catalog.user_auth)
+    wallet_accounts: WalletAccounts | None = None
 
     @model_validator(mode="wrap")
     @classmethod

@@ -15,6 +15,15 @@ Catalog syntax (a tool's ``user_auth:`` block; no block: the upstream gets the s
         client_id: x402gw
         client_secret_env: ORDERS_EXCHANGE_SECRET   # read at start-up, never written here
 
+Or wallet-linked accounts (a tool's ``wallet_accounts:`` block): the owner maps payer addresses to
+upstream user credentials in a secret file (JSON: ``{"0xPayer...": "credential"}``), read at
+start-up; the payer's credential is used only once the payment is verified (never before)::
+
+    wallet_accounts:
+      credentials_file: /run/secrets/orders-accounts.json
+      header: Authorization      # default
+      prefix: "Bearer "          # default
+
 The token is checked before a price is quoted (``gateway.pipeline.stages.user_auth``); the token,
 or the exchanged one, is what the upstream receives instead of the upstream's ``auth``.
 """
@@ -27,7 +36,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic_core import PydanticCustomError
 
-__all__ = ["ALLOWED_ALGORITHMS", "MAX_LEEWAY_SECONDS", "TokenExchange", "UserAuth"]
+__all__ = ["ALLOWED_ALGORITHMS", "MAX_LEEWAY_SECONDS", "TokenExchange", "UserAuth", "WalletAccounts"]
 
 # Signature algorithms a user token may use: public-key ones only, so a JWKS's public key can
 # never be taken for an HMAC secret, and ``none`` is never accepted.
@@ -108,3 +117,19 @@ class UserAuth(BaseModel):
     algorithms: Annotated[tuple[str, ...], BeforeValidator(_algorithms)] = ("RS256", "ES256")
     leeway_seconds: Annotated[int, BeforeValidator(_leeway)] = 30
     exchange: TokenExchange | None = None
+
+
+def _header(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,64}", value):
+        raise _fail("invalid_value", f"header must be an HTTP header name, got {value!r}")
+    return value
+
+
+class WalletAccounts(BaseModel):
+    """Payer addresses mapped to upstream user credentials (a secret file), after verify only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    credentials_file: Annotated[str, BeforeValidator(_text("credentials_file"))]
+    header: Annotated[str, BeforeValidator(_header)] = "Authorization"
+    prefix: str = "Bearer "

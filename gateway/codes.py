@@ -136,6 +136,7 @@ USER_TOKEN_WRONG_AUDIENCE: Final = "user_token_wrong_audience"
 USER_SCOPE_MISSING: Final = "user_scope_missing"
 USER_AUTH_UNAVAILABLE: Final = "user_auth_unavailable"
 USER_TOKEN_EXCHANGE_FAILED: Final = "user_token_exchange_failed"
+WALLET_NOT_LINKED: Final = "wallet_not_linked"
 # -- signed receipts (GET /receipts/{paymentId}) --------------------------------------------------
 RECEIPT_AUTH_INVALID: Final = "receipt_auth_invalid"
 RECEIPT_AUTH_EXPIRED: Final = "receipt_auth_expired"
@@ -216,6 +217,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(USER_SCOPE_MISSING, 403, "none"),
     Refusal(USER_AUTH_UNAVAILABLE, 503, "retry"),
     Refusal(USER_TOKEN_EXCHANGE_FAILED, 502, "none"),
+    Refusal(WALLET_NOT_LINKED, 403, "none"),
 
     Refusal(RECEIPT_AUTH_INVALID, 401, "none"),
     Refusal(RECEIPT_AUTH_EXPIRED, 401, "none"),

@@ -14,24 +14,32 @@ credential: ``Authorization: Bearer`` with the user's token, or the token obtain
 token exchange for the upstream's audience. Tokens are never logged, stored or put in an error:
 a ``UserToken`` shows its subject and a digest only, and the bridge redacts the token from
 whatever the upstream answers.
+
+Wallet-linked accounts (a tool's ``wallet_accounts``): the owner's secret file maps payer
+addresses to upstream user credentials, read at start-up; ``for_call`` looks up the payer the
+facilitator's verify confirmed (the bridge runs after ``verify``), never a claimed one. A payer
+with no account: 403 ``wallet_not_linked``, nothing charged (a ``settle: after`` payment is voided;
+an ``upfront`` one is owed a refund, as for any failed call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 
 from catalog import Tool
-from catalog.user_auth import TokenExchange, UserAuth
+from catalog.user_auth import TokenExchange, UserAuth, WalletAccounts
 from gateway import codes
 from gateway.errors import GatewayConfigError, GatewayError
 from gateway.headers import AUTHORIZATION, WWW_AUTHENTICATE
@@ -155,7 +163,8 @@ class UserAuthority:
         self.jwks = jwks or JwksCache(_http_json)
         self.transport = transport
         self._secrets: dict[str, str] = {}
-        for tool in tools:
+        tools_list = list(tools)
+        for tool in tools_list:
             exchange = tool.user_auth.exchange if tool.user_auth is not None else None
             if exchange is not None and exchange.client_secret_env not in self._secrets:
                 secret = env.get(exchange.client_secret_env)
@@ -165,6 +174,9 @@ class UserAuthority:
                         "(the token exchange client secret)", code="user_auth_secret_missing",
                     )
                 self._secrets[exchange.client_secret_env] = secret
+        self._accounts = {
+            tool.name: _read_accounts(tool.name, tool.wallet_accounts) for tool in tools_list if tool.wallet_accounts is not None
+        }
 
     async def verify(self, auth: UserAuth, header: str | None) -> UserToken:
         if header is None or not header[:7].lower() == "bearer " or not header[7:].strip():
@@ -213,6 +225,20 @@ class UserAuthority:
             code, message = codes.USER_TOKEN_INVALID, "the access token's signature or claims do not check out"
         raise _refused(code, message, auth, status=401)
 
+    async def for_call(self, tool: Tool, user: UserToken | None, payer: str | None) -> Credentials | None:
+        """The end user's credential for this call (None: the upstream's own). ``payer``: the one
+        the facilitator verified."""
+        if tool.user_auth is not None and user is not None:
+            return await self.upstream_credentials(tool.user_auth, user)
+        accounts, linked = self._accounts.get(tool.name), tool.wallet_accounts
+        if accounts is None or linked is None:
+            return None
+        secret = accounts.get(payer.lower()) if payer else None
+        if secret is None:
+            raise GatewayError(codes.WALLET_NOT_LINKED, "this tool acts for the payer's own account, and this wallet "
+                               "has none linked; nothing was charged", status=403, retryable=False)
+        return Credentials({linked.header: linked.prefix + secret}, (secret,))
+
     async def upstream_credentials(self, auth: UserAuth, user: UserToken) -> Credentials:
         """What the upstream receives in place of the service credential."""
         token = user.token if auth.exchange is None else await self._exchange(auth.exchange, user)
@@ -238,3 +264,18 @@ class UserAuthority:
             raise GatewayError(codes.USER_TOKEN_EXCHANGE_FAILED, "the user's token could not be exchanged for the "
                                "upstream's; nothing was charged", status=502, retryable=True)
         return token
+
+
+def _read_accounts(tool: str, accounts: WalletAccounts) -> dict[str, str]:
+    """The owner's secret file: a JSON object of payer address -> credential (keys lower-cased)."""
+    try:
+        data = json.loads(Path(accounts.credentials_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise GatewayConfigError(f"tool {tool}: wallet accounts file {accounts.credentials_file} cannot be read as JSON",
+                                 code="wallet_accounts_unreadable") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and len(k) == 42 and k.startswith("0x") and isinstance(v, str) and v for k, v in data.items()
+    ):
+        raise GatewayConfigError(f"tool {tool}: wallet accounts file {accounts.credentials_file} must map 0x addresses "
+                                 "to non-empty credentials", code="wallet_accounts_unreadable")
+    return {address.lower(): secret for address, secret in data.items()}

@@ -63,3 +63,13 @@ def test_mistakes_are_reported_at_their_line(block: str, code: str, path: str) -
     issue = next(i for i in error.value.issues if i.code == code)
     assert (issue.path, issue.line, issue.file) == (path, 15, "tools.yaml")
     assert str(issue).startswith("tools.yaml:15: ")
+
+
+def test_wallet_accounts_load_and_a_bad_header_is_reported_at_its_line() -> None:
+    [tool] = parse_catalog(catalog("    wallet_accounts: {credentials_file: /run/secrets/a.json}\n")).tools
+    assert tool.wallet_accounts is not None
+    assert (tool.wallet_accounts.header, tool.wallet_accounts.prefix) == ("Authorization", "Bearer ")
+    with pytest.raises(CatalogError) as error:
+        parse_catalog(catalog("    wallet_accounts: {credentials_file: a.json, header: 'X Bad'}\n"), "tools.yaml")
+    issue = next(i for i in error.value.issues if i.code == "invalid_value")
+    assert (issue.path, issue.line) == ("tools[0].wallet_accounts.header", 15)

@@ -108,6 +108,19 @@ tools:
         audience: {upstream_audience}
         client_id: x402gw
         client_secret_env: ORDERS_EXCHANGE_SECRET
+  - name: wallet_orders
+    description: The orders of the account the owner linked to the paying wallet.
+    method: GET
+    path: /wallet/orders/{{user}}
+    upstream: orders
+    upstream_path: /users/{{user}}/orders
+    price: 0.001
+    input_schema:
+      type: object
+      properties: {{user: {{type: string, pattern: "^[a-z]{{1,20}}$"}}}}
+      required: [user]
+    wallet_accounts:
+      credentials_file: "{accounts}"
 """
 
 
@@ -118,8 +131,10 @@ def stack(start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, mon
         auth.issuer = auth_server.url
         orders = UserOrders(auth.issuer, UPSTREAM_AUDIENCE, f"{auth.issuer}/jwks")
         with ThreadServer(rest_upstream.create_app(users=orders)) as upstream_server:
+            accounts = tmp_path / "accounts.json"  # the owner's secret file: payer -> alice's long-lived token
+            accounts.write_text(json.dumps({devchain.address(PAYER): auth.issue("alice", UPSTREAM_AUDIENCE, READ)}))
             catalog = tmp_path / "orders.yaml"
-            catalog.write_text(CATALOG.format(
+            catalog.write_text(CATALOG.format(accounts=accounts,
                 token=devchain.token, pay_to=PAY_TO, upstream=upstream_server.url, issuer=auth.issuer,
                 upstream_audience=UPSTREAM_AUDIENCE, gateway_audience=GATEWAY_AUDIENCE, read=READ,
             ))
@@ -131,12 +146,14 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def pay(client: httpx.Client, devchain: Devchain, path: str, token: str) -> tuple[httpx.Response, httpx.Response, str]:
-    """The user's token on both calls: 402, then the signed payment."""
-    challenge = client.get(path, headers=bearer(token))
+def pay(client: httpx.Client, devchain: Devchain, path: str, token: str | None, *, payer: int = PAYER,
+        tamper: dict[str, Any] | None = None) -> tuple[httpx.Response, httpx.Response, str]:
+    """The user's token (if any) on both calls: 402, then the signed payment."""
+    headers = bearer(token) if token else {}
+    challenge = client.get(path, headers=headers)
     offer = offer_of(challenge)
-    header = encode_header(Payer(devchain.key(PAYER)).sign(offer.accepts[0], resource=offer.resource))
-    paid = client.get(path, headers={**bearer(token), "PAYMENT-SIGNATURE": header})
+    header = encode_header(Payer(devchain.key(payer)).sign(offer.accepts[0], resource=offer.resource, overrides=tamper))
+    paid = client.get(path, headers={**headers, "PAYMENT-SIGNATURE": header})
     return challenge, paid, header
 
 
@@ -253,6 +270,7 @@ def test_no_token_appears_in_logs_ledger_audit_or_answers(
         answers += pay(client, devchain, "/me/orders/alice", stack.auth.issue("alice", UPSTREAM_AUDIENCE, READ))[:2]
         answers += pay(client, devchain, "/me/orders/bob", stack.auth.issue("alice", UPSTREAM_AUDIENCE, READ))[:2]
         answers += pay(client, devchain, "/exchanged/orders/bob", stack.auth.issue("bob", GATEWAY_AUDIENCE, READ))[:2]
+        answers += pay(client, devchain, "/wallet/orders/alice", None)[:2]  # the owner's linked credential
         bad = [token for token, _, _ in bad_tokens(stack.auth).values()]
         answers += [client.get("/me/orders/alice", headers=bearer(token)) for token in bad]
     database = Path(stack.gateway.settings.database_url.removeprefix("sqlite:///"))
@@ -313,3 +331,24 @@ def test_over_mcp_the_users_token_on_the_mcp_request_reaches_the_tool(stack: Sta
     _, unpaid, paid = asyncio.run(run(alice))
     assert unpaid.is_error and paid is not None and not paid.is_error, paid
     assert "A-1001" in json.dumps(paid.model_dump(mode="json"))
+
+
+def test_a_wallet_linked_account_is_used_only_for_its_verified_payer(stack: Stack, devchain: Devchain) -> None:
+    other = PAYER + 1
+    before = devchain.balance(devchain.address(other))
+    with stack.gateway.client() as client:
+        # A signature by another key naming the linked wallet: refused offline, the account never used.
+        _, forged_payer, _ = pay(client, devchain, "/wallet/orders/alice", None, payer=other,
+                                 tamper={"from_": devchain.address(PAYER)})
+        assert forged_payer.status_code == 402 and orders_hits(stack, "alice") == 0
+        _, unlinked, _ = pay(client, devchain, "/wallet/orders/alice", None, payer=other)
+        _, linked, _ = pay(client, devchain, "/wallet/orders/alice", None)
+    assert unlinked.status_code == 403 and unlinked.json()["error"] == "wallet_not_linked", unlinked.text
+    assert devchain.balance(devchain.address(other)) == before  # voided: nothing charged
+    assert linked.status_code == 200, linked.text
+    assert linked.json() == {"user": "alice", "orders": SAMPLE_ORDERS["alice"]}
+    assert orders_hits(stack, "alice") == 1  # only the verified, linked payer's call reached the upstream
+    assert [row.state for row in sorted(stack.gateway.ledger.all(), key=lambda r: r.id)] == [
+        PaymentState.VOIDED, PaymentState.SETTLED,
+    ]
+    assert stack.orders.seen[-1]["sub"] == "alice"

@@ -73,9 +73,8 @@ class CallUpstream:
         tool, request = ctx.tool, ctx.request
         assert tool is not None and request is not None
         try:
-            user = None
-            if tool.user_auth is not None and ctx.user is not None and self.users is not None:
-                user = await self.users.upstream_credentials(tool.user_auth, ctx.user)
+            # The end user's credential (their token, its exchange, or the verified payer's account).
+            user = await self.users.for_call(tool, ctx.user, ctx.payer) if self.users is not None else None
             with ctx.timed("upstream"):
                 upstream = await self.bridge.forward(
                     RecordingUpstream(self.upstream, ctx), tool, ctx.method, ctx.params,

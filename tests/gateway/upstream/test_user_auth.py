@@ -5,6 +5,7 @@ checked token shows of itself."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -99,3 +100,35 @@ def test_a_checked_token_shows_its_subject_and_digest_never_itself() -> None:
     user = UserToken(ISSUER, "alice", frozenset({"orders:read"}), "eyJ.secret.token")
     assert "eyJ.secret.token" not in repr(user) and "alice" in repr(user)
     assert user.digest == token_digest("eyJ.secret.token") and len(user.digest) == 16
+
+
+def test_an_unreadable_wallet_accounts_file_stops_start_up(tmp_path: Path) -> None:
+    for content in ("not json", '{"0x12": "short address"}', '["a list"]'):
+        (tmp_path / "accounts.json").write_text(content)
+        [tool] = parse_catalog(TOOL.format(file=tmp_path / "accounts.json")).tools
+        with pytest.raises(GatewayConfigError) as error:
+            UserAuthority([tool])
+        assert error.value.code == "wallet_accounts_unreadable" and "short address" not in str(error.value)
+
+
+def test_a_payer_without_an_account_is_refused_and_a_linked_one_gets_its_credential(tmp_path: Path) -> None:
+    payer = "0x" + "ab" * 20
+    (tmp_path / "accounts.json").write_text(f'{{"{payer.upper().replace("0X", "0x")}": "alice-secret"}}')
+    [tool] = parse_catalog(TOOL.format(file=tmp_path / "accounts.json")).tools
+    authority = UserAuthority([tool])
+    credentials = asyncio.run(authority.for_call(tool, None, payer))
+    assert credentials is not None and credentials.headers == {"Authorization": "Bearer alice-secret"}
+    assert "alice-secret" not in repr(credentials)
+    for other in ("0x" + "cd" * 20, None):
+        with pytest.raises(GatewayError) as error:
+            asyncio.run(authority.for_call(tool, None, other))
+        assert (error.value.code, error.value.status) == ("wallet_not_linked", 403)
+
+
+TOOL = """catalog: 1
+owner: acme
+payment: {{network: "eip155:31337", asset: "0x5FbDB2315678afecb367f032d93F642f64180aa3", pay_to: "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"}}
+upstreams: {{u: {{base_url: "http://127.0.0.1:9"}}}}
+tools:
+  - {{name: a, description: d, method: GET, path: /a, price: "0.002", wallet_accounts: {{credentials_file: "{file}"}}}}
+"""
