@@ -26,9 +26,12 @@ from gateway.surfaces.receipts import DEV_RECEIPT_KEY, challenge_message, receip
 from settlement.chain.deployment import ANVIL_KEYS
 from settlement.finance.receipts import recover_receipt_signer
 from settlement.ledger import PaymentState
+from settlement.schema import open_ledger
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, body_json
+from tests.e2e.test_doctor import LOCAL, catalog, doctor, environment, failures, fresh_key
 from tests.e2e.test_mcp import pay_over_mcp, with_session
 from tests.e2e.test_paid_call import pay, receipt_of
+from tests.support.facilitator_double import closed_port_url
 
 PAYER = 5
 OTHER = 6
@@ -203,3 +206,18 @@ def test_a_paid_mcp_call_carries_the_signed_receipt_in_meta(gateway: RunningGate
     assert receipt["payload"]["paymentId"] == row.id and receipt["payload"]["transaction"] == row.tx_hash
     with gateway.client() as client:
         assert recover_receipt_signer(receipt) == signer_of(client)
+
+
+def test_the_doctor_refuses_a_dev_receipt_key_off_the_local_chain(tmp_path: Path, devchain: Devchain) -> None:
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    open_ledger(ledger_url).close()
+    public = environment(tmp_path, devchain, ledger_url, X402GW_CATALOG=str(catalog(tmp_path, **{LOCAL: "eip155:84532"})),
+                         X402GW_RPC_URLS=json.dumps({"eip155:84532": closed_port_url()}),
+                         X402GW_SETTLEMENT_KEY=fresh_key(), X402GW_RECEIPT_KEY=ANVIL_KEYS[3])
+    status, report = doctor(public)
+    dev = [f for f in report["findings"] if f["code"] == "dev_key_on_public_chain"]
+    assert status == 1 and [("receipt key" in f["message"], "X402GW_RECEIPT_KEY" in f["fix"]) for f in dev] == [(True, True)]
+    assert ANVIL_KEYS[3].removeprefix("0x") not in json.dumps(report)
+    # On the local chain alone, the same key is fine.
+    _, local = doctor(environment(tmp_path, devchain, ledger_url, X402GW_RECEIPT_KEY=ANVIL_KEYS[3]))
+    assert "dev_key_on_public_chain" not in failures(local)

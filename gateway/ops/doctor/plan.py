@@ -87,6 +87,7 @@ class DoctorPlan:
     admin_token: str | None = field(default=None, repr=False)
     refund_key: str | None = field(default=None, repr=False)
     headers_for: HeadersFor = no_headers
+    receipt_key: str | None = field(default=None, repr=False)  # signs payers' receipts (gateway.surfaces.receipts)
 
     @property
     def public_networks(self) -> list[str]:
@@ -168,4 +169,5 @@ def plan_from_settings(settings: Settings, catalogs: Catalogs, *, headers_for: H
         settings.admin_token.get_secret_value() if settings.admin_token else None,
         settings.refund_key.get_secret_value() if settings.refund_key else None,
         headers_for or facilitator_headers(settings),
+        receipt_key=settings.receipt_key.get_secret_value() if settings.receipt_key else None,
     )

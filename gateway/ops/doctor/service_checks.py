@@ -118,6 +118,11 @@ def check_dev_keys(plan: DoctorPlan) -> list[Finding]:
                 found.append(fail("keys", network.network, "dev_key_on_public_chain",
                                   f"the {what} is one of anvil's public dev keys: anyone can spend from it on {network.network}",
                                   f"set {variable} to a key of your own (a new account, funded for gas), never a published one"))
+    if plan.receipt_key and is_dev_key(plan.receipt_key) and plan.public_networks:
+        # Refused by the gateway itself as soon as any chain but the local one is sold on (rehearsals too).
+        found.append(fail("keys", ", ".join(plan.public_networks), "dev_key_on_public_chain",
+                          "the receipt key is one of anvil's public dev keys: anyone can sign receipts in this gateway's name",
+                          "set X402GW_RECEIPT_KEY to a key of your own (it signs only; it needs no funds), never a published one"))
     if not found:
         local_only = not plan.public_networks
         rehearsals = [n.network for n in plan.networks if n.rehearsal]
