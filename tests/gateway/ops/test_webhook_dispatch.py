@@ -6,6 +6,7 @@ dispatchers deliver a leased row, and the endpoint's secret shows in no log and 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -202,3 +203,25 @@ def test_endpoints_read_their_secret_from_the_environment_or_a_file(tmp_path: Pa
         endpoints_from_settings({"acme": [{"name": "c", "url": "https://c.example", "events": ["payment.lost"],
                                            "secret_env": "HOOK_A"}]}, {"HOOK_A": "x"})
     assert unknown.value.code == "webhook_invalid"
+
+
+def test_each_payment_transition_writes_its_event(ledger: Ledger) -> None:
+    every = Endpoint("all", "acme", "https://all.example/h", frozenset(outbox.EVENTS), SECRET.encode())
+    other = Endpoint("other", "globex", "https://other.example/h", frozenset(outbox.EVENTS), SECRET.encode())
+    ledger.subscriptions = subscriptions_of({"all": every, "other": other})
+    row = ledger.record_verified(**ledger_fields(3))
+    ledger.begin_settlement(row.id, None, tx_hash=TX)
+    ledger.mark_pending(row.id, tx_hash=TX, error_reason="settlement_pending")
+    ledger.mark_pending(row.id, tx_hash=TX)  # still pending: no second event
+    ledger.mark_settled(row.id, tx_hash=TX, block_number=9)
+    ledger.record_refund_owed(row.id, 1003, "upstream_error")
+    ledger.record_refund_paid(row.id, "0x" + "ef" * 32)
+    failed = ledger.record_verified(**ledger_fields(4))
+    ledger.fail(failed.id, "settlement_unavailable")
+    events = [(r["event_type"], r["endpoint"], r["owner"]) for r in reversed(rows(ledger))]
+    assert events == [
+        ("payment.pending", "all", "acme"), ("payment.settled", "all", "acme"), ("refund.owed", "all", "acme"),
+        ("refund.paid", "all", "acme"), ("payment.failed", "all", "acme"),
+    ]  # globex's endpoint hears nothing of acme's payments
+    refund = json.loads(rows(ledger)[1]["payload"])  # newest first: payment.failed, then refund.paid
+    assert refund["type"] == "refund.paid" and refund["data"]["refundTransaction"] == "0x" + "ef" * 32

@@ -173,3 +173,33 @@ def test_the_audit_trail_keeps_its_chain_when_0004_drops_its_extra_indexes(empty
         assert report.intact and report.records == 6
     finally:
         trail.close()
+
+
+def test_0005_and_0006_add_gas_columns_and_the_webhook_outbox_keeping_rows(empty_engine: Engine) -> None:
+    """A ledger at 0004 with rows: 0005 adds the nullable gas columns (old rows: no gas, as
+    ``ledger backfill-gas`` expects), 0006 the empty outbox; both run again as no-ops, and go back down."""
+    _upgrade(empty_engine, "0004")
+    _insert_first_schema_rows(empty_engine)
+    assert not inspect(empty_engine).has_table("webhook_outbox")
+
+    _upgrade(empty_engine, "head")
+    schema = inspect(empty_engine)
+    assert {"gas_used", "gas_price", "gas_cost"} <= {c["name"] for c in schema.get_columns("payments")}
+    assert schema.has_table("webhook_outbox")
+    ledger = open_ledger(empty_engine.url.render_as_string(hide_password=False))
+    try:
+        rows = ledger.all()
+        assert [(r.request_id, r.gas_used, r.gas_price, r.gas_cost) for r in rows] == [
+            ("req-0", None, None, None), ("req-1", None, None, None), ("req-2", None, None, None),
+        ]
+        ledger.record_gas(rows[0].id, {"gas_used": 61_000, "gas_price": 2**70, "gas_cost": 61_000 * 2**70})
+        assert ledger.get(rows[0].id).gas_cost == 61_000 * 2**70  # type: ignore[union-attr]  # exact, 78 digits
+    finally:
+        ledger.close()
+    assert _diff(empty_engine) == []
+
+    with empty_engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0004")
+    schema = inspect(empty_engine)
+    assert not schema.has_table("webhook_outbox")
+    assert not {"gas_used", "gas_price", "gas_cost"} & {c["name"] for c in schema.get_columns("payments")}
