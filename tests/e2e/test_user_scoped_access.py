@@ -295,6 +295,8 @@ def test_discovery_says_which_token_a_tool_needs(stack: Stack) -> None:
     with stack.gateway.client() as client:
         tools = {entry["function"]["name"]: entry for entry in client.get("/tools").json()["tools"]}
         openapi = client.get("/openapi.json").json()
+        llms = client.get("/llms.txt").text
+    assert f"- needs the user's token: send Authorization: Bearer <an access token from {stack.auth.issuer}" in llms
     facts = tools["my_orders"]["userAuth"]
     assert (facts["issuer"], facts["audience"], facts["scopes"]) == (stack.auth.issuer, UPSTREAM_AUDIENCE, [READ])
     assert tools["my_orders_exchanged"]["userAuth"]["audience"] == GATEWAY_AUDIENCE  # what the agent's token is for

@@ -8,6 +8,7 @@ from typing import Any
 from catalog import Tool
 from gateway.protocol.bazaar import carries_body
 from gateway.surfaces.discovery.requests import input_properties, required_inputs
+from gateway.surfaces.discovery.users import user_auth_sentence
 from gateway.surfaces.search import BUDGET_MAX, CHARS_PER_TOKEN, LIMIT_DEFAULT, LIMIT_MAX, QUERY_MAX_CHARS
 
 __all__ = ["LLMS_LIST_MAX", "llms_text"]
@@ -95,6 +96,8 @@ def _tool_lines(tools: list[Tool], base: str, price: Callable[[Tool], dict[str, 
             f"paid to {o['payTo']} ({o['scheme']})"
             for o in terms.get("offers", [])[1:]
         )
+        if tool.user_auth is not None:  # the user's own token, checked before the price
+            lines.append(f"- needs the user's token:{user_auth_sentence(tool).removeprefix(' (acts for its user:').rstrip(')')}")
         required = set(required_inputs(tool))
         for name, schema in input_properties(tool).items():
             kind = schema.get("type", "any") if isinstance(schema, dict) else "any"
