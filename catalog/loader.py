@@ -45,6 +45,7 @@ from catalog.registry import Stablecoin
 from catalog.source import Source
 from catalog.templates import route_shape
 from catalog.terms import TermsResolver, dollar_problem
+from catalog.user_auth import user_auth_problems
 
 __all__ = ["load_catalog", "load_catalogs", "parse_catalog", "price_ceiling_issues"]
 
@@ -168,6 +169,8 @@ def _check_tool(
     ):
         src.issue(f"{at}.{field}", code, message)
     for field, code, message in answers_problems(spec.answers, spec.output_schema, spec.input_schema):
+        src.issue(f"{at}.{field}", code, message)
+    for field, code, message in user_auth_problems(spec.user_auth, spec.wallet_accounts):
         src.issue(f"{at}.{field}", code, message)
     ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
     for ceiling, where in ceilings:

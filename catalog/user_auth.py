@@ -36,7 +36,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic_core import PydanticCustomError
 
-__all__ = ["ALLOWED_ALGORITHMS", "MAX_LEEWAY_SECONDS", "TokenExchange", "UserAuth", "WalletAccounts"]
+__all__ = ["ALLOWED_ALGORITHMS", "MAX_LEEWAY_SECONDS", "TokenExchange", "UserAuth", "WalletAccounts", "user_auth_problems"]
 
 # Signature algorithms a user token may use: public-key ones only, so a JWKS's public key can
 # never be taken for an HMAC secret, and ``none`` is never accepted.
@@ -133,3 +133,12 @@ class WalletAccounts(BaseModel):
     credentials_file: Annotated[str, BeforeValidator(_text("credentials_file"))]
     header: Annotated[str, BeforeValidator(_header)] = "Authorization"
     prefix: str = "Bearer "
+
+
+def user_auth_problems(user_auth: UserAuth | None, wallet_accounts: WalletAccounts | None) -> list[tuple[str, str, str]]:
+    """Cross-field checks of a tool's user blocks, as ``(field, code, message)`` under the tool."""
+    if user_auth is not None and wallet_accounts is not None:
+        return [("wallet_accounts", "user_auth_conflict",
+                 "a tool acts for its user one way: user_auth (the user's token) or wallet_accounts (the payer's linked "
+                 "account), not both")]
+    return []

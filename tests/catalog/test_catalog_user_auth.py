@@ -73,3 +73,11 @@ def test_wallet_accounts_load_and_a_bad_header_is_reported_at_its_line() -> None
         parse_catalog(catalog("    wallet_accounts: {credentials_file: a.json, header: 'X Bad'}\n"), "tools.yaml")
     issue = next(i for i in error.value.issues if i.code == "invalid_value")
     assert (issue.path, issue.line) == ("tools[0].wallet_accounts.header", 15)
+
+
+def test_user_auth_and_wallet_accounts_on_one_tool_conflict() -> None:
+    extra = f"    user_auth: {GOOD}\n    wallet_accounts: {{credentials_file: a.json}}\n"
+    with pytest.raises(CatalogError) as error:
+        parse_catalog(catalog(extra), "tools.yaml")
+    issue = next(i for i in error.value.issues if i.code == "user_auth_conflict")
+    assert (issue.path, issue.line) == ("tools[0].wallet_accounts", 16)
