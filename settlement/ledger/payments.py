@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Table, bindparam, delete, insert, select, update
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
@@ -54,7 +54,6 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 from settlement.errors import LedgerError
 from settlement.ledger.group_commit import GroupCommitWorker, atomic_alone
 from settlement.ledger.models import (
-    OPEN_STATES,
     Payment,
     PaymentState,
     StoredResponse,
@@ -62,6 +61,7 @@ from settlement.ledger.models import (
     utcnow,
 )
 from settlement.ledger.outbox import EVENT_OF, Subscriptions, emit_payment_event
+from settlement.ledger.reads import LedgerReads, _payment
 
 __all__ = ["TRANSITIONS", "Ledger"]
 
@@ -105,7 +105,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-class Ledger:
+class Ledger(LedgerReads):
     def __init__(self, url: str) -> None:
         self.url = url
         try:
@@ -248,27 +248,6 @@ class Ledger:
             session.flush()
         session.add(StoredResponse(payment_id=payment_id, status=status, headers=json.dumps(headers), body=body))
 
-    @atomic_alone
-    def stored_response(self, payment_id: int) -> tuple[int, list[tuple[str, str]], bytes] | None:
-        with self._session() as session:
-            row = session.get(StoredResponse, payment_id)
-            if row is None:
-                return None
-            return row.status, [(str(k), str(v)) for k, v in json.loads(row.headers)], bytes(row.body)
-
-    @atomic_alone
-    def by_payment_identifier(self, identifier: str) -> Payment | None:
-        with self._session() as session:
-            return session.scalars(select(Payment).where(Payment.payment_identifier == identifier)).one_or_none()
-
-    def open_payments(self) -> list[Payment]:
-        """Rows whose outcome is not final: ``settling`` or ``pending``."""
-        with self._session() as session:
-            return list(
-                session.scalars(
-                    select(Payment).where(Payment.state.in_([s.value for s in OPEN_STATES])).order_by(Payment.id)
-                )
-            )
 
     # Named transitions: the only writes of a row after ``record_verified``. Each is one guarded
     # UPDATE (``_transition``). ``_KEEP`` leaves a column as it is; ``None`` clears it.
@@ -353,26 +332,6 @@ class Ledger:
     def record_refund_paid(self, payment_id: int, tx_hash: str | None) -> None:
         self._move("record_refund_paid", payment_id, _FROM_SETTLED, {"refund_tx": tx_hash, "refunded_at": utcnow()})
 
-    @atomic_alone
-    def get(self, payment_id: int) -> Payment | None:
-        with self._session() as session:
-            return session.get(Payment, payment_id)
-
-    def by_request_id(self, request_id: str) -> Payment | None:
-        with self._session() as session:
-            return session.scalars(select(Payment).where(Payment.request_id == request_id)).one_or_none()
-
-    @atomic_alone
-    def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
-        with self._connection() as connection:
-            found = connection.execute(
-                _BY_AUTHORIZATION, {"network": network, "asset": asset, "payer": payer, "nonce": nonce}
-            ).one_or_none()
-        return None if found is None else _payment(found._mapping)
-
-    def all(self) -> list[Payment]:
-        with self._session() as session:
-            return list(session.scalars(select(Payment).order_by(Payment.id)))
 
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables
@@ -387,12 +346,6 @@ _TRANSITION = update(_PAYMENTS).where(
 )
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
-_BY_AUTHORIZATION = select(_PAYMENTS).where(
-    _PAYMENTS.c.network == bindparam("network"),
-    _PAYMENTS.c.asset == bindparam("asset"),
-    _PAYMENTS.c.payer == bindparam("payer"),
-    _PAYMENTS.c.nonce == bindparam("nonce"),
-)
 _DELETE_STORED = delete(_STORED).where(_STORED.c.payment_id == bindparam("pid"))
 _INSERT_STORED = insert(_STORED)
 
@@ -414,11 +367,6 @@ def _gas(gas: Mapping[str, int] | None) -> dict[str, int]:
     if set(gas) != _GAS_COLUMNS:
         raise ValueError(f"gas is {sorted(_GAS_COLUMNS)}, got {sorted(gas)}")
     return dict(gas)
-
-
-def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:
-    """A detached ``Payment`` from a Core row (the same attributes the ORM would load)."""
-    return Payment(**mapping)
 
 
 def _transition(

@@ -170,7 +170,8 @@ def test_x402gw_reconcile_writes_the_events_of_what_it_resolves(
         "X402GW_DATABASE_URL": gateway.settings.database_url,
         "X402GW_WEBHOOKS": json.dumps(webhooks_config("https://erp.example/hooks")),
     }
-    result = CliRunner().invoke(main, ["reconcile", "--json"], env=env)
+    # From this payment's block: the session's chain holds other tests' payments to the same payee.
+    result = CliRunner().invoke(main, ["reconcile", "--json", "--from-block", str(row.block_number)], env=env)
     assert result.exit_code == 0, result.output
     assert gateway.ledger.get(row.id).state == "settled"  # type: ignore[union-attr]
     with gateway.ledger.outbox_transaction() as connection:

@@ -1,0 +1,84 @@
+"""The ledger's reads (``Ledger`` inherits them): rows by id, request, authorization or
+payment-identifier, the open ones, all of them, and a payment's stored answer. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import AbstractContextManager
+from typing import Any
+
+from sqlalchemy import Table, bindparam, select
+from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.orm import Session
+
+from settlement.ledger.group_commit import atomic_alone
+from settlement.ledger.models import OPEN_STATES, Payment, StoredResponse
+
+__all__ = ["LedgerReads"]
+
+
+def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:
+    """A detached ``Payment`` from a Core row (the same attributes the ORM would load)."""
+    return Payment(**mapping)
+
+
+_PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables
+_BY_AUTHORIZATION = select(_PAYMENTS).where(
+    _PAYMENTS.c.network == bindparam("network"),
+    _PAYMENTS.c.asset == bindparam("asset"),
+    _PAYMENTS.c.payer == bindparam("payer"),
+    _PAYMENTS.c.nonce == bindparam("nonce"),
+)
+
+
+class LedgerReads:
+    # Provided by ``Ledger``: one transaction, shared with a group commit on SQLite.
+    def _connection(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def _session(self) -> AbstractContextManager[Session]:
+        raise NotImplementedError
+
+    @atomic_alone
+    def stored_response(self, payment_id: int) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        with self._session() as session:
+            row = session.get(StoredResponse, payment_id)
+            if row is None:
+                return None
+            return row.status, [(str(k), str(v)) for k, v in json.loads(row.headers)], bytes(row.body)
+
+    @atomic_alone
+    def by_payment_identifier(self, identifier: str) -> Payment | None:
+        with self._session() as session:
+            return session.scalars(select(Payment).where(Payment.payment_identifier == identifier)).one_or_none()
+
+    def open_payments(self) -> list[Payment]:
+        """Rows whose outcome is not final: ``settling`` or ``pending``."""
+        with self._session() as session:
+            return list(
+                session.scalars(
+                    select(Payment).where(Payment.state.in_([s.value for s in OPEN_STATES])).order_by(Payment.id)
+                )
+            )
+
+    @atomic_alone
+    def get(self, payment_id: int) -> Payment | None:
+        with self._session() as session:
+            return session.get(Payment, payment_id)
+
+    def by_request_id(self, request_id: str) -> Payment | None:
+        with self._session() as session:
+            return session.scalars(select(Payment).where(Payment.request_id == request_id)).one_or_none()
+
+    @atomic_alone
+    def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
+        with self._connection() as connection:
+            found = connection.execute(
+                _BY_AUTHORIZATION, {"network": network, "asset": asset, "payer": payer, "nonce": nonce}
+            ).one_or_none()
+        return None if found is None else _payment(found._mapping)
+
+    def all(self) -> list[Payment]:
+        with self._session() as session:
+            return list(session.scalars(select(Payment).order_by(Payment.id)))
