@@ -259,7 +259,9 @@ class Ledger(LedgerReads):
             if subscriptions is None or name not in EVENT_OF:
                 _transition(connection, payment_id, allowed, values, name)
                 return
-            before = connection.execute(_STATE_OF, {"pid": payment_id}).scalar_one_or_none()
+            # Locked until commit (PostgreSQL; SQLite has one writer): a concurrent same transition
+            # waits and then sees the new state, so one change is one event.
+            before = connection.execute(_STATE_FOR_UPDATE, {"pid": payment_id}).scalar_one_or_none()
             _transition(connection, payment_id, allowed, values, name)
             if "state" not in values or values["state"] != before:  # a repeated transition is no new event
                 row = connection.execute(_BY_ID, {"pid": payment_id}).mappings().one()
@@ -346,6 +348,7 @@ _TRANSITION = update(_PAYMENTS).where(
 )
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
+_STATE_FOR_UPDATE = _STATE_OF.with_for_update()
 _DELETE_STORED = delete(_STORED).where(_STORED.c.payment_id == bindparam("pid"))
 _INSERT_STORED = insert(_STORED)
 
