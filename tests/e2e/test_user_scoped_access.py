@@ -36,6 +36,8 @@ from gateway.devkit.payer import Payer
 from gateway.devkit.samples import rest_upstream
 from gateway.devkit.samples.auth_server import DEMO_CLIENTS, AuthServer
 from gateway.devkit.samples.user_orders import SAMPLE_ORDERS, UserOrders
+from gateway.ops.doctor.plan import plan_from_settings
+from gateway.ops.doctor.run import run_doctor
 from gateway.ops.serving import ThreadServer
 from settlement.ledger import PaymentState
 from settlement.x402.codec import encode_header
@@ -354,3 +356,11 @@ def test_a_wallet_linked_account_is_used_only_for_its_verified_payer(stack: Stac
         PaymentState.VOIDED, PaymentState.SETTLED,
     ]
     assert stack.orders.seen[-1]["sub"] == "alice"
+
+
+def test_the_doctor_checks_each_issuers_jwks(stack: Stack) -> None:
+    plan = plan_from_settings(stack.gateway.settings, stack.gateway.catalogs)
+    assert plan.jwks_urls == (f"{stack.auth.issuer}/jwks",)
+    report = asyncio.run(run_doctor(plan))
+    [finding] = [f for f in report.findings if f.check == "jwks"]
+    assert (finding.status, finding.subject) == ("ok", f"{stack.auth.issuer}/jwks")

@@ -88,6 +88,7 @@ class DoctorPlan:
     refund_key: str | None = field(default=None, repr=False)
     headers_for: HeadersFor = no_headers
     receipt_key: str | None = field(default=None, repr=False)  # signs payers' receipts (gateway.surfaces.receipts)
+    jwks_urls: tuple[str, ...] = ()  # the token issuers' keys of tools with user_auth
 
     @property
     def public_networks(self) -> list[str]:
@@ -170,4 +171,5 @@ def plan_from_settings(settings: Settings, catalogs: Catalogs, *, headers_for: H
         settings.refund_key.get_secret_value() if settings.refund_key else None,
         headers_for or facilitator_headers(settings),
         receipt_key=settings.receipt_key.get_secret_value() if settings.receipt_key else None,
+        jwks_urls=tuple(sorted({t.user_auth.jwks_url for t in catalogs.tools if t.user_auth is not None})),
     )

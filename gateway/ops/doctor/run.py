@@ -16,6 +16,7 @@ from gateway.ops.doctor.findings import Finding, Report, ok
 from gateway.ops.doctor.plan import DoctorPlan, NetworkPlan
 from gateway.ops.doctor.rpc import RpcReader
 from gateway.ops.doctor.service_checks import check_admin_token, check_database, check_dev_keys, check_store
+from gateway.ops.doctor.user_auth_checks import check_jwks
 from gateway.store import StateStore
 
 __all__ = ["run_doctor"]
@@ -70,7 +71,8 @@ async def run_doctor(
             database, state = await asyncio.gather(
                 check_database(plan.database_url, engine=engine, timeout=timeout), check_store(plan, store=store, timeout=timeout)
             )
-            return [database, state, check_admin_token(plan), *check_dev_keys(plan)]
+            issuers = [await check_jwks(url, client, timeout=timeout) for url in plan.jwks_urls]
+            return [database, state, check_admin_token(plan), *check_dev_keys(plan), *issuers]
 
         results = await asyncio.gather(services(), *jobs)
     findings = [f for network in plan.networks for f in network.problems]
