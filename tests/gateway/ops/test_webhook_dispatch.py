@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -225,3 +226,41 @@ def test_each_payment_transition_writes_its_event(ledger: Ledger) -> None:
     ]  # globex's endpoint hears nothing of acme's payments
     refund = json.loads(rows(ledger)[1]["payload"])  # newest first: payment.failed, then refund.paid
     assert refund["type"] == "refund.paid" and refund["data"]["refundTransaction"] == "0x" + "ef" * 32
+
+
+def test_two_concurrent_identical_transitions_write_one_event(postgres_database: str) -> None:
+    """PostgreSQL, two threads settling the same row at once (the request path and a reconcile):
+    the second waits on the first's row lock, then sees it settled: one event, not two."""
+    ledger = open_ledger(postgres_database)
+    try:
+        with ledger.engine.begin() as conn:
+            for table in ("webhook_outbox", "stored_responses", "payments"):
+                conn.execute(text(f"DELETE FROM {table}"))
+        ledger.subscriptions = subscriptions_of({"erp": endpoint("https://erp.example/h")})
+        row = ledger.record_verified(**ledger_fields(5))
+        ledger.begin_settlement(row.id, None, tx_hash=TX)
+        with ledger.engine.connect() as holder, holder.begin():  # holds the row until both wait on it
+            holder.execute(text("SELECT id FROM payments WHERE id = :id FOR UPDATE"), {"id": row.id})
+            threads = [threading.Thread(target=ledger.mark_settled, args=(row.id,), kwargs={"tx_hash": TX})
+                       for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            waiting = threading.Event()
+            # Until both transitions wait on the lock (a condition, polled; pg_stat_activity is a
+            # snapshot per transaction, hence a connection of its own in autocommit).
+            with ledger.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as probe:
+                for _ in range(2000):
+                    blocked = probe.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )).scalar_one()
+                    if blocked >= 2:
+                        break
+                    waiting.wait(0.005)
+            assert blocked >= 2
+        for thread in threads:
+            thread.join(20)
+        assert ledger.get(row.id).state == "settled"  # type: ignore[union-attr]
+        assert [r["event_type"] for r in rows(ledger)] == ["payment.settled"]
+    finally:
+        ledger.close()
