@@ -217,7 +217,7 @@ def build_chain(
             WalletCheck(wallets),  # a contract wallet's signature, on chain (one capped eth_call); EOAs: nothing
             PayerChecks(safety),
             InFlight(store, lock_ttl_ms),
-            ExactlyOnce(ledger, schemes, refunds),
+            ExactlyOnce(ledger, schemes, refunds, receipts, public_url),
             PaymentWindow(),  # fresh payments only: a resend was answered by exactly_once
             Verify(schemes),
             Reserve(safety),

@@ -31,10 +31,11 @@ from gateway.pipeline.refunds import Refunds
 from gateway.pipeline.stages.respond import respond
 from gateway.pipeline.stages.verify import verify
 from gateway.protocol.offers import Quote
-from gateway.protocol.receipts import receipt_headers
+from gateway.protocol.receipts import receipt_headers, signed_receipt_header
 from gateway.store import StateStore, StoreUnavailable
 from gateway.upstream.bridge import UpstreamResponse
 from settlement.errors import ChainUnavailable
+from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolver, apply, changes
 from settlement.schemes import Schemes
@@ -186,10 +187,13 @@ class ExactlyOnce:
     name = "exactly_once"
     shape_only = False
 
-    def __init__(self, ledger: Ledger, schemes: Schemes, refunds: Refunds) -> None:
+    def __init__(self, ledger: Ledger, schemes: Schemes, refunds: Refunds, receipts: ReceiptSigner | None = None,
+                 public_url: str | None = None) -> None:
         self.ledger = ledger
         self.schemes = schemes
         self.refunds = refunds
+        self.receipts = receipts  # a replay carries the signed receipt the first answer carried
+        self.public_url = public_url
 
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
@@ -234,6 +238,8 @@ class ExactlyOnce:
         status, headers, body = resumed.answer
         replay = respond(UpstreamResponse(status, headers, body), receipt_of(resumed.row), ctx.request_id, quote.version)
         replay.headers[X402GW_REPLAY] = "true"
+        if self.receipts is not None and resumed.row.state == PaymentState.SETTLED and resumed.row.tx_hash:
+            replay.headers.update(signed_receipt_header(self.receipts.receipt(resumed.row, self.public_url)))
         return replay
 
     async def _answer_lost(self, ctx: RequestContext, quote: Quote, row: Payment) -> GatewayError:
