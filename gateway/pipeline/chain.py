@@ -4,8 +4,8 @@
     404/405   431              413     400/422                503/429                401/403/503  402 (unpaid)
       ─▶ decode_and_bind ─▶ wallet_check ─▶ payer_checks ─▶ in_flight ─▶ exactly_once ─▶ payment_window
          400/402             402/503        403/429         409          replay/409/502/503  402
-      ─▶ verify
-         402/503
+      ─▶ verify ─▶ linked_account
+         402/503    403
       ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ answer ─▶ settle ─▶ respond
          403         409       402/503            502/504   502       402/503
 
@@ -60,7 +60,7 @@ from gateway.pipeline.stages.safety import (
     Reserve,
 )
 from gateway.pipeline.stages.settle import Settle, SettleUpfront
-from gateway.pipeline.stages.user_auth import UserAuthStage
+from gateway.pipeline.stages.user_auth import LinkedAccountStage, UserAuthStage
 from gateway.pipeline.stages.verify import PaymentWindow, Record, Verify
 from gateway.pipeline.tracing import Tracing
 from gateway.protocol.challenge import PaymentChallenge
@@ -220,6 +220,7 @@ def build_chain(
             ExactlyOnce(ledger, schemes, refunds, receipts, public_url),
             PaymentWindow(),  # fresh payments only: a resend was answered by exactly_once
             Verify(schemes),
+            LinkedAccountStage(users),  # a wallet_accounts tool: the verified payer's account, before anything is recorded
             Reserve(safety),
             Record(ledger),
             SettleUpfront(schemes, ledger),

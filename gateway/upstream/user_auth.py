@@ -18,8 +18,8 @@ whatever the upstream answers.
 Wallet-linked accounts (a tool's ``wallet_accounts``): the owner's secret file maps payer
 addresses to upstream user credentials, read at start-up; ``for_call`` looks up the payer the
 facilitator's verify confirmed (the bridge runs after ``verify``), never a claimed one. A payer
-with no account: 403 ``wallet_not_linked``, nothing charged (a ``settle: after`` payment is voided;
-an ``upfront`` one is owed a refund, as for any failed call).
+with no account: 403 ``wallet_not_linked`` from the ``linked_account`` stage, right after ``verify``
+and before the payment is recorded or settled: nothing charged, upfront tools included.
 """
 
 from __future__ import annotations
@@ -230,14 +230,21 @@ class UserAuthority:
         the facilitator verified."""
         if tool.user_auth is not None and user is not None:
             return await self.upstream_credentials(tool.user_auth, user)
-        accounts, linked = self._accounts.get(tool.name), tool.wallet_accounts
-        if accounts is None or linked is None:
+        linked = tool.wallet_accounts
+        if linked is None or tool.name not in self._accounts:
             return None
+        secret = self.linked_account(tool, payer)
+        return Credentials({linked.header: linked.prefix + secret}, (secret,))
+
+    def linked_account(self, tool: Tool, payer: str | None) -> str:
+        """The upstream credential linked to ``payer`` (one the facilitator verified) for a
+        ``wallet_accounts`` tool; 403 ``wallet_not_linked`` when it has none."""
+        accounts = self._accounts.get(tool.name, {})
         secret = accounts.get(payer.lower()) if payer else None
         if secret is None:
             raise GatewayError(codes.WALLET_NOT_LINKED, "this tool acts for the payer's own account, and this wallet "
                                "has none linked; nothing was charged", status=403, retryable=False)
-        return Credentials({linked.header: linked.prefix + secret}, (secret,))
+        return secret
 
     async def upstream_credentials(self, auth: UserAuth, user: UserToken) -> Credentials:
         """What the upstream receives in place of the service credential."""

@@ -123,6 +123,20 @@ tools:
       required: [user]
     wallet_accounts:
       credentials_file: "{accounts}"
+  - name: wallet_orders_upfront
+    description: The same, settled before the upstream runs.
+    method: GET
+    path: /wallet/upfront/orders/{{user}}
+    upstream: orders
+    upstream_path: /users/{{user}}/orders
+    price: 0.001
+    settle: upfront
+    input_schema:
+      type: object
+      properties: {{user: {{type: string, pattern: "^[a-z]{{1,20}}$"}}}}
+      required: [user]
+    wallet_accounts:
+      credentials_file: "{accounts}"
 """
 
 
@@ -348,14 +362,31 @@ def test_a_wallet_linked_account_is_used_only_for_its_verified_payer(stack: Stac
         _, unlinked, _ = pay(client, devchain, "/wallet/orders/alice", None, payer=other)
         _, linked, _ = pay(client, devchain, "/wallet/orders/alice", None)
     assert unlinked.status_code == 403 and unlinked.json()["error"] == "wallet_not_linked", unlinked.text
-    assert devchain.balance(devchain.address(other)) == before  # voided: nothing charged
+    assert devchain.balance(devchain.address(other)) == before  # refused before anything was recorded
     assert linked.status_code == 200, linked.text
     assert linked.json() == {"user": "alice", "orders": SAMPLE_ORDERS["alice"]}
     assert orders_hits(stack, "alice") == 1  # only the verified, linked payer's call reached the upstream
-    assert [row.state for row in sorted(stack.gateway.ledger.all(), key=lambda r: r.id)] == [
-        PaymentState.VOIDED, PaymentState.SETTLED,
-    ]
+    assert [row.state for row in stack.gateway.ledger.all()] == [PaymentState.SETTLED]  # the linked payer's only
     assert stack.orders.seen[-1]["sub"] == "alice"
+
+
+def test_an_unlinked_payer_of_an_upfront_tool_is_refused_before_settlement(stack: Stack, devchain: Devchain) -> None:
+    """Settled before the upstream runs: the account is looked up right after verify, so an unlinked
+    payer is refused with nothing settled (no refund needed), no row and no upstream call."""
+    other = PAYER + 1
+    before = (devchain.balance(devchain.address(other)), devchain.balance(PAY_TO))
+    with stack.gateway.client() as client:
+        _, unlinked, header = pay(client, devchain, "/wallet/upfront/orders/alice", None, payer=other)
+        again = client.get("/wallet/upfront/orders/alice", headers={"PAYMENT-SIGNATURE": header})
+        _, linked, _ = pay(client, devchain, "/wallet/upfront/orders/alice", None)
+    assert unlinked.status_code == 403 and unlinked.json()["error"] == "wallet_not_linked", unlinked.text
+    assert again.status_code == 403 and again.json()["error"] == "wallet_not_linked", again.text
+    assert (devchain.balance(devchain.address(other)), devchain.balance(PAY_TO) - 1000) == before
+    assert linked.status_code == 200 and linked.json()["orders"] == SAMPLE_ORDERS["alice"], linked.text
+    assert orders_hits(stack, "alice") == 1
+    assert [(row.payer.lower(), row.state) for row in stack.gateway.ledger.all()] == [
+        (devchain.address(PAYER).lower(), PaymentState.SETTLED),
+    ]
 
 
 def test_the_doctor_checks_each_issuers_jwks(stack: Stack) -> None:

@@ -17,7 +17,7 @@ from gateway.headers import AUTHORIZATION
 from gateway.pipeline.context import RequestContext
 from gateway.upstream.user_auth import UserAuthority
 
-__all__ = ["UserAuthStage"]
+__all__ = ["LinkedAccountStage", "UserAuthStage"]
 
 _AUTHORIZATION = AUTHORIZATION.lower().encode()
 
@@ -41,4 +41,24 @@ class UserAuthStage:
             ctx.record("user_token_refused", code=getattr(exc, "code", "internal_error"))
             raise
         ctx.record("user_authenticated", issuer=ctx.user.issuer, subject=ctx.user.subject, tokenDigest=ctx.user.digest)
+        return None
+
+
+class LinkedAccountStage:
+    """Stage ``linked_account``: a ``wallet_accounts`` tool needs an account linked to the payer that
+    ``verify`` confirmed. Before ``reserve`` and ``record``: an unlinked payer gets 403
+    ``wallet_not_linked`` with no budget spent, no ledger row, nothing settled (upfront tools
+    included) and no upstream call."""
+
+    name = "linked_account"
+    shape_only = False
+
+    def __init__(self, users: UserAuthority) -> None:
+        self.users = users
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        tool = ctx.tool
+        assert tool is not None
+        if tool.wallet_accounts is not None:
+            self.users.linked_account(tool, ctx.payer)
         return None

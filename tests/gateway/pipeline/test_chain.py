@@ -19,7 +19,7 @@ from settlement.audit import AuditEvent
 STAGES = [
     "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "user_auth", "challenge",
     "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
-    "reserve", "record", "settle_upfront", "bridge", "answer", "settle", "respond",
+    "linked_account", "reserve", "record", "settle_upfront", "bridge", "answer", "settle", "respond",
 ]
 FINALIZERS = ["release_holds", "audit", "observers", "access_log"]
 
