@@ -81,6 +81,7 @@ class ToolCounts:
     rejected: int = 0
     upstream_ok: int = 0
     upstream_failed: int = 0
+    schema_drift: int = 0  # answers off the tool's output_schema (pass and fail alike)
     settled: int = 0
     failed: int = 0
     pending: int = 0
@@ -221,6 +222,8 @@ class GatewayMetrics:
                     setattr(counts(tool), attr, value)
                 elif sample.name == "x402gw_settlements_total":
                     setattr(counts(tool), sample.labels["result"], value)
+                elif sample.name == "x402gw_upstream_schema_drift_total":
+                    counts(tool).schema_drift += value
                 elif sample.name == "x402gw_refunds_total":
                     attr = "refunded" if sample.labels["state"] == "refunded" else "refund_owed"
                     setattr(counts(tool), attr, value)

@@ -129,6 +129,8 @@ tools:
     answers: {{drift: fail}}
 """
 
+ADMIN_TOKEN = "answers-test-admin-token-0123456789"
+
 
 @pytest.fixture(scope="module")
 def upstream_log() -> Iterator[tuple[Upstream, str]]:
@@ -163,6 +165,15 @@ class Stack:
         assert self.writer.drain(30)
         return [(r.event, json.loads(r.data)) for r in self.writer.trail.for_request(response.headers["x-request-id"])]
 
+    def dashboard_drift(self, tool: str) -> int:
+        """The dashboard's per-tool schema drift (``/admin/data.json``), and its page's column."""
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        with self.client() as client:
+            data, page = client.get("/admin/data.json", headers=auth), client.get("/admin", headers=auth)
+        assert data.status_code == 200 and "schema drift" in page.text, (data.text, page.status_code)
+        [entry] = [t for t in data.json()["tools"] if t["tool"] == tool]
+        return int(entry["sinceStart"]["schemaDrift"])
+
     def drift_metric(self, tool: str, handling: str) -> float:
         with self.client() as client:
             text = client.get("/metrics").text
@@ -180,7 +191,7 @@ def stack(tmp_path: Path, devchain: Devchain, start_gateway: GatewayFactory,
     catalog.write_text(CATALOG.format(token=devchain.token, pay_to=PAY_TO, upstream=url))
     database_url = f"sqlite:///{tmp_path / 'answers.sqlite3'}"
     writer = AuditWriter(AuditTrail(database_url))
-    gateway = start_gateway(catalog, database_url=database_url, app_options={"audit": writer})
+    gateway = start_gateway(catalog, database_url=database_url, app_options={"audit": writer}, admin_token=ADMIN_TOKEN)
     return Stack(gateway, upstream, writer, devchain)
 
 
@@ -331,6 +342,7 @@ def test_drift_under_fail_is_not_served_and_not_charged(stack: Stack, kind: str)
     events = dict(stack.events(paid))
     assert events["upstream_schema_drift"]["handling"] == "fail"
     assert stack.drift_metric("strict_item", "fail") == 1
+    assert stack.dashboard_drift("strict_item") == 1  # the dashboard's per-tool panel counts it
 
 
 def test_an_answer_on_its_schema_is_served_and_charged(stack: Stack) -> None:
@@ -353,6 +365,7 @@ def test_drift_under_pass_is_charged_and_recorded(stack: Stack) -> None:
     assert events["upstream_schema_drift"]["handling"] == "pass"
     assert events["upstream_schema_drift"]["problems"] == [{"at": "/price", "keyword": "type", "problem": "expected number"}]
     assert stack.drift_metric("lenient_item", "pass") == 1
+    assert stack.dashboard_drift("lenient_item") == 1
 
 
 def test_drift_under_fail_after_an_upfront_settlement_is_withheld_and_refunded(stack: Stack) -> None:

@@ -116,6 +116,7 @@ class Dashboard:
                     "challenges": counts.challenges, "paymentsReceived": counts.received,
                     "rejected": counts.rejected, "rejectedByReason": counts.rejected_by_reason,
                     "upstreamOk": counts.upstream_ok, "upstreamFailed": counts.upstream_failed,
+                    "schemaDrift": counts.schema_drift,
                     "settled": counts.settled, "settlementFailed": counts.failed, "pending": counts.pending,
                 },
             })

@@ -71,7 +71,7 @@ def render_page(data: dict[str, Any]) -> str:
         f'<tr><td>{escape(t["tool"])}</td><td>{t["calls"]}</td><td>{t["settled"]}</td>'
         f'<td>{t["failed"]}</td><td>{t["voided"]}</td><td>{t["open"]}</td><td>{t["refundsOwed"]}</td>'
         f'<td>{t["sinceStart"]["challenges"]}</td><td>{t["sinceStart"]["rejected"]}</td>'
-        f'<td>{t["sinceStart"]["upstreamFailed"]}</td><td>{_money(t["gross"])}</td><td>{_money(t["refunds"])}</td>'
+        f'<td>{t["sinceStart"]["upstreamFailed"]}</td><td>{t["sinceStart"]["schemaDrift"]}</td><td>{_money(t["gross"])}</td><td>{_money(t["refunds"])}</td>'
         f'<td>{_money(t["net"])}</td></tr>'
         for t in data["tools"]
     )
@@ -109,7 +109,7 @@ def render_page(data: dict[str, Any]) -> str:
 <nav>{ranges}<a href="/admin/data.json">data.json</a></nav>{_revenue_svg(revenue)}</section>
 <section class="wide" id="tools"><h2>Per tool</h2><table>
 <tr><th>tool</th><th>paid calls</th><th>settled</th><th>failed</th><th>upstream failed (voided)</th><th>open</th>
-<th>refunds owed</th><th>402s*</th><th>rejected*</th><th>upstream errors*</th><th>gross</th><th>refunds</th>
+<th>refunds owed</th><th>402s*</th><th>rejected*</th><th>upstream errors*</th><th>schema drift*</th><th>gross</th><th>refunds</th>
 <th>net revenue</th></tr>{rows}</table>
 <p class="muted">Ledger counts and revenue are all-time (revenue in the tool's main asset; gross: settled amounts,
 refunds: owed on settled payments, paid back or not, net: gross minus refunds); * since this process started.</p></section>
