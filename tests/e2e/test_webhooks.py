@@ -67,7 +67,12 @@ def test_a_settled_payment_reaches_the_receiver_signed_and_can_be_replayed(
         errors = [admin.post("/admin/webhooks/999999/replay"), admin.get("/admin/webhooks?status=lost"),
                   httpx.get(f"{gateway.url}/admin/webhooks")]
         assert [e.status_code for e in errors] == [404, 422, 401]
-        answers = listing.text + "".join(e.text for e in errors)
+        # the dashboard shows the latest deliveries too (data.json and the page)
+        board, page = admin.get("/admin/data.json").json(), admin.get("/admin").text
+        assert [(d["eventId"], d["status"], d["type"]) for d in board["webhookDeliveries"]] == [
+            (delivery.event_id, "delivered", "payment.settled")]
+        assert "Webhook deliveries" in page and delivery.event_id in page
+        answers = listing.text + "".join(e.text for e in errors) + json.dumps(board) + page
 
     # The CLI reads and replays the same rows.
     cli = CliRunner()

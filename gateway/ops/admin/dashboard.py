@@ -138,6 +138,7 @@ class Dashboard:
             ],
             "openCircuitBreakers": self._breakers(),
             "netOfGas": summary["netOfGas"],
+            "webhookDeliveries": summary["webhookDeliveries"],
         }
 
     def _chart(self, summary: Mapping[str, Any]) -> dict[str, Any]:

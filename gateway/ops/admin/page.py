@@ -91,6 +91,12 @@ def render_page(data: dict[str, Any]) -> str:
         f'<td>{escape(g["gas"])}</td><td>{escape(g["gas_usd"] or "-")}</td><td>{escape(g["net_usd"] or "-")}</td></tr>'
         for g in data["netOfGas"]
     ) or '<tr><td colspan="9" class="muted">no payments yet</td></tr>'
+    deliveries = "".join(
+        f'<tr><td>{d["id"]}</td><td>{escape(d["type"])}</td><td>{escape(d["owner"])}/{escape(d["endpoint"])}</td>'
+        f'<td>{escape(d["status"])}</td><td>{d["attempts"]}</td><td>{escape(str(d["lastStatus"] or "-"))}</td>'
+        f'<td class="mono">{escape(d["eventId"])}</td></tr>'
+        for d in data["webhookDeliveries"]
+    ) or '<tr><td colspan="7" class="muted">none</td></tr>'
     breakers = data["openCircuitBreakers"]
     breaker_rows = "".join(
         f"<tr><td>{escape(name)}</td><td>{escape(state)}</td></tr>" for name, state in (breakers or {}).items()
@@ -123,4 +129,7 @@ in dollars with X402GW_NATIVE_USD_RATE; net of gas: gross minus refunds minus ga
 <section class="wide" id="pending"><h2>Pending settlements</h2><table>
 <tr><th>id</th><th>created (UTC)</th><th>tool</th><th>payer</th><th>amount</th><th>state</th><th>transaction</th></tr>
 {pending}</table></section>
+<section class="wide" id="webhooks"><h2>Webhook deliveries (latest)</h2><table>
+<tr><th>id</th><th>event</th><th>owner/endpoint</th><th>status</th><th>attempts</th><th>last answer</th><th>event id</th></tr>
+{deliveries}</table><p class="muted">All of them, and replay: GET /admin/webhooks, x402gw webhooks list|replay.</p></section>
 </main></body></html>"""

@@ -19,6 +19,7 @@ from sqlalchemy import BigInteger, Numeric, Row, cast, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+import settlement.ledger.outbox as outbox
 from settlement.finance.export import Filters
 from settlement.finance.summary import Dimension, Group, rollup, summarize
 from settlement.ledger import OPEN_STATES, Payment, PaymentState
@@ -28,6 +29,7 @@ __all__ = ["PENDING_ROWS", "RANGES", "TOP_PAYERS", "ledger_summary", "settled_re
 RANGES: dict[str, tuple[str, int]] = {"24h": ("hour", 24), "7d": ("day", 7), "30d": ("day", 30)}
 TOP_PAYERS = 10
 PENDING_ROWS = 50
+WEBHOOK_ROWS = 20  # the latest webhook deliveries on the page (all of them: GET /admin/webhooks)
 
 
 def _paid_by_payer(engine: Engine) -> Any:
@@ -95,7 +97,21 @@ def ledger_summary(engine: Engine, now: datetime, range_key: str = "24h", rates:
         "pending": [_pending_row(row) for row in pending],
         "revenue": settled_revenue_by_bucket(engine, unit, start, keys),
         "netOfGas": [g.to_json(("owner", "tool"), rates, usd_assets) for g in per_owner_tool],
+        "webhookDeliveries": recent_deliveries(engine),
     }
+
+
+def recent_deliveries(engine: Engine, limit: int = WEBHOOK_ROWS) -> list[dict[str, Any]]:
+    """The latest webhook deliveries (``settlement.ledger.outbox``), newest first: what was sent
+    where and how it went; never a secret (the outbox holds none)."""
+    with engine.connect() as connection:
+        rows = outbox.list_rows(connection, limit=limit)
+    return [
+        {"id": r["id"], "eventId": r["event_id"], "type": r["event_type"], "endpoint": r["endpoint"],
+         "owner": r["owner"], "status": r["status"], "attempts": r["attempts"], "lastStatus": r["last_status"],
+         "createdAt": r["created_at"].isoformat() if r["created_at"] is not None else None}
+        for r in rows
+    ]
 
 
 def _revenue(group: Group) -> dict[str, Any]:
