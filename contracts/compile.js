@@ -19,6 +19,8 @@ const SOURCES = {
   Eip7702Delegate: ["Eip7702Delegate"],
   Multicall3: ["Multicall3"],
   WalletDoubles: ["LyingWallet", "RevertingWallet"],
+  Permit2: ["Permit2"],
+  X402UptoPermit2Proxy: ["X402UptoPermit2Proxy"],
 };
 const EVM_VERSION = "cancun";
 

@@ -24,6 +24,7 @@ from web3 import HTTPProvider, Web3
 from web3.exceptions import Web3Exception
 
 from gateway.devkit.anvil import Anvil, find_anvil
+from gateway.devkit.permit2 import approve_permit2, place_upto_contracts
 from settlement.chain.deployment import (
     ANVIL_ADDRESSES,
     ANVIL_KEYS,
@@ -246,6 +247,9 @@ def fund_and_deploy(
     batch_settler = _deploy_batch_settler(w3, ANVIL_KEYS[0], ANVIL_ADDRESSES[0])
     # Last, so the token and the batch settler keep their addresses.
     wallet_factory, delegate, multicall3 = _deploy_wallet_contracts(w3, ANVIL_KEYS[0])
+    # Code and storage only (anvil_setCode/setStorageAt): no transaction, nothing else moves.
+    permit2, upto_proxy = place_upto_contracts(w3, load_artifact)
+    approve_permit2(w3, token.address, ANVIL_ADDRESSES[1:])
     return Deployment(
         rpc_url=rpc_url,
         chain_id=chain_id,
@@ -262,6 +266,8 @@ def fund_and_deploy(
         wallet_factory=wallet_factory,
         eip7702_delegate=delegate,
         multicall3=multicall3,
+        permit2=permit2,
+        upto_proxy=upto_proxy,
     )
 
 

@@ -124,6 +124,10 @@ class Deployment(BaseModel):
     wallet_factory: str | None = None
     eip7702_delegate: str | None = None
     multicall3: str | None = None
+    # The x402 upto scheme's contracts at their canonical addresses (absent in older files):
+    # Permit2 and x402UptoPermit2Proxy; funded accounts have approved Permit2 on the token.
+    permit2: str | None = None
+    upto_proxy: str | None = None
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: readers see the old file or the new one, never half of one."""
