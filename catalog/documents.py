@@ -5,9 +5,10 @@ The loader validates a file against ``CatalogDoc`` and then resolves it into ``c
 
 from __future__ import annotations
 
-from typing import Annotated
+from decimal import Decimal
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from catalog.answers import Answers
 from catalog.bridge import (
@@ -42,6 +43,7 @@ from catalog.fields import (
     VersionText,
 )
 from catalog.limits import Breaker, Budgets, RateLimits
+from catalog.price_rules import PriceRuleDoc, PriceTierDoc
 from catalog.user_auth import TokenExchange, UserAuth, WalletAccounts
 
 __all__ = ["KNOWN_KEYS", "CatalogDoc", "CatalogPaymentDoc", "OfferDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
@@ -91,6 +93,17 @@ class UpstreamDoc(FrozenModel):
     auth: Auth | None = None
 
 
+def _price_kind(value: Any) -> str:
+    return "[rule]" if isinstance(value, dict) or isinstance(value, PriceRuleDoc) else "[amount]"
+
+
+# A tool's price: one amount, or a rule over its arguments (``catalog.price_rules``). The tags are
+# left out of diagnostics' paths (``Source.add_validation_errors``).
+PriceSpec = Annotated[
+    Annotated[PriceRef, Tag("[amount]")] | Annotated[PriceRuleDoc, Tag("[rule]")], Discriminator(_price_kind)
+]
+
+
 class ToolDoc(FrozenModel):
     name: ToolName
     description: Text
@@ -98,7 +111,7 @@ class ToolDoc(FrozenModel):
     path: PublicPath
     upstream: UpstreamName | None = None
     upstream_path: UpstreamPath | None = None
-    price: PriceRef  # a token amount, or dollars ("$0.01", for a dollar stablecoin)
+    price: PriceSpec  # a token amount, dollars ("$0.01", for a dollar stablecoin), or a rule
     settle: SettleMode | None = None
     side_effects: bool = False
     payment: PaymentDoc | None = None
@@ -117,6 +130,12 @@ class ToolDoc(FrozenModel):
     user_auth: UserAuth | None = None  # the end user's OAuth token, checked before the offer (catalog.user_auth)
     wallet_accounts: WalletAccounts | None = None  # payer address -> upstream user credential, after verify
 
+    @property
+    def amount(self) -> Decimal:
+        """The price as one amount: a rule's price of a count of 1 once the loader resolved it."""
+        assert isinstance(self.price, Decimal), "a price rule is resolved first (loader._priced)"
+        return self.price
+
 
 class CatalogDoc(FrozenModel):
     catalog: CatalogVersion
@@ -133,5 +152,5 @@ class CatalogDoc(FrozenModel):
 
 KNOWN_KEYS: frozenset[str] = frozenset().union(
     *(m.model_fields for m in (CatalogPaymentDoc, OfferDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker, Answers,
-                                      UserAuth, TokenExchange, WalletAccounts))
+                                      UserAuth, TokenExchange, WalletAccounts, PriceRuleDoc, PriceTierDoc))
 )

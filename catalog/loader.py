@@ -41,6 +41,7 @@ from catalog.models import (
     max_call_seconds,
 )
 from catalog.offers import resolve_offers
+from catalog.price_rules import PriceRule, PriceRuleDoc, build_rule, precision_problems
 from catalog.registry import Stablecoin
 from catalog.source import Source
 from catalog.templates import route_shape
@@ -75,15 +76,18 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
         before = len(src.issues)
         _check_unique(doc, index, names, routes, src)
         upstream = _pick_upstream(spec, upstreams, at, src)
+        spec, rule = _priced(spec, at, src)
         payment = _tool_terms(resolver, spec, at, src) if defaults is not None else None
         upstream_path = spec.upstream_path or spec.path
         settle = spec.settle or default_settle(spec.method, spec.side_effects)
         if payment is not None:
             _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
         alternatives = _tool_offers(doc, spec, at, payment, settle, upstream, local, src) if payment is not None else ()
+        if rule is not None and payment is not None:
+            _check_rule(doc, spec, at, rule, (payment, *(o.terms for o in alternatives)), src)
         if len(src.issues) > before or upstream is None or payment is None:
             continue
-        tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name, alternatives))
+        tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name, alternatives, rule))
     if src.issues or defaults is None:
         return None
     return Catalog(
@@ -101,7 +105,7 @@ def _tool_offers(
     problem of the catalog's offers is reported at them, naming the tool."""
     own = spec.offers is not None
     docs = spec.offers if spec.offers is not None else doc.offers
-    offers, problems = resolve_offers(payment, spec.price, docs, local)
+    offers, problems = resolve_offers(payment, spec.amount, docs, local)
     for field, code, message in problems:
         src.issue(f"{at}.{field}", code, message) if own else src.issue(field, code, f"{spec.name}: {message}")
     ceilings = [m for m in (spec.max_price, doc.max_price) if m is not None]
@@ -117,6 +121,32 @@ def _tool_offers(
     return offers
 
 
+def _priced(spec: ToolDoc, at: str, src: Source) -> tuple[ToolDoc, PriceRule | None]:
+    """A tool priced by a rule (``catalog.price_rules``): the rule, and the tool with its price of a
+    count of 1 in ``price``, which the checks of a fixed price (dollars, precision, ceilings) read."""
+    if not isinstance(spec.price, PriceRuleDoc):
+        return spec, None
+    rule, problems = build_rule(spec.price, spec.input_schema)
+    for field, code, message in problems:
+        src.issue(f"{at}.price" if field == "price" else f"{at}.price.{field}", code, message)
+    if rule is None:
+        return spec.model_copy(update={"price": Decimal(1)}), None  # reported; the tool is left out
+    return spec.model_copy(update={"price": rule.reference}), rule
+
+
+def _check_rule(doc: CatalogDoc, spec: ToolDoc, at: str, rule: PriceRule, terms: Iterable[PaymentTerms], src: Source) -> None:
+    """Every amount of the rule is whole atomic units of every offer's token; the offers take the
+    rule (an offer's own fixed price beside it would be a second, different price)."""
+    for field, code, message in sorted({p for t in terms for p in precision_problems(rule, t.decimals)}):
+        src.issue(f"{at}.{field}", code, message)
+    own = spec.offers is not None
+    for index, offer in enumerate(spec.offers if spec.offers is not None else doc.offers):
+        if offer.price is not None:
+            where = f"{at}.offers[{index}].price" if own else f"offers[{index}].price"
+            src.issue(where, "offer_price_on_rule",
+                      f"{spec.name} is priced by a rule, which every offer charges: leave this offer's price out")
+
+
 def _tool_terms(resolver: TermsResolver, spec: ToolDoc, at: str, src: Source) -> PaymentTerms | None:
     """The tool's effective terms, or None after reporting why not. A problem with a field the
     tool's own block writes is reported at that field; one its block only caused (a symbol of the
@@ -127,7 +157,7 @@ def _tool_terms(resolver: TermsResolver, spec: ToolDoc, at: str, src: Source) ->
         src.issue(f"{at}.payment.{field}" if field in written else f"{at}.payment", code, message)
     if terms is None:
         return None
-    problem = dollar_problem(spec.price, terms, coin)
+    problem = dollar_problem(spec.amount, terms, coin)
     if problem is not None:
         src.issue(f"{at}.price", "dollar_price_not_usd", problem)
         return None
@@ -159,7 +189,7 @@ def _check_tool(
     """A tool's checks against its resolved terms: the model's cross-field checks, the bridge's,
     the price ceilings, and a settle-after payment window long enough for the upstream."""
     for field, code, message in consistency_problems(
-        path=spec.path, upstream_path=upstream_path, price=spec.price,
+        path=spec.path, upstream_path=upstream_path, price=spec.amount,
         decimals=payment.decimals, input_schema=spec.input_schema,
     ):
         src.issue(f"{at}.{field}", code, message)
@@ -174,8 +204,8 @@ def _check_tool(
         src.issue(f"{at}.{field}", code, message)
     ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
     for ceiling, where in ceilings:
-        if spec.price > ceiling:
-            src.issue(f"{at}.price", "price_above_max", f"price {spec.price:f} is above {where} {ceiling:f}")
+        if spec.amount > ceiling:
+            src.issue(f"{at}.price", "price_above_max", f"price {spec.amount:f} is above {where} {ceiling:f}")
     if upstream is not None and settle == "after":
         window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS
         if payment.max_timeout_seconds < window:
@@ -190,6 +220,7 @@ def _check_tool(
 def _tool(
     doc: CatalogDoc, spec: ToolDoc, upstream: Upstream, payment: PaymentTerms,
     upstream_path: str, settle: SettleMode, source: str, alternatives: tuple[PaymentOffer, ...] = (),
+    rule: PriceRule | None = None,
 ) -> Tool:
     # Not validated again: every field comes from ``ToolDoc`` (the same annotated types, already
     # checked), the resolved upstream and terms are validated models, and ``Tool``'s cross-field
@@ -198,13 +229,13 @@ def _tool(
     return Tool.model_construct(
         owner=doc.owner, name=spec.name, description=spec.description, method=spec.method,
         path=spec.path, upstream=upstream, upstream_path=upstream_path,
-        price=spec.price if type(spec.price) is Decimal else Decimal(spec.price),
+        price=spec.amount if type(spec.amount) is Decimal else Decimal(spec.amount),
         settle=settle, side_effects=spec.side_effects, payment=payment, input_schema=spec.input_schema,
         output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
         rate_limits=spec.rate_limits,
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
         retry=spec.retry, failure_when=spec.failure_when, alternatives=alternatives, answers=spec.answers,
-        user_auth=spec.user_auth, wallet_accounts=spec.wallet_accounts,
+        user_auth=spec.user_auth, wallet_accounts=spec.wallet_accounts, price_rule=rule,
     )
 
 

@@ -44,6 +44,7 @@ from catalog.fields import (
     VersionText,
 )
 from catalog.limits import Breaker, Budgets, RateLimits
+from catalog.price_rules import PriceRule
 from catalog.pricing import to_atomic
 from catalog.templates import parse_template
 from catalog.user_auth import UserAuth, WalletAccounts
@@ -194,6 +195,9 @@ class Tool(FrozenModel):
     failure_when: tuple[FailureRule, ...] = ()
     # what answers may be made into: trimmed to a caller's budget, checked for drift (catalog.answers)
     answers: Answers | None = None
+    # a dynamic price (catalog.price_rules): ``price`` is then the rule's price of a count of 1, and
+    # each request's offers carry the rule's price of its arguments (gateway.pipeline.compiled)
+    price_rule: PriceRule | None = None
     # the end user's OAuth 2.0 token, checked before the offer and sent upstream (catalog.user_auth)
     user_auth: UserAuth | None = None
     # or: the verified payer's own upstream credential, from the owner's secret file (catalog.user_auth)

@@ -287,10 +287,11 @@ class Source:
     def add_validation_errors(self, exc: ValidationError, prefix: str = "") -> None:
         for error in exc.errors(include_url=False):
             path = prefix
-            for part in error["loc"]:
-                if part != "[key]":
-                    path = _join(path, part)
-            last = str(error["loc"][-1]) if error["loc"] else ""
+            # "[key]", and the tags of a tagged union ("[rule]"), are no part of the document's path.
+            loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("["))]
+            for part in loc:
+                path = _join(path, part)
+            last = str(loc[-1]) if loc else ""
             kind = error["type"]
             if kind == "extra_forbidden":
                 code, message = "unknown_key", f"unknown key {last!r}"
