@@ -166,12 +166,15 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         result = await self._rpc("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"])
         return bytes.fromhex(str(result)[2:])
 
-    async def eth_call(self, to: str, data: bytes, *, gas: int | None = None) -> bytes:
-        """One ``eth_call`` at the latest block, its gas capped when ``gas`` is given; a revert is
-        an ``RpcError`` (``rpc_message`` says why)."""
+    async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes:
+        """One ``eth_call`` at the latest block, its gas capped when ``gas`` is given, from
+        ``sender`` when given (a simulation of our own transaction); a revert is an ``RpcError``
+        (``rpc_message`` says why)."""
         call: dict[str, str] = {"to": to, "data": "0x" + data.hex()}
         if gas is not None:
             call["gas"] = hex(gas)
+        if sender is not None:
+            call["from"] = sender
         result = await self._rpc("eth_call", [call, "latest"])
         return bytes.fromhex(str(result)[2:])
 

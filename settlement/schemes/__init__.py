@@ -11,6 +11,8 @@
     facilitator_auth.py   credentials for remote facilitators: static headers, CDP JWTs
     eip712.py, signatures.py   EIP-712 digests and offline signer recovery
     wallets.py        contract-wallet signatures (ERC-1271, ERC-6492): checked on chain, settled
+    upto.py           UptoEvm: the upto scheme (Permit2 witness transfer up to a signed maximum)
+    upto_permit.py    an upto payment's Permit2 authorization: parsed, hashed, encoded
 
 Adding a scheme: a module with a ``Scheme``, registered in the gateway's composition root, and
 ``payment.scheme`` in the catalog.
@@ -25,6 +27,7 @@ from settlement.schemes.facilitator_auth import CdpJwtAuth, FacilitatorAuth, Fac
 from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.registry import Schemes
 from settlement.schemes.remote import RemoteFacilitator, settlement_outcome_unknown
+from settlement.schemes.upto import UPTO, UptoEvm, upto_maximum, upto_requirements
 from settlement.schemes.wallets import (
     ANY_NETWORK,
     MULTICALL3_ADDRESS,
@@ -36,6 +39,7 @@ from settlement.schemes.wallets import (
 __all__ = [
     "ANY_NETWORK",
     "EXACT",
+    "UPTO",
     "MULTICALL3_ADDRESS",
     "VALID_BEFORE_MARGIN_SECONDS",
     "BatchPolicy",
@@ -52,6 +56,7 @@ __all__ = [
     "Scheme",
     "Schemes",
     "StaticHeaders",
+    "UptoEvm",
     "Supported",
     "WalletRefused",
     "WalletSignature",
@@ -61,4 +66,6 @@ __all__ = [
     "exact_resolvers",
     "resolve_exact",
     "settlement_outcome_unknown",
+    "upto_maximum",
+    "upto_requirements",
 ]

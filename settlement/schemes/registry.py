@@ -78,10 +78,12 @@ class Schemes:
         return await self.for_requirements(requirements).settle(payload, requirements, before_send=before_send)
 
     async def resolve(self, row: Payment) -> Resolution | None:
-        """What happened to an open payment, from the first scheme on its network that can tell
-        (the ledger does not record a payment's scheme yet: today every row is ``exact``)."""
+        """What happened to an open payment, from the first scheme of its kind on its network that
+        can tell (the ledger records no scheme: an upto row's authorization is a Permit2 one, and
+        only an upto scheme reads it; any other row goes to the other schemes)."""
+        upto = '"permit2Authorization"' in row.authorization
         for scheme in self._schemes:
-            if scheme.serves(row.network):
+            if (scheme.name == "upto") == upto and scheme.serves(row.network):
                 resolution = await scheme.resolve(row)
                 if resolution is not None:
                     return resolution
