@@ -68,6 +68,10 @@ METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 INVALID_ARGUMENTS: Final = "invalid_arguments"
 INVALID_PARAMETER: Final = "invalid_parameter"
 INVALID_JSON_BODY: Final = "invalid_json_body"
+# A tool priced by a rule (catalog.price_rules): these arguments' price is above the tool's
+# maximum, or none (no tier holds the count, 0, beyond any token amount). Ask for less.
+PRICE_ABOVE_MAX: Final = "price_above_max"
+PRICE_OUT_OF_RANGE: Final = "price_out_of_range"
 DUPLICATE_JSON_KEY: Final = "duplicate_json_key"
 BODY_NOT_ALLOWED: Final = "body_not_allowed"
 REQUEST_TOO_LARGE: Final = "request_too_large"
@@ -151,6 +155,8 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(INVALID_ARGUMENTS, 422, "fix_arguments"),
     Refusal(INVALID_PARAMETER, 400, "fix_arguments"),
     Refusal(INVALID_JSON_BODY, 400, "fix_arguments"),
+    Refusal(PRICE_ABOVE_MAX, 422, "fix_arguments"),
+    Refusal(PRICE_OUT_OF_RANGE, 422, "fix_arguments"),
     Refusal(DUPLICATE_JSON_KEY, 400, "none"),
     Refusal(BODY_NOT_ALLOWED, 400, "none"),
     Refusal(REQUEST_TOO_LARGE, 413, "fix_arguments"),

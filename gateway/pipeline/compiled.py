@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cached_property
+from typing import Any
 
 from jsonschema import Draft202012Validator
 
@@ -15,6 +17,12 @@ from settlement.schemes.exact import exact_requirements
 from settlement.x402.wire import PaymentRequirements
 
 __all__ = ["CompiledTool"]
+
+MAX_PRICED_OFFERS = 256  # distinct prices of one rule-priced tool kept (an offer is a few KB)
+
+
+def _decimal(atomic: int, decimals: int) -> Decimal:
+    return Decimal(format_amount(atomic, decimals))  # exact: a decimal string, no context rounding
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,12 +36,39 @@ class CompiledTool:
     validators: dict[str, Draft202012Validator] = field(default_factory=dict, repr=False)
     # The offer's requirements from the tool's terms and price: the pipeline's ``Schemes.requirements``.
     scheme_requirements: Callable[[PaymentTerms, int], PaymentRequirements] = exact_requirements
+    # A tool priced by a rule: its offers by their amounts (one per offer), the latest kept.
+    priced: dict[tuple[int, ...], Offer] = field(default_factory=dict, repr=False)
 
     @cached_property
     def offer(self) -> Offer:
         tool, requirements = self.tool, self.scheme_requirements
         alternatives = [requirements(offer.terms, offer.price_atomic) for offer in tool.alternatives]
         return Offer.for_tool(tool, requirements(tool.payment, tool.price_atomic), alternatives)
+
+    def offer_for(self, arguments: Mapping[str, Any]) -> Offer:
+        """The offer of a call with these arguments: ``offer``, or for a tool priced by a rule
+        (``catalog.price_rules``) the offer of the tool at the rule's price of ``arguments`` on every
+        offer, each in its token's decimals. Raises ``PriceRuleError``. Offers are kept per price."""
+        rule = self.tool.price_rule
+        if rule is None:
+            return self.offer
+        tool = self.tool
+        amounts = tuple(rule.atomic(arguments, offer.terms.decimals) for offer in tool.offers)
+        offer = self.priced.get(amounts)
+        if offer is None:
+            first, *others = amounts
+            priced = tool.model_copy(update={
+                "price": _decimal(first, tool.payment.decimals),
+                "alternatives": tuple(o.model_copy(update={"price": _decimal(a, o.terms.decimals)})
+                                      for o, a in zip(tool.alternatives, others, strict=True)),
+            })
+            requirements = self.scheme_requirements
+            offer = Offer.for_tool(priced, requirements(priced.payment, first),
+                                   [requirements(o.terms, a) for o, a in zip(priced.alternatives, others, strict=True)])
+            if len(self.priced) >= MAX_PRICED_OFFERS:
+                del self.priced[next(iter(self.priced))]  # the oldest
+            self.priced[amounts] = offer
+        return offer
 
     @cached_property
     def validator(self) -> Draft202012Validator:

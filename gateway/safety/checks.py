@@ -3,7 +3,8 @@
 Checks run in this order; each either returns (continue) or raises a ``GatewayError``:
 
     route ─▶ header size (431) ─▶ body size (413) ─▶ arguments (422)
-          ─▶ kill switch (503 tool_disabled) ─▶ price guard (503 price_guard)
+          ─▶ kill switch (503 tool_disabled) ─▶ price guard (503 price_guard; a rule's
+             price of these arguments: 422 price_above_max)
           ─▶ circuit breaker (503 upstream_circuit_open) ─▶ rate limit per client (429, every request)
           ─▶ [unpaid] 402
           ─▶ [paid] decode/bind ─▶ signature recovered offline (402) ─▶ payer allow/deny (403 payer_denied)
@@ -287,6 +288,13 @@ class Safety:
         ceiling = self._ceilings.get(tool.name)
         if ceiling is None or Decimal(price_atomic) <= ceiling.scaleb(tool.payment.decimals):
             return
+        if tool.price_rule is not None:  # these arguments' price, not the tool's: ask for less
+            raise GatewayError(
+                codes.PRICE_ABOVE_MAX,
+                f"{tool.name} costs {format_amount(price_atomic, tool.payment.decimals)} for these arguments "
+                f"above its maximum {ceiling:f}; ask for less ({', '.join(tool.price_rule.per)} set the price)",
+                fields=[{"field": name} for name in tool.price_rule.per], maximum=f"{ceiling:f}",
+            )
         log.error("price guard: %s priced %s atomic, above its maximum %s", tool.name, price_atomic, ceiling)
         raise GatewayError(
             codes.PRICE_GUARD, "this tool's price is above the maximum this gateway allows; it is not sold now",

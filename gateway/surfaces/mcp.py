@@ -45,7 +45,6 @@ from mcp.shared.exceptions import MCPError
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from catalog import format_amount
 from gateway import codes
 from gateway.errors import GatewayError
 from gateway.headers import (
@@ -60,7 +59,7 @@ from gateway.headers import (
     X402GW_RECEIPT,
     lower,
 )
-from gateway.surfaces.discovery import advertised_schema, offer_prices, tool_request
+from gateway.surfaces.discovery import advertised_schema, offer_prices, price_facts, tool_request
 from gateway.surfaces.discovery.users import user_auth_facts, user_auth_sentence
 from gateway.surfaces.search import (
     BUDGET_MAX,
@@ -151,17 +150,17 @@ class McpEndpoint:
         tool = self.pipeline.tools[name].tool
         terms = tool.payment
         price: dict[str, Any] = {
-            "amount": format_amount(tool.price_atomic, terms.decimals),
-            "atomic": str(tool.price_atomic),
+            **price_facts(tool, terms, tool.price_atomic),  # amount and atomic, or priceRule and priceText
             "asset": terms.asset,
             "network": terms.network,
             "payTo": terms.pay_to,
             "scheme": "exact",
         }
-        description = f"{tool.description} (x402: {price['amount']} {terms.asset_name} per call on {terms.network})"
+        cost = f"{price['amount']} {terms.asset_name} per call" if "amount" in price else price["priceText"]
+        description = f"{tool.description} (x402: {cost} on {terms.network})"
         if tool.alternatives:  # several ways to pay: every one listed, and said in the description
             offers = price["offers"] = offer_prices(tool)
-            description += "".join(f" (or {o['amount']} {o['assetName']} on {o['network']})" for o in offers[1:])
+            description += "".join(f" (or {o.get('amount', 'in')} {o['assetName']} on {o['network']})" for o in offers[1:])
         meta: dict[str, Any] = {}
         if tool.user_auth is not None:  # the user's token: the MCP request's own Authorization is passed on
             description += user_auth_sentence(tool)

@@ -2,7 +2,8 @@
 
 ``offer`` reads which payment header came (v2 ``PAYMENT-SIGNATURE``, v1 ``X-PAYMENT``) and writes
 ``ctx.quote`` (the tool's offer bound to this request, in the client's protocol version) and
-``ctx.paying``. ``challenge`` answers a call that is not paying with its 402 and otherwise passes
+``ctx.paying``; a tool priced by a rule is quoted at its arguments' price (422 ``price_out_of_range``
+or ``invalid_arguments`` when they have none). ``challenge`` answers a call that is not paying with its 402 and otherwise passes
 it on; a HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
 The unpaid fast path keeps the 402 ``challenge`` renders and hands it back through ``issue``.
 """
@@ -11,6 +12,10 @@ from __future__ import annotations
 
 from starlette.responses import Response
 
+from catalog import format_amount
+from catalog.price_rules import PriceRuleError
+from gateway import codes
+from gateway.errors import GatewayError
 from gateway.headers import PAYMENT_SIGNATURE, X_PAYMENT, lower
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.challenge import PaymentChallenge
@@ -40,7 +45,12 @@ class OfferStage:
         version = 1 if header_v1 is not None else (2 if header is not None else self.challenge_body_version)
         base = self.public_url or str(request.base_url).rstrip("/")
         resource_url = f"{base}{ctx.path}?{ctx.query}" if ctx.query else f"{base}{ctx.path}"
-        offer = compiled.offer
+        try:  # a tool priced by a rule: the price of these arguments, before any 402
+            offer = compiled.offer_for(ctx.arguments)
+        except PriceRuleError as exc:
+            code = codes.PRICE_OUT_OF_RANGE if exc.code == codes.PRICE_OUT_OF_RANGE else codes.INVALID_ARGUMENTS
+            rule = compiled.tool.price_rule
+            raise GatewayError(code, str(exc), fields=[{"field": name} for name in (rule.per if rule else ())]) from None
         binding = request_binding(ctx.method, ctx.path, ctx.query)
         ctx.quote = Quote(offer, offer.bound(binding), resource_url, version, binding)
         ctx.paying = (header is not None or header_v1 is not None) and ctx.method != "HEAD"
@@ -61,7 +71,9 @@ class Challenge:
     def unpaid(ctx: RequestContext) -> PaymentChallenge:
         """The 402 of this call without payment: depends only on the request's shape."""
         assert ctx.quote is not None and ctx.compiled is not None
-        return PaymentChallenge.unpaid(ctx.quote, ctx.compiled.price_text)
+        tool = ctx.quote.offer.tool
+        text = ctx.compiled.price_text if tool.price_rule is None else format_amount(tool.price_atomic, tool.payment.decimals)
+        return PaymentChallenge.unpaid(ctx.quote, text)
 
     @staticmethod
     def issue(ctx: RequestContext, code: str, answer: Response) -> Response:

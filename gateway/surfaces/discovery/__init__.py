@@ -16,7 +16,7 @@ extension of each 402 challenge lives below both, in ``gateway.protocol.bazaar``
     endpoints.py  ``Discovery``: the routes, the document cache, /tools and the bazaar listing
     openapi.py    the OpenAPI 3.1 document
     llms.py       the plain-text document
-    offers.py     every offer of a tool with several ways to pay (``offer_prices``)
+    offers.py     every offer of a tool with several ways to pay (``offer_prices``); a price or its rule (``price_facts``)
     requests.py   one tool call as an HTTP request (``tool_request``), shared with MCP and the agent
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from gateway.surfaces.discovery.endpoints import X402_VERSION, Discovery
 from gateway.surfaces.discovery.llms import llms_text
-from gateway.surfaces.discovery.offers import offer_prices
+from gateway.surfaces.discovery.offers import offer_prices, price_facts
 from gateway.surfaces.discovery.openapi import (
     COMPONENTS,
     HOW_TO_PAY,
@@ -42,6 +42,7 @@ __all__ = [
     "ToolRequest",
     "llms_text",
     "offer_prices",
+    "price_facts",
     "openapi_document",
     "operation",
     "tool_request",

@@ -11,11 +11,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from catalog import Tool, format_amount
+from catalog import Tool
 from gateway.errors import GatewayError
 from gateway.protocol.bazaar import BAZAAR
 from gateway.surfaces.discovery.llms import llms_text
-from gateway.surfaces.discovery.offers import offer_prices
+from gateway.surfaces.discovery.offers import offer_prices, price_facts
 from gateway.surfaces.discovery.openapi import HOW_TO_PAY, openapi_document
 from gateway.surfaces.discovery.requests import advertised_schema
 from gateway.surfaces.discovery.users import user_auth_facts
@@ -76,8 +76,7 @@ class Discovery:
     def price(self, tool: Tool) -> dict[str, Any]:
         terms = tool.payment
         return {
-            "amount": format_amount(tool.price_atomic, terms.decimals),
-            "atomic": str(tool.price_atomic),
+            **price_facts(tool, terms, tool.price_atomic),  # amount and atomic, or priceRule and priceText
             "asset": terms.asset,
             "assetName": terms.asset_name,
             "decimals": terms.decimals,
@@ -113,8 +112,8 @@ class Discovery:
             "method": tool.method,
             "path": tool.path,
             "url": base + tool.path,
-            "price": price["amount"],
-            "priceAtomic": price["atomic"],
+            **({"price": price["amount"], "priceAtomic": price["atomic"]} if "amount" in price
+               else {"priceRule": price["priceRule"], "priceText": price["priceText"]}),
             "asset": price["asset"],
             "assetName": price["assetName"],
             "decimals": price["decimals"],
@@ -191,6 +190,8 @@ class Discovery:
                 "pathParams": list(tool.path_params),
                 "inputSchema": tool.input_schema,
                 **({"outputSchema": tool.output_schema} if tool.output_schema else {}),
+                # priced by a rule: accepts states a count of 1; each call's 402 its arguments' price
+                **({k: v for k, v in self.price(tool).items() if k in ("priceRule", "priceText")}),
                 "bazaar": self.pipeline.tools[tool.name].offer.extensions[BAZAAR]["info"],
             },
         }

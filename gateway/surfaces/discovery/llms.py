@@ -87,12 +87,15 @@ def _tool_lines(tools: list[Tool], base: str, price: Callable[[Tool], dict[str, 
         lines.append(
             f"### {tool.name}\n\n{tool.description}\n\n"
             f"- {tool.method} {base}{tool.path}\n"
-            f"- price: {terms['amount']} {tool.payment.asset_name} ({terms['atomic']} atomic units of "
-            f"{terms['asset']}) on {terms['network']}, paid to {terms['payTo']}"
+            + (f"- price: {terms['amount']} {tool.payment.asset_name} ({terms['atomic']} atomic units of "
+               f"{terms['asset']})" if "amount" in terms else f"- price: {terms['priceText']} (token {terms['asset']})")
+            + f" on {terms['network']}, paid to {terms['payTo']}"
             + (" — settled before the call (side effects)" if tool.settle == "upfront" else "")
         )
         lines.extend(  # a tool's other offers (catalog.offers): accepts lists each, the payer picks one
-            f"- or: {o['amount']} {o['assetName']} ({o['atomic']} atomic units of {o['asset']}) on {o['network']}, "
+            (f"- or: {o['amount']} {o['assetName']} ({o['atomic']} atomic units of {o['asset']})" if "amount" in o
+             else f"- or: {o['assetName']} ({o['asset']}), the same rule")
+            + f" on {o['network']}, "
             f"paid to {o['payTo']} ({o['scheme']})"
             for o in terms.get("offers", [])[1:]
         )

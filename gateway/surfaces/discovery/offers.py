@@ -1,4 +1,4 @@
-"""Every offer of a tool as the discovery formats show it: a tool with several ways to pay (another
+"""Every offer of a tool as the discovery formats show it, and a price (one amount, or a rule): a tool with several ways to pay (another
 token, chain or scheme; ``catalog.offers``) lists all of them, the catalog's ``payment`` first, in
 ``offers`` beside the first offer's usual fields. A single-offer tool's documents are unchanged."""
 
@@ -6,17 +6,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from catalog import Tool, format_amount
+from catalog import PaymentTerms, Tool, format_amount
 
-__all__ = ["offer_prices"]
+__all__ = ["offer_prices", "price_facts"]
+
+
+def price_facts(tool: Tool, terms: PaymentTerms, price_atomic: int) -> dict[str, Any]:
+    """A fixed price's ``amount`` and ``atomic``; or, for a tool priced by a rule (``catalog.price_rules``),
+    no single amount but the rule (``priceRule``, amounts in ``terms``' token) and ``priceText``, a
+    sentence: each call's amount is the rule's result for its arguments, stated in its 402."""
+    rule = tool.price_rule
+    if rule is None:
+        return {"amount": format_amount(price_atomic, terms.decimals), "atomic": str(price_atomic)}
+    return {
+        "priceRule": rule.describe(terms.decimals),
+        "priceText": f"{rule.sentence(terms.asset_name)}, computed from the arguments; the 402 states the amount",
+    }
 
 
 def offer_prices(tool: Tool) -> list[dict[str, Any]]:
     """Each offer's price and terms, in order: what a payer may pick from in the 402's ``accepts``."""
     return [
         {
-            "amount": format_amount(offer.price_atomic, offer.terms.decimals),
-            "atomic": str(offer.price_atomic),
+            **price_facts(tool, offer.terms, offer.price_atomic),
             "asset": offer.terms.asset,
             "assetName": offer.terms.asset_name,
             "decimals": offer.terms.decimals,

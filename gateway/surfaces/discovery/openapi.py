@@ -80,7 +80,7 @@ def operation(tool: Tool, price: dict[str, Any]) -> dict[str, Any]:
         "400": {"description": "Malformed payment header or request body.", **error},
         "402": {
             "description": (
-                f"Payment required: {price['amount']} {tool.payment.asset_name} on "
+                f"Payment required: {price['amount'] + ' ' + tool.payment.asset_name if 'amount' in price else price['priceText']} on "
                 f"{tool.payment.network}. Sign the offer in PAYMENT-REQUIRED and resend as PAYMENT-SIGNATURE."
             ),
             "headers": {"PAYMENT-REQUIRED": {"$ref": "#/components/headers/PAYMENT-REQUIRED"}},
