@@ -41,6 +41,8 @@ def _price(tool: Tool, local: Local) -> str:
     amount = format_amount(tool.price_atomic, tool.payment.decimals)
     unit = coin.symbol if coin is not None else "tokens"
     dollars = f"${amount} = " if coin is not None and coin.currency == "USD" else ""
+    if tool.price_rule is not None:  # each call's price is the rule's, for its arguments
+        return f"{tool.price_rule.sentence(unit)} (a count of 1: {dollars}{amount} {unit}, {tool.price_atomic} atomic)"
     return f"{dollars}{amount} {unit} ({tool.price_atomic} atomic)"
 
 

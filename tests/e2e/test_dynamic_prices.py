@@ -16,15 +16,32 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
+from eth_typing import HexStr
+from web3 import Web3
 from x402 import x402Client
 from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
 
+from catalog import load_catalogs
+from gateway.app import create_app
+from gateway.devkit.devchain import deploy_token, mint
 from gateway.devkit.payer import Payer
+from gateway.ops.serving import ThreadServer
+from gateway.settings import Settings
+from settlement.chain.client import SEL_BALANCE_OF
 from settlement.ledger import PaymentState
+from settlement.schema import open_ledger
 from settlement.x402.codec import decode_header_json, encode_header
-from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of, upstream_hits
+from tests.conftest import (
+    PAY_TO,
+    Devchain,
+    GatewayFactory,
+    RunningGateway,
+    offer_of,
+    running_devchain,
+    upstream_hits,
+)
 
 PAYER = 8
 REPORTS = "POST /reports"
@@ -246,3 +263,47 @@ def test_discovery_describes_the_rule_instead_of_one_amount(gateway: RunningGate
     [mcp_tool] = [t for t in listed["result"]["tools"] if t["name"] == "symbol_report"]
     assert mcp_tool["_meta"]["x402/price"]["priceRule"] == rule and "amount" not in mcp_tool["_meta"]["x402/price"]
     assert "0.001 USD Coin per symbols" in mcp_tool["description"]
+
+
+# -- several offers: the rule on each, in each token -------------------------------------------------
+
+
+def test_a_rule_prices_every_offer_and_the_chosen_one_settles_its_amount(tmp_path: Path, upstream: str) -> None:
+    """A second dollar token beside USDC (its own anvil, so no deployment of the session's chain
+    shifts): both offers carry the rule's amount for the arguments; paying with the second settles
+    exactly that in the second token, and its ledger row names it."""
+    with running_devchain(tmp_path) as chain:
+        payer = chain.address(PAYER)
+        two = deploy_token(chain.anvil.rpc_url, name="Dollar Two", symbol="USD2", version="1")
+        mint(chain.anvil.rpc_url, two, [payer], 1_000_000_000)
+        text = catalog(chain, upstream, tmp_path).read_text().replace("upstreams:", (
+            f'offers:\n  - {{asset: "{two}", asset_name: "Dollar Two", asset_version: "1", decimals: 6, usd_pegged: true}}\n'
+            "upstreams:"), 1)
+        path = tmp_path / "offers.yaml"
+        path.write_text(text)
+        settings = Settings(catalog=[path], deployment_file=chain.deployment_file, receipt_timeout_seconds=10,
+                            database_url=f"sqlite:///{tmp_path / 'offers.sqlite3'}")
+        ledger = open_ledger(settings.database_url)
+        with ThreadServer(create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger)) as server:
+            client = httpx.Client(base_url=server.url, timeout=30)
+            offer = offer_of(client.post("/reports", json=report(4)))
+            assert [(a.asset, a.amount) for a in offer.accepts] == [(chain.token, "4000"), (two, "4000")]
+            before = balances(chain, two, payer), balances(chain, two, PAY_TO)
+            payment = Payer(chain.key(PAYER)).sign(offer.accepts[1], resource=offer.resource)
+            paid = client.post("/reports", json=report(4), headers={"PAYMENT-SIGNATURE": encode_header(payment)})
+            client.close()
+        assert paid.status_code == 202, paid.text
+        after = balances(chain, two, payer), balances(chain, two, PAY_TO)
+        assert after[0] == (before[0][0], before[0][1] - 4000)  # USDC untouched, exactly 4000 of the second
+        assert after[1] == (before[1][0], before[1][1] + 4000)
+        [row] = ledger.all()
+        assert (row.state, row.asset, row.amount) == (PaymentState.SETTLED, two, 4000)
+
+
+def balances(chain: Devchain, two: str, owner: str) -> tuple[int, int]:
+    """``owner``'s USDC and second-token balances."""
+    data = HexStr("0x" + (SEL_BALANCE_OF + bytes(12) + bytes.fromhex(owner[2:])).hex())
+    return tuple(  # type: ignore[return-value]
+        int.from_bytes(chain.w3.eth.call({"to": Web3.to_checksum_address(token), "data": data}), "big")
+        for token in (chain.token, two)
+    )
