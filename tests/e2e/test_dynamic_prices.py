@@ -307,3 +307,25 @@ def balances(chain: Devchain, two: str, owner: str) -> tuple[int, int]:
         int.from_bytes(chain.w3.eth.call({"to": Web3.to_checksum_address(token), "data": data}), "big")
         for token in (chain.token, two)
     )
+
+
+def test_budgets_reserve_the_dynamic_amount(
+    start_gateway: GatewayFactory, devchain: Devchain, upstream: str, tmp_path: Path
+) -> None:
+    """A payer budget of 0.005: 4 symbols (0.004) pass; 2 more (0.002) would make 0.006 and are
+    refused after verify with nothing charged, while 1 more (0.001) fits exactly."""
+    path = catalog(devchain, upstream, tmp_path)
+    path.write_text(path.read_text().replace(
+        "upstreams:", 'budgets:\n  per_payer: {amount: "0.005", window: 1d}\nupstreams:', 1))
+    gateway = start_gateway(path)
+    with gateway.client() as client:
+        for n, status in ((4, 202), (2, 403), (1, 202)):
+            before = devchain.balance(PAY_TO)
+            header, amount = signed(client, devchain, report(n))
+            answer = client.post("/reports", json=report(n), headers={"PAYMENT-SIGNATURE": header})
+            assert answer.status_code == status, answer.text
+            if status == 403:
+                assert answer.json()["error"] == "budget_exceeded"
+            assert devchain.balance(PAY_TO) == before + (amount if status == 202 else 0)
+    settled = [r.amount for r in gateway.ledger.all() if r.state == PaymentState.SETTLED]
+    assert settled == [4000, 1000] and upstream_hits(upstream, REPORTS) == 2
