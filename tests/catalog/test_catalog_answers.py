@@ -5,27 +5,9 @@ from __future__ import annotations
 import pytest
 
 from catalog import CatalogError, parse_catalog
+from tests.support.catalog_text import one_tool_catalog
 
-USDC = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
-PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"
-
-
-def catalog(tool_extra: str) -> str:
-    return f"""catalog: 1
-owner: acme
-payment:
-  network: "eip155:31337"
-  asset: "{USDC}"
-  pay_to: "{PAY_TO}"
-upstreams:
-  u: {{base_url: "http://127.0.0.1:9"}}
-tools:
-  - name: a
-    description: d
-    method: GET
-    path: /a
-    price: "0.002"
-{tool_extra}"""
+catalog = one_tool_catalog
 
 
 def test_no_block_means_answers_pass_through() -> None:
