@@ -189,8 +189,8 @@ def _count_problems(doc: PriceRuleDoc, input_schema: Mapping[str, Any]) -> list[
 
 
 def _shape_problems(doc: PriceRuleDoc) -> list[Problem]:
-    if not doc.per:
-        return [("per", "invalid_price_rule", "per names at least one argument")]
+    if not doc.per or len(set(doc.per)) != len(doc.per):
+        return [("per", "invalid_price_rule", "per names at least one argument, each once")]
     if (doc.each is None) == (doc.tiers is None):
         return [("price", "invalid_price_rule", "a price rule has either each (a price per unit) or tiers, not both or neither")]
     problems: list[Problem] = []

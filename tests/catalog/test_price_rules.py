@@ -139,6 +139,8 @@ def issues(text: str) -> list[tuple[str, int | None, str]]:
     ('{per: loose, each: "0.001"}', ("tools[0].price.per", 14, "price_argument_not_count")),
     ('{per: pages, each: "0.0000001"}', ("tools[0].price.each", 14, "price_precision")),
     ('{per: pages}', ("tools[0].price", 14, "invalid_price_rule")),
+    ('{per: [pages, pages], each: "0.01"}', ("tools[0].price.per", 14, "invalid_price_rule")),
+    ('{per: [], each: "0.01"}', ("tools[0].price.per", 14, "invalid_price_rule")),
     ('{per: pages, each: "$0.01", base: "0.01"}', ("tools[0].price", 14, "invalid_price_rule")),
     ('{per: pages, each: "-0.01"}', ("tools[0].price.each", 14, "invalid_price")),
     ('{per: pages, each: "0.01", every: 2}', ("tools[0].price.every", 14, "unknown_key")),
