@@ -70,6 +70,7 @@ from gateway.wiring import (
 from settlement.audit import AuditSink
 from settlement.chain.deployment import local_tokens
 from settlement.chain.refunds import Refunder
+from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger
 from settlement.ledger.resolve import resolve_open_payments
 from settlement.schema import open_ledger
@@ -251,15 +252,8 @@ def create_app(
         tracing=tracing if tracing is not None else tracing_from_env(),  # OTEL_* asks for traces, or off
     )
     metrics, dashboard, routes = _operations(settings, catalogs, wiring, pipeline, ledger, store, safety)
-    # Agent interface: every discovery format and MCP, all generated from the pipeline's catalog.
-    # One search index for /tools?q= and MCP's search_tools, built on the first search.
-    search = ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
-    mcp_endpoint = McpEndpoint(pipeline, settings.public_url, search=search)
-    discovery = Discovery(pipeline, settings.public_url, search=search, receipts=lambda base: receipts_discovery(receipts, base))
-    routes.extend([*discovery.routes(), mcp_endpoint.route()])
-    routes.extend(ReceiptEndpoint(receipts, ledger, store, settings.public_url).routes())
-    routes.extend(webhooks.routes(settings))
-    routes.append(_paid_route(pipeline))
+    mcp_endpoint, agent_routes = _agent_interface(settings, pipeline, ledger, store, receipts)
+    routes.extend([*agent_routes, *webhooks.routes(settings), _paid_route(pipeline)])
     cors = _cors()
     app = _Gateway(
         routes=routes,
@@ -273,16 +267,26 @@ def create_app(
         app.front = lambda stack: UnpaidFastPath(
             stack, pipeline=pipeline, cors=CORSMiddleware(stack, **cors), routes=routes[:-1]
         )
-    app.state.pipeline = pipeline
-    app.state.ledger = ledger
-    app.state.webhooks = webhooks
-    app.state.audit = pipeline.audit
-    app.state.settings = settings
-    app.state.dependency_health = wiring.health  # per RPC URL and per facilitator (metrics, readiness)
+    for name, part in {
+        "pipeline": pipeline, "ledger": ledger, "webhooks": webhooks, "audit": pipeline.audit, "settings": settings,
+        "dependency_health": wiring.health,  # per RPC URL and per facilitator (metrics, readiness)
+        "metrics": metrics, "dashboard": dashboard,
+    }.items():
+        setattr(app.state, name, part)
     mcp_endpoint.attach(app)  # tools/call goes through this app's own paid path
-    app.state.metrics = metrics
-    app.state.dashboard = dashboard
     return app
+
+
+def _agent_interface(
+    settings: Settings, pipeline: Pipeline, ledger: Ledger, store: StateStore, receipts: ReceiptSigner | None,
+) -> tuple[McpEndpoint, list[Route]]:
+    """Every discovery format and MCP, all generated from the pipeline's catalog, with one search
+    index for /tools?q= and MCP's search_tools (built on the first search); the payer's receipts."""
+    search = ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
+    mcp_endpoint = McpEndpoint(pipeline, settings.public_url, search=search)
+    discovery = Discovery(pipeline, settings.public_url, search=search, receipts=lambda base: receipts_discovery(receipts, base))
+    routes = [*discovery.routes(), mcp_endpoint.route(), *ReceiptEndpoint(receipts, ledger, store, settings.public_url).routes()]
+    return mcp_endpoint, routes
 
 
 def describe(app: Any) -> list[str]:

@@ -36,8 +36,8 @@ from catalog.limits import Budget, Budgets, RateLimit, RateLimits
 from gateway import codes
 from gateway.errors import GatewayError
 from gateway.safety.breaker import Breakers, Ticket, upstream_key
+from gateway.safety.limits import Limits
 from gateway.safety.policy import Policy, PolicyView
-from gateway.settings import Settings
 from gateway.store import MAX_EXACT_UNITS, StateStore, StoreUnavailable
 from settlement.ledger import Ledger, PaymentState
 
@@ -61,34 +61,6 @@ log = logging.getLogger("x402gw.safety")
 # Outcomes after which money may have moved: the budget reservation is kept (unless the ledger
 # row says the settlement failed or was voided).
 _MONEY_MAY_HAVE_MOVED = frozenset({"settling", "settled", "refund_owed", "refunded"})
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Gateway-wide limits (from settings); the catalog adds its own per owner and per tool."""
-
-    budgets: Budgets = field(default_factory=Budgets)
-    rate_limits: RateLimits = field(default_factory=RateLimits)
-    max_price: Decimal | None = None
-    max_header_bytes: int = 32_768
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
-        safety = settings.safety
-        return cls(
-            budgets=Budgets(
-                per_payer=safety.budget_per_payer,
-                per_payer_per_tool=safety.budget_per_payer_per_tool,
-                per_owner=safety.budget_per_owner,
-            ),
-            rate_limits=RateLimits(
-                per_payer=safety.rate_limit_per_payer,
-                per_tool=safety.rate_limit_per_tool,
-                per_client=safety.rate_limit_per_client,
-            ),
-            max_price=safety.max_price,
-            max_header_bytes=settings.http.max_header_bytes,
-        )
 
 
 # Budgets over dollar stablecoins (``usd_pegged`` assets) count in dollars, every such asset on every

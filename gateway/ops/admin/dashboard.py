@@ -90,36 +90,7 @@ class Dashboard:
         live = self.metrics.per_tool()
         names = [tool.name for tool in self.catalogs.tools]
         names += sorted(set(summary["tools"]) - set(names))
-        tools = []
-        for name in names:
-            row = summary["tools"].get(name) or {
-                "asset": None, "decimals": None, "states": {}, "gross": 0, "refunds": 0, "net": 0, "byAsset": [],
-                "refundsOwed": 0, "refunded": 0,
-            }
-            row = {**row, "asset": row["asset"] or self.tool_assets.get(name)}
-            counts = live.get(name, ToolCounts())
-            states = row["states"]
-            revenue = self._revenue(row)
-            tools.append({
-                "tool": name,
-                "calls": sum(states.values()),
-                "settled": states.get("settled", 0),
-                "failed": states.get("failed", 0),
-                "voided": states.get("voided", 0),
-                "open": states.get("settling", 0) + states.get("pending", 0),
-                "refundsOwed": row["refundsOwed"],
-                "refunded": row["refunded"],
-                "revenue": revenue["net"],
-                **revenue,
-                "revenueByAsset": [{"asset": r["asset"], **self._revenue(r)} for r in row["byAsset"]],
-                "sinceStart": {
-                    "challenges": counts.challenges, "paymentsReceived": counts.received,
-                    "rejected": counts.rejected, "rejectedByReason": counts.rejected_by_reason,
-                    "upstreamOk": counts.upstream_ok, "upstreamFailed": counts.upstream_failed,
-                    "schemaDrift": counts.schema_drift,
-                    "settled": counts.settled, "settlementFailed": counts.failed, "pending": counts.pending,
-                },
-            })
+        tools = [self._tool_entry(name, summary["tools"].get(name), live.get(name, ToolCounts())) for name in names]
         return {
             "generatedAt": now.isoformat(),
             "range": summary["range"],
@@ -139,6 +110,36 @@ class Dashboard:
             "openCircuitBreakers": self._breakers(),
             "netOfGas": summary["netOfGas"],
             "webhookDeliveries": summary["webhookDeliveries"],
+        }
+
+    def _tool_entry(self, name: str, row: Mapping[str, Any] | None, counts: ToolCounts) -> dict[str, Any]:
+        """One tool's line: the ledger's counts and revenue (all time) and this process's counters."""
+        row = row or {
+            "asset": None, "decimals": None, "states": {}, "gross": 0, "refunds": 0, "net": 0, "byAsset": [],
+            "refundsOwed": 0, "refunded": 0,
+        }
+        row = {**row, "asset": row["asset"] or self.tool_assets.get(name)}
+        states = row["states"]
+        revenue = self._revenue(row)
+        return {
+            "tool": name,
+            "calls": sum(states.values()),
+            "settled": states.get("settled", 0),
+            "failed": states.get("failed", 0),
+            "voided": states.get("voided", 0),
+            "open": states.get("settling", 0) + states.get("pending", 0),
+            "refundsOwed": row["refundsOwed"],
+            "refunded": row["refunded"],
+            "revenue": revenue["net"],
+            **revenue,
+            "revenueByAsset": [{"asset": r["asset"], **self._revenue(r)} for r in row["byAsset"]],
+            "sinceStart": {
+                "challenges": counts.challenges, "paymentsReceived": counts.received,
+                "rejected": counts.rejected, "rejectedByReason": counts.rejected_by_reason,
+                "upstreamOk": counts.upstream_ok, "upstreamFailed": counts.upstream_failed,
+                "schemaDrift": counts.schema_drift,
+                "settled": counts.settled, "settlementFailed": counts.failed, "pending": counts.pending,
+            },
         }
 
     def _chart(self, summary: Mapping[str, Any]) -> dict[str, Any]:

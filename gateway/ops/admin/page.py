@@ -64,39 +64,60 @@ def _money(amount: dict[str, Any]) -> str:
     return escape(amount["decimal"] if amount["decimal"] is not None else f'{amount["atomic"]} atomic')
 
 
-def render_page(data: dict[str, Any]) -> str:
-    revenue = data["revenue"]
-    asset_name = escape(revenue["assetName"] or revenue["asset"] or "")
-    rows = "".join(
+def _tool_rows(data: dict[str, Any]) -> str:
+    return "".join(
         f'<tr><td>{escape(t["tool"])}</td><td>{t["calls"]}</td><td>{t["settled"]}</td>'
         f'<td>{t["failed"]}</td><td>{t["voided"]}</td><td>{t["open"]}</td><td>{t["refundsOwed"]}</td>'
         f'<td>{t["sinceStart"]["challenges"]}</td><td>{t["sinceStart"]["rejected"]}</td>'
-        f'<td>{t["sinceStart"]["upstreamFailed"]}</td><td>{t["sinceStart"]["schemaDrift"]}</td><td>{_money(t["gross"])}</td><td>{_money(t["refunds"])}</td>'
+        f'<td>{t["sinceStart"]["upstreamFailed"]}</td><td>{t["sinceStart"]["schemaDrift"]}</td>'
+        f'<td>{_money(t["gross"])}</td><td>{_money(t["refunds"])}</td>'
         f'<td>{_money(t["net"])}</td></tr>'
         for t in data["tools"]
     )
-    payers = "".join(
+
+
+def _payer_rows(data: dict[str, Any]) -> str:
+    return "".join(
         f'<tr><td class="mono">{escape(p["payer"])}</td><td>{p["payments"]}</td><td>{_money(p["amount"])}</td></tr>'
         for p in data["topPayers"]
     ) or '<tr><td colspan="3" class="muted">no settled payments yet</td></tr>'
-    pending = "".join(
+
+
+def _pending_rows(data: dict[str, Any]) -> str:
+    return "".join(
         f'<tr><td>{p["id"]}</td><td>{escape(p["createdAt"][:19])}</td><td>{escape(p["tool"])}</td>'
         f'<td class="mono">{escape(p["payer"])}</td><td>{_money(p["amount"])}</td><td>{escape(p["state"])}</td>'
         f'<td class="mono">{escape(p["transaction"] or "")}</td></tr>'
         for p in data["pendingSettlements"]
     ) or '<tr><td colspan="7" class="muted">none</td></tr>'
-    net_of_gas = "".join(
+
+
+def _gas_rows(data: dict[str, Any]) -> str:
+    return "".join(
         f'<tr><td>{escape(g["owner"])}</td><td>{escape(g["tool"])}</td><td class="mono">{escape(g["asset"])}</td>'
         f'<td>{escape(g["network"])}</td><td>{escape(g["gross"])}</td><td>{escape(g["refunds"])}</td>'
         f'<td>{escape(g["gas"])}</td><td>{escape(g["gas_usd"] or "-")}</td><td>{escape(g["net_usd"] or "-")}</td></tr>'
         for g in data["netOfGas"]
     ) or '<tr><td colspan="9" class="muted">no payments yet</td></tr>'
-    deliveries = "".join(
+
+
+def _delivery_rows(data: dict[str, Any]) -> str:
+    return "".join(
         f'<tr><td>{d["id"]}</td><td>{escape(d["type"])}</td><td>{escape(d["owner"])}/{escape(d["endpoint"])}</td>'
         f'<td>{escape(d["status"])}</td><td>{d["attempts"]}</td><td>{escape(str(d["lastStatus"] or "-"))}</td>'
         f'<td class="mono">{escape(d["eventId"])}</td></tr>'
         for d in data["webhookDeliveries"]
     ) or '<tr><td colspan="7" class="muted">none</td></tr>'
+
+
+def render_page(data: dict[str, Any]) -> str:
+    revenue = data["revenue"]
+    asset_name = escape(revenue["assetName"] or revenue["asset"] or "")
+    rows = _tool_rows(data)
+    payers = _payer_rows(data)
+    pending = _pending_rows(data)
+    net_of_gas = _gas_rows(data)
+    deliveries = _delivery_rows(data)
     breakers = data["openCircuitBreakers"]
     breaker_rows = "".join(
         f"<tr><td>{escape(name)}</td><td>{escape(state)}</td></tr>" for name, state in (breakers or {}).items()
