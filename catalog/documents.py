@@ -62,6 +62,7 @@ class PaymentDoc(FrozenModel):
     pay_to: Address | None = None
     max_timeout_seconds: TimeoutSeconds | None = None
     usd_pegged: bool | None = None  # a dollar stablecoin; the registry says so for the ones it knows
+    scheme: str | None = None  # the x402 scheme (``upto``: needs a max_price; catalog.upto)
 
 
 class CatalogPaymentDoc(PaymentDoc):

@@ -46,6 +46,7 @@ from catalog.registry import Stablecoin
 from catalog.source import Source
 from catalog.templates import route_shape
 from catalog.terms import TermsResolver, dollar_problem
+from catalog.upto import upto_terms
 from catalog.user_auth import user_auth_problems
 
 __all__ = ["load_catalog", "load_catalogs", "parse_catalog", "price_ceiling_issues"]
@@ -78,6 +79,10 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
         upstream = _pick_upstream(spec, upstreams, at, src)
         spec, rule = _priced(spec, at, src)
         payment = _tool_terms(resolver, spec, at, src) if defaults is not None else None
+        if payment is not None:
+            payment, problem = upto_terms(payment, spec.max_price, doc.max_price)
+            if problem is not None:
+                src.issue(f"{at}.max_price", "upto_needs_max_price", problem)
         upstream_path = spec.upstream_path or spec.path
         settle = spec.settle or default_settle(spec.method, spec.side_effects)
         if payment is not None:

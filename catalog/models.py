@@ -91,6 +91,9 @@ class PaymentTerms(FrozenModel):
     # The x402 scheme the offer is made in; checked against the gateway's registered schemes
     # (settlement.schemes.Schemes) at start-up, since the catalog knows no scheme.
     scheme: str = "exact"
+    # ``upto`` only: the most one call may charge, which the payer signs for (the tool's max_price,
+    # else the catalog's; catalog.upto). The price is what is charged, at most this.
+    maximum: Price | None = None
     # A dollar stablecoin (USDC, USDT, DAI...): one unit is one US dollar. Budgets count such
     # assets together in dollars; others per asset. A price without a token may only be shared by
     # offers of such assets (``catalog.offers``).
