@@ -50,7 +50,7 @@ NEXT_KINDS: Final[frozenset[str]] = frozenset(NextKind.__args__)  # type: ignore
 # Codes of a malformed payment (the settlement codec's and the payload checks'): rebuild it.
 FIX_PAYMENT_PREFIXES: Final = (
     "payment_header_", "invalid_payload", "invalid_exact_evm_payload", "invalid_x402_version",
-    "invalid_payment_identifier",
+    "invalid_payment_identifier", "invalid_permit2_payload",
 )
 
 
@@ -97,6 +97,7 @@ INVALID_PAYLOAD: Final = "invalid_payload"
 INVALID_PAYMENT: Final = "invalid_payment"
 INVALID_EXACT_EVM_PAYLOAD: Final = "invalid_exact_evm_payload"
 INVALID_EXACT_EVM_PAYLOAD_SIGNATURE: Final = "invalid_exact_evm_payload_signature"
+INVALID_PERMIT2_SIGNATURE: Final = "invalid_permit2_signature"  # upto: not from's over its Permit2 authorization
 INVALID_PAYMENT_IDENTIFIER: Final = "invalid_payment_identifier"
 INVALID_PAYMENT_REQUIREMENTS: Final = "invalid_payment_requirements"
 PAYMENT_HEADER_TOO_LARGE: Final = "payment_header_too_large"
@@ -180,6 +181,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(INVALID_PAYMENT, 400, "none"),  # the codec's generic code: no prefix, so no fix_payment
     Refusal(INVALID_EXACT_EVM_PAYLOAD, 400, "fix_payment"),
     Refusal(INVALID_EXACT_EVM_PAYLOAD_SIGNATURE, 402, "pay"),  # checked offline, answered with the offer
+    Refusal(INVALID_PERMIT2_SIGNATURE, 402, "pay"),  # likewise, for an upto payment
     Refusal(INVALID_PAYMENT_IDENTIFIER, 400, "fix_payment"),
     Refusal(INVALID_PAYMENT_REQUIREMENTS, 400, "none"),  # the served facilitator's: a caller's bug
     Refusal(PAYMENT_HEADER_TOO_LARGE, 400, "fix_payment"),
@@ -250,6 +252,23 @@ SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
     "invalid_exact_evm_insufficient_balance",
     "invalid_exact_evm_nonce_already_used",
     "invalid_exact_evm_transfer_event_mismatch",
+    # upto (settlement.schemes.upto): the Permit2 authorization's checks, as the x402 SDK names them
+    "invalid_permit2_spender",
+    "invalid_permit2_recipient_mismatch",
+    "permit2_token_mismatch",
+    "permit2_amount_mismatch",
+    "permit2_deadline_expired",
+    "permit2_not_yet_valid",
+    "permit2_nonce_used",
+    "permit2_allowance_required",
+    "permit2_insufficient_balance",
+    "upto_facilitator_mismatch",
+    "upto_unauthorized_facilitator",
+    "upto_settlement_would_revert",
+    "upto_settlement_reverted",
+    "invalid_upto_evm_scheme",
+    "invalid_upto_evm_network_mismatch",
+    "invalid_upto_evm_payload_settlement_exceeds_amount",
 })
 
 

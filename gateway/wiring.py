@@ -30,6 +30,7 @@ from settlement.schemes import ANY_NETWORK, ExactEvm, Facilitator, LocalFacilita
 from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
 from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.remote import RemoteFacilitator
+from settlement.schemes.upto import build_upto
 
 __all__ = [
     "CHAIN_STEP_SECONDS",
@@ -194,6 +195,9 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
         # The batching facilitator settles its networks in batches and the others as ``local`` does.
         settler: Facilitator = batching if batching is not None else wiring.local
         wiring.schemes.register(ExactEvm(settler, local_networks, chains=wiring.chains, writes_ahead=True))
+        upto = build_upto(local_chains, settings.deployment_file, receipt_timeout=settings.receipt_timeout_seconds)
+        if upto is not None:  # Permit2 and the upto proxy are there (the dev chain places them)
+            wiring.schemes.register(upto)
     by_urls: dict[tuple[str, ...], list[str]] = {}
     for network, where in plan.items():
         if network not in local_networks:

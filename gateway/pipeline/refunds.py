@@ -10,6 +10,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
 from settlement.chain.refunds import Refunder
 from settlement.ledger.payments import Ledger
+from settlement.schemes.upto import UPTO, upto_charge
 
 __all__ = ["Refunds"]
 
@@ -23,11 +24,12 @@ class Refunds:
         """Record the refund and pay it if possible; the fields the answer carries about it."""
         ledger = self.ledger
         requirements = quote.requirements
-        amount = int(requirements.amount)
+        # What was charged: an upto offer's amount is the signed maximum, its charge in extra.charge.
+        amount = upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)
         await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
         ctx.outcome = "refund_owed"
         if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
-            return {"refund": "owed", "refundAmount": requirements.amount}
+            return {"refund": "owed", "refundAmount": str(amount)}
 
         async def before_send(tx_hash: str) -> None:
             await ledger.run(ledger.record_refund_tx, payment_id, tx_hash)
@@ -36,5 +38,5 @@ class Refunds:
         if result.confirmed:
             await ledger.run(ledger.record_refund_paid, payment_id, result.tx_hash)
             ctx.outcome = "refunded"
-            return {"refund": "refunded", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
-        return {"refund": "owed", "refundAmount": requirements.amount, "refundTransaction": result.tx_hash}
+            return {"refund": "refunded", "refundAmount": str(amount), "refundTransaction": result.tx_hash}
+        return {"refund": "owed", "refundAmount": str(amount), "refundTransaction": result.tx_hash}

@@ -13,8 +13,8 @@ amount in (0, maximum], and only to ``to``.
   requirements.amount, the payer's ECDSA signature when it has no code), then the chain: the nonce
   unused in Permit2's bitmap, allowance and balance ≥ the maximum, and the proxy's ``settle`` at the
   full maximum simulated from our account (which checks a contract wallet's signature too).
-* ``settle``: ``requirements.amount`` is the actual charge (as in the SDK): more than the maximum is
-  refused, 0 settles nothing; else simulated, then sent with the hash written ahead
+* ``settle``: the actual charge is ``extra.charge.amount`` of the gateway's own offer, else
+  ``requirements.amount`` (the SDK's convention): more than the maximum is refused, 0 settles nothing; else simulated, then sent with the hash written ahead
   (``before_send``) and judged by its receipt (a Transfer of exactly that amount to payTo).
 * ``resolve``: the ledger row's ``authorization`` is the signed payload (so the maximum is on the
   row without a new column) and ``amount`` the charge; the chain says settled (our receipt), used
@@ -24,6 +24,7 @@ amount in (0, maximum], and only to ``to``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -44,8 +45,9 @@ from x402.mechanisms.evm.constants import (
     PERMIT2_DEADLINE_BUFFER,
 )
 
-from catalog import PaymentTerms
+from catalog import PaymentTerms, to_atomic
 from settlement.chain.client import BeforeSend, Receipt, RpcError
+from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, DevchainError
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
@@ -54,9 +56,10 @@ from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
-__all__ = ["UPTO", "UptoChain", "UptoEvm", "upto_maximum", "upto_requirements"]
+__all__ = ["CHARGE_KEY", "UPTO", "UptoChain", "UptoEvm", "build_upto", "upto_charge", "upto_maximum", "upto_requirements"]
 
 UPTO = "upto"
+CHARGE_KEY = "charge"  # requirements.extra: how the final amount is computed, and what it is
 SETTLE_GAS = 200_000  # the proxy, Permit2's checks and a token transfer (~90k), with room
 # Custom errors of Permit2 and the proxy, as the node reports them (hex selectors), to reason codes.
 _REVERTS = {
@@ -94,14 +97,27 @@ class _Refused(Exception):
         self.reason, self.message = reason, message
 
 
-def upto_requirements(terms: PaymentTerms, maximum: int, facilitator: str) -> PaymentRequirements:
-    """An upto offer: at most ``maximum`` of the token to ``pay_to``, settled by ``facilitator``."""
+def upto_requirements(terms: PaymentTerms, charge: int, facilitator: str) -> PaymentRequirements:
+    """An upto offer: at most the terms' ``maximum`` (``charge`` when they have none) of the token to
+    ``pay_to``, settled by ``facilitator``. ``extra.charge`` says what will be charged: the tool's
+    price, ``charge`` atomic units, never more than the maximum (``amount``)."""
+    maximum = to_atomic(terms.maximum, terms.decimals) if terms.maximum is not None else charge
     return PaymentRequirements(
         scheme=UPTO, network=terms.network, amount=str(maximum), asset=terms.asset, pay_to=terms.pay_to,
         max_timeout_seconds=terms.max_timeout_seconds,
         extra={"name": terms.asset_name, "version": terms.asset_version, "assetTransferMethod": "permit2",
-               "facilitatorAddress": facilitator},
+               "facilitatorAddress": facilitator, CHARGE_KEY: {"basis": "price", "amount": str(charge)}},
     )
+
+
+def upto_charge(requirements: PaymentRequirements) -> int:
+    """What an upto settlement charges: the offer's ``extra.charge.amount`` (the gateway's own
+    requirements say it), else ``amount`` (the SDK's convention: the requirements of a settle carry
+    the actual charge)."""
+    charge = (requirements.extra or {}).get(CHARGE_KEY)
+    if isinstance(charge, dict) and isinstance(charge.get("amount"), str) and charge["amount"].isdigit():
+        return int(charge["amount"])
+    return int(requirements.amount)
 
 
 def upto_maximum(row: Payment) -> int | None:
@@ -216,8 +232,8 @@ class UptoEvm:
     async def settle(
         self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
     ) -> SettleResponse:
-        """Settle ``requirements.amount`` (the actual charge) of the signed maximum."""
-        network, amount = requirements.network, int(requirements.amount)
+        """Settle the actual charge (``upto_charge``) of the signed maximum."""
+        network, amount = requirements.network, upto_charge(requirements)
         try:
             permit = self._offline(payload, requirements)
             if amount > permit.maximum:
@@ -296,3 +312,17 @@ def _revert_reason(message: str) -> str:
     lowered = message.lower()
     return next((code for sel, code in _REVERTS.items() if sel in lowered), "upto_settlement_would_revert")
 
+
+
+def build_upto(
+    chains: Mapping[str, UptoChain], deployment_file: str | os.PathLike[str], *, receipt_timeout: float = 30.0
+) -> UptoEvm | None:
+    """``upto`` on the chains that have its contracts: today the local dev chain whose deployment
+    file lists the upto proxy (``x402gw devchain`` places Permit2 and the proxy at their canonical
+    addresses). None when no chain has them."""
+    try:
+        has_contracts = Deployment.read(deployment_file).upto_proxy is not None
+    except (DevchainError, UnicodeDecodeError):
+        has_contracts = False
+    served = {n: c for n, c in chains.items() if has_contracts and c.chain_id == LOCAL_CHAIN_ID}
+    return UptoEvm(served, receipt_timeout=receipt_timeout) if served else None

@@ -20,12 +20,19 @@ from x402.mechanisms.evm.types import UptoPermit2Payload, is_upto_permit2_payloa
 
 from settlement.chain.addresses import checksum_address
 from settlement.chain.client import selector
+from settlement.errors import PaymentDecodeError
+from settlement.schemes.eip712 import recover_signer
+from settlement.x402.wire import ExactEvmPayload
 
 __all__ = [
     "PERMIT2_ADDRESS",
     "UPTO_PROXY_ADDRESS",
     "UptoPermit",
+    "exact_view",
     "parse_upto",
+    "payment_view",
+    "upto_payment",
+    "upto_signer",
     "permit2_domain_separator",
 ]
 
@@ -121,3 +128,43 @@ def parse_upto(payload: dict[str, Any]) -> UptoPermit | None:
     maximum, nonce, deadline, valid_after = numbers
     payer, token, spender, to, facilitator = addresses
     return UptoPermit(payer, token, maximum, spender, nonce, deadline, to, facilitator, valid_after, signature)
+
+
+def exact_view(permit: UptoPermit) -> ExactEvmPayload:
+    """The authorization as the pipeline keys every payment: from, to, value (the maximum),
+    validAfter, validBefore (the deadline), nonce (``nonce_key``), signature. Payer and nonce are
+    what the ledger, the in-flight lock and a resend's lookup key on; nothing settles from it."""
+    return ExactEvmPayload.model_validate({
+        "signature": "0x" + permit.signature.hex(),
+        "authorization": {
+            "from": permit.payer, "to": permit.to, "value": str(permit.maximum),
+            "validAfter": str(permit.valid_after), "validBefore": str(permit.deadline), "nonce": permit.nonce_key,
+        },
+    })
+
+
+def payment_view(payload: dict[str, Any]) -> ExactEvmPayload:
+    """An exact payload as it is, an upto one as ``exact_view``; ``ValueError`` for anything else."""
+    permit = parse_upto(payload)
+    if permit is not None:
+        return exact_view(permit)
+    return ExactEvmPayload.model_validate(payload)
+
+
+def upto_payment(payload: dict[str, Any]) -> ExactEvmPayload:
+    """An upto payment header's payload as the pipeline keys it (``exact_view``);
+    ``PaymentDecodeError`` (invalid_permit2_payload_format) when it is not one."""
+    permit = parse_upto(payload)
+    if permit is None:
+        raise PaymentDecodeError("invalid upto Permit2 payload", code="invalid_permit2_payload_format")
+    return exact_view(permit)
+
+
+def upto_signer(network: str, payload: dict[str, Any]) -> str | None:
+    """``from`` when the signature is its ECDSA one over this Permit2 authorization on ``network``
+    (offline); None otherwise (contract-wallet signatures are not taken on upto yet)."""
+    permit = parse_upto(payload)
+    if permit is None or not network.startswith("eip155:") or not network[7:].isdigit():
+        return None
+    signer = recover_signer(permit.digest(int(network[7:])), permit.signature)
+    return signer if signer == permit.payer else None

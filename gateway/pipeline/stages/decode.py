@@ -33,6 +33,8 @@ from gateway.protocol.payment import (
 from settlement.chain.addresses import checksum_address
 from settlement.errors import ChainUnavailable, PaymentDecodeError
 from settlement.schemes.signatures import SignerCheck
+from settlement.schemes.upto import UPTO
+from settlement.schemes.upto_permit import upto_payment, upto_signer
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures
 from settlement.x402.codec import parse_exact_evm
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements
@@ -62,15 +64,18 @@ class DecodeAndBind:
             payload, quote = decode_payment_v1(str(request.headers.get(X_PAYMENT)), quote, self._recovers)
         # The offer the payer chose (of a tool's several): the stages after this one follow it.
         ctx.payload, ctx.quote, ctx.tool = payload, quote, quote.tool
+        upto = quote.requirements.scheme == UPTO  # keyed by its Permit2 authorization's payer and nonce
         try:
-            exact = parse_exact_evm(payload)
+            exact = upto_payment(payload.payload) if upto else parse_exact_evm(payload)
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
         principal = ctx.user.principal if ctx.user is not None else None  # a user-scoped tool's user
         fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal)
-        signer = self.signers.signer(quote.requirements, exact)
+        signer = upto_signer(quote.requirements.network, payload.payload) if upto else self.signers.signer(quote.requirements, exact)
         wallet, digest = None, b""
+        if signer is None and upto:
+            raise PaymentChallenge(quote, "invalid_permit2_signature", "the signature is not from's over this Permit2 authorization")
         if signer is None:
             wallet, digest = self._wallet_claim(quote, exact)
             signer = checksum_address(exact.authorization.from_)

@@ -22,6 +22,7 @@ from settlement.errors import ChainUnavailable, FacilitatorUnavailable
 from settlement.ledger import Ledger, PaymentState
 from settlement.schemes import VALID_BEFORE_MARGIN_SECONDS
 from settlement.schemes.base import Facilitator
+from settlement.schemes.upto import UPTO, upto_charge
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, VerifyResponse
 
 __all__ = ["PaymentWindow", "Record", "Verify", "verify"]
@@ -120,11 +121,11 @@ class Record:
             path=ctx.path,
             payer=paid.verified.payer or paid.signer,
             pay_to=requirements.pay_to,
-            amount=int(requirements.amount),
+            amount=upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount),
             network=requirements.network,
             asset=requirements.asset,
             nonce=paid.nonce,
-            valid_before=int(paid.payload.payload["authorization"]["validBefore"]),
+            valid_before=int(paid.exact.authorization.valid_before),
             authorization=json.dumps(paid.payload.payload, separators=(",", ":")),
             payment_identifier=paid.identifier,
             fingerprint=paid.fingerprint,

@@ -82,7 +82,7 @@ class Discovery:
             "decimals": terms.decimals,
             "network": terms.network,
             "payTo": terms.pay_to,
-            "scheme": "exact",
+            "scheme": terms.scheme,
             "settle": tool.settle,
             # several ways to pay: every one (the first is the fields above); none for a single offer
             **({"offers": offer_prices(tool)} if tool.alternatives else {}),
@@ -119,8 +119,9 @@ class Discovery:
             "decimals": price["decimals"],
             "network": price["network"],
             "payTo": price["payTo"],
-            "scheme": "exact",
+            "scheme": price["scheme"],
             "settle": tool.settle,
+            **{k: price[k] for k in ("maximum", "chargeText") if k in price},  # an upto tool's
         }
         if "offers" in price:
             entry["offers"] = price["offers"]

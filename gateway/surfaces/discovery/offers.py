@@ -8,7 +8,7 @@ from typing import Any
 
 from catalog import PaymentTerms, Tool, format_amount
 
-__all__ = ["offer_prices", "price_facts"]
+__all__ = ["offer_prices", "price_facts", "upto_facts"]
 
 
 def price_facts(tool: Tool, terms: PaymentTerms, price_atomic: int) -> dict[str, Any]:
@@ -17,10 +17,24 @@ def price_facts(tool: Tool, terms: PaymentTerms, price_atomic: int) -> dict[str,
     sentence: each call's amount is the rule's result for its arguments, stated in its 402."""
     rule = tool.price_rule
     if rule is None:
-        return {"amount": format_amount(price_atomic, terms.decimals), "atomic": str(price_atomic)}
+        facts: dict[str, Any] = {"amount": format_amount(price_atomic, terms.decimals), "atomic": str(price_atomic)}
+    else:
+        facts = {
+            "priceRule": rule.describe(terms.decimals),
+            "priceText": f"{rule.sentence(terms.asset_name)}, computed from the arguments; the 402 states the amount",
+        }
+    return {**facts, **upto_facts(terms)}
+
+
+def upto_facts(terms: PaymentTerms) -> dict[str, Any]:
+    """An ``upto`` offer (``catalog.upto``): the maximum the payer signs for and how the charge is
+    computed (the price, never more than the maximum; the 402's ``extra.charge`` states it)."""
+    if terms.scheme != "upto" or terms.maximum is None:
+        return {}
     return {
-        "priceRule": rule.describe(terms.decimals),
-        "priceText": f"{rule.sentence(terms.asset_name)}, computed from the arguments; the 402 states the amount",
+        "maximum": f"{terms.maximum:f}",
+        "chargeText": f"upto: you sign for at most {terms.maximum:f} {terms.asset_name}; the price above is charged, "
+                      "never more (the 402's extra.charge states it)",
     }
 
 

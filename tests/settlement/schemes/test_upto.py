@@ -8,6 +8,7 @@ import asyncio
 import copy
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 def _terms(chain: Devchain, pay_to: str = PAY_TO) -> PaymentTerms:
     return PaymentTerms(network="eip155:31337", asset=chain.token, asset_name="USD Coin", asset_version="2",
-                        decimals=6, pay_to=pay_to, scheme="upto")
+                        decimals=6, pay_to=pay_to, scheme="upto", maximum=Decimal("0.05"))
 
 
 def _rpc(chain: Devchain) -> JsonRpcChain:
@@ -60,7 +61,9 @@ def _pay(chain: Devchain, requirements: PaymentRequirements, payer: int) -> Paym
 
 
 def _charge(requirements: PaymentRequirements, amount: int) -> PaymentRequirements:
-    return requirements.model_copy(update={"amount": str(amount)})
+    """The offer with another charge (``extra.charge``); its maximum (``amount``) unchanged."""
+    extra = {**(requirements.extra or {}), "charge": {"basis": "price", "amount": str(amount)}}
+    return requirements.model_copy(update={"extra": extra})
 
 
 async def _settle_written_ahead(
@@ -71,7 +74,7 @@ async def _settle_written_ahead(
     async def before_send(tx_hash: str) -> None:
         ledger.begin_settlement(row_id, None, tx_hash=tx_hash)
 
-    result = await scheme.settle(payload, _charge(requirements, PRICE), before_send=before_send)
+    result = await scheme.settle(payload, requirements, before_send=before_send)  # charges extra.charge
     if result.success:
         ledger.mark_settled(row_id, tx_hash=result.transaction, block_number=(result.extra or {}).get("blockNumber"))
     return result
@@ -92,9 +95,10 @@ def test_the_usage_settles_once_and_the_ledger_equals_the_chain(chain: Devchain,
     async def run() -> None:
         rpc = _rpc(chain)
         scheme = UptoEvm({"eip155:31337": rpc})
-        requirements = scheme.requirements(_terms(chain), MAX)
-        assert requirements.amount == str(MAX) and requirements.extra is not None
+        requirements = scheme.requirements(_terms(chain), PRICE)
+        assert requirements.amount == str(MAX) and requirements.extra is not None  # the payer signs the maximum
         assert requirements.extra["facilitatorAddress"] == chain.deployment.deployer
+        assert requirements.extra["charge"] == {"basis": "price", "amount": str(PRICE)}
         payload = _pay(chain, requirements, 1)
         verified = await scheme.verify(payload, requirements)
         assert verified.is_valid, verified
@@ -132,7 +136,7 @@ def test_a_mutated_field_is_refused_with_nothing_moved(chain: Devchain, field: s
     async def run() -> None:
         rpc = _rpc(chain)
         scheme = UptoEvm({"eip155:31337": rpc})
-        requirements = scheme.requirements(_terms(chain), MAX)
+        requirements = scheme.requirements(_terms(chain), PRICE)
         payload = _pay(chain, requirements, 2)
         mutated = copy.deepcopy(payload.payload)
         MUTATIONS[field](mutated["permit2Authorization"])
@@ -152,7 +156,7 @@ def test_a_raced_duplicate_settles_once(chain: Devchain) -> None:
     async def run() -> list[SettleResponse]:
         rpc = _rpc(chain)
         scheme = UptoEvm({"eip155:31337": rpc})
-        requirements = scheme.requirements(_terms(chain), MAX)
+        requirements = scheme.requirements(_terms(chain), PRICE)
         payload = _pay(chain, requirements, 3)
         results = await asyncio.gather(*(scheme.settle(payload, _charge(requirements, PRICE)) for _ in range(2)))
         await rpc.close()
@@ -168,7 +172,7 @@ def test_a_signature_over_another_pay_to_is_refused(chain: Devchain) -> None:
     async def run() -> None:
         rpc = _rpc(chain)
         scheme = UptoEvm({"eip155:31337": rpc})
-        ours = scheme.requirements(_terms(chain), MAX)
+        ours = scheme.requirements(_terms(chain), PRICE)
         theirs = scheme.requirements(_terms(chain, pay_to=chain.address(6)), MAX)
         signed = _pay(chain, theirs, 4)
         as_is = signed.model_copy(update={"accepted": ours})
@@ -189,7 +193,7 @@ def test_a_charge_above_the_maximum_is_refused_and_zero_moves_nothing(chain: Dev
     async def run() -> None:
         rpc = _rpc(chain)
         scheme = UptoEvm({"eip155:31337": rpc})
-        requirements = scheme.requirements(_terms(chain), MAX)
+        requirements = scheme.requirements(_terms(chain), PRICE)
         payload = _pay(chain, requirements, 5)
         over = await scheme.settle(payload, _charge(requirements, MAX + 1))
         assert over.error_reason == "invalid_upto_evm_payload_settlement_exceeds_amount"
@@ -209,7 +213,7 @@ def test_an_unknown_outcome_is_resolved_from_the_chain(chain: Devchain, ledger: 
     async def run() -> None:
         rpc = _rpc(chain)
         upto = UptoEvm({"eip155:31337": rpc})
-        requirements = upto.requirements(_terms(chain), MAX)
+        requirements = upto.requirements(_terms(chain), PRICE)
         sent, unsent = _pay(chain, requirements, 6), _pay(chain, requirements, 7)
         sent_id, unsent_id = _record(ledger, sent, "r-sent"), _record(ledger, unsent, "r-unsent")
         hashes: list[str] = []
