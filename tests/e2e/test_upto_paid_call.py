@@ -53,13 +53,27 @@ tools:
       type: object
       properties: {{symbol: {{type: string, pattern: "^[A-Z]{{1,5}}$"}}}}
       required: [symbol]
+  - name: get_report
+    description: A report, paid before it is made.
+    method: GET
+    path: /reports/{{report_id}}
+    price: 0.002
+    max_price: 0.01
+    settle: upfront
+    payment: {{scheme: upto}}
+    input_schema:
+      type: object
+      properties: {{report_id: {{type: string}}}}
+      required: [report_id]
 """
 
 
-def _gateway(start_gateway: GatewayFactory, devchain: Devchain, upstream: str, tmp_path: Path) -> RunningGateway:
+def _gateway(
+    start_gateway: GatewayFactory, devchain: Devchain, upstream: str, tmp_path: Path, **settings: Any,
+) -> RunningGateway:
     path = tmp_path / "upto.yaml"
     path.write_text(CATALOG.format(token=devchain.token, pay_to=PAY_TO, upstream=upstream))
-    return start_gateway(path)
+    return start_gateway(path, **settings)
 
 
 def _client(devchain: Devchain, payer: int) -> x402Client:
@@ -75,9 +89,9 @@ def _header(devchain: Devchain, payer: int, required: dict[str, Any]) -> str:
     return base64.b64encode(json.dumps(payload.model_dump(mode="json", by_alias=True, exclude_none=True)).encode()).decode()
 
 
-def _offer(gateway: RunningGateway) -> dict[str, Any]:
+def _offer(gateway: RunningGateway, path: str = "/quotes/ACME") -> dict[str, Any]:
     with gateway.client() as http:
-        response = http.get("/quotes/ACME")
+        response = http.get(path)
     assert response.status_code == 402
     required: dict[str, Any] = json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))
     return required
@@ -181,3 +195,17 @@ def test_a_signature_over_another_pay_to_is_refused(
             response = http.get("/quotes/ACME", headers={"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(attempt).encode()).decode()})
         assert response.status_code == 402, response.text
     assert (devchain.balance(devchain.address(7)), devchain.balance(PAY_TO)) == before
+
+
+def test_an_upfront_call_that_fails_refunds_the_charge_not_the_maximum(
+    start_gateway: GatewayFactory, devchain: Devchain, upstream: str, tmp_path: Path,
+) -> None:
+    gateway = _gateway(start_gateway, devchain, upstream, tmp_path, refund_key=devchain.key(9))
+    header = _header(devchain, 8, _offer(gateway, "/reports/500"))
+    before = (devchain.balance(devchain.address(8)), devchain.balance(PAY_TO))
+    with gateway.client() as http:
+        failed = http.get("/reports/500", headers={"PAYMENT-SIGNATURE": header})
+    assert failed.status_code == 500 and failed.headers["x402gw-refund"].startswith("refunded 0x"), failed.text
+    [row] = gateway.ledger.all()
+    assert row.state == PaymentState.SETTLED and row.amount == PRICE and row.refund_owed == PRICE
+    assert (devchain.balance(devchain.address(8)), devchain.balance(PAY_TO)) == before  # charged 2000, given back 2000
