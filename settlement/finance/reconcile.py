@@ -9,6 +9,8 @@
 3. Disagreements, each a list in the report:
 
    missing_on_chain    settled in the ledger, no EIP-3009 transfer to payTo for its authorization
+                       (an ``upto`` row, settled through Permit2: no Transfer from its payer to payTo
+                       in its own settlement transaction)
    missing_in_ledger   an EIP-3009 transfer to payTo whose authorization the ledger does not know
    amount_mismatch     both know it, the amounts differ
    state_mismatch      the chain moved the money, the ledger says it did not (failed, voided, ...)
@@ -33,7 +35,7 @@ from catalog.pricing import format_amount
 from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, RpcError
 from settlement.ledger import OPEN_STATES, Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolution, Resolver, resolve_open_payments
-from settlement.schemes import Schemes, exact_resolvers
+from settlement.schemes import Schemes, exact_resolvers, upto_maximum
 
 DEFAULT_CHUNK_BLOCKS = 5_000
 MIN_CHUNK_BLOCKS = 1
@@ -258,6 +260,11 @@ async def _reconcile_token(
     report.chain_other_transfers += len(transfers) - len(payments)
     settled = await asyncio.to_thread(_settled_in_range, ledger, network, asset, pay_tos, start, end, whole_chain)
     report.ledger_settled += len(settled)
+    # upto rows move money through Permit2: no AuthorizationUsed, so they are matched by their own
+    # settlement transaction (payer → payTo in it), and their transfer counts as a payment.
+    upto = [row for row in settled if upto_maximum(row) is not None]
+    settled = [row for row in settled if upto_maximum(row) is None]
+    _match_upto(report, upto, [t for t in transfers if t.nonce is None])
     on_chain: dict[tuple[str, str | None], ChainTransfer] = {(t.payer, t.nonce): t for t in payments}
     for row in settled:
         t = on_chain.get((row.payer.lower(), row.nonce.lower()))
@@ -279,3 +286,19 @@ async def _reconcile_token(
             # Failed / voided while the chain moved the money; or settled with a block outside
             # the range asked for (the ledger's block is wrong). Open rows are in still_open.
             report.state_mismatch.append({**_row_json(found), "chain": _transfer_json(t)})
+
+
+def _match_upto(report: Report, rows: list[Payment], plain: list[ChainTransfer]) -> None:
+    """Settled ``upto`` rows against the plain transfers of their own settlement transactions."""
+    by_tx = {(t.tx_hash, t.payer, t.pay_to): t for t in plain}
+    for row in rows:
+        t = by_tx.get(((row.tx_hash or "").lower(), row.payer.lower(), row.pay_to.lower()))
+        if t is None:
+            report.missing_on_chain.append(_row_json(row))
+            continue
+        report.chain_payments += 1
+        report.chain_other_transfers -= 1
+        if t.amount != row.amount:
+            report.amount_mismatch.append({**_row_json(row), "chain": _transfer_json(t)})
+        else:
+            report.matched += 1

@@ -24,6 +24,7 @@ from x402.schemas import PaymentRequired as SdkPaymentRequired
 from settlement.ledger import PaymentState
 from settlement.schemes import upto_maximum
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, upstream_hits
+from tests.e2e.test_reconcile import run_reconcile
 
 PRICE, MAXIMUM = 2_000, 10_000  # 0.002 charged of at most 0.01 USDC
 CATALOG = """
@@ -117,6 +118,7 @@ def test_sdk_upto_client_pays_the_price_once_and_the_ledger_equals_the_chain(
     gateway = _gateway(start_gateway, devchain, upstream, tmp_path)
     payer = devchain.address(3)
     before = (devchain.balance(payer), devchain.balance(PAY_TO))
+    start = devchain.w3.eth.block_number + 1
 
     async def call() -> tuple[int, Any]:
         async with x402HttpxClient(_client(devchain, 3), timeout=30) as http:
@@ -129,6 +131,11 @@ def test_sdk_upto_client_pays_the_price_once_and_the_ledger_equals_the_chain(
     assert row.state == PaymentState.SETTLED and row.tx_hash == settle.transaction and row.payer == payer
     assert row.amount == PRICE and upto_maximum(row) == MAXIMUM
     assert (before[0] - devchain.balance(payer), devchain.balance(PAY_TO) - before[1]) == (PRICE, PRICE)
+    # x402gw reconcile finds the Permit2 transfer of the row's own transaction: the books agree.
+    code, report = run_reconcile(gateway, start)
+    assert code == 0, report
+    assert (report["matched"], report["missing_on_chain"], report["amount_mismatch"]) == (1, [], [])
+    assert (report["chain_payments"], report["chain_other_transfers"]) == (1, 0)
 
 
 def test_a_mutated_field_is_refused_with_nothing_moved(
