@@ -35,11 +35,18 @@ class GatewayProcess:
             [sys.executable, "-m", "gateway.cli.main", "serve"], env=self._env, cwd=self._cwd,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        try:
+            return self._wait_ready(self.process, timeout)
+        except BaseException:
+            self.stop()  # never leave a process behind that the caller has no handle on
+            raise
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> GatewayProcess:
         with httpx.Client(timeout=1.0) as client:
             deadline = _Deadline(timeout)
             while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"gateway exited with {self.process.returncode}: {self.log_tail()}")
+                if process.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {process.returncode}: {self.log_tail()}")
                 try:
                     if client.get(f"{self.url}/healthz").status_code == 200:
                         return self
@@ -48,7 +55,7 @@ class GatewayProcess:
                 if deadline.passed():
                     raise RuntimeError(f"gateway did not become ready: {self.log_tail()}")
                 try:
-                    self.process.wait(0.05)  # returns early if the process dies
+                    process.wait(0.05)  # returns early if the process dies
                 except subprocess.TimeoutExpired:
                     pass
 
