@@ -105,7 +105,7 @@ def _limit(amount: Decimal, decimals: int, option: str) -> int:
 
 async def _run(
     gateway: str, key: str, max_spend: Decimal, max_per_call: Decimal | None, token_source: tuple[str | None, str | None, str | None, Path],
-    max_valid_seconds: int, name: str | None, arguments: dict[str, Any] | None,
+    max_valid_seconds: int, name: str | None, arguments: dict[str, Any] | None, user_token: str | None = None,
 ) -> int:
     import httpx
 
@@ -137,10 +137,11 @@ async def _run(
                     f"the gateway says {tool.asset} has {tool.decimals} decimals; the chain says {token.decimals} "
                     f"({token.source}): a gateway that misstates its token is not paid"
                 )
-            click.echo(f"tool     {tool.name}  {tool.method} {tool.url}  price {fmt(tool.price_atomic)} "
+            price = fmt(tool.price_atomic) if tool.price_atomic is not None else (tool.price_text or "dynamic")
+            click.echo(f"tool     {tool.name}  {tool.method} {tool.url}  price {price} "
                        f"(limit {fmt(limit)}, per call {fmt(per_call)})")
             click.echo(f"args     {json.dumps(chosen, sort_keys=True)}")
-            result = await call_tool(agent, client, tool, chosen)
+            result = await call_tool(agent, client, tool, chosen, user_token)
         except PaymentRefused as exc:
             click.echo(f"refused  {exc}", err=True)
             return EXIT_REFUSED
@@ -190,10 +191,12 @@ def _amount(value: str, option: str) -> Decimal:
               help="Longest validity of a signed authorization, whatever the offer asks.")
 @click.option("--tool", "tool_name", default=None, help="Tool to call (default: the first one callable).")
 @click.option("--args", "args_json", default=None, help="Tool arguments as a JSON object.")
+@click.option("--user-token-env", default=None, metavar="VAR",
+              help="Environment variable holding the end user's access token, sent only to a tool that acts for its user.")
 def agent(
     gateway: str, key: str | None, key_env: str | None, max_spend: str, max_per_call: str | None, rpc_url: str | None,
     network: str | None, asset: str | None, deployment_file: Path, max_valid_seconds: int, tool_name: str | None,
-    args_json: str | None,
+    args_json: str | None, user_token_env: str | None,
 ) -> None:
     """Discover a gateway's tools, pay for one call within the agent's own limits, print result and receipt.
 
@@ -214,11 +217,16 @@ def agent(
             raise click.ClickException("--args must be a JSON object") from None
         if not isinstance(arguments, dict):
             raise click.ClickException("--args must be a JSON object")
+    user_token = None
+    if user_token_env:
+        user_token = os.environ.get(user_token_env)
+        if not user_token:
+            raise click.ClickException(f"environment variable {user_token_env} is not set")
     import httpx
 
     try:
         code = asyncio.run(_run(gateway, key, limit, per_call, (rpc_url, network, asset, deployment_file),
-                                max_valid_seconds, tool_name, arguments))
+                                max_valid_seconds, tool_name, arguments, user_token))
     except httpx.HTTPError as exc:
         raise click.ClickException(f"gateway {gateway} did not answer: {type(exc).__name__}") from None
     sys.exit(code)

@@ -329,3 +329,23 @@ def test_budgets_reserve_the_dynamic_amount(
             assert devchain.balance(PAY_TO) == before + (amount if status == 202 else 0)
     settled = [r.amount for r in gateway.ledger.all() if r.state == PaymentState.SETTLED]
     assert settled == [4000, 1000] and upstream_hits(upstream, REPORTS) == 2
+
+
+def test_the_reference_agent_pays_a_dynamic_price_within_its_own_per_call_limit(
+    gateway: RunningGateway, devchain: Devchain,
+) -> None:
+    """/tools gives a rule, not one amount: the agent discovers the catalog (it used to fail on the
+    missing priceAtomic), pays the computed amount, and refuses one above its own per-call limit."""
+    from tests.e2e.test_agent_cli import PAYER as AGENT_PAYER
+    from tests.e2e.test_agent_cli import run_agent
+
+    payer = devchain.address(AGENT_PAYER)
+    before = devchain.balance(payer)
+    paid = run_agent(gateway, devchain, "--max-spend", "0.05", "--tool", "forecast", "--args", '{"city": "Oslo", "days": 4}')
+    assert paid.returncode == 0, paid.stdout + paid.stderr
+    assert devchain.balance(payer) == before - 4000  # 0.002 + 4 × 0.0005
+    dear = run_agent(gateway, devchain, "--max-spend", "0.05", "--max-per-call", "0.003", "--tool", "forecast",
+                     "--args", '{"city": "Oslo", "days": 4}')
+    assert dear.returncode == 3, dear.stdout + dear.stderr  # refused before signing: over its per-call limit
+    assert devchain.balance(payer) == before - 4000
+    assert [row.amount for row in gateway.ledger.all()] == [4000]

@@ -395,3 +395,26 @@ def test_the_doctor_checks_each_issuers_jwks(stack: Stack) -> None:
     report = asyncio.run(run_doctor(plan))
     [finding] = [f for f in report.findings if f.check == "jwks"]
     assert (finding.status, finding.subject) == ("ok", f"{stack.auth.issuer}/jwks")
+
+
+def test_the_reference_agent_sends_the_users_token_to_that_tool_only(
+    stack: Stack, devchain: Devchain, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``x402gw agent --user-token-env VAR``: the user's token goes with a call to a tool that acts for
+    its user (and not to the gateway's other tools); without it the tool refuses before any 402."""
+    from tests.e2e.test_agent_cli import PAYER as AGENT_PAYER
+    from tests.e2e.test_agent_cli import run_agent
+
+    token = stack.auth.issue("alice", UPSTREAM_AUDIENCE, READ)
+    payer = devchain.address(AGENT_PAYER)
+    before = devchain.balance(payer)
+    monkeypatch.setenv("ALICE_TOKEN", token)
+    paid = run_agent(stack.gateway, devchain, "--max-spend", "0.05", "--tool", "my_orders",
+                     "--args", '{"user": "alice"}', "--user-token-env", "ALICE_TOKEN")
+    assert paid.returncode == 0, paid.stdout + paid.stderr
+    assert "A-1001" in paid.stdout and token not in paid.stdout + paid.stderr
+    assert devchain.balance(payer) == before - 1000
+    refused = run_agent(stack.gateway, devchain, "--max-spend", "0.05", "--tool", "my_orders", "--args", '{"user": "alice"}')
+    assert refused.returncode == 1 and "user_token_missing" in refused.stdout + refused.stderr
+    assert devchain.balance(payer) == before - 1000
+    assert orders_hits(stack, "alice") == 1

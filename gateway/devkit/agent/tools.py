@@ -34,21 +34,24 @@ class DiscoveredTool:
     method: str
     url: str  # template: https://gw/quotes/{symbol}
     parameters: dict[str, Any]
-    price: str
-    price_atomic: int
+    price: str | None  # None: a dynamic price (``price_text`` says how it is computed)
+    price_atomic: int | None
     asset: str
     decimals: int
     network: str
     pay_to: str
+    price_text: str | None = None
+    user_auth: bool = False  # the tool acts for its end user: it needs the user's access token
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> DiscoveredTool:
         function = entry["function"]
         return cls(
             name=function["name"], description=function.get("description", ""), method=entry["method"],
-            url=entry["url"], parameters=function.get("parameters") or {"type": "object"}, price=entry["price"],
-            price_atomic=int(entry["priceAtomic"]), asset=entry["asset"], decimals=int(entry["decimals"]),
-            network=entry["network"], pay_to=entry["payTo"],
+            url=entry["url"], parameters=function.get("parameters") or {"type": "object"}, price=entry.get("price"),
+            price_atomic=int(entry["priceAtomic"]) if "priceAtomic" in entry else None, asset=entry["asset"],
+            decimals=int(entry["decimals"]), network=entry["network"], pay_to=entry["payTo"],
+            price_text=entry.get("priceText"), user_auth="userAuth" in entry,
         )
 
 
@@ -103,16 +106,24 @@ def example_arguments(schema: dict[str, Any]) -> dict[str, Any] | None:
 
 
 async def call_tool(
-    agent: PayingAgent, client: httpx.AsyncClient, tool: DiscoveredTool, arguments: dict[str, Any]
+    agent: PayingAgent, client: httpx.AsyncClient, tool: DiscoveredTool, arguments: dict[str, Any],
+    user_token: str | None = None,
 ) -> CallResult:
     """Call a discovered tool with ``arguments``, paying its 402 within the agent's limits, and
-    only to the payee and at most the price ``/tools`` advertised."""
+    only to the payee and at most the price ``/tools`` advertised (a dynamic price: within the
+    agent's per-call limit). ``user_token``: the end user's access token, sent only to a tool that
+    acts for its user (``userAuth`` in ``/tools``)."""
     from gateway.surfaces.discovery import tool_request
 
     request = tool_request(tool.method, tool.url, arguments)
-    kwargs: dict[str, Any] = {}
+    headers: dict[str, str] = {}
     if request.body:
-        kwargs = {"content": request.body, "headers": {"content-type": "application/json"}}
+        headers["content-type"] = "application/json"
+    if user_token is not None and tool.user_auth:
+        headers["authorization"] = f"Bearer {user_token}"
+    kwargs: dict[str, Any] = {"headers": headers} if headers else {}
+    if request.body:
+        kwargs["content"] = request.body
     return await agent.call(
         client, request.method, request.target, expect_pay_to=tool.pay_to, expect_max_amount=tool.price_atomic, **kwargs
     )
