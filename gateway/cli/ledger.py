@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -204,7 +204,6 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     """Resolve open payments, then compare the ledger with the token's Transfer / AuthorizationUsed
     logs for each payTo: exit 0 when they agree, 1 when they do not, 2 when it cannot tell."""
     from gateway.app import facilitator_plan, write_ahead_networks
-    from settlement.errors import ChainUnavailable
     from settlement.finance.reconcile import reconcile as run_reconcile
     from settlement.schemes import Schemes, exact_resolvers
 
@@ -218,22 +217,10 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     book = _open_ledger(settings.database_url)
     _write_webhook_events(book, settings)
 
-    async def run() -> Any:
-        try:
-            return await run_reconcile(
-                book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block, to_block=to_block,
-                schemes=Schemes(exact_resolvers(chains, write_ahead_networks(plan))), chunk=chunk_blocks,
-            )
-        finally:
-            for chain in chains.values():
-                await chain.close()
-
-    try:
-        report = asyncio.run(run())
-    except ChainUnavailable as exc:
-        _fail(f"{exc.message} [{exc.code}]")
-    finally:
-        book.close()
+    report = _on_chains(book, chains, run_reconcile(
+        book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block, to_block=to_block,
+        schemes=Schemes(exact_resolvers(chains, write_ahead_networks(plan))), chunk=chunk_blocks,
+    ))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -257,6 +244,26 @@ def _write_webhook_events(book: Any, settings: Settings) -> None:
     except GatewayConfigError as exc:
         _fail(f"{exc.message} [{exc.code}]")
     book.subscriptions = subscriptions_of(endpoints) if endpoints else None
+
+
+def _on_chains(book: Any, chains: dict[str, Any], work: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``work`` against ``chains``, then close the chains and the ledger whatever happened; a
+    node that stops answering ends the command with its code (exit 2)."""
+    from settlement.errors import ChainUnavailable
+
+    async def run() -> Any:
+        try:
+            return await work
+        finally:
+            for chain in chains.values():
+                await chain.close()
+
+    try:
+        return asyncio.run(run())
+    except ChainUnavailable as exc:
+        _fail(f"{exc.message} [{exc.code}]")
+    finally:
+        book.close()
 
 
 def _chains(settings: Settings, *, keyed: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -298,27 +305,14 @@ def ledger_backfill_gas(as_json: bool, catalogs: tuple[Path, ...], database_url:
     batch's gas is shared exactly among its rows (settlement.chain.gas). Only transactions sent by
     the network's settlement key count (a remote facilitator's are listed, not recorded). Exit 2 when a network has
     no chain access or a node stops answering (run it again: filled rows are kept)."""
-    from settlement.errors import ChainUnavailable
     from settlement.finance.gas import backfill_gas
 
     settings = _settings(catalog=list(catalogs), database_url=database_url)
     _, chains = _chains(settings, keyed=True)
     book = _open_ledger(settings.database_url)
 
-    async def run() -> Any:
-        try:
-            senders = {n: c.settlement_address for n, c in chains.items() if c.settlement_address}
-            return await backfill_gas(book, chains, senders)
-        finally:
-            for chain in chains.values():
-                await chain.close()
-
-    try:
-        report = asyncio.run(run())
-    except ChainUnavailable as exc:
-        _fail(f"{exc.message} [{exc.code}]")
-    finally:
-        book.close()
+    senders = {n: c.settlement_address for n, c in chains.items() if c.settlement_address}
+    report = _on_chains(book, chains, backfill_gas(book, chains, senders))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
