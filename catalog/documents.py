@@ -44,6 +44,7 @@ from catalog.fields import (
 )
 from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.price_rules import PriceRuleDoc, PriceTierDoc
+from catalog.usage import UsageRule
 from catalog.user_auth import TokenExchange, UserAuth, WalletAccounts
 
 __all__ = ["KNOWN_KEYS", "CatalogDoc", "CatalogPaymentDoc", "OfferDoc", "PaymentDoc", "ToolDoc", "UpstreamDoc"]
@@ -130,6 +131,8 @@ class ToolDoc(FrozenModel):
     answers: Answers | None = None  # trimming to a caller's budget, schema drift (catalog.answers)
     user_auth: UserAuth | None = None  # the end user's OAuth token, checked before the offer (catalog.user_auth)
     wallet_accounts: WalletAccounts | None = None  # payer address -> upstream user credential, after verify
+    usage: UsageRule | None = None  # an upto tool charged by what it used (catalog.usage)
+    stream: bool = False  # the upstream's answer is relayed as it arrives (SSE or chunked)
 
     @property
     def amount(self) -> Decimal:
@@ -153,5 +156,5 @@ class CatalogDoc(FrozenModel):
 
 KNOWN_KEYS: frozenset[str] = frozenset().union(
     *(m.model_fields for m in (CatalogPaymentDoc, OfferDoc, UpstreamDoc, ToolDoc, CatalogDoc, Budgets, RateLimits, Breaker, Answers,
-                                      UserAuth, TokenExchange, WalletAccounts, PriceRuleDoc, PriceTierDoc))
-)
+                                      UserAuth, TokenExchange, WalletAccounts, PriceRuleDoc, PriceTierDoc, UsageRule))
+) | {"from"}

@@ -47,6 +47,7 @@ from catalog.source import Source
 from catalog.templates import route_shape
 from catalog.terms import TermsResolver, dollar_problem
 from catalog.upto import upto_terms
+from catalog.usage import usage_problems
 from catalog.user_auth import user_auth_problems
 
 __all__ = ["load_catalog", "load_catalogs", "parse_catalog", "price_ceiling_issues"]
@@ -90,6 +91,12 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
         alternatives = _tool_offers(doc, spec, at, payment, settle, upstream, local, src) if payment is not None else ()
         if rule is not None and payment is not None:
             _check_rule(doc, spec, at, rule, (payment, *(o.terms for o in alternatives)), src)
+        if spec.usage is not None and payment is not None:
+            for field, code, message in usage_problems(
+                spec.usage, scheme=payment.scheme, settle=settle, stream=spec.stream, kind=spec.kind,
+                has_price_rule=rule is not None, maximum=payment.maximum, decimals=payment.decimals,
+            ):
+                src.issue(f"{at}.usage.{field}", code, message)
         if len(src.issues) > before or upstream is None or payment is None:
             continue
         tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name, alternatives, rule))
@@ -241,6 +248,7 @@ def _tool(
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
         retry=spec.retry, failure_when=spec.failure_when, alternatives=alternatives, answers=spec.answers,
         user_auth=spec.user_auth, wallet_accounts=spec.wallet_accounts, price_rule=rule,
+        usage=spec.usage, stream=spec.stream,
     )
 
 

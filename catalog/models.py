@@ -47,6 +47,7 @@ from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.price_rules import PriceRule
 from catalog.pricing import to_atomic
 from catalog.templates import parse_template
+from catalog.usage import UsageRule
 from catalog.user_auth import UserAuth, WalletAccounts
 
 __all__ = [
@@ -205,6 +206,10 @@ class Tool(FrozenModel):
     user_auth: UserAuth | None = None
     # or: the verified payer's own upstream credential, from the owner's secret file (catalog.user_auth)
     wallet_accounts: WalletAccounts | None = None
+    # an ``upto`` tool charged by what each call used, read from its answer (catalog.usage)
+    usage: UsageRule | None = None
+    # the upstream's answer is relayed as it arrives, not buffered (SSE or chunked)
+    stream: bool = False
 
     @model_validator(mode="wrap")
     @classmethod

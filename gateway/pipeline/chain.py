@@ -6,8 +6,8 @@
          400/402             402/503        403/429         409          replay/409/502/503  402
       ─▶ verify ─▶ linked_account
          402/503    403
-      ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ answer ─▶ settle ─▶ respond
-         403         409       402/503            502/504   502       402/503
+      ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ meter ─▶ answer ─▶ settle ─▶ respond
+         403         409       402/503            502/504   502      502       402/503
 
     finally, always: release_holds ─▶ audit ─▶ observers ─▶ access_log
 
@@ -51,6 +51,7 @@ from gateway.pipeline.stages.exactly_once import (
     InFlight,
     store_unavailable,
 )
+from gateway.pipeline.stages.meter import Meter
 from gateway.pipeline.stages.respond import Respond
 from gateway.pipeline.stages.route import Route
 from gateway.pipeline.stages.safety import (
@@ -226,6 +227,7 @@ def build_chain(
             SettleUpfront(schemes, ledger),
             CallUpstream(bridge, upstream, safety=safety, ledger=ledger, refunds=refunds,
                          max_response_bytes=max_upstream_response_bytes, users=users),
+            Meter(ledger),  # an upto tool charged by usage: the units its answer reports, priced and capped
             CheckAnswer(ledger, refunds),  # drift against output_schema (fail: withheld), then trimming as asked
             Settle(schemes, ledger),
             Respond(ledger, receipts, public_url),

@@ -12,8 +12,10 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from catalog import PaymentTerms, Tool, format_amount
+from catalog.usage import UsageRule
 from gateway.protocol.offers import Offer
 from settlement.schemes.exact import exact_requirements
+from settlement.schemes.upto import CHARGE_KEY, UPTO
 from settlement.x402.wire import PaymentRequirements
 
 __all__ = ["CompiledTool"]
@@ -23,6 +25,22 @@ MAX_PRICED_OFFERS = 256  # distinct prices of one rule-priced tool kept (an offe
 
 def _decimal(atomic: int, decimals: int) -> Decimal:
     return Decimal(format_amount(atomic, decimals))  # exact: a decimal string, no context rounding
+
+
+def _charged_by_usage(
+    requirements: Callable[[PaymentTerms, int], PaymentRequirements], usage: UsageRule
+) -> Callable[[PaymentTerms, int], PaymentRequirements]:
+    """Requirements whose ``extra.charge`` states the usage rule (the price is per unit) instead of
+    a fixed charge: the amount is counted from the answer (stage ``meter``)."""
+
+    def charged(terms: PaymentTerms, amount: int) -> PaymentRequirements:
+        made = requirements(terms, amount)
+        if made.scheme != UPTO:
+            return made
+        rule = usage.describe(_decimal(amount, terms.decimals))
+        return made.model_copy(update={"extra": {**(made.extra or {}), CHARGE_KEY: rule}})
+
+    return charged
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +60,8 @@ class CompiledTool:
     @cached_property
     def offer(self) -> Offer:
         tool, requirements = self.tool, self.scheme_requirements
+        if tool.usage is not None:
+            requirements = _charged_by_usage(requirements, tool.usage)
         alternatives = [requirements(offer.terms, offer.price_atomic) for offer in tool.alternatives]
         return Offer.for_tool(tool, requirements(tool.payment, tool.price_atomic), alternatives)
 

@@ -118,6 +118,7 @@ class Held:
     view: PolicyView | None = None
     ticket: Ticket | None = None
     reservations: list[_Reservation] = field(default_factory=list)
+    reserved: int = 0  # atomic units reserved (an upto payment's maximum), against what settles
 
 
 # The two context managers below are classes, not @contextlib.contextmanager generators: they
@@ -325,6 +326,7 @@ class Safety:
         """``tool``: as paid with the payer's offer; ``amount``: atomic units of that offer's token."""
         held = ctx.safety if isinstance(ctx.safety, Held) else Held()
         ctx.safety = held
+        held.reserved = amount
         for rule in self._budgets[_offer_key(tool)]:
             key = rule.key(tool, payer)
             units = amount * rule.scale
@@ -373,19 +375,35 @@ class Safety:
         try:
             if held.ticket is not None:
                 await self.breakers.release(held.ticket)
-            if held.reservations and not await self._money_may_have_moved(ctx, ledger):
+            if not held.reservations:
+                return
+            moved = await self._money_moved(ctx, ledger)
+            if moved is None:
                 await self._release(held)
+            elif moved < held.reserved:
+                await self._release(held, held.reserved - moved)  # an upto charge below its maximum
         except Exception:
             log.exception("safety cleanup failed on request %s", ctx.request_id)
 
-    async def _money_may_have_moved(self, ctx: RequestContext, ledger: Ledger) -> bool:
+    async def _money_moved(self, ctx: RequestContext, ledger: Ledger) -> int | None:
+        """None: nothing moved (the reservations go back whole); else the most that may have moved:
+        a settled row's amount, or (outcome unknown) everything reserved."""
         if ctx.outcome not in _MONEY_MAY_HAVE_MOVED or ctx.payment_id is None:
-            return False
+            return None
         row = await asyncio.to_thread(ledger.get, ctx.payment_id)
-        return row is None or row.state not in (PaymentState.FAILED, PaymentState.VOIDED)
+        if row is not None and row.state in (PaymentState.FAILED, PaymentState.VOIDED):
+            return None
+        return row.amount if row is not None and row.state == PaymentState.SETTLED else held_all(ctx)
 
-    async def _release(self, held: Held) -> None:
+    async def _release(self, held: Held, atomic: int | None = None) -> None:
+        """Give back every reservation, or ``atomic`` units of each (the part that was not charged)."""
         while held.reservations:
             r = held.reservations.pop()
             with _store_errors():
-                await self.store.release_budget(r.key, r.amount, r.rule.window, r.resets_at)
+                await self.store.release_budget(r.key, r.amount if atomic is None else atomic * r.rule.scale,
+                                                r.rule.window, r.resets_at)
+
+
+def held_all(ctx: RequestContext) -> int:
+    """Everything this request reserved (kept when an outcome is not known)."""
+    return ctx.safety.reserved if isinstance(ctx.safety, Held) else 0

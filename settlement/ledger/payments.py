@@ -216,13 +216,17 @@ class Ledger(LedgerReads):
 
     def begin_settlement(
         self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes] | None,
-        tx_hash: str | None = None,
+        tx_hash: str | None = None, amount: int | None = None,
     ) -> None:
         """Write-ahead: the row goes to ``settling`` and the answer being bought is stored, in one
-        transaction, before any transaction is broadcast (with its hash, when it is known)."""
+        transaction, before any transaction is broadcast (with its hash, when it is known).
+        ``amount``: what is being settled when it is only known now (an ``upto`` charge counted
+        from the answer), so a restart reconciles the very amount that was sent."""
         values: dict[str, Any] = {"state": PaymentState.SETTLING.value}
         if tx_hash is not None:
             values["tx_hash"] = tx_hash
+        if amount is not None:
+            values["amount"] = amount
         if response is not None:
             values["upstream_status"] = response[0]
         with self._connection() as connection:

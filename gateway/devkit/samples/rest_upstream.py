@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.devkit.samples.completions import Completions
 from gateway.devkit.samples.user_orders import UserOrders
 
 __all__ = ["create_app", "main"]
@@ -216,11 +217,15 @@ class _State:
         return JSONResponse({"total": 0, "paths": {}, "requests": {}})
 
 
-def create_app(fx_key: str = DEMO_FX_KEY, users: UserOrders | None = None) -> Starlette:
-    """``users``: per-user orders behind the issuer's tokens (``/users/{user}/orders``)."""
+def create_app(
+    fx_key: str = DEMO_FX_KEY, users: UserOrders | None = None, first_token_seconds: float = 0.0
+) -> Starlette:
+    """``users``: per-user orders behind the issuer's tokens (``/users/{user}/orders``);
+    ``first_token_seconds``: the completion endpoint's thinking time (``samples.completions``)."""
     state = _State(fx_key)
     app = Starlette(routes=[
         *(users.routes() if users is not None else []),
+        *Completions(first_token_seconds).routes(),
         Route("/api/v1/quote/{symbol}", quote, methods=["GET"]),
         Route("/weather", weather, methods=["GET"]),
         Route("/orders", state.create_order, methods=["POST"]),

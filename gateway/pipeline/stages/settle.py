@@ -24,6 +24,7 @@ from settlement.ledger import Ledger
 from settlement.schemes import Schemes
 from settlement.schemes.base import Facilitator
 from settlement.schemes.remote import settlement_outcome_unknown
+from settlement.schemes.upto import CHARGE_KEY, UPTO, upto_charge
 from settlement.x402.wire import PaymentPayload, SettleResponse
 
 __all__ = ["Settle", "SettleUpfront", "settle"]
@@ -92,6 +93,15 @@ class Settle:
         return None
 
 
+def _with_charge(result: SettleResponse, quote: Quote) -> SettleResponse:
+    """An upto receipt says what was charged of the signed maximum, and how (``extra.charge``)."""
+    charge = (quote.requirements.extra or {}).get(CHARGE_KEY)
+    if quote.requirements.scheme != UPTO or not isinstance(charge, dict):
+        return result
+    told = {"maximum": quote.requirements.amount, "capped": False, **charge}
+    return result.model_copy(update={"extra": {**(result.extra or {}), CHARGE_KEY: told}})
+
+
 def settled(ctx: RequestContext, receipt: SettleResponse) -> None:
     ctx.settlement = receipt
     ctx.outcome = "settled"
@@ -113,15 +123,17 @@ async def settle(
 
     Longer than the usual 60 lines on purpose: the write-ahead record, the one call to the scheme
     and its three outcomes (settled, unknown: 503, refused: 402) read as one sequence, top to bottom."""
-    # Write-ahead: `settling` and the answer being bought are durable before anything is broadcast,
-    # and the transaction hash is recorded before it is sent.
-    if hook_writes_ahead:
+    # Write-ahead: `settling`, the answer being bought and (upto) the amount charged are durable
+    # before anything is broadcast, and the transaction hash is recorded before it is sent. An upto
+    # charge of 0 broadcasts nothing: its record is written here.
+    charged = upto_charge(quote.requirements) if quote.requirements.scheme == UPTO else None
+    if hook_writes_ahead and charged != 0:
 
         async def before_send(tx_hash: str) -> None:
-            await ledger.run(ledger.begin_settlement, payment_id, response, tx_hash=tx_hash)
+            await ledger.run(ledger.begin_settlement, payment_id, response, tx_hash=tx_hash, amount=charged)
 
     else:
-        await ledger.run(ledger.begin_settlement, payment_id, response)
+        await ledger.run(ledger.begin_settlement, payment_id, response, amount=charged)
 
         async def before_send(tx_hash: str) -> None:
             await ledger.run(ledger.record_tx_hash, payment_id, tx_hash)
@@ -142,14 +154,11 @@ async def settle(
     gas = share.ledger_fields() if share is not None else None
     block = (result.extra or {}).get("blockNumber")
     if result.success:
+        moved = {"tx_hash": result.transaction} if result.transaction else {}  # an upto charge of 0 moves nothing
         await ledger.run(
-            ledger.mark_settled,
-            payment_id,
-            tx_hash=result.transaction,
-            block_number=block if isinstance(block, int) else None,
-            gas=gas,
+            ledger.mark_settled, payment_id, block_number=block if isinstance(block, int) else None, gas=gas, **moved,
         )
-        return result
+        return _with_charge(result, quote)
     if settlement_outcome_unknown(result):
         # Money may have moved: never a 402 inviting a second payment. The row stays open for a
         # reconcile against the chain (by tx hash when the facilitator gave one).

@@ -121,7 +121,7 @@ class Discovery:
             "payTo": price["payTo"],
             "scheme": price["scheme"],
             "settle": tool.settle,
-            **{k: price[k] for k in ("maximum", "chargeText") if k in price},  # an upto tool's
+            **{k: price[k] for k in ("maximum", "usage", "chargeText") if k in price},  # an upto tool's
         }
         if "offers" in price:
             entry["offers"] = price["offers"]

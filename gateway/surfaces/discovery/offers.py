@@ -23,18 +23,31 @@ def price_facts(tool: Tool, terms: PaymentTerms, price_atomic: int) -> dict[str,
             "priceRule": rule.describe(terms.decimals),
             "priceText": f"{rule.sentence(terms.asset_name)}, computed from the arguments; the 402 states the amount",
         }
-    return {**facts, **upto_facts(terms)}
+    return {**facts, **upto_facts(terms, tool)}
 
 
-def upto_facts(terms: PaymentTerms) -> dict[str, Any]:
+def upto_facts(terms: PaymentTerms, tool: Tool | None = None) -> dict[str, Any]:
     """An ``upto`` offer (``catalog.upto``): the maximum the payer signs for and how the charge is
-    computed (the price, never more than the maximum; the 402's ``extra.charge`` states it)."""
+    computed (the price, or the usage rule's count of the answer priced per unit: ``catalog.usage``;
+    never more than the maximum; the 402's ``extra.charge`` states it)."""
     if terms.scheme != "upto" or terms.maximum is None:
         return {}
+    usage = tool.usage if tool is not None else None
+    if usage is None:
+        return {
+            "maximum": f"{terms.maximum:f}",
+            "chargeText": f"upto: you sign for at most {terms.maximum:f} {terms.asset_name}; the price above is charged, "
+                          "never more (the 402's extra.charge states it)",
+        }
+    assert tool is not None
     return {
         "maximum": f"{terms.maximum:f}",
-        "chargeText": f"upto: you sign for at most {terms.maximum:f} {terms.asset_name}; the price above is charged, "
-                      "never more (the 402's extra.charge states it)",
+        "usage": usage.describe(tool.price),
+        "chargeText": f"upto: you sign for at most {terms.maximum:f} {terms.asset_name}; charged the price above per unit "
+                      f"of usage ({usage.source}{' ' + (usage.header or usage.json_pointer or '') if usage.source not in ('events', 'bytes') else ''}"
+                      f"{f', per {usage.per_units} units' if usage.per_units != 1 else ''}"
+                      f"{f', plus {usage.base:f}' if usage.base is not None else ''}), never more than the maximum; "
+                      "the settlement's extra.charge states the units and the amount",
     }
 
 

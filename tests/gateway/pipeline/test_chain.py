@@ -19,7 +19,7 @@ from settlement.audit import AuditEvent
 STAGES = [
     "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "user_auth", "challenge",
     "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
-    "linked_account", "reserve", "record", "settle_upfront", "bridge", "answer", "settle", "respond",
+    "linked_account", "reserve", "record", "settle_upfront", "bridge", "meter", "answer", "settle", "respond",
 ]
 FINALIZERS = ["release_holds", "audit", "observers", "access_log"]
 
@@ -48,8 +48,9 @@ def test_issue_13_order_holds() -> None:
     assert names.index("decode_and_bind") < names.index("payer_checks") < names.index("in_flight")
     assert names.index("in_flight") < names.index("exactly_once") < names.index("payment_window") < names.index("verify")
     assert names.index("pre_challenge_safety") < names.index("challenge")
-    # exactly one stage talks to the upstream; only ``answer`` (drift, trimming) sits between it and settle
-    assert names.index("bridge") == names.index("answer") - 1 == names.index("settle") - 2
+    # exactly one stage talks to the upstream; only ``meter`` (usage) and ``answer`` (drift,
+    # trimming) sit between it and settle
+    assert names.index("bridge") == names.index("meter") - 1 == names.index("answer") - 2 == names.index("settle") - 3
 
 
 def test_issue_17_answers_are_checked_before_settlement_and_their_parameters_before_the_402() -> None:
@@ -58,6 +59,13 @@ def test_issue_17_answers_are_checked_before_settlement_and_their_parameters_bef
     # offer); the answer is checked for drift after the upstream and before any money moves for it.
     assert names.index("arguments") < names.index("challenge")
     assert names.index("bridge") < names.index("answer") < names.index("settle") < names.index("respond")
+
+
+def test_issue_18_usage_is_counted_from_the_whole_answer_before_settlement() -> None:
+    names = declared_chain().names
+    # The units are read from the upstream's own answer (before trimming), and the charge is known
+    # before the write-ahead record of the settlement.
+    assert names.index("bridge") < names.index("meter") < names.index("answer") < names.index("settle")
 
 
 def test_issue_17_the_user_token_is_checked_behind_the_client_limit_and_before_any_402() -> None:
