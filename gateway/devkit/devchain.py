@@ -24,6 +24,7 @@ from web3 import HTTPProvider, Web3
 from web3.exceptions import Web3Exception
 
 from gateway.devkit.anvil import Anvil, find_anvil
+from gateway.devkit.channels import place_channel_contracts
 from gateway.devkit.permit2 import approve_permit2, place_upto_contracts
 from settlement.chain.deployment import (
     ANVIL_ADDRESSES,
@@ -250,6 +251,7 @@ def fund_and_deploy(
     # Code and storage only (anvil_setCode/setStorageAt): no transaction, nothing else moves.
     permit2, upto_proxy = place_upto_contracts(w3, load_artifact)
     approve_permit2(w3, token.address, ANVIL_ADDRESSES[1:])
+    channel_escrow = place_channel_contracts(w3, load_artifact)
     return Deployment(
         rpc_url=rpc_url,
         chain_id=chain_id,
@@ -268,6 +270,7 @@ def fund_and_deploy(
         multicall3=multicall3,
         permit2=permit2,
         upto_proxy=upto_proxy,
+        channel_escrow=channel_escrow,
     )
 
 

@@ -128,6 +128,9 @@ class Deployment(BaseModel):
     # Permit2 and x402UptoPermit2Proxy; funded accounts have approved Permit2 on the token.
     permit2: str | None = None
     upto_proxy: str | None = None
+    # The x402 batch-settlement escrow at its canonical address, with its ERC-3009 deposit collector
+    # (absent in older files).
+    channel_escrow: str | None = None
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: readers see the old file or the new one, never half of one."""
