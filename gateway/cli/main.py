@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,6 +17,9 @@ from gateway.cli.audit import audit
 from gateway.cli.doctor import doctor
 from gateway.cli.ledger import COMMANDS
 from gateway.cli.receipt import receipt
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 
 def _configure_logging(level: str) -> None:
@@ -32,7 +36,13 @@ def main() -> None:
 @click.option("--catalog", "catalogs", multiple=True, type=click.Path(path_type=Path), help="Catalog file (repeatable).")
 @click.option("--host", default=None, help="Interface to listen on (default 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="Port to listen on (default 8402).")
-def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> None:
+@click.option("--workers", default=1, show_default=True, type=int, envvar="X402GW_WORKERS",
+              help="Gateway processes sharing the port (more than 1: Redis, PostgreSQL and one settlement key each).")
+@click.option("--settlement-keys-file", default=None, type=click.Path(path_type=Path),
+              envvar="X402GW_SETTLEMENT_KEYS_FILE", help="One settlement key per line, one per worker (--workers > 1).")
+@click.option("--worker-fd", default=None, type=int, hidden=True)  # a worker's inherited listening socket
+def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None, workers: int,
+          settlement_keys_file: Path | None, worker_fd: int | None) -> None:
     """Run the gateway."""
     import uvicorn
 
@@ -48,6 +58,8 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> Non
         overrides["port"] = port
     settings = load_settings(overrides)  # bad settings: one line with a code, exit 2, no value echoed
     _configure_logging(settings.log_level)
+    if worker_fd is None and workers != 1:
+        sys.exit(_supervise(settings, catalogs, workers, settlement_keys_file))
     try:
         app = create_app(settings)
     except CatalogError as exc:
@@ -69,10 +81,44 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None) -> Non
     # collector's full passes, which would otherwise walk all of it and stop the loop for 100+ ms.
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="auto", http="auto", access_log=False,
         log_level=settings.log_level.lower(),
     )
+    if worker_fd is None:
+        uvicorn.Server(config).run()
+    else:  # one of --workers N: accept on the supervisor's socket
+        import socket
+
+        uvicorn.Server(config).run(sockets=[socket.socket(fileno=worker_fd)])
+
+
+def _supervise(settings: Settings, catalogs: tuple[Path, ...], workers: int, keys_file: Path | None) -> int:
+    """``serve --workers N``: check the configuration can be shared, bind the port, run the workers."""
+    from gateway.app import facilitator_plan, write_ahead_networks
+    from gateway.cli.workers import WorkerPlanError, listening_socket, plan_workers, read_keys, supervise, worker_argv
+    from settlement.chain.deployment import local_tokens
+
+    try:
+        loaded = load_catalogs(settings.catalog, local=local_tokens(settings.deployment_file), env=os.environ)
+    except CatalogError as exc:
+        click.echo(f"error: the catalog is invalid; the gateway will not start\n{exc}", err=True)
+        return 2
+    networks = {offer.terms.network for tool in loaded.tools for offer in tool.offers}
+    settles_locally = bool(write_ahead_networks(facilitator_plan(settings, networks)))
+    try:
+        envs = plan_workers(settings, workers, read_keys(keys_file), settles_locally)
+        sock = listening_socket(settings.host, settings.port)
+    except WorkerPlanError as exc:
+        click.echo(f"error: {exc.message} [{exc.code}]", err=True)
+        return 2
+    except OSError as exc:
+        click.echo(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror} [address_unavailable]",
+                   err=True)
+        return 2
+    click.echo(f"x402gw serving on http://{settings.host}:{settings.port} with {workers} workers")
+    shared = (settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+    return supervise(worker_argv(catalogs), sock, envs, shared)
 
 
 @main.command()

@@ -10,6 +10,8 @@ One interface (``base.StateStore``), two backends. ``MemoryStore`` serves one pr
 
 from __future__ import annotations
 
+import os
+
 from gateway.store.base import (
     MAX_EXACT_UNITS,
     BudgetDecision,
@@ -32,8 +34,14 @@ __all__ = [
 ]
 
 
+WORKER_ENV = "X402GW_WORKER_INDEX"  # set by ``serve --workers N`` for each worker process
+
+
 def create_store(redis_url: str | None, prefix: str = "x402gw:") -> StateStore:
     if redis_url is None:
         return MemoryStore()
-    return RedisStore(redis_url, prefix=prefix)
+    # A worker of ``serve --workers N`` tags its locks with its pid: when it dies, the supervisor
+    # releases them at once (a resend of its payment is resolved then, not after the lock's TTL).
+    tag = f"@{os.getpid()}" if os.environ.get(WORKER_ENV) else ""
+    return RedisStore(redis_url, prefix=prefix, owner_tag=tag)
 

@@ -161,8 +161,12 @@ class RedisStore:
         *,
         connect_timeout: float = 2.0,
         op_timeout: float = 2.0,
+        owner_tag: str = "",
     ) -> None:
         self._prefix = prefix
+        # ``serve --workers N``: "@<pid>" after each lock's owner, so the supervisor can release the
+        # locks of a worker that died (gateway.cli.workers) instead of leaving them to lapse.
+        self._owner_tag = owner_tag
         # No retries: a command that timed out may have run, and re-sending a SET NX, a token take
         # or a budget increment would refuse our own lock or count twice. Fail fast; answer 503.
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
@@ -182,15 +186,18 @@ class RedisStore:
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
         check_ttl(ttl_ms)
         with _unavailable_on_redis_errors():
-            return bool(await self._redis.set(self._key(key), owner, px=ttl_ms, nx=True))
+            return bool(await self._redis.set(self._key(key), owner + self._owner_tag, px=ttl_ms, nx=True))
 
     async def release(self, key: str, owner: str) -> bool:
         with _unavailable_on_redis_errors():
-            return bool(await self._release(keys=[self._key(key)], args=[owner]))
+            return bool(await self._release(keys=[self._key(key)], args=[owner + self._owner_tag]))
 
     async def holder(self, key: str) -> str | None:
         value = await self.get(key)
-        return None if value is None else value.decode()
+        if value is None:
+            return None
+        owner = value.decode()
+        return owner[: -len(self._owner_tag)] if self._owner_tag and owner.endswith(self._owner_tag) else owner
 
     async def get(self, key: str) -> bytes | None:
         with _unavailable_on_redis_errors():

@@ -21,7 +21,8 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, log: Path, args: tuple[str, ...] = ()) -> None:
+        self.args = args  # after ``serve``: e.g. --workers 2
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {**os.environ, **env, "X402GW_PORT": str(self.port), "X402GW_LOG_LEVEL": "WARNING"}
@@ -32,7 +33,7 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         log = open(self._log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli.main", "serve"], env=self._env, cwd=self._cwd,
+            [sys.executable, "-m", "gateway.cli.main", "serve", *self.args], env=self._env, cwd=self._cwd,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
