@@ -7,10 +7,14 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint devchain serve clean
 
+# Tests only, last: the x402 SDK's sign-in-with-x client needs signinwithethereum, whose pins
+# (web3<8, eth-account<0.14) pip cannot meet beside ours, so it goes in with --no-deps; it runs on
+# ours, and its one missing dependency (abnf) is in the test extra. The gateway does not need it.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps 'signinwithethereum==5.0.2'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json

@@ -44,6 +44,7 @@ from catalog.fields import (
 )
 from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.price_rules import PriceRuleDoc, PriceTierDoc
+from catalog.reaccess import Reaccess
 from catalog.usage import UsageRule
 from catalog.user_auth import TokenExchange, UserAuth, WalletAccounts
 
@@ -131,6 +132,7 @@ class ToolDoc(FrozenModel):
     answers: Answers | None = None  # trimming to a caller's budget, schema drift (catalog.answers)
     user_auth: UserAuth | None = None  # the end user's OAuth token, checked before the offer (catalog.user_auth)
     wallet_accounts: WalletAccounts | None = None  # payer address -> upstream user credential, after verify
+    reaccess: Reaccess | None = None  # a payer gets a paid answer again, free, by signing in (catalog.reaccess)
     usage: UsageRule | None = None  # an upto tool charged by what it used (catalog.usage)
     stream: bool = False  # the upstream's answer is relayed as it arrives (SSE or chunked)
 

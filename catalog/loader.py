@@ -42,6 +42,7 @@ from catalog.models import (
 )
 from catalog.offers import resolve_offers
 from catalog.price_rules import PriceRule, PriceRuleDoc, build_rule, precision_problems
+from catalog.reaccess import reaccess_problems
 from catalog.registry import Stablecoin
 from catalog.source import Source
 from catalog.templates import route_shape
@@ -214,6 +215,8 @@ def _check_tool(
         src.issue(f"{at}.{field}", code, message)
     for field, code, message in user_auth_problems(spec.user_auth, spec.wallet_accounts):
         src.issue(f"{at}.{field}", code, message)
+    for field, code, message in reaccess_problems(spec.reaccess, spec.method, spec.side_effects):
+        src.issue(f"{at}.{field}", code, message)
     ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
     for ceiling, where in ceilings:
         if spec.amount > ceiling:
@@ -247,7 +250,7 @@ def _tool(
         rate_limits=spec.rate_limits,
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,
         retry=spec.retry, failure_when=spec.failure_when, alternatives=alternatives, answers=spec.answers,
-        user_auth=spec.user_auth, wallet_accounts=spec.wallet_accounts, price_rule=rule,
+        user_auth=spec.user_auth, wallet_accounts=spec.wallet_accounts, reaccess=spec.reaccess, price_rule=rule,
         usage=spec.usage, stream=spec.stream,
     )
 

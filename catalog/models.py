@@ -46,6 +46,7 @@ from catalog.fields import (
 from catalog.limits import Breaker, Budgets, RateLimits
 from catalog.price_rules import PriceRule
 from catalog.pricing import to_atomic
+from catalog.reaccess import Reaccess
 from catalog.templates import parse_template
 from catalog.usage import UsageRule
 from catalog.user_auth import UserAuth, WalletAccounts
@@ -206,6 +207,8 @@ class Tool(FrozenModel):
     user_auth: UserAuth | None = None
     # or: the verified payer's own upstream credential, from the owner's secret file (catalog.user_auth)
     wallet_accounts: WalletAccounts | None = None
+    # a payer who paid within the window gets the answer again by signing in (catalog.reaccess)
+    reaccess: Reaccess | None = None
     # an ``upto`` tool charged by what each call used, read from its answer (catalog.usage)
     usage: UsageRule | None = None
     # the upstream's answer is relayed as it arrives, not buffered (SSE or chunked)

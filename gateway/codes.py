@@ -142,6 +142,25 @@ USER_SCOPE_MISSING: Final = "user_scope_missing"
 USER_AUTH_UNAVAILABLE: Final = "user_auth_unavailable"
 USER_TOKEN_EXCHANGE_FAILED: Final = "user_token_exchange_failed"
 WALLET_NOT_LINKED: Final = "wallet_not_linked"
+# -- re-access by sign-in-with-x (a tool's reaccess; gateway.pipeline.stages.reaccess): each a 402
+# that still offers payment and a fresh sign-in challenge. The invalid_siwx_* ones are the x402
+# SDK's codes for a sign-in that does not hold (validate_siwx_message and the signature).
+REACCESS_NOT_PAID: Final = "reaccess_not_paid"  # no settled payment of this address for this resource
+REACCESS_WINDOW_EXPIRED: Final = "reaccess_window_expired"  # there is one, older than the window
+REACCESS_ANSWER_UNAVAILABLE: Final = "reaccess_answer_unavailable"  # paid, but no stored answer to serve
+INVALID_SIWX_PAYLOAD: Final = "invalid_siwx_payload"  # the header is not a sign-in (base64 JSON of the fields)
+INVALID_SIWX_SIGNATURE: Final = "invalid_siwx_signature"
+INVALID_SIWX_CHAIN_ID: Final = "invalid_siwx_chain_id"  # not a chain the challenge offered
+INVALID_SIWX_NONCE: Final = "invalid_siwx_nonce"  # already used: a sign-in is good once
+INVALID_SIWX_DOMAIN_MISMATCH: Final = "invalid_siwx_domain_mismatch"
+INVALID_SIWX_URI_MISMATCH: Final = "invalid_siwx_uri_mismatch"
+INVALID_SIWX_ISSUED_AT: Final = "invalid_siwx_issued_at"
+INVALID_SIWX_ISSUED_AT_TOO_OLD: Final = "invalid_siwx_issued_at_too_old"
+INVALID_SIWX_ISSUED_AT_IN_FUTURE: Final = "invalid_siwx_issued_at_in_future"
+INVALID_SIWX_EXPIRATION_TIME: Final = "invalid_siwx_expiration_time"
+INVALID_SIWX_EXPIRED: Final = "invalid_siwx_expired"
+INVALID_SIWX_NOT_BEFORE: Final = "invalid_siwx_not_before"
+INVALID_SIWX_NOT_YET_VALID: Final = "invalid_siwx_not_yet_valid"
 # -- signed receipts (GET /receipts/{paymentId}) --------------------------------------------------
 RECEIPT_AUTH_INVALID: Final = "receipt_auth_invalid"
 RECEIPT_AUTH_EXPIRED: Final = "receipt_auth_expired"
@@ -233,6 +252,23 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(RECEIPT_NOT_FOUND, 404, "none"),
     Refusal(RECEIPT_NOT_SETTLED, 409, "none"),
     Refusal(RECEIPTS_DISABLED, 404, "none"),
+
+    Refusal(REACCESS_NOT_PAID, 402, "pay"),
+    Refusal(REACCESS_WINDOW_EXPIRED, 402, "pay"),
+    Refusal(REACCESS_ANSWER_UNAVAILABLE, 402, "pay"),
+    Refusal(INVALID_SIWX_PAYLOAD, 402, "pay"),
+    Refusal(INVALID_SIWX_SIGNATURE, 402, "pay"),
+    Refusal(INVALID_SIWX_CHAIN_ID, 402, "pay"),
+    Refusal(INVALID_SIWX_NONCE, 402, "pay"),
+    Refusal(INVALID_SIWX_DOMAIN_MISMATCH, 402, "pay"),
+    Refusal(INVALID_SIWX_URI_MISMATCH, 402, "pay"),
+    Refusal(INVALID_SIWX_ISSUED_AT, 402, "pay"),
+    Refusal(INVALID_SIWX_ISSUED_AT_TOO_OLD, 402, "pay"),
+    Refusal(INVALID_SIWX_ISSUED_AT_IN_FUTURE, 402, "pay"),
+    Refusal(INVALID_SIWX_EXPIRATION_TIME, 402, "pay"),
+    Refusal(INVALID_SIWX_EXPIRED, 402, "pay"),
+    Refusal(INVALID_SIWX_NOT_BEFORE, 402, "pay"),
+    Refusal(INVALID_SIWX_NOT_YET_VALID, 402, "pay"),
 )})
 
 # Reasons the local facilitator gives for a payment it will not verify or could not settle. They

@@ -18,10 +18,12 @@ __all__ = [
     "PAYMENT_SIGNATURE",
     "REQUEST_ID",
     "RETRY_AFTER",
+    "SIGN_IN_WITH_X",
     "SOAP_ACTION",
     "USER_AGENT",
     "WWW_AUTHENTICATE",
     "X402GW_PREFIX",
+    "X402GW_REACCESS",
     "X402GW_RECEIPT",
     "X402GW_RECEIPT_SIGNATURE",
     "X402GW_RECEIPT_TIME",
@@ -42,11 +44,15 @@ PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
 X_PAYMENT = "X-PAYMENT"
 X_PAYMENT_REQUIRED = "X-PAYMENT-REQUIRED"
 X_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
+# x402 sign-in-with-x: a payer's signed EIP-4361 message, to get again what it paid for (re-access)
+SIGN_IN_WITH_X = "SIGN-IN-WITH-X"
 # the gateway's own
 REQUEST_ID = "X-Request-Id"
 X402GW_PREFIX = "X402GW-"
 X402GW_REPLAY = "X402GW-Replay"
 X402GW_REFUND = "X402GW-Refund"
+# On an answer served by re-access (no charge): the ledger id of the payment that bought it.
+X402GW_REACCESS = "X402GW-Reaccess"
 # What the gateway cut from an answer at the caller's asking (x402gw_* query parameters).
 X402GW_TRIMMED = "X402GW-Trimmed"
 # The signed receipt of a settled payment (base64 JSON), and a payer's proof when fetching one later.

@@ -2,6 +2,8 @@
 
     route ─▶ header_limits ─▶ body ─▶ arguments ─▶ offer ─▶ pre_challenge_safety ─▶ user_auth ─▶ challenge
     404/405   431              413     400/422                503/429                401/403/503  402 (unpaid)
+      ─▶ reaccess  (a sign-in, no payment: the paid-for answer again, free; it always answers)
+         200 / 402 / 403 / 429 / 502 / 503
       ─▶ decode_and_bind ─▶ wallet_check ─▶ payer_checks ─▶ in_flight ─▶ exactly_once ─▶ payment_window
          400/402             402/503        403/429         409          replay/409/502/503  402
       ─▶ verify ─▶ linked_account
@@ -52,6 +54,7 @@ from gateway.pipeline.stages.exactly_once import (
     store_unavailable,
 )
 from gateway.pipeline.stages.meter import Meter
+from gateway.pipeline.stages.reaccess import Reaccess
 from gateway.pipeline.stages.respond import Respond
 from gateway.pipeline.stages.route import Route
 from gateway.pipeline.stages.safety import (
@@ -148,6 +151,8 @@ class Chain:
         for stage in self.shape_stages:
             if await stage(ctx) is not None:
                 return None
+        if ctx.compiled is not None and ctx.compiled.tool.reaccess is not None:
+            return None  # its 402 carries a fresh sign-in challenge (nonce, issuedAt): never kept
         return self.challenge.unpaid(ctx)
 
     async def run_cached(self, ctx: RequestContext, cached: CachedChallenge) -> Response:
@@ -213,6 +218,9 @@ def build_chain(
             PreChallengeSafety(safety),
             UserAuthStage(users),  # a user-scoped tool: the end user's OAuth token, before any 402
             Challenge(),
+            # a sign-in to a tool with re-access (and no payment): answered here, free, or a 402
+            Reaccess(ledger=ledger, store=store, safety=safety, bridge=bridge, upstream=upstream,
+                     max_response_bytes=max_upstream_response_bytes, wallets=wallets, users=users),
             # with a payment from here on
             DecodeAndBind(signers, wallets),  # offline signer recovery: before any limit or lookup keyed on the payer
             WalletCheck(wallets),  # a contract wallet's signature, on chain (one capped eth_call); EOAs: nothing

@@ -207,12 +207,17 @@ class Quote:
         requirements = self.offer.bound(binding, index) if isinstance(binding, str) else self.offer.options[index]
         return replace(self, requirements=requirements, index=index)
 
-    def challenge(self, error: str) -> tuple[dict[str, str], dict[str, object]]:
-        """Headers and body of a 402. The header is always v2, so a v2 client is never pushed down."""
+    def challenge(self, error: str, extensions: dict[str, Any] | None = None) -> tuple[dict[str, str], dict[str, object]]:
+        """Headers and body of a 402. The header is always v2, so a v2 client is never pushed down.
+        ``extensions``: this 402's own, beside the offer's (a sign-in challenge: fresh each time)."""
         if self.version != 1 and self.binding is not None and len(self.resource_url) <= MAX_RESOURCE_URL:
             body = self.offer.challenge_body(self.binding, self.resource_url, error)
+            if extensions:
+                body["extensions"] = {**body.get("extensions", {}), **extensions}
             return {PAYMENT_REQUIRED: encode_header(body)}, body
         required = payment_required(self.offer, self.requirements, self.resource_url, error, self.index)
+        if extensions:
+            required = required.model_copy(update={"extensions": {**(required.extensions or {}), **extensions}})
         headers = {PAYMENT_REQUIRED: challenge_header(required)}
         if self.version == 1:
             v1 = payment_required_v1(self.offer, self.requirements, self.resource_url, error, self.index)

@@ -1,5 +1,6 @@
 """The ledger's reads (``Ledger`` inherits them): rows by id, request, authorization or
-payment-identifier, the open ones, all of them, and a payment's stored answer. Nothing here writes.
+payment-identifier, the open ones, all of them, a payment's stored answer, and the latest payment
+a payer made for a tool (re-access). Nothing here writes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.orm import Session
 
 from settlement.ledger.group_commit import atomic_alone
-from settlement.ledger.models import OPEN_STATES, Payment, StoredResponse
+from settlement.ledger.models import OPEN_STATES, Payment, PaymentState, StoredResponse
 
 __all__ = ["LedgerReads"]
 
@@ -82,3 +83,20 @@ class LedgerReads:
     def all(self) -> list[Payment]:
         with self._session() as session:
             return list(session.scalars(select(Payment).order_by(Payment.id)))
+
+    @atomic_alone
+    def latest_paid(self, payer: str, tool: str, fingerprint: str | None) -> Payment | None:
+        """The latest settled payment of ``payer`` for ``tool`` (and, unless ``fingerprint`` is
+        None, for that very request) that owes nothing back: what a re-access stands on. The
+        ledger is the only record of it, so there is nothing beside it to drift."""
+        query = select(_PAYMENTS).where(
+            _PAYMENTS.c.payer.in_({payer, payer.lower()}),  # indexed; rows carry the checksummed form
+            _PAYMENTS.c.tool == tool,
+            _PAYMENTS.c.state == PaymentState.SETTLED.value,
+            _PAYMENTS.c.refund_owed.is_(None),
+        )
+        if fingerprint is not None:
+            query = query.where(_PAYMENTS.c.fingerprint == fingerprint)
+        with self._connection() as connection:
+            found = connection.execute(query.order_by(_PAYMENTS.c.created_at.desc(), _PAYMENTS.c.id.desc()).limit(1)).first()
+        return None if found is None else _payment(found._mapping)

@@ -25,10 +25,10 @@ from gateway.pipeline.context import RequestContext
 from gateway.pipeline.refunds import Refunds
 from gateway.protocol.receipts import receipt_headers
 from gateway.upstream.bridge import UpstreamResponse
-from gateway.upstream.trimming import trim
+from gateway.upstream.trimming import AnswerRequest, trim
 from settlement.ledger import Ledger
 
-__all__ = ["CheckAnswer", "drift_problems"]
+__all__ = ["CheckAnswer", "drift_problems", "parse_answer", "trimmed_answer"]
 
 _NOT_JSON = object()
 _PROBLEMS_KEPT = 5
@@ -65,6 +65,22 @@ def _problem(keyword: Any, expected: Any) -> str:
     return f"fails {keyword}"
 
 
+def parse_answer(body: bytes) -> Any:
+    """The answer's JSON document, or a marker ``drift_problems`` and ``trimmed_answer`` read as not JSON."""
+    return _parse(body)
+
+
+def trimmed_answer(upstream: UpstreamResponse, wanted: AnswerRequest, document: Any) -> UpstreamResponse:
+    """``upstream`` trimmed as the caller asked, ``X402GW-Trimmed`` saying what was cut."""
+    if document is _NOT_JSON:
+        note, body = "unparsed", upstream.body
+    else:
+        trimmed = trim(wanted, upstream.body, document)
+        note, body = trimmed.describe(), trimmed.body
+    headers = [(k, v) for k, v in upstream.headers if k.lower() not in _BODY_HEADERS or body is upstream.body]
+    return UpstreamResponse(upstream.status, [*headers, (X402GW_TRIMMED, note)], body)
+
+
 class CheckAnswer:
     name = "answer"
     shape_only = False
@@ -86,13 +102,7 @@ class CheckAnswer:
             if problems:
                 await self._drifted(ctx, problems)
         if wanted is not None and wanted.trims:
-            if document is _NOT_JSON:
-                note, body = "unparsed", upstream.body
-            else:
-                trimmed = trim(wanted, upstream.body, document)
-                note, body = trimmed.describe(), trimmed.body
-            headers = [(k, v) for k, v in upstream.headers if k.lower() not in _BODY_HEADERS or body is upstream.body]
-            paid.upstream = UpstreamResponse(upstream.status, [*headers, (X402GW_TRIMMED, note)], body)
+            paid.upstream = trimmed_answer(upstream, wanted, document)
         return None
 
     async def _drifted(self, ctx: RequestContext, problems: list[dict[str, str]]) -> None:

@@ -4,7 +4,7 @@
 ``ctx.quote`` (the tool's offer bound to this request, in the client's protocol version) and
 ``ctx.paying``; a tool priced by a rule is quoted at its arguments' price (422 ``price_out_of_range``
 or ``invalid_arguments`` when they have none). ``challenge`` answers a call that is not paying with its 402 and otherwise passes
-it on; a HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
+it on (a sign-in to a tool with re-access goes on to ``reaccess`` too); a HEAD is never paid for: it gets the same offer as GET, and a payment on it is ignored.
 The unpaid fast path keeps the 402 ``challenge`` renders and hands it back through ``issue``.
 """
 
@@ -18,6 +18,7 @@ from gateway import codes
 from gateway.errors import GatewayError
 from gateway.headers import PAYMENT_SIGNATURE, X_PAYMENT, lower
 from gateway.pipeline.context import RequestContext
+from gateway.pipeline.stages.reaccess import signs_in
 from gateway.protocol.challenge import PaymentChallenge
 from gateway.protocol.offers import Quote, request_binding
 from settlement.x402.wire import PaymentRequirements
@@ -62,7 +63,7 @@ class Challenge:
     shape_only = False  # its 402 is the shape's; noting it on the request is per request (``issue``)
 
     async def __call__(self, ctx: RequestContext) -> Response | None:
-        if ctx.paying:
+        if ctx.paying or signs_in(ctx):  # a payment, or a sign-in to a tool with re-access (``reaccess``)
             return None
         challenge = self.unpaid(ctx)
         return self.issue(ctx, challenge.code, challenge.to_response())

@@ -18,7 +18,7 @@ from settlement.audit import AuditEvent
 
 STAGES = [
     "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "user_auth", "challenge",
-    "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
+    "reaccess", "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
     "linked_account", "reserve", "record", "settle_upfront", "bridge", "meter", "answer", "settle", "respond",
 ]
 FINALIZERS = ["release_holds", "audit", "observers", "access_log"]
@@ -66,6 +66,14 @@ def test_issue_18_usage_is_counted_from_the_whole_answer_before_settlement() -> 
     # The units are read from the upstream's own answer (before trimming), and the charge is known
     # before the write-ahead record of the settlement.
     assert names.index("bridge") < names.index("meter") < names.index("answer") < names.index("settle")
+
+
+def test_issue_19_a_sign_in_is_answered_after_the_402_and_before_any_payment_is_read() -> None:
+    names = declared_chain().names
+    # Re-access needs what the 402 needs (arguments, offer, the per-client limit, the user's token),
+    # and answers before anything reads, locks or records a payment: it has none.
+    assert names.index("user_auth") < names.index("challenge") == names.index("reaccess") - 1
+    assert names.index("reaccess") < names.index("decode_and_bind") < names.index("reserve")
 
 
 def test_issue_17_the_user_token_is_checked_behind_the_client_limit_and_before_any_402() -> None:

@@ -1,0 +1,199 @@
+"""Re-access by sign-in-with-x on anvil: a payer who paid for a tool's answer gets it again, free,
+within the tool's window, by signing the 402's challenge (EIP-4361); every other sign-in is a 402
+with its own code that still offers payment. The official SDK signs: its client extension on the
+happy path, its message and signing functions for the mutated sign-ins."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import update
+from x402 import x402Client
+from x402.extensions.sign_in_with_x import (
+    CreateSIWxClientExtensionOptions,
+    SIWxPayload,
+    create_siwx_client_extension,
+    create_siwx_message,
+    encode_siwx_header,
+    sign_evm_message,
+)
+from x402.http.clients import x402HttpxClient
+from x402.mechanisms.evm.exact import ExactEvmScheme
+
+from gateway.devkit.payer import Payer
+from settlement.audit import AuditTrail, AuditWriter
+from settlement.ledger import Payment, PaymentState
+from settlement.x402.codec import decode_header_json, encode_header
+from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog, offer_of, upstream_hits
+
+PAYER, OTHER = 5, 6
+WEATHER = {"city": "Oslo", "units": "metric"}
+WEATHER_HITS = "GET /weather"
+
+
+def reaccess_catalog(tmp_path: Path, upstream: str) -> Path:
+    """The demo catalog with re-access on get_weather (same request, 1h; a per-tool budget of one
+    call) and on get_quote (any call of the tool, 1h)."""
+    path = demo_catalog(tmp_path, upstream)
+    text = path.read_text()
+    text = text.replace("    path: /weather\n    price: 0.001\n",
+                        "    path: /weather\n    price: 0.001\n    reaccess: {window: 1h}\n"
+                        '    budgets:\n      per_payer_per_tool: {amount: "0.001", window: 1d}\n', 1)
+    text = text.replace("    upstream_path: /api/v1/quote/{symbol}\n",
+                        "    upstream_path: /api/v1/quote/{symbol}\n    reaccess: {window: 1h, match: tool}\n", 1)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def audited(start_gateway: GatewayFactory, tmp_path: Path, upstream: str) -> tuple[RunningGateway, AuditWriter]:
+    writer = AuditWriter(AuditTrail(f"sqlite:///{tmp_path / 'audit.sqlite3'}"))
+    return start_gateway(reaccess_catalog(tmp_path, upstream), app_options={"audit": writer}), writer
+
+
+def sign_in_challenge(response: httpx.Response) -> dict[str, Any]:
+    """The 402's sign-in-with-x extension, with its one chain picked (as the SDK client does)."""
+    extension = decode_header_json(response.headers["payment-required"])["extensions"]["sign-in-with-x"]
+    return {**extension["info"], **extension["supportedChains"][0]}
+
+
+def signed(info: dict[str, Any], account: LocalAccount, *, signer: LocalAccount | None = None, **changes: Any) -> str:
+    """A SIGN-IN-WITH-X header for ``account`` over ``info`` with ``changes``, signed by ``signer``
+    (default: ``account``) with the SDK's EIP-4361 text and EIP-191 signing."""
+    fields = {**info, **changes}
+    message = create_siwx_message(fields, account.address)
+    signature = asyncio.run(sign_evm_message(message, signer or account))
+    return encode_siwx_header(SIWxPayload.model_validate({**fields, "address": account.address, "signature": signature}))
+
+
+def pay(client: httpx.Client, devchain: Devchain, path: str, params: dict[str, str]) -> httpx.Response:
+    offer = offer_of(client.get(path, params=params))
+    payment = Payer(devchain.key(PAYER)).sign(offer.accepts[0], resource=offer.resource)
+    paid = client.get(path, params=params, headers={"PAYMENT-SIGNATURE": encode_header(payment)})
+    assert paid.status_code == 200, paid.text
+    return paid
+
+
+def test_paid_once_then_the_sdk_client_signs_in_and_gets_it_again_free(
+    audited: tuple[RunningGateway, AuditWriter], devchain: Devchain, upstream: str
+) -> None:
+    gateway, writer = audited
+    payer = Account.from_key(devchain.key(PAYER))
+    client = x402Client()
+    client.register("eip155:31337", ExactEvmScheme(signer=payer))
+    client.set_spend_controls({"allowed_assets": [{"network": "eip155:31337", "asset": devchain.token}]})
+    client.register_extension(create_siwx_client_extension(CreateSIWxClientExtensionOptions(signers=[payer])))
+
+    async def call(params: dict[str, str]) -> httpx.Response:
+        async with x402HttpxClient(client, timeout=30) as http:
+            response = await http.get(f"{gateway.url}/weather", params=params)
+            await response.aread()
+            return response
+
+    # The first call: the SDK signs in, is refused (nothing paid yet), pays.
+    paid = asyncio.run(call(WEATHER))
+    assert paid.status_code == 200, paid.text
+    [row] = gateway.ledger.all()
+    assert row.state == PaymentState.SETTLED and row.payer == payer.address and row.amount == 1000
+    payee, payer_balance, hits = devchain.balance(PAY_TO), devchain.balance(payer.address), upstream_hits(upstream, WEATHER_HITS)
+
+    # Again: the SDK signs the challenge and gets the answer that payment bought, without paying.
+    again = asyncio.run(call(WEATHER))
+    assert again.status_code == 200, again.text
+    assert again.content == paid.content and again.headers["x402gw-reaccess"] == str(row.id)
+    assert "payment-response" not in again.headers and again.headers["cache-control"] == "private, no-store"
+    assert (devchain.balance(PAY_TO), devchain.balance(payer.address)) == (payee, payer_balance)
+    assert upstream_hits(upstream, WEATHER_HITS) == hits  # the stored answer: the upstream is not called
+    assert [(r.id, r.state) for r in gateway.ledger.all()] == [(row.id, PaymentState.SETTLED)]
+    assert writer.drain(30)
+    [granted] = [r for r in writer.trail.for_request(again.headers["x-request-id"]) if r.event == "reaccess_granted"]
+    assert f'"paymentId":{row.id}' in granted.data and payer.address in granted.data
+
+    # The per-tool budget (one call) is spent by the payment, not by the re-access: a paid call for
+    # other arguments is refused by it, nothing charged.
+    with gateway.client() as http:
+        offer = offer_of(http.get("/weather", params={"city": "Rome"}))
+        payment = Payer(devchain.key(PAYER)).sign(offer.accepts[0], resource=offer.resource)
+        refused = http.get("/weather", params={"city": "Rome"}, headers={"PAYMENT-SIGNATURE": encode_header(payment)})
+    assert refused.status_code == 403 and refused.json()["error"] == "budget_exceeded"
+    assert devchain.balance(PAY_TO) == payee
+
+
+def test_match_tool_calls_the_upstream_afresh_for_any_arguments(
+    audited: tuple[RunningGateway, AuditWriter], devchain: Devchain, upstream: str
+) -> None:
+    gateway, _ = audited
+    payer = Account.from_key(devchain.key(PAYER))
+    with gateway.client() as http:
+        pay(http, devchain, "/quotes/ACME", {})
+        payee, hits = devchain.balance(PAY_TO), upstream_hits(upstream, "GET /api/v1/quote/ZZZ")
+        header = signed(sign_in_challenge(http.get("/quotes/ZZZ")), payer)
+        again = http.get("/quotes/ZZZ", headers={"SIGN-IN-WITH-X": header})
+    assert again.status_code == 200 and again.json()["symbol"] == "ZZZ", again.text
+    assert upstream_hits(upstream, "GET /api/v1/quote/ZZZ") == hits + 1
+    assert devchain.balance(PAY_TO) == payee and len(gateway.ledger.all()) == 1
+
+
+def refusal(response: httpx.Response, code: str) -> None:
+    """A 402 with ``code`` that still offers payment, and a fresh sign-in challenge."""
+    assert response.status_code == 402, response.text
+    assert response.json()["error"] == code, response.text
+    offer = offer_of(response)
+    assert offer.accepts and offer.accepts[0].amount and "sign-in-with-x" in (offer.extensions or {})
+
+
+def test_every_other_sign_in_is_refused_with_its_code_and_charges_nothing(
+    audited: tuple[RunningGateway, AuditWriter], devchain: Devchain, upstream: str
+) -> None:
+    """Longer than the 60-line rule on purpose: one paid call, then each attack in turn against it,
+    with the ledger, the payee's balance and the upstream's calls checked once for all of them."""
+    gateway, writer = audited
+    payer, other = Account.from_key(devchain.key(PAYER)), Account.from_key(devchain.key(OTHER))
+    with gateway.client() as http:
+        pay(http, devchain, "/weather", WEATHER)
+        payee, hits = devchain.balance(PAY_TO), upstream_hits(upstream, WEATHER_HITS)
+
+        def challenge(path: str = "/weather", params: dict[str, str] | None = None) -> dict[str, Any]:
+            return sign_in_challenge(http.get(path, params=WEATHER if params is None else params))
+
+        def attempt(header: str, path: str = "/weather", params: dict[str, str] | None = None) -> httpx.Response:
+            return http.get(path, params=WEATHER if params is None else params, headers={"SIGN-IN-WITH-X": header})
+
+        stale = (datetime.now(UTC) - timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        info = challenge()
+        cases = {
+            "reaccess_not_paid (other arguments)": (signed(challenge(params={"city": "Rome"}), payer), {"city": "Rome"}),
+            "reaccess_not_paid (a different address)": (signed(info, other), None),
+            "invalid_siwx_signature": (signed(challenge(), payer, signer=other), None),
+            "invalid_siwx_domain_mismatch": (signed(challenge(), payer, domain="evil.example"), None),
+            "invalid_siwx_uri_mismatch": (signed(challenge(), payer, uri="https://evil.example/weather"), None),
+            "invalid_siwx_issued_at_too_old": (signed(challenge(), payer, issuedAt=stale, expirationTime=None), None),
+            "invalid_siwx_chain_id": (signed(challenge(), payer, chainId="eip155:1"), None),
+            "invalid_siwx_payload": ("not base64!", None),
+        }
+        for label, (header, params) in cases.items():
+            refusal(attempt(header, params=params), label.split(" ")[0])
+
+        # Another tool (with re-access too) than the one paid for.
+        refusal(attempt(signed(challenge("/quotes/ACME", {}), payer), "/quotes/ACME", {}), "reaccess_not_paid")
+
+        # A good sign-in works once; the same one again is a replay.
+        header = signed(challenge(), payer)
+        assert attempt(header).status_code == 200
+        refusal(attempt(header), "invalid_siwx_nonce")
+
+        # After the window: the payment made two hours ago (its row's time moved back) stands on nothing.
+        with gateway.ledger.engine.begin() as connection:
+            connection.execute(update(Payment).values(created_at=datetime.now(UTC) - timedelta(hours=2)))
+        refusal(attempt(signed(challenge(), payer)), "reaccess_window_expired")
+
+    assert devchain.balance(PAY_TO) == payee and upstream_hits(upstream, WEATHER_HITS) == hits
+    assert [r.state for r in gateway.ledger.all()] == [PaymentState.SETTLED]
+    assert writer.drain(30)
