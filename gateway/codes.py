@@ -305,6 +305,11 @@ SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
     "invalid_upto_evm_scheme",
     "invalid_upto_evm_network_mismatch",
     "invalid_upto_evm_payload_settlement_exceeds_amount",
+    # exact through Permit2 (settlement.schemes.exact_permit2): the checks above, and these
+    "invalid_permit2_amount",
+    "permit2_transfer_failed",
+    "permit2_settlement_would_revert",
+    "permit2_settlement_reverted",
 })
 
 
