@@ -75,6 +75,7 @@ from settlement.ledger import Ledger
 from settlement.ledger.resolve import resolve_open_payments
 from settlement.schema import open_ledger
 from settlement.schemes import Facilitator, Schemes
+from settlement.schemes.channels_claims import start_claims
 
 __all__ = [
     "ALL_METHODS",
@@ -138,7 +139,7 @@ def _lifespan(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await check_chains(chains, catalogs, wiring.schemes)
+        await check_chains(chains, catalogs)
         await check_remote_facilitators(remotes)
         try:
             await store.ping()
@@ -149,10 +150,14 @@ def _lifespan(
         resolved = await resolve_open_payments(ledger, wiring.schemes)
         for resolution in resolved:
             log.info("start-up reconcile: %s", resolution.to_json())
+        # batch-settlement: bound to the store and ledger; what a crash left accrued is claimed now.
+        claims = await start_claims(wiring.channels, ledger, store)
         try:
             async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
                 yield
         finally:
+            if claims is not None:
+                await claims.stop()
             await upstream.close()
             await pipeline.audit.close()  # writes what is queued before the process goes
             await store.close()

@@ -98,6 +98,9 @@ INVALID_PAYMENT: Final = "invalid_payment"
 INVALID_EXACT_EVM_PAYLOAD: Final = "invalid_exact_evm_payload"
 INVALID_EXACT_EVM_PAYLOAD_SIGNATURE: Final = "invalid_exact_evm_payload_signature"
 INVALID_PERMIT2_SIGNATURE: Final = "invalid_permit2_signature"  # upto: not from's over its Permit2 authorization
+# batch-settlement (settlement.schemes.channels), offline in decode_and_bind, as the x402 SDK names them
+CHANNEL_ID_MISMATCH: Final = "invalid_batch_settlement_evm_channel_id_mismatch"  # voucher.channelId is not its config's
+VOUCHER_SIGNATURE_INVALID: Final = "invalid_batch_settlement_evm_voucher_signature"  # not the payer authorizer's
 INVALID_PAYMENT_IDENTIFIER: Final = "invalid_payment_identifier"
 INVALID_PAYMENT_REQUIREMENTS: Final = "invalid_payment_requirements"
 PAYMENT_HEADER_TOO_LARGE: Final = "payment_header_too_large"
@@ -201,6 +204,8 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(INVALID_EXACT_EVM_PAYLOAD, 400, "fix_payment"),
     Refusal(INVALID_EXACT_EVM_PAYLOAD_SIGNATURE, 402, "pay"),  # checked offline, answered with the offer
     Refusal(INVALID_PERMIT2_SIGNATURE, 402, "pay"),  # likewise, for an upto payment
+    Refusal(CHANNEL_ID_MISMATCH, 402, "pay"),  # likewise, for a batch-settlement voucher
+    Refusal(VOUCHER_SIGNATURE_INVALID, 402, "pay"),
     Refusal(INVALID_PAYMENT_IDENTIFIER, 400, "fix_payment"),
     Refusal(INVALID_PAYMENT_REQUIREMENTS, 400, "none"),  # the served facilitator's: a caller's bug
     Refusal(PAYMENT_HEADER_TOO_LARGE, 400, "fix_payment"),
@@ -305,11 +310,14 @@ SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
     "invalid_upto_evm_scheme",
     "invalid_upto_evm_network_mismatch",
     "invalid_upto_evm_payload_settlement_exceeds_amount",
-    # exact through Permit2 (settlement.schemes.exact_permit2): the checks above, and these
-    "invalid_permit2_amount",
-    "permit2_transfer_failed",
-    "permit2_settlement_would_revert",
-    "permit2_settlement_reverted",
+    # batch-settlement (settlement.schemes.channels): the x402 SDK's reasons, and three of ours
+    *(f"invalid_batch_settlement_evm_{r}" for r in (
+        "scheme", "network_mismatch", "payload_type", "channel_not_found", "receiver_mismatch", "token_mismatch",
+        "receiver_authorizer_mismatch", "withdraw_delay_mismatch", "receive_authorization_signature",
+        "payload_authorization_valid_before", "deposit_simulation_failed", "deposit_transaction_failed",
+        "cumulative_amount_mismatch", "cumulative_exceeds_balance", "channel_busy",
+        "channel_withdrawing", "channel_closed", "cumulative_not_increasing",
+    )),
 })
 
 

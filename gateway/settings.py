@@ -276,6 +276,13 @@ class Settings(BaseSettings):
     # {"eip155:31337": {"max_wait_ms": 20, "max_payments": 50}}; "contract" names the BatchSettler
     # (default on the local chain: the one in the dev chain deployment file).
     batch_settlement: dict[str, BatchSettlement] = Field(default_factory=dict)
+    # The x402 batch-settlement scheme (settlement.schemes.channels): accepted vouchers are claimed
+    # in one transaction when this many wait on a network, or when the oldest has waited this long
+    # (whichever comes first); a channel's suggested deposit (the 402's extra.minDeposit) is the
+    # price times deposit_calls.
+    channel_claim_every_calls: int = Field(default=100, gt=0)
+    channel_claim_every_seconds: float = Field(default=300.0, gt=0)
+    channel_deposit_calls: int = Field(default=100, gt=0)
 
     # Operations: the dashboard at /admin needs this token (Bearer, or ?token= once in a browser);
     # without one /admin answers 404. Each /readyz check is bounded by the timeout.

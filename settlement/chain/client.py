@@ -144,6 +144,13 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
     def settlement_address(self) -> str | None:
         return self._account.address if self._account else None
 
+    def sign_digest(self, digest: bytes) -> bytes:
+        """The settlement account's r ‖ s ‖ v signature of a 32-byte digest (EIP-712 typed data it
+        authorizes, e.g. a batch-settlement claim); the key never leaves this client."""
+        if self._signer is None:
+            raise ChainUnavailable("no settlement key configured for this chain", code="settlement_key_missing")
+        return self._signer.sign_digest(digest)
+
     async def close(self) -> None:
         """Stops the poller and background sends (a pending settlement is resolved by the next
         start-up's reconcile) and fails the calls still queued."""

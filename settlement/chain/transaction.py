@@ -54,6 +54,11 @@ class TransactionSigner:
         ) else private_key
         self._key = PrivateKey(key)
 
+    def sign_digest(self, digest: bytes) -> bytes:
+        """r ‖ s ‖ v (v = 27 or 28, low s) over a 32-byte digest, as ecrecover takes it."""
+        signature = self._key.sign_recoverable(digest, hasher=None)
+        return signature[:64] + bytes([signature[64] + 27])
+
     def sign(
         self,
         *,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from starlette.responses import Response
 
+from gateway import codes
 from gateway.errors import GatewayError
 from gateway.headers import PAYMENT_SIGNATURE, X_PAYMENT
 from gateway.pipeline.context import Paid, RequestContext
@@ -32,10 +33,11 @@ from gateway.protocol.payment import (
 )
 from settlement.chain.addresses import checksum_address
 from settlement.errors import ChainUnavailable, PaymentDecodeError
-from settlement.schemes.exact_permit2_payload import is_permit2_offer, permit2_payment, permit2_signer
+from settlement.schemes.channels import BATCH
+from settlement.schemes.channels_contract import channel_payment, channel_signer, parse_channel
 from settlement.schemes.signatures import SignerCheck
 from settlement.schemes.upto import UPTO
-from settlement.schemes.upto_permit import upto_signer
+from settlement.schemes.upto_permit import upto_payment, upto_signer
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures
 from settlement.x402.codec import parse_exact_evm
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements
@@ -65,18 +67,20 @@ class DecodeAndBind:
             payload, quote = decode_payment_v1(str(request.headers.get(X_PAYMENT)), quote, self._recovers)
         # The offer the payer chose (of a tool's several): the stages after this one follow it.
         ctx.payload, ctx.quote, ctx.tool = payload, quote, quote.tool
-        # upto, and exact through Permit2: keyed by the Permit2 authorization's payer and nonce
-        permit2 = quote.requirements.scheme == UPTO or is_permit2_offer(quote.requirements)
+        if quote.requirements.scheme == BATCH:  # batch-settlement: keyed by (channel, cumulative amount)
+            ctx.paid = self._channel(ctx, quote, payload)
+            return None
+        upto = quote.requirements.scheme == UPTO  # keyed by its Permit2 authorization's payer and nonce
         try:
-            exact = permit2_payment(quote.requirements, payload.payload) if permit2 else parse_exact_evm(payload)
+            exact = upto_payment(payload.payload) if upto else parse_exact_evm(payload)
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
         principal = ctx.user.principal if ctx.user is not None else None  # a user-scoped tool's user
         fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal)
-        signer = self._signer(quote.requirements, payload, exact)
+        signer = upto_signer(quote.requirements.network, payload.payload) if upto else self.signers.signer(quote.requirements, exact)
         wallet, digest = None, b""
-        if signer is None and permit2:
+        if signer is None and upto:
             raise PaymentChallenge(quote, "invalid_permit2_signature", "the signature is not from's over this Permit2 authorization")
         if signer is None:
             wallet, digest = self._wallet_claim(quote, exact)
@@ -86,15 +90,6 @@ class DecodeAndBind:
             identifier=identifier, fingerprint=fingerprint, wallet=wallet, digest=digest,
         )
         return None
-
-    def _signer(self, requirements: PaymentRequirements, payload: PaymentPayload, exact: ExactEvmPayload) -> str | None:
-        """``from`` when the signature is its ECDSA one over this offer's authorization (EIP-3009,
-        upto's Permit2 one, or exact's Permit2 one), offline; else None."""
-        if requirements.scheme == UPTO:
-            return upto_signer(requirements.network, payload.payload)
-        if is_permit2_offer(requirements):
-            return permit2_signer(requirements.network, payload.payload)
-        return self.signers.signer(requirements, exact)
 
     def _wallet_claim(self, quote: Quote, exact: ExactEvmPayload) -> tuple[WalletSignature, bytes]:
         """Not ``from``'s ECDSA signature: a contract wallet's, if it has the shape of one (checked
@@ -116,6 +111,28 @@ class DecodeAndBind:
             return self.signers.signer(requirements, parse_exact_evm(payload)) is not None
         except PaymentDecodeError:
             return False
+
+    def _channel(self, ctx: RequestContext, quote: Quote, payload: PaymentPayload) -> Paid:
+        """A batch-settlement payment: its channel id is its config's and its voucher is signed by
+        the channel's payer authorizer, recovered offline; keyed by (channel, cumulative amount)."""
+        network = quote.requirements.network
+        try:
+            exact = channel_payment(payload.payload)
+        except PaymentDecodeError as exc:
+            raise PaymentChallenge(quote, exc.code, exc.message) from None
+        payment = parse_channel(payload.payload)
+        if payment is None or not network[7:].isdigit() or not payment.bound(int(network[7:])):
+            raise PaymentChallenge(quote, codes.CHANNEL_ID_MISMATCH, "voucher.channelId is not the id of channelConfig")
+        signer = channel_signer(network, payload.payload)
+        if signer is None:
+            raise PaymentChallenge(quote, codes.VOUCHER_SIGNATURE_INVALID,
+                                   "the voucher is not signed by the channel's payer authorizer; sign it again")
+        principal = ctx.user.principal if ctx.user is not None else None
+        return Paid(
+            payload=payload, exact=exact, signer=signer, nonce=exact.authorization.nonce.lower(),
+            identifier=payment_identifier(payload),
+            fingerprint=request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal),
+        )
 
 
 class WalletCheck:

@@ -39,8 +39,9 @@ from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolver, apply, changes
 from settlement.schemes import Schemes
-from settlement.schemes.exact_permit2_payload import payment_view
+from settlement.schemes.channels import channel_view
 from settlement.schemes.signatures import same_authorization
+from settlement.schemes.upto_permit import payment_view
 from settlement.x402.wire import ExactEvmPayload, PaymentRequirements, SettleResponse
 
 __all__ = ["ExactlyOnce", "InFlight", "acquire", "release", "request_fingerprint", "resume", "same_payment"]
@@ -66,9 +67,12 @@ def same_payment(
     if row.tool != tool or row.fingerprint != fingerprint or not row.authorization:
         return False
     try:
-        stored = payment_view(json.loads(row.authorization))  # a Permit2 row's: its Permit2 authorization
+        stored = payment_view(json.loads(row.authorization))  # an upto row's: its Permit2 authorization
     except ValueError:  # pydantic's ValidationError and json's JSONDecodeError are ValueErrors
-        return False
+        channel = channel_view(row)  # a batch-settlement row's: keyed by its channel and cumulative amount
+        if channel is None:
+            return False
+        stored = channel
     return same_authorization(stored, presented)
 
 

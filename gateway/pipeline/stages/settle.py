@@ -23,6 +23,7 @@ from settlement.errors import ChainUnavailable, FacilitatorUnavailable
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
 from settlement.schemes.base import Facilitator
+from settlement.schemes.channels import accrued
 from settlement.schemes.remote import settlement_outcome_unknown
 from settlement.schemes.upto import CHARGE_KEY, UPTO, upto_charge
 from settlement.x402.wire import PaymentPayload, SettleResponse
@@ -153,6 +154,8 @@ async def settle(
     result = result.model_copy(update={"extra": extra})
     gas = share.ledger_fields() if share is not None else None
     block = (result.extra or {}).get("blockNumber")
+    if accrued(result):  # batch-settlement: the voucher is accepted; the row stays settling until a claim lands
+        return result
     if result.success:
         moved = {"tx_hash": result.transaction} if result.transaction else {}  # an upto charge of 0 moves nothing
         await ledger.run(

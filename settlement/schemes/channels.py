@@ -1,0 +1,395 @@
+"""The x402 ``batch-settlement`` scheme on EVM networks: one deposit into an escrow channel, a
+cumulative voucher per call checked off chain, many calls claimed in one transaction (x402 spec
+``scheme_batch_settlement_evm``; the SDK's ``mechanisms.evm.batch_settlement`` gives the payload
+types, channel id, typed data, reason codes and the claim signature).
+
+* ``requirements``: ``amount`` is the call's price; ``extra`` {receiverAuthorizer (our settlement
+  account, which signs claims), withdrawDelay, name, version, assetTransferMethod: eip3009,
+  minDeposit (price × ``ChannelPolicy.deposit_calls``)}.
+* ``verify`` (no lock, no writes): the channel is this offer's (payTo, token, receiverAuthorizer,
+  withdrawDelay), its id is its config's, the voucher is the payer's authorizer's; a deposit's
+  ERC-3009 signature is the payer's and its deposit would go through (simulated); then the voucher
+  against the channel: cumulative strictly above what is charged, exactly the charge plus this
+  price, within the deposit, no withdrawal pending.
+* ``settle`` accepts the voucher, one call at a time per channel across replicas: under the
+  channel's lock in the shared store it makes the deposit (once, the seller paying its gas), checks
+  the voucher again against the store's charged total and the chain, and advances the total. The
+  call's ledger row stays ``settling`` (accrued; ``begin_settlement`` wrote the voucher and the
+  answer ahead) until a claim lands (``channels_claims.Claimer``), which settles it with the
+  claim's transaction. The answer is ``success`` with no transaction and ``extra`` {chargedAmount,
+  channelState, accrued: true} (what the SDK client books its channel by).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from x402.mechanisms.evm.batch_settlement import errors as E
+from x402.mechanisms.evm.batch_settlement.constants import MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY
+
+from catalog import PaymentTerms
+from settlement.chain.client import BeforeSend, Receipt, RpcError
+from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, DevchainError
+from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.ledger import Payment
+from settlement.ledger.resolve import Resolution
+from settlement.schemes.base import Supported
+from settlement.schemes.channels_contract import (
+    ESCROW_ADDRESS,
+    ChannelPayment,
+    decode_channel_state,
+    exact_view,
+    parse_channel,
+)
+from settlement.schemes.eip712 import recover_signer
+from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
+
+__all__ = [
+    "ACCRUED_KEY", "BATCH", "ChannelChain", "ChannelPolicy", "ChannelStore", "ChannelsEvm", "accrued", "build_channels", "channel_view", "row_payment",
+]
+
+BATCH = "batch-settlement"
+ACCRUED_KEY = "accrued"  # SettleResponse.extra: the voucher is accepted; its claim comes later
+DEPOSIT_GAS = 250_000
+ERR_CHANNEL_WITHDRAWING = "invalid_batch_settlement_evm_channel_withdrawing"
+ERR_CHANNEL_CLOSED = "invalid_batch_settlement_evm_channel_closed"
+ERR_CUMULATIVE_NOT_INCREASING = "invalid_batch_settlement_evm_cumulative_not_increasing"
+LOCK_TTL_MS = 30_000
+
+
+class ChannelStore(Protocol):
+    """The shared state store's part that serialises a channel across replicas (``gateway.store``)."""
+
+    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool: ...
+
+    async def release(self, key: str, owner: str) -> bool: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes, ttl_ms: int | None = None, *, only_if_absent: bool = False) -> bool: ...
+
+
+class ChannelChain(Protocol):
+    chain_id: int
+
+    @property
+    def settlement_address(self) -> str | None: ...
+
+    async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes: ...
+
+    async def send_call(self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = ...) -> str: ...
+
+    async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None: ...
+
+    def sign_digest(self, digest: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelPolicy:
+    """When vouchers are claimed (whichever comes first) and what a channel asks for."""
+
+    claim_every_calls: int = 100  # accepted vouchers waiting on a network
+    claim_every_seconds: float = 300.0  # the oldest accepted voucher's wait
+    deposit_calls: int = 100  # extra.minDeposit = price × this
+    withdraw_delay: int = MIN_WITHDRAW_DELAY
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(reason)
+        self.reason, self.message = reason, message
+
+
+def accrued(result: SettleResponse) -> bool:
+    """Whether a successful settle accepted a voucher whose claim is still to come."""
+    return bool(result.success and (result.extra or {}).get(ACCRUED_KEY))
+
+
+@dataclass(frozen=True, slots=True)
+class ChainView:
+    balance: int
+    claimed: int
+    withdrawing: int
+
+
+class ChannelsEvm:
+    """``batch-settlement`` on the networks of ``chains`` (each with a settlement key, which is the
+    channels' receiverAuthorizer, and the escrow at its canonical address). ``bind`` hands it the
+    shared store and the ledger (the composition root has them after the schemes)."""
+
+    name = BATCH
+
+    def __init__(self, chains: Mapping[str, ChannelChain], policy: ChannelPolicy | None = None, *,
+                 receipt_timeout: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+        self._chains = dict(chains)
+        self.policy = policy or ChannelPolicy()
+        self._receipt_timeout = receipt_timeout
+        self._clock = clock
+        self._store: ChannelStore | None = None
+        self.on_accepted: Callable[[str], Any] | None = None  # the claimer's count (channels_claims)
+
+    def bind(self, store: ChannelStore) -> None:
+        self._store = store
+
+    @property
+    def networks(self) -> list[str]:
+        return sorted(self._chains)
+
+    def chain(self, network: str) -> ChannelChain:
+        return self._chains[network]
+
+    def serves(self, network: str) -> bool:
+        return network in self._chains
+
+    def authorizer(self, network: str) -> str:
+        address = self._chains[network].settlement_address
+        if address is None:
+            raise ChainUnavailable(f"no settlement key for {network}", code="settlement_key_missing")
+        return address
+
+    def requirements(self, terms: PaymentTerms, amount: int) -> PaymentRequirements:
+        return PaymentRequirements(
+            scheme=BATCH, network=terms.network, amount=str(amount), asset=terms.asset, pay_to=terms.pay_to,
+            max_timeout_seconds=terms.max_timeout_seconds,
+            extra={"receiverAuthorizer": self.authorizer(terms.network), "withdrawDelay": self.policy.withdraw_delay,
+                   "name": terms.asset_name, "version": terms.asset_version, "assetTransferMethod": "eip3009",
+                   "minDeposit": str(amount * self.policy.deposit_calls)},
+        )
+
+    def writes_ahead(self, network: str) -> bool:
+        return False  # the row is `settling` before a voucher is accepted; claims record their hash
+
+    def describe(self) -> Supported:
+        kinds = [{"x402Version": 2, "scheme": BATCH, "network": n, "extra": {"receiverAuthorizer": self.authorizer(n)}}
+                 for n in self.networks]
+        return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": sorted({self.authorizer(n) for n in self._chains})}}
+
+    # ------------------------------------------------------------------------------ checks
+
+    def offline(self, payload: PaymentPayload, requirements: PaymentRequirements) -> ChannelPayment:
+        """The checks that need no chain and no state; ``Refused`` names the first that fails."""
+        if payload.accepted.scheme != BATCH or requirements.scheme != BATCH:
+            raise Refused(E.ERR_INVALID_SCHEME, "this offer is not batch-settlement")
+        if payload.accepted.network != requirements.network or not self.serves(requirements.network):
+            raise Refused(E.ERR_NETWORK_MISMATCH, f"batch-settlement is not settled on {payload.accepted.network}")
+        payment = parse_channel(payload.payload)
+        if payment is None:
+            raise Refused(E.ERR_INVALID_PAYLOAD_TYPE, "the payload is not a batch-settlement deposit or voucher")
+        chain_id, config = self._chains[requirements.network].chain_id, payment.config
+        checks = (
+            (payment.bound(chain_id), E.ERR_CHANNEL_ID_MISMATCH, "voucher.channelId is not the id of channelConfig"),
+            (config.receiver.lower() == requirements.pay_to.lower(), E.ERR_RECEIVER_MISMATCH, "the channel pays another receiver"),
+            (config.token.lower() == requirements.asset.lower(), E.ERR_TOKEN_MISMATCH, "the channel holds another token"),
+            (config.receiver_authorizer.lower() == self.authorizer(requirements.network).lower(),
+             E.ERR_RECEIVER_AUTHORIZER_MISMATCH, "the channel's receiverAuthorizer is not this gateway's"),
+            (MIN_WITHDRAW_DELAY <= int(config.withdraw_delay) <= MAX_WITHDRAW_DELAY
+             and int(config.withdraw_delay) == self.policy.withdraw_delay,
+             E.ERR_WITHDRAW_DELAY_MISMATCH, "the channel's withdrawDelay is not the offer's"),
+        )
+        for ok, reason, message in checks:
+            if not ok:
+                raise Refused(reason, message)
+        signer = recover_signer(payment.voucher_digest(chain_id), _hex(payment.signature))
+        if signer != payment.voucher_signer:
+            raise Refused(E.ERR_INVALID_VOUCHER_SIGNATURE, "the voucher is not signed by the channel's payer authorizer")
+        if payment.deposit is not None:
+            extra = requirements.extra or {}
+            digest = payment.deposit_digest(chain_id, str(extra.get("name")), str(extra.get("version")))
+            if recover_signer(digest, _hex(payment.deposit.signature)) != payment.payer:
+                raise Refused(E.ERR_INVALID_RECEIVE_AUTHORIZATION_SIGNATURE, "the deposit is not signed by the payer")
+            if payment.deposit.valid_before <= self._clock() + 6:
+                raise Refused(E.ERR_VALID_BEFORE_EXPIRED, "the deposit authorization has expired")
+        return payment
+
+    async def chain_view(self, chain: ChannelChain, payment: ChannelPayment) -> ChainView:
+        try:
+            channels, pending = payment.state_calls()
+            view = decode_channel_state(await chain.eth_call(ESCROW_ADDRESS, channels),
+                                        await chain.eth_call(ESCROW_ADDRESS, pending))
+        except RpcError as exc:
+            raise ChainUnavailable("the channel's state cannot be read", code="chain_unavailable") from exc
+        return ChainView(*view)
+
+    async def deposit_pending(self, chain: ChannelChain, payment: ChannelPayment) -> bool:
+        """A deposit in the payload whose authorization the token has not used yet."""
+        if payment.deposit is None:
+            return False
+        used = await chain.eth_call(payment.config.token, payment.deposit_used_call())
+        return not int.from_bytes(used[:32], "big")
+
+    def check_voucher(self, payment: ChannelPayment, price: int, charged: int, balance: int, view: ChainView) -> None:
+        if view.withdrawing:
+            raise Refused(ERR_CHANNEL_WITHDRAWING, "the payer has asked to withdraw this channel's deposit")
+        if balance == 0:
+            reason = ERR_CHANNEL_CLOSED if view.claimed else E.ERR_CHANNEL_NOT_FOUND
+            raise Refused(reason, "this channel holds no deposit; open it with a deposit")
+        if payment.max_claimable <= charged:
+            raise Refused(ERR_CUMULATIVE_NOT_INCREASING,
+                          f"the voucher's cumulative amount must rise above {charged}, what is charged so far")
+        if payment.max_claimable != charged + price:
+            raise Refused(E.ERR_CUMULATIVE_AMOUNT_MISMATCH,
+                          f"the voucher's cumulative amount must be {charged + price}: charged so far plus this price")
+        if payment.max_claimable > balance:
+            raise Refused(E.ERR_CUMULATIVE_EXCEEDS_BALANCE, f"the voucher's cumulative amount is above the deposit ({balance})")
+
+    async def charged(self, network: str, payment: ChannelPayment, view: ChainView) -> int:
+        """What this channel has charged so far: the shared store's total, else (a store that lost
+        it, or a new channel) what the chain has claimed."""
+        raw = await self._bound_store().get(_state_key(network, payment.channel_id))
+        if raw is None:
+            return view.claimed
+        return max(int(json.loads(raw)["charged"]), view.claimed)
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        payer = str(((payload.payload.get("channelConfig") or {}) if isinstance(payload.payload, dict) else {}).get("payer") or "")
+        try:
+            payment = self.offline(payload, requirements)
+            payer = payment.payer
+            chain = self._chains[requirements.network]
+            view = await self.chain_view(chain, payment)
+            balance = view.balance
+            if await self.deposit_pending(chain, payment):
+                await self._simulate_deposit(chain, payment)
+                assert payment.deposit is not None
+                balance += payment.deposit.amount
+            self.check_voucher(payment, int(requirements.amount), await self.charged(requirements.network, payment, view),
+                               balance, view)
+        except Refused as refused:
+            return VerifyResponse(is_valid=False, invalid_reason=refused.reason, invalid_message=refused.message, payer=payer)
+        return VerifyResponse(is_valid=True, payer=payer)
+
+    async def _simulate_deposit(self, chain: ChannelChain, payment: ChannelPayment) -> None:
+        try:
+            await chain.eth_call(ESCROW_ADDRESS, payment.deposit_calldata(), gas=DEPOSIT_GAS, sender=chain.settlement_address)
+        except RpcError:
+            raise Refused(E.ERR_DEPOSIT_SIMULATION_FAILED, "the deposit would not go through") from None
+
+    # ------------------------------------------------------------------------------ settle
+
+    async def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
+    ) -> SettleResponse:
+        """Accept this call's voucher (one at a time per channel, across replicas)."""
+        network, price = requirements.network, int(requirements.amount)
+        store, owner = self._bound_store(), uuid.uuid4().hex
+        try:
+            payment = self.offline(payload, requirements)
+        except Refused as refused:
+            return SettleResponse(success=False, error_reason=refused.reason, error_message=refused.message, network=network)
+        lock = _lock_key(network, payment.channel_id)
+        if not await store.acquire(lock, owner, LOCK_TTL_MS):
+            return SettleResponse(success=False, error_reason=E.ERR_CHANNEL_BUSY, network=network, payer=payment.payer,
+                                  error_message="another call on this channel is being accepted; sign again")
+        try:
+            state = await self._accept(payment, price, network)
+        except Refused as refused:
+            return SettleResponse(success=False, error_reason=refused.reason, error_message=refused.message,
+                                  network=network, payer=payment.payer)
+        finally:
+            await store.release(lock, owner)
+        if self.on_accepted is not None:
+            await self.on_accepted(network)
+        return SettleResponse(success=True, transaction="", network=network, payer=payment.payer, amount=str(price),
+                              extra={"chargedAmount": str(price), "channelState": state, ACCRUED_KEY: True})
+
+    async def _accept(self, payment: ChannelPayment, price: int, network: str) -> dict[str, Any]:
+        chain = self._chains[network]
+        view = await self.chain_view(chain, payment)
+        charged = await self.charged(network, payment, view)
+        balance = view.balance
+        deposit = await self.deposit_pending(chain, payment)
+        if deposit:
+            assert payment.deposit is not None
+            self.check_voucher(payment, price, charged, balance + payment.deposit.amount, view)
+            await self._deposit(chain, payment)
+            balance += payment.deposit.amount
+        self.check_voucher(payment, price, charged, balance, view)
+        await self._bound_store().put(_state_key(network, payment.channel_id),
+                                      json.dumps({"charged": str(payment.max_claimable)}).encode())
+        return {"channelId": payment.channel_id, "balance": str(balance), "totalClaimed": str(view.claimed),
+                "withdrawRequestedAt": view.withdrawing, "chargedCumulativeAmount": str(payment.max_claimable)}
+
+    async def _deposit(self, chain: ChannelChain, payment: ChannelPayment) -> str:
+        """The deposit, sent by our settlement account and confirmed (its receipt) before the voucher
+        is accepted against it."""
+        await self._simulate_deposit(chain, payment)
+        try:
+            tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.deposit_calldata(), gas=DEPOSIT_GAS)
+            receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
+        except (RpcError, BroadcastUncertain, ChainUnavailable):
+            receipt = None
+        if receipt is None or receipt.status != 1:
+            raise Refused(E.ERR_DEPOSIT_TRANSACTION_FAILED, "the deposit did not go through; nothing was charged")
+        return receipt.tx_hash
+
+    def _bound_store(self) -> ChannelStore:
+        if self._store is None:
+            raise ChainUnavailable("batch-settlement has no shared store bound", code="settlement_unavailable")
+        return self._store
+
+    # ------------------------------------------------------------------------------ resolve
+
+    async def resolve(self, row: Payment) -> Resolution | None:
+        """An open channel row with a claim transaction that landed is settled by it; anything else
+        (accrued, or its claim not final) is the claimer's to claim or resolve, so None here."""
+        chain = self._chains.get(row.network)
+        if chain is None or not row.tx_hash or parse_channel(_payload(row)) is None:
+            return None
+        receipt = await chain.wait_for_receipt(row.tx_hash, 0)
+        if receipt is None or receipt.status != 1:
+            return None
+        return Resolution(payment_id=row.id, request_id=row.request_id, before=row.state, after="settled",
+                          tx_hash=receipt.tx_hash, block_number=receipt.block_number, reason="claim_landed")
+
+
+def _payload(row: Payment) -> dict[str, Any]:
+    try:
+        value = json.loads(row.authorization)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def row_payment(row: Payment) -> ChannelPayment | None:
+    """The channel payment a ledger row recorded (its ``authorization`` is the signed payload)."""
+    return parse_channel(_payload(row))
+
+
+def _hex(value: str) -> bytes:
+    try:
+        return bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        return b""
+
+
+def _state_key(network: str, channel_id: str) -> str:
+    return f"chan:{network}:{channel_id}"
+
+
+def _lock_key(network: str, channel_id: str) -> str:
+    return f"chanlock:{network}:{channel_id}"
+
+
+def channel_view(row: Payment) -> ExactEvmPayload | None:
+    """A batch-settlement row's payment as the pipeline keys it (``channels_contract.exact_view``)."""
+    payment = row_payment(row)
+    return exact_view(payment) if payment is not None else None
+
+
+def build_channels(chains: Mapping[str, ChannelChain], deployment_file: str | os.PathLike[str],
+                   policy: ChannelPolicy | None = None, *, receipt_timeout: float = 30.0) -> ChannelsEvm | None:
+    """``batch-settlement`` on the chains that have the escrow: today the local dev chain whose
+    deployment file lists it (``x402gw devchain`` places it at its canonical address). None when
+    no chain has it."""
+    try:
+        has_escrow = Deployment.read(deployment_file).channel_escrow is not None
+    except (DevchainError, UnicodeDecodeError):
+        has_escrow = False
+    served = {n: c for n, c in chains.items() if has_escrow and c.chain_id == LOCAL_CHAIN_ID}
+    return ChannelsEvm(served, policy, receipt_timeout=receipt_timeout) if served else None

@@ -1,0 +1,275 @@
+"""Claims of accepted ``batch-settlement`` vouchers: many calls settled in one transaction.
+
+A call's ledger row is ``settling`` from the moment its voucher is written ahead
+(``begin_settlement``, with the answer it bought) until a claim that covers it lands; then it is
+``settled`` with the claim's transaction hash, block and its share of the claim's gas. A claim is
+one escrow ``multicall``: any deposit of a channel not made yet (a crash between writing a voucher
+ahead and making its deposit), ``claimWithSignature`` of each channel's highest accepted voucher
+(signed as a ``ClaimBatch`` by our settlement key, the channels' receiverAuthorizer, with the SDK's
+``sign_claim_batch``), then ``settle(receiver, token)``, which pays the receivers.
+
+When: ``ChannelPolicy.claim_every_calls`` accepted vouchers on a network (counted per process; the
+call that reaches the count claims), or the oldest open voucher older than
+``claim_every_seconds`` (``tick``, run periodically), and at start-up (``claim_all``): a restart
+claims what a crash left accrued. One claim at a time per network across replicas (a lock in the
+shared store); the escrow itself skips a voucher at or below what a channel has claimed, so a
+claim sent twice never claims twice.
+
+The claim's transaction hash is written on every row it covers before it is broadcast (the
+ledger's ``record_tx_hash``): a crash after the broadcast leaves rows that ``ChannelsEvm.resolve``
+settles once the receipt is there, and a claim that did not land leaves them for the next claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from eth_account.messages import encode_typed_data
+from eth_hash.auto import keccak
+from x402.mechanisms.evm.batch_settlement.authorizer_signer import sign_claim_batch
+from x402.mechanisms.evm.batch_settlement.types import VoucherClaim
+
+from settlement.chain.client import Receipt, RpcError
+from settlement.chain.gas import receipt_shares
+from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.ledger import Ledger, Payment, PaymentState
+from settlement.schemes.channels import ChannelChain, ChannelsEvm, ChannelStore, row_payment
+from settlement.schemes.channels_contract import ESCROW_ADDRESS, ChannelPayment, claim_calldata
+
+__all__ = ["ChainAuthorizer", "ClaimLoop", "ClaimOutcome", "Claimer", "start_claims"]
+
+log = logging.getLogger("x402gw.channels")
+
+CLAIM_BASE_GAS = 120_000
+CLAIM_PER_CHANNEL_GAS = 90_000
+CLAIM_PER_DEPOSIT_GAS = 200_000
+CLAIM_LOCK_TTL_MS = 120_000
+
+
+@dataclass
+class ClaimOutcome:
+    network: str
+    tx_hash: str | None = None
+    settled: list[int] = field(default_factory=list)  # payment ids
+    claimed: int = 0  # atomic units claimed by this transaction
+    channels: int = 0
+    reason: str = ""
+
+
+class ChainAuthorizer:
+    """The SDK's ``AuthorizerSigner`` over our settlement account: the chain client signs the
+    digest, so the key never leaves it."""
+
+    def __init__(self, chain: ChannelChain) -> None:
+        self._chain = chain
+
+    @property
+    def address(self) -> str:
+        return self._chain.settlement_address or ""
+
+    def sign_typed_data(self, domain: dict[str, Any], types: dict[str, list[dict[str, str]]], primary_type: str,
+                        message: dict[str, Any]) -> str:
+        signable = encode_typed_data(domain_data=domain, message_types=types, message_data=message)
+        return "0x" + self._chain.sign_digest(keccak(b"\x19" + signable.version + signable.header + signable.body)).hex()
+
+
+@dataclass
+class _Channel:
+    rows: list[tuple[Payment, ChannelPayment]] = field(default_factory=list)
+
+
+class Claimer:
+    def __init__(self, scheme: ChannelsEvm, ledger: Ledger, store: ChannelStore, *,
+                 receipt_timeout: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+        self.scheme, self.ledger, self.store = scheme, ledger, store
+        self._receipt_timeout = receipt_timeout
+        self._clock = clock
+        self._counts: dict[str, int] = {}
+        scheme.on_accepted = self.note
+
+    async def note(self, network: str) -> None:
+        """One more accepted voucher on ``network``; at the policy's count, claim now."""
+        self._counts[network] = self._counts.get(network, 0) + 1
+        if self._counts[network] >= self.scheme.policy.claim_every_calls:
+            await self.claim(network)
+
+    async def tick(self) -> list[ClaimOutcome]:
+        """Claim each network whose oldest open voucher has waited ``claim_every_seconds``."""
+        outcomes = []
+        for network in self.scheme.networks:
+            rows = await self._open_rows(network)
+            oldest = min((row.created_at.timestamp() for row, _ in rows), default=None)
+            if oldest is not None and self._clock() - oldest >= self.scheme.policy.claim_every_seconds:
+                outcomes.append(await self.claim(network))
+        return outcomes
+
+    async def claim_all(self) -> list[ClaimOutcome]:
+        """Every network's open vouchers, now (start-up: what a crash left accrued)."""
+        return [await self.claim(network) for network in self.scheme.networks]
+
+    async def _open_rows(self, network: str) -> list[tuple[Payment, ChannelPayment]]:
+        rows = await self.ledger.run(self.ledger.open_payments)
+        found = []
+        for row in rows:
+            payment = row_payment(row) if row.network == network else None
+            if payment is not None:
+                found.append((row, payment))
+        return found
+
+    async def claim(self, network: str) -> ClaimOutcome:
+        """One claim transaction for ``network``'s open vouchers (under the network's claim lock)."""
+        owner, lock = uuid.uuid4().hex, f"chanclaim:{network}"
+        if not await self.store.acquire(lock, owner, CLAIM_LOCK_TTL_MS):
+            return ClaimOutcome(network, reason="claim_in_progress")
+        try:
+            self._counts[network] = 0
+            return await self._claim(network)
+        finally:
+            await self.store.release(lock, owner)
+
+    async def _claim(self, network: str) -> ClaimOutcome:
+        channels: dict[str, _Channel] = {}
+        for row, payment in await self._open_rows(network):
+            if row.tx_hash:  # a claim was sent for it: settled if it landed, else claimed again below
+                resolution = await self.scheme.resolve(row)
+                if resolution is not None:
+                    await self.ledger.run(self.ledger.mark_settled, row.id, tx_hash=resolution.tx_hash,
+                                          block_number=resolution.block_number)
+                    continue
+            channels.setdefault(payment.channel_id, _Channel()).rows.append((row, payment))
+        claims: list[tuple[ChannelPayment, int]] = []
+        deposits: list[ChannelPayment] = []
+        covered: list[Payment] = []
+        for channel in channels.values():
+            plan = await self._plan(network, channel)
+            if plan is None:
+                continue
+            best, deposit, rows = plan
+            claims.append((best, best.max_claimable))
+            deposits.extend([deposit] if deposit is not None else [])
+            covered.extend(rows)
+        if not claims:
+            return ClaimOutcome(network, reason="nothing_to_claim")
+        outcome = await self._send(network, claims, deposits, covered)
+        outcome.channels = len(claims)
+        return outcome
+
+    async def _plan(self, network: str, channel: _Channel) -> tuple[ChannelPayment, ChannelPayment | None, list[Payment]] | None:
+        """A channel's claim: its highest accepted voucher (the store's charged total; without it,
+        after a restart of a memory store, the highest written ahead), the deposit still to make,
+        and the rows it covers. None when there is nothing above what the chain has claimed or the
+        deposit cannot cover it (a claim above the balance would revert the whole batch)."""
+        chain = self.scheme.chain(network)
+        sample = channel.rows[0][1]
+        view = await self.scheme.chain_view(chain, sample)
+        highest = max(p.max_claimable for _, p in channel.rows)
+        raw = await self.store.get(f"chan:{network}:{sample.channel_id}")
+        total = min(highest, int(json.loads(raw)["charged"])) if raw is not None else highest
+        best = next((p for _, p in channel.rows if p.max_claimable == total), None)
+        if best is None or total <= view.claimed:
+            return None
+        balance, deposit = view.balance, None
+        if balance < total:
+            deposit = next((p for _, p in channel.rows if p.deposit is not None), None)
+            if deposit is None or not await self.scheme.deposit_pending(chain, deposit):
+                return None
+            assert deposit.deposit is not None
+            balance += deposit.deposit.amount
+        if total > balance:
+            return None
+        return best, deposit, [row for row, p in channel.rows if p.max_claimable <= total]
+
+    async def _send(self, network: str, claims: list[tuple[ChannelPayment, int]],
+                    deposits: list[ChannelPayment], rows: list[Payment]) -> ClaimOutcome:
+        signer = ChainAuthorizer(self.scheme.chain(network))
+        entries = [VoucherClaim(channel=p.config, max_claimable_amount=str(p.max_claimable), signature=p.signature,
+                                total_claimed=str(total)) for p, total in claims]
+        signature = bytes.fromhex(sign_claim_batch(signer, entries, network).removeprefix("0x"))
+        payees = sorted({(p.config.receiver, p.config.token) for p, _ in claims})
+        calldata = claim_calldata(claims, signature, deposits, payees)
+        gas = CLAIM_BASE_GAS + CLAIM_PER_CHANNEL_GAS * len(claims) + CLAIM_PER_DEPOSIT_GAS * len(deposits)
+        ids = [row.id for row in rows]
+
+        async def before_send(tx_hash: str) -> None:
+            for payment_id in ids:
+                await self.ledger.run(self.ledger.record_tx_hash, payment_id, tx_hash)
+
+        chain_ = self.scheme.chain(network)
+        outcome = ClaimOutcome(network, claimed=sum(total for _, total in claims))
+        try:
+            outcome.tx_hash = await chain_.send_call(ESCROW_ADDRESS, calldata, before_send, gas=gas)
+            receipt: Receipt | None = await chain_.wait_for_receipt(outcome.tx_hash, self._receipt_timeout)
+        except BroadcastUncertain as exc:
+            outcome.tx_hash, outcome.reason = exc.tx_hash, "claim_pending"
+            return outcome
+        except (RpcError, ChainUnavailable):
+            outcome.reason = "claim_not_sent"
+            return outcome
+        if receipt is None or receipt.status != 1:
+            outcome.reason = "claim_pending" if receipt is None else "claim_reverted"
+            return outcome
+        shares = receipt_shares(receipt, len(ids))
+        for i, payment_id in enumerate(ids):
+            gas_fields = shares[i].ledger_fields() if shares is not None else None
+            await self.ledger.run(self.ledger.mark_settled, payment_id, tx_hash=receipt.tx_hash,
+                                  block_number=receipt.block_number, gas=gas_fields)
+            outcome.settled.append(payment_id)
+        outcome.reason = "claimed"
+        return outcome
+
+
+def is_accrued(row: Payment) -> bool:
+    """An accrued call: its voucher accepted, its claim not landed yet."""
+    return row.state == PaymentState.SETTLING and row_payment(row) is not None
+
+
+class ClaimLoop:
+    """The claimer of a running gateway: bound to its store and ledger, what a crash left accrued
+    claimed at start, then ``tick`` every quarter of ``claim_every_seconds`` until ``stop``."""
+
+    def __init__(self, claimer: Claimer) -> None:
+        self.claimer = claimer
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> list[ClaimOutcome]:
+        outcomes = await self.claimer.claim_all()
+        self._task = asyncio.create_task(self._run())
+        return outcomes
+
+    async def _run(self) -> None:
+        interval = max(self.claimer.scheme.policy.claim_every_seconds / 4, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.claimer.tick()
+            except Exception:  # a chain or store outage: the next tick tries again
+                log.warning("batch-settlement claim failed; retrying at the next tick", exc_info=True)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def start_claims(channels: ChannelsEvm | None, ledger: Ledger, store: ChannelStore,
+                       *, receipt_timeout: float = 30.0) -> ClaimLoop | None:
+    """Bind ``channels`` to the gateway's store and ledger and start its claims (None: no channels)."""
+    if channels is None:
+        return None
+    channels.bind(store)
+    loop = ClaimLoop(Claimer(channels, ledger, store, receipt_timeout=receipt_timeout))
+    for outcome in await loop.start():
+        if outcome.settled:
+            log.info("start-up batch-settlement claim: %s settled %d calls in %s", outcome.network,
+                     len(outcome.settled), outcome.tx_hash)
+    return loop
