@@ -6,15 +6,20 @@ happy path, its message and signing functions for the mutated sign-ins."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from eth_abi import encode as abi_encode
 from eth_account import Account
+from eth_account.datastructures import SignedMessage
+from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import update
+from web3 import Web3
 from x402 import x402Client
 from x402.extensions.sign_in_with_x import (
     CreateSIWxClientExtensionOptions,
@@ -26,14 +31,16 @@ from x402.extensions.sign_in_with_x import (
 )
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
+from x402.mechanisms.evm.signers import EthAccountSigner
 
 from gateway.devkit.payer import Payer
 from settlement.audit import AuditTrail, AuditWriter
+from settlement.chain.client import selector
 from settlement.ledger import Payment, PaymentState
 from settlement.x402.codec import decode_header_json, encode_header
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog, offer_of, upstream_hits
 
-PAYER, OTHER = 5, 6
+PAYER, OTHER, FUNDER = 5, 6, 7
 WEATHER = {"city": "Oslo", "units": "metric"}
 WEATHER_HITS = "GET /weather"
 
@@ -81,31 +88,42 @@ def pay(client: httpx.Client, devchain: Devchain, path: str, params: dict[str, s
     return paid
 
 
+def sdk_client(devchain: Devchain, signer: Any) -> Any:
+    """The official SDK's client paying with ``signer`` (exact) and signing in with it (its SIWX
+    extension): given a 402 with a sign-in challenge, it signs in first and pays if refused."""
+    client = x402Client()
+    client.register("eip155:31337", ExactEvmScheme(signer=signer))
+    client.set_spend_controls({"allowed_assets": [{"network": "eip155:31337", "asset": devchain.token}]})
+    client.register_extension(create_siwx_client_extension(CreateSIWxClientExtensionOptions(signers=[signer])))
+
+    def call(url: str) -> httpx.Response:
+        async def get() -> httpx.Response:
+            async with x402HttpxClient(client, timeout=30) as http:
+                response = await http.get(url, params=WEATHER)
+                await response.aread()
+                return response
+
+        return asyncio.run(get())
+
+    return call
+
+
 def test_paid_once_then_the_sdk_client_signs_in_and_gets_it_again_free(
     audited: tuple[RunningGateway, AuditWriter], devchain: Devchain, upstream: str
 ) -> None:
     gateway, writer = audited
     payer = Account.from_key(devchain.key(PAYER))
-    client = x402Client()
-    client.register("eip155:31337", ExactEvmScheme(signer=payer))
-    client.set_spend_controls({"allowed_assets": [{"network": "eip155:31337", "asset": devchain.token}]})
-    client.register_extension(create_siwx_client_extension(CreateSIWxClientExtensionOptions(signers=[payer])))
-
-    async def call(params: dict[str, str]) -> httpx.Response:
-        async with x402HttpxClient(client, timeout=30) as http:
-            response = await http.get(f"{gateway.url}/weather", params=params)
-            await response.aread()
-            return response
+    call = sdk_client(devchain, payer)
 
     # The first call: the SDK signs in, is refused (nothing paid yet), pays.
-    paid = asyncio.run(call(WEATHER))
+    paid = call(f"{gateway.url}/weather")
     assert paid.status_code == 200, paid.text
     [row] = gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.payer == payer.address and row.amount == 1000
     payee, payer_balance, hits = devchain.balance(PAY_TO), devchain.balance(payer.address), upstream_hits(upstream, WEATHER_HITS)
 
     # Again: the SDK signs the challenge and gets the answer that payment bought, without paying.
-    again = asyncio.run(call(WEATHER))
+    again = call(f"{gateway.url}/weather")
     assert again.status_code == 200, again.text
     assert again.content == paid.content and again.headers["x402gw-reaccess"] == str(row.id)
     assert "payment-response" not in again.headers and again.headers["cache-control"] == "private, no-store"
@@ -134,11 +152,55 @@ def test_match_tool_calls_the_upstream_afresh_for_any_arguments(
     with gateway.client() as http:
         pay(http, devchain, "/quotes/ACME", {})
         payee, hits = devchain.balance(PAY_TO), upstream_hits(upstream, "GET /api/v1/quote/ZZZ")
-        header = signed(sign_in_challenge(http.get("/quotes/ZZZ")), payer)
+        first, second = (sign_in_challenge(http.get("/quotes/ZZZ")) for _ in range(2))
+        assert first["nonce"] != second["nonce"]  # each 402 its own challenge: the fast path keeps none
+        assert "sign-in-with-x" not in (offer_of(http.get("/reports/17")).extensions or {})  # no reaccess there
+        header = signed(first, payer)
         again = http.get("/quotes/ZZZ", headers={"SIGN-IN-WITH-X": header})
     assert again.status_code == 200 and again.json()["symbol"] == "ZZZ", again.text
     assert upstream_hits(upstream, "GET /api/v1/quote/ZZZ") == hits + 1
     assert devchain.balance(PAY_TO) == payee and len(gateway.ledger.all()) == 1
+
+
+class OwnedWallet:
+    """A deployed ERC-1271 wallet of the dev chain's factory, as an SDK signer: ``address`` is the
+    wallet; payments and sign-ins are its owner's ECDSA signatures, which the wallet accepts."""
+
+    def __init__(self, owner: LocalAccount, wallet: str) -> None:
+        self._owner = owner
+        self.address = wallet
+
+    def sign_typed_data(self, domain: Any, types: Any, primary_type: str, message: dict[str, Any]) -> bytes:
+        return EthAccountSigner(self._owner).sign_typed_data(domain, types, primary_type, message)
+
+    def sign_message(self, message: SignableMessage) -> SignedMessage:
+        return self._owner.sign_message(message)
+
+
+def test_a_contract_wallet_that_paid_signs_in_through_erc1271(
+    audited: tuple[RunningGateway, AuditWriter], devchain: Devchain
+) -> None:
+    gateway, _ = audited
+    owner, factory, w3 = Account.create(), devchain.deployment.wallet_factory, devchain.w3
+    assert factory is not None
+    args = abi_encode(["address", "uint256"], [owner.address, secrets.randbits(64)])
+    predicted = w3.eth.call({"to": Web3.to_checksum_address(factory), "data": selector("getAddress(address,uint256)") + args})
+    wallet = Web3.to_checksum_address("0x" + bytes(predicted)[-20:].hex())
+    deployed = w3.eth.send_transaction({"from": devchain.address(FUNDER), "to": Web3.to_checksum_address(factory),
+                                        "data": selector("createAccount(address,uint256)") + args, "gas": 3_000_000})
+    assert w3.eth.wait_for_transaction_receipt(deployed)["status"] == 1
+    funded = w3.eth.send_transaction({"from": devchain.address(FUNDER), "to": devchain.token, "gas": 100_000,
+                                      "data": selector("transfer(address,uint256)") + abi_encode(["address", "uint256"], [wallet, 5000])})
+    assert w3.eth.wait_for_transaction_receipt(funded)["status"] == 1
+    call = sdk_client(devchain, OwnedWallet(owner, wallet))
+
+    paid = call(f"{gateway.url}/weather")
+    assert paid.status_code == 200, paid.text
+    [row] = gateway.ledger.all()
+    assert row.payer == wallet and devchain.balance(wallet) == 4000
+    again = call(f"{gateway.url}/weather")
+    assert again.status_code == 200 and again.headers["x402gw-reaccess"] == str(row.id), again.text
+    assert devchain.balance(wallet) == 4000 and len(gateway.ledger.all()) == 1
 
 
 def refusal(response: httpx.Response, code: str) -> None:
