@@ -1,6 +1,6 @@
 """The benchmark harness: seven cases side by side on loopback, one command.
 
-    python -m bench.run [--duration 5] [--cases ABCDEFG] [--output bench/results.txt]
+    python -m bench.run [--duration 5] [--cases ABCDEFG] [--configs embedded,replica] [--workers 1,2]
 
 A  the sample upstream (gateway/devkit/samples/rest_upstream.py) called directly
 B  bench/passthrough_proxy.py: Starlette + one shared aiohttp session, the floor of a Python proxy
@@ -18,6 +18,13 @@ authorization pre-signed by the harness (anvil accounts 1-8 take turns). G's loa
 Python asyncio client in its own process pinned to one CPU with taskset. Each paid case (D, E, F,
 G) gets a fresh anvil with automine. Gas per payment with and without batching is measured on a
 fresh anvil at the end. Exits 1 when a target ratio (at concurrency 32) is missed.
+
+The gateway cases (C, D, F) run in each deployment asked for (bench/setups.py): ``--configs
+embedded`` (the default: in-memory store + SQLite ledger, the plain cases the ratios use),
+``replica`` (Redis store + PostgreSQL ledger, as production runs), and ``--workers 2``
+(``x402gw serve --workers 2``, replica, each worker settling from its own funded account; F is not
+run there). Those runs are labelled, e.g. ``D [redis+pg, 2 workers]``, and tabled at the end
+next to the embedded single process.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from coincurve import PrivateKey
 from eth_abi import encode as abi_encode
 from eth_account import Account
 
+from bench.setups import Deployed, Setup, deployed
 from gateway.devkit.devchain import ANVIL_ADDRESSES, ANVIL_KEYS, LOCAL_NETWORK, Deployment, find_anvil, setup_devchain
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, split_signature
 
@@ -57,6 +65,7 @@ GATEWAY_PATH = "/quotes/AAPL"
 UPSTREAM_PATH = "/api/v1/quote/AAPL"
 BATCH_POLICY = {"max_wait_ms": 20, "max_payments": 50}
 SEL_TWA = bytes.fromhex("e3ee160e")
+EMBEDDED = Setup()
 
 
 def free_port() -> int:
@@ -288,22 +297,32 @@ def format_result(r: Result) -> str:
 
 
 @contextmanager
-def gateway(workdir: Path, deployment: Deployment, upstream: str, name: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+def gateway(workdir: Path, deployment: Deployment, upstream: str, name: str, extra_env: dict[str, str] | None = None,
+            setup: Setup = EMBEDDED) -> Iterator[str]:
+    """A gateway process serving the demo catalog against ``upstream``, deployed as ``setup``."""
+    with gateway_deployed(workdir, deployment, upstream, name, extra_env, setup) as (url, _):
+        yield url
+
+
+@contextmanager
+def gateway_deployed(workdir: Path, deployment: Deployment, upstream: str, name: str,
+                     extra_env: dict[str, str] | None = None, setup: Setup = EMBEDDED) -> Iterator[tuple[str, Deployed]]:
+    """``gateway``, and where it keeps its state (its ledger's URL)."""
     catalog = (REPO / "catalog" / "examples" / "demo.yaml").read_text().replace("http://127.0.0.1:9101", upstream)
     catalog_path = workdir / f"{name}-catalog.yaml"
     catalog_path.write_text(catalog)
     deployment_path = workdir / f"{name}-devchain.json"
     deployment.write(deployment_path)
     port = free_port()
-    env = {
-        "X402GW_CATALOG": str(catalog_path), "X402GW_PORT": str(port), "X402GW_DEPLOYMENT_FILE": str(deployment_path),
-        "X402GW_DATABASE_URL": f"sqlite:///{workdir / f'{name}-ledger.sqlite3'}", "X402GW_LOG_LEVEL": "WARNING",
-        **(extra_env or {}),
-    }
-    url = f"http://127.0.0.1:{port}"
-    with process([sys.executable, "-m", "gateway.cli.main", "serve"], env=env, ready=f"{url}/healthz",
-                 log=workdir / f"{name}.log"):
-        yield url
+    with deployed(setup, workdir, name, deployment.rpc_url) as where:
+        env = {
+            "X402GW_CATALOG": str(catalog_path), "X402GW_PORT": str(port), "X402GW_DEPLOYMENT_FILE": str(deployment_path),
+            "X402GW_LOG_LEVEL": "WARNING", **where.env, **(extra_env or {}),
+        }
+        url = f"http://127.0.0.1:{port}"
+        with process([sys.executable, "-m", "gateway.cli.main", "serve", *where.args], env=env, ready=f"{url}/healthz",
+                     log=workdir / f"{name}.log"):
+            yield url, where
 
 
 def run_chain_limit(deployment: Deployment, workdir: Path, duration: float, rate: float) -> list[Result]:
@@ -374,6 +393,60 @@ def measure_gas(workdir: Path) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------ gateway cases
+
+
+def setups(configs: str, workers: str) -> list[Setup]:
+    """Each deployment to run C, D and F in; more than one worker is always the replica one."""
+    out: list[Setup] = []
+    for config in (c.strip() for c in configs.split(",") if c.strip()):
+        if config not in ("embedded", "replica"):
+            raise SystemExit(f"--configs: unknown deployment {config!r} (embedded, replica)")
+        for count in (int(n) for n in workers.split(",") if n.strip()):
+            setup = Setup("replica" if count > 1 else config, count)
+            if setup not in out:
+                out.append(setup)
+    return sorted(out, key=lambda s: (s.config != "embedded", s.workers))
+
+
+def run_gateway_cases(cases: set[str], setup: Setup, workdir: Path, upstream: str, duration: float) -> list[Result]:
+    """C, D and F (those asked for) with the gateway deployed as ``setup``; their labels carry it."""
+    results: list[Result] = []
+    slug = f"{setup.config}-{setup.workers}"
+    if "C" in cases:
+        with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, f"C-{slug}", setup=setup) as url:
+            results += run_http_case("C" + setup.label, url, GATEWAY_PATH, 402, duration, workdir)
+    if "D" in cases:
+        with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, f"D-{slug}", setup=setup) as url:
+            results += run_http_case("D" + setup.label, url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 800)
+    if "F" in cases and setup.workers > 1:
+        print(f"F{setup.label}: not run (a BatchSettler takes one settler account; workers settle from one each)")
+    elif "F" in cases:
+        env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})}
+        with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, f"F-{slug}", env, setup=setup) as url:
+            results += run_http_case("F" + setup.label, url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 1500)
+    return results
+
+
+def print_deployments(results: dict[tuple[str, int], Result]) -> None:
+    """D and F in every deployment run, next to the embedded single process."""
+    labelled = sorted({case for case, _ in results if case[0] in "CDF" and len(case) > 1})
+    if not labelled:
+        return
+    print()
+    print("deployments (successful answers/s; x: relative to the embedded single process):")
+    for case in sorted({case[0] for case in labelled}):
+        for name in [case] + [c for c in labelled if c[0] == case]:
+            parts = []
+            for concurrency in CONCURRENCIES:
+                r, base = results.get((name, concurrency)), results.get((case, concurrency))
+                if r is None:
+                    continue
+                rel = f" (x{r.rps / base.rps:.2f})" if base is not None and base.rps and name != case else ""
+                parts.append(f"c={concurrency}: {r.rps:8.1f}{rel}")
+            print(f"  {name:<30} {'   '.join(parts)}")
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -389,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per case and concurrency")
     parser.add_argument("--cases", default="ABCDEFG")
     parser.add_argument("--no-gas", action="store_true", help="skip the gas-per-payment measurement")
+    parser.add_argument("--configs", default="embedded",
+                        help="deployments of the gateway cases C, D, F: embedded (memory + SQLite), replica "
+                             "(Redis + PostgreSQL), comma-separated, e.g. embedded,replica")
+    parser.add_argument("--workers", default="1",
+                        help="x402gw serve --workers, comma-separated, e.g. 1,2 (more than 1: replica, and not F, "
+                             "whose BatchSettler takes one settler account)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
@@ -416,12 +495,6 @@ def main(argv: list[str] | None = None) -> int:
                 with process(uvicorn_cmd("bench.passthrough_proxy:app", port), env={"BENCH_UPSTREAM": upstream},
                              ready=f"http://127.0.0.1:{port}{UPSTREAM_PATH}"):
                     record(run_http_case("B", f"http://127.0.0.1:{port}", UPSTREAM_PATH, 200, duration, workdir))
-            if "C" in cases:
-                with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "C") as url:
-                    record(run_http_case("C", url, GATEWAY_PATH, 402, duration, workdir))
-            if "D" in cases:
-                with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "D") as url:
-                    record(run_http_case("D", url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 800))
             if "E" in cases:
                 with anvil(workdir) as deployment:
                     port = free_port()
@@ -432,10 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                     with process(uvicorn_cmd("bench.sdk_server:app", port), env=env, ready=f"{url}/healthz",
                                  log=workdir / "E.log"):
                         record(run_http_case("E", url, UPSTREAM_PATH, 200, duration, workdir, url + UPSTREAM_PATH, 150))
-            if "F" in cases:
-                env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})}
-                with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "F", env) as url:
-                    record(run_http_case("F", url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 1500))
+            for setup in setups(args.configs, args.workers):
+                record(run_gateway_cases(cases, setup, workdir, upstream, duration))
             if "G" in cases:
                 with anvil(workdir) as deployment:
                     record(run_chain_limit(deployment, workdir, duration, 1500))
@@ -455,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < target:
             missed.append(name)
         print(f"  {name}  {'   '.join(parts)}   target >= {target:g} at c=32: {verdict}")
+    print_deployments(results)
     if gas_lines:
         print()
         print("gas per payment (fresh anvil):")
