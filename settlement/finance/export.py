@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import IO, Any, Literal, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from catalog.pricing import format_amount
 from settlement.errors import SettlementError
@@ -54,6 +54,9 @@ COLUMNS = (
     "gas_used",  # the settlement transaction's gasUsed and effectiveGasPrice (wei per gas),
     "gas_price",  # and this payment's share of their product in wei (settlement.chain.gas)
     "gas_cost_wei",
+    "channel_id",  # batch-settlement: the channel, the voucher's cumulative amount, and the claim
+    "voucher_cumulative_atomic",  # (the transaction that settled the call; empty while it is accrued)
+    "claim_tx",
 )
 
 
@@ -135,6 +138,8 @@ _SELECTED = (
     Payment.gas_used,
     Payment.gas_price,
     Payment.gas_cost,
+    # Only a batch-settlement row's signed payload is read (the database tests it; others stay there).
+    case((Payment.authorization.contains('"channelConfig"'), Payment.authorization), else_=None),
 )
 
 
@@ -150,7 +155,8 @@ def iter_rows(ledger: Ledger, filters: Filters, batch_rows: int = BATCH_ROWS) ->
         result = conn.execution_options(stream_results=True, yield_per=batch_rows).execute(query)
         for (pid, request_id, created_at, owner, tool, payer, pay_to, amount, decimals, asset, network, state,
              error_reason, tx_hash, block_number, refund_owed, refund_tx, refunded_at, gas_used, gas_price,
-             gas_cost) in result:
+             gas_cost, channel_payload) in result:
+            channel = _channel_fields(channel_payload, tx_hash, state)
             yield {
                 "payment_id": pid,
                 "request_id": request_id,
@@ -175,7 +181,23 @@ def iter_rows(ledger: Ledger, filters: Filters, batch_rows: int = BATCH_ROWS) ->
                 "gas_used": None if gas_used is None else str(gas_used),
                 "gas_price": None if gas_price is None else str(gas_price),
                 "gas_cost_wei": None if gas_cost is None else str(gas_cost),
+                **channel,
             }
+
+
+_NO_CHANNEL: dict[str, Any] = {"channel_id": None, "voucher_cumulative_atomic": None, "claim_tx": None}
+
+
+def _channel_fields(payload: str | None, tx_hash: str | None, state: str) -> dict[str, Any]:
+    """A batch-settlement row's channel, voucher cumulative amount and claim (settled rows only)."""
+    if payload is None:
+        return _NO_CHANNEL
+    try:
+        voucher = json.loads(payload)["voucher"]
+        return {"channel_id": str(voucher["channelId"]), "voucher_cumulative_atomic": str(voucher["maxClaimableAmount"]),
+                "claim_tx": tx_hash if state == PaymentState.SETTLED else None}
+    except (ValueError, KeyError, TypeError):
+        return _NO_CHANNEL
 
 
 def write_csv(rows: Iterator[dict[str, Any]], out: IO[str], tick: Callable[[int], None]) -> int:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from catalog.pricing import format_amount
 from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, RpcError
+from settlement.finance.reconcile_channels import is_channel_row, match_channel_claims
 from settlement.ledger import OPEN_STATES, Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolution, Resolver, resolve_open_payments
 from settlement.schemes import Schemes, exact_resolvers, upto_maximum
@@ -79,6 +80,7 @@ class Report:
     state_mismatch: list[dict[str, Any]] = field(default_factory=list)
     still_open: list[dict[str, Any]] = field(default_factory=list)
     unchecked_networks: list[str] = field(default_factory=list)
+    channel_claims: list[dict[str, Any]] = field(default_factory=list)  # batch-settlement claims and their calls
 
     @property
     def agree(self) -> bool:
@@ -265,6 +267,15 @@ async def _reconcile_token(
     upto = [row for row in settled if upto_maximum(row) is not None]
     settled = [row for row in settled if upto_maximum(row) is None]
     _match_upto(report, upto, [t for t in transfers if t.nonce is None])
+    # batch-settlement rows were settled by a claim: its transfer from the escrow pays their sum.
+    claims = match_channel_claims([r for r in settled if is_channel_row(r)], [t for t in transfers if t.nonce is None], _row_json)
+    settled = [row for row in settled if not is_channel_row(row)]
+    report.matched += claims.matched
+    report.chain_payments += claims.consumed
+    report.chain_other_transfers -= claims.consumed
+    report.missing_on_chain += claims.missing_on_chain
+    report.amount_mismatch += claims.amount_mismatch
+    report.channel_claims += claims.claims
     on_chain: dict[tuple[str, str | None], ChainTransfer] = {(t.payer, t.nonce): t for t in payments}
     for row in settled:
         t = on_chain.get((row.payer.lower(), row.nonce.lower()))

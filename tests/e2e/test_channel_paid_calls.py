@@ -13,16 +13,19 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from eth_account import Account
 from x402 import x402Client
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
 from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEvmSchemeOptions
 
+from gateway.cli.main import main
 from settlement.ledger import PaymentState
 from settlement.schemes.channels import row_payment
 from settlement.schemes.channels_contract import ESCROW_ADDRESS
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway
+from tests.e2e.test_reconcile import run_reconcile
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +126,21 @@ def test_sdk_client_pays_100_calls_through_one_channel(
     assert earned == sum(r.amount for r in rows) == 100 * PRICE  # claimed vouchers == payee's gain == ledger
     assert paid == 100 * PRICE * 1 + (devchain.balance(ESCROW_ADDRESS) - before[2])  # the rest waits in the channel
     assert all(r.gas_used is not None for r in rows)  # each call carries its share of its claim's gas
+    # Reconcile ties each claim to its calls: 4 claims of 25 calls, each equal to its transfer to payTo.
+    code, report = run_reconcile(gateway, start)
+    assert code == 0, report
+    assert (report["matched"], report["missing_on_chain"], report["amount_mismatch"]) == (100, [], [])
+    assert (report["chain_payments"], report["chain_other_transfers"]) == (4, 0)
+    assert sorted(len(c["calls"]) for c in report["channel_claims"]) == [25] * 4
+    assert all(c["amount_atomic"] == c["chain_amount_atomic"] == str(25 * PRICE) for c in report["channel_claims"])
+    # The export shows each call's channel, voucher and claim.
+    exported = [json.loads(line) for line in _export(gateway).splitlines()]
+    assert {e["channel_id"] for e in exported} == {payments[0].channel_id if payments[0] else None}
+    assert sorted(int(e["voucher_cumulative_atomic"]) for e in exported) == [PRICE * i for i in range(1, 101)]
+    assert {e["claim_tx"] for e in exported} == {r.tx_hash for r in rows}
+
+
+def _export(gateway: RunningGateway) -> str:
+    result = CliRunner().invoke(main, ["ledger", "export", "--format", "jsonl", "--database-url", gateway.settings.database_url])
+    assert result.exit_code == 0, result.output
+    return str(result.stdout)
