@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,18 @@ from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.signers import EthAccountSigner
 
+from catalog import load_catalogs
+from gateway.app import create_app
 from gateway.devkit.payer import Payer
+from gateway.errors import GatewayConfigError
+from gateway.ops.serving import ThreadServer
+from gateway.settings import Settings
 from settlement.audit import AuditTrail, AuditWriter
 from settlement.chain.client import selector
 from settlement.ledger import Payment, PaymentState
+from settlement.schema import open_ledger
 from settlement.x402.codec import decode_header_json, encode_header
-from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog, offer_of, upstream_hits
+from tests.conftest import PAY_TO, Devchain, RunningGateway, demo_catalog, offer_of, upstream_hits
 
 PAYER, OTHER, FUNDER = 5, 6, 7
 WEATHER = {"city": "Oslo", "units": "metric"}
@@ -59,10 +67,30 @@ def reaccess_catalog(tmp_path: Path, upstream: str) -> Path:
     return path
 
 
+def reaccess_settings(tmp_path: Path, devchain: Devchain, upstream: str, **values: Any) -> Settings:
+    return Settings(catalog=[reaccess_catalog(tmp_path, upstream)], deployment_file=devchain.deployment_file,
+                    database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", receipt_timeout_seconds=10, **values)
+
+
 @pytest.fixture
-def audited(start_gateway: GatewayFactory, tmp_path: Path, upstream: str) -> tuple[RunningGateway, AuditWriter]:
-    writer = AuditWriter(AuditTrail(f"sqlite:///{tmp_path / 'audit.sqlite3'}"))
-    return start_gateway(reaccess_catalog(tmp_path, upstream), app_options={"audit": writer}), writer
+def audited(tmp_path: Path, devchain: Devchain, upstream: str) -> Iterator[tuple[RunningGateway, AuditWriter]]:
+    """A gateway on loopback whose public URL is its own (re-access needs one), with its audit writer."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = reaccess_settings(tmp_path, devchain, upstream, public_url=f"http://127.0.0.1:{port}")
+    catalogs, ledger = load_catalogs(settings.catalog), open_ledger(settings.database_url)
+    writer = AuditWriter(AuditTrail(settings.database_url))
+    with ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger, audit=writer), port=port) as server:
+        yield RunningGateway(server.url, settings, ledger, catalogs), writer
+    ledger.close()
+
+
+def test_without_a_public_url_the_gateway_refuses_to_start(tmp_path: Path, devchain: Devchain, upstream: str) -> None:
+    """The origin a sign-in is bound to would otherwise come from the client's Host header."""
+    with pytest.raises(GatewayConfigError) as refused:
+        create_app(reaccess_settings(tmp_path, devchain, upstream))
+    assert refused.value.code == "reaccess_needs_public_url"
 
 
 def sign_in_challenge(response: httpx.Response) -> dict[str, Any]:
@@ -242,6 +270,11 @@ def test_every_other_sign_in_is_refused_with_its_code_and_charges_nothing(
         }
         for label, (header, params) in cases.items():
             refusal(attempt(header, params=params), label.split(" ")[0])
+
+        # A sign-in for another site sent with that site's Host: the origin is the configured one.
+        spoofed = signed(challenge(), payer, domain="evil.example", uri="http://evil.example/weather?city=Oslo&units=metric")
+        refusal(http.get("/weather", params=WEATHER, headers={"SIGN-IN-WITH-X": spoofed, "Host": "evil.example"}),
+                "invalid_siwx_domain_mismatch")
 
         # Another tool (with re-access too) than the one paid for.
         refusal(attempt(signed(challenge("/quotes/ACME", {}), payer), "/quotes/ACME", {}), "reaccess_not_paid")
