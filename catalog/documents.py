@@ -37,6 +37,7 @@ from catalog.fields import (
     Text,
     TimeoutSeconds,
     ToolName,
+    TransferMethod,
     UpstreamName,
     UpstreamPath,
     UpstreamTimeout,
@@ -65,6 +66,9 @@ class PaymentDoc(FrozenModel):
     max_timeout_seconds: TimeoutSeconds | None = None
     usd_pegged: bool | None = None  # a dollar stablecoin; the registry says so for the ones it knows
     scheme: str | None = None  # the x402 scheme (``upto``: needs a max_price; catalog.upto)
+    # ``permit2``: an ERC-20 without EIP-3009, paid in ``exact`` through Permit2 (no asset_version
+    # needed: such a token may have no EIP-712 domain); default ``eip3009``
+    asset_transfer_method: TransferMethod | None = None
 
 
 class CatalogPaymentDoc(PaymentDoc):

@@ -54,6 +54,7 @@ __all__ = [
     "Text",
     "TimeoutSeconds",
     "ToolName",
+    "TransferMethod",
     "UpstreamName",
     "UpstreamPath",
     "UpstreamTimeout",
@@ -305,6 +306,9 @@ JsonSchema = Annotated[dict[str, Any], WrapValidator(_json_schema)]
 Text = Annotated[str, Field(min_length=1, max_length=4096)]
 # asset_version: "2" is easy to write unquoted; an integer is accepted and kept as text.
 VersionText = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int else v), Field(min_length=1)]
+# How x402 ``exact`` moves a token: ``eip3009`` (transferWithAuthorization, USDC's way) or
+# ``permit2`` (a Permit2 witness transfer through the x402 exact proxy: any ERC-20).
+TransferMethod = Literal["eip3009", "permit2"]
 CatalogVersion = Annotated[int, BeforeValidator(_version)]
 
 

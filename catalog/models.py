@@ -38,6 +38,7 @@ from catalog.fields import (
     Text,
     TimeoutSeconds,
     ToolName,
+    TransferMethod,
     UpstreamName,
     UpstreamPath,
     UpstreamTimeout,
@@ -86,10 +87,14 @@ class PaymentTerms(FrozenModel):
     network: Network  # CAIP-2, eip155:<chain id>
     asset: Address  # token contract, EIP-55 checksummed
     asset_name: Text  # EIP-712 domain name of the token
-    asset_version: VersionText  # EIP-712 domain version
+    # EIP-712 domain version; None only for a token paid through Permit2 that has no domain
+    asset_version: VersionText | None = None
     decimals: Decimals
     pay_to: Address
     max_timeout_seconds: TimeoutSeconds = 120
+    # How ``exact`` moves the token: EIP-3009 (the token's own signed transfer), or Permit2 for an
+    # ERC-20 without EIP-3009 (the offer's extra.assetTransferMethod: permit2; catalog.documents).
+    asset_transfer_method: TransferMethod = "eip3009"
     # The x402 scheme the offer is made in; checked against the gateway's registered schemes
     # (settlement.schemes.Schemes) at start-up, since the catalog knows no scheme.
     scheme: str = "exact"
@@ -100,6 +105,12 @@ class PaymentTerms(FrozenModel):
     # assets together in dollars; others per asset. A price without a token may only be shared by
     # offers of such assets (``catalog.offers``).
     usd_pegged: bool = False
+
+    @model_validator(mode="after")
+    def _version_for_eip3009(self) -> PaymentTerms:
+        if self.asset_version is None and self.asset_transfer_method == "eip3009":
+            raise ValueError("asset_version is required for an EIP-3009 token (its EIP-712 domain version)")
+        return self
 
 
 class PaymentOffer(FrozenModel):

@@ -21,6 +21,8 @@ const SOURCES = {
   WalletDoubles: ["LyingWallet", "RevertingWallet"],
   Permit2: ["Permit2"],
   X402UptoPermit2Proxy: ["X402UptoPermit2Proxy"],
+  X402ExactPermit2Proxy: ["X402ExactPermit2Proxy"],
+  PlainToken: ["PlainToken"],
   X402BatchSettlement: ["X402BatchSettlement", "ERC3009DepositCollector"],
 };
 const EVM_VERSION = "cancun";

@@ -139,7 +139,7 @@ def _lifespan(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await check_chains(chains, catalogs)
+        await check_chains(chains, catalogs, wiring.schemes)
         await check_remote_facilitators(remotes)
         try:
             await store.ping()

@@ -127,8 +127,6 @@ UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
 UPSTREAM_RESPONSE_TOO_LARGE: Final = "upstream_response_too_large"
 UPSTREAM_REDIRECT: Final = "upstream_redirect"
 UPSTREAM_FAULT: Final = "upstream_fault"
-USAGE_UNREADABLE: Final = "usage_unreadable"  # an upto answer without a readable usage (catalog.usage)
-UPSTREAM_STREAM_BROKEN: Final = "upstream_stream_broken"  # a relayed stream broke off (stage relay)
 UPSTREAM_INVALID_RESPONSE: Final = "upstream_invalid_response"
 UPSTREAM_ANSWER_LOST: Final = "upstream_answer_lost"
 UPSTREAM_SCHEMA_DRIFT: Final = "upstream_schema_drift"
@@ -232,8 +230,6 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(UPSTREAM_TIMEOUT, 504, "retry", same_payment=True),
     Refusal(UPSTREAM_UNAVAILABLE, 502, "retry", same_payment=True),
     Refusal(UPSTREAM_RESPONSE_TOO_LARGE, 502, "none"),
-    Refusal(USAGE_UNREADABLE, 502, "none"),
-    Refusal(UPSTREAM_STREAM_BROKEN, 502, "none"),
     Refusal(UPSTREAM_REDIRECT, 502, "none"),
     Refusal(UPSTREAM_FAULT, 502, "none"),
     Refusal(UPSTREAM_INVALID_RESPONSE, 502, "none"),
@@ -314,6 +310,11 @@ SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
     "invalid_upto_evm_scheme",
     "invalid_upto_evm_network_mismatch",
     "invalid_upto_evm_payload_settlement_exceeds_amount",
+    # exact through Permit2 (settlement.schemes.exact_permit2): the checks above, and these
+    "invalid_permit2_amount",
+    "permit2_transfer_failed",
+    "permit2_settlement_would_revert",
+    "permit2_settlement_reverted",
     # batch-settlement (settlement.schemes.channels): the x402 SDK's reasons, and three of ours
     *(f"invalid_batch_settlement_evm_{r}" for r in (
         "scheme", "network_mismatch", "payload_type", "channel_not_found", "receiver_mismatch", "token_mismatch",

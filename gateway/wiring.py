@@ -29,6 +29,7 @@ from settlement.errors import ChainUnavailable, FacilitatorUnavailable, Settleme
 from settlement.schemes import ANY_NETWORK, ExactEvm, Facilitator, LocalFacilitator, Schemes, WalletSignatures
 from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
 from settlement.schemes.channels import ChannelPolicy, ChannelsEvm, build_channels
+from settlement.schemes.exact_permit2 import NO_PAYMENT_PATH, ExactWithPermit2, permit2_problems, token_problem, with_permit2
 from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.remote import RemoteFacilitator
 from settlement.schemes.upto import build_upto
@@ -196,7 +197,10 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
         batching = build_batching_facilitator(settings, wiring.local, wiring.chains) if settings.batch_settlement else None
         # The batching facilitator settles its networks in batches and the others as ``local`` does.
         settler: Facilitator = batching if batching is not None else wiring.local
-        wiring.schemes.register(ExactEvm(settler, local_networks, chains=wiring.chains, writes_ahead=True))
+        exact = ExactEvm(settler, local_networks, chains=wiring.chains, writes_ahead=True)
+        # Permit2 takes ERC-20s without EIP-3009 on the chains with its contracts (the dev chain's).
+        wiring.schemes.register(with_permit2(exact, local_chains, settings.deployment_file,
+                                             receipt_timeout=settings.receipt_timeout_seconds))
         upto = build_upto(local_chains, settings.deployment_file, receipt_timeout=settings.receipt_timeout_seconds)
         if upto is not None:  # Permit2 and the upto proxy are there (the dev chain places them)
             wiring.schemes.register(upto)
@@ -244,10 +248,13 @@ def remote_facilitator(settings: Settings, url: str) -> RemoteFacilitator:
 
 
 def check_schemes(schemes: Schemes, catalogs: Catalogs) -> None:
-    """Every tool's ``payment.scheme`` must be served on its network by a registered scheme."""
+    """Every tool's ``payment.scheme`` must be served on its network by a registered scheme, and a
+    token paid through Permit2 needs a Permit2 path there (``no_payment_path``)."""
     unserved = schemes.unserved(catalogs.tools)
     if unserved:
         raise GatewayConfigError("; ".join(unserved), code="scheme_not_served")
+    if no_path := permit2_problems(schemes, catalogs.tools):
+        raise GatewayConfigError("; ".join(no_path), code=NO_PAYMENT_PATH)
 
 
 def wire_schemes(
@@ -353,9 +360,10 @@ def lock_ttl_ms(
     )
 
 
-async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs) -> None:
+async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs, schemes: Schemes | None = None) -> None:
     """Start-up checks against each chain: it is the chain we think, and the tokens are what the
-    catalog says (a wrong asset_name/version would make every signature fail on chain)."""
+    catalog says (a wrong asset_name/version would make every signature fail on chain; a token
+    without EIP-3009 is paid through Permit2 or not at all: ``token_problem``)."""
     for network, chain in chains.items():
         try:
             remote_id = await chain.remote_chain_id()
@@ -368,20 +376,10 @@ async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs) -> N
             if terms.network != network or terms.asset in checked:
                 continue
             checked.add(terms.asset)
-            try:
-                name, version, decimals = await chain.token_metadata(terms.asset)
-            except ChainUnavailable:
-                raise GatewayConfigError(
-                    f"asset {terms.asset} on {network} does not answer name()/version()/decimals(); "
-                    "is it an EIP-3009 token, and is the dev chain the one in the deployment file?",
-                    code="asset_not_eip3009",
-                ) from None
-            if (name, version, decimals) != (terms.asset_name, terms.asset_version, terms.decimals):
-                raise GatewayConfigError(
-                    f"asset {terms.asset} on {network} is ({name!r}, {version!r}, {decimals} decimals) but the "
-                    f"catalog says ({terms.asset_name!r}, {terms.asset_version!r}, {terms.decimals})",
-                    code="asset_mismatch",
-                )
+            exact = schemes.get("exact", network) if schemes is not None else None
+            permit2_path = isinstance(exact, ExactWithPermit2) and exact.permit2_serves(network)
+            if problem := await token_problem(chain, terms, permit2_path):
+                raise GatewayConfigError(problem[1], code=problem[0])
 
 
 async def check_remote_facilitators(remotes: Mapping[str, FailoverFacilitator]) -> None:

@@ -205,7 +205,8 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     logs for each payTo: exit 0 when they agree, 1 when they do not, 2 when it cannot tell."""
     from gateway.app import facilitator_plan, write_ahead_networks
     from settlement.finance.reconcile import reconcile as run_reconcile
-    from settlement.schemes import Schemes, exact_resolvers
+    from settlement.schemes import Schemes
+    from settlement.schemes.exact_permit2 import permit2_resolvers
 
     if to_block is not None and to_block < from_block:
         raise click.BadParameter("--to-block is before --from-block", param_hint="--to-block")
@@ -219,7 +220,7 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
 
     report = _on_chains(book, chains, run_reconcile(
         book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block, to_block=to_block,
-        schemes=Schemes(exact_resolvers(chains, write_ahead_networks(plan))), chunk=chunk_blocks,
+        schemes=Schemes(permit2_resolvers(chains, write_ahead_networks(plan))), chunk=chunk_blocks,
     ))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))

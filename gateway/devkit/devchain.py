@@ -25,7 +25,7 @@ from web3.exceptions import Web3Exception
 
 from gateway.devkit.anvil import Anvil, find_anvil
 from gateway.devkit.channels import place_channel_contracts
-from gateway.devkit.permit2 import approve_permit2, place_upto_contracts
+from gateway.devkit.permit2 import approve_permit2, place_exact_proxy, place_upto_contracts
 from settlement.chain.deployment import (
     ANVIL_ADDRESSES,
     ANVIL_KEYS,
@@ -56,6 +56,7 @@ __all__ = [
     "FundedAccount",
     "TokenInfo",
     "deploy_batch_settler",
+    "deploy_plain_token",
     "deploy_token",
     "deploy_wallet_contracts",
     "find_anvil",
@@ -252,6 +253,8 @@ def fund_and_deploy(
     permit2, upto_proxy = place_upto_contracts(w3, load_artifact)
     approve_permit2(w3, token.address, ANVIL_ADDRESSES[1:])
     channel_escrow = place_channel_contracts(w3, load_artifact)
+    exact_proxy = place_exact_proxy(w3, load_artifact)
+    plain = deploy_plain_token(w3, ANVIL_KEYS[0], ANVIL_ADDRESSES[1:], mint_atomic)
     return Deployment(
         rpc_url=rpc_url,
         chain_id=chain_id,
@@ -271,7 +274,24 @@ def fund_and_deploy(
         permit2=permit2,
         upto_proxy=upto_proxy,
         channel_escrow=channel_escrow,
+        exact_proxy=exact_proxy,
+        plain_token=plain,
     )
+
+
+PLAIN_TOKEN = ("Plain Dollar", "PUSD", 6)  # name, symbol, decimals; no version: no EIP-712 domain
+_PLAIN_ALLOWANCES_SLOT = 4  # contracts/PlainToken.sol's allowance mapping
+
+
+def deploy_plain_token(w3: Web3, deployer_key: str, holders: Iterable[str], amount: int) -> TokenInfo:
+    """A plain ERC-20 without EIP-3009 (``contracts/PlainToken.sol``), ``amount`` minted to each of
+    ``holders`` by its constructor (one transaction), each of whom has approved Permit2 on it
+    (storage, as for the test token): x402 ``exact`` pays it through Permit2 only."""
+    name, symbol, decimals = PLAIN_TOKEN
+    owners = [Web3.to_checksum_address(h) for h in holders]
+    address = _deploy(w3, deployer_key, "PlainToken", name, symbol, decimals, owners, amount)
+    approve_permit2(w3, address, owners, allowances_slot=_PLAIN_ALLOWANCES_SLOT)
+    return TokenInfo(address=address, name=name, symbol=symbol, version="", decimals=decimals)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -333,6 +353,8 @@ def _summary(deployment: Deployment, path: Path) -> list[str]:
         f"  batch        {deployment.batch_settler} (BatchSettler, batched settlement)",
         f"  wallets      {deployment.wallet_factory} (SmartWalletFactory, ERC-1271 wallets, ERC-6492 factory)",
         f"               {deployment.eip7702_delegate} (EIP-7702 delegate)",
+        *([f"  plain token  {deployment.plain_token.address} ({deployment.plain_token.symbol}: no EIP-3009, "
+           "x402 exact through Permit2)"] if deployment.plain_token else []),
         f"  deployment   {path}",
         "  funded accounts (public anvil dev keys):",
     ]

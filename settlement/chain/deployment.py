@@ -131,6 +131,11 @@ class Deployment(BaseModel):
     # The x402 batch-settlement escrow at its canonical address, with its ERC-3009 deposit collector
     # (absent in older files).
     channel_escrow: str | None = None
+    # x402 ``exact`` through Permit2 (absent in older files): x402ExactPermit2Proxy at its canonical
+    # address, and a plain ERC-20 without EIP-3009 (version ""), minted to the funded accounts,
+    # each of which has approved Permit2 on it.
+    exact_proxy: str | None = None
+    plain_token: TokenInfo | None = None
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: readers see the old file or the new one, never half of one."""

@@ -9,8 +9,8 @@
 3. Disagreements, each a list in the report:
 
    missing_on_chain    settled in the ledger, no EIP-3009 transfer to payTo for its authorization
-                       (an ``upto`` row, settled through Permit2: no Transfer from its payer to payTo
-                       in its own settlement transaction)
+                       (a row settled through Permit2, upto or exact: no Transfer from its payer to
+                       payTo in its own settlement transaction)
    missing_in_ledger   an EIP-3009 transfer to payTo whose authorization the ledger does not know
    amount_mismatch     both know it, the amounts differ
    state_mismatch      the chain moved the money, the ledger says it did not (failed, voided, ...)
@@ -36,7 +36,8 @@ from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, Rp
 from settlement.finance.reconcile_channels import is_channel_row, match_channel_claims
 from settlement.ledger import OPEN_STATES, Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolution, Resolver, resolve_open_payments
-from settlement.schemes import Schemes, exact_resolvers, upto_maximum
+from settlement.schemes import Schemes, exact_resolvers
+from settlement.schemes.exact_permit2_payload import moved_by_permit2
 
 DEFAULT_CHUNK_BLOCKS = 5_000
 MIN_CHUNK_BLOCKS = 1
@@ -262,10 +263,11 @@ async def _reconcile_token(
     report.chain_other_transfers += len(transfers) - len(payments)
     settled = await asyncio.to_thread(_settled_in_range, ledger, network, asset, pay_tos, start, end, whole_chain)
     report.ledger_settled += len(settled)
-    # upto rows move money through Permit2: no AuthorizationUsed, so they are matched by their own
-    # settlement transaction (payer → payTo in it), and their transfer counts as a payment.
-    upto = [row for row in settled if upto_maximum(row) is not None]
-    settled = [row for row in settled if upto_maximum(row) is None]
+    # upto rows and exact ones paid through Permit2 move money through Permit2: no AuthorizationUsed,
+    # so they are matched by their own settlement transaction (payer → payTo in it), and their
+    # transfer counts as a payment.
+    upto = [row for row in settled if moved_by_permit2(row)]
+    settled = [row for row in settled if not moved_by_permit2(row)]
     _match_upto(report, upto, [t for t in transfers if t.nonce is None])
     # batch-settlement rows were settled by a claim: its transfer from the escrow pays their sum.
     claims = match_channel_claims([r for r in settled if is_channel_row(r)], [t for t in transfers if t.nonce is None], _row_json)

@@ -18,6 +18,7 @@ from settlement.errors import FacilitatorUnavailable
 from settlement.ledger import Payment
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Facilitator, Supported
+from settlement.schemes.exact_permit2_payload import moved_by_permit2
 from settlement.schemes.exact_resolve import resolve_exact
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -84,7 +85,7 @@ class ExactEvm:
 
     async def resolve(self, row: Payment) -> Resolution | None:
         chain = self._chains.get(row.network)
-        if chain is None:
+        if chain is None or moved_by_permit2(row):  # a Permit2 row is not an EIP-3009 one (exact_permit2)
             return None
         return await resolve_exact(row, chain, write_ahead=self.writes_ahead(row.network), clock=self._clock)
 

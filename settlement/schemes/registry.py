@@ -18,6 +18,7 @@ from settlement.errors import FacilitatorUnavailable
 from settlement.ledger import Payment
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Scheme, Supported
+from settlement.schemes.upto import upto_maximum
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 
@@ -79,9 +80,9 @@ class Schemes:
 
     async def resolve(self, row: Payment) -> Resolution | None:
         """What happened to an open payment, from the first scheme of its kind on its network that
-        can tell (the ledger records no scheme: an upto row's authorization is a Permit2 one, and
-        only an upto scheme reads it; any other row goes to the other schemes)."""
-        upto = '"permit2Authorization"' in row.authorization
+        can tell (the ledger records no scheme: an upto row's authorization is an upto Permit2 one,
+        and only an upto scheme reads it; any other row goes to the other schemes)."""
+        upto = upto_maximum(row) is not None
         channel = '"channelConfig"' in row.authorization  # a batch-settlement row: only that scheme reads it
         for scheme in self._schemes:
             if (scheme.name == "upto") == upto and (scheme.name == "batch-settlement") == channel and scheme.serves(row.network):

@@ -48,7 +48,7 @@ from x402.mechanisms.evm.erc6492 import is_erc6492_signature, parse_erc6492_sign
 
 from catalog import Catalogs, Router
 from gateway.pipeline.stages.exactly_once import request_fingerprint
-from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER
+from settlement.chain.client import SEL_BALANCE_OF, TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER
 from settlement.chain.networks import to_caip2
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schemes.eip712 import (
@@ -57,6 +57,8 @@ from settlement.schemes.eip712 import (
     domain_separator,
     recover_signer,
 )
+from settlement.schemes.exact_permit2_payload import moved_by_permit2, parse_exact_permit2, payment_view
+from settlement.schemes.upto_permit import PERMIT2_ADDRESS, SEL_NONCE_BITMAP
 from settlement.schemes.wallets import is_valid_magic, is_valid_signature_call
 from settlement.x402.codec import decode_header_json
 from tests.conftest import Devchain
@@ -115,12 +117,38 @@ class InvariantViolation(AssertionError):
     pass
 
 
+def _signed_digest(inner: Any, auth: dict[str, Any], row: Payment, name: str, version: str | None) -> bytes:
+    """What the payer signed: the EIP-3009 authorization in the token's EIP-712 domain, or a Permit2
+    payment's authorization in Permit2's domain."""
+    chain_id = int(row.network.split(":", 1)[1])
+    permit = parse_exact_permit2(inner) if isinstance(inner, dict) else None
+    if permit is not None:
+        return permit.digest(chain_id)
+    typed = TransferAuthorization(
+        from_=str(auth["from"]), to=str(auth["to"]), value=int(str(auth["value"])),
+        valid_after=int(str(auth["validAfter"])), valid_before=int(str(auth["validBefore"])),
+        nonce=bytes.fromhex(str(auth["nonce"]).lower().removeprefix("0x")),
+    )
+    return authorization_digest(domain_separator(name, version or "", chain_id, row.asset), typed)
+
+
+def _authorization(inner: Any) -> dict[str, Any]:
+    """A payload's authorization as EIP-3009 fields (a Permit2 one through its view: from, to,
+    value, validAfter, validBefore = deadline, nonce = 0x + 64 hex)."""
+    if isinstance(inner, dict) and "permit2Authorization" in inner:
+        view: dict[str, Any] = payment_view(inner).model_dump(by_alias=True, mode="json")["authorization"]
+        return view
+    auth: dict[str, Any] = inner["authorization"]
+    return auth
+
+
 class InvariantChecker:
     def __init__(
         self, *, chain: Devchain, ledger: Ledger, upstream: RecordingUpstream, catalogs: Catalogs, pay_to: str,
-        state_changing_tools: set[str] | frozenset[str] = frozenset(),
+        state_changing_tools: set[str] | frozenset[str] = frozenset(), asset: str | None = None,
     ) -> None:
         self.chain = chain
+        self.asset = asset or chain.token  # the token the payee's balance is counted in
         self.ledger = ledger
         self.upstream = upstream
         self.catalogs = catalogs
@@ -140,7 +168,7 @@ class InvariantChecker:
         """Start a new scope: what ``check`` compares against."""
         self.exchanges = []
         self.external_credit = 0
-        self.pay_to_before = self.chain.balance(self.pay_to)
+        self.pay_to_before = self._balance(self.pay_to)
         self.rows_before = {r.id: r.state for r in self.ledger.all()}
         self.upstream_since = len(self.upstream.snapshot())
         self.upstream.observer = self._observe
@@ -228,7 +256,7 @@ class InvariantChecker:
         if payment is None:
             return None
         try:
-            auth = payment[1]["payload"]["authorization"]
+            auth = _authorization(payment[1]["payload"])
             payer, nonce = str(auth["from"]).lower(), str(auth["nonce"]).lower()
         except (KeyError, TypeError):
             return None
@@ -269,7 +297,7 @@ class InvariantChecker:
         version, data = payment
         try:
             inner = data["payload"]
-            auth = inner["authorization"]
+            auth = _authorization(inner)
             signature = bytes.fromhex(str(inner["signature"]).removeprefix("0x"))
             payer, nonce = str(auth["from"]), str(auth["nonce"]).lower()
         except (KeyError, TypeError, ValueError) as exc:
@@ -291,7 +319,7 @@ class InvariantChecker:
             problems.append(f"row {row.id} fingerprint {row.fingerprint} != this request's {fingerprint}")
         # the presented authorization is the stored one, field by field
         try:
-            stored = json.loads(row.authorization)["authorization"]
+            stored = _authorization(json.loads(row.authorization))
         except (ValueError, KeyError, TypeError):
             stored = {}
         for name in ("from", "to", "nonce"):
@@ -303,15 +331,9 @@ class InvariantChecker:
         if _int(auth.get("value")) != row.amount or str(auth.get("to", "")).lower() != row.pay_to.lower():
             problems.append("authorization value/to differ from the row's amount/payTo")
         # signed by the row's payer, over exactly this authorization, in the tool's EIP-712 domain
+        # (a Permit2 payment: over its Permit2 authorization, in Permit2's domain)
         try:
-            typed = TransferAuthorization(
-                from_=str(auth["from"]), to=str(auth["to"]), value=int(str(auth["value"])),
-                valid_after=int(str(auth["validAfter"])), valid_before=int(str(auth["validBefore"])),
-                nonce=bytes.fromhex(nonce.removeprefix("0x")),
-            )
-            domain = domain_separator(tool.payment.asset_name, tool.payment.asset_version,
-                                      int(row.network.split(":", 1)[1]), row.asset)
-            digest = authorization_digest(domain, typed)
+            digest = _signed_digest(inner, auth, row, tool.payment.asset_name, tool.payment.asset_version)
             signer = recover_signer(digest, signature)
             if signer is None or signer.lower() != row.payer.lower():
                 # A contract wallet's signature (issue 16): the payer, on chain now, accepts it.
@@ -337,7 +359,7 @@ class InvariantChecker:
             if data.get("scheme") != "exact" or network != row.network:
                 problems.append(f"v1 scheme/network {data.get('scheme')}/{data.get('network')} != exact/{row.network}")
         # the transfer on chain
-        if not self.chain.authorization_state(row.payer, row.nonce):
+        if not self._nonce_used(row):
             problems.append(f"nonce {row.nonce} of {row.payer} is not used on chain")
         if row.tx_hash:
             problems += self._transfer_problems(row)
@@ -361,9 +383,9 @@ class InvariantChecker:
         problems = []
         if receipt["status"] != 1:
             problems.append(f"transaction {row.tx_hash} reverted")
-        token = self.chain.token.lower()
+        token = row.asset.lower()
         nonce = bytes.fromhex(row.nonce.removeprefix("0x"))
-        used = transfer = False
+        used, transfer = moved_by_permit2(row), False  # Permit2 logs no AuthorizationUsed: its bitmap says
         for log in receipt["logs"]:
             if log["address"].lower() != token:
                 continue
@@ -380,12 +402,25 @@ class InvariantChecker:
             problems.append(f"transaction {row.tx_hash} has no Transfer({row.payer} -> {row.pay_to}, {row.amount})")
         return problems
 
+    def _balance(self, owner: str) -> int:
+        data = SEL_BALANCE_OF + bytes.fromhex(owner[2:].rjust(64, "0"))
+        return int.from_bytes(self.chain.w3.eth.call({"to": self.asset, "data": data}), "big")  # type: ignore[typeddict-item]
+
+    def _nonce_used(self, row: Payment) -> bool:
+        """The row's authorization is spent on chain: the token's EIP-3009 state, or Permit2's bitmap."""
+        if not moved_by_permit2(row):
+            return self.chain.authorization_state(row.payer, row.nonce)
+        nonce = int(row.nonce, 16)
+        data = SEL_NONCE_BITMAP + _topic_address(row.payer) + (nonce >> 8).to_bytes(32, "big")
+        bitmap = int.from_bytes(self.chain.w3.eth.call({"to": PERMIT2_ADDRESS, "data": data}), "big")  # type: ignore[typeddict-item]
+        return bool(bitmap >> (nonce & 0xFF) & 1)
+
     def _global_problems(self, rows: list[Payment]) -> list[str]:
         problems: list[str] = []
         settled_now = [r for r in rows if r.state == PaymentState.SETTLED and self.rows_before.get(r.id) != PaymentState.SETTLED]
         refunded_now = [r for r in rows if r.refunded_at is not None and r.id not in self.rows_before]
         expected = sum(r.amount for r in settled_now) - sum(r.amount for r in refunded_now) + self.external_credit
-        delta = self.chain.balance(self.pay_to) - self.pay_to_before
+        delta = self._balance(self.pay_to) - self.pay_to_before
         if delta != expected:
             problems.append(
                 f"payee balance changed by {delta} on chain; the ledger settled {sum(r.amount for r in settled_now)} "
@@ -393,7 +428,7 @@ class InvariantChecker:
                 f"external credit {self.external_credit}"
             )
         for row in settled_now:
-            if not self.chain.authorization_state(row.payer, row.nonce):
+            if not self._nonce_used(row):
                 problems.append(f"settled row {row.id}: nonce {row.nonce} is not used on chain")
         by_request = {r.request_id: r for r in rows}
         calls = self.upstream.snapshot()[self.upstream_since:]

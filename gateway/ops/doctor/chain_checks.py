@@ -84,6 +84,13 @@ async def check_token(plan: NetworkPlan, offer: Offer, rpc: RpcReader) -> list[F
                          f"no contract at {offer.asset} on {plan.network} (tools {tools})",
                          "set payment.asset in the catalog to the token's address on this network "
                          "(or, on the local chain, restart `x402gw devchain` so the deployment matches)")]
+        if offer.asset_version is None:  # an ERC-20 paid through Permit2: no EIP-712 domain, its decimals only
+            plain = await rpc.uint(offer.asset, SEL_DECIMALS)
+            return [ok("asset", subject, f"paid through Permit2, {plain} decimals, as the catalog says")
+                    if plain == offer.decimals else
+                    fail("asset", subject, "asset_decimals_mismatch",
+                         f"the token has {plain} decimals, the catalog says {offer.decimals} (tools {tools})",
+                         f"set decimals: {plain} in the catalog's payment terms and check its prices")]
         domain = await _domain(rpc, offer.asset)
         decimals = await rpc.uint(offer.asset, SEL_DECIMALS) if domain is not None else None
     except RpcProblem as exc:

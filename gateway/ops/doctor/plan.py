@@ -51,7 +51,7 @@ class Offer:
     network: str
     asset: str
     asset_name: str
-    asset_version: str
+    asset_version: str | None  # None: a token paid through Permit2, without an EIP-712 domain
     decimals: int
     tools: tuple[str, ...]
 
@@ -101,7 +101,7 @@ def _chain_id(network: str) -> int | None:
 
 
 def _offers(catalogs: Catalogs, network: str) -> tuple[Offer, ...]:
-    grouped: dict[tuple[str, str, str, int], list[str]] = {}
+    grouped: dict[tuple[str, str, str | None, int], list[str]] = {}
     for tool in catalogs.tools:
         for offer in tool.offers:  # every way to pay, not only the first offer
             terms = offer.terms

@@ -35,9 +35,10 @@ from settlement.chain.addresses import checksum_address
 from settlement.errors import ChainUnavailable, PaymentDecodeError
 from settlement.schemes.channels import BATCH
 from settlement.schemes.channels_contract import channel_payment, channel_signer, parse_channel
+from settlement.schemes.exact_permit2_payload import is_permit2_offer, permit2_payment, permit2_signer
 from settlement.schemes.signatures import SignerCheck
 from settlement.schemes.upto import UPTO
-from settlement.schemes.upto_permit import upto_payment, upto_signer
+from settlement.schemes.upto_permit import upto_signer
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures
 from settlement.x402.codec import parse_exact_evm
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements
@@ -70,17 +71,18 @@ class DecodeAndBind:
         if quote.requirements.scheme == BATCH:  # batch-settlement: keyed by (channel, cumulative amount)
             ctx.paid = self._channel(ctx, quote, payload)
             return None
-        upto = quote.requirements.scheme == UPTO  # keyed by its Permit2 authorization's payer and nonce
+        # upto, and exact through Permit2: keyed by the Permit2 authorization's payer and nonce
+        permit2 = quote.requirements.scheme == UPTO or is_permit2_offer(quote.requirements)
         try:
-            exact = upto_payment(payload.payload) if upto else parse_exact_evm(payload)
+            exact = permit2_payment(quote.requirements, payload.payload) if permit2 else parse_exact_evm(payload)
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
         principal = ctx.user.principal if ctx.user is not None else None  # a user-scoped tool's user
         fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal)
-        signer = upto_signer(quote.requirements.network, payload.payload) if upto else self.signers.signer(quote.requirements, exact)
+        signer = self._signer(quote.requirements, payload, exact)
         wallet, digest = None, b""
-        if signer is None and upto:
+        if signer is None and permit2:
             raise PaymentChallenge(quote, "invalid_permit2_signature", "the signature is not from's over this Permit2 authorization")
         if signer is None:
             wallet, digest = self._wallet_claim(quote, exact)
@@ -90,6 +92,15 @@ class DecodeAndBind:
             identifier=identifier, fingerprint=fingerprint, wallet=wallet, digest=digest,
         )
         return None
+
+    def _signer(self, requirements: PaymentRequirements, payload: PaymentPayload, exact: ExactEvmPayload) -> str | None:
+        """``from`` when the signature is its ECDSA one over this offer's authorization (EIP-3009,
+        upto's Permit2 one, or exact's Permit2 one), offline; else None."""
+        if requirements.scheme == UPTO:
+            return upto_signer(requirements.network, payload.payload)
+        if is_permit2_offer(requirements):
+            return permit2_signer(requirements.network, payload.payload)
+        return self.signers.signer(requirements, exact)
 
     def _wallet_claim(self, quote: Quote, exact: ExactEvmPayload) -> tuple[WalletSignature, bytes]:
         """Not ``from``'s ECDSA signature: a contract wallet's, if it has the shape of one (checked

@@ -40,8 +40,8 @@ from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolver, apply, changes
 from settlement.schemes import Schemes
 from settlement.schemes.channels import channel_view
+from settlement.schemes.exact_permit2_payload import payment_view
 from settlement.schemes.signatures import same_authorization
-from settlement.schemes.upto_permit import payment_view
 from settlement.x402.wire import ExactEvmPayload, PaymentRequirements, SettleResponse
 
 __all__ = ["ExactlyOnce", "InFlight", "acquire", "release", "request_fingerprint", "resume", "same_payment"]
@@ -67,7 +67,7 @@ def same_payment(
     if row.tool != tool or row.fingerprint != fingerprint or not row.authorization:
         return False
     try:
-        stored = payment_view(json.loads(row.authorization))  # an upto row's: its Permit2 authorization
+        stored = payment_view(json.loads(row.authorization))  # a Permit2 row's: its Permit2 authorization
     except ValueError:  # pydantic's ValidationError and json's JSONDecodeError are ValueErrors
         channel = channel_view(row)  # a batch-settlement row's: keyed by its channel and cumulative amount
         if channel is None:
