@@ -45,6 +45,10 @@ class _Upstream:
                    max_bytes: int) -> UpstreamResponse:
         return UpstreamResponse(200, [], b"{}")
 
+    async def open(self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float,
+                   max_bytes: int) -> UpstreamResponse:
+        return await self.send(method, url, headers, body, timeout, max_bytes)
+
     async def close(self) -> None:
         return None
 

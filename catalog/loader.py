@@ -48,7 +48,7 @@ from catalog.source import Source
 from catalog.templates import route_shape
 from catalog.terms import TermsResolver, dollar_problem
 from catalog.upto import upto_terms
-from catalog.usage import usage_problems
+from catalog.usage import stream_problems, usage_problems
 from catalog.user_auth import user_auth_problems
 
 __all__ = ["load_catalog", "load_catalogs", "parse_catalog", "price_ceiling_issues"]
@@ -86,12 +86,21 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
             if problem is not None:
                 src.issue(f"{at}.max_price", "upto_needs_max_price", problem)
         upstream_path = spec.upstream_path or spec.path
-        settle = spec.settle or default_settle(spec.method, spec.side_effects)
+        settle = spec.settle or (
+            "upfront" if spec.stream and payment is not None and payment.scheme != "upto"
+            else default_settle(spec.method, spec.side_effects)
+        )
         if payment is not None:
             _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
         alternatives = _tool_offers(doc, spec, at, payment, settle, upstream, local, src) if payment is not None else ()
         if rule is not None and payment is not None:
             _check_rule(doc, spec, at, rule, (payment, *(o.terms for o in alternatives)), src)
+        if spec.stream and payment is not None:
+            for field, code, message in stream_problems(
+                kind=spec.kind, scheme=payment.scheme, settle=settle, usage=spec.usage, answers=spec.answers is not None,
+                failure_rules=bool(spec.failure_when),
+            ):
+                src.issue(f"{at}.{field}", code, message)
         if spec.usage is not None and payment is not None:
             for field, code, message in usage_problems(
                 spec.usage, scheme=payment.scheme, settle=settle, stream=spec.stream, kind=spec.kind,

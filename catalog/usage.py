@@ -43,7 +43,8 @@ from catalog.fields import FrozenModel, Price
 from catalog.pricing import to_atomic
 
 __all__ = [
-    "BUFFERED_SOURCES", "STREAM_SOURCES", "Charge", "UsageError", "UsageRule", "parse_units", "usage_problems",
+    "BUFFERED_SOURCES", "STREAM_SOURCES", "Charge", "UsageError", "UsageRule", "parse_units", "stream_problems",
+    "usage_problems",
 ]
 
 UsageSource = Literal["header", "json", "element", "events", "event_field", "bytes"]
@@ -206,4 +207,26 @@ def _amount_problems(rule: UsageRule, maximum: Decimal | None, decimals: int) ->
     if maximum is not None and minimum > to_atomic(maximum, decimals):
         problems.append(("base", "upto_max_below_minimum",
                          f"max_price {maximum:f} is below the charge of every served call (base {rule.base:f})"))
+    return problems
+
+
+def stream_problems(*, kind: str, scheme: str, settle: str, usage: UsageRule | None, answers: bool,
+                    failure_rules: bool) -> list[Problem]:
+    """What is wrong with ``stream: true`` on a tool (fields of the tool). An ``exact`` stream is
+    settled before the upstream is called (``settle: upfront``, its default): paid content never
+    goes out before its settlement is final. An ``upto`` stream is charged by a usage rule counted
+    from the stream, settled when it ends."""
+    problems: list[Problem] = []
+    if kind != "rest":
+        problems.append(("stream", "stream_needs_rest", "only a REST upstream's answer is relayed as a stream"))
+    if answers:
+        problems.append(("answers", "stream_with_answers", "a streamed answer is not checked against a schema nor trimmed: drop answers"))
+    if failure_rules:
+        problems.append(("failure_when", "stream_with_failure_rules", "failure rules read a whole answer; a stream is relayed as it comes"))
+    if scheme == "upto" and usage is None:
+        problems.append(("usage", "stream_needs_usage", "an upto stream is charged by a usage rule: usage: {from: events | event_field | bytes}"))
+    if scheme != "upto" and settle != "upfront":
+        problems.append(("settle", "stream_settles_upfront",
+                         "an exact stream is settled before it starts (paid content never goes out before its settlement is final): "
+                         "leave settle out or write settle: upfront"))
     return problems

@@ -127,6 +127,8 @@ UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
 UPSTREAM_RESPONSE_TOO_LARGE: Final = "upstream_response_too_large"
 UPSTREAM_REDIRECT: Final = "upstream_redirect"
 UPSTREAM_FAULT: Final = "upstream_fault"
+USAGE_UNREADABLE: Final = "usage_unreadable"  # an upto answer without a readable usage (catalog.usage)
+UPSTREAM_STREAM_BROKEN: Final = "upstream_stream_broken"  # a relayed stream broke off (stage relay)
 UPSTREAM_INVALID_RESPONSE: Final = "upstream_invalid_response"
 UPSTREAM_ANSWER_LOST: Final = "upstream_answer_lost"
 UPSTREAM_SCHEMA_DRIFT: Final = "upstream_schema_drift"
@@ -230,6 +232,8 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(UPSTREAM_TIMEOUT, 504, "retry", same_payment=True),
     Refusal(UPSTREAM_UNAVAILABLE, 502, "retry", same_payment=True),
     Refusal(UPSTREAM_RESPONSE_TOO_LARGE, 502, "none"),
+    Refusal(USAGE_UNREADABLE, 502, "none"),
+    Refusal(UPSTREAM_STREAM_BROKEN, 502, "none"),
     Refusal(UPSTREAM_REDIRECT, 502, "none"),
     Refusal(UPSTREAM_FAULT, 502, "none"),
     Refusal(UPSTREAM_INVALID_RESPONSE, 502, "none"),

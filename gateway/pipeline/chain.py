@@ -8,8 +8,8 @@
          400/402             402/503        403/429         409          replay/409/502/503  402
       ─▶ verify ─▶ linked_account
          402/503    403
-      ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ meter ─▶ answer ─▶ settle ─▶ respond
-         403         409       402/503            502/504   502      502       402/503
+      ─▶ reserve ─▶ record ─▶ settle_upfront ─▶ bridge ─▶ meter ─▶ answer ─▶ relay ─▶ settle ─▶ respond
+         403         409       402/503            502/504   502      502      stream    402/503
 
     finally, always: release_holds ─▶ audit ─▶ observers ─▶ access_log
 
@@ -55,6 +55,7 @@ from gateway.pipeline.stages.exactly_once import (
 )
 from gateway.pipeline.stages.meter import Meter
 from gateway.pipeline.stages.reaccess import Reaccess
+from gateway.pipeline.stages.relay import Relay
 from gateway.pipeline.stages.respond import Respond
 from gateway.pipeline.stages.route import Route
 from gateway.pipeline.stages.safety import (
@@ -130,13 +131,21 @@ class Chain:
             response = _refusal(ctx, exc)
         finally:
             ctx.status = response.status_code if response is not None else None  # None: cancelled
-            for finalizer in self.finalizers:
-                try:
-                    await finalizer(ctx)
-                except Exception:  # each guards itself; this keeps the next ones running regardless
-                    log.exception("finalizer %s failed on request %s", finalizer.name, ctx.request_id)
+            # A relayed stream (stage ``relay``) is not over yet: its finalizers run when it is.
+            defer = getattr(response, "defer_finalizers", None)
+            if defer is not None:
+                defer(lambda: self._finalize(ctx))
+            else:
+                await self._finalize(ctx)
         assert response is not None  # every branch above answers, or the exception goes on
         return response
+
+    async def _finalize(self, ctx: RequestContext) -> None:
+        for finalizer in self.finalizers:
+            try:
+                await finalizer(ctx)
+            except Exception:  # each guards itself; this keeps the next ones running regardless
+                log.exception("finalizer %s failed on request %s", finalizer.name, ctx.request_id)
 
     async def run(self, ctx: RequestContext) -> Response:
         for stage in self.stages:
@@ -237,6 +246,7 @@ def build_chain(
                          max_response_bytes=max_upstream_response_bytes, users=users),
             Meter(ledger),  # an upto tool charged by usage: the units its answer reports, priced and capped
             CheckAnswer(ledger, refunds),  # drift against output_schema (fail: withheld), then trimming as asked
+            Relay(schemes, ledger, max_upstream_response_bytes),  # a stream: relayed as it comes, settled when it ends
             Settle(schemes, ledger),
             Respond(ledger, receipts, public_url),
         ],

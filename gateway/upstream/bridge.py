@@ -26,8 +26,8 @@ import asyncio
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -75,6 +75,7 @@ from gateway.upstream.transport import (
     DROPPED_RESPONSE_PREFIXES,
     FORWARDED_REQUEST_HEADERS,
     AiohttpUpstreamClient,
+    StreamedResponse,
     UpstreamClient,
     UpstreamResponse,
     UpstreamUnreachable,
@@ -205,21 +206,24 @@ class Bridge:
         request_id: str,
         max_bytes: int,
         user: Credentials | None = None,
+        stream: bool = False,
     ) -> UpstreamResponse:
         """``user``: the end user's credential (``gateway.upstream.user_auth``), sent instead of the
-        upstream's own and redacted from its answer like it."""
+        upstream's own and redacted from its answer like it. ``stream`` (a ``stream: true`` REST
+        tool): a good answer comes back as a ``StreamedResponse`` as soon as its headers are in."""
         route = self._routes[tool.name]
         if user is not None:
             route = _Route(route.tool, user, route.soap, route.rules)
         if route.soap is not None:
             return await self._soap(client, route, arguments, request_headers, request_id, max_bytes)
-        return await self._rest(client, route, method, params, query, arguments, request_headers, body, request_id, max_bytes)
+        return await self._rest(client, route, method, params, query, arguments, request_headers, body, request_id,
+                                max_bytes, stream)
 
     # -- REST --
 
     async def _rest(
         self, client: UpstreamClient, route: _Route, method: str, params: dict[str, str], query: str, arguments: dict[str, Any],
-        request_headers: Mapping[str, str], body: bytes, request_id: str, max_bytes: int,
+        request_headers: Mapping[str, str], body: bytes, request_id: str, max_bytes: int, stream: bool = False,
     ) -> UpstreamResponse:
         tool, mapping = route.tool, route.tool.request
         headers = {name: request_headers[name] for name in FORWARDED_REQUEST_HEADERS if name in request_headers}
@@ -258,12 +262,15 @@ class Bridge:
         headers.update(route.credentials.headers)
         headers[lower(REQUEST_ID)] = request_id
         upstream_method = "HEAD" if method == "HEAD" else method
-        response = await self._exchange(client, route, upstream_method, upstream_target(tool, params, query), headers, body, max_bytes)
+        response = await self._exchange(client, route, upstream_method, upstream_target(tool, params, query), headers, body,
+                                        max_bytes, stream)
         credentials = route.credentials
         _refuse_redirect(response)
         response = _strip_headers(response)
         if response.status >= 400:
             return self._rest_error(response, credentials)
+        if isinstance(response, StreamedResponse):
+            return redacted_stream(response, credentials) if credentials.secrets else response
         if route.rules:
             check_rules(route.rules, tool.name, credentials, response, _json_or_none(response.body), None)
         if credentials.secrets:
@@ -340,7 +347,8 @@ class Bridge:
         return True
 
     async def _exchange(
-        self, client: UpstreamClient, route: _Route, method: str, target: str, headers: dict[str, str], body: bytes, max_bytes: int
+        self, client: UpstreamClient, route: _Route, method: str, target: str, headers: dict[str, str], body: bytes,
+        max_bytes: int, stream: bool = False,
     ) -> UpstreamResponse:
         upstream = route.tool.upstream
         policy = upstream.retry
@@ -352,7 +360,8 @@ class Bridge:
         while True:
             base = bases[index]
             try:
-                response = await client.send(method, base + target, headers, body, upstream.timeout_seconds, max_bytes)
+                call = client.open if stream else client.send
+                response = await call(method, base + target, headers, body, upstream.timeout_seconds, max_bytes)
             except UpstreamUnreachable:
                 # Nothing was sent: the next base URL is safe for any call, retryable or not.
                 if index + 1 < len(bases):
@@ -387,3 +396,22 @@ class Bridge:
             )
             attempt += 1
             await self.sleep(delay)
+
+
+def redacted_stream(response: StreamedResponse, credentials: Credentials) -> StreamedResponse:
+    """A stream with the upstream's credentials redacted, across chunk boundaries too: the last
+    ``longest secret - 1`` bytes of each chunk wait for the next one (or the end)."""
+    keep = max(len(secret.encode()) for secret in credentials.secrets) - 1
+
+    async def chunks() -> AsyncIterator[bytes]:
+        tail = b""
+        async for chunk in response.chunks:
+            data = credentials.redact_bytes(tail + chunk)
+            cut = max(len(data) - keep, 0)
+            tail = data[cut:]
+            if cut:
+                yield data[:cut]
+        if tail:
+            yield credentials.redact_bytes(tail)
+
+    return replace(response, chunks=chunks())

@@ -5,7 +5,8 @@ are read up to a limit; connection errors become refusals here and never leak.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aiohttp
@@ -61,7 +62,7 @@ def forwarded_response_header(name: str) -> bool:
 
 def strip_headers(response: UpstreamResponse) -> UpstreamResponse:
     headers = [(k, v) for k, v in response.headers if forwarded_response_header(k)]
-    return response if len(headers) == len(response.headers) else UpstreamResponse(response.status, headers, response.body)
+    return response if len(headers) == len(response.headers) else replace(response, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +75,24 @@ class UpstreamResponse:
         return next((v for k, v in self.headers if k.lower() == name), None)
 
 
+@dataclass(frozen=True, slots=True)
+class StreamedResponse(UpstreamResponse):
+    """A good (2xx) answer still arriving: ``body`` is empty, ``chunks`` yields the body as the
+    upstream sends it (raising ``GatewayError`` ``upstream_stream_broken`` or ``upstream_timeout``
+    when it stops midway), ``close`` drops the connection. Error answers are never streamed."""
+
+    chunks: AsyncIterator[bytes]
+    close: Callable[[], None]
+
+
 class UpstreamClient(Protocol):
     async def send(
         self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
     ) -> UpstreamResponse: ...
+
+    async def open(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
+    ) -> UpstreamResponse: ...  # a 2xx as a StreamedResponse (``stream: true`` tools)
 
     async def close(self) -> None: ...
 
@@ -128,6 +143,54 @@ class AiohttpUpstreamClient:
                 codes.UPSTREAM_UNAVAILABLE, "the upstream connection failed; nothing was charged", retryAfter=1, retryable=True
             ) from None
 
+    async def open(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
+    ) -> UpstreamResponse:
+        """Like ``send``, but a 2xx answer comes back as soon as its headers are in, as a
+        ``StreamedResponse``: ``timeout`` bounds the connection and each wait for more of the body,
+        not the whole stream. Other answers are read whole (at most ``max_bytes``), as ``send`` does."""
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        try:
+            response = await self._client().request(
+                method, url, headers=headers, data=body or None, allow_redirects=False, timeout=limits,
+            )
+        except TimeoutError:
+            raise GatewayError(
+                codes.UPSTREAM_TIMEOUT, "the upstream did not answer in time; nothing was charged", retryAfter=1, retryable=True
+            ) from None
+        except aiohttp.ClientConnectorError:
+            raise UpstreamUnreachable(
+                codes.UPSTREAM_UNAVAILABLE, "the upstream could not be reached; nothing was charged", retryAfter=1, retryable=True
+            ) from None
+        except aiohttp.ClientError:
+            raise GatewayError(
+                codes.UPSTREAM_UNAVAILABLE, "the upstream connection failed; nothing was charged", retryAfter=1, retryable=True
+            ) from None
+        headers_out = list(response.headers.items())
+        if response.status >= 300:
+            try:
+                data = await response.content.read(max_bytes + 1)
+            except (TimeoutError, aiohttp.ClientError):
+                data = b""
+            finally:
+                response.release()
+            return UpstreamResponse(response.status, headers_out, data[: max_bytes])
+        return StreamedResponse(response.status, headers_out, b"", _chunks(response), response.close)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body of a streamed answer as it arrives; a broken or stalled upstream is a GatewayError."""
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except TimeoutError:
+        raise GatewayError(codes.UPSTREAM_TIMEOUT, "the upstream stopped sending mid-stream", retryable=False) from None
+    except aiohttp.ClientError:
+        raise GatewayError("upstream_stream_broken", "the upstream's stream broke off midway", status=502,
+                           retryable=False) from None
+    finally:
+        response.release()

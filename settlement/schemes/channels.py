@@ -227,8 +227,9 @@ class ChannelsEvm:
         if view.withdrawing:
             raise Refused(ERR_CHANNEL_WITHDRAWING, "the payer has asked to withdraw this channel's deposit")
         if balance == 0:
-            reason = ERR_CHANNEL_CLOSED if view.claimed else E.ERR_CHANNEL_NOT_FOUND
-            raise Refused(reason, "this channel holds no deposit; open it with a deposit")
+            raise Refused(E.ERR_CHANNEL_NOT_FOUND, "this channel holds no deposit; open it with a deposit")
+        if balance <= view.claimed:  # refunded, withdrawn or used up: nothing unclaimed is left
+            raise Refused(ERR_CHANNEL_CLOSED, "this channel has nothing left unclaimed; deposit again to go on")
         if payment.max_claimable <= charged:
             raise Refused(ERR_CUMULATIVE_NOT_INCREASING,
                           f"the voucher's cumulative amount must rise above {charged}, what is charged so far")

@@ -52,6 +52,7 @@ CLAIM_BASE_GAS = 120_000
 CLAIM_PER_CHANNEL_GAS = 90_000
 CLAIM_PER_DEPOSIT_GAS = 200_000
 CLAIM_LOCK_TTL_MS = 120_000
+REFUND_GAS = 150_000
 
 
 @dataclass
@@ -224,6 +225,15 @@ class Claimer:
             outcome.settled.append(payment_id)
         outcome.reason = "claimed"
         return outcome
+
+    async def close(self, network: str, payment: ChannelPayment) -> tuple[ClaimOutcome, Receipt | None]:
+        """Close ``payment``'s channel from the receiver's side (spec: a cooperative refund): claim
+        what is accrued on the network, then give the payer back everything not claimed
+        (``refund``, sent by our settlement account, the channel's receiverAuthorizer)."""
+        outcome = await self.claim(network)
+        chain = self.scheme.chain(network)
+        tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.refund_calldata(2**128 - 1), gas=REFUND_GAS)
+        return outcome, await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
 
 
 def is_accrued(row: Payment) -> bool:

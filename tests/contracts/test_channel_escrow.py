@@ -125,7 +125,7 @@ def test_the_unused_deposit_goes_back_to_the_payer(chain: Devchain) -> None:
 def test_the_payer_withdraws_alone_after_the_delay(chain: Devchain) -> None:
     payer = chain.address(7)
     channel = _open(chain, 7, "0x" + "44" * 32)
-    escrow = chain.w3.eth.contract(address=ESCROW_ADDRESS, abi=_WITHDRAW_ABI)
+    escrow = chain.w3.eth.contract(address=ESCROW_ADDRESS, abi=WITHDRAW_ABI)
     config = channel.config_tuple()
     chain.w3.eth.wait_for_transaction_receipt(escrow.functions.initiateWithdraw(config, DEPOSIT).transact({"from": payer}))
     assert _state(chain, channel)[2] > 0  # a withdrawal is pending: the gateway stops taking vouchers
@@ -142,7 +142,7 @@ _CONFIG_ABI = {"name": "config", "type": "tuple", "components": [
     {"name": n, "type": t} for n, t in (("payer", "address"), ("payerAuthorizer", "address"), ("receiver", "address"),
                                          ("receiverAuthorizer", "address"), ("token", "address"),
                                          ("withdrawDelay", "uint40"), ("salt", "bytes32"))]}
-_WITHDRAW_ABI = [
+WITHDRAW_ABI = [
     {"type": "function", "name": "initiateWithdraw", "stateMutability": "nonpayable", "outputs": [],
      "inputs": [_CONFIG_ABI, {"name": "amount", "type": "uint128"}]},
     {"type": "function", "name": "finalizeWithdraw", "stateMutability": "nonpayable", "outputs": [], "inputs": [_CONFIG_ABI]},

@@ -7,19 +7,26 @@ loopback for the usage-rule tests (``catalog.usage``).
 * ``missing``: no usage at all; ``string``: ``"units": "lots"``; ``negative``: ``-3``;
   ``fraction``: ``2.5``; ``huge``: 10**60; ``notjson``: a text answer.
 
+``GET /stream/{n}``: ``n`` SSE events, event ``i`` with ``{"i": i, "usage": {"units": i}}``, then
+``data: [DONE]``; ``?fail_after=k``: the connection breaks off after ``k`` events; ``?hold_after=k``:
+after ``k`` events it waits for ``release()`` (a payer that leaves mid-stream).
+
 Every answer carries a unique marker (``served``), so a test can tell whether upstream content
-reached the payer; ``calls`` counts calls per mode.
+reached the payer; ``calls`` counts calls per mode (``stream-n`` for streams).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 __all__ = ["UsageUpstream"]
@@ -32,8 +39,37 @@ class UsageUpstream:
         self.calls: Counter[str] = Counter()
         self._markers = itertools.count(1)
 
+        self.held = threading.Event()
+        self.finished: list[int] = []  # events sent by each stream that ended, in order
+
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/usage/{mode}", self.usage, methods=["GET"])])
+        return Starlette(routes=[Route("/usage/{mode}", self.usage, methods=["GET"]),
+                                 Route("/stream/{n:int}", self.stream, methods=["GET"])])
+
+    def release(self) -> None:
+        self.held.set()
+
+    async def stream(self, request: Request) -> Response:
+        n = request.path_params["n"]
+        self.calls[f"stream-{n}"] += 1
+        fail_after = int(request.query_params.get("fail_after", -1))
+        hold_after = int(request.query_params.get("hold_after", -1))
+
+        async def events() -> AsyncIterator[bytes]:
+            sent = 0
+            try:
+                for i in range(1, n + 1):
+                    if i - 1 == fail_after:
+                        raise ConnectionAbortedError("the upstream breaks off mid-stream")
+                    if i - 1 == hold_after:
+                        await asyncio.to_thread(self.held.wait, 30)
+                    yield f'data: {{"i": {i}, "usage": {{"units": {i}}}}}\n\n'.encode()
+                    sent = i
+                yield b"data: [DONE]\n\n"
+            finally:
+                self.finished.append(sent)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def usage(self, request: Request) -> Response:
         mode = request.path_params["mode"]

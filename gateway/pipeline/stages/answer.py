@@ -93,7 +93,7 @@ class CheckAnswer:
         tool, compiled, paid = ctx.tool, ctx.compiled, ctx.paid
         assert tool is not None and compiled is not None and paid is not None and paid.upstream is not None
         validator, wanted = compiled.output_validator, ctx.answer_request
-        if (validator is None and (wanted is None or not wanted.trims)) or ctx.method == "HEAD":
+        if (validator is None and (wanted is None or not wanted.trims)) or ctx.method == "HEAD" or tool.stream:
             return None
         upstream = paid.upstream
         document = _parse(upstream.body)

@@ -10,6 +10,7 @@ goes to the audit sink in one piece. Never stops a request; never sees headers o
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from gateway.errors import GatewayError
 from gateway.pipeline.context import RequestContext
@@ -29,6 +30,17 @@ class RecordingUpstream:
     async def send(
         self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
     ) -> UpstreamResponse:
+        return await self._attempt(self._client.send, method, url, headers, body, timeout, max_bytes)
+
+    async def open(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
+    ) -> UpstreamResponse:
+        return await self._attempt(self._client.open, method, url, headers, body, timeout, max_bytes)
+
+    async def _attempt(
+        self, call: Callable[..., Awaitable[UpstreamResponse]],
+        method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int,
+    ) -> UpstreamResponse:
         attempt = self._attempts
         self._attempts += 1
         started = time.perf_counter()
@@ -37,12 +49,12 @@ class RecordingUpstream:
         tracing = self._ctx.tracing
         try:
             if tracing is None:
-                response = await self._client.send(method, url, headers, body, timeout, max_bytes)
+                response = await call(method, url, headers, body, timeout, max_bytes)
             else:  # a span of its own, its traceparent sent upstream and noted for the trail
                 headers = dict(headers)
                 with tracing.upstream_attempt(method, redacted, attempt, headers) as span:
                     fields["traceparent"] = headers.get("traceparent")
-                    response = await self._client.send(method, url, headers, body, timeout, max_bytes)
+                    response = await call(method, url, headers, body, timeout, max_bytes)
                     span.set_attribute("http.response.status_code", response.status)
         except GatewayError as err:
             fields["error"] = err.code

@@ -79,7 +79,7 @@ class CallUpstream:
                 upstream = await self.bridge.forward(
                     RecordingUpstream(self.upstream, ctx), tool, ctx.method, ctx.params,
                     ctx.query if ctx.answer_request is None else ctx.answer_request.upstream_query, ctx.arguments,
-                    dict(request.headers), ctx.body, ctx.request_id, self.max_response_bytes, user,
+                    dict(request.headers), ctx.body, ctx.request_id, self.max_response_bytes, user, tool.stream,
                 )
         except GatewayError as err:
             await self.safety.upstream_result(ctx, tool, err.code not in _UNREACHABLE)

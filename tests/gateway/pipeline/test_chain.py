@@ -19,7 +19,7 @@ from settlement.audit import AuditEvent
 STAGES = [
     "route", "header_limits", "body", "arguments", "offer", "pre_challenge_safety", "user_auth", "challenge",
     "reaccess", "decode_and_bind", "wallet_check", "payer_checks", "in_flight", "exactly_once", "payment_window", "verify",
-    "linked_account", "reserve", "record", "settle_upfront", "bridge", "meter", "answer", "settle", "respond",
+    "linked_account", "reserve", "record", "settle_upfront", "bridge", "meter", "answer", "relay", "settle", "respond",
 ]
 FINALIZERS = ["release_holds", "audit", "observers", "access_log"]
 
@@ -48,9 +48,10 @@ def test_issue_13_order_holds() -> None:
     assert names.index("decode_and_bind") < names.index("payer_checks") < names.index("in_flight")
     assert names.index("in_flight") < names.index("exactly_once") < names.index("payment_window") < names.index("verify")
     assert names.index("pre_challenge_safety") < names.index("challenge")
-    # exactly one stage talks to the upstream; only ``meter`` (usage) and ``answer`` (drift,
-    # trimming) sit between it and settle
-    assert names.index("bridge") == names.index("meter") - 1 == names.index("answer") - 2 == names.index("settle") - 3
+    # exactly one stage talks to the upstream; only ``meter`` (usage), ``answer`` (drift, trimming)
+    # and ``relay`` (a stream, which settles when it ends) sit between it and settle
+    assert names.index("bridge") == names.index("meter") - 1 == names.index("answer") - 2 == names.index("settle") - 4
+    assert names.index("relay") == names.index("settle") - 1
 
 
 def test_issue_17_answers_are_checked_before_settlement_and_their_parameters_before_the_402() -> None:

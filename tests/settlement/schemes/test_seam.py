@@ -119,6 +119,10 @@ class Upstream:
         self.calls += 1
         return UpstreamResponse(200, [("content-type", "application/json")], b'{"price": 42}')
 
+    async def open(self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float,
+                   max_bytes: int) -> UpstreamResponse:
+        return await self.send(method, url, headers, body, timeout, max_bytes)
+
     async def close(self) -> None:
         pass
 

@@ -1,0 +1,177 @@
+"""Stage ``relay``: a ``stream: true`` tool's answer relayed as it arrives, then settled per its rule.
+
+The upstream's good answer (a ``StreamedResponse``) goes to the payer chunk by chunk, pulled only as
+fast as the payer reads (backpressure), never buffered beyond one chunk, and cut off at the size
+limit. What was delivered is counted as it goes (``gateway.upstream.usage.StreamMeter``). When the
+stream ends, however it ends, the call is settled once:
+
+* ``upto`` (a usage rule): the units delivered (``events``, ``bytes``) or reported
+  (``event_field``) are priced and capped at the maximum; a stream cut short (the payer gone, the
+  upstream broken, the size limit) is charged what was delivered, or nothing (``partial:
+  nothing``); an unreadable usage takes the rule's default, or nothing is charged and the reason
+  is recorded (the content already went out: failing closed here means not charging).
+* ``exact`` streams settle before the upstream is called (``settle: upfront``), so nothing is left
+  to settle: the end of the stream is recorded.
+
+An SSE stream (``text/event-stream``) gets the outcome as its final event (``event:
+x402-settlement``, data: the settlement receipt, as ``PAYMENT-RESPONSE`` would carry it). What was
+delivered is stored for a resend of the same payment. The finalizers (locks, budgets, audit,
+metrics, access log) run once the stream is over (``Chain.answer`` hands them to the response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from catalog.usage import UsageError
+from gateway.errors import GatewayError
+from gateway.headers import REQUEST_ID
+from gateway.pipeline.context import RequestContext
+from gateway.pipeline.stages.meter import charge_of, with_charge
+from gateway.pipeline.stages.settle import settle, settled
+from gateway.protocol.receipts import receipt_headers
+from gateway.upstream.bridge import DROPPED_RESPONSE_HEADERS
+from gateway.upstream.transport import StreamedResponse
+from gateway.upstream.usage import StreamMeter
+from settlement.ledger import Ledger
+from settlement.schemes import Schemes
+
+__all__ = ["SETTLEMENT_EVENT", "PaidStream", "Relay"]
+
+log = logging.getLogger("x402gw.pipeline")
+SETTLEMENT_EVENT = "x402-settlement"
+_FINISHING: set[asyncio.Task[dict[str, Any] | None]] = set()  # settlements of streams whose payer left: kept alive
+
+
+class Relay:
+    name = "relay"
+    shape_only = False
+
+    def __init__(self, schemes: Schemes, ledger: Ledger, max_response_bytes: int) -> None:
+        self.schemes = schemes
+        self.ledger = ledger
+        self.max_response_bytes = max_response_bytes
+
+    async def __call__(self, ctx: RequestContext) -> Response | None:
+        paid = ctx.paid
+        assert paid is not None
+        upstream = paid.upstream
+        if not isinstance(upstream, StreamedResponse):
+            return None
+        ctx.outcome = "streaming"
+        return PaidStream(ctx, upstream, self)
+
+
+class PaidStream(StreamingResponse):
+    """The relayed stream; settles once when it ends, then runs the deferred finalizers."""
+
+    def __init__(self, ctx: RequestContext, upstream: StreamedResponse, relay: Relay) -> None:
+        tool, quote = ctx.tool, ctx.quote
+        assert tool is not None and quote is not None
+        self.ctx, self.upstream, self.relay = ctx, upstream, relay
+        self.meter = StreamMeter(tool.usage) if tool.usage is not None else None
+        content_type = next((v for k, v in upstream.headers if k.lower() == "content-type"), "")
+        self.sse = content_type.lower().startswith("text/event-stream")
+        self.delivered = bytearray()
+        self.size = 0
+        self.ending: str | None = None  # None until it ends: "complete", or why it stopped
+        self._finalize: Callable[[], Awaitable[None]] | None = None
+        self._finish: asyncio.Task[dict[str, Any] | None] | None = None
+        headers = {k: v for k, v in upstream.headers if k.lower() not in DROPPED_RESPONSE_HEADERS}
+        headers.update({"Cache-Control": "private, no-store", REQUEST_ID: ctx.request_id, "X-Accel-Buffering": "no"})
+        if ctx.settlement is not None:  # settled upfront: the receipt goes out first, in the headers
+            headers.update(receipt_headers(ctx.settlement, quote.version))
+        super().__init__(self._body(), status_code=upstream.status, headers=headers)
+
+    def defer_finalizers(self, finalize: Callable[[], Awaitable[None]]) -> None:
+        """``Chain.answer`` hands over the finalizers: they run when the stream is over."""
+        self._finalize = finalize
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.ending is None:
+                self.ending = "client_disconnected"
+            self._finish_once()  # the payer left, or the server stopped: settle anyway, off this task
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        limit = self.relay.max_response_bytes
+        try:
+            async for chunk in self.upstream.chunks:
+                self.size += len(chunk)
+                if self.size > limit:
+                    self.ending = "upstream_response_too_large"
+                    break
+                yield chunk
+                # Here only once the payer took the chunk (the server sent it): that is delivered.
+                self.delivered += chunk
+                if self.meter is not None:
+                    self.meter.feed(chunk)
+            else:
+                self.ending = "complete"
+        except GatewayError as err:
+            self.ending = err.code  # the upstream broke off or stalled mid-stream
+        finally:
+            self.upstream.close()
+        outcome = await asyncio.shield(self._finish_once())
+        if self.sse and outcome is not None:
+            yield b"event: " + SETTLEMENT_EVENT.encode() + b"\ndata: " + json.dumps(outcome, separators=(",", ":")).encode() + b"\n\n"
+
+    def _finish_once(self) -> asyncio.Task[dict[str, Any] | None]:
+        if self._finish is None:
+            self._finish = asyncio.get_running_loop().create_task(self._settle_and_finalize())
+            _FINISHING.add(self._finish)
+            self._finish.add_done_callback(_FINISHING.discard)
+        return self._finish
+
+    async def _settle_and_finalize(self) -> dict[str, Any] | None:
+        try:
+            return await self._settle()
+        except Exception:  # a stream's settlement never takes the server down; it is logged
+            log.exception("settling the stream of request %s failed", self.ctx.request_id)
+            return {"success": False, "error": "internal_error"}
+        finally:
+            if self._finalize is not None:
+                await self._finalize()
+
+    async def _settle(self) -> dict[str, Any] | None:
+        ctx, relay = self.ctx, self.relay
+        tool, quote, paid, payment_id = ctx.tool, ctx.quote, ctx.paid, ctx.payment_id
+        assert tool is not None and quote is not None and paid is not None and payment_id is not None
+        complete = self.ending == "complete"
+        ctx.record("stream_ended", paymentId=payment_id, ending=self.ending, deliveredBytes=len(self.delivered))
+        answer = (self.upstream.status, [(k, v) for k, v in self.upstream.headers if k.lower() not in DROPPED_RESPONSE_HEADERS],
+                  bytes(self.delivered))
+        if tool.settle == "upfront" or self.meter is None:
+            await relay.ledger.run(relay.ledger.store_response, payment_id, answer)
+            return None
+        rule = self.meter.rule
+        try:
+            units = self.meter.units() if complete or rule.partial == "delivered" else 0
+        except UsageError as err:
+            if rule.default is None or not complete:
+                ctx.record("usage_unreadable", paymentId=payment_id, reason=err.code, detail=str(err))
+                units = 0  # the content is out: failing closed means charging nothing
+            else:
+                units = rule.default
+                ctx.record("usage_defaulted", paymentId=payment_id, reason=err.code, units=units)
+        charge = charge_of(rule, quote, units)
+        ctx.quote = charged = with_charge(quote, charge)
+        ctx.record("usage_counted", paymentId=payment_id, ending=self.ending, **charge.describe())
+        ctx.outcome = "settling"
+        try:
+            receipt = await settle(relay.schemes, relay.ledger, payment_id, charged, paid.payload, answer,
+                                   hook_writes_ahead=relay.schemes.writes_ahead(charged.requirements))
+        except GatewayError as err:
+            ctx.reason = err.code
+            return {"success": False, "error": err.code, "message": err.message, "paymentId": payment_id}
+        settled(ctx, receipt)
+        return {**receipt.model_dump(mode="json", by_alias=True, exclude_none=True), "paymentId": payment_id}
