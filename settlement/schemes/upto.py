@@ -105,7 +105,9 @@ def upto_requirements(terms: PaymentTerms, charge: int, facilitator: str) -> Pay
     return PaymentRequirements(
         scheme=UPTO, network=terms.network, amount=str(maximum), asset=terms.asset, pay_to=terms.pay_to,
         max_timeout_seconds=terms.max_timeout_seconds,
-        extra={"name": terms.asset_name, "version": terms.asset_version, "assetTransferMethod": "permit2",
+        # A token without an EIP-712 domain (asset_transfer_method: permit2) has no version to name.
+        extra={"name": terms.asset_name, **({"version": terms.asset_version} if terms.asset_version else {}),
+               "assetTransferMethod": "permit2",
                "facilitatorAddress": facilitator, CHARGE_KEY: {"basis": "price", "amount": str(charge)}},
     )
 

@@ -1,7 +1,7 @@
 """``exact`` through Permit2 below the gateway, on its own anvil: the SDK's exact client's Permit2 payload
-parsed and keyed offline (and an upto one not taken for it), a payment settled with the hash written
-ahead and an open row resolved from the chain (settled, used elsewhere, never sent), and the start-up
-probe's verdict on each kind of token."""
+parsed and keyed offline (an upto one is not taken for it; an upto offer of such a token names no
+version), a payment settled with the hash written ahead and open rows resolved from the chain
+(settled, used elsewhere, never sent), and the start-up probe's verdict on each kind of token."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import copy
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from settlement.schema import open_ledger
 from settlement.schemes import ExactEvm, Schemes
 from settlement.schemes.exact_permit2 import ExactWithPermit2, permit2_requirements, token_problem
 from settlement.schemes.exact_permit2_payload import moved_by_permit2, parse_exact_permit2, payment_view
+from settlement.schemes.upto import upto_requirements
 from settlement.x402.wire import PaymentPayload, PaymentRequirements
 from tests.conftest import Devchain, running_devchain
 
@@ -69,6 +71,8 @@ def _scheme(chain: Devchain) -> tuple[ExactWithPermit2, JsonRpcChain]:
 def test_the_sdk_payload_is_parsed_and_keyed_offline_and_an_upto_one_is_not(chain: Devchain) -> None:
     requirements = permit2_requirements(_terms(chain), PRICE)
     assert requirements.extra == {"name": "Plain Dollar", "assetTransferMethod": "permit2"}
+    upto = upto_requirements(_terms(chain, scheme="upto", maximum=Decimal("0.01")), PRICE, chain.address(9))
+    assert "version" not in (upto.extra or {})  # no EIP-712 domain, no version: never "version": null
     payload = _pay(chain, requirements, 1).payload
     permit = parse_exact_permit2(payload)
     assert permit is not None and (permit.payer, permit.amount, permit.to) == (chain.address(1), PRICE, PAY_TO)
