@@ -9,6 +9,7 @@ import asyncio
 import secrets
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from settlement.ledger import Payment, PaymentState
 from settlement.schema import open_ledger
 from settlement.x402.codec import decode_header_json, encode_header
 from tests.conftest import PAY_TO, Devchain, RunningGateway, demo_catalog, offer_of, upstream_hits
+from tests.gateway.conftest import REDIS_URL, delete_prefixed, redis_test_prefix
+from tests.support.chain_actions import fresh_payer
 
 PAYER, OTHER, FUNDER = 5, 6, 7
 WEATHER = {"city": "Oslo", "units": "metric"}
@@ -72,18 +75,30 @@ def reaccess_settings(tmp_path: Path, devchain: Devchain, upstream: str, **value
                     database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", receipt_timeout_seconds=10, **values)
 
 
-@pytest.fixture
-def audited(tmp_path: Path, devchain: Devchain, upstream: str) -> Iterator[tuple[RunningGateway, AuditWriter]]:
-    """A gateway on loopback whose public URL is its own (re-access needs one), with its audit writer."""
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    settings = reaccess_settings(tmp_path, devchain, upstream, public_url=f"http://127.0.0.1:{port}")
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(settings: Settings, port: int) -> Iterator[tuple[RunningGateway, AuditWriter]]:
+    """A gateway on loopback ``port`` with ``settings``, and its audit writer."""
     catalogs, ledger = load_catalogs(settings.catalog), open_ledger(settings.database_url)
     writer = AuditWriter(AuditTrail(settings.database_url))
-    with ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger, audit=writer), port=port) as server:
-        yield RunningGateway(server.url, settings, ledger, catalogs), writer
-    ledger.close()
+    try:
+        with ThreadServer(create_app(settings, catalogs=catalogs, ledger=ledger, audit=writer), port=port) as server:
+            yield RunningGateway(server.url, settings, ledger, catalogs), writer
+    finally:
+        ledger.close()
+
+
+@pytest.fixture
+def audited(tmp_path: Path, devchain: Devchain, upstream: str) -> Iterator[tuple[RunningGateway, AuditWriter]]:
+    """A gateway whose public URL is its own (re-access needs one), with its audit writer."""
+    port = free_port()
+    with serving(reaccess_settings(tmp_path, devchain, upstream, public_url=f"http://127.0.0.1:{port}"), port) as served:
+        yield served
 
 
 def test_without_a_public_url_the_gateway_refuses_to_start(tmp_path: Path, devchain: Devchain, upstream: str) -> None:
@@ -292,3 +307,30 @@ def test_every_other_sign_in_is_refused_with_its_code_and_charges_nothing(
     assert devchain.balance(PAY_TO) == payee and upstream_hits(upstream, WEATHER_HITS) == hits
     assert [r.state for r in gateway.ledger.all()] == [PaymentState.SETTLED]
     assert writer.drain(30)
+
+
+
+def test_a_sign_in_is_good_once_across_replicas_sharing_redis_and_the_ledger(
+    tmp_path: Path, devchain: Devchain, upstream: str
+) -> None:
+    """Two replicas behind one public URL: the payment made through one is re-accessed through the
+    other, and a sign-in used on one is a replay on the other (its nonce taken in Redis)."""
+    prefix = redis_test_prefix()
+    public, other_port = free_port(), free_port()
+    settings = reaccess_settings(tmp_path, devchain, upstream, public_url=f"http://127.0.0.1:{public}",
+                                 redis_url=REDIS_URL, redis_prefix=prefix)
+    payer = Account.from_key(fresh_payer(devchain.w3, devchain.token, devchain.key(FUNDER), 5000))
+    try:
+        with serving(settings, public) as (one, _), serving(settings, other_port) as (two, _), \
+                httpx.Client(timeout=30) as http:
+            offer = offer_of(http.get(f"{one.url}/weather", params=WEATHER))
+            payment = Payer("0x" + bytes(payer.key).hex()).sign(offer.accepts[0], resource=offer.resource)
+            assert http.get(f"{one.url}/weather", params=WEATHER, headers={"PAYMENT-SIGNATURE": encode_header(payment)}).status_code == 200
+            payee = devchain.balance(PAY_TO)
+            header = signed(sign_in_challenge(http.get(f"{two.url}/weather", params=WEATHER)), payer)
+            again = http.get(f"{two.url}/weather", params=WEATHER, headers={"SIGN-IN-WITH-X": header})
+            assert again.status_code == 200, again.text
+            refusal(http.get(f"{one.url}/weather", params=WEATHER, headers={"SIGN-IN-WITH-X": header}), "invalid_siwx_nonce")
+            assert devchain.balance(PAY_TO) == payee and len(two.ledger.all()) == 1
+    finally:
+        delete_prefixed(prefix)
