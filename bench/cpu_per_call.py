@@ -1,10 +1,11 @@
 """CPU spent per paid call by each process: the gateway, anvil and the upstream.
 
-    python -m bench.cpu_per_call [--batched] [--duration 5] [--concurrency 32]
+    python -m bench.cpu_per_call [--batched] [--duration 5] [--concurrency 32] [--config replica] [--workers 2]
 
 Starts the sample upstream, a fresh anvil and one gateway process as ``bench.run`` does, drives paid
 calls with wrk (pre-signed authorizations) and reads each process's CPU time from /proc before and
 after: what a paid call costs where, which tells whether the gateway or the chain is the limit.
+With ``--workers 2`` (replica) the gateway's CPU is its supervisor's and workers' together.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from bench.run import (
     anvil,
     fetch_offer,
     free_port,
-    gateway,
+    gateway_deployed,
     payment_headers,
     process,
     uvicorn_cmd,
     write_lines,
     wrk,
 )
+from bench.setups import Setup, process_tree
 from gateway.devkit.devchain import LOCAL_NETWORK
 
 
@@ -50,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batched", action="store_true", help="batched settlement (case F) instead of D")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--config", choices=("embedded", "replica"), default="embedded")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers (more than 1: replica)")
     args = parser.parse_args(argv)
+    setup = Setup("replica" if args.workers > 1 else args.config, args.workers)
     with tempfile.TemporaryDirectory(prefix="x402gw-cpu-") as tmp:
         workdir = Path(tmp)
         port = free_port()
@@ -58,24 +63,28 @@ def main(argv: list[str] | None = None) -> int:
         env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})} if args.batched else None
         with process(uvicorn_cmd("gateway.devkit.samples.rest_upstream:create_app", port, factory=True),
                      ready=f"{upstream}/stats") as upstream_process:
-            with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "cpu", env) as url:
+            with anvil(workdir) as deployment, \
+                    gateway_deployed(workdir, deployment, upstream, "cpu", env, setup) as (url, where):
+                gateway_pids = process_tree(where.pid)
                 pids = {
-                    "gateway": newest("gateway.cli.main serve"),
                     "anvil": newest(f"anvil --host 127.0.0.1 --port {deployment.rpc_url.rsplit(':', 1)[1]}"),
                     "upstream": upstream_process.pid,
                 }
                 offer = fetch_offer(url + GATEWAY_PATH)
                 headers = write_lines(workdir / "h.txt", payment_headers(offer, int(800 * args.duration) + 200))
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                before["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
                 result = wrk(url, GATEWAY_PATH, 200, args.concurrency, args.duration, headers)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                after["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
     calls = result["ok"]
     if not calls:
         print("no paid call succeeded", file=sys.stderr)
         return 1
     rate = calls / (result["duration_us"] / 1e6)
-    parts = ", ".join(f"{name} {1000 * (after[name] - before[name]) / calls:.2f} ms" for name in pids)
-    print(f"{'F (batched)' if args.batched else 'D'} c={args.concurrency}: {rate:.0f} paid calls/s; CPU per call: {parts}")
+    parts = ", ".join(f"{name} {1000 * (after[name] - before[name]) / calls:.2f} ms" for name in ("gateway", *pids))
+    print(f"{'F (batched)' if args.batched else 'D'}{setup.label} c={args.concurrency}: {rate:.0f} paid calls/s; "
+          f"CPU per call: {parts}")
     return 0
 
 

@@ -37,7 +37,7 @@ from bench.run import (
     anvil,
     fetch_offer,
     free_port,
-    gateway,
+    gateway_deployed,
     payment_headers,
     process,
     uvicorn_cmd,
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         with process(uvicorn_cmd("gateway.devkit.samples.rest_upstream:create_app", port, factory=True),
                      ready=f"{upstream}/stats") as upstream_process:
             with anvil(workdir) as deployment, \
-                    gateway(workdir, deployment, upstream, "lat", env, setup=Setup(args.config)) as url:
+                    gateway_deployed(workdir, deployment, upstream, "lat", env, Setup(args.config)) as (url, where):
                 pids = {
-                    "gateway": newest("gateway.cli.main serve"),
+                    "gateway": where.pid,
                     "anvil": newest(f"anvil --host 127.0.0.1 --port {deployment.rpc_url.rsplit(':', 1)[1]}"),
                     "upstream": upstream_process.pid,
                 }

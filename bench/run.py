@@ -321,7 +321,8 @@ def gateway_deployed(workdir: Path, deployment: Deployment, upstream: str, name:
         }
         url = f"http://127.0.0.1:{port}"
         with process([sys.executable, "-m", "gateway.cli.main", "serve", *where.args], env=env, ready=f"{url}/healthz",
-                     log=workdir / f"{name}.log"):
+                     log=workdir / f"{name}.log") as proc:
+            where.pid = proc.pid
             yield url, where
 
 

@@ -41,6 +41,16 @@ class Deployed:
     env: dict[str, str]
     args: list[str]
     database_url: str
+    pid: int = 0  # the gateway's process (with --workers: the supervisor), once started
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (a supervisor's workers), from /proc."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid] + [int(child) for child in children]
 
 
 @contextmanager

@@ -34,7 +34,6 @@ from pathlib import Path
 import httpx
 import sqlalchemy
 
-from bench.cpu_per_call import newest
 from bench.run import (
     GATEWAY_PATH,
     PAY_TO,
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         with process(uvicorn_cmd("gateway.devkit.samples.rest_upstream:create_app", port, factory=True),
                      ready=f"{upstream}/stats"), anvil(workdir) as deployment, \
                 gateway_deployed(workdir, deployment, upstream, "soak", setup=Setup(args.config)) as (url, where):
-            results = soak(args, url, deployment.rpc_url, deployment.token.address, where.database_url, lines)
+            results = soak(args, url, where.pid, deployment.rpc_url, deployment.token.address, where.database_url, lines)
     lines += results
     text = "\n".join(lines) + "\n"
     print(text, end="")
@@ -158,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(line.startswith("FAILED") for line in results) else 0
 
 
-def soak(args: argparse.Namespace, url: str, rpc_url: str, token: str, database: str, lines: list[str]) -> list[str]:
+def soak(args: argparse.Namespace, url: str, pid: int, rpc_url: str, token: str, database: str, lines: list[str],
+         ) -> list[str]:
     """Runs the load, samples each minute into ``lines``; the verdicts."""
-    pid = newest("gateway.cli.main serve")
     engine = sqlalchemy.create_engine(database)
     payee_before = balance(rpc_url, token, PAY_TO)
     tally = Tally()
