@@ -138,6 +138,10 @@ def test_sdk_exact_client_pays_a_plain_token_through_permit2(
     extra = {k: v for k, v in accept["extra"].items() if k != "requestBinding"}
     assert (accept["scheme"], accept["amount"], extra) == (
         "exact", str(PRICE), {"name": "Plain Dollar", "assetTransferMethod": "permit2"})  # no EIP-712 version
+    with gateway.client() as http:  # discovery says so too
+        [entry] = http.get("/tools").json()["tools"]
+        assert "permit2" in http.get("/llms.txt").text
+    assert (entry["scheme"], entry["assetTransferMethod"], entry["priceAtomic"]) == ("exact", "permit2", str(PRICE))
     payer = devchain.address(2)
     before = (balance(payer), balance(PAY_TO))
     start = devchain.w3.eth.block_number + 1

@@ -122,6 +122,7 @@ class Discovery:
             "scheme": price["scheme"],
             "settle": tool.settle,
             **{k: price[k] for k in ("maximum", "usage", "chargeText") if k in price},  # an upto tool's
+            **{k: price[k] for k in ("assetTransferMethod",) if k in price},  # a token paid through Permit2
         }
         if "offers" in price:
             entry["offers"] = price["offers"]

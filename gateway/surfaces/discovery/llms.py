@@ -37,7 +37,10 @@ def llms_text(
         "Its accepts[0] is the offer: network, asset, amount (atomic units), payTo."),
         ("3. Sign an EIP-3009 transferWithAuthorization for exactly that offer (EIP-712 domain: accepts[0].extra "
         "name and version, the network's chain id, verifyingContract = asset), and resend the same request "
-        "with PAYMENT-SIGNATURE: base64 of the JSON PaymentPayload whose `accepted` is accepts[0] unchanged."),
+        "with PAYMENT-SIGNATURE: base64 of the JSON PaymentPayload whose `accepted` is accepts[0] unchanged. "
+        "An offer whose extra.assetTransferMethod is \"permit2\" (a token without EIP-3009) is signed as a Permit2 "
+        "PermitWitnessTransferFrom instead: spender the x402 exact proxy, witness {to: payTo, validAfter}, as the "
+        "official x402 clients do."),
         "4. The answer carries PAYMENT-RESPONSE (base64 JSON SettleResponse with the transaction hash).",
         ("5. Refusals are JSON with `error` (a code), `message` and `next` (what to do: pay, fix_arguments, "
         "retry after `retryAfter` seconds, ...)."),

@@ -23,7 +23,9 @@ def price_facts(tool: Tool, terms: PaymentTerms, price_atomic: int) -> dict[str,
             "priceRule": rule.describe(terms.decimals),
             "priceText": f"{rule.sentence(terms.asset_name)}, computed from the arguments; the 402 states the amount",
         }
-    return {**facts, **upto_facts(terms, tool)}
+    # A token without EIP-3009 is paid through Permit2 (catalog: asset_transfer_method), as the 402 says.
+    method = {"assetTransferMethod": "permit2"} if terms.asset_transfer_method == "permit2" else {}
+    return {**facts, **method, **upto_facts(terms, tool)}
 
 
 def upto_facts(terms: PaymentTerms, tool: Tool | None = None) -> dict[str, Any]:
