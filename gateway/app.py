@@ -124,6 +124,15 @@ def _paid_route(pipeline: Pipeline) -> Route:
     return Route("/{path:path}", paid, methods=ALL_METHODS)
 
 
+def _reaccess_needs_public_url(settings: Settings, catalogs: Catalogs) -> None:
+    """A sign-in (re-access) is bound to the gateway's origin: taken from the client's Host header,
+    a sign-in made on another site (its Host sent along) would pass for one made here."""
+    if settings.public_url is None and any(tool.reaccess is not None for tool in catalogs.tools):
+        raise GatewayConfigError("a tool with reaccess needs X402GW_PUBLIC_URL: sign-ins are bound to the gateway's "
+                                 "public origin, which a request's Host header cannot be trusted to name",
+                                 code="reaccess_needs_public_url")
+
+
 def _lifespan(
     wiring: SchemeWiring,
     catalogs: Catalogs,
@@ -236,12 +245,7 @@ def create_app(
     catalogs = catalogs if catalogs is not None else load_catalogs(
         settings.catalog, local=local_tokens(settings.deployment_file), env=os.environ
     )
-    if settings.public_url is None and any(tool.reaccess is not None for tool in catalogs.tools):
-        # A sign-in is bound to the gateway's origin: taken from the client's Host header, a sign-in
-        # made on another site (its Host sent along) would pass for one made here.
-        raise GatewayConfigError("a tool with reaccess needs X402GW_PUBLIC_URL: sign-ins are bound to the gateway's "
-                                 "public origin, which a request's Host header cannot be trusted to name",
-                                 code="reaccess_needs_public_url")
+    _reaccess_needs_public_url(settings, catalogs)
     wiring = wire_schemes(settings, catalogs, facilitator=facilitator, schemes=schemes)
     bridge = build_bridge(catalogs)
     refunder = build_refunder(settings, wiring.chains)
