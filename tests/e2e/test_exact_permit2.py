@@ -259,3 +259,30 @@ def test_a_token_without_eip3009_and_no_permit2_path_is_refused_at_start(
             asyncio.run(start(create_app(plain, catalogs=load_catalogs(plain.catalog))))
         assert probed.value.code == code, probed.value.message
     assert "asset_transfer_method: permit2" in probed.value.message  # where the path exists, it says how
+
+
+def test_a_permit2_offer_beside_a_usdc_one_is_paid_as_chosen(
+    start_gateway: GatewayFactory, devchain: Devchain, recording: RecordingUpstream, tmp_path: Path,
+) -> None:
+    assert devchain.deployment.plain_token is not None
+    plain = devchain.deployment.plain_token.address
+    text = CATALOG.format(token=devchain.token, pay_to=PAY_TO, upstream=recording.url, method="eip3009",
+                          version='\n  asset_version: "2"').replace('"Plain Dollar"', '"USD Coin"')
+    text = text.replace('    price: "0.0025"\n', f'    price: "0.0025"\n    offers:\n      - {{asset: "{plain}", '
+                        'asset_name: "Plain Dollar", decimals: 6, asset_transfer_method: permit2, price: "0.003"}\n')
+    path = tmp_path / "two-offers.yaml"
+    path.write_text(text)
+    gateway = start_gateway(path)
+    usdc, pusd = _offer(gateway)["accepts"]
+    assert (usdc["asset"], "assetTransferMethod" in usdc["extra"]) == (devchain.token, False)
+    assert (pusd["asset"], pusd["amount"], pusd["extra"]["assetTransferMethod"]) == (plain, "3000", "permit2")
+    checker = InvariantChecker(chain=devchain, ledger=gateway.ledger, upstream=recording, catalogs=gateway.catalogs,
+                               pay_to=PAY_TO, asset=plain)
+    before = (checker._balance(devchain.address(7)), devchain.balance(devchain.address(7)))
+    with gateway.client() as http:  # the SDK client allowed only the plain token picks its offer
+        paid = checker.send(http, "GET", "/q/ACME", label="pusd", headers=_header(_signed(devchain, 7, _offer(gateway))))
+    assert paid.status_code == 200, paid.text
+    [row] = gateway.ledger.all()
+    assert (row.asset, row.amount, row.state) == (plain, 3000, PaymentState.SETTLED)
+    assert (before[0] - checker._balance(devchain.address(7)), devchain.balance(devchain.address(7))) == (3000, before[1])
+    checker.check()
