@@ -58,6 +58,7 @@ from settlement.chain.client import (
     selector,
 )
 from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, DevchainError
+from settlement.chain.gas import gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
@@ -230,10 +231,12 @@ class ExactWithPermit2:
             receipt = None
         if receipt is None:
             return _pending(tx_hash, base)
+        # The gas the settlement key paid goes to the ledger (revenue net of gas), a revert's too.
+        shares = receipt_shares(receipt, 1)
+        extra = {"blockNumber": receipt.block_number, **gas_extra(shares[0] if shares else None)}
         if receipt.status == 1 and receipt.has_transfer(permit.token, permit.payer, permit.to, permit.amount):
-            return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(permit.amount),
-                                  extra={"blockNumber": receipt.block_number}, **base)
-        return SettleResponse(success=False, error_reason="permit2_settlement_reverted",
+            return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(permit.amount), extra=extra, **base)
+        return SettleResponse(success=False, error_reason="permit2_settlement_reverted", extra=extra,
                               error_message="the settlement transaction reverted", transaction=receipt.tx_hash, **base)
 
     # ------------------------------------------------------------------------------ resolve

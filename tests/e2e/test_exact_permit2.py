@@ -165,6 +165,8 @@ def test_sdk_exact_client_pays_a_plain_token_through_permit2(
     checker.record(response, "sdk")
     [row] = gateway.ledger.all()
     assert (row.state, row.amount, row.payer, row.tx_hash) == (PaymentState.SETTLED, PRICE, payer, settle.transaction)
+    receipt = devchain.w3.eth.get_transaction_receipt(settle.transaction)  # type: ignore[arg-type]
+    assert row.gas_used == receipt["gasUsed"] and row.gas_cost == receipt["gasUsed"] * receipt["effectiveGasPrice"]
     assert (before[0] - balance(payer), balance(PAY_TO) - before[1]) == (PRICE, PRICE)
     checker.check()  # one settled row, its Permit2 nonce spent, its Transfer in its transaction, one upstream call
     code, report = run_reconcile(gateway, start)  # the row's own transaction moved its amount: the books agree
