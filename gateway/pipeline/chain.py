@@ -18,7 +18,9 @@ each upstream attempt is a span; off, the chain is exactly the one below.
 
 Like an Envoy filter chain: each stage (``gateway.pipeline.context.Stage``) reads and writes the
 one per-request ``RequestContext`` and either passes it on (returns None) or answers (returns a
-response, or raises a ``GatewayError``); exactly one stage (``bridge``) talks to the upstream.
+response, or raises a ``GatewayError``); one stage (``bridge``) talks to the upstream for a payment,
+and ``reaccess`` calls the same bridge for the one request no payment stage runs for: a free
+re-access of a ``match: tool`` tool (``gateway.pipeline.stages.reaccess``).
 The unpaid fast path (``gateway.pipeline.fastpath``) runs this same chain up to ``challenge``:
 the stages marked ``shape_only`` once per distinct request (kept with the 402 they lead to),
 the others on every request.
