@@ -13,6 +13,9 @@
     wallets.py        contract-wallet signatures (ERC-1271, ERC-6492): checked on chain, settled
     upto.py           UptoEvm: the upto scheme (Permit2 witness transfer up to a signed maximum)
     upto_permit.py    an upto payment's Permit2 authorization: parsed, hashed, encoded
+    channels.py       ChannelsEvm: the batch-settlement scheme (a deposit, a cumulative voucher per call)
+    channels_contract.py   a channel payment parsed, the escrow's calls encoded
+    channels_claims.py     Claimer: accepted vouchers claimed many to a transaction
 
 Adding a scheme: a module with a ``Scheme``, registered in the gateway's composition root, and
 ``payment.scheme`` in the catalog.
