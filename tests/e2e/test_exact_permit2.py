@@ -28,6 +28,9 @@ from x402.schemas import PaymentRequired as SdkPaymentRequired
 from catalog import load_catalogs
 from gateway.app import create_app
 from gateway.errors import GatewayConfigError
+from gateway.ops.doctor import NetworkPlan, Offer
+from gateway.ops.doctor.chain_checks import check_token
+from gateway.ops.doctor.rpc import RpcReader
 from gateway.settings import Settings
 from settlement.ledger import PaymentState
 from settlement.schemes.exact_permit2_payload import EXACT_PROXY_ADDRESS, parse_exact_permit2
@@ -288,3 +291,36 @@ def test_a_permit2_offer_beside_a_usdc_one_is_paid_as_chosen(
     assert (row.asset, row.amount, row.state) == (plain, 3000, PaymentState.SETTLED)
     assert (before[0] - checker._balance(devchain.address(7)), devchain.balance(devchain.address(7))) == (3000, before[1])
     checker.check()
+
+
+def test_the_doctor_checks_a_permit2_token_by_its_decimals(devchain: Devchain) -> None:
+    assert devchain.deployment.plain_token is not None
+    plan = NetworkPlan("eip155:31337", 31337, (devchain.anvil.rpc_url,), ("local",))
+
+    async def findings(decimals: int) -> list[tuple[str, str]]:
+        offer = Offer("eip155:31337", devchain.deployment.plain_token.address, "Plain Dollar", None, decimals, ("plain_quote",))
+        async with httpx.AsyncClient() as client:
+            return [(f.status, f.code) for f in await check_token(plan, offer, RpcReader(client, devchain.anvil.rpc_url))]
+
+    # No EIP-712 domain to compare (it has none): its decimals, right or wrong.
+    assert asyncio.run(findings(6)) == [("ok", "ok")]
+    assert asyncio.run(findings(18)) == [("fail", "asset_decimals_mismatch")]
+
+
+def test_one_payment_raced_twice_settles_once(
+    start_gateway: GatewayFactory, devchain: Devchain, recording: RecordingUpstream, tmp_path: Path,
+) -> None:
+    gateway, checker, balance = _setup(start_gateway, devchain, recording, tmp_path)
+    header = _header(_signed(devchain, 8, _offer(gateway)))
+    before = balance(devchain.address(8))
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            return list(await asyncio.gather(*(http.get("/q/ACME", headers=header) for _ in range(3))))
+
+    responses = [checker.record(r, "raced") for r in asyncio.run(race())]
+    assert 200 in [r.status_code for r in responses], [r.text for r in responses]
+    assert all(r.status_code in (200, 409) for r in responses), [r.text for r in responses]
+    assert [r.state for r in gateway.ledger.all()] == [PaymentState.SETTLED]
+    assert before - balance(devchain.address(8)) == PRICE
+    checker.check()  # one fresh 2xx (the others replays or 409), one upstream call, payee +PRICE
