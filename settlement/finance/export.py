@@ -57,6 +57,8 @@ COLUMNS = (
     "channel_id",  # batch-settlement: the channel, the voucher's cumulative amount, and the claim
     "voucher_cumulative_atomic",  # (the transaction that settled the call; empty while it is accrued)
     "claim_tx",
+    "upto_maximum_atomic",  # upto: the most the payer signed for; amount is what was charged of it
+    "upto_maximum",
 )
 
 
@@ -138,8 +140,9 @@ _SELECTED = (
     Payment.gas_used,
     Payment.gas_price,
     Payment.gas_cost,
-    # Only a batch-settlement row's signed payload is read (the database tests it; others stay there).
-    case((Payment.authorization.contains('"channelConfig"'), Payment.authorization), else_=None),
+    # Only a batch-settlement or Permit2 row's signed payload is read (the database tests it; others stay there).
+    case((Payment.authorization.contains('"channelConfig"'), Payment.authorization),
+         (Payment.authorization.contains('"permit2Authorization"'), Payment.authorization), else_=None),
 )
 
 
@@ -157,6 +160,7 @@ def iter_rows(ledger: Ledger, filters: Filters, batch_rows: int = BATCH_ROWS) ->
              error_reason, tx_hash, block_number, refund_owed, refund_tx, refunded_at, gas_used, gas_price,
              gas_cost, channel_payload) in result:
             channel = _channel_fields(channel_payload, tx_hash, state)
+            maximum = _upto_maximum(channel_payload)
             yield {
                 "payment_id": pid,
                 "request_id": request_id,
@@ -182,15 +186,31 @@ def iter_rows(ledger: Ledger, filters: Filters, batch_rows: int = BATCH_ROWS) ->
                 "gas_price": None if gas_price is None else str(gas_price),
                 "gas_cost_wei": None if gas_cost is None else str(gas_cost),
                 **channel,
+                "upto_maximum_atomic": None if maximum is None else str(maximum),
+                "upto_maximum": None if maximum is None else format_amount(maximum, decimals),
             }
 
 
 _NO_CHANNEL: dict[str, Any] = {"channel_id": None, "voucher_cumulative_atomic": None, "claim_tx": None}
 
 
+def _upto_maximum(payload: str | None) -> int | None:
+    """An upto row's signed maximum (its Permit2 authorization's permitted amount); else None."""
+    if payload is None or '"facilitator"' not in payload:
+        return None
+    # Imported here: it brings the x402 SDK, which an export of exact payments never needs.
+    from settlement.schemes.upto_permit import parse_upto
+
+    try:
+        permit = parse_upto(json.loads(payload))
+    except ValueError:
+        return None
+    return permit.maximum if permit is not None else None
+
+
 def _channel_fields(payload: str | None, tx_hash: str | None, state: str) -> dict[str, Any]:
     """A batch-settlement row's channel, voucher cumulative amount and claim (settled rows only)."""
-    if payload is None:
+    if payload is None or '"channelConfig"' not in payload:
         return _NO_CHANNEL
     try:
         voucher = json.loads(payload)["voucher"]

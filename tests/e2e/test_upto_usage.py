@@ -19,6 +19,7 @@ from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
 
 from gateway.ops.serving import ThreadServer
+from settlement.finance.export import Filters, iter_rows
 from settlement.ledger import PaymentState
 from settlement.schemes import upto_maximum
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway
@@ -165,6 +166,8 @@ def test_a_completion_settles_its_tokens_below_the_maximum_and_the_books_agree(
     [row] = usage_gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == charged and upto_maximum(row) == 5_000
     assert _moved(devchain, 3, before) == (charged, charged)
+    [exported] = iter_rows(usage_gateway.ledger, Filters())  # finance sees both: what was signed, what was charged
+    assert (exported["amount_atomic"], exported["upto_maximum_atomic"], exported["upto_maximum"]) == (str(charged), "5000", "0.005")
     code, report = run_reconcile(usage_gateway, start)
     assert code == 0 and (report["matched"], report["amount_mismatch"]) == (1, []), report
 

@@ -113,7 +113,8 @@ def _fill(book: Ledger) -> list[dict[str, Any]]:
         force_row(book, row.id, state=state, created_at=created, **spec)
         ids[core["request_id"]] = row.id
     no_gas = {"gas_used": None, "gas_price": None, "gas_cost_wei": None,
-              "channel_id": None, "voucher_cumulative_atomic": None, "claim_tx": None}
+              "channel_id": None, "voucher_cumulative_atomic": None, "claim_tx": None,
+              "upto_maximum_atomic": None, "upto_maximum": None}
     return [{"payment_id": ids[e["request_id"]], **no_gas, **e, "payer": PAYER, "pay_to": PAY_TO, "network": NETWORK}
             for e in EXPECTED]
 
