@@ -10,8 +10,9 @@ charged by usage (``upto``), buffered or streamed as server-sent events.
 
 Tokens are words, made up deterministically from the prompt, so tests can predict them. A prompt
 of N words counts N prompt tokens; ``max_tokens`` (1..512) is how many tokens come back.
-``first_token_seconds`` (``create_app``) is how long the model "thinks" before its first token:
-what a streamed call's time to first byte is measured against (bench/streaming.py).
+``first_token_seconds`` (``create_app``) is how long the model "thinks" before its first token, and
+``token_seconds`` the wait between streamed tokens: what a streamed call's time to first byte is
+measured against (bench/streaming.py).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def _tokens(prompt: str, count: int) -> list[str]:
 
 
 class Completions:
-    """The endpoint; ``first_token_seconds`` delays the first token (buffered and streamed alike)."""
+    """The endpoint; ``first_token_seconds`` delays the first token (buffered and streamed alike),
+    ``token_seconds`` each next streamed one."""
 
-    def __init__(self, first_token_seconds: float = 0.0) -> None:
+    def __init__(self, first_token_seconds: float = 0.0, token_seconds: float = 0.0) -> None:
         self.first_token_seconds = first_token_seconds
+        self.token_seconds = token_seconds
 
     def routes(self) -> list[Route]:
         return [Route("/v1/completions", self.complete, methods=["POST"])]
@@ -73,6 +76,8 @@ class Completions:
         if self.first_token_seconds:
             await asyncio.sleep(self.first_token_seconds)
         for index, token in enumerate(tokens, start=1):
+            if index > 1 and self.token_seconds:
+                await asyncio.sleep(self.token_seconds)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": index, "total_tokens": prompt_tokens + index}
             yield b"data: " + json.dumps({"text": token, "usage": usage}, separators=(",", ":")).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"

@@ -218,14 +218,15 @@ class _State:
 
 
 def create_app(
-    fx_key: str = DEMO_FX_KEY, users: UserOrders | None = None, first_token_seconds: float = 0.0
+    fx_key: str = DEMO_FX_KEY, users: UserOrders | None = None, first_token_seconds: float = 0.0,
+    token_seconds: float = 0.0,
 ) -> Starlette:
     """``users``: per-user orders behind the issuer's tokens (``/users/{user}/orders``);
-    ``first_token_seconds``: the completion endpoint's thinking time (``samples.completions``)."""
+    ``first_token_seconds``, ``token_seconds``: the completion endpoint's pace (``samples.completions``)."""
     state = _State(fx_key)
     app = Starlette(routes=[
         *(users.routes() if users is not None else []),
-        *Completions(first_token_seconds).routes(),
+        *Completions(first_token_seconds, token_seconds).routes(),
         Route("/api/v1/quote/{symbol}", quote, methods=["GET"]),
         Route("/weather", weather, methods=["GET"]),
         Route("/orders", state.create_order, methods=["POST"]),
