@@ -264,6 +264,13 @@ def test_an_exact_stream_settles_before_it_starts(stream_gateway: RunningGateway
     assert _moved(devchain, 7, before) == (2000, 2000)
 
 
+def test_discovery_says_which_tools_stream(stream_gateway: RunningGateway) -> None:
+    with stream_gateway.client() as http:
+        tools = {t["function"]["name"]: t for t in http.get("/tools").json()["tools"]}
+    assert tools["ticks"]["stream"] is True and tools["ticks_exact"]["settle"] == "upfront"
+    assert tools["ticks"]["usage"]["from"] == "event_field"
+
+
 def test_stream_catalog_refusals_have_clear_codes() -> None:
     from catalog import CatalogError, parse_catalog
 

@@ -121,6 +121,7 @@ class Discovery:
             "payTo": price["payTo"],
             "scheme": price["scheme"],
             "settle": tool.settle,
+            **({"stream": True} if tool.stream else {}),  # the answer is relayed as it arrives (SSE)
             **{k: price[k] for k in ("maximum", "usage", "chargeText") if k in price},  # an upto tool's
             **{k: price[k] for k in ("assetTransferMethod",) if k in price},  # a token paid through Permit2
         }
