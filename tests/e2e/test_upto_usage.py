@@ -25,6 +25,7 @@ from settlement.schemes import upto_maximum
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway
 from tests.e2e.test_reconcile import run_reconcile
 from tests.e2e.test_upto_paid_call import _client, _header
+from tests.support.ts_payer import ts_pay
 from tests.support.usage_upstream import UsageUpstream
 
 MAXIMUM, EACH = 10_000, 1_000  # 0.01 at most; 0.001 per unit
@@ -261,3 +262,17 @@ def test_one_usage_payment_raced_twice_settles_once(
     assert row.state == PaymentState.SETTLED and row.amount == 4 * EACH
     assert _moved(devchain, 2, before) == (4 * EACH, 4 * EACH)
     assert lying[1].calls["json-4"] == calls + 1  # one upstream call for one payment
+
+
+def test_the_typescript_client_pays_a_usage_charge(usage_gateway: RunningGateway, devchain: Devchain) -> None:
+    """@x402/fetch with @x402/evm's upto client (2.27): the same usage charge, settled once."""
+    before = _balances(devchain, 1)
+    summary = ts_pay(f"{usage_gateway.url}/metered/json-6", devchain.key(1), allow=[("eip155:31337", devchain.token)])
+    assert summary["exit"] == 0 and summary["status"] == 200, summary
+    assert summary["chosen"]["scheme"] == "upto"
+    receipt = summary["paymentResponse"]
+    assert receipt["success"] is True and receipt["amount"] == str(6 * EACH)
+    assert receipt["extra"]["charge"]["units"] == "6"
+    [row] = usage_gateway.ledger.all()
+    assert row.state == PaymentState.SETTLED and row.amount == 6 * EACH
+    assert _moved(devchain, 1, before) == (6 * EACH, 6 * EACH)

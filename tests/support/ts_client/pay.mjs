@@ -17,6 +17,7 @@
 import { parseArgs } from "node:util";
 
 import { ExactEvmScheme } from "@x402/evm";
+import { UptoEvmScheme } from "@x402/evm/upto/client";
 import { decodePaymentResponseHeader, wrapFetchWithPayment, x402Client } from "@x402/fetch";
 import { privateKeyToAccount } from "viem/accounts";
 
@@ -40,9 +41,11 @@ if (!url || !key) {
 
 const account = privateKeyToAccount(key);
 const scheme = new ExactEvmScheme(account);
+const upto = new UptoEvmScheme(account); // the x402 upto scheme (Permit2), for offers that ask for it
 const client = new x402Client();
 for (const network of values.networks.split(",")) {
   client.register(network.trim(), scheme);
+  client.register(network.trim(), upto);
 }
 
 if (values["no-spend-controls"]) {
