@@ -299,6 +299,13 @@ def test_every_other_sign_in_is_refused_with_its_code_and_charges_nothing(
         assert attempt(header).status_code == 200
         refusal(attempt(header), "invalid_siwx_nonce")
 
+        # A payment owed back (an upfront call whose answer failed) stands on nothing.
+        with gateway.ledger.engine.begin() as connection:
+            connection.execute(update(Payment).values(refund_owed=1000))
+        refusal(attempt(signed(challenge(), payer)), "reaccess_not_paid")
+        with gateway.ledger.engine.begin() as connection:
+            connection.execute(update(Payment).values(refund_owed=None))
+
         # After the window: the payment made two hours ago (its row's time moved back) stands on nothing.
         with gateway.ledger.engine.begin() as connection:
             connection.execute(update(Payment).values(created_at=datetime.now(UTC) - timedelta(hours=2)))
