@@ -207,6 +207,7 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     from settlement.finance.reconcile import reconcile as run_reconcile
     from settlement.schemes import Schemes
     from settlement.schemes.exact_permit2 import permit2_resolvers
+    from settlement.schemes.upto import build_upto
 
     if to_block is not None and to_block < from_block:
         raise click.BadParameter("--to-block is before --from-block", param_hint="--to-block")
@@ -218,9 +219,14 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     book = _open_ledger(settings.database_url)
     _write_webhook_events(book, settings)
 
+    write_ahead = write_ahead_networks(plan)
+    resolvers: list[Any] = permit2_resolvers(chains, write_ahead)
+    upto = build_upto({n: c for n, c in chains.items() if n in write_ahead}, settings.deployment_file)
+    if upto is not None:  # open upto rows (their hash always written ahead) resolve here too
+        resolvers.append(upto)
     report = _on_chains(book, chains, run_reconcile(
         book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block, to_block=to_block,
-        schemes=Schemes(permit2_resolvers(chains, write_ahead_networks(plan))), chunk=chunk_blocks,
+        schemes=Schemes(resolvers), chunk=chunk_blocks,
     ))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))

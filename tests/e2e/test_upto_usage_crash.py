@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from gateway.cli.main import main
 from gateway.ops.serving import ThreadServer
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
@@ -74,3 +76,34 @@ def test_kill_9_after_the_usage_was_counted_settles_that_amount_once(
     assert resend.json()["usage"] == {"units": 3}  # the answer that was bought, stored before the broadcast
     assert (before[0] - chain.balance(chain.address(PAYER)), chain.balance(PAY_TO) - before[1]) == (3 * EACH, 3 * EACH)
     assert lying.calls["json-3"] == 1  # the upstream ran once for the one payment
+
+
+def test_x402gw_reconcile_resolves_an_open_upto_row_to_its_counted_charge(
+    chain: Devchain, upstream: str, tmp_path: Path, manual_mining: Callable[[], None],
+) -> None:
+    """The same crash, resolved by ``x402gw reconcile`` (no gateway running): the open row becomes
+    settled for the charge its transaction moved, and the books agree."""
+    lying = UsageUpstream()
+    with ThreadServer(lying.app()) as lying_server:
+        catalog = tmp_path / "usage.yaml"
+        catalog.write_text(CATALOG.format(token=chain.token, pay_to=PAY_TO, lying=lying_server.url, legacy=upstream))
+        database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        env = process_env(chain, catalog, database_url, X402GW_RECEIPT_TIMEOUT_SECONDS="60")
+        ledger = open_ledger(database_url)
+        start = chain.w3.eth.block_number + 1
+        with gateway_processes([env], tmp_path) as [gateway]:
+            offer = httpx.get(f"{gateway.url}/metered/json-5", timeout=30)
+            header = _header(chain, PAYER + 1, json.loads(base64.b64decode(offer.headers["PAYMENT-REQUIRED"])))
+            sock = raw_request(gateway.port, "/metered/json-5", header)
+            row = wait_for(lambda: row_for(ledger, lambda r: r.tx_hash is not None), "the settlement broadcast")
+            gateway.kill9()
+            sock.close()
+        manual_mining()
+        result = CliRunner().invoke(main, ["reconcile", "--json", "--from-block", str(start)], env=env)
+        [after] = ledger.all()
+        ledger.close()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(r["payment_id"], r["after"]) for r in report["resolved"]] == [(row.id, PaymentState.SETTLED.value)]
+    assert after.state == PaymentState.SETTLED and after.amount == 5 * EACH
+    assert report["matched"] == 1 and report["amount_mismatch"] == []
