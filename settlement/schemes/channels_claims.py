@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from eth_account.messages import encode_typed_data
@@ -41,7 +42,7 @@ from settlement.chain.client import Receipt, RpcError
 from settlement.chain.gas import receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.ledger import Ledger, Payment, PaymentState
-from settlement.schemes.channels import ChannelChain, ChannelsEvm, ChannelStore, row_payment
+from settlement.schemes.channels import LOCK_TTL_MS, ChannelChain, ChannelsEvm, ChannelStore, row_payment
 from settlement.schemes.channels_contract import ESCROW_ADDRESS, ChannelPayment, claim_calldata
 
 __all__ = ["ChainAuthorizer", "ClaimLoop", "ClaimOutcome", "Claimer", "start_claims"]
@@ -53,6 +54,7 @@ CLAIM_PER_CHANNEL_GAS = 90_000
 CLAIM_PER_DEPOSIT_GAS = 200_000
 CLAIM_LOCK_TTL_MS = 120_000
 REFUND_GAS = 150_000
+ACCEPTANCE_SECONDS = LOCK_TTL_MS / 1000 + 5  # a voucher's acceptance holds the channel's lock at most this long
 
 
 @dataclass
@@ -110,7 +112,7 @@ class Claimer:
         outcomes = []
         for network in self.scheme.networks:
             rows = await self._open_rows(network)
-            oldest = min((row.created_at.timestamp() for row, _ in rows), default=None)
+            oldest = min((_epoch(row.created_at) for row, _ in rows), default=None)
             if oldest is not None and self._clock() - oldest >= self.scheme.policy.claim_every_seconds:
                 outcomes.append(await self.claim(network))
         return outcomes
@@ -174,10 +176,16 @@ class Claimer:
         chain = self.scheme.chain(network)
         sample = channel.rows[0][1]
         view = await self.scheme.chain_view(chain, sample)
-        highest = max(p.max_claimable for _, p in channel.rows)
         raw = await self.store.get(f"chan:{network}:{sample.channel_id}")
-        total = min(highest, int(json.loads(raw)["charged"])) if raw is not None else highest
+        stored = int(json.loads(raw)["charged"]) if raw is not None else None
+        # Above the store's total: a voucher written ahead whose acceptance is over without it (its
+        # lock lapsed: a crash in between). It was verified and its answer stored: it is claimed too.
+        over = self._clock() - ACCEPTANCE_SECONDS
+        total = max((p.max_claimable for row, p in channel.rows
+                     if stored is None or p.max_claimable <= stored or _epoch(row.updated_at) < over), default=0)
         best = next((p for _, p in channel.rows if p.max_claimable == total), None)
+        if stored is not None and total > stored:
+            await self._raise_charged(network, sample.channel_id, total)
         if best is None or total <= view.claimed:
             return None
         balance, deposit = view.balance, None
@@ -190,6 +198,19 @@ class Claimer:
         if total > balance:
             return None
         return best, deposit, [row for row, p in channel.rows if p.max_claimable <= total]
+
+    async def _raise_charged(self, network: str, channel_id: str, total: int) -> None:
+        """The store's charged total raised to ``total`` under the channel's lock (skipped if busy:
+        a voucher is being accepted, which sets it)."""
+        owner, lock = uuid.uuid4().hex, f"chanlock:{network}:{channel_id}"
+        if await self.store.acquire(lock, owner, LOCK_TTL_MS):
+            try:
+                key = f"chan:{network}:{channel_id}"
+                raw = await self.store.get(key)
+                if raw is None or int(json.loads(raw)["charged"]) < total:
+                    await self.store.put(key, json.dumps({"charged": str(total)}).encode())
+            finally:
+                await self.store.release(lock, owner)
 
     async def _send(self, network: str, claims: list[tuple[ChannelPayment, int]],
                     deposits: list[ChannelPayment], rows: list[Payment]) -> ClaimOutcome:
@@ -237,6 +258,11 @@ class Claimer:
         chain = self.scheme.chain(network)
         tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.refund_calldata(2**128 - 1), gas=REFUND_GAS)
         return outcome, await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
+
+
+def _epoch(moment: datetime) -> float:
+    """Seconds since the epoch; a naive time (SQLite) is UTC, as the ledger writes it."""
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def is_accrued(row: Payment) -> bool:

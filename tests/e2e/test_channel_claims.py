@@ -6,6 +6,7 @@ starts again, and the channel goes on from there."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from gateway.store.memory import MemoryStore
 from gateway.wiring import build_schemes
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
+from settlement.schemes.channels import row_payment
 from settlement.schemes.channels_claims import Claimer
+from settlement.schemes.channels_contract import parse_channel
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway
+from tests.e2e.test_channel_attacks import _voucher
 from tests.e2e.test_channel_paid_calls import CATALOG, PRICE, channel_gateway, pay_calls, sdk_client
 from tests.e2e.test_reconcile import run_reconcile
 from tests.support.processes import gateway_processes
@@ -85,3 +89,42 @@ def test_kill_9_with_calls_accrued_then_restart_claims_them(devchain: Devchain, 
     assert code == 1 and len(report["still_open"]) == 1  # the eleventh call waits for its claim
     assert (report["matched"], report["missing_on_chain"], report["amount_mismatch"]) == (10, [], [])
     ledger.close()
+
+
+def test_a_voucher_written_ahead_but_never_accepted_is_claimed_once_its_acceptance_is_over(
+    start_gateway: GatewayFactory, devchain: Devchain, upstream: str, tmp_path: Path,
+) -> None:
+    """A crash between writing a voucher ahead (its answer stored) and accepting it, with a shared
+    store that keeps the channel's total: the row is claimed once the acceptance lock has lapsed,
+    and the store's total follows it, so the channel goes on."""
+    gateway = channel_gateway(start_gateway, devchain, upstream, tmp_path, **NEVER_BY_COUNT)
+    assert asyncio.run(pay_calls(gateway.url, sdk_client(devchain, 6, "0x" + "b7" * 32), 3)) == [200] * 3
+    last = max((p for p in map(row_payment, gateway.ledger.all()) if p is not None), key=lambda p: p.max_claimable)
+    fourth = _voucher(devchain, 6, last, last.max_claimable + PRICE)
+    row = gateway.ledger.record_verified(
+        request_id="crashed", owner="acme-channels", tool="get_quote", method="GET", path="/quotes/ACME",
+        payer=last.payer, pay_to=PAY_TO, amount=PRICE, network="eip155:31337", asset=devchain.token,
+        nonce=parse_channel(fourth).nonce_key(), valid_before=2**62, authorization=json.dumps(fourth),  # type: ignore[union-attr]
+    )
+    gateway.ledger.begin_settlement(row.id, (200, [], b"{}"))
+    store = MemoryStore()
+    key = f"chan:eip155:31337:{last.channel_id}"
+    asyncio.run(store.put(key, json.dumps({"charged": str(last.max_claimable)}).encode()))  # the shared store's total
+    before = devchain.balance(PAY_TO)
+
+    async def claim(after_seconds: float) -> int:
+        wiring = build_schemes(gateway.settings, gateway.catalogs)
+        assert wiring.channels is not None
+        claimer = Claimer(wiring.channels, gateway.ledger, store, clock=lambda: time.time() + after_seconds)
+        try:
+            return len((await claimer.claim("eip155:31337")).settled)
+        finally:
+            for chain in wiring.chains.values():
+                await chain.close()
+
+    assert asyncio.run(claim(0)) == 3  # its acceptance may still be under way: not claimed yet
+    assert gateway.ledger.get(row.id).state == PaymentState.SETTLING  # type: ignore[union-attr]
+    assert asyncio.run(claim(60)) == 1  # the lock has lapsed: a crash; it is claimed
+    assert gateway.ledger.get(row.id).state == PaymentState.SETTLED  # type: ignore[union-attr]
+    assert devchain.balance(PAY_TO) - before == 4 * PRICE
+    assert json.loads(asyncio.run(store.get(key)) or b"{}")["charged"] == str(last.max_claimable + PRICE)
