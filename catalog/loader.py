@@ -47,7 +47,7 @@ from catalog.registry import Stablecoin
 from catalog.source import Source
 from catalog.templates import route_shape
 from catalog.terms import TermsResolver, dollar_problem
-from catalog.upto import upto_terms
+from catalog.upto import upto_offers, upto_terms
 from catalog.usage import stream_problems, usage_problems
 from catalog.user_auth import user_auth_problems
 
@@ -86,10 +86,8 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
             if problem is not None:
                 src.issue(f"{at}.max_price", "upto_needs_max_price", problem)
         upstream_path = spec.upstream_path or spec.path
-        settle = spec.settle or (
-            "upfront" if spec.stream and payment is not None and payment.scheme != "upto"
-            else default_settle(spec.method, spec.side_effects)
-        )
+        exact_stream = spec.stream and payment is not None and payment.scheme != "upto"  # settled before it starts
+        settle = spec.settle or ("upfront" if exact_stream else default_settle(spec.method, spec.side_effects))
         if payment is not None:
             _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
         alternatives = _tool_offers(doc, spec, at, payment, settle, upstream, local, src) if payment is not None else ()
@@ -130,6 +128,9 @@ def _tool_offers(
     offers, problems = resolve_offers(payment, spec.amount, docs, local)
     for field, code, message in problems:
         src.issue(f"{at}.{field}", code, message) if own else src.issue(field, code, f"{spec.name}: {message}")
+    offers, missing = upto_offers(offers, spec.max_price, doc.max_price)  # upto offers sign for max_price
+    for index, problem in missing:
+        src.issue(f"{at}.offers[{index}]" if own else f"offers[{index}]", "upto_needs_max_price", f"{spec.name}: {problem}")
     ceilings = [m for m in (spec.max_price, doc.max_price) if m is not None]
     window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS if upstream is not None and settle == "after" else 0
     for index, offer in enumerate(offers):

@@ -276,3 +276,48 @@ def test_the_typescript_client_pays_a_usage_charge(usage_gateway: RunningGateway
     [row] = usage_gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == 6 * EACH
     assert _moved(devchain, 1, before) == (6 * EACH, 6 * EACH)
+
+
+OFFERED = """
+catalog: 1
+owner: acme-offers
+payment:
+  network: "eip155:31337"
+  asset: "{token}"
+  asset_name: "USD Coin"
+  asset_version: "2"
+  decimals: 6
+  pay_to: "{pay_to}"
+  max_timeout_seconds: 120
+upstreams:
+  legacy:
+    base_url: "{legacy}"
+tools:
+  - name: get_quote
+    description: Latest price of a ticker, exact or upto.
+    method: GET
+    path: /quotes/{{symbol}}
+    upstream_path: /api/v1/quote/{{symbol}}
+    price: 0.002
+    max_price: 0.01
+    offers:
+      - {{asset: "{token}", scheme: upto}}
+    input_schema: {{type: object, properties: {{symbol: {{type: string}}}}, required: [symbol]}}
+"""
+
+
+def test_upto_as_a_further_offer_signs_for_the_maximum_and_settles_the_price(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str,
+) -> None:
+    path = tmp_path / "offers.yaml"
+    path.write_text(OFFERED.format(token=devchain.token, pay_to=PAY_TO, legacy=upstream))
+    gateway = start_gateway(path)
+    with gateway.client() as http:
+        accepts = json.loads(base64.b64decode(http.get("/quotes/ACME").headers["PAYMENT-REQUIRED"]))["accepts"]
+    assert [(a["scheme"], a["amount"]) for a in accepts] == [("exact", "2000"), ("upto", str(MAXIMUM))]
+    before = _balances(devchain, 2)
+    response, receipt = _pay(gateway, devchain, 2, "/quotes/ACME")  # the SDK's upto client takes the upto offer
+    assert response.status_code == 200 and receipt.amount == "2000", response.text
+    [row] = gateway.ledger.all()
+    assert row.state == PaymentState.SETTLED and row.amount == 2000 and upto_maximum(row) == MAXIMUM
+    assert _moved(devchain, 2, before) == (2000, 2000)
