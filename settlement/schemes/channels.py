@@ -51,11 +51,12 @@ from settlement.schemes.eip712 import recover_signer
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 __all__ = [
-    "ACCRUED_KEY", "BATCH", "ChannelChain", "ChannelPolicy", "ChannelStore", "ChannelsEvm", "accrued", "build_channels", "channel_view", "row_payment",
+    "ACCRUED_KEY", "BATCH", "VOUCHER_ACCEPTED", "ChannelChain", "ChannelPolicy", "ChannelStore", "ChannelsEvm", "accrued", "build_channels", "channel_view", "row_payment",
 ]
 
 BATCH = "batch-settlement"
 ACCRUED_KEY = "accrued"  # SettleResponse.extra: the voucher is accepted; its claim comes later
+VOUCHER_ACCEPTED = "voucher_accepted"  # Resolution.reason of an accrued row: open, its answer paid for
 DEPOSIT_GAS = 250_000
 ERR_CHANNEL_WITHDRAWING = "invalid_batch_settlement_evm_channel_withdrawing"
 ERR_CHANNEL_CLOSED = "invalid_batch_settlement_evm_channel_closed"
@@ -337,16 +338,22 @@ class ChannelsEvm:
     # ------------------------------------------------------------------------------ resolve
 
     async def resolve(self, row: Payment) -> Resolution | None:
-        """An open channel row with a claim transaction that landed is settled by it; anything else
-        (accrued, or its claim not final) is the claimer's to claim or resolve, so None here."""
-        chain = self._chains.get(row.network)
-        if chain is None or not row.tx_hash or parse_channel(_payload(row)) is None:
+        """An open channel row with a claim transaction that landed is settled by it. One whose
+        voucher the channel has accepted (at or below the store's charged total) stays open, said
+        ``voucher_accepted``: its answer is paid for and a resend may have it. Anything else (its
+        claim not final, or no store bound) is the claimer's to claim or resolve, so None here."""
+        chain, payment = self._chains.get(row.network), row_payment(row)
+        if chain is None or payment is None:
             return None
-        receipt = await chain.wait_for_receipt(row.tx_hash, 0)
-        if receipt is None or receipt.status != 1:
+        receipt = await chain.wait_for_receipt(row.tx_hash, 0) if row.tx_hash else None
+        if receipt is not None and receipt.status == 1:
+            return Resolution(payment_id=row.id, request_id=row.request_id, before=row.state, after="settled",
+                              tx_hash=receipt.tx_hash, block_number=receipt.block_number, reason="claim_landed")
+        raw = await self._store.get(_state_key(row.network, payment.channel_id)) if self._store is not None else None
+        if raw is None or payment.max_claimable > int(json.loads(raw)["charged"]):
             return None
-        return Resolution(payment_id=row.id, request_id=row.request_id, before=row.state, after="settled",
-                          tx_hash=receipt.tx_hash, block_number=receipt.block_number, reason="claim_landed")
+        return Resolution(payment_id=row.id, request_id=row.request_id, before=row.state, after=row.state,
+                          tx_hash=row.tx_hash, block_number=row.block_number, reason=VOUCHER_ACCEPTED)
 
 
 def _payload(row: Payment) -> dict[str, Any]:

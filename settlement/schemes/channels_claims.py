@@ -146,7 +146,7 @@ class Claimer:
         for row, payment in await self._open_rows(network):
             if row.tx_hash:  # a claim was sent for it: settled if it landed, else claimed again below
                 resolution = await self.scheme.resolve(row)
-                if resolution is not None:
+                if resolution is not None and resolution.after == PaymentState.SETTLED:
                     await self.ledger.run(self.ledger.mark_settled, row.id, tx_hash=resolution.tx_hash,
                                           block_number=resolution.block_number)
                     continue

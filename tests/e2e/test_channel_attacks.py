@@ -109,7 +109,15 @@ def test_each_forged_or_stale_voucher_is_refused_with_its_code_and_nothing_moves
     assert _refused(gateway, _header(required, forged_deposit)) == (402, "invalid_batch_settlement_evm_receive_authorization_signature")
     assert books.unchanged()
     # The next honest voucher still goes through: the refusals left the channel as it was.
-    assert _refused(gateway, _header(required, _voucher(devchain, 5, channel, charged + PRICE)))[0] == 200
+    honest = _header(required, _voucher(devchain, 5, channel, charged + PRICE))
+    with gateway.client() as http:
+        first = http.get("/quotes/ACME", headers={"PAYMENT-SIGNATURE": honest})
+        assert first.status_code == 200
+        books = Books(gateway, devchain, upstream, channel.payer)
+        # Resent while its call is accrued (no claim yet): the answer it paid for, not a second charge.
+        again = http.get("/quotes/ACME", headers={"PAYMENT-SIGNATURE": honest})
+    assert again.status_code == 200 and again.headers.get("x402gw-replay") == "true" and again.content == first.content
+    assert books.unchanged()
 
 
 def test_a_voucher_above_the_deposit_is_refused(

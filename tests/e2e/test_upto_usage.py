@@ -23,7 +23,6 @@ from settlement.finance.export import Filters, iter_rows
 from settlement.ledger import PaymentState
 from settlement.schemes import upto_maximum
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway
-from tests.e2e.conftest import warehouse_catalog
 from tests.e2e.test_reconcile import run_reconcile
 from tests.e2e.test_upto_paid_call import _client, _header
 from tests.support.ts_payer import ts_pay
@@ -322,25 +321,3 @@ def test_upto_as_a_further_offer_signs_for_the_maximum_and_settles_the_price(
     [row] = gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == 2000 and upto_maximum(row) == MAXIMUM
     assert _moved(devchain, 2, before) == (2000, 2000)
-
-
-def test_a_soap_tool_is_charged_by_an_element_of_its_answer(
-    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str, warehouse: str,
-    bridge_secrets: dict[str, str],
-) -> None:
-    """from: element: the units are an element of the SOAP answer (here <Reserved>, per reserved
-    item), read where the bridge put it in the JSON it serves."""
-    catalog = warehouse_catalog(tmp_path, upstream, warehouse, replace={
-        '    upstream: warehouse\n    price: "0.002"\n    kind: soap\n    retry: true  # a read: safe to retry although SOAP is POST':
-        '    upstream: warehouse\n    price: "0.0001"\n    max_price: "0.01"\n    payment: {scheme: upto}\n'
-        '    usage: {from: element, element: Reserved}\n    kind: soap\n    retry: true',
-    })
-    gateway = start_gateway(catalog)
-    before = _balances(devchain, 5)
-    response, receipt = _pay(gateway, devchain, 5, "/warehouse/stock/BLT-100")
-    assert response.status_code == 200, response.text
-    reserved = int(response.json()["reserved"])
-    assert receipt.extra["charge"]["units"] == str(reserved) and receipt.amount == str(reserved * 100)
-    [row] = gateway.ledger.all()
-    assert row.state == PaymentState.SETTLED and row.amount == reserved * 100
-    assert _moved(devchain, 5, before) == (reserved * 100, reserved * 100)

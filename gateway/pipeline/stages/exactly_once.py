@@ -39,7 +39,7 @@ from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolver, apply, changes
 from settlement.schemes import Schemes
-from settlement.schemes.channels import channel_view
+from settlement.schemes.channels import VOUCHER_ACCEPTED, channel_view
 from settlement.schemes.exact_permit2_payload import payment_view
 from settlement.schemes.signatures import same_authorization
 from settlement.x402.wire import ExactEvmPayload, PaymentRequirements, SettleResponse
@@ -135,6 +135,11 @@ async def resume(
             raise _open_refusal(row) from None
         if resolution is None:  # no scheme here can tell (no chain access for its network)
             raise _open_refusal(row)
+        if resolution.reason == VOUCHER_ACCEPTED:  # batch-settlement: accrued, its answer is paid for
+            answer = await ledger.run(ledger.stored_response, row.id)
+            if answer is None:
+                raise _open_refusal(row)
+            return Resumed(row, answer)
         if changes(row, resolution):
             await ledger.run(apply, ledger, resolution)
         refreshed = await ledger.run(ledger.get, row.id)
