@@ -107,7 +107,8 @@ def _supervise(settings: Settings, catalogs: tuple[Path, ...], workers: int, key
     networks = {offer.terms.network for tool in loaded.tools for offer in tool.offers}
     settles_locally = bool(write_ahead_networks(facilitator_plan(settings, networks)))
     try:
-        envs = plan_workers(settings, workers, read_keys(keys_file), settles_locally)
+        schemes = frozenset(offer.terms.scheme for tool in loaded.tools for offer in tool.offers)
+        envs = plan_workers(settings, workers, read_keys(keys_file), settles_locally, schemes)
         sock = listening_socket(settings.host, settings.port)
     except WorkerPlanError as exc:
         click.echo(f"error: {exc.message} [{exc.code}]", err=True)

@@ -15,6 +15,8 @@ What several workers need, refused at start-up with a stable code otherwise (exi
   (``--settlement-keys-file``, one 0x key per line, at least N), so each worker's broadcast lane
   owns its account's nonces as a single process does. Only when the gateway settles itself.
 * ``workers_batch_settlement_unsupported``: a BatchSettler contract accepts one settler account.
+* ``workers_channels_unsupported``: a batch-settlement channel names one receiverAuthorizer (the
+  settlement account that signs its claims); each worker's own account would be another.
 * ``workers_refund_key_shared``: one refund account's nonces would be taken by N processes.
 * ``workers_invalid``: fewer than one worker.
 """
@@ -66,7 +68,8 @@ def read_keys(path: Path | None) -> list[str]:
     return keys
 
 
-def plan_workers(settings: Settings, workers: int, keys: list[str], settles_locally: bool) -> list[dict[str, str]]:
+def plan_workers(settings: Settings, workers: int, keys: list[str], settles_locally: bool,
+                 schemes: frozenset[str] = frozenset()) -> list[dict[str, str]]:
     """The environment of each worker (its index and, when it settles, its own settlement key), or
     ``WorkerPlanError`` when this configuration cannot be shared by ``workers`` processes."""
     if workers < 1:
@@ -85,6 +88,10 @@ def plan_workers(settings: Settings, workers: int, keys: list[str], settles_loca
         raise WorkerPlanError(
             f"--workers {workers} cannot use X402GW_BATCH_SETTLEMENT: a BatchSettler accepts one settler "
             "account, and each worker settles from its own", "workers_batch_settlement_unsupported")
+    if "batch-settlement" in schemes:
+        raise WorkerPlanError(
+            f"--workers {workers} cannot sell in batch-settlement: a channel names one receiverAuthorizer "
+            "(the account that signs its claims), and each worker settles from its own", "workers_channels_unsupported")
     if settings.refund_key is not None:
         raise WorkerPlanError(
             f"--workers {workers} cannot share X402GW_REFUND_KEY: its account's nonces would be taken by "

@@ -42,6 +42,13 @@ def test_what_workers_cannot_share_is_refused_with_its_code() -> None:
     assert code_of(shared(), 0, KEYS) == "workers_invalid"
 
 
+def test_batch_settlement_with_several_workers_is_refused() -> None:
+    with pytest.raises(WorkerPlanError) as caught:
+        plan_workers(shared(), 2, KEYS, True, frozenset({"exact", "batch-settlement"}))
+    assert caught.value.code == "workers_channels_unsupported"
+    assert len(plan_workers(shared(), 1, [], True, frozenset({"batch-settlement"}))) == 1  # one process: its own
+
+
 def test_each_worker_gets_its_index_and_its_own_key() -> None:
     assert plan_workers(shared(), 2, KEYS, True) == [
         {"X402GW_WORKER_INDEX": "0", "X402GW_SETTLEMENT_KEY": KEYS[0]},
