@@ -2,7 +2,8 @@
 
 The upstream's good answer (a ``StreamedResponse``) goes to the payer chunk by chunk, pulled only as
 fast as the payer reads (backpressure), never buffered beyond one chunk, and cut off at the size
-limit. What was delivered is counted as it goes (``gateway.upstream.usage.StreamMeter``). When the
+limit and at the tool's upstream time budget (``timeout_seconds`` x tries: what the in-flight lock
+and the payment's validity were sized for; ``stream_time_limit``). What was delivered is counted as it goes (``gateway.upstream.usage.StreamMeter``). When the
 stream ends, however it ends, the call is settled once:
 
 * ``upto`` (a usage rule): the units delivered (``events``, ``bytes``) or reported
@@ -103,9 +104,22 @@ class PaidStream(StreamingResponse):
             self._finish_once()  # the payer left, or the server stopped: settle anyway, off this task
 
     async def _body(self) -> AsyncIterator[bytes]:
-        limit = self.relay.max_response_bytes
+        limit, loop = self.relay.max_response_bytes, asyncio.get_running_loop()
+        assert self.ctx.tool is not None
+        # No longer than the tool's upstream budget (every try at its timeout): what the in-flight
+        # lock and the payment's validity were sized for.
+        deadline = loop.time() + self.ctx.tool.max_call_seconds
+        chunks = aiter(self.upstream.chunks)
         try:
-            async for chunk in self.upstream.chunks:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), max(deadline - loop.time(), 0.0))
+                except StopAsyncIteration:
+                    self.ending = "complete"
+                    break
+                except TimeoutError:
+                    self.ending = "stream_time_limit"
+                    break
                 self.size += len(chunk)
                 if self.size > limit:
                     self.ending = "upstream_response_too_large"
@@ -115,8 +129,6 @@ class PaidStream(StreamingResponse):
                 self.delivered += chunk
                 if self.meter is not None:
                     self.meter.feed(chunk)
-            else:
-                self.ending = "complete"
         except GatewayError as err:
             self.ending = err.code  # the upstream broke off or stalled mid-stream
         finally:
