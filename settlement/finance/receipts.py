@@ -13,16 +13,20 @@ the receipt was signed.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
+from coincurve import PrivateKey
 from eth_abi.exceptions import EncodingError
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
+from eth_hash.auto import keccak
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -86,7 +90,11 @@ def receipt_payload(payment: Payment, public_url: str | None = None) -> dict[str
     if payment.state != PaymentState.SETTLED or not payment.tx_hash:
         raise ReceiptInvalid(f"payment {payment.id} is {payment.state}: only a settled payment has a receipt")
     created = payment.created_at if payment.created_at.tzinfo else payment.created_at.replace(tzinfo=UTC)
-    authorization = json.loads(payment.authorization).get("authorization", {})
+    signed = json.loads(payment.authorization)
+    authorization = signed.get("authorization") or {}
+    permitted = (signed.get("permit2Authorization") or {}).get("permitted") or {}  # upto: the signed maximum
+    if "value" not in authorization and str(permitted.get("amount", "")).isdigit():
+        authorization = {"value": permitted["amount"]}
     return {
         "network": payment.network,
         "resourceUrl": f"{public_url.rstrip('/')}{payment.path}" if public_url else payment.path,
@@ -106,7 +114,9 @@ def receipt_payload(payment: Payment, public_url: str | None = None) -> dict[str
     }
 
 
-def _typed(payload: Mapping[str, Any]) -> Any:
+def _typed_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload's fields as the types want them; ``ReceiptInvalid`` for a field missing, extra or
+    of the wrong kind."""
     if not isinstance(payload, Mapping) or set(payload) != set(_FIELDS):
         raise ReceiptInvalid(f"a receipt payload has exactly these fields: {', '.join(_FIELDS)}")
     message: dict[str, Any] = {}
@@ -120,11 +130,52 @@ def _typed(payload: Mapping[str, Any]) -> Any:
         elif not isinstance(value, str):
             raise ReceiptInvalid(f"{name} must be a string")
         message[name] = value
+    return message
+
+
+def _typed(payload: Mapping[str, Any]) -> Any:
+    """The payload as eth-account's signable message (the reference ``receipt_digest`` is held to)."""
+    message = _typed_fields(payload)
     domain = {"name": RECEIPT_DOMAIN_NAME, "version": RECEIPT_DOMAIN_VERSION, "chainId": _chain_id(payload["network"])}
     try:
         return encode_typed_data(domain_data=domain, message_types=RECEIPT_TYPES, message_data=message)
     except (ValueError, TypeError, EncodingError) as exc:  # a malformed address, an integer out of range
         raise ReceiptInvalid(f"the receipt payload cannot be encoded: {type(exc).__name__}") from None
+
+
+_RECEIPT_TYPE = "Receipt(" + ",".join(f"{f['type']} {f['name']}" for f in RECEIPT_TYPES["Receipt"]) + ")"
+_RECEIPT_TYPEHASH = keccak(_RECEIPT_TYPE.encode())
+_DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId)")
+_KINDS = tuple(item["type"] for item in RECEIPT_TYPES["Receipt"])
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+@functools.lru_cache(maxsize=64)
+def _domain_separator(chain_id: int) -> bytes:
+    return keccak(_DOMAIN_TYPEHASH + keccak(RECEIPT_DOMAIN_NAME.encode()) + keccak(RECEIPT_DOMAIN_VERSION.encode())
+                  + chain_id.to_bytes(32, "big"))
+
+
+def receipt_digest(payload: Mapping[str, Any]) -> bytes:
+    """The EIP-712 digest of a receipt payload, written out for ``RECEIPT_TYPES`` (what eth-account's
+    ``encode_typed_data`` hashes, a test holds them equal) at a tenth of its cost: a receipt is
+    signed on every paid answer. ``ReceiptInvalid`` for what ``_typed`` refuses."""
+    _typed_fields(payload)
+    words = [_RECEIPT_TYPEHASH]
+    for name, kind in zip(_FIELDS, _KINDS, strict=True):
+        value = payload[name]
+        if kind == "string":
+            words.append(keccak(value.encode("utf-8")))
+        elif kind == "address":
+            if not _ADDRESS.fullmatch(value):
+                raise ReceiptInvalid(f"the receipt payload cannot be encoded: {name} is not an address")
+            words.append(bytes.fromhex(value[2:]).rjust(32, b"\x00"))
+        else:
+            number = int(value)
+            if number >= 2**256:
+                raise ReceiptInvalid(f"the receipt payload cannot be encoded: {name} is out of range")
+            words.append(number.to_bytes(32, "big"))
+    return keccak(b"\x19\x01" + _domain_separator(_chain_id(payload["network"])) + keccak(b"".join(words)))
 
 
 def recover_receipt_signer(receipt: Mapping[str, Any]) -> str:
@@ -159,9 +210,15 @@ class ReceiptSigner:
     def __repr__(self) -> str:
         return f"ReceiptSigner({self.address})"
 
+    @functools.cached_property
+    def _key(self) -> PrivateKey:
+        return PrivateKey(bytes(self.account.key))
+
     def sign(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        signed = self.account.sign_message(_typed(payload))
-        return {"format": RECEIPT_FORMAT, "payload": dict(payload), "signature": "0x" + bytes(signed.signature).hex()}
+        """Deterministic (RFC 6979, low s): the bytes eth-account's ``sign_message`` gives."""
+        signature = self._key.sign_recoverable(receipt_digest(payload), hasher=None)
+        signature = signature[:64] + bytes([signature[64] + 27])
+        return {"format": RECEIPT_FORMAT, "payload": dict(payload), "signature": "0x" + signature.hex()}
 
     def receipt(self, payment: Payment, public_url: str | None = None) -> dict[str, Any]:
         return self.sign(receipt_payload(payment, public_url))

@@ -119,3 +119,28 @@ def test_no_receipt_for_a_payment_that_is_not_settled(state: PaymentState) -> No
 
 def test_the_key_is_not_in_the_repr() -> None:
     assert ANVIL_KEYS[8].removeprefix("0x") not in repr(SIGNER)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"amount": 2**255, "tool": "ünïcode tool", "block_number": None}, {"network": "eip155:8453", "path": "/x" * 300},
+    {"fingerprint": "", "tx_hash": "0x" + "00" * 32, "amount": 0},
+])
+def test_the_written_out_digest_and_signature_are_eth_accounts(overrides: dict[str, Any]) -> None:
+    """receipt_digest is EIP-712 written out for speed: it hashes what encode_typed_data hashes, and
+    the signature is byte for byte the one eth-account's sign_message gives."""
+    from eth_account.messages import _hash_eip191_message
+
+    from settlement.finance.receipts import _typed, receipt_digest
+
+    payload = receipt_payload(settled_row(**overrides), "https://api.example.com")
+    assert receipt_digest(payload) == _hash_eip191_message(_typed(payload))
+    reference = SIGNER.account.sign_message(_typed(payload)).signature
+    assert SIGNER.sign(payload)["signature"] == "0x" + bytes(reference).hex()
+
+
+def test_an_upto_receipt_names_the_signed_maximum_beside_the_charge() -> None:
+    upto = json.dumps({"permit2Authorization": {"permitted": {"amount": "10000"}, "witness": {"facilitator": PAY_TO}},
+                       "signature": "0x"})
+    receipt = SIGNER.receipt(settled_row(authorization=upto, amount=1120))
+    assert (receipt["payload"]["amount"], receipt["payload"]["maxAmount"]) == ("1120", "10000")
+    assert recover_receipt_signer(receipt) == SIGNER.address
