@@ -101,6 +101,7 @@ INVALID_PERMIT2_SIGNATURE: Final = "invalid_permit2_signature"  # upto: not from
 # batch-settlement (settlement.schemes.channels), offline in decode_and_bind, as the x402 SDK names them
 CHANNEL_ID_MISMATCH: Final = "invalid_batch_settlement_evm_channel_id_mismatch"  # voucher.channelId is not its config's
 VOUCHER_SIGNATURE_INVALID: Final = "invalid_batch_settlement_evm_voucher_signature"  # not the payer authorizer's
+CHANNEL_REFUND_UNAVAILABLE: Final = "channel_refund_unavailable"  # a refund request where no channel scheme serves
 INVALID_PAYMENT_IDENTIFIER: Final = "invalid_payment_identifier"
 INVALID_PAYMENT_REQUIREMENTS: Final = "invalid_payment_requirements"
 PAYMENT_HEADER_TOO_LARGE: Final = "payment_header_too_large"
@@ -208,6 +209,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(INVALID_PERMIT2_SIGNATURE, 402, "pay"),  # likewise, for an upto payment
     Refusal(CHANNEL_ID_MISMATCH, 402, "pay"),  # likewise, for a batch-settlement voucher
     Refusal(VOUCHER_SIGNATURE_INVALID, 402, "pay"),
+    Refusal(CHANNEL_REFUND_UNAVAILABLE, 402, "pay"),
     Refusal(INVALID_PAYMENT_IDENTIFIER, 400, "fix_payment"),
     Refusal(INVALID_PAYMENT_REQUIREMENTS, 400, "none"),  # the served facilitator's: a caller's bug
     Refusal(PAYMENT_HEADER_TOO_LARGE, 400, "fix_payment"),
@@ -325,7 +327,8 @@ SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
         "receiver_authorizer_mismatch", "withdraw_delay_mismatch", "receive_authorization_signature",
         "payload_authorization_valid_before", "deposit_simulation_failed", "deposit_transaction_failed",
         "cumulative_amount_mismatch", "cumulative_exceeds_balance", "channel_busy",
-        "channel_withdrawing", "channel_closed", "cumulative_not_increasing",
+        "channel_withdrawing", "channel_closed", "cumulative_not_increasing", "refund_no_balance",
+        "refund_transaction_failed",
     )),
 })
 

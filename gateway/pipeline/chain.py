@@ -233,7 +233,7 @@ def build_chain(
             Reaccess(ledger=ledger, store=store, safety=safety, bridge=bridge, upstream=upstream,
                      max_response_bytes=max_upstream_response_bytes, wallets=wallets, users=users),
             # with a payment from here on
-            DecodeAndBind(signers, wallets),  # offline signer recovery: before any limit or lookup keyed on the payer
+            DecodeAndBind(signers, wallets, schemes),  # offline signer recovery: before any limit or lookup keyed on the payer
             WalletCheck(wallets),  # a contract wallet's signature, on chain (one capped eth_call); EOAs: nothing
             PayerChecks(safety),
             InFlight(store, lock_ttl_ms),

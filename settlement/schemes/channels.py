@@ -26,7 +26,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,6 +134,7 @@ class ChannelsEvm:
         self._clock = clock
         self._store: ChannelStore | None = None
         self.on_accepted: Callable[[str], Any] | None = None  # the claimer's count (channels_claims)
+        self.closer: Callable[[str, ChannelPayment, int], Awaitable[Receipt | None]] | None = None  # its close
 
     def bind(self, store: ChannelStore) -> None:
         self._store = store
@@ -173,14 +174,15 @@ class ChannelsEvm:
 
     # ------------------------------------------------------------------------------ checks
 
-    def offline(self, payload: PaymentPayload, requirements: PaymentRequirements) -> ChannelPayment:
-        """The checks that need no chain and no state; ``Refused`` names the first that fails."""
+    def offline(self, payload: PaymentPayload, requirements: PaymentRequirements, *, refund: bool = False) -> ChannelPayment:
+        """The checks that need no chain and no state; ``Refused`` names the first that fails.
+        ``refund``: the payload must be a refund request (else: a deposit or a voucher)."""
         if payload.accepted.scheme != BATCH or requirements.scheme != BATCH:
             raise Refused(E.ERR_INVALID_SCHEME, "this offer is not batch-settlement")
         if payload.accepted.network != requirements.network or not self.serves(requirements.network):
             raise Refused(E.ERR_NETWORK_MISMATCH, f"batch-settlement is not settled on {payload.accepted.network}")
         payment = parse_channel(payload.payload)
-        if payment is None:
+        if payment is None or (payment.refund is not None) != refund:
             raise Refused(E.ERR_INVALID_PAYLOAD_TYPE, "the payload is not a batch-settlement deposit or voucher")
         chain_id, config = self._chains[requirements.network].chain_id, payment.config
         checks = (
@@ -334,6 +336,43 @@ class ChannelsEvm:
         if self._store is None:
             raise ChainUnavailable("batch-settlement has no shared store bound", code="settlement_unavailable")
         return self._store
+
+    async def refund_request(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        """A payer's cooperative refund (a ``refund`` payload: its voucher at what is charged so far,
+        signed by its authorizer): under the channel's lock (no voucher is accepted meanwhile) what
+        is accrued is claimed, then the amount asked (0: everything not claimed) goes back to the
+        payer. Nothing is bought: no ledger row; the answer says what was refunded."""
+        network, store, owner = requirements.network, self._bound_store(), uuid.uuid4().hex
+        try:
+            payment = self.offline(payload, requirements, refund=True)
+        except Refused as refused:
+            return SettleResponse(success=False, error_reason=refused.reason, error_message=refused.message, network=network)
+        lock = _lock_key(network, payment.channel_id)
+        if self.closer is None or not await store.acquire(lock, owner, LOCK_TTL_MS):
+            return SettleResponse(success=False, error_reason=E.ERR_CHANNEL_BUSY, network=network, payer=payment.payer,
+                                  error_message="the channel is busy; ask again")
+        try:
+            chain = self._chains[network]
+            view = await self.chain_view(chain, payment)
+            charged = await self.charged(network, payment, view)
+            if payment.max_claimable != charged:
+                raise Refused(E.ERR_CUMULATIVE_AMOUNT_MISMATCH, f"a refund's voucher is at what is charged so far ({charged})")
+            if view.balance <= charged:
+                raise Refused(E.ERR_REFUND_NO_BALANCE, "nothing is left in this channel to refund")
+            receipt = await self.closer(network, payment, payment.refund or 2**128 - 1)
+            if receipt is None or receipt.status != 1:
+                raise Refused(E.ERR_REFUND_TRANSACTION_FAILED, "the refund did not go through")
+            after = await self.chain_view(chain, payment)
+        except Refused as refused:
+            return SettleResponse(success=False, error_reason=refused.reason, error_message=refused.message,
+                                  network=network, payer=payment.payer)
+        finally:
+            await store.release(lock, owner)
+        refunded = view.balance - after.balance
+        state = {"channelId": payment.channel_id, "balance": str(after.balance), "totalClaimed": str(after.claimed),
+                 "withdrawRequestedAt": after.withdrawing, "chargedCumulativeAmount": str(charged)}
+        return SettleResponse(success=True, transaction=receipt.tx_hash, network=network, payer=payment.payer,
+                              amount=str(refunded), extra={"refundedAmount": str(refunded), "channelState": state})
 
     # ------------------------------------------------------------------------------ resolve
 

@@ -97,6 +97,7 @@ class Claimer:
         self._clock = clock
         self._counts: dict[str, int] = {}
         scheme.on_accepted = self.note
+        scheme.closer = self._close_for_refund
 
     async def note(self, network: str) -> None:
         """One more accepted voucher on ``network``; at the policy's count, claim now."""
@@ -250,14 +251,20 @@ class Claimer:
         outcome.reason = "claimed"
         return outcome
 
-    async def close(self, network: str, payment: ChannelPayment) -> tuple[ClaimOutcome, Receipt | None]:
+    async def close(self, network: str, payment: ChannelPayment, amount: int = 2**128 - 1) -> tuple[ClaimOutcome, Receipt | None]:
         """Close ``payment``'s channel from the receiver's side (spec: a cooperative refund): claim
-        what is accrued on the network, then give the payer back everything not claimed
-        (``refund``, sent by our settlement account, the channel's receiverAuthorizer)."""
+        what is accrued on the network, then give the payer back ``amount`` (default: everything
+        not claimed; ``refund``, sent by our settlement account, the channel's receiverAuthorizer)."""
         outcome = await self.claim(network)
         chain = self.scheme.chain(network)
-        tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.refund_calldata(2**128 - 1), gas=REFUND_GAS)
+        tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.refund_calldata(amount), gas=REFUND_GAS)
         return outcome, await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
+
+    async def _close_for_refund(self, network: str, payment: ChannelPayment, amount: int) -> Receipt | None:
+        try:
+            return (await self.close(network, payment, amount))[1]
+        except (RpcError, BroadcastUncertain, ChainUnavailable):
+            return None
 
 
 def _epoch(moment: datetime) -> float:

@@ -27,7 +27,7 @@ from x402.mechanisms.evm.batch_settlement.constants import (
     VOUCHER_TYPES,
 )
 from x402.mechanisms.evm.batch_settlement.encoding import build_erc3009_collector_data, build_erc3009_deposit_nonce
-from x402.mechanisms.evm.batch_settlement.types import ChannelConfig, DepositPayload, VoucherPayload
+from x402.mechanisms.evm.batch_settlement.types import ChannelConfig, DepositPayload, RefundPayload, VoucherPayload
 from x402.mechanisms.evm.batch_settlement.utils import (
     channel_config_to_signing_message,
     compute_channel_id,
@@ -88,6 +88,7 @@ class ChannelPayment:
     max_claimable: int
     signature: str
     deposit: Deposit | None
+    refund: int | None = None  # a refund request (type refund): the amount asked, 0 for everything
 
     @property
     def payer(self) -> str:
@@ -155,8 +156,9 @@ def parse_channel(payload: dict[str, Any]) -> ChannelPayment | None:
     """The payment of a batch-settlement payload (deposit or voucher), or None when it is not one."""
     try:
         kind = payload.get("type")
-        parsed = DepositPayload.from_dict(payload) if kind == "deposit" else (
-            VoucherPayload.from_dict(payload) if kind == "voucher" else None)
+        parsed: DepositPayload | VoucherPayload | RefundPayload | None = (
+            DepositPayload.from_dict(payload) if kind == "deposit" else VoucherPayload.from_dict(payload)
+            if kind == "voucher" else RefundPayload.from_dict(payload) if kind == "refund" else None)
         if parsed is None or parsed.channel_config is None or parsed.voucher is None:
             return None
         config, voucher = parsed.channel_config, parsed.voucher
@@ -169,7 +171,12 @@ def parse_channel(payload: dict[str, Any]) -> ChannelPayment | None:
         max_claimable = int(voucher.max_claimable_amount)
         if max_claimable >= 2**128 or not 0 <= int(config.withdraw_delay) < 2**40:
             return None
-        return ChannelPayment(config, voucher.channel_id.lower(), max_claimable, str(voucher.signature), deposit)
+        refund = None
+        if isinstance(parsed, RefundPayload):
+            refund = int(parsed.amount) if parsed.amount is not None else 0
+            if not 0 <= refund < 2**128:
+                return None
+        return ChannelPayment(config, voucher.channel_id.lower(), max_claimable, str(voucher.signature), deposit, refund)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -190,7 +197,7 @@ def channel_payment(payload: dict[str, Any]) -> ExactEvmPayload:
     """A batch-settlement payload as the pipeline keys every payment (payer, payTo, the voucher's
     cumulative as value, nonce = ``nonce_key``); ``PaymentDecodeError`` when it is not one."""
     payment = parse_channel(payload)
-    if payment is None:
+    if payment is None or payment.refund is not None:
         raise PaymentDecodeError("invalid batch-settlement payload", code="invalid_batch_settlement_evm_payload_type")
     return exact_view(payment)
 

@@ -16,7 +16,7 @@ offer; a bad signature; a factory not allowed) or 503 (the chain cannot say).
 
 from __future__ import annotations
 
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from gateway import codes
 from gateway.errors import GatewayError
@@ -31,9 +31,11 @@ from gateway.protocol.payment import (
     decode_payment_v1,
     payment_identifier,
 )
+from gateway.protocol.receipts import receipt_headers
 from settlement.chain.addresses import checksum_address
 from settlement.errors import ChainUnavailable, PaymentDecodeError
-from settlement.schemes.channels import BATCH
+from settlement.schemes import Schemes
+from settlement.schemes.channels import BATCH, ChannelsEvm
 from settlement.schemes.channels_contract import channel_payment, channel_signer, parse_channel
 from settlement.schemes.exact_permit2_payload import is_permit2_offer, permit2_payment, permit2_signer
 from settlement.schemes.signatures import SignerCheck
@@ -52,9 +54,10 @@ class DecodeAndBind:
     name = "decode_and_bind"
     shape_only = False
 
-    def __init__(self, signers: SignerCheck, wallets: WalletSignatures | None = None) -> None:
+    def __init__(self, signers: SignerCheck, wallets: WalletSignatures | None = None, schemes: Schemes | None = None) -> None:
         self.signers = signers
         self.wallets = wallets
+        self.schemes = schemes  # batch-settlement's refund requests are answered here
 
     async def __call__(self, ctx: RequestContext) -> Response | None:
         request, quote = ctx.request, ctx.quote
@@ -69,6 +72,8 @@ class DecodeAndBind:
         # The offer the payer chose (of a tool's several): the stages after this one follow it.
         ctx.payload, ctx.quote, ctx.tool = payload, quote, quote.tool
         if quote.requirements.scheme == BATCH:  # batch-settlement: keyed by (channel, cumulative amount)
+            if isinstance(payload.payload, dict) and payload.payload.get("type") == "refund":
+                return await self._channel_refund(ctx, quote, payload)  # the payer's refund: nothing bought
             ctx.paid = self._channel(ctx, quote, payload)
             return None
         # upto, and exact through Permit2: keyed by the Permit2 authorization's payer and nonce
@@ -144,6 +149,23 @@ class DecodeAndBind:
             identifier=payment_identifier(payload),
             fingerprint=request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal),
         )
+
+    async def _channel_refund(self, ctx: RequestContext, quote: Quote, payload: PaymentPayload) -> Response:
+        """A batch-settlement payer's cooperative refund request, answered here: no upstream call,
+        no ledger row (``ChannelsEvm.refund_request``: claim what is accrued, refund the rest)."""
+        scheme = self.schemes.get(BATCH, quote.requirements.network) if self.schemes is not None else None
+        if not isinstance(scheme, ChannelsEvm):
+            raise PaymentChallenge(quote, codes.CHANNEL_REFUND_UNAVAILABLE, "this gateway takes no refund requests here")
+        result = await scheme.refund_request(payload, quote.requirements)
+        ctx.record("channel_refund", success=result.success, payer=result.payer, amount=result.amount,
+                   transaction=result.transaction or None, reason=result.error_reason)
+        headers = receipt_headers(result, quote.version)
+        if not result.success:
+            challenge = PaymentChallenge(quote, result.error_reason or codes.CHANNEL_REFUND_UNAVAILABLE,
+                                         result.error_message or "the refund was refused")
+            challenge.headers.update(headers)
+            raise challenge
+        return JSONResponse({"refunded": result.amount, "transaction": result.transaction}, headers=headers)
 
 
 class WalletCheck:
