@@ -64,6 +64,7 @@ class Paid:
     wallet: WalletSignature | None = None
     digest: bytes = b""  # the EIP-712 digest the wallet is asked about
     known: Payment | None = None  # the ledger's row for this payment, when it has one
+    recorded: Payment | None = None  # the row ``record`` wrote (verified), for a receipt without a read
     # The facilitator's verify, started beside the ledger lookup (exactly_once), awaited by verify.
     early_verify: asyncio.Future[VerifyResponse] | None = None
     early_started: float = 0.0

@@ -19,10 +19,14 @@ from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
 
 from gateway.ops.serving import ThreadServer
+from gateway.protocol.receipts import decode_signed_receipt
+from gateway.surfaces.receipts import DEV_RECEIPT_KEY
 from settlement.finance.export import Filters, iter_rows
+from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import PaymentState
 from settlement.schemes import upto_maximum
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway
+from tests.e2e.conftest import warehouse_catalog
 from tests.e2e.test_reconcile import run_reconcile
 from tests.e2e.test_upto_paid_call import _client, _header
 from tests.support.ts_payer import ts_pay
@@ -167,6 +171,10 @@ def test_a_completion_settles_its_tokens_below_the_maximum_and_the_books_agree(
     [row] = usage_gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == charged and upto_maximum(row) == 5_000
     assert _moved(devchain, 3, before) == (charged, charged)
+    # The signed receipt says both too, and is the one the stored row gives later.
+    signed = decode_signed_receipt(response.headers["x402gw-receipt"])
+    assert (signed["payload"]["amount"], signed["payload"]["maxAmount"]) == (str(charged), "5000")
+    assert signed == ReceiptSigner.from_key(DEV_RECEIPT_KEY).receipt(row)
     [exported] = iter_rows(usage_gateway.ledger, Filters())  # finance sees both: what was signed, what was charged
     assert (exported["amount_atomic"], exported["upto_maximum_atomic"], exported["upto_maximum"]) == (str(charged), "5000", "0.005")
     code, report = run_reconcile(usage_gateway, start)
@@ -321,3 +329,25 @@ def test_upto_as_a_further_offer_signs_for_the_maximum_and_settles_the_price(
     [row] = gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == 2000 and upto_maximum(row) == MAXIMUM
     assert _moved(devchain, 2, before) == (2000, 2000)
+
+
+def test_a_soap_tool_is_charged_by_an_element_of_its_answer(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str, warehouse: str,
+    bridge_secrets: dict[str, str],
+) -> None:
+    """from: element: the units are an element of the SOAP answer (here <Reserved>, per reserved
+    item), read where the bridge put it in the JSON it serves."""
+    catalog = warehouse_catalog(tmp_path, upstream, warehouse, replace={
+        '    upstream: warehouse\n    price: "0.002"\n    kind: soap\n    retry: true  # a read: safe to retry although SOAP is POST':
+        '    upstream: warehouse\n    price: "0.0001"\n    max_price: "0.01"\n    payment: {scheme: upto}\n'
+        '    usage: {from: element, element: Reserved}\n    kind: soap\n    retry: true',
+    })
+    gateway = start_gateway(catalog)
+    before = _balances(devchain, 5)
+    response, receipt = _pay(gateway, devchain, 5, "/warehouse/stock/BLT-100")
+    assert response.status_code == 200, response.text
+    reserved = int(response.json()["reserved"])
+    assert receipt.extra["charge"]["units"] == str(reserved) and receipt.amount == str(reserved * 100)
+    [row] = gateway.ledger.all()
+    assert row.state == PaymentState.SETTLED and row.amount == reserved * 100
+    assert _moved(devchain, 5, before) == (reserved * 100, reserved * 100)

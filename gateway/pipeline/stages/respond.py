@@ -11,13 +11,18 @@ from starlette.responses import Response
 
 from gateway.headers import REQUEST_ID
 from gateway.pipeline.context import RequestContext
+from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers, signed_receipt_header
 from gateway.upstream.bridge import DROPPED_RESPONSE_HEADERS, UpstreamResponse
 from settlement.finance.receipts import ReceiptSigner
-from settlement.ledger import Ledger, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
+from settlement.schemes.exact import EXACT
+from settlement.schemes.upto import UPTO, upto_charge
 from settlement.x402.wire import SettleResponse
 
-__all__ = ["Respond", "respond"]
+__all__ = ["Respond", "respond", "settled_row"]
+
+_COLUMNS = tuple(column.key for column in Payment.__table__.columns)
 
 
 def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_id: str, version: int = 2) -> Response:
@@ -49,7 +54,30 @@ class Respond:
         assert quote is not None and paid is not None and paid.upstream is not None
         response = respond(paid.upstream, ctx.settlement, ctx.request_id, quote.version)
         if self.receipts is not None and self.ledger is not None and ctx.payment_id is not None:
-            row = await self.ledger.run(self.ledger.get, ctx.payment_id)
+            row = settled_row(paid.recorded, ctx.settlement, quote)
+            if row is None:
+                row = await self.ledger.run(self.ledger.get, ctx.payment_id)
             if row is not None and row.state == PaymentState.SETTLED and row.tx_hash:
                 response.headers.update(signed_receipt_header(self.receipts.receipt(row, self.public_url)))
         return response
+
+
+def settled_row(recorded: Payment | None, settlement: SettleResponse | None, quote: Quote) -> Payment | None:
+    """The ledger row as ``settle`` just wrote it, made from the row ``record`` wrote and what the
+    settlement changed (state, transaction, block, and an upto charge), without reading it back: a
+    paid answer's receipt is the one ``GET /receipts`` derives from the stored row later (a test
+    holds them equal). None where the settlement's writes are not these (other schemes, no
+    transaction): the row is read then."""
+    requirements = quote.requirements
+    if recorded is None or settlement is None or not settlement.success or not settlement.transaction:
+        return None
+    if requirements.scheme not in (EXACT, UPTO):
+        return None
+    block = (settlement.extra or {}).get("blockNumber")
+    row = Payment(**{column: getattr(recorded, column) for column in _COLUMNS})
+    row.state = PaymentState.SETTLED.value
+    row.tx_hash = settlement.transaction
+    row.block_number = block if isinstance(block, int) else None
+    if requirements.scheme == UPTO:
+        row.amount = upto_charge(requirements)
+    return row

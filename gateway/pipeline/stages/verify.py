@@ -132,6 +132,7 @@ class Record:
             settle_mode=tool.settle,
         )
         ctx.payment_id = row.id
+        paid.recorded = row
         if row.state != PaymentState.VERIFIED:
             raise GatewayError(
                 "payment_already_settled" if row.state == PaymentState.SETTLED else "payment_in_flight",
