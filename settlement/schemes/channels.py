@@ -61,7 +61,7 @@ DEPOSIT_GAS = 250_000
 ERR_CHANNEL_WITHDRAWING = "invalid_batch_settlement_evm_channel_withdrawing"
 ERR_CHANNEL_CLOSED = "invalid_batch_settlement_evm_channel_closed"
 ERR_CUMULATIVE_NOT_INCREASING = "invalid_batch_settlement_evm_cumulative_not_increasing"
-LOCK_TTL_MS = 30_000
+LOCK_TTL_MS = 60_000  # longer than a deposit's wait for its receipt (receipt_timeout, 30 s by default)
 
 
 class ChannelStore(Protocol):

@@ -124,7 +124,7 @@ def test_a_voucher_written_ahead_but_never_accepted_is_claimed_once_its_acceptan
 
     assert asyncio.run(claim(0)) == 3  # its acceptance may still be under way: not claimed yet
     assert gateway.ledger.get(row.id).state == PaymentState.SETTLING  # type: ignore[union-attr]
-    assert asyncio.run(claim(60)) == 1  # the lock has lapsed: a crash; it is claimed
+    assert asyncio.run(claim(120)) == 1  # the lock has lapsed: a crash; it is claimed
     assert gateway.ledger.get(row.id).state == PaymentState.SETTLED  # type: ignore[union-attr]
     assert devchain.balance(PAY_TO) - before == 4 * PRICE
     assert json.loads(asyncio.run(store.get(key)) or b"{}")["charged"] == str(last.max_claimable + PRICE)
