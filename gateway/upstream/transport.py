@@ -101,6 +101,18 @@ class UpstreamUnreachable(GatewayError):
     """No connection could be made: the request was never sent, so another base URL is safe."""
 
 
+def _failure(exc: TimeoutError | aiohttp.ClientError) -> GatewayError:
+    """What a failed exchange with the upstream is (before any answer): nothing was charged."""
+    if isinstance(exc, TimeoutError):
+        return GatewayError(codes.UPSTREAM_TIMEOUT, "the upstream did not answer in time; nothing was charged",
+                            retryAfter=1, retryable=True)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # never connected: another base URL is safe
+        return UpstreamUnreachable(codes.UPSTREAM_UNAVAILABLE, "the upstream could not be reached; nothing was charged",
+                                   retryAfter=1, retryable=True)
+    return GatewayError(codes.UPSTREAM_UNAVAILABLE, "the upstream connection failed; nothing was charged",
+                        retryAfter=1, retryable=True)
+
+
 class AiohttpUpstreamClient:
     def __init__(self, *, max_connections: int = 256) -> None:
         self._session: aiohttp.ClientSession | None = None
@@ -130,18 +142,8 @@ class AiohttpUpstreamClient:
                 if len(data) > max_bytes:
                     raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
                 return UpstreamResponse(response.status, list(response.headers.items()), data)
-        except TimeoutError:
-            raise GatewayError(
-                codes.UPSTREAM_TIMEOUT, "the upstream did not answer in time; nothing was charged", retryAfter=1, retryable=True
-            ) from None
-        except aiohttp.ClientConnectorError:
-            raise UpstreamUnreachable(
-                codes.UPSTREAM_UNAVAILABLE, "the upstream could not be reached; nothing was charged", retryAfter=1, retryable=True
-            ) from None
-        except aiohttp.ClientError:
-            raise GatewayError(
-                codes.UPSTREAM_UNAVAILABLE, "the upstream connection failed; nothing was charged", retryAfter=1, retryable=True
-            ) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _failure(exc) from None
 
     async def open(
         self, method: str, url: str, headers: dict[str, str], body: bytes, timeout: float, max_bytes: int
@@ -154,18 +156,8 @@ class AiohttpUpstreamClient:
             response = await self._client().request(
                 method, url, headers=headers, data=body or None, allow_redirects=False, timeout=limits,
             )
-        except TimeoutError:
-            raise GatewayError(
-                codes.UPSTREAM_TIMEOUT, "the upstream did not answer in time; nothing was charged", retryAfter=1, retryable=True
-            ) from None
-        except aiohttp.ClientConnectorError:
-            raise UpstreamUnreachable(
-                codes.UPSTREAM_UNAVAILABLE, "the upstream could not be reached; nothing was charged", retryAfter=1, retryable=True
-            ) from None
-        except aiohttp.ClientError:
-            raise GatewayError(
-                codes.UPSTREAM_UNAVAILABLE, "the upstream connection failed; nothing was charged", retryAfter=1, retryable=True
-            ) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _failure(exc) from None
         headers_out = list(response.headers.items())
         if response.status >= 300:
             try:
