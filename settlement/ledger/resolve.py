@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from settlement.errors import ChainUnavailable
+from settlement.errors import ChainUnavailable, LedgerError
 from settlement.ledger import Ledger, Payment, PaymentState
 
 
@@ -77,6 +77,13 @@ async def resolve_open_payments(ledger: Ledger, resolver: Resolver) -> list[Reso
         if resolution is None:
             continue
         if changes(row, resolution):
-            await ledger.run(apply, ledger, resolution)
+            try:
+                await ledger.run(apply, ledger, resolution)
+            except LedgerError as exc:
+                if exc.code != "invalid_transition":
+                    raise
+                # Another process (a worker, a replica, a resend) moved the row on meanwhile, from
+                # what the chain said later: its write stands, this older view is dropped.
+                continue
         results.append(resolution)
     return results
