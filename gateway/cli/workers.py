@@ -3,7 +3,9 @@
 The supervisor (this module, the parent process) checks the configuration can be shared, binds the
 port once and starts N ``serve`` processes that inherit the socket: the kernel hands each new
 connection to one of them. It restarts a worker that dies (kill -9, a crash) with the same index
-and settlement key, forwards SIGTERM/SIGINT to all of them and exits when they have.
+and settlement key, forwards SIGTERM/SIGINT to all of them and exits when they have. A worker that
+refuses its configuration at its first start (exit 2) stops them all; one that keeps dying within
+seconds of starting stops them all too (``worker_crash_loop``). A worker dies with its supervisor.
 
 What several workers need, refused at start-up with a stable code otherwise (exit 2):
 
@@ -23,6 +25,7 @@ What several workers need, refused at start-up with a stable code otherwise (exi
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -151,6 +154,7 @@ class _Worker:
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     quick_deaths: int = 0
+    restarts: int = 0
 
 
 @dataclass
@@ -167,7 +171,8 @@ class _Supervisor:
         if "X402GW_SETTLEMENT_KEY" in worker.env:  # its own key replaces the one the operator set
             env.pop("X402GW_SETTLEMENT_KEY_FILE", None)
         env.update(worker.env)
-        worker.process = subprocess.Popen([*self.argv, "--worker-fd", str(self.fd)], env=env, pass_fds=(self.fd,))
+        worker.process = subprocess.Popen([*self.argv, "--worker-fd", str(self.fd)], env=env, pass_fds=(self.fd,),
+                                          preexec_fn=_die_with_parent)
         worker.started = time.monotonic()
         self.by_pid[worker.process.pid] = worker
         click.echo(f"worker {worker.index} started (pid {worker.process.pid})")
@@ -205,7 +210,7 @@ class _Supervisor:
             code = os.waitstatus_to_exitcode(wait_status)
             if self.stopping:
                 continue
-            if code == 2:  # a configuration the worker refused: restarting will not fix it
+            if code == 2 and worker.restarts == 0:  # refused its configuration at first start: a restart won't fix it
                 click.echo(f"error: worker {worker.index} refused to start; stopping [worker_start_failed]", err=True)
                 status = 2
                 self.stop()
@@ -219,8 +224,18 @@ class _Supervisor:
                 continue
             click.echo(f"worker {worker.index} (pid {pid}) exited with {code}; restarting it", err=True)
             self.release_locks(pid)
+            worker.restarts += 1
             self.start(worker)
         return status
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when the supervisor dies (Linux), so a supervisor killed
+    with -9 leaves no worker serving on its own."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def supervise(argv: list[str], sock: socket.socket, envs: list[dict[str, str]], redis: tuple[str, str] | None) -> int:

@@ -71,7 +71,7 @@ def workers(
     supervisor = GatewayProcess(env, tmp_path, tmp_path / "supervisor.log",
                                 args=("--workers", "2", "--settlement-keys-file", str(keys_file)))
     try:
-        supervisor.start()
+        supervisor.start(timeout=120)  # a supervisor and two workers importing at once, on a busy machine
         wait_for(lambda: len(worker_pids(supervisor)) == 2, "two workers")
         yield supervisor, ledger, {account.address.lower(): str(i) for i, account in enumerate(accounts)}
     finally:
