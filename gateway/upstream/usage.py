@@ -42,7 +42,24 @@ def read_units(rule: UsageRule, response: UpstreamResponse) -> int:
         return parse_units(value)
     pointer = rule.json_pointer
     assert pointer is not None
-    return parse_units(read_pointer(_document(response.body), pointer))
+    document = _document(response.body)
+    if rule.source == "element":  # a SOAP element: the bridge may have named it as the output schema does
+        return parse_units(_element(document, pointer))
+    return parse_units(read_pointer(document, pointer))
+
+
+def _element(document: Any, pointer: str) -> Any:
+    """The value at ``pointer`` with each step matched without regard to case (``Reserved`` is
+    ``reserved`` once the SOAP bridge named it after the tool's output schema)."""
+    value = document
+    for step in pointer.split("/")[1:]:
+        if isinstance(value, dict):
+            key = step if step in value else next((k for k in value if k.lower() == step.lower()), None)
+            if key is not None:
+                value = value[key]
+                continue
+        raise UsageError("usage_missing", f"the answer has no element {pointer.lstrip('/')}")
+    return value
 
 
 class StreamMeter:
