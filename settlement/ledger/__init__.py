@@ -16,7 +16,7 @@ from settlement.ledger.models import (
     utcnow,
 )
 from settlement.ledger.outbox import EVENTS, OutboxRow, Subscriptions
-from settlement.ledger.payments import TRANSITIONS, Ledger
+from settlement.ledger.payments import TRANSITIONS, Ledger, settled_copy
 
 __all__ = [
     "EVENTS",
@@ -31,5 +31,6 @@ __all__ = [
     "StoredResponse",
     "Subscriptions",
     "create_ledger_engine",
+    "settled_copy",
     "utcnow",
 ]

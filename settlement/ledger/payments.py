@@ -63,7 +63,7 @@ from settlement.ledger.models import (
 from settlement.ledger.outbox import EVENT_OF, Subscriptions, emit_payment_event
 from settlement.ledger.reads import LedgerReads, _payment
 
-__all__ = ["TRANSITIONS", "Ledger"]
+__all__ = ["TRANSITIONS", "Ledger", "settled_copy"]
 
 _T = TypeVar("_T")
 
@@ -394,3 +394,14 @@ def _transition(
             f"payment {payment_id}: {name} is not allowed from state {state!r} (only from {', '.join(allowed)})",
             code="invalid_transition",
         )
+
+
+_PAYMENT_COLUMNS = tuple(column.key for column in Payment.__table__.columns)
+
+
+def settled_copy(row: Payment, *, tx_hash: str, block_number: int | None, amount: int) -> Payment:
+    """A detached copy of ``row`` as ``mark_settled`` (with ``begin_settlement``'s amount) leaves it:
+    nothing is written. What a paid answer's receipt is derived from without reading the row back."""
+    copy = Payment(**{column: getattr(row, column) for column in _PAYMENT_COLUMNS})
+    copy.state, copy.tx_hash, copy.block_number, copy.amount = PaymentState.SETTLED.value, tx_hash, block_number, amount
+    return copy

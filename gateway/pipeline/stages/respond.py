@@ -15,14 +15,12 @@ from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers, signed_receipt_header
 from gateway.upstream.bridge import DROPPED_RESPONSE_HEADERS, UpstreamResponse
 from settlement.finance.receipts import ReceiptSigner
-from settlement.ledger import Ledger, Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState, settled_copy
 from settlement.schemes.exact import EXACT
 from settlement.schemes.upto import UPTO, upto_charge
 from settlement.x402.wire import SettleResponse
 
 __all__ = ["Respond", "respond", "settled_row"]
-
-_COLUMNS = tuple(column.key for column in Payment.__table__.columns)
 
 
 def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_id: str, version: int = 2) -> Response:
@@ -74,10 +72,5 @@ def settled_row(recorded: Payment | None, settlement: SettleResponse | None, quo
     if requirements.scheme not in (EXACT, UPTO):
         return None
     block = (settlement.extra or {}).get("blockNumber")
-    row = Payment(**{column: getattr(recorded, column) for column in _COLUMNS})
-    row.state = PaymentState.SETTLED.value
-    row.tx_hash = settlement.transaction
-    row.block_number = block if isinstance(block, int) else None
-    if requirements.scheme == UPTO:
-        row.amount = upto_charge(requirements)
-    return row
+    return settled_copy(recorded, tx_hash=settlement.transaction, block_number=block if isinstance(block, int) else None,
+                        amount=upto_charge(requirements) if requirements.scheme == UPTO else recorded.amount)
