@@ -30,7 +30,7 @@ class GatewayProcess:
         self._log_path = log
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> GatewayProcess:
+    def start(self, timeout: float = 120.0) -> GatewayProcess:
         log = open(self._log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli.main", "serve", *self.args], env=self._env, cwd=self._cwd,
