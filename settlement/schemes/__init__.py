@@ -15,6 +15,7 @@
     upto_permit.py    an upto payment's Permit2 authorization: parsed, hashed, encoded
     channels.py       ChannelsEvm: the batch-settlement scheme (a deposit, a cumulative voucher per call)
     channels_contract.py   a channel payment parsed, the escrow's calls encoded
+    channels_policy.py     its names, policy, and what it needs of a chain and of the shared store
     channels_claims.py     Claimer: accepted vouchers claimed many to a transaction
 
 Adding a scheme: a module with a ``Scheme``, registered in the gateway's composition root, and

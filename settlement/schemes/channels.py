@@ -27,8 +27,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from x402.mechanisms.evm.batch_settlement import errors as E
 from x402.mechanisms.evm.batch_settlement.constants import MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY
@@ -47,77 +46,28 @@ from settlement.schemes.channels_contract import (
     exact_view,
     parse_channel,
 )
+from settlement.schemes.channels_policy import (
+    ACCRUED_KEY,
+    BATCH,
+    DEPOSIT_GAS,
+    ERR_CHANNEL_CLOSED,
+    ERR_CHANNEL_WITHDRAWING,
+    ERR_CUMULATIVE_NOT_INCREASING,
+    LOCK_TTL_MS,
+    VOUCHER_ACCEPTED,
+    ChainView,
+    ChannelChain,
+    ChannelPolicy,
+    ChannelStore,
+    Refused,
+    accrued,
+)
 from settlement.schemes.eip712 import recover_signer
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 __all__ = [
     "ACCRUED_KEY", "BATCH", "VOUCHER_ACCEPTED", "ChannelChain", "ChannelPolicy", "ChannelStore", "ChannelsEvm", "accrued", "build_channels", "channel_view", "row_payment",
 ]
-
-BATCH = "batch-settlement"
-ACCRUED_KEY = "accrued"  # SettleResponse.extra: the voucher is accepted; its claim comes later
-VOUCHER_ACCEPTED = "voucher_accepted"  # Resolution.reason of an accrued row: open, its answer paid for
-DEPOSIT_GAS = 250_000
-ERR_CHANNEL_WITHDRAWING = "invalid_batch_settlement_evm_channel_withdrawing"
-ERR_CHANNEL_CLOSED = "invalid_batch_settlement_evm_channel_closed"
-ERR_CUMULATIVE_NOT_INCREASING = "invalid_batch_settlement_evm_cumulative_not_increasing"
-LOCK_TTL_MS = 60_000  # longer than a deposit's wait for its receipt (receipt_timeout, 30 s by default)
-
-
-class ChannelStore(Protocol):
-    """The shared state store's part that serialises a channel across replicas (``gateway.store``)."""
-
-    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool: ...
-
-    async def release(self, key: str, owner: str) -> bool: ...
-
-    async def get(self, key: str) -> bytes | None: ...
-
-    async def put(self, key: str, value: bytes, ttl_ms: int | None = None, *, only_if_absent: bool = False) -> bool: ...
-
-
-class ChannelChain(Protocol):
-    chain_id: int
-
-    @property
-    def settlement_address(self) -> str | None: ...
-
-    async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes: ...
-
-    async def send_call(self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = ...) -> str: ...
-
-    async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None: ...
-
-    def sign_digest(self, digest: bytes) -> bytes: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelPolicy:
-    """When vouchers are claimed (whichever comes first) and what a channel asks for."""
-
-    claim_every_calls: int = 100  # accepted vouchers waiting on a network
-    claim_every_seconds: float = 300.0  # the oldest accepted voucher's wait
-    deposit_calls: int = 100  # extra.minDeposit = price × this
-    withdraw_delay: int = MIN_WITHDRAW_DELAY
-
-
-class Refused(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(reason)
-        self.reason, self.message = reason, message
-
-
-def accrued(result: SettleResponse) -> bool:
-    """Whether a successful settle accepted a voucher whose claim is still to come."""
-    return bool(result.success and (result.extra or {}).get(ACCRUED_KEY))
-
-
-@dataclass(frozen=True, slots=True)
-class ChainView:
-    balance: int
-    claimed: int
-    withdrawing: int
-
 
 class ChannelsEvm:
     """``batch-settlement`` on the networks of ``chains`` (each with a settlement key, which is the

@@ -42,8 +42,9 @@ from settlement.chain.client import Receipt, RpcError
 from settlement.chain.gas import receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.ledger import Ledger, Payment, PaymentState
-from settlement.schemes.channels import LOCK_TTL_MS, ChannelChain, ChannelsEvm, ChannelStore, row_payment
+from settlement.schemes.channels import ChannelsEvm, row_payment
 from settlement.schemes.channels_contract import ESCROW_ADDRESS, ChannelPayment, claim_calldata
+from settlement.schemes.channels_policy import LOCK_TTL_MS, ChannelChain, ChannelStore
 
 __all__ = ["ChainAuthorizer", "ClaimLoop", "ClaimOutcome", "Claimer", "start_claims"]
 
