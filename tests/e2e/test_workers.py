@@ -12,12 +12,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 import redis
 from eth_account import Account
+from web3.exceptions import TransactionNotFound
 
 from settlement.ledger import Ledger, PaymentState
 from settlement.schema import open_ledger
@@ -139,7 +141,9 @@ def test_a_worker_killed_mid_settlement_is_restarted_and_the_payment_settles_onc
     sock = raw_request(supervisor.port, "/quotes/WKIL", header)
     row = wait_for(lambda: row_for(ledger, lambda r: r.tx_hash is not None and r.state == PaymentState.SETTLING),
                    "the settlement broadcast")
-    sender = str(chain.w3.eth.get_transaction(row.tx_hash)["from"]).lower()  # the worker that settles it
+    # The hash is written ahead of the broadcast: wait until the node has the transaction itself.
+    sent = wait_for(lambda: _pending_transaction(chain, row.tx_hash), "the broadcast to reach the node")
+    sender = str(sent["from"]).lower()  # the worker that settles it
     index = index_of[sender]
     killed = worker_pids(supervisor)[index]
     os.kill(killed, signal.SIGKILL)
@@ -156,3 +160,11 @@ def test_a_worker_killed_mid_settlement_is_restarted_and_the_payment_settles_onc
     assert chain.balance(PAY_TO) - before == PRICE
     assert upstream_hits(upstream, "GET /api/v1/quote/WKIL") == 1
     assert_ledger_matches_chain(ledger, chain, before)
+
+
+def _pending_transaction(chain: Devchain, tx_hash: str) -> Any:
+    """The transaction as the node has it, or None while it has not arrived yet."""
+    try:
+        return chain.w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+    except TransactionNotFound:
+        return None
