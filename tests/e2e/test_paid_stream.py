@@ -286,3 +286,29 @@ def test_stream_catalog_refusals_have_clear_codes() -> None:
         assert code in {issue.code for issue in raised.value.issues}, (code, raised.value)
     tools = {t.name: t for t in parse_catalog(base).tools}
     assert tools["ticks_exact"].settle == "upfront" and tools["ticks"].settle == "after"
+
+
+def test_the_same_payment_sent_again_while_its_stream_runs_is_refused_and_charged_once(
+    stream_gateway: RunningGateway, devchain: Devchain, streams: UsageUpstream,
+) -> None:
+    """An attacker resends a payment whose stream is still running: 409 (in flight), the upstream is
+    not called again, and the one stream settles once for what it delivered."""
+    path = "/ticks/6?hold_after=2"
+    header = _signed(stream_gateway, devchain, 8, "GET", path)
+    before = _balances(devchain, 8)
+    with stream_gateway.client() as http, http.stream("GET", path, headers={"PAYMENT-SIGNATURE": header}) as first:
+        lines = first.iter_lines()
+        seen = 0
+        while seen < 2:  # the first two events are through: the stream is live and the upstream holds
+            seen += next(lines).startswith("data:")
+        with stream_gateway.client() as other:
+            again = other.get(path, headers={"PAYMENT-SIGNATURE": header})
+        assert again.status_code == 409 and again.json()["error"] == "payment_in_flight", again.text
+        assert streams.calls["stream-6"] == 1
+        streams.release()
+        rest = "\n".join(lines)
+    assert _settlement(rest)["amount"] == str(6 * EACH)
+    [row] = stream_gateway.ledger.all()
+    assert row.state == PaymentState.SETTLED and row.amount == 6 * EACH
+    assert _moved(devchain, 8, before) == (6 * EACH, 6 * EACH)
+    assert streams.calls["stream-6"] == 1
