@@ -128,11 +128,11 @@ UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
 UPSTREAM_RESPONSE_TOO_LARGE: Final = "upstream_response_too_large"
 UPSTREAM_REDIRECT: Final = "upstream_redirect"
 UPSTREAM_FAULT: Final = "upstream_fault"
-USAGE_UNREADABLE: Final = "usage_unreadable"  # an upto answer without a readable usage (catalog.usage)
-UPSTREAM_STREAM_BROKEN: Final = "upstream_stream_broken"  # a relayed stream broke off (stage relay)
 UPSTREAM_INVALID_RESPONSE: Final = "upstream_invalid_response"
 UPSTREAM_ANSWER_LOST: Final = "upstream_answer_lost"
 UPSTREAM_SCHEMA_DRIFT: Final = "upstream_schema_drift"
+USAGE_UNREADABLE: Final = "usage_unreadable"  # an upto answer without a readable usage (catalog.usage)
+UPSTREAM_STREAM_BROKEN: Final = "upstream_stream_broken"  # a relayed stream broke off (stage relay)
 # -- our side -------------------------------------------------------------------------------------
 LEDGER_UNAVAILABLE: Final = "ledger_unavailable"
 STORE_UNAVAILABLE: Final = "store_unavailable"
@@ -234,13 +234,13 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(UPSTREAM_TIMEOUT, 504, "retry", same_payment=True),
     Refusal(UPSTREAM_UNAVAILABLE, 502, "retry", same_payment=True),
     Refusal(UPSTREAM_RESPONSE_TOO_LARGE, 502, "none"),
-    Refusal(USAGE_UNREADABLE, 502, "none"),
-    Refusal(UPSTREAM_STREAM_BROKEN, 502, "none"),
     Refusal(UPSTREAM_REDIRECT, 502, "none"),
     Refusal(UPSTREAM_FAULT, 502, "none"),
     Refusal(UPSTREAM_INVALID_RESPONSE, 502, "none"),
     Refusal(UPSTREAM_ANSWER_LOST, 502, "none"),
     Refusal(UPSTREAM_SCHEMA_DRIFT, 502, "none"),
+    Refusal(USAGE_UNREADABLE, 502, "none"),
+    Refusal(UPSTREAM_STREAM_BROKEN, 502, "none"),
 
     Refusal(LEDGER_UNAVAILABLE, 503, "retry", same_payment=True),
     Refusal(STORE_UNAVAILABLE, 503, "retry", same_payment=True),
