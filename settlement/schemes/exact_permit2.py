@@ -53,14 +53,13 @@ from settlement.chain.client import (
     SEL_VERSION,
     BeforeSend,
     JsonRpcChain,
-    Receipt,
     RpcError,
     selector,
 )
 from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, DevchainError
 from settlement.chain.gas import gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
-from settlement.ledger import Payment, PaymentState
+from settlement.ledger import Payment
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Scheme, Supported
 from settlement.schemes.eip712 import recover_signer
@@ -73,7 +72,7 @@ from settlement.schemes.exact_permit2_payload import (
     parse_exact_permit2,
 )
 from settlement.schemes.registry import Schemes
-from settlement.schemes.upto import UptoChain
+from settlement.schemes.upto import UptoChain, resolve_upto
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -250,32 +249,7 @@ class ExactWithPermit2:
         if permit is None:
             return await self.inner.resolve(row)
         chain = self._chains.get(row.network)
-        return None if chain is None else await _resolve(row, permit, chain, self._clock)
-
-
-async def _resolve(row: Payment, permit: ExactPermit, chain: UptoChain, clock: Callable[[], float]) -> Resolution:
-    """Settled: our recorded transaction moved exactly ``row.amount`` from the payer to payTo. The
-    hash is always written ahead, so an open row without one was never broadcast."""
-
-    def outcome(after: PaymentState, reason: str, receipt: Receipt | None = None) -> Resolution:
-        return Resolution(
-            payment_id=row.id, request_id=row.request_id, before=row.state, after=after.value,
-            tx_hash=receipt.tx_hash if receipt else row.tx_hash,
-            block_number=receipt.block_number if receipt else row.block_number, reason=reason,
-        )
-
-    receipt = await chain.wait_for_receipt(row.tx_hash, 0) if row.tx_hash else None
-    if receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
-        return outcome(PaymentState.SETTLED, "receipt_success", receipt)
-    if permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call())):
-        return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)
-    if receipt is not None:
-        return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
-    if not row.tx_hash:
-        return outcome(PaymentState.FAILED, "not_broadcast")
-    if clock() > permit.deadline:
-        return outcome(PaymentState.FAILED, "authorization_expired_unmined")
-    return outcome(PaymentState.PENDING, "transaction_not_mined")
+        return None if chain is None else await resolve_upto(row, permit, chain, self._clock)
 
 
 def _pending(tx_hash: str, base: dict[str, Any]) -> SettleResponse:

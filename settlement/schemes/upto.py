@@ -279,10 +279,21 @@ class UptoEvm:
         return await resolve_upto(row, permit, chain, self._clock)
 
 
-async def resolve_upto(row: Payment, permit: UptoPermit, chain: UptoChain, clock: Callable[[], float]) -> Resolution:
-    """What the chain says about an open upto payment. Settled: our recorded transaction moved
-    exactly ``row.amount`` from the payer to payTo. The hash is always written ahead, so an open row
-    without one was never broadcast."""
+class Permit2Nonce(Protocol):
+    """What resolving a Permit2 payment reads of its authorization (upto's and exact's alike)."""
+
+    @property
+    def deadline(self) -> int: ...
+
+    def nonce_bitmap_call(self) -> bytes: ...
+
+    def nonce_used(self, bitmap: bytes) -> bool: ...
+
+
+async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clock: Callable[[], float]) -> Resolution:
+    """What the chain says about an open Permit2 payment (upto, or exact through Permit2). Settled:
+    our recorded transaction moved exactly ``row.amount`` from the payer to payTo. The hash is
+    always written ahead, so an open row without one was never broadcast."""
 
     def outcome(after: PaymentState, reason: str, receipt: Receipt | None = None) -> Resolution:
         return Resolution(
