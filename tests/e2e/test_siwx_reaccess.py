@@ -198,6 +198,8 @@ def test_match_tool_calls_the_upstream_afresh_for_any_arguments(
         first, second = (sign_in_challenge(http.get("/quotes/ZZZ")) for _ in range(2))
         assert first["nonce"] != second["nonce"]  # each 402 its own challenge: the fast path keeps none
         assert "sign-in-with-x" not in (offer_of(http.get("/reports/17")).extensions or {})  # no reaccess there
+        listed = {t["function"]["name"]: t for t in http.get("/tools").json()["tools"]}  # agents can tell
+        assert listed["get_quote"]["reaccess"]["match"] == "tool" and "reaccess" not in listed["get_report"]
         header = signed(first, payer)
         again = http.get("/quotes/ZZZ", headers={"SIGN-IN-WITH-X": header})
     assert again.status_code == 200 and again.json()["symbol"] == "ZZZ", again.text

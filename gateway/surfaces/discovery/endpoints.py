@@ -122,6 +122,8 @@ class Discovery:
             "scheme": price["scheme"],
             "settle": tool.settle,
             **({"stream": True} if tool.stream else {}),  # the answer is relayed as it arrives (SSE)
+            # paid once, got again free within the window by signing in (sign-in-with-x)
+            **({"reaccess": {"windowSeconds": tool.reaccess.window, "match": tool.reaccess.match}} if tool.reaccess else {}),
             **{k: price[k] for k in ("maximum", "usage", "chargeText") if k in price},  # an upto tool's
             **{k: price[k] for k in ("assetTransferMethod",) if k in price},  # a token paid through Permit2
         }
