@@ -40,7 +40,26 @@ upstreams:
     base_url: "{streams}"
   legacy:
     base_url: "{legacy}"
+  slow:
+    base_url: "{streams}"
+    timeout_seconds: 1
+    retry: {{attempts: 1}}
 tools:
+  - name: ticks_slow
+    description: Events from an upstream slower than its one-second budget.
+    method: GET
+    path: /slow/{{n}}
+    upstream: slow
+    upstream_path: /stream/{{n}}
+    price: 0.0001
+    max_price: 0.01
+    stream: true
+    payment: {{scheme: upto}}
+    usage: {{from: events}}
+    input_schema:
+      type: object
+      properties: {{n: {{type: string}}, pace_ms: {{type: integer}}}}
+      required: [n]
   - name: ticks
     description: n events, charged by the usage each event reports.
     method: GET
@@ -312,3 +331,23 @@ def test_the_same_payment_sent_again_while_its_stream_runs_is_refused_and_charge
     assert row.state == PaymentState.SETTLED and row.amount == 6 * EACH
     assert _moved(devchain, 8, before) == (6 * EACH, 6 * EACH)
     assert streams.calls["stream-6"] == 1
+
+
+def test_a_stream_is_cut_at_its_upstream_time_budget_and_charged_what_it_delivered(
+    stream_gateway: RunningGateway, devchain: Devchain, streams: UsageUpstream,
+) -> None:
+    """The upstream sends an event every 300 ms, each read well inside its 1 s timeout, but the
+    whole stream would take 6 s: past the tool's budget (what its lock and payment were sized for)
+    the gateway ends it, says why, and charges the events delivered."""
+    path = "/slow/20?pace_ms=300"
+    header = _signed(stream_gateway, devchain, 2, "GET", path)
+    before = _balances(devchain, 2)
+    with stream_gateway.client() as http:
+        response = http.get(path, headers={"PAYMENT-SIGNATURE": header})
+    delivered = [d for n, d in _events(response.text) if n == "message"]
+    outcome = _settlement(response.text)
+    assert outcome["streamEnded"] == "stream_time_limit" and outcome["success"] is True
+    assert 0 < len(delivered) < 20 and outcome["amount"] == str(len(delivered) * EACH)
+    [row] = stream_gateway.ledger.all()
+    assert row.state == PaymentState.SETTLED and row.amount == len(delivered) * EACH
+    assert _moved(devchain, 2, before) == (row.amount, row.amount)

@@ -9,7 +9,8 @@ loopback for the usage-rule tests (``catalog.usage``).
 
 ``GET /stream/{n}``: ``n`` SSE events, event ``i`` with ``{"i": i, "usage": {"units": i}}``, then
 ``data: [DONE]``; ``?fail_after=k``: the connection breaks off after ``k`` events; ``?hold_after=k``:
-after ``k`` events it waits for ``release()`` (a payer that leaves mid-stream).
+after ``k`` events it waits for ``release()`` (a payer that leaves mid-stream); ``?pace_ms=m``: ``m``
+ms between events (an upstream slower than its whole stream may take).
 
 Every answer carries a unique marker (``served``), so a test can tell whether upstream content
 reached the payer; ``calls`` counts calls per mode (``stream-n`` for streams).
@@ -54,6 +55,7 @@ class UsageUpstream:
         self.calls[f"stream-{n}"] += 1
         fail_after = int(request.query_params.get("fail_after", -1))
         hold_after = int(request.query_params.get("hold_after", -1))
+        pace = int(request.query_params.get("pace_ms", 0)) / 1000  # a slow upstream: this long between events
 
         async def events() -> AsyncIterator[bytes]:
             sent = 0
@@ -63,6 +65,8 @@ class UsageUpstream:
                         raise ConnectionAbortedError("the upstream breaks off mid-stream")
                     if i - 1 == hold_after:
                         await asyncio.to_thread(self.held.wait, 30)
+                    if pace and i > 1:
+                        await asyncio.sleep(pace)
                     yield f'data: {{"i": {i}, "usage": {{"units": {i}}}}}\n\n'.encode()
                     sent = i
                 yield b"data: [DONE]\n\n"

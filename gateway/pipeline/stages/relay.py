@@ -15,7 +15,8 @@ stream ends, however it ends, the call is settled once:
   to settle: the end of the stream is recorded.
 
 An SSE stream (``text/event-stream``) gets the outcome as its final event (``event:
-x402-settlement``, data: the settlement receipt, as ``PAYMENT-RESPONSE`` would carry it). What was
+x402-settlement``, data: the settlement receipt, as ``PAYMENT-RESPONSE`` would carry it, and
+``streamEnded``: ``complete``, or why the stream stopped). What was
 delivered is stored for a resend of the same payment. The finalizers (locks, budgets, audit,
 metrics, access log) run once the stream is over (``Chain.answer`` hands them to the response).
 """
@@ -184,6 +185,8 @@ class PaidStream(StreamingResponse):
                                    hook_writes_ahead=relay.schemes.writes_ahead(charged.requirements))
         except GatewayError as err:
             ctx.reason = err.code
-            return {"success": False, "error": err.code, "message": err.message, "paymentId": payment_id}
+            return {"success": False, "error": err.code, "message": err.message, "paymentId": payment_id,
+                    "streamEnded": self.ending}
         settled(ctx, receipt)
-        return {**receipt.model_dump(mode="json", by_alias=True, exclude_none=True), "paymentId": payment_id}
+        return {**receipt.model_dump(mode="json", by_alias=True, exclude_none=True), "paymentId": payment_id,
+                "streamEnded": self.ending}
