@@ -57,8 +57,7 @@ from settlement.chain.client import (
     selector,
 )
 from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, DevchainError
-from settlement.chain.gas import gas_extra, receipt_shares
-from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.errors import ChainUnavailable
 from settlement.ledger import Payment
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Scheme, Supported
@@ -72,7 +71,7 @@ from settlement.schemes.exact_permit2_payload import (
     parse_exact_permit2,
 )
 from settlement.schemes.registry import Schemes
-from settlement.schemes.upto import UptoChain, resolve_upto
+from settlement.schemes.upto import UptoChain, resolve_upto, send_permit2_settlement
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -216,27 +215,11 @@ class ExactWithPermit2:
             await self._chain_checks(chain, permit)
         except _Refused as refused:
             return SettleResponse(success=False, error_reason=refused.reason, error_message=refused.message, network=network)
-        base: dict[str, Any] = {"payer": permit.payer, "network": network}
-        try:
-            tx_hash = await chain.send_call(EXACT_PROXY_ADDRESS, permit.settle_calldata(), before_send, gas=SETTLE_GAS)
-        except BroadcastUncertain as exc:
-            return _pending(exc.tx_hash, base)
-        except RpcError as exc:  # refused outright: nothing was broadcast
-            return SettleResponse(success=False, error_reason=_revert_reason(exc.rpc_message),
-                                  error_message="the chain refused the settlement transaction", **base)
-        try:
-            receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
-        except ChainUnavailable:
-            receipt = None
-        if receipt is None:
-            return _pending(tx_hash, base)
-        # The gas the settlement key paid goes to the ledger (revenue net of gas), a revert's too.
-        shares = receipt_shares(receipt, 1)
-        extra = {"blockNumber": receipt.block_number, **gas_extra(shares[0] if shares else None)}
-        if receipt.status == 1 and receipt.has_transfer(permit.token, permit.payer, permit.to, permit.amount):
-            return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(permit.amount), extra=extra, **base)
-        return SettleResponse(success=False, error_reason="permit2_settlement_reverted", extra=extra,
-                              error_message="the settlement transaction reverted", transaction=receipt.tx_hash, **base)
+        return await send_permit2_settlement(
+            chain, EXACT_PROXY_ADDRESS, permit.settle_calldata(), before_send,
+            transfer=(permit.token, permit.payer, permit.to, permit.amount), network=network,
+            receipt_timeout=self._receipt_timeout, revert_reason=_revert_reason, reverted="permit2_settlement_reverted",
+        )
 
     # ------------------------------------------------------------------------------ resolve
 
@@ -250,11 +233,6 @@ class ExactWithPermit2:
             return await self.inner.resolve(row)
         chain = self._chains.get(row.network)
         return None if chain is None else await resolve_upto(row, permit, chain, self._clock)
-
-
-def _pending(tx_hash: str, base: dict[str, Any]) -> SettleResponse:
-    return SettleResponse(success=False, error_reason="settlement_pending", transaction=tx_hash,
-                          error_message="the settlement transaction was broadcast but is not final yet", **base)
 
 
 def _revert_reason(message: str) -> str:

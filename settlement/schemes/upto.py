@@ -48,6 +48,7 @@ from x402.mechanisms.evm.constants import (
 from catalog import PaymentTerms, to_atomic
 from settlement.chain.client import BeforeSend, Receipt, RpcError
 from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, DevchainError
+from settlement.chain.gas import gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
@@ -56,7 +57,10 @@ from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
-__all__ = ["CHARGE_KEY", "UPTO", "UptoChain", "UptoEvm", "build_upto", "upto_charge", "upto_maximum", "upto_requirements"]
+__all__ = [
+    "CHARGE_KEY", "UPTO", "UptoChain", "UptoEvm", "build_upto", "send_permit2_settlement", "upto_charge", "upto_maximum",
+    "upto_requirements",
+]
 
 UPTO = "upto"
 CHARGE_KEY = "charge"  # requirements.extra: how the final amount is computed, and what it is
@@ -246,25 +250,11 @@ class UptoEvm:
             await self._simulate(chain, permit, amount)
         except _Refused as refused:
             return SettleResponse(success=False, error_reason=refused.reason, error_message=refused.message, network=network)
-        base: dict[str, Any] = {"payer": permit.payer, "network": network}
-        try:
-            tx_hash = await chain.send_call(UPTO_PROXY_ADDRESS, permit.settle_calldata(amount), before_send, gas=SETTLE_GAS)
-        except BroadcastUncertain as exc:
-            return _pending(exc.tx_hash, base)
-        except RpcError as exc:  # refused outright: nothing was broadcast
-            return SettleResponse(success=False, error_reason=_revert_reason(exc.rpc_message),
-                                  error_message="the chain refused the settlement transaction", **base)
-        try:
-            receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
-        except ChainUnavailable:
-            receipt = None
-        if receipt is None:
-            return _pending(tx_hash, base)
-        if receipt.status == 1 and receipt.has_transfer(permit.token, permit.payer, permit.to, amount):
-            return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(amount),
-                                  extra={"blockNumber": receipt.block_number}, **base)
-        return SettleResponse(success=False, error_reason="upto_settlement_reverted",
-                              error_message="the settlement transaction reverted", transaction=receipt.tx_hash, **base)
+        return await send_permit2_settlement(
+            chain, UPTO_PROXY_ADDRESS, permit.settle_calldata(amount), before_send,
+            transfer=(permit.token, permit.payer, permit.to, amount), network=network,
+            receipt_timeout=self._receipt_timeout, revert_reason=_revert_reason, reverted="upto_settlement_reverted",
+        )
 
     # ------------------------------------------------------------------------------ resolve
 
@@ -314,6 +304,38 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
     if clock() > permit.deadline:
         return outcome(PaymentState.FAILED, "authorization_expired_unmined")
     return outcome(PaymentState.PENDING, "transaction_not_mined")
+
+
+async def send_permit2_settlement(
+    chain: UptoChain, proxy: str, calldata: bytes, before_send: BeforeSend | None, *,
+    transfer: tuple[str, str, str, int], network: str, receipt_timeout: float,
+    revert_reason: Callable[[str], str], reverted: str,
+) -> SettleResponse:
+    """Send a Permit2 proxy's settlement (upto's, or exact's through Permit2) with its hash written
+    ahead (``before_send``), then judge it by its receipt: settled when it moved exactly ``transfer``
+    (token, from, to, amount); pending when it was broadcast but is not known final; the gas the
+    settlement key paid goes on the ledger row, a revert's too."""
+    token, payer, to, amount = transfer
+    base: dict[str, Any] = {"payer": payer, "network": network}
+    try:
+        tx_hash = await chain.send_call(proxy, calldata, before_send, gas=SETTLE_GAS)
+    except BroadcastUncertain as exc:
+        return _pending(exc.tx_hash, base)
+    except RpcError as exc:  # refused outright: nothing was broadcast
+        return SettleResponse(success=False, error_reason=revert_reason(exc.rpc_message),
+                              error_message="the chain refused the settlement transaction", **base)
+    try:
+        receipt = await chain.wait_for_receipt(tx_hash, receipt_timeout)
+    except ChainUnavailable:
+        receipt = None
+    if receipt is None:
+        return _pending(tx_hash, base)
+    shares = receipt_shares(receipt, 1)
+    extra = {"blockNumber": receipt.block_number, **gas_extra(shares[0] if shares else None)}
+    if receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):
+        return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(amount), extra=extra, **base)
+    return SettleResponse(success=False, error_reason=reverted, extra=extra,
+                          error_message="the settlement transaction reverted", transaction=receipt.tx_hash, **base)
 
 
 def _pending(tx_hash: str, base: dict[str, Any]) -> SettleResponse:

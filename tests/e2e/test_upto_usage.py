@@ -170,6 +170,8 @@ def test_a_completion_settles_its_tokens_below_the_maximum_and_the_books_agree(
     assert receipt.extra["charge"] == {"basis": "usage", "units": "12", "amount": str(charged), "maximum": "5000", "capped": False}
     [row] = usage_gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == charged and upto_maximum(row) == 5_000
+    gas = devchain.w3.eth.get_transaction_receipt(row.tx_hash)["gasUsed"]  # type: ignore[arg-type]
+    assert row.gas_used == gas  # the settlement key's gas is on the row (revenue net of gas)
     assert _moved(devchain, 3, before) == (charged, charged)
     # The signed receipt says both too, and is the one the stored row gives later.
     signed = decode_signed_receipt(response.headers["x402gw-receipt"])
