@@ -353,3 +353,24 @@ def test_a_soap_tool_is_charged_by_an_element_of_its_answer(
     [row] = gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == reserved * 100
     assert _moved(devchain, 5, before) == (reserved * 100, reserved * 100)
+
+
+def test_a_usage_payment_re_targeted_to_another_request_is_refused_with_nothing_moved(
+    usage_gateway: RunningGateway, devchain: Devchain, lying: tuple[str, UsageUpstream],
+) -> None:
+    """A payment signed for one call (1 unit) replayed on a dearer one (9 units), and a junk
+    signature over its public payer and nonce: both refused before any upstream call or charge."""
+    with usage_gateway.client() as http:
+        required = json.loads(base64.b64decode(http.get("/metered/json-1").headers["PAYMENT-REQUIRED"]))
+    header = _header(devchain, 4, required)
+    junk = json.loads(base64.b64decode(header))
+    junk["payload"]["signature"] = "0x" + "11" * 65
+    before, calls = _balances(devchain, 4), (lying[1].calls["json-9"], lying[1].calls["json-1"])
+    with usage_gateway.client() as http:
+        moved = http.get("/metered/json-9", headers={"PAYMENT-SIGNATURE": header})
+        forged = http.get("/metered/json-1", headers={"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(junk).encode()).decode()})
+    assert moved.status_code == 402 and forged.status_code == 402, (moved.text, forged.text)
+    assert forged.json()["error"] == "invalid_permit2_signature"
+    assert (lying[1].calls["json-9"], lying[1].calls["json-1"]) == calls
+    assert _moved(devchain, 4, before) == (0, 0)
+    assert all(row.state != PaymentState.SETTLED for row in usage_gateway.ledger.all())
