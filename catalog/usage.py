@@ -43,12 +43,11 @@ from catalog.fields import FrozenModel, Price
 from catalog.pricing import to_atomic
 
 __all__ = [
-    "BUFFERED_SOURCES", "STREAM_SOURCES", "Charge", "UsageError", "UsageRule", "parse_units", "stream_problems",
+    "STREAM_SOURCES", "Charge", "UsageError", "UsageRule", "parse_units", "stream_problems",
     "usage_problems",
 ]
 
 UsageSource = Literal["header", "json", "element", "events", "event_field", "bytes"]
-BUFFERED_SOURCES = frozenset({"header", "json", "element"})
 STREAM_SOURCES = frozenset({"events", "event_field", "bytes"})
 MAX_UNITS = 2**128  # more units than any answer reports: a usage above it is a lie, refused
 _DIGITS = re.compile(r"[0-9]{1,40}")

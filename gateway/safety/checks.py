@@ -377,7 +377,7 @@ class Safety:
                 await self.breakers.release(held.ticket)
             if not held.reservations:
                 return
-            moved = await self._money_moved(ctx, ledger)
+            moved = await self._money_moved(ctx, ledger, held.reserved)
             if moved is None:
                 await self._release(held)
             elif moved < held.reserved:
@@ -385,7 +385,7 @@ class Safety:
         except Exception:
             log.exception("safety cleanup failed on request %s", ctx.request_id)
 
-    async def _money_moved(self, ctx: RequestContext, ledger: Ledger) -> int | None:
+    async def _money_moved(self, ctx: RequestContext, ledger: Ledger, reserved: int) -> int | None:
         """None: nothing moved (the reservations go back whole); else the most that may have moved:
         a settled row's amount, or (outcome unknown) everything reserved."""
         if ctx.outcome not in _MONEY_MAY_HAVE_MOVED or ctx.payment_id is None:
@@ -393,7 +393,7 @@ class Safety:
         row = await asyncio.to_thread(ledger.get, ctx.payment_id)
         if row is not None and row.state in (PaymentState.FAILED, PaymentState.VOIDED):
             return None
-        return row.amount if row is not None and row.state == PaymentState.SETTLED else held_all(ctx)
+        return row.amount if row is not None and row.state == PaymentState.SETTLED else reserved
 
     async def _release(self, held: Held, atomic: int | None = None) -> None:
         """Give back every reservation, or ``atomic`` units of each (the part that was not charged)."""
@@ -402,8 +402,3 @@ class Safety:
             with _store_errors():
                 await self.store.release_budget(r.key, r.amount if atomic is None else atomic * r.rule.scale,
                                                 r.rule.window, r.resets_at)
-
-
-def held_all(ctx: RequestContext) -> int:
-    """Everything this request reserved (kept when an outcome is not known)."""
-    return ctx.safety.reserved if isinstance(ctx.safety, Held) else 0
