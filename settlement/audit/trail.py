@@ -46,6 +46,7 @@ from settlement.audit.records import (
 )
 from settlement.errors import LedgerError
 from settlement.ledger.models import Base, create_ledger_engine, utcnow
+from settlement.ledger.statements import HotStatements
 
 __all__ = ["AuditTrail", "create_audit_engine"]
 
@@ -53,6 +54,7 @@ _RECORDS, _HEAD = AUDIT_TABLES
 _HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == HEAD_ID).with_for_update()
 _INSERT_RECORDS = insert(_RECORDS)
 _UPDATE_HEAD = update(_HEAD).where(_HEAD.c.id == HEAD_ID)
+_RECORD_KEYS = ("seq", "recorded_at", "request_id", "event", "payer", "tool", "data", "prev_hash", "hash")
 
 
 def create_audit_engine(url: str) -> Engine:
@@ -94,6 +96,7 @@ class AuditTrail:
             self.engine = create_audit_engine(url)
             Base.metadata.create_all(self.engine, tables=AUDIT_TABLES)
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            self._hot = HotStatements(self.engine.dialect)
             self._ensure_head()
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the audit trail ({type(exc).__name__})") from exc
@@ -123,10 +126,12 @@ class AuditTrail:
         if not events:
             return []
         try:
-            # Core on one connection, statements built once: the ORM session and a select built per
-            # append cost more than the records' hashes (bench/stage_cpu.py).
+            # Core statements built once and run on the driver's cursor (settlement.ledger.statements):
+            # SQLAlchemy's own execution cost more than the records' hashes (bench/stage_cpu.py).
             with self._lock, self.engine.begin() as connection:
-                first, prev = connection.execute(_HEAD_FOR_UPDATE).one()
+                cursor = self._hot.get(_HEAD_FOR_UPDATE).execute(connection, {})
+                first, prev = cursor.fetchone()
+                cursor.close()
                 seq = first
                 rows: list[dict[str, Any]] = []
                 for item in events:
@@ -141,9 +146,10 @@ class AuditTrail:
                         "payer": item.payer, "tool": item.tool, "data": data, "prev_hash": prev, "hash": digest,
                     })
                     prev = digest
-                # Core executemany, no RETURNING: an ORM object per record cost more than its hash.
-                connection.execute(_INSERT_RECORDS, rows)
-                connection.execute(_UPDATE_HEAD, {"seq": seq, "hash": prev, "updated_at": utcnow()})
+                # One executemany, no RETURNING: an ORM object per record cost more than its hash.
+                self._hot.get(_INSERT_RECORDS, _RECORD_KEYS).execute_many(connection, rows)
+                head = {"seq": seq, "hash": prev, "updated_at": utcnow()}
+                self._hot.get(_UPDATE_HEAD, head).execute(connection, head).close()
                 return list(range(first + 1, seq + 1))
         except SQLAlchemyError as exc:
             raise LedgerError(f"audit append failed ({type(exc).__name__})", code="audit_unavailable") from exc

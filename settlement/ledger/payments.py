@@ -45,7 +45,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,6 +62,7 @@ from settlement.ledger.models import (
 )
 from settlement.ledger.outbox import EVENT_OF, Subscriptions, emit_payment_event
 from settlement.ledger.reads import LedgerReads, _payment
+from settlement.ledger.statements import HotStatements
 
 __all__ = ["TRANSITIONS", "Ledger", "settled_copy"]
 
@@ -113,6 +114,8 @@ class Ledger(LedgerReads):
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The hot path's statements, compiled once for this database (settlement.ledger.statements).
+        self._hot = HotStatements(self.engine.dialect)
         # The event loop never waits on the database: calls run on the ledger's own threads. SQLite
         # takes one writer at a time (its lock waits sleep in whole milliseconds), so it gets one
         # thread that commits the calls queued together in one transaction; a server database gets
@@ -183,9 +186,9 @@ class Ledger(LedgerReads):
             with self._connection() as connection:
                 now = utcnow()
                 values = {"created_at": now, "updated_at": now, **fields}
-                inserted = connection.execute(_INSERT_PAYMENT, values)
-                key = inserted.inserted_primary_key
-                assert key is not None  # an INSERT of one row always has its key
+                cursor = self._hot.get(_INSERT_PAYMENT, values, _INSERT_DEFAULTS).execute(connection, values)
+                key = cursor.fetchone()
+                cursor.close()
                 return _payment({**_INSERT_DEFAULTS, **values, "id": key[0]})
         except IntegrityError:
             pass
@@ -230,14 +233,15 @@ class Ledger(LedgerReads):
         if response is not None:
             values["upstream_status"] = response[0]
         with self._connection() as connection:
-            _transition(connection, payment_id, _FROM_BEGIN_SETTLEMENT, values, "begin_settlement")
+            _transition(self._hot, connection, payment_id, _FROM_BEGIN_SETTLEMENT, values, "begin_settlement")
             if response is not None:
                 status, headers, body = response
-                connection.execute(_DELETE_STORED, {"pid": payment_id})
-                connection.execute(_INSERT_STORED, {
+                self._hot.get(_DELETE_STORED).execute(connection, {"pid": payment_id}).close()
+                stored = {
                     "payment_id": payment_id, "status": status, "headers": json.dumps(headers), "body": body,
                     "created_at": utcnow(),
-                })
+                }
+                self._hot.get(_INSERT_STORED, stored).execute(connection, stored).close()
 
     def store_response(self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
         with self._session() as session:
@@ -261,12 +265,12 @@ class Ledger(LedgerReads):
         with self._connection() as connection:
             subscriptions = self.subscriptions
             if subscriptions is None or name not in EVENT_OF:
-                _transition(connection, payment_id, allowed, values, name)
+                _transition(self._hot, connection, payment_id, allowed, values, name)
                 return
             # Locked until commit (PostgreSQL; SQLite has one writer): a concurrent same transition
             # waits and then sees the new state, so one change is one event.
             before = connection.execute(_STATE_FOR_UPDATE, {"pid": payment_id}).scalar_one_or_none()
-            _transition(connection, payment_id, allowed, values, name)
+            _transition(self._hot, connection, payment_id, allowed, values, name)
             if "state" not in values or values["state"] != before:  # a repeated transition is no new event
                 row = connection.execute(_BY_ID, {"pid": payment_id}).mappings().one()
                 emit_payment_event(connection, subscriptions, name, row)
@@ -346,10 +350,15 @@ _COLUMNS = frozenset(_PAYMENTS.c.keys())
 
 # The hot path's statements, built once: parameters are bound at execution (an UPDATE's SET list
 # comes from the keys given), so no statement is constructed, coerced and cache-keyed per call.
-_INSERT_PAYMENT = insert(_PAYMENTS)
-_TRANSITION = update(_PAYMENTS).where(
-    _PAYMENTS.c.id == bindparam("pid"), _PAYMENTS.c.state.in_(bindparam("allowed_from", expanding=True))
-)
+_INSERT_PAYMENT = insert(_PAYMENTS).returning(_PAYMENTS.c.id)
+# One guarded UPDATE per set of states a transition may leave (the states are literals of the
+# statement: an expanding IN would be re-rendered at every execution).
+_TRANSITIONS = {
+    allowed: update(_PAYMENTS).where(
+        _PAYMENTS.c.id == bindparam("pid"), or_(*(_PAYMENTS.c.state == state for state in allowed))
+    )
+    for allowed in set(TRANSITIONS.values()) | {_FROM_BEGIN_SETTLEMENT}
+}
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
 _STATE_FOR_UPDATE = _STATE_OF.with_for_update()
@@ -377,7 +386,8 @@ def _gas(gas: Mapping[str, int] | None) -> dict[str, int]:
 
 
 def _transition(
-    connection: Connection, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any], name: str
+    hot: HotStatements, connection: Connection, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any],
+    name: str,
 ) -> None:
     """One UPDATE of the row, only from the states in ``allowed``; otherwise nothing is written and
     ``invalid_transition`` (or ``ledger_row_missing``) is raised."""
@@ -385,8 +395,10 @@ def _transition(
     if unknown:
         raise AttributeError(f"payments has no column {sorted(unknown)[0]!r}")
     values.setdefault("updated_at", utcnow())
-    result = connection.execute(_TRANSITION, {"pid": payment_id, "allowed_from": list(allowed), **values})
-    if result.rowcount == 0:
+    cursor = hot.get(_TRANSITIONS[allowed], values).execute(connection, {"pid": payment_id, **values})
+    changed = cursor.rowcount
+    cursor.close()
+    if changed == 0:
         state = connection.execute(_STATE_OF, {"pid": payment_id}).scalar_one_or_none()
         if state is None:
             raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")

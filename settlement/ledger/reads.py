@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from settlement.ledger.group_commit import atomic_alone
 from settlement.ledger.models import OPEN_STATES, Payment, PaymentState, StoredResponse
+from settlement.ledger.statements import HotStatements
 
 __all__ = ["LedgerReads"]
 
@@ -25,16 +26,20 @@ def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:
 
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables
-_BY_AUTHORIZATION = select(_PAYMENTS).where(
+_AUTHORIZATION_KEY = (
     _PAYMENTS.c.network == bindparam("network"),
     _PAYMENTS.c.asset == bindparam("asset"),
     _PAYMENTS.c.payer == bindparam("payer"),
     _PAYMENTS.c.nonce == bindparam("nonce"),
 )
+_BY_AUTHORIZATION = select(_PAYMENTS).where(*_AUTHORIZATION_KEY)
+_ID_BY_AUTHORIZATION = select(_PAYMENTS.c.id).where(*_AUTHORIZATION_KEY)
 
 
 class LedgerReads:
-    # Provided by ``Ledger``: one transaction, shared with a group commit on SQLite.
+    # Provided by ``Ledger``: its hot statements, and one transaction, shared with a group commit on SQLite.
+    _hot: HotStatements
+
     def _connection(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
@@ -74,10 +79,16 @@ class LedgerReads:
 
     @atomic_alone
     def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
+        key = {"network": network, "asset": asset, "payer": payer, "nonce": nonce}
         with self._connection() as connection:
-            found = connection.execute(
-                _BY_AUTHORIZATION, {"network": network, "asset": asset, "payer": payer, "nonce": nonce}
-            ).one_or_none()
+            # A fresh authorization (the paid path's usual case) has no row: the driver's cursor
+            # answers that; a row found is read again through SQLAlchemy, which types its columns.
+            cursor = self._hot.get(_ID_BY_AUTHORIZATION).execute(connection, key)
+            seen = cursor.fetchone()
+            cursor.close()
+            if seen is None:
+                return None
+            found = connection.execute(_BY_AUTHORIZATION, key).one_or_none()
         return None if found is None else _payment(found._mapping)
 
     def all(self) -> list[Payment]:
