@@ -124,6 +124,8 @@ class BatchSettlement(BaseModel):
 
     max_wait_ms: float = Field(default=20.0, gt=0, le=10_000)
     max_payments: int = Field(default=50, ge=1, le=250)
+    # Group commit (settlement.schemes.batch): send at once when no batch is in flight. JSON true/false only.
+    flush_when_idle: bool = Field(default=False, strict=True)
     contract: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
 
 

@@ -146,7 +146,7 @@ def build_chains(settings: Settings, catalogs: Catalogs, local_networks: set[str
 
 
 def build_batching_facilitator(settings: Settings, local: LocalFacilitator, chains: dict[str, JsonRpcChain]) -> BatchingFacilitator:
-    policies = {n: BatchPolicy(p.max_wait_ms, p.max_payments) for n, p in settings.batch_settlement.items()}
+    policies = {n: BatchPolicy(p.max_wait_ms, p.max_payments, p.flush_when_idle) for n, p in settings.batch_settlement.items()}
     try:
         return build_batching(
             local, dict(chains), policies, {n: p.contract for n, p in settings.batch_settlement.items()},

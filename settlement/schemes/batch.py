@@ -3,7 +3,11 @@
 ``BatchingFacilitator`` has the ``Facilitator`` shape. ``verify`` is the local facilitator's;
 ``settle`` runs the same offline checks, then queues the payment and waits for its own outcome.
 A network's queue is sent as ONE ``BatchSettler.settle(token, auths)`` transaction when it holds
-``max_payments`` payments or its oldest payment has waited ``max_wait_ms``. The contract calls
+``max_payments`` payments or its oldest payment has waited ``max_wait_ms``. With ``flush_when_idle``
+(group commit) a payment that finds no batch of its token in flight is sent at the next turn of the
+event loop (with whatever else arrived in that turn), and the payments that arrive while a batch is in
+flight are sent together as soon as its outcome is known; ``max_payments`` and ``max_wait_ms`` still
+bound a batch's size and its wait. The contract calls
 ``transferWithAuthorization`` for each item under try/catch and emits ``Settled``/``Failed`` per
 index; each waiter's answer is read from the receipt (that event, plus the token's own
 ``AuthorizationUsed`` and ``Transfer`` logs).
@@ -17,6 +21,7 @@ answers every item ``settlement_pending`` with that hash, for reconcile to resol
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +54,8 @@ BATCH_ITEM_GAS = 100_000
 class BatchPolicy:
     max_wait_ms: float = 20.0
     max_payments: int = 50
+    # Group commit: send at once when no batch of the token is in flight, else when one resolves.
+    flush_when_idle: bool = False
 
 
 class BatchChain(Chain, Protocol):
@@ -120,8 +127,11 @@ class _NetworkBatcher:
         self.receipt_timeout = receipt_timeout
         # One queue per token: a batch transaction names one token.
         self._queues: dict[str, list[_Item]] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # A queue's scheduled flush: the max_wait_ms timer, or (flush_when_idle) the next loop turn.
+        self._timers: dict[str, asyncio.Handle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # token → its batches sent (flushed) whose outcome is not resolved yet.
+        self._in_flight: dict[str, int] = {}
 
     def submit(self, item: _Item) -> None:
         token = item.checked.token
@@ -131,7 +141,11 @@ class _NetworkBatcher:
             self.flush(token)
         elif len(queue) == 1:
             loop = asyncio.get_running_loop()
-            self._timers[token] = loop.call_later(self.policy.max_wait_ms / 1000, self.flush, token)
+            if self.policy.flush_when_idle and not self._in_flight.get(token):
+                # Nothing of this token in flight: go at the next turn, with what else arrives in this one.
+                self._timers[token] = loop.call_soon(self.flush, token)
+            else:
+                self._timers[token] = loop.call_later(self.policy.max_wait_ms / 1000, self.flush, token)
 
     def flush(self, token: str) -> None:
         timer = self._timers.pop(token, None)
@@ -141,13 +155,26 @@ class _NetworkBatcher:
         if items:
             task = asyncio.get_running_loop().create_task(self._settle(token, items))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._in_flight[token] = self._in_flight.get(token, 0) + 1
+            task.add_done_callback(functools.partial(self._batch_done, token))
+
+    def _batch_done(self, token: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        left = self._in_flight.pop(token, 1) - 1
+        if left > 0:
+            self._in_flight[token] = left
+        # Its outcome is known (mined, failed, pending or raised): what queued behind it goes now. A
+        # cancelled batch (shutdown) sends nothing more; its queue's timer still stands.
+        if self.policy.flush_when_idle and not task.cancelled() and self._queues.get(token):
+            self.flush(token)
 
     async def drain(self) -> None:
-        for token in list(self._queues):
-            self.flush(token)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Until nothing is queued or in flight: a batch that resolves may send what queued behind it.
+        while self._queues or self._tasks:
+            for token in list(self._queues):
+                self.flush(token)
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _settle(self, token: str, items: list[_Item]) -> None:
         try:
