@@ -63,7 +63,7 @@ CONCURRENCIES = (1, 32)
 TARGETS = {"C/B": 1.5, "D/E": 3.0, "D/G": 0.8, "F/B": 0.5}
 GATEWAY_PATH = "/quotes/AAPL"
 UPSTREAM_PATH = "/api/v1/quote/AAPL"
-BATCH_POLICY = {"max_wait_ms": 20, "max_payments": 50}
+BATCH_POLICY = {"max_wait_ms": 20, "max_payments": 50, "flush_when_idle": True}
 SEL_TWA = bytes.fromhex("e3ee160e")
 EMBEDDED = Setup()
 

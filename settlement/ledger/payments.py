@@ -414,6 +414,6 @@ _PAYMENT_COLUMNS = tuple(column.key for column in Payment.__table__.columns)
 def settled_copy(row: Payment, *, tx_hash: str, block_number: int | None, amount: int) -> Payment:
     """A detached copy of ``row`` as ``mark_settled`` (with ``begin_settlement``'s amount) leaves it:
     nothing is written. What a paid answer's receipt is derived from without reading the row back."""
-    copy = Payment(**{column: getattr(row, column) for column in _PAYMENT_COLUMNS})
-    copy.state, copy.tx_hash, copy.block_number, copy.amount = PaymentState.SETTLED.value, tx_hash, block_number, amount
-    return copy
+    values = {column: getattr(row, column) for column in _PAYMENT_COLUMNS}
+    values.update(state=PaymentState.SETTLED.value, tx_hash=tx_hash, block_number=block_number, amount=amount)
+    return _payment(values)

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy.engine import Connection, RowMapping
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, configure_mappers
 
 from settlement.ledger.group_commit import atomic_alone
 from settlement.ledger.models import OPEN_STATES, Payment, PaymentState, StoredResponse
@@ -20,9 +20,19 @@ from settlement.ledger.statements import HotStatements
 __all__ = ["LedgerReads"]
 
 
+_NEW_PAYMENT = Payment.__mapper__.class_manager.new_instance
+
+
 def _payment(mapping: RowMapping | dict[str, Any]) -> Payment:
-    """A detached ``Payment`` from a Core row (the same attributes the ORM would load)."""
-    return Payment(**mapping)
+    """A detached ``Payment`` from a Core row (the same attributes the ORM would load): the ORM's
+    own instance with its attributes set as a load sets them, without the constructor's change
+    tracking (it is never added to a session), at a thirtieth of the constructor's cost; the paid
+    path makes two per call."""
+    if not Payment.__mapper__.configured:
+        configure_mappers()  # what the constructor would do first: the attributes' loaders
+    row: Payment = _NEW_PAYMENT()
+    row.__dict__.update(mapping)
+    return row
 
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables

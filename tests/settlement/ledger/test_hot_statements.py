@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from settlement.errors import LedgerError
-from settlement.ledger import Base, Ledger, Payment, PaymentState
+from settlement.ledger import Base, Ledger, Payment, PaymentState, settled_copy
 from settlement.ledger.statements import HotStatement
 from settlement.schema import open_ledger
 from tests.settlement.ledger.test_ledger import fields
@@ -82,3 +82,18 @@ def test_a_statement_needs_every_value_it_binds(hot_ledger: Ledger) -> None:
     # An ``onupdate`` column is bound too: a caller that forgets it is told, not given a NULL.
     with pytest.raises(KeyError, match="updated_at"):
         statement.parameters({"state": "settled", "pid": 1})
+
+
+def test_rows_built_without_the_constructor_read_like_loaded_ones(hot_ledger: Ledger) -> None:
+    """``record_verified``'s row and ``settled_copy`` are built without ``Payment(...)``: every
+    column reads as the stored row's, and the copy leaves the recorded row as it was."""
+    row = hot_ledger.record_verified(**fields(amount=12_345))
+    stored = hot_ledger.get(row.id)
+    assert stored is not None
+    for column in Payment.__table__.columns.keys():
+        if column not in ("created_at", "updated_at"):  # SQLite hands datetimes back without their zone
+            assert getattr(row, column) == getattr(stored, column), column
+    copy = settled_copy(row, tx_hash="0x" + "cd" * 32, block_number=9, amount=12_000)
+    assert (copy.state, copy.tx_hash, copy.block_number, copy.amount) == ("settled", "0x" + "cd" * 32, 9, 12_000)
+    assert (row.state, row.tx_hash, row.block_number, row.amount) == ("verified", None, None, 12_345)
+    assert copy.id == row.id and copy.nonce == row.nonce and copy.refund_owed is None
