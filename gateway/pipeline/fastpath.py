@@ -13,7 +13,10 @@ own ``CORSMiddleware.send`` when the request has an Origin, and the ``Vary: Orig
 middleware adds to every other answer, prebuilt. It answers only a request to a catalog route that
 no other route of the app shadows, not OPTIONS, with no payment header, no body, and a plain ASCII
 path (no percent-encoding), whose shape-only stages pass. Anything else, including anything those
-stages refuse (404, 405, 422...), goes on to the app unchanged.
+stages refuse (404, 405, 422...), goes on to the app unchanged, except one kind: a call with a
+payment header or a body to such a path goes straight to the pipeline (``_direct``), as the app's
+catch-all route would hand it over, with the same CORS headers. What that skips is Starlette's
+exception middlewares and the walk along the app's other routes: a paid call's own overhead.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CachedResponse", "UnpaidFastPath"]
 
+# ``_key``'s answer (compared by identity) for a call the pipeline takes straight (``UnpaidFastPath._direct``).
+_DIRECT: tuple[tuple[Any, ...], bool] = ((), False)
 MAX_ENTRIES = 1024  # distinct (method, path, query, host) answers kept; a few KB each
 _PAYMENT_HEADERS = frozenset({lower(PAYMENT_SIGNATURE).encode(), lower(X_PAYMENT).encode()})
 _REQUEST_ID = lower(REQUEST_ID).encode()
@@ -108,6 +113,9 @@ class UnpaidFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self._key(scope) if scope["type"] == "http" and self.enabled else None
+        if found is _DIRECT:
+            await self._direct(scope, receive, send)
+            return
         if found is None:
             await self.app(scope, receive, send)
             return
@@ -134,9 +142,18 @@ class UnpaidFastPath:
             send = functools.partial(self.cors.send, send=send, request_headers=Headers(scope=scope))
         await response(scope, receive, send)
 
+    async def _direct(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A call with a payment or a body, to a path only the catalog's catch-all route takes:
+        straight to the pipeline, as that route would hand it over, with the CORS headers the
+        app's ``CORSMiddleware`` adds; Starlette's exception middlewares and the walk along the
+        app's other routes are what is skipped (the pipeline answers every refusal itself)."""
+        response = await self.pipeline.handle(Request(scope, receive, send))
+        await response(scope, receive, functools.partial(self.cors.send, send=send, request_headers=Headers(scope=scope)))
+
     def _key(self, scope: Scope) -> tuple[tuple[Any, ...], bool] | None:
         """The cache key of this request and whether it came with an Origin, if it is one the fast
-        path may answer; else None."""
+        path may answer; ``_DIRECT`` for a paid call (or one with a body) the pipeline answers
+        without the app's routing; else None."""
         path: str = scope["path"]
         raw_path = scope.get("raw_path")
         if (
@@ -158,7 +175,7 @@ class UnpaidFastPath:
             elif name == b"origin":
                 origin = True
             elif name in _PAYMENT_HEADERS or name == b"transfer-encoding" or name == b"content-length" and value != b"0":
-                return None
+                return None if any(pattern.match(path) for pattern in self._shadowed_patterns) else _DIRECT
         if host is None:
             return None  # without a Host, the URL is the server's
         server = scope.get("server")  # the URL's host when the Host header is unusable

@@ -61,6 +61,12 @@ UNPAID: list[Request] = [
     ("GET", "/healthz", {}, None),
     ("GET", "/tools", {}, None),
     ("GET", "/quotes/AAPL", {"Accept": "application/json"}, None),
+    # Paid calls and bodies go straight to the pipeline: the same answers, CORS headers included.
+    ("GET", "/quotes/AAPL", {**ORIGIN, "Payment-Signature": PAYMENT}, None),
+    ("POST", "/orders", {**ORIGIN, "Content-Type": "application/json"}, b'{"symbol": "AAPL", "quantity": 5}'),
+    ("GET", "/quotes/AAPL", {"Payment-Signature": "%%% not base64"}, None),
+    ("GET", "/healthz", {"Payment-Signature": PAYMENT}, None),  # another route's path: the app's
+    ("GET", "/receipts/1", {"Payment-Signature": PAYMENT}, None),  # another route's pattern
 ]
 
 
@@ -255,3 +261,28 @@ def test_header_limit(apps: AppFactory) -> None:
     statuses = assert_same(fast, slow, [("GET", "/quotes/AAPL", small, None), ("GET", "/quotes/AAPL", large, None),
                                         ("GET", "/quotes/AAPL", small, None)])
     assert statuses == [402, 431, 402]
+
+
+def test_paid_calls_skip_the_app_stack_but_never_another_routes_path(apps: AppFactory) -> None:
+    """A paid call to a catalog path is the pipeline's without Starlette's middlewares and route
+    walk; a paid call to a path another route takes (literal or pattern) still goes to the app."""
+    fast, _ = apps()
+    send_all(fast, [("GET", "/quotes/AAPL", {}, None)])  # builds the middleware stack and the front
+    front = fast.middleware_stack
+    stack_calls: list[str] = []
+    inner = front.app  # type: ignore[union-attr]
+
+    async def counted_stack(scope: Any, receive: Any, send: Any) -> None:
+        stack_calls.append(scope["path"])
+        await inner(scope, receive, send)
+
+    front.app = counted_stack  # type: ignore[union-attr]
+    answers = send_all(fast, [
+        ("GET", "/quotes/AAPL", {"Payment-Signature": PAYMENT}, None),
+        ("POST", "/orders", {"Content-Type": "application/json"}, b'{"symbol": "AAPL", "quantity": 5}'),
+        ("GET", "/healthz", {"Payment-Signature": PAYMENT}, None),
+        ("GET", "/receipts/1", {"X-Payment": PAYMENT}, None),
+    ])
+    assert [status for status, _, _ in answers][:2] == [400, 402]
+    assert answers[2][0] == 200 and answers[3][0] != 400  # the health check and the receipts route answered
+    assert stack_calls == ["/healthz", "/receipts/1"]
