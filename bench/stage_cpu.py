@@ -1,28 +1,34 @@
 """CPU per stage of a paid call: where the gateway's own CPU goes, stage by stage.
 
-    python -m bench.stage_cpu [--calls 300] [--batched]
+    python -m bench.stage_cpu [--calls 300] [--batched] [--yappi]
 
 Starts a fresh anvil, the sample upstream and a gateway in this process (threads), pays ``--calls``
 calls of the example catalog's ``get_quote`` one after another with pre-signed authorizations, and
-profiles them with yappi (CPU clock, every thread). Each stage's ``__call__`` and each finalizer is
-charged its CPU on the event loop, subcalls included; the ledger's group-commit thread, the audit
-writer and the executor threads that run the ledger's and chain's blocking work are shown apart.
-The client runs in this process too and is left out of the table.
+charges each stage and finalizer the CPU its thread spent while it ran (``time.thread_time``, so
+the client and the upstream, on their own threads, are left out): what a stage awaits on the loop
+(a batch's send and receipt, the upstream's answer being read) is charged to it. The ledger's
+group-commit thread (its writes, and the audit trail's appends, which share it on SQLite) is timed
+the same way and shown apart. These are real milliseconds, with a timer call around each stage.
 
-Needs yappi (``pip install -e '.[bench]'``). Absolute figures carry yappi's own overhead (a few times the real cost of pure-Python code): read
-the shares, and ``python -m bench.cpu_per_call`` for the real CPU per call.
+``--yappi``: profile with yappi instead (``pip install -e '.[bench]'``): every function, but the
+figures carry yappi's own overhead (a few times the real cost of pure-Python code): read its shares.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import tempfile
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from bench.run import BATCH_POLICY
 from catalog import load_catalogs
 from gateway.app import create_app
 from gateway.devkit.anvil import Anvil
@@ -54,17 +60,49 @@ def stage_names() -> dict[str, str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:  # bench only: pip install -e '.[bench]'
-        yappi = importlib.import_module("yappi")
-    except ImportError:
-        print("bench.stage_cpu needs yappi: pip install -e '.[bench]'")
-        return 2
+def thread_cpu(native_id: int) -> float:
+    """Seconds of CPU a thread of this process has used (utime + stime, from /proc)."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+class StageClock:
+    """Each stage's and finalizer's ``__call__`` wrapped to add the CPU its thread spent in it."""
+
+    def __init__(self, chain: Any) -> None:
+        self.ns: dict[str, int] = defaultdict(int)
+        for part, label in [*((s, s.name) for s in chain.stages), *((f, f"finalizer {f.name}") for f in chain.finalizers)]:
+            cls = type(part)
+            if "__timed__" not in cls.__dict__:
+                cls.__call__ = self._timed(cls.__call__, label)
+                cls.__timed__ = True
+
+    def _timed(self, call: Any, label: str) -> Any:
+        ns = self.ns
+
+        async def timed(stage: Any, ctx: Any) -> Any:
+            started = time.thread_time_ns()
+            try:
+                return await call(stage, ctx)
+            finally:
+                ns[label] += time.thread_time_ns() - started
+
+        return timed
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=600)
     parser.add_argument("--batched", action="store_true", help="batched settlement (case F) instead of one tx per call")
+    parser.add_argument("--yappi", action="store_true", help="profile with yappi (every function, inflated figures)")
     args = parser.parse_args(argv)
+    yappi: Any = None
+    if args.yappi:
+        try:  # bench only: pip install -e '.[bench]'
+            yappi = importlib.import_module("yappi")
+        except ImportError:
+            print("bench.stage_cpu --yappi needs yappi: pip install -e '.[bench]'")
+            return 2
     with tempfile.TemporaryDirectory(prefix="x402gw-stages-") as tmp, Anvil() as anvil:
         deployment = setup_devchain(anvil.rpc_url)
         deployment_file = Path(tmp) / "devchain.json"
@@ -72,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         upstream = ThreadServer(rest_upstream.create_app()).start()
         catalog = Path(tmp) / "demo.yaml"
         catalog.write_text(DEFAULT_CATALOG.read_text().replace("http://127.0.0.1:9101", upstream.url))
-        batch = {"batch_settlement": {"eip155:31337": {"max_wait_ms": 20, "max_payments": 50}}} if args.batched else {}
+        batch = {"batch_settlement": {"eip155:31337": BATCH_POLICY}} if args.batched else {}
         settings = Settings(catalog=[catalog], deployment_file=deployment_file,
                             database_url=f"sqlite:///{tmp}/ledger.sqlite3", **batch)  # type: ignore[arg-type]
         ledger = open_ledger(settings.database_url)
-        gateway = ThreadServer(create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger)).start()
+        app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger)
+        gateway = ThreadServer(app).start()
+        clock = None if yappi else StageClock(app.state.pipeline.chain)
+        threads = {"loop": gateway.thread.native_id, "ledger": next(
+            (t.native_id for t in threading.enumerate() if t.name == "x402gw-ledger"), None)}
         try:
             with httpx.Client(base_url=gateway.url, timeout=60) as client:
                 offer = PaymentRequired.model_validate(decode_header_json(client.get("/quotes/AAA").headers["PAYMENT-REQUIRED"]))
@@ -85,17 +127,43 @@ def main(argv: list[str] | None = None) -> int:
                            for _ in range(args.calls + 20)]
                 for header in headers[:20]:  # warm: first compiles, connections, caches
                     client.get("/quotes/AAA", headers={"PAYMENT-SIGNATURE": header}).raise_for_status()
-                yappi.set_clock_type("cpu")
-                yappi.start(builtins=False)
+                if yappi:
+                    yappi.set_clock_type("cpu")
+                    yappi.start(builtins=False)
+                elif clock is not None:
+                    clock.ns.clear()
+                before = {name: thread_cpu(tid) for name, tid in threads.items() if tid is not None}
                 for header in headers[20:]:
                     client.get("/quotes/AAA", headers={"PAYMENT-SIGNATURE": header}).raise_for_status()
-                yappi.stop()
+                after = {name: thread_cpu(tid) for name, tid in threads.items() if tid is not None}
+                if yappi:
+                    yappi.stop()
         finally:
             gateway.stop()
             upstream.stop()
             ledger.close()
-    report(yappi.get_func_stats(), args.calls, stage_names())
+    if yappi:
+        report(yappi.get_func_stats(), args.calls, stage_names())
+    elif clock is not None:
+        report_clock(clock.ns, {name: after[name] - before[name] for name in after}, args.calls, args.batched)
     return 0
+
+
+def report_clock(ns: dict[str, int], threads: dict[str, float], calls: int, batched: bool) -> None:
+    loop, ledger = threads.get("loop", 0.0), threads.get("ledger", 0.0)
+    staged = sum(ns.values()) / 1e9
+    print(f"CPU per paid call by stage ({'batched settlement' if batched else 'one transaction per call'}; thread CPU "
+          f"time, {calls} sequential calls)")
+    print(f"  {'stage':36s} {'ms':>8s} {'share':>7s}")
+    total = loop + ledger
+    rows = [(name, value / 1e9) for name, value in ns.items()]
+    rows.append(("loop outside the stages (HTTP, routing)", max(loop - staged, 0.0)))
+    rows.append(("ledger thread (ledger writes, audit)", ledger))
+    for name, seconds in sorted(rows, key=lambda kv: -kv[1]):
+        if seconds * 1000 / calls >= 0.005:
+            print(f"  {name:36s} {seconds * 1000 / calls:8.3f} {100 * seconds / total:6.1f}%")
+    print(f"  {'total (loop thread + ledger thread)':36s} {total * 1000 / calls:8.3f}")
+    print("  (thread totals from /proc, 10 ms ticks: the stages' sum is exact, the two totals within 10 ms / calls)")
 
 
 def report(stats: object, calls: int, names: dict[str, str]) -> None:
