@@ -6,6 +6,7 @@ reuse it; per payment this costs one keccak of the struct, one of the digest, an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from coincurve import PublicKey
@@ -71,7 +72,19 @@ def authorization_digest(domain_sep: bytes, auth: TransferAuthorization) -> byte
 
 def recover_signer(digest: bytes, signature: bytes) -> str | None:
     """The checksum address that signed ``digest``, or None when the signature is malformed,
-    malleable (high s) or does not recover."""
+    malleable (high s) or does not recover.
+
+    Remembered for the last few thousand (digest, signature) pairs: a pure function of its two
+    inputs, and a paid call asks twice (``decode_and_bind`` to know the payer before any lookup,
+    the facilitator's verify), each ask a secp256k1 recovery. A flood of junk signatures only
+    evicts entries."""
+    if type(digest) is not bytes or type(signature) is not bytes:
+        return _recover_signer(bytes(digest), bytes(signature))
+    return _recover_signer(digest, signature)
+
+
+@functools.lru_cache(maxsize=4096)
+def _recover_signer(digest: bytes, signature: bytes) -> str | None:
     try:
         v, r, s = split_signature(signature)
     except ValueError:

@@ -247,3 +247,27 @@ def test_other_digest_recovers_another_address() -> None:
     )
 
     assert recover_signer(other, known_signature()) != ANVIL_ADDRESS_1
+
+
+def test_a_recovery_is_remembered_and_never_confused(monkeypatch: Any) -> None:
+    """The second ask for the same (digest, signature) is not recomputed (decode_and_bind and verify
+    both ask for every paid call); any other pair is, and a bytearray asks the same as bytes."""
+    import settlement.schemes.eip712 as eip712
+
+    recoveries: list[bytes] = []
+    real = eip712.PublicKey.from_signature_and_message
+
+    def counted(signature: bytes, message: bytes, hasher: Any = None) -> Any:
+        recoveries.append(message)
+        return real(signature, message, hasher=hasher)
+
+    monkeypatch.setattr(eip712.PublicKey, "from_signature_and_message", staticmethod(counted))
+    eip712._recover_signer.cache_clear()
+    digest, signature = bytes.fromhex(KNOWN_DIGEST), bytes.fromhex(KNOWN_SIGNATURE)
+    assert recover_signer(digest, signature) == ANVIL_ADDRESS_1
+    assert recover_signer(bytearray(digest), bytearray(signature)) == ANVIL_ADDRESS_1
+    assert len(recoveries) == 1
+    other = bytes([digest[0] ^ 1]) + digest[1:]  # another message under the same signature
+    assert recover_signer(other, signature) != ANVIL_ADDRESS_1
+    assert len(recoveries) == 2
+    assert recover_signer(digest, signature) == ANVIL_ADDRESS_1 and len(recoveries) == 2
