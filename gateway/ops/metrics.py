@@ -126,6 +126,16 @@ class GatewayMetrics:
         # and builds a key on every call. Label values are few (outcomes, tools, capped reasons).
         self._by_outcome: dict[str, Counter] = {}
         self._challenges_by_tool: dict[str, Counter] = {}
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
+
+    def _child(self, metric: Counter, *values: str) -> Counter:
+        """``metric.labels(*values)``, kept: the values are bounded (tools and assets of the catalog,
+        fixed results, reasons capped by ``_reason``)."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def watch_dependencies(self, source: Callable[[], Mapping[str, Mapping[str, list[Mapping[str, Any]]]]]) -> None:
         """Export the per-URL state of the RPC endpoints and facilitators at every scrape."""
@@ -165,33 +175,33 @@ class GatewayMetrics:
         if not ctx.payment_received:
             return
         if ctx.drift is not None:
-            self.drift.labels(tool=tool, handling=ctx.drift).inc()
-        self.received.labels(tool=tool).inc()
+            self._child(self.drift, tool, ctx.drift).inc()
+        self._child(self.received, tool).inc()
         if outcome == "replayed":
-            self.replayed.labels(tool=tool).inc()
+            self._child(self.replayed, tool).inc()
             return
         if outcome not in VERIFIED_OUTCOMES:
-            self.rejected.labels(tool=tool, reason=self._reason(ctx.reason)).inc()
+            self._child(self.rejected, tool, self._reason(ctx.reason)).inc()
             return
-        self.verified.labels(tool=tool).inc()
+        self._child(self.verified, tool).inc()
         if outcome == "verified" and ctx.reason is not None:
             # Verified, then stopped before the upstream (a budget, a breaker, a payment in flight).
-            self.rejected.labels(tool=tool, reason=self._reason(ctx.reason)).inc()
+            self._child(self.rejected, tool, self._reason(ctx.reason)).inc()
         if "upstream" in ctx.timings:
             # 3xx counts as failed: the pipeline neither follows nor settles a redirect.
             ok = ctx.upstream_status is not None and ctx.upstream_status < 300
-            self.upstream.labels(tool=tool, result="ok" if ok else "failed").inc()
+            self._child(self.upstream, tool, "ok" if ok else "failed").inc()
         if ctx.settlement is not None and ctx.settlement.success:
-            self.settlements.labels(tool=tool, result="settled").inc()
+            self._child(self.settlements, tool, "settled").inc()
             if ctx.payload is not None:
-                self.revenue.labels(tool=tool, asset=ctx.payload.accepted.asset).inc(int(ctx.payload.accepted.amount))
+                self._child(self.revenue, tool, ctx.payload.accepted.asset).inc(int(ctx.payload.accepted.amount))
         elif "settle" in ctx.timings:
             pending = ctx.reason in PENDING_REASONS
-            self.settlements.labels(tool=tool, result="pending" if pending else "failed").inc()
+            self._child(self.settlements, tool, "pending" if pending else "failed").inc()
         if outcome == "refund_owed":
-            self.refunds.labels(tool=tool, state="owed").inc()
+            self._child(self.refunds, tool, "owed").inc()
         elif outcome == "refunded":
-            self.refunds.labels(tool=tool, state="refunded").inc()
+            self._child(self.refunds, tool, "refunded").inc()
 
     def per_tool(self) -> dict[str, ToolCounts]:
         """The funnel counters by tool, read back from the registry (for the dashboard)."""

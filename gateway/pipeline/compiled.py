@@ -56,6 +56,8 @@ class CompiledTool:
     scheme_requirements: Callable[[PaymentTerms, int], PaymentRequirements] = exact_requirements
     # A tool priced by a rule: its offers by their amounts (one per offer), the latest kept.
     priced: dict[tuple[int, ...], Offer] = field(default_factory=dict, repr=False)
+    # Arguments (as canonical JSON) that passed ``validator``, the latest kept (stage ``arguments``).
+    valid_arguments: dict[str, None] = field(default_factory=dict, repr=False)
 
     @cached_property
     def offer(self) -> Offer:

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonschema import Draft202012Validator
 from starlette.requests import Request
@@ -27,6 +27,9 @@ from catalog import Tool
 from gateway.errors import GatewayError
 from gateway.pipeline.context import RequestContext
 from gateway.upstream.trimming import answer_request
+
+if TYPE_CHECKING:
+    from gateway.pipeline.compiled import CompiledTool
 
 __all__ = ["Arguments", "Body", "collect_arguments", "validate_arguments"]
 
@@ -223,5 +226,30 @@ class Arguments:
         # 402, and are not arguments: a malformed one is a 400 that costs nothing.
         ctx.answer_request, query = answer_request(tool, request.query_params.multi_items(), ctx.query)
         ctx.arguments = collect_arguments(tool, ctx.params, query, ctx.body, ctx.method)
-        validate_arguments(compiled.validator, ctx.arguments)
+        check_arguments(compiled, ctx.arguments)
         return None
+
+
+MAX_VALID_ARGUMENTS = 1024  # per tool: the latest distinct argument sets that passed its schema
+_MAX_KEY_CHARS = 1024  # larger arguments are validated every time, never kept
+
+
+def check_arguments(compiled: CompiledTool, arguments: dict[str, Any]) -> None:
+    """``validate_arguments`` against the tool's schema, remembering what passed: a paid call
+    repeats the arguments its 402 was validated with, and agents repeat calls. The key is the
+    arguments' canonical JSON, which tells apart every value JSON Schema does (``1`` and ``1.0``
+    and ``true``, a string and a number); refusals are never kept (their errors are rebuilt)."""
+    try:
+        key: str | None = json.dumps(arguments, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        key = None
+    if key is not None and len(key) > _MAX_KEY_CHARS:
+        key = None
+    valid = compiled.valid_arguments
+    if key is not None and key in valid:
+        return
+    validate_arguments(compiled.validator, arguments)
+    if key is not None:
+        if len(valid) >= MAX_VALID_ARGUMENTS:
+            del valid[next(iter(valid))]  # the oldest
+        valid[key] = None

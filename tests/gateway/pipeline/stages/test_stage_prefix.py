@@ -10,8 +10,9 @@ from typing import TypeVar
 import pytest
 
 from gateway.errors import GatewayError
+from gateway.pipeline.compiled import CompiledTool
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.stages.arguments import Arguments, Body
+from gateway.pipeline.stages.arguments import MAX_VALID_ARGUMENTS, Arguments, Body, check_arguments
 from gateway.pipeline.stages.challenge import Challenge, OfferStage
 from gateway.pipeline.stages.route import Route
 from gateway.pipeline.stages.safety import HeaderLimits, PreChallengeSafety
@@ -76,6 +77,34 @@ def test_arguments_are_collected_and_validated_before_any_price() -> None:
     assert ctx.arguments["city"] == "Lisbon"
     bad = through(context("GET", "/weather"), ROUTE, Body(1024))
     assert refusal(Arguments()(bad)).code == "invalid_arguments"
+
+
+def test_arguments_that_passed_are_not_validated_again_and_never_stand_for_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A passing set of arguments is remembered by its canonical JSON: not validated twice, and
+    never taken for another set Python calls equal (``True == 1``) or for a refused one."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    compiled = CompiledTool(TOOLS["get_quote"].tool.model_copy(update={"input_schema": schema}))
+    asked: list[object] = []
+    validator = type(compiled.validator)
+    real = validator.iter_errors
+
+    def counted(self: object, instance: object) -> object:
+        asked.append(instance)
+        return real(self, instance)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(validator, "iter_errors", counted)
+    check_arguments(compiled, {"n": 1})
+    check_arguments(compiled, {"n": 1})
+    assert asked == [{"n": 1}]
+    with pytest.raises(GatewayError) as refused:
+        check_arguments(compiled, {"n": True})  # equal to {"n": 1} in Python, not in JSON Schema
+    assert refused.value.code == "invalid_arguments"
+    with pytest.raises(GatewayError):
+        check_arguments(compiled, {"n": True})  # a refusal is never remembered as a pass
+    assert asked == [{"n": 1}, {"n": True}, {"n": True}]
+    for n in range(MAX_VALID_ARGUMENTS + 10):
+        check_arguments(compiled, {"n": n})
+    assert len(compiled.valid_arguments) == MAX_VALID_ARGUMENTS  # bounded, the oldest dropped
 
 
 def offered(method: str, path: str, headers: list[tuple[str, str]] | None = None) -> RequestContext:
