@@ -150,6 +150,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# The threads a server database's ledger runs its calls on (settlement.ledger.payments), and the
+# connections its engine keeps open for them and for the few other callers (reads, the outbox).
+LEDGER_THREADS = 8
+POOL_SIZE = LEDGER_THREADS + 4
+POOL_OVERFLOW = 8
+
+
 def create_ledger_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -160,4 +167,7 @@ def create_ledger_engine(url: str) -> Engine:
         return engine
     if parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True)
+    # Kept open: the ledger's pool of threads (LEDGER_THREADS) and a few more callers at once. With
+    # SQLAlchemy's default of 5, three of those threads opened a new PostgreSQL connection per call
+    # under load (and closed it on return): a server process forked per ledger write.
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)

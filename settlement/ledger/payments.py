@@ -54,6 +54,7 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 from settlement.errors import LedgerError
 from settlement.ledger.group_commit import GroupCommitWorker, atomic_alone
 from settlement.ledger.models import (
+    LEDGER_THREADS,
     Payment,
     PaymentState,
     StoredResponse,
@@ -128,7 +129,7 @@ class Ledger(LedgerReads):
             # The audit trail shares the file's one thread (gateway.pipeline.pipeline), between batches.
             self.shared_executor: Executor | None = self.executor
         else:
-            self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="x402gw-ledger")
+            self.executor = ThreadPoolExecutor(max_workers=LEDGER_THREADS, thread_name_prefix="x402gw-ledger")
             self.shared_executor = None
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:

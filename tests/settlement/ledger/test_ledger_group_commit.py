@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, event, text
 
 from settlement.errors import LedgerError
 from settlement.ledger import Ledger, PaymentState
+from settlement.ledger.models import LEDGER_THREADS
 from settlement.schema import open_ledger
 from tests.support.settlement_helpers import ledger_fields
 
@@ -116,6 +117,27 @@ def test_postgresql_takes_concurrent_calls_on_a_pool(postgres_url: str) -> None:
     try:
         rows = asyncio.run(run())
         assert [row.state for row in rows] == [PaymentState.SETTLED.value] * 40
+    finally:
+        ledger.close()
+
+
+def test_postgresql_keeps_its_connections_under_load(postgres_url: str) -> None:
+    """Every ledger thread busy at once opens each connection once: none is opened per call and
+    closed on return (SQLAlchemy's default pool of 5 did that to three of the eight threads, a
+    PostgreSQL server process forked per write)."""
+    ledger = open_ledger(postgres_url)
+    connects: list[int] = []
+    event.listen(ledger.engine, "connect", lambda *_: connects.append(1))
+
+    async def run() -> None:
+        rows = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(20_000 + i)) for i in range(200)))
+        for _ in range(3):
+            await asyncio.gather(*(ledger.run(ledger.by_authorization, row.network, row.asset, row.payer, row.nonce)
+                                   for row in rows))
+
+    try:
+        asyncio.run(run())
+        assert 0 < len(connects) <= LEDGER_THREADS  # one per thread at most, never one per call
     finally:
         ledger.close()
 
