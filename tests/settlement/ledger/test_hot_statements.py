@@ -5,78 +5,64 @@ SQLAlchemy's exceptions (so a duplicate is still an ``IntegrityError`` and a wri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from settlement.errors import LedgerError
-from settlement.ledger import Base, Ledger, Payment, PaymentState, settled_copy
+from settlement.ledger import Ledger, Payment, PaymentState, settled_copy
 from settlement.ledger.statements import HotStatement
-from settlement.schema import open_ledger
 from tests.settlement.ledger.test_ledger import fields
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def hot_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    url = f"sqlite:///{tmp_path / 'hot.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    ledger = open_ledger(url)
-    try:
-        yield ledger
-    finally:
-        Base.metadata.drop_all(ledger.engine)
-        ledger.close()
-
-
-def test_hot_writes_read_back_typed(hot_ledger: Ledger) -> None:
+def test_hot_writes_read_back_typed(ledger: Ledger) -> None:
     """Datetimes, huge atomic amounts and cleared columns written on the driver's cursor read back
     through the ORM with their types and values."""
-    row = hot_ledger.record_verified(**fields(amount=2**256 - 1))
-    hot_ledger.begin_settlement(row.id, (200, [("content-type", "application/json")], b'{"ok":1}'), amount=2**200)
-    hot_ledger.mark_settled(row.id, tx_hash="0x" + "ab" * 32, block_number=7)
-    stored = hot_ledger.get(row.id)
+    row = ledger.record_verified(**fields(amount=2**256 - 1))
+    ledger.begin_settlement(row.id, (200, [("content-type", "application/json")], b'{"ok":1}'), amount=2**200)
+    ledger.mark_settled(row.id, tx_hash="0x" + "ab" * 32, block_number=7)
+    stored = ledger.get(row.id)
     assert stored is not None
     assert stored.state == PaymentState.SETTLED.value and stored.amount == 2**200
     assert stored.tx_hash == "0x" + "ab" * 32 and stored.block_number == 7 and stored.upstream_status == 200
     assert isinstance(stored.created_at, datetime) and isinstance(stored.updated_at, datetime)
     assert abs((stored.updated_at.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds()) < 600
-    assert hot_ledger.stored_response(row.id) == (200, [("content-type", "application/json")], b'{"ok":1}')
-    found = hot_ledger.by_authorization(row.network, row.asset, row.payer, row.nonce)
+    assert ledger.stored_response(row.id) == (200, [("content-type", "application/json")], b'{"ok":1}')
+    found = ledger.by_authorization(row.network, row.asset, row.payer, row.nonce)
     assert found is not None and found.id == row.id and found.amount == 2**200
-    assert hot_ledger.by_authorization(row.network, row.asset, row.payer, "0x" + "00" * 32) is None
+    assert ledger.by_authorization(row.network, row.asset, row.payer, "0x" + "00" * 32) is None
 
 
-def test_a_transition_from_a_wrong_state_writes_nothing(hot_ledger: Ledger) -> None:
-    row = hot_ledger.record_verified(**fields())
-    hot_ledger.void(row.id, "upstream_failed")
+def test_a_transition_from_a_wrong_state_writes_nothing(ledger: Ledger) -> None:
+    row = ledger.record_verified(**fields())
+    ledger.void(row.id, "upstream_failed")
     with pytest.raises(LedgerError) as refused:
-        hot_ledger.begin_settlement(row.id, (200, [], b"paid"))
+        ledger.begin_settlement(row.id, (200, [], b"paid"))
     assert refused.value.code == "invalid_transition"
-    after = hot_ledger.get(row.id)
+    after = ledger.get(row.id)
     assert after is not None and after.state == PaymentState.VOIDED.value and after.upstream_status is None
-    assert hot_ledger.stored_response(row.id) is None
+    assert ledger.stored_response(row.id) is None
 
 
-def test_driver_errors_are_sqlalchemy_errors(hot_ledger: Ledger) -> None:
+def test_driver_errors_are_sqlalchemy_errors(ledger: Ledger) -> None:
     """A duplicate on the driver's cursor is SQLAlchemy's IntegrityError; nothing half-written stays."""
     table = Payment.__table__
     first = fields()
-    hot_ledger.record_verified(**first)
+    ledger.record_verified(**first)
     now = datetime.now(UTC)
     values = {**fields(), "request_id": first["request_id"], "state": "verified", "created_at": now, "updated_at": now}
-    statement = HotStatement(insert(table), hot_ledger.engine.dialect, values, {"settle_mode": "after", "decimals": 6})
-    with pytest.raises(IntegrityError), hot_ledger.engine.begin() as connection:
+    statement = HotStatement(insert(table), ledger.engine.dialect, values, {"settle_mode": "after", "decimals": 6})
+    with pytest.raises(IntegrityError), ledger.engine.begin() as connection:
         statement.execute(connection, values)
-    with hot_ledger.engine.connect() as connection:
+    with ledger.engine.connect() as connection:
         assert len(connection.execute(select(table.c.id)).all()) == 1
 
 
-def test_a_statement_needs_every_value_it_binds(hot_ledger: Ledger) -> None:
+def test_a_statement_needs_every_value_it_binds(ledger: Ledger) -> None:
     table = Payment.__table__
-    statement = HotStatement(update(table).where(table.c.id == bindparam("pid")), hot_ledger.engine.dialect, ["state"])
+    statement = HotStatement(update(table).where(table.c.id == bindparam("pid")), ledger.engine.dialect, ["state"])
     with pytest.raises(KeyError, match="pid"):
         statement.parameters({"state": "settled", "updated_at": datetime.now(UTC)})
     # An ``onupdate`` column is bound too: a caller that forgets it is told, not given a NULL.
@@ -84,11 +70,11 @@ def test_a_statement_needs_every_value_it_binds(hot_ledger: Ledger) -> None:
         statement.parameters({"state": "settled", "pid": 1})
 
 
-def test_rows_built_without_the_constructor_read_like_loaded_ones(hot_ledger: Ledger) -> None:
+def test_rows_built_without_the_constructor_read_like_loaded_ones(ledger: Ledger) -> None:
     """``record_verified``'s row and ``settled_copy`` are built without ``Payment(...)``: every
     column reads as the stored row's, and the copy leaves the recorded row as it was."""
-    row = hot_ledger.record_verified(**fields(amount=12_345))
-    stored = hot_ledger.get(row.id)
+    row = ledger.record_verified(**fields(amount=12_345))
+    stored = ledger.get(row.id)
     assert stored is not None
     for column in Payment.__table__.columns.keys():
         if column not in ("created_at", "updated_at"):  # SQLite hands datetimes back without their zone

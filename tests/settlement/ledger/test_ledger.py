@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from settlement.errors import LedgerError
-from settlement.ledger import Base, Ledger, Payment, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schema import open_ledger
 from tests.support.ledger_rows import force_row
 
@@ -18,20 +16,6 @@ NETWORK = "eip155:31337"
 ASSET = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 PAY_TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger' / 'payments.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    ledger = open_ledger(url)
-    try:
-        yield ledger
-    finally:
-        Base.metadata.drop_all(ledger.engine)  # the PostgreSQL database lives for the whole session
-        ledger.close()
 
 
 def fields(**changes: Any) -> dict[str, Any]:

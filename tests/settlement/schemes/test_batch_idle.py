@@ -81,6 +81,20 @@ def test_payments_gathered_in_one_turn_share_one_transaction(devchain: Devchain)
     assert len(set(hashes)) == 1 and batch_size(devchain, hashes[0]) == 3
 
 
+def hold_first_receipt(monkeypatch: pytest.MonkeyPatch, chain: Any, in_flight: asyncio.Event, release: asyncio.Event) -> None:
+    """The first batch is broadcast but its receipt is not read until ``release``: it stays in
+    flight (``in_flight`` is set once it is)."""
+    wait_for_receipt = chain.wait_for_receipt
+
+    async def held(tx_hash: str, timeout: float) -> Any:
+        if not in_flight.is_set():
+            in_flight.set()
+            await release.wait()
+        return await wait_for_receipt(tx_hash, timeout)
+
+    monkeypatch.setattr(chain, "wait_for_receipt", held)
+
+
 async def behind_one_in_flight(
     devchain: Devchain, batching: BatchingFacilitator, first: PaymentPayload, rest: list[PaymentPayload],
     hold: Callable[[asyncio.Event, asyncio.Event], None],
@@ -126,15 +140,7 @@ def test_payments_arriving_while_a_batch_is_in_flight_go_together_when_it_is_min
         chain, batching = idle_facilitators(devchain)
 
         def hold(in_flight: asyncio.Event, release: asyncio.Event) -> None:
-            wait_for_receipt = chain.wait_for_receipt
-
-            async def held(tx_hash: str, timeout: float) -> Any:  # broadcast, its receipt not yet read
-                if not in_flight.is_set():
-                    in_flight.set()
-                    await release.wait()
-                return await wait_for_receipt(tx_hash, timeout)
-
-            monkeypatch.setattr(chain, "wait_for_receipt", held)
+            hold_first_receipt(monkeypatch, chain, in_flight, release)
 
         try:
             return await behind_one_in_flight(devchain, batching, first, rest, hold)
@@ -245,15 +251,7 @@ def test_drain_waits_for_what_queued_behind_a_batch_in_flight(devchain: Devchain
     async def run() -> list[Any]:
         chain, batching = idle_facilitators(devchain)
         in_flight, release = asyncio.Event(), asyncio.Event()
-        wait_for_receipt = chain.wait_for_receipt
-
-        async def held(tx_hash: str, timeout: float) -> Any:
-            if not in_flight.is_set():
-                in_flight.set()
-                await release.wait()
-            return await wait_for_receipt(tx_hash, timeout)
-
-        monkeypatch.setattr(chain, "wait_for_receipt", held)
+        hold_first_receipt(monkeypatch, chain, in_flight, release)
         try:
             head = asyncio.ensure_future(batching.settle(first, req))
             await asyncio.wait_for(in_flight.wait(), DEADLINE)
