@@ -43,6 +43,7 @@ from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.webhooks import Webhooks
 from gateway.pipeline.fastpath import UnpaidFastPath
 from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.stages.relay import drain_stream_settlements
 from gateway.pipeline.tracing import Tracing, tracing_from_env
 from gateway.safety.checks import Safety
 from gateway.safety.policy import policy_routes
@@ -165,6 +166,9 @@ def _lifespan(
             async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
                 yield
         finally:
+            # Settlements of streams whose payer left run on no connection: waited for first, while
+            # the ledger and the chain clients they need are still open.
+            await drain_stream_settlements()
             if claims is not None:
                 await claims.stop()
             await upstream.close()

@@ -7,17 +7,23 @@ invariant: ledger == chain, one upstream call per payment."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from catalog import load_catalogs
+from gateway.app import create_app
 from gateway.ops.serving import ThreadServer
+from gateway.settings import Settings
 from settlement.ledger import PaymentState
+from settlement.schema import open_ledger
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway
 from tests.e2e.test_exactly_once import wait_for
 from tests.e2e.test_upto_paid_call import _header
@@ -351,3 +357,53 @@ def test_a_stream_is_cut_at_its_upstream_time_budget_and_charged_what_it_deliver
     [row] = stream_gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.amount == len(delivered) * EACH
     assert _moved(devchain, 2, before) == (row.amount, row.amount)
+
+
+def test_a_server_stopping_waits_for_the_settlement_of_a_stream_whose_payer_left(
+    devchain: Devchain, tmp_path: Path, streams: UsageUpstream, upstream: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The payer hangs up after 3 events and the server is stopped while that stream's settlement
+    is still running: the shutdown waits for it before closing the ledger and the chain, so what
+    was streamed is charged, once."""
+    import gateway.app as app_module
+    import gateway.pipeline.stages.relay as relay
+
+    started, draining, release = threading.Event(), threading.Event(), threading.Event()
+    real_settle, real_drain = relay.settle, relay.drain_stream_settlements
+
+    async def held_settle(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        await asyncio.to_thread(release.wait, 60)  # until the server is stopping
+        return await real_settle(*args, **kwargs)
+
+    async def observed_drain(*args: Any, **kwargs: Any) -> int:
+        draining.set()
+        return await real_drain(*args, **kwargs)
+
+    monkeypatch.setattr(relay, "settle", held_settle)
+    monkeypatch.setattr(app_module, "drain_stream_settlements", observed_drain)
+    path = tmp_path / "streams.yaml"
+    path.write_text(CATALOG.format(token=devchain.token, pay_to=PAY_TO, streams=streams.url, legacy=upstream))  # type: ignore[attr-defined]
+    settings = Settings(catalog=[path], deployment_file=devchain.deployment_file,
+                        database_url=f"sqlite:///{tmp_path / 'stopping.sqlite3'}", receipt_timeout_seconds=10)
+    ledger = open_ledger(settings.database_url)
+    server = ThreadServer(create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger)).start()
+    try:
+        gateway = RunningGateway(server.url, settings, ledger, load_catalogs(settings.catalog))
+        header = _signed(gateway, devchain, 7, "GET", "/ticks/50?hold_after=3")
+        before = _balances(devchain, 7)
+        _leave_after(gateway, "/ticks/50?hold_after=3", header, 3)
+        assert started.wait(30), "the stream's settlement did not start"
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        assert draining.wait(30), "the shutdown did not wait for stream settlements"
+        release.set()
+        stopping.join(60)
+        streams.release()
+        [row] = ledger.all()
+        assert row.state == PaymentState.SETTLED.value and row.amount == 3 * EACH and row.tx_hash is not None
+        assert _moved(devchain, 7, before) == (3 * EACH, 3 * EACH)
+    finally:
+        release.set()
+        server.stop()
+        ledger.close()

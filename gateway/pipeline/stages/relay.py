@@ -50,6 +50,25 @@ __all__ = ["SETTLEMENT_EVENT", "PaidStream", "Relay"]
 log = logging.getLogger("x402gw.pipeline")
 SETTLEMENT_EVENT = "x402-settlement"
 _FINISHING: set[asyncio.Task[dict[str, Any] | None]] = set()  # settlements of streams whose payer left: kept alive
+STREAM_DRAIN_SECONDS = 60.0  # how long a stopping server waits for them (a broadcast and its receipt)
+
+
+async def drain_stream_settlements(timeout: float = STREAM_DRAIN_SECONDS) -> int:
+    """Wait, at most ``timeout`` seconds, for the settlements of streams whose payer has left (no
+    connection holds them, so the server's graceful stop does not wait for them): the app's
+    shutdown calls this before it closes the ledger and the chain clients, so content already
+    streamed is still charged. Returns how many were still running (each logged): a row whose
+    write-ahead was made is resolved at the next start; one still ``verified`` was not charged."""
+    loop = asyncio.get_running_loop()
+    pending = {task for task in _FINISHING if not task.done() and task.get_loop() is loop}
+    if not pending:
+        return 0
+    log.info("waiting for %d stream settlement(s) before stopping", len(pending))
+    _, still = await asyncio.wait(pending, timeout=timeout)
+    for _task in still:
+        log.error("a stream's settlement was still running after %.0f s at shutdown: it is resolved at the next "
+                  "start if its write-ahead was made, and not charged if not", timeout)
+    return len(still)
 
 
 class Relay:
