@@ -182,7 +182,25 @@ async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     except TimeoutError:
         raise GatewayError(codes.UPSTREAM_TIMEOUT, "the upstream stopped sending mid-stream", retryable=False) from None
     except aiohttp.ClientError:
+        received = _unread(response.content)
+        if received:
+            yield received  # what the upstream sent before it broke off is relayed (and charged) too
         raise GatewayError("upstream_stream_broken", "the upstream's stream broke off midway", status=502,
                            retryable=False) from None
     finally:
         response.release()
+
+
+def _unread(content: aiohttp.StreamReader) -> bytes:
+    """The bytes that arrived before the connection broke and were not read yet. aiohttp's readers
+    raise the connection's error before handing out what is buffered (``StreamReader.readany``), so
+    an upstream that sends its last events and breaks off in one go would lose them; its own
+    non-raising read takes them (private, hence looked up: nothing if a later aiohttp lacks it)."""
+    read_nowait = getattr(content, "_read_nowait", None)
+    if read_nowait is None:
+        return b""
+    try:
+        data = read_nowait(-1)
+    except Exception:  # noqa: BLE001 - a reader in a state we do not know: nothing is salvaged
+        return b""
+    return bytes(data) if isinstance(data, (bytes, bytearray)) else b""
