@@ -120,10 +120,9 @@ class ReceiptPoller(JsonRpcTransport):
         try:
             # Registered first, then asked directly: a receipt mined up to this head is found here,
             # one mined after it by the poller (which reads the blocks after this head).
-            head, receipt = await asyncio.gather(self.block_number(), self.get_receipt(tx_hash))
+            scanning, receipt = await self._look(tx_hash, scan=True)
             if receipt is not None:
                 return self._mined(key, receipt)
-            self._scan_from(head)
             while True:
                 now = time.monotonic()
                 if now >= deadline:
@@ -133,7 +132,8 @@ class ReceiptPoller(JsonRpcTransport):
                     return self._mined(key, future.result())
                 if time.monotonic() >= check_at:
                     check_at = time.monotonic() + 2 * (check_at - started)
-                    receipt = await self.get_receipt(tx_hash)  # whatever the poller saw: ask
+                    found, receipt = await self._look(tx_hash, scan=not scanning)  # whatever the poller saw: ask
+                    scanning = scanning or found
                     if receipt is not None:
                         return self._mined(key, receipt)
                     await self._send_again_if_forgotten(tx_hash)
@@ -146,6 +146,24 @@ class ReceiptPoller(JsonRpcTransport):
                     del self._receipt_waiters[key]
             if not future.done():
                 future.cancel()
+
+    async def _look(self, tx_hash: str, *, scan: bool) -> tuple[bool, Receipt | None]:
+        """The receipt if the node has it, and (``scan``) the poller set to read the blocks after the
+        head. A node that does not answer this once is not an outcome: (False, None), and the
+        waiter asks again at its next check until its deadline; one failed call used to end the
+        wait at once, a settlement reported pending that its receipt timeout would have seen mined."""
+        if not scan:
+            try:
+                return True, await self.get_receipt(tx_hash)
+            except ChainUnavailable:
+                return True, None
+        head, receipt = await asyncio.gather(self.block_number(), self.get_receipt(tx_hash), return_exceptions=True)
+        for answer in (head, receipt):
+            if isinstance(answer, BaseException) and not isinstance(answer, ChainUnavailable):
+                raise answer
+        if isinstance(head, int):
+            self._scan_from(head)
+        return isinstance(head, int), receipt if isinstance(receipt, Receipt) else None
 
     def _mined(self, key: str, receipt: Receipt) -> Receipt:
         self._sent_raw.pop(key, None)

@@ -24,6 +24,7 @@ from gateway.devkit.devchain import LOCAL_NETWORK
 from gateway.devkit.payer import Payer
 from gateway.ops.serving import ThreadServer
 from settlement.chain.client import JsonRpcChain
+from settlement.errors import ChainUnavailable
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
 from settlement.schemes.exact_local import LocalFacilitator
@@ -320,3 +321,38 @@ def test_a_caller_gone_mid_broadcast_leaves_no_gap(
     assert second.success, second.error_reason
     assert int(devchain.w3.eth.get_transaction(second.transaction)["nonce"]) == start
     assert settlement_nonce(devchain, "pending") == settlement_nonce(devchain, "latest") == start + 1
+
+
+# ------------------------------------------------------------------------------------------ receipts
+
+
+@pytest.mark.parametrize("failing", ["eth_getTransactionReceipt", "eth_blockNumber"])
+def test_one_unanswered_receipt_lookup_does_not_end_the_wait(devchain: Devchain, failing: str) -> None:
+    """The node fails one lookup right after the broadcast: the settlement still waits for its
+    receipt (the poller and the next check find it), and is reported settled, not pending. The wait
+    used to end at that one failure, reporting pending a payment its receipt timeout would have seen
+    mined (a full CI run of the workers test once caught a row pending this way)."""
+    req = requirements(devchain)
+
+    async def run() -> tuple[SettleResponse, list[str]]:
+        chain = JsonRpcChain(devchain.anvil.rpc_url, 31337, SETTLEMENT_KEY)
+        local = LocalFacilitator({LOCAL_NETWORK: chain}, receipt_timeout=20)
+        real_rpc, failed = chain._rpc, []
+
+        async def once_unanswered(method: str, params: list[Any], **kwargs: Any) -> Any:
+            if method == failing and not failed and chain._sent_raw:  # after our broadcast
+                failed.append(method)
+                raise ChainUnavailable(f"chain RPC {method} failed: ClientOSError")
+            return await real_rpc(method, params, **kwargs)
+
+        chain._rpc = once_unanswered  # type: ignore[method-assign]
+        try:
+            return await local.settle(Payer(devchain.key(6)).sign(req), req), failed
+        finally:
+            await chain.close()
+
+    response, failed = asyncio.run(run())
+    assert failed == [failing]
+    assert response.success and response.transaction and response.amount == req.amount
+    receipt = anvil_rpc(devchain, "eth_getTransactionReceipt", response.transaction)["result"]
+    assert receipt is not None and int(receipt["status"], 16) == 1
