@@ -122,15 +122,13 @@ class GatewayMetrics:
         self._stage = {stage: self.stage_seconds.labels(stage=stage) for stage in STAGES}
         self._reasons: set[str] = set()
         self._lock = threading.Lock()
-        # The labelled children on the per-request path, by label value: ``labels()`` takes a lock
-        # and builds a key on every call. Label values are few (outcomes, tools, capped reasons).
-        self._by_outcome: dict[str, Counter] = {}
-        self._challenges_by_tool: dict[str, Counter] = {}
+        # The labelled children on the per-request path, by metric and label values (``_child``).
         self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
 
     def _child(self, metric: Counter, *values: str) -> Counter:
-        """``metric.labels(*values)``, kept: the values are bounded (tools and assets of the catalog,
-        fixed results, reasons capped by ``_reason``)."""
+        """``metric.labels(*values)``, kept: ``labels()`` takes a lock and builds a key on every call.
+        The values are bounded (outcomes, tools and assets of the catalog, fixed results, reasons
+        capped by ``_reason``)."""
         key = (metric, values)
         child = self._children.get(key)
         if child is None:
@@ -155,10 +153,7 @@ class GatewayMetrics:
 
     def on_outcome(self, ctx: RequestContext) -> None:
         outcome = ctx.outcome
-        requests = self._by_outcome.get(outcome)
-        if requests is None:
-            requests = self._by_outcome[outcome] = self.requests.labels(outcome=outcome)
-        requests.inc()
+        self._child(self.requests, outcome).inc()
         for stage, seconds in ctx.timings.items():
             histogram = self._stage.get(stage)
             if histogram is not None:
@@ -167,10 +162,7 @@ class GatewayMetrics:
             return  # not a tool (404 and the like): counted by outcome only
         tool = ctx.tool.name
         if outcome == "challenged":
-            challenges = self._challenges_by_tool.get(tool)
-            if challenges is None:
-                challenges = self._challenges_by_tool[tool] = self.challenges.labels(tool=tool)
-            challenges.inc()
+            self._child(self.challenges, tool).inc()
             return
         if not ctx.payment_received:
             return

@@ -139,7 +139,7 @@ class UnpaidFastPath:
         else:
             if not isinstance(response, CachedResponse):
                 response.headers[REQUEST_ID] = ctx.request_id  # a refusal: as the pipeline adds it
-            send = functools.partial(self.cors.send, send=send, request_headers=Headers(scope=scope))
+            send = self._with_cors(scope, send)
         await response(scope, receive, send)
 
     async def _direct(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -148,7 +148,11 @@ class UnpaidFastPath:
         app's ``CORSMiddleware`` adds; Starlette's exception middlewares and the walk along the
         app's other routes are what is skipped (the pipeline answers every refusal itself)."""
         response = await self.pipeline.handle(Request(scope, receive, send))
-        await response(scope, receive, functools.partial(self.cors.send, send=send, request_headers=Headers(scope=scope)))
+        await response(scope, receive, self._with_cors(scope, send))
+
+    def _with_cors(self, scope: Scope, send: Send) -> Send:
+        """``send`` through the app's ``CORSMiddleware.send``: the CORS headers it adds to an answer."""
+        return functools.partial(self.cors.send, send=send, request_headers=Headers(scope=scope))
 
     def _key(self, scope: Scope) -> tuple[tuple[Any, ...], bool] | None:
         """The cache key of this request and whether it came with an Origin, if it is one the fast

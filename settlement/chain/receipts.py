@@ -132,8 +132,8 @@ class ReceiptPoller(JsonRpcTransport):
                     return self._mined(key, future.result())
                 if time.monotonic() >= check_at:
                     check_at = time.monotonic() + 2 * (check_at - started)
-                    found, receipt = await self._look(tx_hash, scan=not scanning)  # whatever the poller saw: ask
-                    scanning = scanning or found
+                    started_scan, receipt = await self._look(tx_hash, scan=not scanning)  # whatever the poller saw: ask
+                    scanning = scanning or started_scan
                     if receipt is not None:
                         return self._mined(key, receipt)
                     await self._send_again_if_forgotten(tx_hash)
@@ -148,15 +148,16 @@ class ReceiptPoller(JsonRpcTransport):
                 future.cancel()
 
     async def _look(self, tx_hash: str, *, scan: bool) -> tuple[bool, Receipt | None]:
-        """The receipt if the node has it, and (``scan``) the poller set to read the blocks after the
-        head. A node that does not answer this once is not an outcome: (False, None), and the
-        waiter asks again at its next check until its deadline; one failed call used to end the
-        wait at once, a settlement reported pending that its receipt timeout would have seen mined."""
+        """Whether the poller was set to read the blocks after the head (only with ``scan``, and only
+        if the head was read), and the receipt if the node has it. A node that does not answer this
+        once is not an outcome: the waiter asks again at its next check until its deadline; one
+        failed call used to end the wait at once, a settlement reported pending that its receipt
+        timeout would have seen mined."""
         if not scan:
             try:
-                return True, await self.get_receipt(tx_hash)
+                return False, await self.get_receipt(tx_hash)
             except ChainUnavailable:
-                return True, None
+                return False, None
         head, receipt = await asyncio.gather(self.block_number(), self.get_receipt(tx_hash), return_exceptions=True)
         for answer in (head, receipt):
             if isinstance(answer, BaseException) and not isinstance(answer, ChainUnavailable):

@@ -269,5 +269,7 @@ def test_a_recovery_is_remembered_and_never_confused(monkeypatch: Any) -> None:
     assert len(recoveries) == 1
     other = bytes([digest[0] ^ 1]) + digest[1:]  # another message under the same signature
     assert recover_signer(other, signature) != ANVIL_ADDRESS_1
-    assert len(recoveries) == 2
-    assert recover_signer(digest, signature) == ANVIL_ADDRESS_1 and len(recoveries) == 2
+    junk = signature[:40] + bytes([signature[40] ^ 1]) + signature[41:]  # the payer's message, a junk signature
+    assert recover_signer(digest, junk) != ANVIL_ADDRESS_1
+    assert len(recoveries) == 3
+    assert recover_signer(digest, signature) == ANVIL_ADDRESS_1 and len(recoveries) == 3
