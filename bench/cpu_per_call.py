@@ -4,7 +4,8 @@
 
 Starts the sample upstream, a fresh anvil and one gateway process as ``bench.run`` does, drives paid
 calls with wrk (pre-signed authorizations) and reads each process's CPU time from /proc before and
-after: what a paid call costs where, which tells whether the gateway or the chain is the limit.
+after: what a paid call costs where, which tells whether the gateway or the chain is the limit
+(replica: also the local PostgreSQL's and Redis's processes).
 With ``--workers 2`` (replica) the gateway's CPU is its supervisor's and workers' together.
 """
 
@@ -38,6 +39,24 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # utime + stime
     return ticks / float(__import__("os").sysconf("SC_CLK_TCK"))
+
+
+def named(name: str) -> list[int]:
+    """Every process whose command is ``name`` (PostgreSQL's backends, Redis)."""
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in out]
+
+
+def servers_cpu() -> float:
+    """CPU seconds of the local PostgreSQL's and Redis's processes (shared with anything else using
+    them: run nothing else meanwhile). A backend that ends during the run takes its time with it."""
+    total = 0.0
+    for pid in named("postgres") + named("redis-server"):
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
 
 
 def newest(pattern: str) -> int:
@@ -74,15 +93,18 @@ def main(argv: list[str] | None = None) -> int:
                 headers = write_lines(workdir / "h.txt", payment_headers(offer, int(800 * args.duration) + 200))
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 before["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
+                before["postgres+redis"] = servers_cpu()
                 result = wrk(url, GATEWAY_PATH, 200, args.concurrency, args.duration, headers)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 after["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
+                after["postgres+redis"] = servers_cpu()
     calls = result["ok"]
     if not calls:
         print("no paid call succeeded", file=sys.stderr)
         return 1
     rate = calls / (result["duration_us"] / 1e6)
-    parts = ", ".join(f"{name} {1000 * (after[name] - before[name]) / calls:.2f} ms" for name in ("gateway", *pids))
+    names = ["gateway", *pids] + (["postgres+redis"] if setup.config == "replica" else [])
+    parts = ", ".join(f"{name} {1000 * (after[name] - before[name]) / calls:.2f} ms" for name in names)
     print(f"{'F (batched)' if args.batched else 'D'}{setup.label} c={args.concurrency}: {rate:.0f} paid calls/s; "
           f"CPU per call: {parts}")
     return 0

@@ -1,9 +1,9 @@
 """Profile x402gw's unpaid (402) and paid paths under wrk load with py-spy (pip install py-spy).
 
-    python -m bench.profile_gateway [--duration 8] [--out /tmp]
+    python -m bench.profile_gateway [--duration 8] [--out /tmp] [--batched] [--config replica]
 
 Starts a fresh anvil, the sample upstream and one gateway process (as ``bench.run`` does), drives
-it with wrk at concurrency 32 and writes py-spy's aggregated profiles (``--format raw``, collapsed
+it with wrk at concurrency 32 (py-spy starts each gateway as its child) and writes py-spy's aggregated profiles (``--format raw``, collapsed
 stacks) plus a top-functions summary for each path.
 """
 
@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import subprocess
+import os
+import shutil
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.run import (
@@ -23,13 +26,14 @@ from bench.run import (
     anvil,
     fetch_offer,
     free_port,
-    gateway,
+    gateway_deployed,
     payment_headers,
     process,
     uvicorn_cmd,
     write_lines,
     wrk,
 )
+from bench.setups import Setup
 from gateway.devkit.devchain import LOCAL_NETWORK
 
 
@@ -40,6 +44,8 @@ def top(collapsed: Path, n: int = 25) -> list[str]:
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if any(frame in stack for frame in STARTUP_FRAMES):
+            continue
         samples = int(count)
         total += samples
         frames = stack.split(";")
@@ -54,34 +60,61 @@ def top(collapsed: Path, n: int = 25) -> list[str]:
     return out
 
 
+# Samples taken while the gateway started (imports, migrations, the catalog's compilation) are not
+# the paths under load: stacks through any of these frames are left out of the summary.
+STARTUP_FRAMES = ("_call_with_frames_removed", "_find_and_load", "startup (", "_lifespan (", "build_app (")
+
+
+def profiled(target: Path, duration: int) -> list[str]:
+    """py-spy as the gateway's launcher (py-spy cannot attach to a running process on every
+    machine: ptrace may be refused; its own child it can always read)."""
+    return ["py-spy", "record", "--gil", "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking",
+            "--duration", str(duration + 120), "--"]
+
+
+def stop_profiler(pid: int, target: Path) -> None:
+    """Interrupt py-spy (it writes its profile and stops the gateway) and wait for the file."""
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while not target.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not target.exists():
+        raise RuntimeError(f"py-spy wrote no profile to {target}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--out", default=tempfile.gettempdir())
     parser.add_argument("--batched", action="store_true", help="settle in batches (as case F of bench.run)")
+    parser.add_argument("--config", choices=("embedded", "replica"), default="embedded",
+                        help="replica: Redis store + PostgreSQL ledger (bench.setups)")
     args = parser.parse_args()
+    setup = Setup(args.config)
+    if not shutil.which("py-spy"):
+        sys.exit("py-spy is not on PATH: pip install py-spy (or run from an activated venv that has it)")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
         with process(uvicorn_cmd("gateway.devkit.samples.rest_upstream:create_app", port, factory=True), ready=f"{upstream}/stats"):
             env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})} if args.batched else None
-            with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, "P", env) as url:
-                pid = subprocess.run(["pgrep", "-f", "-n", "gateway.cli.main serve"], capture_output=True, text=True).stdout.split()[0]
-                for name, headers in (("unpaid", None), ("paid", True)):
+            for name, paid in (("unpaid", False), ("paid", True)):
+                target = out / f"x402gw-{name}.collapsed"
+                target.unlink(missing_ok=True)
+                launcher = profiled(target, args.duration)
+                with anvil(workdir) as deployment, \
+                        gateway_deployed(workdir, deployment, upstream, name, env, setup, launcher) as (url, where):
                     headers_file = None
-                    if headers:
+                    if paid:
                         offer = fetch_offer(url + GATEWAY_PATH)
                         headers_file = write_lines(workdir / "h.txt", payment_headers(offer, 400 * args.duration))
-                    target = out / f"x402gw-{name}.collapsed"
-                    spy = subprocess.Popen(["py-spy", "record", "--pid", pid, "--duration", str(args.duration),
-                                            "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    result = wrk(url, GATEWAY_PATH, 200 if headers else 402, 32, args.duration, headers_file)
-                    spy.wait()
-                    print(f"== {name}: {result}")
-                    print("\n".join(top(target)))
+                    result = wrk(url, GATEWAY_PATH, 200 if paid else 402, 32, args.duration, headers_file)
+                    stop_profiler(where.pid, target)
+                print(f"== {name}: {result}")
+                print("\n".join(top(target)))
 
 
 if __name__ == "__main__":

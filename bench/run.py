@@ -307,8 +307,10 @@ def gateway(workdir: Path, deployment: Deployment, upstream: str, name: str, ext
 
 @contextmanager
 def gateway_deployed(workdir: Path, deployment: Deployment, upstream: str, name: str,
-                     extra_env: dict[str, str] | None = None, setup: Setup = EMBEDDED) -> Iterator[tuple[str, Deployed]]:
-    """``gateway``, and where it keeps its state (its ledger's URL)."""
+                     extra_env: dict[str, str] | None = None, setup: Setup = EMBEDDED,
+                     launcher: Sequence[str] = ()) -> Iterator[tuple[str, Deployed]]:
+    """``gateway``, and where it keeps its state (its ledger's URL). ``launcher``: a command the
+    gateway's is appended to (a profiler that starts it as its child, e.g. ``py-spy record --``)."""
     catalog = (REPO / "catalog" / "examples" / "demo.yaml").read_text().replace("http://127.0.0.1:9101", upstream)
     catalog_path = workdir / f"{name}-catalog.yaml"
     catalog_path.write_text(catalog)
@@ -321,7 +323,8 @@ def gateway_deployed(workdir: Path, deployment: Deployment, upstream: str, name:
             "X402GW_LOG_LEVEL": "WARNING", **where.env, **(extra_env or {}),
         }
         url = f"http://127.0.0.1:{port}"
-        with process([sys.executable, "-m", "gateway.cli.main", "serve", *where.args], env=env, ready=f"{url}/healthz",
+        cmd = [*launcher, sys.executable, "-m", "gateway.cli.main", "serve", *where.args]
+        with process(cmd, env=env, ready=f"{url}/healthz",
                      log=workdir / f"{name}.log") as proc:
             where.pid = proc.pid
             yield url, where

@@ -8,6 +8,7 @@ on SQLite, which has no exact wide integer). The audit trail's tables share this
 from __future__ import annotations
 
 import enum
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -29,6 +30,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
@@ -170,4 +172,34 @@ def create_ledger_engine(url: str) -> Engine:
     # Kept open: the ledger's pool of threads (LEDGER_THREADS) and a few more callers at once. With
     # SQLAlchemy's default of 5, three of those threads opened a new PostgreSQL connection per call
     # under load (and closed it on return): a server process forked per ledger write.
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    event.listen(engine, "checkin", _checked_in)
+    event.listen(engine, "checkout", _ping_if_idle)
+    return engine
+
+
+# A pooled connection idle for longer than this is pinged before it is handed out (a dead one is
+# replaced). One that was in use moments ago is not: pinging on every checkout (pool_pre_ping) cost
+# a round trip per ledger call. A server that goes away under load fails the calls in flight with a
+# LedgerError (SQLAlchemy then drops the whole pool), and the next calls get new connections.
+IDLE_PING_SECONDS = 2.0
+
+
+def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+    record.info["x402gw_idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    since = record.info.get("x402gw_idle_since")
+    if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+        return  # new (just connected), or in use moments ago
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()  # leave no transaction open: the caller may want autocommit
+    except Exception as exc:
+        # The pool discards it and checks out another (a fresh one if the server restarted).
+        raise DisconnectionError(f"idle connection failed its ping ({type(exc).__name__})") from exc

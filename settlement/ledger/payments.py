@@ -115,6 +115,9 @@ class Ledger(LedgerReads):
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The same pool, its connections in autocommit: for calls of one statement (``_connection``).
+        server = self.engine.dialect.name != "sqlite"
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT") if server else None
         # The hot path's statements, compiled once for this database (settlement.ledger.statements).
         self._hot = HotStatements(self.engine.dialect)
         # The event loop never waits on the database: calls run on the ledger's own threads. SQLite
@@ -146,12 +149,17 @@ class Ledger(LedgerReads):
         self.engine.dispose()
 
     @contextmanager
-    def _connection(self) -> Iterator[Connection]:
-        """One Core transaction: the hot path's statements skip the ORM's unit of work."""
+    def _connection(self, *, one_statement: bool = False) -> Iterator[Connection]:
+        """One Core transaction (the hot path skips the ORM's unit of work). ``one_statement`` (or
+        reads only): on a server database, autocommit, without BEGIN and COMMIT round trips."""
         shared = getattr(self._batch, "connection", None)
         try:
             if shared is not None:
                 yield shared  # committed with its group (``GroupCommitWorker``)
+                return
+            if one_statement and self._autocommit is not None:
+                with self._autocommit.connect() as connection:
+                    yield connection
                 return
             with self.engine.begin() as connection:
                 yield connection
@@ -184,7 +192,7 @@ class Ledger(LedgerReads):
         returned unchanged with ``state`` telling the caller what happened before."""
         fields.setdefault("state", PaymentState.VERIFIED.value)
         try:
-            with self._connection() as connection:
+            with self._connection(one_statement=True) as connection:
                 now = utcnow()
                 values = {"created_at": now, "updated_at": now, **fields}
                 cursor = self._hot.get(_INSERT_PAYMENT, values, _INSERT_DEFAULTS).execute(connection, values)
@@ -236,26 +244,18 @@ class Ledger(LedgerReads):
         with self._connection() as connection:
             _transition(self._hot, connection, payment_id, _FROM_BEGIN_SETTLEMENT, values, "begin_settlement")
             if response is not None:
-                status, headers, body = response
-                self._hot.get(_DELETE_STORED).execute(connection, {"pid": payment_id}).close()
-                stored = {
-                    "payment_id": payment_id, "status": status, "headers": json.dumps(headers), "body": body,
-                    "created_at": utcnow(),
-                }
-                self._hot.get(_INSERT_STORED, stored).execute(connection, stored).close()
+                self._put_stored(connection, payment_id, response)
 
     def store_response(self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
-        with self._session() as session:
-            self._store_response(session, payment_id, response)
+        """The answer a payment bought, replacing any stored before (an upfront call, a stream)."""
+        with self._connection() as connection:
+            self._put_stored(connection, payment_id, response)
 
-    @staticmethod
-    def _store_response(session: Session, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
+    def _put_stored(self, connection: Connection, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
         status, headers, body = response
-        existing = session.get(StoredResponse, payment_id)
-        if existing is not None:
-            session.delete(existing)
-            session.flush()
-        session.add(StoredResponse(payment_id=payment_id, status=status, headers=json.dumps(headers), body=body))
+        self._hot.get(_DELETE_STORED).execute(connection, {"pid": payment_id}).close()
+        stored = {"payment_id": payment_id, "status": status, "headers": json.dumps(headers), "body": body, "created_at": utcnow()}
+        self._hot.get(_INSERT_STORED, stored).execute(connection, stored).close()
 
 
     # Named transitions: the only writes of a row after ``record_verified``. Each is one guarded
@@ -263,8 +263,8 @@ class Ledger(LedgerReads):
 
     def _move(self, name: str, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any]) -> None:
         values = {key: value for key, value in values.items() if value is not _KEEP}
-        with self._connection() as connection:
-            subscriptions = self.subscriptions
+        subscriptions = self.subscriptions
+        with self._connection(one_statement=subscriptions is None or name not in EVENT_OF) as connection:
             if subscriptions is None or name not in EVENT_OF:
                 _transition(self._hot, connection, payment_id, allowed, values, name)
                 return

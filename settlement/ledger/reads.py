@@ -50,7 +50,7 @@ class LedgerReads:
     # Provided by ``Ledger``: its hot statements, and one transaction, shared with a group commit on SQLite.
     _hot: HotStatements
 
-    def _connection(self) -> AbstractContextManager[Connection]:
+    def _connection(self, *, one_statement: bool = False) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
     def _session(self) -> AbstractContextManager[Session]:
@@ -90,7 +90,7 @@ class LedgerReads:
     @atomic_alone
     def by_authorization(self, network: str, asset: str, payer: str, nonce: str) -> Payment | None:
         key = {"network": network, "asset": asset, "payer": payer, "nonce": nonce}
-        with self._connection() as connection:
+        with self._connection(one_statement=True) as connection:  # reads only
             # A fresh authorization (the paid path's usual case) has no row: the driver's cursor
             # answers that; a row found is read again through SQLAlchemy, which types its columns.
             cursor = self._hot.get(_ID_BY_AUTHORIZATION).execute(connection, key)
