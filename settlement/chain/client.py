@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 
-def _address_word(address: str) -> bytes:
+def address_word(address: str) -> bytes:
     """An address as an ABI word (what ``eth_abi`` encodes for ``address``), written out: these
     calls run on every paid request and ``eth_abi``'s generic encoder cost more than the call."""
     raw = bytes.fromhex(address[2:]) if address[:2] in ("0x", "0X") else b""
@@ -69,7 +69,7 @@ def _address_word(address: str) -> bytes:
     return raw.rjust(32, b"\x00")
 
 
-def _uint_word(value: int) -> bytes:
+def uint_word(value: int) -> bytes:
     return value.to_bytes(32, "big")  # OverflowError beyond uint256 or below 0, as the ABI would refuse
 
 
@@ -79,14 +79,18 @@ def _bytes32(value: bytes) -> bytes:
     return value
 
 
-def transfer_with_authorization_calldata(auth: Eip3009Authorization, v: int, r: bytes, s: bytes) -> bytes:
-    """``transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)``:
-    nine static words (a test holds it equal to ``eth_abi``'s encoding)."""
+def authorization_words(auth: Eip3009Authorization, v: int, r: bytes, s: bytes) -> bytes:
+    """``(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)``: an authorization
+    and its signature as nine static ABI words (tests hold them equal to ``eth_abi``'s encoding)."""
     if not 0 <= v < 256:
         raise ValueError("v is a uint8")
-    return (SEL_TRANSFER_WITH_AUTHORIZATION + _address_word(auth.from_) + _address_word(auth.to) + _uint_word(auth.value)
-            + _uint_word(auth.valid_after) + _uint_word(auth.valid_before) + _bytes32(auth.nonce) + _uint_word(v)
-            + _bytes32(r) + _bytes32(s))
+    return (address_word(auth.from_) + address_word(auth.to) + uint_word(auth.value) + uint_word(auth.valid_after)
+            + uint_word(auth.valid_before) + _bytes32(auth.nonce) + uint_word(v) + _bytes32(r) + _bytes32(s))
+
+
+def transfer_with_authorization_calldata(auth: Eip3009Authorization, v: int, r: bytes, s: bytes) -> bytes:
+    """``transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)``."""
+    return SEL_TRANSFER_WITH_AUTHORIZATION + authorization_words(auth, v, r, s)
 
 
 def selector(signature: str) -> bytes:
@@ -218,11 +222,11 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         return bytes.fromhex(str(await self._rpc("eth_getCode", [address, "latest"]))[2:])
 
     async def authorization_state(self, token: str, authorizer: str, nonce: bytes) -> bool:
-        out = await self._call(token, SEL_AUTHORIZATION_STATE + _address_word(authorizer) + _bytes32(nonce))
+        out = await self._call(token, SEL_AUTHORIZATION_STATE + address_word(authorizer) + _bytes32(nonce))
         return bool(int.from_bytes(out[:32], "big"))
 
     async def balance_of(self, token: str, owner: str) -> int:
-        out = await self._call(token, SEL_BALANCE_OF + _address_word(owner))
+        out = await self._call(token, SEL_BALANCE_OF + address_word(owner))
         return int.from_bytes(out[:32], "big")
 
     async def token_metadata(self, token: str) -> tuple[str, str, int]:

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from eth_abi import decode as abi_decode
-from eth_abi import encode as abi_encode
 from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
 from settlement.chain.authorization import split_signature
-from settlement.chain.client import BeforeSend, Chain, Receipt, selector
+from settlement.chain.client import BeforeSend, Chain, Receipt, address_word, authorization_words, selector, uint_word
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
@@ -78,12 +77,14 @@ class _HooksFailed(Exception):
 
 
 def encode_batch(token: str, items: list[CheckedPayment]) -> bytes:
-    auths = []
+    """``settle(token, auths)`` calldata. Every field of an auth is static, so the ABI layout is
+    flat: the token, the array's offset (64), its length, then nine words per item. Written out:
+    eth_abi's generic encoder was 3% of a batched paid call's CPU (tests hold the two equal)."""
+    words = [SEL_BATCH_SETTLE, address_word(token), uint_word(64), uint_word(len(items))]
     for item in items:
         v, r, s = split_signature(item.signature)
-        a = item.auth
-        auths.append((a.from_, a.to, a.value, a.valid_after, a.valid_before, a.nonce, v, r, s))
-    return SEL_BATCH_SETTLE + abi_encode(["address", f"{_AUTH_TUPLE}[]"], [token, auths])
+        words.append(authorization_words(item.auth, v, r, s))
+    return b"".join(words)
 
 
 def decode_revert(reason: bytes) -> str:

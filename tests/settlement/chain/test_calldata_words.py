@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from settlement.chain.client import (
     SEL_TRANSFER_WITH_AUTHORIZATION,
-    _address_word,
+    address_word,
     transfer_with_authorization_calldata,
 )
 
@@ -43,13 +43,13 @@ def test_transfer_with_authorization_calldata_is_eth_abis(
 
 @given(addresses)
 def test_an_address_word_is_eth_abis(address: str) -> None:
-    assert _address_word(address) == abi_encode(["address"], [address])
+    assert address_word(address) == abi_encode(["address"], [address])
 
 
 @pytest.mark.parametrize("bad", ["0x1234", "1234" * 10, "0x" + "zz" * 20, ""])
 def test_a_malformed_address_is_refused(bad: str) -> None:
     with pytest.raises(ValueError):
-        _address_word(bad)
+        address_word(bad)
 
 
 def test_out_of_range_values_are_refused() -> None:
