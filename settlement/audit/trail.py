@@ -45,7 +45,7 @@ from settlement.audit.records import (
     StoredRecord,
 )
 from settlement.errors import LedgerError
-from settlement.ledger.models import Base, create_ledger_engine, utcnow
+from settlement.ledger.models import Base, create_ledger_engine, note_disconnect, utcnow
 from settlement.ledger.statements import HotStatements
 
 __all__ = ["AuditTrail", "create_audit_engine"]
@@ -152,6 +152,8 @@ class AuditTrail:
                 self._hot.get(_UPDATE_HEAD, head).execute(connection, head).close()
                 return list(range(first + 1, seq + 1))
         except SQLAlchemyError as exc:
+            if getattr(exc, "connection_invalidated", False):
+                note_disconnect(self.engine)  # the pool's other connections are suspect now
             raise LedgerError(f"audit append failed ({type(exc).__name__})", code="audit_unavailable") from exc
 
     def head(self) -> tuple[int, str]:

@@ -16,7 +16,8 @@ from settlement.ledger.models import (
     utcnow,
 )
 from settlement.ledger.outbox import EVENTS, OutboxRow, Subscriptions
-from settlement.ledger.payments import TRANSITIONS, Ledger, settled_copy
+from settlement.ledger.payments import Ledger, settled_copy
+from settlement.ledger.transitions import TRANSITIONS
 
 __all__ = [
     "EVENTS",

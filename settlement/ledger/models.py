@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "PaymentState",
     "StoredResponse",
     "create_ledger_engine",
+    "note_disconnect",
     "utcnow",
 ]
 
@@ -173,33 +175,52 @@ def create_ledger_engine(url: str) -> Engine:
     # SQLAlchemy's default of 5, three of those threads opened a new PostgreSQL connection per call
     # under load (and closed it on return): a server process forked per ledger write.
     engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
-    event.listen(engine, "checkin", _checked_in)
-    event.listen(engine, "checkout", _ping_if_idle)
+    pings = _PINGS[engine] = _Pings()
+    event.listen(engine, "checkin", pings.checked_in)
+    event.listen(engine, "checkout", pings.checkout)
     return engine
 
 
 # A pooled connection idle for longer than this is pinged before it is handed out (a dead one is
 # replaced). One that was in use moments ago is not: pinging on every checkout (pool_pre_ping) cost
-# a round trip per ledger call. A server that goes away under load fails the calls in flight with a
-# LedgerError (SQLAlchemy then drops the whole pool), and the next calls get new connections.
+# a round trip per ledger call. Once a call has lost its connection (``note_disconnect``), every
+# connection returned before that is pinged too: a server that restarts under load fails the calls
+# in flight (closed: a LedgerError), and the calls after them get live connections.
 IDLE_PING_SECONDS = 2.0
 
 
-def _checked_in(_dbapi_connection: Any, record: Any) -> None:
-    record.info["x402gw_idle_since"] = time.monotonic()
+class _Pings:
+    """The ping rule of one engine's pool (``checkin`` and ``checkout`` listeners)."""
 
+    def __init__(self) -> None:
+        self.disconnected_at = float("-inf")  # monotonic time of the last connection lost in use
 
-def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    since = record.info.get("x402gw_idle_since")
-    if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
-        return  # new (just connected), or in use moments ago
-    try:
-        cursor = dbapi_connection.cursor()
+    def checked_in(self, _dbapi_connection: Any, record: Any) -> None:
+        record.info["x402gw_idle_since"] = time.monotonic()
+
+    def checkout(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("x402gw_idle_since")
+        if since is None:
+            return  # just connected
+        if time.monotonic() - since < IDLE_PING_SECONDS and since > self.disconnected_at:
+            return  # in use moments ago, and no connection has been lost since
         try:
-            cursor.execute("SELECT 1")
-        finally:
-            cursor.close()
-        dbapi_connection.rollback()  # leave no transaction open: the caller may want autocommit
-    except Exception as exc:
-        # The pool discards it and checks out another (a fresh one if the server restarted).
-        raise DisconnectionError(f"idle connection failed its ping ({type(exc).__name__})") from exc
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()  # leave no transaction open: the caller may want autocommit
+        except Exception as exc:
+            # The pool discards it and checks out another (a fresh one if the server restarted).
+            raise DisconnectionError(f"pooled connection failed its ping ({type(exc).__name__})") from exc
+
+
+_PINGS: weakref.WeakKeyDictionary[Engine, _Pings] = weakref.WeakKeyDictionary()
+
+
+def note_disconnect(engine: Engine) -> None:
+    """A call on ``engine`` lost its connection: ping every pooled connection returned before now."""
+    pings = _PINGS.get(engine)
+    if pings is not None:
+        pings.disconnected_at = time.monotonic()

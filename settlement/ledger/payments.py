@@ -59,52 +59,29 @@ from settlement.ledger.models import (
     PaymentState,
     StoredResponse,
     create_ledger_engine,
+    note_disconnect,
     utcnow,
 )
 from settlement.ledger.outbox import EVENT_OF, Subscriptions, emit_payment_event
 from settlement.ledger.reads import LedgerReads, _payment
 from settlement.ledger.statements import HotStatements
+from settlement.ledger.transitions import (
+    FROM_BEGIN_SETTLEMENT,
+    FROM_FAIL,
+    FROM_MARK_PENDING,
+    FROM_MARK_SETTLED,
+    FROM_MINED,
+    FROM_SETTLED,
+    FROM_SETTLING,
+    FROM_VERIFIED,
+    KEEP,
+    TRANSITIONS,
+    gas_fields,
+)
 
 __all__ = ["TRANSITIONS", "Ledger", "settled_copy"]
 
 _T = TypeVar("_T")
-
-
-class _Keep:
-    """Leave the column as it is (``None`` clears it)."""
-
-    def __repr__(self) -> str:
-        return "KEEP"
-
-
-_KEEP: Any = _Keep()
-
-_V, _SG, _SD, _F, _P = (s.value for s in (
-    PaymentState.VERIFIED, PaymentState.SETTLING, PaymentState.SETTLED, PaymentState.FAILED, PaymentState.PENDING,
-))
-# The states each transition may leave (see the module docstring).
-_FROM_BEGIN_SETTLEMENT = (_V, _SG)
-_FROM_SETTLING = (_SG,)
-_FROM_MARK_SETTLED = (_SG, _P, _SD)
-_FROM_MARK_PENDING = (_V, _SG, _P)
-_FROM_FAIL = (_V, _SG, _P, _F)
-_FROM_VERIFIED = (_V,)
-_FROM_SETTLED = (_SD,)
-_FROM_MINED = (_SD, _F)
-_GAS_COLUMNS = frozenset({"gas_used", "gas_price", "gas_cost"})
-TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "begin_settlement": _FROM_BEGIN_SETTLEMENT,
-    "record_tx_hash": _FROM_SETTLING,
-    "mark_settled": _FROM_MARK_SETTLED,
-    "mark_pending": _FROM_MARK_PENDING,
-    "fail": _FROM_FAIL,
-    "void": _FROM_VERIFIED,
-    "record_upstream_status": _FROM_SETTLED,
-    "record_refund_owed": _FROM_SETTLED,
-    "record_refund_tx": _FROM_SETTLED,
-    "record_refund_paid": _FROM_SETTLED,
-    "record_gas": _FROM_MINED,
-}
 
 
 class Ledger(LedgerReads):
@@ -153,36 +130,39 @@ class Ledger(LedgerReads):
         """One Core transaction (the hot path skips the ORM's unit of work). ``one_statement`` (or
         reads only): on a server database, autocommit, without BEGIN and COMMIT round trips."""
         shared = getattr(self._batch, "connection", None)
-        try:
+        with self._errors():
             if shared is not None:
                 yield shared  # committed with its group (``GroupCommitWorker``)
-                return
-            if one_statement and self._autocommit is not None:
+            elif one_statement and self._autocommit is not None:
                 with self._autocommit.connect() as connection:
                     yield connection
-                return
-            with self.engine.begin() as connection:
-                yield connection
-        except IntegrityError:
-            raise
-        except SQLAlchemyError as exc:
-            raise LedgerError(f"ledger write failed ({type(exc).__name__})") from exc
+            else:
+                with self.engine.begin() as connection:
+                    yield connection
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
         shared = getattr(self._batch, "connection", None)
-        try:
+        with self._errors():
             if shared is not None:
                 # Its own savepoint: a failed flush rolls back this call, not the group's transaction.
                 with Session(bind=shared, expire_on_commit=False, join_transaction_mode="create_savepoint") as session:
                     yield session
                     session.flush()
-                return
-            with self._sessions.begin() as session:
-                yield session
+            else:
+                with self._sessions.begin() as session:
+                    yield session
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Database errors as ``LedgerError``; an ``IntegrityError`` as itself (callers handle it)."""
+        try:
+            yield
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
+            if getattr(exc, "connection_invalidated", False):
+                note_disconnect(self.engine)  # the pool's other connections are suspect now
             raise LedgerError(f"ledger write failed ({type(exc).__name__})") from exc
 
     @atomic_alone
@@ -242,7 +222,7 @@ class Ledger(LedgerReads):
         if response is not None:
             values["upstream_status"] = response[0]
         with self._connection() as connection:
-            _transition(self._hot, connection, payment_id, _FROM_BEGIN_SETTLEMENT, values, "begin_settlement")
+            _transition(self._hot, connection, payment_id, FROM_BEGIN_SETTLEMENT, values, "begin_settlement")
             if response is not None:
                 self._put_stored(connection, payment_id, response)
 
@@ -259,10 +239,10 @@ class Ledger(LedgerReads):
 
 
     # Named transitions: the only writes of a row after ``record_verified``. Each is one guarded
-    # UPDATE (``_transition``). ``_KEEP`` leaves a column as it is; ``None`` clears it.
+    # UPDATE (``_transition``). ``KEEP`` leaves a column as it is; ``None`` clears it.
 
     def _move(self, name: str, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any]) -> None:
-        values = {key: value for key, value in values.items() if value is not _KEEP}
+        values = {key: value for key, value in values.items() if value is not KEEP}
         subscriptions = self.subscriptions
         with self._connection(one_statement=subscriptions is None or name not in EVENT_OF) as connection:
             if subscriptions is None or name not in EVENT_OF:
@@ -286,62 +266,62 @@ class Ledger(LedgerReads):
     @atomic_alone
     def record_tx_hash(self, payment_id: int, tx_hash: str) -> None:
         """The hash of a transaction about to be broadcast (``settling``; no state change)."""
-        self._move("record_tx_hash", payment_id, _FROM_SETTLING, {"tx_hash": tx_hash})
+        self._move("record_tx_hash", payment_id, FROM_SETTLING, {"tx_hash": tx_hash})
 
     @atomic_alone
     def mark_settled(
-        self, payment_id: int, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP, gas: Mapping[str, int] | None = None,
+        self, payment_id: int, *, tx_hash: Any = KEEP, block_number: Any = KEEP, gas: Mapping[str, int] | None = None,
     ) -> None:
-        self._move("mark_settled", payment_id, _FROM_MARK_SETTLED, {
-            "state": PaymentState.SETTLED.value, "tx_hash": tx_hash, "block_number": block_number, **_gas(gas),
+        self._move("mark_settled", payment_id, FROM_MARK_SETTLED, {
+            "state": PaymentState.SETTLED.value, "tx_hash": tx_hash, "block_number": block_number, **gas_fields(gas),
         })
 
     @atomic_alone
-    def mark_pending(self, payment_id: int, *, tx_hash: Any = _KEEP, error_reason: Any = _KEEP) -> None:
-        self._move("mark_pending", payment_id, _FROM_MARK_PENDING, {
+    def mark_pending(self, payment_id: int, *, tx_hash: Any = KEEP, error_reason: Any = KEEP) -> None:
+        self._move("mark_pending", payment_id, FROM_MARK_PENDING, {
             "state": PaymentState.PENDING.value, "tx_hash": tx_hash, "error_reason": error_reason,
         })
 
     @atomic_alone
     def fail(
-        self, payment_id: int, reason: str | None, *, tx_hash: Any = _KEEP, block_number: Any = _KEEP,
+        self, payment_id: int, reason: str | None, *, tx_hash: Any = KEEP, block_number: Any = KEEP,
         gas: Mapping[str, int] | None = None,
     ) -> None:
-        self._move("fail", payment_id, _FROM_FAIL, {
+        self._move("fail", payment_id, FROM_FAIL, {
             "state": PaymentState.FAILED.value, "error_reason": reason, "tx_hash": tx_hash,
-            "block_number": block_number, **_gas(gas),
+            "block_number": block_number, **gas_fields(gas),
         })
 
     @atomic_alone
     def record_gas(self, payment_id: int, gas: Mapping[str, int]) -> None:
         """The gas of a mined settlement transaction, read from its receipt after the fact
         (``settlement.finance.gas.backfill_gas``; settled or failed, no state change)."""
-        self._move("record_gas", payment_id, _FROM_MINED, _gas(gas))
+        self._move("record_gas", payment_id, FROM_MINED, gas_fields(gas))
 
     @atomic_alone
-    def void(self, payment_id: int, reason: str | None, *, upstream_status: Any = _KEEP) -> None:
+    def void(self, payment_id: int, reason: str | None, *, upstream_status: Any = KEEP) -> None:
         """The upstream failed before settlement: nothing is charged."""
-        self._move("void", payment_id, _FROM_VERIFIED, {
+        self._move("void", payment_id, FROM_VERIFIED, {
             "state": PaymentState.VOIDED.value, "error_reason": reason, "upstream_status": upstream_status,
         })
 
     @atomic_alone
     def record_upstream_status(self, payment_id: int, status: int) -> None:
         """The upstream's status after an upfront settlement (``settled``; no state change)."""
-        self._move("record_upstream_status", payment_id, _FROM_SETTLED, {"upstream_status": status})
+        self._move("record_upstream_status", payment_id, FROM_SETTLED, {"upstream_status": status})
 
     @atomic_alone
     def record_refund_owed(self, payment_id: int, amount: int, reason: str | None) -> None:
-        self._move("record_refund_owed", payment_id, _FROM_SETTLED, {"refund_owed": amount, "refund_reason": reason})
+        self._move("record_refund_owed", payment_id, FROM_SETTLED, {"refund_owed": amount, "refund_reason": reason})
 
     @atomic_alone
     def record_refund_tx(self, payment_id: int, tx_hash: str) -> None:
         """The refund transaction's hash, before it is broadcast."""
-        self._move("record_refund_tx", payment_id, _FROM_SETTLED, {"refund_tx": tx_hash})
+        self._move("record_refund_tx", payment_id, FROM_SETTLED, {"refund_tx": tx_hash})
 
     @atomic_alone
     def record_refund_paid(self, payment_id: int, tx_hash: str | None) -> None:
-        self._move("record_refund_paid", payment_id, _FROM_SETTLED, {"refund_tx": tx_hash, "refunded_at": utcnow()})
+        self._move("record_refund_paid", payment_id, FROM_SETTLED, {"refund_tx": tx_hash, "refunded_at": utcnow()})
 
 
 
@@ -358,7 +338,7 @@ _TRANSITIONS = {
     allowed: update(_PAYMENTS).where(
         _PAYMENTS.c.id == bindparam("pid"), or_(*(_PAYMENTS.c.state == state for state in allowed))
     )
-    for allowed in set(TRANSITIONS.values()) | {_FROM_BEGIN_SETTLEMENT}
+    for allowed in set(TRANSITIONS.values()) | {FROM_BEGIN_SETTLEMENT}
 }
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
@@ -376,14 +356,6 @@ _INSERT_DEFAULTS = {
 for _column in _PAYMENTS.c:
     if _column.key not in _INSERT_DEFAULTS and _column.nullable and not _column.primary_key:
         _INSERT_DEFAULTS[_column.key] = None
-
-
-def _gas(gas: Mapping[str, int] | None) -> dict[str, int]:
-    if gas is None:
-        return {}
-    if set(gas) != _GAS_COLUMNS:
-        raise ValueError(f"gas is {sorted(_GAS_COLUMNS)}, got {sorted(gas)}")
-    return dict(gas)
 
 
 def _transition(

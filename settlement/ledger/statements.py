@@ -17,10 +17,10 @@ rows (result processing, ORM objects) stay with SQLAlchemy.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
@@ -71,7 +71,7 @@ class HotStatement:
         try:
             cursor.execute(self.sql, parameters)
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(self.sql, parameters, exc, self._dbapi_error) from exc
+            raise self._error(connection, parameters, exc, cursor) from exc
         return cursor
 
     def execute_many(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -80,9 +80,17 @@ class HotStatement:
         try:
             cursor.executemany(self.sql, parameters)
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(self.sql, parameters, exc, self._dbapi_error) from exc
+            raise self._error(connection, parameters, exc, cursor) from exc
         finally:
             cursor.close()
+
+    def _error(self, connection: Connection, parameters: Any, exc: Exception, cursor: Any) -> StatementError:
+        """SQLAlchemy's exception for a driver error; a lost connection is invalidated first (as
+        SQLAlchemy's own execution does), so it is not handed out again."""
+        lost = connection.dialect.is_disconnect(cast(Any, exc), connection.connection.driver_connection, cursor)
+        if lost:
+            connection.invalidate(exc)
+        return DBAPIError.instance(self.sql, parameters, exc, self._dbapi_error, connection_invalidated=lost)
 
 
 class HotStatements:

@@ -5,6 +5,7 @@ replaced when its server connection is gone."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,6 +149,31 @@ def test_a_connection_lost_while_in_use_fails_one_call_and_the_next_is_served(
         pg_ledger.record_verified(**_fields(11))
     assert pg_ledger.record_verified(**_fields(11)).state == "verified"
     assert pg_ledger.by_authorization("eip155:31337", "0x" + "33" * 20, "0x" + "11" * 20, _fields(11)["nonce"]) is not None
+
+
+def test_after_a_lost_connection_the_pool_is_pinged_not_lost_one_by_one(
+    pg_ledger: Ledger, postgres_url: str,
+) -> None:
+    """The server restarts while the pool holds several connections: the first call to meet a dead
+    one fails (closed), and every connection returned before that is then pinged, so the calls after
+    it are served, instead of each pooled connection failing one call in turn."""
+
+    async def fill_the_pool() -> None:  # the ledger's threads, each on a connection of its own
+        await asyncio.gather(*(pg_ledger.run(pg_ledger.record_verified, **_fields(n)) for n in range(100, 164)))
+
+    asyncio.run(fill_the_pool())
+    pooled = pg_ledger.engine.pool.checkedin()  # type: ignore[attr-defined]  # QueuePool's count
+    assert pooled >= 4
+    assert _kill_backends(postgres_url.rsplit("/", 1)[1]) >= pooled
+    outcomes = []
+    for n in range(200, 200 + 2 * pooled):
+        try:
+            pg_ledger.record_verified(**_fields(n))
+            outcomes.append("served")
+        except LedgerError:
+            outcomes.append("failed")
+    assert outcomes == ["failed"] + ["served"] * (2 * pooled - 1)
+    assert pg_ledger.by_authorization("eip155:31337", "0x" + "33" * 20, "0x" + "11" * 20, _fields(200)["nonce"]) is None
 
 
 def test_the_trace_sees_what_psycopg_sends(tmp_path: Path, postgres_url: str) -> None:
