@@ -30,7 +30,7 @@ from gateway import codes
 from gateway.errors import GatewayError
 from gateway.store import StateStore
 
-__all__ = ["Breakers", "Ticket", "upstream_key"]
+__all__ = ["UNREAD", "Breakers", "Ticket", "Unread", "upstream_key"]
 
 log = logging.getLogger("x402gw.breaker")
 
@@ -48,6 +48,13 @@ class Ticket:
 
     upstream: str
     probe_owner: str | None = None
+
+
+class Unread:
+    """``check``'s default: the breaker's state is read from the store."""
+
+
+UNREAD = Unread()
 
 
 class Breakers:
@@ -75,8 +82,14 @@ class Breakers:
     def _key(self, upstream: str, part: str) -> str:
         return f"breaker:{upstream}:{part}"
 
+    def open_key(self, tool: Tool) -> str:
+        """The store key of ``tool``'s breaker state (read with others: ``check(open_raw=...)``)."""
+        return self._key(upstream_key(tool), "open")
+
     async def _open_until(self, upstream: str) -> float | None:
-        raw = await self.store.get(self._key(upstream, "open"))
+        return self._seen_open(upstream, await self.store.get(self._key(upstream, "open")))
+
+    def _seen_open(self, upstream: str, raw: bytes | None) -> float | None:
         until = float(raw) if raw else None
         self._note(upstream, until)
         return until
@@ -86,11 +99,12 @@ class Breakers:
         if until is not None:
             self._until[upstream] = until
 
-    async def check(self, tool: Tool, probe_owner: str | None = None) -> Ticket:
+    async def check(self, tool: Tool, probe_owner: str | None = None, *, open_raw: bytes | None | Unread = UNREAD) -> Ticket:
         """Raise 503 ``upstream_circuit_open`` while open. In half-open, let unpaid requests through
-        (``probe_owner`` None) and one paid request at a time (it holds the probe lock)."""
+        (``probe_owner`` None) and one paid request at a time (it holds the probe lock).
+        ``open_raw``: the value of ``open_key(tool)`` when the caller has just read it."""
         upstream = upstream_key(tool)
-        until = await self._open_until(upstream)
+        until = await self._open_until(upstream) if isinstance(open_raw, Unread) else self._seen_open(upstream, open_raw)
         if until is None:
             return Ticket(upstream)
         now = self.clock()

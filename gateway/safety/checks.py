@@ -35,9 +35,9 @@ from catalog import Catalogs, PaymentTerms, Tool, format_amount, to_atomic
 from catalog.limits import Budget, Budgets, RateLimit, RateLimits
 from gateway import codes
 from gateway.errors import GatewayError
-from gateway.safety.breaker import Breakers, Ticket, upstream_key
+from gateway.safety.breaker import UNREAD, Breakers, Ticket, Unread, upstream_key
 from gateway.safety.limits import Limits
-from gateway.safety.policy import Policy, PolicyView
+from gateway.safety.policy import OVERRIDES_KEY, Policy, PolicyView
 from gateway.store import MAX_EXACT_UNITS, StateStore, StoreUnavailable
 from settlement.ledger import Ledger, PaymentState
 
@@ -249,13 +249,21 @@ class Safety:
 
     async def _before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int, *, paying: bool) -> None:
         held = ctx.safety = Held()
-        held.view = await self.policy.current()
+        policy, breakers = self.policy, self.breakers
+        open_raw: bytes | None | Unread = UNREAD
+        if policy.store is self.store and breakers.store is self.store:
+            # The kill switches and this tool's breaker, read together: one round trip on Redis.
+            with _store_errors():
+                overrides, open_raw = await self.store.get_many([OVERRIDES_KEY, breakers.open_key(tool)])
+            held.view = policy.view_from(overrides)
+        else:
+            held.view = await policy.current()
         reason = held.view.tool_disabled(tool.name, tool.owner)
         if reason is not None:
             raise GatewayError(codes.TOOL_DISABLED, f"{tool.name} is not available: {reason}", status=503, retryable=False)
         self.price_guard(tool, price_atomic)
         with _store_errors():
-            held.ticket = await self.breakers.check(tool, ctx.request_id if paying else None)
+            held.ticket = await breakers.check(tool, ctx.request_id if paying else None, open_raw=open_raw)
 
     def price_guard(self, tool: Tool, price_atomic: int) -> None:
         ceiling = self._ceilings.get(tool.name)

@@ -40,7 +40,7 @@ from gateway.errors import GatewayError
 from gateway.headers import AUTHORIZATION, WWW_AUTHENTICATE, lower
 from gateway.store import StateStore, StoreUnavailable
 
-__all__ = ["Policy", "PolicyView", "parse_policy", "policy_routes"]
+__all__ = ["OVERRIDES_KEY", "Policy", "PolicyView", "parse_policy", "policy_routes"]
 
 log = logging.getLogger("x402gw.policy")
 
@@ -142,23 +142,31 @@ class _PolicyFile:
         return self.view
 
 
+def _overrides(raw: bytes | None) -> dict[str, dict[str, Any]]:
+    data = json.loads(raw) if raw else {}
+    return {kind: dict(data.get(kind) or {}) for kind in ("tools", "owners", "payers")}
+
+
 class Policy:
     def __init__(self, store: StateStore, policy_file: Path | None = None) -> None:
         self.store = store
         self._file = _PolicyFile(policy_file) if policy_file is not None else None
 
     async def overrides(self) -> dict[str, dict[str, Any]]:
-        raw = await self.store.get(OVERRIDES_KEY)
-        data = json.loads(raw) if raw else {}
-        return {kind: dict(data.get(kind) or {}) for kind in ("tools", "owners", "payers")}
+        return _overrides(await self.store.get(OVERRIDES_KEY))
 
     async def current(self) -> PolicyView:
-        base = self._file.current() if self._file is not None else PolicyView()
         try:
-            extra = await self.overrides()
+            raw = await self.store.get(OVERRIDES_KEY)
         except StoreUnavailable:
             raise GatewayError(codes.STORE_UNAVAILABLE, "the gateway's shared state is unavailable; retry later",
                                status=503, retryAfter=2) from None
+        return self.view_from(raw)
+
+    def view_from(self, raw: bytes | None) -> PolicyView:
+        """The policy in force, given the stored overrides (``OVERRIDES_KEY``'s value, read by the caller)."""
+        base = self._file.current() if self._file is not None else PolicyView()
+        extra = _overrides(raw)
         if not any(extra.values()):
             return base
         return PolicyView(

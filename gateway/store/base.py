@@ -13,6 +13,7 @@ the largest amount a token can move); see ``gateway.store.redis`` for how Redis 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,6 +75,10 @@ class StateStore(Protocol):
     async def holder(self, key: str) -> str | None: ...
 
     async def get(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys``, in order (None where absent), read together: one round trip on Redis."""
+        ...
 
     async def put(
         self, key: str, value: bytes, ttl_ms: int | None = None, *, only_if_absent: bool = False

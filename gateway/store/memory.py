@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.store.base import (
@@ -86,6 +86,9 @@ class MemoryStore:
 
     async def get(self, key: str) -> bytes | None:
         return self._live(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [self._live(key) for key in keys]
 
     async def put(
         self, key: str, value: bytes, ttl_ms: int | None = None, *, only_if_absent: bool = False

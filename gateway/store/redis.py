@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -204,6 +204,13 @@ class RedisStore:
             value = await self._redis.get(self._key(key))
         # the client is built without decode_responses, so replies are bytes
         return cast("bytes | None", value)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        with _unavailable_on_redis_errors():
+            values = await self._redis.mget([self._key(key) for key in keys])
+        return cast("list[bytes | None]", list(values))
 
     async def put(
         self, key: str, value: bytes, ttl_ms: int | None = None, *, only_if_absent: bool = False
