@@ -18,20 +18,9 @@ from psycopg import pq
 from sqlalchemy import event
 
 from settlement.errors import LedgerError
-from settlement.ledger import Base, Ledger
+from settlement.ledger import Ledger
 from settlement.ledger import models as ledger_models
-from settlement.schema import open_ledger
 from tests.settlement.conftest import _admin_connection
-
-
-@pytest.fixture
-def pg_ledger(postgres_url: str) -> Iterator[Ledger]:
-    ledger = open_ledger(postgres_url)
-    try:
-        yield ledger
-    finally:
-        Base.metadata.drop_all(ledger.engine)
-        ledger.close()
 
 
 @contextmanager
