@@ -177,6 +177,8 @@ class Safety:
         self.limits = limits or Limits()
         self.policy = policy or Policy(store)
         self.breakers = breakers or Breakers(store, catalogs.tools)
+        # The kill switches and the breakers share this store: read together before a 402 (one round trip).
+        self._read_together = self.policy.store is store and self.breakers.store is store
         self._budgets: dict[tuple[str, str, str], list[_BudgetRule]] = {}
         self._rates: dict[str, list[_RateRule]] = {}
         self._ceilings: dict[str, Decimal] = {}
@@ -251,8 +253,7 @@ class Safety:
         held = ctx.safety = Held()
         policy, breakers = self.policy, self.breakers
         open_raw: bytes | None | Unread = UNREAD
-        if policy.store is self.store and breakers.store is self.store:
-            # The kill switches and this tool's breaker, read together: one round trip on Redis.
+        if self._read_together:
             with _store_errors():
                 overrides, open_raw = await self.store.get_many([OVERRIDES_KEY, breakers.open_key(tool)])
             held.view = policy.view_from(overrides)
