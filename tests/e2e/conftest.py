@@ -1,10 +1,11 @@
 """End-to-end fixtures for the protocol bridge: the sample SOAP warehouse on loopback, the demo
-credentials in the environment, and the warehouse catalog pointed at the test's upstreams."""
+credentials in the environment, and the warehouse catalog pointed at the test's upstreams; and
+``manual_mining`` for the modules that run a private anvil (their own ``chain`` fixture)."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from gateway.devkit.samples import rest_upstream, soap_warehouse
 from gateway.ops.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG
+from tests.conftest import Devchain
 
 WAREHOUSE_CATALOG = DEFAULT_CATALOG.with_name("warehouse.yaml")
 SLOW_SECONDS = 1.0  # GetInventoryReport's delay in tests; a tool with a shorter timeout times out
@@ -61,3 +63,17 @@ def warehouse_catalog(tmp_path: Path, upstream: str, warehouse: str, *, replace:
     path = tmp_path / "warehouse.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture
+def manual_mining(chain: Devchain) -> Iterator[Callable[[], None]]:
+    """Automining off until the test ends: a block is mined when the test calls the function. Only
+    for a module that runs a private anvil: it needs the module's own ``chain`` fixture."""
+    chain.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+
+    def mine() -> None:
+        chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+
+    yield mine
+    chain.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
+    mine()

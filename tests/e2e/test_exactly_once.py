@@ -35,18 +35,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
         yield private
 
 
-@pytest.fixture
-def manual_mining(chain: Devchain) -> Iterator[Callable[[], None]]:
-    chain.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
-
-    def mine() -> None:
-        chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-
-    yield mine
-    chain.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
-    mine()
-
-
 def wait_for(predicate: Callable[[], Any], what: str, attempts: int = 600) -> Any:
     """Poll a condition on real state (ledger rows), bounded; each attempt waits on an Event."""
     pause = threading.Event()

@@ -34,18 +34,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
         yield private
 
 
-@pytest.fixture
-def manual_mining(chain: Devchain) -> Iterator[Callable[[], None]]:
-    chain.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
-
-    def mine() -> None:
-        chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-
-    yield mine
-    chain.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
-    mine()
-
-
 def test_kill_9_after_the_usage_was_counted_settles_that_amount_once(
     chain: Devchain, upstream: str, tmp_path: Path, manual_mining: Callable[[], None],
 ) -> None:
