@@ -18,7 +18,7 @@ import pytest
 
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
-from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, demo_catalog, running_devchain, upstream_hits
+from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, demo_catalog, upstream_hits
 from tests.e2e.test_exactly_once import (
     PRICE,
     assert_ledger_matches_chain,
@@ -28,13 +28,8 @@ from tests.e2e.test_exactly_once import (
     signed,
     wait_for,
 )
+from tests.e2e.test_exactly_once import chain as chain  # its private anvil (manual mining)
 from tests.support.processes import gateway_processes
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
-    with running_devchain(tmp_path_factory.mktemp("chain")) as private:
-        yield private
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ from tests.e2e.test_exactly_once import (
     wait_for,
 )
 from tests.e2e.test_exactly_once import chain as chain
-from tests.e2e.test_exactly_once import manual_mining as manual_mining
 from tests.support.processes import GatewayProcess
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
