@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import socket
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psycopg
-import pytest
 
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
@@ -29,18 +27,8 @@ from tests.e2e.test_exactly_once import (
     wait_for,
 )
 from tests.e2e.test_exactly_once import chain as chain  # its private anvil (manual mining)
+from tests.e2e.test_workers import database as database  # a database of the test's own: all its connections are killed
 from tests.support.processes import gateway_processes
-
-
-@pytest.fixture
-def own_database() -> Iterator[str]:
-    """A database of this test's own: it kills every connection to it."""
-    name = f"x402gw_loss_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def kill_connections(database_url: str) -> int:
@@ -64,18 +52,18 @@ def read_answer(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def test_database_connections_lost_mid_settlement_move_money_once(
-    chain: Devchain, upstream: str, tmp_path: Path, own_database: str, manual_mining: Callable[[], None],
+    chain: Devchain, upstream: str, tmp_path: Path, database: str, manual_mining: Callable[[], None],
 ) -> None:
-    env = process_env(chain, demo_catalog(tmp_path, upstream), own_database, X402GW_RECEIPT_TIMEOUT_SECONDS="60")
+    env = process_env(chain, demo_catalog(tmp_path, upstream), database, X402GW_RECEIPT_TIMEOUT_SECONDS="60")
     before = chain.balance(PAY_TO)
     with gateway_processes([env], tmp_path) as [gateway]:
-        ledger = open_ledger(own_database)
+        ledger = open_ledger(database)
         with httpx.Client(base_url=gateway.url, timeout=30) as client:
             header = signed(client, chain, "/quotes/LOSS")
         sock = raw_request(gateway.port, "/quotes/LOSS", header)
         wait_for(lambda: row_for(ledger, lambda r: r.tx_hash is not None), "the settlement broadcast")
         ledger.close()
-        assert kill_connections(own_database) >= 1  # the gateway's pool, while its call waits for a block
+        assert kill_connections(database) >= 1  # the gateway's pool, while its call waits for a block
         manual_mining()
         status, body = read_answer(sock)
         if status != 200:  # the call met a dead connection: closed, and never a price to pay again
@@ -84,7 +72,7 @@ def test_database_connections_lost_mid_settlement_move_money_once(
         resend = httpx.get(f"{gateway.url}/quotes/LOSS", headers={"PAYMENT-SIGNATURE": header}, timeout=30)
         assert resend.status_code == 200, resend.text
         assert resend.json()["symbol"] == "LOSS" and resend.headers["x402gw-replay"] == "true"
-    ledger = open_ledger(own_database)
+    ledger = open_ledger(database)
     [row] = ledger.all()
     assert row.state == PaymentState.SETTLED
     assert chain.balance(PAY_TO) - before == PRICE
