@@ -110,7 +110,7 @@ def main() -> None:
                     headers_file = None
                     if paid:
                         offer = fetch_offer(url + GATEWAY_PATH)
-                        headers_file = write_lines(workdir / "h.txt", payment_headers(offer, 400 * args.duration))
+                        headers_file = write_lines(workdir / "h.txt", payment_headers(offer, 1000 * args.duration))
                     result = wrk(url, GATEWAY_PATH, 200 if paid else 402, 32, args.duration, headers_file)
                     stop_profiler(where.pid, target)
                 print(f"== {name}: {result}")

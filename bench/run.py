@@ -22,8 +22,8 @@ fresh anvil at the end. Exits 1 when a target ratio (at concurrency 32) is misse
 The gateway cases (C, D, F) run in each deployment asked for (bench/setups.py): ``--configs
 embedded`` (the default: in-memory store + SQLite ledger, the plain cases the ratios use),
 ``replica`` (Redis store + PostgreSQL ledger, as production runs), and ``--workers 2``
-(``x402gw serve --workers 2``, replica, each worker settling from its own funded account; F is not
-run there). Those runs are labelled, e.g. ``D [redis+pg, 2 workers]``, and tabled at the end
+(``x402gw serve --workers 2``, replica, each worker settling from its own funded account; in F
+through a BatchSettler of its own). Those runs are labelled, e.g. ``D [redis+pg, 2 workers]``, and tabled at the end
 next to the embedded single process.
 """
 
@@ -317,10 +317,11 @@ def gateway_deployed(workdir: Path, deployment: Deployment, upstream: str, name:
     deployment_path = workdir / f"{name}-devchain.json"
     deployment.write(deployment_path)
     port = free_port()
-    with deployed(setup, workdir, name, deployment.rpc_url) as where:
+    batch = json.loads(extra_env["X402GW_BATCH_SETTLEMENT"]) if extra_env and "X402GW_BATCH_SETTLEMENT" in extra_env else None
+    with deployed(setup, workdir, name, deployment.rpc_url, batch) as where:
         env = {
             "X402GW_CATALOG": str(catalog_path), "X402GW_PORT": str(port), "X402GW_DEPLOYMENT_FILE": str(deployment_path),
-            "X402GW_LOG_LEVEL": "WARNING", **where.env, **(extra_env or {}),
+            "X402GW_LOG_LEVEL": "WARNING", **(extra_env or {}), **where.env,
         }
         url = f"http://127.0.0.1:{port}"
         cmd = [*launcher, sys.executable, "-m", "gateway.cli.main", "serve", *where.args]
@@ -424,9 +425,7 @@ def run_gateway_cases(cases: set[str], setup: Setup, workdir: Path, upstream: st
     if "D" in cases:
         with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, f"D-{slug}", setup=setup) as url:
             results += run_http_case("D" + setup.label, url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 800)
-    if "F" in cases and setup.workers > 1:
-        print(f"F{setup.label}: not run (a BatchSettler takes one settler account; workers settle from one each)")
-    elif "F" in cases:
+    if "F" in cases:
         env = {"X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: BATCH_POLICY})}
         with anvil(workdir) as deployment, gateway(workdir, deployment, upstream, f"F-{slug}", env, setup=setup) as url:
             results += run_http_case("F" + setup.label, url, GATEWAY_PATH, 200, duration, workdir, url + GATEWAY_PATH, 1500)
@@ -471,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="deployments of the gateway cases C, D, F: embedded (memory + SQLite), replica "
                              "(Redis + PostgreSQL), comma-separated, e.g. embedded,replica")
     parser.add_argument("--workers", default="1",
-                        help="x402gw serve --workers, comma-separated, e.g. 1,2 (more than 1: replica, and not F, "
-                             "whose BatchSettler takes one settler account)")
+                        help="x402gw serve --workers, comma-separated, e.g. 1,2 (more than 1: replica; F deploys a "
+                             "BatchSettler per worker's account)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)

@@ -1,6 +1,7 @@
 """How a benchmarked gateway is deployed: embedded (in-memory store + SQLite ledger, one process) or
 replica (Redis store + PostgreSQL ledger, as production runs), with one or several workers
-(``x402gw serve --workers N``, each settling from its own funded account).
+(``x402gw serve --workers N``, each settling from its own funded account, and batching through a
+BatchSettler of its own).
 
 Redis and PostgreSQL are the local ones the tests use (BENCH_REDIS_URL, BENCH_PG_ADMIN_URL); each
 run gets a database and a key prefix of its own, dropped at the end.
@@ -54,8 +55,11 @@ def process_tree(pid: int) -> list[int]:
 
 
 @contextmanager
-def deployed(setup: Setup, workdir: Path, name: str, rpc_url: str) -> Iterator[Deployed]:
-    """The environment and ``serve`` arguments of a gateway deployed as ``setup``."""
+def deployed(setup: Setup, workdir: Path, name: str, rpc_url: str,
+             batch: dict[str, dict[str, object]] | None = None) -> Iterator[Deployed]:
+    """The environment and ``serve`` arguments of a gateway deployed as ``setup``; with ``batch``
+    (X402GW_BATCH_SETTLEMENT's policies) and several workers, a BatchSettler deployed for each
+    worker's account, listed in each network's ``contracts``."""
     if setup.config == "embedded":
         if setup.workers != 1:
             raise ValueError("several workers need the replica configuration (Redis + PostgreSQL)")
@@ -66,9 +70,16 @@ def deployed(setup: Setup, workdir: Path, name: str, rpc_url: str) -> Iterator[D
         env = {"X402GW_DATABASE_URL": database, "X402GW_REDIS_URL": REDIS_URL, "X402GW_REDIS_PREFIX": prefix}
         args: list[str] = []
         if setup.workers > 1:
+            funded = funded_keys(rpc_url, setup.workers)
             keys = workdir / f"{name}-worker-keys.txt"
-            keys.write_text("".join(key + "\n" for key in funded_keys(rpc_url, setup.workers)))
+            keys.write_text("".join(key + "\n" for key in funded))
             args = ["--workers", str(setup.workers), "--settlement-keys-file", str(keys)]
+            if batch:
+                from gateway.devkit.devchain import deploy_batch_settler
+
+                contracts = [deploy_batch_settler(rpc_url, Account.from_key(key).address) for key in funded]
+                env["X402GW_BATCH_SETTLEMENT"] = json.dumps(
+                    {network: {**policy, "contracts": contracts} for network, policy in batch.items()})
         yield Deployed(env, args, database)
 
 

@@ -48,6 +48,7 @@ from gateway.pipeline.tracing import Tracing, tracing_from_env
 from gateway.safety.checks import Safety
 from gateway.safety.policy import policy_routes
 from gateway.settings import Settings
+from gateway.start_checks import bind_batch_settlers, check_chains, check_remote_facilitators
 from gateway.store import StateStore, StoreUnavailable, create_store
 from gateway.surfaces.discovery import Discovery
 from gateway.surfaces.facilitator_api import facilitator_routes
@@ -61,8 +62,6 @@ from gateway.wiring import (
     build_chains,
     build_refunder,
     build_safety,
-    check_chains,
-    check_remote_facilitators,
     facilitator_plan,
     lock_ttl_ms,
     wire_schemes,
@@ -150,6 +149,7 @@ def _lifespan(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await check_chains(chains, catalogs, wiring.schemes)
+        await bind_batch_settlers(wiring.batching)
         await check_remote_facilitators(remotes)
         try:
             await store.ping()

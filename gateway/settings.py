@@ -127,6 +127,22 @@ class BatchSettlement(BaseModel):
     # Group commit (settlement.schemes.batch): send at once when no batch is in flight. JSON true/false only.
     flush_when_idle: bool = Field(default=False, strict=True)
     contract: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
+    # Several BatchSettlers, one per settlement account (``serve --workers``): each process settles
+    # through the one whose ``settler`` is its own account, checked on chain at start-up.
+    contracts: list[Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$")]] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_contracts(self) -> BatchSettlement:
+        if self.contract is not None and self.contracts is not None:
+            raise ValueError('give "contract" (one BatchSettler) or "contracts" (one per worker), not both')
+        if self.contracts is not None and len({c.lower() for c in self.contracts}) != len(self.contracts):
+            raise ValueError('"contracts" lists a BatchSettler twice')
+        return self
+
+    @property
+    def candidates(self) -> list[str]:
+        """The BatchSettlers this network may settle through (none: the dev chain deployment's)."""
+        return list(self.contracts) if self.contracts is not None else [self.contract] if self.contract else []
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The composition root's wiring: what ``gateway.app.create_app`` builds from settings, and checks.
 
 Chain clients, the schemes and the facilitators behind them, safety, refunds, the bridge and the
-in-flight lock's lifetime; and the start-up checks of settings against catalog and chains (every
-refusal is a ``GatewayConfigError`` with a code). Same room as ``gateway.app``, which re-exports
+in-flight lock's lifetime; and the checks of settings against the catalog (every refusal is a
+``GatewayConfigError`` with a code). The checks against chains and facilitators, once the server
+runs, are ``gateway.start_checks``. Same room as ``gateway.app``, which re-exports
 the names other modules import from it (``build_chains``, ``facilitator_plan``, ...).
 """
 
@@ -25,11 +26,11 @@ from gateway.upstream.bridge import Bridge, BridgeConfigError
 from settlement.chain.client import JsonRpcChain
 from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID, Deployment, DevchainError, rehearsal_deployment
 from settlement.chain.refunds import Refunder
-from settlement.errors import ChainUnavailable, FacilitatorUnavailable, SettlementError
+from settlement.errors import SettlementError
 from settlement.schemes import ANY_NETWORK, ExactEvm, Facilitator, LocalFacilitator, Schemes, WalletSignatures
 from settlement.schemes.batch import BatchingFacilitator, BatchPolicy, build_batching
 from settlement.schemes.channels import ChannelPolicy, ChannelsEvm, build_channels
-from settlement.schemes.exact_permit2 import NO_PAYMENT_PATH, ExactWithPermit2, permit2_problems, token_problem, with_permit2
+from settlement.schemes.exact_permit2 import NO_PAYMENT_PATH, permit2_problems, with_permit2
 from settlement.schemes.failover import FailoverFacilitator
 from settlement.schemes.remote import RemoteFacilitator
 from settlement.schemes.upto import build_upto
@@ -44,8 +45,6 @@ __all__ = [
     "build_refunder",
     "build_safety",
     "build_schemes",
-    "check_chains",
-    "check_remote_facilitators",
     "check_schemes",
     "facilitator_plan",
     "in_flight_lock_ttl_ms",
@@ -149,7 +148,7 @@ def build_batching_facilitator(settings: Settings, local: LocalFacilitator, chai
     policies = {n: BatchPolicy(p.max_wait_ms, p.max_payments, p.flush_when_idle) for n, p in settings.batch_settlement.items()}
     try:
         return build_batching(
-            local, dict(chains), policies, {n: p.contract for n, p in settings.batch_settlement.items()},
+            local, dict(chains), policies, {n: p.candidates for n, p in settings.batch_settlement.items()},
             deployment_file=settings.deployment_file, receipt_timeout=settings.receipt_timeout_seconds,
         )
     except SettlementError as exc:
@@ -169,6 +168,7 @@ class SchemeWiring:
     remotes: dict[str, FailoverFacilitator] = field(default_factory=dict)
     wallets: WalletSignatures | None = None  # contract-wallet signature checks, on ``chains``
     channels: ChannelsEvm | None = None  # batch-settlement: the app binds its store and runs its claims
+    batching: BatchingFacilitator | None = None  # X402GW_BATCH_SETTLEMENT: binds its BatchSettlers at start-up
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Per network, each RPC URL's and each remote facilitator's state as the last call left
@@ -195,6 +195,7 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
             local_chains, receipt_timeout=settings.receipt_timeout_seconds, wallets=wiring.wallets
         )
         batching = build_batching_facilitator(settings, wiring.local, wiring.chains) if settings.batch_settlement else None
+        wiring.batching = batching
         # The batching facilitator settles its networks in batches and the others as ``local`` does.
         settler: Facilitator = batching if batching is not None else wiring.local
         exact = ExactEvm(settler, local_networks, chains=wiring.chains, writes_ahead=True)
@@ -358,56 +359,3 @@ def lock_ttl_ms(
         remotes=set(remotes.values()) or injected,
         local=wiring.local is not None or not (remotes or injected),
     )
-
-
-async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs, schemes: Schemes | None = None) -> None:
-    """Start-up checks against each chain: it is the chain we think, and the tokens are what the
-    catalog says (a wrong asset_name/version would make every signature fail on chain; a token
-    without EIP-3009 is paid through Permit2 or not at all: ``token_problem``)."""
-    for network, chain in chains.items():
-        try:
-            remote_id = await chain.remote_chain_id()
-        except ChainUnavailable as exc:
-            raise GatewayConfigError(f"chain RPC for {network} is not reachable: {exc.message}", code="chain_unreachable") from None
-        if remote_id != chain.chain_id:
-            raise GatewayConfigError(f"RPC for {network} serves chain id {remote_id}", code="chain_id_mismatch")
-        checked: set[str] = set()
-        for terms in (offer.terms for tool in catalogs.tools for offer in tool.offers):
-            if terms.network != network or terms.asset in checked:
-                continue
-            checked.add(terms.asset)
-            exact = schemes.get("exact", network) if schemes is not None else None
-            permit2_path = isinstance(exact, ExactWithPermit2) and exact.permit2_serves(network)
-            if problem := await token_problem(chain, terms, permit2_path):
-                raise GatewayConfigError(problem[1], code=problem[0])
-
-
-async def check_remote_facilitators(remotes: Mapping[str, FailoverFacilitator]) -> None:
-    """The remote facilitators of each network must say (GET /supported) that they serve exact on
-    it: at least one must answer, and every one that answers must list it (a backup that cannot
-    serve the network is a configuration error, found now rather than at failover). Facilitators
-    are named by scheme and host only (their URLs may hold keys)."""
-    for network, remotes_of_network in remotes.items():
-        answered = 0
-        for remote in remotes_of_network.facilitators:
-            try:
-                supported = await remote.fetch_supported()
-            except FacilitatorUnavailable:
-                continue
-            answered += 1
-            kinds = supported.get("kinds", []) if isinstance(supported, dict) else []
-            if not any(
-                isinstance(k, dict) and k.get("scheme") == "exact" and k.get("network") == network and k.get("x402Version") == 2
-                for k in kinds
-            ):
-                raise GatewayConfigError(
-                    f"facilitator {remote.label} does not support exact on {network} (x402 v2); "
-                    "the routes on that network cannot be served",
-                    code="facilitator_unsupported_network",
-                )
-        if not answered:
-            raise GatewayConfigError(
-                f"facilitator {remotes_of_network.label} for {network} did not answer /supported "
-                "(unreachable, or it refused this gateway's credentials: see the log)",
-                code="facilitator_unreachable",
-            )

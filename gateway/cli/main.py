@@ -48,6 +48,7 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None, worker
 
     from gateway.app import GatewayConfigError, create_app, describe
     from gateway.cli.settings_errors import load_settings
+    from gateway.cli.startup import RefusesAtStartUp, refusal_line
 
     overrides: dict[str, object] = {}
     if catalogs:
@@ -65,14 +66,10 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None, worker
     except CatalogError as exc:
         click.echo(f"error: the catalog is invalid; the gateway will not start\n{exc}", err=True)
         sys.exit(2)
-    except GatewayConfigError as exc:
-        click.echo(f"error: {exc} [{exc.code}]", err=True)
-        sys.exit(2)
-    except Exception as exc:  # any other start-up failure: one line, never str(exc) (it may quote a secret URL)
-        logging.getLogger("x402gw").debug("start-up failed", exc_info=True)
-        code = getattr(exc, "code", None)  # a SettlementError's (ledger_unavailable...), else startup_failed
-        click.echo(f"error: the gateway could not start ({type(exc).__name__}); X402GW_LOG_LEVEL=DEBUG logs the "
-                   f"details [{code if isinstance(code, str) else 'startup_failed'}]", err=True)
+    except Exception as exc:  # one line, never str(exc) of the unexpected (it may quote a secret URL)
+        if not isinstance(exc, GatewayConfigError):
+            logging.getLogger("x402gw").debug("start-up failed", exc_info=True)
+        click.echo(refusal_line(exc), err=True)  # a SettlementError's code (ledger_unavailable...), else startup_failed
         sys.exit(2)
     click.echo(f"x402gw serving on http://{settings.host}:{settings.port}")
     for line in describe(app):
@@ -82,7 +79,7 @@ def serve(catalogs: tuple[Path, ...], host: str | None, port: int | None, worker
     gc.collect()
     gc.freeze()
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="auto", http="auto", access_log=False,
+        RefusesAtStartUp(app), host=settings.host, port=settings.port, loop="auto", http="auto", access_log=False,
         log_level=settings.log_level.lower(),
     )
     if worker_fd is None:

@@ -16,7 +16,9 @@ What several workers need, refused at start-up with a stable code otherwise (exi
 * ``workers_need_settlement_keys``: one settlement account per worker
   (``--settlement-keys-file``, one 0x key per line, at least N), so each worker's broadcast lane
   owns its account's nonces as a single process does. Only when the gateway settles itself.
-* ``workers_batch_settlement_unsupported``: a BatchSettler contract accepts one settler account.
+* ``workers_need_batch_settlers``: with batched settlement (``X402GW_BATCH_SETTLEMENT``), one
+  BatchSettler per worker in each network's ``contracts`` (a BatchSettler accepts one settler
+  account); each worker takes the one naming its account, checked on chain when it starts.
 * ``workers_channels_unsupported``: a batch-settlement channel names one receiverAuthorizer (the
   settlement account that signs its claims); each worker's own account would be another.
 * ``workers_refund_key_shared``: one refund account's nonces would be taken by N processes.
@@ -87,10 +89,13 @@ def plan_workers(settings: Settings, workers: int, keys: list[str], settles_loca
         raise WorkerPlanError(
             f"--workers {workers} needs a PostgreSQL ledger (X402GW_DATABASE_URL=postgresql+psycopg://...): "
             "SQLite takes one writing process", "workers_need_postgresql")
-    if settings.batch_settlement:
-        raise WorkerPlanError(
-            f"--workers {workers} cannot use X402GW_BATCH_SETTLEMENT: a BatchSettler accepts one settler "
-            "account, and each worker settles from its own", "workers_batch_settlement_unsupported")
+    for network, batch in sorted(settings.batch_settlement.items()):
+        if len(batch.contracts or ()) < workers:
+            raise WorkerPlanError(
+                f"--workers {workers} with X402GW_BATCH_SETTLEMENT on {network} needs one BatchSettler per worker "
+                f"(a BatchSettler takes one settler account, and each worker settles from its own): list "
+                f"{workers} in its \"contracts\", each deployed with one worker's account as its settler "
+                f"({len(batch.contracts or ())} listed)", "workers_need_batch_settlers")
     if "batch-settlement" in schemes:
         raise WorkerPlanError(
             f"--workers {workers} cannot sell in batch-settlement: a channel names one receiverAuthorizer "

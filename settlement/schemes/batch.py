@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from settlement.chain.authorization import split_signature
 from settlement.chain.client import BeforeSend, Chain, Receipt, address_word, authorization_words, selector, uint_word
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.schemes.batch_settlers import SettlerReader, choose_settler
 from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -57,7 +59,7 @@ class BatchPolicy:
     flush_when_idle: bool = False
 
 
-class BatchChain(Chain, Protocol):
+class BatchChain(Chain, SettlerReader, Protocol):
     async def send_call(
         self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = ...
     ) -> str: ...
@@ -299,6 +301,8 @@ class BatchingFacilitator:
     settlers: dict[str, str]
     policies: dict[str, BatchPolicy]
     receipt_timeout: float = 30.0
+    # network → the BatchSettlers to choose from (``bind``); a network not here keeps ``settlers``'.
+    candidates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _batchers: dict[str, _NetworkBatcher] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -310,6 +314,15 @@ class BatchingFacilitator:
     @property
     def networks(self) -> set[str]:
         return set(self._batchers)
+
+    async def bind(self) -> None:
+        """Start-up: each network settles through the BatchSettler (of its candidates, or the one it
+        was given) whose ``settler`` is this process's account, read on chain; ``SettlementError``
+        (``batch_settler_not_ours``, ``batch_settler_invalid``) when there is none."""
+        for network, batcher in self._batchers.items():
+            candidates = self.candidates.get(network) or (batcher.settler,)
+            batcher.settler = to_checksum_address(await choose_settler(network, batcher.chain, candidates))
+            self.settlers[network] = batcher.settler
 
     def supported(self) -> dict[str, Any]:
         return self.local.supported()
@@ -347,20 +360,25 @@ def build_batching(
     local: LocalFacilitator,
     chains: dict[str, BatchChain],
     policies: dict[str, BatchPolicy],
-    contracts: dict[str, str | None],
+    contracts: dict[str, Sequence[str]],
     *,
     deployment_file: Path | None = None,
     receipt_timeout: float = 30.0,
 ) -> BatchingFacilitator:
-    """A batching facilitator for ``policies``' networks; a network's BatchSettler address is its
-    ``contracts`` entry, or, on the local chain, the one the dev chain deployment recorded."""
+    """A batching facilitator for ``policies``' networks; a network's BatchSettler is one of its
+    ``contracts`` (the one naming this process's account: ``BatchingFacilitator.bind`` picks it at
+    start-up), or, on the local chain, the one the dev chain deployment recorded."""
     from settlement.chain.deployment import LOCAL_NETWORK, Deployment, DevchainError
 
     settlers: dict[str, str] = {}
+    candidates: dict[str, tuple[str, ...]] = {}
     for network in policies:
         if network not in chains:
             raise DevchainError(f"batched settlement on {network}, which is not settled locally", code="batch_network")
-        address = contracts.get(network)
+        listed = tuple(contracts.get(network) or ())
+        if listed:
+            candidates[network] = listed
+        address = listed[0] if listed else None
         if address is None and network == LOCAL_NETWORK and deployment_file is not None:
             address = Deployment.read(deployment_file).batch_settler
         if address is None:
@@ -370,4 +388,4 @@ def build_batching(
                 code="batch_settler_missing",
             )
         settlers[network] = address
-    return BatchingFacilitator(local, chains, settlers, policies, receipt_timeout=receipt_timeout)
+    return BatchingFacilitator(local, chains, settlers, policies, receipt_timeout=receipt_timeout, candidates=candidates)

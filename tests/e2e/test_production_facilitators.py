@@ -30,7 +30,8 @@ from gateway.app import create_app
 from gateway.errors import GatewayConfigError
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
-from gateway.wiring import build_schemes, check_remote_facilitators
+from gateway.start_checks import check_remote_facilitators
+from gateway.wiring import build_schemes
 from settlement.ledger import Ledger, PaymentState
 from settlement.schema import open_ledger
 from tests.conftest import PAY_TO, Devchain, body_json, demo_catalog, upstream_hits

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.cli.workers import WorkerPlanError, plan_workers, read_keys
 from gateway.settings import Settings
@@ -37,7 +38,7 @@ def test_what_workers_cannot_share_is_refused_with_its_code() -> None:
     assert code_of(Settings(redis_url=REDIS), 2, KEYS) == "workers_need_postgresql"  # the SQLite default
     assert code_of(shared(), 3, KEYS[:2]) == "workers_need_settlement_keys"
     assert code_of(shared(batch_settlement={"eip155:31337": {"max_wait_ms": 20, "max_payments": 5}}), 2, KEYS) == \
-        "workers_batch_settlement_unsupported"
+        "workers_need_batch_settlers"
     assert code_of(shared(refund_key=KEYS[2]), 2, KEYS) == "workers_refund_key_shared"
     assert code_of(shared(), 0, KEYS) == "workers_invalid"
 
@@ -47,6 +48,34 @@ def test_batch_settlement_with_several_workers_is_refused() -> None:
         plan_workers(shared(), 2, KEYS, True, frozenset({"exact", "batch-settlement"}))
     assert caught.value.code == "workers_channels_unsupported"
     assert len(plan_workers(shared(), 1, [], True, frozenset({"batch-settlement"}))) == 1  # one process: its own
+
+
+def test_batched_settlement_needs_a_batch_settler_per_worker() -> None:
+    """Each worker settles from its own account, and a BatchSettler takes one: one contract each
+    (which is whose is read on chain by each worker at start, ``test_batch_settlers``)."""
+    contracts = ["0x" + f"{n:02x}" * 20 for n in (1, 2, 3)]
+
+    def batched(*listed: str, contract: str | None = None) -> Settings:
+        policy: dict[str, object] = {"contract": contract} if contract else {"contracts": list(listed)}
+        return shared(batch_settlement={"eip155:31337": policy, "eip155:84532": {"contracts": contracts}})
+
+    assert code_of(batched(contract=contracts[0]), 2, KEYS) == "workers_need_batch_settlers"
+    assert code_of(batched(*contracts[:1]), 2, KEYS) == "workers_need_batch_settlers"
+    assert code_of(batched(*contracts[:2]), 3, KEYS) == "workers_need_batch_settlers"
+    assert len(plan_workers(batched(*contracts[:2]), 2, KEYS, True)) == 2
+    assert len(plan_workers(batched(contract=contracts[0]), 1, [], True)) == 1  # one process: the one contract
+
+
+def test_batch_settlement_names_its_contracts_one_way() -> None:
+    one, two = "0x" + "01" * 20, "0x" + "02" * 20
+    for policy in ({"contract": one, "contracts": [two]}, {"contracts": [one, one.upper().replace("0X", "0x")]},
+                   {"contracts": []}, {"contracts": ["0x12"]}):
+        with pytest.raises(ValidationError):
+            Settings(batch_settlement={"eip155:31337": policy})
+    assert Settings(batch_settlement={"eip155:31337": {"contracts": [one, two]}}).batch_settlement[
+        "eip155:31337"].candidates == [one, two]
+    assert Settings(batch_settlement={"eip155:31337": {"contract": one}}).batch_settlement["eip155:31337"].candidates == [one]
+    assert Settings(batch_settlement={"eip155:31337": {}}).batch_settlement["eip155:31337"].candidates == []
 
 
 def test_each_worker_gets_its_index_and_its_own_key() -> None:

@@ -1,0 +1,114 @@
+"""``x402gw serve --workers 2`` with batched settlement (``X402GW_BATCH_SETTLEMENT``): each worker
+settles from its own account through the BatchSettler that names it (two listed in ``contracts``,
+chosen on chain at start). Distinct payments spread over both workers all settle, each batch sent by
+its contract's own settler; duplicates of one payment raced over both settle once. After each test
+the ledger and the chain agree."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_account import Account
+
+from gateway.devkit.devchain import LOCAL_NETWORK, deploy_batch_settler
+from settlement.ledger import Ledger, PaymentState
+from settlement.schema import open_ledger
+from tests.conftest import PAY_TO, Devchain, demo_catalog, upstream_hits
+from tests.e2e.test_exactly_once import PRICE, assert_ledger_matches_chain, signed, wait_for
+from tests.e2e.test_exactly_once import chain as chain
+from tests.e2e.test_workers import REDIS_URL, worker_pids
+from tests.e2e.test_workers import database as database
+from tests.support.processes import GatewayProcess
+
+
+@pytest.fixture
+def batched_workers(
+    chain: Devchain, upstream: str, tmp_path: Path, database: str
+) -> Iterator[tuple[GatewayProcess, Ledger, dict[str, str]]]:
+    """Two workers settling in batches; the third value maps each BatchSettler to its settler account."""
+    accounts = [Account.create() for _ in range(2)]
+    for account in accounts:
+        chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**20)])  # type: ignore[arg-type]
+    settlers = {deploy_batch_settler(chain.anvil.rpc_url, a.address).lower(): a.address.lower() for a in accounts}
+    keys_file = tmp_path / "worker-keys.txt"
+    keys_file.write_text("".join(f"0x{account.key.hex().removeprefix('0x')}\n" for account in accounts))
+    policy = {"contracts": list(settlers), "max_wait_ms": 100, "max_payments": 10, "flush_when_idle": True}
+    env = {
+        "X402GW_CATALOG": str(demo_catalog(tmp_path, upstream)),
+        "X402GW_DEPLOYMENT_FILE": str(chain.deployment_file),
+        "X402GW_DATABASE_URL": database,
+        "X402GW_REDIS_URL": REDIS_URL,
+        "X402GW_REDIS_PREFIX": f"x402gw-workers-batch-{uuid.uuid4().hex}:",
+        "X402GW_RECEIPT_TIMEOUT_SECONDS": "60",
+        "X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: policy}),
+    }
+    ledger = open_ledger(database)
+    supervisor = GatewayProcess(env, tmp_path, tmp_path / "supervisor.log",
+                                args=("--workers", "2", "--settlement-keys-file", str(keys_file)))
+    try:
+        supervisor.start(timeout=120)
+        wait_for(lambda: len(worker_pids(supervisor)) == 2, "two workers")
+        yield supervisor, ledger, settlers
+    finally:
+        supervisor.stop()
+        ledger.close()
+
+
+def test_payments_over_two_batching_workers_settle_through_each_ones_own_contract(
+    batched_workers: tuple[GatewayProcess, Ledger, dict[str, str]], chain: Devchain, upstream: str
+) -> None:
+    supervisor, ledger, settlers = batched_workers
+    before = chain.balance(PAY_TO)
+    symbols = [f"WB{chr(65 + n)}" for n in range(16)]
+    with httpx.Client(base_url=supervisor.url, timeout=30) as client:
+        headers = {symbol: signed(client, chain, f"/quotes/{symbol}") for symbol in symbols}
+
+    def call(symbol: str) -> httpx.Response:  # a connection each: the kernel spreads them over the workers
+        return httpx.get(f"{supervisor.url}/quotes/{symbol}", headers={"PAYMENT-SIGNATURE": headers[symbol]}, timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, symbols))
+    assert [a.status_code for a in answers] == [200] * len(symbols), [a.text[:120] for a in answers]
+    assert sorted(a.json()["symbol"] for a in answers) == symbols
+    rows = ledger.all()
+    assert len(rows) == len(symbols) and {r.state for r in rows} == {PaymentState.SETTLED}
+    for tx_hash in {r.tx_hash for r in rows}:
+        sent = chain.w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+        contract = str(sent["to"]).lower()
+        assert contract in settlers, "settled outside the listed BatchSettlers"
+        assert str(sent["from"]).lower() == settlers[contract], "a worker sent through another worker's contract"
+        assert chain.w3.eth.get_transaction_receipt(tx_hash)["status"] == 1  # type: ignore[arg-type]
+    assert chain.balance(PAY_TO) - before == PRICE * len(symbols)
+    assert all(upstream_hits(upstream, f"GET /api/v1/quote/{symbol}") == 1 for symbol in symbols)
+    assert_ledger_matches_chain(ledger, chain, before)
+
+
+def test_duplicates_of_one_payment_over_two_batching_workers_settle_once(
+    batched_workers: tuple[GatewayProcess, Ledger, dict[str, str]], chain: Devchain, upstream: str
+) -> None:
+    supervisor, ledger, _ = batched_workers
+    before = chain.balance(PAY_TO)
+    with httpx.Client(base_url=supervisor.url, timeout=30) as client:
+        header = signed(client, chain, "/quotes/WBDUP")
+
+    def call(_: int) -> httpx.Response:
+        return httpx.get(f"{supervisor.url}/quotes/WBDUP", headers={"PAYMENT-SIGNATURE": header}, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(call, range(8)))
+    fresh = [a for a in answers if a.status_code == 200 and "x402gw-replay" not in a.headers]
+    assert len(fresh) == 1, [(a.status_code, a.text[:80]) for a in answers]
+    for answer in answers:
+        assert answer.status_code in (200, 409), answer.text
+        if answer.status_code == 409:
+            assert answer.json()["error"] == "payment_in_flight"
+    assert chain.balance(PAY_TO) - before == PRICE
+    assert upstream_hits(upstream, "GET /api/v1/quote/WBDUP") == 1
+    assert [r.state for r in ledger.all()] == [PaymentState.SETTLED]
+    assert_ledger_matches_chain(ledger, chain, before)
