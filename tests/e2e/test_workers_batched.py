@@ -7,6 +7,9 @@ the ledger and the chain agree."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -112,3 +115,35 @@ def test_duplicates_of_one_payment_over_two_batching_workers_settle_once(
     assert upstream_hits(upstream, "GET /api/v1/quote/WBDUP") == 1
     assert [r.state for r in ledger.all()] == [PaymentState.SETTLED]
     assert_ledger_matches_chain(ledger, chain, before)
+
+
+def test_a_worker_whose_account_no_listed_batch_settler_names_stops_them_all(
+    chain: Devchain, upstream: str, tmp_path: Path, database: str
+) -> None:
+    """Two contracts listed, but one names a stranger: the second worker refuses at its first start
+    (exit 2, one line), and the supervisor stops the other and exits 2 instead of restarting it."""
+    accounts = [Account.create() for _ in range(2)]
+    for account in accounts:
+        chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**20)])  # type: ignore[arg-type]
+    contracts = [deploy_batch_settler(chain.anvil.rpc_url, accounts[0].address),
+                 deploy_batch_settler(chain.anvil.rpc_url, Account.create().address)]
+    keys_file = tmp_path / "worker-keys.txt"
+    keys_file.write_text("".join(f"0x{account.key.hex().removeprefix('0x')}\n" for account in accounts))
+    env = {
+        **os.environ,
+        "X402GW_CATALOG": str(demo_catalog(tmp_path, upstream)),
+        "X402GW_DEPLOYMENT_FILE": str(chain.deployment_file),
+        "X402GW_DATABASE_URL": database,
+        "X402GW_REDIS_URL": REDIS_URL,
+        "X402GW_REDIS_PREFIX": f"x402gw-workers-batch-{uuid.uuid4().hex}:",
+        "X402GW_PORT": "0",
+        "X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: {"contracts": contracts}}),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", "serve", "--workers", "2", "--settlement-keys-file", str(keys_file)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "[batch_settler_not_ours]" in output and accounts[1].address in output
+    assert "[worker_start_failed]" in output and "restarting" not in output and "Traceback" not in output
