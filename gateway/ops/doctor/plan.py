@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from catalog import Catalogs
 from gateway.ops.doctor.findings import Finding, fail, warn
-from gateway.settings import Settings
+from gateway.settings import BatchSettlement, Settings
 from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, rehearsal_deployment
 
 __all__ = ["DoctorPlan", "HeadersFor", "NetworkPlan", "Offer", "facilitator_headers", "no_headers", "plan_from_settings"]
@@ -68,6 +68,10 @@ class NetworkPlan:
     schemes: tuple[str, ...] = ("exact",)
     problems: tuple[Finding, ...] = ()  # found while planning (no RPC URL, no deployment file)
     rehearsal: bool = False  # a rehearsal chain of this network (anvil): its dev key is allowed
+    # X402GW_BATCH_SETTLEMENT on this network: the BatchSettlers listed (on the local chain, none
+    # listed: the dev chain deployment's), each read for its settler.
+    batched: bool = False
+    batch_settlers: tuple[str, ...] = ()
 
     @property
     def local(self) -> bool:
@@ -152,10 +156,27 @@ def _network(settings: Settings, catalogs: Catalogs, network: str, deployment: l
             f"set X402GW_RPC_URLS='{{\"{network}\": \"https://...\"}}' (your node or an RPC provider's URL)",
         ))
     schemes = tuple(sorted({o.terms.scheme for t in catalogs.tools for o in t.offers if o.terms.network == network}))
+    batch = settings.batch_settlement.get(network) if local else None
     return NetworkPlan(
         network, chain_id, rpc_urls, facilitators, key, source,
         _offers(catalogs, network), schemes, tuple(problems), rehearsal is not None,
+        batched=batch is not None, batch_settlers=_batch_settlers(settings, batch, chain_id, deployment),
     )
+
+
+def _batch_settlers(settings: Settings, batch: BatchSettlement | None, chain_id: int | None,
+                    deployment: list[Deployment | None]) -> tuple[str, ...]:
+    if batch is None:
+        return ()
+    if batch.candidates or chain_id != LOCAL_CHAIN_ID:
+        return tuple(batch.candidates)
+    if deployment[0] is None:
+        try:
+            deployment[0] = Deployment.read(settings.deployment_file)
+        except Exception:  # noqa: BLE001 -- no deployment: no contract to check (batch_settler_missing)
+            return ()
+    found = deployment[0]
+    return (found.batch_settler,) if found is not None and found.batch_settler else ()
 
 
 def plan_from_settings(settings: Settings, catalogs: Catalogs, *, headers_for: HeadersFor | None = None) -> DoctorPlan:

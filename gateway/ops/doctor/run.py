@@ -10,6 +10,7 @@ from dataclasses import replace
 import httpx
 from sqlalchemy.engine import Engine
 
+from gateway.ops.doctor.batch_checks import check_batch_settlers
 from gateway.ops.doctor.chain_checks import GasThresholds, check_gas, check_rpc, check_token
 from gateway.ops.doctor.facilitator_checks import check_facilitator
 from gateway.ops.doctor.findings import Finding, Report, ok
@@ -37,6 +38,7 @@ async def _chain(plan: NetworkPlan, client: httpx.AsyncClient, thresholds: GasTh
             found.extend(await check_token(plan, offer, rpc))
         if plan.local and not gas_checked:
             found.append(await check_gas(plan, rpc, thresholds))
+            found.extend(await check_batch_settlers(plan, rpc))
             gas_checked = True
     if any(f.check == "rpc" and f.status == "ok" for f in found):
         # Several RPC URLs fail over in order: a dead one beside a working one is degraded, not down.
