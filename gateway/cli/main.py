@@ -14,6 +14,7 @@ import click
 from catalog import CatalogError, load_catalogs
 from gateway.cli.agent import agent
 from gateway.cli.audit import audit
+from gateway.cli.batch_settlers import deploy_batch_settlers
 from gateway.cli.doctor import doctor
 from gateway.cli.ledger import COMMANDS
 from gateway.cli.receipt import receipt
@@ -189,6 +190,7 @@ for _command in COMMANDS:  # ledger export / summary, reconcile, db upgrade
 
 main.add_command(agent)  # the reference agent: discover, pay within a limit, print the receipt
 main.add_command(receipt)  # receipt verify: a gateway-signed receipt checked offline
+main.add_command(deploy_batch_settlers)  # one BatchSettler per settlement account (batched, --workers)
 
 
 if __name__ == "__main__":
