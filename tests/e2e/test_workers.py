@@ -104,29 +104,35 @@ def worker_pids(supervisor: GatewayProcess) -> dict[str, int]:
     return found
 
 
-def test_duplicates_of_one_payment_over_two_workers_settle_once(
-    workers: tuple[GatewayProcess, Ledger, dict[str, str]], chain: Devchain, upstream: str
-) -> None:
-    supervisor, ledger, _ = workers
+def assert_duplicates_settle_once(url: str, ledger: Ledger, chain: Devchain, upstream: str, symbol: str) -> None:
+    """Eight copies of one payment, a connection each (the kernel spreads them over the workers):
+    one fresh answer, the others replays of it or 409 while it was in flight; paid and served once."""
     before = chain.balance(PAY_TO)
-    with httpx.Client(base_url=supervisor.url, timeout=30) as client:
-        header = signed(client, chain, "/quotes/WDUP")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        header = signed(client, chain, f"/quotes/{symbol}")
 
-    def call(_: int) -> httpx.Response:  # a connection each: the kernel spreads them over the workers
-        return httpx.get(f"{supervisor.url}/quotes/WDUP", headers={"PAYMENT-SIGNATURE": header}, timeout=60)
+    def call(_: int) -> httpx.Response:
+        return httpx.get(f"{url}/quotes/{symbol}", headers={"PAYMENT-SIGNATURE": header}, timeout=60)
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(call, range(8)))
     fresh = [a for a in answers if a.status_code == 200 and "x402gw-replay" not in a.headers]
     assert len(fresh) == 1, [(a.status_code, a.text[:80]) for a in answers]
-    for answer in answers:  # every other copy: a replay of the one answer, or a 409 while it was in flight
+    for answer in answers:
         assert answer.status_code in (200, 409), answer.text
         if answer.status_code == 409:
             assert answer.json()["error"] == "payment_in_flight"
     assert chain.balance(PAY_TO) - before == PRICE
-    assert upstream_hits(upstream, "GET /api/v1/quote/WDUP") == 1
-    assert [r.state for r in ledger.all()] == [PaymentState.SETTLED]  # this test's own database: one row
+    assert upstream_hits(upstream, f"GET /api/v1/quote/{symbol}") == 1
+    assert [r.state for r in ledger.all()] == [PaymentState.SETTLED]  # the test's own database: one row
     assert_ledger_matches_chain(ledger, chain, before)
+
+
+def test_duplicates_of_one_payment_over_two_workers_settle_once(
+    workers: tuple[GatewayProcess, Ledger, dict[str, str]], chain: Devchain, upstream: str
+) -> None:
+    supervisor, ledger, _ = workers
+    assert_duplicates_settle_once(supervisor.url, ledger, chain, upstream, "WDUP")
 
 
 def test_a_worker_killed_mid_settlement_is_restarted_and_the_payment_settles_once(

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from gateway.devkit.devchain import LOCAL_NETWORK, deploy_batch_settler
 from settlement.ledger import Ledger, PaymentState
@@ -25,9 +26,32 @@ from settlement.schema import open_ledger
 from tests.conftest import PAY_TO, Devchain, demo_catalog, upstream_hits
 from tests.e2e.test_exactly_once import PRICE, assert_ledger_matches_chain, signed, wait_for
 from tests.e2e.test_exactly_once import chain as chain
-from tests.e2e.test_workers import REDIS_URL, worker_pids
+from tests.e2e.test_workers import REDIS_URL, assert_duplicates_settle_once, worker_pids
 from tests.e2e.test_workers import database as database
 from tests.support.processes import GatewayProcess
+
+
+def worker_accounts(chain: Devchain, tmp_path: Path) -> tuple[list[LocalAccount], Path]:
+    """Two fresh settlement accounts holding gas, and the keys file naming them."""
+    accounts = [Account.create() for _ in range(2)]
+    for account in accounts:
+        chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**20)])  # type: ignore[arg-type]
+    keys_file = tmp_path / "worker-keys.txt"
+    keys_file.write_text("".join(f"0x{account.key.hex().removeprefix('0x')}\n" for account in accounts))
+    return accounts, keys_file
+
+
+def worker_env(chain: Devchain, upstream: str, tmp_path: Path, database: str, policy: dict[str, object],
+               **extra: str) -> dict[str, str]:
+    return {
+        "X402GW_CATALOG": str(demo_catalog(tmp_path, upstream)),
+        "X402GW_DEPLOYMENT_FILE": str(chain.deployment_file),
+        "X402GW_DATABASE_URL": database,
+        "X402GW_REDIS_URL": REDIS_URL,
+        "X402GW_REDIS_PREFIX": f"x402gw-workers-batch-{uuid.uuid4().hex}:",
+        "X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: policy}),
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -35,22 +59,10 @@ def batched_workers(
     chain: Devchain, upstream: str, tmp_path: Path, database: str
 ) -> Iterator[tuple[GatewayProcess, Ledger, dict[str, str]]]:
     """Two workers settling in batches; the third value maps each BatchSettler to its settler account."""
-    accounts = [Account.create() for _ in range(2)]
-    for account in accounts:
-        chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**20)])  # type: ignore[arg-type]
+    accounts, keys_file = worker_accounts(chain, tmp_path)
     settlers = {deploy_batch_settler(chain.anvil.rpc_url, a.address).lower(): a.address.lower() for a in accounts}
-    keys_file = tmp_path / "worker-keys.txt"
-    keys_file.write_text("".join(f"0x{account.key.hex().removeprefix('0x')}\n" for account in accounts))
     policy = {"contracts": list(settlers), "max_wait_ms": 100, "max_payments": 10, "flush_when_idle": True}
-    env = {
-        "X402GW_CATALOG": str(demo_catalog(tmp_path, upstream)),
-        "X402GW_DEPLOYMENT_FILE": str(chain.deployment_file),
-        "X402GW_DATABASE_URL": database,
-        "X402GW_REDIS_URL": REDIS_URL,
-        "X402GW_REDIS_PREFIX": f"x402gw-workers-batch-{uuid.uuid4().hex}:",
-        "X402GW_RECEIPT_TIMEOUT_SECONDS": "60",
-        "X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: policy}),
-    }
+    env = worker_env(chain, upstream, tmp_path, database, policy, X402GW_RECEIPT_TIMEOUT_SECONDS="60")
     ledger = open_ledger(database)
     supervisor = GatewayProcess(env, tmp_path, tmp_path / "supervisor.log",
                                 args=("--workers", "2", "--settlement-keys-file", str(keys_file)))
@@ -96,25 +108,7 @@ def test_duplicates_of_one_payment_over_two_batching_workers_settle_once(
     batched_workers: tuple[GatewayProcess, Ledger, dict[str, str]], chain: Devchain, upstream: str
 ) -> None:
     supervisor, ledger, _ = batched_workers
-    before = chain.balance(PAY_TO)
-    with httpx.Client(base_url=supervisor.url, timeout=30) as client:
-        header = signed(client, chain, "/quotes/WBDUP")
-
-    def call(_: int) -> httpx.Response:
-        return httpx.get(f"{supervisor.url}/quotes/WBDUP", headers={"PAYMENT-SIGNATURE": header}, timeout=60)
-
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(call, range(8)))
-    fresh = [a for a in answers if a.status_code == 200 and "x402gw-replay" not in a.headers]
-    assert len(fresh) == 1, [(a.status_code, a.text[:80]) for a in answers]
-    for answer in answers:
-        assert answer.status_code in (200, 409), answer.text
-        if answer.status_code == 409:
-            assert answer.json()["error"] == "payment_in_flight"
-    assert chain.balance(PAY_TO) - before == PRICE
-    assert upstream_hits(upstream, "GET /api/v1/quote/WBDUP") == 1
-    assert [r.state for r in ledger.all()] == [PaymentState.SETTLED]
-    assert_ledger_matches_chain(ledger, chain, before)
+    assert_duplicates_settle_once(supervisor.url, ledger, chain, upstream, "WBDUP")
 
 
 def test_a_worker_whose_account_no_listed_batch_settler_names_stops_them_all(
@@ -122,23 +116,10 @@ def test_a_worker_whose_account_no_listed_batch_settler_names_stops_them_all(
 ) -> None:
     """Two contracts listed, but one names a stranger: the second worker refuses at its first start
     (exit 2, one line), and the supervisor stops the other and exits 2 instead of restarting it."""
-    accounts = [Account.create() for _ in range(2)]
-    for account in accounts:
-        chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**20)])  # type: ignore[arg-type]
+    accounts, keys_file = worker_accounts(chain, tmp_path)
     contracts = [deploy_batch_settler(chain.anvil.rpc_url, accounts[0].address),
                  deploy_batch_settler(chain.anvil.rpc_url, Account.create().address)]
-    keys_file = tmp_path / "worker-keys.txt"
-    keys_file.write_text("".join(f"0x{account.key.hex().removeprefix('0x')}\n" for account in accounts))
-    env = {
-        **os.environ,
-        "X402GW_CATALOG": str(demo_catalog(tmp_path, upstream)),
-        "X402GW_DEPLOYMENT_FILE": str(chain.deployment_file),
-        "X402GW_DATABASE_URL": database,
-        "X402GW_REDIS_URL": REDIS_URL,
-        "X402GW_REDIS_PREFIX": f"x402gw-workers-batch-{uuid.uuid4().hex}:",
-        "X402GW_PORT": "0",
-        "X402GW_BATCH_SETTLEMENT": json.dumps({LOCAL_NETWORK: {"contracts": contracts}}),
-    }
+    env = {**os.environ, **worker_env(chain, upstream, tmp_path, database, {"contracts": contracts}, X402GW_PORT="0")}
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli.main", "serve", "--workers", "2", "--settlement-keys-file", str(keys_file)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
