@@ -121,7 +121,10 @@ class AiohttpUpstreamClient:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
+            # No cookie jar: this one session carries every payer's calls, so a cookie an upstream
+            # set on one call (a session, a user's) would go back on everyone's next calls.
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def send(

@@ -260,3 +260,25 @@ def test_an_upstream_cannot_forge_receipts_offers_cookies_or_gateway_headers(pat
     if path == "/spoof":
         assert answer.header("x-upstream-note") == "kept"  # an upstream's own headers still pass
     assert SECRET_CONTENT not in answer.body
+
+
+def test_a_cookie_one_call_got_never_reaches_the_upstream_on_another(upstream: tuple[str, list[Received]]) -> None:
+    """One upstream client serves every payer's calls: a cookie an upstream set on one call (say, for
+    payer A's session) must not be sent back on the next (payer B's). The upstream is named by host
+    name here: an HTTP client's cookie jar keeps no cookie from a bare IP address, so 127.0.0.1 would
+    hide the leak."""
+    base, received = upstream
+    by_name = base.replace("127.0.0.1", "localhost")
+    spoof, rec = (tools(by_name, entry("t", "GET", "/o", path))["t"] for path in ("/spoof", "/rec/next"))
+
+    async def two_calls() -> None:
+        client = AiohttpUpstreamClient()  # shared, as the gateway's one client is
+        try:
+            for tool in (spoof, rec):
+                await Bridge([tool], environ={}).forward(client, tool, "GET", {}, "", {}, {}, b"", "rid", 1 << 20)
+        finally:
+            await client.close()
+
+    asyncio.run(two_calls())
+    assert [r.path for r in received] == ["/spoof", "/rec/next"]
+    assert received[1].header("cookie") is None, received[1].header("cookie")
