@@ -110,6 +110,7 @@ PAYMENT_HEADER_NOT_JSON: Final = "payment_header_not_json"
 PAYMENT_HEADER_NOT_OBJECT: Final = "payment_header_not_object"
 PAYMENT_ALREADY_SETTLED: Final = "payment_already_settled"
 PAYMENT_IDENTIFIER_CONFLICT: Final = "payment_identifier_conflict"
+PAYMENT_IDENTIFIER_REQUIRED: Final = "payment_identifier_required"
 PAYMENT_IN_FLIGHT: Final = "payment_in_flight"
 SETTLEMENT_PENDING: Final = "settlement_pending"
 SETTLEMENT_UNKNOWN: Final = "settlement_unknown"
@@ -218,6 +219,8 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(PAYMENT_HEADER_NOT_OBJECT, 400, "fix_payment"),
     Refusal(PAYMENT_ALREADY_SETTLED, 409, "new_payment"),
     Refusal(PAYMENT_IDENTIFIER_CONFLICT, 409, "new_payment"),
+    # a resend of a payment first sent with a payment-identifier, without that id: no answer
+    Refusal(PAYMENT_IDENTIFIER_REQUIRED, 409, "none"),
     Refusal(PAYMENT_IN_FLIGHT, 409, "retry", same_payment=True),
     Refusal(SETTLEMENT_PENDING, 503, "retry", same_payment=True),
     Refusal(SETTLEMENT_UNKNOWN, 503, "retry", same_payment=True),

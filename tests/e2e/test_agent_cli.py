@@ -35,6 +35,8 @@ def test_agent_discovers_pays_and_prints_the_receipt(gateway: RunningGateway, de
     assert devchain.balance(PAY_TO) == before_pay_to + 2000
     [row] = gateway.ledger.all()
     assert row.state == PaymentState.SETTLED and row.tx_hash == receipt.group(1)
+    # its own payment-identifier (on no chain): nobody who rebuilds the payload from the chain gets a replay
+    assert row.payment_identifier is not None and re.fullmatch(r"agent_[0-9a-f]{32}", row.payment_identifier)
 
 
 def test_agent_picks_the_first_callable_tool_when_none_is_given(gateway: RunningGateway, devchain: Devchain) -> None:

@@ -5,6 +5,7 @@ Every authorization is counted as spent when it is signed, receipt or not.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from gateway.devkit.agent.offers import (
 )
 from gateway.devkit.agent.tokens import TokenFacts
 from gateway.devkit.payer import Payer
+from gateway.protocol.offers import PAYMENT_IDENTIFIER
 from settlement.errors import PaymentDecodeError
 from settlement.x402.codec import decode_header_json, encode_header
 from settlement.x402.wire import (
@@ -175,6 +177,11 @@ class PayingAgent:
             raise UntrustedOffer("the 402's PAYMENT-REQUIRED header is not a valid x402 v2 offer") from None
         option = self.choose(required, expect_pay_to=expect_pay_to, expect_max_amount=expect_max_amount)
         payment, record = self.sign(option, resource=required.resource, method=method, url=url)
+        if PAYMENT_IDENTIFIER in (required.extensions or {}):
+            # An id of the agent's own, on no chain: once the payment settles, its signed payload is
+            # public (the transaction's calldata), and a gateway replays an answer only to the id.
+            info = {"required": False, "id": f"agent_{secrets.token_hex(16)}"}
+            payment = payment.model_copy(update={"extensions": {**(payment.extensions or {}), PAYMENT_IDENTIFIER: {"info": info}}})
         headers = dict(kwargs.pop("headers", None) or {})
         headers["PAYMENT-SIGNATURE"] = encode_header(payment)
         paid = await client.request(method, url, headers=headers, **kwargs)

@@ -238,6 +238,15 @@ class ExactlyOnce:
             return None
         # A resend of this very signed payload for this very request: resumed, not re-run.
         discard_early_verify(ctx)
+        if known.payment_identifier is not None and paid.identifier != known.payment_identifier:
+            # Once settled, the signed payload is public on chain (calldata): anyone can rebuild it.
+            # The payment-identifier the payer first sent is not: without it, no answer of theirs.
+            raise GatewayError(
+                "payment_identifier_required",
+                "this payment was first sent with a payment-identifier; only a resend with that same id "
+                "gets its answer again",
+                status=409,
+            )
         resumed = await resume(known, ledger, self.schemes)
         if resumed is None:
             return None
