@@ -5,7 +5,6 @@ Every authorization is counted as spent when it is signed, receipt or not.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 
 import httpx
 from pydantic import ValidationError
+from x402.extensions.payment_identifier import append_payment_identifier_to_extensions, generate_payment_id
 
 from gateway.devkit.agent.offers import (
     SpendLimitExceeded,
@@ -177,11 +177,13 @@ class PayingAgent:
             raise UntrustedOffer("the 402's PAYMENT-REQUIRED header is not a valid x402 v2 offer") from None
         option = self.choose(required, expect_pay_to=expect_pay_to, expect_max_amount=expect_max_amount)
         payment, record = self.sign(option, resource=required.resource, method=method, url=url)
-        if PAYMENT_IDENTIFIER in (required.extensions or {}):
-            # An id of the agent's own, on no chain: once the payment settles, its signed payload is
-            # public (the transaction's calldata), and a gateway replays an answer only to the id.
-            info = {"required": False, "id": f"agent_{secrets.token_hex(16)}"}
-            payment = payment.model_copy(update={"extensions": {**(payment.extensions or {}), PAYMENT_IDENTIFIER: {"info": info}}})
+        # An id of the agent's own (x402's payment-identifier, where the offer declares it), on no
+        # chain: once the payment settles its signed payload is public (the transaction's calldata),
+        # and a gateway replays an answer only to the id it was first sent with.
+        extensions = append_payment_identifier_to_extensions(dict(required.extensions or {}), generate_payment_id("agent_"))
+        if PAYMENT_IDENTIFIER in extensions:
+            payment = payment.model_copy(update={"extensions": {**(payment.extensions or {}),
+                                                                PAYMENT_IDENTIFIER: extensions[PAYMENT_IDENTIFIER]}})
         headers = dict(kwargs.pop("headers", None) or {})
         headers["PAYMENT-SIGNATURE"] = encode_header(payment)
         paid = await client.request(method, url, headers=headers, **kwargs)
