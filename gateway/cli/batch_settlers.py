@@ -3,7 +3,7 @@
     x402gw deploy-batch-settlers --rpc-url URL --deployer-key-file FILE \\
         (--settlement-keys-file FILE | --settler 0x...)...
 
-A BatchSettler (``contracts/BatchSettler.sol``, compiled in ``contracts/build``) takes ``settle``
+A BatchSettler (``contracts/BatchSettler.sol``, its compiled artifact shipped in ``gateway.devkit``) takes ``settle``
 from the one account its constructor names. Batched settlement with ``serve --workers N`` needs one
 per worker account, listed in ``X402GW_BATCH_SETTLEMENT``'s ``contracts``: this deploys them, one
 line each as it lands, then prints that entry. The settlers come from the workers' own keys file
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 from eth_account import Account
@@ -28,13 +27,13 @@ from web3 import HTTPProvider, Web3
 from web3.exceptions import Web3Exception
 
 from gateway.cli.workers import WorkerPlanError, read_keys
+from gateway.devkit.devchain import deploy_batch_settler_with
 from gateway.ops.doctor.findings import redact_url
 from gateway.wiring import is_dev_key
-from settlement.chain.deployment import LOCAL_CHAIN_ID
+from settlement.chain.deployment import LOCAL_CHAIN_ID, DevchainError
 
 __all__ = ["deploy_batch_settlers"]
 
-ARTIFACT = Path(__file__).resolve().parents[2] / "contracts" / "build" / "BatchSettler.json"
 RECEIPT_TIMEOUT_SECONDS = 300
 
 
@@ -72,29 +71,10 @@ def _settlers(keys_file: Path | None, addresses: tuple[str, ...]) -> list[str]:
     return settlers
 
 
-def _deploy(w3: Web3, artifact: dict[str, Any], key: str, settler: str) -> tuple[str, str]:
-    """One BatchSettler for ``settler``: (its address, the deployment's transaction)."""
-    deployer = Account.from_key(key).address
-    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
-    tx = factory.constructor(settler).build_transaction({
-        "from": deployer, "nonce": w3.eth.get_transaction_count(deployer, "pending"), "chainId": w3.eth.chain_id,
-    })
-    tx_hash = w3.eth.send_raw_transaction(Account.sign_transaction(tx, key).raw_transaction)
-    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_SECONDS)
-    if receipt["status"] != 1 or receipt["contractAddress"] is None:
-        raise Refused(f"the deployment for {settler} reverted (tx {tx_hash.to_0x_hex()})", "transaction_failed")
-    return Web3.to_checksum_address(receipt["contractAddress"]), tx_hash.to_0x_hex()
-
-
 def run(rpc_url: str, deployer_key_file: Path, keys_file: Path | None, addresses: tuple[str, ...]) -> list[str]:
     key = _deployer(deployer_key_file)
     settlers = _settlers(keys_file, addresses)
     where = redact_url(rpc_url, keep_path=False)
-    try:
-        artifact = json.loads(ARTIFACT.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise Refused(f"the BatchSettler artifact is missing at {ARTIFACT}: run `node contracts/compile.js`",
-                      "artifact_missing") from None
     w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
     try:
         chain_id = int(w3.eth.chain_id)
@@ -108,10 +88,10 @@ def run(rpc_url: str, deployer_key_file: Path, keys_file: Path | None, addresses
     contracts: list[str] = []
     for number, settler in enumerate(settlers, 1):
         try:
-            contract, tx_hash = _deploy(w3, artifact, key, settler)
-        except (OSError, ValueError, Web3Exception) as exc:  # never str(exc): it may quote the RPC URL
+            contract, tx_hash = deploy_batch_settler_with(w3, key, settler, receipt_timeout=RECEIPT_TIMEOUT_SECONDS)
+        except DevchainError as exc:  # its code only: its message may quote the RPC URL
             done = f"; deployed so far: {', '.join(contracts)}" if contracts else ""
-            raise Refused(f"the deployment for {settler} failed ({type(exc).__name__}){done}", "transaction_failed") from None
+            raise Refused(f"the deployment for {settler} did not complete ({exc.code}){done}", exc.code) from None
         contracts.append(contract)
         click.echo(f"[{number}/{len(settlers)}] BatchSettler {contract} takes settlements from {settler} (tx {tx_hash})")
     click.echo("X402GW_BATCH_SETTLEMENT entry (one per worker; each worker takes the one naming its account):")

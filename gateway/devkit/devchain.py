@@ -56,6 +56,7 @@ __all__ = [
     "FundedAccount",
     "TokenInfo",
     "deploy_batch_settler",
+    "deploy_batch_settler_with",
     "deploy_plain_token",
     "deploy_token",
     "deploy_wallet_contracts",
@@ -95,6 +96,15 @@ def deploy_batch_settler(rpc_url: str, settler: str, deployer_key: str = ANVIL_K
 
 
 def _deploy_batch_settler(w3: Web3, deployer_key: str, settler: str) -> str:
+    return deploy_batch_settler_with(w3, deployer_key, settler)[0]
+
+
+def deploy_batch_settler_with(w3: Web3, deployer_key: str, settler: str, *,
+                              receipt_timeout: float = _RECEIPT_TIMEOUT_S) -> tuple[str, str]:
+    """BatchSettler for ``settler``, deployed through ``w3`` on any chain (``x402gw
+    deploy-batch-settlers``): its address and the deployment's transaction hash. ``DevchainError``
+    (``artifact_missing``, ``chain_unreachable``, ``transaction_failed``) otherwise; its message may
+    name the provider, so a caller facing a real RPC URL reports the code only."""
     try:
         artifact = json.loads(BATCH_SETTLER_ARTIFACT_PATH.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -104,8 +114,8 @@ def _deploy_batch_settler(w3: Web3, deployer_key: str, settler: str) -> str:
     deployer = Account.from_key(deployer_key).address
     factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
     tx = _build(w3, factory.constructor(Web3.to_checksum_address(settler)), deployer, _nonce(w3, deployer))
-    receipt = _send(w3, tx, deployer_key, "batch settler deployment")
-    return Web3.to_checksum_address(receipt["contractAddress"])
+    receipt = _send(w3, tx, deployer_key, "batch settler deployment", timeout=receipt_timeout)
+    return Web3.to_checksum_address(receipt["contractAddress"]), receipt["transactionHash"].to_0x_hex()
 
 
 def load_artifact(contract: str) -> dict[str, Any]:
@@ -150,12 +160,12 @@ def _web3(rpc_url: str) -> Web3:
     return Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
 
 
-def _send(w3: Web3, tx: dict[str, Any], private_key: str, what: str) -> dict[str, Any]:
+def _send(w3: Web3, tx: dict[str, Any], private_key: str, what: str, timeout: float = _RECEIPT_TIMEOUT_S) -> dict[str, Any]:
     """Sign, send and wait for one transaction; a revert is a DevchainError."""
     try:
         signed = Account.sign_transaction(tx, private_key)
         tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
-        receipt = dict(w3.eth.wait_for_transaction_receipt(tx_hash, timeout=_RECEIPT_TIMEOUT_S))
+        receipt = dict(w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout))
     except (OSError, Web3Exception) as exc:
         raise DevchainError(f"{what} failed at {w3.provider!r}: {exc}", code="transaction_failed") from exc
     if receipt.get("status") != 1:

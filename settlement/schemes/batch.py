@@ -321,7 +321,7 @@ class BatchingFacilitator:
         (``batch_settler_not_ours``, ``batch_settler_invalid``) when there is none."""
         for network, batcher in self._batchers.items():
             candidates = self.candidates.get(network) or (batcher.settler,)
-            batcher.settler = to_checksum_address(await choose_settler(network, batcher.chain, candidates))
+            batcher.settler = await choose_settler(network, batcher.chain, candidates)
             self.settlers[network] = batcher.settler
 
     def supported(self) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from eth_typing import ChecksumAddress
 from eth_utils import to_checksum_address
 
 from settlement.chain.client import selector
 from settlement.chain.rpc import RpcError
 from settlement.errors import SettlementError
 
-__all__ = ["SEL_SETTLER", "SettlerReader", "choose_settler"]
+__all__ = ["SEL_SETTLER", "SettlerReader", "choose_settler", "settler_in", "settler_of"]
 
 SEL_SETTLER = selector("settler()")
 
@@ -30,19 +31,25 @@ class SettlerReader(Protocol):
     async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes: ...
 
 
-async def settler_of(chain: SettlerReader, contract: str) -> str:
+async def settler_of(chain: SettlerReader, contract: str) -> ChecksumAddress:
     """The account ``contract`` takes ``settle`` from; ``SettlementError`` when it is no BatchSettler."""
     try:
         answer = await chain.eth_call(contract, SEL_SETTLER)
     except RpcError as exc:  # the node answered: a revert, no settler() here (unreachable: raised as is)
         raise SettlementError(f"{contract} is not a BatchSettler (settler() failed: {exc.message})",
                               code="batch_settler_invalid") from None
-    if len(answer) != 32 or answer[:12] != bytes(12):
+    settler = settler_in(answer)
+    if settler is None:
         raise SettlementError(f"{contract} is not a BatchSettler (settler() gave no address)", code="batch_settler_invalid")
-    return to_checksum_address(answer[12:])
+    return settler
 
 
-async def choose_settler(network: str, chain: SettlerReader, candidates: Sequence[str]) -> str:
+def settler_in(answer: bytes) -> ChecksumAddress | None:
+    """The address a ``settler()`` call answered; None for an answer that is no address."""
+    return to_checksum_address(answer[12:]) if len(answer) == 32 and answer[:12] == bytes(12) else None
+
+
+async def choose_settler(network: str, chain: SettlerReader, candidates: Sequence[str]) -> ChecksumAddress:
     """The one of ``candidates`` whose settler is ``chain``'s settlement account."""
     account = chain.settlement_address
     if account is None:

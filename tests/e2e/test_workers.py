@@ -140,10 +140,21 @@ def test_a_worker_killed_mid_settlement_is_restarted_and_the_payment_settles_onc
     manual_mining: Callable[[], None],
 ) -> None:
     supervisor, ledger, index_of = workers
+    assert_killed_mid_settlement_settles_once(supervisor, ledger, index_of, chain, upstream, manual_mining, "WKIL")
+
+
+def assert_killed_mid_settlement_settles_once(
+    supervisor: GatewayProcess, ledger: Ledger, index_of: dict[str, str], chain: Devchain, upstream: str,
+    manual_mining: Callable[[], None], symbol: str,
+) -> None:
+    """A paid call whose worker is killed with -9 once its settlement is broadcast (blocks mined by
+    hand, so its outcome is open): the worker is restarted, and the payment sent again is answered
+    from its stored answer, paid once, its upstream called once. ``index_of``: settlement account →
+    worker index."""
     before = chain.balance(PAY_TO)
     with httpx.Client(base_url=supervisor.url, timeout=30) as client:
-        header = signed(client, chain, "/quotes/WKIL")
-    sock = raw_request(supervisor.port, "/quotes/WKIL", header)
+        header = signed(client, chain, f"/quotes/{symbol}")
+    sock = raw_request(supervisor.port, f"/quotes/{symbol}", header)
     # Broadcast, its outcome open: ``settling``, or ``pending`` if the worker already gave up waiting
     # for the receipt (seen once in a full CI run, cause not found): either way the kill lands while
     # the payment's outcome is not final, which is what this test is about.
@@ -170,13 +181,13 @@ def test_a_worker_killed_mid_settlement_is_restarted_and_the_payment_settles_onc
                          "the worker's restart")
     assert restarted != killed and supervisor.process is not None and supervisor.process.poll() is None
     manual_mining()  # the dead worker's transaction lands
-    resend = httpx.get(f"{supervisor.url}/quotes/WKIL", headers={"PAYMENT-SIGNATURE": header}, timeout=60)
+    resend = httpx.get(f"{supervisor.url}/quotes/{symbol}", headers={"PAYMENT-SIGNATURE": header}, timeout=60)
     assert resend.status_code == 200, resend.text
-    assert resend.json()["symbol"] == "WKIL" and resend.headers["x402gw-replay"] == "true"
+    assert resend.json()["symbol"] == symbol and resend.headers["x402gw-replay"] == "true"
     [settled] = [r for r in ledger.all() if r.id == row.id]
     assert settled.state == PaymentState.SETTLED and settled.tx_hash == row.tx_hash
     assert chain.balance(PAY_TO) - before == PRICE
-    assert upstream_hits(upstream, "GET /api/v1/quote/WKIL") == 1
+    assert upstream_hits(upstream, f"GET /api/v1/quote/{symbol}") == 1
     assert_ledger_matches_chain(ledger, chain, before)
 
 

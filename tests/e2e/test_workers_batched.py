@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +26,12 @@ from settlement.schema import open_ledger
 from tests.conftest import PAY_TO, Devchain, demo_catalog, upstream_hits
 from tests.e2e.test_exactly_once import PRICE, assert_ledger_matches_chain, signed, wait_for
 from tests.e2e.test_exactly_once import chain as chain
-from tests.e2e.test_workers import REDIS_URL, assert_duplicates_settle_once, worker_pids
+from tests.e2e.test_workers import (
+    REDIS_URL,
+    assert_duplicates_settle_once,
+    assert_killed_mid_settlement_settles_once,
+    worker_pids,
+)
 from tests.e2e.test_workers import database as database
 from tests.support.processes import GatewayProcess
 
@@ -57,8 +62,9 @@ def worker_env(chain: Devchain, upstream: str, tmp_path: Path, database: str, po
 @pytest.fixture
 def batched_workers(
     chain: Devchain, upstream: str, tmp_path: Path, database: str
-) -> Iterator[tuple[GatewayProcess, Ledger, dict[str, str]]]:
-    """Two workers settling in batches; the third value maps each BatchSettler to its settler account."""
+) -> Iterator[tuple[GatewayProcess, Ledger, dict[str, str], dict[str, str]]]:
+    """Two workers settling in batches; then each BatchSettler's settler account, and each settlement
+    account's worker index."""
     accounts, keys_file = worker_accounts(chain, tmp_path)
     settlers = {deploy_batch_settler(chain.anvil.rpc_url, a.address).lower(): a.address.lower() for a in accounts}
     policy = {"contracts": list(settlers), "max_wait_ms": 100, "max_payments": 10, "flush_when_idle": True}
@@ -69,16 +75,16 @@ def batched_workers(
     try:
         supervisor.start(timeout=120)
         wait_for(lambda: len(worker_pids(supervisor)) == 2, "two workers")
-        yield supervisor, ledger, settlers
+        yield supervisor, ledger, settlers, {a.address.lower(): str(i) for i, a in enumerate(accounts)}
     finally:
         supervisor.stop()
         ledger.close()
 
 
 def test_payments_over_two_batching_workers_settle_through_each_ones_own_contract(
-    batched_workers: tuple[GatewayProcess, Ledger, dict[str, str]], chain: Devchain, upstream: str
+    batched_workers: tuple[GatewayProcess, Ledger, dict[str, str], dict[str, str]], chain: Devchain, upstream: str
 ) -> None:
-    supervisor, ledger, settlers = batched_workers
+    supervisor, ledger, settlers, _ = batched_workers
     before = chain.balance(PAY_TO)
     symbols = [f"WB{chr(65 + n)}" for n in range(16)]
     with httpx.Client(base_url=supervisor.url, timeout=30) as client:
@@ -105,10 +111,21 @@ def test_payments_over_two_batching_workers_settle_through_each_ones_own_contrac
 
 
 def test_duplicates_of_one_payment_over_two_batching_workers_settle_once(
-    batched_workers: tuple[GatewayProcess, Ledger, dict[str, str]], chain: Devchain, upstream: str
+    batched_workers: tuple[GatewayProcess, Ledger, dict[str, str], dict[str, str]], chain: Devchain, upstream: str
 ) -> None:
-    supervisor, ledger, _ = batched_workers
+    supervisor, ledger, _, _ = batched_workers
     assert_duplicates_settle_once(supervisor.url, ledger, chain, upstream, "WBDUP")
+
+
+def test_a_batching_worker_killed_mid_settlement_is_restarted_and_the_payment_settles_once(
+    batched_workers: tuple[GatewayProcess, Ledger, dict[str, str], dict[str, str]], chain: Devchain, upstream: str,
+    manual_mining: Callable[[], None],
+) -> None:
+    """kill -9 between the batch's broadcast and its receipt: resolved from the batch transaction."""
+    supervisor, ledger, settlers, index_of = batched_workers
+    assert_killed_mid_settlement_settles_once(supervisor, ledger, index_of, chain, upstream, manual_mining, "WBKIL")
+    [row] = [r for r in ledger.all() if r.tool == "get_quote"]
+    assert str(chain.w3.eth.get_transaction(row.tx_hash)["to"]).lower() in settlers  # type: ignore[arg-type]
 
 
 def test_a_worker_whose_account_no_listed_batch_settler_names_stops_them_all(

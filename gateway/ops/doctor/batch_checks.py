@@ -15,12 +15,11 @@ Codes: ``batch_settler_missing``, ``batch_settler_invalid``, ``batch_settler_not
 from __future__ import annotations
 
 from eth_account import Account
-from eth_utils import to_checksum_address
 
 from gateway.ops.doctor.findings import Finding, fail, ok, warn
 from gateway.ops.doctor.plan import NetworkPlan
 from gateway.ops.doctor.rpc import RpcProblem, RpcReader
-from settlement.schemes.batch_settlers import SEL_SETTLER
+from settlement.schemes.batch_settlers import SEL_SETTLER, settler_in
 
 __all__ = ["check_batch_settlers"]
 
@@ -30,10 +29,9 @@ _DEPLOY = ("deploy contracts/BatchSettler.sol with the settlement account as its
 
 async def _settler(rpc: RpcReader, contract: str) -> str | None:
     try:
-        word = await rpc.eth_call(contract, SEL_SETTLER)
+        return settler_in(await rpc.eth_call(contract, SEL_SETTLER))
     except RpcProblem:
         return None
-    return to_checksum_address(word[12:32]) if len(word) == 32 and word[:12] == bytes(12) else None
 
 
 async def check_batch_settlers(plan: NetworkPlan, rpc: RpcReader) -> list[Finding]:
