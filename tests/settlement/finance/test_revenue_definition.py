@@ -144,8 +144,10 @@ def test_the_dashboard_shows_the_summary_revenue(ledger_url: str) -> None:
     for data, groups, suffix, asset in ((day, hours, ":00Z", USDC), (week, days, "T00:00:00Z", EURC)):
         chart = data["revenue"]
         assert chart["measure"] == "net" and chart["asset"].lower() == asset.lower()
+        # a bucket of failed payments only is a summary group of 0 and no point on the chart (within
+        # three hours after midnight UTC the seed's failed EURC call is alone in yesterday's bucket)
         expected = {g.key[0] + suffix: (str(g.gross), str(g.refunds), str(g.net))
-                    for g in groups if g.asset.lower() == asset.lower()}
+                    for g in groups if g.asset.lower() == asset.lower() and g.gross != 0}
         points = {p["start"]: triple(p) for p in chart["points"] if p["gross"]["atomic"] != "0"}
         assert points == expected
         assert all(p["atomic"] == p["net"]["atomic"] for p in chart["points"])
