@@ -224,8 +224,11 @@ def _operations(
         routes.extend(policy_routes(safety.policy, settings.admin_token.get_secret_value(),
                                       [t.name for t in catalogs.tools], {t.owner for t in catalogs.tools}))
     if local is not None and settings.serve_facilitator:
+        # Served for this gateway's own payees and assets (its catalog's) unless configured otherwise.
+        terms = [offer.terms for tool in catalogs.tools for offer in tool.offers]
+        pay_to, assets = settings.facilitator.allowed({t.pay_to for t in terms}, {(t.network, t.asset) for t in terms})
         routes.extend(facilitator_routes(local, rate_limit=settings.facilitator_rate_limit, store=store,
-                                         pay_to=settings.facilitator_pay_to))
+                                         pay_to=pay_to, assets=assets))
     return metrics, dashboard, routes
 
 
@@ -302,7 +305,7 @@ def _agent_interface(
     """Every discovery format and MCP, all generated from the pipeline's catalog, with one search
     index for /tools?q= and MCP's search_tools (built on the first search); the payer's receipts."""
     search = ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
-    mcp_endpoint = McpEndpoint(pipeline, settings.public_url, search=search)
+    mcp_endpoint = McpEndpoint(pipeline, settings.public_url, search=search, max_body_bytes=settings.max_body_bytes)
     discovery = Discovery(pipeline, settings.public_url, search=search, receipts=lambda base: receipts_discovery(receipts, base))
     routes = [*discovery.routes(), mcp_endpoint.route(), *ReceiptEndpoint(receipts, ledger, store, settings.public_url).routes()]
     return mcp_endpoint, routes

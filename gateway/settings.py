@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -39,6 +40,7 @@ from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from catalog.limits import Budget, RateLimit, parse_budget, parse_rate_limit
+from catalog.registry import resolve_network
 from gateway.errors import GatewayConfigError
 from settlement.chain.rpc import redact_url
 from settlement.schemes.facilitator_auth import CdpJwtAuth, FacilitatorAuth, FacilitatorAuthError, StaticHeaders
@@ -66,6 +68,40 @@ def _rate_limit(value: Any) -> Any:
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")
+ANY = "*"  # an allow-list setting's explicit "anything" (the served facilitator's payTo and assets)
+
+
+def _allow_list(value: Any, setting: str, entry: Callable[[str], str | None], shape: str) -> Any:
+    """A comma-separated (or list) allow-list setting: each entry normalised by ``entry`` (None: not
+    one), or ``*`` alone; a bad value is a GatewayConfigError with a stable code, never a guess."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list):
+        return value
+    code = f"invalid_{setting}"
+    if ANY in value:
+        if value != [ANY]:
+            raise GatewayConfigError(f"{setting}: \"*\" (any) stands alone, not beside other entries", code=code)
+        return value
+    normalised = []
+    for item in value:
+        good = entry(item) if isinstance(item, str) else None
+        if good is None:
+            raise GatewayConfigError(f"{setting}: entries are {shape} or \"*\" alone, got {item!r}", code=code)
+        normalised.append(good)
+    return normalised
+
+
+def _address_entry(item: str) -> str | None:
+    return item if _ADDRESS.fullmatch(item) else None
+
+
+def _asset_entry(item: str) -> str | None:
+    """``NETWORK/ASSET``: a CAIP-2 id or a network name the registry knows, and a token address."""
+    network, _, asset = item.strip().rpartition("/")
+    network = resolve_network(network) or network
+    return f"{network}/{asset}" if _CAIP2.fullmatch(network) and _ADDRESS.fullmatch(asset) else None
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog" / "examples" / "demo.yaml"
 # Facilitators on this host get a CDP JWT when CDP_API_KEY_ID is set and X402GW_FACILITATOR_AUTH
@@ -186,6 +222,18 @@ class FacilitatorSettings:
     serve: bool  # X402GW_SERVE_FACILITATOR
     rate_limit: RateLimit | None  # X402GW_FACILITATOR_RATE_LIMIT
     pay_to: list[str]  # X402GW_FACILITATOR_PAY_TO
+    assets: list[str]  # X402GW_FACILITATOR_ASSETS, NETWORK/ASSET entries
+
+    def allowed(
+        self, own_pay_to: Iterable[str], own_assets: Iterable[tuple[str, str]]
+    ) -> tuple[list[str] | None, list[tuple[str, str]] | None]:
+        """The payTo addresses and (network, asset) pairs the served facilitator is for: the ones
+        configured, or (none configured) this gateway's own, from its catalog; None: any ("*")."""
+        pay_to = None if self.pay_to == [ANY] else self.pay_to or sorted(own_pay_to)
+        if self.assets == [ANY]:
+            return pay_to, None
+        assets = [(e.rpartition("/")[0], e.rpartition("/")[2]) for e in self.assets] or sorted(own_assets)
+        return pay_to, assets
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,9 +325,16 @@ class Settings(BaseSettings):
     facilitator_rate_limit: Annotated[RateLimit | None, BeforeValidator(_rate_limit)] = Field(
         default_factory=lambda: parse_rate_limit("60/1m")
     )
-    # payTo addresses the served facilitator settles for (comma-separated in the environment);
-    # empty: any payTo. Anything else is refused (pay_to_not_allowed) before any RPC.
+    # payTo addresses the served facilitator verifies and settles for (comma-separated in the
+    # environment). Empty (the default): the catalog's own payees (every offer's pay_to). "*" alone:
+    # any payTo, the gateway paying the gas of anyone's transfers: only for a facilitator meant for
+    # others. Any other payTo is refused (pay_to_not_allowed) before any RPC.
     facilitator_pay_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Assets the served facilitator verifies and settles, as NETWORK/ASSET entries (comma-separated;
+    # NETWORK a CAIP-2 id or a known name), e.g. "eip155:8453/0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913".
+    # Empty (the default): the catalog's own (every offer's network and asset). "*" alone: any
+    # EIP-3009 token, a griefer's own included. Any other is refused (asset_not_allowed) before any RPC.
+    facilitator_assets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # ERC-6492 (counterfactual smart-wallet) payments: the wallet factories whose deployment the
     # gateway simulates and, at settlement, pays the gas for (comma-separated addresses, any
     # network). Empty: every 6492 signature is refused (eip6492_factory_not_allowed). On the
@@ -329,16 +384,16 @@ class Settings(BaseSettings):
     policy_file: Path | None = None
     log_level: str = "INFO"
 
+    # Raise GatewayConfigError (codes invalid_facilitator_pay_to, invalid_facilitator_assets).
     @field_validator("facilitator_pay_to", mode="before")
     @classmethod
     def _split_pay_to(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list):
-            for address in value:
-                if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
-                    raise ValueError(f"facilitator_pay_to entries must be 0x-prefixed 20-byte addresses, got {address!r}")
-        return value
+        return _allow_list(value, "facilitator_pay_to", _address_entry, "0x-prefixed 20-byte addresses")
+
+    @field_validator("facilitator_assets", mode="before")
+    @classmethod
+    def _split_assets(cls, value: Any) -> Any:
+        return _allow_list(value, "facilitator_assets", _asset_entry, "NETWORK/0x-ASSET-ADDRESS")
 
     @field_validator("eip6492_allowed_factories", mode="before")
     @classmethod
@@ -450,7 +505,7 @@ class Settings(BaseSettings):
     def facilitator(self) -> FacilitatorSettings:
         return FacilitatorSettings(
             self.facilitators, self.facilitator_url, self.facilitator_settle_timeout_seconds,
-            self.serve_facilitator, self.facilitator_rate_limit, self.facilitator_pay_to,
+            self.serve_facilitator, self.facilitator_rate_limit, self.facilitator_pay_to, self.facilitator_assets,
         )
 
     @property

@@ -14,10 +14,14 @@ Served publicly, the API is a way to make this gateway pay gas, so (THREATS.md, 
 
 * ``/verify`` and ``/settle`` take a token per client address first (429 ``rate_limited`` with
   ``Retry-After``), before the body is read;
-* with an allow-list of payTo addresses, any other payTo is refused before any RPC
-  (``pay_to_not_allowed``);
+* allow-lists of payTo addresses and of (network, asset) pairs (the gateway passes its catalog's
+  own unless configured otherwise): anything else is refused before any RPC (``pay_to_not_allowed``,
+  ``asset_not_allowed``), so nobody moves their own token, or pays a stranger, on this gateway's gas;
 * the local facilitator refuses zero amounts and self-transfers and bounds its caches
-  (``settlement.schemes.exact_local``); a settle is only deduplicated once its signature checked out.
+  (``settlement.schemes.exact_local``); a settle is only deduplicated once its signature checked out;
+* ``/settle`` runs the full verify first (the authorization's state and the payer's balance, read
+  on chain) and broadcasts nothing unless it holds: a settled payment rebuilt from public calldata,
+  or an authorization from an empty account, is refused with verify's reason, not reverted on our gas.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -50,6 +55,10 @@ MAX_REQUEST_BYTES = 65_536
 REMEMBERED_SETTLEMENTS = 10_000
 
 SettlementKey = tuple[str, str, str]  # (network, payer, nonce), lower-case
+
+# Reasons (invalidReason / errorReason) of a request this API refuses to serve at all, before any RPC.
+PAY_TO_NOT_ALLOWED = "pay_to_not_allowed"
+ASSET_NOT_ALLOWED = "asset_not_allowed"
 
 
 class BadRequest(GatewayError):
@@ -163,7 +172,7 @@ class SettleOnce:
     async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
         key = settlement_key(payload, requirements)
         if key is None:
-            return await self._facilitator.settle(payload, requirements)
+            return await self._verified_settle(payload, requirements)
         mark = fingerprint(payload, requirements)
         stored = self._settled.get(key)
         if stored is not None and stored[0] == mark:
@@ -196,7 +205,7 @@ class SettleOnce:
         self, key: SettlementKey, mark: str, payload: PaymentPayload, requirements: PaymentRequirements
     ) -> SettleResponse:
         try:
-            result = await self._facilitator.settle(payload, requirements)
+            result = await self._verified_settle(payload, requirements)
         finally:
             del self._running[key]
         if result.success:
@@ -204,6 +213,42 @@ class SettleOnce:
             while len(self._settled) > self._remembered:
                 self._settled.popitem(last=False)
         return result
+
+    async def _verified_settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        """Verify in full (authorization state and balance, on chain) and only then settle: whatever
+        verify refuses would revert, on this gateway's gas. (The gateway's own paid path settles
+        right after its own verify and does not come through here.)"""
+        verdict = await self._facilitator.verify(payload, requirements)
+        if not verdict.is_valid:
+            return SettleResponse(
+                success=False, error_reason=verdict.invalid_reason or "invalid_payment",
+                error_message=verdict.invalid_message, payer=verdict.payer, network=requirements.network,
+            )
+        return await self._facilitator.settle(payload, requirements)
+
+
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    """What this API verifies and settles for: payTo addresses and (network, asset) pairs, both
+    lower-case; ``None`` is any (only ever the operator's explicit choice)."""
+
+    pay_to: frozenset[str] | None
+    assets: frozenset[tuple[str, str]] | None
+
+    @classmethod
+    def of(cls, pay_to: Iterable[str] | None, assets: Iterable[tuple[str, str]] | None) -> Allowed:
+        return cls(
+            None if pay_to is None else frozenset(address.lower() for address in pay_to),
+            None if assets is None else frozenset((network.lower(), asset.lower()) for network, asset in assets),
+        )
+
+    def refusal(self, requirements: PaymentRequirements) -> tuple[str, str] | None:
+        """(reason, message) when the request is not one to serve; checked before any RPC."""
+        if self.pay_to is not None and requirements.pay_to.lower() not in self.pay_to:
+            return PAY_TO_NOT_ALLOWED, "this facilitator does not settle payments to that payTo address"
+        if self.assets is not None and (requirements.network.lower(), requirements.asset.lower()) not in self.assets:
+            return ASSET_NOT_ALLOWED, "this facilitator does not settle payments in that asset on that network"
+        return None
 
 
 def facilitator_routes(
@@ -213,23 +258,21 @@ def facilitator_routes(
     rate_limit: RateLimit | None = None,
     store: StateStore | None = None,
     pay_to: Iterable[str] | None = None,
+    assets: Iterable[tuple[str, str]] | None = None,
 ) -> list[Route]:
     """``rate_limit``: per client address on /verify and /settle (``store``: the gateway's state
-    store; a private in-memory one without it). ``pay_to``: when given and not empty, the only
-    recipients this API verifies or settles for."""
+    store; a private in-memory one without it). ``pay_to``: the only recipients this API verifies
+    or settles for; ``assets``: the only (network, asset) pairs. ``None`` allows any, an empty list
+    none. The gateway passes its catalog's payees and assets unless the operator configured others
+    (``Settings.facilitator_pay_to``, ``Settings.facilitator_assets``)."""
     once = SettleOnce(facilitator)
     limit = ClientLimit(rate_limit, store or MemoryStore()) if rate_limit is not None else None
-    allowed = frozenset(address.lower() for address in pay_to or ())
+    allowed = Allowed.of(pay_to, assets)
 
     async def admit(request: Request) -> tuple[PaymentPayload, PaymentRequirements]:
         if limit is not None:
             await limit.take(request)
         return await read_request(request)
-
-    def refused_pay_to(requirements: PaymentRequirements) -> str | None:
-        if allowed and requirements.pay_to.lower() not in allowed:
-            return "this facilitator does not settle payments to that payTo address"
-        return None
 
     async def supported(request: Request) -> Response:
         return JSONResponse(facilitator.supported())
@@ -239,10 +282,9 @@ def facilitator_routes(
             payload, requirements = await admit(request)
         except BadRequest as bad:
             return bad.to_response()
-        if (message := refused_pay_to(requirements)) is not None:
-            return JSONResponse(
-                VerifyResponse(is_valid=False, invalid_reason="pay_to_not_allowed", invalid_message=message).to_wire()
-            )
+        if (refused := allowed.refusal(requirements)) is not None:
+            reason, message = refused
+            return JSONResponse(VerifyResponse(is_valid=False, invalid_reason=reason, invalid_message=message).to_wire())
         return JSONResponse((await _verify_outcome(facilitator, payload, requirements)).to_wire())
 
     async def settle(request: Request) -> Response:
@@ -250,10 +292,11 @@ def facilitator_routes(
             payload, requirements = await admit(request)
         except BadRequest as bad:
             return bad.to_response()
-        if (message := refused_pay_to(requirements)) is not None:
+        if (refused := allowed.refusal(requirements)) is not None:
+            reason, message = refused
             return JSONResponse(
                 SettleResponse(
-                    success=False, error_reason="pay_to_not_allowed", error_message=message, network=requirements.network
+                    success=False, error_reason=reason, error_message=message, network=requirements.network
                 ).to_wire()
             )
         outcome = await _settle_outcome(once, payload, requirements)

@@ -15,6 +15,10 @@ Follows the x402 MCP transport (x402-protocol.md §6.3):
   answer with ``_meta["x402/payment-response"]`` = SettleResponse (and, with a receipt key,
   ``_meta["x402gw/receipt"]`` = the gateway-signed receipt, as in ``X402GW-Receipt``).
 
+The transport reads a request's body whole before parsing it, so ``/mcp`` is guarded like the paid
+path: a body over ``max_body_bytes`` (declared in Content-Length, or counted as it arrives) is a 413
+``request_too_large`` in the paid path's JSON shape before the MCP SDK sees any of it.
+
 A call is not a second implementation of the paid path: it is turned into the equivalent HTTP
 request (path from the template, query or JSON body from the other arguments, the payment as
 ``PAYMENT-SIGNATURE``) and sent through the gateway's own ASGI app in-process. Routing, argument
@@ -42,8 +46,9 @@ from mcp.server.streamable_http_manager import (
     StreamableHTTPSessionManager,
 )
 from mcp.shared.exceptions import MCPError
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import codes
 from gateway.errors import GatewayError
@@ -104,14 +109,55 @@ def _tokens(name: str, description: str, input_schema: Any) -> int:
     return estimate_tokens({"name": name, "description": description, "inputSchema": input_schema})
 
 
+class BodyLimit:
+    """An ASGI app whose HTTP request bodies may not exceed ``max_bytes``: 413 ``request_too_large``
+    (the paid path's refusal) when Content-Length says more, or when the bytes received so far do.
+    The body (at most ``max_bytes``) is read here, then handed to ``app`` as it came."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _refuse(self) -> Response:
+        return GatewayError(codes.REQUEST_TOO_LARGE, f"request bodies are limited to {self.max_bytes} bytes").to_response()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse()(scope, receive, send)
+            return
+        received: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request":
+                break  # a disconnect: handed on, the app sees it
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return received.pop(0) if received else await receive()
+
+        await self.app(scope, replay, send)
+
+
 class McpEndpoint:
     """The MCP server of one gateway app: its route, and the session manager the app's lifespan runs."""
 
     def __init__(
         self, pipeline: Pipeline, public_url: str | None = None, search: ToolSearch | None = None,
-        page_size: int = PAGE_SIZE,
+        page_size: int = PAGE_SIZE, max_body_bytes: int | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.max_body_bytes = max_body_bytes if max_body_bytes is not None else pipeline.max_body_bytes
         self.public_url = public_url.rstrip("/") if public_url else None
         self.search = search or ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
         self.page_size = page_size
@@ -137,7 +183,8 @@ class McpEndpoint:
         self._app = app
 
     def route(self) -> Route:
-        return Route("/mcp", StreamableHTTPASGIApp(self.sessions), methods=["GET", "POST", "DELETE"])
+        guarded = BodyLimit(StreamableHTTPASGIApp(self.sessions), self.max_body_bytes)
+        return Route("/mcp", guarded, methods=["GET", "POST", "DELETE"])
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

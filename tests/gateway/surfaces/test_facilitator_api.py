@@ -16,6 +16,7 @@ from web3 import Web3
 
 from catalog.limits import parse_rate_limit
 from gateway.devkit.payer import Payer
+from gateway.errors import GatewayConfigError
 from gateway.ops.serving import ThreadServer
 from gateway.settings import Settings
 from gateway.surfaces.facilitator_api import facilitator_routes
@@ -308,8 +309,9 @@ def test_pay_to_allow_list_refuses_other_recipients_without_any_rpc(devchain: De
 def test_settings_configure_the_served_facilitator(start_gateway: GatewayFactory, devchain: Devchain) -> None:
     assert Settings().facilitator_rate_limit == parse_rate_limit("60/1m")  # on by default
     assert Settings(facilitator_rate_limit="").facilitator_rate_limit is None
-    with pytest.raises(ValueError):
+    with pytest.raises(GatewayConfigError) as bad:
         Settings(facilitator_pay_to="0x1234")
+    assert bad.value.code == "invalid_facilitator_pay_to"
 
     gateway = start_gateway(serve_facilitator=True, facilitator_rate_limit="2/1m", facilitator_pay_to=PAY_TO)
     other = requirements(devchain, pay_to=devchain.address(PAYER + 1))
