@@ -41,7 +41,7 @@ from catalog.models import (
     max_call_seconds,
 )
 from catalog.offers import resolve_offers
-from catalog.price_rules import PriceRule, PriceRuleDoc, build_rule, precision_problems
+from catalog.price_rules import PriceRule, PriceRuleDoc, build_rule, rule_problems
 from catalog.reaccess import reaccess_problems
 from catalog.registry import Stablecoin
 from catalog.source import Source
@@ -89,7 +89,7 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
         exact_stream = spec.stream and payment is not None and payment.scheme != "upto"  # settled before it starts
         settle = spec.settle or ("upfront" if exact_stream else default_settle(spec.method, spec.side_effects))
         if payment is not None:
-            _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src)
+            _check_tool(doc, spec, at, upstream, payment, upstream_path, settle, src, rule)
         alternatives = _tool_offers(doc, spec, at, payment, settle, upstream, local, src) if payment is not None else ()
         if rule is not None and payment is not None:
             _check_rule(doc, spec, at, rule, (payment, *(o.terms for o in alternatives)), src)
@@ -158,9 +158,9 @@ def _priced(spec: ToolDoc, at: str, src: Source) -> tuple[ToolDoc, PriceRule | N
 
 
 def _check_rule(doc: CatalogDoc, spec: ToolDoc, at: str, rule: PriceRule, terms: Iterable[PaymentTerms], src: Source) -> None:
-    """Every amount of the rule is whole atomic units of every offer's token; the offers take the
-    rule (an offer's own fixed price beside it would be a second, different price)."""
-    for field, code, message in sorted({p for t in terms for p in precision_problems(rule, t.decimals)}):
+    """Every amount of the rule is whole atomic units of every offer's token, at most an upto offer's max_price where the
+    schema bounds it; the offers take the rule (an offer's own fixed price beside it would be a second, different price)."""
+    for field, code, message in sorted({p for t in terms for p in rule_problems(rule, spec.input_schema, t.decimals, t.maximum)}):
         src.issue(f"{at}.{field}", code, message)
     own = spec.offers is not None
     for index, offer in enumerate(spec.offers if spec.offers is not None else doc.offers):
@@ -207,7 +207,7 @@ def _check_unique(
 
 def _check_tool(
     doc: CatalogDoc, spec: ToolDoc, at: str, upstream: Upstream | None, payment: PaymentTerms,
-    upstream_path: str, settle: SettleMode, src: Source,
+    upstream_path: str, settle: SettleMode, src: Source, rule: PriceRule | None = None,
 ) -> None:
     """A tool's checks against its resolved terms: the model's cross-field checks, the bridge's,
     the price ceilings, and a settle-after payment window long enough for the upstream."""
@@ -225,7 +225,7 @@ def _check_tool(
         src.issue(f"{at}.{field}", code, message)
     for field, code, message in user_auth_problems(spec.user_auth, spec.wallet_accounts):
         src.issue(f"{at}.{field}", code, message)
-    for field, code, message in reaccess_problems(spec.reaccess, spec.method, spec.side_effects):
+    for field, code, message in reaccess_problems(spec.reaccess, spec.method, spec.side_effects, spec.usage is not None, rule is not None):
         src.issue(f"{at}.{field}", code, message)
     ceilings = [(m, w) for m, w in ((spec.max_price, f"{at}.max_price"), (doc.max_price, "max_price")) if m is not None]
     for ceiling, where in ceilings:

@@ -18,7 +18,9 @@ Catalog syntax (``price:`` of a tool, instead of one amount)::
 integer with ``minimum`` >= 0 (its value), so a fractional or negative count is refused with the
 arguments (422), before any price. The amounts are a token amount or dollars, all of a rule alike.
 Loader codes: ``invalid_price_rule``, ``price_unknown_argument``, ``price_argument_not_count``,
-``price_argument_optional`` (and ``price_precision``, ``price_above_max`` as for a fixed price).
+``price_argument_optional`` (and ``price_precision``, ``price_above_max`` as for a fixed price; for
+an ``upto`` offer also the rule's highest price, where the schema bounds the count, above its
+``max_price``: what the payer signs for. An unbounded count priced above it is refused per request).
 Request codes (``PriceRuleError``): ``price_out_of_range`` (no tier holds the count, a price of 0,
 or beyond uint256), ``invalid_arguments`` (a count the schema should have refused).
 """
@@ -34,7 +36,10 @@ from pydantic import Field, field_validator
 from catalog.fields import Dollars, FrozenModel, PriceRef
 from catalog.pricing import format_amount, to_atomic
 
-__all__ = ["PriceRule", "PriceRuleDoc", "PriceRuleError", "PriceTier", "PriceTierDoc", "build_rule", "precision_problems"]
+__all__ = [
+    "PriceRule", "PriceRuleDoc", "PriceRuleError", "PriceTier", "PriceTierDoc", "build_rule", "ceiling_problems",
+    "highest_price", "precision_problems", "rule_problems",
+]
 
 MAX_UINT256 = 2**256 - 1
 Problem = tuple[str, str, str]  # (field under ``price``, code, message)
@@ -236,3 +241,54 @@ def precision_problems(rule: PriceRule, decimals: int, where: str = "price") -> 
             problems.append((f"{where}.{field}", "price_precision",
                              f"{value:f} has more digits than the token's {decimals} decimals"))
     return problems
+
+
+def _most(schema: Any) -> int | None:
+    """The largest count an argument's schema allows: an array's ``maxItems``, an integer's
+    ``maximum`` (or ``exclusiveMaximum`` less one); None when it sets no bound."""
+    if not isinstance(schema, dict):
+        return None
+    bounds = [schema.get("maxItems")] if schema.get("type") == "array" else [schema.get("maximum")]
+    if schema.get("type") == "integer" and isinstance(schema.get("exclusiveMaximum"), (int, Decimal)):
+        bounds.append(schema["exclusiveMaximum"] - 1)
+    found = [int(b) for b in bounds if isinstance(b, (int, Decimal)) and not isinstance(b, bool) and b == int(b)]
+    return max(min(found), 0) if found else None
+
+
+def highest_price(rule: PriceRule, input_schema: Mapping[str, Any]) -> tuple[Decimal, int | None] | None:
+    """The most ``rule`` can price a call whose arguments ``input_schema`` admits, with the largest
+    count that schema allows (None: no bound, the tiers' top price is the highest); None when the
+    count is unbounded and every unit costs (``each``): only the request's arguments can tell."""
+    properties = input_schema.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    count: int | None = 1
+    for name in rule.per:
+        most = _most(properties.get(name))
+        count = None if most is None or count is None else count * most
+    if rule.each is not None:
+        return None if count is None else (rule.base + rule.each * count, count)
+    reachable, lowest = [], 0
+    for tier in rule.tiers:
+        if count is None or lowest <= count:
+            reachable.append(tier.price)
+        lowest = tier.up_to + 1 if tier.up_to is not None else lowest
+    return (rule.base + max(reachable), count) if reachable else None
+
+
+def ceiling_problems(rule: PriceRule, input_schema: Mapping[str, Any], maximum: Decimal | None) -> list[Problem]:
+    """The rule's highest price above an ``upto`` offer's ``maximum`` (the most its payer signs
+    for), where the schema bounds it: such a call could never be paid, so the catalog is refused."""
+    highest = highest_price(rule, input_schema) if maximum is not None else None
+    if maximum is None or highest is None or highest[0] <= maximum:
+        return []
+    price, count = highest
+    counted = f"{rule._counted()} up to {count}" if count is not None else f"the top tier of {rule._counted()}"
+    return [("price", "price_above_max",
+             f"this rule prices a call at up to {price.normalize():f} ({counted}), above max_price {maximum:f}, the most an "
+             "upto payer signs for: lower the rule, bound the count in input_schema (maximum, maxItems) or raise max_price")]
+
+
+def rule_problems(rule: PriceRule, input_schema: Mapping[str, Any], decimals: int, maximum: Decimal | None) -> list[Problem]:
+    """The rule's problems with one offer's terms: its precision in the token's ``decimals``, and
+    its highest price against the offer's upto ``maximum`` (``ceiling_problems``)."""
+    return [*precision_problems(rule, decimals), *ceiling_problems(rule, input_schema, maximum)]

@@ -11,7 +11,9 @@ Catalog syntax (a tool's ``reaccess:`` block; no block: every call is paid)::
 The payer proves it is the address that paid by signing the 402's sign-in-with-x challenge
 (EIP-4361); the proof is checked in ``gateway.pipeline.stages.reaccess``, the payment found in the
 ledger. ``match: tool`` calls the upstream afresh for free, so it is refused on a tool with side
-effects (a state-changing method, or ``side_effects: true``).
+effects (a state-changing method, or ``side_effects: true``: ``reaccess_repeats_side_effects``) and
+on a tool whose every call has its own cost (a ``usage:`` rule or a price rule over its arguments:
+``reaccess_repeats_priced_calls``).
 """
 
 from __future__ import annotations
@@ -56,12 +58,20 @@ class Reaccess(BaseModel):
     match: Annotated[ReaccessMatch, BeforeValidator(_match)] = "request"
 
 
-def reaccess_problems(reaccess: Reaccess | None, method: str, side_effects: bool) -> list[tuple[str, str, str]]:
-    """Cross-field checks of a tool's reaccess block, as ``(field, code, message)`` under the tool."""
+def reaccess_problems(
+    reaccess: Reaccess | None, method: str, side_effects: bool, usage: bool = False, price_rule: bool = False,
+) -> list[tuple[str, str, str]]:
+    """Cross-field checks of a tool's reaccess block, as ``(field, code, message)`` under the tool.
+    ``usage``: the tool is charged by a ``usage:`` rule; ``price_rule``: priced by its arguments."""
     if reaccess is None or reaccess.match != "tool":
         return []
     if method.upper() in _STATE_CHANGING or side_effects:
         return [("reaccess.match", "reaccess_repeats_side_effects",
                  "match: tool calls the upstream again for free, so only a tool without side effects may have it; "
                  "use match: request (the stored answer is served again)")]
+    if usage or price_rule:
+        cost = "is charged by the usage its answer reports" if usage else "is priced by its arguments"
+        return [("reaccess.match", "reaccess_repeats_priced_calls",
+                 f"match: tool calls the upstream again for free, but this tool {cost}: each call has its own cost, "
+                 "which one payment does not cover; use match: request (the stored answer is served again)")]
     return []

@@ -11,7 +11,9 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from catalog import PaymentTerms, Tool, format_amount
+from catalog import PaymentTerms, Tool, format_amount, to_atomic
+from catalog.models import PaymentOffer
+from catalog.price_rules import PriceRuleError
 from catalog.usage import UsageRule
 from gateway.protocol.offers import Offer
 from settlement.schemes.exact import exact_requirements
@@ -43,6 +45,23 @@ def _charged_by_usage(
     return charged
 
 
+def _above_maximum(tool: Tool, offers: tuple[PaymentOffer, ...], amounts: tuple[int, ...]) -> None:
+    """Refuse a rule's price above an ``upto`` offer's signed maximum (``max_price``): that offer
+    would ask the payer to sign less than the charge, which can never settle, so no offer is made
+    and the upstream is never called for it. Raises ``PriceRuleError`` (422 ``price_out_of_range``)."""
+    for offer, amount in zip(offers, amounts, strict=True):
+        terms = offer.terms
+        if terms.scheme != UPTO or terms.maximum is None or amount <= to_atomic(terms.maximum, terms.decimals):
+            continue
+        rule = tool.price_rule
+        raise PriceRuleError(
+            "price_out_of_range",
+            f"{tool.name} costs {format_amount(amount, terms.decimals)} for these arguments, above its maximum "
+            f"{terms.maximum:f} (max_price, what the payer signs for); ask for less"
+            + (f" ({', '.join(rule.per)} set the price)" if rule is not None else ""),
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class CompiledTool:
     """What a request to one tool needs: its offer, argument validator and price text. Each is built
@@ -70,7 +89,8 @@ class CompiledTool:
     def offer_for(self, arguments: Mapping[str, Any]) -> Offer:
         """The offer of a call with these arguments: ``offer``, or for a tool priced by a rule
         (``catalog.price_rules``) the offer of the tool at the rule's price of ``arguments`` on every
-        offer, each in its token's decimals. Raises ``PriceRuleError``. Offers are kept per price."""
+        offer, each in its token's decimals. Raises ``PriceRuleError``, also for a price above an
+        ``upto`` offer's signed maximum. Offers are kept per price."""
         rule = self.tool.price_rule
         if rule is None:
             return self.offer
@@ -78,6 +98,7 @@ class CompiledTool:
         amounts = tuple(rule.atomic(arguments, offer.terms.decimals) for offer in tool.offers)
         offer = self.priced.get(amounts)
         if offer is None:
+            _above_maximum(tool, tool.offers, amounts)  # before any offer: an upto maximum is never below the price
             first, *others = amounts
             priced = tool.model_copy(update={
                 "price": _decimal(first, tool.payment.decimals),

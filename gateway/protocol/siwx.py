@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from eth_account import Account
 from eth_account.messages import defunct_hash_message, encode_defunct
@@ -47,6 +47,7 @@ __all__ = [
     "origin_of",
     "parse_sign_in",
     "recover_sign_in",
+    "require_resource",
     "sign_in_digest",
     "siwx_extension",
     "validate_sign_in",
@@ -137,6 +138,28 @@ async def validate_sign_in(sign_in: SignIn, origin: str) -> None:
     if not checked.is_valid:
         assert checked.invalid_reason is not None
         raise SignInRefused(checked.invalid_reason, checked.invalid_message or "the sign-in does not hold")
+
+
+def _resource(url: str) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+    """A URL as a sign-in names a resource: scheme and host (case-insensitive), the exact path,
+    and the query's pairs in any order (the challenge's ``uri`` is the request's URL as it came)."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", tuple(sorted(parse_qsl(parts.query, keep_blank_values=True)))
+
+
+def require_resource(sign_in: SignIn, resource_url: str) -> None:
+    """The sign-in was made for this very resource: its ``uri`` is ``resource_url`` and, when it
+    lists ``resources``, ``resource_url`` is among them (as the 402's challenge bound them). The
+    SDK's check compares only the origin, so a sign-in made for one tool would open another.
+    Raises ``SignInRefused`` (``invalid_siwx_uri_mismatch``)."""
+    wanted = _resource(resource_url)
+    payload = sign_in.payload
+    if _resource(payload.uri) != wanted:
+        raise SignInRefused(codes.INVALID_SIWX_URI_MISMATCH,
+                            f"the sign-in was made for {payload.uri}, not {resource_url}: sign this request's challenge")
+    if payload.resources is not None and not any(_resource(r) == wanted for r in payload.resources):
+        raise SignInRefused(codes.INVALID_SIWX_URI_MISMATCH,
+                            f"the sign-in's resources do not list {resource_url}: sign this request's challenge")
 
 
 def eip4361_message(payload: SIWxPayload) -> str:

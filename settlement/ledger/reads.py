@@ -108,13 +108,20 @@ class LedgerReads:
     @atomic_alone
     def latest_paid(self, payer: str, tool: str, fingerprint: str | None) -> Payment | None:
         """The latest settled payment of ``payer`` for ``tool`` (and, unless ``fingerprint`` is
-        None, for that very request) that owes nothing back: what a re-access stands on. The
-        ledger is the only record of it, so there is nothing beside it to drift."""
+        None, for that very request) that moved money and owes nothing back: what a re-access
+        stands on. Moved money: an amount above 0 and the transaction that moved it (every scheme
+        records one on a settled row: exact's transfer, upto's settle, a batch's or a channel's
+        claim, which is what turns an accrued voucher's ``settling`` row ``settled``); an upto
+        charge of 0 settles with neither and buys nothing again. The ledger is the only record of
+        it, so there is nothing beside it to drift."""
         query = select(_PAYMENTS).where(
             _PAYMENTS.c.payer.in_({payer, payer.lower()}),  # indexed; rows carry the checksummed form
             _PAYMENTS.c.tool == tool,
             _PAYMENTS.c.state == PaymentState.SETTLED.value,
             _PAYMENTS.c.refund_owed.is_(None),
+            _PAYMENTS.c.amount != 0,  # amounts are never negative
+            _PAYMENTS.c.tx_hash.is_not(None),
+            _PAYMENTS.c.tx_hash != "",
         )
         if fingerprint is not None:
             query = query.where(_PAYMENTS.c.fingerprint == fingerprint)

@@ -10,7 +10,8 @@ amount in (0, maximum], and only to ``to``.
 * ``requirements(terms, maximum)``: an offer whose ``amount`` is the maximum, ``extra`` with the
   token's domain, ``assetTransferMethod: permit2`` and ``facilitatorAddress``.
 * ``verify``: offline (spender, token, payTo, facilitator, deadline, validAfter, maximum ==
-  requirements.amount, the payer's ECDSA signature when it has no code), then the chain: the nonce
+  requirements.amount, the charge (``extra.charge.amount``) not above it, the payer's ECDSA
+  signature when it has no code), then the chain: the nonce
   unused in Permit2's bitmap, allowance and balance ≥ the maximum, and the proxy's ``settle`` at the
   full maximum simulated from our account (which checks a contract wallet's signature too).
 * ``settle``: the actual charge is ``extra.charge.amount`` of the gateway's own offer, else
@@ -225,6 +226,8 @@ class UptoEvm:
             payer = permit.payer
             if permit.maximum != int(requirements.amount):
                 raise _Refused("permit2_amount_mismatch", "permitted.amount must be the offer's maximum")
+            if upto_charge(requirements) > permit.maximum:  # could never settle: refused before the upstream
+                raise _Refused(ERR_UPTO_SETTLEMENT_EXCEEDS_AMOUNT, "the offer's charge is above the signed maximum")
             chain = self._chains[requirements.network]
             await self._signature(chain, permit)
             await self._funds(chain, permit, permit.maximum)

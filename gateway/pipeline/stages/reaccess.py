@@ -6,14 +6,17 @@ Runs only for a tool with ``reaccess`` (``catalog.reaccess``) on a request that 
 nothing is spent on junk and the payer is only ever an address that signed:
 
 1. the header's fields (``gateway.protocol.siwx``), then the SDK's checks: domain and uri of this
-   gateway's public origin, issuedAt at most five minutes old, expiry, notBefore;
+   gateway's public origin, issuedAt at most five minutes old, expiry, notBefore; then the uri (and
+   the resources, when listed) is this request's URL, as its 402's challenge named it: a sign-in
+   made for one resource opens no other (``invalid_siwx_uri_mismatch``);
 2. the signature: the address's own EIP-191 signature of the EIP-4361 text, or, where this gateway
    checks contract wallets on that network, the wallet's ERC-1271 / ERC-6492 verdict (one capped
    ``eth_call``, behind the per-client rate limit ``pre_challenge_safety`` took);
 3. the payer's allow/deny lists and per-payer limits (as for a payment), then the nonce, taken once
    in the shared state store (a replayed sign-in is refused, on any replica);
 4. the ledger: the latest settled payment of this address for this tool (and, under ``match:
-   request``, this very request's fingerprint) that owes no refund, made within the window.
+   request``, this very request's fingerprint) that moved money (an upto charge of 0 did not) and
+   owes no refund, made within the window.
 
 Then the answer: under ``match: request`` the answer that payment bought, as stored in the ledger
 (the API owner's upstream is not called again for what was already paid for; a tool without side
@@ -47,6 +50,7 @@ from gateway.protocol.siwx import (
     origin_of,
     parse_sign_in,
     recover_sign_in,
+    require_resource,
     sign_in_digest,
     validate_sign_in,
 )
@@ -103,6 +107,7 @@ class Reaccess:
         try:
             sign_in = parse_sign_in(request.headers[_SIGN_IN], [r.network for r in quote.offer.options])
             await validate_sign_in(sign_in, origin_of(quote.resource_url))
+            require_resource(sign_in, quote.resource_url)  # made for this request's URL, not another tool's
             await self._signature(sign_in)
         except SignInRefused as refused:
             raise self._refused(ctx, quote, refused.code, refused.message) from None
