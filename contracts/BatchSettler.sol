@@ -26,6 +26,11 @@ interface IEIP3009 {
 ///      authorised by its payer's signature, to the signed recipient), but a third party could
 ///      then emit `Settled`/`Failed` events from this address for authorizations it copied from
 ///      the mempool; restricting the caller keeps every event here the gateway's own.
+///      Each item's call is capped at `ITEM_GAS`: the token asks a payer with code (a contract
+///      wallet, an EIP-7702 delegated EOA) `isValidSignature`, and that code can burn whatever gas
+///      it is given. Capped, one such item costs at most `ITEM_GAS` and fails alone; an item that
+///      could not be given its full `ITEM_GAS` is not called at all (it fails with
+///      "BatchSettler: out of gas"), so the batch transaction itself never runs out of gas.
 contract BatchSettler {
     struct Authorization {
         address from;
@@ -41,6 +46,12 @@ contract BatchSettler {
 
     address public immutable settler;
 
+    /// @notice Gas each item's `transferWithAuthorization` may use: a USDC transfer with an
+    ///         ERC-1271 / EIP-7702 signature check and a recipient's first credit measured ≈ 66 k.
+    uint256 public constant ITEM_GAS = 90_000;
+    /// @notice Gas an item needs besides its call: the call's own cost, its event and the loop.
+    uint256 public constant ITEM_RESERVE = 15_000;
+
     event Settled(uint256 indexed index, address indexed from, bytes32 indexed nonce);
     event Failed(uint256 indexed index, address indexed from, bytes32 indexed nonce, bytes reason);
 
@@ -55,7 +66,12 @@ contract BatchSettler {
         uint256 count = auths.length;
         for (uint256 i = 0; i < count; ++i) {
             Authorization calldata a = auths[i];
-            try token.transferWithAuthorization(
+            // EIP-150: a call gets at most 63/64 of what is left; below this, ITEM_GAS is not certain.
+            if (gasleft() < ITEM_GAS + ITEM_GAS / 63 + ITEM_RESERVE) {
+                emit Failed(i, a.from, a.nonce, abi.encodeWithSignature("Error(string)", "BatchSettler: out of gas"));
+                continue;
+            }
+            try token.transferWithAuthorization{gas: ITEM_GAS}(
                 a.from, a.to, a.value, a.validAfter, a.validBefore, a.nonce, a.v, a.r, a.s
             ) {
                 emit Settled(i, a.from, a.nonce);

@@ -23,6 +23,7 @@ from settlement.chain.client import BeforeSend, Chain, Receipt
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
+from settlement.schemes.exact_resolve import settled_elsewhere
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
 from settlement.x402.codec import parse_exact_evm
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -179,6 +180,10 @@ class LocalFacilitator:
             self._remember(domain_key, domain, key, signer)
         return CheckedPayment(payer=auth.from_, token=token, auth=auth, signature=signature)
 
+    def expiring(self, auth: TransferAuthorization) -> bool:
+        """Too close to its validBefore to broadcast now (the margin ``check_offline`` keeps)."""
+        return auth.valid_before < int(self._clock()) + VALID_BEFORE_MARGIN_SECONDS
+
     async def confirm_wallet(self, checked: CheckedPayment, network: str) -> None:
         """A contract wallet's signature, confirmed on chain (``Rejected`` if the wallet refuses it;
         ``ChainUnavailable`` if the chain cannot say); nothing for an EOA's."""
@@ -285,13 +290,14 @@ class LocalFacilitator:
             if rpc_message is None:
                 raise
             # The node refused the transaction outright: nothing was broadcast.
-            return SettleResponse(
+            refused = SettleResponse(
                 success=False,
                 error_reason=revert_reason_code(rpc_message),
                 error_message="the chain refused the settlement transaction",
                 payer=checked.payer,
                 network=network,
             )
+            return await self.used_nonce_outcome(chain, checked, refused)
         try:
             receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
         except ChainUnavailable:
@@ -323,15 +329,34 @@ class LocalFacilitator:
         except WalletRefused as refused:
             raise Rejected(refused.reason, refused.message) from None
 
-    def _pending(self, tx_hash: str, checked: CheckedPayment, network: str) -> SettleResponse:
+    def _pending(self, tx_hash: str | None, checked: CheckedPayment, network: str) -> SettleResponse:
         return SettleResponse(
             success=False,
             error_reason="settlement_pending",
             error_message="the settlement transaction was broadcast but is not final yet",
             payer=checked.payer,
-            transaction=tx_hash,
+            transaction=tx_hash or "",
             network=network,
         )
+
+    async def used_nonce_outcome(self, chain: Chain, checked: CheckedPayment, failed: SettleResponse) -> SettleResponse:
+        """``failed`` as it is, unless it failed because the authorization's nonce is used and the
+        transaction that used it moved this payment's money to its payTo (a front-runner copied it
+        from our pending transaction, or the payer sent it itself): then the payment is settled, by
+        that transaction. Pending when the chain cannot say: money may have moved."""
+        if failed.error_reason != "invalid_exact_evm_nonce_already_used":
+            return failed
+        a = checked.auth
+        try:
+            receipt = await settled_elsewhere(chain, checked.token, a.from_, a.nonce, a.to, a.value)
+        except ChainUnavailable:
+            return self._pending(failed.transaction or None, checked, failed.network)
+        if receipt is None:
+            return failed
+        # Our own (failed) transaction's gas stays with the row: the gateway paid it for this payment.
+        extra = {**(failed.extra or {}), "blockNumber": receipt.block_number}
+        return SettleResponse(success=True, amount=str(a.value), payer=checked.payer, transaction=receipt.tx_hash,
+                              network=failed.network, extra=extra)
 
     async def _outcome(self, chain: Chain, receipt: Receipt, checked: CheckedPayment, network: str) -> SettleResponse:
         base: dict[str, Any] = {"payer": checked.payer, "transaction": receipt.tx_hash, "network": network}
@@ -354,7 +379,8 @@ class LocalFacilitator:
         except ChainUnavailable:
             pass
         extra = {"blockNumber": receipt.block_number, **gas_extra(_one(receipt))}  # a revert costs gas too
-        return SettleResponse(success=False, error_reason=reason, extra=extra, **base)
+        return await self.used_nonce_outcome(chain, checked, SettleResponse(
+            success=False, error_reason=reason, extra=extra, **base))
 
 
 def _one(receipt: Receipt) -> GasShare | None:

@@ -17,14 +17,38 @@ from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
 
 
-def settled_by(receipt: Receipt, row: Payment) -> bool:
+def moved(receipt: Receipt, token: str, payer: str, nonce: bytes, pay_to: str, amount: int) -> bool:
+    """``receipt`` used (payer, nonce) and moved ``amount`` from the payer to ``pay_to``."""
     # AuthorizationUsed(payer, nonce) ties the receipt to this very authorization: a batch receipt
     # can hold an identical Transfer (same payer, payee and amount) of another of its items.
     return (
         receipt.status == 1
-        and receipt.has_authorization_used(row.asset, row.payer, bytes.fromhex(row.nonce[2:]))
-        and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount)
+        and receipt.has_authorization_used(token, payer, nonce)
+        and receipt.has_transfer(token, payer, pay_to, amount)
     )
+
+
+def settled_by(receipt: Receipt, row: Payment) -> bool:
+    return moved(receipt, row.asset, row.payer, bytes.fromhex(row.nonce[2:]), row.pay_to, row.amount)
+
+
+async def settled_elsewhere(
+    chain: Chain, token: str, payer: str, nonce: bytes, pay_to: str, amount: int
+) -> Receipt | None:
+    """Our settlement failed because (payer, nonce) is used: the receipt of the transaction that used
+    it, when that one moved ``amount`` from the payer to ``pay_to``. The payment is then settled, by
+    whoever sent it (a third party that copied the signed authorization from our pending
+    transaction, or the payer itself): the money reached our payee. None when the authorization was
+    used otherwise (another transfer under that nonce, or cancelled), or by a transaction of our own
+    settlement account (another payment of ours under that nonce, which got that answer).
+    ``ChainUnavailable`` when the chain cannot say: the outcome is then unknown, never a refusal."""
+    receipt = await chain.find_authorization_used(token, payer, nonce)
+    if receipt is None or not moved(receipt, token, payer, nonce, pay_to, amount):
+        return None
+    ours = getattr(chain, "settlement_address", None)
+    if isinstance(ours, str) and receipt.sender is not None and receipt.sender.lower() == ours.lower():
+        return None
+    return receipt
 
 
 async def resolve_exact(

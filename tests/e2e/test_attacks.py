@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gateway.devkit.payer import Payer
 from settlement.ledger import PaymentState
 from settlement.x402.codec import decode_header_json
 from tests.conftest import PAY_TO
@@ -238,11 +239,45 @@ def test_authorization_cancelled_during_a_settle_after_read_serves_nothing(stack
 
 
 def test_authorization_used_elsewhere_during_a_settle_after_read_serves_nothing(stack: Stack) -> None:
-    def use(w3: Any, key: str, payment: Any) -> None:
-        chain_actions.use_authorization(w3, stack.chain.token, stack.chain.key(FUNDER),
-                                        payment.payload["authorization"], payment.payload["signature"])
+    """Mid-call, the payer spends the payment's nonce on a transfer of its own (to another address):
+    the payment can no longer settle, nothing is served. The very same authorization sent by someone
+    else (as anyone can, once it is public) is another matter: the money reached our payee under
+    exactly this authorization, so the answer it paid for is served and the ledger names that
+    transaction (a charge without its answer is the other half of the invariant)."""
+    sink = stack.chain.address(FUNDER)
 
-    _mid_call(stack, "cancel_read", "/cancel/2", use, external_credit=2000)
+    def spend_nonce_elsewhere(w3: Any, key: str, payment: Any) -> None:
+        nonce = bytes.fromhex(payment.payload["authorization"]["nonce"].removeprefix("0x"))
+        spent = Payer(key).sign(payment.accepted.model_copy(update={"pay_to": sink}), nonce=nonce)
+        chain_actions.use_authorization(w3, stack.chain.token, stack.chain.key(FUNDER),
+                                        spent.payload["authorization"], spent.payload["signature"])
+
+    _mid_call(stack, "cancel_read", "/cancel/2", spend_nonce_elsewhere)
+
+    gateway = stack.gateway("memory")
+    checker = stack.checker(gateway)
+    w3 = stack.w3
+    key = chain_actions.fresh_payer(w3, stack.chain.token, stack.chain.key(FUNDER), 50_000)
+    payer_before, payee_before = stack.chain.balance(Payer(key).address), stack.chain.balance(PAY_TO)
+    used: list[dict[str, Any]] = []
+    with gateway.client() as client:
+        payment = sign(key, offer_for(client, "GET", "/cancel/3"))
+        stack.upstream.on("cancel_read", lambda call: used.append(chain_actions.use_authorization(
+            w3, stack.chain.token, stack.chain.key(FUNDER), payment.payload["authorization"], payment.payload["signature"])))
+        try:
+            response = checker.send(client, "GET", "/cancel/3", headers=v2_header(payment), label="sent by another")
+        finally:
+            stack.upstream.on("cancel_read", None)
+        again = checker.send(client, "GET", "/cancel/3", headers=v2_header(payment), label="resend")
+    assert response.status_code == 200, response.text
+    assert not 200 <= again.status_code < 300 or again.headers.get("x402gw-replay") == "true", again.text
+    nonce = payment.payload["authorization"]["nonce"].lower()
+    [row] = [r for r in gateway.ledger.all() if r.nonce.lower() == nonce]
+    assert row.state == PaymentState.SETTLED and row.tx_hash == used[0]["transactionHash"].to_0x_hex()
+    assert stack.chain.balance(Payer(key).address) == payer_before - 2000
+    assert stack.chain.balance(PAY_TO) == payee_before + 2000
+    assert stack.upstream.count("cancel_read", checker.upstream_since) == 1
+    checker.check()
 
 
 def test_state_changing_post_settles_upfront_so_a_drained_payer_never_reaches_the_upstream(stack: Stack) -> None:

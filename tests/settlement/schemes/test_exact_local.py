@@ -62,6 +62,9 @@ class FakeChain:
     def fund(self, owner: str, amount: int, token: str = TOKEN) -> None:
         self.balances[(token.lower(), owner.lower())] = amount
 
+    async def find_authorization_used(self, token: str, authorizer: str, nonce: bytes) -> Receipt | None:
+        return None  # no logs here: a used nonce is never found paid elsewhere
+
     async def authorization_state(self, token: str, authorizer: str, nonce: bytes) -> bool:
         return (token.lower(), authorizer.lower(), nonce) in self.used
 
