@@ -159,7 +159,9 @@ class BatchSettlement(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_wait_ms: float = Field(default=20.0, gt=0, le=10_000)
-    max_payments: int = Field(default=50, ge=1, le=250)
+    # At most 150: a batch asks 60k + 110k gas per item (settlement.schemes.batch), and 150 items
+    # (16.56M) stay under EIP-7825's per-transaction gas cap of 2**24 (16,777,216).
+    max_payments: int = Field(default=50, ge=1, le=150)
     # Group commit (settlement.schemes.batch): send at once when no batch is in flight. JSON true/false only.
     flush_when_idle: bool = Field(default=False, strict=True)
     contract: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")

@@ -13,7 +13,7 @@ from gateway.cli.settings_errors import describe_settings_error
 from gateway.settings import Settings
 from gateway.wiring import build_batching_facilitator
 from settlement.chain.client import JsonRpcChain
-from settlement.schemes.batch import BatchPolicy
+from settlement.schemes.batch import BATCH_BASE_GAS, BATCH_ITEM_GAS, BatchPolicy
 from settlement.schemes.exact_local import LocalFacilitator
 from tests.gateway.cli.test_serve_settings import LIVE, refused
 
@@ -50,3 +50,13 @@ def test_serve_refuses_a_flush_when_idle_that_is_not_a_boolean(tmp_path: Path) -
     batch = json.dumps({NETWORK: {"flush_when_idle": "sometimes"}})
     output = refused(tmp_path, "invalid_setting", **LIVE, X402GW_BATCH_SETTLEMENT=batch)
     assert "flush_when_idle" in output and "sometimes" not in output
+
+
+def test_the_largest_batch_fits_under_the_per_transaction_gas_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIP-7825 caps a transaction at 2**24 gas: the most items a batch may hold must fit, at the gas
+    the batcher asks per item; one more is a settings error, not a batch every chain refuses."""
+    assert policies(monkeypatch, {"max_payments": 150})[NETWORK].max_payments == 150
+    assert BATCH_BASE_GAS + BATCH_ITEM_GAS * 150 <= 2**24
+    monkeypatch.setenv("X402GW_BATCH_SETTLEMENT", json.dumps({NETWORK: {"contract": CONTRACT, "max_payments": 151}}))
+    with pytest.raises(ValidationError):
+        Settings()
