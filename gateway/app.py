@@ -268,6 +268,7 @@ def create_app(
         public_url=settings.public_url, max_body_bytes=settings.max_body_bytes,
         max_upstream_response_bytes=settings.max_upstream_response_bytes,
         challenge_body_version=1 if settings.challenge_body == "v1" else 2,
+        identifier_required=settings.payment_identifier == "required",
         store=store, refunder=refunder, audit=audit, safety=safety,
         lock_ttl_ms=lock_ttl_ms(settings, catalogs, bridge, wiring, facilitator), bridge=bridge,
         wallets=wiring.wallets, receipts=receipts,

@@ -111,6 +111,7 @@ PAYMENT_HEADER_NOT_OBJECT: Final = "payment_header_not_object"
 PAYMENT_ALREADY_SETTLED: Final = "payment_already_settled"
 PAYMENT_IDENTIFIER_CONFLICT: Final = "payment_identifier_conflict"
 PAYMENT_IDENTIFIER_REQUIRED: Final = "payment_identifier_required"
+PAYMENT_IDENTIFIER_MISSING: Final = "payment_identifier_missing"
 PAYMENT_IN_FLIGHT: Final = "payment_in_flight"
 SETTLEMENT_PENDING: Final = "settlement_pending"
 SETTLEMENT_UNKNOWN: Final = "settlement_unknown"
@@ -221,6 +222,8 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(PAYMENT_IDENTIFIER_CONFLICT, 409, "new_payment"),
     # a resend of a payment first sent with a payment-identifier, without that id: no answer
     Refusal(PAYMENT_IDENTIFIER_REQUIRED, 409, "none"),
+    # X402GW_PAYMENT_IDENTIFIER=required: a payment without one is refused before anything is spent
+    Refusal(PAYMENT_IDENTIFIER_MISSING, 402, "pay"),
     Refusal(PAYMENT_IN_FLIGHT, 409, "retry", same_payment=True),
     Refusal(SETTLEMENT_PENDING, 503, "retry", same_payment=True),
     Refusal(SETTLEMENT_UNKNOWN, 503, "retry", same_payment=True),

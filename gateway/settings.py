@@ -295,6 +295,12 @@ class Settings(BaseSettings):
     # Body of an unpaid 402: "v2" (the same JSON as PAYMENT-REQUIRED) or "v1" for fleets of old v1
     # clients that read only the body. The PAYMENT-REQUIRED header is v2 either way.
     challenge_body: Literal["v2", "v1"] = "v2"
+    # The x402 payment-identifier extension (an idempotency id the client picks; it is on no chain):
+    # "optional" (default) advertises it; "required" declares it required and refuses a payment
+    # without one (402 payment_identifier_missing) before anything is spent. A settled payment's signed
+    # payload is public (the transaction's calldata); one sent with an id replays its stored answer
+    # only to that id, so "required" keeps every answer to its payer. Clients must send an id.
+    payment_identifier: Literal["optional", "required"] = "optional"
 
     # Shared state (in-flight locks, idempotency, rate limits, budgets): memory for one process,
     # Redis for several replicas. Keys are prefixed so deployments can share a server.

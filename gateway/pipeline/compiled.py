@@ -77,6 +77,8 @@ class CompiledTool:
     priced: dict[tuple[int, ...], Offer] = field(default_factory=dict, repr=False)
     # Arguments (as canonical JSON) that passed ``validator``, the latest kept (stage ``arguments``).
     valid_arguments: dict[str, None] = field(default_factory=dict, repr=False)
+    # Offers declare the payment-identifier extension required (X402GW_PAYMENT_IDENTIFIER=required).
+    identifier_required: bool = field(default=False, kw_only=True)
 
     @cached_property
     def offer(self) -> Offer:
@@ -84,7 +86,8 @@ class CompiledTool:
         if tool.usage is not None:
             requirements = _charged_by_usage(requirements, tool.usage)
         alternatives = [requirements(offer.terms, offer.price_atomic) for offer in tool.alternatives]
-        return Offer.for_tool(tool, requirements(tool.payment, tool.price_atomic), alternatives)
+        return Offer.for_tool(tool, requirements(tool.payment, tool.price_atomic), alternatives,
+                              identifier_required=self.identifier_required)
 
     def offer_for(self, arguments: Mapping[str, Any]) -> Offer:
         """The offer of a call with these arguments: ``offer``, or for a tool priced by a rule
@@ -107,7 +110,8 @@ class CompiledTool:
             })
             requirements = self.scheme_requirements
             offer = Offer.for_tool(priced, requirements(priced.payment, first),
-                                   [requirements(o.terms, a) for o, a in zip(priced.alternatives, others, strict=True)])
+                                   [requirements(o.terms, a) for o, a in zip(priced.alternatives, others, strict=True)],
+                                   identifier_required=self.identifier_required)
             if len(self.priced) >= MAX_PRICED_OFFERS:
                 del self.priced[next(iter(self.priced))]  # the oldest
             self.priced[amounts] = offer

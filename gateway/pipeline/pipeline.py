@@ -55,6 +55,7 @@ class Pipeline:
         wallets: WalletSignatures | None = None,
         receipts: ReceiptSigner | None = None,
         tracing: Tracing | None = None,
+        identifier_required: bool = False,
     ) -> None:
         """Every seam of the request path, one assignment each with its why, then the chain built
         from them. Longer than the ~60-line rule on purpose: splitting a list of seams hides none."""
@@ -62,7 +63,9 @@ class Pipeline:
         self.router = Router(catalogs.tools)
         validators: dict[str, Draft202012Validator] = {}
         self.tools: dict[str, CompiledTool] = {
-            tool.name: CompiledTool(tool, validators, schemes.requirements) for tool in catalogs.tools
+            # identifier_required: every offer declares the payment-identifier extension required
+            tool.name: CompiledTool(tool, validators, schemes.requirements, identifier_required=identifier_required)
+            for tool in catalogs.tools
         }
         self.schemes = schemes  # verify, settle, resolve: by the requirements' scheme and network
         self.ledger = ledger

@@ -36,6 +36,8 @@ BINDING_KEY = "requestBinding"
 
 # The x402 payment-identifier extension, advertised in every offer: a client may send an id that
 # makes its retries idempotent (same id + same request → the stored answer, no second charge).
+# ``required`` (X402GW_PAYMENT_IDENTIFIER=required): every payment must carry one, so every stored
+# answer replays only to its payer's own id, never to a payload rebuilt from the chain.
 PAYMENT_IDENTIFIER = "payment-identifier"
 PAYMENT_IDENTIFIER_EXTENSION: dict[str, Any] = {
     "info": {"required": False},
@@ -49,6 +51,7 @@ PAYMENT_IDENTIFIER_EXTENSION: dict[str, Any] = {
         "required": ["required"],
     },
 }
+PAYMENT_IDENTIFIER_REQUIRED_EXTENSION: dict[str, Any] = {**PAYMENT_IDENTIFIER_EXTENSION, "info": {"required": True}}
 
 
 MAX_RESOURCE_URL = 2048  # ResourceInfo.url's limit: longer ones take the validating path
@@ -75,17 +78,19 @@ class Offer:
     @classmethod
     def for_tool(
         cls, tool: Tool, requirements: PaymentRequirements | None = None,
-        alternatives: Sequence[PaymentRequirements] | None = None,
+        alternatives: Sequence[PaymentRequirements] | None = None, *, identifier_required: bool = False,
     ) -> Offer:
         """``requirements`` (and ``alternatives``, one per ``tool.alternatives``): what the tool's
-        scheme asks for each offer (``Schemes.requirements``); exact's by default."""
+        scheme asks for each offer (``Schemes.requirements``); exact's by default.
+        ``identifier_required``: the payment-identifier extension is declared required."""
         if requirements is None:
             requirements = exact_requirements(tool.payment, tool.price_atomic)
         if alternatives is None:
             alternatives = [exact_requirements(o.terms, o.price_atomic) for o in tool.alternatives]
         if len(alternatives) != len(tool.alternatives):
             raise ValueError(f"{tool.name} has {len(tool.alternatives)} further offers, got {len(alternatives)} requirements")
-        extensions = {PAYMENT_IDENTIFIER: PAYMENT_IDENTIFIER_EXTENSION, BAZAAR: bazaar_extension(tool)}
+        identifier = PAYMENT_IDENTIFIER_REQUIRED_EXTENSION if identifier_required else PAYMENT_IDENTIFIER_EXTENSION
+        extensions = {PAYMENT_IDENTIFIER: identifier, BAZAAR: bazaar_extension(tool)}
         return cls(tool=tool, requirements=requirements, extensions=extensions, alternatives=tuple(alternatives))
 
     def __post_init__(self) -> None:
@@ -93,6 +98,11 @@ class Offer:
         template = payment_required(self, self.requirements, "", "").to_wire()
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_tools", (self.tool, *(self.tool.paid_with(o) for o in self.tool.alternatives)))
+
+    @property
+    def identifier_required(self) -> bool:
+        """Every payment must carry a payment-identifier (the extension is declared required)."""
+        return self.extensions.get(PAYMENT_IDENTIFIER) is PAYMENT_IDENTIFIER_REQUIRED_EXTENSION
 
     @property
     def options(self) -> tuple[PaymentRequirements, ...]:

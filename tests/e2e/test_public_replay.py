@@ -15,7 +15,7 @@ from web3 import Web3
 
 from gateway.devkit.payer import Payer
 from settlement.x402.codec import decode_header_json, encode_header
-from tests.conftest import PAY_TO, Devchain, RunningGateway, offer_of, upstream_hits
+from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of, upstream_hits
 
 PAYER = 5
 PATH = "/quotes/PUBRP"
@@ -71,3 +71,40 @@ def test_a_payload_rebuilt_from_the_chain_gets_no_answer_without_the_payers_iden
     assert upstream_hits(upstream, "GET /api/v1/quote/PUBRP") == 1
     rows = [r for r in gateway.ledger.all() if r.tool == "get_quote" and r.payment_identifier == identifier]
     assert len(rows) == 1 and rows[0].tx_hash == tx_hash
+
+
+def test_with_payment_identifiers_required_no_stored_answer_is_left_to_a_rebuilt_payload(
+    start_gateway: GatewayFactory, devchain: Devchain, upstream: str
+) -> None:
+    """X402GW_PAYMENT_IDENTIFIER=required: the offer declares the extension required, a payment
+    without an id is refused before anything is spent (and may then be sent again with one), so
+    every settled payment has an id and a payload rebuilt from its transaction replays nothing."""
+    gateway = start_gateway(payment_identifier="required")
+    path, identifier = "/quotes/PIDRQ", f"pid-{uuid.uuid4().hex}"
+    balance = devchain.balance(PAY_TO)
+    with gateway.client() as client:
+        challenge = client.get(path)
+        offer = offer_of(challenge)
+        assert offer.extensions is not None and offer.extensions["payment-identifier"]["info"] == {"required": True}
+        assert challenge.json()["extensions"]["payment-identifier"]["info"] == {"required": True}  # the body too
+        signed = Payer(devchain.key(PAYER)).sign(offer.accepts[0], resource=offer.resource).to_wire()
+
+        missing = client.get(path, headers={"PAYMENT-SIGNATURE": encode_header(with_identifier(dict(signed), None))})
+        assert missing.status_code == 402 and missing.json()["error"] == "payment_identifier_missing"
+        assert "payment-required" in missing.headers  # the offer again, to pay with an id
+        assert devchain.balance(PAY_TO) == balance and upstream_hits(upstream, "GET /api/v1/quote/PIDRQ") == 0
+        assert not [r for r in gateway.ledger.all() if r.path == path]  # nothing recorded, nothing spent
+
+        # the very same authorization, now with an id: paid and served
+        paid = client.get(path, headers={"PAYMENT-SIGNATURE": encode_header(with_identifier(dict(signed), identifier))})
+        assert paid.status_code == 200, paid.text
+        tx_hash = decode_header_json(paid.headers["payment-response"])["transaction"]
+        forged = rebuilt_from_chain(devchain, tx_hash, client.get(path))
+        attempt = client.get(path, headers={"PAYMENT-SIGNATURE": encode_header(forged)})
+        assert attempt.status_code == 402 and attempt.json()["error"] == "payment_identifier_missing"
+        assert paid.content not in attempt.content and "x402gw-replay" not in attempt.headers
+        assert "payment-response" not in attempt.headers and "x402gw-receipt" not in attempt.headers
+    assert devchain.balance(PAY_TO) == balance + int(offer.accepts[0].amount)  # charged once
+    assert upstream_hits(upstream, "GET /api/v1/quote/PIDRQ") == 1
+    rows = [r for r in gateway.ledger.all() if r.path == path]
+    assert len(rows) == 1 and rows[0].payment_identifier == identifier and rows[0].tx_hash == tx_hash

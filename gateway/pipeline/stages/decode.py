@@ -83,6 +83,13 @@ class DecodeAndBind:
         except PaymentDecodeError as exc:
             raise GatewayError(exc.code, exc.message) from None
         identifier = payment_identifier(payload)
+        if identifier is None and quote.offer.identifier_required:
+            raise PaymentChallenge(
+                quote, codes.PAYMENT_IDENTIFIER_MISSING,
+                "this gateway requires a payment-identifier with every payment (x402 extension "
+                "payment-identifier, extensions.payment-identifier.info.id): send this payment again with one; "
+                "nothing was spent",
+            )
         principal = ctx.user.principal if ctx.user is not None else None  # a user-scoped tool's user
         fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal)
         signer = self._signer(quote.requirements, payload, exact)
