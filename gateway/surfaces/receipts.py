@@ -56,6 +56,7 @@ MAX_SKEW_SECONDS = 300
 DEV_RECEIPT_KEY = ANVIL_KEYS[8]
 _DEV_KEYS = frozenset(key.lower().removeprefix("0x") for key in ANVIL_KEYS)
 _TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
+_PAYMENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() takes other scripts' digits
 
 
 def receipt_signer(settings: Settings, networks: Iterable[str]) -> ReceiptSigner | None:
@@ -113,13 +114,15 @@ class ReceiptEndpoint:
         raw_id = request.path_params["payment_id"]
         if _TX_HASH.fullmatch(raw_id):
             return await self._by_transaction(request, self.signer, raw_id)
-        if not raw_id.isdigit() or len(raw_id) > 18:
+        if not _PAYMENT_ID.fullmatch(raw_id):
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this payment id")
-        wallet, timestamp = await self._authenticate(request, self.signer.address, int(raw_id))
-        row = await self.ledger.run(self.ledger.get, int(raw_id))
+        payment_id = int(raw_id)
+        wallet, timestamp = await self._authenticate(request, self.signer.address, payment_id)
+        row = await self.ledger.run(self.ledger.get, payment_id)
         if row is None or row.payer.lower() != wallet.lower():
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this payment id")
-        await self._once(wallet, raw_id, timestamp)
+        # Keyed on the id as signed (12), not as spelled in the path (012): one signed request, once.
+        await self._once(wallet, str(payment_id), timestamp)
         if row.state != PaymentState.SETTLED or not row.tx_hash:
             raise GatewayError(codes.RECEIPT_NOT_SETTLED, f"this payment is {row.state}: only a settled payment has a receipt",
                                paymentId=row.id)

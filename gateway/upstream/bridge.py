@@ -269,6 +269,8 @@ class Bridge:
         response = _strip_headers(response)
         if response.status >= 400:
             return self._rest_error(response, credentials)
+        if credentials.secrets:
+            response = replace(response, headers=credentials.redact_headers(response.headers))
         if isinstance(response, StreamedResponse):
             return redacted_stream(response, credentials) if credentials.secrets else response
         if route.rules:
@@ -401,7 +403,7 @@ class Bridge:
 def redacted_stream(response: StreamedResponse, credentials: Credentials) -> StreamedResponse:
     """A stream with the upstream's credentials redacted, across chunk boundaries too: the last
     ``longest secret - 1`` bytes of each chunk wait for the next one (or the end)."""
-    keep = max(len(secret.encode()) for secret in credentials.secrets) - 1
+    keep = max(len(secret.encode()) for secret in credentials.forms) - 1
 
     async def chunks() -> AsyncIterator[bytes]:
         tail = b""

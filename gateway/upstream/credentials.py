@@ -9,9 +9,11 @@ gateway is about to show: an upstream that echoes the key in its error does not 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from catalog.bridge import BasicAuth, BearerAuth, HeaderAuth
@@ -38,15 +40,30 @@ class Credentials:
     def __repr__(self) -> str:  # a stray log of this object shows header names only
         return f"Credentials(headers={sorted(self.headers)})"
 
-    def redact(self, text: str) -> str:
+    @cached_property
+    def forms(self) -> tuple[str, ...]:
+        """Every secret as written, and as a JSON encoder writes it inside a string (``\\/`` for
+        ``/`` too, as PHP's does): an upstream echoing the key in its JSON does not leak it."""
+        found: dict[str, None] = {}
         for secret in self.secrets:
+            escaped = json.dumps(secret)[1:-1]
+            found.update(dict.fromkeys((secret, escaped, escaped.replace("/", "\\/"))))
+        return tuple(sorted(found, key=len, reverse=True))
+
+    def redact(self, text: str) -> str:
+        for secret in self.forms:
             text = text.replace(secret, REDACTED)
         return text
 
     def redact_bytes(self, data: bytes) -> bytes:
-        for secret in self.secrets:
+        for secret in self.forms:
             data = data.replace(secret.encode(), REDACTED.encode())
         return data
+
+    def redact_headers(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Header values with every secret redacted: an upstream echoing its key in a header of
+        its answer (a debug header, ``WWW-Authenticate``) does not hand it to the agent."""
+        return [(name, self.redact(value)) for name, value in headers] if self.secrets else headers
 
 
 def _read(kind: str, name: str, environ: Mapping[str, str], where: str) -> str:

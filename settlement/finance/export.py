@@ -220,12 +220,25 @@ def _channel_fields(payload: str | None, tx_hash: str | None, state: str) -> dic
         return _NO_CHANNEL
 
 
+# A cell a spreadsheet would read as a formula (OWASP "CSV injection"): error_reason can come from a
+# remote facilitator. Such a cell is written as text, behind a ' (JSON lines and Parquet keep the value).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def write_csv(rows: Iterator[dict[str, Any]], out: IO[str], tick: Callable[[int], None]) -> int:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     n = 0
     for row in rows:
-        writer.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+        writer.writerow([csv_cell(row[c]) for c in COLUMNS])
         n += 1
         if n % 1000 == 0:
             tick(1000)

@@ -304,8 +304,9 @@ async def _reconcile_token(
 def _match_upto(report: Report, rows: list[Payment], plain: list[ChainTransfer]) -> None:
     """Settled ``upto`` rows against the plain transfers of their own settlement transactions."""
     by_tx = {(t.tx_hash, t.payer, t.pay_to): t for t in plain}
-    for row in rows:
-        t = by_tx.get(((row.tx_hash or "").lower(), row.payer.lower(), row.pay_to.lower()))
+    for row in sorted(rows, key=lambda r: r.id):
+        # Each transfer pays for one row: a second row naming the same transaction is missing on chain.
+        t = by_tx.pop(((row.tx_hash or "").lower(), row.payer.lower(), row.pay_to.lower()), None)
         if t is None:
             report.missing_on_chain.append(_row_json(row))
             continue

@@ -193,8 +193,17 @@ class PayingAgent:
                 receipt = SettleResponse.model_validate(decode_header_json(paid.headers["payment-response"]))
             except (PaymentDecodeError, ValidationError, ValueError):
                 receipt = None  # a malformed receipt is no receipt; the payment stays counted
+        if receipt is not None and not _receipt_fits(receipt, record, self.payer.address):
+            receipt = None  # another network's, payer's or amount's receipt (a public fact) is no receipt
         record.receipt = receipt
         return CallResult(method, url, paid.status_code, record.amount, receipt, body_of(paid), record)
+
+
+def _receipt_fits(receipt: SettleResponse, record: SignedPayment, payer: str) -> bool:
+    """Whether a receipt can be this payment's: its network, and the payer and amount where it names them."""
+    if receipt.network != record.network or (receipt.payer is not None and receipt.payer.lower() != payer.lower()):
+        return False
+    return receipt.amount is None or receipt.amount == str(record.amount)
 
 
 def body_of(response: httpx.Response) -> Any:

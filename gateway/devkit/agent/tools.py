@@ -120,6 +120,7 @@ async def call_tool(
     if request.body:
         headers["content-type"] = "application/json"
     if user_token is not None and tool.user_auth:
+        _same_origin(client, tool)  # the user's token goes to the gateway it was meant for, nowhere else
         headers["authorization"] = f"Bearer {user_token}"
     kwargs: dict[str, Any] = {"headers": headers} if headers else {}
     if request.body:
@@ -127,3 +128,21 @@ async def call_tool(
     return await agent.call(
         client, request.method, request.target, expect_pay_to=tool.pay_to, expect_max_amount=tool.price_atomic, **kwargs
     )
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host.lower(), url.port
+
+
+def _same_origin(client: httpx.AsyncClient, tool: DiscoveredTool) -> None:
+    """A gateway's ``/tools`` says where each tool is; a lying one could name another host and
+    collect the end user's access token. The token is sent only to the origin the agent was told
+    to use (``--gateway``): a tool listed elsewhere is refused before any request."""
+    target = httpx.URL(tool.url.replace("{", "%7B").replace("}", "%7D"))
+    if target.is_relative_url:
+        return
+    if _origin(target) != _origin(client.base_url):
+        raise UntrustedOffer(
+            f"the gateway lists {tool.name} at {target.scheme}://{target.host}, not at {client.base_url.scheme}://"
+            f"{client.base_url.host}: the user's access token is sent only to the gateway the agent was given"
+        )
