@@ -80,6 +80,13 @@ class MemoryStore:
         del self._values[key]
         return True
 
+    async def extend(self, key: str, owner: str, ttl_ms: int) -> bool:
+        check_ttl(ttl_ms)
+        if self._live(key) != owner.encode():
+            return False
+        self._set(key, owner.encode(), ttl_ms)
+        return True
+
     async def holder(self, key: str) -> str | None:
         value = self._live(key)
         return None if value is None else value.decode()

@@ -47,6 +47,13 @@ end
 return 0
 """
 
+_EXTEND_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 # KEYS[1] bucket hash {tokens, ts}; ARGV rate, burst, cost, idle_ms.
 # Returns {allowed, tokens, retry_after}; floats as strings, since Lua numbers reply as integers.
 _TAKE_TOKEN_LUA = """
@@ -176,6 +183,7 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._release = self._redis.register_script(_RELEASE_LUA)
+        self._extend = self._redis.register_script(_EXTEND_LUA)
         self._take_token = self._redis.register_script(_TAKE_TOKEN_LUA)
         self._reserve_budget = self._redis.register_script(_RESERVE_BUDGET_LUA)
         self._release_budget = self._redis.register_script(_RELEASE_BUDGET_LUA)
@@ -191,6 +199,11 @@ class RedisStore:
     async def release(self, key: str, owner: str) -> bool:
         with _unavailable_on_redis_errors():
             return bool(await self._release(keys=[self._key(key)], args=[owner + self._owner_tag]))
+
+    async def extend(self, key: str, owner: str, ttl_ms: int) -> bool:
+        check_ttl(ttl_ms)
+        with _unavailable_on_redis_errors():
+            return bool(await self._extend(keys=[self._key(key)], args=[owner + self._owner_tag, ttl_ms]))
 
     async def holder(self, key: str) -> str | None:
         value = await self.get(key)

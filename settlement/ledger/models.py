@@ -57,6 +57,7 @@ class PaymentState(enum.StrEnum):
 
 
 OPEN_STATES = (PaymentState.SETTLING, PaymentState.PENDING)
+REASON_LENGTH = 128  # error_reason: longer ones (a remote facilitator's) are cut to fit, not refused
 
 
 class AtomicAmount(TypeDecorator[int]):
@@ -110,7 +111,7 @@ class Payment(Base):
     valid_before: Mapped[int] = mapped_column(BigInteger)
     authorization: Mapped[str] = mapped_column(Text)  # signed authorization JSON: what a reconcile re-checks
     state: Mapped[str] = mapped_column(String(16), index=True)
-    error_reason: Mapped[str | None] = mapped_column(String(128), default=None)
+    error_reason: Mapped[str | None] = mapped_column(String(REASON_LENGTH), default=None)
     upstream_status: Mapped[int | None] = mapped_column(Integer, default=None)
     tx_hash: Mapped[str | None] = mapped_column(String(66), default=None, index=True)
     block_number: Mapped[int | None] = mapped_column(BigInteger, default=None)

@@ -56,6 +56,7 @@ from settlement.ledger.group_commit import GroupCommitWorker, atomic_alone
 from settlement.ledger.models import (
     LEDGER_THREADS,
     Payment,
+    REASON_LENGTH,
     PaymentState,
     StoredResponse,
     create_ledger_engine,
@@ -208,12 +209,13 @@ class Ledger(LedgerReads):
 
     def begin_settlement(
         self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes] | None,
-        tx_hash: str | None = None, amount: int | None = None,
+        tx_hash: str | None = None, amount: int | None = None, request_id: str | None = None,
     ) -> None:
         """Write-ahead: the row goes to ``settling`` and the answer being bought is stored, in one
         transaction, before any transaction is broadcast (with its hash, when it is known).
         ``amount``: what is being settled when it is only known now (an ``upto`` charge counted
-        from the answer), so a restart reconciles the very amount that was sent."""
+        from the answer), so a restart reconciles the very amount that was sent. ``request_id``: only
+        the request that owns the row (``take_over`` hands a dead one's row to its successor)."""
         values: dict[str, Any] = {"state": PaymentState.SETTLING.value}
         if tx_hash is not None:
             values["tx_hash"] = tx_hash
@@ -222,9 +224,21 @@ class Ledger(LedgerReads):
         if response is not None:
             values["upstream_status"] = response[0]
         with self._connection() as connection:
-            _transition(self._hot, connection, payment_id, FROM_BEGIN_SETTLEMENT, values, "begin_settlement")
+            _transition(self._hot, connection, payment_id, FROM_BEGIN_SETTLEMENT, values, "begin_settlement",
+                        owner=request_id)
             if response is not None:
                 self._put_stored(connection, payment_id, response)
+
+    @atomic_alone
+    def take_over(self, payment_id: int, previous: str, fields: Mapping[str, Any]) -> bool:
+        """A ``verified`` row still owned by request ``previous`` (dead, or its lock lost) now
+        describes the request in ``fields``; only that one may settle it. False: it moved on."""
+        values = {**fields, "updated_at": utcnow()}
+        with self._connection(one_statement=True) as connection:
+            return bool(connection.execute(update(_PAYMENTS).where(
+                _PAYMENTS.c.id == payment_id, _PAYMENTS.c.state == PaymentState.VERIFIED.value,
+                _PAYMENTS.c.request_id == previous,
+            ).values(**values)).rowcount)
 
     def store_response(self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes]) -> None:
         """The answer a payment bought, replacing any stored before (an upfront call, a stream)."""
@@ -243,6 +257,8 @@ class Ledger(LedgerReads):
 
     def _move(self, name: str, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any]) -> None:
         values = {key: value for key, value in values.items() if value is not KEEP}
+        if isinstance(values.get("error_reason"), str):  # may be a remote facilitator's: fit the column
+            values["error_reason"] = values["error_reason"][:REASON_LENGTH]
         subscriptions = self.subscriptions
         with self._connection(one_statement=subscriptions is None or name not in EVENT_OF) as connection:
             if subscriptions is None or name not in EVENT_OF:
@@ -343,6 +359,8 @@ _TRANSITIONS = {
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
 _STATE_FOR_UPDATE = _STATE_OF.with_for_update()
+# begin_settlement by the request that owns the row (the guard is part of the one UPDATE: no extra read)
+_BEGIN_OWNED = _TRANSITIONS[FROM_BEGIN_SETTLEMENT].where(_PAYMENTS.c.request_id == bindparam("owning_request"))
 _DELETE_STORED = delete(_STORED).where(_STORED.c.payment_id == bindparam("pid"))
 _INSERT_STORED = insert(_STORED)
 
@@ -360,21 +378,27 @@ for _column in _PAYMENTS.c:
 
 def _transition(
     hot: HotStatements, connection: Connection, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any],
-    name: str,
+    name: str, owner: str | None = None,
 ) -> None:
-    """One UPDATE of the row, only from the states in ``allowed``; otherwise nothing is written and
-    ``invalid_transition`` (or ``ledger_row_missing``) is raised."""
+    """One UPDATE of the row, only from the states in ``allowed`` (and, with ``owner``, only while
+    that request owns the row); otherwise nothing is written and ``invalid_transition`` (or
+    ``ledger_row_missing``) is raised."""
     unknown = values.keys() - _COLUMNS
     if unknown:
         raise AttributeError(f"payments has no column {sorted(unknown)[0]!r}")
     values.setdefault("updated_at", utcnow())
-    cursor = hot.get(_TRANSITIONS[allowed], values).execute(connection, {"pid": payment_id, **values})
+    statement, params = _TRANSITIONS[allowed], {"pid": payment_id, **values}
+    if owner is not None:
+        statement, params["owning_request"] = _BEGIN_OWNED, owner
+    cursor = hot.get(statement, values).execute(connection, params)
     changed = cursor.rowcount
     cursor.close()
     if changed == 0:
         state = connection.execute(_STATE_OF, {"pid": payment_id}).scalar_one_or_none()
         if state is None:
             raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
+        if state in allowed:
+            raise LedgerError(f"payment {payment_id}: taken over by another request", code="invalid_transition")
         raise LedgerError(
             f"payment {payment_id}: {name} is not allowed from state {state!r} (only from {', '.join(allowed)})",
             code="invalid_transition",

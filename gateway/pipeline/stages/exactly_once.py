@@ -90,10 +90,31 @@ async def acquire(store: StateStore, ctx: RequestContext, keys: list[str], ttl_m
             ctx.locks = (*ctx.locks, key)
     except StoreUnavailable:
         raise store_unavailable() from None
+    if ctx.locks and ctx.request_id not in _KEEPERS:
+        # Held as long as the request runs, not only for the TTL sized for it: a stream read slowly,
+        # a stalled settle or refund must never let a resend of this payment run beside it.
+        _KEEPERS[ctx.request_id] = asyncio.ensure_future(_keep(store, ctx, ttl_ms))
+
+
+_KEEPERS: dict[str, asyncio.Future[None]] = {}  # request id: the task renewing its locks until release
+
+
+async def _keep(store: StateStore, ctx: RequestContext, ttl_ms: int) -> None:
+    """Renew the request's locks every third of their TTL until ``release`` cancels this."""
+    while True:
+        await asyncio.sleep(ttl_ms / 3000)
+        try:
+            for key in ctx.locks:
+                await store.extend(key, ctx.request_id, ttl_ms)
+        except StoreUnavailable:
+            pass  # tried again at the next turn; the TTL still covers the request's planned worst case
 
 
 async def release(store: StateStore, ctx: RequestContext) -> None:
     """Give back the request's in-flight locks, last taken first; never raises."""
+    keeper = _KEEPERS.pop(ctx.request_id, None)
+    if keeper is not None:
+        keeper.cancel()
     held, ctx.locks = ctx.locks, ()
     for key in reversed(held):
         try:

@@ -201,7 +201,8 @@ class PaidStream(StreamingResponse):
         ctx.outcome = "settling"
         try:
             receipt = await settle(relay.schemes, relay.ledger, payment_id, charged, paid.payload, answer,
-                                   hook_writes_ahead=relay.schemes.writes_ahead(charged.requirements))
+                                   hook_writes_ahead=relay.schemes.writes_ahead(charged.requirements),
+                                   request_id=ctx.request_id)
         except GatewayError as err:
             ctx.reason = err.code
             return {"success": False, "error": err.code, "message": err.message, "paymentId": payment_id,

@@ -52,7 +52,7 @@ class SettleUpfront:
         with ctx.timed("settle"):
             receipt = await settle(
                 self.schemes, self.ledger, ctx.payment_id, quote, paid.payload, None,
-                hook_writes_ahead=self.schemes.writes_ahead(quote.requirements),
+                hook_writes_ahead=self.schemes.writes_ahead(quote.requirements), request_id=ctx.request_id,
             )
         settled(ctx, receipt)
         return None
@@ -82,7 +82,7 @@ class Settle:
                 receipt = await settle(
                     self.schemes, self.ledger, ctx.payment_id, quote, paid.payload,
                     (upstream.status, upstream.headers, upstream.body),
-                    hook_writes_ahead=self.schemes.writes_ahead(quote.requirements),
+                    hook_writes_ahead=self.schemes.writes_ahead(quote.requirements), request_id=ctx.request_id,
                 )
         except PaymentChallenge as refused:
             # The upstream answered but the payment could not settle (balance drained or nonce
@@ -118,9 +118,11 @@ async def settle(
     response: StoredAnswer | None = None,
     *,
     hook_writes_ahead: bool = False,
+    request_id: str | None = None,
 ) -> SettleResponse:
     """``hook_writes_ahead``: the facilitator calls ``before_send`` before it broadcasts anything
     (the local and batching ones), so the write-ahead record is made there, in one write.
+    ``request_id``: the request that recorded the row; another one that took it over settles it.
 
     Longer than the usual 60 lines on purpose: the write-ahead record, the one call to the scheme
     and its three outcomes (settled, unknown: 503, refused: 402) read as one sequence, top to bottom."""
@@ -131,10 +133,11 @@ async def settle(
     if hook_writes_ahead and charged != 0:
 
         async def before_send(tx_hash: str) -> None:
-            await ledger.run(ledger.begin_settlement, payment_id, response, tx_hash=tx_hash, amount=charged)
+            await ledger.run(ledger.begin_settlement, payment_id, response, tx_hash=tx_hash, amount=charged,
+                             request_id=request_id)
 
     else:
-        await ledger.run(ledger.begin_settlement, payment_id, response, amount=charged)
+        await ledger.run(ledger.begin_settlement, payment_id, response, amount=charged, request_id=request_id)
 
         async def before_send(tx_hash: str) -> None:
             await ledger.run(ledger.record_tx_hash, payment_id, tx_hash)

@@ -19,7 +19,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.protocol.challenge import PaymentChallenge
 from gateway.protocol.offers import Quote
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable
-from settlement.ledger import Ledger, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schemes import VALID_BEFORE_MARGIN_SECONDS
 from settlement.schemes.base import Facilitator
 from settlement.schemes.upto import UPTO, upto_charge
@@ -111,8 +111,7 @@ class Record:
         tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
         assert tool is not None and quote is not None and paid is not None and paid.verified is not None
         requirements = quote.requirements
-        row = await self.ledger.run(
-            self.ledger.record_verified,
+        fields = dict(
             request_id=ctx.request_id,
             owner=tool.owner,
             tool=tool.name,
@@ -131,6 +130,16 @@ class Record:
             fingerprint=paid.fingerprint,
             settle_mode=tool.settle,
         )
+        row = await self.ledger.run(self.ledger.record_verified, **fields)
+        if row.state == PaymentState.VERIFIED and row.request_id != ctx.request_id:
+            # Left by a request that died after recording it (we hold the payment's lock now): this
+            # request takes it over, so the row names what is bought and only this request settles it.
+            taken = await self.ledger.run(self.ledger.take_over, row.id, row.request_id, fields)
+            now_row: Payment | None = await self.ledger.run(self.ledger.get, row.id)
+            row = now_row or row
+            if not taken and row.state == PaymentState.VERIFIED:  # taken by yet another request meanwhile
+                raise GatewayError("payment_in_flight", "this payment is being processed by another request",
+                                   paymentId=row.id)
         ctx.payment_id = row.id
         paid.recorded = row
         if row.state != PaymentState.VERIFIED:
