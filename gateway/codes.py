@@ -177,8 +177,12 @@ RECEIPT_NOT_FOUND: Final = "receipt_not_found"
 RECEIPT_NOT_SETTLED: Final = "receipt_not_settled"
 RECEIPTS_DISABLED: Final = "receipts_disabled"
 
+# The request's URL (Host header, path, query) cannot name an offer's resource: malformed or too long.
+INVALID_RESOURCE_URL: Final = "invalid_resource_url"
+
 REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(NOT_FOUND, 404, "discover"),
+    Refusal(INVALID_RESOURCE_URL, 400, "fix_arguments"),
     Refusal(METHOD_NOT_ALLOWED, 405, "use_method"),
     Refusal(INVALID_ARGUMENTS, 422, "fix_arguments"),
     Refusal(INVALID_PARAMETER, 400, "fix_arguments"),

@@ -58,9 +58,12 @@ MAX_RESOURCE_URL = 2048  # ResourceInfo.url's limit: longer ones take the valida
 
 
 def request_binding(method: str, path: str, query: str) -> str:
-    """Digest of what is being bought. HEAD is bound as GET (it is answered with GET's offer)."""
+    """Digest of what is being bought. HEAD is bound as GET (it is answered with GET's offer).
+    The query's keys in any order, but a repeated key's values in theirs: ``?tag=a&tag=b`` is the
+    array ``[a, b]`` upstream, not ``[b, a]`` (a stable sort by key alone)."""
     verb = "GET" if method == "HEAD" else method
-    canonical_query = urlencode(sorted(parse_qsl(query, keep_blank_values=True))) if query else ""
+    pairs = parse_qsl(query, keep_blank_values=True) if query else []
+    canonical_query = urlencode(sorted(pairs, key=lambda pair: pair[0])) if query else ""
     return hashlib.sha256(f"{verb} {path}?{canonical_query}".encode()).hexdigest()[:32]
 
 

@@ -10,6 +10,8 @@ The unpaid fast path keeps the 402 ``challenge`` renders and hands it back throu
 
 from __future__ import annotations
 
+import re
+
 from starlette.responses import Response
 
 from catalog import format_amount
@@ -20,11 +22,13 @@ from gateway.headers import PAYMENT_SIGNATURE, X_PAYMENT, lower
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.stages.reaccess import signs_in
 from gateway.protocol.challenge import PaymentChallenge
-from gateway.protocol.offers import Quote, request_binding
+from gateway.protocol.offers import MAX_RESOURCE_URL, Quote, request_binding
 from settlement.x402.wire import PaymentRequirements
 
 __all__ = ["Challenge", "OfferStage", "challenge_issued"]
 
+# A Host header as an offer's resource URL may carry it: a DNS name or IPv4, or an [IPv6], and a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 _PAYMENT_SIGNATURE = lower(PAYMENT_SIGNATURE)
 _X_PAYMENT = lower(X_PAYMENT)
 
@@ -44,8 +48,7 @@ class OfferStage:
         header = headers.get(_PAYMENT_SIGNATURE)
         header_v1 = headers.get(_X_PAYMENT) if header is None else None
         version = 1 if header_v1 is not None else (2 if header is not None else self.challenge_body_version)
-        base = self.public_url or str(request.base_url).rstrip("/")
-        resource_url = f"{base}{ctx.path}?{ctx.query}" if ctx.query else f"{base}{ctx.path}"
+        resource_url = self._resource_url(ctx)
         try:  # a tool priced by a rule: the price of these arguments, before any 402
             offer = compiled.offer_for(ctx.arguments)
         except PriceRuleError as exc:
@@ -56,6 +59,25 @@ class OfferStage:
         ctx.quote = Quote(offer, offer.bound(binding), resource_url, version, binding)
         ctx.paying = (header is not None or header_v1 is not None) and ctx.method != "HEAD"
         return None
+
+    def _resource_url(self, ctx: RequestContext) -> str:
+        """This request's URL as its offer names it: on the public URL when one is set, else on the
+        request's Host, which must be a plain host[:port] (no path, query, userinfo or fragment to
+        smuggle into the offer). Refused (400, never a 5xx) when malformed or longer than an
+        offer's resource may be."""
+        request = ctx.request
+        assert request is not None
+        if self.public_url is None:
+            host = request.headers.get("host")
+            if host is not None and not _HOST.fullmatch(host):
+                raise GatewayError(codes.INVALID_RESOURCE_URL, "the Host header is not a plain host[:port]")
+        base = self.public_url or str(request.base_url).rstrip("/")
+        resource_url = f"{base}{ctx.path}?{ctx.query}" if ctx.query else f"{base}{ctx.path}"
+        if len(resource_url) > MAX_RESOURCE_URL:
+            raise GatewayError(codes.INVALID_RESOURCE_URL, f"this request's URL is longer than the {MAX_RESOURCE_URL} "
+                               "characters an offer's resource may name; shorten its Host, path or query",
+                               limit=MAX_RESOURCE_URL)
+        return resource_url
 
 
 class Challenge:
