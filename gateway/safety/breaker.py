@@ -67,6 +67,9 @@ class Breakers:
         # The state this process last saw of each breaker, for a synchronous dashboard.
         self._seen: dict[str, str] = {}
         self._until: dict[str, float] = {}
+        # Upstreams this process counted a failure of since their last success: a success resets the
+        # count, so a griefer's free failing calls (voided, never charged) must come in an unbroken run.
+        self._failing: set[str] = set()
         # Told when this process opens a breaker (upstream key, open until): the webhooks' breaker.opened.
         self.on_open: Callable[[str, float], Awaitable[None]] | None = None
 
@@ -137,7 +140,11 @@ class Breakers:
             await self.release(ticket)
             return
         if ok:
+            if upstream in self._failing:  # a success between failures: they were not an outage
+                self._failing.discard(upstream)
+                await self._reset_failures(upstream, config)
             return
+        self._failing.add(upstream)
         counted = await self.store.reserve_budget(
             self._key(upstream, "failures"), 1, config.failures - 1, config.window_seconds
         )

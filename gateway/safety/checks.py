@@ -8,7 +8,7 @@ Checks run in this order; each either returns (continue) or raises a ``GatewayEr
           ─▶ circuit breaker (503 upstream_circuit_open) ─▶ rate limit per client (429, every request)
           ─▶ [unpaid] 402
           ─▶ [paid] decode/bind ─▶ signature recovered offline (402) ─▶ payer allow/deny (403 payer_denied)
-          ─▶ rate limits per payer, per tool (429) ─▶ verify ─▶ budgets (403 budget_exceeded)
+          ─▶ rate limit per payer (429) ─▶ verify ─▶ per tool (429) ─▶ budgets (403 budget_exceeded)
 
 Nothing is keyed on a payment's claimed ``from`` before its signature recovered to it: a junk
 header naming a victim spends only its own client's tokens, never the victim's or the tool's.
@@ -290,21 +290,27 @@ class Safety:
 
     # -- with a payment ----------------------------------------------------------------------------
 
-    async def before_verify(self, ctx: RequestContext, tool: Tool, payer: str) -> None:
+    async def before_verify(self, ctx: RequestContext, tool: Tool, payer: str, *, per_tool: bool = True) -> None:
         """Payer lists and rate limits. ``payer`` is the signer recovered offline (the signature is
         valid for this offer), not yet checked against the chain: good enough to refuse or to slow
-        down, never to spend against (budgets wait for verify)."""
+        down, never to spend against (budgets wait for verify). ``per_tool`` False: the tool's
+        tokens are taken after verify (``per_tool``): unfunded fresh keys must not drain them."""
         with self._verdict(ctx, "before_verify"):
-            await self._before_verify(ctx, tool, payer)
+            await self._before_verify(ctx, tool, payer, per_tool)
 
-    async def _before_verify(self, ctx: RequestContext, tool: Tool, payer: str) -> None:
+    async def per_tool(self, ctx: RequestContext, tool: Tool) -> None:
+        with self._verdict(ctx, "per_tool"):
+            await self._take(tool, "per_tool", tool.name)
+
+    async def _before_verify(self, ctx: RequestContext, tool: Tool, payer: str, per_tool: bool = True) -> None:
         view = ctx.safety.view if isinstance(ctx.safety, Held) and ctx.safety.view else await self.policy.current()
         reason = view.payer_refused(payer)
         if reason is not None:
             raise GatewayError(codes.PAYER_DENIED, f"payments from {payer} are not accepted: {reason}",
                                status=403, retryable=False)
         await self._take(tool, "per_payer", payer)
-        await self._take(tool, "per_tool", tool.name)
+        if per_tool:
+            await self._take(tool, "per_tool", tool.name)
 
     async def _take(self, tool: Tool, name: str, subject: str) -> None:
         for rule in self._rates[tool.name]:

@@ -56,7 +56,8 @@ class PayerChecks:
 
     async def __call__(self, ctx: RequestContext) -> Response | None:
         assert ctx.tool is not None and ctx.paid is not None
-        await self.safety.before_verify(ctx, ctx.tool, ctx.paid.signer)
+        # The tool's tokens wait for verify (``Reserve``): a fresh unfunded key must not spend them.
+        await self.safety.before_verify(ctx, ctx.tool, ctx.paid.signer, per_tool=False)
         return None
 
 
@@ -70,5 +71,6 @@ class Reserve:
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
         assert tool is not None and quote is not None and paid is not None
+        await self.safety.per_tool(ctx, tool)  # after verify: only funded payments spend the tool's tokens
         await self.safety.reserve(ctx, tool, ctx.payer or paid.signer, int(quote.requirements.amount))
         return None
