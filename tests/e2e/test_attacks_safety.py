@@ -163,3 +163,32 @@ def test_a_payer_denied_through_the_admin_api_is_refused_on_every_route_and_neve
     assert upstream_hits(upstream, "GET /reports/44") == 0 and upstream_hits(upstream, "GET /api/v1/quote/DNY") == 1
     assert [r.payer for r in gateway.ledger.all()] == [devchain.address(VICTIM)]
     assert devchain.balance(PAY_TO) - before == 2000
+
+
+def test_sign_ins_of_fresh_keys_spend_none_of_a_tools_rate_limit(
+    tmp_path: Path, devchain: Devchain, upstream: str
+) -> None:
+    """A sign-in proves only a key: one that paid nothing is refused (reaccess_not_paid) before it
+    takes any of the tool's tokens, so fresh keys cannot lock paying customers out."""
+    from tests.e2e.test_siwx_reaccess import free_port, reaccess_settings, serving, sign_in_challenge
+    from tests.e2e.test_siwx_reaccess import signed as signed_in
+
+    port = free_port()
+    settings = reaccess_settings(tmp_path, devchain, upstream, public_url=f"http://127.0.0.1:{port}")
+    catalog = settings.catalog[0]
+    text = catalog.read_text()
+    limited = text.replace("    reaccess: {window: 1h, match: tool}\n",
+                           "    reaccess: {window: 1h, match: tool}\n    rate_limits: {per_tool: {requests: 2, window: 1h}}\n", 1)
+    assert limited != text
+    catalog.write_text(limited)
+    with serving(settings, port) as (gateway, _), gateway.client() as client:
+        refused = []
+        for _ in range(4):
+            challenge = client.get("/quotes/SIWX")
+            refused.append(client.get("/quotes/SIWX", headers={
+                "SIGN-IN-WITH-X": signed_in(sign_in_challenge(challenge), Account.create())}))
+        answers = [paid(client, devchain, f"/quotes/SIW{c}", VICTIM) for c in "ABC"]
+    assert [body_json(r)["error"] for r in refused] == ["reaccess_not_paid"] * 4
+    assert [r.status_code for r in answers] == [200, 200, 429], [r.text for r in answers]
+    assert upstream_hits(upstream, "GET /api/v1/quote/SIWA") + upstream_hits(upstream, "GET /api/v1/quote/SIWB") == 2
+    assert [r.state for r in gateway.ledger.all()] == [PaymentState.SETTLED] * 2

@@ -112,7 +112,8 @@ class Reaccess:
         except SignInRefused as refused:
             raise self._refused(ctx, quote, refused.code, refused.message) from None
         address = sign_in.address
-        await self.safety.before_verify(ctx, tool, address)  # payer lists and per-payer limits, as for a payment
+        # payer lists and per-payer limits, as for a payment; the tool's tokens only once the payment is found
+        await self.safety.before_verify(ctx, tool, address, per_tool=False)
         try:
             fresh = await self.store.put(f"siwx:nonce:{sign_in.payload.nonce}", b"1", NONCE_TTL_MS, only_if_absent=True)
         except StoreUnavailable:
@@ -120,6 +121,7 @@ class Reaccess:
         if not fresh:
             raise self._refused(ctx, quote, codes.INVALID_SIWX_NONCE, "this sign-in was used already; sign the new challenge", address)
         row = await self._payment(ctx, quote, tool, address)
+        await self.safety.per_tool(ctx, tool)  # a sign-in of a fresh key (nothing paid) spends none of them
         ctx.payer = address
         stored = None
         if tool.reaccess.match == "request":
