@@ -116,6 +116,10 @@ def _price(value: Any) -> Decimal:
         raise _fail("invalid_price", f"price {value!r} is not a decimal number") from None
     if not price.is_finite():
         raise _fail("invalid_price", f"price must be a finite number, got {value}")
+    # No token has more than 36 decimals nor a supply near 10**40: beyond, a price is a typo (or an
+    # attack: 1e-999999999 would make every later f"{price:f}" a billion-digit string).
+    if len(price.as_tuple().digits) > 80 or not -40 <= price.adjusted() <= 40:
+        raise _fail("invalid_price", f"price {str(value)[:40]!r} is out of range (at most 40 digits either side of the point)")
     if price <= 0:
         raise _fail("invalid_price", f"price must be greater than 0, got {value}")
     return price
@@ -184,6 +188,8 @@ def _timeout(value: Any) -> float:
 def _base_url(value: Any) -> str:
     if not isinstance(value, str):
         raise _fail("invalid_url", f"base_url must be a string, got {_kind(value)}")
+    if any(char.isspace() or not char.isprintable() for char in value):  # CR/LF would split the request line
+        raise _fail("invalid_url", f"base_url {value[:80]!r} must not contain spaces or control characters")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port

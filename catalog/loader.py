@@ -44,7 +44,7 @@ from catalog.offers import resolve_offers
 from catalog.price_rules import PriceRule, PriceRuleDoc, build_rule, rule_problems
 from catalog.reaccess import reaccess_problems
 from catalog.registry import Stablecoin
-from catalog.source import Source
+from catalog.source import Source, read_catalog_text
 from catalog.templates import route_shape
 from catalog.terms import TermsResolver, dollar_problem
 from catalog.upto import upto_offers, upto_terms
@@ -306,7 +306,7 @@ def _parse(text: str, source_name: str, local: LocalTokens = None, env: Environm
 def _read(path: str | os.PathLike[str], local: LocalTokens = None, env: Environment = None) -> tuple[Catalog | None, Source]:
     name = os.fspath(path)
     try:
-        text = Path(name).read_text(encoding="utf-8")
+        text = read_catalog_text(name)
     except FileNotFoundError:
         src = Source(name)
         src.issue("", "file_not_found", "no such file")

@@ -10,6 +10,8 @@ loads in a fraction of a second. YAML floats become ``Decimal`` of their source 
 from __future__ import annotations
 
 import difflib
+import os
+import stat
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -19,9 +21,12 @@ from pydantic import ValidationError
 from catalog.documents import KNOWN_KEYS
 from catalog.errors import CatalogIssue
 
-__all__ = ["Source"]
+__all__ = ["MAX_FILE_BYTES", "Source", "read_catalog_text"]
 
 _MAX_NODES = 200_000  # a guard against alias bombs: aliased nodes walked again for the line map
+# A YAML number beyond these is refused where it is written (invalid_number): 1e-999999999 would
+# make every later ``f"{price:f}"`` or ``int()`` build a billion-digit string.
+_MAX_EXPONENT, _MAX_DIGITS = 400, 400
 
 
 # libyaml's parser when the platform has it (tens of times faster on large catalogs).
@@ -52,12 +57,27 @@ class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
         if text in special:
             return Decimal(special[text])
         try:
-            return Decimal(text)
+            value = Decimal(text)
         except InvalidOperation:  # sexagesimal (1:30.5) and other YAML 1.1 oddities
             return Decimal(repr(super().construct_yaml_float(node)))
+        if len(value.as_tuple().digits) > _MAX_DIGITS or abs(value.adjusted()) > _MAX_EXPONENT:
+            raise _NumberOutOfRange(None, None, "a number with too many digits or too large an exponent",
+                                    node.start_mark)
+        return value
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        try:
+            return int(super().construct_yaml_int(node))
+        except ValueError:  # more digits than Python converts (4300)
+            raise _NumberOutOfRange(None, None, "an integer with too many digits", node.start_mark) from None
+
+
+class _NumberOutOfRange(yaml.constructor.ConstructorError):
+    """A YAML number too long or too large to be a catalog value: ``invalid_number``, at its line."""
 
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 _STR, _NULL, _BOOL, _INT, _FLOAT, _MAP, _SEQ = (
     f"tag:yaml.org,2002:{name}" for name in ("str", "null", "bool", "int", "float", "map", "seq")
@@ -185,6 +205,26 @@ def _join(path: str, part: str | int) -> str:
     return f"{path}.{part}" if path else str(part)
 
 
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a catalog of 10,000 tools is a few MB
+
+
+def read_catalog_text(name: str) -> str:
+    """A catalog file's text. Only a regular file is read (a FIFO would block the start-up for ever,
+    /dev/zero fill the memory), and at most ``MAX_FILE_BYTES``: else ``OSError`` saying why.
+    ``FileNotFoundError`` and ``UnicodeDecodeError`` as ``Path.read_text`` raises them."""
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without a writer
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(21, "Is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(0, "not a regular file")
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(0, f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as Path.read_text reads it
+
+
 class Source:
     """One file's text, data and field-path → line map.
 
@@ -244,7 +284,10 @@ class Source:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             message = ", ".join(filter(None, [exc.context, exc.problem])) or "invalid YAML"
-            self.issue("", "yaml_syntax", f"YAML syntax error: {message}", mark.line + 1 if mark else None)
+            if isinstance(exc, _NumberOutOfRange):
+                self.issue("", "invalid_number", f"{message} to be a catalog value", mark.line + 1 if mark else None)
+            else:
+                self.issue("", "yaml_syntax", f"YAML syntax error: {message}", mark.line + 1 if mark else None)
         except yaml.YAMLError as exc:
             self.issue("", "yaml_syntax", f"YAML syntax error: {exc}")
         finally:

@@ -392,6 +392,15 @@ class Settings(BaseSettings):
     policy_file: Path | None = None
     log_level: str = "INFO"
 
+    # A key pasted with a space or newline around it is the same key: stripped, as a key file's is,
+    # so the dev-key refusal (gateway.wiring) sees it as it is.
+    @field_validator("settlement_key", "refund_key", "receipt_key", mode="before")
+    @classmethod
+    def _strip_keys(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return SecretStr(value.get_secret_value().strip())
+        return value.strip() if isinstance(value, str) else value
+
     # Raise GatewayConfigError (codes invalid_facilitator_pay_to, invalid_facilitator_assets).
     @field_validator("facilitator_pay_to", mode="before")
     @classmethod

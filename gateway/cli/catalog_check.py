@@ -19,6 +19,7 @@ from eth_utils import keccak
 
 from catalog import Catalogs, PaymentTerms, Tool, format_amount
 from catalog.registry import Stablecoin, find_network, stablecoin_at
+from gateway.ops.doctor.findings import redact_url
 
 __all__ = ["check_chain", "describe_offers"]
 
@@ -114,15 +115,16 @@ async def _check(catalogs: Catalogs, rpc_urls: Sequence[str], echo: Callable[[st
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
         for url in rpc_urls:
             rpc = _Rpc(client, url)
+            where = redact_url(url, keep_path=False)  # RPC providers put the API key in the path or query
             try:
                 network = f"eip155:{int(str(await rpc.call('eth_chainId', [])), 16)}"
-            except (httpx.HTTPError, LookupError, ValueError) as exc:
-                echo(f"chain {url}: rpc_unreachable: {type(exc).__name__}: {exc}")
+            except (httpx.HTTPError, httpx.InvalidURL, LookupError, ValueError) as exc:  # str(exc) may quote the URL
+                echo(f"chain {where}: rpc_unreachable: {type(exc).__name__}")
                 ok = False
                 continue
             mine = [terms for (net, _), terms in offers.items() if net == network]
             if not mine:
-                echo(f"chain {url}: rpc_network_unused: it serves {network}; no offer is on that network")
+                echo(f"chain {where}: rpc_network_unused: it serves {network}; no offer is on that network")
                 ok = False
             for terms in mine:
                 checked.add(terms.network)

@@ -168,7 +168,8 @@ def catalog_validate(files: tuple[Path, ...], rpc_urls: tuple[str, ...], deploym
     from gateway.cli.catalog_check import check_chain, describe_offers
     from settlement.chain.deployment import local_tokens
 
-    local = local_tokens(deployment)
+    # Only a regular file: Deployment.read of a FIFO or /dev/zero would block or fill the memory.
+    local = local_tokens(deployment) if deployment.is_file() else None
     try:  # ${NAME} in the files reads this environment: the offers printed are this environment's
         catalogs = load_catalogs(files, local=local, env=os.environ)
     except CatalogError as exc:
