@@ -158,6 +158,8 @@ class Deployment(BaseModel):
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Deployment:
         source = Path(path)
+        if source.exists() and not source.is_file():  # a FIFO would be waited on, /dev/zero read for ever
+            raise DevchainError(f"{source} is not a regular file", code="deployment_invalid")
         try:
             text = source.read_text(encoding="utf-8")
         except FileNotFoundError as exc:

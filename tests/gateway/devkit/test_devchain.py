@@ -231,6 +231,12 @@ def test_deployment_read_errors(tmp_path: Path) -> None:
     with pytest.raises(DevchainError) as invalid:
         Deployment.read(bad)
     assert invalid.value.code == "deployment_invalid"
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # would be waited on for ever; /dev/zero read for ever
+    for special in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(DevchainError, match="not a regular file") as refused:
+            Deployment.read(special)
+        assert refused.value.code == "deployment_invalid"
 
 
 def test_domain_separator_and_typehash_match_eip712(token: Contract) -> None:
