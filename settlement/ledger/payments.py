@@ -55,8 +55,8 @@ from settlement.errors import LedgerError
 from settlement.ledger.group_commit import GroupCommitWorker, atomic_alone
 from settlement.ledger.models import (
     LEDGER_THREADS,
-    Payment,
     REASON_LENGTH,
+    Payment,
     PaymentState,
     StoredResponse,
     create_ledger_engine,
