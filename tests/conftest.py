@@ -27,6 +27,8 @@ from settlement.schema import open_ledger
 from settlement.schemes import Facilitator
 from settlement.x402.codec import decode_header_json
 from settlement.x402.wire import PaymentRequired
+from tests.support.forwarding_upstream import Received
+from tests.support.forwarding_upstream import create_app as create_forwarding_upstream
 
 PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"  # anvil account 9, the example catalog's payTo
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -84,6 +86,22 @@ def upstream_server() -> Iterator[ThreadServer]:
 def upstream(upstream_server: ThreadServer) -> str:
     httpx.post(f"{upstream_server.url}/stats/reset")
     return upstream_server.url
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[tuple[ThreadServer, list[Received]]]:
+    """A loopback upstream that records every request it gets (tests.support.forwarding_upstream),
+    one per test module."""
+    received: list[Received] = []
+    with ThreadServer(create_forwarding_upstream(received)) as server:
+        yield server, received
+
+
+@pytest.fixture
+def received(recorder: tuple[ThreadServer, list[Received]]) -> list[Received]:
+    """What ``recorder`` got during this test."""
+    recorder[1].clear()
+    return recorder[1]
 
 
 def upstream_hits(upstream_url: str, key: str) -> int:

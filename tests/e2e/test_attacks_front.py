@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +21,10 @@ from gateway.devkit.payer import Payer
 from gateway.ops.serving import ThreadServer
 from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of
-from tests.support.forwarding_upstream import Received, create_app
+from tests.support.forwarding_upstream import Received
 
 PAYER = 6
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@pytest.fixture(scope="module")
-def recorder() -> Iterator[tuple[ThreadServer, list[Received]]]:
-    received: list[Received] = []
-    with ThreadServer(create_app(received)) as server:
-        yield server, received
-
-
-@pytest.fixture
-def received(recorder: tuple[ThreadServer, list[Received]]) -> list[Received]:
-    recorder[1].clear()
-    return recorder[1]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from settlement.ledger import PaymentState
 from settlement.x402.codec import encode_header
 from settlement.x402.wire import PaymentRequired, PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog, offer_of, upstream_hits
-from tests.support.forwarding_upstream import Received, create_app
+from tests.support.forwarding_upstream import Received
 
 PAYER = 7
 NETWORK = "eip155:31337"
@@ -201,13 +200,6 @@ def test_a_payment_moved_across_surfaces_tools_or_arguments_buys_nothing_more(
 
 
 # -- MCP: the client's headers stay at the gateway, the upstream's forgeries too -----------------
-
-
-@pytest.fixture(scope="module")
-def recorder() -> Iterator[tuple[ThreadServer, list[Received]]]:
-    received: list[Received] = []
-    with ThreadServer(create_app(received)) as server:
-        yield server, received
 
 
 @pytest.fixture

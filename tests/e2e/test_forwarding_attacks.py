@@ -8,7 +8,6 @@ the tests hold whichever is the default."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from settlement.ledger import PaymentState
 from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, offer_of
 from tests.e2e.test_paid_call import pay, receipt_of
-from tests.support.forwarding_upstream import SECRET_CONTENT, Received, create_app
+from tests.support.forwarding_upstream import SECRET_CONTENT, Received
 
 PAYER = 5
 
@@ -41,19 +40,6 @@ SCHEMA = """
 def tool(name: str, method: str, path: str, upstream_path: str, settle: str = "after", extra: str = "") -> str:
     return (f"  - name: {name}\n    description: d\n    method: {method}\n    path: {path}\n    price: \"0.001\"\n"
             f"    settle: {settle}\n    upstream_path: {upstream_path}\n{extra}{SCHEMA}")
-
-
-@pytest.fixture(scope="module")
-def recorder() -> Iterator[tuple[ThreadServer, list[Received]]]:
-    received: list[Received] = []
-    with ThreadServer(create_app(received)) as server:
-        yield server, received
-
-
-@pytest.fixture
-def received(recorder: tuple[ThreadServer, list[Received]]) -> list[Received]:
-    recorder[1].clear()
-    return recorder[1]
 
 
 @pytest.fixture

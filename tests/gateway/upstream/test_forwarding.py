@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -21,17 +20,10 @@ from gateway.ops.serving import ThreadServer
 from gateway.pipeline.stages.arguments import collect_arguments
 from gateway.pipeline.stages.respond import respond
 from gateway.upstream.bridge import AiohttpUpstreamClient, Bridge, UpstreamResponse
-from tests.support.forwarding_upstream import SECRET_CONTENT, Received, create_app
+from tests.support.forwarding_upstream import SECRET_CONTENT, Received
 
 ORDER_SCHEMA = ("{type: object, properties: {id: {type: string}, symbol: {type: string}, quantity: {type: integer},"
                 " price: {type: number}, note: {type: string}, legs: {type: array}}}")
-
-
-@pytest.fixture(scope="module")
-def recorder() -> Iterator[tuple[ThreadServer, list[Received]]]:
-    received: list[Received] = []
-    with ThreadServer(create_app(received)) as server:
-        yield server, received
 
 
 @pytest.fixture
