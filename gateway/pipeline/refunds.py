@@ -26,8 +26,10 @@ class Refunds:
         requirements = quote.requirements
         # What was charged: an upto offer's amount is the signed maximum, its charge in extra.charge.
         amount = upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)
-        await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
+        first = await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
         ctx.outcome = "refund_owed"
+        if not first:  # another request owes it (the locks were lost): that one pays it, not this one
+            return {"refund": "owed", "refundAmount": str(amount)}
         if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
             return {"refund": "owed", "refundAmount": str(amount)}
 

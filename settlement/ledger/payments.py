@@ -12,26 +12,25 @@ and left unchanged)::
     settling ──mark_pending──────▶ pending         (broadcast, outcome not final yet: reconcile)
     pending  ──mark_settled / fail / mark_pending  (reconcile against the chain)
 
-    Also allowed, as the flows need them: ``begin_settlement`` settling→settling (a re-signed
-    broadcast's new hash), ``fail`` and ``mark_pending`` from verified (refused or unknown before
-    the write-ahead hook ran), ``mark_settled`` settled→settled and ``fail`` failed→failed (a
-    reconcile that got there first). ``record_verified`` reuses a voided row, or a failed one
-    without a transaction hash, as a fresh ``verified`` row.
+    Also allowed, as the flows need them: ``begin_settlement`` settling→settling (a re-signed broadcast's new hash),
+    ``fail`` and ``mark_pending`` from verified (refused or unknown before the write-ahead hook ran), ``mark_settled``
+    settled→settled and ``fail`` failed→failed (a reconcile that got there first). ``record_verified`` reuses a voided
+    row, or a failed one without a transaction hash, as a fresh ``verified`` row.
 
-    No state change: ``record_tx_hash`` (settling), ``record_upstream_status``,
-    ``record_refund_owed``, ``record_refund_tx``, ``record_refund_paid`` (settled), ``record_gas``
-    (settled or failed: the gas of a mined transaction, read later from its receipt).
+    No state change: ``record_tx_hash`` (settling), ``record_upstream_status``, ``record_refund_owed``
+    (once: a second request finds it owed and pays nothing), ``record_refund_tx``, ``record_refund_paid``
+    (settled), ``record_gas`` (settled or failed: a mined transaction's gas, read from its receipt).
 
-With ``subscriptions`` set (webhooks configured), ``mark_settled``, ``fail``, ``mark_pending`` (each
-when the state changed), ``record_refund_owed`` and ``record_refund_paid`` also write their event to
-the webhook outbox in the same transaction (``settlement.ledger.outbox``): a crash loses neither.
+With ``subscriptions`` set (webhooks configured), ``mark_settled``, ``fail``, ``mark_pending`` (each when the state
+changed), ``record_refund_owed`` and ``record_refund_paid`` also write their event to the webhook outbox in the same
+transaction (``settlement.ledger.outbox``): a crash loses neither.
 
 ``mark_settled`` and ``fail`` take the transaction's gas as well (``gas``: ``gas_used``,
 ``gas_price``, ``gas_cost``; see ``settlement.chain.gas``), written in the same UPDATE.
 
-Amounts are Python ints in atomic units (see ``settlement.ledger.models``). The repository never
-decides policy; it records. Calls are synchronous: the gateway runs them off the event loop.
-The schema is not touched here: ``settlement.schema.open_ledger`` migrates, then opens.
+Amounts are Python ints in atomic units (``settlement.ledger.models``). The repository records,
+never decides policy; calls are synchronous (the gateway runs them off the event loop); the schema
+is migrated by ``settlement.schema.open_ledger``, not here.
 """
 
 from __future__ import annotations
@@ -98,10 +97,9 @@ class Ledger(LedgerReads):
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT") if server else None
         # The hot path's statements, compiled once for this database (settlement.ledger.statements).
         self._hot = HotStatements(self.engine.dialect)
-        # The event loop never waits on the database: calls run on the ledger's own threads. SQLite
-        # takes one writer at a time (its lock waits sleep in whole milliseconds), so it gets one
-        # thread that commits the calls queued together in one transaction; a server database gets
-        # a pool of threads and a transaction per call.
+        # The event loop never waits on the database: calls run on the ledger's own threads. SQLite # takes one writer at a
+        # time (its lock waits sleep in whole milliseconds), so it gets one # thread that commits the calls queued together in
+        # one transaction; a server database gets # a pool of threads and a transaction per call.
         self._batch = threading.local()
         # Who wants which events (gateway.ops.webhooks); None: no webhooks, nothing is written.
         self.subscriptions: Subscriptions | None = None
@@ -168,9 +166,9 @@ class Ledger(LedgerReads):
 
     @atomic_alone
     def record_verified(self, **fields: Any) -> Payment:
-        """Insert a verified payment. If this authorization already has a row that moved no money
-        (voided, or failed before broadcast), that row is reused; otherwise the existing row is
-        returned unchanged with ``state`` telling the caller what happened before."""
+        """Insert a verified payment. If this authorization already has a row that moved no money (voided, or failed before
+        broadcast), that row is reused; otherwise the existing row is returned unchanged with ``state`` telling the caller what
+        happened before."""
         fields.setdefault("state", PaymentState.VERIFIED.value)
         try:
             with self._connection(one_statement=True) as connection:
@@ -211,11 +209,10 @@ class Ledger(LedgerReads):
         self, payment_id: int, response: tuple[int, list[tuple[str, str]], bytes] | None,
         tx_hash: str | None = None, amount: int | None = None, request_id: str | None = None,
     ) -> None:
-        """Write-ahead: the row goes to ``settling`` and the answer being bought is stored, in one
-        transaction, before any transaction is broadcast (with its hash, when it is known).
-        ``amount``: what is being settled when it is only known now (an ``upto`` charge counted
-        from the answer), so a restart reconciles the very amount that was sent. ``request_id``: only
-        the request that owns the row (``take_over`` hands a dead one's row to its successor)."""
+        """Write-ahead: the row goes to ``settling`` and the answer being bought is stored, in one transaction, before any
+        transaction is broadcast (with its hash, when it is known). ``amount``: what is being settled when it is only known now
+        (an ``upto`` charge counted from the answer), so a restart reconciles the very amount that was sent. ``request_id``:
+        only the request that owns the row (``take_over`` hands a dead one's row to its successor)."""
         values: dict[str, Any] = {"state": PaymentState.SETTLING.value}
         if tx_hash is not None:
             values["tx_hash"] = tx_hash
@@ -231,8 +228,7 @@ class Ledger(LedgerReads):
 
     @atomic_alone
     def take_over(self, payment_id: int, previous: str, fields: Mapping[str, Any]) -> bool:
-        """A ``verified`` row still owned by request ``previous`` (dead, or its lock lost) now
-        describes the request in ``fields``; only that one may settle it. False: it moved on."""
+        """A ``verified`` row still owned by request ``previous`` (dead) now describes ``fields``' request. False: it moved on."""
         values = {**fields, "updated_at": utcnow()}
         with self._connection(one_statement=True) as connection:
             return bool(connection.execute(update(_PAYMENTS).where(
@@ -327,8 +323,15 @@ class Ledger(LedgerReads):
         self._move("record_upstream_status", payment_id, FROM_SETTLED, {"upstream_status": status})
 
     @atomic_alone
-    def record_refund_owed(self, payment_id: int, amount: int, reason: str | None) -> None:
-        self._move("record_refund_owed", payment_id, FROM_SETTLED, {"refund_owed": amount, "refund_reason": reason})
+    def record_refund_owed(self, payment_id: int, amount: int, reason: str | None) -> bool:
+        """Once per payment: False when a refund is already owed (another request owes and pays it: never twice)."""
+        try:
+            self._move("record_refund_owed", payment_id, FROM_SETTLED, {"refund_owed": amount, "refund_reason": reason})
+        except LedgerError as exc:
+            if exc.code != "refund_already_owed":
+                raise
+            return False
+        return True
 
     @atomic_alone
     def record_refund_tx(self, payment_id: int, tx_hash: str) -> None:
@@ -338,7 +341,6 @@ class Ledger(LedgerReads):
     @atomic_alone
     def record_refund_paid(self, payment_id: int, tx_hash: str | None) -> None:
         self._move("record_refund_paid", payment_id, FROM_SETTLED, {"refund_tx": tx_hash, "refunded_at": utcnow()})
-
 
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables
@@ -359,8 +361,9 @@ _TRANSITIONS = {
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
 _STATE_FOR_UPDATE = _STATE_OF.with_for_update()
-# begin_settlement by the request that owns the row (the guard is part of the one UPDATE: no extra read)
-_BEGIN_OWNED = _TRANSITIONS[FROM_BEGIN_SETTLEMENT].where(_PAYMENTS.c.request_id == bindparam("owning_request"))
+# Guarded in the one UPDATE (no extra read): begin_settlement by the request owning the row; a refund owed once.
+_GUARDED = {"begin_settlement": _TRANSITIONS[FROM_BEGIN_SETTLEMENT].where(_PAYMENTS.c.request_id == bindparam("owning_request")),
+            "record_refund_owed": _TRANSITIONS[FROM_SETTLED].where(_PAYMENTS.c.refund_owed.is_(None))}
 _DELETE_STORED = delete(_STORED).where(_STORED.c.payment_id == bindparam("pid"))
 _INSERT_STORED = insert(_STORED)
 
@@ -388,8 +391,8 @@ def _transition(
         raise AttributeError(f"payments has no column {sorted(unknown)[0]!r}")
     values.setdefault("updated_at", utcnow())
     statement, params = _TRANSITIONS[allowed], {"pid": payment_id, **values}
-    if owner is not None:
-        statement, params["owning_request"] = _BEGIN_OWNED, owner
+    if owner is not None or name == "record_refund_owed":
+        statement, params["owning_request"] = _GUARDED[name], owner
     cursor = hot.get(statement, values).execute(connection, params)
     changed = cursor.rowcount
     cursor.close()
@@ -397,8 +400,9 @@ def _transition(
         state = connection.execute(_STATE_OF, {"pid": payment_id}).scalar_one_or_none()
         if state is None:
             raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
-        if state in allowed:
-            raise LedgerError(f"payment {payment_id}: taken over by another request", code="invalid_transition")
+        if state in allowed:  # the guard: another request owns the row, or owes its refund already
+            code = "refund_already_owed" if name == "record_refund_owed" else "invalid_transition"
+            raise LedgerError(f"payment {payment_id}: {name} taken by another request", code=code)
         raise LedgerError(
             f"payment {payment_id}: {name} is not allowed from state {state!r} (only from {', '.join(allowed)})",
             code="invalid_transition",
