@@ -107,6 +107,8 @@ class RequestContext:
     safety: Any = None
     # In-flight locks held in the state store (exactly_once); released by the finalizers.
     locks: tuple[str, ...] = ()
+    # The task renewing ``locks`` while the request runs (exactly_once.acquire); cancelled at release.
+    lock_keeper: asyncio.Future[None] | None = None
     # A payment header came with the request (the funnel's "payment received").
     payment_received: bool = False
     # Seconds spent in the stages that wait on the network: "verify", "upstream", "settle".

@@ -90,13 +90,10 @@ async def acquire(store: StateStore, ctx: RequestContext, keys: list[str], ttl_m
             ctx.locks = (*ctx.locks, key)
     except StoreUnavailable:
         raise store_unavailable() from None
-    if ctx.locks and ctx.request_id not in _KEEPERS:
+    if ctx.locks and ctx.lock_keeper is None:
         # Held as long as the request runs, not only for the TTL sized for it: a stream read slowly,
         # a stalled settle or refund must never let a resend of this payment run beside it.
-        _KEEPERS[ctx.request_id] = asyncio.ensure_future(_keep(store, ctx, ttl_ms))
-
-
-_KEEPERS: dict[str, asyncio.Future[None]] = {}  # request id: the task renewing its locks until release
+        ctx.lock_keeper = asyncio.ensure_future(_keep(store, ctx, ttl_ms))
 
 
 async def _keep(store: StateStore, ctx: RequestContext, ttl_ms: int) -> None:
@@ -112,7 +109,7 @@ async def _keep(store: StateStore, ctx: RequestContext, ttl_ms: int) -> None:
 
 async def release(store: StateStore, ctx: RequestContext) -> None:
     """Give back the request's in-flight locks, last taken first; never raises."""
-    keeper = _KEEPERS.pop(ctx.request_id, None)
+    keeper, ctx.lock_keeper = ctx.lock_keeper, None
     if keeper is not None:
         keeper.cancel()
     held, ctx.locks = ctx.locks, ()
