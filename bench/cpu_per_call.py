@@ -35,10 +35,15 @@ from bench.setups import Setup, process_tree
 from gateway.devkit.devchain import LOCAL_NETWORK
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of one process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / float(__import__("os").sysconf("SC_CLK_TCK"))
+    tick = float(__import__("os").sysconf("SC_CLK_TCK"))
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def named(name: str) -> list[int]:
@@ -94,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 before["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
                 before["postgres+redis"] = servers_cpu()
+                sys_before = sum(cpu_split(pid)[1] for pid in gateway_pids)
                 result = wrk(url, GATEWAY_PATH, 200, args.concurrency, args.duration, headers)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 after["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
                 after["postgres+redis"] = servers_cpu()
+                system = sum(cpu_split(pid)[1] for pid in gateway_pids) - sys_before
     calls = result["ok"]
     if not calls:
         print("no paid call succeeded", file=sys.stderr)
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["gateway", *pids] + (["postgres+redis"] if setup.config == "replica" else [])
     parts = ", ".join(f"{name} {1000 * (after[name] - before[name]) / calls:.2f} ms" for name in names)
     print(f"{'F (batched)' if args.batched else 'D'}{setup.label} c={args.concurrency}: {rate:.0f} paid calls/s; "
-          f"CPU per call: {parts}")
+          f"CPU per call: {parts} (gateway in the kernel: {1000 * system / calls:.2f} ms)")
     return 0
 
 

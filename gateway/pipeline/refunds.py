@@ -15,6 +15,10 @@ from settlement.schemes.upto import UPTO, upto_charge
 __all__ = ["Refunds"]
 
 
+class _ClaimedElsewhere(Exception):
+    """Another payer of this refund claimed it before our broadcast."""
+
+
 class Refunds:
     def __init__(self, ledger: Ledger, refunder: Refunder | None) -> None:
         self.ledger = ledger
@@ -33,10 +37,19 @@ class Refunds:
         if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
             return {"refund": "owed", "refundAmount": str(amount)}
 
-        async def before_send(tx_hash: str) -> None:
-            await ledger.run(ledger.record_refund_tx, payment_id, tx_hash)
+        claimed: list[str] = []
 
-        result = await self.refunder.refund(requirements.network, requirements.asset, ctx.payer, amount, before_send)
+        async def before_send(tx_hash: str) -> None:
+            if not await ledger.run(ledger.record_refund_tx, payment_id, tx_hash):
+                raise _ClaimedElsewhere  # `ledger refunds --pay` took it meanwhile: never broadcast twice
+            claimed.append(tx_hash)
+
+        try:
+            result = await self.refunder.refund(requirements.network, requirements.asset, ctx.payer, amount, before_send)
+        except _ClaimedElsewhere:
+            return {"refund": "owed", "refundAmount": str(amount)}
+        if result.refused and claimed:  # never left: `ledger refunds --pay` finds it unpaid, not unknown
+            await ledger.run(ledger.record_refund_tx, payment_id, None, claimed[-1])
         if result.confirmed:
             await ledger.run(ledger.record_refund_paid, payment_id, result.tx_hash)
             ctx.outcome = "refunded"

@@ -102,6 +102,10 @@ class ReceiptPoller(JsonRpcTransport):
         raw = await self._rpc("eth_getTransactionReceipt", [tx_hash])
         return None if raw is None else _receipt(tx_hash, raw)
 
+    async def knows_transaction(self, tx_hash: str) -> bool:
+        """Whether the node has the transaction, mined or in its pool."""
+        return await self._rpc("eth_getTransactionByHash", [tx_hash]) is not None
+
     async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None:
         """The receipt, or None when the transaction is still not mined after ``timeout`` seconds.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from settlement.chain.client import BeforeSend, JsonRpcChain
+from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
 
 
@@ -18,6 +19,7 @@ class RefundResult:
     tx_hash: str | None
     confirmed: bool
     reason: str | None = None
+    refused: bool = False  # the node refused the broadcast: it never left (its claim may be released)
 
 
 class Refunder:
@@ -37,6 +39,8 @@ class Refunder:
         try:
             tx_hash = await chain.send_transfer(token, to, amount, before_send)
             receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
+        except RpcError as exc:
+            return RefundResult(None, False, exc.code, refused=True)
         except ChainUnavailable as exc:
             return RefundResult(getattr(exc, "tx_hash", None), False, exc.code)
         if receipt is None:

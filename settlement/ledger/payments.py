@@ -18,8 +18,8 @@ and left unchanged)::
     row, or a failed one without a transaction hash, as a fresh ``verified`` row.
 
     No state change: ``record_tx_hash`` (settling), ``record_upstream_status``, ``record_refund_owed``
-    (once: a second request finds it owed and pays nothing), ``record_refund_tx``, ``record_refund_paid``
-    (settled), ``record_gas`` (settled or failed: a mined transaction's gas, read from its receipt).
+    (once: a second request finds it owed and pays nothing), ``record_refund_tx`` (a claim: one payer of
+    the refund at a time), ``record_refund_paid`` (once) (settled), ``record_gas`` (settled or failed: a mined transaction's gas, read from its receipt).
 
 With ``subscriptions`` set (webhooks configured), ``mark_settled``, ``fail``, ``mark_pending`` (each when the state
 changed), ``record_refund_owed`` and ``record_refund_paid`` also write their event to the webhook outbox in the same
@@ -44,7 +44,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,6 +64,7 @@ from settlement.ledger.models import (
 )
 from settlement.ledger.outbox import EVENT_OF, Subscriptions, emit_payment_event
 from settlement.ledger.reads import LedgerReads, _payment
+from settlement.ledger.refund_book import GUARD_CODES, RefundTransitions
 from settlement.ledger.statements import HotStatements
 from settlement.ledger.transitions import (
     FROM_BEGIN_SETTLEMENT,
@@ -84,7 +85,7 @@ __all__ = ["TRANSITIONS", "Ledger", "settled_copy"]
 _T = TypeVar("_T")
 
 
-class Ledger(LedgerReads):
+class Ledger(LedgerReads, RefundTransitions):
     def __init__(self, url: str) -> None:
         self.url = url
         try:
@@ -222,7 +223,7 @@ class Ledger(LedgerReads):
             values["upstream_status"] = response[0]
         with self._connection() as connection:
             _transition(self._hot, connection, payment_id, FROM_BEGIN_SETTLEMENT, values, "begin_settlement",
-                        owner=request_id)
+                        None if request_id is None else {"owning_request": request_id})
             if response is not None:
                 self._put_stored(connection, payment_id, response)
 
@@ -251,19 +252,20 @@ class Ledger(LedgerReads):
     # Named transitions: the only writes of a row after ``record_verified``. Each is one guarded
     # UPDATE (``_transition``). ``KEEP`` leaves a column as it is; ``None`` clears it.
 
-    def _move(self, name: str, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any]) -> None:
+    def _move(self, name: str, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any],
+              guard: dict[str, Any] | None = None) -> None:
         values = {key: value for key, value in values.items() if value is not KEEP}
         if isinstance(values.get("error_reason"), str):  # may be a remote facilitator's: fit the column
             values["error_reason"] = values["error_reason"][:REASON_LENGTH]
         subscriptions = self.subscriptions
         with self._connection(one_statement=subscriptions is None or name not in EVENT_OF) as connection:
             if subscriptions is None or name not in EVENT_OF:
-                _transition(self._hot, connection, payment_id, allowed, values, name)
+                _transition(self._hot, connection, payment_id, allowed, values, name, guard)
                 return
             # Locked until commit (PostgreSQL; SQLite has one writer): a concurrent same transition
             # waits and then sees the new state, so one change is one event.
             before = connection.execute(_STATE_FOR_UPDATE, {"pid": payment_id}).scalar_one_or_none()
-            _transition(self._hot, connection, payment_id, allowed, values, name)
+            _transition(self._hot, connection, payment_id, allowed, values, name, guard)
             if "state" not in values or values["state"] != before:  # a repeated transition is no new event
                 row = connection.execute(_BY_ID, {"pid": payment_id}).mappings().one()
                 emit_payment_event(connection, subscriptions, name, row)
@@ -322,26 +324,6 @@ class Ledger(LedgerReads):
         """The upstream's status after an upfront settlement (``settled``; no state change)."""
         self._move("record_upstream_status", payment_id, FROM_SETTLED, {"upstream_status": status})
 
-    @atomic_alone
-    def record_refund_owed(self, payment_id: int, amount: int, reason: str | None) -> bool:
-        """Once per payment: False when a refund is already owed (another request owes and pays it: never twice)."""
-        try:
-            self._move("record_refund_owed", payment_id, FROM_SETTLED, {"refund_owed": amount, "refund_reason": reason})
-        except LedgerError as exc:
-            if exc.code != "refund_already_owed":
-                raise
-            return False
-        return True
-
-    @atomic_alone
-    def record_refund_tx(self, payment_id: int, tx_hash: str) -> None:
-        """The refund transaction's hash, before it is broadcast."""
-        self._move("record_refund_tx", payment_id, FROM_SETTLED, {"refund_tx": tx_hash})
-
-    @atomic_alone
-    def record_refund_paid(self, payment_id: int, tx_hash: str | None) -> None:
-        self._move("record_refund_paid", payment_id, FROM_SETTLED, {"refund_tx": tx_hash, "refunded_at": utcnow()})
-
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables
 _STORED: Table = StoredResponse.__table__  # type: ignore[assignment]
@@ -361,9 +343,14 @@ _TRANSITIONS = {
 _STATE_OF = select(_PAYMENTS.c.state).where(_PAYMENTS.c.id == bindparam("pid"))
 _BY_ID = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("pid"))
 _STATE_FOR_UPDATE = _STATE_OF.with_for_update()
-# Guarded in the one UPDATE (no extra read): begin_settlement by the request owning the row; a refund owed once.
+# Guarded in the one UPDATE (no extra read): begin_settlement by the request owning the row; a refund
+# owed once, claimed by one payer at a time (its transaction still the one it read), paid once.
+_SETTLED_ONLY = _TRANSITIONS[FROM_SETTLED]
 _GUARDED = {"begin_settlement": _TRANSITIONS[FROM_BEGIN_SETTLEMENT].where(_PAYMENTS.c.request_id == bindparam("owning_request")),
-            "record_refund_owed": _TRANSITIONS[FROM_SETTLED].where(_PAYMENTS.c.refund_owed.is_(None))}
+            "record_refund_owed": _SETTLED_ONLY.where(_PAYMENTS.c.refund_owed.is_(None)),
+            "record_refund_tx": _SETTLED_ONLY.where(_PAYMENTS.c.refunded_at.is_(None),
+                                                    func.coalesce(_PAYMENTS.c.refund_tx, "") == bindparam("previous_refund_tx")),
+            "record_refund_paid": _SETTLED_ONLY.where(_PAYMENTS.c.refunded_at.is_(None))}
 _DELETE_STORED = delete(_STORED).where(_STORED.c.payment_id == bindparam("pid"))
 _INSERT_STORED = insert(_STORED)
 
@@ -381,18 +368,19 @@ for _column in _PAYMENTS.c:
 
 def _transition(
     hot: HotStatements, connection: Connection, payment_id: int, allowed: tuple[str, ...], values: dict[str, Any],
-    name: str, owner: str | None = None,
+    name: str, guard: dict[str, Any] | None = None,
 ) -> None:
-    """One UPDATE of the row, only from the states in ``allowed`` (and, with ``owner``, only while
-    that request owns the row); otherwise nothing is written and ``invalid_transition`` (or
-    ``ledger_row_missing``) is raised."""
+    """One UPDATE of the row, only from the states in ``allowed`` (and, with ``guard``'s parameters,
+    only as ``_GUARDED[name]`` further allows); otherwise nothing is written and ``invalid_transition``
+    (or ``ledger_row_missing``, or the guard's own code) is raised."""
     unknown = values.keys() - _COLUMNS
     if unknown:
         raise AttributeError(f"payments has no column {sorted(unknown)[0]!r}")
     values.setdefault("updated_at", utcnow())
     statement, params = _TRANSITIONS[allowed], {"pid": payment_id, **values}
-    if owner is not None or name == "record_refund_owed":
-        statement, params["owning_request"] = _GUARDED[name], owner
+    if guard is not None:
+        statement = _GUARDED[name]
+        params.update(guard)
     cursor = hot.get(statement, values).execute(connection, params)
     changed = cursor.rowcount
     cursor.close()
@@ -400,9 +388,8 @@ def _transition(
         state = connection.execute(_STATE_OF, {"pid": payment_id}).scalar_one_or_none()
         if state is None:
             raise LedgerError(f"payment {payment_id} not found", code="ledger_row_missing")
-        if state in allowed:  # the guard: another request owns the row, or owes its refund already
-            code = "refund_already_owed" if name == "record_refund_owed" else "invalid_transition"
-            raise LedgerError(f"payment {payment_id}: {name} taken by another request", code=code)
+        if state in allowed and guard is not None:  # the guard: another request owns the row, owes its refund...
+            raise LedgerError(f"payment {payment_id}: {name} taken by another request", code=GUARD_CODES[name])
         raise LedgerError(
             f"payment {payment_id}: {name} is not allowed from state {state!r} (only from {', '.join(allowed)})",
             code="invalid_transition",

@@ -1,0 +1,104 @@
+"""``x402gw ledger refunds [--pay]``: refunds still owed, what the chain says of each, and paying them.
+
+A refund is owed when a settled payment bought nothing; the gateway pays it at once only with a
+refund key, and a broadcast that failed or a receipt that never came leaves it owed. This command
+lists every owed refund with its status on chain (``settlement.finance.owed_refunds``) and, with
+``--pay``, pays what is safe to pay with ``X402GW_REFUND_KEY`` (the settings the gateway reads),
+records what already landed, and leaves what may still land. Exactly once against the running
+gateway and other runs: each refund is claimed in the ledger before its broadcast.
+
+Exit codes: 0 nothing is owed any more (or, without ``--pay``, the list was printed); 1 with
+``--pay``, refunds stay owed (each line says why); 2 the command could not run (bad settings, no
+refund key with ``--pay``, a network without chain access, a node that stops answering).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["refunds"]
+
+_WHY = {
+    "left": "left: it may still land (pending) or needs a person (unknown: --include-unknown pays it again; unexplained)",
+    "no_refund_key": "no refund key for this network (X402GW_REFUND_KEY)",
+    "claimed_elsewhere": "another payer (the gateway, another run) claimed it first",
+    "sent": "sent; its receipt did not come in time: run again to record it",
+}
+
+
+def units(amount: int, decimals: int) -> str:
+    """An atomic amount as an exact decimal of the token (4000 with 6 decimals: 0.004)."""
+    text = format(Decimal(amount).scaleb(-decimals), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _describe(line: Any, pay: bool) -> str:
+    amount = f"{units(line.amount, line.decimals)} ({line.amount} atomic units) to {line.payer} on {line.network}"
+    tx = f" [{line.tx_hash}]" if line.tx_hash else ""
+    outcome = _WHY.get(line.outcome, line.outcome) if pay else ""
+    return f"payment {line.payment_id}: {amount} ({line.reason or 'no reason'}): {line.status}{tx}" + (
+        f" -> {outcome}" if outcome else "")
+
+
+@click.command("refunds")
+@click.option("--pay", is_flag=True, help="Pay what is safe to pay with X402GW_REFUND_KEY; record what already landed.")
+@click.option("--include-unknown", is_flag=True,
+              help="With --pay, also pay again refunds whose transaction the node does not know (check first that it cannot land).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--catalog", "catalogs", multiple=True, type=click.Path(path_type=Path),
+              help="Catalog file (repeatable; default: X402GW_CATALOG).")
+@click.option("--database-url", envvar="X402GW_DATABASE_URL", default=None,
+              help="Ledger database (default: X402GW_DATABASE_URL, else the gateway's default).")
+def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Path, ...], database_url: str | None) -> None:
+    """Refunds still owed, what the chain says of each; --pay pays them (exit 1 while some stay owed)."""
+    from gateway.cli.ledger import EXIT_DISAGREE, EXIT_ERROR, _chains, _fail, _on_chains, _open_ledger, _settings, _write_webhook_events
+    from gateway.errors import GatewayConfigError
+    from gateway.wiring import build_refunder
+    from settlement.finance.owed_refunds import settle_owed_refunds
+
+    if include_unknown and not pay:
+        raise click.UsageError("--include-unknown pays: it needs --pay")
+    settings = _settings(catalog=list(catalogs), database_url=database_url)
+    _, chains = _chains(settings)
+    refunder = None
+    if pay:
+        if settings.refund_key is None:
+            _fail("--pay needs a refund key: set X402GW_REFUND_KEY or X402GW_REFUND_KEY_FILE (the account that pays refunds)")
+        try:
+            refunder = build_refunder(settings, chains)
+        except GatewayConfigError as exc:
+            _fail(f"{exc.message} [{exc.code}]")
+    book = _open_ledger(settings.database_url)
+    _write_webhook_events(book, settings)  # refund.paid, as the gateway would write it
+
+    def show(line: Any) -> None:
+        if not as_json:
+            click.echo(_describe(line, pay))
+
+    async def work() -> Any:
+        try:
+            return await settle_owed_refunds(book, chains, refunder, pay=pay, include_unknown=include_unknown, on_line=show)
+        finally:
+            if refunder is not None:
+                await refunder.close()
+
+    report = _on_chains(book, chains, work())
+    owed = report.still_owed
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    elif not report.lines:
+        click.echo("no refund is owed")
+    else:
+        click.echo(f"{len(owed)} of {len(report.lines)} refunds still owed ({sum(line.amount for line in owed)} atomic units)"
+                   if owed else f"all {len(report.lines)} refunds settled")
+    if report.unchecked_networks:
+        click.echo(f"error: no RPC URL for {', '.join(report.unchecked_networks)} (X402GW_RPC_URLS)", err=True)
+        sys.exit(EXIT_ERROR)
+    if pay and owed:
+        sys.exit(EXIT_DISAGREE)

@@ -1,0 +1,170 @@
+"""Refunds still owed, what the chain says of each, and paying them (``x402gw ledger refunds``).
+
+A refund is owed when a settled payment bought nothing (an ``upfront`` tool whose upstream failed,
+an answer lost after settlement). The request that owed it pays it when a refund key is configured;
+without one, or when its broadcast failed or its receipt never came, the refund stays owed. Each
+owed refund is classified against the chain by the transaction recorded for it, if any:
+
+- ``unpaid``: no refund transaction was ever claimed for it;
+- ``landed``: its transaction is mined and moved the amount to the payer: only the record was
+  missing (the process died before writing it); recorded paid, nothing is sent;
+- ``reverted``: its transaction is mined and failed: nothing moved; paid again;
+- ``pending``: the node has it, not mined yet: left alone (it may still land);
+- ``unknown``: the node does not know it: it may never have been sent (a refused broadcast), or may
+  still land from another node's pool; paid again only with ``include_unknown`` (the operator has
+  checked it cannot land: the refund account's nonce moved past it, say);
+- ``unexplained``: mined and successful, without the transfer to the payer: left for a person.
+
+Paying is exactly-once against every other payer of the same refund (a request of the gateway,
+another run of this command): each claims the refund in the ledger before its broadcast
+(``Ledger.record_refund_tx``, only while the refund transaction is still the one it read), so two
+never both broadcast; the hash is recorded before the transaction leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from settlement.chain.broadcast import BeforeSend
+from settlement.chain.receipts import Receipt
+from settlement.chain.refunds import RefundResult
+from settlement.errors import ChainUnavailable
+from settlement.ledger import Ledger, Payment
+
+__all__ = ["LANDED", "PENDING", "REVERTED", "UNEXPLAINED", "UNKNOWN", "UNPAID", "RefundLine", "RefundsReport",
+           "settle_owed_refunds"]
+
+UNPAID, LANDED, REVERTED, PENDING, UNKNOWN, UNEXPLAINED = "unpaid", "landed", "reverted", "pending", "unknown", "unexplained"
+_PAYABLE = {UNPAID, REVERTED}
+
+
+class RefundChain(Protocol):
+    async def get_receipt(self, tx_hash: str) -> Receipt | None: ...
+
+    async def knows_transaction(self, tx_hash: str) -> bool: ...
+
+
+class RefundPayer(Protocol):
+    def can_refund(self, network: str) -> bool: ...
+
+    async def refund(self, network: str, token: str, to: str, amount: int,
+                     before_send: BeforeSend | None = None) -> RefundResult: ...
+
+
+@dataclass(slots=True)
+class RefundLine:
+    payment_id: int
+    network: str
+    payer: str
+    amount: int
+    reason: str | None
+    status: str  # what the chain said of the refund before this run (above)
+    tx_hash: str | None  # its refund transaction: the one found, or the one this run sent
+    outcome: str  # what this run did: listed, paid, recorded, sent, left, claimed_elsewhere, no_refund_key, failed
+    decimals: int = 6  # of the token
+
+    @property
+    def settled(self) -> bool:
+        """Nothing is owed any more after this run."""
+        return self.outcome in ("paid", "recorded", "recorded_elsewhere")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"payment": self.payment_id, "network": self.network, "payer": self.payer, "amount": str(self.amount),
+                "reason": self.reason, "status": self.status, "refundTransaction": self.tx_hash, "outcome": self.outcome}
+
+
+@dataclass(slots=True)
+class RefundsReport:
+    lines: list[RefundLine] = field(default_factory=list)
+    unchecked_networks: list[str] = field(default_factory=list)  # owed refunds on networks without chain access
+
+    @property
+    def still_owed(self) -> list[RefundLine]:
+        return [line for line in self.lines if not line.settled]
+
+    def to_json(self) -> dict[str, Any]:
+        owed = self.still_owed
+        return {"refunds": [line.to_json() for line in self.lines], "stillOwed": len(owed),
+                "stillOwedAmount": str(sum(line.amount for line in owed)), "uncheckedNetworks": self.unchecked_networks}
+
+
+class _ClaimedElsewhere(Exception):
+    """Another payer claimed this refund between our read and our broadcast."""
+
+
+async def refund_status(chain: RefundChain, row: Payment) -> str:
+    """What the chain says of ``row``'s refund transaction (the module's list)."""
+    if not row.refund_tx:
+        return UNPAID
+    receipt = await chain.get_receipt(row.refund_tx)
+    if receipt is None:
+        return PENDING if await chain.knows_transaction(row.refund_tx) else UNKNOWN
+    if receipt.status != 1:
+        return REVERTED
+    # The refund account is the transaction's sender (whichever key it was then).
+    if receipt.sender and receipt.has_transfer(row.asset, receipt.sender, row.payer, int(row.refund_owed or 0)):
+        return LANDED
+    return UNEXPLAINED
+
+
+async def settle_owed_refunds(
+    ledger: Ledger, chains: Mapping[str, RefundChain], refunder: RefundPayer | None, *, pay: bool,
+    include_unknown: bool = False, on_line: Callable[[RefundLine], None] = lambda line: None,
+) -> RefundsReport:
+    """Every owed refund, oldest first, classified; with ``pay``, each paid or recorded as it can be."""
+    report = RefundsReport()
+    for row in await ledger.run(ledger.owed_refunds):
+        chain = chains.get(row.network)
+        if chain is None:
+            if row.network not in report.unchecked_networks:
+                report.unchecked_networks.append(row.network)
+            continue
+        status = await refund_status(chain, row)
+        line = RefundLine(row.id, row.network, row.payer, int(row.refund_owed or 0), row.refund_reason, status,
+                          row.refund_tx, "listed", row.decimals)
+        if pay:
+            await _settle(ledger, refunder, row, line, include_unknown)
+        report.lines.append(line)
+        on_line(line)
+    return report
+
+
+async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, line: RefundLine,
+                  include_unknown: bool) -> None:
+    if line.status == LANDED:
+        first = await ledger.run(ledger.record_refund_paid, row.id, row.refund_tx)
+        line.outcome = "recorded" if first else "recorded_elsewhere"
+        return
+    if line.status not in _PAYABLE and not (include_unknown and line.status == UNKNOWN):
+        line.outcome = "left"
+        return
+    if refunder is None or not refunder.can_refund(row.network):
+        line.outcome = "no_refund_key"
+        return
+    previous = row.refund_tx
+    claimed: list[str] = []
+
+    async def claim(tx_hash: str) -> None:
+        if not await ledger.run(ledger.record_refund_tx, row.id, tx_hash, previous):
+            raise _ClaimedElsewhere
+        claimed.append(tx_hash)
+
+    try:
+        result = await refunder.refund(row.network, row.asset, row.payer, line.amount, claim)
+    except _ClaimedElsewhere:
+        line.outcome = "claimed_elsewhere"
+        return
+    except ChainUnavailable as exc:
+        line.outcome = f"failed: {exc.code}"
+        return
+    if result.refused and claimed:  # it never left: the refund reads as before this run
+        await ledger.run(ledger.record_refund_tx, row.id, previous, claimed[-1])
+        claimed.clear()
+    line.tx_hash = result.tx_hash or (claimed[-1] if claimed else previous)
+    if result.confirmed:
+        await ledger.run(ledger.record_refund_paid, row.id, result.tx_hash)
+        line.outcome = "paid"
+    else:
+        line.outcome = "sent" if result.tx_hash and result.reason == "refund_pending" else f"failed: {result.reason}"
