@@ -108,6 +108,7 @@ PAYMENT_HEADER_TOO_LARGE: Final = "payment_header_too_large"
 PAYMENT_HEADER_NOT_BASE64: Final = "payment_header_not_base64"
 PAYMENT_HEADER_NOT_JSON: Final = "payment_header_not_json"
 PAYMENT_HEADER_NOT_OBJECT: Final = "payment_header_not_object"
+PAYMENT_HEADER_REPEATED: Final = "payment_header_repeated"  # several payment headers: proxies may read another one
 PAYMENT_ALREADY_SETTLED: Final = "payment_already_settled"
 PAYMENT_IDENTIFIER_CONFLICT: Final = "payment_identifier_conflict"
 PAYMENT_IDENTIFIER_REQUIRED: Final = "payment_identifier_required"
@@ -222,6 +223,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(PAYMENT_HEADER_NOT_BASE64, 400, "fix_payment"),
     Refusal(PAYMENT_HEADER_NOT_JSON, 400, "fix_payment"),
     Refusal(PAYMENT_HEADER_NOT_OBJECT, 400, "fix_payment"),
+    Refusal(PAYMENT_HEADER_REPEATED, 400, "fix_payment"),
     Refusal(PAYMENT_ALREADY_SETTLED, 409, "new_payment"),
     Refusal(PAYMENT_IDENTIFIER_CONFLICT, 409, "new_payment"),
     # a resend of a payment first sent with a payment-identifier, without that id: no answer

@@ -184,11 +184,27 @@ def test_garbage_payment_headers_get_a_stable_code(
     untouched(gateway, received)
 
 
-def test_two_payment_headers_are_one_refusal_not_two_readings(gateway: RunningGateway, received: list[Received]) -> None:
-    for second in ("PAYMENT-SIGNATURE: %%%", "X-PAYMENT: e30="):
-        status, _, body = raw(gateway, f"GET /lookup/1 HTTP/1.1\r\nHost: gw.example\r\nPAYMENT-SIGNATURE: WzEsMl0=\r\n{second}\r\n")
-        refused(status, body, "payment_header_not_object")  # the first, whatever follows
+def test_two_payment_headers_are_one_refusal_not_two_readings(
+        gateway: RunningGateway, received: list[Received], devchain: Devchain) -> None:
+    """Whichever of two same-named headers a proxy, a log or the gateway would read, none is read: a
+    valid payment beside another (garbage, a second valid one, in any letter case) spends nothing."""
+    with gateway.client() as client:
+        offer = offer_of(client.get("/lookup/1"))
+    valid = encode_header(Payer(devchain.key(PAYER)).sign(offer.accepts[0], resource=offer.resource))
+    other = encode_header(Payer(devchain.key(PAYER)).sign(offer.accepts[0], resource=offer.resource))
+    payee_before = devchain.balance(PAY_TO)
+    for first, second in ((valid, "PAYMENT-SIGNATURE: %%%"), ("%%%", f"PAYMENT-SIGNATURE: {valid}"),
+                          (valid, f"PAYMENT-SIGNATURE: {other}"), (valid, f"payment-signature: {valid}")):
+        status, _, body = raw(gateway, f"GET /lookup/1 HTTP/1.1\r\nHost: gw.example\r\nPAYMENT-SIGNATURE: {first}\r\n{second}\r\n")
+        refused(status, body, "payment_header_repeated")
+    for header in (f"X-PAYMENT: {valid}\r\nX-PAYMENT: %%%", f"X-PAYMENT: %%%\r\nx-payment: {valid}"):
+        status, _, body = raw(gateway, f"GET /lookup/1 HTTP/1.1\r\nHost: gw.example\r\n{header}\r\n")
+        refused(status, body, "payment_header_repeated")
     untouched(gateway, received)
+    assert devchain.balance(PAY_TO) == payee_before
+    with gateway.client() as client:  # the payment itself is still good, sent alone
+        paid = client.get("/lookup/1", headers={"PAYMENT-SIGNATURE": valid})
+    assert paid.status_code == 200 and devchain.balance(PAY_TO) == payee_before + int(offer.accepts[0].amount)
 
 
 def test_a_clients_request_id_is_never_echoed_into_answers(gateway: RunningGateway, received: list[Received]) -> None:

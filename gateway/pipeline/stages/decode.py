@@ -63,7 +63,13 @@ class DecodeAndBind:
         request, quote = ctx.request, ctx.quote
         assert request is not None and quote is not None
         ctx.payment_received = True
-        header = request.headers.get(PAYMENT_SIGNATURE)
+        headers = request.headers
+        if len(headers.getlist(PAYMENT_SIGNATURE)) > 1 or len(headers.getlist(X_PAYMENT)) > 1:
+            # A proxy or a log may read another of them than we would: one payment, one reading.
+            # (One of each is no ambiguity: PAYMENT-SIGNATURE, x402 v2, is the one read.)
+            raise GatewayError(codes.PAYMENT_HEADER_REPEATED, "send a payment header once; this request repeats one "
+                               "(PAYMENT-SIGNATURE or X-PAYMENT); nothing was spent")
+        header = headers.get(PAYMENT_SIGNATURE)
         if header is not None:
             payload = decode_payment(header)
             quote = bind(quote, payload)
