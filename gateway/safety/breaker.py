@@ -8,7 +8,8 @@ Failures are what says the upstream is down: a 5xx answer, a timeout, a connecti
 a 4xx: that is the caller's fault). They are counted in an epoch-aligned window with the store's
 atomic budget counter. While open, requests for the upstream's tools get 503 ``upstream_circuit_open``
 with ``Retry-After`` *before* any 402, so nobody pays for a dead upstream. In half-open, unpaid
-requests get their 402; one paid request at a time holds the probe lock and calls the upstream.
+requests get their 402; one paid request at a time holds the probe lock and calls the upstream (it
+takes the lock after its payment is verified: a junk or unfunded payment never holds it).
 
 Keys: ``breaker:<owner>/<upstream>:open`` (the open-until time, lingers as the half-open marker),
 ``:probe`` (lock) and ``:failures`` (counter).
@@ -48,6 +49,7 @@ class Ticket:
 
     upstream: str
     probe_owner: str | None = None
+    half_open: bool = False  # let through in half-open without the probe: a paid request takes it after verify
 
 
 class Unread:
@@ -114,7 +116,7 @@ class Breakers:
         if now < until:
             raise self._refusal(upstream, until - now)
         if probe_owner is None:
-            return Ticket(upstream)
+            return Ticket(upstream, half_open=True)
         if await self.store.acquire(self._key(upstream, "probe"), probe_owner, PROBE_TTL_MS):
             return Ticket(upstream, probe_owner)
         raise self._refusal(upstream, 1)

@@ -137,11 +137,7 @@ class _StoreErrors:
         return False
 
 
-_STORE_ERRORS = _StoreErrors()
-
-
-def _store_errors() -> _StoreErrors:
-    return _STORE_ERRORS
+_store_errors = _StoreErrors  # ``with _store_errors():`` a fresh one each time (no state: cheap)
 
 
 class _Verdict:
@@ -244,12 +240,12 @@ class Safety:
                 status=431, limit=self.limits.max_header_bytes,
             )
 
-    async def before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int, *, paying: bool) -> None:
+    async def before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int) -> None:
         """Kill switch, price guard, circuit breaker: none of them may be answered with a price."""
         with self._verdict(ctx, "before_challenge"):
-            await self._before_challenge(ctx, tool, price_atomic, paying=paying)
+            await self._before_challenge(ctx, tool, price_atomic)
 
-    async def _before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int, *, paying: bool) -> None:
+    async def _before_challenge(self, ctx: RequestContext, tool: Tool, price_atomic: int) -> None:
         held = ctx.safety = Held()
         policy, breakers = self.policy, self.breakers
         open_raw: bytes | None | Unread = UNREAD
@@ -264,7 +260,7 @@ class Safety:
             raise GatewayError(codes.TOOL_DISABLED, f"{tool.name} is not available: {reason}", status=503, retryable=False)
         self.price_guard(tool, price_atomic)
         with _store_errors():
-            held.ticket = await breakers.check(tool, ctx.request_id if paying else None, open_raw=open_raw)
+            held.ticket = await breakers.check(tool, None, open_raw=open_raw)  # half-open: the probe waits for verify
 
     def price_guard(self, tool: Tool, price_atomic: int) -> None:
         ceiling = self._ceilings.get(tool.name)
@@ -299,7 +295,12 @@ class Safety:
             await self._before_verify(ctx, tool, payer, per_tool)
 
     async def per_tool(self, ctx: RequestContext, tool: Tool) -> None:
+        """After verify: the tool's tokens, and a half-open breaker's probe (503 while another holds it)."""
         with self._verdict(ctx, "per_tool"):
+            held = ctx.safety
+            if isinstance(held, Held) and held.ticket is not None and held.ticket.half_open:
+                with _store_errors():
+                    held.ticket = await self.breakers.check(tool, ctx.request_id)
             await self._take(tool, "per_tool", tool.name)
 
     async def _before_verify(self, ctx: RequestContext, tool: Tool, payer: str, per_tool: bool = True) -> None:

@@ -41,7 +41,7 @@ class PreChallengeSafety:
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, quote = ctx.tool, ctx.quote
         assert tool is not None and quote is not None
-        await self.safety.before_challenge(ctx, tool, int(quote.requirements.amount), paying=ctx.paying)
+        await self.safety.before_challenge(ctx, tool, int(quote.requirements.amount))
         # Every request, paid or not, spends its client's tokens: a payment header is no pass.
         await self.safety.per_client(ctx, tool)
         return None

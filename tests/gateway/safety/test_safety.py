@@ -160,11 +160,11 @@ def test_kill_switch_from_a_policy_file_takes_effect_when_the_file_changes(tmp_p
     tool = safety_tool(safety, "quote")
 
     async def body() -> None:
-        await safety.before_challenge(ctx(), tool, 2000, paying=False)
+        await safety.before_challenge(ctx(), tool, 2000)
         policy_file.write_text('disabled_tools: {quote: "maintenance"}\n')
         os.utime(policy_file, ns=(1, 2_000_000_000))  # a distinct mtime, however fast the write
         with pytest.raises(GatewayError) as refused:
-            await safety.before_challenge(ctx(), tool, 2000, paying=False)
+            await safety.before_challenge(ctx(), tool, 2000)
         assert (refused.value.status, refused.value.code) == (503, "tool_disabled")
         assert refused.value.fields["retryable"] is False and "maintenance" in refused.value.message
         assert "PAYMENT-REQUIRED" not in refused.value.to_response().headers
@@ -172,14 +172,14 @@ def test_kill_switch_from_a_policy_file_takes_effect_when_the_file_changes(tmp_p
         policy_file.write_text("disabled_tools: [\n")
         os.utime(policy_file, ns=(1, 3_000_000_000))
         with pytest.raises(GatewayError):
-            await safety.before_challenge(ctx(), tool, 2000, paying=False)
+            await safety.before_challenge(ctx(), tool, 2000)
         policy_file.write_text("disabled_owners: [acme]\n")
         os.utime(policy_file, ns=(1, 4_000_000_000))
         with pytest.raises(GatewayError) as owner_off:
-            await safety.before_challenge(ctx(), safety_tool(safety, "weather"), 3000, paying=False)
+            await safety.before_challenge(ctx(), safety_tool(safety, "weather"), 3000)
         assert owner_off.value.code == "tool_disabled"
         policy_file.unlink()
-        await safety.before_challenge(ctx(), tool, 2000, paying=False)
+        await safety.before_challenge(ctx(), tool, 2000)
 
     run(body())
 
@@ -217,14 +217,14 @@ def test_price_guard_refuses_a_price_above_the_maximum_at_request_time() -> None
     safety = Safety(MemoryStore(), catalogs(), Limits(max_price=Decimal("0.0025")))
 
     async def body() -> None:
-        await safety.before_challenge(ctx(), safety_tool(safety, "quote"), 2000, paying=False)
+        await safety.before_challenge(ctx(), safety_tool(safety, "quote"), 2000)
         # a price computed at request time above the tool's own max_price (0.004) ...
         with pytest.raises(GatewayError) as refused:
-            await safety.before_challenge(ctx(), safety_tool(safety, "quote"), 4001, paying=False)
+            await safety.before_challenge(ctx(), safety_tool(safety, "quote"), 4001)
         assert (refused.value.status, refused.value.code) == (503, "price_guard")
         # ... or above the gateway's
         with pytest.raises(GatewayError):
-            await safety.before_challenge(ctx(), safety_tool(safety, "weather"), 3000, paying=False)
+            await safety.before_challenge(ctx(), safety_tool(safety, "weather"), 3000)
 
     run(body())
 

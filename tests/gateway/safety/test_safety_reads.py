@@ -56,13 +56,13 @@ def test_the_kill_switches_and_the_breaker_are_one_read(store_backend: StoreBack
         cats = catalogs(BREAKER_CATALOG)
         safety = Safety(shared, cats)
         tool = next(t for t in cats.tools if t.name == "a")
-        await safety.before_challenge(ctx(), tool, 1000, paying=False)
+        await safety.before_challenge(ctx(), tool, 1000)
         assert store.reads == [("get_many", ("policy:overrides", "breaker:acme/flaky:open"))]
 
         # Another replica (its own objects, the same store) switches the tool off: refused at once.
         await Policy(real).set("tools", "a", True, "maintenance")
         with pytest.raises(GatewayError) as off:
-            await safety.before_challenge(ctx(), tool, 1000, paying=False)
+            await safety.before_challenge(ctx(), tool, 1000)
         assert off.value.code == "tool_disabled"
         await Policy(real).set("tools", "a", False)
 
@@ -70,7 +70,7 @@ def test_the_kill_switches_and_the_breaker_are_one_read(store_backend: StoreBack
         other = Breakers(real, cats.tools)
         await fail(other, tool, 3)
         with pytest.raises(GatewayError) as tripped:
-            await safety.before_challenge(ctx(), tool, 1000, paying=False)
+            await safety.before_challenge(ctx(), tool, 1000)
         assert tripped.value.code == "upstream_circuit_open"
         assert [kind for kind, _ in store.reads] == ["get_many"] * 3
 
@@ -87,7 +87,7 @@ def test_a_policy_on_another_store_is_still_read(store_backend: StoreBackend) ->
         tool = next(t for t in cats.tools if t.name == "a")
         await Policy(real).set("tools", "a", True, "maintenance")
         with pytest.raises(GatewayError) as off:
-            await safety.before_challenge(ctx(), tool, 1000, paying=False)
+            await safety.before_challenge(ctx(), tool, 1000)
         assert off.value.code == "tool_disabled"
         assert apart.reads == [("get", ("policy:overrides",))]
 
