@@ -46,6 +46,22 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_split(pid))
 
 
+def threads_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of each thread of ``pids``: ``loop`` (each process's main thread, its event loop)
+    and the others by process and thread id (Python's threads all share the process's name)."""
+    tick = float(__import__("os").sysconf("SC_CLK_TCK"))
+    seconds: dict[str, float] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = "loop" if task.name == str(pid) else f"{pid}/{task.name}"
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
 def named(name: str) -> list[int]:
     """Every process whose command is ``name`` (PostgreSQL's backends, Redis)."""
     out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
@@ -100,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                 before["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
                 before["postgres+redis"] = servers_cpu()
                 sys_before = sum(cpu_split(pid)[1] for pid in gateway_pids)
+                threads_before = threads_cpu(gateway_pids)
                 result = wrk(url, GATEWAY_PATH, 200, args.concurrency, args.duration, headers)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 after["gateway"] = sum(cpu_seconds(pid) for pid in gateway_pids)
                 after["postgres+redis"] = servers_cpu()
                 system = sum(cpu_split(pid)[1] for pid in gateway_pids) - sys_before
+                threads_after = threads_cpu(gateway_pids)
     calls = result["ok"]
     if not calls:
         print("no paid call succeeded", file=sys.stderr)
@@ -114,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parts = ", ".join(f"{name} {1000 * (after[name] - before[name]) / calls:.2f} ms" for name in names)
     print(f"{'F (batched)' if args.batched else 'D'}{setup.label} c={args.concurrency}: {rate:.0f} paid calls/s; "
           f"CPU per call: {parts} (gateway in the kernel: {1000 * system / calls:.2f} ms)")
+    by_thread = {name: after_s - threads_before.get(name, 0.0) for name, after_s in threads_after.items()}
+    print("gateway threads: " + ", ".join(
+        f"{name} {1000 * spent / calls:.2f} ms" for name, spent in sorted(by_thread.items(), key=lambda kv: -kv[1])
+        if spent > 0))
     return 0
 
 

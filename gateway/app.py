@@ -7,6 +7,7 @@ the start-up checks, are in ``gateway.wiring`` (re-exported here where other mod
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -72,7 +73,7 @@ from settlement.chain.deployment import local_tokens
 from settlement.chain.refunds import Refunder
 from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger
-from settlement.ledger.resolve import resolve_open_payments
+from settlement.ledger.resolve import keep_resolving, resolve_open_payments
 from settlement.schema import open_ledger
 from settlement.schemes import Facilitator, Schemes
 from settlement.schemes.channels_claims import start_claims
@@ -142,8 +143,10 @@ def _lifespan(
     pipeline: Pipeline,
     mcp_endpoint: McpEndpoint,
     refunder: Refunder | None,
+    resolve_pending_seconds: float,
 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
-    """Start-up checks and the start-up reconcile before serving; every client closed after."""
+    """Start-up checks and the start-up reconcile before serving, then pending payments followed
+    (``keep_resolving``); every client closed after."""
     chains, remotes = wiring.chains, wiring.remotes
 
     @asynccontextmanager
@@ -162,10 +165,14 @@ def _lifespan(
             log.info("start-up reconcile: %s", resolution.to_json())
         # batch-settlement: bound to the store and ledger; what a crash left accrued is claimed now.
         claims = await start_claims(wiring.channels, ledger, store)
+        every = resolve_pending_seconds
+        follower = asyncio.ensure_future(keep_resolving(ledger, wiring.schemes, every)) if every else None
         try:
             async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
                 yield
         finally:
+            if follower is not None:
+                follower.cancel()
             # Settlements of streams whose payer left run on no connection: waited for first, while
             # the ledger and the chain clients they need are still open.
             await drain_stream_settlements()
@@ -278,12 +285,9 @@ def create_app(
     mcp_endpoint, agent_routes = _agent_interface(settings, pipeline, ledger, store, receipts)
     routes.extend([*agent_routes, *webhooks.routes(settings), _paid_route(pipeline)])
     cors = _cors()
-    app = _Gateway(
-        routes=routes,
-        middleware=[Middleware(CORSMiddleware, **cors)],
-        exception_handlers={404: _not_found},
-        lifespan=webhooks.around(_lifespan(wiring, catalogs, ledger, store, upstream, pipeline, mcp_endpoint, refunder)),
-    )
+    lifespan = _lifespan(wiring, catalogs, ledger, store, upstream, pipeline, mcp_endpoint, refunder, settings.resolve_pending_seconds)
+    app = _Gateway(routes=routes, middleware=[Middleware(CORSMiddleware, **cors)], exception_handlers={404: _not_found},
+                   lifespan=webhooks.around(lifespan))
     if fast_path:
         # Unpaid calls to a tool get their 402 before the middleware stack (gateway.pipeline.fastpath),
         # with the CORS headers this app's CORSMiddleware would add.

@@ -277,6 +277,10 @@ class Settings(BaseSettings):
     settlement_key: SecretStr | None = None
     settlement_key_file: Path | None = None
     receipt_timeout_seconds: float = Field(default=30.0, gt=0)
+    # How often `pending` payments (broadcast, not final when their request answered) are resolved
+    # against the chain in the background, so the ledger and webhooks follow the chain without a
+    # resend, a restart or a reconcile; 0: never (settlement.ledger.resolve.keep_resolving).
+    resolve_pending_seconds: float = Field(default=30.0, ge=0)
     # Key that signs payers' receipts (EIP-712; its address is published in /.well-known/x402). Never
     # logged. Default on the local chain only: an anvil dev key (gateway.surfaces.receipts).
     receipt_key: SecretStr | None = None

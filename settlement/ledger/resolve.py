@@ -1,19 +1,24 @@
 """Resolutions of payments whose outcome is not final (``settling``, ``pending``), applied to the ledger.
 
-Runs at gateway start-up, when a payment in such a state is presented again, and from
-``x402gw reconcile``. What happened is the scheme's to say (for ``exact``, the chain:
+Runs at gateway start-up, when a payment in such a state is presented again, in the background for
+``pending`` rows (``keep_resolving``), and from ``x402gw reconcile``. What happened is the scheme's to say (for ``exact``, the chain:
 ``settlement.schemes.exact_resolve``); this module only defines the answer and writes it through
 the ledger's named transitions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from settlement.errors import ChainUnavailable, LedgerError
 from settlement.ledger import Ledger, Payment, PaymentState
+
+log = logging.getLogger("x402gw.resolve")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +67,17 @@ def changes(row: Payment, resolution: Resolution) -> bool:
     return resolution.after != row.state or resolution.tx_hash != row.tx_hash
 
 
-async def resolve_open_payments(ledger: Ledger, resolver: Resolver) -> list[Resolution]:
-    """Resolve every ``settling``/``pending`` row the resolver can tell about; apply and report.
+async def resolve_open_payments(
+    ledger: Ledger, resolver: Resolver, *, which: Callable[[Payment], bool] = lambda row: True,
+) -> list[Resolution]:
+    """Resolve every ``settling``/``pending`` row the resolver can tell about (of those ``which``
+    keeps); apply and report.
 
     A row the resolver cannot tell about, or whose chain does not answer, stays open (reported
     by reconcile as still open)."""
     results: list[Resolution] = []
     rows = await ledger.run(ledger.open_payments)
-    for row in rows:
+    for row in filter(which, rows):
         try:
             resolution = await resolver.resolve(row)
         except ChainUnavailable:
@@ -87,3 +95,23 @@ async def resolve_open_payments(ledger: Ledger, resolver: Resolver) -> list[Reso
                 continue
         results.append(resolution)
     return results
+
+
+def _pending(row: Payment) -> bool:
+    return row.state == PaymentState.PENDING
+
+
+async def keep_resolving(ledger: Ledger, resolver: Resolver, every: float) -> None:
+    """Resolve the ``pending`` rows every ``every`` seconds until cancelled: a settlement broadcast
+    whose receipt did not come before its request answered is followed to its outcome (settled,
+    failed) as the chain gives it, without a resend. ``settling`` rows are left to their request (a
+    live one holds them; a dead one's are resolved at start-up). A round that fails (the database
+    or the chain away) is logged and the next one tries again."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            for resolution in await resolve_open_payments(ledger, resolver, which=_pending):
+                if resolution.after != resolution.before:
+                    log.info("pending payment resolved: %s", resolution.to_json())
+        except Exception:  # never ends the loop: the next round tries again
+            log.exception("pending payments not resolved this round")

@@ -73,21 +73,23 @@ async def resolve_exact(
             reason=reason,
         )
 
-    if row.tx_hash:
-        receipt = await chain.wait_for_receipt(row.tx_hash, 0)
-        if receipt is not None and settled_by(receipt, row):
-            return outcome(PaymentState.SETTLED, "receipt_success", receipt)
+    # One receipt read, and the authorization's state read after it: whatever the chain did between
+    # two reads (our transaction mined, a copy or a cancel landing) is never mistaken for what it
+    # did before them. A receipt read again after the state read could show a transaction mined in
+    # between (success included) as "reverted while the authorization was unused".
+    receipt = await chain.wait_for_receipt(row.tx_hash, 0) if row.tx_hash else None
+    if receipt is not None and settled_by(receipt, row):
+        return outcome(PaymentState.SETTLED, "receipt_success", receipt)
     used = await chain.authorization_state(token, row.payer, nonce)
     if used:
-        receipt = await chain.find_authorization_used(token, row.payer, nonce)
-        if receipt is not None and settled_by(receipt, row):
-            return outcome(PaymentState.SETTLED, "authorization_used", receipt)
-        return outcome(PaymentState.FAILED, "authorization_used_elsewhere", receipt)
+        found = await chain.find_authorization_used(token, row.payer, nonce)
+        if found is not None and settled_by(found, row):
+            return outcome(PaymentState.SETTLED, "authorization_used", found)
+        return outcome(PaymentState.FAILED, "authorization_used_elsewhere", found or receipt)
+    if receipt is not None:  # mined before the state read without moving it, and the authorization unused
+        return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
     if row.tx_hash:
-        receipt = await chain.wait_for_receipt(row.tx_hash, 0)
-        if receipt is not None:  # mined, reverted, and the authorization is still unused
-            return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
-        if clock() >= row.valid_before:
+        if clock() >= row.valid_before:  # unused as of now and past its window: it can never move
             return outcome(PaymentState.FAILED, "authorization_expired_unmined")
         return outcome(PaymentState.PENDING, "transaction_not_mined")
     if write_ahead or clock() >= row.valid_before:
