@@ -299,6 +299,10 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
     if receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
         return outcome(PaymentState.SETTLED, "receipt_success", receipt)
     if permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call())):
+        if receipt is None and row.tx_hash:  # ours may be what used it, mined since the receipt read
+            receipt = await chain.wait_for_receipt(row.tx_hash, 0)
+            if receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
+                return outcome(PaymentState.SETTLED, "receipt_success", receipt)
         return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)
     if receipt is not None:
         return outcome(PaymentState.FAILED, "transaction_reverted", receipt)

@@ -1,7 +1,9 @@
-"""``resolve_exact`` reads the receipt once and the authorization's state after it, so a block mined
-between its reads is never misread: our settlement mined (successfully) right after the state read
-used to be resolved ``failed: transaction_reverted`` (ledger failed, money moved), and one that
-reverted because the payer cancelled in that block was blamed on the transaction."""
+"""Resolving an open payment never misreads a block mined between its reads. ``resolve_exact`` reads
+the receipt once and the authorization's state after it: our settlement mined (successfully) right
+after the state read used to be resolved ``failed: transaction_reverted`` (ledger failed, money
+moved), and one reverted by the payer's cancel in that block was blamed on the transaction.
+``resolve_upto`` (Permit2: upto, exact through Permit2) read "nonce used, no receipt" as used
+elsewhere when our own transaction had just landed: it reads the receipt again once the nonce is used."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from settlement.chain.receipts import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, 
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.reads import _payment
 from settlement.schemes.exact_resolve import resolve_exact
+from settlement.schemes.upto import resolve_upto
 from tests.support.settlement_helpers import ledger_fields
 
 TX = "0x" + "ab" * 32
@@ -88,3 +91,34 @@ def test_a_cancel_in_the_block_that_reverted_ours_is_the_payers_doing() -> None:
         ("failed", "authorization_used_elsewhere")
     assert _resolve(MinedBetweenReads(reverted, used_after_block=False, mined_at=0)) == \
         ("failed", "transaction_reverted")
+
+
+class Permit:
+    deadline = 2**40
+
+    def nonce_bitmap_call(self) -> bytes:
+        return b"bitmap"
+
+    def nonce_used(self, bitmap: bytes) -> bool:
+        return bitmap == b"used"
+
+
+class PermitChain(MinedBetweenReads):
+    async def eth_call(self, to: str, data: bytes, **_: Any) -> bytes:
+        landed = self._tick()
+        return b"used" if landed and self.used_after_block else b"unused"
+
+
+def _resolve_upto(chain: Any) -> tuple[str, str]:
+    resolution = asyncio.run(resolve_upto(_row(), Permit(), chain, lambda: 0.0))
+    return resolution.after, resolution.reason
+
+
+def test_a_permit2_settlement_mined_between_the_receipt_and_the_nonce_read_is_settled() -> None:
+    row = _row()
+    transfer_only = Receipt(TX, 1, 9, (_settling_receipt(row).logs[1],))  # Permit2 logs the token's Transfer
+    assert _resolve_upto(PermitChain(transfer_only, used_after_block=True, mined_at=1)) == ("settled", "receipt_success")
+    assert _resolve_upto(PermitChain(transfer_only, used_after_block=True, mined_at=0)) == ("settled", "receipt_success")
+    assert _resolve_upto(PermitChain(transfer_only, used_after_block=False, mined_at=2)) == ("pending", "transaction_not_mined")
+    reverted = Receipt(TX, 0, 9)  # the nonce spent by another transaction; ours reverted
+    assert _resolve_upto(PermitChain(reverted, used_after_block=True, mined_at=1)) == ("failed", "permit_used_elsewhere")
