@@ -27,8 +27,17 @@ class CatalogIssue:
     code: str  # stable snake_case code, e.g. "invalid_price"
 
     def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        # The file name and the field path come from the user (a YAML key, a path on disk): a line
+        # break or a terminal escape in them is shown escaped, so one issue is always one line.
+        file, path = _printable(self.file), _printable(self.path)
+        where = file if self.line is None else f"{file}:{self.line}"
+        return f"{where}: {path}: {self.message}" if path else f"{where}: {self.message}"
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 class CatalogError(Exception):

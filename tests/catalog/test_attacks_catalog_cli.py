@@ -217,3 +217,17 @@ def test_garbage_arguments_exit_2_without_a_traceback(args: list[str]) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, (args, result.output)
     assert "Traceback" not in result.output and "Error:" in result.output
+
+
+def test_a_file_name_or_key_with_a_line_break_cannot_fake_output_lines(tmp_path: Path) -> None:
+    """A catalog named ``c.yaml\\nall.yaml: ok`` or a YAML key with a line break or a terminal escape
+    in it: each issue is still one line, the injected text shown escaped."""
+    path = write(tmp_path, with_price('"-1"').replace("owner: minimal", 'owner: minimal\n"x\\ny\\u001b[2J": 1'),
+                 name="c.yaml\nall.yaml: ok")
+    status, output = validate(str(path))
+    assert status == 1
+    issues = [line for line in output.splitlines() if line.strip()]
+    assert not any(line.startswith("all.yaml") for line in issues)
+    assert all("\x1b" not in line for line in issues)
+    assert any("c.yaml\\nall.yaml: ok" in line for line in issues)
+    assert any("x\\ny\\x1b[2J" in line for line in issues)
