@@ -71,10 +71,14 @@ def _key_for(settings: Settings, network: str, chain_id: int, deployment: Deploy
 _PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 
 
+_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141  # secp256k1's n
+
+
 def _check_key(key: str | None, setting: str) -> None:
-    """A key that is not 32 bytes of hex is named by its setting, never quoted (it is a secret)."""
-    if key is not None and (_PRIVATE_KEY.fullmatch(key.strip()) is None or int(key.strip(), 16) == 0):
-        raise GatewayConfigError(f"{setting} is not a private key (32 bytes, hex)", code="invalid_key")
+    """A key that is not 32 bytes of hex, or not a key of the curve (0, n and above: the signing
+    library's error would quote it as a number), is named by its setting, never quoted (a secret)."""
+    if key is not None and (_PRIVATE_KEY.fullmatch(key.strip()) is None or not 0 < int(key.strip(), 16) < _CURVE_ORDER):
+        raise GatewayConfigError(f"{setting} is not a private key (32 bytes, hex, below the curve order)", code="invalid_key")
 
 
 def _refuse_dev_key(key: str | None, network: str, chain_id: int, what: str) -> None:

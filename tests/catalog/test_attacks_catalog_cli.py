@@ -231,3 +231,16 @@ def test_a_file_name_or_key_with_a_line_break_cannot_fake_output_lines(tmp_path:
     assert all("\x1b" not in line for line in issues)
     assert any("c.yaml\\nall.yaml: ok" in line for line in issues)
     assert any("x\\ny\\x1b[2J" in line for line in issues)
+
+
+@pytest.mark.parametrize("key", ["f" * 64, "0x" + "F" * 64, "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141"])
+def test_a_key_past_the_curve_order_is_refused_without_quoting_it(tmp_path: Path, key: str) -> None:
+    """64 hex digits, yet no secp256k1 key: one line naming the setting, never the key (the signing
+    library's own error prints it as a decimal number)."""
+    env = {"X402GW_DEPLOYMENT_FILE": str(tmp_path / "none.json"), "X402GW_SETTLEMENT_KEY": key,
+           "X402GW_RPC_URLS": '{"eip155:31337": "http://127.0.0.1:1"}'}
+    result = CliRunner().invoke(main, ["serve", "--catalog", str(DEFAULT_CATALOG.with_name("minimal.yaml"))], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().endswith("[invalid_key]") and "X402GW_SETTLEMENT_KEY" in result.output
+    assert key.lower().removeprefix("0x") not in result.output.lower() and str(int(key, 16)) not in result.output
+    assert "Traceback" not in result.output
