@@ -39,10 +39,16 @@ def _fail(message: str) -> None:
 
 
 def _open_ledger(database_url: str | None) -> Any:
+    """The ledger a finance command reads: one that exists. A SQLite file that does not is a
+    mistyped URL, never a fresh empty ledger that reports "nothing owed, nothing to reconcile"."""
+    from gateway.devkit.demo_ledger import sqlite_file
     from settlement.errors import LedgerError
     from settlement.schema import open_ledger
 
     url = database_url or _settings().database_url
+    missing = sqlite_file(url)
+    if missing is not None and not missing.exists():
+        _fail(f"no ledger at {missing}: check --database-url or X402GW_DATABASE_URL (nothing was created) [ledger_not_found]")
     try:
         return open_ledger(url)
     except LedgerError as exc:

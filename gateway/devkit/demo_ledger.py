@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DEMO_DIR", "DEMO_LEDGER", "DEMO_LEDGER_POINTER", "LedgerChoice", "choose_ledger", "export_command",
-           "sqlite_url", "write_pointer"]
+           "sqlite_file", "sqlite_url", "write_pointer"]
 
 DEMO_DIR = Path("var/demo")
 DEMO_LEDGER = DEMO_DIR / "ledger.sqlite3"
@@ -52,7 +52,7 @@ def choose_ledger(default_url: str, base: Path = Path()) -> LedgerChoice:
     demo_url = _demo_url(base)
     if demo_url is None:
         return LedgerChoice(default_url, None)
-    default_file = _sqlite_file(default_url, base)
+    default_file = sqlite_file(default_url, base)
     if default_file is not None and not default_file.exists():
         return LedgerChoice(demo_url, f"reading the demo's ledger {demo_url} (no --database-url given and "
                                       f"{default_url} does not exist; written by x402gw demo)")
@@ -65,11 +65,12 @@ def _demo_url(base: Path) -> str | None:
         url = (base / DEMO_LEDGER_POINTER).read_text(encoding="utf-8").strip()
     except OSError:
         return None
-    target = _sqlite_file(url, base)
+    target = sqlite_file(url, base)
     return url if target is not None and target.exists() else None
 
 
-def _sqlite_file(url: str, base: Path) -> Path | None:
+def sqlite_file(url: str, base: Path = Path()) -> Path | None:
+    """The file a ``sqlite:///`` URL names (relative to ``base``), or None for another database."""
     prefix = "sqlite:///"
     if not url.startswith(prefix) or url == prefix + ":memory:":
         return None

@@ -244,3 +244,14 @@ def test_a_key_past_the_curve_order_is_refused_without_quoting_it(tmp_path: Path
     assert result.output.strip().endswith("[invalid_key]") and "X402GW_SETTLEMENT_KEY" in result.output
     assert key.lower().removeprefix("0x") not in result.output.lower() and str(int(key, 16)) not in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["ledger", "export"], ["ledger", "summary"], ["receipt", "export"]])
+def test_a_mistyped_ledger_url_is_refused_not_created_empty(tmp_path: Path, command: list[str]) -> None:
+    """A finance command pointed at a SQLite file that does not exist would have created an empty
+    ledger and reported nothing owed, nothing earned: refused, and nothing is created."""
+    missing = tmp_path / "typo" / "ledgr.sqlite3"
+    result = CliRunner().invoke(main, command, env={"X402GW_DATABASE_URL": f"sqlite:///{missing}"})
+    assert result.exit_code == 2, result.output
+    assert "[ledger_not_found]" in result.output and "Traceback" not in result.output
+    assert not missing.exists() and not missing.parent.exists()

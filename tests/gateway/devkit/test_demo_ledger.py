@@ -74,7 +74,11 @@ def test_an_explicit_database_url_is_read_as_given(tmp_path: Path, monkeypatch: 
     _demo_ledger(tmp_path)
     other = tmp_path / "other.sqlite3"
     monkeypatch.setenv("X402GW_DATABASE_URL", f"sqlite:///{other}")
+    # A file that does not exist is a mistyped URL: refused, not created, and not the demo's instead.
+    missing = CliRunner().invoke(main, ["ledger", "export", "--format", "jsonl"])
+    assert missing.exit_code == 2 and "[ledger_not_found]" in missing.stderr and "demo" not in missing.stderr
+    assert not other.exists()
+    open_ledger(f"sqlite:///{other}").close()
     result = CliRunner().invoke(main, ["ledger", "export", "--format", "jsonl"])
     assert result.exit_code == 0, result.output
-    assert "demo" not in result.stderr
-    assert other.exists()
+    assert "demo" not in result.stderr and result.stdout == ""
