@@ -9,7 +9,7 @@ gateway and other runs: each refund is claimed in the ledger before its broadcas
 
 Exit codes: 0 nothing is owed any more (or, without ``--pay``, the list was printed); 1 with
 ``--pay``, refunds stay owed (each line says why); 2 the command could not run (bad settings, no
-refund key with ``--pay``, a network without chain access, a node that stops answering).
+refund key with ``--pay``, a network without chain access, a node or the ledger that stops answering).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = ["refunds"]
 
 _WHY = {
     "left": "left: it may still land (pending) or needs a person (unknown: --include-unknown pays it again; unexplained)",
+    "too_recent": "left: claimed too recently, its transaction may still be on its way (run again later)",
     "no_refund_key": "no refund key for this network (X402GW_REFUND_KEY)",
     "claimed_elsewhere": "another payer (the gateway, another run) claimed it first",
     "sent": "sent; its receipt did not come in time: run again to record it",
@@ -49,7 +50,8 @@ def _describe(line: Any, pay: bool) -> str:
 @click.command("refunds")
 @click.option("--pay", is_flag=True, help="Pay what is safe to pay with X402GW_REFUND_KEY; record what already landed.")
 @click.option("--include-unknown", is_flag=True,
-              help="With --pay, also pay again refunds whose transaction the node does not know (check first that it cannot land).")
+              help="With --pay, also pay again refunds whose transaction the node does not know (check first that it cannot land; "
+                   "one claimed less than 10 minutes plus X402GW_RECEIPT_TIMEOUT_SECONDS ago is left: it may still be on its way).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--catalog", "catalogs", multiple=True, type=click.Path(path_type=Path),
               help="Catalog file (repeatable; default: X402GW_CATALOG).")
@@ -60,7 +62,8 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
     from gateway.cli.ledger import EXIT_DISAGREE, EXIT_ERROR, _chains, _fail, _on_chains, _open_ledger, _settings, _write_webhook_events
     from gateway.errors import GatewayConfigError
     from gateway.wiring import build_refunder
-    from settlement.finance.owed_refunds import settle_owed_refunds
+    from settlement.errors import LedgerError
+    from settlement.finance.owed_refunds import UNKNOWN_QUIET_SECONDS, settle_owed_refunds
 
     if include_unknown and not pay:
         raise click.UsageError("--include-unknown pays: it needs --pay")
@@ -74,6 +77,8 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
             refunder = build_refunder(settings, chains)
         except GatewayConfigError as exc:
             _fail(f"{exc.message} [{exc.code}]")
+        except ValueError:  # 64 hex digits, yet no key of the curve (zero is caught above, n and over here)
+            _fail("X402GW_REFUND_KEY is not a private key (32 bytes, hex, below the curve order) [invalid_key]")
     book = _open_ledger(settings.database_url)
     _write_webhook_events(book, settings)  # refund.paid, as the gateway would write it
 
@@ -83,12 +88,18 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
 
     async def work() -> Any:
         try:
-            return await settle_owed_refunds(book, chains, refunder, pay=pay, include_unknown=include_unknown, on_line=show)
+            # A claim is quiet once no gateway can still send its transaction: past its receipt wait.
+            quiet = UNKNOWN_QUIET_SECONDS + settings.receipt_timeout_seconds
+            return await settle_owed_refunds(book, chains, refunder, pay=pay, include_unknown=include_unknown, on_line=show,
+                                             quiet_seconds=quiet)
         finally:
             if refunder is not None:
                 await refunder.close()
 
-    report = _on_chains(book, chains, work())
+    try:
+        report = _on_chains(book, chains, work())
+    except LedgerError as exc:  # a claim never written is never broadcast: run again when the ledger answers
+        _fail(f"{exc.message} [{exc.code}]")
     owed = report.still_owed
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))

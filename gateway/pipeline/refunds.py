@@ -40,7 +40,9 @@ class Refunds:
         claimed: list[str] = []
 
         async def before_send(tx_hash: str) -> None:
-            if not await ledger.run(ledger.record_refund_tx, payment_id, tx_hash):
+            # A second signature (the first refused for a stale nonce, so it never lands: the refund
+            # account is shared with `ledger refunds --pay`) replaces this request's own claim.
+            if not await ledger.run(ledger.record_refund_tx, payment_id, tx_hash, claimed[-1] if claimed else None):
                 raise _ClaimedElsewhere  # `ledger refunds --pay` took it meanwhile: never broadcast twice
             claimed.append(tx_hash)
 

@@ -12,19 +12,24 @@ owed refund is classified against the chain by the transaction recorded for it, 
 - ``pending``: the node has it, not mined yet: left alone (it may still land);
 - ``unknown``: the node does not know it: it may never have been sent (a refused broadcast), or may
   still land from another node's pool; paid again only with ``include_unknown`` (the operator has
-  checked it cannot land: the refund account's nonce moved past it, say);
+  checked it cannot land: the refund account's nonce moved past it, say), and only once its claim is
+  older than ``quiet_seconds``: a claim is written before its broadcast, so a refund the gateway is
+  sending right now (or sending again after a lost answer) reads ``unknown`` too (``too_recent``);
 - ``unexplained``: mined and successful, without the transfer to the payer: left for a person.
 
 Paying is exactly-once against every other payer of the same refund (a request of the gateway,
 another run of this command): each claims the refund in the ledger before its broadcast
 (``Ledger.record_refund_tx``, only while the refund transaction is still the one it read), so two
-never both broadcast; the hash is recorded before the transaction leaves.
+never both broadcast; the hash is recorded before the transaction leaves. A payer whose broadcast
+was refused for a stale nonce signs again: its new hash replaces its own claim (the refused one can
+never land), as its claim and not another payer's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any, Protocol
 
 from settlement.chain.broadcast import BeforeSend
@@ -32,12 +37,16 @@ from settlement.chain.receipts import Receipt
 from settlement.chain.refunds import RefundResult
 from settlement.errors import ChainUnavailable
 from settlement.ledger import Ledger, Payment
+from settlement.ledger.models import utcnow
 
-__all__ = ["LANDED", "PENDING", "REVERTED", "UNEXPLAINED", "UNKNOWN", "UNPAID", "RefundLine", "RefundsReport",
-           "settle_owed_refunds"]
+__all__ = ["LANDED", "PENDING", "REVERTED", "UNEXPLAINED", "UNKNOWN", "UNKNOWN_QUIET_SECONDS", "UNPAID", "RefundLine",
+           "RefundsReport", "settle_owed_refunds"]
 
 UNPAID, LANDED, REVERTED, PENDING, UNKNOWN, UNEXPLAINED = "unpaid", "landed", "reverted", "pending", "unknown", "unexplained"
 _PAYABLE = {UNPAID, REVERTED}
+# An ``unknown`` refund whose claim is younger than this may be in flight still: a gateway broadcasts
+# right after its claim, and sends a transaction whose answer was lost again for about two minutes.
+UNKNOWN_QUIET_SECONDS = 600.0
 
 
 class RefundChain(Protocol):
@@ -62,7 +71,7 @@ class RefundLine:
     reason: str | None
     status: str  # what the chain said of the refund before this run (above)
     tx_hash: str | None  # its refund transaction: the one found, or the one this run sent
-    outcome: str  # what this run did: listed, paid, recorded, sent, left, claimed_elsewhere, no_refund_key, failed
+    outcome: str  # what this run did: listed, paid, recorded, sent, left, too_recent, claimed_elsewhere, no_refund_key, failed
     decimals: int = 6  # of the token
 
     @property
@@ -112,6 +121,7 @@ async def refund_status(chain: RefundChain, row: Payment) -> str:
 async def settle_owed_refunds(
     ledger: Ledger, chains: Mapping[str, RefundChain], refunder: RefundPayer | None, *, pay: bool,
     include_unknown: bool = False, on_line: Callable[[RefundLine], None] = lambda line: None,
+    quiet_seconds: float = UNKNOWN_QUIET_SECONDS,
 ) -> RefundsReport:
     """Every owed refund, oldest first, classified; with ``pay``, each paid or recorded as it can be."""
     report = RefundsReport()
@@ -125,20 +135,30 @@ async def settle_owed_refunds(
         line = RefundLine(row.id, row.network, row.payer, int(row.refund_owed or 0), row.refund_reason, status,
                           row.refund_tx, "listed", row.decimals)
         if pay:
-            await _settle(ledger, refunder, row, line, include_unknown)
+            await _settle(ledger, refunder, row, line, include_unknown, quiet_seconds)
         report.lines.append(line)
         on_line(line)
     return report
 
 
+def _claimed_seconds_ago(row: Payment) -> float:
+    """How long ago the row was last written (its refund claim, or a later write); a naive time
+    (SQLite) is UTC, as the ledger writes it."""
+    moment = row.updated_at if row.updated_at.tzinfo is not None else row.updated_at.replace(tzinfo=UTC)
+    return (utcnow() - moment).total_seconds()
+
+
 async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, line: RefundLine,
-                  include_unknown: bool) -> None:
+                  include_unknown: bool, quiet_seconds: float) -> None:
     if line.status == LANDED:
         first = await ledger.run(ledger.record_refund_paid, row.id, row.refund_tx)
         line.outcome = "recorded" if first else "recorded_elsewhere"
         return
     if line.status not in _PAYABLE and not (include_unknown and line.status == UNKNOWN):
         line.outcome = "left"
+        return
+    if line.status == UNKNOWN and _claimed_seconds_ago(row) < quiet_seconds:
+        line.outcome = "too_recent"  # its broadcast may be on its way: paying now could pay twice
         return
     if refunder is None or not refunder.can_refund(row.network):
         line.outcome = "no_refund_key"
@@ -147,7 +167,8 @@ async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, li
     claimed: list[str] = []
 
     async def claim(tx_hash: str) -> None:
-        if not await ledger.run(ledger.record_refund_tx, row.id, tx_hash, previous):
+        # A second signature (the first refused for a stale nonce) replaces this run's own claim.
+        if not await ledger.run(ledger.record_refund_tx, row.id, tx_hash, claimed[-1] if claimed else previous):
             raise _ClaimedElsewhere
         claimed.append(tx_hash)
 

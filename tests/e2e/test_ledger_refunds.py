@@ -11,16 +11,19 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from eth_account import Account
+from sqlalchemy import update
 
 from gateway.cli.main import main
 from settlement.chain.client import SEL_TRANSFER
 from settlement.ledger import Payment
+from settlement.ledger.models import utcnow
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog
 from tests.e2e.test_exactly_once import UPFRONT_TOOL, signed
 from tests.e2e.test_paid_call import receipt_of
@@ -52,6 +55,13 @@ def the_row(gateway: RunningGateway, payment_id: int) -> Payment:
     row = gateway.ledger.get(payment_id)
     assert row is not None
     return row
+
+
+def age_claim(gateway: RunningGateway, payment_id: int, age: timedelta) -> None:
+    """The row's last write (its refund claim) ``age`` ago, as if the claim had been made then."""
+    table = Payment.__table__
+    with gateway.ledger.engine.begin() as connection:
+        connection.execute(update(table).where(table.c.id == payment_id).values(updated_at=utcnow() - age))
 
 
 def send_refund_transfer(devchain: Devchain, to: str, amount: int, *, gas: int | None = None) -> str:
@@ -163,6 +173,11 @@ def test_a_refund_whose_transaction_the_node_does_not_know_is_left_unless_told(
     assert (report["refunds"][0]["status"], report["refunds"][0]["outcome"]) == ("unknown", "left")
     assert devchain.balance(payer) == before and the_row(gateway, row.id).refund_tx == lost
 
+    code, report = run_refunds(gateway, "--pay", "--include-unknown", refund_key=devchain.key(9))
+    assert code == 1 and report["refunds"][0]["outcome"] == "too_recent"  # it may be on its way still
+    assert devchain.balance(payer) == before
+
+    age_claim(gateway, row.id, timedelta(hours=1))  # long quiet: nothing of the gateway's sends it now
     code, report = run_refunds(gateway, "--pay", "--include-unknown", refund_key=devchain.key(9))
     assert code == 0 and report["refunds"][0]["outcome"] == "paid"
     assert devchain.balance(payer) == before + REFUND

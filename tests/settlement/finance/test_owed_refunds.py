@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,7 +83,7 @@ def _owed(ledger: Ledger, n: int, refund_tx: str | None = None) -> Payment:
     return found
 
 
-def _run(ledger: Ledger, chain: Chain, payer: Payer | None, **options: bool) -> RefundsReport:
+def _run(ledger: Ledger, chain: Chain, payer: Payer | None, **options: Any) -> RefundsReport:
     return asyncio.run(settle_owed_refunds(ledger, {"eip155:31337": chain}, payer, **options))
 
 
@@ -134,11 +135,13 @@ def test_a_claim_taken_between_the_read_and_the_broadcast_stops_the_broadcast(le
 
 
 def test_include_unknown_pays_again_and_no_payer_leaves_it_owed(ledger: Ledger) -> None:
+    """A claim gone quiet (``quiet_seconds=0``: older than the wait; a fresh one: test_refund_attacks)."""
     chain = Chain()
     row = _owed(ledger, 1, "0x" + "a4" * 32)
-    assert [line.outcome for line in _run(ledger, chain, None, pay=True, include_unknown=True).lines] == ["no_refund_key"]
+    assert [line.outcome for line in _run(ledger, chain, None, pay=True, include_unknown=True,
+                                          quiet_seconds=0).lines] == ["no_refund_key"]
     payer = Payer()
-    report = _run(ledger, chain, payer, pay=True, include_unknown=True)
+    report = _run(ledger, chain, payer, pay=True, include_unknown=True, quiet_seconds=0)
     assert [line.outcome for line in report.lines] == ["paid"] and len(payer.sent) == 1
     paid = ledger.get(row.id)
     assert paid is not None and paid.refund_tx == payer.sent[0] and paid.refunded_at is not None

@@ -5,8 +5,10 @@ made from a stale read of the row is refused, whatever the interleaving."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from settlement.ledger import Ledger, Payment
+from settlement.ledger.outbox import list_rows
 from tests.settlement.ledger.test_ledger import fields
 
 TX_A, TX_B, TX_C = ("0x" + c * 64 for c in "abc")
@@ -75,3 +77,20 @@ def test_a_payment_owing_nothing_is_not_listed(ledger: Ledger) -> None:
     ledger.begin_settlement(row.id, None)
     ledger.mark_settled(row.id, tx_hash="0x" + "cd" * 32, block_number=3)
     assert ledger.owed_refunds() == []
+
+
+def test_racing_payers_of_one_refund_write_refund_paid_once(ledger: Ledger) -> None:
+    """The gateway and ``ledger refunds --pay`` (or two runs) record one refund paid at once, with
+    webhooks on: one ``refund.paid`` event, from the record that stood; a claim writes none."""
+    row = _owed(ledger)
+    ledger.subscriptions = lambda owner, event_type: ["erp"]
+    assert ledger.record_refund_tx(row.id, TX_A)
+
+    async def race() -> list[bool]:
+        return list(await asyncio.gather(*(ledger.run(ledger.record_refund_paid, row.id, TX_A) for _ in range(8))))
+
+    assert asyncio.run(race()).count(True) == 1
+    with ledger.outbox_transaction() as connection:
+        events = [json.loads(r["payload"]) for r in list_rows(connection) if r["event_type"].startswith("refund.")]
+    assert [(e["type"], e["data"]["paymentId"], e["data"]["refundTransaction"]) for e in events] == [
+        ("refund.paid", row.id, TX_A)]

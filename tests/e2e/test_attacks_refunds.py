@@ -1,0 +1,170 @@
+"""Attacks on the refunds owed to payers, against a real anvil and gateway: the running gateway and
+``x402gw ledger refunds --pay`` share the refund account, interleave with each other and with a
+refund still in flight. Each test asserts the payer's balance on chain and the ledger row."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from eth_account import Account
+
+from gateway.cli.main import main
+from settlement.chain.client import SEL_TRANSFER
+from settlement.ledger import Payment
+from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog
+from tests.e2e.test_exactly_once import UPFRONT_TOOL, signed
+from tests.e2e.test_ledger_refunds import PAYER, REFUND, age_claim, env_of, run_refunds, send_refund_transfer
+from tests.e2e.test_paid_call import receipt_of
+
+pytestmark = pytest.mark.e2e
+
+FAILING = "/paid-first/reports/500"  # an upfront tool whose upstream fails: a refund is owed
+
+
+def owe_one(gateway: RunningGateway, devchain: Devchain) -> tuple[str, Payment]:
+    """One paid call whose upstream fails; its refund header and its ledger row."""
+    with gateway.client() as client:
+        header = signed(client, devchain, FAILING, payer=PAYER)
+        failed = client.get(FAILING, headers={"PAYMENT-SIGNATURE": header})
+    assert failed.status_code == 500 and receipt_of(failed).success
+    settled = receipt_of(failed).transaction
+    row = next(r for r in gateway.ledger.all() if r.tx_hash == settled)
+    return failed.headers["x402gw-refund"], row
+
+
+def upfront_gateway(start_gateway: GatewayFactory, tmp_path: Path, upstream: str, **overrides: Any) -> RunningGateway:
+    catalog = demo_catalog(tmp_path, upstream)
+    catalog.write_text(catalog.read_text() + UPFRONT_TOOL)
+    return start_gateway(catalog=catalog, **overrides)
+
+
+def test_the_gateway_pays_a_refund_after_the_command_used_the_same_refund_account(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str
+) -> None:
+    """The command (or anyone) sent from the refund account since the gateway last did: the
+    gateway's next refund is refused for its stale nonce and signed again on a fresh one. The second
+    signature's claim replaces the first (which can never land): the refund is paid, not left holding
+    a hash that was never sent (``unknown``, for a person to sort out)."""
+    gateway = upfront_gateway(start_gateway, tmp_path, upstream, refund_key=devchain.key(9))
+    payer = devchain.address(PAYER)
+    first, _ = owe_one(gateway, devchain)
+    assert first.startswith("refunded 0x")  # the gateway's refund lane now counts the account's nonces
+    send_refund_transfer(devchain, devchain.address(3), 1)  # another sender on the refund account
+    before = devchain.balance(payer)
+
+    refund, row = owe_one(gateway, devchain)
+
+    assert refund.startswith("refunded 0x"), refund
+    assert devchain.balance(payer) == before - REFUND + REFUND  # charged, then paid back: once
+    row = gateway.ledger.get(row.id) or row
+    assert row.refunded_at is not None and row.refund_tx == refund.split()[1]
+    assert devchain.w3.eth.get_transaction_receipt(row.refund_tx)["status"] == 1
+
+
+def test_include_unknown_never_pays_over_a_refund_still_being_sent(
+    owed_with_spare_key: tuple[RunningGateway, Payment, str], devchain: Devchain
+) -> None:
+    """The gateway claimed the refund (its hash recorded) and is about to broadcast it: the node does
+    not know it yet. ``--include-unknown`` must not pay it again then: the gateway's transaction lands
+    a moment later. Here the refund is sent from another account than the command's (a refund key
+    rotated while the gateway runs, say), so no shared nonce saves the payer from a second refund."""
+    gateway, row, command_key = owed_with_spare_key
+    payer = devchain.address(PAYER)
+    in_flight = Account.sign_transaction({
+        "to": devchain.token, "data": "0x" + (SEL_TRANSFER + bytes.fromhex(payer[2:].rjust(64, "0"))
+                                              + REFUND.to_bytes(32, "big")).hex(),
+        "gas": 100_000, "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 10**6, "chainId": devchain.w3.eth.chain_id,
+        "nonce": devchain.w3.eth.get_transaction_count(PAY_TO, "pending"), "type": 2,
+    }, devchain.key(9))
+    claimed = "0x" + in_flight.hash.hex().removeprefix("0x")
+    assert gateway.ledger.record_refund_tx(row.id, claimed)  # the gateway's claim, before its broadcast
+    before = devchain.balance(payer)
+
+    code, report = run_refunds(gateway, "--pay", "--include-unknown", refund_key=command_key)
+    devchain.w3.eth.send_raw_transaction(in_flight.raw_transaction)  # the gateway's broadcast goes out
+
+    assert devchain.balance(payer) == before + REFUND  # the gateway's refund, and nothing more
+    assert code == 1 and report["refunds"][0]["status"] == "unknown"
+    assert report["refunds"][0]["outcome"] == "too_recent"
+    assert gateway.ledger.get(row.id).refund_tx == claimed  # type: ignore[union-attr]
+
+
+def test_include_unknown_pays_a_refund_whose_claim_went_quiet(
+    owed_with_spare_key: tuple[RunningGateway, Payment, str], devchain: Devchain
+) -> None:
+    """A claim whose transaction never left (the process died before its broadcast), old enough that
+    nothing of the gateway's can still send it, is paid with ``--include-unknown``; once."""
+    gateway, row, command_key = owed_with_spare_key
+    payer = devchain.address(PAYER)
+    assert gateway.ledger.record_refund_tx(row.id, "0x" + "5e" * 32)
+    age_claim(gateway, row.id, timedelta(hours=1))
+    before = devchain.balance(payer)
+
+    code, report = run_refunds(gateway, "--pay", "--include-unknown", refund_key=command_key)
+
+    assert code == 0 and report["refunds"][0]["outcome"] == "paid"
+    assert devchain.balance(payer) == before + REFUND
+    assert gateway.ledger.get(row.id).refunded_at is not None  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def owed_with_spare_key(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str
+) -> tuple[RunningGateway, Payment, str]:
+    """A refund left owed by a gateway without a refund key, and a funded account (not the payee's)
+    for the command to pay refunds from."""
+    gateway = upfront_gateway(start_gateway, tmp_path, upstream)
+    refund, row = owe_one(gateway, devchain)
+    assert refund == "owed" and row.refund_owed == REFUND
+    spare = Account.create()
+    devchain.w3.eth.send_transaction({"from": PAY_TO, "to": spare.address, "value": 10**18})
+    send_refund_transfer(devchain, spare.address, 10 * REFUND)
+    return gateway, row, "0x" + spare.key.hex().removeprefix("0x")
+
+
+
+def test_a_ledger_that_fails_mid_run_is_a_clear_error_and_pays_nothing(
+    owed_with_spare_key: tuple[RunningGateway, Payment, str], devchain: Devchain
+) -> None:
+    """The ledger refuses the claim (another writer holds its lock past the busy wait): one line
+    with its code and exit 2 ("could not run"), not a traceback and exit 1 ("refunds stay owed");
+    nothing is broadcast without its claim."""
+    gateway, row, command_key = owed_with_spare_key
+    payer = devchain.address(PAYER)
+    before = devchain.balance(payer)
+    database = gateway.settings.database_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(database, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held through the command's busy wait
+        result = CliRunner().invoke(main, ["ledger", "refunds", "--pay"], env=env_of(gateway, command_key))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "[ledger_unavailable]" in result.output and command_key.removeprefix("0x") not in result.output
+    assert devchain.balance(payer) == before
+    again = gateway.ledger.get(row.id)
+    assert again is not None and again.refund_tx is None and again.refunded_at is None
+
+
+CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+@pytest.mark.parametrize("key", [CURVE_ORDER, CURVE_ORDER + 1, 2**256 - 1], ids=["n", "n+1", "max"])
+def test_a_refund_key_past_the_curve_order_is_refused_without_quoting_it(
+    owed_with_spare_key: tuple[RunningGateway, Payment, str], key: int
+) -> None:
+    """64 hex digits that are no secp256k1 key: one line and exit 2, not a traceback (whose
+    validation error prints the key, as a decimal)."""
+    gateway, _, _ = owed_with_spare_key
+    text = f"0x{key:064x}"
+    result = CliRunner().invoke(main, ["ledger", "refunds", "--pay"], env=env_of(gateway, text))
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "[invalid_key]" in result.output
+    assert text[2:] not in result.output.lower() and str(key) not in result.output
