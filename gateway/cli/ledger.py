@@ -18,7 +18,6 @@ from typing import IO, Any
 
 import click
 
-from gateway.cli.refunds import refunds
 from gateway.cli.webhooks import webhooks
 from gateway.settings import Settings
 
@@ -386,5 +385,4 @@ def db_upgrade(database_url: str | None) -> None:
     click.echo(f"ledger schema {outcome}: revision {revision} (head {head_revision()})")
 
 
-ledger.add_command(refunds)  # ledger refunds [--pay]: gateway.cli.refunds
 COMMANDS = (ledger, reconcile, db, webhooks)  # webhooks list / replay: gateway.cli.webhooks

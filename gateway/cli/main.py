@@ -16,8 +16,9 @@ from gateway.cli.agent import agent
 from gateway.cli.audit import audit
 from gateway.cli.batch_settlers import deploy_batch_settlers
 from gateway.cli.doctor import doctor
-from gateway.cli.ledger import COMMANDS
+from gateway.cli.ledger import COMMANDS, ledger
 from gateway.cli.receipt import receipt
+from gateway.cli.refunds import refunds
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -187,6 +188,7 @@ main.add_command(doctor)  # is this configuration ready to take payments?
 
 for _command in COMMANDS:  # ledger export / summary, reconcile, db upgrade
     main.add_command(_command)
+ledger.add_command(refunds)  # ledger refunds [--pay]: owed refunds, paid later (gateway.cli.refunds)
 
 
 main.add_command(agent)  # the reference agent: discover, pay within a limit, print the receipt

@@ -102,6 +102,13 @@ class ReceiptPoller(JsonRpcTransport):
         raw = await self._rpc("eth_getTransactionReceipt", [tx_hash])
         return None if raw is None else _receipt(tx_hash, raw)
 
+    async def block_timestamp(self) -> int:
+        """The latest block's timestamp: the clock a token judges an authorization's window by."""
+        block = await self._rpc("eth_getBlockByNumber", ["latest", False])
+        if not isinstance(block, dict) or not isinstance(block.get("timestamp"), str):
+            raise ChainUnavailable("the node gave no latest block")
+        return int(block["timestamp"], 16)
+
     async def knows_transaction(self, tx_hash: str) -> bool:
         """Whether the node has the transaction, mined or in its pool."""
         return await self._rpc("eth_getTransactionByHash", [tx_hash]) is not None

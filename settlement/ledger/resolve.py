@@ -62,6 +62,25 @@ def apply(ledger: Ledger, resolution: Resolution) -> None:
         raise ValueError(f"a reconcile does not resolve a payment to {after!r}")
 
 
+def apply_unless_moved(ledger: Ledger, row: Payment, resolution: Resolution) -> bool:
+    """``apply``, only if the row is still as ``row`` read it; False (nothing written) if it moved
+    meanwhile. A resolution is of the row as it was read: a row failed without a transaction since
+    (by another process) and reused by a fresh authorization under the same nonce (``record_verified``)
+    is another payment, now ``settling`` with its own broadcast, and ``fail`` is allowed from there.
+    Checked and written in one ledger call (SQLite: one transaction of its one writer); on a server
+    database a write landing between the two statements is still possible, so the ledger's
+    transitions should take this guard in their UPDATE."""
+    current = ledger.get(row.id)
+    if current is None or _version(current) != _version(row):
+        return False
+    apply(ledger, resolution)
+    return True
+
+
+def _version(row: Payment) -> tuple[Any, ...]:
+    return row.state, row.request_id, row.tx_hash, row.authorization, row.updated_at
+
+
 def changes(row: Payment, resolution: Resolution) -> bool:
     """Whether applying ``resolution`` would write anything."""
     return resolution.after != row.state or resolution.tx_hash != row.tx_hash
@@ -85,16 +104,36 @@ async def resolve_open_payments(
         if resolution is None:
             continue
         if changes(row, resolution):
+            # Another process (a worker, a replica, a resend) may have moved the row on meanwhile,
+            # from what the chain said later, or reused it for another payment: its write stands,
+            # this older view is dropped.
             try:
-                await ledger.run(apply, ledger, resolution)
+                if not await ledger.run(apply_unless_moved, ledger, row, resolution):
+                    continue
             except LedgerError as exc:
                 if exc.code != "invalid_transition":
                     raise
-                # Another process (a worker, a replica, a resend) moved the row on meanwhile, from
-                # what the chain said later: its write stands, this older view is dropped.
                 continue
         results.append(resolution)
     return results
+
+
+class _RowByRow:
+    """A resolver whose failure on one row (anything but the chain away: a malformed answer, a row
+    it cannot read) is logged and leaves that row open, not the round ended: otherwise every round
+    would end at it and no row after it would ever be followed again."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+
+    async def resolve(self, row: Payment) -> Resolution | None:
+        try:
+            return await self.resolver.resolve(row)
+        except ChainUnavailable:
+            raise
+        except Exception:  # this row's alone; the next round tries it again
+            log.exception("pending payment %d not resolved this round", row.id)
+            return None
 
 
 def _pending(row: Payment) -> bool:
@@ -107,10 +146,11 @@ async def keep_resolving(ledger: Ledger, resolver: Resolver, every: float) -> No
     failed) as the chain gives it, without a resend. ``settling`` rows are left to their request (a
     live one holds them; a dead one's are resolved at start-up). A round that fails (the database
     or the chain away) is logged and the next one tries again."""
+    isolated = _RowByRow(resolver)
     while True:
         await asyncio.sleep(every)
         try:
-            for resolution in await resolve_open_payments(ledger, resolver, which=_pending):
+            for resolution in await resolve_open_payments(ledger, isolated, which=_pending):
                 if resolution.after != resolution.before:
                     log.info("pending payment resolved: %s", resolution.to_json())
         except Exception:  # never ends the loop: the next round tries again

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from eth_utils import to_checksum_address
 
@@ -51,6 +52,38 @@ async def settled_elsewhere(
     return receipt
 
 
+async def receipt_now(chain: Any, tx_hash: str) -> Receipt | None:
+    """Our transaction's receipt as the node has it now; None only when the node says it is not
+    mined, ``ChainUnavailable`` when it does not answer. ``wait_for_receipt(tx, 0)`` takes a lookup
+    that failed for "not mined yet" (right for a waiter, who asks again): a resolution that then
+    sees the nonce used would blame another transaction for what ours did."""
+    get = getattr(chain, "get_receipt", None)  # JsonRpcChain's; a test double may only wait
+    if get is None:
+        receipt: Receipt | None = await chain.wait_for_receipt(tx_hash, 0)
+        return receipt
+    return await get(tx_hash)  # type: ignore[no-any-return]
+
+
+async def chain_time(chain: Any) -> int | None:
+    """The latest block's timestamp: the clock the token judges an authorization's window by. None
+    when this chain client cannot say (a test double): the caller's own clock then stands in."""
+    read = getattr(chain, "block_timestamp", None)  # JsonRpcChain's
+    return None if read is None else int(await read())
+
+
+async def window_closed(chain: Any, refused_from: int, clock: Callable[[], float]) -> bool:
+    """Whether no block can take the authorization any more: the token refuses it in a block dated
+    ``refused_from`` or later (EIP-3009: ``block.timestamp >= validBefore``; Permit2: ``>
+    deadline``). Our clock is not the chain's: a head dated behind it (a slow or stalled chain, a
+    skewed host) still takes our transaction from the pool, or sent again by our chain client. So
+    our clock first (no read while the window is open by it), then the latest block's date. Read
+    before the authorization's state: unused as of a later read, it can never move."""
+    if clock() < refused_from:
+        return False
+    head = await chain_time(chain)
+    return head is None or head >= refused_from
+
+
 async def resolve_exact(
     row: Payment, chain: Chain, *, write_ahead: bool = True, clock: Callable[[], float] = time.time
 ) -> Resolution:
@@ -77,9 +110,12 @@ async def resolve_exact(
     # two reads (our transaction mined, a copy or a cancel landing) is never mistaken for what it
     # did before them. A receipt read again after the state read could show a transaction mined in
     # between (success included) as "reverted while the authorization was unused".
-    receipt = await chain.wait_for_receipt(row.tx_hash, 0) if row.tx_hash else None
+    # A receipt read that fails is not "not mined" (``receipt_now``). The window is judged by the
+    # chain's clock, read before the state (``window_closed``).
+    receipt = await receipt_now(chain, row.tx_hash) if row.tx_hash else None
     if receipt is not None and settled_by(receipt, row):
         return outcome(PaymentState.SETTLED, "receipt_success", receipt)
+    closed = await window_closed(chain, row.valid_before, clock)
     used = await chain.authorization_state(token, row.payer, nonce)
     if used:
         found = await chain.find_authorization_used(token, row.payer, nonce)
@@ -89,9 +125,9 @@ async def resolve_exact(
     if receipt is not None:  # mined before the state read without moving it, and the authorization unused
         return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
     if row.tx_hash:
-        if clock() >= row.valid_before:  # unused as of now and past its window: it can never move
+        if closed:  # unused as of a block after the chain's clock passed its window: it can never move
             return outcome(PaymentState.FAILED, "authorization_expired_unmined")
         return outcome(PaymentState.PENDING, "transaction_not_mined")
-    if write_ahead or clock() >= row.valid_before:
+    if write_ahead or closed:
         return outcome(PaymentState.FAILED, "not_broadcast")
     return outcome(PaymentState.PENDING, "outcome_unknown")

@@ -55,6 +55,7 @@ from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
+from settlement.schemes.exact_resolve import receipt_now, window_closed
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -295,12 +296,15 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
             block_number=receipt.block_number if receipt else row.block_number, reason=reason,
         )
 
-    receipt = await chain.wait_for_receipt(row.tx_hash, 0) if row.tx_hash else None
+    # A receipt read that fails raises (never "not mined": the nonce seen used would then be blamed
+    # on another transaction); the deadline is judged by the chain's clock, read before the nonce.
+    receipt = await receipt_now(chain, row.tx_hash) if row.tx_hash else None
     if receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
         return outcome(PaymentState.SETTLED, "receipt_success", receipt)
+    closed = await window_closed(chain, permit.deadline + 1, clock)  # Permit2: block.timestamp > deadline
     if permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call())):
         if receipt is None and row.tx_hash:  # ours may be what used it, mined since the receipt read
-            receipt = await chain.wait_for_receipt(row.tx_hash, 0)
+            receipt = await receipt_now(chain, row.tx_hash)
             if receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
                 return outcome(PaymentState.SETTLED, "receipt_success", receipt)
         return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)
@@ -308,7 +312,7 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
         return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
     if not row.tx_hash:
         return outcome(PaymentState.FAILED, "not_broadcast")
-    if clock() > permit.deadline:
+    if closed:
         return outcome(PaymentState.FAILED, "authorization_expired_unmined")
     return outcome(PaymentState.PENDING, "transaction_not_mined")
 

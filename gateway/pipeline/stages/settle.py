@@ -21,6 +21,7 @@ from gateway.protocol.receipts import receipt_headers
 from settlement.chain.gas import take_gas
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable
 from settlement.ledger import Ledger
+from settlement.ledger.transitions import KEEP
 from settlement.schemes import Schemes
 from settlement.schemes.base import Facilitator
 from settlement.schemes.channels import accrued
@@ -169,7 +170,7 @@ async def settle(
         # Money may have moved: never a 402 inviting a second payment. The row stays open for a
         # reconcile against the chain (by tx hash when the facilitator gave one).
         await ledger.run(
-            ledger.mark_pending, payment_id, tx_hash=result.transaction or None, error_reason=result.error_reason,
+            ledger.mark_pending, payment_id, tx_hash=result.transaction or KEEP, error_reason=result.error_reason,
         )
         if result.transaction:
             code = "settlement_pending"

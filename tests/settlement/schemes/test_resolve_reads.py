@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from settlement.chain.client import JsonRpcChain
 from settlement.chain.receipts import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, LogEntry, Receipt
+from settlement.errors import ChainUnavailable
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.reads import _payment
 from settlement.schemes.exact_resolve import resolve_exact
@@ -122,3 +124,108 @@ def test_a_permit2_settlement_mined_between_the_receipt_and_the_nonce_read_is_se
     assert _resolve_upto(PermitChain(transfer_only, used_after_block=False, mined_at=2)) == ("pending", "transaction_not_mined")
     reverted = Receipt(TX, 0, 9)  # the nonce spent by another transaction; ours reverted
     assert _resolve_upto(PermitChain(reverted, used_after_block=True, mined_at=1)) == ("failed", "permit_used_elsewhere")
+
+
+# -- a receipt read that fails is not "not mined" ---------------------------------------------------
+
+
+def _flaky_node(mined: Receipt, nonce_used: bytes) -> JsonRpcChain:
+    """The gateway's own chain client on a node whose receipt lookups fail (a timeout, a 502 from
+    its provider) while its state reads answer: our Permit2 settlement is mined and used the nonce."""
+    chain = JsonRpcChain("http://127.0.0.1:9", 31337, None)
+
+    async def rpc(method: str, params: list[Any], **_: Any) -> Any:
+        if method == "eth_getTransactionReceipt":
+            raise ChainUnavailable("receipt lookup timed out")
+        if method == "eth_blockNumber":
+            return hex(mined.block_number)
+        if method == "eth_call":
+            return "0x" + nonce_used.hex()
+        if method == "eth_getBlockByNumber":
+            return {"number": hex(mined.block_number), "timestamp": hex(1)}
+        raise AssertionError(method)
+
+    chain._rpc = rpc  # type: ignore[method-assign]
+    return chain
+
+
+def test_a_permit2_settlement_whose_receipt_cannot_be_read_is_not_failed() -> None:
+    """``wait_for_receipt(tx, 0)`` answers None when the lookup fails: with the nonce seen used, our
+    own mined settlement was resolved ``failed: permit_used_elsewhere`` (ledger failed, money moved;
+    final: a failed row with a hash is never resolved again). Unknown is never "no": it stays open."""
+    row = _row()
+    chain = _flaky_node(Receipt(TX, 1, 9, (_settling_receipt(row).logs[1],)), b"used")
+    try:
+        resolution = asyncio.run(resolve_upto(row, Permit(), chain, lambda: 0.0))
+    except ChainUnavailable:
+        return  # the row stays pending; the next round reads it again
+    assert resolution.after != PaymentState.FAILED.value, resolution
+
+
+# -- the window is the chain's clock, read before the authorization's state --------------------------
+
+
+class LaggingHead(MinedBetweenReads):
+    """A chain whose head is dated ``dates[i]`` at read ``i`` (our clock is long past validBefore)."""
+
+    def __init__(self, receipt: Receipt, dates: list[int], used_after_block: bool, mined_at: int) -> None:
+        super().__init__(receipt, used_after_block, mined_at)
+        self.dates = dates
+
+    async def block_timestamp(self) -> int:
+        date = self.dates[min(self.reads, len(self.dates) - 1)]
+        self._tick()
+        return date
+
+
+VALID_BEFORE = 2**40
+LATE = lambda: float(VALID_BEFORE + 3600)  # noqa: E731  # our clock: an hour past validBefore
+
+
+def _resolve_at(chain: Any) -> tuple[str, str]:
+    resolution = asyncio.run(resolve_exact(_row(), chain, clock=LATE))
+    return resolution.after, resolution.reason
+
+
+def test_a_settlement_past_valid_before_on_our_clock_but_not_the_chains_stays_pending() -> None:
+    """Our transaction, still in the pool, can land in a block dated before validBefore (it did, on
+    anvil, in tests/e2e/test_attacks_pending.py): failing it on our clock was a charge the ledger
+    denied."""
+    row = _row()
+    ahead = LaggingHead(_settling_receipt(row), [VALID_BEFORE - 60], used_after_block=False, mined_at=99)
+    assert _resolve_at(ahead) == ("pending", "transaction_not_mined")
+    closed = LaggingHead(_settling_receipt(row), [VALID_BEFORE], used_after_block=False, mined_at=99)
+    assert _resolve_at(closed) == ("failed", "authorization_expired_unmined")
+
+
+def test_the_chains_clock_is_read_before_the_authorizations_state() -> None:
+    """Read after it, a head dated past validBefore says nothing of the block before it, dated
+    before validBefore, in which ours landed after the state read (unused): failed, money moved."""
+    row = _row()
+    # reads: receipt (none), head (dated before validBefore), state (unused); then ours lands, and
+    # a block dated past validBefore follows.
+    chain = LaggingHead(_settling_receipt(row), [0, VALID_BEFORE - 1, VALID_BEFORE + 12], used_after_block=True, mined_at=3)
+    assert _resolve_at(chain) == ("pending", "transaction_not_mined")
+
+
+def test_a_remote_rows_window_is_the_chains_clock_too() -> None:
+    """No hash (a remote facilitator's outcome unknown): ``not_broadcast`` frees the row for another
+    authorization under the same nonce, while the facilitator's own transaction can still land."""
+    fields = ledger_fields(1, tx_hash=None, valid_before=VALID_BEFORE)
+    row = _payment({**fields, "id": 1, "state": PaymentState.PENDING.value, "block_number": None})
+    chain: Any = LaggingHead(_settling_receipt(_row()), [VALID_BEFORE - 60], used_after_block=False, mined_at=99)
+    resolution = asyncio.run(resolve_exact(row, chain, write_ahead=False, clock=LATE))
+    assert (resolution.after, resolution.reason) == ("pending", "outcome_unknown")
+
+
+class PermitHead(PermitChain, LaggingHead):
+    pass
+
+
+def test_a_permit2_deadline_is_the_chains_clock_and_is_inclusive() -> None:
+    """Permit2 refuses a block dated after the deadline, not at it."""
+    row = _row()
+    for date, after in ((Permit.deadline, "pending"), (Permit.deadline + 1, "failed")):
+        chain: Any = PermitHead(_settling_receipt(row), [date], used_after_block=False, mined_at=99)
+        resolution = asyncio.run(resolve_upto(row, Permit(), chain, lambda: float(Permit.deadline + 3600)))
+        assert resolution.after == after, (date, resolution)

@@ -176,3 +176,35 @@ def test_respond_serves_the_upstream_answer_privately_with_the_receipt() -> None
     assert answer is not None and answer.status_code == 200 and answer.body == b"{}"
     assert answer.headers["cache-control"] == "private, no-store"
     assert answer.headers["x-request-id"] == ctx.request_id and "payment-response" in answer.headers
+
+
+class _HookThenUnknown:
+    """A facilitator that writes ahead (its hook gets the hash), broadcasts, then cannot say what
+    happened and names no transaction in its answer."""
+
+    async def settle(self, payload: PaymentPayload, requirements: Any, *, before_send: Any = None) -> SettleResponse:
+        await before_send("0x" + "ab" * 32)
+        return SettleResponse(success=False, error_reason=None, network=requirements.network, payer=PAYER)
+
+
+def test_an_unknown_outcome_without_a_hash_in_the_answer_keeps_the_written_ahead_hash(tmp_path: Any) -> None:
+    """The row is pending, and the hash recorded before the broadcast stays: it is what a resolver
+    follows (it used to be cleared, leaving a broadcast transaction nobody looks for)."""
+    from gateway.pipeline.stages.settle import settle
+    from settlement.ledger import PaymentState
+    from settlement.schema import open_ledger
+    from tests.support.settlement_helpers import ledger_fields
+
+    ctx = paid(offered("GET", "/quotes/AAPL"))
+    assert ctx.quote is not None and ctx.payload is not None
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    try:
+        row = ledger.record_verified(**ledger_fields(1))
+        with pytest.raises(GatewayError) as pending:
+            run(settle(cast(Any, _HookThenUnknown()), ledger, row.id, ctx.quote, ctx.payload, (200, [], b"{}"),
+                       hook_writes_ahead=True))
+        assert pending.value.status == 503
+        after = ledger.get(row.id)
+        assert after is not None and after.state == PaymentState.PENDING and after.tx_hash == "0x" + "ab" * 32
+    finally:
+        ledger.close()
