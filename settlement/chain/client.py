@@ -112,6 +112,10 @@ SEL_TRANSFER_WITH_AUTHORIZATION_BYTES = selector(
 )
 # A contract wallet's check runs inside the transfer: more gas than an ecrecover.
 WALLET_TRANSFER_GAS_LIMIT = 400_000
+# find_authorization_used on a node that caps eth_getLogs ranges: windows of this many blocks, back
+# from the head over at most LOG_SCAN_BLOCKS (two days of 2-second blocks).
+LOG_WINDOW_BLOCKS = 2_000
+LOG_SCAN_BLOCKS = 100_000
 
 
 class Chain(Protocol):
@@ -263,26 +267,44 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         return await self.send_call(token, SEL_TRANSFER + abi_encode(["address", "uint256"], [to, amount]), before_send)
 
     async def find_authorization_used(self, token: str, authorizer: str, nonce: bytes) -> Receipt | None:
-        """The receipt of the transaction that used (authorizer, nonce), from the token's logs."""
-        logs = await self._rpc(
-            "eth_getLogs",
-            [{
-                "address": token,
-                "fromBlock": "0x0",
-                "toBlock": "latest",
-                "topics": ["0x" + TOPIC_AUTHORIZATION_USED.hex(), "0x" + _topic_address(authorizer).hex(), "0x" + nonce.hex()],
-            }],
-        )
+        """The receipt of the transaction that used (authorizer, nonce), from the token's logs. Asked
+        over the whole chain first; a node that refuses so wide a range (many providers cap
+        ``eth_getLogs`` at a few thousand blocks) is asked again window by window back from the head,
+        over the last ``LOG_SCAN_BLOCKS`` (a payment is resolved soon after it was signed). Not found
+        there: ``ChainUnavailable`` (unknown, never "no log": the caller would blame another use)."""
+        topics: list[str | list[str] | None] = [
+            "0x" + TOPIC_AUTHORIZATION_USED.hex(), "0x" + _topic_address(authorizer).hex(), "0x" + nonce.hex(),
+        ]
+        try:
+            logs = await self.get_logs(token, topics, 0, -1)
+        except RpcError:
+            logs = await self._scan_back(token, topics)
         if not logs:
             return None
         return await self.get_receipt(logs[0]["transactionHash"])
 
+    async def _scan_back(self, token: str, topics: list[str | list[str] | None]) -> list[dict[str, Any]]:
+        head = await self.block_number()
+        to_block = head
+        while to_block >= 0 and head - to_block < LOG_SCAN_BLOCKS:
+            from_block = max(0, to_block - LOG_WINDOW_BLOCKS + 1)
+            logs = await self.get_logs(token, topics, from_block, to_block)
+            if logs:
+                return logs
+            to_block = from_block - 1
+        if to_block < 0:
+            return []  # the whole chain was read: there is no such log
+        raise ChainUnavailable(f"no AuthorizationUsed log in the last {LOG_SCAN_BLOCKS} blocks, and the node refuses "
+                               "a wider range", code="chain_logs_out_of_range")
+
     async def get_logs(
         self, address: str, topics: list[str | list[str] | None], from_block: int, to_block: int
     ) -> list[dict[str, Any]]:
-        """Raw ``eth_getLogs`` entries of one contract over an inclusive block range (reconcile)."""
+        """Raw ``eth_getLogs`` entries of one contract over an inclusive block range (reconcile);
+        ``to_block`` -1: the latest."""
+        last = "latest" if to_block < 0 else hex(to_block)  # -1: up to the head
         logs = await self._rpc(
             "eth_getLogs",
-            [{"address": address, "fromBlock": hex(from_block), "toBlock": hex(to_block), "topics": topics}],
+            [{"address": address, "fromBlock": hex(from_block), "toBlock": last, "topics": topics}],
         )
         return list(logs or [])
