@@ -171,8 +171,9 @@ def _lifespan(
             async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
                 yield
         finally:
-            if follower is not None:
+            if follower is not None:  # stopped, and awaited: never mid-write when the ledger closes
                 follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
             # Settlements of streams whose payer left run on no connection: waited for first, while
             # the ledger and the chain clients they need are still open.
             await drain_stream_settlements()

@@ -251,6 +251,13 @@ class BroadcastLane(JsonRpcTransport):
             # It may never have reached the node, and nothing resyncs on a queue: sent again until known.
             self._spawn(self._rebroadcast(raw, "0x" + signed.hash.hex()))
 
+    async def resend_if_forgotten(self, tx_hash: str) -> None:
+        """Send our transaction again, the same signed one, if the node no longer has it (dropped
+        from its pool): a pending payment's resolver asks, long after its request answered; a
+        dropped transaction would leave its nonce a gap every later settlement waits behind. Only
+        what this process signed (and still remembers) can be sent again."""
+        await self._send_again_if_forgotten(tx_hash)
+
     async def _send_again_if_forgotten(self, tx_hash: str) -> None:
         raw = self._sent_raw.get(tx_hash.lower())
         if raw is None:

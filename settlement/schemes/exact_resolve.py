@@ -71,6 +71,14 @@ async def chain_time(chain: Any) -> int | None:
     return None if read is None else int(await read())
 
 
+async def resend_if_forgotten(chain: Any, tx_hash: str) -> None:
+    """A transaction not mined yet, sent again if the node dropped it and this process signed it
+    (``JsonRpcChain.resend_if_forgotten``; a chain client without it: nothing to do)."""
+    resend = getattr(chain, "resend_if_forgotten", None)
+    if resend is not None:
+        await resend(tx_hash)
+
+
 async def window_closed(chain: Any, refused_from: int, clock: Callable[[], float]) -> bool:
     """Whether no block can take the authorization any more: the token refuses it in a block dated
     ``refused_from`` or later (EIP-3009: ``block.timestamp >= validBefore``; Permit2: ``>
@@ -127,6 +135,7 @@ async def resolve_exact(
     if row.tx_hash:
         if closed:  # unused as of a block after the chain's clock passed its window: it can never move
             return outcome(PaymentState.FAILED, "authorization_expired_unmined")
+        await resend_if_forgotten(chain, row.tx_hash)
         return outcome(PaymentState.PENDING, "transaction_not_mined")
     if write_ahead or closed:
         return outcome(PaymentState.FAILED, "not_broadcast")

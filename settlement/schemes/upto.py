@@ -55,7 +55,7 @@ from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
-from settlement.schemes.exact_resolve import receipt_now, window_closed
+from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -314,6 +314,7 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
         return outcome(PaymentState.FAILED, "not_broadcast")
     if closed:
         return outcome(PaymentState.FAILED, "authorization_expired_unmined")
+    await resend_if_forgotten(chain, row.tx_hash)
     return outcome(PaymentState.PENDING, "transaction_not_mined")
 
 

@@ -97,3 +97,24 @@ def test_a_payer_cancelling_while_its_settlement_is_pending_gets_nothing_and_the
         again = client.get("/quotes/CNCL", headers={"PAYMENT-SIGNATURE": header})
     assert again.status_code == 402 and body_json(again)["error"] == "invalid_exact_evm_nonce_already_used", again.text
     assert_ledger_matches_chain(gateway.ledger, chain, before)
+
+
+def test_a_pending_settlement_dropped_from_the_pool_is_sent_again_and_settles(
+    start_gateway: GatewayFactory, chain: Devchain, upstream: str, manual_mining: Callable[[], None]
+) -> None:
+    """The node forgets our pending transaction (dropped from its pool) long after its request
+    answered: the background resolver sends the same signed transaction again, so its nonce is no
+    gap for every later settlement, and the payment settles once."""
+    before = chain.balance(PAY_TO)
+    gateway, header, payment_id = pending_call(start_gateway, chain, "DROP")
+    row = gateway.ledger.get(payment_id)
+    assert row is not None and row.tx_hash is not None
+    chain.w3.provider.make_request("anvil_dropTransaction", [row.tx_hash])  # type: ignore[arg-type]
+    wait_for(lambda: chain.w3.provider.make_request(  # type: ignore[arg-type]
+        "eth_getTransactionByHash", [row.tx_hash]).get("result") is not None, "the transaction to be sent again")
+    manual_mining()
+    settled = wait_for(lambda: (r := gateway.ledger.get(payment_id)) is not None and r.state == PaymentState.SETTLED and r,
+                       "the background resolver to settle the row")
+    assert settled.tx_hash == row.tx_hash  # the same transaction, not a second one
+    assert chain.balance(PAY_TO) - before == PRICE
+    assert_ledger_matches_chain(gateway.ledger, chain, before)
