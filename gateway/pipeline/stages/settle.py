@@ -19,7 +19,7 @@ from gateway.protocol.challenge import PaymentChallenge
 from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers
 from settlement.chain.gas import take_gas
-from settlement.errors import ChainUnavailable, FacilitatorUnavailable
+from settlement.errors import ChainUnavailable, FacilitatorUnavailable, LedgerError
 from settlement.ledger import Ledger
 from settlement.ledger.transitions import KEEP
 from settlement.schemes import Schemes
@@ -169,9 +169,15 @@ async def settle(
     if settlement_outcome_unknown(result):
         # Money may have moved: never a 402 inviting a second payment. The row stays open for a
         # reconcile against the chain (by tx hash when the facilitator gave one).
-        await ledger.run(
-            ledger.mark_pending, payment_id, tx_hash=result.transaction or KEEP, error_reason=result.error_reason,
-        )
+        try:
+            await ledger.run(
+                ledger.mark_pending, payment_id, tx_hash=result.transaction or KEEP, error_reason=result.error_reason,
+            )
+        except LedgerError as exc:
+            if exc.code != "invalid_transition":
+                raise
+            # Resolved meanwhile from the chain by another process (a worker's start-up, the
+            # background resolver): its write stands; a resend gets what the row says.
         if result.transaction:
             code = "settlement_pending"
             message = "the payment was broadcast but is not final; the content is held; resend the same payment later"

@@ -208,3 +208,36 @@ def test_an_unknown_outcome_without_a_hash_in_the_answer_keeps_the_written_ahead
         assert after is not None and after.state == PaymentState.PENDING and after.tx_hash == "0x" + "ab" * 32
     finally:
         ledger.close()
+
+
+class _ResolvedMeanwhile(_HookThenUnknown):
+    """As ``_HookThenUnknown``, while another process resolves the row from the chain (settled)."""
+
+    def __init__(self, ledger: Any, payment_id: int) -> None:
+        self.ledger, self.payment_id = ledger, payment_id
+
+    async def settle(self, payload: PaymentPayload, requirements: Any, *, before_send: Any = None) -> SettleResponse:
+        answer = await super().settle(payload, requirements, before_send=before_send)
+        self.ledger.mark_settled(self.payment_id, tx_hash="0x" + "ab" * 32, block_number=5)
+        return answer
+
+
+def test_a_row_resolved_meanwhile_by_another_process_still_gets_the_503_not_a_500(tmp_path: Any) -> None:
+    from gateway.pipeline.stages.settle import settle
+    from settlement.ledger import PaymentState
+    from settlement.schema import open_ledger
+    from tests.support.settlement_helpers import ledger_fields
+
+    ctx = paid(offered("GET", "/quotes/AAPL"))
+    assert ctx.quote is not None and ctx.payload is not None
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    try:
+        row = ledger.record_verified(**ledger_fields(1))
+        with pytest.raises(GatewayError) as answered:
+            run(settle(cast(Any, _ResolvedMeanwhile(ledger, row.id)), ledger, row.id, ctx.quote, ctx.payload,
+                       (200, [], b"{}"), hook_writes_ahead=True))
+        assert answered.value.status == 503 and answered.value.code == "settlement_unknown"
+        after = ledger.get(row.id)
+        assert after is not None and after.state == PaymentState.SETTLED  # the other process's write stands
+    finally:
+        ledger.close()
