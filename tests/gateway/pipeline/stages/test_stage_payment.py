@@ -180,64 +180,55 @@ def test_respond_serves_the_upstream_answer_privately_with_the_receipt() -> None
 
 class _HookThenUnknown:
     """A facilitator that writes ahead (its hook gets the hash), broadcasts, then cannot say what
-    happened and names no transaction in its answer."""
+    happened and names no transaction in its answer; ``meanwhile``: what another process does to
+    the row before that answer."""
+
+    def __init__(self, meanwhile: Any = None) -> None:
+        self.meanwhile = meanwhile
 
     async def settle(self, payload: PaymentPayload, requirements: Any, *, before_send: Any = None) -> SettleResponse:
         await before_send("0x" + "ab" * 32)
+        if self.meanwhile is not None:
+            self.meanwhile()
         return SettleResponse(success=False, error_reason=None, network=requirements.network, payer=PAYER)
+
+
+def _settle_unknown(tmp_path: Any, meanwhile: Any = None) -> tuple[GatewayError, Any]:
+    """``settle`` of a verified row through ``_HookThenUnknown``: what it raised and the row after."""
+    from gateway.pipeline.stages.settle import settle
+    from settlement.schema import open_ledger
+    from tests.support.settlement_helpers import ledger_fields
+
+    ctx = paid(offered("GET", "/quotes/AAPL"))
+    assert ctx.quote is not None and ctx.payload is not None
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    try:
+        row = ledger.record_verified(**ledger_fields(1))
+        facilitator = _HookThenUnknown(meanwhile and (lambda: meanwhile(ledger, row.id)))
+        with pytest.raises(GatewayError) as answered:
+            run(settle(cast(Any, facilitator), ledger, row.id, ctx.quote, ctx.payload, (200, [], b"{}"),
+                       hook_writes_ahead=True))
+        return answered.value, ledger.get(row.id)
+    finally:
+        ledger.close()
 
 
 def test_an_unknown_outcome_without_a_hash_in_the_answer_keeps_the_written_ahead_hash(tmp_path: Any) -> None:
     """The row is pending, and the hash recorded before the broadcast stays: it is what a resolver
     follows (it used to be cleared, leaving a broadcast transaction nobody looks for)."""
-    from gateway.pipeline.stages.settle import settle
     from settlement.ledger import PaymentState
-    from settlement.schema import open_ledger
-    from tests.support.settlement_helpers import ledger_fields
 
-    ctx = paid(offered("GET", "/quotes/AAPL"))
-    assert ctx.quote is not None and ctx.payload is not None
-    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
-    try:
-        row = ledger.record_verified(**ledger_fields(1))
-        with pytest.raises(GatewayError) as pending:
-            run(settle(cast(Any, _HookThenUnknown()), ledger, row.id, ctx.quote, ctx.payload, (200, [], b"{}"),
-                       hook_writes_ahead=True))
-        assert pending.value.status == 503
-        after = ledger.get(row.id)
-        assert after is not None and after.state == PaymentState.PENDING and after.tx_hash == "0x" + "ab" * 32
-    finally:
-        ledger.close()
-
-
-class _ResolvedMeanwhile(_HookThenUnknown):
-    """As ``_HookThenUnknown``, while another process resolves the row from the chain (settled)."""
-
-    def __init__(self, ledger: Any, payment_id: int) -> None:
-        self.ledger, self.payment_id = ledger, payment_id
-
-    async def settle(self, payload: PaymentPayload, requirements: Any, *, before_send: Any = None) -> SettleResponse:
-        answer = await super().settle(payload, requirements, before_send=before_send)
-        self.ledger.mark_settled(self.payment_id, tx_hash="0x" + "ab" * 32, block_number=5)
-        return answer
+    error, after = _settle_unknown(tmp_path)
+    assert error.status == 503
+    assert after is not None and after.state == PaymentState.PENDING and after.tx_hash == "0x" + "ab" * 32
 
 
 def test_a_row_resolved_meanwhile_by_another_process_still_gets_the_503_not_a_500(tmp_path: Any) -> None:
-    from gateway.pipeline.stages.settle import settle
     from settlement.ledger import PaymentState
-    from settlement.schema import open_ledger
-    from tests.support.settlement_helpers import ledger_fields
 
-    ctx = paid(offered("GET", "/quotes/AAPL"))
-    assert ctx.quote is not None and ctx.payload is not None
-    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
-    try:
-        row = ledger.record_verified(**ledger_fields(1))
-        with pytest.raises(GatewayError) as answered:
-            run(settle(cast(Any, _ResolvedMeanwhile(ledger, row.id)), ledger, row.id, ctx.quote, ctx.payload,
-                       (200, [], b"{}"), hook_writes_ahead=True))
-        assert answered.value.status == 503 and answered.value.code == "settlement_unknown"
-        after = ledger.get(row.id)
-        assert after is not None and after.state == PaymentState.SETTLED  # the other process's write stands
-    finally:
-        ledger.close()
+    def resolved_from_the_chain(ledger: Any, payment_id: int) -> None:  # a worker's start-up, the resolver
+        ledger.mark_settled(payment_id, tx_hash="0x" + "ab" * 32, block_number=5)
+
+    error, after = _settle_unknown(tmp_path, resolved_from_the_chain)
+    assert error.status == 503 and error.code == "settlement_unknown"
+    assert after is not None and after.state == PaymentState.SETTLED  # the other process's write stands
