@@ -40,7 +40,10 @@ class Refunder:
             tx_hash = await chain.send_transfer(token, to, amount, before_send)
             receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
         except RpcError as exc:
-            return RefundResult(None, False, exc.code, refused=True)
+            # Refused, and the node asked says it does not have it: it never left. With several
+            # RPC URLs another node may hold it (an answer lost, then a refusal from the next one):
+            # not known to be refused, so its claim stays.
+            return RefundResult(None, False, exc.code, refused=len(chain.rpc_urls) == 1)
         except ChainUnavailable as exc:
             return RefundResult(getattr(exc, "tx_hash", None), False, exc.code)
         if receipt is None:

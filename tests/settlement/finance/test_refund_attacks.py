@@ -121,8 +121,9 @@ class RefundChain:
 
     settlement_address = REFUNDER
 
-    def __init__(self, receipt: Receipt | None, error: Exception | None = None) -> None:
+    def __init__(self, receipt: Receipt | None, error: Exception | None = None, urls: int = 1) -> None:
         self.receipt, self.error = receipt, error
+        self.rpc_urls = [f"http://node-{i}" for i in range(urls)]
 
     async def send_transfer(self, token: str, to: str, amount: int, before_send: BeforeSend | None = None) -> str:
         if before_send is not None:
@@ -155,3 +156,14 @@ def test_the_refunder_confirms_only_its_own_transfer_to_the_payer(
     mined = None if receipt is None else Receipt(IN_FLIGHT, 0 if receipt == "reverted" else 1, 7, logs.get(receipt, ()))
     refunder = Refunder({row.network: RefundChain(mined, error)})  # type: ignore[dict-item]
     assert asyncio.run(refunder.refund(row.network, row.asset, row.payer, 1000)) == expected
+
+
+def test_a_refusal_after_failing_over_between_nodes_is_not_known_to_be_refused(ledger: Ledger) -> None:
+    """With several RPC URLs, one node may hold the transaction (its answer lost) while the next
+    refuses it: the claim is not released (``refused`` False), so nothing pays the refund again
+    while the first node may still mine it."""
+    row = _owed(ledger, 1)
+    chain = RefundChain(None, RpcError("eth_sendRawTransaction", "insufficient funds for gas"), urls=2)
+    refunder = Refunder({row.network: chain})  # type: ignore[dict-item]
+    result = asyncio.run(refunder.refund(row.network, row.asset, row.payer, 1000))
+    assert (result.confirmed, result.refused, result.reason) == (False, False, "chain_rpc_error")
