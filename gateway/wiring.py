@@ -68,16 +68,14 @@ def _key_for(settings: Settings, network: str, chain_id: int, deployment: Deploy
     return key
 
 
+SECPK1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141  # secp256k1's order: a key is below it
 _PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
-
-
-_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141  # secp256k1's n
 
 
 def _check_key(key: str | None, setting: str) -> None:
     """A key that is not 32 bytes of hex, or not a key of the curve (0, n and above: the signing
     library's error would quote it as a number), is named by its setting, never quoted (a secret)."""
-    if key is not None and (_PRIVATE_KEY.fullmatch(key.strip()) is None or not 0 < int(key.strip(), 16) < _CURVE_ORDER):
+    if key is not None and (_PRIVATE_KEY.fullmatch(key.strip()) is None or not 0 < int(key.strip(), 16) < SECPK1_N):
         raise GatewayConfigError(f"{setting} is not a private key (32 bytes, hex, below the curve order)", code="invalid_key")
 
 

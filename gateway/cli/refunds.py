@@ -77,8 +77,6 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
             refunder = build_refunder(settings, chains)
         except GatewayConfigError as exc:
             _fail(f"{exc.message} [{exc.code}]")
-        except ValueError:  # 64 hex digits, yet no key of the curve (zero is caught above, n and over here)
-            _fail("X402GW_REFUND_KEY is not a private key (32 bytes, hex, below the curve order) [invalid_key]")
     book = _open_ledger(settings.database_url)
     _write_webhook_events(book, settings)  # refund.paid, as the gateway would write it
 

@@ -298,14 +298,17 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
 
     # A receipt read that fails raises (never "not mined": the nonce seen used would then be blamed
     # on another transaction); the deadline is judged by the chain's clock, read before the nonce.
+    def moved(receipt: Receipt | None) -> bool:  # our transaction moved exactly this payment
+        return receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount)
+
     receipt = await receipt_now(chain, row.tx_hash) if row.tx_hash else None
-    if receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
+    if moved(receipt):
         return outcome(PaymentState.SETTLED, "receipt_success", receipt)
     closed = await window_closed(chain, permit.deadline + 1, clock)  # Permit2: block.timestamp > deadline
     if permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call())):
         if receipt is None and row.tx_hash:  # ours may be what used it, mined since the receipt read
             receipt = await receipt_now(chain, row.tx_hash)
-            if receipt is not None and receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
+            if moved(receipt):
                 return outcome(PaymentState.SETTLED, "receipt_success", receipt)
         return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)
     if receipt is not None:
