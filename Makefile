@@ -26,8 +26,10 @@ setup: $(BIN)/.installed node_modules/.installed
 demo: setup
 	$(BIN)/x402gw demo
 
+# On every core, at most 4 (pytest-xdist): each worker has its own anvil, databases and key prefixes.
+# One file or test alone: $(BIN)/python -m pytest tests/... (one process).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses=4
 
 # The gates CI runs beside the tests: ruff (lint, import order), mypy --strict, import-linter
 # (the import rules of ARCHITECTURE.md, contracts in pyproject.toml).

@@ -33,6 +33,7 @@ from catalog.fields import (
     Price,
     PriceRef,
     PublicPath,
+    RefundOn,
     SettleMode,
     Text,
     TimeoutSeconds,
@@ -120,6 +121,7 @@ class ToolDoc(FrozenModel):
     upstream_path: UpstreamPath | None = None
     price: PriceSpec  # a token amount, dollars ("$0.01", for a dollar stablecoin), or a rule
     settle: SettleMode | None = None
+    refund_on: RefundOn | None = None  # None: upstream_fault (catalog.fields.RefundOn); upfront tools only
     side_effects: bool = False
     payment: PaymentDoc | None = None
     offers: tuple[OfferDoc, ...] | None = None  # None: the catalog's offers; (): none beside payment

@@ -50,6 +50,7 @@ __all__ = [
     "Price",
     "PriceRef",
     "PublicPath",
+    "RefundOn",
     "SettleMode",
     "Text",
     "TimeoutSeconds",
@@ -63,6 +64,10 @@ __all__ = [
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 SettleMode = Literal["after", "upfront"]
+# Which failed calls of an upfront tool are refunded: the upstream's fault (5xx, 408, 429, unreachable, timed
+# out, a drifted answer) or also the caller's (every 4xx: a refund costs gas, so any payer could make the
+# gateway spend it for free by asking for what is not there).
+RefundOn = Literal["upstream_fault", "any_failure"]
 
 
 def _fail(code: str, message: str) -> PydanticCustomError:

@@ -231,6 +231,8 @@ def _check_tool(
     for ceiling, where in ceilings:
         if spec.amount > ceiling:
             src.issue(f"{at}.price", "price_above_max", f"price {spec.amount:f} is above {where} {ceiling:f}")
+    if spec.refund_on is not None and settle == "after":
+        src.issue(f"{at}.refund_on", "refund_on_needs_upfront", "refund_on applies to settle: upfront tools only (a settle-after tool's failed call is not charged)")
     if upstream is not None and settle == "after":
         window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS
         if payment.max_timeout_seconds < window:
@@ -247,15 +249,14 @@ def _tool(
     upstream_path: str, settle: SettleMode, source: str, alternatives: tuple[PaymentOffer, ...] = (),
     rule: PriceRule | None = None,
 ) -> Tool:
-    # Not validated again: every field comes from ``ToolDoc`` (the same annotated types, already
-    # checked), the resolved upstream and terms are validated models, and ``Tool``'s cross-field
-    # check is the ``consistency_problems`` just run. Validating all that again cost more than the
-    # rest of the resolve loop.
+    # Not validated again: every field comes from ``ToolDoc`` (the same annotated types, already checked), the resolved
+    # upstream and terms are validated models, and ``Tool``'s cross-field check is the ``consistency_problems`` just run.
     return Tool.model_construct(
         owner=doc.owner, name=spec.name, description=spec.description, method=spec.method,
         path=spec.path, upstream=upstream, upstream_path=upstream_path,
         price=spec.amount if type(spec.amount) is Decimal else Decimal(spec.amount),
-        settle=settle, side_effects=spec.side_effects, payment=payment, input_schema=spec.input_schema,
+        settle=settle, refund_on=spec.refund_on or "upstream_fault", side_effects=spec.side_effects, payment=payment,
+        input_schema=spec.input_schema,
         output_schema=spec.output_schema, max_price=spec.max_price, budgets=spec.budgets,
         rate_limits=spec.rate_limits,
         kind=spec.kind, request=spec.request, soap=spec.soap.anchored(source) if spec.soap else None,

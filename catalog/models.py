@@ -34,6 +34,7 @@ from catalog.fields import (
     OwnerId,
     Price,
     PublicPath,
+    RefundOn,
     SettleMode,
     Text,
     TimeoutSeconds,
@@ -192,6 +193,7 @@ class Tool(FrozenModel):
     price: Price  # decimal token amount
     # None (not written): ``default_settle(method, side_effects)``; see STATE_CHANGING_METHODS
     settle: SettleMode = "after"
+    refund_on: RefundOn = "upstream_fault"  # an upfront tool's failed calls refunded (catalog.fields.RefundOn)
     side_effects: bool = False
     payment: PaymentTerms  # effective terms: catalog defaults merged with the tool's own block
     # Further ways to pay, beside ``payment`` at ``price`` (which stays the first offer): the

@@ -29,6 +29,7 @@ _WHY = {
     "too_recent": "left: claimed too recently, its transaction may still be on its way (run again later)",
     "no_refund_key": "no refund key for this network (X402GW_REFUND_KEY)",
     "claimed_elsewhere": "another payer (the gateway, another run) claimed it first",
+    "recorded_elsewhere": "its transaction had landed and another payer recorded it first: nothing sent",
     "sent": "sent; its receipt did not come in time: run again to record it",
 }
 

@@ -268,7 +268,7 @@ class Bridge:
         _refuse_redirect(response)
         response = _strip_headers(response)
         if response.status >= 400:
-            return self._rest_error(response, credentials)
+            return self._rest_error(response, credentials, route.tool.settle)
         if credentials.secrets:
             response = replace(response, headers=credentials.redact_headers(response.headers))
         if isinstance(response, StreamedResponse):
@@ -279,12 +279,13 @@ class Bridge:
             response = UpstreamResponse(response.status, response.headers, credentials.redact_bytes(response.body))
         return response
 
-    def _rest_error(self, response: UpstreamResponse, credentials: Credentials) -> UpstreamResponse:
+    def _rest_error(self, response: UpstreamResponse, credentials: Credentials, settle: str) -> UpstreamResponse:
         status = response.status
         upstream_code, message = _upstream_message(response.body, credentials)
         code = "upstream_rate_limited" if status == 429 else "upstream_client_error" if status < 500 else "upstream_error"
+        charge = "nothing was charged" if settle == "after" else "settled before the call: X402GW-Refund says if it is refunded"
         return error_response(
-            code, message or f"the upstream answered HTTP {status}; nothing was charged", status,
+            code, message or f"the upstream answered HTTP {status}; {charge}", status,
             retryable=status in RETRYABLE_STATUS, upstream_status=status,
             retry_after=retry_after_seconds(response.header(lower(RETRY_AFTER))), upstreamError=upstream_code,
         )
@@ -315,7 +316,7 @@ class Bridge:
                 retryable=fault.retryable, upstreamStatus=response.status, faultCode=fault.code,
             )
         if response.status >= 400:
-            return self._rest_error(response, credentials)
+            return self._rest_error(response, credentials, route.tool.settle)
         if route.rules and root is not None:
             # before: an <Error> may replace the result
             check_rules(route.rules, tool.name, credentials, response, None, root, xpath_only=True)

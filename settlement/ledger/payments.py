@@ -98,12 +98,10 @@ class Ledger(LedgerReads, RefundTransitions):
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT") if server else None
         # The hot path's statements, compiled once for this database (settlement.ledger.statements).
         self._hot = HotStatements(self.engine.dialect)
-        # The event loop never waits on the database: calls run on the ledger's own threads. SQLite # takes one writer at a
-        # time (its lock waits sleep in whole milliseconds), so it gets one # thread that commits the calls queued together in
-        # one transaction; a server database gets # a pool of threads and a transaction per call.
+        # The event loop never waits on the database: calls run on the ledger's threads. SQLite takes one writer at a time (its
+        # lock waits sleep in whole ms): one thread commits the calls queued together; a server database: a pool of threads.
         self._batch = threading.local()
-        # Who wants which events (gateway.ops.webhooks); None: no webhooks, nothing is written.
-        self.subscriptions: Subscriptions | None = None
+        self.subscriptions: Subscriptions | None = None  # who wants which events (gateway.ops.webhooks); None: no webhooks
         if self.engine.dialect.name == "sqlite":
             self.executor: Executor = GroupCommitWorker(self.engine, self._batch)
             # The audit trail shares the file's one thread (gateway.pipeline.pipeline), between batches.
@@ -152,6 +150,21 @@ class Ledger(LedgerReads, RefundTransitions):
             else:
                 with self._sessions.begin() as session:
                     yield session
+
+    @contextmanager
+    def holding(self, payment_id: int) -> Iterator[None]:
+        """The ledger calls made inside (on this thread) in one transaction that locks the row first (FOR UPDATE on a server
+        database): a read and the write depending on it, no other write between. A group transaction (SQLite) already is."""
+        if getattr(self._batch, "connection", None) is not None:
+            yield
+            return
+        with self._errors(), self.engine.begin() as connection:
+            connection.execute(_STATE_FOR_UPDATE, {"pid": payment_id})
+            self._batch.connection = connection
+            try:
+                yield
+            finally:
+                self._batch.connection = None
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

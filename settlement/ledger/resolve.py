@@ -67,14 +67,14 @@ def apply_unless_moved(ledger: Ledger, row: Payment, resolution: Resolution) -> 
     meanwhile. A resolution is of the row as it was read: a row failed without a transaction since
     (by another process) and reused by a fresh authorization under the same nonce (``record_verified``)
     is another payment, now ``settling`` with its own broadcast, and ``fail`` is allowed from there.
-    Checked and written in one ledger call (SQLite: one transaction of its one writer); on a server
-    database a write landing between the two statements is still possible, so the ledger's
-    transitions should take this guard in their UPDATE."""
-    current = ledger.get(row.id)
-    if current is None or _version(current) != _version(row):
-        return False
-    apply(ledger, resolution)
-    return True
+    Checked and written in one transaction holding the row (``Ledger.holding``): no other process's
+    write lands between the check and the write."""
+    with ledger.holding(row.id):
+        current = ledger.get(row.id)
+        if current is None or _version(current) != _version(row):
+            return False
+        apply(ledger, resolution)
+        return True
 
 
 def _version(row: Payment) -> tuple[Any, ...]:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from eth_account import Account
@@ -16,7 +17,7 @@ from eth_account import Account
 from gateway.cli.main import main
 from settlement.chain.client import SEL_TRANSFER
 from settlement.ledger import Payment
-from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog
+from tests.conftest import PAY_TO, Devchain, GatewayFactory, RunningGateway, demo_catalog, upstream_hits
 from tests.e2e.test_exactly_once import UPFRONT_TOOL, signed
 from tests.e2e.test_ledger_refunds import PAYER, REFUND, age_claim, env_of, run_refunds, send_refund_transfer
 from tests.e2e.test_paid_call import receipt_of
@@ -37,10 +38,60 @@ def owe_one(gateway: RunningGateway, devchain: Devchain) -> tuple[str, Payment]:
     return failed.headers["x402gw-refund"], row
 
 
-def upfront_gateway(start_gateway: GatewayFactory, tmp_path: Path, upstream: str, **overrides: Any) -> RunningGateway:
+def upfront_gateway(start_gateway: GatewayFactory, tmp_path: Path, upstream: str, tool: str = UPFRONT_TOOL,
+                    **overrides: Any) -> RunningGateway:
     catalog = demo_catalog(tmp_path, upstream)
-    catalog.write_text(catalog.read_text() + UPFRONT_TOOL)
+    catalog.write_text(catalog.read_text() + tool)
     return start_gateway(catalog=catalog, **overrides)
+
+
+NOT_THERE = "/paid-first/reports/404"  # a report that does not exist: the upstream answers 404
+
+
+def ask_for_what_is_not_there(gateway: RunningGateway, devchain: Devchain, times: int) -> list[httpx.Response]:
+    answers = []
+    with gateway.client() as client:
+        for _ in range(times):
+            answers.append(client.get(NOT_THERE, headers={"PAYMENT-SIGNATURE": signed(client, devchain, NOT_THERE, payer=PAYER)}))
+    return answers
+
+
+def test_a_payer_asking_for_what_is_not_there_cannot_make_the_gateway_spend_gas_on_refunds(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str
+) -> None:
+    """Every 404 of an upfront tool used to be refunded: the payer got its price back and the gateway
+    paid the refund's gas, so a griefer could drain the refund account for free, call after call. The
+    caller's own failed request now stays charged (``refund_on: upstream_fault``, the default): no
+    refund transaction, the refund account's ETH and nonce untouched, each row settled with its 404."""
+    gateway = upfront_gateway(start_gateway, tmp_path, upstream, refund_key=devchain.key(9))
+    eth = devchain.w3.eth
+    payer, refunder = devchain.address(PAYER), devchain.address(9)
+    payer_before, nonce_before, gas_before = devchain.balance(payer), eth.get_transaction_count(refunder), eth.get_balance(refunder)
+    answers = ask_for_what_is_not_there(gateway, devchain, 3)
+    for answer in answers:
+        assert answer.status_code == 404 and receipt_of(answer).success, answer.text
+        assert answer.headers["x402gw-refund"] == "none"
+        assert answer.json()["error"] == "upstream_client_error" and "nothing was charged" not in answer.text
+    assert eth.get_transaction_count(refunder) == nonce_before and eth.get_balance(refunder) == gas_before
+    assert devchain.balance(payer) == payer_before - 3 * REFUND  # charged: the upstream served the request it got
+    rows = [r for r in gateway.ledger.all() if r.path == NOT_THERE]
+    assert len(rows) == 3 and {(r.state, r.upstream_status, r.refund_owed) for r in rows} == {("settled", 404, None)}
+    assert upstream_hits(upstream, "GET /reports/404") == 3
+
+
+def test_refund_on_any_failure_refunds_the_callers_failed_requests_too(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str
+) -> None:
+    """An owner who wants every failed call refunded says so (and pays that gas)."""
+    tool = UPFRONT_TOOL + "    refund_on: any_failure\n"
+    gateway = upfront_gateway(start_gateway, tmp_path, upstream, tool, refund_key=devchain.key(9))
+    payer = devchain.address(PAYER)
+    before = devchain.balance(payer)
+    [answer] = ask_for_what_is_not_there(gateway, devchain, 1)
+    assert answer.status_code == 404 and answer.headers["x402gw-refund"].startswith("refunded 0x"), answer.headers
+    assert devchain.balance(payer) == before
+    [row] = [r for r in gateway.ledger.all() if r.path == NOT_THERE]
+    assert row.refund_owed == REFUND and row.refunded_at is not None and row.refund_reason == "upstream_error"
 
 
 def test_the_gateway_pays_a_refund_after_the_command_used_the_same_refund_account(
@@ -168,3 +219,23 @@ def test_a_refund_key_past_the_curve_order_is_refused_without_quoting_it(
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit) and "[invalid_key]" in result.output
     assert text[2:] not in result.output.lower() and str(key) not in result.output
+
+
+@pytest.mark.parametrize(("status", "refunded"), [(404, False), (502, True)])
+def test_a_failure_rule_says_whose_failure_it_is_by_its_status(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str, status: int, refunded: bool
+) -> None:
+    """A catalog's failure rule turns an answer into a failure with the status it gives: a 4xx is the
+    caller's (charged, no refund gas), a 5xx the upstream's (refunded)."""
+    rule = f'    failure_when:\n      - {{pointer: /report_id, equals: "7", code: report_withdrawn, status: {status}}}\n'
+    gateway = upfront_gateway(start_gateway, tmp_path, upstream, UPFRONT_TOOL + rule, refund_key=devchain.key(9))
+    payer, refunder = devchain.address(PAYER), devchain.address(9)
+    before, nonce_before = devchain.balance(payer), devchain.w3.eth.get_transaction_count(refunder)
+    with gateway.client() as client:
+        path = "/paid-first/reports/7"
+        answer = client.get(path, headers={"PAYMENT-SIGNATURE": signed(client, devchain, path, payer=PAYER)})
+    assert answer.status_code == status and answer.json()["error"] == "report_withdrawn", answer.text
+    assert receipt_of(answer).success
+    assert answer.json()["refund"] == ("refunded" if refunded else "none")
+    assert devchain.balance(payer) == (before if refunded else before - REFUND)
+    assert devchain.w3.eth.get_transaction_count(refunder) == nonce_before + (1 if refunded else 0)

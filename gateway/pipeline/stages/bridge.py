@@ -3,7 +3,8 @@
 Writes ``ctx.upstream_status`` and ``Paid.upstream``, and tells the circuit breaker how the
 upstream did. For a ``settle: after`` payment, an upstream that failed or redirected (status >= 300;
 never followed) voids the payment and its answer is passed on unpaid. For an ``upfront`` one
-(already settled), a failure is recorded as a refund owed (and paid where a refund signer exists);
+(already settled), a failure is recorded as a refund owed (and paid where a refund signer exists), unless it is
+the caller's request that failed (``refunds.callers_failure``; the tool's ``refund_on``);
 a good answer goes on to ``answer`` and ``settle`` (which stores it for a resend to replay). Every attempt is noted for the
 audit trail through ``RecordingUpstream``.
 """
@@ -15,13 +16,14 @@ from starlette.responses import Response
 from gateway.errors import GatewayError
 from gateway.headers import X402GW_REFUND
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.refunds import Refunds
+from gateway.pipeline.refunds import Refunds, callers_failure
 from gateway.pipeline.stages.audit import RecordingUpstream
 from gateway.pipeline.stages.respond import respond
 from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers
 from gateway.safety.checks import Safety
 from gateway.upstream.bridge import Bridge, UpstreamClient, UpstreamResponse
+from gateway.upstream.failures import UpstreamFailure
 from gateway.upstream.user_auth import UserAuthority
 from settlement.ledger import Ledger
 
@@ -53,7 +55,9 @@ class CallUpstream:
             upstream = await self._forward(ctx, payment_id)
         except GatewayError as err:
             if tool.settle == "upfront":
-                refund = await self.refunds.owe(ctx, quote, payment_id, err.code)
+                charged = (tool.refund_on == "upstream_fault" and isinstance(err, UpstreamFailure)
+                           and callers_failure(err.status, err.fields.get("faultCode")))
+                refund = {"refund": "none"} if charged else await self.refunds.owe(ctx, quote, payment_id, err.code)
                 assert ctx.settlement is not None
                 err.headers.update(receipt_headers(ctx.settlement, quote.version))
                 err.fields.update(refund)
@@ -99,8 +103,12 @@ class CallUpstream:
         ledger = self.ledger
         await ledger.run(ledger.record_upstream_status, payment_id, upstream.status)
         if upstream.status >= 400:
-            refund = await self.refunds.owe(ctx, quote, payment_id, "upstream_error")
             response = respond(upstream, ctx.settlement, ctx.request_id, quote.version)
+            assert ctx.tool is not None
+            if ctx.tool.refund_on == "upstream_fault" and callers_failure(upstream.status):
+                response.headers[X402GW_REFUND] = "none"  # the caller's request failed: charged (refunds.callers_failure)
+                return response
+            refund = await self.refunds.owe(ctx, quote, payment_id, "upstream_error")
             response.headers[X402GW_REFUND] = f"{refund['refund']} {refund.get('refundTransaction') or ''}".strip()
             return response
         return None

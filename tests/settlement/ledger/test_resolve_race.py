@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from settlement.chain.receipts import Receipt
 from settlement.ledger import Ledger, Payment, PaymentState
-from settlement.ledger.resolve import Resolution, resolve_open_payments
+from settlement.ledger.resolve import Resolution, apply_unless_moved, resolve_open_payments
 from settlement.schema import open_ledger
 from settlement.schemes.exact_resolve import resolve_exact
 from tests.support.ledger_rows import force_row
@@ -105,3 +107,34 @@ def test_a_row_reused_by_a_fresh_payment_meanwhile_is_not_failed_from_the_old_vi
     assert resolved == []  # the old view dropped
     ledger.mark_settled(first, tx_hash=FRESH_TX, block_number=9)  # the fresh payment's receipt: recorded
     assert ledger.get(first).state == PaymentState.SETTLED  # type: ignore[union-attr]
+
+
+def test_on_a_server_database_no_write_lands_between_the_check_and_the_write(
+    pg_ledger: Ledger, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``apply_unless_moved`` holds the row from its check to its write: another process that tries to
+    take the row between the two is refused (before, its write could land there and be written over by
+    this older view)."""
+    row_id = pg_ledger.record_verified(**ledger_fields(1)).id
+    force_row(pg_ledger, row_id, state=PaymentState.PENDING, tx_hash=TX)
+    row = pg_ledger.get(row_id)
+    assert row is not None
+    probes: list[str] = []
+    read = pg_ledger.get
+
+    def read_then_probe(payment_id: int) -> Payment | None:
+        current = read(payment_id)
+        with pg_ledger.engine.connect() as other:  # another process's connection, right after the check
+            try:
+                other.execute(text("SELECT state FROM payments WHERE id = :pid FOR UPDATE NOWAIT"), {"pid": payment_id})
+                probes.append("taken")
+            except OperationalError as exc:
+                probes.append(type(exc.orig).__name__)
+        return current
+
+    monkeypatch.setattr(pg_ledger, "get", read_then_probe)
+    resolution = Resolution(row_id, row.request_id, row.state, PaymentState.SETTLED.value, TX, 9, "receipt_success")
+    assert apply_unless_moved(pg_ledger, row, resolution)
+    assert probes == ["LockNotAvailable"]
+    monkeypatch.undo()
+    assert pg_ledger.get(row_id).state == PaymentState.SETTLED  # type: ignore[union-attr]

@@ -1,0 +1,42 @@
+"""``refund_on``: which failed calls of an upfront tool are refunded. By default only the upstream's
+failures (a refund costs gas: refunding the caller's own bad requests would let any payer make the
+gateway spend it for free); ``any_failure`` refunds every failed call, as before."""
+
+from __future__ import annotations
+
+import pytest
+
+from catalog import parse_catalog
+from gateway.pipeline.refunds import callers_failure
+from tests.catalog.test_loader import BASE, one
+
+
+def test_an_upfront_tool_refunds_the_upstreams_failures_by_default() -> None:
+    tool = parse_catalog(BASE + "    settle: upfront\n").tool("get_report")
+    assert tool.settle == "upfront" and tool.refund_on == "upstream_fault"
+
+
+def test_any_failure_is_written_per_tool() -> None:
+    tool = parse_catalog(BASE + "    settle: upfront\n    refund_on: any_failure\n").tool("get_report")
+    assert tool.refund_on == "any_failure"
+    assert parse_catalog(BASE).tool("get_quote").refund_on == "upstream_fault"
+
+
+@pytest.mark.parametrize(("added", "expected"), [
+    ("    settle: upfront\n    refund_on: sometimes\n", ("tools[1].refund_on", 30, "invalid_value")),
+    ("    refund_on: any_failure\n", ("tools[1].refund_on", 29, "refund_on_needs_upfront")),  # a settle-after GET
+    ("    settle: after\n    refund_on: upstream_fault\n", ("tools[1].refund_on", 30, "refund_on_needs_upfront")),
+])
+def test_bad_refund_on_is_a_clear_issue(added: str, expected: tuple[str, int, str]) -> None:
+    assert one(BASE + added) == expected
+
+
+@pytest.mark.parametrize(("status", "fault", "callers"), [
+    (400, None, True), (401, None, True), (404, None, True), (422, None, True),
+    (408, None, False), (429, None, False),  # the upstream timed out, or would not serve now
+    (500, None, False), (502, None, False), (503, None, False),
+    (502, "soap:Client", True), (502, "Sender", True), (502, "env:Receiver", False), (502, "Server", False),
+    (502, 17, False),  # not a fault code
+])
+def test_whose_failure_it_is(status: int, fault: object, callers: bool) -> None:
+    assert callers_failure(status, fault) is callers
