@@ -154,12 +154,15 @@ class Ledger(LedgerReads, RefundTransitions):
     @contextmanager
     def holding(self, payment_id: int) -> Iterator[None]:
         """The ledger calls made inside (on this thread) in one transaction that locks the row first (FOR UPDATE on a server
-        database): a read and the write depending on it, no other write between. A group transaction (SQLite) already is."""
+        database; SQLite: its write lock): a read and the write depending on it, no other write between."""
         if getattr(self._batch, "connection", None) is not None:
-            yield
+            yield  # a group transaction (SQLite's one writer) already holds the write lock
             return
         with self._errors(), self.engine.begin() as connection:
-            connection.execute(_STATE_FOR_UPDATE, {"pid": payment_id})
+            if self._autocommit is None:  # SQLite: a read, then a write on a snapshot grown stale meanwhile, would fail
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                connection.execute(_STATE_FOR_UPDATE, {"pid": payment_id})
             self._batch.connection = connection
             try:
                 yield
@@ -205,12 +208,8 @@ class Ledger(LedgerReads, RefundTransitions):
             ).one()
             if existing.state == PaymentState.VOIDED or (existing.state == PaymentState.FAILED and not existing.tx_hash):
                 # Nothing moved under this authorization: the row now describes the new attempt.
-                existing.upstream_status = None
-                existing.error_reason = None
-                existing.tx_hash = None
-                existing.block_number = None
-                existing.payment_identifier = None
-                existing.fingerprint = None
+                for stale_field in ("upstream_status", "error_reason", "tx_hash", "block_number", "payment_identifier", "fingerprint"):
+                    setattr(existing, stale_field, None)
                 stale = session.get(StoredResponse, existing.id)
                 if stale is not None:
                     session.delete(stale)

@@ -48,11 +48,14 @@ def upfront_gateway(start_gateway: GatewayFactory, tmp_path: Path, upstream: str
 NOT_THERE = "/paid-first/reports/404"  # a report that does not exist: the upstream answers 404
 
 
-def ask_for_what_is_not_there(gateway: RunningGateway, devchain: Devchain, times: int) -> list[httpx.Response]:
+def ask_for_what_is_not_there(gateway: RunningGateway, devchain: Devchain, times: int, resend: bool = False) -> list[httpx.Response]:
+    """``times`` paid calls for a report that does not exist; with ``resend``, each payment sent twice."""
     answers = []
     with gateway.client() as client:
         for _ in range(times):
-            answers.append(client.get(NOT_THERE, headers={"PAYMENT-SIGNATURE": signed(client, devchain, NOT_THERE, payer=PAYER)}))
+            header = signed(client, devchain, NOT_THERE, payer=PAYER)
+            for _ in range(2 if resend else 1):
+                answers.append(client.get(NOT_THERE, headers={"PAYMENT-SIGNATURE": header}))
     return answers
 
 
@@ -67,11 +70,14 @@ def test_a_payer_asking_for_what_is_not_there_cannot_make_the_gateway_spend_gas_
     eth = devchain.w3.eth
     payer, refunder = devchain.address(PAYER), devchain.address(9)
     payer_before, nonce_before, gas_before = devchain.balance(payer), eth.get_transaction_count(refunder), eth.get_balance(refunder)
-    answers = ask_for_what_is_not_there(gateway, devchain, 3)
-    for answer in answers:
-        assert answer.status_code == 404 and receipt_of(answer).success, answer.text
-        assert answer.headers["x402gw-refund"] == "none"
-        assert answer.json()["error"] == "upstream_client_error" and "nothing was charged" not in answer.text
+    answers = ask_for_what_is_not_there(gateway, devchain, 3, resend=True)
+    for first, again in zip(answers[::2], answers[1::2], strict=True):
+        assert first.status_code == 404 and receipt_of(first).success, first.text
+        assert first.headers["x402gw-refund"] == "none" and "x402gw-replay" not in first.headers
+        assert first.json()["error"] == "upstream_client_error" and "nothing was charged" not in first.text
+        # The same payment again: its stored answer, not "answer lost, refund owed" (the drain, one request later)
+        assert again.status_code == 404 and again.headers["x402gw-replay"] == "true", again.text
+        assert again.headers["x402gw-refund"] == "none" and again.json() == first.json()
     assert eth.get_transaction_count(refunder) == nonce_before and eth.get_balance(refunder) == gas_before
     assert devchain.balance(payer) == payer_before - 3 * REFUND  # charged: the upstream served the request it got
     rows = [r for r in gateway.ledger.all() if r.path == NOT_THERE]
@@ -233,9 +239,13 @@ def test_a_failure_rule_says_whose_failure_it_is_by_its_status(
     before, nonce_before = devchain.balance(payer), devchain.w3.eth.get_transaction_count(refunder)
     with gateway.client() as client:
         path = "/paid-first/reports/7"
-        answer = client.get(path, headers={"PAYMENT-SIGNATURE": signed(client, devchain, path, payer=PAYER)})
+        header = signed(client, devchain, path, payer=PAYER)
+        answer = client.get(path, headers={"PAYMENT-SIGNATURE": header})
+        again = client.get(path, headers={"PAYMENT-SIGNATURE": header})  # refunded: 409, already refunded; charged: replayed
     assert answer.status_code == status and answer.json()["error"] == "report_withdrawn", answer.text
     assert receipt_of(answer).success
     assert answer.json()["refund"] == ("refunded" if refunded else "none")
+    assert again.json()["refund"] == ("refunded" if refunded else "none"), again.text
+    assert again.status_code == (409 if refunded else status)
     assert devchain.balance(payer) == (before if refunded else before - REFUND)
     assert devchain.w3.eth.get_transaction_count(refunder) == nonce_before + (1 if refunded else 0)

@@ -55,12 +55,7 @@ class CallUpstream:
             upstream = await self._forward(ctx, payment_id)
         except GatewayError as err:
             if tool.settle == "upfront":
-                charged = (tool.refund_on == "upstream_fault" and isinstance(err, UpstreamFailure)
-                           and callers_failure(err.status, err.fields.get("faultCode")))
-                refund = {"refund": "none"} if charged else await self.refunds.owe(ctx, quote, payment_id, err.code)
-                assert ctx.settlement is not None
-                err.headers.update(receipt_headers(ctx.settlement, quote.version))
-                err.fields.update(refund)
+                await self._upfront_failed(ctx, quote, payment_id, err)
             raise
         paid.upstream = upstream
         if tool.settle == "upfront":
@@ -95,6 +90,20 @@ class CallUpstream:
         await self.safety.upstream_result(ctx, tool, upstream.status < 500)
         return upstream
 
+    async def _upfront_failed(self, ctx: RequestContext, quote: Quote, payment_id: int, err: GatewayError) -> None:
+        """An ``upfront`` call (settled) that got no usable answer: a refund is owed, unless it is the
+        caller's request that failed (a failure rule's 4xx, a SOAP Client fault; ``callers_failure``):
+        then it stays charged and its answer is stored, for a resend of the payment to get again."""
+        assert ctx.settlement is not None and ctx.tool is not None
+        err.headers.update(receipt_headers(ctx.settlement, quote.version))
+        if (ctx.tool.refund_on == "upstream_fault" and isinstance(err, UpstreamFailure)
+                and callers_failure(err.status, err.fields.get("faultCode"))):
+            err.fields["refund"] = "none"
+            answer = (err.status, [("content-type", "application/json")], bytes(err.to_response().body))
+            await self.ledger.run(self.ledger.store_response, payment_id, answer)
+            return
+        err.fields.update(await self.refunds.owe(ctx, quote, payment_id, err.code))
+
     async def _settled_outcome(
         self, ctx: RequestContext, quote: Quote, upstream: UpstreamResponse, payment_id: int
     ) -> Response | None:
@@ -106,7 +115,10 @@ class CallUpstream:
             response = respond(upstream, ctx.settlement, ctx.request_id, quote.version)
             assert ctx.tool is not None
             if ctx.tool.refund_on == "upstream_fault" and callers_failure(upstream.status):
-                response.headers[X402GW_REFUND] = "none"  # the caller's request failed: charged (refunds.callers_failure)
+                # The caller's request failed: charged, and stored, so a resend of this payment gets this answer
+                # again (not a refund for an answer lost: that would give the gas drain back).
+                await ledger.run(ledger.store_response, payment_id, (upstream.status, upstream.headers, upstream.body))
+                response.headers[X402GW_REFUND] = "none"
                 return response
             refund = await self.refunds.owe(ctx, quote, payment_id, "upstream_error")
             response.headers[X402GW_REFUND] = f"{refund['refund']} {refund.get('refundTransaction') or ''}".strip()

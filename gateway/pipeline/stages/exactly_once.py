@@ -25,7 +25,7 @@ from typing import Any
 from starlette.responses import Response
 
 from gateway.errors import GatewayError
-from gateway.headers import X402GW_REPLAY
+from gateway.headers import X402GW_REFUND, X402GW_REPLAY
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.refunds import Refunds
 from gateway.pipeline.stages.respond import respond
@@ -275,6 +275,8 @@ class ExactlyOnce:
         status, headers, body = resumed.answer
         replay = respond(UpstreamResponse(status, headers, body), receipt_of(resumed.row), ctx.request_id, quote.version)
         replay.headers[X402GW_REPLAY] = "true"
+        if status >= 400 and resumed.row.refund_owed is None:  # an upfront call the caller's request failed: charged
+            replay.headers[X402GW_REFUND] = "none"
         if self.receipts is not None and resumed.row.state == PaymentState.SETTLED and resumed.row.tx_hash:
             replay.headers.update(signed_receipt_header(self.receipts.receipt(resumed.row, self.public_url)))
         return replay

@@ -6,6 +6,7 @@ does the background resolver's round: ``keep_resolving``)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,32 +110,52 @@ def test_a_row_reused_by_a_fresh_payment_meanwhile_is_not_failed_from_the_old_vi
     assert ledger.get(first).state == PaymentState.SETTLED  # type: ignore[union-attr]
 
 
-def test_on_a_server_database_no_write_lands_between_the_check_and_the_write(
-    pg_ledger: Ledger, monkeypatch: pytest.MonkeyPatch,
+def _probe(ledger: Ledger, payment_id: int) -> str:
+    """Another process trying, without waiting, to take the row for a write: "taken", or why not."""
+    if ledger.engine.dialect.name == "sqlite":
+        other = sqlite3.connect(str(ledger.engine.url.database), timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.rollback()
+            return "taken"
+        except sqlite3.OperationalError as exc:
+            return str(exc)
+        finally:
+            other.close()
+    with ledger.engine.connect() as connection:
+        try:
+            connection.execute(text("SELECT state FROM payments WHERE id = :pid FOR UPDATE NOWAIT"), {"pid": payment_id})
+            return "taken"
+        except OperationalError as exc:
+            return type(exc.orig).__name__
+
+
+@pytest.mark.parametrize("backend", ["ledger", "pg_ledger"])
+def test_no_write_lands_between_the_check_and_the_write(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``apply_unless_moved`` holds the row from its check to its write: another process that tries to
-    take the row between the two is refused (before, its write could land there and be written over by
-    this older view)."""
-    row_id = pg_ledger.record_verified(**ledger_fields(1)).id
-    force_row(pg_ledger, row_id, state=PaymentState.PENDING, tx_hash=TX)
-    row = pg_ledger.get(row_id)
+    """``apply_unless_moved`` holds the row from its check to its write (called outside a group
+    transaction, as a one-call group is): another process that tries to take the row between the two
+    is refused. Before, on PostgreSQL its write could land there and be written over by this older
+    view; on SQLite the check's read snapshot, grown stale by that write, failed the write
+    ("database is locked": seen as a flaky ``x402gw reconcile`` beside a running gateway)."""
+    ledger: Ledger = request.getfixturevalue(backend)
+    row_id = ledger.record_verified(**ledger_fields(1)).id
+    force_row(ledger, row_id, state=PaymentState.PENDING, tx_hash=TX)
+    row = ledger.get(row_id)
     assert row is not None
     probes: list[str] = []
-    read = pg_ledger.get
+    read = ledger.get
 
     def read_then_probe(payment_id: int) -> Payment | None:
         current = read(payment_id)
-        with pg_ledger.engine.connect() as other:  # another process's connection, right after the check
-            try:
-                other.execute(text("SELECT state FROM payments WHERE id = :pid FOR UPDATE NOWAIT"), {"pid": payment_id})
-                probes.append("taken")
-            except OperationalError as exc:
-                probes.append(type(exc.orig).__name__)
+        probes.append(_probe(ledger, payment_id))  # another process, right after the check
         return current
 
-    monkeypatch.setattr(pg_ledger, "get", read_then_probe)
+    monkeypatch.setattr(ledger, "get", read_then_probe)
     resolution = Resolution(row_id, row.request_id, row.state, PaymentState.SETTLED.value, TX, 9, "receipt_success")
-    assert apply_unless_moved(pg_ledger, row, resolution)
-    assert probes == ["LockNotAvailable"]
+    assert apply_unless_moved(ledger, row, resolution)
+    assert probes == ["database is locked" if ledger.engine.dialect.name == "sqlite" else "LockNotAvailable"]
     monkeypatch.undo()
-    assert pg_ledger.get(row_id).state == PaymentState.SETTLED  # type: ignore[union-attr]
+    assert ledger.get(row_id).state == PaymentState.SETTLED  # type: ignore[union-attr]
+    assert _probe(ledger, row_id) == "taken"  # and let go
