@@ -26,6 +26,7 @@ from eth_hash.auto import keccak
 from settlement.chain.authorization import Eip3009Authorization, split_signature
 from settlement.chain.broadcast import TRANSFER_GAS_LIMIT, BeforeSend, BroadcastLane
 from settlement.chain.receipts import (
+    TOPIC_AUTHORIZATION_CANCELED,
     TOPIC_AUTHORIZATION_USED,
     TOPIC_TRANSFER,
     LogEntry,
@@ -267,20 +268,25 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         return await self.send_call(token, SEL_TRANSFER + abi_encode(["address", "uint256"], [to, amount]), before_send)
 
     async def find_authorization_used(self, token: str, authorizer: str, nonce: bytes) -> Receipt | None:
-        """The receipt of the transaction that used (authorizer, nonce), from the token's logs. Asked
-        over the whole chain first; a node that refuses so wide a range (many providers cap
-        ``eth_getLogs`` at a few thousand blocks) is asked again window by window back from the head,
-        over the last ``LOG_SCAN_BLOCKS`` (a payment is resolved soon after it was signed). Not found
-        there: ``ChainUnavailable`` (unknown, never "no log": the caller would blame another use)."""
+        """Asked once the token says (authorizer, nonce) is used: the receipt of the transaction that
+        used it (``AuthorizationUsed``) or cancelled it (``AuthorizationCanceled``; the caller finds no
+        transfer in it), from the token's logs. Asked over the whole chain first; a node that refuses
+        so wide a range (many providers cap ``eth_getLogs`` at a few thousand blocks) is asked again
+        window by window back from the head, over the last ``LOG_SCAN_BLOCKS`` (a payment is resolved
+        soon after it was signed). Neither log found: ``ChainUnavailable`` (unknown: a node that
+        answers a range it does not hold with nothing, or a pruned one, would otherwise have our own
+        settlement blamed on another use, the payment failed while its money moved)."""
         topics: list[str | list[str] | None] = [
-            "0x" + TOPIC_AUTHORIZATION_USED.hex(), "0x" + _topic_address(authorizer).hex(), "0x" + nonce.hex(),
+            ["0x" + TOPIC_AUTHORIZATION_USED.hex(), "0x" + TOPIC_AUTHORIZATION_CANCELED.hex()],
+            "0x" + _topic_address(authorizer).hex(), "0x" + nonce.hex(),
         ]
         try:
             logs = await self.get_logs(token, topics, 0, -1)
         except RpcError:
             logs = await self._scan_back(token, topics)
         if not logs:
-            return None
+            raise ChainUnavailable("the token says this authorization is used, but no log of its use or cancellation was found",
+                                   code="authorization_use_not_found")
         return await self.get_receipt(logs[0]["transactionHash"])
 
     async def _scan_back(self, token: str, topics: list[str | list[str] | None]) -> list[dict[str, Any]]:

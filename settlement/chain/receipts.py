@@ -32,6 +32,7 @@ log = logging.getLogger("x402gw.chain")
 
 TOPIC_TRANSFER = keccak(b"Transfer(address,address,uint256)")
 TOPIC_AUTHORIZATION_USED = keccak(b"AuthorizationUsed(address,bytes32)")
+TOPIC_AUTHORIZATION_CANCELED = keccak(b"AuthorizationCanceled(address,bytes32)")
 # A transaction of ours not mined after this long is looked up (then after 2x, 4x... as long).
 UNMINED_CHECK_SECONDS = 1.0
 # The receipt poller looks at the chain head this often: soon after a new block, then backing off.

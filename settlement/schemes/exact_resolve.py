@@ -129,6 +129,8 @@ async def resolve_exact(
         found = await chain.find_authorization_used(token, row.payer, nonce)
         if found is not None and settled_by(found, row):
             return outcome(PaymentState.SETTLED, "authorization_used", found)
+        if found is not None and not found.has_authorization_used(token, row.payer, nonce):
+            return outcome(PaymentState.FAILED, "authorization_canceled", receipt)  # the payer's cancel: nothing moved
         return outcome(PaymentState.FAILED, "authorization_used_elsewhere", found or receipt)
     if receipt is not None:  # mined before the state read without moving it, and the authorization unused
         return outcome(PaymentState.FAILED, "transaction_reverted", receipt)

@@ -90,7 +90,7 @@ def test_a_payer_cancelling_while_its_settlement_is_pending_gets_nothing_and_the
     manual_mining()
     row = wait_for(lambda: (r := gateway.ledger.get(payment_id)) is not None and r.state == PaymentState.FAILED and r,
                    "the background resolver to fail the row")
-    assert row.error_reason == "authorization_used_elsewhere"
+    assert row.error_reason == "authorization_canceled"  # its AuthorizationCanceled log found
     assert chain.w3.eth.get_transaction_receipt(row.tx_hash)["status"] == 0  # our settlement reverted
     assert chain.balance(PAY_TO) == before  # nothing moved
     with gateway.client() as client:  # nothing is served for it, ever

@@ -12,7 +12,7 @@ import pytest
 
 from settlement.chain import client as chain_client
 from settlement.chain.client import JsonRpcChain, RpcError
-from settlement.chain.receipts import Receipt
+from settlement.chain.receipts import TOPIC_AUTHORIZATION_CANCELED, TOPIC_AUTHORIZATION_USED, Receipt
 from settlement.errors import ChainUnavailable
 
 TOKEN, PAYER = "0x" + "aa" * 20, "0x" + "bb" * 20
@@ -64,9 +64,34 @@ def test_a_use_older_than_the_scan_is_unknown_not_absent() -> None:
     assert sum(end - start + 1 for start, end in node.ranges) == chain_client.LOG_SCAN_BLOCKS
 
 
-def test_a_short_chain_read_whole_has_no_such_log() -> None:
-    assert _find(CappedNode(head=5_000, at=None)) is None  # every block was read: truly absent
-    assert _find(CappedNode(head=1_500, at=None)) is None  # within the cap: one query
+@pytest.mark.parametrize("head", [5_000, 1_500])  # read window by window; within the cap, in one query
+def test_a_used_authorization_with_no_log_anywhere_is_unknown_not_used_elsewhere(head: int) -> None:
+    """The token says the nonce is used, yet no AuthorizationUsed or AuthorizationCanceled log is
+    found in any block: a node that answers ranges it does not hold with nothing (or a pruned one).
+    Before, this was "no log": our own settlement (a remote facilitator's, whose hash we never got)
+    was blamed on another use and the payment failed while its money had moved."""
+    with pytest.raises(ChainUnavailable) as unknown:
+        _find(CappedNode(head=head, at=None))
+    assert unknown.value.code == "authorization_use_not_found"
+
+
+def test_the_used_or_cancelled_log_is_asked_for() -> None:
+    """One query for either event of this authorizer and nonce: a cancellation is found (its receipt
+    has no transfer, so the caller fails the payment: nothing moved)."""
+    node = CappedNode(head=1_500, at=None)
+    queries: list[Any] = []
+    answer = node._rpc
+
+    async def recording(method: str, params: list[Any], *, order: int | None = None) -> Any:
+        queries.append(params)
+        return await answer(method, params, order=order)
+
+    node._rpc = recording  # type: ignore[method-assign]
+    with pytest.raises(ChainUnavailable):
+        _find(node)
+    topics = queries[0][0]["topics"]
+    assert topics[0] == ["0x" + TOPIC_AUTHORIZATION_USED.hex(), "0x" + TOPIC_AUTHORIZATION_CANCELED.hex()]
+    assert topics[2] == "0x" + NONCE.hex() and topics[1].endswith(PAYER[2:])
 
 
 def test_an_uncapped_node_is_asked_once() -> None:
