@@ -27,6 +27,7 @@ from bench.run import (
     gateway_deployed,
     payment_headers,
     process,
+    require_wrk,
     uvicorn_cmd,
     write_lines,
     wrk,
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=("embedded", "replica"), default="embedded")
     parser.add_argument("--workers", type=int, default=1, help="serve --workers (more than 1: replica)")
     args = parser.parse_args(argv)
+    require_wrk()
     setup = Setup("replica" if args.workers > 1 else args.config, args.workers)
     with tempfile.TemporaryDirectory(prefix="x402gw-cpu-") as tmp:
         workdir = Path(tmp)

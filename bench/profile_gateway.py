@@ -29,6 +29,7 @@ from bench.run import (
     gateway_deployed,
     payment_headers,
     process,
+    require_wrk,
     uvicorn_cmd,
     write_lines,
     wrk,
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--config", choices=("embedded", "replica"), default="embedded",
                         help="replica: Redis store + PostgreSQL ledger (bench.setups)")
     args = parser.parse_args()
+    require_wrk()
     setup = Setup(args.config)
     if not shutil.which("py-spy"):
         sys.exit("py-spy is not on PATH: pip install py-spy (or run from an activated venv that has it)")

@@ -248,7 +248,14 @@ class Result:
         return self.ok / self.seconds if self.seconds else 0.0
 
 
+def require_wrk() -> None:
+    """Every benchmark that drives load checks this first, before it starts a chain: not a traceback."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+
+
 def wrk(url: str, path: str, expected: int, concurrency: int, duration: float, headers_file: Path | None = None) -> dict[str, Any]:
+    require_wrk()
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "--latency",
            "-s", str(REPO / "bench" / "wrk_report.lua"), url, "--", path, str(expected),
            str(headers_file) if headers_file else "", "1"]
@@ -473,9 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="x402gw serve --workers, comma-separated, e.g. 1,2 (more than 1: replica; F deploys a "
                              "BatchSettler per worker's account)")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
-        return 2
+    require_wrk()
     cases = set(args.cases.upper())
     duration = args.duration
     results: dict[tuple[str, int], Result] = {}
