@@ -138,6 +138,9 @@ class Chain(Protocol):
 
     async def block_number(self) -> int: ...
 
+    async def get_code(self, address: str) -> bytes: ...
+
+    async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes: ...
 
 
 class JsonRpcChain(BroadcastLane, ReceiptPoller):

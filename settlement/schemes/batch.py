@@ -39,7 +39,8 @@ from settlement.chain.client import BeforeSend, Chain, Receipt, address_word, au
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.batch_settlers import SettlerReader, choose_settler
-from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, revert_reason_code
+from settlement.schemes.exact_guards import INSUFFICIENT_BALANCE, revert_reason_code
+from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 _AUTH_TUPLE = "(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
@@ -368,10 +369,15 @@ class BatchingFacilitator:
         if checked.wallet is not None:
             # BatchSettler passes v,r,s: a contract wallet's signature is settled on its own.
             return await self.local.settle(payload, requirements, before_send=before_send)
-        future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
-        batcher.submit(_Item(checked, before_send, future))
-        # Shielded: a request that goes away must not cancel its item out of a batch being sent.
-        return await asyncio.shield(future)
+        network, auth = requirements.network, checked.auth
+        async with self.local.in_flight.hold(batcher.chain, network, checked.token, checked.payer, auth.value) as covered:
+            if not covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
+                return SettleResponse(success=False, error_reason=INSUFFICIENT_BALANCE, payer=checked.payer, network=network,
+                                      error_message="the payer's settlements in flight already take its balance; retry")
+            future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
+            batcher.submit(_Item(checked, before_send, future))
+            # Shielded: a request that goes away must not cancel its item out of a batch being sent.
+            return await asyncio.shield(future)
 
     async def drain(self) -> None:
         """Send whatever is queued now and wait for every batch in flight (shutdown)."""

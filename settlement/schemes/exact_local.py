@@ -23,6 +23,7 @@ from settlement.chain.client import BeforeSend, Chain, Receipt
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
+from settlement.schemes.exact_guards import INSUFFICIENT_BALANCE, InFlight, revert_reason_code, transfer_refusal
 from settlement.schemes.exact_resolve import settled_elsewhere
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
 from settlement.x402.codec import parse_exact_evm
@@ -64,13 +65,13 @@ class Rejected(Exception):
         self.message = message
 
 
-async def _gather(used: Awaitable[bool], balance: Awaitable[int]) -> tuple[bool, int]:
-    """Both reads, concurrently; the first failure is raised once both have finished (no stray task)."""
-    results = await asyncio.gather(used, balance, return_exceptions=True)
+async def _gather(used: Awaitable[bool], balance: Awaitable[int], code: Awaitable[bytes]) -> tuple[bool, int, bytes]:
+    """The reads, concurrently; the first failure is raised once all have finished (no stray task)."""
+    results = await asyncio.gather(used, balance, code, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return bool(results[0]), int(results[1])  # type: ignore[arg-type]
+    return bool(results[0]), int(results[1]), bytes(results[2])  # type: ignore[arg-type]
 
 
 def _put_bounded(cache: OrderedDict[Any, Any], key: Any, value: Any, size: int) -> None:
@@ -114,6 +115,7 @@ class LocalFacilitator:
         self._wallets = wallets
         self._receipt_timeout = receipt_timeout
         self._clock = clock
+        self.in_flight = InFlight()  # each payer's settlements in flight (exact_guards: one balance signed over N times)
         # Both caches are keyed on caller data, so both are bounded and filled only after the
         # signature recovered to authorization.from (THREATS.md: filled after authentication).
         self._domains: OrderedDict[tuple[str, str, str, str], bytes] = OrderedDict()
@@ -249,10 +251,11 @@ class LocalFacilitator:
         except Rejected as rej:
             return VerifyResponse(is_valid=False, invalid_reason=rej.reason, invalid_message=rej.message)
         chain = self._chains[requirements.network]
-        # Two independent reads: one round trip's latency instead of two.
-        used, balance = await _gather(
+        # Independent reads: one round trip's latency (one JSON-RPC batch), not three.
+        used, balance, code = await _gather(
             chain.authorization_state(checked.token, checked.payer, checked.auth.nonce),
             chain.balance_of(checked.token, checked.payer),
+            chain.get_code(checked.payer),
         )
         if used:
             return VerifyResponse(
@@ -261,13 +264,19 @@ class LocalFacilitator:
                 invalid_message="this authorization was already used or canceled on chain",
                 payer=checked.payer,
             )
-        if balance < checked.auth.value:
+        if balance < checked.auth.value + self.in_flight.taken(requirements.network, checked.token, checked.payer):
             return VerifyResponse(
                 is_valid=False,
-                invalid_reason="invalid_exact_evm_insufficient_balance",
-                invalid_message="payer balance is below the price",
+                invalid_reason=INSUFFICIENT_BALANCE,
+                invalid_message="payer balance is below the price (beside its payments being settled now)",
                 payer=checked.payer,
             )
+        # An account with code asked by the token about an ECDSA signature (exact_guards): simulated first.
+        refusal = None if checked.wallet is not None else await transfer_refusal(
+            chain, code, checked.token, checked.auth, checked.signature)
+        if refusal is not None:
+            return VerifyResponse(is_valid=False, invalid_reason=refusal, payer=checked.payer,
+                                  invalid_message="the payer account's code refuses this transfer (simulated)")
         return VerifyResponse(is_valid=True, payer=checked.payer)
 
     async def settle(
@@ -281,6 +290,14 @@ class LocalFacilitator:
         except Rejected as rej:
             return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
         chain = self._chains[network]
+        async with self.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value) as covered:
+            if not covered:  # its other settlements in flight take its balance: this one would revert on our gas
+                return SettleResponse(success=False, error_reason=INSUFFICIENT_BALANCE, payer=checked.payer, network=network,
+                                      error_message="the payer's settlements in flight already take its balance; retry")
+            return await self._send_and_wait(chain, checked, network, before_send)
+
+    async def _send_and_wait(self, chain: Chain, checked: CheckedPayment, network: str,
+                             before_send: BeforeSend | None) -> SettleResponse:
         try:
             tx_hash = await self._send(chain, checked, network, before_send)
         except BroadcastUncertain as exc:
@@ -386,20 +403,3 @@ class LocalFacilitator:
 def _one(receipt: Receipt) -> GasShare | None:
     shares = receipt_shares(receipt, 1)
     return None if shares is None else shares[0]
-
-
-_REVERT_CODES = (
-    ("authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
-    ("authorization is not yet valid", "invalid_exact_evm_payload_authorization_valid_after"),
-    ("authorization is used", "invalid_exact_evm_nonce_already_used"),
-    ("transfer amount exceeds balance", "invalid_exact_evm_insufficient_balance"),
-    ("invalid signature", "invalid_exact_evm_payload_signature"),
-)
-
-
-def revert_reason_code(message: str) -> str:
-    lowered = message.lower()
-    for needle, code in _REVERT_CODES:
-        if needle in lowered:
-            return code
-    return "transaction_failed"

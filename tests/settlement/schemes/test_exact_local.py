@@ -14,7 +14,8 @@ from gateway.devkit.payer import Payer
 from settlement.chain.client import LogEntry, Receipt, RpcError
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.eip712 import TransferAuthorization
-from settlement.schemes.exact_local import LocalFacilitator, revert_reason_code
+from settlement.schemes.exact_guards import revert_reason_code
+from settlement.schemes.exact_local import LocalFacilitator
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 NOW = 1_700_000_000
@@ -98,6 +99,9 @@ class FakeChain:
         if self.receipt_error is not None:
             raise self.receipt_error
         return self.receipts.get(tx_hash)
+
+    async def get_code(self, address: str) -> bytes:
+        return b""  # every payer here is an EOA (exact_guards' simulation is tested against anvil)
 
 
 def requirements(**changes: Any) -> PaymentRequirements:
