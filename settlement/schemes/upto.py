@@ -55,6 +55,7 @@ from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
+from settlement.schemes.exact_guards import InFlight
 from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -332,6 +333,19 @@ async def send_permit2_settlement(
     settlement key paid goes on the ledger row, a revert's too."""
     token, payer, to, amount = transfer
     base: dict[str, Any] = {"payer": payer, "network": network}
+    # The simulation before this ran on the latest block: it cannot see this payer's settlements in flight.
+    async with PERMIT2_IN_FLIGHT.hold(chain, network, token, payer, amount) as covered:
+        if not covered:
+            return SettleResponse(success=False, error_reason=ERR_PERMIT2_INSUFFICIENT_BALANCE, **base,
+                                  error_message="the payer's settlements in flight already take its balance; retry")
+        return await _send_and_judge(chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted)
+
+
+async def _send_and_judge(
+    chain: UptoChain, proxy: str, calldata: bytes, before_send: BeforeSend | None, transfer: tuple[str, str, str, int],
+    base: dict[str, Any], receipt_timeout: float, revert_reason: Callable[[str], str], reverted: str,
+) -> SettleResponse:
+    token, payer, to, amount = transfer
     try:
         tx_hash = await chain.send_call(proxy, calldata, before_send, gas=SETTLE_GAS)
     except BroadcastUncertain as exc:
@@ -351,6 +365,10 @@ async def send_permit2_settlement(
         return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(amount), extra=extra, **base)
     return SettleResponse(success=False, error_reason=reverted, extra=extra,
                           error_message="the settlement transaction reverted", transaction=receipt.tx_hash, **base)
+
+
+# Each payer's Permit2 settlements in flight in this process, upto's and exact's (exact_guards.InFlight).
+PERMIT2_IN_FLIGHT = InFlight()
 
 
 def _pending(tx_hash: str, base: dict[str, Any]) -> SettleResponse:

@@ -5,7 +5,8 @@ ledger rows and the upstream's own hit counts (settlement.schemes.exact_guards).
 
 - A payer whose account has code (an EIP-7702 delegation to code that burns all the gas in its
   ``isValidSignature``) is refused at verify: the transfer is simulated first.
-- One balance signed over many times at once: only what the balance covers is broadcast.
+- One balance signed over many times at once (EIP-3009, or Permit2 through ``upto``): only what the
+  balance covers is broadcast.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from settlement.x402.codec import encode_header
 from settlement.x402.wire import PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, demo_catalog, offer_of, running_devchain, upstream_hits
 from tests.e2e.test_exactly_once import UPFRONT_TOOL, wait_for
+from tests.e2e.test_upto_paid_call import MAXIMUM as UPTO_MAXIMUM
+from tests.e2e.test_upto_paid_call import _gateway as upto_gateway
+from tests.e2e.test_upto_paid_call import _header as upto_header
+from tests.e2e.test_upto_paid_call import _offer as upto_offer
 from tests.support import chain_actions
 
 pytestmark = pytest.mark.e2e
@@ -214,3 +219,43 @@ def test_one_balance_signed_over_many_times_at_once_does_not_buy_reverted_settle
     assert (nonce_after - nonce_before, len(reverted)) == (1, 0), (
         f"{nonce_after - nonce_before} settlements broadcast for one balance of one price, {len(reverted)} reverted "
         f"({[(r.state, r.error_reason) for r in rows]}); the gateway paid {eth_before - eth_after} wei of gas")
+
+
+def test_one_permit2_balance_signed_over_many_times_at_once_does_not_buy_reverted_settlements(
+    start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    """The same through ``upto`` (Permit2): the payer holds exactly one signed maximum (five charges)
+    and sends six paid calls of an upfront tool at once. Each verify passes (balance >= maximum) and
+    each settlement's simulation runs on the latest block, which holds none of the others: six were
+    broadcast and the sixth reverted on the gateway's gas. Correct: five settle, the sixth is
+    refused before its broadcast (402), nothing reverts."""
+    payer_index = 5
+    payer = chain.address(payer_index)
+    chain_actions.drain(chain.w3, chain.token, chain.key(payer_index), chain.address(FUNDER))
+    chain_actions.transfer(chain.w3, chain.token, chain.key(FUNDER), payer, UPTO_MAXIMUM)
+    gateway = upto_gateway(start_gateway, chain, upstream, tmp_path, deployment_file=chain.deployment_file,
+                           receipt_timeout_seconds=60)
+    paths = [f"/reports/{n}" for n in range(21, 27)]
+    headers = [upto_header(chain, payer_index, upto_offer(gateway, path)) for path in paths]
+    nonce_before, _ = spent(chain)
+    pay_to_before = chain.balance(PAY_TO)
+    mine: Callable[[], None] = request.getfixturevalue("manual_mining")
+
+    def call(i: int) -> httpx.Response:
+        return httpx.get(f"{gateway.url}{paths[i]}", headers={"PAYMENT-SIGNATURE": headers[i]}, timeout=90)
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        futures = [pool.submit(call, i) for i in range(len(paths))]
+
+        def broadcast_or_answered() -> bool:
+            in_pool = [r for r in gateway.ledger.all() if r.tx_hash and known(chain, r.tx_hash)]
+            return len(in_pool) + sum(f.done() for f in futures) >= len(paths)
+
+        wait_for(broadcast_or_answered, "every request broadcast or answered")
+        mine()
+        answers = [f.result(90) for f in futures]
+    assert sorted(a.status_code for a in answers) == [200] * 5 + [402], [(a.status_code, a.text[:120]) for a in answers]
+    assert chain.balance(payer) == 0 and chain.balance(PAY_TO) - pay_to_before == UPTO_MAXIMUM
+    rows = gateway.ledger.all()
+    reverted = [r for r in rows if r.tx_hash and chain.w3.eth.get_transaction_receipt(r.tx_hash)["status"] == 0]
+    assert (spent(chain)[0] - nonce_before, reverted) == (5, [])
