@@ -90,6 +90,10 @@ contract X402BatchSettlement {
     mapping(bytes32 => PendingWithdrawal) public pendingWithdrawals;
     mapping(address => mapping(address => ReceiverState)) public receivers;
     mapping(bytes32 => uint256) public refundNonce;
+    // Set while a deposit's collector runs: the collector is the caller's choice, and one that called
+    // deposit again before paying had its one transfer counted by both deposits (the balance check
+    // below sees the same tokens twice).
+    bool private depositing;
 
     event Deposited(bytes32 indexed channelId, address indexed payer, uint128 amount, uint128 balance);
     event Claimed(bytes32 indexed channelId, address indexed receiver, uint128 amount, uint128 totalClaimed);
@@ -110,6 +114,7 @@ contract X402BatchSettlement {
     error WithdrawDelayNotElapsed();
     error InvalidRefundNonce();
     error TransferFailed();
+    error Reentrancy();
 
     // ------------------------------------------------------------------------------- batching
 
@@ -141,9 +146,12 @@ contract X402BatchSettlement {
         }
         bytes32 channelId = getChannelId(config);
         IERC20Minimal token = IERC20Minimal(config.token);
+        if (depositing) revert Reentrancy();
+        depositing = true;
         uint256 before = token.balanceOf(address(this));
         IDepositCollector(collector).collect(config.payer, config.token, amount, channelId, collectorData);
         if (token.balanceOf(address(this)) < before + amount) revert DepositNotReceived();
+        depositing = false;
         ChannelState storage state = channels[channelId];
         state.balance += amount;
         delete pendingWithdrawals[channelId];

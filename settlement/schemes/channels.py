@@ -84,7 +84,7 @@ class ChannelsEvm:
         self._clock = clock
         self._store: ChannelStore | None = None
         self.on_accepted: Callable[[str], Any] | None = None  # the claimer's count (channels_claims)
-        self.closer: Callable[[str, ChannelPayment, int], Awaitable[Receipt | None]] | None = None  # its close
+        self.closer: Callable[[str, ChannelPayment, int, int], Awaitable[Receipt | None]] | None = None  # its close
 
     def bind(self, store: ChannelStore) -> None:
         self._store = store
@@ -309,9 +309,11 @@ class ChannelsEvm:
                 raise Refused(E.ERR_CUMULATIVE_AMOUNT_MISMATCH, f"a refund's voucher is at what is charged so far ({charged})")
             if view.balance <= charged:
                 raise Refused(E.ERR_REFUND_NO_BALANCE, "nothing is left in this channel to refund")
-            receipt = await self.closer(network, payment, payment.refund or 2**128 - 1)
+            # Never before what is charged is claimed on chain (the closer checks): the escrow refunds all it holds unclaimed.
+            receipt = await self.closer(network, payment, payment.refund or 2**128 - 1, charged)
             if receipt is None or receipt.status != 1:
-                raise Refused(E.ERR_REFUND_TRANSACTION_FAILED, "the refund did not go through")
+                raise Refused(E.ERR_REFUND_TRANSACTION_FAILED, "the refund did not go through (the calls already "
+                              "served could not be claimed first, or the refund failed): nothing was refunded")
             after = await self.chain_view(chain, payment)
         except Refused as refused:
             return SettleResponse(success=False, error_reason=refused.reason, error_message=refused.message,

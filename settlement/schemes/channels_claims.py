@@ -153,22 +153,45 @@ class Claimer:
                                           block_number=resolution.block_number)
                     continue
             channels.setdefault(payment.channel_id, _Channel()).rows.append((row, payment))
-        claims: list[tuple[ChannelPayment, int]] = []
-        deposits: list[ChannelPayment] = []
-        covered: list[Payment] = []
-        for channel in channels.values():
-            plan = await self._plan(network, channel)
-            if plan is None:
-                continue
-            best, deposit, rows = plan
-            claims.append((best, best.max_claimable))
-            deposits.extend([deposit] if deposit is not None else [])
-            covered.extend(rows)
-        if not claims:
+        plans = [plan for channel in channels.values() if (plan := await self._plan(network, channel)) is not None]
+        if plans and not await self._would_land(network, plans):
+            # One channel's claim would revert the whole batch (a payer whose code refuses its vouchers: an
+            # EIP-7702 delegation made after its calls), at every attempt, on our gas: each is tried alone.
+            landing = [plan for plan in plans if await self._would_land(network, [plan])]
+            for best, _, _ in (plan for plan in plans if plan not in landing):
+                log.warning("channel %s: its claim would revert; left out of the claim", best.channel_id)
+            plans = landing
+        if not plans:
             return ClaimOutcome(network, reason="nothing_to_claim")
-        outcome = await self._send(network, claims, deposits, covered)
+        claims = [(best, best.max_claimable) for best, _, _ in plans]
+        deposits = [deposit for _, deposit, _ in plans if deposit is not None]
+        outcome = await self._send(network, claims, deposits, [row for _, _, rows in plans for row in rows])
         outcome.channels = len(claims)
         return outcome
+
+    async def _would_land(self, network: str, plans: list[tuple[ChannelPayment, ChannelPayment | None, list[Payment]]]) -> bool:
+        """The claim of ``plans`` simulated (one eth_call, as our settlement account sends it). A node
+        that does not answer: True (the send finds out, as before)."""
+        claims = [(best, best.max_claimable) for best, _, _ in plans]
+        calldata, gas = self._claim_call(network, claims, [deposit for _, deposit, _ in plans if deposit is not None])
+        chain = self.scheme.chain(network)
+        try:
+            await chain.eth_call(ESCROW_ADDRESS, calldata, gas=gas, sender=chain.settlement_address)
+        except RpcError:
+            return False
+        except ChainUnavailable:
+            return True
+        return True
+
+    def _claim_call(self, network: str, claims: list[tuple[ChannelPayment, int]], deposits: list[ChannelPayment]) -> tuple[bytes, int]:
+        """The claim transaction's calldata (the batch signed by our receiverAuthorizer key) and its gas limit."""
+        signer = ChainAuthorizer(self.scheme.chain(network))
+        entries = [VoucherClaim(channel=p.config, max_claimable_amount=str(p.max_claimable), signature=p.signature,
+                                total_claimed=str(total)) for p, total in claims]
+        signature = bytes.fromhex(sign_claim_batch(signer, entries, network).removeprefix("0x"))
+        payees = sorted({(p.config.receiver, p.config.token) for p, _ in claims})
+        gas = CLAIM_BASE_GAS + CLAIM_PER_CHANNEL_GAS * len(claims) + CLAIM_PER_DEPOSIT_GAS * len(deposits)
+        return claim_calldata(claims, signature, deposits, payees), gas
 
     async def _plan(self, network: str, channel: _Channel) -> tuple[ChannelPayment, ChannelPayment | None, list[Payment]] | None:
         """A channel's claim: its highest accepted voucher (the store's charged total; without it,
@@ -216,13 +239,7 @@ class Claimer:
 
     async def _send(self, network: str, claims: list[tuple[ChannelPayment, int]],
                     deposits: list[ChannelPayment], rows: list[Payment]) -> ClaimOutcome:
-        signer = ChainAuthorizer(self.scheme.chain(network))
-        entries = [VoucherClaim(channel=p.config, max_claimable_amount=str(p.max_claimable), signature=p.signature,
-                                total_claimed=str(total)) for p, total in claims]
-        signature = bytes.fromhex(sign_claim_batch(signer, entries, network).removeprefix("0x"))
-        payees = sorted({(p.config.receiver, p.config.token) for p, _ in claims})
-        calldata = claim_calldata(claims, signature, deposits, payees)
-        gas = CLAIM_BASE_GAS + CLAIM_PER_CHANNEL_GAS * len(claims) + CLAIM_PER_DEPOSIT_GAS * len(deposits)
+        calldata, gas = self._claim_call(network, claims, deposits)
         ids = [row.id for row in rows]
 
         async def before_send(tx_hash: str) -> None:
@@ -252,18 +269,27 @@ class Claimer:
         outcome.reason = "claimed"
         return outcome
 
-    async def close(self, network: str, payment: ChannelPayment, amount: int = 2**128 - 1) -> tuple[ClaimOutcome, Receipt | None]:
+    async def close(self, network: str, payment: ChannelPayment, amount: int = 2**128 - 1,
+                    charged: int = 0) -> tuple[ClaimOutcome, Receipt | None]:
         """Close ``payment``'s channel from the receiver's side (spec: a cooperative refund): claim
         what is accrued on the network, then give the payer back ``amount`` (default: everything
-        not claimed; ``refund``, sent by our settlement account, the channel's receiverAuthorizer)."""
+        not claimed; ``refund``, sent by our settlement account, the channel's receiverAuthorizer).
+        Only once the chain shows ``charged`` (what the payer's calls already served cost) claimed:
+        the escrow refunds whatever is unclaimed, so a claim that did not land (reverted, pending, a
+        payer whose code refuses its vouchers) would otherwise hand the served calls back. Not
+        claimed: no refund is sent (None)."""
         outcome = await self.claim(network)
         chain = self.scheme.chain(network)
+        if charged and (await self.scheme.chain_view(chain, payment)).claimed < charged:
+            log.warning("channel %s: refund not sent, %d charged is not claimed on chain (%s)",
+                        payment.channel_id, charged, outcome.reason)
+            return outcome, None
         tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.refund_calldata(amount), gas=REFUND_GAS)
         return outcome, await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
 
-    async def _close_for_refund(self, network: str, payment: ChannelPayment, amount: int) -> Receipt | None:
+    async def _close_for_refund(self, network: str, payment: ChannelPayment, amount: int, charged: int) -> Receipt | None:
         try:
-            return (await self.close(network, payment, amount))[1]
+            return (await self.close(network, payment, amount, charged))[1]
         except (RpcError, BroadcastUncertain, ChainUnavailable):
             return None
 

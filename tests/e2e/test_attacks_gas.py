@@ -78,19 +78,25 @@ def fresh_payer(chain: Devchain, amount: int) -> str:
     return chain_actions.fresh_payer(chain.w3, chain.token, chain.key(FUNDER), amount)
 
 
-def gas_burning_7702_payer(chain: Devchain, amount: int) -> str:
-    """A fresh EOA holding ``amount`` that delegated its account (EIP-7702, one transaction, once) to
-    code whose ``isValidSignature`` loops: the token (FiatToken v2.2's SignatureChecker) asks an
-    account with code, so every transferWithAuthorization from it reverts after eating its gas."""
+def delegate_to_gas_burner(chain: Devchain, key: str) -> None:
+    """``key``'s EOA delegates (EIP-7702, one type-4 transaction, sent by a sponsor) to code whose
+    ``isValidSignature`` loops until its gas is gone."""
     w3 = chain.w3
     burner = send_tx(w3, chain.key(SPONSOR), None, GAS_BURNER_INIT)["contractAddress"]
-    key = fresh_payer(chain, amount)
     address = Account.from_key(key).address
     authorization = Account.sign_authorization(
         {"chainId": 31337, "address": burner, "nonce": w3.eth.get_transaction_count(address)}, key)
     send_tx(w3, chain.key(SPONSOR), "0x000000000000000000000000000000000000dEaD", b"", type=4,
             authorizationList=[authorization])
     assert w3.eth.get_code(address) == bytes.fromhex("ef0100") + bytes.fromhex(burner[2:])
+
+
+def gas_burning_7702_payer(chain: Devchain, amount: int) -> str:
+    """A fresh EOA holding ``amount``, delegated to a gas burner: the token (FiatToken v2.2's
+    SignatureChecker) asks an account with code, so every transferWithAuthorization from it reverts
+    after eating its gas."""
+    key = fresh_payer(chain, amount)
+    delegate_to_gas_burner(chain, key)
     return key
 
 
