@@ -364,9 +364,10 @@ class Settings(BaseSettings):
     # The x402 batch-settlement scheme (settlement.schemes.channels): accepted vouchers are claimed
     # in one transaction when this many wait on a network, or when the oldest has waited this long
     # (whichever comes first); a channel's suggested deposit (the 402's extra.minDeposit) is the
-    # price times deposit_calls.
+    # price times deposit_calls. At most 600 s: a payer may withdraw its channel 900 s (the escrow's
+    # least withdrawDelay) after asking, and what it owes must be claimed before.
     channel_claim_every_calls: int = Field(default=100, gt=0)
-    channel_claim_every_seconds: float = Field(default=300.0, gt=0)
+    channel_claim_every_seconds: float = Field(default=300.0, gt=0, le=600)
     channel_deposit_calls: int = Field(default=100, gt=0)
 
     # Operations: the dashboard at /admin needs this token (Bearer, or ?token= once in a browser);

@@ -54,7 +54,7 @@ from tests.e2e.test_channel_paid_calls import PRICE, channel_gateway, pay_calls,
 pytestmark = pytest.mark.e2e
 
 ZERO = "0x" + "00" * 20
-NEVER_BY_TIME = {"channel_claim_every_seconds": 3600}
+NEVER_BY_TIME = {"channel_claim_every_seconds": 600}
 # The attacker's deposit collector (solc 0.8.37, optimizer 200, cancun), source:
 #   contract ReentrantCollector {
 #     address constant ESCROW = 0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003;

@@ -34,7 +34,7 @@ from tests.e2e.test_channel_paid_calls import PRICE, channel_gateway, pay_calls,
 
 pytestmark = pytest.mark.e2e
 
-NEVER_BY_COUNT = {"channel_claim_every_calls": 1000, "channel_claim_every_seconds": 3600}
+NEVER_BY_COUNT = {"channel_claim_every_calls": 1000, "channel_claim_every_seconds": 600}
 
 
 def _open(gateway: RunningGateway, devchain: Devchain, payer: int, salt: str, calls: int = 2) -> ChannelPayment:

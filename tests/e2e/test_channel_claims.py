@@ -29,7 +29,7 @@ from tests.support.processes import gateway_processes
 
 pytestmark = pytest.mark.e2e
 
-NEVER_BY_COUNT = {"channel_claim_every_calls": 1000, "channel_claim_every_seconds": 3600}
+NEVER_BY_COUNT = {"channel_claim_every_calls": 1000, "channel_claim_every_seconds": 600}
 
 
 def test_calls_stay_accrued_until_the_claim_by_time_settles_them(
@@ -66,7 +66,7 @@ def test_kill_9_with_calls_accrued_then_restart_claims_them(devchain: Devchain, 
     database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     env = {"X402GW_CATALOG": str(catalog), "X402GW_DEPLOYMENT_FILE": str(devchain.deployment_file),
            "X402GW_DATABASE_URL": database_url, "X402GW_CHANNEL_CLAIM_EVERY_CALLS": "1000",
-           "X402GW_CHANNEL_CLAIM_EVERY_SECONDS": "3600"}
+           "X402GW_CHANNEL_CLAIM_EVERY_SECONDS": "600"}
     ledger = open_ledger(database_url)
     client = sdk_client(devchain, 4, "0x" + "c3" * 32)  # one payer, one channel, across both processes
     before = devchain.balance(PAY_TO)

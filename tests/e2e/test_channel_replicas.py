@@ -53,7 +53,7 @@ def test_two_replicas_on_one_channel_never_over_claim(
     env = {"X402GW_CATALOG": str(catalog), "X402GW_DEPLOYMENT_FILE": str(devchain.deployment_file),
            "X402GW_DATABASE_URL": postgres_database, "X402GW_REDIS_URL": REDIS_URL,
            "X402GW_REDIS_PREFIX": redis_prefix, "X402GW_CHANNEL_CLAIM_EVERY_CALLS": "5",
-           "X402GW_CHANNEL_CLAIM_EVERY_SECONDS": "3600"}
+           "X402GW_CHANNEL_CLAIM_EVERY_SECONDS": "600"}
     ledger = open_ledger(postgres_database)
     before = (devchain.balance(PAY_TO), upstream_calls(upstream))
     fresh: list[httpx.Response] = []

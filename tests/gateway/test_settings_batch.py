@@ -60,3 +60,19 @@ def test_the_largest_batch_fits_under_the_per_transaction_gas_cap(monkeypatch: p
     monkeypatch.setenv("X402GW_BATCH_SETTLEMENT", json.dumps({NETWORK: {"contract": CONTRACT, "max_payments": 151}}))
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_a_channel_claim_interval_past_the_escrows_withdraw_delay_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """A payer may withdraw its channel 900 s (the escrow's least withdrawDelay) after asking: with
+    claims further apart than that, calls it owes could be withdrawn before they are claimed."""
+    monkeypatch.setenv("X402GW_CHANNEL_CLAIM_EVERY_SECONDS", "600")
+    assert Settings().channel_claim_every_seconds == 600
+    monkeypatch.setenv("X402GW_CHANNEL_CLAIM_EVERY_SECONDS", "3600")
+    with pytest.raises(ValidationError) as refusal:
+        Settings()
+    message, code = describe_settings_error(refusal.value)
+    assert code == "invalid_setting" and "X402GW_CHANNEL_CLAIM_EVERY_SECONDS" in message and "600" in message
+    monkeypatch.delenv("X402GW_CHANNEL_CLAIM_EVERY_SECONDS")
+    assert "X402GW_CHANNEL_CLAIM_EVERY_SECONDS" in refused(tmp_path, "invalid_setting", **LIVE, X402GW_CHANNEL_CLAIM_EVERY_SECONDS="901")
