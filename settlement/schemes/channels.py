@@ -198,7 +198,11 @@ class ChannelsEvm:
         raw = await self._bound_store().get(_state_key(network, payment.channel_id))
         if raw is None:
             return view.claimed
-        return max(int(json.loads(raw)["charged"]), view.claimed)
+        record = json.loads(raw)
+        if record.get("unclaimable"):  # its claim would revert (channels_claims.Claimer._would_land): no more calls
+            raise Refused(E.ERR_CLAIM_SIMULATION_FAILED, "this channel's claim would revert (its payer's account "
+                          "refuses its own vouchers): it takes no more calls")
+        return max(int(record["charged"]), view.claimed)
 
     async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
         payer = str(((payload.payload.get("channelConfig") or {}) if isinstance(payload.payload, dict) else {}).get("payer") or "")

@@ -159,7 +159,8 @@ class Claimer:
             # EIP-7702 delegation made after its calls), at every attempt, on our gas: each is tried alone.
             landing = [plan for plan in plans if await self._would_land(network, [plan])]
             for best, _, _ in (plan for plan in plans if plan not in landing):
-                log.warning("channel %s: its claim would revert; left out of the claim", best.channel_id)
+                log.warning("channel %s: its claim would revert; left out of the claim, no more calls on it", best.channel_id)
+                await self._update_record(network, best.channel_id, unclaimable=True)
             plans = landing
         if not plans:
             return ClaimOutcome(network, reason="nothing_to_claim")
@@ -210,7 +211,7 @@ class Claimer:
                      if stored is None or p.max_claimable <= stored or _epoch(row.updated_at) < over), default=0)
         best = next((p for _, p in channel.rows if p.max_claimable == total), None)
         if stored is not None and total > stored:
-            await self._raise_charged(network, sample.channel_id, total)
+            await self._update_record(network, sample.channel_id, charged=total)
         if best is None or total <= view.claimed:
             return None
         balance, deposit = view.balance, None
@@ -224,16 +225,20 @@ class Claimer:
             return None
         return best, deposit, [row for row, p in channel.rows if p.max_claimable <= total]
 
-    async def _raise_charged(self, network: str, channel_id: str, total: int) -> None:
-        """The store's charged total raised to ``total`` under the channel's lock (skipped if busy:
-        a voucher is being accepted, which sets it)."""
+    async def _update_record(self, network: str, channel_id: str, *, charged: int = 0, unclaimable: bool = False) -> None:
+        """The channel's record in the store, under the channel's lock (skipped if busy: a voucher is
+        being accepted, which sets the charged total; the next claim round marks it): its charged total
+        raised to ``charged``, or marked ``unclaimable`` (``ChannelsEvm.charged`` refuses its vouchers)."""
         owner, lock = uuid.uuid4().hex, f"chanlock:{network}:{channel_id}"
         if await self.store.acquire(lock, owner, LOCK_TTL_MS):
             try:
                 key = f"chan:{network}:{channel_id}"
                 raw = await self.store.get(key)
-                if raw is None or int(json.loads(raw)["charged"]) < total:
-                    await self.store.put(key, json.dumps({"charged": str(total)}).encode())
+                record = json.loads(raw) if raw is not None else {"charged": "0"}
+                if int(record["charged"]) < charged or (unclaimable and not record.get("unclaimable")):
+                    record["charged"] = str(max(int(record["charged"]), charged))
+                    record.update({"unclaimable": True} if unclaimable else {})
+                    await self.store.put(key, json.dumps(record).encode())
             finally:
                 await self.store.release(lock, owner)
 

@@ -171,7 +171,8 @@ def test_a_payer_delegating_to_code_after_its_calls_cannot_revert_every_claim_on
     honest = fresh_payer(chain, 100 * PRICE)
     attacker_address, honest_address = Account.from_key(attacker).address, Account.from_key(honest).address
     start = chain.w3.eth.block_number + 1
-    assert asyncio.run(pay_calls(gateway.url, _client(chain, attacker, "0x" + "e1" * 32, 10 * PRICE, ZERO), 3)) == [200] * 3
+    attacker_client = _client(chain, attacker, "0x" + "e1" * 32, 10 * PRICE, ZERO)
+    assert asyncio.run(pay_calls(gateway.url, attacker_client, 3)) == [200] * 3
     delegate_to_gas_burner(chain, attacker)
     payee_before, eth_before = chain.balance(PAY_TO), spent(chain)[1]
 
@@ -188,6 +189,9 @@ def test_a_payer_delegating_to_code_after_its_calls_cannot_revert_every_claim_on
         f"{sorted(r.state for r in honest_rows)}): the network's claim reverted {len(reverted)} time(s) "
         f"{reverted} on the gateway's gas ({eth_before - spent(chain)[1]} wei) because {attacker_address}'s "
         "channel (payerAuthorizer 0) now has code that fails ERC-1271")
+    # Its channel was left out of the claim and takes no more calls: nothing more served on it.
+    assert asyncio.run(pay_calls(gateway.url, attacker_client, 1)) == [402]
+    assert upstream_calls(upstream) == 6
 
 
 # -- 2. the refund after a failed claim gives back what was served -------------------------------------
