@@ -64,9 +64,9 @@ __all__ = [
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 SettleMode = Literal["after", "upfront"]
-# Which failed calls of an upfront tool are refunded: the upstream's fault (5xx, 408, 429, unreachable, timed
-# out, a drifted answer) or also the caller's (every 4xx: a refund costs gas, so any payer could make the
-# gateway spend it for free by asking for what is not there).
+# Which failed calls of an upfront tool are refunded: the upstream's or the owner's (5xx, 401/403 of the
+# owner's credentials, 408, 429, unreachable, timed out, a drifted answer; gateway.pipeline.refunds), or also
+# the caller's own (404, 422...): a refund costs gas, so any payer could make the gateway spend it for free.
 RefundOn = Literal["upstream_fault", "any_failure"]
 
 

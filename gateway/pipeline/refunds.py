@@ -14,20 +14,27 @@ from settlement.schemes.upto import UPTO, upto_charge
 
 __all__ = ["Refunds", "callers_failure"]
 
-# An upstream's 4xx that is its own failure, not the caller's: it timed out, or would not serve now.
-_UPSTREAM_4XX = frozenset({408, 429})
+# An upstream's 4xx that is not about what the caller asked: the credentials the gateway sends (401,
+# 403, 407: the owner's), the request the gateway built (405, 411, 415, 426), or the upstream's state
+# (408: it timed out; 429: it would not serve now).
+_UPSTREAM_4XX = frozenset({401, 403, 405, 407, 408, 411, 415, 426, 429})
+# A user-scoped tool sends the caller's own credential (its token, or its linked account): refused, it is the caller's.
+_USERS_CREDENTIAL = frozenset({401, 403})
 # A SOAP fault the upstream blames on the request (1.1 Client, 1.2 Sender).
 _CALLER_FAULTS = frozenset({"client", "sender"})
 
 
-def callers_failure(status: int, fault_code: object = None) -> bool:
-    """Whether an upstream answered a call with a failure of the caller's request: a 4xx other than
-    408 and 429, or a SOAP Client/Sender fault. An ``upfront`` tool's such call stays charged unless
+def callers_failure(status: int, fault_code: object = None, *, user_scoped: bool = False) -> bool:
+    """Whether an upstream answered a call with a failure of the caller's request: a 4xx about what
+    it asked (400, 404, 409, 422...; 401 and 403 only when the tool sends the caller's own
+    credential), or a SOAP Client/Sender fault. An ``upfront`` tool's such call stays charged unless
     its catalog says ``refund_on: any_failure``: a refund costs the gateway gas, and any payer could
     otherwise make it spend that for free, call after call, by asking for what is not there (the
-    price comes back, the gas does not). Every other failure (5xx, 408, 429, unreachable, timed
-    out, a drifted answer) is the upstream's, and refunded."""
+    price comes back, the gas does not). Every other failure (5xx, the 4xx above, unreachable,
+    timed out, a drifted answer) is the upstream's or the owner's, and refunded."""
     if isinstance(fault_code, str) and fault_code.rpartition(":")[2].lower() in _CALLER_FAULTS:
+        return True
+    if user_scoped and status in _USERS_CREDENTIAL:
         return True
     return 400 <= status < 500 and status not in _UPSTREAM_4XX
 

@@ -32,11 +32,20 @@ def test_bad_refund_on_is_a_clear_issue(added: str, expected: tuple[str, int, st
 
 
 @pytest.mark.parametrize(("status", "fault", "callers"), [
-    (400, None, True), (401, None, True), (404, None, True), (422, None, True),
+    (400, None, True), (404, None, True), (409, None, True), (422, None, True),
     (408, None, False), (429, None, False),  # the upstream timed out, or would not serve now
+    (401, None, False), (403, None, False), (407, None, False),  # the owner's credentials, as the gateway sends them
+    (405, None, False), (415, None, False),  # the request the gateway built
     (500, None, False), (502, None, False), (503, None, False),
     (502, "soap:Client", True), (502, "Sender", True), (502, "env:Receiver", False), (502, "Server", False),
     (502, 17, False),  # not a fault code
 ])
 def test_whose_failure_it_is(status: int, fault: object, callers: bool) -> None:
     assert callers_failure(status, fault) is callers
+
+
+@pytest.mark.parametrize(("status", "callers"), [(401, True), (403, True), (407, False), (404, True), (500, False)])
+def test_a_user_scoped_tools_refused_credential_is_the_callers(status: int, callers: bool) -> None:
+    """A tool that sends the caller's own token (or its payer's linked account) upstream: a 401 or
+    403 is about that credential, the caller's."""
+    assert callers_failure(status, user_scoped=True) is callers

@@ -249,3 +249,31 @@ def test_a_failure_rule_says_whose_failure_it_is_by_its_status(
     assert again.status_code == (409 if refunded else status)
     assert devchain.balance(payer) == (before if refunded else before - REFUND)
     assert devchain.w3.eth.get_transaction_count(refunder) == nonce_before + (1 if refunded else 0)
+
+
+FX_WITHOUT_KEY = """
+  - name: fx_rate_upfront
+    description: An FX rate, paid first; the owner left out the upstream's API key.
+    method: GET
+    path: /paid-first/fx/{pair}
+    upstream_path: /limited/fx/{pair}
+    price: "0.004"
+    settle: upfront
+"""
+
+
+def test_an_upstream_refusing_the_owners_credentials_is_refunded_not_charged_to_the_caller(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str
+) -> None:
+    """A 401 (or 403) from an upstream the gateway sends the owner's credentials to is about those
+    credentials (here: none configured), not about what the caller asked: refunded, whatever the
+    default ``refund_on``. Only a user-scoped tool's 401/403 (the caller's own token) is the caller's."""
+    gateway = upfront_gateway(start_gateway, tmp_path, upstream, FX_WITHOUT_KEY, refund_key=devchain.key(9))
+    payer = devchain.address(PAYER)
+    before = devchain.balance(payer)
+    with gateway.client() as client:
+        path = "/paid-first/fx/EURUSD"
+        answer = client.get(path, headers={"PAYMENT-SIGNATURE": signed(client, devchain, path, payer=PAYER)})
+    assert answer.status_code == 401 and receipt_of(answer).success, answer.text
+    assert answer.headers["x402gw-refund"].startswith("refunded 0x")
+    assert devchain.balance(payer) == before
