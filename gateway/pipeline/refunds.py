@@ -27,13 +27,15 @@ _CALLER_FAULTS = frozenset({"client", "sender"})
 def callers_failure(status: int, fault_code: object = None, *, user_scoped: bool = False) -> bool:
     """Whether an upstream answered a call with a failure of the caller's request: a 4xx about what
     it asked (400, 404, 409, 422...; 401 and 403 only when the tool sends the caller's own
-    credential), or a SOAP Client/Sender fault. An ``upfront`` tool's such call stays charged unless
+    credential), or a SOAP Client/Sender fault of a tool that sends the caller's own credential. An ``upfront`` tool's such call stays charged unless
     its catalog says ``refund_on: any_failure``: a refund costs the gateway gas, and any payer could
     otherwise make it spend that for free, call after call, by asking for what is not there (the
     price comes back, the gas does not). Every other failure (5xx, the 4xx above, unreachable,
     timed out, a drifted answer) is the upstream's or the owner's, and refunded."""
     if isinstance(fault_code, str) and fault_code.rpartition(":")[2].lower() in _CALLER_FAULTS:
-        return True
+        # SOAP 1.1 files authentication (the owner's token) and a request the gateway built under
+        # Client too: the caller's only when it is the caller's credential the tool sends.
+        return user_scoped
     if user_scoped and status in _USERS_CREDENTIAL:
         return True
     return 400 <= status < 500 and status not in _UPSTREAM_4XX

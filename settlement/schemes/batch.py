@@ -40,7 +40,7 @@ from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.batch_settlers import SettlerReader, choose_settler
 from settlement.schemes.exact_guards import INSUFFICIENT_BALANCE, revert_reason_code
-from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected
+from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, mined_by
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 _AUTH_TUPLE = "(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
@@ -370,7 +370,8 @@ class BatchingFacilitator:
             # BatchSettler passes v,r,s: a contract wallet's signature is settled on its own.
             return await self.local.settle(payload, requirements, before_send=before_send)
         network, auth = requirements.network, checked.auth
-        async with self.local.in_flight.hold(batcher.chain, network, checked.token, checked.payer, auth.value) as covered:
+        async with self.local.in_flight.hold(batcher.chain, network, checked.token, checked.payer, auth.value,
+                                             mined_by(batcher.chain, checked)) as covered:
             if not covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
                 return SettleResponse(success=False, error_reason=INSUFFICIENT_BALANCE, payer=checked.payer, network=network,
                                       error_message="the payer's settlements in flight already take its balance; retry")

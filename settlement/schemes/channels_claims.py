@@ -45,6 +45,7 @@ from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schemes.channels import ChannelsEvm, row_payment
 from settlement.schemes.channels_contract import ESCROW_ADDRESS, ChannelPayment, claim_calldata
 from settlement.schemes.channels_policy import LOCK_TTL_MS, ChannelChain, ChannelStore
+from settlement.schemes.exact_guards import is_revert
 
 __all__ = ["ChainAuthorizer", "ClaimLoop", "ClaimOutcome", "Claimer", "start_claims"]
 
@@ -171,15 +172,16 @@ class Claimer:
         return outcome
 
     async def _would_land(self, network: str, plans: list[tuple[ChannelPayment, ChannelPayment | None, list[Payment]]]) -> bool:
-        """The claim of ``plans`` simulated (one eth_call, as our settlement account sends it). A node
-        that does not answer: True (the send finds out, as before)."""
+        """The claim of ``plans`` simulated (one eth_call, as our settlement account sends it). Only a
+        revert says no: a node that cannot run it now (rate-limited, lagging, away) says nothing, True
+        (the send finds out, as before), or a griefer's load on our provider would mark honest channels."""
         claims = [(best, best.max_claimable) for best, _, _ in plans]
         calldata, gas = self._claim_call(network, claims, [deposit for _, deposit, _ in plans if deposit is not None])
         chain = self.scheme.chain(network)
         try:
             await chain.eth_call(ESCROW_ADDRESS, calldata, gas=gas, sender=chain.settlement_address)
-        except RpcError:
-            return False
+        except RpcError as exc:
+            return not is_revert(exc.rpc_message)
         except ChainUnavailable:
             return True
         return True

@@ -15,13 +15,13 @@ on transactions that revert, for nothing.
 What is left: ``InFlight`` is per process (workers and replicas each count their own, so a burst
 spread over N processes can still cost up to N-1 reverts), and a delegation made between verify and
 settlement costs the payer a transaction of its own for each revert it causes. A payer's settlement
-mined but whose receipt this process has not read yet still counts as in flight: a payer whose
-balance is exactly spent by its concurrent payments may be refused one it could pay (402, retryable).
+whose state read and balance read straddle a block may be refused one it could pay (402, retryable).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -31,7 +31,7 @@ from settlement.chain.client import transfer_with_authorization_calldata
 from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
 
-__all__ = ["INSUFFICIENT_BALANCE", "InFlight", "revert_reason_code", "transfer_refusal"]
+__all__ = ["INSUFFICIENT_BALANCE", "InFlight", "Mined", "is_revert", "revert_reason_code", "transfer_refusal"]
 
 INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
 _SIGNATURE = "invalid_exact_evm_payload_signature"
@@ -63,44 +63,72 @@ class BalanceReader(Protocol):
     async def balance_of(self, token: str, owner: str) -> int: ...
 
 
+def is_revert(message: str | None) -> bool:
+    """Whether a node's JSON-RPC error says the call itself failed (a revert, out of gas), not that
+    the node could not run it now (a rate limit, a lagging or overloaded node): only the first says
+    a transaction would fail."""
+    lowered = (message or "").lower()
+    return any(word in lowered for word in ("revert", "out of gas", "outofgas", "invalid opcode"))
+
+
 async def transfer_refusal(
     chain: CodeReader, code: bytes, token: str, auth: Eip3009Authorization, signature: bytes,
 ) -> str | None:
     """For a payer whose account has ``code``: the reason its transfer would fail (its code refused the
     signature or ran out of the settlement's gas), or None when the simulation succeeds. An account
-    without code: None, no call (the token checks the ECDSA signature itself, as verify did)."""
+    without code: None, no call (the token checks the ECDSA signature itself, as verify did). A node
+    that cannot run the simulation now: ``ChainUnavailable`` (unknown, retryable), never a refusal."""
     if not code:
         return None
     v, r, s = split_signature(signature)
     try:
         await chain.eth_call(token, transfer_with_authorization_calldata(auth, v, r, s), gas=TRANSFER_GAS_LIMIT)
     except RpcError as exc:
+        if not is_revert(exc.rpc_message):
+            raise
         reason = revert_reason_code(exc.rpc_message or "")
         # Nonce, balance and window were checked already: what is left to fail is the code's signature check.
         return _SIGNATURE if reason == "transaction_failed" else reason
     return None
 
 
+# Whether a settlement in flight is mined already (its authorization's nonce used): the balance read
+# then shows it spent, and it must not be counted again.
+Mined = Callable[[], Awaitable[bool]]
+
+
 class InFlight:
-    """Per (network, token, payer): the sum of the values of its settlements in flight in this process."""
+    """Per (network, token, payer): its settlements in flight in this process, each with its value and
+    how to tell it mined."""
 
     def __init__(self) -> None:
-        self._taken: dict[tuple[str, str, str], int] = {}
+        self._held: dict[tuple[str, str, str], dict[int, tuple[int, Mined]]] = {}
+        self._next = 0
 
-    def taken(self, network: str, token: str, payer: str) -> int:
-        return self._taken.get((network, token.lower(), payer.lower()), 0)
+    async def pending(self, network: str, token: str, payer: str, *, besides: int | None = None) -> int:
+        """What the payer's settlements in flight (``besides`` the entry of the caller's own) take that
+        its balance does not show spent yet: those not mined (their state read before the balance, so
+        one mined in between counts twice, which refuses rather than reverts). None in flight: 0, no read."""
+        entries = self._held.get((network, token.lower(), payer.lower()), {})
+        held = [held for entry, held in entries.items() if entry != besides]
+        if not held:
+            return 0
+        mined = await asyncio.gather(*(is_mined() for _, is_mined in held), return_exceptions=True)
+        return sum(value for (value, _), done in zip(held, mined, strict=True) if done is not True)
 
     @asynccontextmanager
-    async def hold(self, chain: BalanceReader, network: str, token: str, payer: str, value: int) -> AsyncIterator[bool]:
+    async def hold(self, chain: BalanceReader, network: str, token: str, payer: str, value: int,
+                   mined: Mined) -> AsyncIterator[bool]:
         """Holds ``value`` of the payer's balance while the block runs (its settlement is sent and
         awaited there) and yields whether the balance covers it beside what the payer's other
         settlements in flight take: read on chain only when there are any (verify read it otherwise);
         a read that fails lets it through, as before this guard."""
         key = (network, token.lower(), payer.lower())
-        others = self._taken.get(key, 0)
-        self._taken[key] = others + value  # before any await: a concurrent settlement counts this one
+        entry, self._next = self._next, self._next + 1
+        self._held.setdefault(key, {})[entry] = (value, mined)  # before any await: a concurrent settlement counts this one
         try:
             covered = True
+            others = await self.pending(network, token, payer, besides=entry)
             if others:
                 try:
                     covered = await chain.balance_of(token, payer) >= others + value
@@ -108,8 +136,7 @@ class InFlight:
                     covered = True
             yield covered
         finally:
-            left = self._taken[key] - value
-            if left > 0:
-                self._taken[key] = left
-            else:
-                del self._taken[key]
+            entries = self._held[key]
+            del entries[entry]
+            if not entries:
+                del self._held[key]

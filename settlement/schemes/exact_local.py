@@ -264,7 +264,7 @@ class LocalFacilitator:
                 invalid_message="this authorization was already used or canceled on chain",
                 payer=checked.payer,
             )
-        if balance < checked.auth.value + self.in_flight.taken(requirements.network, checked.token, checked.payer):
+        if balance < checked.auth.value + await self.in_flight.pending(requirements.network, checked.token, checked.payer):
             return VerifyResponse(
                 is_valid=False,
                 invalid_reason=INSUFFICIENT_BALANCE,
@@ -290,7 +290,8 @@ class LocalFacilitator:
         except Rejected as rej:
             return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
         chain = self._chains[network]
-        async with self.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value) as covered:
+        async with self.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,
+                                       mined_by(chain, checked)) as covered:
             if not covered:  # its other settlements in flight take its balance: this one would revert on our gas
                 return SettleResponse(success=False, error_reason=INSUFFICIENT_BALANCE, payer=checked.payer, network=network,
                                       error_message="the payer's settlements in flight already take its balance; retry")
@@ -398,6 +399,11 @@ class LocalFacilitator:
         extra = {"blockNumber": receipt.block_number, **gas_extra(_one(receipt))}  # a revert costs gas too
         return await self.used_nonce_outcome(chain, checked, SettleResponse(
             success=False, error_reason=reason, extra=extra, **base))
+
+
+def mined_by(chain: Chain, checked: CheckedPayment) -> Callable[[], Awaitable[bool]]:
+    """Whether ``checked``'s authorization is used on chain (its settlement mined: ``InFlight``)."""
+    return lambda: chain.authorization_state(checked.token, checked.payer, checked.auth.nonce)
 
 
 def _one(receipt: Receipt) -> GasShare | None:

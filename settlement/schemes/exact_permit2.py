@@ -219,6 +219,7 @@ class ExactWithPermit2:
             chain, EXACT_PROXY_ADDRESS, permit.settle_calldata(), before_send,
             transfer=(permit.token, permit.payer, permit.to, permit.amount), network=network,
             receipt_timeout=self._receipt_timeout, revert_reason=_revert_reason, reverted="permit2_settlement_reverted",
+            permit=permit,
         )
 
     # ------------------------------------------------------------------------------ resolve

@@ -259,6 +259,7 @@ class UptoEvm:
             chain, UPTO_PROXY_ADDRESS, permit.settle_calldata(amount), before_send,
             transfer=(permit.token, permit.payer, permit.to, amount), network=network,
             receipt_timeout=self._receipt_timeout, revert_reason=_revert_reason, reverted="upto_settlement_reverted",
+            permit=permit,
         )
 
     # ------------------------------------------------------------------------------ resolve
@@ -325,7 +326,7 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
 async def send_permit2_settlement(
     chain: UptoChain, proxy: str, calldata: bytes, before_send: BeforeSend | None, *,
     transfer: tuple[str, str, str, int], network: str, receipt_timeout: float,
-    revert_reason: Callable[[str], str], reverted: str,
+    revert_reason: Callable[[str], str], reverted: str, permit: Permit2Nonce,
 ) -> SettleResponse:
     """Send a Permit2 proxy's settlement (upto's, or exact's through Permit2) with its hash written
     ahead (``before_send``), then judge it by its receipt: settled when it moved exactly ``transfer``
@@ -334,7 +335,10 @@ async def send_permit2_settlement(
     token, payer, to, amount = transfer
     base: dict[str, Any] = {"payer": payer, "network": network}
     # The simulation before this ran on the latest block: it cannot see this payer's settlements in flight.
-    async with PERMIT2_IN_FLIGHT.hold(chain, network, token, payer, amount) as covered:
+    async def mined() -> bool:  # its Permit2 nonce used: the balance read shows it spent
+        return permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call()))
+
+    async with PERMIT2_IN_FLIGHT.hold(chain, network, token, payer, amount, mined) as covered:
         if not covered:
             return SettleResponse(success=False, error_reason=ERR_PERMIT2_INSUFFICIENT_BALANCE, **base,
                                   error_message="the payer's settlements in flight already take its balance; retry")

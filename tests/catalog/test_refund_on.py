@@ -37,7 +37,8 @@ def test_bad_refund_on_is_a_clear_issue(added: str, expected: tuple[str, int, st
     (401, None, False), (403, None, False), (407, None, False),  # the owner's credentials, as the gateway sends them
     (405, None, False), (415, None, False),  # the request the gateway built
     (500, None, False), (502, None, False), (503, None, False),
-    (502, "soap:Client", True), (502, "Sender", True), (502, "env:Receiver", False), (502, "Server", False),
+    (502, "soap:Client", False), (502, "Sender", False),  # SOAP 1.1 files the owner's bad token under Client too
+    (502, "env:Receiver", False), (502, "Server", False),
     (502, 17, False),  # not a fault code
 ])
 def test_whose_failure_it_is(status: int, fault: object, callers: bool) -> None:
@@ -47,5 +48,6 @@ def test_whose_failure_it_is(status: int, fault: object, callers: bool) -> None:
 @pytest.mark.parametrize(("status", "callers"), [(401, True), (403, True), (407, False), (404, True), (500, False)])
 def test_a_user_scoped_tools_refused_credential_is_the_callers(status: int, callers: bool) -> None:
     """A tool that sends the caller's own token (or its payer's linked account) upstream: a 401 or
-    403 is about that credential, the caller's."""
+    403 is about that credential, the caller's; so is a SOAP Client fault."""
     assert callers_failure(status, user_scoped=True) is callers
+    assert callers_failure(502, "soap:Client", user_scoped=True)

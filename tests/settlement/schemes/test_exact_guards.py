@@ -7,11 +7,20 @@ import asyncio
 
 import pytest
 
+from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
 from settlement.schemes.eip712 import TransferAuthorization
-from settlement.schemes.exact_guards import InFlight, transfer_refusal
+from settlement.schemes.exact_guards import InFlight, is_revert, transfer_refusal
 
 NET, TOKEN, PAYER = "eip155:31337", "0x" + "aa" * 20, "0x" + "bB" * 20
+
+
+async def unmined() -> bool:
+    return False
+
+
+async def mined() -> bool:
+    return True
 
 
 class Balance:
@@ -30,36 +39,36 @@ def test_a_payers_first_settlement_reads_nothing_and_later_ones_read_the_balance
 
     async def run() -> list[bool]:
         seen = []
-        async with flights.hold(chain, NET, TOKEN, PAYER, 100) as first:
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as first:
             seen.append(first)
-            assert chain.reads == 0 and flights.taken(NET, TOKEN.upper(), PAYER.lower()) == 100
-            async with flights.hold(chain, NET, TOKEN, PAYER, 100) as second:  # 200 <= 250
+            assert chain.reads == 0 and await flights.pending(NET, TOKEN.upper(), PAYER.lower()) == 100
+            async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:  # 200 <= 250
                 seen.append(second)
-                async with flights.hold(chain, NET, TOKEN, PAYER, 100) as third:  # 300 > 250: would revert
+                async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:  # 300 > 250: would revert
                     seen.append(third)
         return seen
 
     assert asyncio.run(run()) == [True, True, False]
-    assert chain.reads == 2 and flights.taken(NET, TOKEN, PAYER) == 0 and not flights._taken  # nothing left behind
+    assert chain.reads == 2 and asyncio.run(flights.pending(NET, TOKEN, PAYER)) == 0 and not flights._held  # nothing left behind
 
 
 def test_a_hold_is_given_back_when_its_settlement_raises() -> None:
     flights = InFlight()
 
     async def run() -> None:
-        async with flights.hold(Balance(0), NET, TOKEN, PAYER, 100):
+        async with flights.hold(Balance(0), NET, TOKEN, PAYER, 100, unmined):
             raise RuntimeError("the broadcast failed")
 
     with pytest.raises(RuntimeError):
         asyncio.run(run())
-    assert flights.taken(NET, TOKEN, PAYER) == 0
+    assert asyncio.run(flights.pending(NET, TOKEN, PAYER)) == 0
 
 
 def test_a_balance_read_that_fails_lets_the_settlement_through() -> None:
     flights = InFlight()
 
     async def run() -> bool:
-        async with flights.hold(Balance(None), NET, TOKEN, PAYER, 100), flights.hold(Balance(None), NET, TOKEN, PAYER, 100) as second:
+        async with flights.hold(Balance(None), NET, TOKEN, PAYER, 100, unmined), flights.hold(Balance(None), NET, TOKEN, PAYER, 100, unmined) as second:
             return second
 
     assert asyncio.run(run()) is True  # as before the guard: the chain decides
@@ -75,3 +84,40 @@ def test_an_account_without_code_is_not_simulated() -> None:
 
     auth = TransferAuthorization(from_=PAYER, to="0x" + "cc" * 20, value=1, valid_after=0, valid_before=2**40, nonce=bytes(32))
     assert asyncio.run(transfer_refusal(NoCalls(), b"", TOKEN, auth, bytes(65))) is None
+
+
+def test_a_settlement_already_mined_is_not_counted_twice() -> None:
+    """The balance read shows a mined settlement spent: while its receipt is still on its way here,
+    it is not counted against the balance again."""
+    flights, chain = InFlight(), Balance(100)  # 200 held before, 100 of it mined: 100 left
+
+    async def run() -> bool:
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, mined), \
+                flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
+            assert second  # 100 left covers it: the first is mined
+            async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:
+                return third  # the second is not mined: 100 + 100 > 100
+
+    assert asyncio.run(run()) is False
+
+
+@pytest.mark.parametrize(("message", "revert"), [
+    ("execution reverted: ERC20: transfer amount exceeds balance", True), ("EVM error OutOfGas", True),
+    ("out of gas", True), ("rate limit exceeded", False), ("header not found", False), ("request timed out", False),
+    (None, False),
+])
+def test_only_a_revert_says_a_call_would_fail(message: str | None, revert: bool) -> None:
+    assert is_revert(message) is revert
+
+
+def test_a_simulation_the_node_cannot_run_now_is_unknown_not_a_refusal() -> None:
+    class RateLimited:
+        async def get_code(self, address: str) -> bytes:
+            return b"\xef\x01\x00" + bytes(20)
+
+        async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes:
+            raise RpcError("eth_call", "rate limit exceeded")
+
+    auth = TransferAuthorization(from_=PAYER, to="0x" + "cc" * 20, value=1, valid_after=0, valid_before=2**40, nonce=bytes(32))
+    with pytest.raises(RpcError):  # a ChainUnavailable: 503, retryable; never "invalid signature"
+        asyncio.run(transfer_refusal(RateLimited(), b"\xef\x01\x00" + bytes(20), TOKEN, auth, bytes(65)))
