@@ -105,6 +105,12 @@ class InFlight:
         self._held: dict[tuple[str, str, str], dict[int, tuple[int, Mined]]] = {}
         self._next = 0
 
+    def taken(self, network: str, token: str, payer: str, *, besides: int | None = None) -> int:
+        """What the payer's settlements in flight (``besides`` the caller's own) take, mined or not: no
+        read. A balance that covers this covers what ``pending`` would say (it is never more)."""
+        entries = self._held.get((network, token.lower(), payer.lower()), {})
+        return sum(value for entry, (value, _) in entries.items() if entry != besides)
+
     async def pending(self, network: str, token: str, payer: str, *, besides: int | None = None) -> int:
         """What the payer's settlements in flight (``besides`` the entry of the caller's own) take that
         its balance does not show spent yet: those not mined (their state read before the balance, so
@@ -127,16 +133,23 @@ class InFlight:
         entry, self._next = self._next, self._next + 1
         self._held.setdefault(key, {})[entry] = (value, mined)  # before any await: a concurrent settlement counts this one
         try:
-            covered = True
-            others = await self.pending(network, token, payer, besides=entry)
-            if others:
-                try:
-                    covered = await chain.balance_of(token, payer) >= others + value
-                except ChainUnavailable:
-                    covered = True
-            yield covered
+            yield await self._covered(chain, network, token, payer, value, entry)
         finally:
             entries = self._held[key]
             del entries[entry]
             if not entries:
                 del self._held[key]
+
+    async def _covered(self, chain: BalanceReader, network: str, token: str, payer: str, value: int, entry: int) -> bool:
+        """One balance read when others are in flight; their mined states are read only when the
+        balance does not cover them all (a payer with room to spare costs no more reads)."""
+        others = self.taken(network, token, payer, besides=entry)
+        if not others:
+            return True
+        try:
+            if await chain.balance_of(token, payer) >= others + value:
+                return True
+            others = await self.pending(network, token, payer, besides=entry)  # states first, then the balance again
+            return await chain.balance_of(token, payer) >= others + value
+        except ChainUnavailable:
+            return True

@@ -264,7 +264,9 @@ class LocalFacilitator:
                 invalid_message="this authorization was already used or canceled on chain",
                 payer=checked.payer,
             )
-        if balance < checked.auth.value + await self.in_flight.pending(requirements.network, checked.token, checked.payer):
+        network, flights = requirements.network, self.in_flight
+        if (balance < checked.auth.value + flights.taken(network, checked.token, checked.payer)
+                and balance < checked.auth.value + await flights.pending(network, checked.token, checked.payer)):
             return VerifyResponse(
                 is_valid=False,
                 invalid_reason=INSUFFICIENT_BALANCE,
