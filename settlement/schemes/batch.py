@@ -369,9 +369,8 @@ class BatchingFacilitator:
         if checked.wallet is not None:
             # BatchSettler passes v,r,s: a contract wallet's signature is settled on its own.
             return await self.local.settle(payload, requirements, before_send=before_send)
-        network, auth = requirements.network, checked.auth
-        async with self.local.in_flight.hold(batcher.chain, network, checked.token, checked.payer, auth.value,
-                                             mined_by(batcher.chain, checked)) as covered:
+        network, chain = requirements.network, batcher.chain
+        async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value, mined_by(chain, checked)) as covered:
             if not covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
                 return SettleResponse(success=False, error_reason=INSUFFICIENT_BALANCE, payer=checked.payer, network=network,
                                       error_message="the payer's settlements in flight already take its balance; retry")
