@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from catalog import Tool
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
 from settlement.chain.refunds import Refunder
 from settlement.ledger.payments import Ledger
 from settlement.schemes.upto import UPTO, upto_charge
 
-__all__ = ["Refunds", "callers_failure"]
+__all__ = ["Refunds", "callers_failure", "keeps_charge"]
 
 # An upstream's 4xx that is not about what the caller asked: the credentials the gateway sends (401,
 # 403, 407: the owner's), the request the gateway built (405, 411, 415, 426), or the upstream's state
@@ -39,6 +40,13 @@ def callers_failure(status: int, fault_code: object = None, *, user_scoped: bool
     if user_scoped and status in _USERS_CREDENTIAL:
         return True
     return 400 <= status < 500 and status not in _UPSTREAM_4XX
+
+
+def keeps_charge(tool: Tool, status: int, fault_code: object = None) -> bool:
+    """Whether an ``upfront`` call of ``tool`` that failed with ``status`` (and SOAP ``fault_code``)
+    stays charged: the caller's own failure (``callers_failure``) under ``refund_on: upstream_fault``."""
+    user_scoped = tool.user_auth is not None or tool.wallet_accounts is not None  # the caller's own credential goes upstream
+    return tool.refund_on == "upstream_fault" and callers_failure(status, fault_code, user_scoped=user_scoped)
 
 
 class _ClaimedElsewhere(Exception):

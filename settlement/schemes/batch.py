@@ -39,7 +39,7 @@ from settlement.chain.client import BeforeSend, Chain, Receipt, address_word, au
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.batch_settlers import SettlerReader, choose_settler
-from settlement.schemes.exact_guards import INSUFFICIENT_BALANCE, revert_reason_code
+from settlement.schemes.exact_guards import in_flight_refusal, revert_reason_code
 from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, mined_by
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -372,8 +372,7 @@ class BatchingFacilitator:
         network, chain = requirements.network, batcher.chain
         async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value, mined_by(chain, checked)) as covered:
             if not covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
-                return SettleResponse(success=False, error_reason=INSUFFICIENT_BALANCE, payer=checked.payer, network=network,
-                                      error_message="the payer's settlements in flight already take its balance; retry")
+                return in_flight_refusal(checked.payer, network)
             future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
             batcher.submit(_Item(checked, before_send, future))
             # Shielded: a request that goes away must not cancel its item out of a batch being sent.

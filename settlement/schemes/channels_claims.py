@@ -155,39 +155,41 @@ class Claimer:
                     continue
             channels.setdefault(payment.channel_id, _Channel()).rows.append((row, payment))
         plans = [plan for channel in channels.values() if (plan := await self._plan(network, channel)) is not None]
-        if plans and not await self._would_land(network, plans):
+        call = self._claim_call(network, plans) if plans else None
+        if call is not None and not await self._would_land(network, call):
             # One channel's claim would revert the whole batch (a payer whose code refuses its vouchers: an
             # EIP-7702 delegation made after its calls), at every attempt, on our gas: each is tried alone.
-            landing = [plan for plan in plans if await self._would_land(network, [plan])]
+            landing = [plan for plan in plans if await self._would_land(network, self._claim_call(network, [plan]))]
             for best, _, _ in (plan for plan in plans if plan not in landing):
                 log.warning("channel %s: its claim would revert; left out of the claim, no more calls on it", best.channel_id)
                 await self._update_record(network, best.channel_id, unclaimable=True)
             plans = landing
-        if not plans:
+            call = self._claim_call(network, plans) if plans else None
+        if call is None:
             return ClaimOutcome(network, reason="nothing_to_claim")
-        claims = [(best, best.max_claimable) for best, _, _ in plans]
-        deposits = [deposit for _, deposit, _ in plans if deposit is not None]
-        outcome = await self._send(network, claims, deposits, [row for _, _, rows in plans for row in rows])
-        outcome.channels = len(claims)
+        outcome = await self._send(network, call, sum(best.max_claimable for best, _, _ in plans),
+                                   [row for _, _, rows in plans for row in rows])
+        outcome.channels = len(plans)
         return outcome
 
-    async def _would_land(self, network: str, plans: list[tuple[ChannelPayment, ChannelPayment | None, list[Payment]]]) -> bool:
-        """The claim of ``plans`` simulated (one eth_call, as our settlement account sends it). Only a
+    async def _would_land(self, network: str, call: tuple[bytes, int]) -> bool:
+        """A claim transaction (``_claim_call``) simulated, as our settlement account sends it. Only a
         revert says no: a node that cannot run it now (rate-limited, lagging, away) says nothing, True
         (the send finds out, as before), or a griefer's load on our provider would mark honest channels."""
-        claims = [(best, best.max_claimable) for best, _, _ in plans]
-        calldata, gas = self._claim_call(network, claims, [deposit for _, deposit, _ in plans if deposit is not None])
         chain = self.scheme.chain(network)
         try:
-            await chain.eth_call(ESCROW_ADDRESS, calldata, gas=gas, sender=chain.settlement_address)
+            await chain.eth_call(ESCROW_ADDRESS, call[0], gas=call[1], sender=chain.settlement_address)
         except RpcError as exc:
             return not is_revert(exc.rpc_message)
         except ChainUnavailable:
-            return True
+            pass
         return True
 
-    def _claim_call(self, network: str, claims: list[tuple[ChannelPayment, int]], deposits: list[ChannelPayment]) -> tuple[bytes, int]:
-        """The claim transaction's calldata (the batch signed by our receiverAuthorizer key) and its gas limit."""
+    def _claim_call(self, network: str, plans: list[tuple[ChannelPayment, ChannelPayment | None, list[Payment]]]) -> tuple[bytes, int]:
+        """The claim transaction of ``plans`` (each channel's best voucher, and the deposits still to
+        make): its calldata, the batch signed by our receiverAuthorizer key, and its gas limit."""
+        claims = [(best, best.max_claimable) for best, _, _ in plans]
+        deposits = [deposit for _, deposit, _ in plans if deposit is not None]
         signer = ChainAuthorizer(self.scheme.chain(network))
         entries = [VoucherClaim(channel=p.config, max_claimable_amount=str(p.max_claimable), signature=p.signature,
                                 total_claimed=str(total)) for p, total in claims]
@@ -244,9 +246,8 @@ class Claimer:
             finally:
                 await self.store.release(lock, owner)
 
-    async def _send(self, network: str, claims: list[tuple[ChannelPayment, int]],
-                    deposits: list[ChannelPayment], rows: list[Payment]) -> ClaimOutcome:
-        calldata, gas = self._claim_call(network, claims, deposits)
+    async def _send(self, network: str, call: tuple[bytes, int], claimed: int, rows: list[Payment]) -> ClaimOutcome:
+        calldata, gas = call
         ids = [row.id for row in rows]
 
         async def before_send(tx_hash: str) -> None:
@@ -254,7 +255,7 @@ class Claimer:
                 await self.ledger.run(self.ledger.record_tx_hash, payment_id, tx_hash)
 
         chain_ = self.scheme.chain(network)
-        outcome = ClaimOutcome(network, claimed=sum(total for _, total in claims))
+        outcome = ClaimOutcome(network, claimed=claimed)
         try:
             outcome.tx_hash = await chain_.send_call(ESCROW_ADDRESS, calldata, before_send, gas=gas)
             receipt: Receipt | None = await chain_.wait_for_receipt(outcome.tx_hash, self._receipt_timeout)

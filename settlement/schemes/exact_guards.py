@@ -30,8 +30,9 @@ from settlement.chain.broadcast import TRANSFER_GAS_LIMIT
 from settlement.chain.client import transfer_with_authorization_calldata
 from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
+from settlement.x402.wire import SettleResponse
 
-__all__ = ["INSUFFICIENT_BALANCE", "InFlight", "Mined", "is_revert", "revert_reason_code", "transfer_refusal"]
+__all__ = ["INSUFFICIENT_BALANCE", "InFlight", "Mined", "in_flight_refusal", "is_revert", "revert_reason_code", "transfer_refusal"]
 
 INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
 _SIGNATURE = "invalid_exact_evm_payload_signature"
@@ -64,11 +65,17 @@ class BalanceReader(Protocol):
 
 
 def is_revert(message: str | None) -> bool:
-    """Whether a node's JSON-RPC error says the call itself failed (a revert, out of gas), not that
-    the node could not run it now (a rate limit, a lagging or overloaded node): only the first says
-    a transaction would fail."""
+    """Whether a node's JSON-RPC error says the call itself failed (a revert, out of gas, a bad
+    opcode): a verdict, not that the node could not run it now (a rate limit, a lagging or
+    overloaded node). Only the first says a transaction would fail."""
     lowered = (message or "").lower()
-    return any(word in lowered for word in ("revert", "out of gas", "outofgas", "invalid opcode"))
+    return any(word in lowered for word in ("revert", "out of gas", "outofgas", "gas required", "invalid opcode", "stack"))
+
+
+def in_flight_refusal(payer: str, network: str, reason: str = INSUFFICIENT_BALANCE) -> SettleResponse:
+    """A settlement refused before its broadcast: the payer's settlements in flight take its balance."""
+    return SettleResponse(success=False, error_reason=reason, payer=payer, network=network,
+                          error_message="the payer's settlements in flight already take its balance; retry")
 
 
 async def transfer_refusal(

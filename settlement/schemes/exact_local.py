@@ -23,7 +23,7 @@ from settlement.chain.client import BeforeSend, Chain, Receipt
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
-from settlement.schemes.exact_guards import INSUFFICIENT_BALANCE, InFlight, revert_reason_code, transfer_refusal
+from settlement.schemes.exact_guards import INSUFFICIENT_BALANCE, InFlight, Mined, in_flight_refusal, revert_reason_code, transfer_refusal
 from settlement.schemes.exact_resolve import settled_elsewhere
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
 from settlement.x402.codec import parse_exact_evm
@@ -295,8 +295,7 @@ class LocalFacilitator:
         async with self.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,
                                        mined_by(chain, checked)) as covered:
             if not covered:  # its other settlements in flight take its balance: this one would revert on our gas
-                return SettleResponse(success=False, error_reason=INSUFFICIENT_BALANCE, payer=checked.payer, network=network,
-                                      error_message="the payer's settlements in flight already take its balance; retry")
+                return in_flight_refusal(checked.payer, network)
             return await self._send_and_wait(chain, checked, network, before_send)
 
     async def _send_and_wait(self, chain: Chain, checked: CheckedPayment, network: str,
@@ -403,7 +402,7 @@ class LocalFacilitator:
             success=False, error_reason=reason, extra=extra, **base))
 
 
-def mined_by(chain: Chain, checked: CheckedPayment) -> Callable[[], Awaitable[bool]]:
+def mined_by(chain: Chain, checked: CheckedPayment) -> Mined:
     """Whether ``checked``'s authorization is used on chain (its settlement mined: ``InFlight``)."""
     return lambda: chain.authorization_state(checked.token, checked.payer, checked.auth.nonce)
 

@@ -55,7 +55,7 @@ from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
-from settlement.schemes.exact_guards import InFlight
+from settlement.schemes.exact_guards import InFlight, in_flight_refusal
 from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -340,8 +340,7 @@ async def send_permit2_settlement(
 
     async with PERMIT2_IN_FLIGHT.hold(chain, network, token, payer, amount, mined) as covered:
         if not covered:
-            return SettleResponse(success=False, error_reason=ERR_PERMIT2_INSUFFICIENT_BALANCE, **base,
-                                  error_message="the payer's settlements in flight already take its balance; retry")
+            return in_flight_refusal(payer, network, ERR_PERMIT2_INSUFFICIENT_BALANCE)
         return await _send_and_judge(chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted)
 
 

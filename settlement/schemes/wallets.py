@@ -39,6 +39,7 @@ from settlement.chain.addresses import checksum_address
 from settlement.chain.authorization import Eip3009Authorization
 from settlement.chain.client import BeforeSend, Receipt, RpcError, selector
 from settlement.errors import ChainUnavailable
+from settlement.schemes.exact_guards import is_revert
 
 __all__ = [
     "ANY_NETWORK",
@@ -193,7 +194,7 @@ class WalletSignatures:
         try:
             result = await chain.eth_call(wallet, is_valid_signature_call(digest, signature), gas=WALLET_CHECK_GAS)
         except RpcError as exc:
-            if _execution_failed(exc):
+            if is_revert(exc.rpc_message):
                 return False  # the wallet reverted (or ran out of the capped gas): not valid
             raise
         return is_valid_magic(result)
@@ -213,7 +214,7 @@ class WalletSignatures:
         try:
             out = await chain.eth_call(MULTICALL3_ADDRESS, data, gas=WALLET_CHECK_GAS)
         except RpcError as exc:
-            if _execution_failed(exc):
+            if is_revert(exc.rpc_message):
                 return False
             raise
         if not out:
@@ -226,13 +227,6 @@ class WalletSignatures:
             return False
         success, answer = results[1]
         return bool(success) and is_valid_magic(bytes(answer))
-
-
-def _execution_failed(exc: RpcError) -> bool:
-    """An eth_call the node ran and that failed (a revert, out of gas, a bad opcode): a verdict,
-    not an outage."""
-    message = exc.rpc_message.lower()
-    return any(word in message for word in ("revert", "out of gas", "gas required", "invalid opcode", "stack"))
 
 
 async def deploy_wallet(chain: WalletChain, wallet: str, signature: WalletSignature, receipt_timeout: float) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from catalog import parse_catalog
-from gateway.pipeline.refunds import callers_failure
+from gateway.pipeline.refunds import callers_failure, keeps_charge
 from tests.catalog.test_loader import BASE, one
 
 
@@ -51,3 +51,11 @@ def test_a_user_scoped_tools_refused_credential_is_the_callers(status: int, call
     403 is about that credential, the caller's; so is a SOAP Client fault."""
     assert callers_failure(status, user_scoped=True) is callers
     assert callers_failure(502, "soap:Client", user_scoped=True)
+
+
+def test_a_tool_keeps_the_charge_by_its_policy_and_by_whose_credential_it_sends() -> None:
+    tool = parse_catalog(BASE + "    settle: upfront\n").tool("get_report")
+    assert keeps_charge(tool, 404) and not keeps_charge(tool, 401) and not keeps_charge(tool, 500)
+    assert not keeps_charge(tool.model_copy(update={"refund_on": "any_failure"}), 404)
+    scoped = tool.model_copy(update={"wallet_accounts": object()})  # the payer's linked account goes upstream
+    assert keeps_charge(scoped, 401) and keeps_charge(scoped, 502, "soap:Client")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from starlette.responses import Response
 
-from catalog import Tool
 from gateway.errors import GatewayError
 from gateway.headers import X402GW_REFUND
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.refunds import Refunds, callers_failure
+from gateway.pipeline.refunds import Refunds, keeps_charge
 from gateway.pipeline.stages.audit import RecordingUpstream
 from gateway.pipeline.stages.respond import respond
 from gateway.protocol.offers import Quote
@@ -97,8 +96,7 @@ class CallUpstream:
         then it stays charged and its answer is stored, for a resend of the payment to get again."""
         assert ctx.settlement is not None and ctx.tool is not None
         err.headers.update(receipt_headers(ctx.settlement, quote.version))
-        if (ctx.tool.refund_on == "upstream_fault" and isinstance(err, UpstreamFailure)
-                and callers_failure(err.status, err.fields.get("faultCode"), user_scoped=_user_scoped(ctx.tool))):
+        if isinstance(err, UpstreamFailure) and keeps_charge(ctx.tool, err.status, err.fields.get("faultCode")):
             err.fields["refund"] = "none"
             answer = (err.status, [("content-type", "application/json")], bytes(err.to_response().body))
             await self.ledger.run(self.ledger.store_response, payment_id, answer)
@@ -115,7 +113,7 @@ class CallUpstream:
         if upstream.status >= 400:
             response = respond(upstream, ctx.settlement, ctx.request_id, quote.version)
             assert ctx.tool is not None
-            if ctx.tool.refund_on == "upstream_fault" and callers_failure(upstream.status, user_scoped=_user_scoped(ctx.tool)):
+            if keeps_charge(ctx.tool, upstream.status):
                 # The caller's request failed: charged, and stored, so a resend of this payment gets this answer
                 # again (not a refund for an answer lost: that would give the gas drain back).
                 await ledger.run(ledger.store_response, payment_id, (upstream.status, upstream.headers, upstream.body))
@@ -125,8 +123,3 @@ class CallUpstream:
             response.headers[X402GW_REFUND] = f"{refund['refund']} {refund.get('refundTransaction') or ''}".strip()
             return response
         return None
-
-
-def _user_scoped(tool: Tool) -> bool:
-    """The tool sends the caller's own credential upstream (its token, or its payer's linked account)."""
-    return tool.user_auth is not None or tool.wallet_accounts is not None
