@@ -50,7 +50,7 @@ from gateway.safety.checks import Safety
 from gateway.safety.policy import policy_routes
 from gateway.settings import Settings
 from gateway.start_checks import bind_batch_settlers, check_chains, check_remote_facilitators
-from gateway.store import StateStore, StoreUnavailable, create_store
+from gateway.store import RedisStore, StateStore, StoreUnavailable, create_store
 from gateway.surfaces.discovery import Discovery
 from gateway.surfaces.facilitator_api import facilitator_routes
 from gateway.surfaces.mcp import McpEndpoint
@@ -158,6 +158,9 @@ def _lifespan(
             await store.ping()
         except StoreUnavailable:
             raise GatewayConfigError("the state store (Redis) is not reachable", code="store_unavailable") from None
+        if wiring.local is not None and isinstance(store, RedisStore):
+            # Workers and replicas count each other's settlements in flight on a payer's balance.
+            wiring.local.in_flight.share(store)
         # Payments left open by a crash are resolved against the chain before serving.
         # Per network, as on the request path: a remote facilitator's open row stays open.
         resolved = await resolve_open_payments(ledger, wiring.schemes)

@@ -202,9 +202,12 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
         settler: Facilitator = batching if batching is not None else wiring.local
         exact = ExactEvm(settler, local_networks, chains=wiring.chains, writes_ahead=True)
         # Permit2 takes ERC-20s without EIP-3009 on the chains with its contracts (the dev chain's).
+        # One balance, one count of what its settlements in flight take, whichever scheme moves it.
+        in_flight = wiring.local.in_flight
         wiring.schemes.register(with_permit2(exact, local_chains, settings.deployment_file,
-                                             receipt_timeout=settings.receipt_timeout_seconds))
-        upto = build_upto(local_chains, settings.deployment_file, receipt_timeout=settings.receipt_timeout_seconds)
+                                             receipt_timeout=settings.receipt_timeout_seconds, in_flight=in_flight))
+        upto = build_upto(local_chains, settings.deployment_file, receipt_timeout=settings.receipt_timeout_seconds,
+                          in_flight=in_flight)
         if upto is not None:  # Permit2 and the upto proxy are there (the dev chain places them)
             wiring.schemes.register(upto)
         wiring.channels = build_channels(local_chains, settings.deployment_file, ChannelPolicy(

@@ -54,6 +54,18 @@ end
 return 0
 """
 
+# KEYS[1] sorted set of one payer's holds, "<entry>:<amount>" scored by when each lapses;
+# ARGV member, ttl_ms. Drops the lapsed, adds this one, returns every member alive.
+_HOLD_SHARE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
 # KEYS[1] bucket hash {tokens, ts}; ARGV rate, burst, cost, idle_ms.
 # Returns {allowed, tokens, retry_after}; floats as strings, since Lua numbers reply as integers.
 _TAKE_TOKEN_LUA = """
@@ -187,6 +199,7 @@ class RedisStore:
         self._take_token = self._redis.register_script(_TAKE_TOKEN_LUA)
         self._reserve_budget = self._redis.register_script(_RESERVE_BUDGET_LUA)
         self._release_budget = self._redis.register_script(_RELEASE_BUDGET_LUA)
+        self._hold_share = self._redis.register_script(_HOLD_SHARE_LUA)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -259,6 +272,30 @@ class RedisStore:
         window_key = f"{self._key(key)}:{int(resets_at) - window_seconds}"
         with _unavailable_on_redis_errors():
             await self._release_budget(keys=[window_key], args=[str(amount)])
+
+    async def hold_share(self, key: str, entry: str, amount: int, ttl_ms: int) -> list[int] | None:
+        """A settlement's hold on a payer's balance, seen by every replica (``settlement.schemes.
+        exact_guards.SharedHolds``); the amounts of the others alive. None when Redis cannot say:
+        the caller then counts its own process's holds, as it did before this was shared."""
+        check_ttl(ttl_ms)
+        check_units("amount", amount)
+        mine = f"{entry}:{amount}"
+        try:
+            members = await self._hold_share(keys=[self._key(f"holds:{key}")], args=[mine, ttl_ms])
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError):
+            return None
+        others: list[int] = []
+        for member in cast("list[bytes]", members):
+            text = member.decode()
+            value = text.rpartition(":")[2]
+            if text != mine and value.isdigit():
+                others.append(int(value))
+        return others
+
+    async def drop_share(self, key: str, entry: str, amount: int) -> None:
+        """The hold's end; one left behind (Redis unreachable, the process killed) lapses by itself."""
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError):
+            await self._redis.zrem(self._key(f"holds:{key}"), f"{entry}:{amount}")
 
     async def ping(self) -> None:
         with _unavailable_on_redis_errors():

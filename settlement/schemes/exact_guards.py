@@ -12,15 +12,19 @@ on transactions that revert, for nothing.
   refused, nothing broadcast, when the payer's other settlements in flight already take what its
   balance holds; verify refuses it too when it can already tell.
 
-What is left: ``InFlight`` is per process (workers and replicas each count their own, so a burst
-spread over N processes can still cost up to N-1 reverts), and a delegation made between verify and
-settlement costs the payer a transaction of its own for each revert it causes. A payer's settlement
+  With a shared store (``SharedHolds``: Redis, bound at start-up), the holds of every worker and
+  replica count: a burst spread over N processes is refused as it is in one. One ``InFlight`` serves
+  every scheme that takes a payer's token balance (EIP-3009 and Permit2 alike).
+
+What is left: a delegation made between verify and settlement costs the payer a transaction of its
+own for each revert it causes. A payer's settlement
 whose state read and balance read straddle a block may be refused one it could pay (402, retryable).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -32,7 +36,7 @@ from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
 from settlement.x402.wire import SettleResponse
 
-__all__ = ["INSUFFICIENT_BALANCE", "InFlight", "Mined", "in_flight_refusal", "is_revert", "revert_reason_code", "transfer_refusal"]
+__all__ = ["HOLD_TTL_MS", "INSUFFICIENT_BALANCE", "InFlight", "Mined", "SharedHolds", "in_flight_refusal", "is_revert", "revert_reason_code", "transfer_refusal"]
 
 INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
 _SIGNATURE = "invalid_exact_evm_payload_signature"
@@ -104,13 +108,34 @@ async def transfer_refusal(
 Mined = Callable[[], Awaitable[bool]]
 
 
+# How long another process's hold counts when it is never dropped (its process killed mid-settlement):
+# longer than a settlement's wait for its receipt (receipt_timeout, 30 s by default) and a batch's.
+HOLD_TTL_MS = 180_000
+
+
+class SharedHolds(Protocol):
+    """Holds of every process on one payer's balance, in the shared state store (``gateway.store``).
+    None where the store cannot say (unreachable): this process's own holds still count."""
+
+    async def hold_share(self, key: str, entry: str, amount: int, ttl_ms: int) -> list[int] | None:
+        """Adds this hold; the amounts of the others alive, in every process."""
+        ...
+
+    async def drop_share(self, key: str, entry: str, amount: int) -> None: ...
+
+
 class InFlight:
     """Per (network, token, payer): its settlements in flight in this process, each with its value and
-    how to tell it mined."""
+    how to tell it mined; and, once ``share`` bound a store, those of every process."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedHolds | None = None) -> None:
         self._held: dict[tuple[str, str, str], dict[int, tuple[int, Mined]]] = {}
         self._next = 0
+        self.shared = shared
+        self._process = os.urandom(6).hex()  # names this process's entries in the shared store
+
+    def share(self, shared: SharedHolds | None) -> None:
+        self.shared = shared
 
     def taken(self, network: str, token: str, payer: str, *, besides: int | None = None) -> int:
         """What the payer's settlements in flight (``besides`` the caller's own) take, mined or not: no
@@ -139,24 +164,33 @@ class InFlight:
         key = (network, token.lower(), payer.lower())
         entry, self._next = self._next, self._next + 1
         self._held.setdefault(key, {})[entry] = (value, mined)  # before any await: a concurrent settlement counts this one
+        shared, shared_key, shared_entry = self.shared, ":".join(key), f"{self._process}-{entry}"
         try:
-            yield await self._covered(chain, network, token, payer, value, entry)
+            elsewhere = None if shared is None else await shared.hold_share(shared_key, shared_entry, value, HOLD_TTL_MS)
+            yield await self._covered(chain, network, token, payer, value, entry, elsewhere)
         finally:
             entries = self._held[key]
             del entries[entry]
             if not entries:
                 del self._held[key]
+            if shared is not None:
+                await shared.drop_share(shared_key, shared_entry, value)
 
-    async def _covered(self, chain: BalanceReader, network: str, token: str, payer: str, value: int, entry: int) -> bool:
+    async def _covered(self, chain: BalanceReader, network: str, token: str, payer: str, value: int, entry: int,
+                       elsewhere: list[int] | None) -> bool:
         """One balance read when others are in flight; their mined states are read only when the
-        balance does not cover them all (a payer with room to spare costs no more reads)."""
-        others = self.taken(network, token, payer, besides=entry)
+        balance does not cover them all (a payer with room to spare costs no more reads).
+        ``elsewhere``: the shared store's other holds, this process's among them (their mined states
+        are known only here: another process's counts until it drops it)."""
+        here = self.taken(network, token, payer, besides=entry)
+        others = here if elsewhere is None else max(here, sum(elsewhere))
         if not others:
             return True
         try:
             if await chain.balance_of(token, payer) >= others + value:
                 return True
-            others = await self.pending(network, token, payer, besides=entry)  # states first, then the balance again
+            # states first, then the balance again: this process's mined ones are not counted twice
+            others -= here - await self.pending(network, token, payer, besides=entry)
             return await chain.balance_of(token, payer) >= others + value
         except ChainUnavailable:
             return True

@@ -63,6 +63,7 @@ from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Scheme, Supported
 from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.exact import exact_resolvers
+from settlement.schemes.exact_guards import InFlight
 from settlement.schemes.exact_permit2_payload import (
     EXACT_PROXY_ADDRESS,
     PERMIT2,
@@ -126,12 +127,13 @@ class ExactWithPermit2:
 
     def __init__(
         self, inner: Scheme, chains: Mapping[str, UptoChain], *, receipt_timeout: float = 30.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, in_flight: InFlight | None = None,
     ) -> None:
         self.inner = inner
         self._chains = {n: c for n, c in chains.items() if inner.writes_ahead(n)}
         self._receipt_timeout = receipt_timeout
         self._clock = clock
+        self.in_flight = in_flight if in_flight is not None else InFlight()  # one balance: shared with inner's
 
     def serves(self, network: str) -> bool:
         return self.inner.serves(network)
@@ -219,7 +221,7 @@ class ExactWithPermit2:
             chain, EXACT_PROXY_ADDRESS, permit.settle_calldata(), before_send,
             transfer=(permit.token, permit.payer, permit.to, permit.amount), network=network,
             receipt_timeout=self._receipt_timeout, revert_reason=_revert_reason, reverted="permit2_settlement_reverted",
-            permit=permit,
+            permit=permit, in_flight=self.in_flight,
         )
 
     # ------------------------------------------------------------------------------ resolve
@@ -312,7 +314,8 @@ async def _erc20_problem(chain: UptoChain, terms: PaymentTerms, where: str) -> t
 
 
 def with_permit2(
-    inner: Scheme, chains: Mapping[str, UptoChain], deployment_file: str | os.PathLike[str], *, receipt_timeout: float = 30.0
+    inner: Scheme, chains: Mapping[str, UptoChain], deployment_file: str | os.PathLike[str], *, receipt_timeout: float = 30.0,
+    in_flight: InFlight | None = None,
 ) -> Scheme:
     """``inner`` (exact by EIP-3009) with the Permit2 path on the chains that have its contracts:
     today the local dev chain whose deployment file lists the exact proxy (``x402gw devchain``
@@ -322,7 +325,7 @@ def with_permit2(
     except (DevchainError, UnicodeDecodeError):
         has_contracts = False
     served = {n: c for n, c in chains.items() if has_contracts and c.chain_id == LOCAL_CHAIN_ID}
-    return ExactWithPermit2(inner, served, receipt_timeout=receipt_timeout) if served else inner
+    return ExactWithPermit2(inner, served, receipt_timeout=receipt_timeout, in_flight=in_flight) if served else inner
 
 
 def permit2_resolvers(chains: Mapping[str, JsonRpcChain], write_ahead: Set[str]) -> list[Scheme]:

@@ -145,11 +145,14 @@ class UptoEvm:
     name = UPTO
 
     def __init__(
-        self, chains: Mapping[str, UptoChain], *, receipt_timeout: float = 30.0, clock: Callable[[], float] = time.time
+        self, chains: Mapping[str, UptoChain], *, receipt_timeout: float = 30.0, clock: Callable[[], float] = time.time,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._chains = dict(chains)
         self._receipt_timeout = receipt_timeout
         self._clock = clock
+        # Each payer's settlements in flight (exact_guards): shared with the exact scheme's, one balance.
+        self.in_flight = in_flight if in_flight is not None else InFlight()
 
     def serves(self, network: str) -> bool:
         return network in self._chains
@@ -259,7 +262,7 @@ class UptoEvm:
             chain, UPTO_PROXY_ADDRESS, permit.settle_calldata(amount), before_send,
             transfer=(permit.token, permit.payer, permit.to, amount), network=network,
             receipt_timeout=self._receipt_timeout, revert_reason=_revert_reason, reverted="upto_settlement_reverted",
-            permit=permit,
+            permit=permit, in_flight=self.in_flight,
         )
 
     # ------------------------------------------------------------------------------ resolve
@@ -326,7 +329,7 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
 async def send_permit2_settlement(
     chain: UptoChain, proxy: str, calldata: bytes, before_send: BeforeSend | None, *,
     transfer: tuple[str, str, str, int], network: str, receipt_timeout: float,
-    revert_reason: Callable[[str], str], reverted: str, permit: Permit2Nonce,
+    revert_reason: Callable[[str], str], reverted: str, permit: Permit2Nonce, in_flight: InFlight,
 ) -> SettleResponse:
     """Send a Permit2 proxy's settlement (upto's, or exact's through Permit2) with its hash written
     ahead (``before_send``), then judge it by its receipt: settled when it moved exactly ``transfer``
@@ -338,7 +341,7 @@ async def send_permit2_settlement(
     async def mined() -> bool:  # its Permit2 nonce used: the balance read shows it spent
         return permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call()))
 
-    async with PERMIT2_IN_FLIGHT.hold(chain, network, token, payer, amount, mined) as covered:
+    async with in_flight.hold(chain, network, token, payer, amount, mined) as covered:
         if not covered:
             return in_flight_refusal(payer, network, ERR_PERMIT2_INSUFFICIENT_BALANCE)
         return await _send_and_judge(chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted)
@@ -370,10 +373,6 @@ async def _send_and_judge(
                           error_message="the settlement transaction reverted", transaction=receipt.tx_hash, **base)
 
 
-# Each payer's Permit2 settlements in flight in this process, upto's and exact's (exact_guards.InFlight).
-PERMIT2_IN_FLIGHT = InFlight()
-
-
 def _pending(tx_hash: str, base: dict[str, Any]) -> SettleResponse:
     return SettleResponse(success=False, error_reason="settlement_pending", transaction=tx_hash,
                           error_message="the settlement transaction was broadcast but is not final yet", **base)
@@ -386,7 +385,8 @@ def _revert_reason(message: str) -> str:
 
 
 def build_upto(
-    chains: Mapping[str, UptoChain], deployment_file: str | os.PathLike[str], *, receipt_timeout: float = 30.0
+    chains: Mapping[str, UptoChain], deployment_file: str | os.PathLike[str], *, receipt_timeout: float = 30.0,
+    in_flight: InFlight | None = None,
 ) -> UptoEvm | None:
     """``upto`` on the chains that have its contracts: today the local dev chain whose deployment
     file lists the upto proxy (``x402gw devchain`` places Permit2 and the proxy at their canonical
@@ -396,4 +396,4 @@ def build_upto(
     except (DevchainError, UnicodeDecodeError):
         has_contracts = False
     served = {n: c for n, c in chains.items() if has_contracts and c.chain_id == LOCAL_CHAIN_ID}
-    return UptoEvm(served, receipt_timeout=receipt_timeout) if served else None
+    return UptoEvm(served, receipt_timeout=receipt_timeout, in_flight=in_flight) if served else None

@@ -487,3 +487,54 @@ def test_create_store_picks_the_backend() -> None:
     store = create_store(REDIS_URL, "x402gw-test-create:")
     assert isinstance(store, RedisStore)
     asyncio.run(store.close())
+
+
+# -- holds on a payer's balance, shared by replicas (settlement.schemes.exact_guards.SharedHolds)
+
+
+def test_redis_holds_are_seen_by_every_replica_and_dropped(redis_prefix: str) -> None:
+    async def body() -> None:
+        one, two = RedisStore(REDIS_URL, prefix=redis_prefix), RedisStore(REDIS_URL, prefix=redis_prefix)
+        try:
+            assert await one.hold_share("net:tok:payer", "a-1", 10**30, 60_000) == []
+            assert await two.hold_share("net:tok:payer", "b-1", 5, 60_000) == [10**30]  # exact past 2**53
+            assert sorted(await one.hold_share("net:tok:payer", "a-2", 7, 60_000)) == [5, 10**30]
+            assert await two.hold_share("net:tok:other", "b-2", 1, 60_000) == []  # per payer
+            await one.drop_share("net:tok:payer", "a-1", 10**30)
+            assert sorted(await two.hold_share("net:tok:payer", "b-3", 1, 60_000)) == [5, 7]
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(body())
+
+
+def test_a_redis_hold_left_behind_lapses(redis_prefix: str) -> None:
+    """A worker killed mid-settlement never drops its hold: once lapsed, it no longer counts."""
+    async def body() -> None:
+        store = RedisStore(REDIS_URL, prefix=redis_prefix)
+        try:
+            key = f"{redis_prefix}holds:net:tok:payer"
+            client = redis.Redis.from_url(REDIS_URL)
+            seconds, micros = client.time()
+            client.zadd(key, {"dead-1:100": seconds * 1000 + micros // 1000 - 1})  # lapsed a millisecond ago
+            client.zadd(key, {"live-1:50": seconds * 1000 + 60_000})
+            assert await store.hold_share("net:tok:payer", "new-1", 1, 60_000) == [50]
+            assert client.zscore(key, "dead-1:100") is None and 0 < client.pttl(key) <= 60_000
+            client.close()
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_redis_holds_say_unknown_when_redis_is_away() -> None:
+    async def body() -> None:
+        store = RedisStore(CLOSED_PORT_URL, connect_timeout=0.2)
+        try:
+            assert await store.hold_share("net:tok:payer", "a-1", 1, 60_000) is None
+            await store.drop_share("net:tok:payer", "a-1", 1)  # nothing to say: it lapses by itself
+        finally:
+            await store.close()
+
+    asyncio.run(body())

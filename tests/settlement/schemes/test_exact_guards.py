@@ -122,3 +122,69 @@ def test_a_simulation_the_node_cannot_run_now_is_unknown_not_a_refusal() -> None
     auth = TransferAuthorization(from_=PAYER, to="0x" + "cc" * 20, value=1, valid_after=0, valid_before=2**40, nonce=bytes(32))
     with pytest.raises(RpcError):  # a ChainUnavailable: 503, retryable; never "invalid signature"
         asyncio.run(transfer_refusal(RateLimited(), b"\xef\x01\x00" + bytes(20), TOKEN, auth, bytes(65)))
+
+
+class Shared:
+    """A shared store's holds as ``SharedHolds`` sees them, for several processes; ``None``: away."""
+
+    def __init__(self) -> None:
+        self.holds: dict[str, dict[str, int]] = {}
+        self.away = False
+
+    async def hold_share(self, key: str, entry: str, amount: int, ttl_ms: int) -> list[int] | None:
+        if self.away:
+            return None
+        held = self.holds.setdefault(key, {})
+        held[entry] = amount
+        return [value for name, value in held.items() if name != entry]
+
+    async def drop_share(self, key: str, entry: str, amount: int) -> None:
+        self.holds.get(key, {}).pop(entry, None)
+
+
+def test_two_processes_sharing_a_store_count_each_others_settlements_in_flight() -> None:
+    """Worker A holds one price of a balance of one price; worker B's settlement of the same payer
+    is refused (it would revert on the gateway's gas); once A's ends, B's goes through."""
+    shared, chain = Shared(), Balance(100)
+    worker_a, worker_b = InFlight(shared), InFlight(shared)
+
+    async def run() -> list[bool]:
+        seen = []
+        async with worker_a.hold(chain, NET, TOKEN, PAYER, 100, unmined) as first:
+            seen.append(first)
+            async with worker_b.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
+                seen.append(second)
+        async with worker_b.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:
+            seen.append(third)
+        return seen
+
+    assert asyncio.run(run()) == [True, False, True]
+    assert not any(shared.holds.values())  # every hold dropped
+
+
+def test_a_process_without_the_store_still_counts_its_own() -> None:
+    shared, chain = Shared(), Balance(100)
+    shared.away = True
+    flights = InFlight(shared)
+
+    async def run() -> bool:
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined), \
+                flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
+            return second
+
+    assert asyncio.run(run()) is False
+
+
+def test_this_processs_mined_settlement_is_not_counted_twice_through_the_store() -> None:
+    """The store lists this process's own holds too; one of them mined shows in the balance read and
+    is taken off, while another process's (whose state only it can read) still counts."""
+    shared, chain = Shared(), Balance(200)  # 300 held before, 100 of it mined here: 200 left
+    here, elsewhere = InFlight(shared), InFlight(shared)
+
+    async def run() -> bool:
+        async with here.hold(chain, NET, TOKEN, PAYER, 100, mined), \
+                elsewhere.hold(chain, NET, TOKEN, PAYER, 100, unmined), \
+                here.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:
+            return third
+
+    assert asyncio.run(run())  # 200 left >= elsewhere's 100 + this 100; counted twice, the mined one would refuse it
