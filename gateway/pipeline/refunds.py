@@ -13,21 +13,22 @@ from settlement.chain.refunds import Refunder
 from settlement.ledger.payments import Ledger
 from settlement.schemes.upto import UPTO, upto_charge
 
-__all__ = ["Refunds", "callers_failure", "keeps_charge"]
+__all__ = ["Refunds", "callers_failure", "keeps_charge", "user_scoped"]
 
 # An upstream's 4xx that is not about what the caller asked: the credentials the gateway sends (401,
 # 403, 407: the owner's), the request the gateway built (405, 411, 415, 426), or the upstream's state
 # (408: it timed out; 429: it would not serve now).
 _UPSTREAM_4XX = frozenset({401, 403, 405, 407, 408, 411, 415, 426, 429})
-# A user-scoped tool sends the caller's own credential (its token, or its linked account): refused, it is the caller's.
-_USERS_CREDENTIAL = frozenset({401, 403})
+# A user-scoped tool sends the caller's own credential (its token, or its linked account): refused, or
+# over its own quota at the upstream (429), it is the caller's.
+_USERS_CREDENTIAL = frozenset({401, 403, 429})
 # A SOAP fault the upstream blames on the request (1.1 Client, 1.2 Sender).
 _CALLER_FAULTS = frozenset({"client", "sender"})
 
 
 def callers_failure(status: int, fault_code: object = None, *, user_scoped: bool = False) -> bool:
     """Whether an upstream answered a call with a failure of the caller's request: a 4xx about what
-    it asked (400, 404, 409, 422...; 401 and 403 only when the tool sends the caller's own
+    it asked (400, 404, 409, 422...; 401, 403 and 429 only when the tool sends the caller's own
     credential), or a SOAP Client/Sender fault of a tool that sends the caller's own credential. An ``upfront`` tool's such call stays charged unless
     its catalog says ``refund_on: any_failure``: a refund costs the gateway gas, and any payer could
     otherwise make it spend that for free, call after call, by asking for what is not there (the
@@ -45,8 +46,12 @@ def callers_failure(status: int, fault_code: object = None, *, user_scoped: bool
 def keeps_charge(tool: Tool, status: int, fault_code: object = None) -> bool:
     """Whether an ``upfront`` call of ``tool`` that failed with ``status`` (and SOAP ``fault_code``)
     stays charged: the caller's own failure (``callers_failure``) under ``refund_on: upstream_fault``."""
-    user_scoped = tool.user_auth is not None or tool.wallet_accounts is not None  # the caller's own credential goes upstream
-    return tool.refund_on == "upstream_fault" and callers_failure(status, fault_code, user_scoped=user_scoped)
+    return tool.refund_on == "upstream_fault" and callers_failure(status, fault_code, user_scoped=user_scoped(tool))
+
+
+def user_scoped(tool: Tool) -> bool:
+    """Whether the caller's own credential goes upstream (its token, or its linked account)."""
+    return tool.user_auth is not None or tool.wallet_accounts is not None
 
 
 class _ClaimedElsewhere(Exception):

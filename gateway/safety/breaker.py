@@ -29,7 +29,7 @@ from catalog import Tool
 from catalog.limits import Breaker
 from gateway import codes
 from gateway.errors import GatewayError
-from gateway.store import StateStore
+from gateway.store import StateStore, StoreUnavailable
 
 __all__ = ["UNREAD", "Breakers", "Ticket", "Unread", "upstream_key"]
 
@@ -37,6 +37,7 @@ log = logging.getLogger("x402gw.breaker")
 
 HALF_OPEN_LINGER_SECONDS = 3600  # a half-open breaker nobody probes closes on its own after this
 PROBE_TTL_MS = 120_000  # the probe lock lapses if its holder dies
+MAX_BACK_OFF_SECONDS = 3600.0  # the longest Retry-After a 429 opens the breaker for
 
 
 def upstream_key(tool: Tool) -> str:
@@ -124,7 +125,8 @@ class Breakers:
     def _refusal(self, upstream: str, seconds: float) -> GatewayError:
         return GatewayError(
             codes.UPSTREAM_CIRCUIT_OPEN,
-            "the upstream behind this tool is failing; no payment is asked while it recovers; retry later",
+            "the upstream behind this tool is failing or asked callers to slow down; no payment is asked "
+            "until it recovers; retry later",
             status=503, retryAfter=max(1, math.ceil(seconds)), upstream=upstream, retryable=True,
         )
 
@@ -155,6 +157,29 @@ class Breakers:
             await self.store.release_budget(
                 self._key(upstream, "failures"), config.failures, config.window_seconds, counted.resets_at
             )
+
+    async def back_off(self, tool: Tool, seconds: float | None) -> None:
+        """The upstream answered 429 (too many requests) with the owner's credentials: it serves
+        nobody now. Opened for its ``Retry-After`` (the breaker's cool-down when it gives none; at
+        most ``MAX_BACK_OFF_SECONDS``), so calls are refused before any 402 rather than paid for
+        and refunded, one refund's gas each. Not a failure: the failure count is left alone. Never
+        shortens an opening already there; a store that is away leaves it closed (logged)."""
+        upstream = upstream_key(tool)
+        config = self.configs.get(upstream, Breaker())
+        wait = config.cooldown_seconds if seconds is None else min(max(seconds, 1.0), MAX_BACK_OFF_SECONDS)
+        until = self.clock() + wait
+        try:
+            current = await self._open_until(upstream)
+            if current is not None and current >= until:
+                return
+            ttl_ms = math.ceil(wait + HALF_OPEN_LINGER_SECONDS) * 1000
+            await self.store.put(self._key(upstream, "open"), repr(until).encode(), ttl_ms)
+        except StoreUnavailable:
+            log.warning("upstream %s answered 429; not backed off: the store is unavailable", upstream)
+            return
+        self._note(upstream, until)
+        log.warning("upstream %s answered 429: no payment is asked for its tools until %s", upstream,
+                    datetime.fromtimestamp(until, UTC).isoformat())
 
     async def release(self, ticket: Ticket) -> None:
         """Give the probe back without an outcome (the request stopped before the upstream)."""

@@ -45,10 +45,14 @@ def test_whose_failure_it_is(status: int, fault: object, callers: bool) -> None:
     assert callers_failure(status, fault) is callers
 
 
-@pytest.mark.parametrize(("status", "callers"), [(401, True), (403, True), (407, False), (404, True), (500, False)])
+@pytest.mark.parametrize(("status", "callers"), [
+    (401, True), (403, True), (429, True), (407, False), (404, True), (500, False),
+])
 def test_a_user_scoped_tools_refused_credential_is_the_callers(status: int, callers: bool) -> None:
     """A tool that sends the caller's own token (or its payer's linked account) upstream: a 401 or
-    403 is about that credential, the caller's; so is a SOAP Client fault."""
+    403 is about that credential, the caller's, and so is a 429 (that credential's own quota at the
+    upstream: refunded, a caller could drain the refund account by running over it); so is a SOAP
+    Client fault."""
     assert callers_failure(status, user_scoped=True) is callers
     assert callers_failure(502, "soap:Client", user_scoped=True)
 

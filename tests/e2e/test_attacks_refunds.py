@@ -277,3 +277,39 @@ def test_an_upstream_refusing_the_owners_credentials_is_refunded_not_charged_to_
     assert answer.status_code == 401 and receipt_of(answer).success, answer.text
     assert answer.headers["x402gw-refund"].startswith("refunded 0x")
     assert devchain.balance(payer) == before
+
+
+OVER_QUOTA = "/paid-first/reports/429"  # the owner's quota at the upstream is spent: 429, Retry-After: 120
+
+
+def test_an_upstream_over_the_owners_quota_cannot_be_turned_into_a_refund_per_call(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str
+) -> None:
+    """A 429 to the owner's credentials is the upstream's (refunded), and it says nobody is served
+    now: each later paid call would settle, get the same 429 and be refunded, the gateway paying
+    two transactions' gas per call for nothing, as fast as a griefer sends them (or as long as the
+    owner's quota stays spent). The 429 opens the breaker for its Retry-After: the next calls to
+    that upstream's tools are refused before any payment (503, Retry-After), nothing settled,
+    nothing refunded, the upstream not called again."""
+    gateway = upfront_gateway(start_gateway, tmp_path, upstream, refund_key=devchain.key(9))
+    eth = devchain.w3.eth
+    payer, refunder, settler = devchain.address(PAYER), devchain.address(9), devchain.deployment.deployer
+    with gateway.client() as client:
+        headers = [signed(client, devchain, OVER_QUOTA, payer=PAYER) for _ in range(3)]
+        other = signed(client, devchain, "/paid-first/reports/7", payer=PAYER)  # another tool path, same upstream
+        payer_before, refunds_before, settled_before = devchain.balance(payer), eth.get_transaction_count(refunder), eth.get_transaction_count(settler)
+        first = client.get(OVER_QUOTA, headers={"PAYMENT-SIGNATURE": headers[0]})
+        later = [client.get(OVER_QUOTA, headers={"PAYMENT-SIGNATURE": h}) for h in headers[1:]]
+        later.append(client.get("/paid-first/reports/7", headers={"PAYMENT-SIGNATURE": other}))
+        unpaid = client.get("/paid-first/reports/8")
+    assert first.status_code == 429 and receipt_of(first).success, first.text
+    assert first.headers["x402gw-refund"].startswith("refunded 0x")  # the owner's quota: not the caller's failure
+    for answer in [*later, unpaid]:
+        assert answer.status_code == 503 and answer.json()["error"] == "upstream_circuit_open", answer.text
+        assert 100 <= int(answer.headers["retry-after"]) <= 120
+    assert devchain.balance(payer) == payer_before  # settled once, refunded once
+    assert eth.get_transaction_count(settler) - settled_before == 1
+    assert eth.get_transaction_count(refunder) - refunds_before == 1
+    assert upstream_hits(upstream, "GET /reports/429") == 1 and upstream_hits(upstream, "GET /reports/7") == 0
+    rows = [r for r in gateway.ledger.all() if r.payer.lower() == payer.lower()]
+    assert len(rows) == 1 and rows[0].upstream_status == 429 and rows[0].refund_tx

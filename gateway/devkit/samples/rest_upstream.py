@@ -103,6 +103,10 @@ async def report(request: Request) -> Response:
     report_id = request.path_params["report_id"]
     if report_id == "500":
         return _error(500, "internal_error", "report generator crashed")
+    if report_id == "429":  # the owner's quota at this upstream is spent for now
+        answer = _error(429, "rate_limited", "too many reports requested; retry later")
+        answer.headers["Retry-After"] = "120"
+        return answer
     if report_id == "404" or not report_id.isdigit():
         return _error(404, "no_such_report", f"no report {report_id!r}")
     seed = _seed("report:" + report_id)

@@ -4,7 +4,9 @@ Writes ``ctx.upstream_status`` and ``Paid.upstream``, and tells the circuit brea
 upstream did. For a ``settle: after`` payment, an upstream that failed or redirected (status >= 300;
 never followed) voids the payment and its answer is passed on unpaid. For an ``upfront`` one
 (already settled), a failure is recorded as a refund owed (and paid where a refund signer exists), unless it is
-the caller's request that failed (``refunds.callers_failure``; the tool's ``refund_on``);
+the caller's request that failed (``refunds.callers_failure``; the tool's ``refund_on``). An upstream
+that answers 429 to the owner's credentials opens the breaker for its Retry-After (``Breakers.back_off``):
+its tools are refused before any 402 meanwhile, not paid for and refunded;
 a good answer goes on to ``answer`` and ``settle`` (which stores it for a resend to replay). Every attempt is noted for the
 audit trail through ``RecordingUpstream``.
 """
@@ -14,15 +16,15 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from gateway.errors import GatewayError
-from gateway.headers import X402GW_REFUND
+from gateway.headers import RETRY_AFTER, X402GW_REFUND, lower
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.refunds import Refunds, keeps_charge
+from gateway.pipeline.refunds import Refunds, keeps_charge, user_scoped
 from gateway.pipeline.stages.audit import RecordingUpstream
 from gateway.pipeline.stages.respond import respond
 from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers
 from gateway.safety.checks import Safety
-from gateway.upstream.bridge import Bridge, UpstreamClient, UpstreamResponse
+from gateway.upstream.bridge import Bridge, UpstreamClient, UpstreamResponse, retry_after_seconds
 from gateway.upstream.failures import UpstreamFailure
 from gateway.upstream.user_auth import UserAuthority
 from settlement.ledger import Ledger
@@ -88,6 +90,8 @@ class CallUpstream:
             raise
         ctx.upstream_status = upstream.status
         await self.safety.upstream_result(ctx, tool, upstream.status < 500)
+        if upstream.status == 429 and not user_scoped(tool):  # the owner's quota: nobody is served now
+            await self.safety.breakers.back_off(tool, retry_after_seconds(upstream.header(lower(RETRY_AFTER))))
         return upstream
 
     async def _upfront_failed(self, ctx: RequestContext, quote: Quote, payment_id: int, err: GatewayError) -> None:

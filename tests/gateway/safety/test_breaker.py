@@ -166,3 +166,46 @@ def test_state_is_shared_between_two_breaker_instances_on_one_store(
             await two.check(tools["a"])
 
     store_backend.run(body)
+
+
+def test_an_upstream_answering_429_is_backed_off_for_its_retry_after_without_a_failure_counted(
+    store_backend: StoreBackend, tools: dict[str, Tool]
+) -> None:
+    """A 429 to the owner's credentials: nobody is served now, so the upstream's tools are refused
+    before any 402 for its Retry-After (capped), or the cool-down when it gives none; a later,
+    shorter one does not shorten it; and it is not a failure (two more make no outage of three)."""
+    clock = FakeClock()
+
+    async def retry_after(breakers: Breakers, tool: Tool) -> int:
+        with pytest.raises(GatewayError) as refused:
+            await breakers.check(tool)
+        assert refused.value.status == 503 and refused.value.code == "upstream_circuit_open"
+        return int(refused.value.fields["retryAfter"])
+
+    async def body(store: StateStore) -> None:
+        breakers = breakers_on(store, tools, clock)
+        await breakers.back_off(tools["a"], 120.0)
+        assert await retry_after(breakers, tools["b"]) in (119, 120)  # every tool of that upstream
+        await breakers.check(tools["c"])  # not another upstream's
+        await breakers.back_off(tools["a"], 5.0)
+        assert await retry_after(breakers, tools["a"]) in (119, 120)  # not shortened
+        await breakers.back_off(tools["c"], None)
+        assert await retry_after(breakers, tools["c"]) == 10  # the cool-down
+        await breakers.back_off(tools["c"], 10.0**9)
+        assert await retry_after(breakers, tools["c"]) in (3599, 3600)  # capped
+
+    store_backend.run(body)
+
+    async def no_failure_counted(store: StateStore) -> None:
+        breakers = breakers_on(store, tools, clock)
+        clock.advance(3700)  # the openings above are over
+        await breakers.record(await breakers.check(tools["a"], probe_owner="req-0"), ok=True)
+        await breakers.back_off(tools["a"], 1.0)
+        clock.advance(2)  # over: half-open, a probe closes it
+        ticket = await breakers.check(tools["a"], probe_owner="req-1")
+        await breakers.record(ticket, ok=True)
+        await fail(breakers, tools["a"], 2)
+        await breakers.check(tools["a"])  # two failures of three: closed
+
+    if store_backend.clock is not None:
+        store_backend.run(no_failure_counted)
