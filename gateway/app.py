@@ -50,7 +50,7 @@ from gateway.safety.checks import Safety
 from gateway.safety.policy import policy_routes
 from gateway.settings import Settings
 from gateway.start_checks import bind_batch_settlers, check_chains, check_remote_facilitators
-from gateway.store import RedisStore, StateStore, StoreUnavailable, create_store
+from gateway.store import RedisStore, StateStore, StoreUnavailable, create_store, taking_turns
 from gateway.surfaces.discovery import Discovery
 from gateway.surfaces.facilitator_api import facilitator_routes
 from gateway.surfaces.mcp import McpEndpoint
@@ -169,7 +169,9 @@ def _lifespan(
         # batch-settlement: bound to the store and ledger; what a crash left accrued is claimed now.
         claims = await start_claims(wiring.channels, ledger, store)
         every = resolve_pending_seconds
-        follower = asyncio.ensure_future(keep_resolving(ledger, wiring.schemes, every)) if every else None
+        # Workers and replicas take turns (one reads the chain for the open rows each round).
+        turns = taking_turns(store, "resolve-pending", every) if every and isinstance(store, RedisStore) else None
+        follower = asyncio.ensure_future(keep_resolving(ledger, wiring.schemes, every, turns)) if every else None
         try:
             async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
                 yield

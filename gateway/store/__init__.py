@@ -10,7 +10,9 @@ One interface (``base.StateStore``), two backends. ``MemoryStore`` serves one pr
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Awaitable, Callable
 
 from gateway.store.base import (
     MAX_EXACT_UNITS,
@@ -31,10 +33,30 @@ __all__ = [
     "StoreUnavailable",
     "TokenDecision",
     "create_store",
+    "taking_turns",
 ]
 
 
 WORKER_ENV = "X402GW_WORKER_INDEX"  # set by ``serve --workers N`` for each worker process
+
+
+def taking_turns(store: StateStore, job: str, every_seconds: float) -> Callable[[], Awaitable[bool]]:
+    """Whether this process runs a periodic job's round now: of the processes sharing ``store``, the
+    one holding the job's lock (taken for one and a half rounds, kept by its holder each round), so
+    one process does the work, and another takes over within a round and a half of its holder's
+    death. With the store away, every process runs its rounds (as each did before turns)."""
+    owner, key = f"{os.getpid()}-{os.urandom(6).hex()}", f"turn:{job}"
+    ttl_ms = max(1, math.ceil(every_seconds * 1500))
+
+    async def my_turn() -> bool:
+        try:
+            if await store.acquire(key, owner, ttl_ms):
+                return True
+            return await store.holder(key) == owner and await store.extend(key, owner, ttl_ms)
+        except StoreUnavailable:
+            return True
+
+    return my_turn
 
 
 def create_store(redis_url: str | None, prefix: str = "x402gw:") -> StateStore:

@@ -18,6 +18,7 @@ from gateway.store import (
     StateStore,
     StoreUnavailable,
     create_store,
+    taking_turns,
 )
 from tests.gateway.conftest import REDIS_URL, StoreBackend
 
@@ -534,6 +535,38 @@ def test_redis_holds_say_unknown_when_redis_is_away() -> None:
         try:
             assert await store.hold_share("net:tok:payer", "a-1", 1, 60_000) is None
             await store.drop_share("net:tok:payer", "a-1", 1)  # nothing to say: it lapses by itself
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+# -- turns of a periodic job (the background resolver of pending payments)
+
+
+def test_one_process_of_those_sharing_redis_has_the_turn_and_another_takes_over_when_it_lapses(redis_prefix: str) -> None:
+    async def body() -> None:
+        one, two = RedisStore(REDIS_URL, prefix=redis_prefix), RedisStore(REDIS_URL, prefix=redis_prefix)
+        try:
+            first, second = taking_turns(one, "job", 10), taking_turns(two, "job", 10)
+            assert [await first(), await second(), await first(), await second()] == [True, False, True, False]
+            client = redis.Redis.from_url(REDIS_URL)
+            assert 10_000 < client.pttl(f"{redis_prefix}turn:job") <= 15_000  # kept for a round and a half
+            client.delete(f"{redis_prefix}turn:job")  # its holder died: the lock lapsed
+            client.close()
+            assert [await second(), await first()] == [True, False]
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(body())
+
+
+def test_with_the_store_away_every_process_runs_its_rounds() -> None:
+    async def body() -> None:
+        store = RedisStore(CLOSED_PORT_URL, connect_timeout=0.2)
+        try:
+            assert await taking_turns(store, "job", 10)() is True
         finally:
             await store.close()
 

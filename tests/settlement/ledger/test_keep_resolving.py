@@ -143,3 +143,32 @@ def test_a_row_whose_resolution_raises_does_not_stop_the_rows_after_it(sqlite_le
     asyncio.run(_run_for(0.3, keep_resolving(sqlite_ledger, Poisoned(first), EVERY)))
     states = {row.id: row.state for row in sqlite_ledger.all()}
     assert states == {first: PaymentState.PENDING, second: PaymentState.SETTLED, third: PaymentState.FAILED}
+
+
+def test_a_process_whose_turn_it_is_not_reads_nothing_and_the_one_whose_turn_it_is_resolves(sqlite_ledger: Ledger) -> None:
+    """Workers and replicas take turns (``gateway.store.taking_turns``): the one without the turn
+    does not read the chain for the open rows, round after round; the one with it resolves them."""
+    [payment_id] = _pending_rows(sqlite_ledger, 1)
+    idle, busy = Chain(), Chain()
+    asked = {"idle": 0, "busy": 0}
+    rounds = asyncio.Event()
+
+    def turn(name: str, mine: bool) -> Any:
+        async def my_turn() -> bool:
+            asked[name] += 1
+            if min(asked.values()) >= 3:
+                rounds.set()
+            return mine
+        return my_turn
+
+    async def scenario() -> None:
+        tasks = [asyncio.ensure_future(keep_resolving(sqlite_ledger, idle, EVERY, turn("idle", False))),
+                 asyncio.ensure_future(keep_resolving(sqlite_ledger, busy, EVERY, turn("busy", True)))]
+        await asyncio.wait_for(rounds.wait(), 30)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert idle.reads == 0 and busy.reads >= 1
+    assert sqlite_ledger.get(payment_id).state == PaymentState.FAILED  # type: ignore[union-attr]
