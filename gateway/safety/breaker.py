@@ -160,13 +160,14 @@ class Breakers:
 
     async def back_off(self, tool: Tool, seconds: float | None) -> None:
         """The upstream answered 429 (too many requests) with the owner's credentials: it serves
-        nobody now. Opened for its ``Retry-After`` (the breaker's cool-down when it gives none; at
-        most ``MAX_BACK_OFF_SECONDS``), so calls are refused before any 402 rather than paid for
-        and refunded, one refund's gas each. Not a failure: the failure count is left alone. Never
+        nobody now. Opened for its ``Retry-After``, at least the breaker's cool-down (a griefer must
+        not get one refund a second out of ``Retry-After: 1``) and at most ``MAX_BACK_OFF_SECONDS``,
+        so calls are refused before any 402 rather than paid for and refunded, one refund's gas each. Not a failure: the failure count is left alone. Never
         shortens an opening already there; a store that is away leaves it closed (logged)."""
         upstream = upstream_key(tool)
         config = self.configs.get(upstream, Breaker())
-        wait = config.cooldown_seconds if seconds is None else min(max(seconds, 1.0), MAX_BACK_OFF_SECONDS)
+        floor = min(float(config.cooldown_seconds), MAX_BACK_OFF_SECONDS)
+        wait = floor if seconds is None else min(max(seconds, floor), MAX_BACK_OFF_SECONDS)
         until = self.clock() + wait
         try:
             current = await self._open_until(upstream)

@@ -27,21 +27,24 @@ __all__ = [
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _MESSAGE_LIMIT = 300
+MAX_RETRY_AFTER_SECONDS = 365 * 86_400.0
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """An upstream's ``Retry-After`` in seconds (delta-seconds or an HTTP-date), at most a year; None
+    when it is absent or not one of those (an upstream's header is not trusted to be well formed)."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # str.isdigit() says yes to "²" too
+        return min(float(value), MAX_RETRY_AFTER_SECONDS)  # 400 digits: inf, capped
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return min(max(0.0, (when - (now or datetime.now(UTC))).total_seconds()), MAX_RETRY_AFTER_SECONDS)
 
 
 def backoff_seconds(policy: RetryPolicy, retry: int, draw: Callable[[], float]) -> float:

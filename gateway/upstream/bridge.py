@@ -37,13 +37,7 @@ from catalog import Tool
 from catalog.bridge import RetryPolicy
 from gateway import codes
 from gateway.errors import GatewayConfigError, GatewayError
-from gateway.headers import (
-    ACCEPT,
-    CONTENT_TYPE,
-    REQUEST_ID,
-    RETRY_AFTER,
-    lower,
-)
+from gateway.headers import ACCEPT, CONTENT_TYPE, REQUEST_ID, RETRY_AFTER, lower
 from gateway.upstream.answers import (
     _MESSAGE_LIMIT,
     IDEMPOTENT_METHODS,
@@ -308,6 +302,8 @@ class Bridge:
         response = await self._exchange(client, route, "POST", tool.soap.endpoint, headers, envelope, max_bytes)
         credentials = route.credentials
         _refuse_redirect(response)
+        if response.status == 429:  # too many requests, fault envelope or not: the breaker backs off for it
+            return self._rest_error(response, credentials, route.tool.settle)
         root = parse_xml(response.body)
         fault = find_fault(root) if root is not None else None
         if fault is not None:

@@ -108,8 +108,8 @@ async def transfer_refusal(
 Mined = Callable[[], Awaitable[bool]]
 
 
-# How long another process's hold counts when it is never dropped (its process killed mid-settlement):
-# longer than a settlement's wait for its receipt (receipt_timeout, 30 s by default) and a batch's.
+# How long another process's hold counts when it is never dropped (its process killed mid-settlement),
+# at the least: a settlement's wait for its receipt (receipt_timeout) twice over, a minute more.
 HOLD_TTL_MS = 180_000
 
 
@@ -128,11 +128,18 @@ class InFlight:
     """Per (network, token, payer): its settlements in flight in this process, each with its value and
     how to tell it mined; and, once ``share`` bound a store, those of every process."""
 
-    def __init__(self, shared: SharedHolds | None = None) -> None:
+    def __init__(self, shared: SharedHolds | None = None, *, ttl_ms: int = HOLD_TTL_MS) -> None:
         self._held: dict[tuple[str, str, str], dict[int, tuple[int, Mined]]] = {}
         self._next = 0
         self.shared = shared
+        self.ttl_ms = ttl_ms  # of this process's holds in the shared store
         self._process = os.urandom(6).hex()  # names this process's entries in the shared store
+
+    @staticmethod
+    def ttl_for(receipt_timeout: float) -> int:
+        """The lifetime of a shared hold for settlements that wait ``receipt_timeout`` for their receipt
+        (a batch waits for its window first): a hold must not lapse while its settlement is in flight."""
+        return max(HOLD_TTL_MS, int(receipt_timeout * 2000) + 60_000)
 
     def share(self, shared: SharedHolds | None) -> None:
         self.shared = shared
@@ -166,7 +173,7 @@ class InFlight:
         self._held.setdefault(key, {})[entry] = (value, mined)  # before any await: a concurrent settlement counts this one
         shared, shared_key, shared_entry = self.shared, ":".join(key), f"{self._process}-{entry}"
         try:
-            elsewhere = None if shared is None else await shared.hold_share(shared_key, shared_entry, value, HOLD_TTL_MS)
+            elsewhere = None if shared is None else await shared.hold_share(shared_key, shared_entry, value, self.ttl_ms)
             yield await self._covered(chain, network, token, payer, value, entry, elsewhere)
         finally:
             entries = self._held[key]

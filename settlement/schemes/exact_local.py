@@ -115,7 +115,8 @@ class LocalFacilitator:
         self._wallets = wallets
         self._receipt_timeout = receipt_timeout
         self._clock = clock
-        self.in_flight = InFlight()  # each payer's settlements in flight (exact_guards: one balance signed over N times)
+        # each payer's settlements in flight (exact_guards: one balance signed over N times)
+        self.in_flight = InFlight(ttl_ms=InFlight.ttl_for(receipt_timeout))
         # Both caches are keyed on caller data, so both are bounded and filled only after the
         # signature recovered to authorization.from (THREATS.md: filled after authentication).
         self._domains: OrderedDict[tuple[str, str, str, str], bytes] = OrderedDict()

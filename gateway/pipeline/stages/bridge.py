@@ -13,8 +13,11 @@ audit trail through ``RecordingUpstream``.
 
 from __future__ import annotations
 
+import logging
+
 from starlette.responses import Response
 
+from gateway import codes
 from gateway.errors import GatewayError
 from gateway.headers import RETRY_AFTER, X402GW_REFUND, lower
 from gateway.pipeline.context import RequestContext
@@ -30,6 +33,8 @@ from gateway.upstream.user_auth import UserAuthority
 from settlement.ledger import Ledger
 
 __all__ = ["CallUpstream"]
+
+log = logging.getLogger("x402gw.pipeline")
 
 _UNREACHABLE = ("upstream_timeout", "upstream_unavailable")  # what counts against the breaker
 
@@ -59,6 +64,14 @@ class CallUpstream:
             if tool.settle == "upfront":
                 await self._upfront_failed(ctx, quote, payment_id, err)
             raise
+        except Exception as exc:  # a fault of ours past an upfront settlement: never charged without its answer
+            if tool.settle != "upfront":
+                raise
+            log.exception("upstream call of settled payment %d failed unexpectedly; a refund is owed", payment_id)
+            failed = GatewayError(codes.INTERNAL_ERROR, "the gateway failed to get the upstream's answer; the payment "
+                                  "settled before the call is owed back (X402GW-Refund)", status=502, retryable=True)
+            await self._upfront_failed(ctx, quote, payment_id, failed)
+            raise failed from exc
         paid.upstream = upstream
         if tool.settle == "upfront":
             return await self._settled_outcome(ctx, quote, upstream, payment_id)

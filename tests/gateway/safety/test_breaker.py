@@ -191,6 +191,9 @@ def test_an_upstream_answering_429_is_backed_off_for_its_retry_after_without_a_f
         assert await retry_after(breakers, tools["a"]) in (119, 120)  # not shortened
         await breakers.back_off(tools["c"], None)
         assert await retry_after(breakers, tools["c"]) == 10  # the cool-down
+        clock.advance(11)
+        await breakers.back_off(tools["c"], 1.0)
+        assert await retry_after(breakers, tools["c"]) == 10  # never shorter than the cool-down
         await breakers.back_off(tools["c"], 10.0**9)
         assert await retry_after(breakers, tools["c"]) in (3599, 3600)  # capped
 
@@ -201,7 +204,7 @@ def test_an_upstream_answering_429_is_backed_off_for_its_retry_after_without_a_f
         clock.advance(3700)  # the openings above are over
         await breakers.record(await breakers.check(tools["a"], probe_owner="req-0"), ok=True)
         await breakers.back_off(tools["a"], 1.0)
-        clock.advance(2)  # over: half-open, a probe closes it
+        clock.advance(11)  # the cool-down over: half-open, a probe closes it
         ticket = await breakers.check(tools["a"], probe_owner="req-1")
         await breakers.record(ticket, ok=True)
         await fail(breakers, tools["a"], 2)

@@ -188,3 +188,22 @@ def test_this_processs_mined_settlement_is_not_counted_twice_through_the_store()
             return third
 
     assert asyncio.run(run())  # 200 left >= elsewhere's 100 + this 100; counted twice, the mined one would refuse it
+
+
+def test_a_shared_hold_outlives_its_settlements_wait_for_a_receipt() -> None:
+    """A hold that lapsed while its settlement is still waiting for its receipt would let another
+    process broadcast one the balance no longer covers."""
+    seen: list[int] = []
+
+    class Recording(Shared):
+        async def hold_share(self, key: str, entry: str, amount: int, ttl_ms: int) -> list[int] | None:
+            seen.append(ttl_ms)
+            return await super().hold_share(key, entry, amount, ttl_ms)
+
+    async def run(receipt_timeout: float) -> None:
+        async with InFlight(Recording(), ttl_ms=InFlight.ttl_for(receipt_timeout)).hold(Balance(100), NET, TOKEN, PAYER, 1, unmined):
+            pass
+
+    asyncio.run(run(30))
+    asyncio.run(run(600))
+    assert seen[0] >= 2 * 30_000 and seen[1] >= 2 * 600_000

@@ -1,0 +1,69 @@
+"""Stage ``bridge`` when the gateway itself fails past an ``upfront`` settlement (a fault of ours while
+calling the upstream or reading its answer, not the upstream's error): the payer paid before the call
+and gets no answer, so a refund is owed, never a plain 500 that leaves it charged. On fakes; against
+a real gateway, a hostile upstream's Retry-After used to cause it (tests/e2e/test_attacks_upstream_429.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.pipeline.context import RequestContext
+from gateway.pipeline.refunds import Refunds
+from gateway.pipeline.stages.bridge import CallUpstream
+from gateway.protocol.offers import Quote
+from gateway.safety.checks import Safety
+from gateway.upstream.bridge import Bridge, UpstreamClient
+from settlement.ledger import Ledger
+from settlement.x402.wire import SettleResponse
+from tests.gateway.pipeline.stages.test_stage_payment import offered, paid
+
+
+class Broken:
+    """A bridge whose call fails with an error that is not the upstream's answer (a bug of ours)."""
+
+    async def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise OverflowError("cannot convert float infinity to integer")
+
+
+class Owed:
+    def __init__(self) -> None:
+        self.owed: list[tuple[int, str]] = []
+
+    async def owe(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
+        self.owed.append((payment_id, reason))
+        return {"refund": "owed"}
+
+
+def stage(refunds: Owed) -> CallUpstream:
+    return CallUpstream(cast(Bridge, Broken()), cast(UpstreamClient, None), safety=cast(Safety, None),
+                        ledger=cast(Ledger, None), refunds=cast(Refunds, refunds), max_response_bytes=1024)
+
+
+def settled_call(method: str, path: str, body: bytes = b"") -> RequestContext:
+    ctx = paid(offered(method, path, [("content-type", "application/json")], body))
+    ctx.payment_id = 7
+    ctx.settlement = SettleResponse(success=True, transaction="0x" + "ab" * 32, network="eip155:31337", payer="0x" + "22" * 20)
+    return ctx
+
+
+def test_a_fault_of_ours_after_an_upfront_settlement_owes_the_refund() -> None:
+    ctx, refunds = settled_call("POST", "/orders", b'{"symbol": "ACME", "quantity": 1}'), Owed()
+    assert ctx.tool is not None and ctx.tool.settle == "upfront"
+    with pytest.raises(GatewayError) as failed:
+        asyncio.run(stage(refunds)(ctx))
+    assert refunds.owed == [(7, "internal_error")]
+    assert failed.value.status == 502 and failed.value.fields["refund"] == "owed"
+    assert "payment-response" in {name.lower() for name in failed.value.headers}  # the receipt of what settled
+
+
+def test_a_fault_of_ours_before_a_settle_after_payment_is_left_as_it_is() -> None:
+    ctx, refunds = settled_call("GET", "/quotes/AAPL"), Owed()
+    ctx.settlement = None  # settle: after: nothing settled yet
+    assert ctx.tool is not None and ctx.tool.settle == "after"
+    with pytest.raises(OverflowError):
+        asyncio.run(stage(refunds)(ctx))
+    assert refunds.owed == []
