@@ -66,6 +66,7 @@ from gateway.headers import (
 )
 from gateway.surfaces.discovery import advertised_schema, offer_prices, price_facts, tool_request
 from gateway.surfaces.discovery.users import user_auth_facts, user_auth_sentence
+from gateway.surfaces.mcp_streams import ledger_outcome, split_settlement_event
 from gateway.surfaces.search import (
     BUDGET_MAX,
     CANDIDATES,
@@ -333,7 +334,27 @@ class McpEndpoint:
         transport = httpx.ASGITransport(app=self._app, client=(client.host, client.port) if client else ("127.0.0.1", 0))
         async with httpx.AsyncClient(transport=transport, base_url=self._base_url(ctx)) as http:
             response = await http.request(call.method, call.target, headers=headers, content=call.body)
+        if tool.stream and tool.usage is not None and tool.settle != "upfront" and payment is not None \
+                and response.status_code < 400:
+            return await self._metered_stream(response)  # settled by what it delivered: shown only if it settled
         return self._result(response)
+
+    async def _metered_stream(self, response: httpx.Response) -> types.CallToolResult:
+        """A paid stream settled once it ended (``gateway.surfaces.mcp_streams``): its content with the
+        settlement as ``x402/payment-response``, or, unless it settled, the outcome alone, as an error."""
+        sse = response.headers.get(CONTENT_TYPE, "").lower().startswith("text/event-stream")
+        # The relay's event is an SSE stream's last; in any other stream the upstream's bytes could fake one.
+        text, outcome = split_settlement_event(response.text) if sse else (response.text, None)
+        request_id = response.headers.get(REQUEST_ID)
+        if outcome is None:  # not SSE: the ledger row says (written before the stream's last byte)
+            ledger = self.pipeline.ledger
+            outcome = ledger_outcome(await ledger.run(ledger.by_request_id, request_id) if request_id else None)
+        meta: dict[str, Any] = {"x402gw/status": response.status_code, "x402gw/requestId": request_id}
+        if outcome.get("success") is True:
+            meta[PAYMENT_RESPONSE_META] = outcome
+            return types.CallToolResult(content=[types.TextContent(type="text", text=text)],
+                                        structured_content={"text": text}, is_error=False, _meta=meta)
+        return types.CallToolResult(content=_text(outcome), structured_content=outcome, is_error=True, _meta=meta)
 
     def _result(self, response: httpx.Response) -> types.CallToolResult:
         result_meta: dict[str, Any] = {"x402gw/status": response.status_code}
