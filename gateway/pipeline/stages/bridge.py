@@ -69,7 +69,7 @@ class CallUpstream:
                 raise
             log.exception("upstream call of settled payment %d failed unexpectedly; a refund is owed", payment_id)
             failed = GatewayError(codes.INTERNAL_ERROR, "the gateway failed to get the upstream's answer; the payment "
-                                  "settled before the call is owed back (X402GW-Refund)", status=502, retryable=True)
+                                  "settled before the call is owed back (X402GW-Refund)", status=500, retryable=True)
             await self._upfront_failed(ctx, quote, payment_id, failed)
             raise failed from exc
         paid.upstream = upstream

@@ -56,7 +56,7 @@ def test_a_fault_of_ours_after_an_upfront_settlement_owes_the_refund() -> None:
     with pytest.raises(GatewayError) as failed:
         asyncio.run(stage(refunds)(ctx))
     assert refunds.owed == [(7, "internal_error")]
-    assert failed.value.status == 502 and failed.value.fields["refund"] == "owed"
+    assert failed.value.status == 500 and failed.value.fields["refund"] == "owed"
     assert "payment-response" in {name.lower() for name in failed.value.headers}  # the receipt of what settled
 
 
