@@ -23,7 +23,7 @@ from web3 import Web3
 from web3.exceptions import TransactionNotFound
 
 from gateway.devkit.payer import Payer
-from settlement.ledger import PaymentState
+from settlement.ledger import Ledger, PaymentState
 from settlement.x402.codec import encode_header
 from settlement.x402.wire import PaymentRequirements
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, demo_catalog, offer_of, running_devchain, upstream_hits
@@ -111,6 +111,25 @@ def known(chain: Devchain, tx_hash: str) -> bool:
         return chain.w3.eth.get_transaction(tx_hash) is not None  # type: ignore[arg-type]
     except TransactionNotFound:
         return False
+
+def at_once_then_mined(chain: Devchain, ledger: Ledger, url: str, paths: list[str], headers: list[str],
+                       mine: Callable[[], None]) -> list[httpx.Response]:
+    """Each paid request on a connection of its own, all at once (automining off); one block mined once
+    every request is either broadcast (its written-ahead transaction in the node's pool) or answered."""
+    def call(i: int) -> httpx.Response:
+        return httpx.get(f"{url}{paths[i]}", headers={"PAYMENT-SIGNATURE": headers[i]}, timeout=90)
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        futures = [pool.submit(call, i) for i in range(len(paths))]
+
+        def broadcast_or_answered() -> bool:
+            in_pool = [r for r in ledger.all() if r.tx_hash and known(chain, r.tx_hash)]
+            return len(in_pool) + sum(f.done() for f in futures) >= len(paths)
+
+        wait_for(broadcast_or_answered, "every request broadcast or answered")
+        mine()
+        return [f.result(90) for f in futures]
+
 
 
 # -- 1. an EIP-7702 payer whose code burns gas: every payment reverts on the gateway's gas ------------
@@ -201,21 +220,7 @@ def test_one_balance_signed_over_many_times_at_once_does_not_buy_reverted_settle
     nonce_before, eth_before = spent(chain)
     pay_to_before = chain.balance(PAY_TO)
     mine: Callable[[], None] = request.getfixturevalue("manual_mining")  # automining off from here (funded above)
-
-    def call(i: int) -> httpx.Response:
-        return httpx.get(f"{gateway.url}{paths[i]}", headers={"PAYMENT-SIGNATURE": headers[i]}, timeout=90)
-
-    with ThreadPoolExecutor(len(paths)) as pool:
-        futures = [pool.submit(call, i) for i in range(len(paths))]
-
-        def broadcast_or_answered() -> bool:
-            rows = [r for r in gateway.ledger.all() if r.payer.lower() == address.lower()]
-            in_pool = [r for r in rows if r.tx_hash and known(chain, r.tx_hash)]
-            return len(in_pool) + sum(f.done() for f in futures) >= len(paths)
-
-        wait_for(broadcast_or_answered, "every request broadcast or answered")
-        mine()
-        answers = [f.result(90) for f in futures]
+    answers = at_once_then_mined(chain, gateway.ledger, gateway.url, paths, headers, mine)
     assert [a.status_code for a in answers].count(200) == 1, [(a.status_code, a.text[:120]) for a in answers]
     assert chain.balance(address) == 0 and chain.balance(PAY_TO) - pay_to_before == UPFRONT_PRICE
     rows = [r for r in gateway.ledger.all() if r.payer.lower() == address.lower()]
@@ -246,20 +251,7 @@ def test_one_permit2_balance_signed_over_many_times_at_once_does_not_buy_reverte
     nonce_before, _ = spent(chain)
     pay_to_before = chain.balance(PAY_TO)
     mine: Callable[[], None] = request.getfixturevalue("manual_mining")
-
-    def call(i: int) -> httpx.Response:
-        return httpx.get(f"{gateway.url}{paths[i]}", headers={"PAYMENT-SIGNATURE": headers[i]}, timeout=90)
-
-    with ThreadPoolExecutor(len(paths)) as pool:
-        futures = [pool.submit(call, i) for i in range(len(paths))]
-
-        def broadcast_or_answered() -> bool:
-            in_pool = [r for r in gateway.ledger.all() if r.tx_hash and known(chain, r.tx_hash)]
-            return len(in_pool) + sum(f.done() for f in futures) >= len(paths)
-
-        wait_for(broadcast_or_answered, "every request broadcast or answered")
-        mine()
-        answers = [f.result(90) for f in futures]
+    answers = at_once_then_mined(chain, gateway.ledger, gateway.url, paths, headers, mine)
     assert sorted(a.status_code for a in answers) == [200] * 5 + [402], [(a.status_code, a.text[:120]) for a in answers]
     assert chain.balance(payer) == 0 and chain.balance(PAY_TO) - pay_to_before == UPTO_MAXIMUM
     rows = gateway.ledger.all()

@@ -9,7 +9,6 @@ Redis now: at most balance / price settlements are broadcast across the workers,
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -17,8 +16,8 @@ from eth_account import Account
 
 from settlement.ledger import Ledger, PaymentState
 from tests.conftest import PAY_TO, Devchain
-from tests.e2e.test_attacks_gas import FUNDER, known, pay_header
-from tests.e2e.test_exactly_once import PRICE, wait_for
+from tests.e2e.test_attacks_gas import FUNDER, at_once_then_mined, pay_header
+from tests.e2e.test_exactly_once import PRICE
 from tests.e2e.test_exactly_once import chain as chain
 from tests.e2e.test_workers import database as database
 from tests.e2e.test_workers import workers as workers
@@ -40,21 +39,8 @@ def test_one_balance_signed_many_times_over_two_workers_does_not_buy_reverted_se
     sent_before = {a: chain.w3.eth.get_transaction_count(chain.w3.to_checksum_address(a)) for a in settlers}
     pay_to_before = chain.balance(PAY_TO)
     mine: Callable[[], None] = request.getfixturevalue("manual_mining")  # every settlement stays in flight
-
-    def call(i: int) -> httpx.Response:  # a connection each: the kernel spreads them over the workers
-        return httpx.get(f"{supervisor.url}{paths[i]}", headers={"PAYMENT-SIGNATURE": headers[i]}, timeout=90)
-
-    with ThreadPoolExecutor(len(paths)) as pool:
-        futures = [pool.submit(call, i) for i in range(len(paths))]
-
-        def broadcast_or_answered() -> bool:
-            rows = [r for r in ledger.all() if r.payer.lower() == address]
-            in_pool = [r for r in rows if r.tx_hash and known(chain, r.tx_hash)]
-            return len(in_pool) + sum(f.done() for f in futures) >= len(paths)
-
-        wait_for(broadcast_or_answered, "every request broadcast or answered")
-        mine()
-        answers = [f.result(90) for f in futures]
+    # a connection each: the kernel spreads them over the workers
+    answers = at_once_then_mined(chain, ledger, supervisor.url, paths, headers, mine)
 
     assert [a.status_code for a in answers].count(200) == 1, [(a.status_code, a.text[:120]) for a in answers]
     assert {a.status_code for a in answers} <= {200, 402}, [(a.status_code, a.text[:120]) for a in answers]
