@@ -12,3 +12,16 @@ from importlib.util import find_spec as _find_spec
 # its first hash, which no import makes; one set by the operator is kept.
 if "ETH_HASH_BACKEND" not in _os.environ and _find_spec("sha3") is not None:
     _os.environ["ETH_HASH_BACKEND"] = "pysha3"
+
+# py-ecc (imported by eth-keys, which recovers every signature) raises the interpreter's recursion
+# limit to 100,000 as it is imported. At that depth, a JSON document nested some 80,000 levels deep
+# (400 KB: a request body, an upstream's answer) exhausts the thread's stack in the C decoder and the
+# process dies (SIGSEGV) instead of raising RecursionError, which every parse of outside JSON answers
+# as invalid. Imported here first, and the limit put back: py-ecc's own recursion (point
+# multiplication, about 256 deep) fits far below it.
+import sys as _sys
+
+import py_ecc as _py_ecc  # noqa: F401
+
+RECURSION_LIMIT = 1000  # Python's default
+_sys.setrecursionlimit(RECURSION_LIMIT)

@@ -110,6 +110,8 @@ def export(database_url: str | None, fmt: str, since: str | None, until: str | N
         sys.exit(EXIT_UNREADABLE)
     try:
         for record in trail.records(from_seq=from_seq, to_seq=to_seq, since=_when(since), until=_when(until)):
-            output.write(json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False) + "\n")
+            # ASCII: a caller's U+2028/U+2029/U+0085 (in a path it asked for) would split a line for
+            # many readers of JSON lines; the records' hashes are over their canonical form, not these bytes.
+            output.write(json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=True) + "\n")
     finally:
         trail.close()

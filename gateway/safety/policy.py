@@ -221,7 +221,7 @@ def policy_routes(policy: Policy, token: str, tools: Iterable[str], owners: Iter
     async def body_of(request: Request) -> dict[str, Any]:
         try:
             data = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise GatewayError(codes.INVALID_JSON_BODY, "the request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise GatewayError(codes.INVALID_JSON_BODY, "the request body must be a JSON object")

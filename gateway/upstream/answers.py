@@ -58,7 +58,7 @@ def upstream_message(body: bytes, credentials: Credentials) -> tuple[str | None,
     """(code, message) the upstream gave in a JSON error body, if any; redacted and cut short."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None, None
     code = message = None
     if isinstance(data, dict):

@@ -73,7 +73,7 @@ def set_pointer(document: dict[str, Any], pointer: str, value: Any) -> None:
 def json_or_none(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 

@@ -28,7 +28,7 @@ def read_pointer(document: Any, pointer: str) -> Any:
 def _document(body: bytes) -> Any:
     try:
         return json.loads(body, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise UsageError("usage_missing", "the answer is not JSON, so it says no usage") from None
 
 
@@ -101,7 +101,7 @@ class StreamMeter:
         except UsageError as err:
             if err.code != "usage_missing":
                 self.error = err  # a usage that is there but a lie: remembered, fail closed or default
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             pass  # an event that is not JSON says nothing about usage
 
     def units(self) -> int:

@@ -261,7 +261,7 @@ class UserAuthority:
             async with httpx.AsyncClient(timeout=10.0, follow_redirects=False, transport=self.transport) as client:
                 response = await client.post(exchange.token_url, data=form, auth=(exchange.client_id, secret))
             token = response.json().get("access_token") if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        except (httpx.HTTPError, ValueError, AttributeError, RecursionError) as exc:
             log.warning("token exchange at %s failed: %s", exchange.token_url, type(exc).__name__)
             token = None
         else:

@@ -237,7 +237,7 @@ class JsonRpcTransport:
                         raise _UnusableStatus("HTTP 429")
                     try:
                         return await reply.json(content_type=None, loads=json.loads)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         if reply.status >= 500:
                             raise _UnusableStatus(f"HTTP {reply.status}") from None
                         raise

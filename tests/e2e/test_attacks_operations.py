@@ -156,7 +156,7 @@ def test_admin_surfaces_refuse_strangers_escape_payer_strings_and_hide_webhook_c
         listing = client.get("/admin/webhooks", headers=admin)
         assert listing.status_code == 200
         [endpoint] = listing.json()["endpoints"]
-        assert endpoint["name"] == "erp" and endpoint["url"] == "https://127.0.0.1:9/hook"
+        assert endpoint["name"] == "erp" and endpoint["url"] == "https://127.0.0.1:9"
         for secret in ("erp-password", "receiver-token", "whsec-do-not-show", ADMIN):
             assert secret not in listing.text
         # Metrics: arbitrary paths add no series, and no payer address or credential is published.

@@ -59,7 +59,8 @@ def test_a_settled_payment_reaches_the_receiver_signed_and_can_be_replayed(
         listing = admin.get("/admin/webhooks")
         [shown] = listing.json()["deliveries"]
         assert (shown["eventId"], shown["status"], shown["type"]) == (delivery.event_id, "delivered", "payment.settled")
-        assert listing.json()["endpoints"] == [{"name": "erp", "owner": "acme-legacy", "url": receiver.url,
+        shown_url = receiver.url.rsplit("/", 1)[0]  # scheme://host:port only: a hook's path may be its credential
+        assert listing.json()["endpoints"] == [{"name": "erp", "owner": "acme-legacy", "url": shown_url,
                                                 "events": sorted(listing.json()["endpoints"][0]["events"])}]
         assert admin.post(f"/admin/webhooks/{shown['id']}/replay").json() == {"replayed": shown["id"]}
         again = receiver.wait_accepted(2)[1]

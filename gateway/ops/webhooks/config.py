@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.errors import GatewayConfigError
-from settlement.audit.canonical import redact_url
+from settlement.chain.rpc import redact_url
 from settlement.ledger import EVENTS
 
 __all__ = ["Endpoint", "endpoints_from_settings", "subscriptions_of"]
@@ -37,8 +37,9 @@ class Endpoint:
     secret: bytes = field(repr=False)  # never in a repr, a log or an error
 
     def describe(self) -> dict[str, Any]:
-        """What the admin API shows: everything but the secret, and the URL without the credentials
-        it may carry (user:password@, query, fragment)."""
+        """What the admin API shows: everything but the secret, and the URL as scheme://host[:port]
+        only: the credentials it may carry (user:password@, query, and the path, where Slack,
+        Discord, Teams and Zapier hooks keep theirs) stay out."""
         return {"name": self.name, "owner": self.owner, "url": redact_url(self.url), "events": sorted(self.events)}
 
 

@@ -5,19 +5,21 @@
 The receiver recomputes ``v1`` over the timestamp, a dot and the raw body bytes exactly as
 received, with the endpoint's secret, compares it in constant time, and refuses a ``t`` too far
 from its own clock (``verify``'s ``tolerance``, 300 s by default) so a captured delivery cannot be
-replayed later. ``X402GW-Event-Id`` is the idempotency key: the same event is delivered at least
-once, always with the same id and body, so a receiver that has seen an id acknowledges it again
-and does nothing.
+replayed later. The body's ``id`` (also sent as ``X402GW-Event-Id``, which the signature does not
+cover) is the idempotency key: the same event is delivered at least once, always with the same id
+and body, so a receiver that has seen the signed body's id acknowledges it again and does nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 __all__ = ["SIGNATURE_HEADER", "sign", "signature_header", "verify"]
 
 SIGNATURE_HEADER = "X402GW-Signature"
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")  # unix seconds, ASCII digits only
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -32,6 +34,6 @@ def verify(secret: bytes, header: str, body: bytes, now: int, tolerance: int = 3
     """What a receiver runs: the header's ``v1`` is this body's signature, made within ``tolerance``."""
     parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
     timestamp, given = parts.get("t", ""), parts.get("v1", "")
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > tolerance:
+    if not _TIMESTAMP.fullmatch(timestamp) or abs(now - int(timestamp)) > tolerance:  # not str.isdigit: "²"
         return False
     return hmac.compare_digest(sign(secret, int(timestamp), body), given)
