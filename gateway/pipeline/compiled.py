@@ -9,7 +9,7 @@ from decimal import Decimal
 from functools import cached_property
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from catalog import PaymentTerms, Tool, format_amount, to_atomic
 from catalog.models import PaymentOffer
@@ -23,6 +23,24 @@ from settlement.x402.wire import PaymentRequirements
 __all__ = ["CompiledTool"]
 
 MAX_PRICED_OFFERS = 256  # distinct prices of one rule-priced tool kept (an offer is a few KB)
+
+
+def _multiple_of(validator: Any, divisor: Any, instance: Any, schema: Any) -> Any:
+    """``multipleOf`` in exact decimals: arguments and answers are read with ``parse_float=Decimal``
+    and a schema's 0.01 is a float, which jsonschema's own check divides (Decimal / float: a 500 on
+    every call); a quotient out of range (1E+9999999 % 0.01) is not a multiple, not an error."""
+    if not validator.is_type(instance, "number"):
+        return
+    try:
+        failed = Decimal(str(instance)) % Decimal(str(divisor)) != 0
+    except ArithmeticError:
+        failed = True
+    if failed:
+        yield ValidationError(f"{instance} is not a multiple of {divisor}")
+
+
+# The tools' schemas as Draft 2020-12 has them, with an exact ``multipleOf``.
+SchemaValidator: Any = validators.extend(Draft202012Validator, {"multipleOf": _multiple_of})  # type: ignore[no-untyped-call]
 
 
 def _decimal(atomic: int, decimals: int) -> Decimal:
@@ -123,7 +141,7 @@ class CompiledTool:
         key = json.dumps(schema, default=repr)  # in the schema's own key order: errors come in it
         validator = self.validators.get(key)
         if validator is None:
-            validator = self.validators[key] = Draft202012Validator(schema)
+            validator = self.validators[key] = SchemaValidator(schema)
         return validator
 
     @cached_property
@@ -135,7 +153,7 @@ class CompiledTool:
         key = "output:" + json.dumps(schema, default=repr)
         validator = self.validators.get(key)
         if validator is None:
-            validator = self.validators[key] = Draft202012Validator(schema)
+            validator = self.validators[key] = SchemaValidator(schema)
         return validator
 
     @cached_property

@@ -43,6 +43,8 @@ _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udff
 # A lone UTF-16 surrogate (from a \ud800 escape) is no character: it cannot be re-encoded for the
 # upstream. Only a body with such an escape, or that is not plain UTF-8, can hold one.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_DIGITS = 1000  # of a whole number read from the path or query (int() refuses over 4,300)
+_INTEGER = re.compile(rf"-?[0-9]{{1,{_MAX_DIGITS}}}")
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -117,7 +119,7 @@ def _check_characters(tool: Tool, arguments: dict[str, Any]) -> None:
 def _coerce(value: str, schema: dict[str, Any]) -> Any:
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
-    if "integer" in kinds and value.lstrip("-").isdigit():
+    if "integer" in kinds and _INTEGER.fullmatch(value):  # ASCII digits: "²".isdigit(), int() refuses it
         return int(value)
     if "number" in kinds:
         try:
@@ -125,7 +127,9 @@ def _coerce(value: str, schema: dict[str, Any]) -> Any:
         except InvalidOperation:
             return value
         if number.is_finite():
-            return int(number) if number == number.to_integral_value() and "." not in value else number
+            # 1e9999999 is integral: int() of it would build ten million digits on the event loop
+            whole = "." not in value and number.adjusted() <= _MAX_DIGITS and number == number.to_integral_value()
+            return int(number) if whole else number
     if "boolean" in kinds and value in ("true", "false"):
         return value == "true"
     return value
@@ -155,7 +159,7 @@ def collect_arguments(
     elif body.strip():
         try:
             data = json.loads(body, parse_float=Decimal, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError, undecodable UTF-8, an integer of 4,300+ digits
             raise GatewayError("invalid_json_body", "the request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise GatewayError("invalid_json_body", "the request body must be a JSON object")
@@ -170,7 +174,11 @@ def collect_arguments(
 
 
 def validate_arguments(validator: Draft202012Validator, arguments: dict[str, Any]) -> None:
-    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    except ArithmeticError:  # multipleOf of 1E+9999999: decimal's DivisionImpossible
+        raise GatewayError("invalid_arguments", "a number in the arguments is out of the range this tool takes",
+                           fields=[{"field": "(arguments)", "problem": "number out of range"}]) from None
     if not errors:
         return
     fields = [
@@ -186,7 +194,7 @@ def validate_arguments(validator: Draft202012Validator, arguments: dict[str, Any
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise GatewayError("request_too_large", f"request bodies are limited to {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
