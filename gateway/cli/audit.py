@@ -10,6 +10,8 @@ from typing import IO
 
 import click
 
+from settlement.x402.digits import is_digits
+
 EXIT_INTACT, EXIT_TAMPERED, EXIT_UNREADABLE = 0, 1, 2
 
 
@@ -35,7 +37,7 @@ def _anchor(value: str | None) -> tuple[int, str] | None:
     if value is None:
         return None
     seq, _, digest = value.partition(":")
-    if not seq.isdigit() or len(digest) != 64:
+    if not is_digits(seq, 18) or len(digest) != 64:
         raise click.BadParameter("expected SEQ:HASH, as printed by an earlier `audit verify`")
     return int(seq), digest.lower()
 

@@ -48,6 +48,7 @@ from settlement.finance.receipts import (
     settled_payments,
 )
 from settlement.ledger import Ledger, PaymentState
+from settlement.x402.digits import is_digits
 
 __all__ = ["MAX_SKEW_SECONDS", "ReceiptEndpoint", "challenge_message", "receipt_signer", "receipts_discovery"]
 
@@ -143,7 +144,7 @@ class ReceiptEndpoint:
         """The wallet that signed this request's challenge within the skew, and the time it signed."""
         raw_time = request.headers.get(X402GW_RECEIPT_TIME, "")
         signature = request.headers.get(X402GW_RECEIPT_SIGNATURE, "")
-        if not raw_time.isdigit() or len(raw_time) > 12 or len(signature) != 132 or not signature.startswith("0x"):
+        if not is_digits(raw_time, 12) or len(signature) != 132 or not signature.startswith("0x"):
             raise GatewayError(
                 codes.RECEIPT_AUTH_INVALID,
                 f"sign messageTemplate (time: the current unix seconds) with the payer's wallet (personal_sign) "

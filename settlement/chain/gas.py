@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from settlement.chain.receipts import Receipt
+from settlement.x402.digits import is_digits
 
 __all__ = ["GAS_KEYS", "GasShare", "gas_extra", "receipt_shares", "split_gas", "take_gas"]
 
@@ -61,7 +62,7 @@ def take_gas(extra: dict[str, Any] | None) -> tuple[dict[str, Any] | None, GasSh
         return extra, None
     rest = {key: value for key, value in extra.items() if key not in GAS_KEYS}
     values = [extra.get(key) for key in GAS_KEYS]
-    if not all(isinstance(v, str) and v.isdigit() for v in values):
+    if not all(is_digits(v) for v in values):
         return rest, None
     used, price, cost = (int(v) for v in values)  # type: ignore[arg-type]
     return rest, GasShare(used, price, cost)

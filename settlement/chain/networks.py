@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from settlement.x402.digits import is_digits
+
 LEGACY_CHAIN_IDS: dict[str, int] = {
     "base": 8453,
     "base-sepolia": 84532,
@@ -32,7 +34,7 @@ _LEGACY_BY_CHAIN_ID = {chain_id: name for name, chain_id in LEGACY_CHAIN_IDS.ite
 
 def to_caip2(network: str) -> str | None:
     """CAIP-2 id for a v2 id or a legacy v1 name; None when unknown."""
-    if network.startswith("eip155:") and network[7:].isdigit():
+    if network.startswith("eip155:") and is_digits(network[7:]):
         return network
     chain_id = LEGACY_CHAIN_IDS.get(network)
     return f"eip155:{chain_id}" if chain_id is not None else None
@@ -40,6 +42,6 @@ def to_caip2(network: str) -> str | None:
 
 def to_legacy(network: str) -> str:
     """The v1 name of a CAIP-2 network when it has one (v1 clients know only those), else the id."""
-    if network.startswith("eip155:") and network[7:].isdigit():
+    if network.startswith("eip155:") and is_digits(network[7:]):
         return _LEGACY_BY_CHAIN_ID.get(int(network[7:]), network)
     return network

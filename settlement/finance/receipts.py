@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from settlement.errors import SettlementError
 from settlement.ledger import Ledger, Payment, PaymentState
+from settlement.x402.digits import is_digits
 
 __all__ = [
     "RECEIPT_DOMAIN_NAME",
@@ -79,7 +80,7 @@ class ReceiptInvalid(SettlementError):
 
 
 def _chain_id(network: Any) -> int:
-    if not isinstance(network, str) or not network.startswith("eip155:") or not network[7:].isdigit():
+    if not isinstance(network, str) or not network.startswith("eip155:") or not is_digits(network[7:]):
         raise ReceiptInvalid(f"network must be eip155:<chainId>, not {network!r}")
     return int(network[7:])
 
@@ -93,7 +94,7 @@ def receipt_payload(payment: Payment, public_url: str | None = None) -> dict[str
     signed = json.loads(payment.authorization)
     authorization = signed.get("authorization") or {}
     permitted = (signed.get("permit2Authorization") or {}).get("permitted") or {}  # upto: the signed maximum
-    if "value" not in authorization and str(permitted.get("amount", "")).isdigit():
+    if "value" not in authorization and is_digits(str(permitted.get("amount", ""))):
         authorization = {"value": permitted["amount"]}
     return {
         "network": payment.network,
@@ -123,7 +124,7 @@ def _typed_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
     for name in _FIELDS:
         value = payload[name]
         if name in _UINTS:
-            if name in ("amount", "maxAmount") and isinstance(value, str) and value.isdigit():
+            if name in ("amount", "maxAmount") and is_digits(value):
                 value = int(value)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ReceiptInvalid(f"{name} must be an unsigned integer")

@@ -39,6 +39,7 @@ from settlement.chain.addresses import checksum_address
 from settlement.chain.client import selector
 from settlement.errors import PaymentDecodeError
 from settlement.schemes.eip712 import recover_signer
+from settlement.x402.digits import is_digits
 from settlement.x402.wire import ExactEvmPayload
 
 __all__ = [
@@ -164,7 +165,7 @@ def parse_channel(payload: dict[str, Any]) -> ChannelPayment | None:
         config, voucher = parsed.channel_config, parsed.voucher
         for address in (config.payer, config.payer_authorizer, config.receiver, config.receiver_authorizer, config.token):
             checksum_address(address)
-        if not is_canonical_channel_id(voucher.channel_id) or not str(voucher.max_claimable_amount).isdigit():
+        if not is_canonical_channel_id(voucher.channel_id) or not is_digits(str(voucher.max_claimable_amount)):
             return None
         bytes.fromhex(str(config.salt).removeprefix("0x"))
         deposit = _deposit(parsed, voucher.channel_id) if isinstance(parsed, DepositPayload) else None
@@ -216,7 +217,7 @@ def channel_signer(network: str, payload: dict[str, Any]) -> str | None:
     """The payer when the voucher's signature is its authorizer's over this voucher on ``network``
     and the channel id is its config's (offline); None otherwise."""
     payment = parse_channel(payload)
-    if payment is None or not network.startswith("eip155:") or not network[7:].isdigit():
+    if payment is None or not network.startswith("eip155:") or not is_digits(network[7:]):
         return None
     chain_id = int(network[7:])
     if not payment.bound(chain_id):

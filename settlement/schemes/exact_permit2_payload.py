@@ -40,6 +40,7 @@ from settlement.schemes.upto_permit import (
     permit2_domain_separator,
     upto_payment,
 )
+from settlement.x402.digits import is_digits
 from settlement.x402.wire import ExactEvmPayload, PaymentRequirements
 
 __all__ = [
@@ -182,7 +183,7 @@ def permit2_signer(network: str, payload: dict[str, Any]) -> str | None:
     """``from`` when the signature is its ECDSA one over this exact Permit2 authorization on
     ``network`` (offline); None otherwise (contract-wallet signatures are not taken here yet)."""
     permit = parse_exact_permit2(payload)
-    if permit is None or not network.startswith("eip155:") or not network[7:].isdigit():
+    if permit is None or not network.startswith("eip155:") or not is_digits(network[7:]):
         return None
     signer = recover_signer(permit.digest(int(network[7:])), permit.signature)
     return signer if signer == permit.payer else None

@@ -58,6 +58,7 @@ from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.exact_guards import InFlight, in_flight_refusal
 from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
+from settlement.x402.digits import is_digits
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 __all__ = [
@@ -124,7 +125,7 @@ def upto_charge(requirements: PaymentRequirements) -> int:
     requirements say it), else ``amount`` (the SDK's convention: the requirements of a settle carry
     the actual charge)."""
     charge = (requirements.extra or {}).get(CHARGE_KEY)
-    if isinstance(charge, dict) and isinstance(charge.get("amount"), str) and charge["amount"].isdigit():
+    if isinstance(charge, dict) and is_digits(charge.get("amount")):
         return int(charge["amount"])
     return int(requirements.amount)
 

@@ -22,6 +22,7 @@ from settlement.chain.addresses import checksum_address
 from settlement.chain.client import selector
 from settlement.errors import PaymentDecodeError
 from settlement.schemes.eip712 import recover_signer
+from settlement.x402.digits import is_digits
 from settlement.x402.wire import ExactEvmPayload
 
 __all__ = [
@@ -164,7 +165,7 @@ def upto_signer(network: str, payload: dict[str, Any]) -> str | None:
     """``from`` when the signature is its ECDSA one over this Permit2 authorization on ``network``
     (offline); None otherwise (contract-wallet signatures are not taken on upto yet)."""
     permit = parse_upto(payload)
-    if permit is None or not network.startswith("eip155:") or not network[7:].isdigit():
+    if permit is None or not network.startswith("eip155:") or not is_digits(network[7:]):
         return None
     signer = recover_signer(permit.digest(int(network[7:])), permit.signature)
     return signer if signer == permit.payer else None

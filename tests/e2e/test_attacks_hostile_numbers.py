@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Devchain, GatewayFactory, demo_catalog
+from tests.conftest import Devchain, GatewayFactory, RunningGateway, demo_catalog
 
 pytestmark = pytest.mark.e2e
 
@@ -46,3 +46,16 @@ def test_hostile_numbers_are_4xx_at_once_and_the_gateway_goes_on_serving(
         assert answer.status_code == 400 and answer.json()["error"] == "invalid_json_body", answer.text[:200]
         assert client.get("/quotes/ACME").status_code == 402  # still serving
     assert gateway.ledger.all() == []  # nothing was recorded for any of them
+
+
+def test_digits_of_other_scripts_in_public_parameters_and_headers_are_refused_not_a_500(gateway: RunningGateway) -> None:
+    """``str.isdigit()`` says yes to "²" and "٣", which ``int()`` refuses or reads: a query
+    parameter of the public discovery listing and the receipt endpoint's time header were 500s."""
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        for params in ({"limit": "\u00b2"}, {"offset": "\u0663"}, {"limit": "1" * 5000}):
+            answer = client.get("/discovery/resources", params=params)
+            assert answer.status_code == 400 and answer.json()["error"] == "invalid_parameter", (params, answer.text[:200])
+        headers = {"X402GW-Receipt-Time": b"\xb2", "X402GW-Receipt-Signature": b"0x" + b"11" * 65}  # "²" read as latin-1
+        answer = client.get("/receipts/1", headers=headers)
+        assert 400 <= answer.status_code < 500, answer.text[:200]
+        assert client.get("/discovery/resources").status_code == 200  # still serving

@@ -20,6 +20,7 @@ from catalog import Catalogs
 from gateway.ops.doctor.findings import Finding, fail, warn
 from gateway.settings import BatchSettlement, Settings
 from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, rehearsal_deployment
+from settlement.x402.digits import is_digits
 
 __all__ = ["DoctorPlan", "HeadersFor", "NetworkPlan", "Offer", "facilitator_headers", "no_headers", "plan_from_settings"]
 
@@ -101,7 +102,7 @@ class DoctorPlan:
 
 def _chain_id(network: str) -> int | None:
     namespace, _, reference = network.partition(":")
-    return int(reference) if namespace == "eip155" and reference.isdigit() else None
+    return int(reference) if namespace == "eip155" and is_digits(reference) else None
 
 
 def _offers(catalogs: Catalogs, network: str) -> tuple[Offer, ...]:

@@ -23,6 +23,7 @@ from gateway.errors import GatewayError
 from gateway.ops.admin.routes import AdminAuth
 from gateway.ops.webhooks.config import Endpoint
 from settlement.ledger import Ledger, utcnow
+from settlement.x402.digits import is_digits
 
 __all__ = ["delivery_json", "webhook_routes"]
 
@@ -66,7 +67,7 @@ def webhook_routes(ledger: Ledger, endpoints: dict[str, Endpoint], token: Secret
             return stop
         status = request.query_params.get("status")
         limit = request.query_params.get("limit", "100")
-        if status is not None and status not in STATUSES or not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if status is not None and status not in STATUSES or not is_digits(limit, 12) or not 1 <= int(limit) <= 1000:
             return GatewayError("invalid_arguments", f"status is one of {', '.join(STATUSES)}; limit 1-1000",
                                 status=422).to_response()
         rows = await ledger.run(_list, status, int(limit))
@@ -76,7 +77,7 @@ def webhook_routes(ledger: Ledger, endpoints: dict[str, Endpoint], token: Secret
         if (stop := gate(request)) is not None:
             return stop
         raw = request.path_params["id"]
-        if not raw.isdigit() or not await ledger.run(_replay, int(raw)):
+        if not is_digits(raw, 18) or not await ledger.run(_replay, int(raw)):
             return GatewayError("not_found", "no webhook delivery has this id").to_response()
         wake()
         return JSONResponse({"replayed": int(raw)})

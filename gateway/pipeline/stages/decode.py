@@ -43,6 +43,7 @@ from settlement.schemes.upto import UPTO
 from settlement.schemes.upto_permit import upto_signer
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures
 from settlement.x402.codec import parse_exact_evm
+from settlement.x402.digits import is_digits
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements
 
 __all__ = ["DecodeAndBind", "WalletCheck"]
@@ -150,7 +151,7 @@ class DecodeAndBind:
         except PaymentDecodeError as exc:
             raise PaymentChallenge(quote, exc.code, exc.message) from None
         payment = parse_channel(payload.payload)
-        if payment is None or not network[7:].isdigit() or not payment.bound(int(network[7:])):
+        if payment is None or not is_digits(network[7:]) or not payment.bound(int(network[7:])):
             raise PaymentChallenge(quote, codes.CHANNEL_ID_MISMATCH, "voucher.channelId is not the id of channelConfig")
         signer = channel_signer(network, payload.payload)
         if signer is None:

@@ -20,6 +20,7 @@ from gateway.surfaces.discovery.openapi import HOW_TO_PAY, openapi_document
 from gateway.surfaces.discovery.requests import advertised_schema
 from gateway.surfaces.discovery.users import user_auth_facts
 from gateway.surfaces.search import CANDIDATES, TOKEN_ESTIMATE, ToolSearch, estimate_tokens, fit, search_request
+from settlement.x402.digits import is_digits
 
 if TYPE_CHECKING:
     from gateway.pipeline.pipeline import Pipeline
@@ -279,7 +280,7 @@ class Discovery:
 def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not is_digits(raw, 12) or not low <= int(raw) <= high:
         raise GatewayError(
             "invalid_parameter",
             f"{name} must be an integer from {low} to {high}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+
 from gateway.errors import GatewayError
 from gateway.pipeline.compiled import SchemaValidator
 from gateway.pipeline.stages.arguments import collect_arguments, validate_arguments
