@@ -48,6 +48,7 @@ __all__ = ["CachedResponse", "UnpaidFastPath"]
 # ``_key``'s answer (compared by identity) for a call the pipeline takes straight (``UnpaidFastPath._direct``).
 _DIRECT: tuple[tuple[Any, ...], bool] = ((), False)
 MAX_ENTRIES = 1024  # distinct (method, path, query, host) answers kept; a few KB each
+MAX_KEY_CHARS = 2048  # of path, query and Host together: a request with a longer key is answered, not kept
 _PAYMENT_HEADERS = frozenset({lower(PAYMENT_SIGNATURE).encode(), lower(X_PAYMENT).encode()})
 _REQUEST_ID = lower(REQUEST_ID).encode()
 
@@ -190,6 +191,8 @@ class UnpaidFastPath:
     async def _remember(self, key: tuple[Any, ...], scope: Scope) -> _Shape | None:
         shadowed = any(pattern.match(scope["path"]) for pattern in self._shadowed_patterns)
         entry = None if shadowed else await self._compute(scope)
+        if len(key[1]) + len(key[2]) + len(key[3]) > MAX_KEY_CHARS:
+            return entry  # not kept: 1024 keys of 60 KB paths would pin 60 MB (a tool's URL is far shorter)
         entries = self._entries
         if len(entries) >= MAX_ENTRIES:
             del entries[next(iter(entries))]  # the oldest

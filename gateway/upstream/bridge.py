@@ -300,10 +300,14 @@ class Bridge:
         headers.update(route.credentials.headers)
         headers[lower(REQUEST_ID)] = request_id
         response = await self._exchange(client, route, "POST", tool.soap.endpoint, headers, envelope, max_bytes)
-        credentials = route.credentials
         _refuse_redirect(response)
         if response.status == 429:  # too many requests, fault envelope or not: the breaker backs off for it
-            return self._rest_error(response, credentials, route.tool.settle)
+            return self._rest_error(response, route.credentials, route.tool.settle)
+        return await asyncio.to_thread(self._soap_answer, route, response)  # off the loop: 10 MB takes seconds
+
+    def _soap_answer(self, route: _Route, response: UpstreamResponse) -> UpstreamResponse:
+        tool, credentials = route.tool, route.credentials
+        assert tool.soap is not None
         root = parse_xml(response.body)
         fault = find_fault(root) if root is not None else None
         if fault is not None:

@@ -141,7 +141,7 @@ class AiohttpUpstreamClient:
             ) as response:
                 if response.content_length is not None and response.content_length > max_bytes:
                     raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
-                data = await response.content.read(max_bytes + 1)
+                data = await _read_whole(response.content, max_bytes)
                 if len(data) > max_bytes:
                     raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
                 return UpstreamResponse(response.status, list(response.headers.items()), data)
@@ -164,7 +164,7 @@ class AiohttpUpstreamClient:
         headers_out = list(response.headers.items())
         if response.status >= 300:
             try:
-                data = await response.content.read(max_bytes + 1)
+                data = await _read_whole(response.content, max_bytes)
             except (TimeoutError, aiohttp.ClientError):
                 data = b""
             finally:
@@ -175,6 +175,21 @@ class AiohttpUpstreamClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def _read_whole(content: aiohttp.StreamReader, max_bytes: int) -> bytes:
+    """The whole body, or the first ``max_bytes`` + 1 bytes of one that is larger. ``read(n)`` hands
+    back what has arrived so far, up to ``n``: read once, an answer sent in two parts was served (and
+    charged) cut short. A body that ends before its Content-Length raises (aiohttp's payload error)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= max_bytes:
+        chunk = await content.read(max_bytes + 1 - size)
+        if not chunk:  # the end of the body
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

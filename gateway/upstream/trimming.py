@@ -173,6 +173,8 @@ def compile_projection(expression: str) -> ParsedResult:
         raise _invalid_fields(int(exc.lex_position), str(exc.msg)) from None
     except jmespath_errors.JMESPathError:
         raise _invalid_fields(0, "not a JMESPath expression") from None
+    except RecursionError:  # "!" * 511 + "a": the parser recurses once a level
+        raise _invalid_fields(0, "nested too deeply") from None
     _check_subset(tokens)
     if _count_nodes(parsed.parsed) > MAX_EXPRESSION_NODES:
         raise _invalid_fields(0, f"more than {MAX_EXPRESSION_NODES} terms")

@@ -70,6 +70,9 @@ class RecordingUpstream:
         await self._client.close()
 
 
+MAX_AUDITED_PATH = 512  # characters of a request's path kept in its audit record (a tool's are far shorter)
+
+
 def audit_events(ctx: RequestContext) -> list[AuditEvent]:
     """The request's events, terminal decisions added, each stamped with payer and tool."""
     noted = {item.event for item in ctx.events}
@@ -84,10 +87,11 @@ def audit_events(ctx: RequestContext) -> list[AuditEvent]:
         ctx.record("payment_rejected", reason=ctx.reason)
     elif ctx.outcome == "settling" and ctx.reason is not None:
         ctx.record("settlement_failed", reason=ctx.reason, **common)
+    path = ctx.path if len(ctx.path) <= MAX_AUDITED_PATH else ctx.path[:MAX_AUDITED_PATH] + f"...({len(ctx.path)} chars)"
     ctx.record(
         "response",
         method=ctx.method,
-        path=ctx.path,
+        path=path,  # bounded: a free request's 80 KB path must not become a permanent 80 KB record
         status=ctx.status,
         outcome=ctx.outcome,
         reason=ctx.reason,

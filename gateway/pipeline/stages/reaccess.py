@@ -12,11 +12,11 @@ nothing is spent on junk and the payer is only ever an address that signed:
 2. the signature: the address's own EIP-191 signature of the EIP-4361 text, or, where this gateway
    checks contract wallets on that network, the wallet's ERC-1271 / ERC-6492 verdict (one capped
    ``eth_call``, behind the per-client rate limit ``pre_challenge_safety`` took);
-3. the payer's allow/deny lists and per-payer limits (as for a payment), then the nonce, taken once
-   in the shared state store (a replayed sign-in is refused, on any replica);
+3. the payer's allow/deny lists and per-payer limits (as for a payment);
 4. the ledger: the latest settled payment of this address for this tool (and, under ``match:
    request``, this very request's fingerprint) that moved money (an upto charge of 0 did not) and
-   owes no refund, made within the window.
+   owes no refund, made within the window; then the nonce, taken once in the shared state store (a
+   replayed sign-in is refused, on any replica; a sign-in of an address that never paid leaves none).
 
 Then the answer: under ``match: request`` the answer that payment bought, as stored in the ledger
 (the API owner's upstream is not called again for what was already paid for; a tool without side
@@ -114,13 +114,14 @@ class Reaccess:
         address = sign_in.address
         # payer lists and per-payer limits, as for a payment; the tool's tokens only once the payment is found
         await self.safety.before_verify(ctx, tool, address, per_tool=False)
+        # The payment first: a fresh key's sign-in (nothing paid) leaves no nonce behind in the store.
+        row = await self._payment(ctx, quote, tool, address)
         try:
             fresh = await self.store.put(f"siwx:nonce:{sign_in.payload.nonce}", b"1", NONCE_TTL_MS, only_if_absent=True)
         except StoreUnavailable:
             raise store_unavailable() from None
         if not fresh:
             raise self._refused(ctx, quote, codes.INVALID_SIWX_NONCE, "this sign-in was used already; sign the new challenge", address)
-        row = await self._payment(ctx, quote, tool, address)
         await self.safety.per_tool(ctx, tool)  # a sign-in of a fresh key (nothing paid) spends none of them
         ctx.payer = address
         stored = None
