@@ -75,6 +75,7 @@ PRICE_OUT_OF_RANGE: Final = "price_out_of_range"
 DUPLICATE_JSON_KEY: Final = "duplicate_json_key"
 BODY_NOT_ALLOWED: Final = "body_not_allowed"
 REQUEST_TOO_LARGE: Final = "request_too_large"
+REQUEST_BODY_TIMEOUT: Final = "request_body_timeout"  # the body had not all arrived after BODY_SECONDS
 REQUEST_HEADERS_TOO_LARGE: Final = "request_headers_too_large"
 INVALID_RANGE: Final = "invalid_range"
 ADMIN_UNAUTHORIZED: Final = "admin_unauthorized"
@@ -193,6 +194,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(DUPLICATE_JSON_KEY, 400, "none"),
     Refusal(BODY_NOT_ALLOWED, 400, "none"),
     Refusal(REQUEST_TOO_LARGE, 413, "fix_arguments"),
+    Refusal(REQUEST_BODY_TIMEOUT, 408, "retry"),
     Refusal(REQUEST_HEADERS_TOO_LARGE, 431, "fix_arguments"),
     Refusal(INVALID_RANGE, 422, "none"),
     Refusal(ADMIN_UNAUTHORIZED, 401, "none"),

@@ -364,3 +364,33 @@ def test_sign_ins_of_addresses_that_never_paid_leave_nothing_in_the_store(
     finally:
         ledger.close()
     assert kept == [], f"{len(kept)} sign-in nonces kept for addresses that never paid"
+
+
+# -- a body that never finishes --------------------------------------------------------------------
+
+
+def test_a_body_that_stalls_midway_is_refused_not_waited_for_forever(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slowloris: a client sends a paid tool's request with ``Content-Length: 100`` and ten bytes of
+    it, then nothing. The gateway waited for the rest for as long as the connection stayed open: one
+    task and its buffered body per such client, for ever. It gives up after ``BODY_SECONDS`` (shortened
+    here) with 408 ``request_body_timeout``, and goes on serving."""
+    import gateway.pipeline.stages.arguments as arguments
+
+    monkeypatch.setattr(arguments, "BODY_SECONDS", 0.5)
+    gateway = start_gateway()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as stalled:  # the timeout guards a hang
+        stalled.sendall(b"POST /orders HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n" + b'{"symbol"')
+        answer = b""
+        while b"\r\n\r\n" not in answer or b"request_body_timeout" not in answer:
+            chunk = stalled.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_body_timeout" in answer
+    with gateway.client() as client:
+        assert client.get("/quotes/ACME").status_code == 402

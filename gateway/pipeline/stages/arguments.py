@@ -13,6 +13,7 @@ catalog maps to an upstream header may not hold control characters (422 ``invali
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from catalog import Tool
+from gateway import codes
 from gateway.errors import GatewayError
 from gateway.pipeline.context import RequestContext
 from gateway.upstream.trimming import answer_request
@@ -43,6 +45,7 @@ _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udff
 # A lone UTF-16 surrogate (from a \ud800 escape) is no character: it cannot be re-encoded for the
 # upstream. Only a body with such an escape, or that is not plain UTF-8, can hold one.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+BODY_SECONDS = 30.0  # for a request's whole body to arrive (slowloris: one stalled client, one task, for ever)
 _MAX_DIGITS = 1000  # of a whole number read from the path or query (int() refuses over 4,300)
 _INTEGER = re.compile(rf"-?[0-9]{{1,{_MAX_DIGITS}}}")
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -198,11 +201,16 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         raise GatewayError("request_too_large", f"request bodies are limited to {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise GatewayError("request_too_large", f"request bodies are limited to {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_SECONDS):  # a client that stalls mid-body holds nothing for ever
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise GatewayError("request_too_large", f"request bodies are limited to {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(codes.REQUEST_BODY_TIMEOUT, f"the request body did not all arrive within {BODY_SECONDS:g} s",
+                           status=408, retryable=True) from None
     return b"".join(chunks)
 
 
