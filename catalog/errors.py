@@ -31,7 +31,8 @@ class CatalogIssue:
         # break or a terminal escape in them is shown escaped, so one issue is always one line.
         file, path = _printable(self.file), _printable(self.path)
         where = file if self.line is None else f"{file}:{self.line}"
-        return f"{where}: {path}: {self.message}" if path else f"{where}: {self.message}"
+        text = f"{where}: {path}: {self.message}" if path else f"{where}: {self.message}"
+        return f"{text} [{self.code}]"  # the stable code, as every other refusal prints it
 
 
 def _printable(text: str) -> str:

@@ -73,7 +73,10 @@ def _amount(value: Any) -> Decimal:
     except InvalidOperation:
         raise _fail("invalid_amount", f"amount {value!r} is not a decimal number") from None
     if not amount.is_finite() or amount <= 0:
-        raise _fail("invalid_amount", f"amount must be a finite number greater than 0, got {value}")
+        raise _fail("invalid_amount", f"amount must be a finite number greater than 0, got {str(value)[:40]}")
+    # As a price's range (catalog.fields): 1e999999999 would become a billion-digit atomic amount.
+    if len(amount.as_tuple().digits) > 80 or not -40 <= amount.adjusted() <= 40:
+        raise _fail("invalid_amount", f"amount {str(value)[:40]!r} is out of range (at most 40 digits either side of the point)")
     return amount
 
 

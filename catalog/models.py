@@ -147,11 +147,21 @@ def _exact_in(price: Decimal, decimals: int) -> bool:
     return True
 
 
+# The gateway's own routes (gateway.app and its surfaces): a tool there would be listed for sale and
+# never reached. Whole first segments, and exact paths.
+RESERVED_PREFIXES = frozenset({"admin", "mcp", ".well-known", "discovery", "receipts", "facilitator"})
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/tools", "/openapi.json", "/llms.txt"})
+
+
 def consistency_problems(
     *, path: str, upstream_path: str, price: Decimal, decimals: int, input_schema: dict[str, Any]
 ) -> list[tuple[str, str, str]]:
     """Cross-field checks of one tool, as ``(field, code, message)``; shared by loader and Tool."""
     problems: list[tuple[str, str, str]] = []
+    first = path.strip("/").split("/", 1)[0]
+    if path.rstrip("/") in RESERVED_PATHS or first in RESERVED_PREFIXES:
+        problems.append(("path", "reserved_path", f"path {path!r} is the gateway's own (its operations, discovery, MCP, "
+                                                  f"receipts or admin routes answer it): choose another"))
     if not _exact_in(price, decimals):
         problems.append(("price", "price_precision", f"price {price:f} has more digits than the token's {decimals} decimals"))
     params = [s.value for s in parse_template(path) if s.is_param]

@@ -41,6 +41,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from catalog.limits import Budget, RateLimit, parse_budget, parse_rate_limit
 from catalog.registry import resolve_network
+from catalog.source import read_catalog_text
 from gateway.errors import GatewayConfigError
 from settlement.chain.rpc import redact_url
 from settlement.schemes.facilitator_auth import CdpJwtAuth, FacilitatorAuth, FacilitatorAuthError, StaticHeaders
@@ -145,11 +146,13 @@ def _as_list(value: str) -> list[str]:
 
 
 def _read_secret_file(path: Path, what: str) -> str:
-    try:
-        text = path.read_text().strip()
+    try:  # a regular file only (a FIFO would block every command for ever), small, UTF-8
+        text = read_catalog_text(str(path)).strip()
     except OSError as exc:
         raise GatewayConfigError(f"{what}: cannot read {path}: {exc.strerror or type(exc).__name__}",
                                  code="secret_file_unreadable") from None
+    except UnicodeDecodeError:
+        raise GatewayConfigError(f"{what}: {path} is not UTF-8 text", code="secret_file_unreadable") from None
     if not text:
         raise GatewayConfigError(f"{what}: {path} is empty", code="secret_file_empty")
     return text
@@ -395,7 +398,7 @@ class Settings(BaseSettings):
     # Payer allow/deny lists and kill switches, re-read when the file changes (YAML or JSON);
     # X402GW_ADMIN_TOKEN also enables POST /admin/kill-switch and /admin/payers (gateway/policy.py).
     policy_file: Path | None = None
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # A key pasted with a space or newline around it is the same key: stripped, as a key file's is,
     # so the dev-key refusal (gateway.wiring) sees it as it is.
@@ -451,6 +454,11 @@ class Settings(BaseSettings):
                 raise GatewayConfigError(f"{env} and the value itself are both set: keep one", code="secret_set_twice")
             setattr(self, name, SecretStr(_read_secret_file(path, env)))
         return self
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("catalog", mode="before")
     @classmethod

@@ -6,21 +6,27 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 import click
 
+from gateway.cli.outputs import sink
+from settlement.audit import VerifyReport
 from settlement.x402.digits import is_digits
 
 EXIT_INTACT, EXIT_TAMPERED, EXIT_UNREADABLE = 0, 1, 2
 
 
 def _database_url(given: str | None) -> str:
-    if given:
-        return given
-    from gateway.settings import Settings
+    """The ledger to read: one that exists (a mistyped SQLite path is not a fresh, empty trail)."""
+    from gateway.cli.outputs import missing_ledger
+    from gateway.cli.settings_errors import load_settings
 
-    return Settings().database_url
+    url = given or load_settings().database_url  # bad settings: one line, never a value
+    missing = missing_ledger(url)
+    if missing is not None:
+        click.echo(f"error: {missing}", err=True)
+        sys.exit(EXIT_UNREADABLE)
+    return url
 
 
 def _when(value: str | None) -> datetime | None:
@@ -55,20 +61,18 @@ def audit() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(database_url: str | None, file: Path | None, anchor: str | None, as_json: bool) -> None:
     """Walk the chain; exit 1 and name each edited, inserted, deleted or reordered record."""
-    from settlement.audit import AuditTrail, StoredRecord, verify_chain
+    from settlement.audit import AuditTrail
     from settlement.errors import LedgerError
 
     pinned = _anchor(anchor)
     if file is not None:
-        with file.open(encoding="utf-8") as lines:
-            records = (StoredRecord.from_json(line) for line in lines if line.strip())
-            first = next(records, None)
-            if first is None:
-                report = verify_chain([], anchor=pinned)
-            else:
-                # An export may start anywhere: its first record's seq and prev hash are taken on trust.
-                chained = (r for part in ([first], records) for r in part)
-                report = verify_chain(chained, anchor=pinned, start=(first.seq - 1, first.prev_hash))
+        try:
+            report = _verify_file(file, pinned)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Not an export: exit 2, never 1 (TAMPERED) nor a traceback.
+            click.echo(f"error: {file} is not an audit export (JSON lines of `audit export`): "
+                       f"{type(exc).__name__} [audit_export_unreadable]", err=True)
+            sys.exit(EXIT_UNREADABLE)
     else:
         try:
             trail = AuditTrail(_database_url(database_url))
@@ -91,29 +95,44 @@ def verify(database_url: str | None, file: Path | None, anchor: str | None, as_j
     sys.exit(EXIT_INTACT if report.intact else EXIT_TAMPERED)
 
 
+def _verify_file(file: Path, pinned: tuple[int, str] | None) -> VerifyReport:
+    from settlement.audit import StoredRecord, verify_chain
+
+    with file.open(encoding="utf-8") as lines:
+        records = (StoredRecord.from_json(line) for line in lines if line.strip())
+        first = next(records, None)
+        if first is None:
+            return verify_chain([], anchor=pinned)
+        # An export may start anywhere: its first record's seq and prev hash are taken on trust.
+        chained = (r for part in ([first], records) for r in part)
+        return verify_chain(chained, anchor=pinned, start=(first.seq - 1, first.prev_hash))
+
+
 @audit.command("export")
 @click.option("--database-url", default=None, envvar="X402GW_DATABASE_URL", help="Ledger database (default: settings).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
 @click.option("--from", "since", default=None, help="Records at or after this time (ISO-8601, UTC if no zone).")
 @click.option("--to", "until", default=None, help="Records before this time (ISO-8601, UTC if no zone).")
-@click.option("--from-seq", type=int, default=None, help="First sequence number.")
-@click.option("--to-seq", type=int, default=None, help="Last sequence number.")
-@click.option("--output", "-o", default="-", type=click.File("w", encoding="utf-8"), help="File (default: stdout).")
+@click.option("--from-seq", type=click.IntRange(0, 2**63 - 1), default=None, help="First sequence number.")
+@click.option("--to-seq", type=click.IntRange(0, 2**63 - 1), default=None, help="Last sequence number.")
+@click.option("--output", "-o", default="-", help="File (default: stdout).")
 def export(database_url: str | None, fmt: str, since: str | None, until: str | None, from_seq: int | None,
-           to_seq: int | None, output: IO[str]) -> None:
+           to_seq: int | None, output: str) -> None:
     """Stream records in chain order, one JSON object a line (verifiable with `audit verify --file`)."""
     from settlement.audit import AuditTrail
     from settlement.errors import LedgerError
 
+    url = _database_url(database_url)
     try:
-        trail = AuditTrail(_database_url(database_url))
+        trail = AuditTrail(url)
     except LedgerError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(EXIT_UNREADABLE)
     try:
-        for record in trail.records(from_seq=from_seq, to_seq=to_seq, since=_when(since), until=_when(until)):
-            # ASCII: a caller's U+2028/U+2029/U+0085 (in a path it asked for) would split a line for
-            # many readers of JSON lines; the records' hashes are over their canonical form, not these bytes.
-            output.write(json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=True) + "\n")
+        with sink(output, ledger_url=url) as out:  # never over the ledger, a FIFO or a device
+            for record in trail.records(from_seq=from_seq, to_seq=to_seq, since=_when(since), until=_when(until)):
+                # ASCII: a caller's U+2028/U+2029/U+0085 (in a path it asked for) would split a line for
+                # many readers of JSON lines; the records' hashes are over their canonical form, not these bytes.
+                out.write(json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=True) + "\n")
     finally:
         trail.close()

@@ -14,10 +14,11 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 
+from gateway.cli.outputs import missing_ledger, sink
 from gateway.cli.webhooks import webhooks
 from gateway.settings import Settings
 
@@ -40,14 +41,13 @@ def _fail(message: str) -> None:
 def _open_ledger(database_url: str | None) -> Any:
     """The ledger a finance command reads: one that exists. A SQLite file that does not is a
     mistyped URL, never a fresh empty ledger that reports "nothing owed, nothing to reconcile"."""
-    from gateway.devkit.demo_ledger import sqlite_file
     from settlement.errors import LedgerError
     from settlement.schema import open_ledger
 
     url = database_url or _settings().database_url
-    missing = sqlite_file(url)
-    if missing is not None and not missing.exists():
-        _fail(f"no ledger at {missing}: check --database-url or X402GW_DATABASE_URL (nothing was created) [ledger_not_found]")
+    missing = missing_ledger(url)
+    if missing is not None:
+        _fail(missing)
     try:
         return open_ledger(url)
     except LedgerError as exc:
@@ -126,7 +126,8 @@ def ledger_export(fmt: str, output: str, start: str | None, end: str | None, own
         raise click.BadParameter("Parquet is binary: give --output FILE or redirect standard output", param_hint="--output")
     book = _open_ledger(_ledger_to_read(database_url))
     try:
-        with _progress(lambda: count(book, filters)) as tick, _sink(output, binary=fmt == "parquet") as out:
+        with _progress(lambda: count(book, filters)) as tick, \
+                sink(output, binary=fmt == "parquet", ledger_url=str(book.engine.url)) as out:
             rows = export(book, filters, fmt, out, tick=tick)  # type: ignore[arg-type]
     except ExportError as exc:
         _fail(str(exc))
@@ -144,24 +145,6 @@ def _progress(total: Callable[[], int]) -> Iterator[Callable[[int], None]]:
         return
     with click.progressbar(length=total(), label="exporting", file=sys.stderr, show_pos=True) as bar:
         yield bar.update
-
-
-@contextmanager
-def _sink(output: str, *, binary: bool) -> Iterator[IO[Any]]:
-    """Standard output, or a file written beside its target and renamed into place when complete,
-    so an interrupted export never leaves a truncated file under the final name."""
-    if output == "-":
-        yield sys.stdout.buffer if binary else sys.stdout
-        sys.stdout.flush()
-        return
-    target = Path(output)
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 @ledger.command("summary")
@@ -369,17 +352,23 @@ def db_upgrade(database_url: str | None) -> None:
     """Bring the ledger database to the latest schema (creates it when empty)."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from settlement.errors import LedgerError
     from settlement.ledger import create_ledger_engine
     from settlement.schema import current_revision, head_revision, migrate
 
     url = database_url or _settings().database_url
-    engine = create_ledger_engine(url)
+    try:
+        engine = create_ledger_engine(url)
+    except SQLAlchemyError as exc:  # an unparsable URL (ArgumentError)
+        _fail(f"the database URL cannot be used ({type(exc).__name__}) [invalid_setting]")
     try:
         outcome = migrate(engine)
         with engine.connect() as conn:
             revision = current_revision(conn)
     except SQLAlchemyError as exc:
         _fail(f"cannot migrate the ledger database ({type(exc).__name__})")
+    except LedgerError as exc:  # a ledger of a newer x402gw
+        _fail(f"{exc.message} [{exc.code}]")
     finally:
         engine.dispose()
     click.echo(f"ledger schema {outcome}: revision {revision} (head {head_revision()})")

@@ -24,12 +24,14 @@ from typing import Any
 
 import click
 
+from catalog.source import read_catalog_text
+
 EXIT_INVALID = 1
 EXIT_UNREADABLE = 2
 
 
 def _read(path: Path) -> Any:
-    text = path.read_text().strip()
+    text = read_catalog_text(str(path)).strip()  # a regular file only: a FIFO would wait for ever
     if text.startswith("{"):
         return json.loads(text)
     return json.loads(base64.b64decode(text, validate=True))
@@ -73,12 +75,13 @@ def verify(file: Path, signer: str, as_json: bool) -> None:
 
 @receipt.command("export")
 @click.option("--payer", "payers", multiple=True, help="Only this payer's receipts (repeatable).")
-@click.option("--payment-id", "payment_ids", multiple=True, type=click.IntRange(min=1), help="Only this payment (repeatable).")
-@click.option("--output", "-o", type=click.File("w"), default="-", show_default=True, help="File to write, or - for standard output.")
+@click.option("--payment-id", "payment_ids", multiple=True, type=click.IntRange(1, 2**63 - 1), help="Only this payment (repeatable).")
+@click.option("--output", "-o", default="-", show_default=True, help="File to write, or - for standard output.")
 @click.option("--database-url", default=None, help="The ledger (default: X402GW_DATABASE_URL or the gateway's).")
-def export(payers: tuple[str, ...], payment_ids: tuple[int, ...], output: Any, database_url: str | None) -> None:
+def export(payers: tuple[str, ...], payment_ids: tuple[int, ...], output: str, database_url: str | None) -> None:
     """Signed receipts of settled payments, one JSON object a line."""
     from gateway.cli.ledger import _ledger_to_read, _open_ledger, _settings
+    from gateway.cli.outputs import sink
     from gateway.errors import GatewayConfigError
     from gateway.surfaces.receipts import receipt_signer
     from settlement.finance.receipts import settled_payments
@@ -96,10 +99,11 @@ def export(payers: tuple[str, ...], payment_ids: tuple[int, ...], output: Any, d
             click.echo("error: no receipt key for these networks: set X402GW_RECEIPT_KEY [receipt_key_missing]", err=True)
             sys.exit(EXIT_UNREADABLE)
         written = 0
-        for payment in settled_payments(book, payers=payers, payment_ids=payment_ids):
-            line = {"paymentId": payment.id, "receipt": signer.receipt(payment, settings.public_url)}
-            output.write(json.dumps(line, separators=(",", ":")) + "\n")
-            written += 1
+        with sink(output, ledger_url=str(book.engine.url)) as out:  # never over the ledger, a FIFO or a device
+            for payment in settled_payments(book, payers=payers, payment_ids=payment_ids):
+                line = {"paymentId": payment.id, "receipt": signer.receipt(payment, settings.public_url)}
+                out.write(json.dumps(line, separators=(",", ":")) + "\n")
+                written += 1
     finally:
         book.close()
     click.echo(f"{written} receipts (signer {signer.address})", err=True)

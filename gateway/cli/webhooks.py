@@ -17,11 +17,15 @@ __all__ = ["webhooks"]
 
 
 def _ledger(database_url: str | None) -> Any:
-    from gateway.settings import Settings
+    from gateway.cli.outputs import fail, missing_ledger
+    from gateway.cli.settings_errors import load_settings
     from settlement.errors import LedgerError
     from settlement.schema import open_ledger
 
-    url = database_url or Settings().database_url
+    url = database_url or load_settings().database_url  # bad settings: one line, never a value
+    missing = missing_ledger(url)
+    if missing is not None:
+        fail(missing)
     try:
         return open_ledger(url)
     except LedgerError as exc:
@@ -64,7 +68,7 @@ def webhooks_list(status: str | None, limit: int, as_json: bool, database_url: s
 
 
 @webhooks.command("replay")
-@click.argument("delivery_id", type=int)
+@click.argument("delivery_id", type=click.IntRange(1, 2**63 - 1))
 @_database
 def webhooks_replay(delivery_id: int, database_url: str | None) -> None:
     """Deliver one row again (same event id, same body); exit 1 when there is no such row."""

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import click
 
+from catalog.source import read_catalog_text
 from gateway.settings import Settings
 
 __all__ = ["WorkerPlanError", "plan_workers", "read_keys", "release_locks_of", "supervise"]
@@ -57,10 +58,12 @@ def read_keys(path: Path | None) -> list[str]:
     """Settlement keys, one 0x-prefixed hex key per line (blank lines and # comments skipped)."""
     if path is None:
         return []
-    try:
-        lines = path.read_text().splitlines()
+    try:  # a regular file only (a FIFO would block for ever), small, UTF-8
+        lines = read_catalog_text(str(path)).splitlines()
     except OSError as exc:
         raise WorkerPlanError(f"--settlement-keys-file: cannot read {path}: {exc.strerror}", "secret_file_unreadable") from None
+    except UnicodeDecodeError:
+        raise WorkerPlanError(f"--settlement-keys-file: {path} is not text", "secret_file_unreadable") from None
     keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     for number, key in enumerate(keys, 1):
         body = key[2:] if key.startswith("0x") else ""

@@ -30,7 +30,7 @@ from sqlalchemy import event, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from settlement.audit.canonical import canonical_json, clean_fields, record_hash
@@ -88,7 +88,11 @@ class AuditTrail:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        if make_url(url).database in (None, "", ":memory:") and make_url(url).get_backend_name() == "sqlite":
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            raise LedgerError("the database URL cannot be parsed", code="invalid_setting") from None
+        if parsed.database in (None, "", ":memory:") and parsed.get_backend_name() == "sqlite":
             raise LedgerError("the audit trail needs a database file or server, not an in-memory SQLite")
         # Writers in this process queue here rather than on the database lock.
         self._lock = threading.Lock()

@@ -117,7 +117,7 @@ def test_tool_payment_override_and_settle():
 
 def test_error_rendering():
     err = CatalogError([CatalogIssue("demo.yaml", "tools[2].price", 14, "price must be greater than 0, got 0", "invalid_price")])
-    assert str(err) == "demo.yaml:14: tools[2].price: price must be greater than 0, got 0"
+    assert str(err) == "demo.yaml:14: tools[2].price: price must be greater than 0, got 0 [invalid_price]"
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ def test_missing_price():
 
 def test_precision_message():
     found = issues(BASE.replace("    price: 0.002\n", "    price: 0.0000001\n"), "demo.yaml")
-    assert str(CatalogError(found)) == "demo.yaml:19: tools[0].price: price 0.0000001 has more digits than the token's 6 decimals"
+    assert str(CatalogError(found)) == "demo.yaml:19: tools[0].price: price 0.0000001 has more digits than the token's 6 decimals [price_precision]"
 
 
 def test_upstream_required_when_several():
@@ -319,7 +319,7 @@ def test_errors_deep_in_a_large_catalog_name_their_line():
     assert set(by_path) == {f"tools[{deep}].price", f"tools[{deep + 5}].prise"}
     price = by_path[f"tools[{deep}].price"]
     assert (price.code, price.line) == ("invalid_price", line_of(text, "price: 0", f"  - name: tool_{deep}"))
-    assert str(price) == f"big.yaml:{price.line}: tools[{deep}].price: price must be greater than 0, got 0"
+    assert str(price) == f"big.yaml:{price.line}: tools[{deep}].price: price must be greater than 0, got 0 [invalid_price]"
     unknown = by_path[f"tools[{deep + 5}].prise"]
     assert (unknown.code, unknown.line) == ("unknown_key", line_of(text, "prise: 1", f"  - name: tool_{deep + 5}"))
 

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 import settlement.audit.records  # noqa: F401  (registers the audit tables on the metadata)
+from settlement.errors import LedgerError
 from settlement.ledger.models import Base
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
@@ -74,6 +75,9 @@ def _migrate(connection: Connection) -> str:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
     context = MigrationContext.configure(connection)
     current = context.get_current_revision()
+    if current is not None and current not in {rev.revision for rev in script_directory().walk_revisions()}:
+        raise LedgerError(f"the ledger's schema (revision {current}) is newer than this x402gw's (head "
+                          f"{head_revision()}): run a newer x402gw on it", code="ledger_newer_than_x402gw")
     has_payments = inspect(connection).has_table("payments")
     if current == head_revision() and has_payments:
         return "current"
