@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar
 
 from pydantic import ValidationError
 
+from catalog.across import across_files
 from catalog.answers import answers_problems
 from catalog.bridge import bridge_problems
 from catalog.documents import CatalogDoc, ToolDoc
@@ -369,29 +370,19 @@ def load_catalogs(
     ``local``: the stablecoins of the local chain as its deployment file has them; ``env``: the
     environment ``${NAME}`` in the files reads (none given: only ``${NAME:-default}`` resolves)."""
     issues: list[CatalogIssue] = []
-    loaded: list[Catalog] = []
-    names: dict[str, str] = {}
-    routes: dict[_RouteShape, tuple[str, str]] = {}
+    read: list[tuple[Catalog, Source]] = []
     files = list(paths)
     for path in files:
         catalog, src = _read(path, local, env)
         if catalog is None:
             issues.extend(_fixed_lines(src))
             continue
-        # Within one file, names and routes were checked by the load; across files only with several.
-        for index, tool in enumerate(catalog.tools if len(files) > 1 else ()):
-            if tool.name in names:
-                src.issue(f"tools[{index}].name", "duplicate_tool",
-                          f"tool name {tool.name!r} is already used in {names[tool.name]}")
-            names.setdefault(tool.name, catalog.source)
-            shape = route_shape(tool.method, tool.path)
-            if shape in routes:
-                source, other = routes[shape]
-                src.issue(f"tools[{index}].path", "duplicate_route",
-                          f"route {tool.method} {tool.path} collides with tool {other!r} in {source}")
-            routes.setdefault(shape, (catalog.source, tool.name))
+        read.append((catalog, src))
+    if len(files) > 1:  # within one file, names, routes and upstreams were checked by the load
+        across_files(read)
+    for _, src in read:
         issues.extend(_fixed_lines(src))
-        loaded.append(catalog)
+    loaded = [catalog for catalog, _ in read]
     if issues:
         raise CatalogError(issues)
     if not loaded:

@@ -6,10 +6,11 @@ a payer made for a tool (re-access). Nothing here writes.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.orm import Session, configure_mappers
 
@@ -106,14 +107,17 @@ class LedgerReads:
             return list(session.scalars(select(Payment).order_by(Payment.id)))
 
     @atomic_alone
-    def latest_paid(self, payer: str, tool: str, fingerprint: str | None) -> Payment | None:
+    def latest_paid(self, payer: str, tool: str, fingerprint: str | None, *, owner: str | None = None,
+                    pay_to: Collection[str] = ()) -> Payment | None:
         """The latest settled payment of ``payer`` for ``tool`` (and, unless ``fingerprint`` is
         None, for that very request) that moved money and owes nothing back: what a re-access
         stands on. Moved money: an amount above 0 and the transaction that moved it (every scheme
         records one on a settled row: exact's transfer, upto's settle, a batch's or a channel's
         claim, which is what turns an accrued voucher's ``settling`` row ``settled``); an upto
         charge of 0 settles with neither and buys nothing again. The ledger is the only record of
-        it, so there is nothing beside it to drift."""
+        it, so there is nothing beside it to drift. ``owner`` and ``pay_to``: only a payment to this
+        owner, to one of these addresses (a tool's name may have been another owner's, in another
+        catalog or on another replica during a rollout)."""
         query = select(_PAYMENTS).where(
             _PAYMENTS.c.payer.in_({payer, payer.lower()}),  # indexed; rows carry the checksummed form
             _PAYMENTS.c.tool == tool,
@@ -125,6 +129,10 @@ class LedgerReads:
         )
         if fingerprint is not None:
             query = query.where(_PAYMENTS.c.fingerprint == fingerprint)
+        if owner is not None:
+            query = query.where(_PAYMENTS.c.owner == owner)
+        if pay_to:
+            query = query.where(func.lower(_PAYMENTS.c.pay_to).in_({address.lower() for address in pay_to}))
         with self._connection() as connection:
             found = connection.execute(query.order_by(_PAYMENTS.c.created_at.desc(), _PAYMENTS.c.id.desc()).limit(1)).first()
         return None if found is None else _payment(found._mapping)

@@ -164,7 +164,9 @@ class Reaccess:
         if tool.reaccess.match == "request":
             principal = ctx.user.principal if ctx.user is not None else None  # a user-scoped tool's user
             fingerprint = request_fingerprint(ctx.method, ctx.path, ctx.query, ctx.body, principal)
-        row = await self.ledger.run(self.ledger.latest_paid, address, tool.name, fingerprint)
+        # Paid to this tool's owner, at one of its offers' addresses: never a same-named tool's of another owner.
+        pay_to = {offer.terms.pay_to for offer in tool.offers}
+        row = await self.ledger.run(self.ledger.latest_paid, address, tool.name, fingerprint, owner=tool.owner, pay_to=pay_to)
         resource = "this request" if fingerprint is not None else f"tool {tool.name}"
         if row is None:
             raise self._refused(ctx, quote, codes.REACCESS_NOT_PAID,
