@@ -147,6 +147,12 @@ async def _run(
             return EXIT_REFUSED
         except GatewayError as exc:  # arguments that cannot make a request (a missing path argument)
             raise click.ClickException(f"{tool.name}: {exc.message}") from None
+        except httpx.HTTPError:  # the gateway broke off: what was signed may be cashed, so it is said
+            for signed in agent.signed:
+                click.echo(f"signed   {fmt(signed.amount)} to {signed.pay_to}  nonce {signed.nonce}  valid until "
+                           f"{signed.valid_before}: counts as spent (it can be cashed until then)", err=True)
+            click.echo(f"spent    {fmt(agent.spent_atomic)} of {fmt(agent.max_spend_atomic)}", err=True)
+            raise
     body = result.body if isinstance(result.body, str) else json.dumps(result.body, indent=2, sort_keys=True)
     click.echo(f"result   HTTP {result.status}")
     click.echo(body)

@@ -5,6 +5,7 @@ Every authorization is counted as spent when it is signed, receipt or not.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from gateway.devkit.agent.offers import (
     UntrustedOffer,
     offer_problem,
 )
-from gateway.devkit.agent.tokens import TokenFacts
+from gateway.devkit.agent.tokens import TokenFacts, TokenUnverifiable, _rpc
 from gateway.devkit.payer import Payer
 from gateway.protocol.offers import PAYMENT_IDENTIFIER
 from settlement.errors import PaymentDecodeError
@@ -102,6 +103,7 @@ class PayingAgent:
         self.max_valid_seconds = max_valid_seconds
         self._clock = clock
         self.signed: list[SignedPayment] = []
+        self._signing = threading.Lock()
 
     @property
     def spent_atomic(self) -> int:
@@ -142,19 +144,36 @@ class PayingAgent:
         self, option: PaymentRequirements, *, resource: ResourceInfo | None = None, method: str = "", url: str = ""
     ) -> tuple[PaymentPayload, SignedPayment]:
         """Sign ``option`` (checked again here) and count it as spent at once."""
-        problem = self._problem(option, None, None)
-        if problem is not None:
-            raise (SpendLimitExceeded if problem[0] == "limit" else UntrustedOffer)(problem[1])
-        now = int(self._clock())
-        valid_before = now + min(option.max_timeout_seconds, self.max_valid_seconds)
-        payload = self.payer.sign(option, resource=resource, now=now, valid_before=valid_before)
-        auth = payload.payload["authorization"]
-        record = SignedPayment(
-            method=method, url=url, network=option.network, asset=option.asset, pay_to=auth["to"],
-            amount=int(auth["value"]), valid_before=int(auth["validBefore"]), nonce=auth["nonce"],
-        )
-        self.signed.append(record)  # counted before it leaves: receipt or not, it can be cashed
+        with self._signing:  # the check and the count as one step: two threads never both pass the budget
+            problem = self._problem(option, None, None)
+            if problem is not None:
+                raise (SpendLimitExceeded if problem[0] == "limit" else UntrustedOffer)(problem[1])
+            now = int(self._clock())
+            valid_before = now + min(option.max_timeout_seconds, self.max_valid_seconds)
+            payload = self.payer.sign(option, resource=resource, now=now, valid_before=valid_before)
+            auth = payload.payload["authorization"]
+            record = SignedPayment(
+                method=method, url=url, network=option.network, asset=option.asset, pay_to=auth["to"],
+                amount=int(auth["value"]), valid_before=int(auth["validBefore"]), nonce=auth["nonce"],
+            )
+            self.signed.append(record)  # counted before it leaves: receipt or not, it can be cashed
         return payload, record
+
+    async def _nonce_used(self, record: SignedPayment) -> bool | None:
+        """Whether the chain shows this payment's authorization used (one ``eth_call`` at the RPC the
+        token's facts came from); None with no chain to ask (pinned facts), False when it cannot be
+        read (the receipt is then not taken on the gateway's word alone)."""
+        if not self.token.source.startswith("chain "):
+            return None
+        data = _AUTHORIZATION_STATE + bytes.fromhex(self.payer.address[2:].lower()).rjust(32, b"\0") \
+            + bytes.fromhex(record.nonce.removeprefix("0x"))
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as http:
+                out = await _rpc(http, self.token.source[len("chain "):], "eth_call",
+                                 [{"to": self.token.address, "data": "0x" + data.hex()}, "latest"])
+            return int(str(out), 16) != 0
+        except (httpx.HTTPError, TokenUnverifiable, ValueError):
+            return False
 
     async def call(
         self,
@@ -195,6 +214,13 @@ class PayingAgent:
                 receipt = None  # a malformed receipt is no receipt; the payment stays counted
         if receipt is not None and not _receipt_fits(receipt, record, self.payer.address):
             receipt = None  # another network's, payer's or amount's receipt (a public fact) is no receipt
+        if receipt is not None and receipt.success:
+            # A success is kept only if the chain shows this authorization used (another payment's
+            # receipt, resent or stripped of its payer and amount, would pass for it); with no chain
+            # to ask (pinned token facts), only a receipt that names this payer and amount.
+            used = await self._nonce_used(record)
+            if used is False or (used is None and (receipt.payer is None or receipt.amount is None)):
+                receipt = None
         record.receipt = receipt
         return CallResult(method, url, paid.status_code, record.amount, receipt, body_of(paid), record)
 
@@ -204,6 +230,9 @@ def _receipt_fits(receipt: SettleResponse, record: SignedPayment, payer: str) ->
     if receipt.network != record.network or (receipt.payer is not None and receipt.payer.lower() != payer.lower()):
         return False
     return receipt.amount is None or receipt.amount == str(record.amount)
+
+
+_AUTHORIZATION_STATE = bytes.fromhex("e94a0102")  # authorizationState(address,bytes32)
 
 
 def body_of(response: httpx.Response) -> Any:
