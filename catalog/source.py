@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import stat
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -33,6 +34,12 @@ _MAX_EXPONENT, _MAX_DIGITS = 400, 400
 _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+# The numbers a catalog writes as numbers: decimal, as YAML 1.2 and every reader expects. YAML 1.1's
+# other forms (sexagesimal 1:30.5 = 90.5, leading-zero octal, 0x, 0b, underscores) are read as text,
+# so a price written "1:30" is refused as no price rather than taken as 90.
+_DECIMAL_NUMBER = re.compile(r"[-+]?(?:[0-9]+|[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+
+
 class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
     """SafeLoader whose floats are ``Decimal`` of the source text: money never passes a float."""
 
@@ -46,7 +53,10 @@ class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
         if kind is yaml.ScalarNode and implicit[0]:
             tag = self._plain_tags.get(value)
             if tag is None:
-                tag = self._plain_tags[value] = super().resolve(kind, value, implicit)
+                tag = super().resolve(kind, value, implicit)
+                if tag in (_INT, _FLOAT) and not _DECIMAL_NUMBER.fullmatch(value):
+                    tag = _STR  # YAML 1.1's 1:30 (90), 017 (octal 15), 0x1F, 0b101, 1_000: text, for the field to judge
+                self._plain_tags[value] = tag
             return tag
         resolved: str = super().resolve(kind, value, implicit)
         return resolved
@@ -67,6 +77,9 @@ class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
 
     def construct_yaml_int(self, node: yaml.Node) -> int:
         try:
+            text = str(self.construct_scalar(node))
+            if _DECIMAL_NUMBER.fullmatch(text):
+                return int(text, 10)  # 017 is seventeen (YAML 1.2), never octal fifteen
             return int(super().construct_yaml_int(node))
         except ValueError:  # more digits than Python converts (4300)
             raise _NumberOutOfRange(None, None, "an integer with too many digits", node.start_mark) from None
