@@ -290,6 +290,12 @@ class Tool(FrozenModel):
         return math.ceil(upstream) + SETTLE_MARGIN_SECONDS
 
     @property
+    def settles_streamed(self) -> bool:
+        """A ``stream: true`` tool charged by what it delivered (a usage rule, settled after): its
+        settlement comes once the stream has ended (gateway.pipeline.stages.relay)."""
+        return self.stream and self.usage is not None and self.settle != "upfront"
+
+    @property
     def path_params(self) -> tuple[str, ...]:
         return tuple(s.value for s in parse_template(self.path) if s.is_param)
 

@@ -162,23 +162,21 @@ class Breakers:
         """The upstream answered 429 (too many requests) with the owner's credentials: it serves
         nobody now. Opened for its ``Retry-After``, at least the breaker's cool-down (a griefer must
         not get one refund a second out of ``Retry-After: 1``) and at most ``MAX_BACK_OFF_SECONDS``,
-        so calls are refused before any 402 rather than paid for and refunded, one refund's gas each. Not a failure: the failure count is left alone. Never
-        shortens an opening already there; a store that is away leaves it closed (logged)."""
+        so calls are refused before any 402 rather than paid for and refunded, one refund's gas
+        each. Not a failure: the failure count is left alone. Never shortens an opening already
+        there; a store that is away leaves it closed (logged)."""
         upstream = upstream_key(tool)
         config = self.configs.get(upstream, Breaker())
         floor = min(float(config.cooldown_seconds), MAX_BACK_OFF_SECONDS)
         wait = floor if seconds is None else min(max(seconds, floor), MAX_BACK_OFF_SECONDS)
-        until = self.clock() + wait
         try:
             current = await self._open_until(upstream)
-            if current is not None and current >= until:
+            if current is not None and current >= self.clock() + wait:
                 return
-            ttl_ms = math.ceil(wait + HALF_OPEN_LINGER_SECONDS) * 1000
-            await self.store.put(self._key(upstream, "open"), repr(until).encode(), ttl_ms)
+            until = await self._open_for(upstream, wait)
         except StoreUnavailable:
             log.warning("upstream %s answered 429; not backed off: the store is unavailable", upstream)
             return
-        self._note(upstream, until)
         log.warning("upstream %s answered 429: no payment is asked for its tools until %s", upstream,
                     datetime.fromtimestamp(until, UTC).isoformat())
 
@@ -187,11 +185,17 @@ class Breakers:
         if ticket.probe_owner is not None:
             await self.store.release(self._key(ticket.upstream, "probe"), ticket.probe_owner)
 
-    async def _open(self, upstream: str, config: Breaker) -> None:
-        until = self.clock() + config.cooldown_seconds
-        ttl_ms = (config.cooldown_seconds + HALF_OPEN_LINGER_SECONDS) * 1000
+    async def _open_for(self, upstream: str, seconds: float) -> float:
+        """Open ``upstream``'s breaker for ``seconds`` (the key lingers after, as the half-open marker);
+        the time it opens until."""
+        until = self.clock() + seconds
+        ttl_ms = math.ceil(seconds + HALF_OPEN_LINGER_SECONDS) * 1000
         await self.store.put(self._key(upstream, "open"), repr(until).encode(), ttl_ms)
         self._note(upstream, until)
+        return until
+
+    async def _open(self, upstream: str, config: Breaker) -> None:
+        until = await self._open_for(upstream, config.cooldown_seconds)
         log.warning("circuit breaker for %s is open until %s", upstream, datetime.fromtimestamp(until, UTC).isoformat())
         if self.on_open is not None:
             await self.on_open(upstream, until)

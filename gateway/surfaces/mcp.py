@@ -334,8 +334,7 @@ class McpEndpoint:
         transport = httpx.ASGITransport(app=self._app, client=(client.host, client.port) if client else ("127.0.0.1", 0))
         async with httpx.AsyncClient(transport=transport, base_url=self._base_url(ctx)) as http:
             response = await http.request(call.method, call.target, headers=headers, content=call.body)
-        if tool.stream and tool.usage is not None and tool.settle != "upfront" and payment is not None \
-                and response.status_code < 400:
+        if tool.settles_streamed and payment is not None and response.status_code < 400:
             return await self._metered_stream(response)  # settled by what it delivered: shown only if it settled
         return self._result(response)
 

@@ -177,11 +177,9 @@ def collect_arguments(
 
 
 def validate_arguments(validator: Draft202012Validator, arguments: dict[str, Any]) -> None:
-    try:
-        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
-    except ArithmeticError:  # multipleOf of 1E+9999999: decimal's DivisionImpossible
-        raise GatewayError("invalid_arguments", "a number in the arguments is out of the range this tool takes",
-                           fields=[{"field": "(arguments)", "problem": "number out of range"}]) from None
+    # ``validator`` is the tool's ``SchemaValidator`` (gateway.pipeline.compiled): its exact ``multipleOf``
+    # answers 1E+9999999 as "not a multiple", never decimal's DivisionImpossible.
+    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
     if not errors:
         return
     fields = [

@@ -182,9 +182,10 @@ class PaidStream(StreamingResponse):
         ctx.record("stream_ended", paymentId=payment_id, ending=self.ending, deliveredBytes=len(self.delivered))
         answer = (self.upstream.status, [(k, v) for k, v in self.upstream.headers if k.lower() not in DROPPED_RESPONSE_HEADERS],
                   bytes(self.delivered))
-        if tool.settle == "upfront" or self.meter is None:
+        if not tool.settles_streamed:  # settled before the call (exact): the answer is stored, nothing more
             await relay.ledger.run(relay.ledger.store_response, payment_id, answer)
             return None
+        assert self.meter is not None  # a usage rule: metered
         rule = self.meter.rule
         try:
             units = self.meter.units() if complete or rule.partial == "delivered" else 0
