@@ -15,9 +15,6 @@ count have no ``await`` between them).
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +33,7 @@ from gateway.ops.serving import ThreadServer
 from settlement.x402.codec import decode_header_json, encode_header
 from settlement.x402.wire import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 from tests.conftest import PAY_TO, Devchain
+from tests.e2e.test_agent_attacks import run_agent  # the same account: PAYER below
 
 PAYER = 8  # the agent's account (delta-based balance checks)
 OTHER_PAYER = 6  # someone else paying the same gateway: its receipt is public
@@ -120,14 +118,6 @@ def hostile(devchain: Devchain):  # type: ignore[no-untyped-def]
     yield start
     for server in servers:
         server.stop()
-
-
-def run_agent(url: str, devchain: Devchain, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AGENT_KEY": devchain.key(PAYER), "X402GW_DEPLOYMENT_FILE": str(devchain.deployment_file)}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli.main", "agent", "--gateway", url, "--key-env", "AGENT_KEY", *args],
-        capture_output=True, text=True, timeout=120, env=env, check=False,
-    )
 
 
 async def _agent(devchain: Devchain, key_index: int = PAYER, **limits: Any) -> Any:
