@@ -5,7 +5,7 @@ are read up to a limit; connection errors become refusals here and never leak.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -34,6 +34,7 @@ __all__ = [
     "UpstreamUnreachable",
     "forwarded_response_header",
     "strip_headers",
+    "wire_value",
 ]
 
 # Request headers an agent may pass to an upstream; everything else (cookies, authorization,
@@ -58,6 +59,23 @@ def forwarded_response_header(name: str) -> bool:
     """Whether an upstream response header may reach the agent."""
     lowered = name.lower()
     return lowered not in DROPPED_RESPONSE_HEADERS and not lowered.startswith(DROPPED_RESPONSE_PREFIXES)
+
+
+def _received(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """An upstream's header fields as the octets it sent, one character a byte (Latin-1, as
+    Starlette writes them back): a UTF-8 file name or any obs-text reaches the agent unchanged.
+    aiohttp's own view decodes UTF-8, which Starlette cannot encode: a paid answer was a 500."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+
+
+def wire_value(value: str) -> str:
+    """A header value Starlette can write: Latin-1 as it is, else its UTF-8 octets one character a
+    byte (answers stored before ``_received``, an upstream client of another kind)."""
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+    return value
 
 
 def strip_headers(response: UpstreamResponse) -> UpstreamResponse:
@@ -144,7 +162,7 @@ class AiohttpUpstreamClient:
                 data = await _read_whole(response.content, max_bytes)
                 if len(data) > max_bytes:
                     raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
-                return UpstreamResponse(response.status, list(response.headers.items()), data)
+                return UpstreamResponse(response.status, _received(response.raw_headers), data)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _failure(exc) from None
 
@@ -161,7 +179,7 @@ class AiohttpUpstreamClient:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _failure(exc) from None
-        headers_out = list(response.headers.items())
+        headers_out = _received(response.raw_headers)
         if response.status >= 300:
             try:
                 data = await _read_whole(response.content, max_bytes)

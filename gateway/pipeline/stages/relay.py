@@ -40,7 +40,7 @@ from gateway.pipeline.stages.meter import charge_of, with_charge
 from gateway.pipeline.stages.settle import settle, settled
 from gateway.protocol.receipts import receipt_headers
 from gateway.upstream.bridge import DROPPED_RESPONSE_HEADERS
-from gateway.upstream.transport import StreamedResponse
+from gateway.upstream.transport import StreamedResponse, wire_value
 from gateway.upstream.usage import StreamMeter
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
@@ -105,7 +105,7 @@ class PaidStream(StreamingResponse):
         self.ending: str | None = None  # None until it ends: "complete", or why it stopped
         self._finalize: Callable[[], Awaitable[None]] | None = None
         self._finish: asyncio.Task[dict[str, Any] | None] | None = None
-        headers = {k: v for k, v in upstream.headers if k.lower() not in DROPPED_RESPONSE_HEADERS}
+        headers = {k: wire_value(v) for k, v in upstream.headers if k.lower() not in DROPPED_RESPONSE_HEADERS}
         headers.update({"Cache-Control": "private, no-store", REQUEST_ID: ctx.request_id, "X-Accel-Buffering": "no"})
         if ctx.settlement is not None:  # settled upfront: the receipt goes out first, in the headers
             headers.update(receipt_headers(ctx.settlement, quote.version))

@@ -14,6 +14,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers, signed_receipt_header
 from gateway.upstream.bridge import DROPPED_RESPONSE_HEADERS, UpstreamResponse
+from gateway.upstream.transport import wire_value
 from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger, Payment, PaymentState, settled_copy
 from settlement.schemes.exact import EXACT
@@ -28,7 +29,7 @@ def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_
     headers = response.headers
     for name, value in upstream.headers:
         if name.lower() not in DROPPED_RESPONSE_HEADERS:
-            headers.append(name, value)
+            headers.append(name, wire_value(value))
     headers["Cache-Control"] = "private, no-store"
     headers[REQUEST_ID] = request_id
     if receipt is not None:
