@@ -59,8 +59,9 @@ class RequestContext(Protocol):
 log = logging.getLogger("x402gw.safety")
 
 # Outcomes after which money may have moved: the budget reservation is kept (unless the ledger
-# row says the settlement failed or was voided).
-_MONEY_MAY_HAVE_MOVED = frozenset({"settling", "settled", "refund_owed", "refunded"})
+# row says the settlement failed or was voided). A stream's finalizers run as it ends: an exact one
+# was settled before it started (its outcome then "streaming"), a metered one as it ended.
+_MONEY_MAY_HAVE_MOVED = frozenset({"settling", "settled", "streaming", "refund_owed", "refunded"})
 
 
 # Budgets over dollar stablecoins (``usd_pegged`` assets) count in dollars, every such asset on every
@@ -286,31 +287,30 @@ class Safety:
 
     # -- with a payment ----------------------------------------------------------------------------
 
-    async def before_verify(self, ctx: RequestContext, tool: Tool, payer: str, *, per_tool: bool = True) -> None:
-        """Payer lists and rate limits. ``payer`` is the signer recovered offline (the signature is
-        valid for this offer), not yet checked against the chain: good enough to refuse or to slow
-        down, never to spend against (budgets wait for verify). ``per_tool`` False: the tool's
-        tokens are taken after verify (``per_tool``): unfunded fresh keys must not drain them."""
+    async def before_verify(self, ctx: RequestContext, tool: Tool, payer: str, *, per_payer: bool = True) -> None:
+        """Payer lists (and, ``per_payer``, the payer's tokens: a sign-in's, which is not public). ``payer``
+        is the signer recovered offline, not yet checked against the chain: good enough to refuse,
+        never to spend a payment's tokens against (a settled payment's signature is public, and replayed
+        it would spend its payer's): those wait for verify (``per_tool``), as budgets do."""
         with self._verdict(ctx, "before_verify"):
-            await self._before_verify(ctx, tool, payer, per_tool)
+            view = ctx.safety.view if isinstance(ctx.safety, Held) and ctx.safety.view else await self.policy.current()
+            reason = view.payer_refused(payer)
+            if reason is not None:
+                raise GatewayError(codes.PAYER_DENIED, f"payments from {payer} are not accepted: {reason}",
+                                   status=403, retryable=False)
+            if per_payer:
+                await self._take(tool, "per_payer", payer)
 
-    async def per_tool(self, ctx: RequestContext, tool: Tool) -> None:
-        """After verify: the tool's tokens, and a half-open breaker's probe (503 while another holds it)."""
+    async def per_tool(self, ctx: RequestContext, tool: Tool, payer: str | None = None) -> None:
+        """After verify: the verified ``payer``'s tokens (when given), the tool's, and a half-open
+        breaker's probe (503 while another holds it)."""
         with self._verdict(ctx, "per_tool"):
+            if payer is not None:
+                await self._take(tool, "per_payer", payer)
             held = ctx.safety
             if isinstance(held, Held) and held.ticket is not None and held.ticket.half_open:
                 with _store_errors():
                     held.ticket = await self.breakers.check(tool, ctx.request_id)
-            await self._take(tool, "per_tool", tool.name)
-
-    async def _before_verify(self, ctx: RequestContext, tool: Tool, payer: str, per_tool: bool = True) -> None:
-        view = ctx.safety.view if isinstance(ctx.safety, Held) and ctx.safety.view else await self.policy.current()
-        reason = view.payer_refused(payer)
-        if reason is not None:
-            raise GatewayError(codes.PAYER_DENIED, f"payments from {payer} are not accepted: {reason}",
-                               status=403, retryable=False)
-        await self._take(tool, "per_payer", payer)
-        if per_tool:
             await self._take(tool, "per_tool", tool.name)
 
     async def _take(self, tool: Tool, name: str, subject: str) -> None:

@@ -113,7 +113,7 @@ class Reaccess:
             raise self._refused(ctx, quote, refused.code, refused.message) from None
         address = sign_in.address
         # payer lists and per-payer limits, as for a payment; the tool's tokens only once the payment is found
-        await self.safety.before_verify(ctx, tool, address, per_tool=False)
+        await self.safety.before_verify(ctx, tool, address)
         # The payment first: a fresh key's sign-in (nothing paid) leaves no nonce behind in the store.
         row = await self._payment(ctx, quote, tool, address)
         try:

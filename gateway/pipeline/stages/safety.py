@@ -2,8 +2,8 @@
 
 ``header_limits`` (431) runs before the body is read; ``pre_challenge_safety`` (kill switch, price
 guard, circuit breaker: 503; per-client rate limit: 429, every request, paid or not) before any
-402; ``payer_checks`` (payer lists: 403; per-payer and per-tool rate limits: 429) on the signer
-recovered offline, before any lookup; ``reserve`` (budgets: 403) after verify. What they hold is
+402; ``payer_checks`` (payer lists: 403) on the signer recovered offline, before any lookup;
+``reserve`` (per-payer and per-tool rate limits: 429; budgets: 403) after verify. What they hold is
 given back by the ``release_holds`` finalizer.
 """
 
@@ -56,8 +56,9 @@ class PayerChecks:
 
     async def __call__(self, ctx: RequestContext) -> Response | None:
         assert ctx.tool is not None and ctx.paid is not None
-        # The tool's tokens wait for verify (``Reserve``): a fresh unfunded key must not spend them.
-        await self.safety.before_verify(ctx, ctx.tool, ctx.paid.signer, per_tool=False)
+        # Tokens wait for verify (``Reserve``): a fresh unfunded key must not spend the tool's, nor a
+        # settled payment's public signature, replayed, its payer's.
+        await self.safety.before_verify(ctx, ctx.tool, ctx.paid.signer, per_payer=False)
         return None
 
 
@@ -71,6 +72,6 @@ class Reserve:
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
         assert tool is not None and quote is not None and paid is not None
-        await self.safety.per_tool(ctx, tool)  # after verify: only funded payments spend the tool's tokens
+        await self.safety.per_tool(ctx, tool, ctx.payer or paid.signer)  # after verify: only funded payments spend tokens
         await self.safety.reserve(ctx, tool, ctx.payer or paid.signer, int(quote.requirements.amount))
         return None

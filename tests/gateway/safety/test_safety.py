@@ -281,16 +281,21 @@ def test_paid_requests_are_rate_limited_per_payer_and_per_tool(store_backend: St
     async def body(store: StateStore) -> None:
         safety = Safety(store, catalogs(), limits)
         quote = safety_tool(safety, "quote")  # per payer: 3 per minute
+        for _ in range(5):  # before verify: lists only, no tokens (a replayed settled signature spends none)
+            await safety.before_verify(ctx(), quote, PAYER, per_payer=False)
         for _ in range(3):
-            await safety.before_verify(ctx(), quote, PAYER)
+            await safety.per_tool(ctx(), quote, PAYER)
         with pytest.raises(GatewayError) as per_payer:
-            await safety.before_verify(ctx(), quote, PAYER)
+            await safety.per_tool(ctx(), quote, PAYER)
         assert per_payer.value.code == "rate_limited" and per_payer.value.fields["limit"] == "per_payer"
         assert per_payer.value.fields["retryAfter"] >= 1
-        await safety.before_verify(ctx(), quote, OTHER)  # the tool's 4th
+        await safety.per_tool(ctx(), quote, OTHER)  # the tool's 4th
         with pytest.raises(GatewayError) as per_tool:
-            await safety.before_verify(ctx(), quote, "0x90F79bf6EB2c4f870365E785982E1f101E93b906")
+            await safety.per_tool(ctx(), quote, "0x90F79bf6EB2c4f870365E785982E1f101E93b906")
         assert per_tool.value.fields["limit"] == "per_tool"
+        with pytest.raises(GatewayError) as sign_in:  # a sign-in takes its payer's tokens before the lookup
+            await safety.before_verify(ctx(), quote, PAYER)
+        assert sign_in.value.fields["limit"] == "per_payer"
 
     store_backend.run(body)
 
