@@ -370,13 +370,13 @@ class BatchingFacilitator:
             # BatchSettler passes v,r,s: a contract wallet's signature is settled on its own.
             return await self.local.settle(payload, requirements, before_send=before_send)
         network, chain = requirements.network, batcher.chain
-        async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value, mined_by(chain, checked)) as covered:
-            if not covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
+        async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value, mined_by(chain, checked)) as held:
+            if not held.covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
                 return in_flight_refusal(checked.payer, network)
             future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
             batcher.submit(_Item(checked, before_send, future))
             # Shielded: a request that goes away must not cancel its item out of a batch being sent.
-            return await asyncio.shield(future)
+            return held.judged(await asyncio.shield(future))
 
     async def drain(self) -> None:
         """Send whatever is queued now and wait for every batch in flight (shutdown)."""

@@ -34,6 +34,7 @@ from settlement.chain.broadcast import TRANSFER_GAS_LIMIT
 from settlement.chain.client import transfer_with_authorization_calldata
 from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
+from settlement.schemes.remote import settlement_outcome_unknown
 from settlement.x402.wire import SettleResponse
 
 __all__ = ["HOLD_TTL_MS", "INSUFFICIENT_BALANCE", "InFlight", "Mined", "SharedHolds", "in_flight_refusal", "is_revert", "revert_reason_code", "transfer_refusal"]
@@ -124,6 +125,18 @@ class SharedHolds(Protocol):
     async def drop_share(self, key: str, entry: str, amount: int) -> None: ...
 
 
+class Hold:
+    """One settlement's hold on its payer's balance (``InFlight.hold``)."""
+
+    covered = False
+    unknown = False
+
+    def judged(self, response: SettleResponse) -> SettleResponse:
+        """``response``, noting whether its outcome is unknown (the hold then outlives the block)."""
+        self.unknown = settlement_outcome_unknown(response)
+        return response
+
+
 class InFlight:
     """Per (network, token, payer): its settlements in flight in this process, each with its value and
     how to tell it mined; and, once ``share`` bound a store, those of every process."""
@@ -163,25 +176,39 @@ class InFlight:
 
     @asynccontextmanager
     async def hold(self, chain: BalanceReader, network: str, token: str, payer: str, value: int,
-                   mined: Mined) -> AsyncIterator[bool]:
+                   mined: Mined) -> AsyncIterator[Hold]:
         """Holds ``value`` of the payer's balance while the block runs (its settlement is sent and
-        awaited there) and yields whether the balance covers it beside what the payer's other
+        awaited there); ``Hold.covered``: whether the balance covers it beside what the payer's other
         settlements in flight take: read on chain only when there are any (verify read it otherwise);
-        a read that fails lets it through, as before this guard."""
+        a read that fails lets it through, as before this guard. A settlement whose outcome is not
+        known (``Hold.judged``) keeps its hold past the block, for the lifetime of a shared hold, or
+        until mined: its transaction may still land, and one more against the same balance would revert."""
         key = (network, token.lower(), payer.lower())
         entry, self._next = self._next, self._next + 1
         self._held.setdefault(key, {})[entry] = (value, mined)  # before any await: a concurrent settlement counts this one
         shared, shared_key, shared_entry = self.shared, ":".join(key), f"{self._process}-{entry}"
+        held = Hold()
         try:
             elsewhere = None if shared is None else await shared.hold_share(shared_key, shared_entry, value, self.ttl_ms)
-            yield await self._covered(chain, network, token, payer, value, entry, elsewhere)
+            held.covered = await self._covered(chain, network, token, payer, value, entry, elsewhere)
+            try:
+                yield held
+            except asyncio.CancelledError:
+                held.unknown = True  # cancelled mid-settlement (a batch item stays in its batch): it may still land
+                raise
         finally:
-            entries = self._held[key]
-            del entries[entry]
-            if not entries:
-                del self._held[key]
-            if shared is not None:
-                await shared.drop_share(shared_key, shared_entry, value)
+            if held.unknown:  # dropped later; the shared entry lapses by itself
+                asyncio.get_running_loop().call_later(self.ttl_ms / 1000, self._drop, key, entry)
+            else:
+                self._drop(key, entry)
+                if shared is not None:
+                    await shared.drop_share(shared_key, shared_entry, value)
+
+    def _drop(self, key: tuple[str, str, str], entry: int) -> None:
+        entries = self._held.get(key, {})
+        entries.pop(entry, None)
+        if not entries:
+            self._held.pop(key, None)
 
     async def _covered(self, chain: BalanceReader, network: str, token: str, payer: str, value: int, entry: int,
                        elsewhere: list[int] | None) -> bool:

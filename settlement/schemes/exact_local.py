@@ -294,10 +294,10 @@ class LocalFacilitator:
             return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
         chain = self._chains[network]
         async with self.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,
-                                       mined_by(chain, checked)) as covered:
-            if not covered:  # its other settlements in flight take its balance: this one would revert on our gas
+                                       mined_by(chain, checked)) as held:
+            if not held.covered:  # its other settlements in flight take its balance: this one would revert on our gas
                 return in_flight_refusal(checked.payer, network)
-            return await self._send_and_wait(chain, checked, network, before_send)
+            return held.judged(await self._send_and_wait(chain, checked, network, before_send))
 
     async def _send_and_wait(self, chain: Chain, checked: CheckedPayment, network: str,
                              before_send: BeforeSend | None) -> SettleResponse:

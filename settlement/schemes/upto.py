@@ -342,10 +342,11 @@ async def send_permit2_settlement(
     async def mined() -> bool:  # its Permit2 nonce used: the balance read shows it spent
         return permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call()))
 
-    async with in_flight.hold(chain, network, token, payer, amount, mined) as covered:
-        if not covered:
+    async with in_flight.hold(chain, network, token, payer, amount, mined) as held:
+        if not held.covered:
             return in_flight_refusal(payer, network, ERR_PERMIT2_INSUFFICIENT_BALANCE)
-        return await _send_and_judge(chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted)
+        return held.judged(await _send_and_judge(
+            chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted))
 
 
 async def _send_and_judge(

@@ -11,6 +11,7 @@ from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
 from settlement.schemes.eip712 import TransferAuthorization
 from settlement.schemes.exact_guards import InFlight, is_revert, transfer_refusal
+from settlement.x402.wire import SettleResponse
 
 NET, TOKEN, PAYER = "eip155:31337", "0x" + "aa" * 20, "0x" + "bB" * 20
 
@@ -40,12 +41,12 @@ def test_a_payers_first_settlement_reads_nothing_and_later_ones_read_the_balance
     async def run() -> list[bool]:
         seen = []
         async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as first:
-            seen.append(first)
+            seen.append(first.covered)
             assert chain.reads == 0 and await flights.pending(NET, TOKEN.upper(), PAYER.lower()) == 100
             async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:  # 200 <= 250
-                seen.append(second)
+                seen.append(second.covered)
                 async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:  # 300 > 250: would revert
-                    seen.append(third)
+                    seen.append(third.covered)
         return seen
 
     assert asyncio.run(run()) == [True, True, False]
@@ -70,7 +71,7 @@ def test_a_balance_read_that_fails_lets_the_settlement_through() -> None:
 
     async def run() -> bool:
         async with flights.hold(Balance(None), NET, TOKEN, PAYER, 100, unmined), flights.hold(Balance(None), NET, TOKEN, PAYER, 100, unmined) as second:
-            return second
+            return second.covered
 
     assert asyncio.run(run()) is True  # as before the guard: the chain decides
 
@@ -95,9 +96,9 @@ def test_a_settlement_already_mined_is_not_counted_twice() -> None:
     async def run() -> bool:
         async with flights.hold(chain, NET, TOKEN, PAYER, 100, mined), \
                 flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
-            assert second  # 100 left covers it: the first is mined
+            assert second.covered  # 100 left covers it: the first is mined
             async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:
-                return third  # the second is not mined: 100 + 100 > 100
+                return third.covered  # the second is not mined: 100 + 100 > 100
 
     assert asyncio.run(run()) is False
 
@@ -151,11 +152,11 @@ def test_two_processes_sharing_a_store_count_each_others_settlements_in_flight()
     async def run() -> list[bool]:
         seen = []
         async with worker_a.hold(chain, NET, TOKEN, PAYER, 100, unmined) as first:
-            seen.append(first)
+            seen.append(first.covered)
             async with worker_b.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
-                seen.append(second)
+                seen.append(second.covered)
         async with worker_b.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:
-            seen.append(third)
+            seen.append(third.covered)
         return seen
 
     assert asyncio.run(run()) == [True, False, True]
@@ -170,7 +171,7 @@ def test_a_process_without_the_store_still_counts_its_own() -> None:
     async def run() -> bool:
         async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined), \
                 flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
-            return second
+            return second.covered
 
     assert asyncio.run(run()) is False
 
@@ -185,7 +186,7 @@ def test_this_processs_mined_settlement_is_not_counted_twice_through_the_store()
         async with here.hold(chain, NET, TOKEN, PAYER, 100, mined), \
                 elsewhere.hold(chain, NET, TOKEN, PAYER, 100, unmined), \
                 here.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:
-            return third
+            return third.covered
 
     assert asyncio.run(run())  # 200 left >= elsewhere's 100 + this 100; counted twice, the mined one would refuse it
 
@@ -207,3 +208,64 @@ def test_a_shared_hold_outlives_its_settlements_wait_for_a_receipt() -> None:
     asyncio.run(run(30))
     asyncio.run(run(600))
     assert seen[0] >= 2 * 30_000 and seen[1] >= 2 * 600_000
+
+
+def pending_answer() -> SettleResponse:
+    return SettleResponse(success=False, error_reason="settlement_pending", transaction="0x" + "ab" * 32, network=NET)
+
+
+def test_a_settlement_whose_outcome_is_unknown_keeps_its_hold_until_it_lapses() -> None:
+    """Broadcast but not known final: its transaction may still land. Dropped, the next settlement of
+    the same balance would be broadcast beside it and revert on the gateway's gas."""
+    shared, chain = Shared(), Balance(100)
+    flights = InFlight(shared, ttl_ms=50)
+
+    async def run() -> list[object]:
+        later: list[tuple[float, object, tuple[object, ...]]] = []
+        loop = asyncio.get_running_loop()
+        loop.call_later = lambda delay, callback, *args: later.append((delay, callback, args))  # type: ignore[method-assign,assignment]
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as first:
+            first.judged(pending_answer())
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
+            kept = [second.covered, bool(any(shared.holds.values()))]  # refused; the shared entry left to lapse
+        [(delay, drop, args)] = later
+        drop(*args)  # type: ignore[operator]  # the hold's lifetime is over: here, and in the store (its TTL)
+        shared.holds.clear()
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:
+            return [*kept, delay, third.covered]
+
+    assert asyncio.run(run()) == [False, True, 0.05, True]
+
+
+def test_a_settlement_cancelled_midway_keeps_its_hold() -> None:
+    """A request cancelled while its item waits in a batch (or its transaction is on its way) leaves
+    the settlement running: its hold stays."""
+    flights, chain = InFlight(), Balance(100)
+
+    async def run() -> bool:
+        async def settling() -> None:
+            async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined):
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(settling())
+        while not flights._held:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
+            return second.covered
+
+    assert asyncio.run(run()) is False
+
+
+def test_a_settled_or_refused_settlement_drops_its_hold() -> None:
+    flights, chain = InFlight(), Balance(100)
+
+    async def run() -> bool:
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as first:
+            first.judged(SettleResponse(success=False, error_reason="insufficient_funds", network=NET))
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
+            return second.covered
+
+    assert asyncio.run(run()) is True and not flights._held
