@@ -44,6 +44,7 @@ from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.webhooks import Webhooks
 from gateway.pipeline.fastpath import UnpaidFastPath
 from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.refunds import Refunds
 from gateway.pipeline.stages.relay import drain_stream_settlements
 from gateway.pipeline.tracing import Tracing, tracing_from_env
 from gateway.safety.checks import Safety
@@ -166,12 +167,15 @@ def _lifespan(
         resolved = await resolve_open_payments(ledger, wiring.schemes)
         for resolution in resolved:
             log.info("start-up reconcile: %s", resolution.to_json())
+        refunds = Refunds(ledger, refunder)  # an upfront payment settled whose answer died with its request
+        await refunds.owe_lost_answers(store, resolved)
         # batch-settlement: bound to the store and ledger; what a crash left accrued is claimed now.
         claims = await start_claims(wiring.channels, ledger, store)
         every = resolve_pending_seconds
         # Workers and replicas take turns (one reads the chain for the open rows each round).
         turns = taking_turns(store, "resolve-pending", every) if every and isinstance(store, RedisStore) else None
-        follower = asyncio.ensure_future(keep_resolving(ledger, wiring.schemes, every, turns)) if every else None
+        follower = asyncio.ensure_future(keep_resolving(
+            ledger, wiring.schemes, every, turns, lambda rows: refunds.owe_lost_answers(store, rows))) if every else None
         try:
             async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
                 yield

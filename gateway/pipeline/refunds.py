@@ -1,19 +1,27 @@
 """A refund owed to a payer whose settled payment bought nothing: recorded always, paid when a
 refund signer exists for the network. Used by the ``bridge`` stage (an ``upfront`` call whose
-upstream failed) and by ``exactly_once`` (a settled payment whose answer was lost)."""
+upstream failed), by ``exactly_once`` (a settled payment whose answer was lost), and after a reconcile
+settled an ``upfront`` payment whose request died before its answer (``owe_lost_answers``)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 from catalog import Tool
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
+from gateway.store import StateStore
 from settlement.chain.refunds import Refunder
+from settlement.ledger import PaymentState
 from settlement.ledger.payments import Ledger
+from settlement.ledger.resolve import Resolution
 from settlement.schemes.upto import UPTO, upto_charge
 
 __all__ = ["Refunds", "callers_failure", "keeps_charge", "user_scoped"]
+
+log = logging.getLogger("x402gw.refunds")
 
 # An upstream's 4xx that is not about what the caller asked: the credentials the gateway sends (401,
 # 403, 407: the owner's), the request the gateway built (405, 411, 415, 426), or the upstream's state
@@ -65,16 +73,47 @@ class Refunds:
 
     async def owe(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
         """Record the refund and pay it if possible; the fields the answer carries about it."""
-        ledger = self.ledger
         requirements = quote.requirements
         # What was charged: an upto offer's amount is the signed maximum, its charge in extra.charge.
         amount = upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)
-        first = await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
         ctx.outcome = "refund_owed"
+        outcome, fields = await self._owe(payment_id, requirements.network, requirements.asset, ctx.payer, amount, reason)
+        ctx.outcome = outcome
+        return fields
+
+    async def owe_lost_answers(self, store: StateStore, resolved: Iterable[Resolution]) -> list[int]:
+        """Of the rows a reconcile settled (at start-up, or in the background), the ``upfront`` ones
+        whose answer never came (no stored answer, no upstream status: the process died between the
+        settlement and the answer, or the settlement was pending when its request answered): a
+        refund is owed now, as a resend would get (``exactly_once``), not only if the payer resends.
+        A row whose payment lock a live request holds (a replica's, a resend) is left to it."""
+        owed = []
+        for resolution in resolved:
+            if resolution.after != PaymentState.SETTLED.value:
+                continue
+            row = await self.ledger.run(self.ledger.get, resolution.payment_id)
+            if (row is None or row.settle_mode != "upfront" or row.refund_owed is not None
+                    or row.upstream_status is not None or row.state != PaymentState.SETTLED):
+                continue
+            if await self.ledger.run(self.ledger.stored_response, row.id) is not None:
+                continue
+            if await store.holder(f"pay:{row.network}:{row.payer.lower()}:{row.nonce}") is not None:
+                continue
+            _, fields = await self._owe(row.id, row.network, row.asset, row.payer, row.amount, "answer_lost")
+            log.warning("payment %d was settled with no answer (its request died): refund %s", row.id, fields["refund"])
+            owed.append(row.id)
+        return owed
+
+    async def _owe(self, payment_id: int, network: str, asset: str, payer: str | None, amount: int,
+                   reason: str) -> tuple[str, dict[str, Any]]:
+        """The refund recorded (once), then paid if a refund signer exists: the outcome and the fields."""
+        ledger = self.ledger
+        owed = {"refund": "owed", "refundAmount": str(amount)}
+        first = await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
         if not first:  # another request owes it (the locks were lost): that one pays it, not this one
-            return {"refund": "owed", "refundAmount": str(amount)}
-        if self.refunder is None or not self.refunder.can_refund(requirements.network) or ctx.payer is None:
-            return {"refund": "owed", "refundAmount": str(amount)}
+            return "refund_owed", owed
+        if self.refunder is None or not self.refunder.can_refund(network) or payer is None:
+            return "refund_owed", owed
 
         claimed: list[str] = []
 
@@ -86,13 +125,12 @@ class Refunds:
             claimed.append(tx_hash)
 
         try:
-            result = await self.refunder.refund(requirements.network, requirements.asset, ctx.payer, amount, before_send)
+            result = await self.refunder.refund(network, asset, payer, amount, before_send)
         except _ClaimedElsewhere:
-            return {"refund": "owed", "refundAmount": str(amount)}
+            return "refund_owed", owed
         if result.refused and claimed:  # never left: `ledger refunds --pay` finds it unpaid, not unknown
             await ledger.run(ledger.record_refund_tx, payment_id, None, claimed[-1])
         if result.confirmed:
             await ledger.run(ledger.record_refund_paid, payment_id, result.tx_hash)
-            ctx.outcome = "refunded"
-            return {"refund": "refunded", "refundAmount": str(amount), "refundTransaction": result.tx_hash}
-        return {"refund": "owed", "refundAmount": str(amount), "refundTransaction": result.tx_hash}
+            return "refunded", {"refund": "refunded", "refundAmount": str(amount), "refundTransaction": result.tx_hash}
+        return "refund_owed", {**owed, "refundTransaction": result.tx_hash}

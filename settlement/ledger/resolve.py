@@ -141,22 +141,27 @@ def _pending(row: Payment) -> bool:
 
 
 async def keep_resolving(ledger: Ledger, resolver: Resolver, every: float,
-                         my_turn: Callable[[], Awaitable[bool]] | None = None) -> None:
+                         my_turn: Callable[[], Awaitable[bool]] | None = None,
+                         then: Callable[[list[Resolution]], Awaitable[object]] | None = None) -> None:
     """Resolve the ``pending`` rows every ``every`` seconds until cancelled: a settlement broadcast
     whose receipt did not come before its request answered is followed to its outcome (settled,
     failed) as the chain gives it, without a resend. ``settling`` rows are left to their request (a
     live one holds them; a dead one's are resolved at start-up). A round that fails (the database
     or the chain away) is logged and the next one tries again. ``my_turn``: whether this process
     runs this round (workers and replicas take turns through the shared store: one reads the chain
-    for every open row, not each of them; their writes would be safe anyway, ``apply_unless_moved``)."""
+    for every open row, not each of them; their writes would be safe anyway, ``apply_unless_moved``).
+    ``then``: given each round's resolutions (the gateway owes the refunds of answers never given)."""
     isolated = _RowByRow(resolver)
     while True:
         await asyncio.sleep(every)
         try:
             if my_turn is not None and not await my_turn():
                 continue
-            for resolution in await resolve_open_payments(ledger, isolated, which=_pending):
+            resolved = await resolve_open_payments(ledger, isolated, which=_pending)
+            for resolution in resolved:
                 if resolution.after != resolution.before:
                     log.info("pending payment resolved: %s", resolution.to_json())
+            if then is not None and resolved:
+                await then(resolved)
         except Exception:  # never ends the loop: the next round tries again
             log.exception("pending payments not resolved this round")
