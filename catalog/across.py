@@ -8,8 +8,9 @@ another owner's template would win the router and sell that owner's calls to its
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from catalog.models import Catalog, Tool
 from catalog.routing import Router
@@ -20,6 +21,7 @@ __all__ = ["across_files"]
 
 _PARAM = re.compile(r"\{[^}]*\}")
 _PROBE = "x402gw-probe"  # what a path parameter is replaced with to ask another owner's router
+_ENOUGH = 200  # overlaps reported before the search stops (a catalog that far off is fixed as a whole)
 
 
 def across_files(loaded: Sequence[tuple[Catalog, Source]]) -> None:
@@ -56,13 +58,81 @@ def _overlaps(loaded: Sequence[tuple[Catalog, Source]], by_owner: dict[str, list
         routers = {owner: Router(tools) for owner, tools in by_owner.items()}
     except ValueError:
         return  # a duplicate route: reported above
+    reported: set[tuple[int, int, str]] = set()
+
+    def report(src: Source, index: int, tool: Tool, other: Tool) -> None:
+        if (id(src), index, other.name) not in reported:
+            reported.add((id(src), index, other.name))
+            src.issue(f"tools[{index}].path", "route_overlaps_owner",
+                      f"route {tool.method} {tool.path} takes requests owner {other.owner!r}'s tool {other.name!r} "
+                      f"({other.method} {other.path}) answers: choose a path of your own")
+
+    templated: dict[tuple[str, int], list[tuple[Source, int, Tool, tuple[str | None, ...]]]] = {}
     for catalog, src in loaded:
         for index, tool in enumerate(catalog.tools):
             probe = _PARAM.sub(_PROBE, tool.path)
             for owner, router in routers.items():
                 found = None if owner == tool.owner else router.match(tool.method, probe)
                 if found is not None and route_shape(tool.method, tool.path) != route_shape(found.tool.method, found.tool.path):
-                    # (the same shape is a duplicate_route, reported above)
-                    src.issue(f"tools[{index}].path", "route_overlaps_owner",
-                              f"route {tool.method} {tool.path} takes requests owner {owner!r}'s tool {found.tool.name!r} "
-                              f"({found.tool.method} {found.tool.path}) answers: choose a path of your own")
+                    report(src, index, tool, found.tool)  # (the same shape is a duplicate_route, reported above)
+            method, shape = route_shape(tool.method, tool.path)
+            if None in shape:
+                templated.setdefault((method, len(shape)), []).append((src, index, tool, shape))
+    # Two templates can share paths neither probe finds (/{x}/AAPL and /q/{s} both take /q/AAPL):
+    # the path made of both routes' literals is asked of the two, and the one the router picks takes it.
+    # Owner by owner (one owner's routes are its own to arrange); enough reported stops the search.
+    for members in templated.values():
+        owners: dict[str, list[_Member]] = {}
+        for member in members:
+            owners.setdefault(member[2].owner, []).append(member)
+        for one, other in itertools.combinations(owners.values(), 2):
+            for (src_a, index_a, a, shape_a), (src_b, index_b, b, shape_b) in _compatible(one, other, 0, False):
+                shared = None if shape_a == shape_b else _shared_path(shape_a, shape_b)
+                found = None if shared is None else Router([a, b]).match(a.method, shared)
+                if found is not None:
+                    winner, loser = (a, b) if found.tool is a else (b, a)
+                    report(src_a if winner is a else src_b, index_a if winner is a else index_b, winner, loser)
+                if len(reported) >= _ENOUGH:
+                    return
+
+
+_Member = tuple[Source, int, Tool, tuple[str | None, ...]]
+
+
+def _compatible(xs: list[_Member], ys: list[_Member], pos: int, same: bool) -> Iterator[tuple[_Member, _Member]]:
+    """The pairs of ``xs`` and ``ys`` (of one width) whose segments from ``pos`` on are equal literals or
+    a parameter on either side, each once (``same``: ``xs`` is ``ys``, unordered pairs): split by the
+    segment at ``pos``, as a trie would, so a catalog's unrelated routes are never compared."""
+    if not xs or not ys:
+        return
+    if pos == len(xs[0][3]):
+        yield from (itertools.combinations(xs, 2) if same else itertools.product(xs, ys))
+        return
+    x_lit, x_par = _split(xs, pos)
+    y_lit, y_par = (x_lit, x_par) if same else _split(ys, pos)
+    for literal, x_group in x_lit.items():
+        yield from _compatible(x_group, y_lit.get(literal, []), pos + 1, same)
+        yield from _compatible(x_group, y_par, pos + 1, False)
+    if not same:
+        for literal, y_group in y_lit.items():
+            yield from _compatible(x_par, y_group, pos + 1, False)
+    yield from _compatible(x_par, y_par, pos + 1, same)
+
+
+def _split(members: list[_Member], pos: int) -> tuple[dict[str, list[_Member]], list[_Member]]:
+    literal: dict[str, list[_Member]] = {}
+    params: list[_Member] = []
+    for member in members:
+        segment = member[3][pos]
+        (params if segment is None else literal.setdefault(segment, [])).append(member)
+    return literal, params
+
+
+def _shared_path(a: tuple[str | None, ...], b: tuple[str | None, ...]) -> str | None:
+    """A path both shapes match (each segment: the literal either has, else the probe); None: none."""
+    segments = []
+    for x, y in zip(a, b, strict=True):
+        if x is not None and y is not None and x != y:
+            return None
+        segments.append(x if x is not None else y if y is not None else _PROBE)
+    return "/" + "/".join(segments)
