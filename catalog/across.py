@@ -114,7 +114,7 @@ def _compatible(xs: list[_Member], ys: list[_Member], pos: int, same: bool) -> I
         yield from _compatible(x_group, y_lit.get(literal, []), pos + 1, same)
         yield from _compatible(x_group, y_par, pos + 1, False)
     if not same:
-        for literal, y_group in y_lit.items():
+        for y_group in y_lit.values():
             yield from _compatible(x_par, y_group, pos + 1, False)
     yield from _compatible(x_par, y_par, pos + 1, same)
 
