@@ -168,7 +168,7 @@ def _lifespan(
         for resolution in resolved:
             log.info("start-up reconcile: %s", resolution.to_json())
         refunds = Refunds(ledger, refunder)  # an upfront payment settled whose answer died with its request
-        await refunds.owe_lost_answers(store, resolved)
+        await refunds.owe_lost_answers(store)  # every such row: `x402gw reconcile` may have settled some
         # batch-settlement: bound to the store and ledger; what a crash left accrued is claimed now.
         claims = await start_claims(wiring.channels, ledger, store)
         every = resolve_pending_seconds

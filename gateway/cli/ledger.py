@@ -213,10 +213,13 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
     upto = build_upto({n: c for n, c in chains.items() if n in write_ahead}, settings.deployment_file)
     if upto is not None:  # open upto rows (their hash always written ahead) resolve here too
         resolvers.append(upto)
-    report = _on_chains(book, chains, run_reconcile(
-        book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block, to_block=to_block,
-        schemes=Schemes(resolvers), chunk=chunk_blocks,
-    ))
+    async def work() -> Any:
+        found = await run_reconcile(book, dict(chains), pay_to=pay_to, assets=assets, from_block=from_block,
+                                    to_block=to_block, schemes=Schemes(resolvers), chunk=chunk_blocks)
+        await _owe_lost_answers(book, settings, found.resolved)
+        return found
+
+    report = _on_chains(book, chains, work())
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -226,6 +229,27 @@ def reconcile(from_block: int, to_block: int | None, pay_to: tuple[str, ...], as
         click.echo(f"error: no RPC URL for {', '.join(report.unchecked_networks)} (X402GW_RPC_URLS)", err=True)
         sys.exit(EXIT_ERROR)
     sys.exit(0 if report.agree else EXIT_DISAGREE)
+
+
+async def _owe_lost_answers(book: Any, settings: Settings, resolved: list[dict[str, Any]]) -> None:
+    """An ``upfront`` payment this command settled from ``pending`` (its request answered 503 before
+    the settlement was final) with no answer: its refund is owed now, as the gateway's own resolver
+    would (paid by ``ledger refunds --pay``). One settled from ``settling`` belongs to a live request,
+    or to a dead process whose restart owes it (``Refunds.owe_lost_answers``)."""
+    from gateway.pipeline.refunds import Refunds
+    from gateway.store import create_store
+    from settlement.ledger.resolve import Resolution
+
+    settled = [Resolution(**r) for r in resolved if r["before"] == "pending"]
+    if not settled:
+        return
+    store = create_store(settings.redis_url, settings.redis_prefix)  # a replica's live resend holds its lock there
+    try:
+        for payment_id in await Refunds(book, None).owe_lost_answers(store, settled):
+            click.echo(f"payment {payment_id}: settled with no answer (upfront): its refund is owed (ledger refunds --pay)",
+                       err=True)
+    finally:
+        await store.close()
 
 
 def _write_webhook_events(book: Any, settings: Settings) -> None:

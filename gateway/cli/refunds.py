@@ -28,6 +28,8 @@ _WHY = {
     "left": "left: it may still land (pending) or needs a person (unknown: --include-unknown pays it again; unexplained)",
     "too_recent": "left: claimed too recently, its transaction may still be on its way (run again later)",
     "no_refund_key": "no refund key for this network (X402GW_REFUND_KEY)",
+    "charge_unexplained": "left for a person: the row's settlement on chain does not show this payer paying this much "
+                          "(the ledger row may have been edited)",
     "claimed_elsewhere": "another payer (the gateway, another run) claimed it first",
     "recorded_elsewhere": "its transaction had landed and another payer recorded it first: nothing sent",
     "sent": "sent; its receipt did not come in time: run again to record it",

@@ -81,21 +81,23 @@ class Refunds:
         ctx.outcome = outcome
         return fields
 
-    async def owe_lost_answers(self, store: StateStore, resolved: Iterable[Resolution]) -> list[int]:
-        """Of the rows a reconcile settled (at start-up, or in the background), the ``upfront`` ones
-        whose answer never came (no stored answer, no upstream status: the process died between the
-        settlement and the answer, or the settlement was pending when its request answered): a
-        refund is owed now, as a resend would get (``exactly_once``), not only if the payer resends.
+    async def owe_lost_answers(self, store: StateStore, resolved: Iterable[Resolution] | None = None) -> list[int]:
+        """Settled ``upfront`` payments whose answer never came (no stored answer, no upstream status:
+        the process died between the settlement and the answer, or the settlement was still pending
+        when its request answered): a refund is owed now, as a resend would get (``exactly_once``), not
+        only if the payer resends. ``resolved``: only the rows a reconcile just settled; None: every
+        such row in the ledger (at start-up: another process's reconcile may have settled them).
         A row whose payment lock a live request holds (a replica's, a resend) is left to it."""
+        ledger = self.ledger
+        if resolved is None:
+            rows = await ledger.run(ledger.answers_lost)
+        else:
+            rows = [row for r in resolved if r.after == PaymentState.SETTLED.value
+                    if (row := await ledger.run(ledger.get, r.payment_id)) is not None]
         owed = []
-        for resolution in resolved:
-            if resolution.after != PaymentState.SETTLED.value:
-                continue
-            row = await self.ledger.run(self.ledger.get, resolution.payment_id)
-            if (row is None or row.settle_mode != "upfront" or row.refund_owed is not None
-                    or row.upstream_status is not None or row.state != PaymentState.SETTLED):
-                continue
-            if await self.ledger.run(self.ledger.stored_response, row.id) is not None:
+        for row in rows:
+            if (row.state != PaymentState.SETTLED or row.settle_mode != "upfront" or row.refund_owed is not None
+                    or row.upstream_status is not None or await ledger.run(ledger.stored_response, row.id) is not None):
                 continue
             if await store.holder(f"pay:{row.network}:{row.payer.lower()}:{row.nonce}") is not None:
                 continue

@@ -17,6 +17,11 @@ owed refund is classified against the chain by the transaction recorded for it, 
   sending right now (or sending again after a lost answer) reads ``unknown`` too (``too_recent``);
 - ``unexplained``: mined and successful, without the transfer to the payer: left for a person.
 
+Before anything is paid, the row's own settlement is read on chain: a refund goes only to the
+account its transaction moved the payment from, and never exceeds what it moved (an EIP-3009
+payment: its very authorization used there). A row that does not match (an insider's edit of the
+payer, the amount owed, the transaction) is ``charge_unexplained``: nothing sent, left for a person.
+
 Paying is exactly-once against every other payer of the same refund (a request of the gateway,
 another run of this command): each claims the refund in the ledger before its broadcast
 (``Ledger.record_refund_tx``, only while the refund transaction is still the one it read), so two
@@ -27,6 +32,8 @@ never land), as its claim and not another payer's.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -47,6 +54,11 @@ _PAYABLE = {UNPAID, REVERTED}
 # An ``unknown`` refund whose claim is younger than this may be in flight still: a gateway broadcasts
 # right after its claim, and sends a transaction whose answer was lost again for about two minutes.
 UNKNOWN_QUIET_SECONDS = 600.0
+_BYTES32 = re.compile(r"0x[0-9a-fA-F]{64}")
+
+
+def is_hex_bytes32(value: str) -> bool:
+    return _BYTES32.fullmatch(value) is not None
 
 
 class RefundChain(Protocol):
@@ -135,7 +147,7 @@ async def settle_owed_refunds(
         line = RefundLine(row.id, row.network, row.payer, int(row.refund_owed or 0), row.refund_reason, status,
                           row.refund_tx, "listed", row.decimals)
         if pay:
-            await _settle(ledger, refunder, row, line, include_unknown, quiet_seconds)
+            await _settle(ledger, refunder, row, line, include_unknown, quiet_seconds, chain)
         report.lines.append(line)
         on_line(line)
     return report
@@ -148,8 +160,26 @@ def _claimed_seconds_ago(row: Payment) -> float:
     return (utcnow() - moment).total_seconds()
 
 
+async def charge_shown(chain: RefundChain, row: Payment, amount: int) -> bool:
+    """Whether the row's settlement transaction, on chain, moved at least ``amount`` of its asset from
+    its payer to its payee: its transfer of the row's amount, and (EIP-3009) its authorization used."""
+    if not row.tx_hash or amount > row.amount:
+        return False
+    receipt = await chain.get_receipt(row.tx_hash)
+    if receipt is None or receipt.status != 1 or not receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
+        return False
+    try:
+        authorization = json.loads(row.authorization).get("authorization")
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(authorization, dict):
+        return True  # Permit2 (exact or upto): its transfer is the proof
+    nonce = str(authorization.get("nonce", ""))
+    return is_hex_bytes32(nonce) and receipt.has_authorization_used(row.asset, row.payer, bytes.fromhex(nonce[2:]))
+
+
 async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, line: RefundLine,
-                  include_unknown: bool, quiet_seconds: float) -> None:
+                  include_unknown: bool, quiet_seconds: float, chain: RefundChain) -> None:
     if line.status == LANDED:
         first = await ledger.run(ledger.record_refund_paid, row.id, row.refund_tx)
         line.outcome = "recorded" if first else "recorded_elsewhere"
@@ -162,6 +192,9 @@ async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, li
         return
     if refunder is None or not refunder.can_refund(row.network):
         line.outcome = "no_refund_key"
+        return
+    if not await charge_shown(chain, row, line.amount):
+        line.outcome = "charge_unexplained"  # the chain does not show this payer paying this much here
         return
     previous = row.refund_tx
     claimed: list[str] = []

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from settlement.errors import LedgerError
 from settlement.ledger.group_commit import atomic_alone
-from settlement.ledger.models import Payment, PaymentState, utcnow
+from settlement.ledger.models import Payment, PaymentState, StoredResponse, utcnow
 from settlement.ledger.transitions import FROM_SETTLED
 
 __all__ = ["GUARD_CODES", "RefundTransitions"]
@@ -63,6 +63,17 @@ class RefundTransitions:
                 raise
             return False
         return True
+
+    def answers_lost(self) -> list[Payment]:
+        """Settled ``upfront`` payments with no answer stored, no upstream status and no refund: the
+        request died between its settlement and its answer (or is still running: its lock says)."""
+        stored = select(StoredResponse.payment_id).where(StoredResponse.payment_id == Payment.id).exists()
+        query = select(Payment).where(
+            Payment.state == PaymentState.SETTLED.value, Payment.settle_mode == "upfront", Payment.refund_owed.is_(None),
+            Payment.upstream_status.is_(None), ~stored,
+        ).order_by(Payment.id)
+        with self._session() as session:
+            return list(session.scalars(query))
 
     def owed_refunds(self) -> list[Payment]:
         """Settled payments owing a refund not yet paid, oldest first."""

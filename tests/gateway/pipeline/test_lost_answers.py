@@ -65,3 +65,16 @@ def test_a_row_whose_payment_lock_a_live_request_holds_is_left_to_it(ledger: Led
         return held, await refunds.owe_lost_answers(store, [resolution])
 
     assert asyncio.run(run()) == ([], [payment_id])
+
+
+def test_at_start_up_every_such_row_is_found_whoever_settled_it(ledger: Ledger) -> None:
+    """`x402gw reconcile` (or another process) may have settled a dead request's row: the start-up
+    sweep reads the ledger, not only what this process resolved."""
+    lost, _ = settled(ledger, "upfront")
+    answered, _ = settled(ledger, "upfront")
+    ledger.store_response(answered, (200, [], b"{}"))
+    refunded, _ = settled(ledger, "upfront")
+    ledger.record_refund_owed(refunded, 10_000, "upstream_error")
+    assert [row.id for row in ledger.answers_lost()] == [lost]
+    assert asyncio.run(Refunds(ledger, None).owe_lost_answers(MemoryStore())) == [lost]
+    assert ledger.answers_lost() == []

@@ -17,6 +17,7 @@ from settlement.chain.refunds import RefundResult
 from settlement.finance.owed_refunds import RefundsReport, refund_status, settle_owed_refunds
 from settlement.ledger import Ledger, Payment
 from settlement.schema import open_ledger
+from tests.support.ledger_rows import force_row
 from tests.support.settlement_helpers import ledger_fields
 
 REFUNDER = "0x" + "99" * 20
@@ -27,12 +28,24 @@ def _topic(address: str) -> bytes:
     return bytes(12) + bytes.fromhex(address[2:])
 
 
+SETTLEMENT_TX = "0x" + "cd" * 32  # every owed row's settlement (``_owed``)
+
+
+def settlement_receipt() -> Receipt:
+    """The rows' settlement on chain: each row's payment moved from its payer to its payee (a batch)."""
+    logs = tuple(LogEntry(fields["asset"], (TRANSFER, _topic(fields["payer"]), _topic(fields["pay_to"])),
+                          int(fields["amount"]).to_bytes(32, "big")) for fields in map(ledger_fields, range(1, 20)))
+    return Receipt(SETTLEMENT_TX, 1, 3, logs, sender=REFUNDER)
+
+
 class Chain:
     def __init__(self) -> None:
         self.receipts: dict[str, Receipt] = {}
         self.pool: set[str] = set()
 
     async def get_receipt(self, tx_hash: str) -> Receipt | None:
+        if tx_hash == SETTLEMENT_TX and tx_hash not in self.receipts:
+            return settlement_receipt()
         return self.receipts.get(tx_hash)
 
     async def knows_transaction(self, tx_hash: str) -> bool:
@@ -74,7 +87,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 def _owed(ledger: Ledger, n: int, refund_tx: str | None = None) -> Payment:
     row = ledger.record_verified(**ledger_fields(n))
     ledger.begin_settlement(row.id, None)
-    ledger.mark_settled(row.id, tx_hash="0x" + "cd" * 32, block_number=3)
+    ledger.mark_settled(row.id, tx_hash=SETTLEMENT_TX, block_number=3)
     assert ledger.record_refund_owed(row.id, 1000, "upstream_error")
     if refund_tx is not None:
         assert ledger.record_refund_tx(row.id, refund_tx)
@@ -160,3 +173,22 @@ def test_the_status_of_a_landed_refund_needs_its_transfer(ledger: Ledger) -> Non
     assert asyncio.run(refund_status(chain, row)) == "unexplained"
     chain.mine(row, "0x" + "a1" * 32)
     assert asyncio.run(refund_status(chain, row)) == "landed"
+
+
+@pytest.mark.parametrize("edit", [
+    {"refund_owed": 10**12},  # more than was charged
+    {"payer": "0x" + "7" * 40},  # an accomplice who never paid
+    {"tx_hash": "0x" + "ee" * 32},  # a settlement the chain does not know
+    {"amount": 999_999},  # the charge itself inflated: its transfer is not in the settlement
+])
+def test_a_row_the_chain_does_not_bear_out_is_never_paid(ledger: Ledger, edit: dict[str, Any]) -> None:
+    """An insider's edit of the ledger is not a licence to spend the refund account: the row's own
+    settlement on chain must show its payer paying at least what is owed back."""
+    row = _owed(ledger, 1)
+    force_row(ledger, row.id, **edit)
+    payer = Payer()
+    report = _run(ledger, Chain(), payer, pay=True)
+    assert [line.outcome for line in report.lines] == ["charge_unexplained"]
+    assert payer.sent == []
+    again = ledger.get(row.id)
+    assert again is not None and again.refund_tx is None and again.refunded_at is None  # still owed, for a person
