@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ MAX_REQUEST_BYTES = 65_536
 REMEMBERED_SETTLEMENTS = 10_000
 
 SettlementKey = tuple[str, str, str]  # (network, payer, nonce), lower-case
+LOCK_TTL_MS = 180_000  # a settlement's longest (its receipt wait twice over, and a minute)
 
 # Reasons (invalidReason / errorReason) of a request this API refuses to serve at all, before any RPC.
 PAY_TO_NOT_ALLOWED = "pay_to_not_allowed"
@@ -163,9 +165,14 @@ class SettleOnce:
     client hanging up does not abandon a broadcast half-way.
     """
 
-    def __init__(self, facilitator: LocalFacilitator, remembered: int = REMEMBERED_SETTLEMENTS) -> None:
+    def __init__(self, facilitator: LocalFacilitator, remembered: int = REMEMBERED_SETTLEMENTS,
+                 store: StateStore | None = None, lock_ttl_ms: int = LOCK_TTL_MS) -> None:
         self._facilitator = facilitator
         self._remembered = remembered
+        # The paid path's lock on (network, payer, nonce): a settle of a payment a live request (here
+        # or on a replica) is settling or about to settle would make that one revert on our gas.
+        self._store = store or MemoryStore()
+        self._lock_ttl_ms = lock_ttl_ms
         self._running: dict[SettlementKey, tuple[str, asyncio.Task[SettleResponse]]] = {}
         self._settled: OrderedDict[SettlementKey, tuple[str, SettleResponse]] = OrderedDict()
 
@@ -204,8 +211,18 @@ class SettleOnce:
     async def _settle(
         self, key: SettlementKey, mark: str, payload: PaymentPayload, requirements: PaymentRequirements
     ) -> SettleResponse:
+        lock, owner = f"pay:{key[0]}:{key[1]}:{key[2]}", f"facilitator-{uuid.uuid4().hex}"
         try:
-            result = await self._verified_settle(payload, requirements)
+            if not await self._store.acquire(lock, owner, self._lock_ttl_ms):
+                return SettleResponse(success=False, error_reason="payment_in_flight", network=requirements.network,
+                                      error_message="a paid request of this gateway is settling this payment")
+            try:
+                result = await self._verified_settle(payload, requirements)
+            finally:
+                await self._store.release(lock, owner)
+        except StoreUnavailable:
+            return SettleResponse(success=False, error_reason="store_unavailable", network=requirements.network,
+                                  error_message="the payment lock cannot be taken; retry later")
         finally:
             del self._running[key]
         if result.success:
@@ -265,7 +282,7 @@ def facilitator_routes(
     or settles for; ``assets``: the only (network, asset) pairs. ``None`` allows any, an empty list
     none. The gateway passes its catalog's payees and assets unless the operator configured others
     (``Settings.facilitator_pay_to``, ``Settings.facilitator_assets``)."""
-    once = SettleOnce(facilitator)
+    once = SettleOnce(facilitator, store=store)
     limit = ClientLimit(rate_limit, store or MemoryStore()) if rate_limit is not None else None
     allowed = Allowed.of(pay_to, assets)
 
