@@ -82,6 +82,7 @@ def settlement_txs(devchain: Devchain, first_block: int) -> list[dict[str, Any]]
     sent: list[dict[str, Any]] = []
     for number in range(first_block, devchain.w3.eth.block_number + 1):
         for tx in devchain.w3.eth.get_block(number, full_transactions=True)["transactions"]:
+            assert not isinstance(tx, bytes)  # full transactions, not hashes
             if tx["from"] == account:
                 receipt = devchain.w3.eth.get_transaction_receipt(tx["hash"])
                 sent.append({"hash": tx["hash"].to_0x_hex(), "status": receipt["status"]})
