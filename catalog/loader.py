@@ -94,18 +94,20 @@ def _resolve(doc: CatalogDoc, src: Source, local: LocalTokens) -> Catalog | None
         alternatives = _tool_offers(doc, spec, at, payment, settle, upstream, local, src) if payment is not None else ()
         if rule is not None and payment is not None:
             _check_rule(doc, spec, at, rule, (payment, *(o.terms for o in alternatives)), src)
-        if spec.stream and payment is not None:
+        # Every offer, not only the first: an exact offer beside a usage tool's upto one sold the metered
+        # answer at one unit's price, and streamed before it settled.
+        for n, terms in enumerate((payment, *(o.terms for o in alternatives)) if payment is not None else ()):
+            where = at if n == 0 else f"{at}.offers[{n - 1}]"
             for field, code, message in stream_problems(
-                kind=spec.kind, scheme=payment.scheme, settle=settle, usage=spec.usage, answers=spec.answers is not None,
+                kind=spec.kind, scheme=terms.scheme, settle=settle, usage=spec.usage, answers=spec.answers is not None,
                 failure_rules=bool(spec.failure_when),
-            ):
-                src.issue(f"{at}.{field}", code, message)
-        if spec.usage is not None and payment is not None:
+            ) if spec.stream else ():
+                src.issue(f"{where}.{field}", code, message)
             for field, code, message in usage_problems(
-                spec.usage, scheme=payment.scheme, settle=settle, stream=spec.stream, kind=spec.kind,
-                has_price_rule=rule is not None, maximum=payment.maximum, decimals=payment.decimals,
-            ):
-                src.issue(f"{at}.usage.{field}", code, message)
+                spec.usage, scheme=terms.scheme, settle=settle, stream=spec.stream, kind=spec.kind,
+                has_price_rule=rule is not None, maximum=terms.maximum, decimals=terms.decimals,
+            ) if spec.usage is not None else ():
+                src.issue(f"{where}.usage.{field}", code, message)
         if len(src.issues) > before or upstream is None or payment is None:
             continue
         tools.append(_tool(doc, spec, upstream, payment, upstream_path, settle, src.name, alternatives, rule))

@@ -68,3 +68,20 @@ def test_anything_else_is_refused_with_its_code(value: object, code: str) -> Non
     with pytest.raises(UsageError) as raised:
         parse_units(value)
     assert raised.value.code == code
+
+
+OTHER_EXACT = ("{scheme: exact, asset: \"0x1111111111111111111111111111111111111111\", asset_name: Two, "
+               "asset_version: \"1\", decimals: 6, price: \"0.001\"}")
+
+
+def test_every_offer_of_a_usage_tool_is_checked_not_only_the_first() -> None:
+    """An exact offer beside a usage tool's upto one sold the metered answer at one unit's price."""
+    with pytest.raises(CatalogError) as raised:
+        parse_catalog(one_tool_catalog(UPTO + "    usage: {from: json, pointer: /n}\n    offers: [" + OTHER_EXACT + "]\n"))
+    assert any(i.code == "usage_needs_upto" and i.path.startswith("tools[0].offers[0].") for i in raised.value.issues)
+
+
+def test_an_exact_offer_beside_an_upto_stream_must_settle_before_it_starts() -> None:
+    with pytest.raises(CatalogError) as raised:
+        parse_catalog(one_tool_catalog(UPTO + "    stream: true\n    usage: {from: events}\n    offers: [" + OTHER_EXACT + "]\n"))
+    assert any(i.code == "stream_settles_upfront" and i.path.startswith("tools[0].offers[0].") for i in raised.value.issues)
