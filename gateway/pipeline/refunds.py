@@ -70,6 +70,7 @@ class Refunds:
     def __init__(self, ledger: Ledger, refunder: Refunder | None) -> None:
         self.ledger = ledger
         self.refunder = refunder
+        self._recheck: set[int] = set()  # answers lost whose payment lock was held when last seen
 
     async def owe(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
         """Record the refund and pay it if possible; the fields the answer carries about it."""
@@ -91,15 +92,17 @@ class Refunds:
         ledger = self.ledger
         if resolved is None:
             rows = await ledger.run(ledger.answers_lost)
-        else:
-            rows = [row for r in resolved if r.after == PaymentState.SETTLED.value
-                    if (row := await ledger.run(ledger.get, r.payment_id)) is not None]
+        else:  # and the rows a held lock kept back before: a dead process's lock lapses
+            wanted = self._recheck | {r.payment_id for r in resolved if r.after == PaymentState.SETTLED.value}
+            rows = [row for payment_id in sorted(wanted) if (row := await ledger.run(ledger.get, payment_id)) is not None]
+        self._recheck = set()
         owed = []
         for row in rows:
             if (row.state != PaymentState.SETTLED or row.settle_mode != "upfront" or row.refund_owed is not None
                     or row.upstream_status is not None or await ledger.run(ledger.stored_response, row.id) is not None):
                 continue
             if await store.holder(f"pay:{row.network}:{row.payer.lower()}:{row.nonce}") is not None:
+                self._recheck.add(row.id)  # a live request's, or a killed process's until it lapses: asked again
                 continue
             _, fields = await self._owe(row.id, row.network, row.asset, row.payer, row.amount, "answer_lost")
             log.warning("payment %d was settled with no answer (its request died): refund %s", row.id, fields["refund"])

@@ -27,6 +27,7 @@ Served publicly, the API is a way to make this gateway pay gas, so (THREATS.md, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -219,8 +220,9 @@ class SettleOnce:
             try:
                 result = await self._verified_settle(payload, requirements)
             finally:
-                await self._store.release(lock, owner)
-        except StoreUnavailable:
+                with contextlib.suppress(StoreUnavailable):  # the lock lapses; the outcome stands
+                    await self._store.release(lock, owner)
+        except StoreUnavailable:  # taking the lock failed: nothing was broadcast
             return SettleResponse(success=False, error_reason="store_unavailable", network=requirements.network,
                                   error_message="the payment lock cannot be taken; retry later")
         finally:

@@ -5,6 +5,7 @@ are read up to a limit; connection errors become refusals here and never leak.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -61,16 +62,23 @@ def forwarded_response_header(name: str) -> bool:
     return lowered not in DROPPED_RESPONSE_HEADERS and not lowered.startswith(DROPPED_RESPONSE_PREFIXES)
 
 
+_UNWRITABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters a server refuses to write
+
+
 def _received(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """An upstream's header fields as the octets it sent, one character a byte (Latin-1, as
     Starlette writes them back): a UTF-8 file name or any obs-text reaches the agent unchanged.
-    aiohttp's own view decodes UTF-8, which Starlette cannot encode: a paid answer was a 500."""
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+    aiohttp's own view decodes UTF-8, which Starlette cannot encode: a paid answer was a 500. A field
+    whose value holds a control character (DEL, VT...) is dropped: the server would refuse to write it."""
+    fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+    return [(name, value) for name, value in fields if not _UNWRITABLE.search(value)]
 
 
-def wire_value(value: str) -> str:
+def wire_value(value: str) -> str | None:
     """A header value Starlette can write: Latin-1 as it is, else its UTF-8 octets one character a
-    byte (answers stored before ``_received``, an upstream client of another kind)."""
+    byte (answers stored before ``_received``); None: it cannot be written (a control character)."""
+    if _UNWRITABLE.search(value):
+        return None
     try:
         value.encode("latin-1")
     except UnicodeEncodeError:

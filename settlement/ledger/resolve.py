@@ -150,18 +150,19 @@ async def keep_resolving(ledger: Ledger, resolver: Resolver, every: float,
     or the chain away) is logged and the next one tries again. ``my_turn``: whether this process
     runs this round (workers and replicas take turns through the shared store: one reads the chain
     for every open row, not each of them; their writes would be safe anyway, ``apply_unless_moved``).
-    ``then``: given each round's resolutions (the gateway owes the refunds of answers never given)."""
+    ``then``: given each round's resolutions, none when not its turn (the gateway owes the refunds of
+    answers never given, and asks again about those a held lock kept back)."""
     isolated = _RowByRow(resolver)
     while True:
         await asyncio.sleep(every)
         try:
-            if my_turn is not None and not await my_turn():
-                continue
-            resolved = await resolve_open_payments(ledger, isolated, which=_pending)
+            resolved: list[Resolution] = []
+            if my_turn is None or await my_turn():
+                resolved = await resolve_open_payments(ledger, isolated, which=_pending)
             for resolution in resolved:
                 if resolution.after != resolution.before:
                     log.info("pending payment resolved: %s", resolution.to_json())
-            if then is not None and resolved:
+            if then is not None:  # every round, its turn or not: what it asks again is this process's own
                 await then(resolved)
         except Exception:  # never ends the loop: the next round tries again
             log.exception("pending payments not resolved this round")

@@ -370,7 +370,8 @@ class BatchingFacilitator:
             # BatchSettler passes v,r,s: a contract wallet's signature is settled on its own.
             return await self.local.settle(payload, requirements, before_send=before_send)
         network, chain = requirements.network, batcher.chain
-        async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value, mined_by(chain, checked)) as held:
+        async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,
+                                             mined_by(chain, checked), checked.auth.nonce) as held:
             if not held.covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
                 return in_flight_refusal(checked.payer, network)
             future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()

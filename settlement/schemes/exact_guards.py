@@ -143,6 +143,7 @@ class InFlight:
 
     def __init__(self, shared: SharedHolds | None = None, *, ttl_ms: int = HOLD_TTL_MS) -> None:
         self._held: dict[tuple[str, str, str], dict[int, tuple[int, Mined]]] = {}
+        self._authorizations: dict[int, bytes] = {}  # entry -> the authorization's nonce, when told
         self._next = 0
         self.shared = shared
         self.ttl_ms = ttl_ms  # of this process's holds in the shared store
@@ -174,9 +175,14 @@ class InFlight:
         mined = await asyncio.gather(*(is_mined() for _, is_mined in held), return_exceptions=True)
         return sum(value for (value, _), done in zip(held, mined, strict=True) if done is not True)
 
+    def holds(self, network: str, token: str, payer: str, nonce: bytes) -> bool:
+        """Whether a settlement of this very authorization is in flight here, or kept (its outcome unknown)."""
+        entries = self._held.get((network, token.lower(), payer.lower()), {})
+        return any(self._authorizations.get(entry) == nonce for entry in entries)
+
     @asynccontextmanager
     async def hold(self, chain: BalanceReader, network: str, token: str, payer: str, value: int,
-                   mined: Mined) -> AsyncIterator[Hold]:
+                   mined: Mined, nonce: bytes | None = None) -> AsyncIterator[Hold]:
         """Holds ``value`` of the payer's balance while the block runs (its settlement is sent and
         awaited there); ``Hold.covered``: whether the balance covers it beside what the payer's other
         settlements in flight take: read on chain only when there are any (verify read it otherwise);
@@ -186,6 +192,8 @@ class InFlight:
         key = (network, token.lower(), payer.lower())
         entry, self._next = self._next, self._next + 1
         self._held.setdefault(key, {})[entry] = (value, mined)  # before any await: a concurrent settlement counts this one
+        if nonce is not None:
+            self._authorizations[entry] = nonce
         shared, shared_key, shared_entry = self.shared, ":".join(key), f"{self._process}-{entry}"
         held = Hold()
         try:
@@ -207,6 +215,7 @@ class InFlight:
     def _drop(self, key: tuple[str, str, str], entry: int) -> None:
         entries = self._held.get(key, {})
         entries.pop(entry, None)
+        self._authorizations.pop(entry, None)
         if not entries:
             self._held.pop(key, None)
 

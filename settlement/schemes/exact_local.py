@@ -293,8 +293,12 @@ class LocalFacilitator:
         except Rejected as rej:
             return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
         chain = self._chains[network]
+        if self.in_flight.holds(network, checked.token, checked.payer, checked.auth.nonce):
+            # Its settlement is in flight or its outcome unknown (pending, in the pool): a second broadcast reverts.
+            return SettleResponse(success=False, error_reason="payment_in_flight", payer=checked.payer, network=network,
+                                  error_message="this authorization's settlement is still in flight")
         async with self.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,
-                                       mined_by(chain, checked)) as held:
+                                       mined_by(chain, checked), checked.auth.nonce) as held:
             if not held.covered:  # its other settlements in flight take its balance: this one would revert on our gas
                 return in_flight_refusal(checked.payer, network)
             return held.judged(await self._send_and_wait(chain, checked, network, before_send))

@@ -105,7 +105,7 @@ class PaidStream(StreamingResponse):
         self.ending: str | None = None  # None until it ends: "complete", or why it stopped
         self._finalize: Callable[[], Awaitable[None]] | None = None
         self._finish: asyncio.Task[dict[str, Any] | None] | None = None
-        headers = {k: wire_value(v) for k, v in upstream.headers if k.lower() not in DROPPED_RESPONSE_HEADERS}
+        headers = {k: w for k, v in upstream.headers if k.lower() not in DROPPED_RESPONSE_HEADERS and (w := wire_value(v)) is not None}
         headers.update({"Cache-Control": "private, no-store", REQUEST_ID: ctx.request_id, "X-Accel-Buffering": "no"})
         if ctx.settlement is not None:  # settled upfront: the receipt goes out first, in the headers
             headers.update(receipt_headers(ctx.settlement, quote.version))

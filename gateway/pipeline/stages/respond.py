@@ -28,8 +28,8 @@ def respond(upstream: UpstreamResponse, receipt: SettleResponse | None, request_
     response = Response(content=upstream.body, status_code=upstream.status)
     headers = response.headers
     for name, value in upstream.headers:
-        if name.lower() not in DROPPED_RESPONSE_HEADERS:
-            headers.append(name, wire_value(value))
+        if name.lower() not in DROPPED_RESPONSE_HEADERS and (written := wire_value(value)) is not None:
+            headers.append(name, written)
     headers["Cache-Control"] = "private, no-store"
     headers[REQUEST_ID] = request_id
     if receipt is not None:
