@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from collections.abc import Callable
 from typing import Literal
 from urllib.parse import urlencode
 
@@ -19,10 +21,12 @@ from gateway.errors import GatewayError
 from gateway.ops.admin.dashboard import Dashboard
 from gateway.ops.admin.page import render_page
 from gateway.ops.admin.queries import RANGES
+from settlement.x402.digits import is_digits
 
 __all__ = ["COOKIE", "AdminAuth", "admin_routes"]
 
 COOKIE = "x402gw_admin"
+SESSION_SECONDS = 12 * 3600  # an admin session (the cookie's lifetime)
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'",
@@ -36,16 +40,28 @@ SECURITY_HEADERS = {
 
 
 class AdminAuth:
-    """Bearer header, session cookie, or a one-time ``?token=`` that becomes the cookie."""
+    """Bearer header, session cookie, or a one-time ``?token=`` that becomes the cookie.
 
-    def __init__(self, token: SecretStr) -> None:
+    A session lasts ``SESSION_SECONDS`` (the cookie says when it was issued, under an HMAC of the
+    token: a leaked cookie does not give the token, expires, and rotating the token ends every
+    session). A cookie opens no state-changing request sent from another origin (``Origin``,
+    ``Sec-Fetch-Site``): SameSite=Strict alone lets a sibling site of the same domain send one."""
+
+    def __init__(self, token: SecretStr, clock: Callable[[], float] = time.time) -> None:
         self._token = token.get_secret_value().encode()
-        # The cookie holds a value derived from the token, not the token: a leaked cookie
-        # does not give the token (for Bearer use elsewhere), and rotating the token ends sessions.
-        self._session = hmac.new(self._token, b"x402gw admin session v1", hashlib.sha256).hexdigest()
+        self._clock = clock
 
     def _is_token(self, candidate: str) -> bool:
         return hmac.compare_digest(candidate.encode(), self._token)
+
+    def _mac(self, issued: int) -> str:
+        return hmac.new(self._token, f"x402gw admin session v2|{issued}".encode(), hashlib.sha256).hexdigest()
+
+    def _session_ok(self, cookie: str) -> bool:
+        issued, _, mac = cookie.partition(".")
+        if not is_digits(issued, 12) or not 0 <= self._clock() - int(issued) < SESSION_SECONDS:
+            return False
+        return hmac.compare_digest(mac.encode(), self._mac(int(issued)).encode())
 
     def decide(self, request: Request) -> Literal["ok", "redirect", "denied"]:
         query_token = request.query_params.get("token")
@@ -55,7 +71,7 @@ class AdminAuth:
         if scheme.lower() == "bearer" and self._is_token(credentials.strip()):
             return "ok"
         cookie = request.cookies.get(COOKIE)
-        if cookie is not None and hmac.compare_digest(cookie.encode(), self._session.encode()):
+        if cookie is not None and self._session_ok(cookie) and (request.method in ("GET", "HEAD") or _same_origin(request)):
             return "ok"
         return "denied"
 
@@ -63,11 +79,20 @@ class AdminAuth:
         rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
         target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
         response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+        issued = int(self._clock())
         response.set_cookie(
-            COOKIE, self._session, path="/admin", httponly=True, samesite="strict",
-            secure=request.url.scheme == "https",
+            COOKIE, f"{issued}.{self._mac(issued)}", max_age=SESSION_SECONDS, path="/admin", httponly=True,
+            samesite="strict", secure=request.url.scheme == "https",
         )
         return response
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser's request from this origin (or a client that sends neither header)."""
+    if request.headers.get("sec-fetch-site", "same-origin") != "same-origin":
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
 
 
 def _denied() -> Response:
