@@ -53,6 +53,7 @@ from settlement.schemes.channels_policy import (
     ERR_CHANNEL_CLOSED,
     ERR_CHANNEL_WITHDRAWING,
     ERR_CUMULATIVE_NOT_INCREASING,
+    ERR_PAYER_HAS_CODE,
     LOCK_TTL_MS,
     VOUCHER_ACCEPTED,
     ChainView,
@@ -61,6 +62,7 @@ from settlement.schemes.channels_policy import (
     ChannelStore,
     Refused,
     accrued,
+    signed_by_code,
 )
 from settlement.schemes.eip712 import recover_signer
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -210,6 +212,7 @@ class ChannelsEvm:
             payment = self.offline(payload, requirements)
             payer = payment.payer
             chain = self._chains[requirements.network]
+            await self._signer_is_key(chain, payment)
             view = await self.chain_view(chain, payment)
             balance = view.balance
             if await self.deposit_pending(chain, payment):
@@ -221,6 +224,15 @@ class ChannelsEvm:
         except Refused as refused:
             return VerifyResponse(is_valid=False, invalid_reason=refused.reason, invalid_message=refused.message, payer=payer)
         return VerifyResponse(is_valid=True, payer=payer)
+
+    @staticmethod
+    async def _signer_is_key(chain: ChannelChain, payment: ChannelPayment) -> None:
+        """Vouchers are recovered here with ECDSA; the escrow checks a payer with code (and no
+        payerAuthorizer) through that code instead (ERC-1271), which may refuse what we accepted:
+        calls served until a claim fails. Such a channel takes no more vouchers (a payerAuthorizer works)."""
+        if await signed_by_code(chain, payment):
+            raise Refused(ERR_PAYER_HAS_CODE, "the payer has code, which the escrow would ask about each voucher; "
+                                              "open a channel with a payerAuthorizer key")
 
     async def _simulate_deposit(self, chain: ChannelChain, payment: ChannelPayment) -> None:
         try:
@@ -258,6 +270,7 @@ class ChannelsEvm:
 
     async def _accept(self, payment: ChannelPayment, price: int, network: str) -> dict[str, Any]:
         chain = self._chains[network]
+        await self._signer_is_key(chain, payment)
         view = await self.chain_view(chain, payment)
         charged = await self.charged(network, payment, view)
         balance = view.balance
@@ -294,8 +307,9 @@ class ChannelsEvm:
     async def refund_request(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
         """A payer's cooperative refund (a ``refund`` payload: its voucher at what is charged so far,
         signed by its authorizer): under the channel's lock (no voucher is accepted meanwhile) what
-        is accrued is claimed, then the amount asked (0: everything not claimed) goes back to the
-        payer. Nothing is bought: no ledger row; the answer says what was refunded."""
+        is accrued is claimed, then everything not claimed goes back to the payer (whatever amount
+        the request names: it is not signed). Nothing is bought: no ledger row; the answer says what
+        was refunded."""
         network, store, owner = requirements.network, self._bound_store(), uuid.uuid4().hex
         try:
             payment = self.offline(payload, requirements, refund=True)
@@ -313,8 +327,10 @@ class ChannelsEvm:
                 raise Refused(E.ERR_CUMULATIVE_AMOUNT_MISMATCH, f"a refund's voucher is at what is charged so far ({charged})")
             if view.balance <= charged:
                 raise Refused(E.ERR_REFUND_NO_BALANCE, "nothing is left in this channel to refund")
-            # Never before what is charged is claimed on chain (the closer checks): the escrow refunds all it holds unclaimed.
-            receipt = await self.closer(network, payment, payment.refund or 2**128 - 1, charged)
+            # Never before what is charged is claimed on chain (the closer checks): the escrow refunds all it holds
+            # unclaimed. Always all of it: the amount asked is not signed, and the voucher at what is charged is public
+            # once a claim lands (its calldata), so anyone could otherwise buy a refund transaction per request.
+            receipt = await self.closer(network, payment, 2**128 - 1, charged)
             if receipt is None or receipt.status != 1:
                 raise Refused(E.ERR_REFUND_TRANSACTION_FAILED, "the refund did not go through (the calls already "
                               "served could not be claimed first, or the refund failed): nothing was refunded")

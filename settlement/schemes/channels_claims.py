@@ -44,7 +44,7 @@ from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schemes.channels import ChannelsEvm, row_payment
 from settlement.schemes.channels_contract import ESCROW_ADDRESS, ChannelPayment, claim_calldata
-from settlement.schemes.channels_policy import LOCK_TTL_MS, ChannelChain, ChannelStore
+from settlement.schemes.channels_policy import LOCK_TTL_MS, ChannelChain, ChannelStore, signed_by_code
 from settlement.schemes.exact_guards import is_revert
 
 __all__ = ["ChainAuthorizer", "ClaimLoop", "ClaimOutcome", "Claimer", "start_claims"]
@@ -155,6 +155,25 @@ class Claimer:
                     continue
             channels.setdefault(payment.channel_id, _Channel()).rows.append((row, payment))
         plans = [plan for channel in channels.values() if (plan := await self._plan(network, channel)) is not None]
+        # A channel whose payer has code since its vouchers (and no payerAuthorizer) is checked by the escrow
+        # through that code, which may pass a simulation and revert on chain (GASPRICE, the block): claimed on
+        # its own, after the others, never in their transaction; once it fails, not tried again.
+        coded = [plan for plan in plans if await signed_by_code(self.scheme.chain(network), plan[0])]
+        plans = [plan for plan in plans if plan not in coded]
+        outcome = await self._claim_plans(network, plans)
+        for plan in coded:
+            alone = await self._claim_plans(network, [plan])
+            if alone.reason == "claim_reverted":
+                # Its payer's code refused its own vouchers on chain: nothing moved, and nothing will. Its rows are
+                # failed (served, not paid: on the books), so no process asks that code again on our gas.
+                log.warning("channel %s: its claim reverted; its %d call(s) failed, no more calls on it",
+                            plan[0].channel_id, len(plan[2]))
+                for row in plan[2]:
+                    await self.ledger.run(self.ledger.fail, row.id, "claim_reverted", tx_hash=alone.tx_hash)
+                await self._update_record(network, plan[0].channel_id, unclaimable=True)
+        return outcome
+
+    async def _claim_plans(self, network: str, plans: list[tuple[ChannelPayment, ChannelPayment | None, list[Payment]]]) -> ClaimOutcome:
         call = self._claim_call(network, plans) if plans else None
         if call is not None and not await self._would_land(network, call):
             # One channel's claim would revert the whole batch (a payer whose code refuses its vouchers: an

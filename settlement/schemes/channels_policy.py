@@ -10,11 +10,15 @@ from typing import Protocol
 from x402.mechanisms.evm.batch_settlement.constants import MIN_WITHDRAW_DELAY
 
 from settlement.chain.client import BeforeSend, Receipt
+from settlement.chain.rpc import RpcError
+from settlement.errors import ChainUnavailable
+from settlement.schemes.channels_contract import ChannelPayment
 from settlement.x402.wire import SettleResponse
 
 __all__ = [
     "ACCRUED_KEY", "BATCH", "DEPOSIT_GAS", "ERR_CHANNEL_CLOSED", "ERR_CHANNEL_WITHDRAWING", "ERR_CUMULATIVE_NOT_INCREASING",
-    "LOCK_TTL_MS", "VOUCHER_ACCEPTED", "ChainView", "ChannelChain", "ChannelPolicy", "ChannelStore", "Refused", "accrued",
+    "ERR_PAYER_HAS_CODE", "LOCK_TTL_MS", "VOUCHER_ACCEPTED", "ChainView", "ChannelChain", "ChannelPolicy", "ChannelStore", "Refused", "accrued",
+    "signed_by_code",
 ]
 
 BATCH = "batch-settlement"
@@ -24,6 +28,7 @@ DEPOSIT_GAS = 250_000
 ERR_CHANNEL_WITHDRAWING = "invalid_batch_settlement_evm_channel_withdrawing"
 ERR_CHANNEL_CLOSED = "invalid_batch_settlement_evm_channel_closed"
 ERR_CUMULATIVE_NOT_INCREASING = "invalid_batch_settlement_evm_cumulative_not_increasing"
+ERR_PAYER_HAS_CODE = "invalid_batch_settlement_evm_payer_has_code"
 LOCK_TTL_MS = 60_000  # longer than a deposit's wait for its receipt (receipt_timeout, 30 s by default)
 
 
@@ -47,11 +52,25 @@ class ChannelChain(Protocol):
 
     async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes: ...
 
+    async def get_code(self, address: str) -> bytes: ...
+
     async def send_call(self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = ...) -> str: ...
 
     async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None: ...
 
     def sign_digest(self, digest: bytes) -> bytes: ...
+
+
+async def signed_by_code(chain: ChannelChain, payment: ChannelPayment) -> bool:
+    """Whether the escrow checks this channel's vouchers through code: no payerAuthorizer (the payer
+    signs) and the payer has code now (a contract, an EIP-7702 delegation), so ERC-1271, which may
+    answer one way here and another on chain. A chain that does not answer: as before, no."""
+    if int(payment.config.payer_authorizer, 16) != 0:
+        return False
+    try:
+        return bool(await chain.get_code(payment.payer))
+    except (RpcError, ChainUnavailable):
+        return False
 
 
 @dataclass(frozen=True, slots=True)
