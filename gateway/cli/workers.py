@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import click
 
 from catalog.source import read_catalog_text
 from gateway.settings import Settings
+from gateway.store import WORKER_GROUP_ENV
 
 __all__ = ["WorkerPlanError", "plan_workers", "read_keys", "release_locks_of", "supervise"]
 
@@ -135,13 +137,14 @@ def listening_socket(host: str, port: int) -> socket.socket:
 _RELEASE_IF_SAME = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
-def release_locks_of(redis_url: str, prefix: str, pid: int) -> int:
-    """Release the locks a dead worker held (their owners end in ``@<pid>``: gateway.store), so a
-    resend of the payment it was settling is resolved against the chain now, not after the lock's
-    TTL. Compare-and-delete: a lock re-taken meanwhile is left alone. How many were released."""
+def release_locks_of(redis_url: str, prefix: str, group: str, pid: int) -> int:
+    """Release the locks a dead worker held (their owners end in ``@<group>.<pid>``: gateway.store;
+    ``group`` is its supervisor's: a worker of another host with the same pid is not it), so a resend
+    of the payment it was settling is resolved against the chain now, not after the lock's TTL.
+    Compare-and-delete: a lock re-taken meanwhile is left alone. How many were released."""
     import redis
 
-    suffix = f"@{pid}".encode()
+    suffix = f"@{group}.{pid}".encode()
     released = 0
     client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:
@@ -171,6 +174,7 @@ class _Supervisor:
     fd: int
     workers: list[_Worker]
     redis: tuple[str, str] | None = None  # (URL, key prefix) of the shared store
+    group: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # in its workers' lock tags
     stopping: bool = False
     by_pid: dict[int, _Worker] = field(default_factory=dict)
 
@@ -179,6 +183,7 @@ class _Supervisor:
         if "X402GW_SETTLEMENT_KEY" in worker.env:  # its own key replaces the one the operator set
             env.pop("X402GW_SETTLEMENT_KEY_FILE", None)
         env.update(worker.env)
+        env[WORKER_GROUP_ENV] = self.group
         worker.process = subprocess.Popen([*self.argv, "--worker-fd", str(self.fd)], env=env, pass_fds=(self.fd,),
                                           preexec_fn=_die_with_parent)
         worker.started = time.monotonic()
@@ -198,7 +203,7 @@ class _Supervisor:
         if self.redis is None:
             return
         try:
-            released = release_locks_of(*self.redis, pid)
+            released = release_locks_of(*self.redis, self.group, pid)
         except Exception as exc:  # noqa: BLE001 (the locks lapse after their TTL anyway)
             click.echo(f"warning: could not release worker pid {pid}'s locks ({type(exc).__name__}); "
                        "they lapse after their TTL [store_unavailable]", err=True)

@@ -14,7 +14,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
 from gateway.store import StateStore
 from settlement.chain.refunds import Refunder
-from settlement.ledger import PaymentState
+from settlement.ledger import Payment, PaymentState
 from settlement.ledger.payments import Ledger
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.upto import UPTO, upto_charge
@@ -98,16 +98,25 @@ class Refunds:
         self._recheck = set()
         owed = []
         for row in rows:
-            if (row.state != PaymentState.SETTLED or row.settle_mode != "upfront" or row.refund_owed is not None
-                    or row.upstream_status is not None or await ledger.run(ledger.stored_response, row.id) is not None):
+            if not await self._lost(row):
                 continue
             if await store.holder(f"pay:{row.network}:{row.payer.lower()}:{row.nonce}") is not None:
                 self._recheck.add(row.id)  # a live request's, or a killed process's until it lapses: asked again
+                continue
+            # Read again after the lock: a live request stores its answer before it lets its lock go, so
+            # a row still without one now was not being answered when the lock was seen free.
+            row = await ledger.run(ledger.get, row.id)
+            if row is None or not await self._lost(row):
                 continue
             _, fields = await self._owe(row.id, row.network, row.asset, row.payer, row.amount, "answer_lost")
             log.warning("payment %d was settled with no answer (its request died): refund %s", row.id, fields["refund"])
             owed.append(row.id)
         return owed
+
+    async def _lost(self, row: Payment) -> bool:
+        """Settled ``upfront``, no refund, no upstream status, no stored answer."""
+        return (row.state == PaymentState.SETTLED and row.settle_mode == "upfront" and row.refund_owed is None
+                and row.upstream_status is None and await self.ledger.run(self.ledger.stored_response, row.id) is None)
 
     async def _owe(self, payment_id: int, network: str, asset: str, payer: str | None, amount: int,
                    reason: str) -> tuple[str, dict[str, Any]]:

@@ -31,6 +31,7 @@ __all__ = [
     "RedisStore",
     "StateStore",
     "StoreUnavailable",
+    "WORKER_GROUP_ENV",
     "TokenDecision",
     "create_store",
     "taking_turns",
@@ -38,6 +39,7 @@ __all__ = [
 
 
 WORKER_ENV = "X402GW_WORKER_INDEX"  # set by ``serve --workers N`` for each worker process
+WORKER_GROUP_ENV = "X402GW_WORKER_GROUP"  # the supervisor's random id, in each of its workers' lock tags
 
 
 def taking_turns(store: StateStore, job: str, every_seconds: float) -> Callable[[], Awaitable[bool]]:
@@ -62,8 +64,9 @@ def taking_turns(store: StateStore, job: str, every_seconds: float) -> Callable[
 def create_store(redis_url: str | None, prefix: str = "x402gw:") -> StateStore:
     if redis_url is None:
         return MemoryStore()
-    # A worker of ``serve --workers N`` tags its locks with its pid: when it dies, the supervisor
-    # releases them at once (a resend of its payment is resolved then, not after the lock's TTL).
-    tag = f"@{os.getpid()}" if os.environ.get(WORKER_ENV) else ""
+    # A worker of ``serve --workers N`` tags its locks with its supervisor's group and its pid: when it
+    # dies, the supervisor releases them at once (a resend of its payment is resolved then, not after the
+    # lock's TTL). The group, random per supervisor, keeps another host's (another pid namespace's) alone.
+    tag = f"@{os.environ.get(WORKER_GROUP_ENV, '')}.{os.getpid()}" if os.environ.get(WORKER_ENV) else ""
     return RedisStore(redis_url, prefix=prefix, owner_tag=tag)
 
