@@ -173,7 +173,7 @@ class SettleOnce:
         # The paid path's lock on (network, payer, nonce): a settle of a payment a live request (here
         # or on a replica) is settling or about to settle would make that one revert on our gas.
         self._store = store or MemoryStore()
-        self._lock_ttl_ms = lock_ttl_ms
+        self._lock_ttl_ms = max(lock_ttl_ms, facilitator.in_flight.ttl_ms)  # outlives the settlement's receipt wait
         self._running: dict[SettlementKey, tuple[str, asyncio.Task[SettleResponse]]] = {}
         self._settled: OrderedDict[SettlementKey, tuple[str, SettleResponse]] = OrderedDict()
 

@@ -56,6 +56,7 @@ UNKNOWN_OUTCOME_REASONS = frozenset(
         "settlement_pending",
         "invalid_transaction_state",
         "unexpected_settle_error",
+        "payment_in_flight",  # another settlement of this authorization is under way: it may land
         FACILITATOR_TIMEOUT,
         FACILITATOR_UNREACHABLE,
         FACILITATOR_BAD_RESPONSE,
