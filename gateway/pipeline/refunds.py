@@ -12,7 +12,7 @@ from typing import Any
 from catalog import Tool
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
-from gateway.store import StateStore
+from gateway.store import StateStore, payment_lock
 from settlement.chain.refunds import Refunder
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.payments import Ledger
@@ -100,7 +100,7 @@ class Refunds:
         for row in rows:
             if not await self._lost(row):
                 continue
-            if await store.holder(f"pay:{row.network}:{row.payer.lower()}:{row.nonce}") is not None:
+            if await store.holder(payment_lock(row.network, row.payer, row.nonce)) is not None:
                 self._recheck.add(row.id)  # a live request's, or a killed process's until it lapses: asked again
                 continue
             # Read again after the lock: a live request stores its answer before it lets its lock go, so

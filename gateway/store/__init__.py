@@ -32,6 +32,7 @@ __all__ = [
     "StateStore",
     "StoreUnavailable",
     "WORKER_GROUP_ENV",
+    "payment_lock",
     "TokenDecision",
     "create_store",
     "taking_turns",
@@ -39,6 +40,12 @@ __all__ = [
 
 
 WORKER_ENV = "X402GW_WORKER_INDEX"  # set by ``serve --workers N`` for each worker process
+def payment_lock(network: str, payer: str, nonce: str) -> str:
+    """The key of the lock a payment's request holds while it runs (``exactly_once``), which the served
+    facilitator's settle and the lost-answer sweep look at too: one spelling for all of them."""
+    return f"pay:{network}:{payer.lower()}:{nonce.lower()}"
+
+
 WORKER_GROUP_ENV = "X402GW_WORKER_GROUP"  # the supervisor's random id, in each of its workers' lock tags
 
 

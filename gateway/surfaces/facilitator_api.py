@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from catalog.limits import RateLimit
 from gateway.errors import GatewayError
-from gateway.store import MemoryStore, StateStore, StoreUnavailable
+from gateway.store import MemoryStore, StateStore, StoreUnavailable, payment_lock
 from settlement.chain.gas import take_gas
 from settlement.errors import PaymentDecodeError, SettlementError
 from settlement.schemes.exact_local import LocalFacilitator, Rejected
@@ -212,7 +212,7 @@ class SettleOnce:
     async def _settle(
         self, key: SettlementKey, mark: str, payload: PaymentPayload, requirements: PaymentRequirements
     ) -> SettleResponse:
-        lock, owner = f"pay:{key[0]}:{key[1]}:{key[2]}", f"facilitator-{uuid.uuid4().hex}"
+        lock, owner = payment_lock(*key), f"facilitator-{uuid.uuid4().hex}"
         try:
             if not await self._store.acquire(lock, owner, self._lock_ttl_ms):
                 return SettleResponse(success=False, error_reason="payment_in_flight", network=requirements.network,

@@ -32,8 +32,6 @@ never land), as its claim and not another payer's.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -45,6 +43,8 @@ from settlement.chain.refunds import RefundResult
 from settlement.errors import ChainUnavailable
 from settlement.ledger import Ledger, Payment
 from settlement.ledger.models import utcnow
+from settlement.schemes.exact_permit2_payload import moved_by_permit2
+from settlement.schemes.exact_resolve import settled_by
 
 __all__ = ["LANDED", "PENDING", "REVERTED", "UNEXPLAINED", "UNKNOWN", "UNKNOWN_QUIET_SECONDS", "UNPAID", "RefundLine",
            "RefundsReport", "settle_owed_refunds"]
@@ -54,11 +54,6 @@ _PAYABLE = {UNPAID, REVERTED}
 # An ``unknown`` refund whose claim is younger than this may be in flight still: a gateway broadcasts
 # right after its claim, and sends a transaction whose answer was lost again for about two minutes.
 UNKNOWN_QUIET_SECONDS = 600.0
-_BYTES32 = re.compile(r"0x[0-9a-fA-F]{64}")
-
-
-def is_hex_bytes32(value: str) -> bool:
-    return _BYTES32.fullmatch(value) is not None
 
 
 class RefundChain(Protocol):
@@ -162,20 +157,19 @@ def _claimed_seconds_ago(row: Payment) -> float:
 
 async def charge_shown(chain: RefundChain, row: Payment, amount: int) -> bool:
     """Whether the row's settlement transaction, on chain, moved at least ``amount`` of its asset from
-    its payer to its payee: its transfer of the row's amount, and (EIP-3009) its authorization used."""
+    its payer to its payee: its transfer of the row's amount, and (EIP-3009) its authorization used
+    there (``exact_resolve.settled_by``, what the resolver and reconcile ask too)."""
     if not row.tx_hash or amount > row.amount:
         return False
     receipt = await chain.get_receipt(row.tx_hash)
-    if receipt is None or receipt.status != 1 or not receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount):
+    if receipt is None:
         return False
+    if moved_by_permit2(row):  # upto, or exact through Permit2: no AuthorizationUsed, its transfer is the proof
+        return receipt.status == 1 and receipt.has_transfer(row.asset, row.payer, row.pay_to, row.amount)
     try:
-        authorization = json.loads(row.authorization).get("authorization")
-    except (ValueError, AttributeError):
+        return settled_by(receipt, row)
+    except ValueError:  # a nonce that is not hex (an edited row)
         return False
-    if not isinstance(authorization, dict):
-        return True  # Permit2 (exact or upto): its transfer is the proof
-    nonce = str(authorization.get("nonce", ""))
-    return is_hex_bytes32(nonce) and receipt.has_authorization_used(row.asset, row.payer, bytes.fromhex(nonce[2:]))
 
 
 async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, line: RefundLine,

@@ -32,7 +32,7 @@ from gateway.pipeline.stages.respond import respond
 from gateway.pipeline.stages.verify import verify
 from gateway.protocol.offers import Quote
 from gateway.protocol.receipts import receipt_headers, signed_receipt_header
-from gateway.store import StateStore, StoreUnavailable
+from gateway.store import StateStore, StoreUnavailable, payment_lock
 from gateway.upstream.bridge import UpstreamResponse
 from settlement.errors import ChainUnavailable
 from settlement.finance.receipts import ReceiptSigner
@@ -200,7 +200,7 @@ class InFlight:
     async def __call__(self, ctx: RequestContext) -> Response | None:
         quote, paid = ctx.quote, ctx.paid
         assert quote is not None and paid is not None
-        keys = [f"pay:{quote.requirements.network}:{paid.signer.lower()}:{paid.nonce}"]
+        keys = [payment_lock(quote.requirements.network, paid.signer, paid.nonce)]
         if paid.identifier is not None:
             keys.append(f"pid:{paid.identifier}")
         await acquire(self.store, ctx, keys, self.lock_ttl_ms)

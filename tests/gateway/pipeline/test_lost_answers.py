@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.pipeline.refunds import Refunds
-from gateway.store import MemoryStore
+from gateway.store import MemoryStore, payment_lock
 from settlement.ledger import Ledger, PaymentState
 from settlement.ledger.resolve import Resolution
 from settlement.schema import open_ledger
@@ -58,7 +58,7 @@ def test_a_row_whose_payment_lock_a_live_request_holds_is_left_to_it(ledger: Led
     store, refunds = MemoryStore(), Refunds(ledger, None)
 
     async def run() -> tuple[list[int], list[int]]:
-        key = f"pay:{row.network}:{row.payer.lower()}:{row.nonce}"
+        key = payment_lock(row.network, row.payer, row.nonce)  # the lock the paid path takes
         assert await store.acquire(key, "a-live-replica-request", 60_000)
         held = await refunds.owe_lost_answers(store, [resolution])
         await store.release(key, "a-live-replica-request")

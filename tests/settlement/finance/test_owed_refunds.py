@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from settlement.chain.broadcast import BeforeSend
-from settlement.chain.receipts import LogEntry, Receipt
+from settlement.chain.receipts import TOPIC_AUTHORIZATION_USED, LogEntry, Receipt
 from settlement.chain.refunds import RefundResult
 from settlement.finance.owed_refunds import RefundsReport, refund_status, settle_owed_refunds
 from settlement.ledger import Ledger, Payment
@@ -32,9 +32,12 @@ SETTLEMENT_TX = "0x" + "cd" * 32  # every owed row's settlement (``_owed``)
 
 
 def settlement_receipt() -> Receipt:
-    """The rows' settlement on chain: each row's payment moved from its payer to its payee (a batch)."""
-    logs = tuple(LogEntry(fields["asset"], (TRANSFER, _topic(fields["payer"]), _topic(fields["pay_to"])),
-                          int(fields["amount"]).to_bytes(32, "big")) for fields in map(ledger_fields, range(1, 20)))
+    """The rows' settlement on chain (a batch): each row's authorization used, and its payment moved
+    from its payer to its payee."""
+    logs = tuple(log for fields in map(ledger_fields, range(1, 20)) for log in (
+        LogEntry(fields["asset"], (TOPIC_AUTHORIZATION_USED, _topic(fields["payer"]), bytes.fromhex(fields["nonce"][2:])), b""),
+        LogEntry(fields["asset"], (TRANSFER, _topic(fields["payer"]), _topic(fields["pay_to"])),
+                 int(fields["amount"]).to_bytes(32, "big"))))
     return Receipt(SETTLEMENT_TX, 1, 3, logs, sender=REFUNDER)
 
 
@@ -179,6 +182,7 @@ def test_the_status_of_a_landed_refund_needs_its_transfer(ledger: Ledger) -> Non
     {"refund_owed": 10**12},  # more than was charged
     {"payer": "0x" + "7" * 40},  # an accomplice who never paid
     {"tx_hash": "0x" + "ee" * 32},  # a settlement the chain does not know
+    {"nonce": "0x" + "ab" * 32},  # another authorization than the one the settlement used
     {"amount": 999_999},  # the charge itself inflated: its transfer is not in the settlement
 ])
 def test_a_row_the_chain_does_not_bear_out_is_never_paid(ledger: Ledger, edit: dict[str, Any]) -> None:
