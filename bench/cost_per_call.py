@@ -127,7 +127,8 @@ def channel_gateway(deployment_file: Path, workdir: Path, upstream: str, token: 
     catalog.write_text(CATALOG.format(token=token, pay_to=PAY_TO, upstream=upstream))
     settings = Settings(catalog=[catalog], deployment_file=deployment_file,
                         database_url=f"sqlite:///{workdir / f'ledger-{calls}.sqlite3'}",
-                        channel_claim_every_calls=calls, channel_deposit_calls=calls)
+                        channel_claim_every_calls=calls, channel_deposit_calls=calls,
+                        channel_min_deposit_calls=1)
     ledger = open_ledger(settings.database_url)
     server = ThreadServer(create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger)).start()
     try:

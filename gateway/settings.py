@@ -372,6 +372,10 @@ class Settings(BaseSettings):
     channel_claim_every_calls: int = Field(default=100, gt=0)
     channel_claim_every_seconds: float = Field(default=300.0, gt=0, le=600)
     channel_deposit_calls: int = Field(default=100, gt=0)
+    # The least deposit taken, in calls of the price: the gateway pays each deposit's gas (and its
+    # claim's), so a channel opened for one call's price would cost the seller more than it earns.
+    # A deposit below it is refused (invalid_batch_settlement_evm_deposit_below_min_deposit).
+    channel_min_deposit_calls: int = Field(default=10, gt=0)
 
     # Operations: the dashboard at /admin needs this token (Bearer, or ?token= once in a browser);
     # without one /admin answers 404. Each /readyz check is bounded by the timeout.
@@ -443,6 +447,14 @@ class Settings(BaseSettings):
 
     # These validators raise GatewayConfigError, not ValueError: pydantic passes it through as it
     # is, where a ValueError would become a ValidationError quoting the input (secrets included).
+    @model_validator(mode="after")
+    def _deposit_floor_below_suggestion(self) -> Settings:
+        if self.channel_min_deposit_calls > self.channel_deposit_calls:
+            raise GatewayConfigError(
+                f"X402GW_CHANNEL_MIN_DEPOSIT_CALLS ({self.channel_min_deposit_calls}) is above X402GW_CHANNEL_DEPOSIT_CALLS "
+                f"({self.channel_deposit_calls}): clients deposit what the 402 suggests, which would be refused")
+        return self
+
     @model_validator(mode="after")
     def _keys_from_files(self) -> Settings:
         for name in ("settlement_key", "refund_key", "facilitator_auth", "cdp_api_key_secret", "receipt_key"):

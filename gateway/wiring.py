@@ -212,6 +212,7 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
             wiring.schemes.register(upto)
         wiring.channels = build_channels(local_chains, settings.deployment_file, ChannelPolicy(
             settings.channel_claim_every_calls, settings.channel_claim_every_seconds, settings.channel_deposit_calls,
+            min_deposit_calls=settings.channel_min_deposit_calls,
         ), receipt_timeout=settings.receipt_timeout_seconds)
         if wiring.channels is not None:  # the escrow is there (the dev chain places it)
             wiring.schemes.register(wiring.channels)

@@ -160,6 +160,8 @@ class ChannelsEvm:
                 raise Refused(E.ERR_INVALID_RECEIVE_AUTHORIZATION_SIGNATURE, "the deposit is not signed by the payer")
             if payment.deposit.valid_before <= self._clock() + 6:
                 raise Refused(E.ERR_VALID_BEFORE_EXPIRED, "the deposit authorization has expired")
+            if payment.deposit.amount < (floor := int(requirements.amount) * self.policy.min_deposit_calls):
+                raise Refused(E.ERR_DEPOSIT_BELOW_MIN_DEPOSIT, f"a deposit must be at least {floor} ({extra.get('minDeposit')} suggested)")
         return payment
 
     async def chain_view(self, chain: ChannelChain, payment: ChannelPayment) -> ChainView:

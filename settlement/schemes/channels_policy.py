@@ -81,6 +81,7 @@ class ChannelPolicy:
     claim_every_seconds: float = 300.0  # the oldest accepted voucher's wait
     deposit_calls: int = 100  # extra.minDeposit = price × this
     withdraw_delay: int = MIN_WITHDRAW_DELAY
+    min_deposit_calls: int = 10  # a deposit below price × this is refused: the seller pays its gas
 
 
 class Refused(Exception):

@@ -123,7 +123,8 @@ def test_each_forged_or_stale_voucher_is_refused_with_its_code_and_nothing_moves
 def test_a_voucher_above_the_deposit_is_refused(
     start_gateway: GatewayFactory, devchain: Devchain, upstream: str, tmp_path: Path,
 ) -> None:
-    gateway = channel_gateway(start_gateway, devchain, upstream, tmp_path, **NEVER_BY_COUNT)
+    # A channel of two calls (the owner's floor lowered to one call: the default refuses it).
+    gateway = channel_gateway(start_gateway, devchain, upstream, tmp_path, channel_min_deposit_calls=1, **NEVER_BY_COUNT)
     small = BatchSettlementEvmSchemeOptions(salt="0x" + "d8" * 32, deposit_strategy=lambda ctx: str(2 * PRICE))
     client = x402Client()
     client.register("eip155:31337", BatchSettlementEvmScheme(Account.from_key(devchain.key(3)), small))
