@@ -175,7 +175,8 @@ def _lifespan(
         # Workers and replicas take turns (one reads the chain for the open rows each round).
         turns = taking_turns(store, "resolve-pending", every) if every and isinstance(store, RedisStore) else None
         follower = asyncio.ensure_future(keep_resolving(
-            ledger, wiring.schemes, every, turns, lambda rows: refunds.owe_lost_answers(store, rows))) if every else None
+            ledger, wiring.schemes, every, turns, lambda rows, turn: refunds.owe_lost_answers(store, rows, sweep=turn),
+            orphaned=lambda row: refunds.orphaned(store, row))) if every else None
         try:
             async with mcp_endpoint.running():  # MCP's session manager lives as long as the app
                 yield

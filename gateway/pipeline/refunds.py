@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from catalog import Tool
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
-from gateway.store import StateStore, payment_lock
+from gateway.store import StateStore, StoreUnavailable, payment_lock
 from settlement.chain.refunds import Refunder
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.payments import Ledger
@@ -22,6 +23,10 @@ from settlement.schemes.upto import UPTO, upto_charge
 __all__ = ["Refunds", "callers_failure", "keeps_charge", "user_scoped"]
 
 log = logging.getLogger("x402gw.refunds")
+
+# How far back the resolver's turn looks for settled upfront payments without their answer each round
+# (a request lives minutes at most; the start-up sweep reads the whole ledger).
+SWEEP_HOURS = 6
 
 # An upstream's 4xx that is not about what the caller asked: the credentials the gateway sends (401,
 # 403, 407: the owner's), the request the gateway built (405, 411, 415, 426), or the upstream's state
@@ -82,18 +87,24 @@ class Refunds:
         ctx.outcome = outcome
         return fields
 
-    async def owe_lost_answers(self, store: StateStore, resolved: Iterable[Resolution] | None = None) -> list[int]:
+    async def owe_lost_answers(self, store: StateStore, resolved: Iterable[Resolution] | None = None, *,
+                               sweep: bool = False) -> list[int]:
         """Settled ``upfront`` payments whose answer never came (no stored answer, no upstream status:
         the process died between the settlement and the answer, or the settlement was still pending
         when its request answered): a refund is owed now, as a resend would get (``exactly_once``), not
         only if the payer resends. ``resolved``: only the rows a reconcile just settled; None: every
         such row in the ledger (at start-up: another process's reconcile may have settled them).
+        ``sweep``: those created in the last ``SWEEP_HOURS`` too (the resolver's turn each round: a
+        replica killed and never restarted left them, and no start-up of its will find them).
         A row whose payment lock a live request holds (a replica's, a resend) is left to it."""
         ledger = self.ledger
         if resolved is None:
             rows = await ledger.run(ledger.answers_lost)
         else:  # and the rows a held lock kept back before: a dead process's lock lapses
             wanted = self._recheck | {r.payment_id for r in resolved if r.after == PaymentState.SETTLED.value}
+            if sweep:
+                since = datetime.now(UTC) - timedelta(hours=SWEEP_HOURS)
+                wanted |= {row.id for row in await ledger.run(ledger.answers_lost, since)}
             rows = [row for payment_id in sorted(wanted) if (row := await ledger.run(ledger.get, payment_id)) is not None]
         self._recheck = set()
         owed = []
@@ -112,6 +123,15 @@ class Refunds:
             log.warning("payment %d was settled with no answer (its request died): refund %s", row.id, fields["refund"])
             owed.append(row.id)
         return owed
+
+    @staticmethod
+    async def orphaned(store: StateStore, row: Payment) -> bool:
+        """A ``settling`` row no live request holds (its payment lock free): its process died, and the
+        resolver follows it now rather than at that process's next start-up."""
+        try:
+            return await store.holder(payment_lock(row.network, row.payer, row.nonce)) is None
+        except StoreUnavailable:  # cannot tell: left to its request, or to the next round
+            return False
 
     async def _lost(self, row: Payment) -> bool:
         """Settled ``upfront``, no refund, no upstream status, no stored answer."""

@@ -10,9 +10,9 @@ One interface (``base.StateStore``), two backends. ``MemoryStore`` serves one pr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Awaitable, Callable
 
 from gateway.store.base import (
     MAX_EXACT_UNITS,
@@ -49,23 +49,39 @@ def payment_lock(network: str, payer: str, nonce: str) -> str:
 WORKER_GROUP_ENV = "X402GW_WORKER_GROUP"  # the supervisor's random id, in each of its workers' lock tags
 
 
-def taking_turns(store: StateStore, job: str, every_seconds: float) -> Callable[[], Awaitable[bool]]:
-    """Whether this process runs a periodic job's round now: of the processes sharing ``store``, the
-    one holding the job's lock (taken for one and a half rounds, kept by its holder each round), so
-    one process does the work, and another takes over within a round and a half of its holder's
-    death. With the store away, every process runs its rounds (as each did before turns)."""
-    owner, key = f"{os.getpid()}-{os.urandom(6).hex()}", f"turn:{job}"
-    ttl_ms = max(1, math.ceil(every_seconds * 1500))
+class Turns:
+    """Whether this process runs a periodic job's round now (``await turns()``): of the processes
+    sharing ``store``, the one holding the job's lock (taken for one and a half rounds, kept by its
+    holder each round), so one process does the work, and another takes over within a round and a
+    half of its holder's death. With the store away, every process runs its rounds (as each did
+    before turns). ``give_up``: a holder that cannot do the work (its chain away) lets the lock go
+    and sits out the next two rounds, so a process that can takes it, not the same one again."""
 
-    async def my_turn() -> bool:
+    def __init__(self, store: StateStore, job: str, every_seconds: float) -> None:
+        self.store, self.key = store, f"turn:{job}"
+        self.owner = f"{os.getpid()}-{os.urandom(6).hex()}"
+        self.ttl_ms = max(1, math.ceil(every_seconds * 1500))
+        self._sitting_out = 0
+
+    async def __call__(self) -> bool:
+        if self._sitting_out:
+            self._sitting_out -= 1
+            return False
         try:
-            if await store.acquire(key, owner, ttl_ms):
+            if await self.store.acquire(self.key, self.owner, self.ttl_ms):
                 return True
-            return await store.holder(key) == owner and await store.extend(key, owner, ttl_ms)
+            return await self.store.holder(self.key) == self.owner and await self.store.extend(self.key, self.owner, self.ttl_ms)
         except StoreUnavailable:
             return True
 
-    return my_turn
+    async def give_up(self) -> None:
+        self._sitting_out = 2
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.release(self.key, self.owner)
+
+
+def taking_turns(store: StateStore, job: str, every_seconds: float) -> Turns:
+    return Turns(store, job, every_seconds)
 
 
 def create_store(redis_url: str | None, prefix: str = "x402gw:") -> StateStore:

@@ -297,6 +297,19 @@ class RedisStore:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError):
             await self._redis.zrem(self._key(f"holds:{key}"), f"{entry}:{amount}")
 
+    async def keep_held(self, key: str, ttl_ms: int) -> None:
+        """An authorization whose settlement's outcome is unknown, named for every replica
+        (``SharedHolds``); best effort: Redis unreachable, the process's own hold still counts."""
+        check_ttl(ttl_ms)
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError):
+            await self._redis.set(self._key(f"kept:{key}"), b"1", px=ttl_ms)
+
+    async def is_held(self, key: str) -> bool | None:
+        try:
+            return bool(await self._redis.exists(self._key(f"kept:{key}")))
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError):
+            return None
+
     async def ping(self) -> None:
         with _unavailable_on_redis_errors():
             await self._redis.ping()

@@ -186,9 +186,12 @@ class SettleOnce:
         if stored is not None and stored[0] == mark:
             return stored[1]
         # Nothing is keyed on (payer, nonce) before the payer's signature checked out: a junk
-        # signature naming someone else's nonce neither waits on nor delays their settlement.
+        # signature naming someone else's nonce neither waits on nor delays their settlement. One
+        # that does not recover to the payer is a contract wallet's, perhaps: asked on chain first
+        # (offline, it would pass, and hold the payment lock against the payer's own request).
         try:
-            self._facilitator.check_offline(payload, requirements)
+            await self._facilitator.confirm_wallet(self._facilitator.check_offline(payload, requirements),
+                                                   requirements.network)
         except Rejected as rej:
             return SettleResponse(
                 success=False, error_reason=rej.reason, error_message=rej.message, network=requirements.network

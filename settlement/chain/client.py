@@ -58,6 +58,7 @@ __all__ = [
     "Receipt",
     "RpcError",
     "selector",
+    "transfer_with_signature_bytes_calldata",
 ]
 
 
@@ -92,6 +93,15 @@ def authorization_words(auth: Eip3009Authorization, v: int, r: bytes, s: bytes) 
 def transfer_with_authorization_calldata(auth: Eip3009Authorization, v: int, r: bytes, s: bytes) -> bytes:
     """``transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)``."""
     return SEL_TRANSFER_WITH_AUTHORIZATION + authorization_words(auth, v, r, s)
+
+
+def transfer_with_signature_bytes_calldata(auth: Eip3009Authorization, signature: bytes) -> bytes:
+    """``transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)``: a contract
+    wallet's signature, passed to the token byte for byte."""
+    return SEL_TRANSFER_WITH_AUTHORIZATION_BYTES + abi_encode(
+        ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"],
+        [auth.from_, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce, signature],
+    )
 
 
 def selector(signature: str) -> bytes:
@@ -260,10 +270,7 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
     ) -> str:
         """``transferWithAuthorization`` through the ``bytes signature`` overload (0xcf092995), for
         a contract wallet's signature, passed to the token byte for byte."""
-        calldata = SEL_TRANSFER_WITH_AUTHORIZATION_BYTES + abi_encode(
-            ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"],
-            [auth.from_, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce, signature],
-        )
+        calldata = transfer_with_signature_bytes_calldata(auth, signature)
         return await self.send_call(token, calldata, before_send, gas=WALLET_TRANSFER_GAS_LIMIT)
 
     async def send_transfer(self, token: str, to: str, amount: int, before_send: BeforeSend | None = None) -> str:

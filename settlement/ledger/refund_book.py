@@ -11,6 +11,7 @@ payers racing for one refund never both broadcast.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -64,13 +65,15 @@ class RefundTransitions:
             return False
         return True
 
-    def answers_lost(self) -> list[Payment]:
+    def answers_lost(self, since: datetime | None = None) -> list[Payment]:
         """Settled ``upfront`` payments with no answer stored, no upstream status and no refund: the
-        request died between its settlement and its answer (or is still running: its lock says)."""
+        request died between its settlement and its answer (or is still running: its lock says).
+        ``since``: only those created since then (an index range, not the whole ledger)."""
         stored = select(StoredResponse.payment_id).where(StoredResponse.payment_id == Payment.id).exists()
         query = select(Payment).where(
             Payment.state == PaymentState.SETTLED.value, Payment.settle_mode == "upfront", Payment.refund_owed.is_(None),
             Payment.upstream_status.is_(None), ~stored,
+            *(() if since is None else (Payment.created_at >= since,)),
         ).order_by(Payment.id)
         with self._session() as session:
             return list(session.scalars(query))

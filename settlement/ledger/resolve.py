@@ -88,18 +88,23 @@ def changes(row: Payment, resolution: Resolution) -> bool:
 
 async def resolve_open_payments(
     ledger: Ledger, resolver: Resolver, *, which: Callable[[Payment], bool] = lambda row: True,
+    orphaned: Callable[[Payment], Awaitable[bool]] | None = None, unreachable: list[Payment] | None = None,
 ) -> list[Resolution]:
     """Resolve every ``settling``/``pending`` row the resolver can tell about (of those ``which``
-    keeps); apply and report.
+    keeps, and the ``settling`` ones ``orphaned`` says no live request holds); apply and report.
 
-    A row the resolver cannot tell about, or whose chain does not answer, stays open (reported
-    by reconcile as still open)."""
+    A row the resolver cannot tell about, or whose chain does not answer (added to ``unreachable``),
+    stays open (reported by reconcile as still open)."""
     results: list[Resolution] = []
     rows = await ledger.run(ledger.open_payments)
-    for row in filter(which, rows):
+    for row in rows:
+        if not which(row) and not (orphaned is not None and row.state == PaymentState.SETTLING and await orphaned(row)):
+            continue
         try:
             resolution = await resolver.resolve(row)
         except ChainUnavailable:
+            if unreachable is not None:
+                unreachable.append(row)
             continue
         if resolution is None:
             continue
@@ -140,29 +145,46 @@ def _pending(row: Payment) -> bool:
     return row.state == PaymentState.PENDING
 
 
-async def keep_resolving(ledger: Ledger, resolver: Resolver, every: float,
-                         my_turn: Callable[[], Awaitable[bool]] | None = None,
-                         then: Callable[[list[Resolution]], Awaitable[object]] | None = None) -> None:
+class Turn(Protocol):
+    """Whether this process runs a round (workers and replicas take turns through the shared store),
+    and its turn given up for others to take."""
+
+    async def __call__(self) -> bool: ...
+
+    async def give_up(self) -> None: ...
+
+
+async def keep_resolving(ledger: Ledger, resolver: Resolver, every: float, my_turn: Turn | None = None,
+                         then: Callable[[list[Resolution], bool], Awaitable[object]] | None = None,
+                         orphaned: Callable[[Payment], Awaitable[bool]] | None = None) -> None:
     """Resolve the ``pending`` rows every ``every`` seconds until cancelled: a settlement broadcast
     whose receipt did not come before its request answered is followed to its outcome (settled,
-    failed) as the chain gives it, without a resend. ``settling`` rows are left to their request (a
-    live one holds them; a dead one's are resolved at start-up). A round that fails (the database
-    or the chain away) is logged and the next one tries again. ``my_turn``: whether this process
-    runs this round (workers and replicas take turns through the shared store: one reads the chain
-    for every open row, not each of them; their writes would be safe anyway, ``apply_unless_moved``).
-    ``then``: given each round's resolutions, none when not its turn (the gateway owes the refunds of
-    answers never given, and asks again about those a held lock kept back)."""
+    failed) as the chain gives it, without a resend. ``settling`` rows are left to their request,
+    unless ``orphaned`` says none holds it (a replica killed and never restarted: its rows would
+    otherwise wait for some process's start-up). A round that fails (the database or the chain
+    away) is logged and the next one tries again. ``my_turn``: whether this process runs this round
+    (workers and replicas take turns through the shared store: one reads the chain for every open
+    row, not each of them; their writes would be safe anyway, ``apply_unless_moved``); a process
+    whose round could not reach a chain gives its turn up, for one that can. ``then``: given each
+    round's resolutions (none when not its turn) and whether it was its turn (the gateway owes the
+    refunds of answers never given, and asks again about those a held lock kept back)."""
     isolated = _RowByRow(resolver)
     while True:
         await asyncio.sleep(every)
         try:
             resolved: list[Resolution] = []
-            if my_turn is None or await my_turn():
-                resolved = await resolve_open_payments(ledger, isolated, which=_pending)
+            turn = my_turn is None or await my_turn()
+            if turn:
+                unreachable: list[Payment] = []
+                resolved = await resolve_open_payments(ledger, isolated, which=_pending, orphaned=orphaned,
+                                                       unreachable=unreachable)
+                if unreachable and my_turn is not None:
+                    log.warning("%d open payments: their chain does not answer; the turn is given up", len(unreachable))
+                    await my_turn.give_up()
             for resolution in resolved:
                 if resolution.after != resolution.before:
-                    log.info("pending payment resolved: %s", resolution.to_json())
+                    log.info("open payment resolved: %s", resolution.to_json())
             if then is not None:  # every round, its turn or not: what it asks again is this process's own
-                await then(resolved)
+                await then(resolved, turn)
         except Exception:  # never ends the loop: the next round tries again
             log.exception("pending payments not resolved this round")

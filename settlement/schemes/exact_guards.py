@@ -31,7 +31,11 @@ from typing import Protocol
 
 from settlement.chain.authorization import Eip3009Authorization, split_signature
 from settlement.chain.broadcast import TRANSFER_GAS_LIMIT
-from settlement.chain.client import transfer_with_authorization_calldata
+from settlement.chain.client import (
+    WALLET_TRANSFER_GAS_LIMIT,
+    transfer_with_authorization_calldata,
+    transfer_with_signature_bytes_calldata,
+)
 from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
 from settlement.schemes.remote import settlement_outcome_unknown
@@ -85,16 +89,24 @@ def in_flight_refusal(payer: str, network: str, reason: str = INSUFFICIENT_BALAN
 
 async def transfer_refusal(
     chain: CodeReader, code: bytes, token: str, auth: Eip3009Authorization, signature: bytes,
+    *, wallet_signature: bytes | None = None,
 ) -> str | None:
     """For a payer whose account has ``code``: the reason its transfer would fail (its code refused the
     signature or ran out of the settlement's gas), or None when the simulation succeeds. An account
     without code: None, no call (the token checks the ECDSA signature itself, as verify did). A node
-    that cannot run the simulation now: ``ChainUnavailable`` (unknown, retryable), never a refusal."""
+    that cannot run the simulation now: ``ChainUnavailable`` (unknown, retryable), never a refusal.
+    ``wallet_signature``: a contract wallet's (what the token passes to its ``isValidSignature``),
+    simulated through the ``bytes`` overload the settlement sends: a wallet that says yes when the
+    gateway asks it directly and no when the token asks (``CALLER``, ``ORIGIN``) is refused here."""
     if not code:
         return None
-    v, r, s = split_signature(signature)
+    if wallet_signature is not None:
+        calldata, gas = transfer_with_signature_bytes_calldata(auth, wallet_signature), WALLET_TRANSFER_GAS_LIMIT
+    else:
+        v, r, s = split_signature(signature)
+        calldata, gas = transfer_with_authorization_calldata(auth, v, r, s), TRANSFER_GAS_LIMIT
     try:
-        await chain.eth_call(token, transfer_with_authorization_calldata(auth, v, r, s), gas=TRANSFER_GAS_LIMIT)
+        await chain.eth_call(token, calldata, gas=gas)
     except RpcError as exc:
         if not is_revert(exc.rpc_message):
             raise
@@ -123,6 +135,18 @@ class SharedHolds(Protocol):
         ...
 
     async def drop_share(self, key: str, entry: str, amount: int) -> None: ...
+
+    async def keep_held(self, key: str, ttl_ms: int) -> None:
+        """Names one authorization whose settlement's outcome is unknown, for every process, for ``ttl_ms``."""
+        ...
+
+    async def is_held(self, key: str) -> bool | None:
+        """Whether ``keep_held`` named it and it has not lapsed; None when the store cannot say."""
+        ...
+
+
+def _kept_key(key: tuple[str, str, str], nonce: bytes) -> str:
+    return ":".join(key) + ":" + nonce.hex()
 
 
 class Hold:
@@ -175,10 +199,15 @@ class InFlight:
         mined = await asyncio.gather(*(is_mined() for _, is_mined in held), return_exceptions=True)
         return sum(value for (value, _), done in zip(held, mined, strict=True) if done is not True)
 
-    def holds(self, network: str, token: str, payer: str, nonce: bytes) -> bool:
-        """Whether a settlement of this very authorization is in flight here, or kept (its outcome unknown)."""
-        entries = self._held.get((network, token.lower(), payer.lower()), {})
-        return any(self._authorizations.get(entry) == nonce for entry in entries)
+    async def holds(self, network: str, token: str, payer: str, nonce: bytes) -> bool:
+        """Whether a settlement of this very authorization is in flight here, or kept (its outcome
+        unknown) here or, with a shared store, in any process: a replica's settlement still in the
+        pool, its request answered 503 and its payment lock released, would revert beside a second
+        broadcast. A shared store that cannot say: held (refused, retryable; never our gas spent)."""
+        key = (network, token.lower(), payer.lower())
+        if any(self._authorizations.get(entry) == nonce for entry in self._held.get(key, {})):
+            return True
+        return self.shared is not None and await self.shared.is_held(_kept_key(key, nonce)) is not False
 
     @asynccontextmanager
     async def hold(self, chain: BalanceReader, network: str, token: str, payer: str, value: int,
@@ -207,6 +236,8 @@ class InFlight:
         finally:
             if held.unknown:  # dropped later; the shared entry lapses by itself
                 asyncio.get_running_loop().call_later(self.ttl_ms / 1000, self._drop, key, entry)
+                if shared is not None and nonce is not None:
+                    await shared.keep_held(_kept_key(key, nonce), self.ttl_ms)
             else:
                 self._drop(key, entry)
                 if shared is not None:

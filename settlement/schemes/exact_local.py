@@ -274,9 +274,9 @@ class LocalFacilitator:
                 invalid_message="payer balance is below the price (beside its payments being settled now)",
                 payer=checked.payer,
             )
-        # An account with code asked by the token about an ECDSA signature (exact_guards): simulated first.
-        refusal = None if checked.wallet is not None else await transfer_refusal(
-            chain, code, checked.token, checked.auth, checked.signature)
+        # An account with code asked by the token about its signature (exact_guards): simulated first.
+        refusal = await transfer_refusal(chain, code, checked.token, checked.auth, checked.signature,
+                                         wallet_signature=checked.wallet.inner if checked.wallet is not None else None)
         if refusal is not None:
             return VerifyResponse(is_valid=False, invalid_reason=refusal, payer=checked.payer,
                                   invalid_message="the payer account's code refuses this transfer (simulated)")
@@ -293,7 +293,7 @@ class LocalFacilitator:
         except Rejected as rej:
             return SettleResponse(success=False, error_reason=rej.reason, error_message=rej.message, network=network)
         chain = self._chains[network]
-        if self.in_flight.holds(network, checked.token, checked.payer, checked.auth.nonce):
+        if await self.in_flight.holds(network, checked.token, checked.payer, checked.auth.nonce):
             # Its settlement is in flight or its outcome unknown (pending, in the pool): a second broadcast reverts.
             return SettleResponse(success=False, error_reason="payment_in_flight", payer=checked.payer, network=network,
                                   error_message="this authorization's settlement is still in flight")

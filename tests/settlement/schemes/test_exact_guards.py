@@ -130,6 +130,7 @@ class Shared:
 
     def __init__(self) -> None:
         self.holds: dict[str, dict[str, int]] = {}
+        self.kept: dict[str, int] = {}  # authorization -> its TTL
         self.away = False
 
     async def hold_share(self, key: str, entry: str, amount: int, ttl_ms: int) -> list[int] | None:
@@ -141,6 +142,13 @@ class Shared:
 
     async def drop_share(self, key: str, entry: str, amount: int) -> None:
         self.holds.get(key, {}).pop(entry, None)
+
+    async def keep_held(self, key: str, ttl_ms: int) -> None:
+        if not self.away:
+            self.kept[key] = ttl_ms
+
+    async def is_held(self, key: str) -> bool | None:
+        return None if self.away else key in self.kept
 
 
 def test_two_processes_sharing_a_store_count_each_others_settlements_in_flight() -> None:
@@ -269,3 +277,38 @@ def test_a_settled_or_refused_settlement_drops_its_hold() -> None:
             return second.covered
 
     assert asyncio.run(run()) is True and not flights._held
+
+
+def test_an_authorization_whose_outcome_is_unknown_is_held_for_every_process() -> None:
+    """Worker A's settlement went pending (in the pool, its request answered 503, its payment lock
+    released): worker B, asked to settle the same authorization (the served facilitator API), is told
+    it is held, as A is; another nonce of the same payer is not. A store that cannot say: held."""
+    shared, chain = Shared(), Balance(1000)
+    worker_a, worker_b = InFlight(shared, ttl_ms=60_000), InFlight(shared)
+    nonce, other = b"\x01" * 32, b"\x02" * 32
+
+    async def run() -> list[bool]:
+        asyncio.get_running_loop().call_later = lambda *args: None  # type: ignore[method-assign,assignment,return-value]
+        before = await worker_b.holds(NET, TOKEN, PAYER, nonce)
+        async with worker_a.hold(chain, NET, TOKEN, PAYER, 100, unmined, nonce) as held:
+            held.judged(pending_answer())
+        seen = [await worker.holds(NET, TOKEN, PAYER.lower(), nonce) for worker in (worker_a, worker_b)]
+        shared.away = True
+        away = await worker_b.holds(NET, TOKEN, PAYER, other)
+        shared.away = False
+        return [before, *seen, await worker_b.holds(NET, TOKEN, PAYER, other), away]
+
+    assert asyncio.run(run()) == [False, True, True, False, True]
+    assert list(shared.kept.values()) == [60_000]  # lapses with the hold's lifetime
+
+
+def test_a_settled_authorization_is_not_held_for_the_others() -> None:
+    shared, chain = Shared(), Balance(1000)
+    worker_a, worker_b = InFlight(shared), InFlight(shared)
+
+    async def run() -> bool:
+        async with worker_a.hold(chain, NET, TOKEN, PAYER, 100, unmined, b"\x01" * 32) as held:
+            held.judged(SettleResponse(success=True, transaction="0x" + "ab" * 32, network=NET))
+        return await worker_b.holds(NET, TOKEN, PAYER, b"\x01" * 32)
+
+    assert asyncio.run(run()) is False and shared.kept == {}
