@@ -20,6 +20,7 @@ guided by the tool's output_schema where it has one:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -257,6 +258,9 @@ def _types(schema: Any) -> list[str]:
     return [kind] if isinstance(kind, str) else [k for k in kind if isinstance(k, str)] if isinstance(kind, list) else []
 
 
+_MAX_DIGITS = 4000  # of an integer turned into a JSON number (Python's int/str limit is 4,300)
+
+
 def _scalar(text: str, schema: Any) -> Any:
     kinds = _types(schema)
     if not kinds or "string" in kinds:
@@ -269,12 +273,14 @@ def _scalar(text: str, schema: Any) -> Any:
             number = Decimal(stripped)
         except InvalidOperation:
             return text
-        if number.is_finite():
+        # Bounded first: "1e600000" is 8 bytes, and its int() holds the GIL for a minute (quadratic in
+        # the digits); one past Python's 4,300 digits, or a float past 1.8e308, is no JSON number.
+        if number.is_finite() and number.adjusted() < _MAX_DIGITS:
             if number == number.to_integral_value() and ("integer" in kinds or not any(c in stripped for c in ".eE")):
                 return int(number)
-            if "number" in kinds:
-                return float(number)
-        return text
+            if "number" in kinds and math.isfinite(as_float := float(number)):
+                return as_float
+        return text  # kept as the upstream wrote it (its drift rules judge it)
     if "boolean" in kinds:
         lowered = stripped.lower()
         if lowered in ("true", "1"):

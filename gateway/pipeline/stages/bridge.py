@@ -65,7 +65,10 @@ class CallUpstream:
                 await self._upfront_failed(ctx, quote, payment_id, err)
             raise
         except Exception as exc:  # a fault of ours past an upfront settlement: never charged without its answer
-            if tool.settle != "upfront":
+            if tool.settle != "upfront":  # nothing settled: the payment is let go (voided), never left open
+                log.exception("upstream call of payment %d failed unexpectedly; the payment is voided", payment_id)
+                await self.ledger.run(self.ledger.void, payment_id, codes.INTERNAL_ERROR)
+                ctx.outcome = "upstream_failed"
                 raise
             log.exception("upstream call of settled payment %d failed unexpectedly; a refund is owed", payment_id)
             failed = GatewayError(codes.INTERNAL_ERROR, "the gateway failed to get the upstream's answer; the payment "

@@ -148,3 +148,15 @@ def test_hostile_xml_is_not_expanded() -> None:
     root = parse_xml(bomb)
     assert root is None or "aaaaaaaaaa" not in "".join(root.itertext())
     assert parse_xml(b"not xml") is None
+
+
+def test_numbers_json_cannot_hold_or_that_take_long_to_build_stay_as_the_upstream_wrote_them() -> None:
+    """``1e600000`` is 8 bytes; as an int it takes a minute holding the GIL (every request of the
+    process stops). Past Python's 4,300 digits an int is no JSON number, nor is ``inf``: each is
+    kept as its text, and what can be a number still is."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}}}
+    for text, kind in (("1e600000", "n"), ("1e5000", "n"), ("-1E4001", "n"), ("1e999", "x"), ("-1e400", "x")):
+        result = etree.fromstring(f"<r><{kind}>{text}</{kind}></r>")
+        assert element_to_json(result, schema) == {kind: text}, text
+    result = etree.fromstring("<r><n>1e3999</n><x>2.5e300</x></r>")
+    assert element_to_json(result, schema) == {"n": 10**3999, "x": 2.5e300}

@@ -38,9 +38,22 @@ class Owed:
         return {"refund": "owed"}
 
 
-def stage(refunds: Owed) -> CallUpstream:
+class Voids:
+    """The ledger's part the stage uses when nothing settled: ``void``."""
+
+    def __init__(self) -> None:
+        self.voided: list[tuple[int, str | None]] = []
+
+    async def run(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        return call(*args, **kwargs)
+
+    def void(self, payment_id: int, reason: str | None, **kwargs: Any) -> None:
+        self.voided.append((payment_id, reason))
+
+
+def stage(refunds: Owed, ledger: Voids | None = None) -> CallUpstream:
     return CallUpstream(cast(Bridge, Broken()), cast(UpstreamClient, None), safety=cast(Safety, None),
-                        ledger=cast(Ledger, None), refunds=cast(Refunds, refunds), max_response_bytes=1024)
+                        ledger=cast(Ledger, ledger), refunds=cast(Refunds, refunds), max_response_bytes=1024)
 
 
 def settled_call(method: str, path: str, body: bytes = b"") -> RequestContext:
@@ -60,10 +73,11 @@ def test_a_fault_of_ours_after_an_upfront_settlement_owes_the_refund() -> None:
     assert "payment-response" in {name.lower() for name in failed.value.headers}  # the receipt of what settled
 
 
-def test_a_fault_of_ours_before_a_settle_after_payment_is_left_as_it_is() -> None:
-    ctx, refunds = settled_call("GET", "/quotes/AAPL"), Owed()
+def test_a_fault_of_ours_before_a_settle_after_payment_voids_it_and_owes_nothing() -> None:
+    """Nothing settled: the payment is let go (``voided``), never left ``verified`` for ever."""
+    ctx, refunds, ledger = settled_call("GET", "/quotes/AAPL"), Owed(), Voids()
     ctx.settlement = None  # settle: after: nothing settled yet
     assert ctx.tool is not None and ctx.tool.settle == "after"
     with pytest.raises(OverflowError):
-        asyncio.run(stage(refunds)(ctx))
-    assert refunds.owed == []
+        asyncio.run(stage(refunds, ledger)(ctx))
+    assert refunds.owed == [] and ledger.voided == [(7, "internal_error")] and ctx.outcome == "upstream_failed"
