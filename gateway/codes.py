@@ -301,6 +301,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
 # reason a remote facilitator gives, so they are listed here but take no entry of their own.
 SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
     "invalid_payload",
+    "payer_code_reverted",  # exact_guards.InFlight.struck: the payer's code made a settlement revert
     "unsupported_scheme",
     "network_mismatch",
     "missing_eip712_domain",

@@ -373,7 +373,7 @@ class BatchingFacilitator:
         async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,
                                              mined_by(chain, checked), checked.auth.nonce) as held:
             if not held.covered:  # the payer's items in flight take its balance: this one would fail in the batch (exact_guards)
-                return in_flight_refusal(checked.payer, network)
+                return in_flight_refusal(checked.payer, network, held.reason)
             future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
             batcher.submit(_Item(checked, before_send, future))
             # Shielded: a request that goes away must not cancel its item out of a batch being sent.

@@ -16,6 +16,14 @@ on transactions that revert, for nothing.
   replica count: a burst spread over N processes is refused as it is in one. One ``InFlight`` serves
   every scheme that takes a payer's token balance (EIP-3009 and Permit2 alike).
 
+- ``InFlight.struck``: code can tell a simulation from the mined transaction (``GASPRICE`` is 0 in
+  an ``eth_call``; ``ORIGIN``, the block, the gas left differ too), so a payer whose code says yes to
+  every check and no on chain would have each settlement revert, round after round, for one
+  delegation or deployment. A mined settlement that fails where its nonce, balance and window do
+  not explain it, of a payer with code, strikes that payer: its payments are refused
+  (``payer_code_reverted``) for an hour, in every process. Its cost is one revert per account, and
+  a new account costs it a delegation or a deployment and a balance of one price.
+
 What is left: a delegation made between verify and settlement costs the payer a transaction of its
 own for each revert it causes. A payer's settlement
 whose state read and balance read straddle a block may be refused one it could pay (402, retryable).
@@ -24,7 +32,9 @@ whose state read and balance read straddle a block may be refused one it could p
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -41,10 +51,18 @@ from settlement.errors import ChainUnavailable
 from settlement.schemes.remote import settlement_outcome_unknown
 from settlement.x402.wire import SettleResponse
 
-__all__ = ["HOLD_TTL_MS", "INSUFFICIENT_BALANCE", "InFlight", "Mined", "SharedHolds", "in_flight_refusal", "is_revert", "revert_reason_code", "transfer_refusal"]
+__all__ = ["HOLD_TTL_MS", "INSUFFICIENT_BALANCE", "PAYER_CODE_REVERTED", "STRUCK_MESSAGE", "InFlight", "Mined", "SharedHolds",
+           "in_flight_refusal", "is_revert", "revert_reason_code", "transfer_refusal"]
 
 INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
+PAYER_CODE_REVERTED = "payer_code_reverted"
+STRIKE_TTL_MS = 3_600_000  # how long a payer whose code made a settlement revert is refused
+_STRIKES_HELD = 10_000  # in this process's memory (each one cost a revert: bounded by the gas it took)
 _SIGNATURE = "invalid_exact_evm_payload_signature"
+# A mined settlement's failure that its nonce, balance and window do not explain (each scheme's name
+# for it; a batch item's is the token's "invalid signature"): the payer's code refused on chain.
+_UNEXPLAINED = frozenset({"transaction_failed", _SIGNATURE, "upto_settlement_reverted", "permit2_settlement_reverted"})
+log = logging.getLogger("x402gw.settlement")
 # What a token's revert message says, as the x402 reason code (a refused broadcast, a batch item, a simulation).
 REVERT_CODES = (
     ("authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
@@ -72,6 +90,8 @@ class CodeReader(Protocol):
 class BalanceReader(Protocol):
     async def balance_of(self, token: str, owner: str) -> int: ...
 
+    async def get_code(self, address: str) -> bytes: ...
+
 
 def is_revert(message: str | None) -> bool:
     """Whether a node's JSON-RPC error says the call itself failed (a revert, out of gas, a bad
@@ -81,10 +101,15 @@ def is_revert(message: str | None) -> bool:
     return any(word in lowered for word in ("revert", "out of gas", "outofgas", "gas required", "invalid opcode", "stack"))
 
 
+STRUCK_MESSAGE = ("this payer's code made a settlement revert on chain after every check passed: its payments "
+                  "are refused for an hour; pay from another account")
+
+
 def in_flight_refusal(payer: str, network: str, reason: str = INSUFFICIENT_BALANCE) -> SettleResponse:
-    """A settlement refused before its broadcast: the payer's settlements in flight take its balance."""
-    return SettleResponse(success=False, error_reason=reason, payer=payer, network=network,
-                          error_message="the payer's settlements in flight already take its balance; retry")
+    """A settlement refused before its broadcast: the payer's settlements in flight take its balance,
+    or the payer is struck (``reason`` ``payer_code_reverted``)."""
+    message = STRUCK_MESSAGE if reason == PAYER_CODE_REVERTED else "the payer's settlements in flight already take its balance; retry"
+    return SettleResponse(success=False, error_reason=reason, payer=payer, network=network, error_message=message)
 
 
 async def transfer_refusal(
@@ -154,10 +179,14 @@ class Hold:
 
     covered = False
     unknown = False
+    reverted = False  # mined, and failed where nonce, balance and window do not explain it
+    reason = INSUFFICIENT_BALANCE  # why it is not covered
 
     def judged(self, response: SettleResponse) -> SettleResponse:
-        """``response``, noting whether its outcome is unknown (the hold then outlives the block)."""
+        """``response``, noting whether its outcome is unknown (the hold then outlives the block) or an
+        unexplained revert (its payer's code is asked about: ``InFlight.struck``)."""
         self.unknown = settlement_outcome_unknown(response)
+        self.reverted = not response.success and bool(response.transaction) and response.error_reason in _UNEXPLAINED
         return response
 
 
@@ -172,6 +201,7 @@ class InFlight:
         self.shared = shared
         self.ttl_ms = ttl_ms  # of this process's holds in the shared store
         self._process = os.urandom(6).hex()  # names this process's entries in the shared store
+        self._struck: dict[str, float] = {}  # network:payer -> until (monotonic), this process's strikes
 
     @staticmethod
     def ttl_for(receipt_timeout: float) -> int:
@@ -209,6 +239,34 @@ class InFlight:
             return True
         return self.shared is not None and await self.shared.is_held(_kept_key(key, nonce)) is not False
 
+    async def struck(self, network: str, payer: str) -> bool:
+        """Whether this payer's code made one of our settlements revert in the last hour (here, or in any
+        process sharing the store; a store that cannot say: this process's own strikes only)."""
+        key = f"{network}:{payer.lower()}"
+        until = self._struck.get(key)
+        if until is not None:
+            if until > time.monotonic():
+                return True
+            del self._struck[key]
+        return self.shared is not None and await self.shared.is_held(f"struck:{key}") is True
+
+    async def _strike(self, chain: BalanceReader, network: str, payer: str) -> None:
+        """After an unexplained revert: the payer is struck if it has code (an account without any
+        cannot refuse on chain what it signed; a chain that cannot say: not struck)."""
+        try:
+            if not await chain.get_code(payer):
+                return
+        except (ChainUnavailable, RpcError):
+            return
+        key = f"{network}:{payer.lower()}"
+        self._struck[key] = time.monotonic() + STRIKE_TTL_MS / 1000
+        while len(self._struck) > _STRIKES_HELD:
+            del self._struck[next(iter(self._struck))]
+        log.warning("payer %s on %s: its code made a settlement revert after its checks passed; refused for an hour",
+                    payer, network)
+        if self.shared is not None:
+            await self.shared.keep_held(f"struck:{key}", STRIKE_TTL_MS)
+
     @asynccontextmanager
     async def hold(self, chain: BalanceReader, network: str, token: str, payer: str, value: int,
                    mined: Mined, nonce: bytes | None = None) -> AsyncIterator[Hold]:
@@ -227,7 +285,10 @@ class InFlight:
         held = Hold()
         try:
             elsewhere = None if shared is None else await shared.hold_share(shared_key, shared_entry, value, self.ttl_ms)
-            held.covered = await self._covered(chain, network, token, payer, value, entry, elsewhere)
+            if await self.struck(network, payer):  # asked again here: its verify may have raced the strike
+                held.reason = PAYER_CODE_REVERTED
+            else:
+                held.covered = await self._covered(chain, network, token, payer, value, entry, elsewhere)
             try:
                 yield held
             except asyncio.CancelledError:
@@ -242,6 +303,8 @@ class InFlight:
                 self._drop(key, entry)
                 if shared is not None:
                     await shared.drop_share(shared_key, shared_entry, value)
+            if held.reverted:
+                await self._strike(chain, network, payer)
 
     def _drop(self, key: tuple[str, str, str], entry: int) -> None:
         entries = self._held.get(key, {})

@@ -23,7 +23,16 @@ from settlement.chain.client import BeforeSend, Chain, Receipt
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
-from settlement.schemes.exact_guards import INSUFFICIENT_BALANCE, InFlight, Mined, in_flight_refusal, revert_reason_code, transfer_refusal
+from settlement.schemes.exact_guards import (
+    INSUFFICIENT_BALANCE,
+    PAYER_CODE_REVERTED,
+    STRUCK_MESSAGE,
+    InFlight,
+    Mined,
+    in_flight_refusal,
+    revert_reason_code,
+    transfer_refusal,
+)
 from settlement.schemes.exact_resolve import settled_elsewhere
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
 from settlement.x402.codec import parse_exact_evm
@@ -249,6 +258,8 @@ class LocalFacilitator:
         try:
             checked = self.check_offline(payload, requirements)
             await self.confirm_wallet(checked, requirements.network)
+            if await self.in_flight.struck(requirements.network, checked.payer):
+                raise Rejected(PAYER_CODE_REVERTED, STRUCK_MESSAGE)
         except Rejected as rej:
             return VerifyResponse(is_valid=False, invalid_reason=rej.reason, invalid_message=rej.message)
         chain = self._chains[requirements.network]
@@ -300,7 +311,7 @@ class LocalFacilitator:
         async with self.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,
                                        mined_by(chain, checked), checked.auth.nonce) as held:
             if not held.covered:  # its other settlements in flight take its balance: this one would revert on our gas
-                return in_flight_refusal(checked.payer, network)
+                return in_flight_refusal(checked.payer, network, held.reason)
             return held.judged(await self._send_and_wait(chain, checked, network, before_send))
 
     async def _send_and_wait(self, chain: Chain, checked: CheckedPayment, network: str,
@@ -314,13 +325,8 @@ class LocalFacilitator:
             if rpc_message is None:
                 raise
             # The node refused the transaction outright: nothing was broadcast.
-            refused = SettleResponse(
-                success=False,
-                error_reason=revert_reason_code(rpc_message),
-                error_message="the chain refused the settlement transaction",
-                payer=checked.payer,
-                network=network,
-            )
+            refused = SettleResponse(success=False, error_reason=revert_reason_code(rpc_message), payer=checked.payer,
+                                     error_message="the chain refused the settlement transaction", network=network)
             return await self.used_nonce_outcome(chain, checked, refused)
         try:
             receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
@@ -354,14 +360,8 @@ class LocalFacilitator:
             raise Rejected(refused.reason, refused.message) from None
 
     def _pending(self, tx_hash: str | None, checked: CheckedPayment, network: str) -> SettleResponse:
-        return SettleResponse(
-            success=False,
-            error_reason="settlement_pending",
-            error_message="the settlement transaction was broadcast but is not final yet",
-            payer=checked.payer,
-            transaction=tx_hash or "",
-            network=network,
-        )
+        return SettleResponse(success=False, error_reason="settlement_pending", payer=checked.payer, transaction=tx_hash or "",
+                              error_message="the settlement transaction was broadcast but is not final yet", network=network)
 
     async def used_nonce_outcome(self, chain: Chain, checked: CheckedPayment, failed: SettleResponse) -> SettleResponse:
         """``failed`` as it is, unless it failed because the authorization's nonce is used and the
@@ -387,12 +387,8 @@ class LocalFacilitator:
         if receipt.status == 1:
             if not receipt.has_transfer(checked.token, checked.auth.from_, checked.auth.to, checked.auth.value):
                 return SettleResponse(success=False, error_reason="invalid_exact_evm_transfer_event_mismatch", **base)
-            return SettleResponse(
-                success=True,
-                amount=str(checked.auth.value),
-                extra={"blockNumber": receipt.block_number, **gas_extra(_one(receipt))},
-                **base,
-            )
+            return SettleResponse(success=True, amount=str(checked.auth.value),
+                                  extra={"blockNumber": receipt.block_number, **gas_extra(_one(receipt))}, **base)
         # Reverted (certain: nothing moved). Say why, from the chain state the revert depended on.
         reason = "transaction_failed"
         try:

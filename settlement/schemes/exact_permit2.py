@@ -63,7 +63,7 @@ from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Scheme, Supported
 from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.exact import exact_resolvers
-from settlement.schemes.exact_guards import InFlight
+from settlement.schemes.exact_guards import PAYER_CODE_REVERTED, STRUCK_MESSAGE, InFlight
 from settlement.schemes.exact_permit2_payload import (
     EXACT_PROXY_ADDRESS,
     PERMIT2,
@@ -198,6 +198,8 @@ class ExactWithPermit2:
         try:
             permit = self._offline(payload, requirements)
             payer = permit.payer
+            if await self.in_flight.struck(requirements.network, payer):
+                raise _Refused(PAYER_CODE_REVERTED, STRUCK_MESSAGE)
             await self._chain_checks(self._chains[requirements.network], permit)
         except _Refused as refused:
             return VerifyResponse(is_valid=False, invalid_reason=refused.reason, invalid_message=refused.message, payer=payer)

@@ -55,7 +55,7 @@ from settlement.ledger import Payment, PaymentState
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
-from settlement.schemes.exact_guards import InFlight, in_flight_refusal
+from settlement.schemes.exact_guards import PAYER_CODE_REVERTED, STRUCK_MESSAGE, InFlight, in_flight_refusal
 from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.digits import is_digits
@@ -235,6 +235,8 @@ class UptoEvm:
             if upto_charge(requirements) > permit.maximum:  # could never settle: refused before the upstream
                 raise _Refused(ERR_UPTO_SETTLEMENT_EXCEEDS_AMOUNT, "the offer's charge is above the signed maximum")
             chain = self._chains[requirements.network]
+            if await self.in_flight.struck(requirements.network, permit.payer):
+                raise _Refused(PAYER_CODE_REVERTED, STRUCK_MESSAGE)
             await self._signature(chain, permit)
             await self._funds(chain, permit, permit.maximum)
             await self._simulate(chain, permit, permit.maximum)
@@ -344,7 +346,7 @@ async def send_permit2_settlement(
 
     async with in_flight.hold(chain, network, token, payer, amount, mined) as held:
         if not held.covered:
-            return in_flight_refusal(payer, network, ERR_PERMIT2_INSUFFICIENT_BALANCE)
+            return in_flight_refusal(payer, network, held.reason if held.reason == PAYER_CODE_REVERTED else ERR_PERMIT2_INSUFFICIENT_BALANCE)
         return held.judged(await _send_and_judge(
             chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted))
 

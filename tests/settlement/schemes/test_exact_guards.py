@@ -10,7 +10,7 @@ import pytest
 from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable
 from settlement.schemes.eip712 import TransferAuthorization
-from settlement.schemes.exact_guards import InFlight, is_revert, transfer_refusal
+from settlement.schemes.exact_guards import InFlight, in_flight_refusal, is_revert, transfer_refusal
 from settlement.x402.wire import SettleResponse
 
 NET, TOKEN, PAYER = "eip155:31337", "0x" + "aa" * 20, "0x" + "bB" * 20
@@ -25,8 +25,11 @@ async def mined() -> bool:
 
 
 class Balance:
-    def __init__(self, balance: int | None) -> None:
-        self.balance, self.reads = balance, 0
+    def __init__(self, balance: int | None, code: bytes = b"") -> None:
+        self.balance, self.reads, self.code = balance, 0, code
+
+    async def get_code(self, address: str) -> bytes:
+        return self.code
 
     async def balance_of(self, token: str, owner: str) -> int:
         self.reads += 1
@@ -312,3 +315,70 @@ def test_a_settled_authorization_is_not_held_for_the_others() -> None:
         return await worker_b.holds(NET, TOKEN, PAYER, b"\x01" * 32)
 
     assert asyncio.run(run()) is False and shared.kept == {}
+
+
+def reverted(reason: str = "transaction_failed") -> SettleResponse:
+    return SettleResponse(success=False, error_reason=reason, transaction="0x" + "cd" * 32, network=NET)
+
+
+def test_a_payer_whose_code_made_a_settlement_revert_is_refused_everywhere_and_others_are_not() -> None:
+    """Code can tell an eth_call from the mined transaction: every check passes, the settlement
+    reverts on the gateway's gas, round after round. After one such revert the payer is struck, in
+    this process and (through the store) in the others; for an hour, not for ever."""
+    shared, wallet = Shared(), Balance(1000, code=b"\xef\x01\x00" + bytes(20))
+    here, there = InFlight(shared), InFlight(shared)
+
+    async def run() -> list[object]:
+        async with here.hold(wallet, NET, TOKEN, PAYER, 100, unmined) as first:
+            first.judged(reverted())
+        seen = [await here.struck(NET, PAYER), await there.struck(NET, PAYER.lower()), await there.struck(NET, "0x" + "cc" * 20)]
+        async with there.hold(wallet, NET, TOKEN, PAYER, 100, unmined) as second:  # a verify that raced the strike
+            refused = (second.covered, second.reason)
+        return [*seen, refused, in_flight_refusal(PAYER, NET, second.reason).error_reason]
+
+    assert asyncio.run(run()) == [True, True, False, (False, "payer_code_reverted"), "payer_code_reverted"]
+    assert list(shared.kept.values()) == [3_600_000]
+
+
+@pytest.mark.parametrize("response", [
+    reverted("invalid_exact_evm_insufficient_balance"),  # explained: its balance went elsewhere
+    reverted("invalid_exact_evm_nonce_already_used"),
+    SettleResponse(success=False, error_reason="transaction_failed", network=NET),  # never mined: no gas of ours spent
+    SettleResponse(success=True, transaction="0x" + "ab" * 32, network=NET),
+], ids=["balance", "nonce", "not-mined", "settled"])
+def test_only_an_unexplained_mined_revert_strikes(response: SettleResponse) -> None:
+    flights, wallet = InFlight(), Balance(1000, code=b"\x60\x00")
+
+    async def run() -> bool:
+        async with flights.hold(wallet, NET, TOKEN, PAYER, 100, unmined) as held:
+            held.judged(response)
+        return await flights.struck(NET, PAYER)
+
+    assert asyncio.run(run()) is False
+
+
+def test_an_account_without_code_is_never_struck() -> None:
+    """An account without code cannot refuse on chain what it signed: an unexplained revert of its
+    settlement is not its doing (a node's fault, a token's pause), and it keeps paying."""
+    flights = InFlight()
+
+    async def run() -> bool:
+        async with flights.hold(Balance(1000), NET, TOKEN, PAYER, 100, unmined) as held:
+            held.judged(reverted())
+        return await flights.struck(NET, PAYER)
+
+    assert asyncio.run(run()) is False
+
+
+def test_a_strike_lapses_after_its_hour(monkeypatch: pytest.MonkeyPatch) -> None:
+    flights, now = InFlight(), [1000.0]
+    monkeypatch.setattr("settlement.schemes.exact_guards.time.monotonic", lambda: now[0])
+
+    async def run() -> list[bool]:
+        async with flights.hold(Balance(1000, code=b"\x60\x00"), NET, TOKEN, PAYER, 100, unmined) as held:
+            held.judged(reverted())
+        struck = await flights.struck(NET, PAYER)
+        now[0] += 3600.5
+        return [struck, await flights.struck(NET, PAYER)]
+
+    assert asyncio.run(run()) == [True, False]
