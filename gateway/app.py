@@ -171,8 +171,7 @@ def _lifespan(
         await refunds.owe_lost_answers(store)  # every such row: `x402gw reconcile` may have settled some
         # batch-settlement: bound to the store and ledger; what a crash left accrued is claimed now.
         claims = await start_claims(wiring.channels, ledger, store)
-        every = resolve_pending_seconds
-        # Workers and replicas take turns (one reads the chain for the open rows each round).
+        every = resolve_pending_seconds  # workers and replicas take turns (one reads the chain each round)
         turns = taking_turns(store, "resolve-pending", every) if every and isinstance(store, RedisStore) else None
         follower = asyncio.ensure_future(keep_resolving(
             ledger, wiring.schemes, every, turns, lambda rows, turn: refunds.owe_lost_answers(store, rows, sweep=turn),
