@@ -86,8 +86,8 @@ def content_type(version: str, action: str | None) -> dict[str, str]:
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, Decimal):
-        return format(value, "f")
+    if isinstance(value, Decimal):  # plain digits, unless that would be thousands of them (then 1E+9999)
+        return format(value, "f") if abs(value.adjusted()) <= _MAX_DIGITS else str(value)
     return str(value)
 
 

@@ -82,6 +82,9 @@ def revert_reason_code(message: str) -> str:
 
 
 class CodeReader(Protocol):
+    @property
+    def settlement_address(self) -> str | None: ...
+
     async def get_code(self, address: str) -> bytes: ...
 
     async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes: ...
@@ -122,7 +125,9 @@ async def transfer_refusal(
     that cannot run the simulation now: ``ChainUnavailable`` (unknown, retryable), never a refusal.
     ``wallet_signature``: a contract wallet's (what the token passes to its ``isValidSignature``),
     simulated through the ``bytes`` overload the settlement sends: a wallet that says yes when the
-    gateway asks it directly and no when the token asks (``CALLER``, ``ORIGIN``) is refused here."""
+    gateway asks it directly and no when the token asks (``CALLER``) is refused here. Sent from the
+    settlement account, as the settlement is (``ORIGIN``); code that tells a simulation apart still
+    (``GASPRICE``) costs one revert per account (``InFlight.struck``)."""
     if not code:
         return None
     if wallet_signature is not None:
@@ -131,7 +136,7 @@ async def transfer_refusal(
         v, r, s = split_signature(signature)
         calldata, gas = transfer_with_authorization_calldata(auth, v, r, s), TRANSFER_GAS_LIMIT
     try:
-        await chain.eth_call(token, calldata, gas=gas)
+        await chain.eth_call(token, calldata, gas=gas, sender=chain.settlement_address)
     except RpcError as exc:
         if not is_revert(exc.rpc_message):
             raise

@@ -46,7 +46,7 @@ _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udff
 # upstream. Only a body with such an escape, or that is not plain UTF-8, can hold one.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 BODY_SECONDS = 30.0  # for a request's whole body to arrive (slowloris: one stalled client, one task, for ever)
-_MAX_DIGITS = 1000  # of a whole number read from the path or query (int() refuses over 4,300)
+_MAX_DIGITS = 1000  # of a whole number read from the path or query (int() refuses over 4,300); a decimal's exponent
 _INTEGER = re.compile(rf"-?[0-9]{{1,{_MAX_DIGITS}}}")
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -119,6 +119,15 @@ def _check_characters(tool: Tool, arguments: dict[str, Any]) -> None:
         )
 
 
+def _bounded(text: str) -> Decimal:
+    """A JSON number with a fraction or an exponent, exact, within ``_MAX_DIGITS`` of the point either
+    way: ``1e999999999`` is 11 bytes and 10^9 digits wherever it is written out (a SOAP envelope)."""
+    number = Decimal(text)
+    if abs(number.adjusted()) > _MAX_DIGITS:
+        raise ValueError("a number past the digits any API takes")
+    return number
+
+
 def _coerce(value: str, schema: dict[str, Any]) -> Any:
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
@@ -129,7 +138,7 @@ def _coerce(value: str, schema: dict[str, Any]) -> Any:
             number = Decimal(value)
         except InvalidOperation:
             return value
-        if number.is_finite():
+        if number.is_finite() and abs(number.adjusted()) <= _MAX_DIGITS:  # else: the string, which "number" refuses
             # 1e9999999 is integral: int() of it would build ten million digits on the event loop
             whole = "." not in value and number.adjusted() <= _MAX_DIGITS and number == number.to_integral_value()
             return int(number) if whole else number
@@ -161,8 +170,8 @@ def collect_arguments(
             )
     elif body.strip():
         try:
-            data = json.loads(body, parse_float=Decimal, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
-        except (ValueError, RecursionError):  # JSONDecodeError, undecodable UTF-8, an integer of 4,300+ digits
+            data = json.loads(body, parse_float=_bounded, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError):  # JSONDecodeError, undecodable UTF-8, an integer of 4,300+ digits, 1e999999999
             raise GatewayError("invalid_json_body", "the request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise GatewayError("invalid_json_body", "the request body must be a JSON object")

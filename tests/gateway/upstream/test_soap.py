@@ -160,3 +160,10 @@ def test_numbers_json_cannot_hold_or_that_take_long_to_build_stay_as_the_upstrea
         assert element_to_json(result, schema) == {kind: text}, text
     result = etree.fromstring("<r><n>1e3999</n><x>2.5e300</x></r>")
     assert element_to_json(result, schema) == {"n": 10**3999, "x": 2.5e300}
+
+
+def test_a_decimal_argument_is_written_in_plain_digits_unless_that_takes_thousands_of_them() -> None:
+    from gateway.upstream.soap import _text
+
+    assert _text(Decimal("1.50")) == "1.50" and _text(Decimal("2E+3")) == "2000"
+    assert _text(Decimal("1E+999999999")) == "1E+999999999"  # not a gigabyte of zeros

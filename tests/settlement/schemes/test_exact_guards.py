@@ -81,6 +81,8 @@ def test_a_balance_read_that_fails_lets_the_settlement_through() -> None:
 
 def test_an_account_without_code_is_not_simulated() -> None:
     class NoCalls:
+        settlement_address = None
+
         async def get_code(self, address: str) -> bytes:
             raise AssertionError("verify read the code already")
 
@@ -117,6 +119,8 @@ def test_only_a_revert_says_a_call_would_fail(message: str | None, revert: bool)
 
 def test_a_simulation_the_node_cannot_run_now_is_unknown_not_a_refusal() -> None:
     class RateLimited:
+        settlement_address = None
+
         async def get_code(self, address: str) -> bytes:
             return b"\xef\x01\x00" + bytes(20)
 
@@ -382,3 +386,24 @@ def test_a_strike_lapses_after_its_hour(monkeypatch: pytest.MonkeyPatch) -> None
         return [struck, await flights.struck(NET, PAYER)]
 
     assert asyncio.run(run()) == [True, False]
+
+
+def test_a_wallets_transfer_is_simulated_from_the_settlement_account_through_the_bytes_overload() -> None:
+    """As the settlement is sent: a wallet whose code says yes only when ``tx.origin`` is not the
+    settlement account (an ``eth_call`` without ``from`` runs with origin zero) is asked as it will
+    be asked on chain."""
+    calls: list[tuple[bytes, str | None]] = []
+
+    class Recording:
+        settlement_address = "0x" + "5e" * 20
+
+        async def get_code(self, address: str) -> bytes:
+            return b"\x60\x00"
+
+        async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes:
+            calls.append((data[:4], sender))
+            return b""
+
+    auth = TransferAuthorization(from_=PAYER, to="0x" + "cc" * 20, value=1, valid_after=0, valid_before=2**40, nonce=bytes(32))
+    assert asyncio.run(transfer_refusal(Recording(), b"\x60\x00", TOKEN, auth, bytes(65), wallet_signature=b"\x01" * 96)) is None
+    assert calls == [(bytes.fromhex("cf092995"), "0x" + "5e" * 20)]
