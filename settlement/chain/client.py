@@ -134,6 +134,9 @@ class Chain(Protocol):
 
     chain_id: int
 
+    @property
+    def settlement_address(self) -> str | None: ...
+
     async def authorization_state(self, token: str, authorizer: str, nonce: bytes) -> bool: ...
 
     async def balance_of(self, token: str, owner: str) -> int: ...
