@@ -343,7 +343,7 @@ SETTLEMENT_REASONS: Final[frozenset[str]] = frozenset({
         "payload_authorization_valid_before", "deposit_simulation_failed", "deposit_transaction_failed",
         "cumulative_amount_mismatch", "cumulative_exceeds_balance", "channel_busy",
         "channel_withdrawing", "channel_closed", "cumulative_not_increasing", "refund_no_balance",
-        "refund_transaction_failed", "deposit_below_min_deposit", "payer_has_code",
+        "refund_transaction_failed", "deposit_below_min_deposit", "payer_has_code", "refund_too_early",
     )),
 })
 

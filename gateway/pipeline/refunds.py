@@ -119,7 +119,9 @@ class Refunds:
             row = await ledger.run(ledger.get, row.id)
             if row is None or not await self._lost(row):
                 continue
-            _, fields = await self._owe(row.id, row.network, row.asset, row.payer, row.amount, "answer_lost")
+            outcome, fields = await self._owe(row.id, row.network, row.asset, row.payer, row.amount, "answer_lost")
+            if outcome == "settled":  # its request claimed the answer meanwhile (a lock Redis lost)
+                continue
             log.warning("payment %d was settled with no answer (its request died): refund %s", row.id, fields["refund"])
             owed.append(row.id)
         return owed
@@ -143,7 +145,13 @@ class Refunds:
         """The refund recorded (once), then paid if a refund signer exists: the outcome and the fields."""
         ledger = self.ledger
         owed = {"refund": "owed", "refundAmount": str(amount)}
-        first = await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
+        if reason == "answer_lost":  # only while no answer is claimed: never an answer and its refund
+            first = await ledger.run(ledger.record_answer_lost, payment_id, amount)
+            row = None if first else await ledger.run(ledger.get, payment_id)
+            if row is not None and row.refund_owed is None:  # the answer was claimed: it is being given
+                return "settled", {"refund": "none"}
+        else:
+            first = await ledger.run(ledger.record_refund_owed, payment_id, amount, reason)
         if not first:  # another request owes it (the locks were lost): that one pays it, not this one
             return "refund_owed", owed
         if self.refunder is None or not self.refunder.can_refund(network) or payer is None:

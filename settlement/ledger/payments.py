@@ -331,11 +331,6 @@ class Ledger(LedgerReads, RefundTransitions):
             "state": PaymentState.VOIDED.value, "error_reason": reason, "upstream_status": upstream_status,
         })
 
-    @atomic_alone
-    def record_upstream_status(self, payment_id: int, status: int) -> None:
-        """The upstream's status after an upfront settlement (``settled``; no state change)."""
-        self._move("record_upstream_status", payment_id, FROM_SETTLED, {"upstream_status": status})
-
 
 _PAYMENTS: Table = Payment.__table__  # type: ignore[assignment]  # declarative tables are Tables
 _STORED: Table = StoredResponse.__table__  # type: ignore[assignment]
@@ -360,6 +355,8 @@ _STATE_FOR_UPDATE = _STATE_OF.with_for_update()
 _SETTLED_ONLY = _TRANSITIONS[FROM_SETTLED]
 _GUARDED = {"begin_settlement": _TRANSITIONS[FROM_BEGIN_SETTLEMENT].where(_PAYMENTS.c.request_id == bindparam("owning_request")),
             "record_refund_owed": _SETTLED_ONLY.where(_PAYMENTS.c.refund_owed.is_(None)),
+            "record_upstream_status": _SETTLED_ONLY.where(_PAYMENTS.c.refund_owed.is_(None)),
+            "record_answer_lost": _SETTLED_ONLY.where(_PAYMENTS.c.refund_owed.is_(None), _PAYMENTS.c.upstream_status.is_(None)),
             "record_refund_tx": _SETTLED_ONLY.where(_PAYMENTS.c.refunded_at.is_(None),
                                                     func.coalesce(_PAYMENTS.c.refund_tx, "") == bindparam("previous_refund_tx")),
             "record_refund_paid": _SETTLED_ONLY.where(_PAYMENTS.c.refunded_at.is_(None))}

@@ -26,7 +26,8 @@ __all__ = ["GUARD_CODES", "RefundTransitions"]
 
 # The code a guarded transition raises when its guard (not the row's state) refuses it.
 GUARD_CODES = {"begin_settlement": "invalid_transition", "record_refund_owed": "refund_already_owed",
-               "record_refund_tx": "refund_claimed", "record_refund_paid": "refund_already_paid"}
+               "record_refund_tx": "refund_claimed", "record_refund_paid": "refund_already_paid",
+               "record_upstream_status": "refund_already_owed", "record_answer_lost": "answer_claimed"}
 
 
 class RefundTransitions:
@@ -41,6 +42,20 @@ class RefundTransitions:
     def record_refund_owed(self, payment_id: int, amount: int, reason: str | None) -> bool:
         """Once per payment: False when a refund is already owed (another request owes and pays it: never twice)."""
         return self._guarded("record_refund_owed", payment_id, {"refund_owed": amount, "refund_reason": reason}, {})
+
+    @atomic_alone
+    def record_upstream_status(self, payment_id: int, status: int) -> bool:
+        """The upstream's status after an upfront settlement (``settled``; no state change): the claim
+        of its answer, before any of it is given. False: the refund of an answer lost is owed already
+        (the lost-answer sweep, a resend): the answer is not given."""
+        return self._guarded("record_upstream_status", payment_id, {"upstream_status": status}, {})
+
+    @atomic_alone
+    def record_answer_lost(self, payment_id: int, amount: int) -> bool:
+        """The refund of an answer never given, owed once and only while no answer is claimed
+        (``record_upstream_status``): in one guarded UPDATE each, so a request that got its answer and
+        a sweep (or resend) that found none never both win, whatever the payment lock said."""
+        return self._guarded("record_answer_lost", payment_id, {"refund_owed": amount, "refund_reason": "answer_lost"}, {})
 
     @atomic_alone
     def record_refund_tx(self, payment_id: int, tx_hash: str | None, previous: str | None = None) -> bool:

@@ -41,6 +41,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "fail": FROM_FAIL,
     "void": FROM_VERIFIED,
     "record_upstream_status": FROM_SETTLED,
+    "record_answer_lost": FROM_SETTLED,
     "record_refund_owed": FROM_SETTLED,
     "record_refund_tx": FROM_SETTLED,
     "record_refund_paid": FROM_SETTLED,

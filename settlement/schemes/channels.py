@@ -54,6 +54,7 @@ from settlement.schemes.channels_policy import (
     ERR_CHANNEL_WITHDRAWING,
     ERR_CUMULATIVE_NOT_INCREASING,
     ERR_PAYER_HAS_CODE,
+    ERR_REFUND_TOO_EARLY,
     LOCK_TTL_MS,
     VOUCHER_ACCEPTED,
     ChainView,
@@ -329,6 +330,9 @@ class ChannelsEvm:
                 raise Refused(E.ERR_CUMULATIVE_AMOUNT_MISMATCH, f"a refund's voucher is at what is charged so far ({charged})")
             if view.balance <= charged:
                 raise Refused(E.ERR_REFUND_NO_BALANCE, "nothing is left in this channel to refund")
+            if charged < (earned := int(requirements.amount) * self.policy.min_deposit_calls):  # its claim and refund: our gas
+                raise Refused(ERR_REFUND_TOO_EARLY, f"a cooperative refund comes after {earned} is charged; before, "
+                              "withdraw through the escrow (requestWithdrawal, then withdraw after withdrawDelay)")
             # Never before what is charged is claimed on chain (the closer checks): the escrow refunds all it holds
             # unclaimed. Always all of it: the amount asked is not signed, and the voucher at what is charged is public
             # once a claim lands (its calldata), so anyone could otherwise buy a refund transaction per request.

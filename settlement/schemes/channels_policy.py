@@ -17,7 +17,7 @@ from settlement.x402.wire import SettleResponse
 
 __all__ = [
     "ACCRUED_KEY", "BATCH", "DEPOSIT_GAS", "ERR_CHANNEL_CLOSED", "ERR_CHANNEL_WITHDRAWING", "ERR_CUMULATIVE_NOT_INCREASING",
-    "ERR_PAYER_HAS_CODE", "LOCK_TTL_MS", "VOUCHER_ACCEPTED", "ChainView", "ChannelChain", "ChannelPolicy", "ChannelStore", "Refused", "accrued",
+    "ERR_PAYER_HAS_CODE", "ERR_REFUND_TOO_EARLY", "LOCK_TTL_MS", "VOUCHER_ACCEPTED", "ChainView", "ChannelChain", "ChannelPolicy", "ChannelStore", "Refused", "accrued",
     "signed_by_code",
 ]
 
@@ -29,6 +29,7 @@ ERR_CHANNEL_WITHDRAWING = "invalid_batch_settlement_evm_channel_withdrawing"
 ERR_CHANNEL_CLOSED = "invalid_batch_settlement_evm_channel_closed"
 ERR_CUMULATIVE_NOT_INCREASING = "invalid_batch_settlement_evm_cumulative_not_increasing"
 ERR_PAYER_HAS_CODE = "invalid_batch_settlement_evm_payer_has_code"
+ERR_REFUND_TOO_EARLY = "invalid_batch_settlement_evm_refund_too_early"
 LOCK_TTL_MS = 60_000  # longer than a deposit's wait for its receipt (receipt_timeout, 30 s by default)
 
 

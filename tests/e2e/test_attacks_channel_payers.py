@@ -169,7 +169,8 @@ def test_a_public_voucher_cannot_make_the_gateway_send_a_refund_transaction_per_
     cost to the attacker, for as long as the channel holds anything unclaimed. Correct (the README:
     "the gas is the gateway's, once per claim"): a public voucher costs the gateway at most one
     refund transaction: a refund returns everything unclaimed, or a partial one is refused."""
-    gateway = _gateway(start_gateway, chain, upstream, tmp_path, channel_claim_every_calls=2, **NEVER_BY_TIME)
+    gateway = _gateway(start_gateway, chain, upstream, tmp_path, channel_claim_every_calls=2, **NEVER_BY_TIME,
+                       channel_min_deposit_calls=1)  # a refund after 2 calls (the default waits for 10)
     payer_key = fresh_payer(chain, 20 * PRICE)
     payer = Account.from_key(payer_key).address
     start = chain.w3.eth.block_number + 1

@@ -210,7 +210,8 @@ def test_a_refund_request_never_gives_back_calls_already_served(
     ``settling`` against a channel that is empty. Correct: a refund never takes back what is
     charged: the refund is at most ``balance - charged`` (or is refused unless the claim covering
     the channel landed): the attacker gets back 5 prices, not 10."""
-    gateway = _gateway(start_gateway, chain, upstream, tmp_path, channel_claim_every_calls=1000, **NEVER_BY_TIME)
+    gateway = _gateway(start_gateway, chain, upstream, tmp_path, channel_claim_every_calls=1000, **NEVER_BY_TIME,
+                       channel_min_deposit_calls=1)  # a refund after the first calls (the default waits for 10)
     attacker = fresh_payer(chain, 10 * PRICE)
     address = Account.from_key(attacker).address
     salt = "0x" + "e3" * 32
@@ -252,7 +253,8 @@ def test_a_reentrant_deposit_collector_cannot_credit_a_channel_twice_and_have_th
     revert). Cost: gas of three transactions. Correct: the escrow refuses re-entrant deposits
     (a reentrancy guard on ``deposit``, or only its own deposit collectors), so the channel holds
     what was paid in and the attacker gets back exactly what it put in."""
-    gateway = _gateway(start_gateway, chain, upstream, tmp_path, channel_claim_every_calls=1000, **NEVER_BY_TIME)
+    gateway = _gateway(start_gateway, chain, upstream, tmp_path, channel_claim_every_calls=1000, **NEVER_BY_TIME,
+                       channel_min_deposit_calls=1)  # a refund after the first calls (the default waits for 10)
     w3 = chain.w3
     honest = fresh_payer(chain, 20 * PRICE)
     assert asyncio.run(pay_calls(gateway.url, _client(chain, honest, "0x" + "e4" * 32, 20 * PRICE), 2)) == [200] * 2

@@ -38,14 +38,22 @@ def test_the_sdk_clients_refund_gets_back_what_was_not_spent(
     client.set_spend_controls({"allowed_assets": [{"network": "eip155:31337", "asset": devchain.token}]})
     before = (devchain.balance(payer), devchain.balance(PAY_TO))
     assert asyncio.run(pay_calls(gateway.url, client, 4)) == [200] * 4
+    # Before the floor's calls are charged (X402GW_CHANNEL_MIN_DEPOSIT_CALLS, 10), a cooperative refund
+    # would cost the seller a claim and a refund for 4 prices: refused, nothing sent (the escrow's own
+    # withdrawal, on the payer's gas, stays open to it).
+    sent = devchain.w3.eth.get_transaction_count(devchain.deployment.deployer)
+    with pytest.raises(RuntimeError, match="invalid_batch_settlement_evm_refund_too_early"):  # the SDK's way to say it
+        scheme.refund(f"{gateway.url}/quotes/ACME")
+    assert devchain.w3.eth.get_transaction_count(devchain.deployment.deployer) == sent
+    assert asyncio.run(pay_calls(gateway.url, client, 6)) == [200] * 6
     calls, rows = upstream_calls(upstream), len(gateway.ledger.all())
 
     refund = scheme.refund(f"{gateway.url}/quotes/ACME")
 
     assert refund.success and refund.transaction.startswith("0x")
-    assert devchain.balance(payer) == before[0] - 4 * PRICE  # the deposit's rest came back
-    assert devchain.balance(PAY_TO) - before[1] == 4 * PRICE  # the accrued calls were claimed first
-    assert int(refund.amount or 0) == 100 * PRICE - 4 * PRICE
+    assert devchain.balance(payer) == before[0] - 10 * PRICE  # the deposit's rest came back
+    assert devchain.balance(PAY_TO) - before[1] == 10 * PRICE  # the accrued calls were claimed first
+    assert int(refund.amount or 0) == 100 * PRICE - 10 * PRICE
     assert {r.state for r in gateway.ledger.all()} == {PaymentState.SETTLED} and len(gateway.ledger.all()) == rows
     assert upstream_calls(upstream) == calls  # nothing was bought
     # Nothing is left: a second refund is refused with its code, and no transaction is sent.

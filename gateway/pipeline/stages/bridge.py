@@ -129,7 +129,13 @@ class CallUpstream:
         """An ``upfront`` payment settled before the call: a failed call is owed a refund; a good
         answer goes on (``answer`` checks it, ``settle`` stores it for a resend to replay)."""
         ledger = self.ledger
-        await ledger.run(ledger.record_upstream_status, payment_id, upstream.status)
+        if not await ledger.run(ledger.record_upstream_status, payment_id, upstream.status):
+            # The refund of an answer lost is owed already (the sweep took this request for dead: its
+            # lock lost, Redis restarted): never the answer too.
+            assert ctx.settlement is not None
+            raise GatewayError(codes.UPSTREAM_ANSWER_LOST, "this payment's refund is owed already (the gateway took "
+                               "its answer for lost); the answer is not given", status=502, retryable=False,
+                               headers=receipt_headers(ctx.settlement, quote.version), paymentId=payment_id, refund="owed")
         if upstream.status >= 400:
             response = respond(upstream, ctx.settlement, ctx.request_id, quote.version)
             assert ctx.tool is not None

@@ -38,6 +38,7 @@ CASES: dict[str, tuple[Callable[[Ledger, int], None], set[PaymentState], Payment
     "void": (lambda lg, pid: lg.void(pid, "upstream_error", upstream_status=502), {V}, VD),
     "record_upstream_status": (lambda lg, pid: lg.record_upstream_status(pid, 500), {SD}, None),
     "record_refund_owed": (lambda lg, pid: lg.record_refund_owed(pid, 1000, "upstream_error"), {SD}, None),
+    "record_answer_lost": (lambda lg, pid: lg.record_answer_lost(pid, 1000), {SD}, None),
     "record_refund_tx": (lambda lg, pid: lg.record_refund_tx(pid, TX), {SD}, None),
     "record_refund_paid": (lambda lg, pid: lg.record_refund_paid(pid, TX), {SD}, None),
     "record_gas": (lambda lg, pid: lg.record_gas(pid, {"gas_used": 21_000, "gas_price": 7, "gas_cost": 147_000}),
@@ -226,3 +227,18 @@ def test_the_scan_passes_reads_and_named_transitions() -> None:
         "app.state.pipeline = pipeline\n"
     )
     assert state_writes(source) == []
+
+
+def test_an_answer_claimed_and_its_refund_as_lost_never_both_win(ledger: Ledger) -> None:
+    """The request that got its upstream's answer claims it (``record_upstream_status``); the sweep or a
+    resend that found none owes its refund (``record_answer_lost``). Whichever writes first wins and
+    the other is refused, in the database, whatever the payment lock (Redis) said."""
+    answered, lost = _row(ledger, SD), _row(ledger, SD)
+    assert ledger.record_upstream_status(answered, 200) is True
+    assert ledger.record_answer_lost(answered, 1000) is False
+    assert ledger.record_answer_lost(lost, 1000) is True
+    assert ledger.record_upstream_status(lost, 200) is False
+    assert ledger.record_answer_lost(lost, 1000) is False  # once
+    rows = {row.id: row for row in ledger.all()}
+    assert (rows[answered].upstream_status, rows[answered].refund_owed) == (200, None)
+    assert (rows[lost].upstream_status, rows[lost].refund_owed, rows[lost].refund_reason) == (None, 1000, "answer_lost")
