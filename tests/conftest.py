@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 from web3 import Web3
 
 from catalog import Catalogs, load_catalogs
@@ -32,6 +33,7 @@ from tests.support.forwarding_upstream import create_app as create_forwarding_up
 
 PAY_TO = "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"  # anvil account 9, the example catalog's payTo
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @dataclass
@@ -116,15 +118,38 @@ def demo_catalog(tmp_path: Path, upstream_url: str, source: Path = DEFAULT_CATAL
     return path
 
 
+@contextmanager
+def fresh_database(label: str = "test") -> Iterator[str]:
+    """A PostgreSQL database of its own (its URL), dropped when the block ends: a ledger holding only
+    what its test wrote, shared by the replicas or workers the test runs."""
+    name = f"x402gw_{label}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def fresh_redis_prefix(label: str = "test") -> Iterator[str]:
+    """A Redis key prefix of its own; every key under it is dropped when the block ends."""
+    prefix = f"x402gw-{label}-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this session, dropped at the end."""
-    name = f"x402gw_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database() as url:
+        yield url
 
 
 @dataclass

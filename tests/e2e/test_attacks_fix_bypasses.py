@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 from eth_account import Account
@@ -48,7 +47,7 @@ from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEv
 from gateway.devkit.payer import Payer
 from settlement.ledger import PaymentState
 from settlement.x402.codec import encode_header
-from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, GatewayFactory, offer_of
+from tests.conftest import PAY_TO, Devchain, GatewayFactory, fresh_database, offer_of
 from tests.e2e.test_attacks_gas import settler, spent
 from tests.e2e.test_channel_paid_calls import PRICE as CHANNEL_PRICE
 from tests.e2e.test_channel_paid_calls import channel_gateway, pay_calls, upstream_calls
@@ -234,12 +233,8 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    name = f"x402gw_review_todays_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("review_todays") as url:
+        yield url
 
 
 def test_a_live_upfront_call_is_not_refunded_by_the_sweep_when_redis_loses_its_lock(

@@ -37,13 +37,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 from eth_account import Account
@@ -53,7 +51,7 @@ from gateway.devkit.payer import Payer
 from settlement.ledger import Payment, PaymentState
 from settlement.schema import open_ledger
 from settlement.x402.codec import encode_header
-from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, offer_of, running_devchain
+from tests.conftest import PAY_TO, Devchain, fresh_database, fresh_redis_prefix, offer_of, running_devchain
 from tests.e2e.test_exactly_once import raw_request
 from tests.support import chain_actions
 from tests.support.processes import GatewayProcess
@@ -103,23 +101,15 @@ def recording() -> Iterator[RecordingUpstream]:
 @pytest.fixture
 def database() -> Iterator[str]:
     """A PostgreSQL database of the test's own, shared by its replicas."""
-    name = f"x402gw_review_lifecycle_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("review_lifecycle") as url:
+        yield url
 
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """The replicas' shared Redis prefix; every key under it is dropped after the test."""
-    value = f"x402gw-review-lifecycle-{uuid.uuid4().hex[:10]}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{value}*"):
-        client.delete(key)
-    client.close()
+    with fresh_redis_prefix("review-lifecycle") as prefix:
+        yield prefix
 
 
 def poll(read: Callable[[], Any], done: Callable[[Any], bool], seconds: float) -> Any:

@@ -31,14 +31,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 from eth_account import Account
@@ -47,7 +45,7 @@ from gateway.devkit.payer import Payer
 from settlement.ledger import Payment, PaymentState
 from settlement.schema import open_ledger
 from settlement.x402.codec import encode_header
-from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, offer_of
+from tests.conftest import PAY_TO, Devchain, fresh_database, fresh_redis_prefix, offer_of
 from tests.e2e.test_exactly_once import raw_request
 from tests.support import chain_actions
 from tests.support.processes import GatewayProcess
@@ -123,23 +121,15 @@ def recording() -> Iterator[RecordingUpstream]:
 @pytest.fixture
 def database() -> Iterator[str]:
     """A PostgreSQL database of the test's own, shared by its replicas: its ledger holds only this test's rows."""
-    name = f"x402gw_review_replicas_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("review_replicas") as url:
+        yield url
 
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """The replicas' shared Redis prefix; every key under it is dropped after the test."""
-    value = f"x402gw-review-replicas-{uuid.uuid4().hex[:10]}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{value}*"):
-        client.delete(key)
-    client.close()
+    with fresh_redis_prefix("review-replicas") as prefix:
+        yield prefix
 
 
 def lock_key(prefix: str, payer: str, nonce: str) -> str:

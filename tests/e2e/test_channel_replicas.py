@@ -11,20 +11,18 @@ import asyncio
 import base64
 import json
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
 from settlement.schemes.channels import row_payment
 from settlement.schemes.channels_contract import ESCROW_ADDRESS, decode_channel_state
-from tests.conftest import PAY_TO, Devchain
+from tests.conftest import PAY_TO, Devchain, fresh_redis_prefix
 from tests.e2e.test_channel_attacks import _header, _voucher
 from tests.e2e.test_channel_paid_calls import CATALOG, PRICE, pay_calls, sdk_client, upstream_calls
 from tests.support.processes import gateway_processes
@@ -37,12 +35,8 @@ PAYER = 8
 
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
-    prefix = f"x402gw-test-{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
-    client.close()
+    with fresh_redis_prefix("test") as prefix:
+        yield prefix
 
 
 def test_two_replicas_on_one_channel_never_over_claim(

@@ -14,13 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from gateway.devkit.payer import Payer
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schema import open_ledger
 from settlement.x402.codec import encode_header
-from tests.conftest import PAY_TO, Devchain, body_json, demo_catalog, offer_of, running_devchain, upstream_hits
+from tests.conftest import PAY_TO, Devchain, body_json, demo_catalog, fresh_redis_prefix, offer_of, running_devchain, upstream_hits
 from tests.e2e.test_paid_call import receipt_of
 from tests.support.processes import gateway_processes
 
@@ -225,12 +224,8 @@ def test_kill_9_after_broadcast_then_restart_neither_charges_twice_nor_asks_agai
 
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
-    prefix = f"x402gw-test-{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
-    client.close()
+    with fresh_redis_prefix("test") as prefix:
+        yield prefix
 
 
 def test_two_replicas_sharing_redis_and_postgres_settle_once(

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 from eth_account import Account
@@ -23,7 +22,7 @@ from web3.exceptions import TransactionNotFound
 
 from settlement.ledger import Ledger, PaymentState
 from settlement.schema import open_ledger
-from tests.conftest import PAY_TO, PG_ADMIN_URL, Devchain, demo_catalog, upstream_hits
+from tests.conftest import PAY_TO, Devchain, demo_catalog, fresh_database, upstream_hits
 from tests.e2e.test_exactly_once import (
     PRICE,
     assert_ledger_matches_chain,
@@ -41,12 +40,8 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 @pytest.fixture
 def database() -> Iterator[str]:
     """A PostgreSQL database of the test's own: its ledger holds only this test's payments."""
-    name = f"x402gw_workers_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("workers") as url:
+        yield url
 
 
 @pytest.fixture
