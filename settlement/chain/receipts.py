@@ -103,9 +103,9 @@ class ReceiptPoller(JsonRpcTransport):
         raw = await self._rpc("eth_getTransactionReceipt", [tx_hash])
         return None if raw is None else _receipt(tx_hash, raw)
 
-    async def block_timestamp(self) -> int:
-        """The latest block's timestamp: the clock a token judges an authorization's window by."""
-        block = await self._rpc("eth_getBlockByNumber", ["latest", False])
+    async def block_timestamp(self, number: int | None = None) -> int:
+        """The latest block's timestamp (or block ``number``'s): the clock a token judges an authorization's window by."""
+        block = await self._rpc("eth_getBlockByNumber", ["latest" if number is None else hex(number), False])
         if not isinstance(block, dict) or not isinstance(block.get("timestamp"), str):
             raise ChainUnavailable("the node gave no latest block")
         return int(block["timestamp"], 16)

@@ -33,7 +33,8 @@ from settlement.schemes.exact_guards import (
     revert_reason_code,
     transfer_refusal,
 )
-from settlement.schemes.exact_resolve import settled_elsewhere
+from settlement.schemes.exact_resolve import mined_past, settled_elsewhere
+from settlement.schemes.permit2_outcome import SETTLEMENT_REVERTED
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
 from settlement.x402.codec import parse_exact_evm
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -390,14 +391,16 @@ class LocalFacilitator:
             return SettleResponse(success=True, amount=str(checked.auth.value),
                                   extra={"blockNumber": receipt.block_number, **gas_extra(_one(receipt))}, **base)
         # Reverted (certain: nothing moved). Say why, from the chain state the revert depended on.
-        reason = "transaction_failed"
+        reason = "transaction_failed"  # unexplained: its payer's code, if it has any, is struck (exact_guards)
         try:
             if await chain.authorization_state(checked.token, checked.payer, checked.auth.nonce):
                 reason = "invalid_exact_evm_nonce_already_used"
             elif await chain.balance_of(checked.token, checked.payer) < checked.auth.value:
                 reason = "invalid_exact_evm_insufficient_balance"
+            elif await mined_past(chain, receipt.block_number, checked.auth.valid_before):  # mined past its window
+                reason = "invalid_exact_evm_payload_authorization_valid_before"
         except ChainUnavailable:
-            pass
+            reason = SETTLEMENT_REVERTED  # why is not known: nobody is struck
         extra = {"blockNumber": receipt.block_number, **gas_extra(_one(receipt))}  # a revert costs gas too
         return await self.used_nonce_outcome(chain, checked, SettleResponse(
             success=False, error_reason=reason, extra=extra, **base))

@@ -71,6 +71,13 @@ async def chain_time(chain: Any) -> int | None:
     return None if read is None else int(await read())
 
 
+async def mined_past(chain: Any, block_number: int, refused_from: int) -> bool:
+    """Whether block ``block_number`` is dated ``refused_from`` or later (its transaction was judged out
+    of its window); False when this chain client cannot say."""
+    read = getattr(chain, "block_timestamp", None)  # JsonRpcChain's
+    return read is not None and int(await read(block_number)) >= refused_from
+
+
 async def resend_if_forgotten(chain: Any, tx_hash: str) -> None:
     """A transaction not mined yet, sent again if the node dropped it and this process signed it
     (``JsonRpcChain.resend_if_forgotten``; a chain client without it: nothing to do)."""

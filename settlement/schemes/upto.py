@@ -57,6 +57,7 @@ from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.exact_guards import PAYER_CODE_REVERTED, STRUCK_MESSAGE, InFlight, in_flight_refusal
 from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
+from settlement.schemes.permit2_outcome import Permit2Signed, copied_settlement, explain_revert
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.digits import is_digits
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -97,6 +98,15 @@ class UptoChain(Protocol):
     async def send_call(self, to: str, calldata: bytes, before_send: BeforeSend | None = None, *, gas: int = ...) -> str: ...
 
     async def wait_for_receipt(self, tx_hash: str, timeout: float) -> Receipt | None: ...
+
+    async def get_logs(self, address: str, topics: list[str | list[str] | None], from_block: int,
+                       to_block: int) -> list[dict[str, Any]]: ...
+
+    async def get_receipt(self, tx_hash: str) -> Receipt | None: ...
+
+    async def block_number(self) -> int: ...
+
+    async def transaction_of(self, tx_hash: str) -> tuple[str, bytes] | None: ...
 
 
 class _Refused(Exception):
@@ -281,15 +291,7 @@ class UptoEvm:
         return await resolve_upto(row, permit, chain, self._clock)
 
 
-class Permit2Nonce(Protocol):
-    """What resolving a Permit2 payment reads of its authorization (upto's and exact's alike)."""
-
-    @property
-    def deadline(self) -> int: ...
-
-    def nonce_bitmap_call(self) -> bytes: ...
-
-    def nonce_used(self, bitmap: bytes) -> bool: ...
+Permit2Nonce = Permit2Signed  # what resolving and judging a Permit2 payment read of its authorization
 
 
 async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clock: Callable[[], float]) -> Resolution:
@@ -318,6 +320,9 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
             receipt = await receipt_now(chain, row.tx_hash)
             if moved(receipt):
                 return outcome(PaymentState.SETTLED, "receipt_success", receipt)
+        copy = await copied_settlement(chain, permit, (row.asset, row.payer, row.pay_to, row.amount), await chain.block_number())
+        if copy is not None:  # a copy of our transaction (the exact proxy takes any sender) moved this very payment
+            return outcome(PaymentState.SETTLED, "settled_by_copy", copy)
         return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)
     if receipt is not None:
         return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
@@ -348,12 +353,12 @@ async def send_permit2_settlement(
         if not held.covered:
             return in_flight_refusal(payer, network, held.reason if held.reason == PAYER_CODE_REVERTED else ERR_PERMIT2_INSUFFICIENT_BALANCE)
         return held.judged(await _send_and_judge(
-            chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted))
+            chain, proxy, calldata, before_send, transfer, base, receipt_timeout, revert_reason, reverted, permit))
 
 
 async def _send_and_judge(
     chain: UptoChain, proxy: str, calldata: bytes, before_send: BeforeSend | None, transfer: tuple[str, str, str, int],
-    base: dict[str, Any], receipt_timeout: float, revert_reason: Callable[[str], str], reverted: str,
+    base: dict[str, Any], receipt_timeout: float, revert_reason: Callable[[str], str], reverted: str, permit: Permit2Nonce,
 ) -> SettleResponse:
     token, payer, to, amount = transfer
     try:
@@ -373,7 +378,11 @@ async def _send_and_judge(
     extra = {"blockNumber": receipt.block_number, **gas_extra(shares[0] if shares else None)}
     if receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):
         return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(amount), extra=extra, **base)
-    return SettleResponse(success=False, error_reason=reverted, extra=extra,
+    reason, copy = await explain_revert(chain, permit, transfer, receipt, reverted)
+    if copy is not None:  # settled by a copy of ours: this payment's money moved; our revert's gas stays on the row
+        return SettleResponse(success=True, transaction=copy.tx_hash, amount=str(amount),
+                              extra={**extra, "blockNumber": copy.block_number}, **base)
+    return SettleResponse(success=False, error_reason=reason, extra=extra,
                           error_message="the settlement transaction reverted", transaction=receipt.tx_hash, **base)
 
 

@@ -70,7 +70,9 @@ def send_refund_transfer(devchain: Devchain, to: str, amount: int, *, gas: int |
     tx: dict[str, Any] = {"from": PAY_TO, "to": devchain.token, "data": data}
     if gas is not None:
         tx["gas"] = gas
-    return "0x" + devchain.w3.eth.send_transaction(tx).hex().removeprefix("0x")  # type: ignore[arg-type]
+    sent = devchain.w3.eth.send_transaction(tx)  # type: ignore[arg-type]
+    devchain.w3.eth.wait_for_transaction_receipt(sent, timeout=60)  # mined (a busy node may take a moment)
+    return "0x" + sent.hex().removeprefix("0x")
 
 
 @pytest.fixture

@@ -112,6 +112,7 @@ def test_settled_written_ahead_and_open_rows_resolved_from_the_chain(chain: Devc
     resolved = asyncio.run(resolve_open_payments(ledger, Schemes([scheme])))
     assert {(r.payment_id, r.after, r.reason) for r in resolved} == {
         (rows[0], PaymentState.SETTLED.value, "receipt_success"),
+        # our own account's other transaction used it (its request answers for it): failed here
         (rows[1], PaymentState.FAILED.value, "permit_used_elsewhere"),
         (rows[2], PaymentState.FAILED.value, "not_broadcast"),
     }

@@ -97,6 +97,7 @@ def test_a_cancel_in_the_block_that_reverted_ours_is_the_payers_doing() -> None:
 
 class Permit:
     deadline = 2**40
+    signature = b"\x5a" * 65
 
     def nonce_bitmap_call(self) -> bytes:
         return b"bitmap"
@@ -106,9 +107,17 @@ class Permit:
 
 
 class PermitChain(MinedBetweenReads):
+    settlement_address = "0x" + "5e" * 20
+
     async def eth_call(self, to: str, data: bytes, **_: Any) -> bytes:
         landed = self._tick()
         return b"used" if landed and self.used_after_block else b"unused"
+
+    async def block_number(self) -> int:
+        return 9
+
+    async def get_logs(self, *args: Any) -> list[dict[str, Any]]:
+        return []  # no transfer of this payment by anyone: the nonce went elsewhere
 
 
 def _resolve_upto(chain: Any) -> tuple[str, str]:
@@ -172,7 +181,7 @@ class LaggingHead(MinedBetweenReads):
         super().__init__(receipt, used_after_block, mined_at)
         self.dates = dates
 
-    async def block_timestamp(self) -> int:
+    async def block_timestamp(self, number: int | None = None) -> int:
         date = self.dates[min(self.reads, len(self.dates) - 1)]
         self._tick()
         return date

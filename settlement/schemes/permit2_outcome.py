@@ -1,0 +1,114 @@
+"""What a reverted Permit2 settlement (upto's, or exact's through Permit2) was, read from the chain
+after its receipt, so that neither the payer nor the gateway is wronged by a revert it did not cause:
+
+- the permit's nonce used by a *copy* of our pending transaction (the exact proxy takes any sender,
+  and the witness binds the payee and the amount: a griefer who resends our calldata with a higher
+  tip moves exactly this payment): the payment is settled, by that copy, never a charge without
+  its answer (``copied_settlement``);
+- the nonce used otherwise (``permit2_nonce_used``), the deadline passed by the chain's clock
+  (``permit2_deadline_expired``), the payer's balance or its Permit2 allowance below the amount:
+  explained, the payer's own doing or a race, never its code's;
+- none of these: the scheme's "reverted" reason, which strikes a payer with code
+  (``exact_guards.InFlight.struck``). A read that fails leaves ``settlement_reverted``: unexplained
+  but unread, it strikes nobody.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from x402.mechanisms.evm.constants import (
+    ERR_PERMIT2_ALLOWANCE_REQUIRED,
+    ERR_PERMIT2_DEADLINE_EXPIRED,
+    ERR_PERMIT2_INSUFFICIENT_BALANCE,
+)
+
+from settlement.chain.client import Receipt, RpcError
+from settlement.chain.receipts import TOPIC_TRANSFER
+from settlement.errors import ChainUnavailable
+from settlement.schemes.exact_resolve import mined_past
+from settlement.schemes.upto_permit import PERMIT2_ADDRESS
+
+__all__ = ["COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "Permit2Reads", "Permit2Signed", "copied_settlement", "explain_revert"]
+
+COPY_SCAN_BLOCKS = 64  # how far back from our receipt a copy is looked for (it is mined before ours)
+SETTLEMENT_REVERTED = "settlement_reverted"  # reverted, and the chain could not be read to say why
+
+
+class Permit2Signed(Protocol):
+    """What is read of a Permit2 authorization here (``UptoPermit``, ``ExactPermit``)."""
+
+    @property
+    def deadline(self) -> int: ...
+
+    @property
+    def signature(self) -> bytes: ...
+
+    def nonce_bitmap_call(self) -> bytes: ...
+
+    def nonce_used(self, bitmap: bytes) -> bool: ...
+
+    def allowance_call(self) -> bytes: ...
+
+
+class Permit2Reads(Protocol):
+    @property
+    def settlement_address(self) -> str | None: ...
+
+    async def eth_call(self, to: str, data: bytes, *, gas: int | None = None, sender: str | None = None) -> bytes: ...
+
+    async def balance_of(self, token: str, owner: str) -> int: ...
+
+    async def get_logs(self, address: str, topics: list[str | list[str] | None], from_block: int,
+                       to_block: int) -> list[dict[str, Any]]: ...
+
+    async def get_receipt(self, tx_hash: str) -> Receipt | None: ...
+
+    async def transaction_of(self, tx_hash: str) -> tuple[str, bytes] | None: ...
+
+
+def _topic(address: str) -> str:
+    return "0x" + address[2:].lower().rjust(64, "0")
+
+
+async def copied_settlement(chain: Permit2Reads, permit: Permit2Signed, transfer: tuple[str, str, str, int],
+                            up_to_block: int) -> Receipt | None:
+    """The receipt of another account's transaction (a copy: not one of ours, whose request answers
+    for it) that moved exactly ``transfer`` (token, payer, payee, amount) with this very permit (its
+    signature in the transaction's input), mined at ``up_to_block`` or in the ``COPY_SCAN_BLOCKS``
+    before; None when there is none."""
+    token, payer, to, amount = transfer
+    topics: list[str | list[str] | None] = ["0x" + TOPIC_TRANSFER.hex(), _topic(payer), _topic(to)]
+    for log in await chain.get_logs(token, topics, max(0, up_to_block - COPY_SCAN_BLOCKS), up_to_block):
+        if int(str(log.get("data") or "0x0"), 16) != amount:
+            continue
+        tx_hash = str(log["transactionHash"])
+        sent = await chain.transaction_of(tx_hash)
+        if sent is None or sent[0].lower() == (chain.settlement_address or "").lower() or permit.signature not in sent[1]:
+            continue
+        receipt = await chain.get_receipt(tx_hash)
+        if receipt is not None and receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):
+            return receipt
+    return None
+
+
+async def explain_revert(chain: Permit2Reads, permit: Permit2Signed, transfer: tuple[str, str, str, int], receipt: Receipt,
+                         reverted: str, clock: Callable[[], float] = time.time) -> tuple[str, Receipt | None]:
+    """Why our Permit2 settlement (mined in ``receipt``, reverted) failed: a reason, and the receipt of
+    the copy that settled this payment instead, if one did (the reason is then ``settled_by_copy``)."""
+    token, payer, _, amount = transfer
+    try:
+        if permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call())):
+            copy = await copied_settlement(chain, permit, transfer, receipt.block_number)
+            return ("settled_by_copy", copy) if copy is not None else ("permit2_nonce_used", None)
+        if await mined_past(chain, receipt.block_number, permit.deadline + 1):  # Permit2: block.timestamp > deadline
+            return ERR_PERMIT2_DEADLINE_EXPIRED, None
+        if await chain.balance_of(token, payer) < amount:
+            return ERR_PERMIT2_INSUFFICIENT_BALANCE, None
+        if int.from_bytes((await chain.eth_call(token, permit.allowance_call()))[:32], "big") < amount:
+            return ERR_PERMIT2_ALLOWANCE_REQUIRED, None
+    except (ChainUnavailable, RpcError):
+        return SETTLEMENT_REVERTED, None
+    return reverted, None
