@@ -116,7 +116,11 @@ class CallUpstream:
         then it stays charged and its answer is stored, for a resend of the payment to get again."""
         assert ctx.settlement is not None and ctx.tool is not None
         err.headers.update(receipt_headers(ctx.settlement, quote.version))
-        if isinstance(err, UpstreamFailure) and keeps_charge(ctx.tool, err.status, err.fields.get("faultCode")):
+        status = err.fields.get("upstreamStatus")
+        if (isinstance(err, UpstreamFailure) and keeps_charge(ctx.tool, err.status, err.fields.get("faultCode"))
+                and await self.ledger.run(self.ledger.record_upstream_status, payment_id,
+                                          status if isinstance(status, int) else err.status)):
+            # claimed as its answer first (else the refund of an answer lost is owed already: below, not twice)
             err.fields["refund"] = "none"
             answer = (err.status, [("content-type", "application/json")], bytes(err.to_response().body))
             await self.ledger.run(self.ledger.store_response, payment_id, answer)

@@ -17,6 +17,7 @@ from gateway.pipeline.stages.bridge import CallUpstream
 from gateway.protocol.offers import Quote
 from gateway.safety.checks import Safety
 from gateway.upstream.bridge import Bridge, UpstreamClient
+from gateway.upstream.failures import UpstreamFailure
 from settlement.ledger import Ledger
 from settlement.x402.wire import SettleResponse
 from tests.gateway.pipeline.stages.test_stage_payment import offered, paid
@@ -81,3 +82,45 @@ def test_a_fault_of_ours_before_a_settle_after_payment_voids_it_and_owes_nothing
     with pytest.raises(OverflowError):
         asyncio.run(stage(refunds, ledger)(ctx))
     assert refunds.owed == [] and ledger.voided == [(7, "internal_error")] and ctx.outcome == "upstream_failed"
+
+
+class Refusing(Voids):
+    """A ledger whose answer claim loses: the refund of an answer lost is owed already (the sweep)."""
+
+    def __init__(self, claim: bool) -> None:
+        super().__init__()
+        self.claim, self.stored = claim, False
+
+    def record_upstream_status(self, payment_id: int, status: int) -> bool:
+        return self.claim
+
+    def store_response(self, payment_id: int, answer: Any) -> None:
+        self.stored = True
+
+
+class Refuses:
+    """A bridge whose upstream refused the caller's own request (404: the caller's failure, kept charged)."""
+
+    async def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise UpstreamFailure("upstream_error", "no such order", status=404, upstreamStatus=404)
+
+
+@pytest.mark.parametrize("claimed", [True, False])
+def test_a_kept_charge_is_claimed_as_the_answer_before_it_is_stored(claimed: bool) -> None:
+    """An upfront call whose caller's own request failed stays charged and its error is its stored
+    answer, once claimed; when the claim loses (the refund of an answer lost is owed already), the
+    refund stands and no answer is stored: never an answer and its refund."""
+    ctx, refunds, ledger = settled_call("POST", "/orders", b'{"symbol": "ACME", "quantity": 1}'), Owed(), Refusing(claimed)
+
+    class NoSafety:
+        async def upstream_result(self, *args: Any) -> None:
+            return None
+
+    call = CallUpstream(cast(Bridge, Refuses()), cast(UpstreamClient, None), safety=cast(Safety, NoSafety()),
+                        ledger=cast(Ledger, ledger), refunds=cast(Refunds, refunds), max_response_bytes=1024)
+    with pytest.raises(GatewayError) as failed:
+        asyncio.run(call(ctx))
+    if claimed:
+        assert ledger.stored and refunds.owed == [] and failed.value.fields["refund"] == "none"
+    else:
+        assert not ledger.stored and refunds.owed == [(7, "upstream_error")]
