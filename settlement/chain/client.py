@@ -316,12 +316,13 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         raise ChainUnavailable(f"no AuthorizationUsed log in the last {LOG_SCAN_BLOCKS} blocks, and the node refuses "
                                "a wider range", code="chain_logs_out_of_range")
 
-    async def transaction_of(self, tx_hash: str) -> tuple[str, bytes] | None:
-        """A transaction's sender and calldata (``eth_getTransactionByHash``); None when the node does not know it."""
+    async def transaction_of(self, tx_hash: str) -> tuple[str, str, bytes] | None:
+        """A transaction's sender, recipient and calldata (``eth_getTransactionByHash``); None when the
+        node does not know it."""
         raw = await self._rpc("eth_getTransactionByHash", [tx_hash])
         if not isinstance(raw, dict):
             return None
-        return str(raw.get("from") or ""), bytes.fromhex(str(raw.get("input") or "0x")[2:])
+        return str(raw.get("from") or ""), str(raw.get("to") or ""), bytes.fromhex(str(raw.get("input") or "0x")[2:])
 
     async def get_logs(
         self, address: str, topics: list[str | list[str] | None], from_block: int, to_block: int

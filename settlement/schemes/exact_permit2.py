@@ -237,7 +237,8 @@ class ExactWithPermit2:
         if permit is None:
             return await self.inner.resolve(row)
         chain = self._chains.get(row.network)
-        return None if chain is None else await resolve_upto(row, permit, chain, self._clock)
+        settle_call = (EXACT_PROXY_ADDRESS, permit.settle_calldata())  # a copy of it settles this payment too
+        return None if chain is None else await resolve_upto(row, permit, chain, self._clock, settle_call)
 
 
 def _revert_reason(message: str) -> str:

@@ -15,8 +15,6 @@ after its receipt, so that neither the payer nor the gateway is wronged by a rev
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from x402.mechanisms.evm.constants import (
@@ -66,19 +64,23 @@ class Permit2Reads(Protocol):
 
     async def get_receipt(self, tx_hash: str) -> Receipt | None: ...
 
-    async def transaction_of(self, tx_hash: str) -> tuple[str, bytes] | None: ...
+    async def transaction_of(self, tx_hash: str) -> tuple[str, str, bytes] | None: ...
 
 
 def _topic(address: str) -> str:
     return "0x" + address[2:].lower().rjust(64, "0")
 
 
-async def copied_settlement(chain: Permit2Reads, permit: Permit2Signed, transfer: tuple[str, str, str, int],
+async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes], transfer: tuple[str, str, str, int],
                             up_to_block: int) -> Receipt | None:
-    """The receipt of another account's transaction (a copy: not one of ours, whose request answers
-    for it) that moved exactly ``transfer`` (token, payer, payee, amount) with this very permit (its
-    signature in the transaction's input), mined at ``up_to_block`` or in the ``COPY_SCAN_BLOCKS``
-    before; None when there is none."""
+    """The receipt of a copy of our settlement: another account's transaction (one of ours has its
+    own request to answer for it) sent to the proxy with our very calldata (``settle_call``: the
+    proxy and the calldata; so it executed this permit, whose nonce makes that once) that succeeded
+    moving exactly ``transfer`` (token, payer, payee, amount), mined at ``up_to_block`` or in the
+    ``COPY_SCAN_BLOCKS`` before; None when there is none. A transfer of the same amount made any
+    other way (the payer's own, with this signature pasted in its input and the nonces invalidated)
+    is no copy: it could pay for two payments at once."""
+    proxy, calldata = settle_call
     token, payer, to, amount = transfer
     topics: list[str | list[str] | None] = ["0x" + TOPIC_TRANSFER.hex(), _topic(payer), _topic(to)]
     for log in await chain.get_logs(token, topics, max(0, up_to_block - COPY_SCAN_BLOCKS), up_to_block):
@@ -86,7 +88,8 @@ async def copied_settlement(chain: Permit2Reads, permit: Permit2Signed, transfer
             continue
         tx_hash = str(log["transactionHash"])
         sent = await chain.transaction_of(tx_hash)
-        if sent is None or sent[0].lower() == (chain.settlement_address or "").lower() or permit.signature not in sent[1]:
+        if (sent is None or sent[0].lower() == (chain.settlement_address or "").lower()
+                or sent[1].lower() != proxy.lower() or sent[2] != calldata):
             continue
         receipt = await chain.get_receipt(tx_hash)
         if receipt is not None and receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):
@@ -95,13 +98,13 @@ async def copied_settlement(chain: Permit2Reads, permit: Permit2Signed, transfer
 
 
 async def explain_revert(chain: Permit2Reads, permit: Permit2Signed, transfer: tuple[str, str, str, int], receipt: Receipt,
-                         reverted: str, clock: Callable[[], float] = time.time) -> tuple[str, Receipt | None]:
+                         reverted: str, settle_call: tuple[str, bytes]) -> tuple[str, Receipt | None]:
     """Why our Permit2 settlement (mined in ``receipt``, reverted) failed: a reason, and the receipt of
     the copy that settled this payment instead, if one did (the reason is then ``settled_by_copy``)."""
     token, payer, _, amount = transfer
     try:
         if permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call())):
-            copy = await copied_settlement(chain, permit, transfer, receipt.block_number)
+            copy = await copied_settlement(chain, settle_call, transfer, receipt.block_number)
             return ("settled_by_copy", copy) if copy is not None else ("permit2_nonce_used", None)
         if await mined_past(chain, receipt.block_number, permit.deadline + 1):  # Permit2: block.timestamp > deadline
             return ERR_PERMIT2_DEADLINE_EXPIRED, None

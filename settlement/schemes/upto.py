@@ -106,7 +106,7 @@ class UptoChain(Protocol):
 
     async def block_number(self) -> int: ...
 
-    async def transaction_of(self, tx_hash: str) -> tuple[str, bytes] | None: ...
+    async def transaction_of(self, tx_hash: str) -> tuple[str, str, bytes] | None: ...
 
 
 class _Refused(Exception):
@@ -294,7 +294,8 @@ class UptoEvm:
 Permit2Nonce = Permit2Signed  # what resolving and judging a Permit2 payment read of its authorization
 
 
-async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clock: Callable[[], float]) -> Resolution:
+async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clock: Callable[[], float],
+                       settle_call: tuple[str, bytes] | None = None) -> Resolution:
     """What the chain says about an open Permit2 payment (upto, or exact through Permit2). Settled:
     our recorded transaction moved exactly ``row.amount`` from the payer to payTo. The hash is
     always written ahead, so an open row without one was never broadcast."""
@@ -320,7 +321,8 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
             receipt = await receipt_now(chain, row.tx_hash)
             if moved(receipt):
                 return outcome(PaymentState.SETTLED, "receipt_success", receipt)
-        copy = await copied_settlement(chain, permit, (row.asset, row.payer, row.pay_to, row.amount), await chain.block_number())
+        copy = None if settle_call is None else await copied_settlement(  # the upto proxy takes only us: no copies
+            chain, settle_call, (row.asset, row.payer, row.pay_to, row.amount), await chain.block_number())
         if copy is not None:  # a copy of our transaction (the exact proxy takes any sender) moved this very payment
             return outcome(PaymentState.SETTLED, "settled_by_copy", copy)
         return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)
@@ -378,7 +380,7 @@ async def _send_and_judge(
     extra = {"blockNumber": receipt.block_number, **gas_extra(shares[0] if shares else None)}
     if receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):
         return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(amount), extra=extra, **base)
-    reason, copy = await explain_revert(chain, permit, transfer, receipt, reverted)
+    reason, copy = await explain_revert(chain, permit, transfer, receipt, reverted, (proxy, calldata))
     if copy is not None:  # settled by a copy of ours: this payment's money moved; our revert's gas stays on the row
         return SettleResponse(success=True, transaction=copy.tx_hash, amount=str(amount),
                               extra={**extra, "blockNumber": copy.block_number}, **base)

@@ -1,0 +1,63 @@
+"""``permit2_outcome.copied_settlement`` alone, on a fake chain: which transaction counts as a copy of
+our Permit2 settlement (the payment settled by it) and which does not. A copy is another account's
+transaction to the proxy with our very calldata: only that executed this permit (its nonce makes it
+once). A transfer of the same amount made any other way (the payer's own, this signature pasted in
+its input, the nonces invalidated) could otherwise pay for two payments at once; one of ours has
+its own request to answer for it. Against a real chain: tests/e2e/test_attacks_permit2_copies.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from settlement.chain.receipts import TOPIC_TRANSFER, LogEntry, Receipt
+from settlement.schemes.permit2_outcome import copied_settlement
+
+TOKEN, PAYER, PAY_TO = "0x" + "70" * 20, "0x" + "a1" * 20, "0x" + "b2" * 20
+PROXY, OURS, GRIEFER = "0x" + "40" * 20, "0x" + "5e" * 20, "0x" + "99" * 20
+CALLDATA = b"\x13\x7c\x29\xfe" + b"\x01" * 300 + b"\xaa" * 65  # our settle call, this permit's signature last
+AMOUNT = 5_000
+
+
+def _word(address: str) -> bytes:
+    return bytes(12) + bytes.fromhex(address[2:])
+
+
+class Chain:
+    settlement_address = OURS
+
+    def __init__(self, sender: str, to: str, data: bytes, status: int = 1) -> None:
+        self.sent, self.status = (sender, to, data), status
+
+    async def get_logs(self, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
+        assert address == TOKEN and topics[0] == "0x" + TOPIC_TRANSFER.hex() and 0 <= from_block <= to_block == 100
+        return [{"transactionHash": "0x" + "c0" * 32, "data": hex(AMOUNT)}]
+
+    async def transaction_of(self, tx_hash: str) -> tuple[str, str, bytes] | None:
+        return self.sent
+
+    async def get_receipt(self, tx_hash: str) -> Receipt | None:
+        log = LogEntry(TOKEN, (TOPIC_TRANSFER, _word(PAYER), _word(PAY_TO)), AMOUNT.to_bytes(32, "big"))
+        return Receipt(tx_hash, self.status, 99, (log,))
+
+
+def _copy(chain: Chain) -> Receipt | None:
+    return asyncio.run(copied_settlement(chain, (PROXY, CALLDATA), (TOKEN, PAYER, PAY_TO, AMOUNT), 100))  # type: ignore[arg-type]
+
+
+def test_another_accounts_transaction_to_the_proxy_with_our_calldata_is_a_copy() -> None:
+    found = _copy(Chain(GRIEFER, PROXY, CALLDATA))
+    assert found is not None and found.tx_hash == "0x" + "c0" * 32 and found.block_number == 99
+
+
+@pytest.mark.parametrize(("sender", "to", "data", "status"), [
+    (GRIEFER, "0x" + "cc" * 20, CALLDATA, 1),  # our calldata sent elsewhere: that contract moved it its own way
+    (GRIEFER, PROXY, CALLDATA[:-1] + b"\xab", 1),  # another permit's (or a changed) call
+    (PAYER, "0x" + "cc" * 20, b"\x12\x34" + b"\xaa" * 65, 1),  # the signature pasted into the payer's own transfer
+    (OURS, PROXY, CALLDATA, 1),  # ours: its own request answers for it
+    (GRIEFER, PROXY, CALLDATA, 0),  # reverted: it moved nothing
+], ids=["elsewhere", "other-call", "pasted-signature", "ours", "reverted"])
+def test_nothing_else_is(sender: str, to: str, data: bytes, status: int) -> None:
+    assert _copy(Chain(sender, to, data, status)) is None
