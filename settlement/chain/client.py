@@ -316,6 +316,15 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         raise ChainUnavailable(f"no AuthorizationUsed log in the last {LOG_SCAN_BLOCKS} blocks, and the node refuses "
                                "a wider range", code="chain_logs_out_of_range")
 
+    async def traced_revert(self, tx_hash: str) -> str | None:
+        """Why a mined transaction reverted, as the node's tracer says (``debug_traceTransaction``,
+        callTracer: its revert reason, else its error); None when the node does not trace."""
+        try:
+            trace = await self._rpc("debug_traceTransaction", [tx_hash, {"tracer": "callTracer"}])
+        except (RpcError, ChainUnavailable):
+            return None
+        return (str(trace.get("revertReason") or trace.get("error") or "") or None) if isinstance(trace, dict) else None
+
     async def transaction_of(self, tx_hash: str) -> tuple[str, str, bytes] | None:
         """A transaction's sender, recipient and calldata (``eth_getTransactionByHash``); None when the
         node does not know it."""

@@ -33,7 +33,7 @@ from settlement.schemes.exact_guards import (
     revert_reason_code,
     transfer_refusal,
 )
-from settlement.schemes.exact_resolve import mined_past, settled_elsewhere
+from settlement.schemes.exact_resolve import mined_past, settled_elsewhere, traced_revert
 from settlement.schemes.permit2_outcome import SETTLEMENT_REVERTED
 from settlement.schemes.wallets import WalletRefused, WalletSignature, WalletSignatures, deploy_wallet
 from settlement.x402.codec import parse_exact_evm
@@ -393,7 +393,9 @@ class LocalFacilitator:
         # Reverted (certain: nothing moved). Say why, from the chain state the revert depended on.
         reason = "transaction_failed"  # unexplained: its payer's code, if it has any, is struck (exact_guards)
         try:
-            if await chain.authorization_state(checked.token, checked.payer, checked.auth.nonce):
+            if (traced := revert_reason_code(await traced_revert(chain, receipt.tx_hash))) != "transaction_failed":
+                reason = traced  # the node's tracer says (a balance moved out and back within the block shows here only)
+            elif await chain.authorization_state(checked.token, checked.payer, checked.auth.nonce):
                 reason = "invalid_exact_evm_nonce_already_used"
             elif await chain.balance_of(checked.token, checked.payer) < checked.auth.value:
                 reason = "invalid_exact_evm_insufficient_balance"

@@ -78,6 +78,13 @@ async def mined_past(chain: Any, block_number: int, refused_from: int) -> bool:
     return read is not None and int(await read(block_number)) >= refused_from
 
 
+async def traced_revert(chain: Any, tx_hash: str) -> str:
+    """The node's own account of why ``tx_hash`` reverted (``JsonRpcChain.traced_revert``); "" when it
+    does not trace (many providers do not) or this chain client cannot ask."""
+    read = getattr(chain, "traced_revert", None)
+    return (await read(tx_hash) or "") if read is not None else ""
+
+
 async def resend_if_forgotten(chain: Any, tx_hash: str) -> None:
     """A transaction not mined yet, sent again if the node dropped it and this process signed it
     (``JsonRpcChain.resend_if_forgotten``; a chain client without it: nothing to do)."""

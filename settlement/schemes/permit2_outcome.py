@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from eth_abi import decode as abi_decode
 from x402.mechanisms.evm.constants import (
     ERR_PERMIT2_ALLOWANCE_REQUIRED,
     ERR_PERMIT2_DEADLINE_EXPIRED,
@@ -26,13 +27,20 @@ from x402.mechanisms.evm.constants import (
 from settlement.chain.client import Receipt, RpcError
 from settlement.chain.receipts import TOPIC_TRANSFER
 from settlement.errors import ChainUnavailable
+from settlement.schemes.exact_permit2_payload import SEL_EXACT_SETTLE
 from settlement.schemes.exact_resolve import mined_past
-from settlement.schemes.upto_permit import PERMIT2_ADDRESS
+from settlement.schemes.upto_permit import PERMIT2_ADDRESS, SEL_UPTO_SETTLE
 
 __all__ = ["COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "Permit2Reads", "Permit2Signed", "copied_settlement", "explain_revert"]
 
 COPY_SCAN_BLOCKS = 64  # how far back from our receipt a copy is looked for (it is mined before ours)
 SETTLEMENT_REVERTED = "settlement_reverted"  # reverted, and the chain could not be read to say why
+# The proxies' settle arguments: a copy is the same call whatever its encoding (trailing bytes the proxy
+# ignores, offsets of its own), so it is compared decoded.
+_SETTLE_TYPES = {
+    SEL_EXACT_SETTLE: ["((address,uint256),uint256,uint256)", "address", "(address,uint256)", "bytes"],
+    SEL_UPTO_SETTLE: ["((address,uint256),uint256,uint256)", "uint256", "address", "(address,address,uint256)", "bytes"],
+}
 
 
 class Permit2Signed(Protocol):
@@ -67,6 +75,20 @@ class Permit2Reads(Protocol):
     async def transaction_of(self, tx_hash: str) -> tuple[str, str, bytes] | None: ...
 
 
+def same_call(sent: bytes, ours: bytes) -> bool:
+    """Whether ``sent`` calls the proxy's ``settle`` with the very arguments of ``ours`` (this permit,
+    this owner, this witness, this signature), however it is encoded."""
+    if sent == ours:
+        return True
+    types = _SETTLE_TYPES.get(ours[:4])
+    if types is None or sent[:4] != ours[:4]:
+        return False
+    try:
+        return bool(abi_decode(types, sent[4:], strict=False) == abi_decode(types, ours[4:], strict=False))
+    except Exception:  # noqa: BLE001 - calldata that does not decode: not this call
+        return False
+
+
 def _topic(address: str) -> str:
     return "0x" + address[2:].lower().rjust(64, "0")
 
@@ -74,8 +96,8 @@ def _topic(address: str) -> str:
 async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes], transfer: tuple[str, str, str, int],
                             up_to_block: int) -> Receipt | None:
     """The receipt of a copy of our settlement: another account's transaction (one of ours has its
-    own request to answer for it) sent to the proxy with our very calldata (``settle_call``: the
-    proxy and the calldata; so it executed this permit, whose nonce makes that once) that succeeded
+    own request to answer for it) sent to the proxy with our very call (``settle_call``: the proxy and
+    our calldata, compared decoded; so it executed this permit, whose nonce makes that once) that succeeded
     moving exactly ``transfer`` (token, payer, payee, amount), mined at ``up_to_block`` or in the
     ``COPY_SCAN_BLOCKS`` before; None when there is none. A transfer of the same amount made any
     other way (the payer's own, with this signature pasted in its input and the nonces invalidated)
@@ -89,7 +111,7 @@ async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes],
         tx_hash = str(log["transactionHash"])
         sent = await chain.transaction_of(tx_hash)
         if (sent is None or sent[0].lower() == (chain.settlement_address or "").lower()
-                or sent[1].lower() != proxy.lower() or sent[2] != calldata):
+                or sent[1].lower() != proxy.lower() or not same_call(sent[2], calldata)):
             continue
         receipt = await chain.get_receipt(tx_hash)
         if receipt is not None and receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):

@@ -322,7 +322,8 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
             if moved(receipt):
                 return outcome(PaymentState.SETTLED, "receipt_success", receipt)
         copy = None if settle_call is None else await copied_settlement(  # the upto proxy takes only us: no copies
-            chain, settle_call, (row.asset, row.payer, row.pay_to, row.amount), await chain.block_number())
+            chain, settle_call, (row.asset, row.payer, row.pay_to, row.amount),
+            receipt.block_number if receipt is not None else await chain.block_number())  # a copy comes before ours
         if copy is not None:  # a copy of our transaction (the exact proxy takes any sender) moved this very payment
             return outcome(PaymentState.SETTLED, "settled_by_copy", copy)
         return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)

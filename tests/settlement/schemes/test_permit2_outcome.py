@@ -61,3 +61,20 @@ def test_another_accounts_transaction_to_the_proxy_with_our_calldata_is_a_copy()
 ], ids=["elsewhere", "other-call", "pasted-signature", "ours", "reverted"])
 def test_nothing_else_is(sender: str, to: str, data: bytes, status: int) -> None:
     assert _copy(Chain(sender, to, data, status)) is None
+
+
+def test_the_same_call_encoded_otherwise_is_the_same_call() -> None:
+    """The proxy ignores bytes past its arguments and follows the offsets it is given: a copy padded or
+    re-encoded (a griefer's way around a byte-for-byte check) is still this permit's call."""
+    from eth_abi import encode
+
+    from settlement.schemes.exact_permit2_payload import SEL_EXACT_SETTLE
+    from settlement.schemes.permit2_outcome import same_call
+
+    types = ["((address,uint256),uint256,uint256)", "address", "(address,uint256)", "bytes"]
+    args = (((TOKEN, AMOUNT), 7, 2**40), PAYER, (PAY_TO, 0), b"\xaa" * 65)
+    ours = SEL_EXACT_SETTLE + encode(types, args)
+    assert same_call(ours + bytes(32), ours) and same_call(ours, ours)
+    other = SEL_EXACT_SETTLE + encode(types, (((TOKEN, AMOUNT), 8, 2**40), PAYER, (PAY_TO, 0), b"\xaa" * 65))
+    assert not same_call(other, ours)  # another nonce: another permit
+    assert not same_call(b"\x00\x00\x00\x00" + ours[4:], ours) and not same_call(SEL_EXACT_SETTLE + b"\x01", ours)
