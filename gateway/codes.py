@@ -177,6 +177,7 @@ RECEIPT_AUTH_EXPIRED: Final = "receipt_auth_expired"
 RECEIPT_AUTH_REPLAYED: Final = "receipt_auth_replayed"
 RECEIPT_NOT_FOUND: Final = "receipt_not_found"
 RECEIPT_NOT_SETTLED: Final = "receipt_not_settled"
+RECEIPT_REFUNDED: Final = "receipt_refunded"  # its charge is owed back: no receipt attests it
 RECEIPTS_DISABLED: Final = "receipts_disabled"
 
 # The request's URL (Host header, path, query) cannot name an offer's resource: malformed or too long.
@@ -276,6 +277,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(RECEIPT_AUTH_REPLAYED, 401, "none"),
     Refusal(RECEIPT_NOT_FOUND, 404, "none"),
     Refusal(RECEIPT_NOT_SETTLED, 409, "none"),
+    Refusal(RECEIPT_REFUNDED, 409, "none"),
     Refusal(RECEIPTS_DISABLED, 404, "none"),
 
     Refusal(REACCESS_NOT_PAID, 402, "pay"),

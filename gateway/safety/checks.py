@@ -58,9 +58,8 @@ class RequestContext(Protocol):
 
 log = logging.getLogger("x402gw.safety")
 
-# Outcomes after which money may have moved: the budget reservation is kept (unless the ledger
-# row says the settlement failed or was voided). A stream's finalizers run as it ends: an exact one
-# was settled before it started (its outcome then "streaming"), a metered one as it ended.
+# Outcomes after which money may have moved: the budget reservation is kept (unless the ledger row says it
+# failed, was voided or refunded). An exact stream settled before it started ("streaming"), a metered one as it ended.
 _MONEY_MAY_HAVE_MOVED = frozenset({"settling", "settled", "streaming", "refund_owed", "refunded"})
 
 
@@ -402,14 +401,15 @@ class Safety:
             log.exception("safety cleanup failed on request %s", ctx.request_id)
 
     async def _money_moved(self, ctx: RequestContext, ledger: Ledger, reserved: int) -> int | None:
-        """None: nothing moved (the reservations go back whole); else the most that may have moved:
-        a settled row's amount, or (outcome unknown) everything reserved."""
+        """None: nothing moved (the reservations go back whole); else the most that may have moved: a
+        settled row's amount less a refund paid back, or (outcome unknown) everything reserved."""
         if ctx.outcome not in _MONEY_MAY_HAVE_MOVED or ctx.payment_id is None:
             return None
         row = await asyncio.to_thread(ledger.get, ctx.payment_id)
-        if row is not None and row.state in (PaymentState.FAILED, PaymentState.VOIDED):
-            return None
-        return row.amount if row is not None and row.state == PaymentState.SETTLED else reserved
+        if row is None or row.state not in (PaymentState.SETTLED, PaymentState.FAILED, PaymentState.VOIDED):
+            return reserved
+        moved = row.amount - (row.refund_owed or 0 if row.refunded_at else 0) if row.state == PaymentState.SETTLED else 0
+        return moved if moved > 0 else None
 
     async def _release(self, held: Held, atomic: int | None = None) -> None:
         """Give back every reservation, or ``atomic`` units of each (the part that was not charged)."""

@@ -127,13 +127,17 @@ class ReceiptEndpoint:
         if row.state != PaymentState.SETTLED or not row.tx_hash:
             raise GatewayError(codes.RECEIPT_NOT_SETTLED, f"this payment is {row.state}: only a settled payment has a receipt",
                                paymentId=row.id)
+        if row.refund_owed is not None:  # the answer it paid for never came: a receipt would attest a charge reversed
+            raise GatewayError(codes.RECEIPT_REFUNDED, "this payment's charge is owed back (or paid back): it has no receipt",
+                               paymentId=row.id, refund="refunded" if row.refunded_at else "owed", refundAmount=str(row.refund_owed))
         return JSONResponse(self.signer.receipt(row, self.public_url), headers={CACHE_CONTROL: "private, no-store"})
 
     async def _by_transaction(self, request: Request, signer: ReceiptSigner, transaction: str) -> Response:
         """``GET /receipts/0x<tx hash>``: the signer's settled payments in that transaction (a batch
         may hold several), as ``{"receipts": [...]}``; none: 404, as for another wallet's."""
         wallet, timestamp = await self._authenticate(request, signer.address, transaction)
-        rows = await self.ledger.run(lambda: list(settled_payments(self.ledger, payers=[wallet], transaction=transaction)))
+        rows = [row for row in await self.ledger.run(lambda: list(settled_payments(self.ledger, payers=[wallet], transaction=transaction)))
+                if row.refund_owed is None]  # a charge owed back has no receipt
         if not rows:
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this transaction")
         await self._once(wallet, transaction.lower(), timestamp)
