@@ -30,6 +30,9 @@ class Resolution:
     tx_hash: str | None
     block_number: int | None
     reason: str
+    # The gas our own transaction paid when the row is settled by another's (a copy of ours, which
+    # moved the payment while ours reverted): its hash is the copy's, the gas stays ours on the row.
+    gas: dict[str, int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -55,7 +58,7 @@ def apply(ledger: Ledger, resolution: Resolution) -> None:
     if resolution.block_number is not None:
         fields["block_number"] = resolution.block_number
     if after == PaymentState.SETTLED.value:
-        ledger.mark_settled(resolution.payment_id, **fields)
+        ledger.mark_settled(resolution.payment_id, gas=resolution.gas, **fields)
     elif after == PaymentState.FAILED.value:
         ledger.fail(resolution.payment_id, resolution.reason, **fields)
     else:

@@ -28,6 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 from x402.mechanisms.evm.constants import (
@@ -325,7 +326,8 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
             chain, settle_call, (row.asset, row.payer, row.pay_to, row.amount),
             receipt.block_number if receipt is not None else await chain.block_number())  # a copy comes before ours
         if copy is not None:  # a copy of our transaction (the exact proxy takes any sender) moved this very payment
-            return outcome(PaymentState.SETTLED, "settled_by_copy", copy)
+            ours = receipt_shares(receipt, 1) if receipt is not None else None  # our revert's gas stays on the row
+            return replace(outcome(PaymentState.SETTLED, "settled_by_copy", copy), gas=ours[0].ledger_fields() if ours else None)
         return outcome(PaymentState.FAILED, "permit_used_elsewhere", receipt)
     if receipt is not None:
         return outcome(PaymentState.FAILED, "transaction_reverted", receipt)
