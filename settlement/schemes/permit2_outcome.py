@@ -31,7 +31,8 @@ from settlement.schemes.exact_permit2_payload import SEL_EXACT_SETTLE
 from settlement.schemes.exact_resolve import mined_past
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, SEL_UPTO_SETTLE
 
-__all__ = ["COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "Permit2Reads", "Permit2Signed", "copied_settlement", "explain_revert"]
+__all__ = ["COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "Permit2Reads", "Permit2Signed", "copied_settlement", "explain_revert",
+           "same_call"]
 
 COPY_SCAN_BLOCKS = 64  # how far back from our receipt a copy is looked for (it is mined before ours)
 SETTLEMENT_REVERTED = "settlement_reverted"  # reverted, and the chain could not be read to say why
@@ -48,9 +49,6 @@ class Permit2Signed(Protocol):
 
     @property
     def deadline(self) -> int: ...
-
-    @property
-    def signature(self) -> bytes: ...
 
     def nonce_bitmap_call(self) -> bytes: ...
 

@@ -292,10 +292,7 @@ class UptoEvm:
         return await resolve_upto(row, permit, chain, self._clock)
 
 
-Permit2Nonce = Permit2Signed  # what resolving and judging a Permit2 payment read of its authorization
-
-
-async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clock: Callable[[], float],
+async def resolve_upto(row: Payment, permit: Permit2Signed, chain: UptoChain, clock: Callable[[], float],
                        settle_call: tuple[str, bytes] | None = None) -> Resolution:
     """What the chain says about an open Permit2 payment (upto, or exact through Permit2). Settled:
     our recorded transaction moved exactly ``row.amount`` from the payer to payTo. The hash is
@@ -342,7 +339,7 @@ async def resolve_upto(row: Payment, permit: Permit2Nonce, chain: UptoChain, clo
 async def send_permit2_settlement(
     chain: UptoChain, proxy: str, calldata: bytes, before_send: BeforeSend | None, *,
     transfer: tuple[str, str, str, int], network: str, receipt_timeout: float,
-    revert_reason: Callable[[str], str], reverted: str, permit: Permit2Nonce, in_flight: InFlight,
+    revert_reason: Callable[[str], str], reverted: str, permit: Permit2Signed, in_flight: InFlight,
 ) -> SettleResponse:
     """Send a Permit2 proxy's settlement (upto's, or exact's through Permit2) with its hash written
     ahead (``before_send``), then judge it by its receipt: settled when it moved exactly ``transfer``
@@ -363,7 +360,7 @@ async def send_permit2_settlement(
 
 async def _send_and_judge(
     chain: UptoChain, proxy: str, calldata: bytes, before_send: BeforeSend | None, transfer: tuple[str, str, str, int],
-    base: dict[str, Any], receipt_timeout: float, revert_reason: Callable[[str], str], reverted: str, permit: Permit2Nonce,
+    base: dict[str, Any], receipt_timeout: float, revert_reason: Callable[[str], str], reverted: str, permit: Permit2Signed,
 ) -> SettleResponse:
     token, payer, to, amount = transfer
     try:
