@@ -1,6 +1,7 @@
 """End-to-end fixtures for the protocol bridge: the sample SOAP warehouse on loopback, the demo
 credentials in the environment, and the warehouse catalog pointed at the test's upstreams; and
-``manual_mining`` for the modules that run a private anvil (their own ``chain`` fixture)."""
+``manual_mining`` for the modules that run a private anvil (their own ``chain`` fixture); ``recording``,
+a recording upstream per module (``tests.support.recording_upstream``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gateway.devkit.samples import rest_upstream, soap_warehouse
 from gateway.ops.serving import ThreadServer
 from gateway.settings import DEFAULT_CATALOG
 from tests.conftest import Devchain
+from tests.support.recording_upstream import RecordingUpstream
 
 WAREHOUSE_CATALOG = DEFAULT_CATALOG.with_name("warehouse.yaml")
 SLOW_SECONDS = 1.0  # GetInventoryReport's delay in tests; a tool with a shorter timeout times out
@@ -77,3 +79,11 @@ def manual_mining(chain: Devchain) -> Iterator[Callable[[], None]]:
     yield mine
     chain.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
     mine()
+
+
+@pytest.fixture(scope="module")
+def recording() -> Iterator[RecordingUpstream]:
+    """An upstream on loopback that records every call (what it was asked, how often), per module."""
+    upstream = RecordingUpstream().start()
+    yield upstream
+    upstream.stop()

@@ -15,8 +15,6 @@ and the books count the call as earned."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from settlement.schema import open_ledger
 from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, demo_catalog, offer_of, running_devchain, upstream_hits
 from tests.e2e.test_exactly_once import process_env, raw_request
+from tests.support.polling import poll
 from tests.support.processes import gateway_processes
 
 NETWORK = "eip155:31337"
@@ -54,15 +53,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
         yield private
 
 
-def poll(read: Callable[[], Any], done: Callable[[Any], bool], seconds: float) -> Any:
-    """Read real state (ledger rows, chain) until ``done`` holds or ``seconds`` pass; the last read.
-    Each attempt waits on an Event, never a bare sleep."""
-    pause, end = threading.Event(), time.monotonic() + seconds
-    value = read()
-    while not done(value) and time.monotonic() < end:
-        pause.wait(0.1)
-        value = read()
-    return value
 
 
 def sign_for(client: httpx.Client, chain: Devchain, path: str, payer: int) -> str:

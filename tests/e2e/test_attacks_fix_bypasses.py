@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from tests.e2e.test_attacks_gas import settler, spent
 from tests.e2e.test_channel_paid_calls import PRICE as CHANNEL_PRICE
 from tests.e2e.test_channel_paid_calls import channel_gateway, pay_calls, upstream_calls
 from tests.support import chain_actions
+from tests.support.polling import poll
 from tests.support.recording_upstream import MARKER_PREFIX, RecordingUpstream, UpstreamCall
 
 pytestmark = pytest.mark.e2e
@@ -86,21 +87,8 @@ tools:
 """
 
 
-def poll(read: Callable[[], Any], done: Callable[[Any], bool], seconds: float) -> Any:
-    """Read real state until ``done`` holds or ``seconds`` pass; the last read."""
-    pause, end = threading.Event(), time.monotonic() + seconds
-    value = read()
-    while not done(value) and time.monotonic() < end:
-        pause.wait(0.05)
-        value = read()
-    return value
 
 
-@pytest.fixture(scope="module")
-def recording() -> Iterator[RecordingUpstream]:
-    upstream = RecordingUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def write_catalog(tmp_path: Path, chain: Devchain, upstream: RecordingUpstream) -> Path:

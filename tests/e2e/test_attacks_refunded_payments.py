@@ -21,6 +21,7 @@ from settlement.finance.receipts import recover_receipt_signer
 from settlement.ledger import PaymentState
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, demo_catalog, upstream_hits
 from tests.e2e.test_exactly_once import signed
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -46,16 +47,6 @@ def upfront_catalog(tmp_path: Path, upstream: str) -> Path:
     return catalog
 
 
-def poll(read, done, seconds: float):  # type: ignore[no-untyped-def]
-    """Read real state until ``done`` holds or the deadline passes (waits on an Event, no bare sleep)."""
-    import threading
-
-    pause, end = threading.Event(), time.monotonic() + seconds
-    value = read()
-    while not done(value) and time.monotonic() < end:
-        pause.wait(0.1)
-        value = read()
-    return value
 
 
 def fetch_receipt(client: httpx.Client, key: str, signer: str, payment_id: int) -> httpx.Response:

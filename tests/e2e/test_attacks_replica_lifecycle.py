@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, fresh_database, fresh_redis_prefix, offer_of, running_devchain
 from tests.e2e.test_exactly_once import raw_request
 from tests.support import chain_actions
+from tests.support.polling import poll
 from tests.support.processes import GatewayProcess
 from tests.support.recording_upstream import RecordingUpstream, UpstreamCall
 
@@ -91,11 +91,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devchain]:
         yield private
 
 
-@pytest.fixture(scope="module")
-def recording() -> Iterator[RecordingUpstream]:
-    upstream = RecordingUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture
@@ -112,14 +107,6 @@ def prefix() -> Iterator[str]:
         yield prefix
 
 
-def poll(read: Callable[[], Any], done: Callable[[Any], bool], seconds: float) -> Any:
-    """Read real state until ``done`` holds or ``seconds`` pass; the last read (waits on an Event)."""
-    pause, end = threading.Event(), time.monotonic() + seconds
-    value = read()
-    while not done(value) and time.monotonic() < end:
-        pause.wait(0.05)
-        value = read()
-    return value
 
 
 def in_pool(chain: Devchain, tx_hash: str) -> Any:

@@ -30,8 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from settlement.x402.codec import encode_header
 from tests.conftest import PAY_TO, Devchain, fresh_database, fresh_redis_prefix, offer_of
 from tests.e2e.test_exactly_once import raw_request
 from tests.support import chain_actions
+from tests.support.polling import poll
 from tests.support.processes import GatewayProcess
 from tests.support.recording_upstream import MARKER_PREFIX, RecordingUpstream, UpstreamCall
 
@@ -77,14 +77,6 @@ tools:
 """
 
 
-def poll(read: Callable[[], Any], done: Callable[[Any], bool], seconds: float) -> Any:
-    """Read real state until ``done`` holds or ``seconds`` pass; the last read (waits on an Event)."""
-    pause, end = threading.Event(), time.monotonic() + seconds
-    value = read()
-    while not done(value) and time.monotonic() < end:
-        pause.wait(0.05)
-        value = read()
-    return value
 
 
 def read_answer(sock: socket.socket, seconds: float = 60) -> tuple[int, bytes]:
@@ -111,11 +103,6 @@ def key_hex(account: Any) -> str:
     return "0x" + bytes(account.key).hex()
 
 
-@pytest.fixture(scope="module")
-def recording() -> Iterator[RecordingUpstream]:
-    upstream = RecordingUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ import socket
 import socketserver
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,6 +53,7 @@ from settlement.x402.wire import SettleResponse
 from tests.conftest import PAY_TO, Devchain, GatewayFactory, offer_of, running_devchain
 from tests.e2e.test_exactly_once import raw_request
 from tests.support import chain_actions
+from tests.support.polling import poll
 from tests.support.processes import gateway_processes
 from tests.support.recording_upstream import RecordingUpstream, UpstreamCall
 
@@ -63,14 +63,6 @@ FUNDER = 6  # funds each test's fresh payer (delta-based checks only)
 CONTENT = b'{"report":"the paid content"}'
 
 
-def poll(read: Callable[[], Any], done: Callable[[Any], bool], seconds: float) -> Any:
-    """Read real state until ``done`` holds or ``seconds`` pass; the last read (waits on an Event)."""
-    pause, end = threading.Event(), time.monotonic() + seconds
-    value = read()
-    while not done(value) and time.monotonic() < end:
-        pause.wait(0.1)
-        value = read()
-    return value
 
 
 def catalog_text(devchain: Devchain, upstream: str, tools: str, owner: str = "review-today") -> str:
@@ -104,11 +96,6 @@ def in_pool(chain: Devchain) -> int:
     return chain.w3.eth.get_transaction_count(account, "pending") - chain.w3.eth.get_transaction_count(account, "latest")
 
 
-@pytest.fixture(scope="module")
-def recording() -> Iterator[RecordingUpstream]:
-    upstream = RecordingUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import copy
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,6 @@ tools:
 """
 
 
-@pytest.fixture(scope="module")
-def recording() -> Iterator[RecordingUpstream]:
-    upstream = RecordingUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def _catalog(devchain: Devchain, upstream: str, tmp_path: Path, method: str = "permit2") -> Path:
