@@ -127,6 +127,7 @@ WALLET_TRANSFER_GAS_LIMIT = 400_000
 # from the head over at most LOG_SCAN_BLOCKS (two days of 2-second blocks).
 LOG_WINDOW_BLOCKS = 2_000
 LOG_SCAN_BLOCKS = 100_000
+TRACED_CALLS_MAX = 4_096  # frames read of one transaction's trace (a copy wrapped in a contract's call)
 
 
 class Chain(Protocol):
@@ -324,6 +325,35 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         except (RpcError, ChainUnavailable):
             return None
         return (str(trace.get("revertReason") or trace.get("error") or "") or None) if isinstance(trace, dict) else None
+
+    async def traced_calls(self, tx_hash: str) -> list[tuple[str, str, bytes]] | None:
+        """The plain calls (``CALL``) a mined transaction made that took effect, as (from, to, input):
+        ``debug_traceTransaction``'s callTracer frames, leaving out any that failed and everything under
+        them (a failed frame's effects are undone). At most ``TRACED_CALLS_MAX`` frames are read. None
+        when the node does not trace."""
+        try:
+            trace = await self._rpc("debug_traceTransaction", [tx_hash, {"tracer": "callTracer"}])
+        except (RpcError, ChainUnavailable):
+            return None
+        if not isinstance(trace, dict):
+            return None
+        calls: list[tuple[str, str, bytes]] = []
+        frames: list[Any] = [trace]
+        for _ in range(TRACED_CALLS_MAX):
+            if not frames:
+                break
+            frame = frames.pop()
+            if not isinstance(frame, dict) or frame.get("error"):
+                continue  # failed: neither it nor anything it called took effect
+            if str(frame.get("type") or "").upper() == "CALL":
+                try:
+                    calls.append((str(frame.get("from") or ""), str(frame.get("to") or ""),
+                                  bytes.fromhex(str(frame.get("input") or "0x")[2:])))
+                except ValueError:
+                    pass  # not hex: not a call we could have sent
+            inner = frame.get("calls")
+            frames.extend(inner if isinstance(inner, list) else [])
+        return calls
 
     async def transaction_of(self, tx_hash: str) -> tuple[str, str, bytes] | None:
         """A transaction's sender, recipient and calldata (``eth_getTransactionByHash``); None when the

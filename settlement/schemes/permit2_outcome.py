@@ -3,8 +3,8 @@ after its receipt, so that neither the payer nor the gateway is wronged by a rev
 
 - the permit's nonce used by a *copy* of our pending transaction (the exact proxy takes any sender,
   and the witness binds the payee and the amount: a griefer who resends our calldata with a higher
-  tip moves exactly this payment): the payment is settled, by that copy, never a charge without
-  its answer (``copied_settlement``);
+  tip, directly or wrapped in another contract's call, moves exactly this payment): the payment is
+  settled, by that copy, never a charge without its answer (``copied_settlement``);
 - the nonce used otherwise (``permit2_nonce_used``), the deadline passed by the chain's clock
   (``permit2_deadline_expired``), the payer's balance or its Permit2 allowance below the amount:
   explained, the payer's own doing or a race, never its code's;
@@ -91,15 +91,27 @@ def _topic(address: str) -> str:
     return "0x" + address[2:].lower().rjust(64, "0")
 
 
+async def _wrapped_call(chain: Permit2Reads, tx_hash: str, settle_call: tuple[str, bytes]) -> bool:
+    """Whether ``tx_hash``, sent to another contract (Multicall3, a bot's wrapper), made our very call
+    to the proxy, and that call took effect: read from the node's trace (``JsonRpcChain.traced_calls``);
+    False when the node does not trace."""
+    read = getattr(chain, "traced_calls", None)
+    calls = await read(tx_hash) if read is not None else None
+    proxy, calldata = settle_call
+    return any(to.lower() == proxy.lower() and same_call(data, calldata) for _, to, data in calls or [])
+
+
 async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes], transfer: tuple[str, str, str, int],
                             up_to_block: int) -> Receipt | None:
     """The receipt of a copy of our settlement: another account's transaction (one of ours has its
-    own request to answer for it) sent to the proxy with our very call (``settle_call``: the proxy and
-    our calldata, compared decoded; so it executed this permit, whose nonce makes that once) that succeeded
-    moving exactly ``transfer`` (token, payer, payee, amount), mined at ``up_to_block`` or in the
-    ``COPY_SCAN_BLOCKS`` before; None when there is none. A transfer of the same amount made any
-    other way (the payer's own, with this signature pasted in its input and the nonces invalidated)
-    is no copy: it could pay for two payments at once."""
+    own request to answer for it) that made our very call (``settle_call``: the proxy and our
+    calldata, compared decoded; so it executed this permit, whose nonce makes that once), sent to the
+    proxy itself or, where the node traces, through another contract (Multicall3, a wrapper: the
+    call found in the trace, and taking effect), and that succeeded moving exactly ``transfer``
+    (token, payer, payee, amount), mined at ``up_to_block`` or in the ``COPY_SCAN_BLOCKS`` before;
+    None when there is none. A transfer of the same amount made any other way (the payer's own, with
+    this signature pasted in its input and the nonces invalidated) is no copy: it could pay for two
+    payments at once."""
     proxy, calldata = settle_call
     token, payer, to, amount = transfer
     topics: list[str | list[str] | None] = ["0x" + TOPIC_TRANSFER.hex(), _topic(payer), _topic(to)]
@@ -108,8 +120,12 @@ async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes],
             continue
         tx_hash = str(log["transactionHash"])
         sent = await chain.transaction_of(tx_hash)
-        if (sent is None or sent[0].lower() == (chain.settlement_address or "").lower()
-                or sent[1].lower() != proxy.lower() or not same_call(sent[2], calldata)):
+        if sent is None or sent[0].lower() == (chain.settlement_address or "").lower():
+            continue
+        if sent[1].lower() == proxy.lower():
+            if not same_call(sent[2], calldata):
+                continue
+        elif not await _wrapped_call(chain, tx_hash, settle_call):
             continue
         receipt = await chain.get_receipt(tx_hash)
         if receipt is not None and receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):

@@ -132,12 +132,20 @@ def _permit2_header(gateway: RunningGateway, key: str, token: str, path: str) ->
     return base64.b64encode(json.dumps(payload.model_dump(mode="json", by_alias=True, exclude_none=True)).encode()).decode()
 
 
+SEL_TRY_AGGREGATE = bytes(Web3.keccak(text="tryAggregate(bool,(address,bytes)[])"))[:4]
+
+
+def _wrapped(proxy: str, calldata: bytes) -> bytes:
+    """Multicall3's ``tryAggregate(true, [(proxy, calldata)])``: our call made by another contract."""
+    return SEL_TRY_AGGREGATE + abi_encode(["bool", "(address,bytes)[]"], [True, [(Web3.to_checksum_address(proxy), calldata)]])
+
+
 def _copied_permit2_settlement(start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path,
-                               path: str) -> tuple[RunningGateway, str, str, httpx.Response, int]:
+                               path: str, *, wrap: bool = False) -> tuple[RunningGateway, str, str, httpx.Response, int]:
     """The scenario: an honest payer delegated to ``Eip7702Delegate`` (holding two prices, Permit2
     approved) pays ``path``; while the gateway's proxy ``settle`` is pending, a griefer sends the very
-    same calldata to the (open) exact proxy with a higher tip. (gateway, key, address, first answer,
-    what payTo received.)"""
+    same calldata to the (open) exact proxy with a higher tip (``wrap``: through Multicall3 instead).
+    (gateway, key, address, first answer, what payTo received.)"""
     plain = chain.deployment.plain_token
     assert plain is not None
     catalog = tmp_path / "plain.yaml"
@@ -155,7 +163,9 @@ def _copied_permit2_settlement(start_gateway: GatewayFactory, chain: Devchain, u
 
     def copy(tx: Any) -> None:  # the griefer front-runs the gateway's pending settlement with its own calldata
         gateways.append(tx["hash"])
-        copies.append(_raw_send(chain.w3, griefer, str(tx["to"]), bytes(tx["input"]), tip=10 * 10**9))
+        to, data = (chain.deployment.multicall3 or "", _wrapped(str(tx["to"]), bytes(tx["input"]))) if wrap else (
+            str(tx["to"]), bytes(tx["input"]))
+        copies.append(_raw_send(chain.w3, griefer, to, data, tip=10 * 10**9))
 
     first = _broadcast_then(chain, gateway, address, lambda: httpx.get(
         f"{gateway.url}{path}", headers={"PAYMENT-SIGNATURE": _permit2_header(gateway, key, plain.address, path)},
@@ -214,6 +224,52 @@ def test_a_copied_permit2_settlement_is_still_this_payment_not_a_charge_without_
         f"the payer's {PLAIN_PRICE} reached payTo under this very permit (a copy of the gateway's pending settlement), "
         f"yet the answer was {first.status_code} {first.text[:200]!r} and the ledger says "
         f"{[(str(r.state), r.error_reason, r.refund_owed) for r in rows]}: charged without the answer it paid for")
+
+
+def test_a_copy_wrapped_in_another_contracts_call_is_still_this_payment(
+    start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path,
+) -> None:
+    """Attack (griefer), closed after the 2026-12-05 stop left it: the copy of our pending settlement
+    is made through Multicall3 (``tryAggregate``), so its transaction is not sent to the proxy and its
+    input is not our calldata. The payer's price reached payTo under this permit all the same; before,
+    the row went ``failed`` (``permit2_nonce_used``): charged, no answer, nothing owed. Now the
+    node's trace (``JsonRpcChain.traced_calls``) shows the wrapper's call to the proxy with our very
+    call: settled by that copy, the answer served, one charge."""
+    plain = chain.deployment.plain_token
+    assert plain is not None
+    hits_before = upstream_hits(upstream, "GET /api/v1/quote/WRPA")
+    gateway, _, address, first, received = _copied_permit2_settlement(
+        start_gateway, chain, upstream, tmp_path, "/q/WRPA", wrap=True)
+    rows = _rows(gateway, address)
+    assert received == PLAIN_PRICE  # one charge: the copy's
+    assert first.status_code == 200, (first.status_code, first.text[:300], [(str(r.state), r.error_reason) for r in rows])
+    assert len(rows) == 1 and rows[0].state == PaymentState.SETTLED, [(str(r.state), r.error_reason) for r in rows]
+    assert upstream_hits(upstream, "GET /api/v1/quote/WRPA") - hits_before == 1
+
+
+def test_traced_calls_leaves_out_a_failed_call_and_keeps_those_that_took_effect(chain: Devchain) -> None:
+    """``JsonRpcChain.traced_calls`` on anvil's real tracer: Multicall3 ``tryAggregate(false, ...)``
+    makes a transfer that fails (more than the sender holds) and a ``balanceOf`` that succeeds; the
+    failed one is left out (its effects are undone), the wrapper's own call and the other are kept."""
+    from settlement.chain.client import JsonRpcChain
+
+    plain = chain.deployment.plain_token
+    multicall = chain.deployment.multicall3
+    assert plain is not None and multicall is not None
+    key = fresh_payer(chain, 0)
+    token = Web3.to_checksum_address(plain.address)
+    failing = bytes(Web3.keccak(text="transfer(address,uint256)"))[:4] + abi_encode(["address", "uint256"], [PAY_TO, 10**30])
+    reading = bytes(Web3.keccak(text="balanceOf(address)"))[:4] + abi_encode(["address"], [PAY_TO])
+    data = SEL_TRY_AGGREGATE + abi_encode(["bool", "(address,bytes)[]"], [False, [(token, failing), (token, reading)]])
+    receipt = send_tx(chain.w3, key, multicall, data)
+    assert receipt["status"] == 1
+    tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+    calls = asyncio.run(JsonRpcChain(chain.anvil.rpc_url, 31337, None).traced_calls(tx_hash))
+    assert calls is not None
+    made = [(to.lower(), data[:4]) for _, to, data in calls]
+    assert (multicall.lower(), SEL_TRY_AGGREGATE) in made
+    assert (token.lower(), reading[:4]) in made
+    assert (token.lower(), failing[:4]) not in made, made
 
 
 # -- 2. exact (EIP-3009): a settlement mined after its window strikes the honest payer ---------------

@@ -1,9 +1,10 @@
 """``permit2_outcome.copied_settlement`` alone, on a fake chain: which transaction counts as a copy of
 our Permit2 settlement (the payment settled by it) and which does not. A copy is another account's
 transaction to the proxy with our very calldata: only that executed this permit (its nonce makes it
-once). A transfer of the same amount made any other way (the payer's own, this signature pasted in
-its input, the nonces invalidated) could otherwise pay for two payments at once; one of ours has
-its own request to answer for it. Against a real chain: tests/e2e/test_attacks_permit2_copies.py."""
+once), sent to the proxy or, where the node traces, made through another contract. A transfer of
+the same amount made any other way (the payer's own, this signature pasted in its input, the nonces
+invalidated) could otherwise pay for two payments at once; one of ours has its own request to
+answer for it. Against a real chain: tests/e2e/test_attacks_permit2_copies.py."""
 
 from __future__ import annotations
 
@@ -78,3 +79,41 @@ def test_the_same_call_encoded_otherwise_is_the_same_call() -> None:
     other = SEL_EXACT_SETTLE + encode(types, (((TOKEN, AMOUNT), 8, 2**40), PAYER, (PAY_TO, 0), b"\xaa" * 65))
     assert not same_call(other, ours)  # another nonce: another permit
     assert not same_call(b"\x00\x00\x00\x00" + ours[4:], ours) and not same_call(SEL_EXACT_SETTLE + b"\x01", ours)
+
+
+MULTICALL = "0x" + "ca" * 20
+
+
+class TracingChain(Chain):
+    """A node that traces: the wrapper transaction's calls that took effect (``traced_calls``)."""
+
+    def __init__(self, sender: str, to: str, data: bytes, calls: list[tuple[str, str, bytes]] | None) -> None:
+        super().__init__(sender, to, data)
+        self.calls = calls
+
+    async def traced_calls(self, tx_hash: str) -> list[tuple[str, str, bytes]] | None:
+        return self.calls
+
+
+def test_our_call_made_through_another_contract_is_a_copy_where_the_node_traces() -> None:
+    """A griefer wraps our calldata in Multicall3 (or any contract of its own): the transaction is not
+    sent to the proxy, but the trace shows the wrapper calling the proxy with our call, which took
+    effect: this permit executed, the payment is settled by it."""
+    wrapped = TracingChain(GRIEFER, MULTICALL, b"\xbc\xe3\x8b\xd7" + CALLDATA,
+                           [(GRIEFER, MULTICALL, b"\xbc\xe3\x8b\xd7"), (MULTICALL, PROXY, CALLDATA)])
+    found = _copy(wrapped)
+    assert found is not None and found.tx_hash == "0x" + "c0" * 32
+
+
+@pytest.mark.parametrize("calls", [
+    None,  # the node does not trace: nothing is assumed
+    [(GRIEFER, MULTICALL, b"\x01")],  # the wrapper never called the proxy (its own transfer)
+    [(GRIEFER, MULTICALL, b"\x01"), (MULTICALL, PROXY, CALLDATA[:-1] + b"\xab")],  # another permit's call
+    [(GRIEFER, MULTICALL, b"\x01"), (MULTICALL, "0x" + "dd" * 20, CALLDATA)],  # our calldata to another contract
+], ids=["no-trace", "no-proxy-call", "other-call", "other-contract"])
+def test_a_wrapper_transaction_without_our_call_in_its_trace_is_not(calls: list[tuple[str, str, bytes]] | None) -> None:
+    assert _copy(TracingChain(GRIEFER, MULTICALL, b"\x01", calls)) is None
+
+
+def test_ours_is_never_a_copy_even_wrapped() -> None:
+    assert _copy(TracingChain(OURS, MULTICALL, b"\x01", [(MULTICALL, PROXY, CALLDATA)])) is None
