@@ -57,6 +57,7 @@ class Receipt:
     gas_used: int | None = None
     effective_gas_price: int | None = None
     sender: str | None = None  # the account that sent it (and paid its gas)
+    recipient: str | None = None  # the account it was sent to (None: a contract creation, or not reported)
 
     @property
     def gas_cost(self) -> int | None:
@@ -71,6 +72,22 @@ class Receipt:
             if log.address.lower() == token.lower() and log.topics[:3] == want:
                 if int.from_bytes(log.data[:32], "big") == value:
                     return True
+        return False
+
+    def moved_under(self, token: str, authorizer: str, nonce: bytes, to: str, value: int) -> bool:
+        """This very authorization moved ``value`` from ``authorizer`` to ``to``: the token's
+        ``AuthorizationUsed(authorizer, nonce)`` log, and the log right after it the token's
+        ``Transfer(authorizer, to, value)`` (FiatToken's order: ``transferWithAuthorization`` marks the
+        nonce used, then transfers). A Transfer anywhere else in the receipt is another's: one
+        transaction can use a second authorization of the payer on this nonce to pay someone else and
+        make an identical transfer to ``to`` under a third, which must not count for this one."""
+        used = (TOPIC_AUTHORIZATION_USED, _topic_address(authorizer), nonce)
+        moved = (TOPIC_TRANSFER, _topic_address(authorizer), _topic_address(to))
+        for index, log in enumerate(self.logs[:-1]):
+            if log.address.lower() == token.lower() and log.topics[:3] == used:
+                after = self.logs[index + 1]
+                return (after.address.lower() == token.lower() and after.topics[:3] == moved
+                        and int.from_bytes(after.data[:32], "big") == value)
         return False
 
     def has_authorization_used(self, token: str, authorizer: str, nonce: bytes) -> bool:
@@ -252,4 +269,5 @@ def _receipt(tx_hash: str, raw: dict[str, Any]) -> Receipt:
         gas_used=int(gas_used, 16) if isinstance(gas_used, str) else None,
         effective_gas_price=int(price, 16) if isinstance(price, str) else None,
         sender=raw["from"] if isinstance(raw.get("from"), str) else None,
+        recipient=raw["to"] if isinstance(raw.get("to"), str) else None,
     )

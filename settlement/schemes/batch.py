@@ -41,11 +41,12 @@ from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.batch_settlers import SettlerReader, choose_settler
 from settlement.schemes.exact_guards import in_flight_refusal, revert_reason_code
 from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, mined_by
+from settlement.schemes.exact_resolve import TOPIC_BATCH_SETTLED
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 _AUTH_TUPLE = "(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 SEL_BATCH_SETTLE = selector(f"settle(address,{_AUTH_TUPLE}[])")
-TOPIC_SETTLED = keccak(b"Settled(uint256,address,bytes32)")
+TOPIC_SETTLED = TOPIC_BATCH_SETTLED
 TOPIC_FAILED = keccak(b"Failed(uint256,address,bytes32,bytes)")
 _ERROR_STRING = selector("Error(string)")
 
@@ -265,9 +266,7 @@ class _NetworkBatcher:
             base: dict[str, Any] = {"payer": c.payer, "transaction": receipt.tx_hash, "network": self.network}
             settled, reason = outcomes.get(index, (False, b""))
             if settled:
-                if receipt.has_authorization_used(c.token, c.auth.from_, c.auth.nonce) and receipt.has_transfer(
-                    c.token, c.auth.from_, c.auth.to, c.auth.value
-                ):
+                if receipt.moved_under(c.token, c.auth.from_, c.auth.nonce, c.auth.to, c.auth.value):
                     _resolve(item, SettleResponse(success=True, amount=str(c.auth.value), extra=block, **base))
                 else:
                     _resolve(item, SettleResponse(

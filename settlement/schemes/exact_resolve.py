@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
 from settlement.chain.client import Chain, Receipt
@@ -19,14 +20,34 @@ from settlement.ledger.resolve import Resolution
 
 
 def moved(receipt: Receipt, token: str, payer: str, nonce: bytes, pay_to: str, amount: int) -> bool:
-    """``receipt`` used (payer, nonce) and moved ``amount`` from the payer to ``pay_to``."""
-    # AuthorizationUsed(payer, nonce) ties the receipt to this very authorization: a batch receipt
-    # can hold an identical Transfer (same payer, payee and amount) of another of its items.
-    return (
-        receipt.status == 1
-        and receipt.has_authorization_used(token, payer, nonce)
-        and receipt.has_transfer(token, payer, pay_to, amount)
-    )
+    """``receipt`` used (payer, nonce) and, under that very authorization, moved ``amount`` from the
+    payer to ``pay_to`` (``Receipt.moved_under``: the Transfer right after its AuthorizationUsed; a
+    batch receipt, or a payer's own multicall, can hold an identical Transfer of another authorization)."""
+    return receipt.status == 1 and receipt.moved_under(token, payer, nonce, pay_to, amount)
+
+
+# BatchSettler's ``Settled(index, from, nonce)``: an x402gw gateway's batch settled (from, nonce).
+TOPIC_BATCH_SETTLED = keccak(b"Settled(uint256,address,bytes32)")
+
+
+def taken_for_ours(chain: Any, receipt: Receipt, payer: str, nonce: bytes) -> bool:
+    """Whether ``receipt``, a transaction that used our authorization (and moved it to our payTo), may
+    be taken for our settlement: sent by our own settlement account, or by anyone else (a copy of our
+    pending transaction, or of one item of our batch: the authorization is public once we broadcast
+    it, and the payer's money reached our payee under it), unless it is another gateway's batch
+    (a BatchSettler's ``Settled`` of this payer and nonce, from a settler our account did not call):
+    then the payer presented the authorization to that gateway too, which answered for it. A gateway
+    of the same payee settling one by one cannot be told from a copy: gateways selling on one payTo
+    share their store and ledger (README, Replicas)."""
+    ours = getattr(chain, "settlement_address", None)
+    if isinstance(ours, str) and receipt.sender is not None and receipt.sender.lower() == ours.lower():
+        return True
+    batched = (TOPIC_BATCH_SETTLED, _topic_word(payer), nonce)
+    return not any(len(log.topics) >= 4 and (log.topics[0], log.topics[2], log.topics[3]) == batched for log in receipt.logs)
+
+
+def _topic_word(address: str) -> bytes:
+    return bytes.fromhex(address[2:].lower()).rjust(32, b"\x00")
 
 
 def settled_by(receipt: Receipt, row: Payment) -> bool:
@@ -37,11 +58,12 @@ async def settled_elsewhere(
     chain: Chain, token: str, payer: str, nonce: bytes, pay_to: str, amount: int
 ) -> Receipt | None:
     """Our settlement failed because (payer, nonce) is used: the receipt of the transaction that used
-    it, when that one moved ``amount`` from the payer to ``pay_to``. The payment is then settled, by
-    whoever sent it (a third party that copied the signed authorization from our pending
-    transaction, or the payer itself): the money reached our payee. None when the authorization was
-    used otherwise (another transfer under that nonce, or cancelled), or by a transaction of our own
-    settlement account (another payment of ours under that nonce, which got that answer).
+    it, when that one moved ``amount`` from the payer to ``pay_to`` under this very authorization.
+    The payment is then settled, by whoever sent it (a third party that copied the signed
+    authorization from our pending transaction, or the payer itself): the money reached our payee.
+    None when the authorization was used otherwise (another transfer under that nonce, cancelled,
+    another gateway's batch: ``taken_for_ours``), or by a transaction of our own settlement account
+    (another payment of ours under that nonce, which got that answer).
     ``ChainUnavailable`` when the chain cannot say: the outcome is then unknown, never a refusal."""
     receipt = await chain.find_authorization_used(token, payer, nonce)
     if receipt is None or not moved(receipt, token, payer, nonce, pay_to, amount):
@@ -49,7 +71,7 @@ async def settled_elsewhere(
     ours = getattr(chain, "settlement_address", None)
     if isinstance(ours, str) and receipt.sender is not None and receipt.sender.lower() == ours.lower():
         return None
-    return receipt
+    return receipt if taken_for_ours(chain, receipt, payer, nonce) else None
 
 
 async def receipt_now(chain: Any, tx_hash: str) -> Receipt | None:
@@ -141,7 +163,7 @@ async def resolve_exact(
     used = await chain.authorization_state(token, row.payer, nonce)
     if used:
         found = await chain.find_authorization_used(token, row.payer, nonce)
-        if found is not None and settled_by(found, row):
+        if found is not None and settled_by(found, row) and taken_for_ours(chain, found, row.payer, nonce):
             return outcome(PaymentState.SETTLED, "authorization_used", found)
         if found is not None and not found.has_authorization_used(token, row.payer, nonce):
             return outcome(PaymentState.FAILED, "authorization_canceled", receipt)  # the payer's cancel: nothing moved
