@@ -224,7 +224,7 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
         # Tried in order; a settle moves on only when it was never sent (settlement.schemes.failover).
         remote = FailoverFacilitator([remote_facilitator(settings, url) for url in urls])
         wiring.remotes.update((network, remote) for network in served)
-        wiring.schemes.register(ExactEvm(remote, served, chains=wiring.chains, writes_ahead=False))
+        wiring.schemes.register(ExactEvm(remote, served, chains=wiring.chains, writes_ahead=False, confirms=True))
     return wiring
 
 
@@ -273,7 +273,8 @@ def wire_schemes(
     if schemes is not None:
         wiring = SchemeWiring(schemes)
     elif facilitator is not None:
-        wiring = SchemeWiring(Schemes([ExactEvm(facilitator)]))
+        remote = isinstance(facilitator, RemoteFacilitator | FailoverFacilitator)
+        wiring = SchemeWiring(Schemes([ExactEvm(facilitator, confirms=remote)]))
     else:
         wiring = build_schemes(settings, catalogs)
     check_schemes(wiring.schemes, catalogs)

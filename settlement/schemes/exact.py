@@ -20,6 +20,7 @@ from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Facilitator, Supported
 from settlement.schemes.exact_permit2_payload import moved_by_permit2
 from settlement.schemes.exact_resolve import resolve_exact
+from settlement.schemes.remote_confirm import confirm_settlement
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 EXACT = "exact"
@@ -42,7 +43,9 @@ def exact_requirements(terms: PaymentTerms, amount: int) -> PaymentRequirements:
 class ExactEvm:
     """``exact`` through ``facilitator`` on ``networks`` (None: any network, for a facilitator
     handed in whole, as tests and embedders do). ``chains``: read access used to resolve open
-    payments; ``writes_ahead``: the facilitator calls ``before_send`` before it broadcasts."""
+    payments; ``writes_ahead``: the facilitator calls ``before_send`` before it broadcasts;
+    ``confirms``: a remote facilitator, whose settle answers are held to the chain
+    (``remote_confirm``)."""
 
     name = EXACT
 
@@ -53,9 +56,11 @@ class ExactEvm:
         *,
         chains: Mapping[str, Chain] | None = None,
         writes_ahead: bool = False,
+        confirms: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.facilitator = facilitator
+        self._confirms = confirms
         self.networks = None if networks is None else frozenset(networks)
         self._chains = dict(chains or {})
         self._writes_ahead = writes_ahead
@@ -78,7 +83,11 @@ class ExactEvm:
     async def settle(
         self, payload: PaymentPayload, requirements: PaymentRequirements, *, before_send: BeforeSend | None = None
     ) -> SettleResponse:
-        return await self._facilitator().settle(payload, requirements, before_send=before_send)
+        result = await self._facilitator().settle(payload, requirements, before_send=before_send)
+        if not self._confirms:
+            return result  # ours (local, batching: it read its own receipt), or a facilitator handed in whole
+        # A remote facilitator's answer, held to the chain where this gateway reads it.
+        return await confirm_settlement(self._chains.get(requirements.network), payload, requirements, result)
 
     def writes_ahead(self, network: str) -> bool:
         return self._writes_ahead and self.serves(network)

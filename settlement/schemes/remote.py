@@ -48,6 +48,8 @@ FACILITATOR_TIMEOUT = "facilitator_timeout"
 FACILITATOR_UNREACHABLE = "facilitator_unreachable"
 FACILITATOR_BAD_RESPONSE = "facilitator_bad_response"
 FACILITATOR_ERROR_STATUS = "facilitator_error_status"
+# A settle answer the chain does not bear out (yet): ``remote_confirm``.
+FACILITATOR_UNCONFIRMED = "facilitator_settlement_unconfirmed"
 
 # ``success: false`` with one of these means "nobody knows yet whether money moved": the payer
 # must not be invited to pay again, and the payment must be reconciled.
@@ -61,6 +63,7 @@ UNKNOWN_OUTCOME_REASONS = frozenset(
         FACILITATOR_UNREACHABLE,
         FACILITATOR_BAD_RESPONSE,
         FACILITATOR_ERROR_STATUS,
+        FACILITATOR_UNCONFIRMED,
     }
 )
 

@@ -85,10 +85,25 @@ def test_unknown_settlement_outcome_is_a_503_naming_the_payment(
     assert len(double.bodies("/verify")) == len(double.bodies("/settle")) == 1
 
 
-@pytest.mark.parametrize(
-    ("mode", "reason"),
-    [("nonce_already_used", "invalid_exact_evm_nonce_already_used"), ("transaction_failed", "transaction_failed")],
-)
+def test_a_refusal_naming_a_transaction_is_unknown_where_the_chain_cannot_be_read(
+    start_gateway: GatewayFactory, double: FacilitatorDouble, devchain: Devchain, upstream: str,
+) -> None:
+    """``success: false`` naming a transaction (the x402 SDK's "transaction_failed" after it
+    broadcast): the facilitator sent something that may land. Without a chain client to read it,
+    that is an unknown outcome (503 pending, the hash kept), never a 402 inviting a second payment.
+    With one, ``remote_confirm`` reads the chain (tests/e2e/test_attacks_remote_facilitator.py)."""
+    double.settle_mode = "transaction_failed"
+    gateway = remote_gateway(start_gateway, double.url)
+    paid = paid_call(gateway, devchain)
+    assert paid.status_code == 503, paid.text
+    assert_not_served(paid)
+    assert "payment-required" not in paid.headers
+    [row] = gateway.ledger.all()
+    assert row.state == PaymentState.PENDING and row.tx_hash == PENDING_TX_HASH
+    assert body_json(paid)["reason"] == "facilitator_settlement_unconfirmed"
+
+
+@pytest.mark.parametrize(("mode", "reason"), [("nonce_already_used", "invalid_exact_evm_nonce_already_used")])
 def test_definite_settlement_refusal_is_a_402(
     start_gateway: GatewayFactory, double: FacilitatorDouble, devchain: Devchain, mode: str, reason: str
 ) -> None:

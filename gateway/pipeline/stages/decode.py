@@ -106,6 +106,8 @@ class DecodeAndBind:
         if signer is None:
             wallet, digest = self._wallet_claim(quote, exact)
             signer = checksum_address(exact.authorization.from_)
+        if not permit2:
+            _pays_the_offer(quote, exact)
         ctx.paid = Paid(
             payload=payload, exact=exact, signer=signer, nonce=exact.authorization.nonce.lower(),
             identifier=identifier, fingerprint=fingerprint, wallet=wallet, digest=digest,
@@ -180,6 +182,18 @@ class DecodeAndBind:
             challenge.headers.update(headers)
             raise challenge
         return JSONResponse({"refunded": result.amount, "transaction": result.transaction}, headers=headers)
+
+
+def _pays_the_offer(quote: Quote, exact: ExactEvmPayload) -> None:
+    """An EIP-3009 authorization pays this offer: its ``to`` is payTo and its ``value`` the price,
+    checked here for every facilitator (a remote one that checks the signature alone would settle
+    an underpayment, or a payment to another address, that the ledger then books at the price)."""
+    requirements, a = quote.requirements, exact.authorization
+    if a.to.lower() != requirements.pay_to.lower():
+        raise PaymentChallenge(quote, "invalid_exact_evm_payload_recipient_mismatch", "authorization.to is not the payTo address")
+    if int(a.value) != int(requirements.amount):
+        raise PaymentChallenge(quote, "invalid_exact_evm_payload_authorization_value_mismatch",
+                               f"authorization.value must be exactly {requirements.amount}")
 
 
 class WalletCheck:

@@ -91,8 +91,13 @@ class Verify:
         else:
             with ctx.timed("verify"):
                 verified = await verify(self.facilitator, quote, paid.payload)
+        if verified.payer and verified.payer.lower() != paid.signer.lower():
+            # The facilitator names another payer than the one whose signature this is: its answer is
+            # not about this payment (refunds, budgets and the ledger follow the signer, never it).
+            raise GatewayError("facilitator_unavailable", "the facilitator's verification named another payer than "
+                               "the payment's signer; nothing was charged; retry later", retryAfter=2)
         paid.verified = verified
-        ctx.payer = verified.payer
+        ctx.payer = paid.signer  # recovered offline (decode): the facilitator's spelling is not the ledger's key
         requirements = quote.requirements
         ctx.record("payment_verified", amount=requirements.amount, network=requirements.network,
                    asset=requirements.asset, payTo=requirements.pay_to, nonce=paid.nonce)
@@ -118,7 +123,7 @@ class Record:
             decimals=tool.payment.decimals,
             method=ctx.method,
             path=ctx.path,
-            payer=paid.verified.payer or paid.signer,
+            payer=paid.signer,
             pay_to=requirements.pay_to,
             amount=upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount),
             network=requirements.network,
