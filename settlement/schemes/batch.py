@@ -365,8 +365,9 @@ class BatchingFacilitator:
             return SettleResponse(
                 success=False, error_reason=rej.reason, error_message=rej.message, network=requirements.network
             )
-        if checked.wallet is not None:
-            # BatchSettler passes v,r,s: a contract wallet's signature is settled on its own.
+        if checked.wallet is not None or self.local.in_flight.has_code(requirements.network, checked.payer):
+            # BatchSettler passes v,r,s and caps an item's gas: a contract wallet, or an account whose code checks
+            # the signature (a 7702 delegation, at the simulation's gas), is settled on its own.
             return await self.local.settle(payload, requirements, before_send=before_send)
         network, chain = requirements.network, batcher.chain
         async with self.local.in_flight.hold(chain, network, checked.token, checked.payer, checked.auth.value,

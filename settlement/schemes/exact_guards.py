@@ -207,6 +207,7 @@ class InFlight:
         self.ttl_ms = ttl_ms  # of this process's holds in the shared store
         self._process = os.urandom(6).hex()  # names this process's entries in the shared store
         self._struck: dict[str, float] = {}  # network:payer -> until (monotonic), this process's strikes
+        self._coded: dict[str, None] = {}  # network:payer whose account verify found code in (oldest first)
 
     @staticmethod
     def ttl_for(receipt_timeout: float) -> int:
@@ -254,6 +255,19 @@ class InFlight:
                 return True
             del self._struck[key]
         return self.shared is not None and await self.shared.is_held(f"struck:{key}") is True
+
+    def saw_code(self, network: str, payer: str) -> None:
+        """Verify found code in this (verified) payer's account: its transfer asks that code about the
+        signature, at whatever gas it takes (``has_code``)."""
+        self._coded[f"{network}:{payer.lower()}"] = None
+        while len(self._coded) > _STRIKES_HELD:
+            del self._coded[next(iter(self._coded))]
+
+    def has_code(self, network: str, payer: str) -> bool:
+        """Whether verify found code in this payer's account here: a batch gives each item's transfer
+        ``ITEM_GAS``, less than the simulation's, so such a payer is settled on its own (an honest
+        signature check between the two would fail in the batch and strike its payer)."""
+        return f"{network}:{payer.lower()}" in self._coded
 
     async def _strike(self, chain: BalanceReader, network: str, payer: str) -> None:
         """After an unexplained revert: the payer is struck if it has code (an account without any

@@ -287,6 +287,8 @@ class LocalFacilitator:
                 payer=checked.payer,
             )
         # An account with code asked by the token about its signature (exact_guards): simulated first.
+        if code:
+            flights.saw_code(network, checked.payer)
         refusal = await transfer_refusal(chain, code, checked.token, checked.auth, checked.signature,
                                          wallet_signature=checked.wallet.inner if checked.wallet is not None else None)
         if refusal is not None:

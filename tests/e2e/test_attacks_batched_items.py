@@ -326,3 +326,43 @@ def test_one_authorization_presented_to_two_gateways_of_one_payee_buys_one_answe
         f"the same payee; ledgers: {[(r.path, r.state, r.tx_hash) for r in rows]} (the second names the first "
         f"gateway's transaction as its settlement); {stack.upstream.count('read_quote', checkers[0].upstream_since)}"
         f" + {stack.upstream.count('read_twin', checkers[1].upstream_since)} upstream calls")
+
+
+# -- 4. an honest payer with code whose signature check needs more than a batch item's gas ---------------
+
+# A 7702 delegate whose isValidSignature loops 1,900 times (about 50k gas) and then says yes: honest in
+# that it answers the same in a simulation and on chain; its transfer needs more than ITEM_GAS (90k)
+# and less than the simulation's 150k gas limit. PUSH2 n; L: JUMPDEST PUSH1 1 SWAP1 SUB DUP1 PUSH1 3
+# JUMPI; POP; return 0x1626ba7e.
+SLOW_CHECK_RUNTIME = bytes.fromhex("61076c5b600190038060035750631626ba7e60e01b5f5260205ff3")
+SLOW_CHECK_INIT = bytes([0x60, len(SLOW_CHECK_RUNTIME), 0x80, 0x60, 0x09, 0x5F, 0x39, 0x5F, 0xF3]) + SLOW_CHECK_RUNTIME
+
+
+def test_an_honest_payer_whose_code_needs_more_than_an_item_is_settled_on_its_own_not_struck(stack: Stack) -> None:
+    """Found beside the review: verify simulates a payer with code at the settlement's 150k gas, but a
+    batch gives its transfer ``ITEM_GAS`` (90k). An honest EIP-7702 payer whose signature check costs
+    between the two passed verify, failed in the batch on the gateway's gas (unexplained:
+    ``transaction_failed``) and was struck for an hour: its next payment refused. Now a payer verify
+    found code in is settled on its own transaction (``InFlight.has_code``): served, one charge,
+    and its next payment too."""
+    from tests.e2e.test_attacks_code_payers import _delegate
+    from tests.e2e.test_attacks_gas import send_tx as send_any
+
+    w3 = stack.w3
+    gateway = batch_gateway(stack, {"max_wait_ms": 50, "max_payments": 10})
+    checker = stack.checker(gateway)
+    key = fresh_payer(stack, 10 * PRICE)
+    address = Account.from_key(key).address
+    deployed = send_any(w3, stack.chain.key(SPONSOR), None, SLOW_CHECK_INIT)
+    _delegate(stack.chain, key, deployed["contractAddress"])
+    payer_before, payee_before = stack.chain.balance(address), stack.chain.balance(PAY_TO)
+    answers = []
+    for symbol in ("SLWA", "SLWB"):
+        with gateway.client() as client:
+            payment = sign(key, offer_for(client, "GET", f"/q/{symbol}"))
+            answers.append(checker.send(client, "GET", f"/q/{symbol}", headers=v2_header(payment), label=symbol))
+    rows = [r for r in gateway.ledger.all() if r.payer.lower() == address.lower()]
+    assert [a.status_code for a in answers] == [200, 200], [(a.status_code, a.text[:200]) for a in answers]
+    assert [r.state for r in rows] == [PaymentState.SETTLED, PaymentState.SETTLED]
+    assert payer_before - stack.chain.balance(address) == 2 * PRICE == stack.chain.balance(PAY_TO) - payee_before
+    checker.check()
