@@ -127,7 +127,6 @@ WALLET_TRANSFER_GAS_LIMIT = 400_000
 # from the head over at most LOG_SCAN_BLOCKS (two days of 2-second blocks).
 LOG_WINDOW_BLOCKS = 2_000
 LOG_SCAN_BLOCKS = 100_000
-TRACED_CALLS_MAX = 4_096  # frames read of one transaction's trace (a copy wrapped in a contract's call)
 
 
 class Chain(Protocol):
@@ -329,8 +328,9 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
     async def traced_calls(self, tx_hash: str) -> list[tuple[str, str, bytes]] | None:
         """The plain calls (``CALL``) a mined transaction made that took effect, as (from, to, input):
         ``debug_traceTransaction``'s callTracer frames, leaving out any that failed and everything under
-        them (a failed frame's effects are undone). At most ``TRACED_CALLS_MAX`` frames are read. None
-        when the node does not trace."""
+        them (a failed frame's effects are undone). Every frame is read: the node's answer is in memory
+        whole already, and a cut-off read would miss a call hidden behind padding. None when the node
+        does not trace."""
         try:
             trace = await self._rpc("debug_traceTransaction", [tx_hash, {"tracer": "callTracer"}])
         except (RpcError, ChainUnavailable):
@@ -339,9 +339,7 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
             return None
         calls: list[tuple[str, str, bytes]] = []
         frames: list[Any] = [trace]
-        for _ in range(TRACED_CALLS_MAX):
-            if not frames:
-                break
+        while frames:
             frame = frames.pop()
             if not isinstance(frame, dict) or frame.get("error"):
                 continue  # failed: neither it nor anything it called took effect

@@ -41,12 +41,11 @@ from settlement.errors import BroadcastUncertain, ChainUnavailable
 from settlement.schemes.batch_settlers import SettlerReader, choose_settler
 from settlement.schemes.exact_guards import in_flight_refusal, revert_reason_code
 from settlement.schemes.exact_local import CheckedPayment, LocalFacilitator, Rejected, mined_by
-from settlement.schemes.exact_resolve import TOPIC_BATCH_SETTLED
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 _AUTH_TUPLE = "(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 SEL_BATCH_SETTLE = selector(f"settle(address,{_AUTH_TUPLE}[])")
-TOPIC_SETTLED = TOPIC_BATCH_SETTLED
+TOPIC_SETTLED = keccak(b"Settled(uint256,address,bytes32)")
 TOPIC_FAILED = keccak(b"Failed(uint256,address,bytes32,bytes)")
 _ERROR_STRING = selector("Error(string)")
 

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
 from settlement.chain.client import Chain, Receipt
@@ -26,30 +25,6 @@ def moved(receipt: Receipt, token: str, payer: str, nonce: bytes, pay_to: str, a
     return receipt.status == 1 and receipt.moved_under(token, payer, nonce, pay_to, amount)
 
 
-# BatchSettler's ``Settled(index, from, nonce)``: an x402gw gateway's batch settled (from, nonce).
-TOPIC_BATCH_SETTLED = keccak(b"Settled(uint256,address,bytes32)")
-
-
-def taken_for_ours(chain: Any, receipt: Receipt, payer: str, nonce: bytes) -> bool:
-    """Whether ``receipt``, a transaction that used our authorization (and moved it to our payTo), may
-    be taken for our settlement: sent by our own settlement account, or by anyone else (a copy of our
-    pending transaction, or of one item of our batch: the authorization is public once we broadcast
-    it, and the payer's money reached our payee under it), unless it is another gateway's batch
-    (a BatchSettler's ``Settled`` of this payer and nonce, from a settler our account did not call):
-    then the payer presented the authorization to that gateway too, which answered for it. A gateway
-    of the same payee settling one by one cannot be told from a copy: gateways selling on one payTo
-    share their store and ledger (README, Replicas)."""
-    ours = getattr(chain, "settlement_address", None)
-    if isinstance(ours, str) and receipt.sender is not None and receipt.sender.lower() == ours.lower():
-        return True
-    batched = (TOPIC_BATCH_SETTLED, _topic_word(payer), nonce)
-    return not any(len(log.topics) >= 4 and (log.topics[0], log.topics[2], log.topics[3]) == batched for log in receipt.logs)
-
-
-def _topic_word(address: str) -> bytes:
-    return bytes.fromhex(address[2:].lower()).rjust(32, b"\x00")
-
-
 def settled_by(receipt: Receipt, row: Payment) -> bool:
     return moved(receipt, row.asset, row.payer, bytes.fromhex(row.nonce[2:]), row.pay_to, row.amount)
 
@@ -61,9 +36,12 @@ async def settled_elsewhere(
     it, when that one moved ``amount`` from the payer to ``pay_to`` under this very authorization.
     The payment is then settled, by whoever sent it (a third party that copied the signed
     authorization from our pending transaction, or the payer itself): the money reached our payee.
-    None when the authorization was used otherwise (another transfer under that nonce, cancelled,
-    another gateway's batch: ``taken_for_ours``), or by a transaction of our own settlement account
-    (another payment of ours under that nonce, which got that answer).
+    None when the authorization was used otherwise (another transfer under that nonce, or
+    cancelled), or by a transaction of our own settlement account (another payment of ours under
+    that nonce, which got that answer). Whoever sent it, through whatever contract: a copy cannot be
+    told from another gateway of the same payee that the payer presented the authorization to too,
+    and a griefer can make any contract emit any event; gateways that sell on one payTo share their
+    store and ledger (README).
     ``ChainUnavailable`` when the chain cannot say: the outcome is then unknown, never a refusal."""
     receipt = await chain.find_authorization_used(token, payer, nonce)
     if receipt is None or not moved(receipt, token, payer, nonce, pay_to, amount):
@@ -71,7 +49,7 @@ async def settled_elsewhere(
     ours = getattr(chain, "settlement_address", None)
     if isinstance(ours, str) and receipt.sender is not None and receipt.sender.lower() == ours.lower():
         return None
-    return receipt if taken_for_ours(chain, receipt, payer, nonce) else None
+    return receipt
 
 
 async def receipt_now(chain: Any, tx_hash: str) -> Receipt | None:
@@ -163,7 +141,7 @@ async def resolve_exact(
     used = await chain.authorization_state(token, row.payer, nonce)
     if used:
         found = await chain.find_authorization_used(token, row.payer, nonce)
-        if found is not None and settled_by(found, row) and taken_for_ours(chain, found, row.payer, nonce):
+        if found is not None and settled_by(found, row):
             return outcome(PaymentState.SETTLED, "authorization_used", found)
         if found is not None and not found.has_authorization_used(token, row.payer, nonce):
             return outcome(PaymentState.FAILED, "authorization_canceled", receipt)  # the payer's cancel: nothing moved

@@ -9,8 +9,7 @@ chain before the payment is counted either way:
 - the named transaction's receipt shows this very authorization moving the price from the payer
   to payTo (``exact_resolve.moved``): settled, by it;
 - otherwise the token says the authorization is used: settled by the transaction that used it if
-  that one moved this payment (and is not another gateway's batch: ``taken_for_ours``); refused
-  as used otherwise;
+  that one moved this payment; refused as used otherwise;
 - otherwise nothing has moved yet: unknown (``facilitator_settlement_unconfirmed``, pending, 503),
   resolved from the chain like any pending payment; never a success, never a plain 402. A
   failure naming a transaction that is mined without moving anything, and the authorization
@@ -28,7 +27,7 @@ from eth_utils import to_checksum_address
 
 from settlement.chain.client import Chain, Receipt, RpcError
 from settlement.errors import ChainUnavailable, PaymentDecodeError
-from settlement.schemes.exact_resolve import moved, receipt_now, taken_for_ours
+from settlement.schemes.exact_resolve import moved, receipt_now
 from settlement.schemes.remote import FACILITATOR_UNCONFIRMED as UNCONFIRMED
 from settlement.schemes.remote import settlement_outcome_unknown
 from settlement.x402.codec import parse_exact_evm
@@ -81,8 +80,7 @@ async def confirm_settlement(chain: Chain | None, payload: PaymentPayload, requi
             return _settled(receipt, result, network, payer, amount)
         if await chain.authorization_state(token, payer, nonce):
             found = await chain.find_authorization_used(token, payer, nonce)
-            if found is not None and moved(found, token, payer, nonce, pay_to, amount) and taken_for_ours(
-                    chain, found, payer, nonce):
+            if found is not None and moved(found, token, payer, nonce, pay_to, amount):
                 return _settled(found, result, network, payer, amount)
             return SettleResponse(success=False, error_reason="invalid_exact_evm_nonce_already_used", network=network,
                                   error_message="the authorization was used without paying this offer; nothing "

@@ -8,11 +8,10 @@ calls, and how each is closed:
    upfront, a refund from the seller) for one price. Now the Transfer must be the log right after
    the nonce's ``AuthorizationUsed`` (``Receipt.moved_under``: FiatToken's order), in the request
    path, the resolver, refunds' ``charge_shown`` and the batch's own items.
-3. One authorization presented to two gateways of one payee was served by both: the second took
-   the first's batch for a copy of its own. A use carrying a BatchSettler ``Settled`` of this payer
-   and nonce that our account did not send is another gateway's batch, not ours
-   (``exact_resolve.taken_for_ours``). Gateways settling one by one on one payTo cannot be told
-   from a copy: they must share a store and ledger (README).
+3. One authorization presented to two gateways of one payee, each with a ledger of its own, was
+   served by both: the second took the first's batch for a copy of its own, and it cannot be told
+   from one. Gateways that sell on one payTo share their store and ledger (README); the test shows
+   that then one authorization buys one answer.
 
 The real stack of the attack suite (tests/support/attack_stack.py): a private anvil with the test USDC,
 the recording upstream, in-process gateways settling ``eip155:31337`` in batches. Ordering is made
@@ -274,23 +273,46 @@ def test_a_batched_upfront_payment_whose_nonce_paid_someone_else_is_never_refund
 
 def test_one_authorization_presented_to_two_gateways_of_one_payee_buys_one_answer(stack: Stack) -> None:
     """Attack: an API owner runs two gateways (two products, or two regions), each with its own
-    settlement account, BatchSettler, ledger and store, paid to the same payTo. A payer signs ONE
-    authorization and presents it to both at once (an EIP-3009 authorization names the payee and the
-    amount, not the gateway, route or resource). Both verify it (unused), both call their upstream,
-    both batch it: one batch moves the money, the other's item fails as "used", and that gateway's
-    ``used_nonce_outcome`` finds the first gateway's transaction (another sender than its own
-    settlement account) moving this very payment to the payee, takes it for a mempool copy of its own,
-    and serves its answer. One price, two answers, two ledgers each counting it as revenue.
+    settlement account and BatchSettler, paid to the same payTo. A payer signs ONE authorization and
+    presents it to both at once (an EIP-3009 authorization names the payee and the amount, not the
+    gateway, route or resource). If each had a ledger and store of its own, both would verify it,
+    both call their upstream, and the one whose batch lost would find the other's transaction moving
+    this very payment to the payee: a copy of its own for all it can tell (a copy may come through
+    any contract, and any contract can emit any event; a first fix that read another settler's
+    ``Settled`` event as "another gateway's batch" let a griefer's own settler refuse honest
+    payers: tests/e2e/test_attacks_copy_bypasses.py). So gateways that sell on one payTo share
+    their store and ledger (README), and then one authorization buys one answer: the payment's lock
+    and its ledger row are one for both."""
+    from tests.conftest import fresh_database, fresh_redis_prefix
+    from tests.support.attack_stack import REDIS_URL
 
-    Correct: at most one answer; the gateway that did not settle it answers without content (a used
-    authorization it did not see used by a copy of its own transaction is not its payment)."""
     w3 = stack.w3
-    first = batch_gateway(stack, {"max_wait_ms": 10_000, "max_payments": 1})
     second_key = Account.create()
     chain_actions.set_eth(w3, second_key.address)
     second_settler = deploy_batch_settler(stack.chain.anvil.rpc_url, second_key.address)
-    second = batch_gateway(stack, {"max_wait_ms": 10_000, "max_payments": 1, "contract": second_settler},
-                           settlement_key="0x" + bytes(second_key.key).hex())
+    with fresh_database("twogw") as database_url, fresh_redis_prefix("twogw") as prefix:
+        shared = {"database_url": database_url, "redis_url": REDIS_URL, "redis_prefix": prefix}
+        first = batch_gateway(stack, {"max_wait_ms": 10_000, "max_payments": 1}, **shared)
+        second = batch_gateway(stack, {"max_wait_ms": 10_000, "max_payments": 1, "contract": second_settler},
+                               settlement_key="0x" + bytes(second_key.key).hex(), **shared)
+        try:
+            answers, rows, payee_gain, spent, hits = _one_authorization_at_two_gateways(stack, first, second)
+        finally:
+            for gateway in (first, second):
+                gateway.server.stop()
+    assert payee_gain == PRICE and spent == PRICE
+    assert sorted(a.status_code for a in answers)[0] == 200 and [a.status_code for a in answers].count(200) == 1, (
+        f"one authorization ({PRICE} to the payee, received once) answered {[a.status_code for a in answers]} by two "
+        f"gateways sharing their store and ledger; rows {[(r.path, r.state, r.tx_hash) for r in rows]}; {hits} "
+        "upstream calls")
+    assert [r.state for r in rows] == [PaymentState.SETTLED] and hits == 1
+
+
+def _one_authorization_at_two_gateways(stack: Stack, first: Gateway, second: Gateway) -> tuple[
+        list[httpx.Response], list[Any], int, int, int]:
+    """One signed authorization sent to ``first`` and ``second`` at once: (answers, the shared
+    ledger's rows, what payTo gained, what the payer spent, upstream calls)."""
+    w3 = stack.w3
     checkers = [stack.checker(first), stack.checker(second)]
     key = fresh_payer(stack, 10 * PRICE)
     address = Account.from_key(key).address
@@ -301,31 +323,20 @@ def test_one_authorization_presented_to_two_gateways_of_one_payee_buys_one_answe
         payment_second = sign(key, offer_for(client, "GET", "/q2/TWB"), nonce=nonce, valid_before=valid_before)
     assert payment_first.payload == payment_second.payload  # the very same signed authorization
     payer_before, payee_before = stack.chain.balance(address), stack.chain.balance(PAY_TO)
-    barrier = threading.Barrier(2, timeout=30)  # both verified, both at their upstream
-    for tool in ("read_quote", "read_twin"):
-        stack.upstream.on(tool, at_barrier(barrier))
 
     def get(gateway: Gateway, checker: InvariantChecker, path: str, payment: Any) -> httpx.Response:
         with gateway.client() as client:
             return checker.send(client, "GET", path, headers=v2_header(payment), label=f"{gateway.store} {path}")
 
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(get, first, checkers[0], "/q/TWA", payment_first),
-                       pool.submit(get, second, checkers[1], "/q2/TWB", payment_second)]
-            answers = [f.result(60) for f in futures]
-    finally:
-        for tool in ("read_quote", "read_twin"):
-            stack.upstream.on(tool, None)
-    rows = [row_of(first, payment_first), row_of(second, payment_second)]
-    payee_gain = stack.chain.balance(PAY_TO) - payee_before
-    assert payee_gain == PRICE and payer_before - stack.chain.balance(address) == PRICE
-    served = [a.status_code for a in answers]
-    assert served.count(200) <= 1 and [r.state for r in rows].count(PaymentState.SETTLED) <= 1, (
-        f"one authorization ({PRICE} to the payee, received once: {payee_gain}) answered {served} by two gateways of "
-        f"the same payee; ledgers: {[(r.path, r.state, r.tx_hash) for r in rows]} (the second names the first "
-        f"gateway's transaction as its settlement); {stack.upstream.count('read_quote', checkers[0].upstream_since)}"
-        f" + {stack.upstream.count('read_twin', checkers[1].upstream_since)} upstream calls")
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(get, first, checkers[0], "/q/TWA", payment_first),
+                   pool.submit(get, second, checkers[1], "/q2/TWB", payment_second)]
+        answers = [f.result(60) for f in futures]
+    rows = [r for r in first.ledger.all() if r.payer.lower() == address.lower()]
+    hits = stack.upstream.count("read_quote", checkers[0].upstream_since) + stack.upstream.count(
+        "read_twin", checkers[1].upstream_since)
+    return (answers, rows, stack.chain.balance(PAY_TO) - payee_before, payer_before - stack.chain.balance(address),
+            hits)
 
 
 # -- 4. an honest payer with code whose signature check needs more than a batch item's gas ---------------
