@@ -135,7 +135,7 @@ def _tool_offers(
     for index, problem in missing:
         src.issue(f"{at}.offers[{index}]" if own else f"offers[{index}]", "upto_needs_max_price", f"{spec.name}: {problem}")
     ceilings = [m for m in (spec.max_price, doc.max_price) if m is not None]
-    window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS if upstream is not None and settle == "after" else 0
+    window = _payment_window(upstream, settle)
     for index, offer in enumerate(offers):
         where = f"{at}.offers[{index}]" if own else f"offers[{index}]"
         if any(offer.price > ceiling for ceiling in ceilings):
@@ -143,8 +143,15 @@ def _tool_offers(
                       f"{spec.name}: price {offer.price:f} is above the maximum {min(ceilings):f}")
         if offer.terms.max_timeout_seconds < window:
             src.issue(where, "payment_window_too_short",
-                      f"{spec.name}: settle: after needs max_timeout_seconds >= {window}, got {offer.terms.max_timeout_seconds}")
+                      f"{spec.name}: settle: {settle} needs max_timeout_seconds >= {window}, got {offer.terms.max_timeout_seconds}")
     return offers
+
+
+def _payment_window(upstream: Upstream | None, settle: SettleMode) -> int:
+    """The least ``max_timeout_seconds`` a tool's payment can have (``Tool.payment_window_seconds``)."""
+    if upstream is None:
+        return 0
+    return (math.ceil(max_call_seconds(upstream)) if settle == "after" else 0) + SETTLE_MARGIN_SECONDS
 
 
 def _priced(spec: ToolDoc, at: str, src: Source) -> tuple[ToolDoc, PriceRule | None]:
@@ -236,15 +243,13 @@ def _check_tool(
             src.issue(f"{at}.price", "price_above_max", f"price {spec.amount:f} is above {where} {ceiling:f}")
     if spec.refund_on is not None and settle == "after":
         src.issue(f"{at}.refund_on", "refund_on_needs_upfront", "refund_on applies to settle: upfront tools only (a settle-after tool's failed call is not charged)")
-    if upstream is not None and settle == "after":
-        window = math.ceil(max_call_seconds(upstream)) + SETTLE_MARGIN_SECONDS
-        if payment.max_timeout_seconds < window:
-            src.issue(
-                f"{at}.settle", "payment_window_too_short",
-                f"settle: after needs max_timeout_seconds >= {window} (the upstream's worst case "
-                f"{max_call_seconds(upstream):g}s + {SETTLE_MARGIN_SECONDS}s to settle), got "
-                f"{payment.max_timeout_seconds}; raise it, or settle: upfront",
-            )
+    if upstream is not None and payment.max_timeout_seconds < (window := _payment_window(upstream, settle)):
+        worst = f"the upstream's worst case {max_call_seconds(upstream):g}s + " if settle == "after" else ""
+        src.issue(
+            f"{at}.settle", "payment_window_too_short",
+            f"settle: {settle} needs max_timeout_seconds >= {window} ({worst}{SETTLE_MARGIN_SECONDS}s to settle), got "
+            f"{payment.max_timeout_seconds}; raise it" + (", or settle: upfront" if settle == "after" else ""),
+        )
 
 
 def _tool(

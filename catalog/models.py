@@ -72,9 +72,11 @@ __all__ = [
 # Methods that change state on the upstream: their tools settle before the upstream call
 # (``upfront``) unless the catalog says ``settle: after``, so no side effect runs unpaid.
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# What a settle-after payment's window must cover beyond the upstream's worst-case time: verify,
-# the ledger's write-ahead and the facilitator's own margin (it refuses to broadcast an
-# authorization within 6 s of its ``validBefore``).
+# What a payment's window must cover beyond the upstream's worst-case time (all of it, for an
+# ``upfront`` tool): verify, the ledger's write-ahead and the block that takes the settlement (at
+# least one block interval after the broadcast, 12 s on Ethereum, plus propagation), or the token
+# refuses it past ``validBefore`` and the gateway pays the revert's gas. A chain with slower blocks
+# needs a larger margin.
 SETTLE_MARGIN_SECONDS = 15
 
 

@@ -290,6 +290,7 @@ def create_app(
         lock_ttl_ms=lock_ttl_ms(settings, catalogs, bridge, wiring, facilitator), bridge=bridge,
         wallets=wiring.wallets, receipts=receipts,
         tracing=tracing if tracing is not None else tracing_from_env(),  # OTEL_* asks for traces, or off
+        chain_clocks={network: chain.head_clock for network, chain in wiring.chains.items()},
     )
     metrics, dashboard, routes = _operations(settings, catalogs, wiring, pipeline, ledger, store, safety)
     mcp_endpoint, agent_routes = _agent_interface(settings, pipeline, ledger, store, receipts)

@@ -31,6 +31,7 @@ async def check_chains(chains: dict[str, JsonRpcChain], catalogs: Catalogs, sche
             raise GatewayConfigError(f"chain RPC for {network} is not reachable: {exc.message}", code="chain_unreachable") from None
         if remote_id != chain.chain_id:
             raise GatewayConfigError(f"RPC for {network} serves chain id {remote_id}", code="chain_id_mismatch")
+        await chain.head_clock.read_ahead()  # the chain's clock, known before the first paid call is judged by it
         checked: set[str] = set()
         for terms in (offer.terms for tool in catalogs.tools for offer in tool.offers):
             if terms.network != network or terms.asset in checked:

@@ -194,7 +194,8 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
     if local_networks:
         local_chains = {n: c for n, c in wiring.chains.items() if n in local_networks}
         wiring.local = LocalFacilitator(
-            local_chains, receipt_timeout=settings.receipt_timeout_seconds, wallets=wiring.wallets
+            local_chains, receipt_timeout=settings.receipt_timeout_seconds, wallets=wiring.wallets,
+            chain_clocks={n: c.head_clock for n, c in local_chains.items()},  # windows by the chain's clock too
         )
         batching = build_batching_facilitator(settings, wiring.local, wiring.chains) if settings.batch_settlement else None
         wiring.batching = batching

@@ -76,6 +76,7 @@ from gateway.store import StateStore, StoreUnavailable
 from gateway.upstream.bridge import Bridge, UpstreamClient
 from gateway.upstream.user_auth import UserAuthority
 from settlement.audit import AuditSink
+from settlement.chain.head_clock import HeadClock
 from settlement.errors import LedgerError
 from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger
@@ -216,6 +217,7 @@ def build_chain(
     receipts: ReceiptSigner | None = None,
     users: UserAuthority | None = None,
     tracing: Tracing | None = None,
+    clocks: Mapping[str, HeadClock] | None = None,
 ) -> Chain:
     """The order of a request, written once. ``tests/gateway/pipeline/test_chain.py`` holds it."""
     users = users if users is not None else UserAuthority(compiled.tool for compiled in (tools or {}).values())
@@ -238,7 +240,7 @@ def build_chain(
             PayerChecks(safety),
             InFlight(store, lock_ttl_ms),
             ExactlyOnce(ledger, schemes, refunds, receipts, public_url),
-            PaymentWindow(),  # fresh payments only: a resend was answered by exactly_once
+            PaymentWindow(clocks),  # fresh payments only (a resend was answered by exactly_once); the chain's clock
             Verify(schemes),
             LinkedAccountStage(users),  # a wallet_accounts tool: the verified payer's account, before anything is recorded
             Reserve(safety),

@@ -7,7 +7,7 @@ what becomes of a refusal, is in ``gateway.pipeline.chain``, and only there.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -25,6 +25,7 @@ from gateway.safety.checks import Safety
 from gateway.store import MemoryStore, StateStore
 from gateway.upstream.bridge import Bridge, UpstreamClient
 from settlement.audit import AuditSink, AuditTrail, AuditWriter
+from settlement.chain.head_clock import HeadClock
 from settlement.chain.refunds import Refunder
 from settlement.finance.receipts import ReceiptSigner
 from settlement.ledger import Ledger
@@ -56,6 +57,7 @@ class Pipeline:
         receipts: ReceiptSigner | None = None,
         tracing: Tracing | None = None,
         identifier_required: bool = False,
+        chain_clocks: Mapping[str, HeadClock] | None = None,
     ) -> None:
         """Every seam of the request path, one assignment each with its why, then the chain built
         from them. Longer than the ~60-line rule on purpose: splitting a list of seams hides none."""
@@ -101,7 +103,7 @@ class Pipeline:
             upstream=upstream, audit=self.audit, observers=self.observers, public_url=public_url,
             challenge_body_version=challenge_body_version, max_body_bytes=max_body_bytes,
             max_upstream_response_bytes=max_upstream_response_bytes, lock_ttl_ms=lock_ttl_ms, wallets=wallets,
-            receipts=receipts, tracing=tracing,
+            receipts=receipts, tracing=tracing, clocks=chain_clocks,  # payment windows by each chain's clock too
         )
 
     async def handle(self, request: Request) -> Response:

@@ -25,6 +25,7 @@ from eth_hash.auto import keccak
 
 from settlement.chain.authorization import Eip3009Authorization, split_signature
 from settlement.chain.broadcast import TRANSFER_GAS_LIMIT, BeforeSend, BroadcastLane
+from settlement.chain.head_clock import HeadClock
 from settlement.chain.receipts import (
     TOPIC_AUTHORIZATION_CANCELED,
     TOPIC_AUTHORIZATION_USED,
@@ -193,6 +194,8 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         self._receipt_poller: asyncio.Future[None] | None = None
         self._receipts_from: int | None = None  # the first block the poller has not read
         self._block_receipts = True  # off for a node without eth_getBlockReceipts
+        # The chain's clock (the head's timestamp), which payment windows are judged by beside ours.
+        self.head_clock = HeadClock(self)
 
     @property
     def settlement_address(self) -> str | None:

@@ -45,3 +45,11 @@ def to_legacy(network: str) -> str:
     if network.startswith("eip155:") and is_digits(network[7:]):
         return _LEGACY_BY_CHAIN_ID.get(int(network[7:]), network)
     return network
+
+
+def eip155_chain_id(network: str) -> int | None:
+    """The chain id of a CAIP-2 ``eip155:<digits>`` network; None for anything else."""
+    prefix, _, ident = network.partition(":")
+    if prefix != "eip155" or not (ident.isascii() and ident.isdigit()):
+        return None
+    return int(ident)

@@ -21,6 +21,8 @@ from typing import Any
 from settlement.chain.addresses import checksum_address
 from settlement.chain.client import BeforeSend, Chain, Receipt
 from settlement.chain.gas import GasShare, gas_extra, receipt_shares
+from settlement.chain.head_clock import HeadClock
+from settlement.chain.networks import eip155_chain_id
 from settlement.errors import BroadcastUncertain, ChainUnavailable, PaymentDecodeError
 from settlement.schemes.eip712 import TransferAuthorization, authorization_digest, domain_separator, recover_signer
 from settlement.schemes.exact_guards import (
@@ -91,13 +93,6 @@ def _put_bounded(cache: OrderedDict[Any, Any], key: Any, value: Any, size: int) 
         cache.popitem(last=False)
 
 
-def _chain_id(network: str) -> int | None:
-    prefix, _, ident = network.partition(":")
-    if prefix != "eip155" or not (ident.isascii() and ident.isdigit()):
-        return None
-    return int(ident)
-
-
 def _domain_fields(requirements: PaymentRequirements) -> tuple[str, str]:
     """The token's EIP-712 name and version from the requirements' extra, bounded in length."""
     extra = requirements.extra or {}
@@ -120,11 +115,13 @@ class LocalFacilitator:
         receipt_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         wallets: WalletSignatures | None = None,
+        chain_clocks: Mapping[str, HeadClock] | None = None,
     ) -> None:
         self._chains = chains
         self._wallets = wallets
         self._receipt_timeout = receipt_timeout
         self._clock = clock
+        self._chain_clocks = dict(chain_clocks or {})  # a window is judged by a chain's clock where it is ahead
         # each payer's settlements in flight (exact_guards: one balance signed over N times)
         self.in_flight = InFlight(ttl_ms=InFlight.ttl_for(receipt_timeout))
         # Both caches are keyed on caller data, so both are bounded and filled only after the
@@ -213,7 +210,7 @@ class LocalFacilitator:
             raise Rejected("unsupported_scheme", "only the exact scheme is supported")
         if payload.accepted.network != requirements.network:
             raise Rejected("network_mismatch", "payment network differs from the required network")
-        chain_id = _chain_id(requirements.network)
+        chain_id = eip155_chain_id(requirements.network)
         if chain_id is None or requirements.network not in self._chains:
             raise Rejected("invalid_exact_evm_failed_to_get_network_config", f"network {requirements.network} is not served")
         return chain_id
@@ -235,7 +232,8 @@ class LocalFacilitator:
                 "invalid_exact_evm_payload_authorization_value_mismatch",
                 f"authorization.value must be exactly {requirements.amount}",
             )
-        now = int(self._clock())
+        clock = self._chain_clocks.get(requirements.network)  # the token judges the window by the block's time
+        now = int(self._clock()) + (clock.ahead() if clock is not None else 0)
         valid_after, valid_before = int(a.valid_after), int(a.valid_before)
         if valid_before < now + VALID_BEFORE_MARGIN_SECONDS:
             raise Rejected("invalid_exact_evm_payload_authorization_valid_before", "authorization has expired")

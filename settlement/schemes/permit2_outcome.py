@@ -15,6 +15,7 @@ after its receipt, so that neither the payer nor the gateway is wronged by a rev
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from eth_abi import decode as abi_decode
@@ -24,17 +25,18 @@ from x402.mechanisms.evm.constants import (
     ERR_PERMIT2_INSUFFICIENT_BALANCE,
 )
 
-from settlement.chain.client import Receipt, RpcError
+from settlement.chain.broadcast import BeforeSend
+from settlement.chain.client import LOG_SCAN_BLOCKS, LOG_WINDOW_BLOCKS, Receipt, RpcError
 from settlement.chain.receipts import TOPIC_TRANSFER
 from settlement.errors import ChainUnavailable
 from settlement.schemes.exact_permit2_payload import SEL_EXACT_SETTLE
 from settlement.schemes.exact_resolve import mined_past
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, SEL_UPTO_SETTLE
 
-__all__ = ["COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "Permit2Reads", "Permit2Signed", "copied_settlement", "explain_revert",
+__all__ = ["COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "BroadcastHead", "Permit2Reads", "Permit2Signed", "copied_settlement", "explain_revert",
            "same_call"]
 
-COPY_SCAN_BLOCKS = 64  # how far back from our receipt a copy is looked for (it is mined before ours)
+COPY_SCAN_BLOCKS = 64  # how far back from our receipt a copy is looked for when our broadcast's head is not known
 SETTLEMENT_REVERTED = "settlement_reverted"  # reverted, and the chain could not be read to say why
 # The proxies' settle arguments: a copy is the same call whatever its encoding (trailing bytes the proxy
 # ignores, offsets of its own), so it is compared decoded.
@@ -87,6 +89,46 @@ def same_call(sent: bytes, ours: bytes) -> bool:
         return False
 
 
+class BroadcastHead:
+    """A write-ahead hook (``BeforeSend``) that also reads the chain's head, beside the write-ahead and
+    before the broadcast: a copy of our transaction can only be mined after it (``block``; None when
+    the node did not say, and the copy is looked for in the ``COPY_SCAN_BLOCKS`` before our receipt)."""
+
+    def __init__(self, chain: HeadReads, before_send: BeforeSend | None) -> None:
+        self._chain, self._before_send = chain, before_send
+        self.block: int | None = None
+
+    async def __call__(self, tx_hash: str) -> None:
+        read = asyncio.ensure_future(self._chain.block_number())
+        try:
+            if self._before_send is not None:
+                await self._before_send(tx_hash)
+        except BaseException:
+            read.cancel()
+            raise
+        try:
+            head = await read
+        except (ChainUnavailable, RpcError):
+            return
+        self.block = head if self.block is None else min(self.block, head)  # signed again: the first broadcast's
+
+
+class HeadReads(Protocol):
+    async def block_number(self) -> int: ...
+
+
+async def _transfer_logs(chain: Permit2Reads, token: str, topics: list[str | list[str] | None], up_to_block: int,
+                         from_block: int | None) -> list[dict[str, Any]]:
+    """The token's matching Transfer logs from ``from_block`` (or ``COPY_SCAN_BLOCKS`` back) to
+    ``up_to_block``, read in windows a node that caps ``eth_getLogs`` ranges answers, at most
+    ``LOG_SCAN_BLOCKS`` back."""
+    start = max(0, up_to_block - COPY_SCAN_BLOCKS if from_block is None else from_block, up_to_block - LOG_SCAN_BLOCKS)
+    logs: list[dict[str, Any]] = []
+    for low in range(start, up_to_block + 1, LOG_WINDOW_BLOCKS):
+        logs += await chain.get_logs(token, topics, low, min(low + LOG_WINDOW_BLOCKS - 1, up_to_block))
+    return logs
+
+
 def _topic(address: str) -> str:
     return "0x" + address[2:].lower().rjust(64, "0")
 
@@ -102,20 +144,21 @@ async def _wrapped_call(chain: Permit2Reads, tx_hash: str, settle_call: tuple[st
 
 
 async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes], transfer: tuple[str, str, str, int],
-                            up_to_block: int) -> Receipt | None:
+                            up_to_block: int, from_block: int | None = None) -> Receipt | None:
     """The receipt of a copy of our settlement: another account's transaction (one of ours has its
     own request to answer for it) that made our very call (``settle_call``: the proxy and our
     calldata, compared decoded; so it executed this permit, whose nonce makes that once), sent to the
     proxy itself or, where the node traces, through another contract (Multicall3, a wrapper: the
     call found in the trace, and taking effect), and that succeeded moving exactly ``transfer``
-    (token, payer, payee, amount), mined at ``up_to_block`` or in the ``COPY_SCAN_BLOCKS`` before;
-    None when there is none. A transfer of the same amount made any other way (the payer's own, with
+    (token, payer, payee, amount), mined from ``from_block`` (the head when ours was broadcast: a copy
+    comes after it, however long ours waited) to ``up_to_block``, or, with no ``from_block`` (an open
+    row read back), in the ``COPY_SCAN_BLOCKS`` before ``up_to_block``; None when there is none. A transfer of the same amount made any other way (the payer's own, with
     this signature pasted in its input and the nonces invalidated) is no copy: it could pay for two
     payments at once."""
     proxy, calldata = settle_call
     token, payer, to, amount = transfer
     topics: list[str | list[str] | None] = ["0x" + TOPIC_TRANSFER.hex(), _topic(payer), _topic(to)]
-    for log in await chain.get_logs(token, topics, max(0, up_to_block - COPY_SCAN_BLOCKS), up_to_block):
+    for log in await _transfer_logs(chain, token, topics, up_to_block, from_block):
         if int(str(log.get("data") or "0x0"), 16) != amount:
             continue
         tx_hash = str(log["transactionHash"])
@@ -134,13 +177,14 @@ async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes],
 
 
 async def explain_revert(chain: Permit2Reads, permit: Permit2Signed, transfer: tuple[str, str, str, int], receipt: Receipt,
-                         reverted: str, settle_call: tuple[str, bytes]) -> tuple[str, Receipt | None]:
-    """Why our Permit2 settlement (mined in ``receipt``, reverted) failed: a reason, and the receipt of
-    the copy that settled this payment instead, if one did (the reason is then ``settled_by_copy``)."""
+                         reverted: str, settle_call: tuple[str, bytes], sent_at: int | None = None) -> tuple[str, Receipt | None]:
+    """Why our Permit2 settlement (mined in ``receipt``, reverted; broadcast with the chain's head at
+    ``sent_at``) failed: a reason, and the receipt of the copy that settled this payment instead, if
+    one did (the reason is then ``settled_by_copy``)."""
     token, payer, _, amount = transfer
     try:
         if permit.nonce_used(await chain.eth_call(PERMIT2_ADDRESS, permit.nonce_bitmap_call())):
-            copy = await copied_settlement(chain, settle_call, transfer, receipt.block_number)
+            copy = await copied_settlement(chain, settle_call, transfer, receipt.block_number, sent_at)
             return ("settled_by_copy", copy) if copy is not None else ("permit2_nonce_used", None)
         if await mined_past(chain, receipt.block_number, permit.deadline + 1):  # Permit2: block.timestamp > deadline
             return ERR_PERMIT2_DEADLINE_EXPIRED, None

@@ -58,7 +58,7 @@ from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.exact_guards import PAYER_CODE_REVERTED, STRUCK_MESSAGE, InFlight, in_flight_refusal
 from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
-from settlement.schemes.permit2_outcome import Permit2Signed, copied_settlement, explain_revert
+from settlement.schemes.permit2_outcome import BroadcastHead, Permit2Signed, copied_settlement, explain_revert
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.digits import is_digits
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -363,8 +363,9 @@ async def _send_and_judge(
     base: dict[str, Any], receipt_timeout: float, revert_reason: Callable[[str], str], reverted: str, permit: Permit2Signed,
 ) -> SettleResponse:
     token, payer, to, amount = transfer
+    head = BroadcastHead(chain, before_send)  # a copy of ours is looked for from the head at our broadcast on
     try:
-        tx_hash = await chain.send_call(proxy, calldata, before_send, gas=SETTLE_GAS)
+        tx_hash = await chain.send_call(proxy, calldata, head, gas=SETTLE_GAS)
     except BroadcastUncertain as exc:
         return _pending(exc.tx_hash, base)
     except RpcError as exc:  # refused outright: nothing was broadcast
@@ -380,7 +381,7 @@ async def _send_and_judge(
     extra = {"blockNumber": receipt.block_number, **gas_extra(shares[0] if shares else None)}
     if receipt.status == 1 and receipt.has_transfer(token, payer, to, amount):
         return SettleResponse(success=True, transaction=receipt.tx_hash, amount=str(amount), extra=extra, **base)
-    reason, copy = await explain_revert(chain, permit, transfer, receipt, reverted, (proxy, calldata))
+    reason, copy = await explain_revert(chain, permit, transfer, receipt, reverted, (proxy, calldata), head.block)
     if copy is not None:  # settled by a copy of ours: this payment's money moved; our revert's gas stays on the row
         return SettleResponse(success=True, transaction=copy.tx_hash, amount=str(amount),
                               extra={**extra, "blockNumber": copy.block_number}, **base)

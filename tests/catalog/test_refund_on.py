@@ -8,7 +8,7 @@ import pytest
 
 from catalog import parse_catalog
 from gateway.pipeline.refunds import callers_failure, keeps_charge
-from tests.catalog.test_loader import BASE, one
+from tests.catalog.test_loader import BASE, issues, one
 
 
 def test_an_upfront_tool_refunds_the_upstreams_failures_by_default() -> None:
@@ -63,3 +63,16 @@ def test_a_tool_keeps_the_charge_by_its_policy_and_by_whose_credential_it_sends(
     assert not keeps_charge(tool.model_copy(update={"refund_on": "any_failure"}), 404)
     scoped = tool.model_copy(update={"wallet_accounts": object()})  # the payer's linked account goes upstream
     assert keeps_charge(scoped, 401) and keeps_charge(scoped, 502, "soap:Client")
+
+
+def test_an_upfront_tool_needs_a_payment_window_of_the_settle_margin() -> None:
+    """An upfront tool's payment must outlive its settlement (verify, the write-ahead, the block
+    after the broadcast): the gateway refuses a shorter one (``payment_window``), so a catalog whose
+    offers allow no such window is refused at load, not left unpayable."""
+    short = BASE.replace('  pay_to: "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"\n',
+                         '  pay_to: "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"\n  max_timeout_seconds: 14\n')
+    assert short != BASE
+    found = {(i.path, i.code): i.message for i in issues(short + "    settle: upfront\n")}  # get_quote's (after) too
+    assert "settle: upfront needs max_timeout_seconds >= 15" in found[("tools[1].settle", "payment_window_too_short")]
+    enough = short.replace("max_timeout_seconds: 14", "max_timeout_seconds: 15")
+    assert ("tools[1].settle", "payment_window_too_short") not in {(i.path, i.code) for i in issues(enough + "    settle: upfront\n")}

@@ -2,9 +2,12 @@
 
 The upstream's good answer (a ``StreamedResponse``) goes to the payer chunk by chunk, pulled only as
 fast as the payer reads (backpressure), never buffered beyond one chunk, and cut off at the size
-limit and at the tool's upstream time budget (``timeout_seconds`` x tries: what the in-flight lock
-and the payment's validity were sized for; ``stream_time_limit``). What was delivered is counted as it goes (``gateway.upstream.usage.StreamMeter``). When the
-stream ends, however it ends, the call is settled once:
+limit and at its deadline (``stream_time_limit``): the tool's upstream time budget (``timeout_seconds``
+x tries, counted from the upstream call: what the in-flight lock and the payment's validity were
+sized for) and, for a stream settled at its end, the payment's deadline less the settle margin. The
+deadline bounds the waits on the payer too: a payer who stops reading does not hold the settlement
+back past its window. What was delivered (sent) is counted as it goes
+(``gateway.upstream.usage.StreamMeter``). When the stream ends, however it ends, the call is settled once:
 
 * ``upto`` (a usage rule): the units delivered (``events``, ``bytes``) or reported
   (``event_field``) are priced and capped at the maximum; a stream cut short (the payer gone, the
@@ -26,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from catalog.models import SETTLE_MARGIN_SECONDS
 from catalog.usage import UsageError
 from gateway.errors import GatewayError
 from gateway.headers import REQUEST_ID
@@ -45,12 +50,15 @@ from gateway.upstream.usage import StreamMeter
 from settlement.ledger import Ledger
 from settlement.schemes import Schemes
 
-__all__ = ["SETTLEMENT_EVENT", "PaidStream", "Relay"]
+__all__ = ["SETTLEMENT_EVENT", "STREAM_END_GRACE_SECONDS", "PaidStream", "Relay"]
 
 log = logging.getLogger("x402gw.pipeline")
 SETTLEMENT_EVENT = "x402-settlement"
 _FINISHING: set[asyncio.Task[dict[str, Any] | None]] = set()  # settlements of streams whose payer left: kept alive
 STREAM_DRAIN_SECONDS = 60.0  # how long a stopping server waits for them (a broadcast and its receipt)
+# How long a stream already cut and settled waits for a payer who stopped reading to take its
+# outcome and its end, before the connection is closed (nothing is held for it meanwhile).
+STREAM_END_GRACE_SECONDS = 30.0
 
 
 async def drain_stream_settlements(timeout: float = STREAM_DRAIN_SECONDS) -> int:
@@ -109,7 +117,9 @@ class PaidStream(StreamingResponse):
         headers.update({"Cache-Control": "private, no-store", REQUEST_ID: ctx.request_id, "X-Accel-Buffering": "no"})
         if ctx.settlement is not None:  # settled upfront: the receipt goes out first, in the headers
             headers.update(receipt_headers(ctx.settlement, quote.version))
-        super().__init__(self._body(), status_code=upstream.status, headers=headers)
+        self._head_sent = False
+        # Sent by ``stream_response`` from the upstream itself, not through ``body_iterator``.
+        super().__init__((), status_code=upstream.status, headers=headers)
 
     def defer_finalizers(self, finalize: Callable[[], Awaitable[None]]) -> None:
         """``Chain.answer`` hands over the finalizers: they run when the stream is over."""
@@ -123,39 +133,69 @@ class PaidStream(StreamingResponse):
                 self.ending = "client_disconnected"
             self._finish_once()  # the payer left, or the server stopped: settle anyway, off this task
 
-    async def _body(self) -> AsyncIterator[bytes]:
-        limit, loop = self.relay.max_response_bytes, asyncio.get_running_loop()
-        assert self.ctx.tool is not None
-        # No longer than the tool's upstream budget (every try at its timeout): what the in-flight
-        # lock and the payment's validity were sized for.
-        deadline = loop.time() + self.ctx.tool.max_call_seconds
-        chunks = aiter(self.upstream.chunks)
+    async def stream_response(self, send: Send) -> None:
+        """The answer: relayed until the stream ends or its deadline passes (``_relay``), settled,
+        then its outcome and its end. Whether or not the payer reads: a send waiting on a payer who
+        stopped reading is cut at the deadline like a chunk waiting on the upstream, and what it
+        took is settled then, within the payment's window. The outcome and the end wait for it at
+        most ``STREAM_END_GRACE_SECONDS`` more; then the server closes the connection."""
+        await self._relay(send)
+        outcome = await asyncio.shield(self._finish_once())
+        tail: list[Message] = [] if self._head_sent else [self._head()]
+        if self.sse and outcome is not None:
+            event = b"event: " + SETTLEMENT_EVENT.encode() + b"\ndata: " + json.dumps(outcome, separators=(",", ":")).encode()
+            tail.append({"type": "http.response.body", "body": event + b"\n\n", "more_body": True})
+        tail.append({"type": "http.response.body", "body": b"", "more_body": False})
         try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(anext(chunks), max(deadline - loop.time(), 0.0))
-                except StopAsyncIteration:
-                    self.ending = "complete"
-                    break
-                except TimeoutError:
-                    self.ending = "stream_time_limit"
-                    break
-                self.size += len(chunk)
-                if self.size > limit:
-                    self.ending = "upstream_response_too_large"
-                    break
-                yield chunk
-                # Here only once the payer took the chunk (the server sent it): that is delivered.
-                self.delivered += chunk
-                if self.meter is not None:
-                    self.meter.feed(chunk)
+            async with asyncio.timeout(STREAM_END_GRACE_SECONDS):
+                for message in tail:
+                    await send(message)
+        except TimeoutError:
+            log.warning("request %s: the payer read nothing for %.0f s after its stream was cut (%s); its connection "
+                        "is closed", self.ctx.request_id, STREAM_END_GRACE_SECONDS, self.ending)
+
+    def _head(self) -> Message:
+        return {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+
+    async def _relay(self, send: Send) -> None:
+        """The head, then each chunk as the upstream gives it and the payer takes it (backpressure:
+        never more than one chunk held), until the stream ends, breaks, outgrows the size limit or
+        reaches its deadline (``stream_time_limit``): one timer over both waits, the upstream's and
+        the payer's. A chunk is delivered once its send returned: the server wrote it out (a send
+        cut at the deadline waited for the payer to drain and wrote nothing)."""
+        limit = self.relay.max_response_bytes
+        try:
+            async with asyncio.timeout_at(self._deadline()):
+                await send(self._head())
+                self._head_sent = True
+                async for chunk in self.upstream.chunks:
+                    self.size += len(chunk)
+                    if self.size > limit:
+                        self.ending = "upstream_response_too_large"
+                        return
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    self.delivered += chunk
+                    if self.meter is not None:
+                        self.meter.feed(chunk)
+                self.ending = "complete"
+        except TimeoutError:
+            self.ending = "stream_time_limit"
         except GatewayError as err:
             self.ending = err.code  # the upstream broke off or stalled mid-stream
         finally:
             self.upstream.close()
-        outcome = await asyncio.shield(self._finish_once())
-        if self.sse and outcome is not None:
-            yield b"event: " + SETTLEMENT_EVENT.encode() + b"\ndata: " + json.dumps(outcome, separators=(",", ":")).encode() + b"\n\n"
+
+    def _deadline(self) -> float:
+        """When the stream is cut, on the loop's clock: the tool's upstream budget (every try at its
+        timeout: what the in-flight lock and the payment's window were sized for), counted from the
+        upstream call (the wait for its headers included); and for a stream settled when it ends,
+        the payment's deadline less the settle margin, so that its settlement is still taken."""
+        tool, paid = self.ctx.tool, self.ctx.paid
+        assert tool is not None
+        left = tool.max_call_seconds - self.ctx.timings.get("upstream", 0.0)
+        if tool.settles_streamed and paid is not None:
+            left = min(left, int(paid.exact.authorization.valid_before) - SETTLE_MARGIN_SECONDS - time.time())
+        return asyncio.get_running_loop().time() + max(left, 0.0)
 
     def _finish_once(self) -> asyncio.Task[dict[str, Any] | None]:
         if self._finish is None:

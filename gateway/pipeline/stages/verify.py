@@ -1,16 +1,18 @@
 """Stages ``payment_window``, ``verify`` and ``record``: a fresh payment checked, confirmed, written down.
 
-``payment_window`` (``settle: after`` tools) refuses with 402 a payment that could expire while the
-upstream works. ``verify`` has the payment's scheme verify it (started early, beside the ledger
-lookup, by ``exactly_once``); a rejection is a 402 carrying a fresh offer and the scheme's reason
-code, passed through unchanged. ``record`` writes the ``verified`` ledger row (``ctx.payment_id``);
-a row that is already further on is a 409.
+``payment_window`` refuses with 402 a payment that could expire, by the chain's clock, before its
+settlement is mined (a ``settle: after`` tool's: while the upstream works too). ``verify`` has the
+payment's scheme verify it (started early, beside the ledger lookup, by ``exactly_once``); a
+rejection is a 402 carrying a fresh offer and the scheme's reason code, passed through unchanged.
+``record`` writes the ``verified`` ledger row (``ctx.payment_id``); a row that is already further on
+is a 409.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 
 from starlette.responses import Response
 
@@ -18,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.challenge import PaymentChallenge
 from gateway.protocol.offers import Quote
+from settlement.chain.head_clock import HeadClock
 from settlement.errors import ChainUnavailable, FacilitatorUnavailable
 from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.schemes import VALID_BEFORE_MARGIN_SECONDS
@@ -43,31 +46,43 @@ async def verify(facilitator: Facilitator, quote: Quote, payload: PaymentPayload
 
 
 class PaymentWindow:
-    """A ``settle: after`` payment must stay valid through the upstream's worst case and the
-    settlement after it; otherwise it could expire mid-call and the upstream would have run
-    unpaid. The 402 names the minimum. Only fresh payments get here (a resend was resumed)."""
+    """A payment must stay valid until its settlement is mined: for a ``settle: after`` tool, through
+    the upstream's worst case and the settlement after it (else it could expire mid-call, the
+    upstream run unpaid); for an ``upfront`` one, through its settlement (else it is broadcast to
+    revert on the gateway's gas). Both keep the settle margin (``Tool.payment_window_seconds``):
+    verify, the write-ahead and the block after the broadcast (a 12 s slot and its propagation).
+    Judged by the chain's clock where it is ahead of ours (``HeadClock``): the token judges
+    ``validBefore`` by the block's timestamp. The 402 names the minimum. Only fresh payments get
+    here (a resend was resumed)."""
 
     name = "payment_window"
     shape_only = False
 
+    def __init__(self, clocks: Mapping[str, HeadClock] | None = None) -> None:
+        self.clocks = dict(clocks or {})  # by network; none known: our clock alone
+
     async def __call__(self, ctx: RequestContext) -> Response | None:
         tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
         assert tool is not None and quote is not None and paid is not None
-        if tool.settle == "after":
-            check_window(quote, tool.name, tool.payment_window_seconds, paid.exact)
+        clock = self.clocks.get(quote.requirements.network)
+        ahead = 0 if clock is None else await clock.read_ahead()
+        check_window(quote, tool.name, tool.payment_window_seconds, paid.exact, ahead)
         return None
 
 
-def check_window(quote: Quote, tool: str, needed: int, exact: ExactEvmPayload) -> None:
+def check_window(quote: Quote, tool: str, needed: int, exact: ExactEvmPayload, ahead: int = 0) -> None:
+    """Refuses (402 ``payment_window_too_short``) a payment with less than ``needed`` seconds left by
+    the chain's clock (ours plus ``ahead``); one expired by our clock too is left to verify's reason."""
     now = int(time.time())
-    remaining = int(exact.authorization.valid_before) - now
-    if remaining >= needed or remaining < VALID_BEFORE_MARGIN_SECONDS:
+    valid_before = int(exact.authorization.valid_before)
+    if valid_before - (now + ahead) >= needed or valid_before < now + VALID_BEFORE_MARGIN_SECONDS:
         return  # long enough; or already expired, which verify refuses with its own reason
+    by_chain = f" by the chain's clock, {ahead}s ahead of ours" if ahead else ""
     raise PaymentChallenge(
         quote, "payment_window_too_short",
-        f"{tool} needs a payment valid for at least {needed}s (validBefore >= now + {needed}); "
+        f"{tool} needs a payment valid for at least {needed}s{by_chain} (validBefore >= {now + ahead + needed}); "
         "sign the offer again with a longer window",
-        minimumValidSeconds=needed, validBeforeAtLeast=str(now + needed),
+        minimumValidSeconds=needed, validBeforeAtLeast=str(now + ahead + needed),
     )
 
 

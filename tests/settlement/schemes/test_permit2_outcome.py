@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from settlement.chain.client import LOG_WINDOW_BLOCKS
 from settlement.chain.receipts import TOPIC_TRANSFER, LogEntry, Receipt
-from settlement.schemes.permit2_outcome import copied_settlement
+from settlement.schemes.permit2_outcome import COPY_SCAN_BLOCKS, copied_settlement
 
 TOKEN, PAYER, PAY_TO = "0x" + "70" * 20, "0x" + "a1" * 20, "0x" + "b2" * 20
 PROXY, OURS, GRIEFER = "0x" + "40" * 20, "0x" + "5e" * 20, "0x" + "99" * 20
@@ -117,3 +118,32 @@ def test_a_wrapper_transaction_without_our_call_in_its_trace_is_not(calls: list[
 
 def test_ours_is_never_a_copy_even_wrapped() -> None:
     assert _copy(TracingChain(OURS, MULTICALL, b"\x01", [(MULTICALL, PROXY, CALLDATA)])) is None
+
+
+class WindowedChain(Chain):
+    """A node that caps ``eth_getLogs`` ranges; the copy is mined at ``copy_block``."""
+
+    def __init__(self, copy_block: int) -> None:
+        super().__init__(GRIEFER, PROXY, CALLDATA)
+        self.copy_block = copy_block
+        self.ranges: list[tuple[int, int]] = []
+
+    async def get_logs(self, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
+        assert to_block - from_block < LOG_WINDOW_BLOCKS
+        self.ranges.append((from_block, to_block))
+        return [{"transactionHash": "0x" + "c0" * 32, "data": hex(AMOUNT)}] if from_block <= self.copy_block <= to_block else []
+
+
+def test_a_copy_is_looked_for_from_the_head_at_our_broadcast_however_long_ours_waited() -> None:
+    """Ours waited in the pool (its fee cap under a climbing base fee) for thousands of blocks; the copy
+    was mined just after our broadcast: found, reading the logs in windows a capped node answers."""
+    sent_at, receipt_block = 1_000, 1_000 + 3 * LOG_WINDOW_BLOCKS + 17
+    chain = WindowedChain(copy_block=sent_at + 1)
+    found = asyncio.run(copied_settlement(chain, (PROXY, CALLDATA), (TOKEN, PAYER, PAY_TO, AMOUNT),  # type: ignore[arg-type]
+                                          receipt_block, sent_at))
+    assert found is not None and chain.ranges[0][0] == sent_at and chain.ranges[-1][1] == receipt_block
+    assert all(a[1] + 1 == b[0] for a, b in zip(chain.ranges, chain.ranges[1:]))  # no block skipped
+    unknown = WindowedChain(copy_block=sent_at + 1)  # an open row read back: our broadcast's head not known
+    assert asyncio.run(copied_settlement(unknown, (PROXY, CALLDATA), (TOKEN, PAYER, PAY_TO, AMOUNT),  # type: ignore[arg-type]
+                                         receipt_block)) is None
+    assert unknown.ranges == [(receipt_block - COPY_SCAN_BLOCKS, receipt_block)]

@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
+from catalog.models import SETTLE_MARGIN_SECONDS
 from gateway.errors import GatewayError
 from gateway.pipeline.context import Paid, RequestContext
 from gateway.pipeline.stages.arguments import Arguments, Body
@@ -23,6 +24,7 @@ from gateway.pipeline.stages.verify import PaymentWindow, Verify
 from gateway.protocol.challenge import PaymentChallenge
 from gateway.store import MemoryStore
 from gateway.upstream.bridge import UpstreamResponse
+from settlement.chain.head_clock import HeadClock
 from settlement.errors import FacilitatorUnavailable
 from settlement.schemes.signatures import SignerCheck
 from settlement.x402.codec import encode_header
@@ -126,6 +128,40 @@ def test_payment_window_refuses_a_payment_that_could_expire_mid_call() -> None:
     assert run(PaymentWindow()(ctx)) is None
     assert ctx.tool is not None and ctx.tool.settle == "after"
     short = paid(offered("GET", "/quotes/AAPL"), valid_for=ctx.tool.payment_window_seconds - 10)
+    with pytest.raises(PaymentChallenge) as caught:
+        run(PaymentWindow()(short))
+    assert caught.value.code == "payment_window_too_short"
+
+
+class _ChainAhead:
+    """A chain whose latest block is dated ``seconds`` ahead of our clock."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    async def block_timestamp(self, number: int | None = None) -> int:
+        return int(time.time()) + self.seconds
+
+
+def test_payment_window_is_judged_by_the_chains_clock_where_it_is_ahead_of_ours() -> None:
+    ctx = paid(offered("GET", "/quotes/AAPL"), valid_for=3600)
+    assert ctx.tool is not None and ctx.quote is not None
+    needed, network = ctx.tool.payment_window_seconds, ctx.quote.requirements.network
+    enough_by_ours = paid(offered("GET", "/quotes/AAPL"), valid_for=needed + 5)
+    assert run(PaymentWindow()(enough_by_ours)) is None
+    assert run(PaymentWindow({network: HeadClock(_ChainAhead(0))})(enough_by_ours)) is None  # a chain on our clock
+    with pytest.raises(PaymentChallenge) as caught:  # a minute ahead: 5 s short of its window, or expired
+        run(PaymentWindow({network: HeadClock(_ChainAhead(60))})(enough_by_ours))
+    assert caught.value.code == "payment_window_too_short" and "chain's clock" in caught.value.message
+    assert int(caught.value.fields["validBeforeAtLeast"]) >= int(time.time()) - 1 + 60 + needed
+
+
+def test_payment_window_holds_upfront_tools_to_the_settle_margin() -> None:
+    body = b'{"symbol": "ACME", "quantity": 1}'
+    ctx = paid(offered("POST", "/orders", [("content-type", "application/json")], body), valid_for=3600)
+    assert ctx.tool is not None and ctx.tool.settle == "upfront"
+    assert ctx.tool.payment_window_seconds == SETTLE_MARGIN_SECONDS and run(PaymentWindow()(ctx)) is None
+    short = paid(offered("POST", "/orders", [("content-type", "application/json")], body), valid_for=SETTLE_MARGIN_SECONDS - 7)
     with pytest.raises(PaymentChallenge) as caught:
         run(PaymentWindow()(short))
     assert caught.value.code == "payment_window_too_short"
