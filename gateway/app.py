@@ -55,6 +55,7 @@ from gateway.store import RedisStore, StateStore, StoreUnavailable, create_store
 from gateway.surfaces.discovery import Discovery
 from gateway.surfaces.facilitator_api import facilitator_routes
 from gateway.surfaces.mcp import McpEndpoint
+from gateway.surfaces.receipt_evidence import SettlementEvidence
 from gateway.surfaces.receipts import ReceiptEndpoint, receipt_signer, receipts_discovery
 from gateway.surfaces.search import ToolSearch
 from gateway.upstream.bridge import AiohttpUpstreamClient, UpstreamClient
@@ -167,7 +168,7 @@ def _lifespan(
         resolved = await resolve_open_payments(ledger, wiring.schemes)
         for resolution in resolved:
             log.info("start-up reconcile: %s", resolution.to_json())
-        refunds = Refunds(ledger, refunder)  # an upfront payment settled whose answer died with its request
+        refunds = Refunds(ledger, refunder, pipeline.audit)  # an upfront payment settled whose answer died with its request
         await refunds.owe_lost_answers(store)  # every such row: `x402gw reconcile` may have settled some
         # batch-settlement: bound to the store and ledger; what a crash left accrued is claimed now.
         claims = await start_claims(wiring.channels, ledger, store)
@@ -293,7 +294,8 @@ def create_app(
         chain_clocks={network: chain.head_clock for network, chain in wiring.chains.items()},
     )
     metrics, dashboard, routes = _operations(settings, catalogs, wiring, pipeline, ledger, store, safety)
-    mcp_endpoint, agent_routes = _agent_interface(settings, pipeline, ledger, store, receipts)
+    evidence = SettlementEvidence(pipeline.audit, wiring.chains)  # a receipt only for a settlement borne out
+    mcp_endpoint, agent_routes = _agent_interface(settings, pipeline, ledger, store, receipts, evidence)
     routes.extend([*agent_routes, *webhooks.routes(settings), _paid_route(pipeline)])
     cors = _cors()
     lifespan = _lifespan(wiring, catalogs, ledger, store, upstream, pipeline, mcp_endpoint, refunder, settings.resolve_pending_seconds)
@@ -317,13 +319,15 @@ def create_app(
 
 def _agent_interface(
     settings: Settings, pipeline: Pipeline, ledger: Ledger, store: StateStore, receipts: ReceiptSigner | None,
+    evidence: SettlementEvidence,
 ) -> tuple[McpEndpoint, list[Route]]:
     """Every discovery format and MCP, all generated from the pipeline's catalog, with one search
     index for /tools?q= and MCP's search_tools (built on the first search); the payer's receipts."""
     search = ToolSearch(lambda: [compiled.tool for compiled in pipeline.tools.values()])
     mcp_endpoint = McpEndpoint(pipeline, settings.public_url, search=search, max_body_bytes=settings.max_body_bytes)
     discovery = Discovery(pipeline, settings.public_url, search=search, receipts=lambda base: receipts_discovery(receipts, base))
-    routes = [*discovery.routes(), mcp_endpoint.route(), *ReceiptEndpoint(receipts, ledger, store, settings.public_url).routes()]
+    routes = [*discovery.routes(), mcp_endpoint.route(), *ReceiptEndpoint(receipts, ledger, store, settings.public_url,
+                                                                                 evidence=evidence).routes()]
     return mcp_endpoint, routes
 
 

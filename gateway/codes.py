@@ -178,6 +178,8 @@ RECEIPT_AUTH_REPLAYED: Final = "receipt_auth_replayed"
 RECEIPT_NOT_FOUND: Final = "receipt_not_found"
 RECEIPT_NOT_SETTLED: Final = "receipt_not_settled"
 RECEIPT_REFUNDED: Final = "receipt_refunded"  # its charge is owed back: no receipt attests it
+RECEIPT_UNCONFIRMED: Final = "receipt_unconfirmed"  # neither the audit trail nor the chain bears the row out
+RECEIPT_UNAVAILABLE: Final = "receipt_unavailable"  # only the chain could confirm it, and it does not answer
 RECEIPTS_DISABLED: Final = "receipts_disabled"
 
 # The request's URL (Host header, path, query) cannot name an offer's resource: malformed or too long.
@@ -278,6 +280,8 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(RECEIPT_NOT_FOUND, 404, "none"),
     Refusal(RECEIPT_NOT_SETTLED, 409, "none"),
     Refusal(RECEIPT_REFUNDED, 409, "none"),
+    Refusal(RECEIPT_UNCONFIRMED, 409, "none"),
+    Refusal(RECEIPT_UNAVAILABLE, 503, "retry"),
     Refusal(RECEIPTS_DISABLED, 404, "none"),
 
     Refusal(REACCESS_NOT_PAID, 402, "pay"),

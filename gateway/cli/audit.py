@@ -58,9 +58,14 @@ def audit() -> None:
 @click.option("--file", "file", default=None, type=click.Path(path_type=Path, exists=True),
               help="Verify an export (JSON lines) instead of the database.")
 @click.option("--anchor", default=None, help="SEQ:HASH kept from an earlier run: that record must still have that hash.")
+@click.option("--ledger/--no-ledger", "with_ledger", default=True, show_default=True,
+              help="Compare each settled record with its payment row (the ledger in the same database).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(database_url: str | None, file: Path | None, anchor: str | None, as_json: bool) -> None:
-    """Walk the chain; exit 1 and name each edited, inserted, deleted or reordered record."""
+def verify(database_url: str | None, file: Path | None, anchor: str | None, with_ledger: bool, as_json: bool) -> None:
+    """Walk the chain; exit 1 and name each edited, inserted, deleted, reordered or unreadable record,
+    and (on a database) each settled record whose payment row says otherwise (ledger_mismatch)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from settlement.audit import AuditTrail
     from settlement.errors import LedgerError
 
@@ -80,7 +85,10 @@ def verify(database_url: str | None, file: Path | None, anchor: str | None, as_j
             click.echo(f"error: {exc.message}", err=True)
             sys.exit(EXIT_UNREADABLE)
         try:
-            report = trail.verify(anchor=pinned)
+            report = trail.verify(anchor=pinned, ledger=with_ledger)
+        except SQLAlchemyError as exc:
+            click.echo(f"error: the audit trail cannot be read ({type(exc).__name__}) [audit_unreadable]", err=True)
+            sys.exit(EXIT_UNREADABLE)
         finally:
             trail.close()
     if as_json:
@@ -90,6 +98,8 @@ def verify(database_url: str | None, file: Path | None, anchor: str | None, as_j
             click.echo(f"TAMPERED {problem.kind}: {problem.detail}")
         state = "intact" if report.intact else f"BROKEN ({len(report.problems)} problems)"
         click.echo(f"audit trail {state}: {report.records} records, head seq {report.last_seq} hash {report.last_hash}")
+        if report.ledger_checked is not None:
+            click.echo(f"ledger: {report.ledger_checked} settled records compared with their payments")
         if report.intact:
             click.echo(f"anchor for the next run: --anchor {report.last_seq}:{report.last_hash}")
     sys.exit(EXIT_INTACT if report.intact else EXIT_TAMPERED)
@@ -119,6 +129,8 @@ def _verify_file(file: Path, pinned: tuple[int, str] | None) -> VerifyReport:
 def export(database_url: str | None, fmt: str, since: str | None, until: str | None, from_seq: int | None,
            to_seq: int | None, output: str) -> None:
     """Stream records in chain order, one JSON object a line (verifiable with `audit verify --file`)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from settlement.audit import AuditTrail
     from settlement.errors import LedgerError
 
@@ -134,5 +146,10 @@ def export(database_url: str | None, fmt: str, since: str | None, until: str | N
                 # ASCII: a caller's U+2028/U+2029/U+0085 (in a path it asked for) would split a line for
                 # many readers of JSON lines; the records' hashes are over their canonical form, not these bytes.
                 out.write(json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=True) + "\n")
+                if record.unreadable is not None:  # exported as stored; `audit verify --file` names it too
+                    click.echo(f"warning: seq {record.seq} (id {record.id}): {record.unreadable}", err=True)
+    except SQLAlchemyError as exc:
+        click.echo(f"error: the audit trail cannot be read ({type(exc).__name__}) [audit_unreadable]", err=True)
+        sys.exit(EXIT_UNREADABLE)
     finally:
         trail.close()

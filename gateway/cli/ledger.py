@@ -238,18 +238,21 @@ async def _owe_lost_answers(book: Any, settings: Settings, resolved: list[dict[s
     or to a dead process whose restart owes it (``Refunds.owe_lost_answers``)."""
     from gateway.pipeline.refunds import Refunds
     from gateway.store import create_store
+    from settlement.audit import AuditTrail, DirectSink
     from settlement.ledger.resolve import Resolution
 
     settled = [Resolution(**r) for r in resolved if r["before"] == "pending"]
     if not settled:
         return
     store = create_store(settings.redis_url, settings.redis_prefix)  # a replica's live resend holds its lock there
+    audit = DirectSink(AuditTrail(book.url))  # each refund owed is named in the trail: `ledger refunds --pay` asks
     try:
-        for payment_id in await Refunds(book, None).owe_lost_answers(store, settled):
+        for payment_id in await Refunds(book, None, audit).owe_lost_answers(store, settled):
             click.echo(f"payment {payment_id}: settled with no answer (upfront): its refund is owed (ledger refunds --pay)",
                        err=True)
     finally:
         await store.close()
+        await audit.close()
 
 
 def _write_webhook_events(book: Any, settings: Settings) -> None:
@@ -355,7 +358,9 @@ def _describe(report: Any) -> list[str]:
         (f"ledger settled: {report.ledger_settled}, chain EIP-3009 payments: {report.chain_payments}, "
          f"matched: {report.matched}, other transfers to payTo: {report.chain_other_transfers}"),
     ]
-    for kind in ("missing_on_chain", "missing_in_ledger", "amount_mismatch", "state_mismatch", "still_open"):
+    from settlement.finance.reconcile import DISAGREEMENTS
+
+    for kind in DISAGREEMENTS:
         for item in getattr(report, kind):
             ident = item.get("payment_id", item.get("tx_hash"))
             lines.append(f"{kind}: {ident} {json.dumps(item, separators=(',', ':'))}")

@@ -30,6 +30,7 @@ _WHY = {
     "no_refund_key": "no refund key for this network (X402GW_REFUND_KEY)",
     "charge_unexplained": "left for a person: the row's settlement on chain does not show this payer paying this much "
                           "(the ledger row may have been edited)",
+    "refund_unaudited": "left for a person: the audit trail names no such refund (the ledger row may have been edited)",
     "claimed_elsewhere": "another payer (the gateway, another run) claimed it first",
     "recorded_elsewhere": "its transaction had landed and another payer recorded it first: nothing sent",
     "sent": "sent; its receipt did not come in time: run again to record it",
@@ -82,6 +83,7 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
             _fail(f"{exc.message} [{exc.code}]")
     book = _open_ledger(settings.database_url)
     _write_webhook_events(book, settings)  # refund.paid, as the gateway would write it
+    named = _audited(settings.database_url) if pay else None
 
     def show(line: Any) -> None:
         if not as_json:
@@ -92,10 +94,12 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
             # A claim is quiet once no gateway can still send its transaction: past its receipt wait.
             quiet = UNKNOWN_QUIET_SECONDS + settings.receipt_timeout_seconds
             return await settle_owed_refunds(book, chains, refunder, pay=pay, include_unknown=include_unknown, on_line=show,
-                                             quiet_seconds=quiet)
+                                             quiet_seconds=quiet, named=named)
         finally:
             if refunder is not None:
                 await refunder.close()
+            if named is not None:
+                named.trail.close()
 
     try:
         report = _on_chains(book, chains, work())
@@ -114,3 +118,28 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
         sys.exit(EXIT_ERROR)
     if pay and owed:
         sys.exit(EXIT_DISAGREE)
+
+
+class _Audited:
+    """Whether the audit trail (in the ledger's database) names a row's refund: the pipeline's
+    ``refund_owed`` record under the payment's request, with its payment id and amount."""
+
+    def __init__(self, trail: Any) -> None:
+        self.trail = trail
+
+    def __call__(self, row: Any) -> bool:
+        from settlement.audit import refund_recorded
+
+        return refund_recorded(self.trail.for_request(row.request_id), row)
+
+
+def _audited(database_url: str) -> _Audited:
+    from gateway.cli.ledger import _fail
+    from settlement.audit import AuditTrail
+    from settlement.errors import LedgerError
+
+    try:
+        return _Audited(AuditTrail(database_url))
+    except LedgerError as exc:
+        _fail(f"{exc.message} [{exc.code}]")
+        raise  # _fail exits

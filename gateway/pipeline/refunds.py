@@ -14,6 +14,7 @@ from catalog import Tool
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
 from gateway.store import StateStore, StoreUnavailable, payment_lock
+from settlement.audit import REFUND_OWED, AuditEvent, AuditSink
 from settlement.chain.refunds import Refunder
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.payments import Ledger
@@ -67,24 +68,37 @@ def user_scoped(tool: Tool) -> bool:
     return tool.user_auth is not None or tool.wallet_accounts is not None
 
 
+def _owed(payment_id: int, amount: int, reason: str) -> dict[str, Any]:
+    return {"paymentId": payment_id, "amount": str(amount), "reason": reason}
+
+
 class _ClaimedElsewhere(Exception):
     """Another payer of this refund claimed it before our broadcast."""
 
 
 class Refunds:
-    def __init__(self, ledger: Ledger, refunder: Refunder | None) -> None:
+    """Owes refunds, and names each in the audit trail (``refund_owed``: payment id, amount, reason,
+    under the payment's own request id): ``ledger refunds --pay`` pays only a refund the trail names,
+    never one an insider wrote into the ledger (``settlement.audit.refund_recorded``)."""
+
+    def __init__(self, ledger: Ledger, refunder: Refunder | None, audit: AuditSink | None = None) -> None:
         self.ledger = ledger
         self.refunder = refunder
+        self.audit = audit  # for refunds owed outside a request (owe_lost_answers); a request's go with its events
         self._recheck: set[int] = set()  # answers lost whose payment lock was held when last seen
 
-    async def owe(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str) -> dict[str, Any]:
-        """Record the refund and pay it if possible; the fields the answer carries about it."""
+    async def owe(self, ctx: RequestContext, quote: Quote, payment_id: int, reason: str,
+                  request_id: str | None = None) -> dict[str, Any]:
+        """Record the refund and pay it if possible; the fields the answer carries about it.
+        ``request_id``: the payment's request, when another one (a resend) owes it."""
         requirements = quote.requirements
         # What was charged: an upto offer's amount is the signed maximum, its charge in extra.charge.
         amount = upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)
         ctx.outcome = "refund_owed"
         outcome, fields = await self._owe(payment_id, requirements.network, requirements.asset, ctx.payer, amount, reason)
         ctx.outcome = outcome
+        if outcome != "settled":  # chained with the request's other events, stamped with its payer and tool
+            ctx.events.append(AuditEvent(request_id or ctx.request_id, REFUND_OWED, _owed(payment_id, amount, reason)))
         return fields
 
     async def owe_lost_answers(self, store: StateStore, resolved: Iterable[Resolution] | None = None, *,
@@ -123,6 +137,9 @@ class Refunds:
             if outcome == "settled":  # its request claimed the answer meanwhile (a lock Redis lost)
                 continue
             log.warning("payment %d was settled with no answer (its request died): refund %s", row.id, fields["refund"])
+            if self.audit is not None:
+                self.audit.submit([AuditEvent(row.request_id, REFUND_OWED, _owed(row.id, row.amount, "answer_lost"),
+                                              row.payer, row.tool)])
             owed.append(row.id)
         return owed
 

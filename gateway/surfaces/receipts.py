@@ -16,7 +16,9 @@ of the window, and written only once the wallet is known to be the payment's pay
 wallets fill nothing. Refusals, in the order checked: 401 ``receipt_auth_invalid`` (headers missing
 or malformed, a signature that recovers to nobody), 401 ``receipt_auth_expired``, 404
 ``receipt_not_found`` (no such payment, or another wallet's: the two are not told apart), 401
-``receipt_auth_replayed``, 409 ``receipt_not_settled``; 404
+``receipt_auth_replayed``, 409 ``receipt_not_settled``, 409 ``receipt_refunded``, 409
+``receipt_unconfirmed`` (neither the audit trail's ``settled`` record nor the chain bears the
+settled row out: ``receipt_evidence``); 404
 ``receipts_disabled`` when the gateway has no receipt key. EOAs only: a smart wallet's owner key
 signs for it.
 """
@@ -39,7 +41,9 @@ from gateway.errors import GatewayConfigError, GatewayError
 from gateway.headers import CACHE_CONTROL, X402GW_RECEIPT, X402GW_RECEIPT_SIGNATURE, X402GW_RECEIPT_TIME
 from gateway.settings import Settings
 from gateway.store import StateStore
+from gateway.surfaces.receipt_evidence import SettlementEvidence
 from settlement.chain.deployment import ANVIL_KEYS, LOCAL_CHAIN_ID
+from settlement.errors import ChainUnavailable
 from settlement.finance.receipts import (
     RECEIPT_DOMAIN_NAME,
     RECEIPT_DOMAIN_VERSION,
@@ -47,7 +51,7 @@ from settlement.finance.receipts import (
     ReceiptSigner,
     settled_payments,
 )
-from settlement.ledger import Ledger, PaymentState
+from settlement.ledger import Ledger, Payment, PaymentState
 from settlement.x402.digits import is_digits
 
 __all__ = ["MAX_SKEW_SECONDS", "ReceiptEndpoint", "challenge_message", "receipt_signer", "receipts_discovery"]
@@ -92,9 +96,10 @@ def challenge_message(signer: str, payment_id: int | str, timestamp: int | str) 
 class ReceiptEndpoint:
     def __init__(
         self, signer: ReceiptSigner | None, ledger: Ledger, store: StateStore, public_url: str | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, evidence: SettlementEvidence | None = None,
     ) -> None:
         self.signer = signer
+        self.evidence = evidence  # None: the row alone (a test's endpoint); the app always gives one
         self.ledger = ledger
         self.store = store
         self.public_url = public_url.rstrip("/") if public_url else None
@@ -130,7 +135,19 @@ class ReceiptEndpoint:
         if row.refund_owed is not None:  # the answer it paid for never came: a receipt would attest a charge reversed
             raise GatewayError(codes.RECEIPT_REFUNDED, "this payment's charge is owed back (or paid back): it has no receipt",
                                paymentId=row.id, refund="refunded" if row.refunded_at else "owed", refundAmount=str(row.refund_owed))
+        if not await self._confirmed(row):
+            raise GatewayError(codes.RECEIPT_UNCONFIRMED, "neither the audit trail nor the chain bears out this payment's "
+                               "settlement: it has no receipt", paymentId=row.id)
         return JSONResponse(self.signer.receipt(row, self.public_url), headers={CACHE_CONTROL: "private, no-store"})
+
+    async def _confirmed(self, row: Payment) -> bool:
+        if self.evidence is None:
+            return True
+        try:
+            return await self.evidence.confirmed(row)
+        except ChainUnavailable:
+            raise GatewayError(codes.RECEIPT_UNAVAILABLE, "the chain cannot be read to confirm this payment; retry later",
+                               retryAfter=2) from None
 
     async def _by_transaction(self, request: Request, signer: ReceiptSigner, transaction: str) -> Response:
         """``GET /receipts/0x<tx hash>``: the signer's settled payments in that transaction (a batch
@@ -138,6 +155,7 @@ class ReceiptEndpoint:
         wallet, timestamp = await self._authenticate(request, signer.address, transaction)
         rows = [row for row in await self.ledger.run(lambda: list(settled_payments(self.ledger, payers=[wallet], transaction=transaction)))
                 if row.refund_owed is None]  # a charge owed back has no receipt
+        rows = [row for row in rows if await self._confirmed(row)]  # nor one nothing bears out
         if not rows:
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this transaction")
         await self._once(wallet, transaction.lower(), timestamp)

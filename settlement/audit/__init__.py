@@ -1,7 +1,8 @@
 """The audit trail: an append-only, hash-chained record of every decision the gateway takes.
 
 canonical (hash and redaction) ← records (tables, events, stored and exported records) ← chain
-(verify) ← trail (the store: append, read, verify) ← writer (the asyncio front the pipeline uses).
+(verify) ← ledger_check (settled records against payment rows) ← trail (the store: append, read,
+verify) ← writer (the asyncio front the pipeline uses).
 Sits above the ledger (its tables share the ledger's database and metadata); the ledger never
 imports it.
 """
@@ -13,10 +14,19 @@ from settlement.audit.canonical import (
     canonical_json,
     clean_fields,
     iso_utc,
+    plain_text,
     record_hash,
     redact_url,
 )
 from settlement.audit.chain import Problem, VerifyReport, verify_chain
+from settlement.audit.ledger_check import (
+    REFUND_OWED,
+    SETTLED,
+    LedgerCheck,
+    refund_recorded,
+    settled_disagreement,
+    settled_record,
+)
 from settlement.audit.records import (
     AUDIT_TABLES,
     GENESIS_HASH,
@@ -27,7 +37,7 @@ from settlement.audit.records import (
     StoredRecord,
 )
 from settlement.audit.trail import AuditTrail, create_audit_engine
-from settlement.audit.writer import AuditSink, AuditWriter
+from settlement.audit.writer import AuditSink, AuditWriter, DirectSink
 
 __all__ = [
     "AUDIT_TABLES",
@@ -35,13 +45,17 @@ __all__ = [
     "HASH_VERSION",
     "HEAD_ID",
     "REDACTED",
+    "REFUND_OWED",
     "SECRET_FIELDS",
+    "SETTLED",
     "AuditEvent",
     "AuditHead",
     "AuditRecord",
     "AuditSink",
     "AuditTrail",
     "AuditWriter",
+    "DirectSink",
+    "LedgerCheck",
     "Problem",
     "StoredRecord",
     "VerifyReport",
@@ -49,7 +63,11 @@ __all__ = [
     "clean_fields",
     "create_audit_engine",
     "iso_utc",
+    "plain_text",
     "record_hash",
     "redact_url",
+    "refund_recorded",
+    "settled_disagreement",
+    "settled_record",
     "verify_chain",
 ]

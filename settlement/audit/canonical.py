@@ -22,6 +22,7 @@ __all__ = [
     "canonical_json",
     "clean_fields",
     "iso_utc",
+    "plain_text",
     "record_hash",
     "redact_url",
 ]
@@ -94,7 +95,25 @@ def record_hash(
             "v": HASH_VERSION, "seq": seq, "at": at_text, "requestId": request_id,
             "event": event, "payer": payer, "tool": tool, "data": data, "prev": prev_hash,
         })
-    return hashlib.sha256(text.encode()).hexdigest()
+    # A lone surrogate cannot be stored (append cleans it: ``plain_text``); one read from an export
+    # is hashed as its escape, so a record carrying it is named (hash_mismatch), never a crash.
+    return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()
+
+
+def plain_text(value: Any) -> Any:
+    """``value`` with every string (keys too, in dicts and lists) encodable as UTF-8: a lone surrogate
+    (``"\\udc80"``, from a path or header decoded with ``surrogateescape``) becomes its backslash
+    escape as text. Neither SQLite nor PostgreSQL stores a lone surrogate and it has no UTF-8 form to
+    hash, so ``AuditTrail.append`` cleans an event with this before hashing and storing it; the record
+    then holds ordinary text and verifies like any other. Used only when encoding failed: no cost
+    on the hot path."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {plain_text(key): plain_text(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_text(item) for item in value]
+    return value
 
 
 def redact_url(url: str) -> str:

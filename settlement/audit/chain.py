@@ -16,7 +16,9 @@ __all__ = ["Problem", "VerifyReport", "verify_chain"]
 class Problem:
     """Where the chain is broken and how: ``kind`` is a stable code."""
 
-    kind: str  # hash_mismatch | prev_hash_mismatch | sequence_gap | sequence_out_of_order | inserted | head_mismatch | anchor_mismatch
+    # hash_mismatch | prev_hash_mismatch | sequence_gap | sequence_out_of_order | inserted | head_mismatch |
+    # anchor_mismatch | unreadable (this module); ledger_mismatch | ledger_row_missing (settlement.audit.ledger_check)
+    kind: str
     seq: int | None
     id: int | None
     detail: str
@@ -32,6 +34,8 @@ class VerifyReport:
     last_seq: int | None = None
     last_hash: str | None = None
     problems: list[Problem] = field(default_factory=list)
+    # Settled records compared with their payment rows (``ledger_check``); None: not compared.
+    ledger_checked: int | None = None
 
     @property
     def intact(self) -> bool:
@@ -41,6 +45,7 @@ class VerifyReport:
         return {
             "intact": self.intact, "records": self.records, "firstSeq": self.first_seq, "lastSeq": self.last_seq,
             "lastHash": self.last_hash, "problems": [p.to_json() for p in self.problems],
+            "ledgerChecked": self.ledger_checked,
         }
 
 
@@ -57,7 +62,7 @@ def verify_chain(
     Checks use the *stored* hash of the previous record, so one edit is one problem, not a cascade.
     ``start`` (seq, hash) is the record before the first one given (default: the genesis).
 
-    One loop over ~60 lines on purpose: every check reads the state the record before left
+    One loop of ~60 lines on purpose: every check reads the state the record before left
     (expected seq, previous hash, recent hashes), kept in one place so the checks cannot drift."""
     report = VerifyReport()
     expected_seq, prev_hash = (start[0] + 1, start[1]) if start else (1, GENESIS_HASH)
@@ -71,6 +76,14 @@ def verify_chain(
             report.first_seq = record.seq
         problems = report.problems
         before = len(problems)
+        if record.unreadable is not None:
+            # Its content cannot be hashed as written: named once; the chain goes on from its stored hash.
+            seq = record.seq if record.seq >= 0 else None
+            name = f"seq {seq}" if seq is not None else f"a record (id {record.id})"
+            problems.append(Problem("unreadable", seq, record.id, f"{name}: {record.unreadable} (edited)"))
+            previous, previous_ok = record, False
+            expected_seq, prev_hash = (seq if seq is not None else expected_seq) + 1, record.hash
+            continue
         if record.computed_hash() != record.hash:
             problems.append(Problem("hash_mismatch", record.seq, record.id,
                                     f"{_name(record)}: its content does not match its hash (edited)"))
@@ -104,6 +117,13 @@ def verify_chain(
         expected_seq, prev_hash = record.seq + 1, record.hash
     report.last_seq = previous.seq if previous else (start[0] if start else 0)
     report.last_hash = previous.hash if previous else (start[1] if start else GENESIS_HASH)
+    _check_end(report, head, anchor)
+    return report
+
+
+def _check_end(report: VerifyReport, head: tuple[int, str] | None, anchor: tuple[int, str] | None) -> None:
+    """Where the chain ended against the head row and the anchor."""
+    assert report.last_seq is not None
     if head is not None and (report.last_seq, report.last_hash) != head:
         head_seq, head_hash = head
         if head_seq > report.last_seq:
@@ -116,4 +136,3 @@ def verify_chain(
     if anchor is not None and anchor[0] > report.last_seq:
         report.problems.append(Problem("anchor_mismatch", anchor[0], None,
                                        f"the anchor names seq {anchor[0]} but the chain ends at seq {report.last_seq}"))
-    return report

@@ -78,9 +78,17 @@ class AuditEvent:
     at: datetime = field(default_factory=utcnow)
 
 
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    """A record as read back (or as read from an export): what ``verify`` checks."""
+    """A record as read back (or as read from an export): what ``verify`` checks.
+
+    ``unreadable`` says why a record could not be read as written (a time that is not a time, a
+    sequence number that is not a number: SQLite keeps whatever text an UPDATE writes): verify names
+    it (``unreadable``) and export writes what is stored, never a traceback."""
 
     id: int | None
     seq: int
@@ -92,25 +100,68 @@ class StoredRecord:
     data: str
     prev_hash: str
     hash: str
+    unreadable: str | None = None
 
     @classmethod
     def of(cls, row: AuditRecord) -> StoredRecord:
-        return cls(row.id, row.seq, iso_utc(row.recorded_at), row.request_id, row.event, row.payer, row.tool,
-                   row.data, row.prev_hash, row.hash)
+        return cls.of_values(row.id, row.seq, row.recorded_at, row.request_id, row.event, row.payer, row.tool,
+                             row.data, row.prev_hash, row.hash)
+
+    @classmethod
+    def of_values(cls, id: Any, seq: Any, at: Any, *texts: Any) -> StoredRecord:
+        """A record from its columns as the database returned them, whatever an edit left there."""
+        why: list[str] = []
+        if type(seq) is not int:
+            why.append(f"its sequence number {str(seq)[:40]!r} is not a number")
+            seq = -1
+        if isinstance(at, datetime):
+            at_text = iso_utc(at)
+        else:
+            try:
+                at_text = iso_utc(datetime.fromisoformat(at))
+            except (TypeError, ValueError):
+                why.append(f"its time {str(at)[:40]!r} is not a time")
+                at_text = str(at)
+        request_id, event, payer, tool, data, prev_hash, digest = texts
+        if not all(isinstance(t, str) for t in (request_id, event, data, prev_hash, digest)) or not all(
+                t is None or isinstance(t, str) for t in (payer, tool)):
+            why.append("a column holds what is not text")
+        return cls(id, seq, at_text, str(request_id), str(event), _text(payer), _text(tool), str(data), str(prev_hash),
+                   str(digest), "; ".join(why) or None)
 
     @classmethod
     def from_json(cls, line: str) -> StoredRecord:
         item = json.loads(line)
+        # ``dataText``: the stored data was not a JSON object (an edit); exported as the text it is.
+        data = item["data"] if item.get("dataText") is True else canonical_json(item["data"])
+        if not isinstance(data, str):
+            raise TypeError("dataText without text")
         return cls(item.get("id"), item["seq"], item["at"], item["requestId"], item["event"], item.get("payer"),
-                   item.get("tool"), canonical_json(item["data"]), item["prevHash"], item["hash"])
+                   item.get("tool"), data, item["prevHash"], item["hash"], item.get("unreadable"))
 
     def computed_hash(self) -> str:
         return record_hash(self.seq, self.at, self.request_id, self.event, self.payer, self.tool, self.data,
                            self.prev_hash)
 
+    def fields(self) -> dict[str, Any] | None:
+        """The event's fields, or None when the stored data is not a JSON object (an edit)."""
+        try:
+            value = json.loads(self.data)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        fields = self.fields()
+        if fields is not None and canonical_json(fields) != self.data:
+            fields = None  # JSON, but not the text that was hashed: kept as that text
+        item = {
             "seq": self.seq, "id": self.id, "at": self.at, "requestId": self.request_id, "event": self.event,
-            "payer": self.payer, "tool": self.tool, "data": json.loads(self.data), "prevHash": self.prev_hash,
-            "hash": self.hash,
+            "payer": self.payer, "tool": self.tool, "data": self.data if fields is None else fields,
+            "prevHash": self.prev_hash, "hash": self.hash,
         }
+        if fields is None:
+            item["dataText"] = True  # hashed as stored: `audit verify --file` names the record as the database does
+        if self.unreadable is not None:
+            item["unreadable"] = self.unreadable
+        return item

@@ -26,22 +26,22 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import Select, String, event, insert, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from settlement.audit.canonical import canonical_json, clean_fields, record_hash
+from settlement.audit.canonical import canonical_json, clean_fields, plain_text, record_hash
 from settlement.audit.chain import VerifyReport, verify_chain
+from settlement.audit.ledger_check import LedgerCheck
 from settlement.audit.records import (
     AUDIT_TABLES,
     GENESIS_HASH,
     HEAD_ID,
     AuditEvent,
     AuditHead,
-    AuditRecord,
     StoredRecord,
 )
 from settlement.errors import LedgerError
@@ -144,10 +144,16 @@ class AuditTrail:
                     if at.tzinfo is not UTC:
                         at = at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
                     data = canonical_json(clean_fields(item.fields))
-                    digest = record_hash(seq, at, item.request_id, item.event, item.payer, item.tool, data, prev)
+                    request_id, event_name, payer, tool = item.request_id, item.event, item.payer, item.tool
+                    if not (data.isascii() and request_id.isascii() and event_name.isascii()
+                            and (payer is None or payer.isascii()) and (tool is None or tool.isascii())):
+                        # Maybe a lone surrogate (no UTF-8 form to hash or store): cleaned to text.
+                        request_id, event_name, payer, tool = (plain_text(t) for t in (request_id, event_name, payer, tool))
+                        data = canonical_json(plain_text(clean_fields(item.fields)))
+                    digest = record_hash(seq, at, request_id, event_name, payer, tool, data, prev)
                     rows.append({
-                        "seq": seq, "recorded_at": at, "request_id": item.request_id, "event": item.event,
-                        "payer": item.payer, "tool": item.tool, "data": data, "prev_hash": prev, "hash": digest,
+                        "seq": seq, "recorded_at": at, "request_id": request_id, "event": event_name,
+                        "payer": payer, "tool": tool, "data": data, "prev_hash": prev, "hash": digest,
                     })
                     prev = digest
                 # One executemany, no RETURNING: an ORM object per record cost more than its hash.
@@ -170,28 +176,45 @@ class AuditTrail:
         since: datetime | None = None, until: datetime | None = None, page: int = 1000,
     ) -> Iterator[StoredRecord]:
         """Records in chain order, read page by page (keyset on ``seq``): any size, flat memory."""
-        after = (from_seq - 1) if from_seq is not None else None
+        after: Any = (from_seq - 1) if from_seq is not None else None
         while True:
-            query = select(AuditRecord).order_by(AuditRecord.seq).limit(page)
+            query = self._select().order_by(_RECORDS.c.seq).limit(page)
             if after is not None:
-                query = query.where(AuditRecord.seq > after)
+                query = query.where(_RECORDS.c.seq > after)
             if to_seq is not None:
-                query = query.where(AuditRecord.seq <= to_seq)
+                query = query.where(_RECORDS.c.seq <= to_seq)
             if since is not None:
-                query = query.where(AuditRecord.recorded_at >= since)
+                query = query.where(_RECORDS.c.recorded_at >= since)
             if until is not None:
-                query = query.where(AuditRecord.recorded_at < until)
-            with self._sessions() as session:
-                rows = [StoredRecord.of(row) for row in session.scalars(query)]
-            yield from rows
+                query = query.where(_RECORDS.c.recorded_at < until)
+            with self.engine.connect() as connection:
+                rows = connection.execute(query).all()
+            yield from (StoredRecord.of_values(*row) for row in rows)
             if len(rows) < page:
                 return
-            after = rows[-1].seq
+            after = rows[-1].seq  # as stored: an edited, unreadable one still moves the page on
 
     def for_request(self, request_id: str) -> list[StoredRecord]:
-        with self._sessions() as session:
-            query = select(AuditRecord).where(AuditRecord.request_id == request_id).order_by(AuditRecord.seq)
-            return [StoredRecord.of(row) for row in session.scalars(query)]
+        query = self._select().where(_RECORDS.c.request_id == request_id).order_by(_RECORDS.c.seq)
+        with self.engine.connect() as connection:
+            return [StoredRecord.of_values(*row) for row in connection.execute(query)]
 
-    def verify(self, anchor: tuple[int, str] | None = None) -> VerifyReport:
-        return verify_chain(self.records(), head=self.head(), anchor=anchor)
+    def _select(self) -> Select[Any]:
+        """The records' columns as stored: SQLite's time as its text (an edit may have left any text
+        there, which SQLAlchemy's DATETIME would raise on), read by ``StoredRecord.of_values``."""
+        at: Any = _RECORDS.c.recorded_at
+        if self.engine.dialect.name == "sqlite":
+            at = type_coerce(at, String)
+        c = _RECORDS.c
+        return select(c.id, c.seq, at, c.request_id, c.event, c.payer, c.tool, c.data, c.prev_hash, c.hash)
+
+    def verify(self, anchor: tuple[int, str] | None = None, *, ledger: bool = False) -> VerifyReport:
+        """The chain; with ``ledger``, each ``settled`` record against its payment row too
+        (``settlement.audit.ledger_check``)."""
+        if not ledger:
+            return verify_chain(self.records(), head=self.head(), anchor=anchor)
+        check = LedgerCheck(self.engine)
+        report = verify_chain(check.watch(self.records()), head=self.head(), anchor=anchor)
+        report.problems.extend(check.problems)
+        report.ledger_checked = check.checked
+        return report

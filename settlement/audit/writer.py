@@ -18,7 +18,7 @@ from settlement.audit.records import AuditEvent
 from settlement.audit.trail import AuditTrail
 from settlement.errors import LedgerError
 
-__all__ = ["AuditSink", "AuditWriter"]
+__all__ = ["AuditSink", "AuditWriter", "DirectSink"]
 
 log = logging.getLogger("x402gw.audit")
 
@@ -96,32 +96,54 @@ class AuditWriter:
             await loop.run_in_executor(self._executor, self._write, batch)
 
     def _write(self, batch: list[AuditEvent]) -> None:
-        written = False
+        written = 0
         try:
             for attempt in range(self.retries + 1):
                 try:
                     self.trail.append(batch)
-                    written = True
+                    written = len(batch)
                     return
-                except Exception as exc:  # noqa: BLE001 - whatever broke, the records must not vanish silently
-                    if attempt == self.retries or not isinstance(exc, LedgerError):
-                        reason = exc.message if isinstance(exc, LedgerError) else type(exc).__name__
-                        log.error("audit trail unavailable (%s): %d records follow, not chained", reason, len(batch))
-                        for item in batch:
-                            log.error("audit record not chained: %s", json.dumps({
-                                "at": iso_utc(item.at), "requestId": item.request_id, "event": item.event,
-                                "payer": item.payer, "tool": item.tool, "data": clean_fields(item.fields),
-                            }, default=str, sort_keys=True))
+                except LedgerError as exc:
+                    if attempt == self.retries:
+                        self._lost(batch, exc.message)
                         return
                     threading.Event().wait(0.05 * 2**attempt)  # back off before the next attempt
+                except Exception:  # noqa: BLE001 - one event the trail cannot take (a bug, a value with no JSON form)
+                    # Never the whole batch for it (up to max_batch other requests' records): each
+                    # event alone, and only the ones that fail again are logged as lost.
+                    written = self._write_each(batch)
+                    return
         finally:
             with self._idle:
-                if written:
-                    self.written += len(batch)
-                else:
-                    self.failed += len(batch)
+                self.written += written
+                self.failed += len(batch) - written
                 self._pending -= len(batch)
                 self._idle.notify_all()
+
+    def _write_each(self, batch: list[AuditEvent]) -> int:
+        written = 0
+        for item in batch:
+            try:
+                self.trail.append([item])
+                written += 1
+            except LedgerError as exc:
+                self._lost([item], exc.message)
+            except Exception as exc:  # noqa: BLE001 - logged below, never raised to the loop
+                self._lost([item], type(exc).__name__, "an event the audit trail cannot take")
+        return written
+
+    @staticmethod
+    def _lost(batch: list[AuditEvent], reason: str, what: str = "audit trail unavailable") -> None:
+        log.error("%s (%s): %d records follow, not chained", what, reason, len(batch))
+        for item in batch:
+            try:
+                text = json.dumps({
+                    "at": iso_utc(item.at), "requestId": item.request_id, "event": item.event,
+                    "payer": item.payer, "tool": item.tool, "data": clean_fields(item.fields),
+                }, default=str, sort_keys=True)
+            except Exception:  # noqa: BLE001 - the event that broke the trail may break this too
+                text = f"request {item.request_id!r} event {item.event!r} (its fields have no JSON form)"
+            log.error("audit record not chained: %s", text)
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Block the calling thread (never the loop's) until all submitted records are handled."""
@@ -141,4 +163,22 @@ class AuditWriter:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self.trail.close()
+
+
+class DirectSink:
+    """Appends at once, in the caller's thread: for a command (``x402gw reconcile``) that writes a
+    handful of records and has no writer task. A failed append is logged record by record, as the
+    writer's are, never raised."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    def submit(self, events: Sequence[AuditEvent]) -> None:
+        try:
+            self.trail.append(events)
+        except Exception as exc:  # noqa: BLE001 - logged below; the command's own work goes on
+            AuditWriter._lost(list(events), exc.message if isinstance(exc, LedgerError) else type(exc).__name__)
+
+    async def close(self) -> None:
         self.trail.close()

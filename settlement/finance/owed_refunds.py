@@ -21,6 +21,9 @@ Before anything is paid, the row's own settlement is read on chain: a refund goe
 account its transaction moved the payment from, and never exceeds what it moved (an EIP-3009
 payment: its very authorization used there). A row that does not match (an insider's edit of the
 payer, the amount owed, the transaction) is ``charge_unexplained``: nothing sent, left for a person.
+And a refund is paid only when the audit trail names it: the pipeline records each refund it owes
+(``refund_owed``: payment id, amount), so a ``refund_owed`` written into a delivered payment's row
+by SQL (whose settlement on chain is real) is ``refund_unaudited``, reported and never paid.
 
 Paying is exactly-once against every other payer of the same refund (a request of the gateway,
 another run of this command): each claims the refund in the ledger before its broadcast
@@ -32,6 +35,7 @@ never land), as its claim and not another payer's.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -128,9 +132,11 @@ async def refund_status(chain: RefundChain, row: Payment) -> str:
 async def settle_owed_refunds(
     ledger: Ledger, chains: Mapping[str, RefundChain], refunder: RefundPayer | None, *, pay: bool,
     include_unknown: bool = False, on_line: Callable[[RefundLine], None] = lambda line: None,
-    quiet_seconds: float = UNKNOWN_QUIET_SECONDS,
+    quiet_seconds: float = UNKNOWN_QUIET_SECONDS, named: Callable[[Payment], bool] | None = None,
 ) -> RefundsReport:
-    """Every owed refund, oldest first, classified; with ``pay``, each paid or recorded as it can be."""
+    """Every owed refund, oldest first, classified; with ``pay``, each paid or recorded as it can be.
+    ``named``: whether the audit trail names the row's refund (``settlement.audit.refund_recorded``);
+    one it does not is ``refund_unaudited``, never paid (a ``refund_owed`` an insider wrote)."""
     report = RefundsReport()
     for row in await ledger.run(ledger.owed_refunds):
         chain = chains.get(row.network)
@@ -141,7 +147,9 @@ async def settle_owed_refunds(
         status = await refund_status(chain, row)
         line = RefundLine(row.id, row.network, row.payer, int(row.refund_owed or 0), row.refund_reason, status,
                           row.refund_tx, "listed", row.decimals)
-        if pay:
+        if pay and named is not None and line.status != LANDED and not await asyncio.to_thread(named, row):
+            line.outcome = "refund_unaudited"  # the pipeline never owed it: left for a person
+        elif pay:
             await _settle(ledger, refunder, row, line, include_unknown, quiet_seconds, chain)
         report.lines.append(line)
         on_line(line)

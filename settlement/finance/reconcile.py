@@ -15,6 +15,14 @@
    amount_mismatch     both know it, the amounts differ
    state_mismatch      the chain moved the money, the ledger says it did not (failed, voided, ...)
    still_open          rows the chain could not resolve yet (pending)
+   duplicate_in_ledger a second settled row naming an authorization (payer and nonce, compared
+                       case-insensitively) another row's transfer already paid: each transfer backs
+                       one row (an insider's copy would double the revenue of one payment)
+   payee_mismatch      the transfer paid another payTo than the row says
+   transaction_mismatch the row names another transaction (or block) than the one that moved it
+   refund_unpaid       a refund the ledger records paid (refunded_at) whose transaction did not move
+                       it to the payer (``owed_refunds.refund_status`` is not ``landed``): a debt
+                       hidden by an edit; rows whose settlement block is in the range
 
 The ledger side is the settled rows whose block is in the range; plain ERC-20 transfers to payTo
 (not EIP-3009) are counted, not reported: they are not x402 payments.
@@ -34,6 +42,7 @@ from sqlalchemy.orm import Session
 from catalog.pricing import format_amount
 from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, RpcError
 from settlement.finance.reconcile_channels import is_channel_row, match_channel_claims
+from settlement.finance.reconcile_refunds import refunds_not_landed
 from settlement.ledger import OPEN_STATES, Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolution, Resolver, resolve_open_payments
 from settlement.schemes import Schemes, exact_resolvers
@@ -66,6 +75,11 @@ class ChainTransfer:
     nonce: str | None  # set when the transfer used an EIP-3009 authorization
 
 
+# The report's lists of disagreements (the module's docstring): any one non-empty, the books disagree.
+DISAGREEMENTS = ("missing_on_chain", "missing_in_ledger", "amount_mismatch", "state_mismatch", "still_open",
+                 "duplicate_in_ledger", "payee_mismatch", "transaction_mismatch", "refund_unpaid")
+
+
 @dataclass(slots=True)
 class Report:
     ranges: dict[str, dict[str, int]] = field(default_factory=dict)  # network -> {from_block, to_block}
@@ -80,13 +94,16 @@ class Report:
     amount_mismatch: list[dict[str, Any]] = field(default_factory=list)
     state_mismatch: list[dict[str, Any]] = field(default_factory=list)
     still_open: list[dict[str, Any]] = field(default_factory=list)
+    duplicate_in_ledger: list[dict[str, Any]] = field(default_factory=list)
+    payee_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    transaction_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    refund_unpaid: list[dict[str, Any]] = field(default_factory=list)
     unchecked_networks: list[str] = field(default_factory=list)
     channel_claims: list[dict[str, Any]] = field(default_factory=list)  # batch-settlement claims and their calls
 
     @property
     def agree(self) -> bool:
-        return not (self.missing_on_chain or self.missing_in_ledger or self.amount_mismatch
-                    or self.state_mismatch or self.still_open)
+        return not any(getattr(self, kind) for kind in DISAGREEMENTS)
 
     def to_json(self) -> dict[str, Any]:
         return {"agree": self.agree, **asdict(self)}
@@ -248,6 +265,9 @@ async def reconcile(
         report.ranges[network] = {"from_block": from_block, "to_block": end}
         whole_chain = from_block == 0 and to_block is None
         await _reconcile_token(report, ledger, chain, network, asset, pay_tos, from_block, end, whole_chain, chunk)
+    for network, blocks in sorted(report.ranges.items()):  # refunds recorded paid: did their transactions pay?
+        report.refund_unpaid += await refunds_not_landed(ledger, chains[network], network, blocks["from_block"],
+                                                         blocks["to_block"], from_block == 0 and to_block is None, _row_json)
     report.still_open = [_row_json(r) for r in await asyncio.to_thread(ledger.open_payments) if r.network in chains]
     return report
 
@@ -279,14 +299,7 @@ async def _reconcile_token(
     report.amount_mismatch += claims.amount_mismatch
     report.channel_claims += claims.claims
     on_chain: dict[tuple[str, str | None], ChainTransfer] = {(t.payer, t.nonce): t for t in payments}
-    for row in settled:
-        t = on_chain.get((row.payer.lower(), row.nonce.lower()))
-        if t is None:
-            report.missing_on_chain.append(_row_json(row))
-        elif t.amount != row.amount:
-            report.amount_mismatch.append({**_row_json(row), "chain": _transfer_json(t)})
-        else:
-            report.matched += 1
+    _match_authorizations(report, settled, on_chain)
     known = {(r.payer.lower(), r.nonce.lower()) for r in settled}
     unknown = [(t.payer, t.nonce) for t in payments if t.nonce is not None and (t.payer, t.nonce) not in known]
     rows = await asyncio.to_thread(_rows_by_authorization, ledger, network, unknown)
@@ -299,6 +312,38 @@ async def _reconcile_token(
             # Failed / voided while the chain moved the money; or settled with a block outside
             # the range asked for (the ledger's block is wrong). Open rows are in still_open.
             report.state_mismatch.append({**_row_json(found), "chain": _transfer_json(t)})
+
+
+def _match_authorizations(report: Report, settled: list[Payment],
+                          on_chain: dict[tuple[str, str | None], ChainTransfer]) -> None:
+    """Settled EIP-3009 rows against the transfers of their authorizations. Each transfer backs one
+    row: the first (lowest id) naming it; another is ``duplicate_in_ledger``. A matched row is also
+    held to the transfer's payTo, transaction and block."""
+    first: dict[tuple[str, str], Payment] = {}
+    for row in sorted(settled, key=lambda r: r.id):
+        key = (row.payer.lower(), row.nonce.lower())
+        if key in first:
+            report.duplicate_in_ledger.append({**_row_json(row), "same_authorization_as": first[key].id})
+            continue
+        first[key] = row
+        t = on_chain.get(key)
+        if t is None:
+            report.missing_on_chain.append(_row_json(row))
+            continue
+        found = {**_row_json(row), "chain": _transfer_json(t)}
+        wrong = False
+        if t.amount != row.amount:
+            report.amount_mismatch.append(found)
+            wrong = True
+        if t.pay_to != row.pay_to.lower():
+            report.payee_mismatch.append(found)
+            wrong = True
+        if (row.tx_hash and row.tx_hash.lower() != t.tx_hash) or (
+                row.block_number is not None and row.block_number != t.block_number):
+            report.transaction_mismatch.append(found)
+            wrong = True
+        if not wrong:
+            report.matched += 1
 
 
 def _match_upto(report: Report, rows: list[Payment], plain: list[ChainTransfer]) -> None:

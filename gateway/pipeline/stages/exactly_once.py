@@ -288,7 +288,7 @@ class ExactlyOnce:
         receipt = receipt_headers(receipt_of(row), quote.version)
         if row.settle_mode == "upfront" and row.refund_owed is None:
             ctx.payer = ctx.payer or row.payer
-            refund = await self.refunds.owe(ctx, quote, row.id, "answer_lost")
+            refund = await self.refunds.owe(ctx, quote, row.id, "answer_lost", request_id=row.request_id)
             return GatewayError(
                 "upstream_answer_lost",
                 "this payment was settled but the answer it bought was lost; it will not be charged "

@@ -105,9 +105,24 @@ def _with_charge(result: SettleResponse, quote: Quote) -> SettleResponse:
 
 
 def settled(ctx: RequestContext, receipt: SettleResponse) -> None:
+    """The request's settlement, and its ``settled`` audit record: with the payment row's facts as
+    this request holds them (no read), which ``audit verify`` compares with the row
+    (``settlement.audit.ledger_check``) and receipts require."""
     ctx.settlement = receipt
     ctx.outcome = "settled"
-    ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id)
+    facts: dict[str, object] = {}
+    tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
+    if tool is not None and quote is not None and paid is not None:
+        requirements = quote.requirements
+        row = paid.recorded
+        facts = {
+            "tool": tool.name, "owner": row.owner if row is not None else tool.owner,
+            "payer": row.payer if row is not None else (paid.verified.payer if paid.verified else None) or paid.signer,
+            "payTo": requirements.pay_to, "asset": requirements.asset, "nonce": paid.nonce,
+            # What the row holds once settled: an upto payment's charge, not its signed maximum.
+            "amount": str(upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)),
+        }
+    ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id, **facts)
 
 
 async def settle(

@@ -27,7 +27,9 @@ def reference_hash(seq: int, at: str, request_id: str, event: str, payer: str | 
                    data: str, prev: str) -> str:
     document = {"v": HASH_VERSION, "seq": seq, "at": at, "requestId": request_id, "event": event,
                 "payer": payer, "tool": tool, "data": data, "prev": prev}
-    return hashlib.sha256(reference_canonical(document).encode()).hexdigest()
+    # A lone surrogate has no UTF-8 form: hashed as its backslash escape (never stored: append cleans
+    # it first; one read from an export is then named, not a crash).
+    return hashlib.sha256(reference_canonical(document).encode("utf-8", "backslashreplace")).hexdigest()
 
 
 ALPHABET = ['a', 'Z', '0', ' ', '"', '\\', '/', '\n', '\t', '\x00', '\x1f', '\x7f', 'é', 'ß', '€', '😀', '\u2028',
@@ -35,14 +37,14 @@ ALPHABET = ['a', 'Z', '0', ' ', '"', '\\', '/', '\n', '\t', '\x00', '\x1f', '\x7
 
 
 def text(rng: random.Random, longest: int = 12) -> str:
-    # now and then a lone surrogate, which neither form can encode
+    # now and then a lone surrogate, which both forms hash as its escape
     return "".join(rng.choice(ALPHABET) if rng.random() > 0.0005 else "\ud800" for _ in range(rng.randint(0, longest)))
 
 
 def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
     try:
         return "ok", fn(*args)
-    except Exception as exc:  # a lone surrogate cannot be hashed either way: the same error
+    except Exception as exc:  # whatever fails, it fails the same way in both
         return "error", type(exc)
 
 
@@ -57,7 +59,7 @@ def test_record_hash_is_the_canonical_document_hash() -> None:
         result = outcome(record_hash, *args)
         assert result == outcome(reference_hash, *args)
         results.append(result[0])
-    assert 2700 < results.count("ok") < 3000  # both outcomes were exercised
+    assert results.count("ok") == 3000  # lone surrogates included (the generator makes some)
 
 
 def test_record_hash_of_a_datetime_and_of_odd_types_falls_back_to_the_same_document() -> None:
