@@ -30,7 +30,8 @@ _WHY = {
     "no_refund_key": "no refund key for this network (X402GW_REFUND_KEY)",
     "charge_unexplained": "left for a person: the row's settlement on chain does not show this payer paying this much "
                           "(the ledger row may have been edited)",
-    "refund_unaudited": "left for a person: the audit trail names no such refund (the ledger row may have been edited)",
+    "refund_unaudited": "left for a person: the audit trail names no such refund (the ledger row may have been edited; "
+                        "once checked: --approve PAYMENT_ID)",
     "claimed_elsewhere": "another payer (the gateway, another run) claimed it first",
     "recorded_elsewhere": "its transaction had landed and another payer recorded it first: nothing sent",
     "sent": "sent; its receipt did not come in time: run again to record it",
@@ -56,12 +57,16 @@ def _describe(line: Any, pay: bool) -> str:
 @click.option("--include-unknown", is_flag=True,
               help="With --pay, also pay again refunds whose transaction the node does not know (check first that it cannot land; "
                    "one claimed less than 10 minutes plus X402GW_RECEIPT_TIMEOUT_SECONDS ago is left: it may still be on its way).")
+@click.option("--approve", "approved", multiple=True, type=click.IntRange(min=1), metavar="PAYMENT_ID",
+              help="With --pay, pay this refund although the audit trail names none (owed before the trail named refunds, "
+                   "or written by hand): a person checked it; the approval is recorded in the audit trail first (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--catalog", "catalogs", multiple=True, type=click.Path(path_type=Path),
               help="Catalog file (repeatable; default: X402GW_CATALOG).")
 @click.option("--database-url", envvar="X402GW_DATABASE_URL", default=None,
               help="Ledger database (default: X402GW_DATABASE_URL, else the gateway's default).")
-def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Path, ...], database_url: str | None) -> None:
+def refunds(pay: bool, include_unknown: bool, approved: tuple[int, ...], as_json: bool, catalogs: tuple[Path, ...],
+            database_url: str | None) -> None:
     """Refunds still owed, what the chain says of each; --pay pays them (exit 1 while some stay owed)."""
     from gateway.cli.ledger import EXIT_DISAGREE, EXIT_ERROR, _chains, _fail, _on_chains, _open_ledger, _settings, _write_webhook_events
     from gateway.errors import GatewayConfigError
@@ -71,6 +76,8 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
 
     if include_unknown and not pay:
         raise click.UsageError("--include-unknown pays: it needs --pay")
+    if approved and not pay:
+        raise click.UsageError("--approve pays: it needs --pay")
     settings = _settings(catalog=list(catalogs), database_url=database_url)
     _, chains = _chains(settings)
     refunder = None
@@ -84,6 +91,8 @@ def refunds(pay: bool, include_unknown: bool, as_json: bool, catalogs: tuple[Pat
     book = _open_ledger(settings.database_url)
     _write_webhook_events(book, settings)  # refund.paid, as the gateway would write it
     named = _audited(settings.database_url) if pay else None
+    if named is not None and approved:
+        named.approve(book, set(approved))
 
     def show(line: Any) -> None:
         if not as_json:
@@ -131,6 +140,20 @@ class _Audited:
         from settlement.audit import refund_recorded
 
         return refund_recorded(self.trail.for_request(row.request_id), row)
+
+    def approve(self, book: Any, payment_ids: set[int]) -> None:
+        """A person's approval of these owed refunds, written into the audit trail (``refund_approved``,
+        the payment id and amount owed) before anything is paid: the trail names who let an
+        unrecorded refund through. An id that owes nothing stops the run, named."""
+        from gateway.cli.ledger import _fail
+        from settlement.audit import REFUND_APPROVED, AuditEvent
+
+        owed = {row.id: row for row in book.owed_refunds() if row.id in payment_ids}
+        if missing := sorted(payment_ids - owed.keys()):
+            _fail(f"--approve: no refund is owed for payment {', '.join(map(str, missing))} [refund_not_owed]")
+        self.trail.append([AuditEvent(row.request_id, REFUND_APPROVED, {
+            "paymentId": row.id, "amount": str(row.refund_owed), "reason": row.refund_reason,
+            "approvedBy": "x402gw ledger refunds --approve"}, payer=row.payer, tool=row.tool) for row in owed.values()])
 
 
 def _audited(database_url: str) -> _Audited:

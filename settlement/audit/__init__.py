@@ -20,6 +20,7 @@ from settlement.audit.canonical import (
 )
 from settlement.audit.chain import Problem, VerifyReport, verify_chain
 from settlement.audit.ledger_check import (
+    REFUND_APPROVED,
     REFUND_OWED,
     SETTLED,
     LedgerCheck,
@@ -45,6 +46,7 @@ __all__ = [
     "HASH_VERSION",
     "HEAD_ID",
     "REDACTED",
+    "REFUND_APPROVED",
     "REFUND_OWED",
     "SECRET_FIELDS",
     "SETTLED",

@@ -32,9 +32,11 @@ from settlement.audit.chain import Problem
 from settlement.audit.records import StoredRecord
 from settlement.ledger.models import Payment, PaymentState
 
-__all__ = ["REFUND_OWED", "SETTLED", "LedgerCheck", "refund_recorded", "settled_disagreement", "settled_record"]
+__all__ = ["REFUND_APPROVED", "REFUND_OWED", "SETTLED", "LedgerCheck", "refund_recorded", "settled_disagreement",
+           "settled_record"]
 
 SETTLED, REFUND_OWED = "settled", "refund_owed"
+REFUND_APPROVED = "refund_approved"  # a person's approval of a refund the pipeline did not record (ledger refunds --approve)
 # A settled record's field → the payment row's attribute, and whether it compares case-insensitively.
 _FACTS = {"tool": ("tool", False), "owner": ("owner", False), "payer": ("payer", True), "payTo": ("pay_to", True),
           "amount": ("amount", False), "asset": ("asset", True), "network": ("network", False),
@@ -79,9 +81,9 @@ def settled_record(records: Iterable[StoredRecord], row: Payment) -> bool:
 
 def refund_recorded(records: Iterable[StoredRecord], row: Payment) -> bool:
     """Whether one of ``records`` (the row's request's) is the pipeline's ``refund_owed`` record of
-    this row's refund: its payment id and the amount owed."""
+    this row's refund, or a person's ``refund_approved`` of it: its payment id and the amount owed."""
     for record in records:
-        data = record.fields() if record.event == REFUND_OWED else None
+        data = record.fields() if record.event in (REFUND_OWED, REFUND_APPROVED) else None
         if data is not None and data.get("paymentId") == row.id and str(data.get("amount")) == str(row.refund_owed):
             return True
     return False

@@ -235,6 +235,17 @@ def test_an_insider_made_refund_on_a_delivered_answer_is_not_paid(
     assert devchain.balance(payer) == before, (
         f"the refund account paid {devchain.balance(payer) - before} back for a delivered answer "
         f"(outcomes {outcomes}); the audit chain names no refund for payment {row.id}")
+    assert outcomes == ["refund_unaudited"]
+
+    # A person who checked it (a refund owed before the trail named refunds) approves it by id: the
+    # approval goes into the audit trail first, then it is paid. An id owing nothing stops the run.
+    unknown = cli(gateway, "ledger", "refunds", "--pay", "--approve", str(row.id + 1000), X402GW_REFUND_KEY=devchain.key(9))
+    assert unknown.exit_code != 0 and "refund_not_owed" in unknown.output and devchain.balance(payer) == before
+    approved = cli(gateway, "ledger", "refunds", "--json", "--pay", "--approve", str(row.id), X402GW_REFUND_KEY=devchain.key(9))
+    assert approved.exit_code == 0, approved.output
+    assert devchain.balance(payer) == before + row.amount
+    records = [r for r in writer.trail.for_request(row.request_id) if r.event == "refund_approved"]
+    assert len(records) == 1 and json.loads(records[0].data)["paymentId"] == row.id
 
 
 def test_a_refund_marked_paid_by_sql_is_still_reported_owed(
