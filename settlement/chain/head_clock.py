@@ -51,6 +51,18 @@ class HeadClock:
         read_at, stamp = head
         return max(wall, int(stamp + (self._monotonic() - read_at)))
 
+    def behind(self) -> int:
+        """Whole seconds the chain's clock is known to be behind ours (0 when it is not, or not known
+        yet): the next block may be dated that far back, and a token takes an authorization only in a
+        block dated after its ``validAfter``."""
+        head, wall = self._head, int(self._wall())
+        if head is None or self._monotonic() - head[0] >= HEAD_REFRESH_SECONDS:
+            self._refresh()
+        if head is None:
+            return 0
+        read_at, stamp = head
+        return max(0, wall - int(stamp + (self._monotonic() - read_at)))
+
     def ahead(self) -> int:
         """Whole seconds the chain's clock is known to be ahead of ours (0 when it is not, or not known yet)."""
         return self.now() - int(self._wall())

@@ -242,8 +242,9 @@ class LocalFacilitator:
                 "invalid_exact_evm_payload_authorization_valid_before",
                 "authorization is valid for longer than maxTimeoutSeconds allows",
             )
-        if valid_after > now:
-            raise Rejected("invalid_exact_evm_payload_authorization_valid_after", "authorization is not yet valid")
+        if valid_after >= int(self._clock()) - (clock.behind() if clock is not None else 0):  # token: block.timestamp > validAfter
+            raise Rejected("invalid_exact_evm_payload_authorization_valid_after", "authorization is not yet valid (by "
+                           "the chain's clock, which takes it only in a block dated after validAfter)")
         return TransferAuthorization(
             from_=checksum_address(a.from_),
             to=checksum_address(a.to),

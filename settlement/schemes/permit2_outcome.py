@@ -16,6 +16,7 @@ after its receipt, so that neither the payer nor the gateway is wronged by a rev
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from eth_abi import decode as abi_decode
@@ -33,7 +34,8 @@ from settlement.schemes.exact_permit2_payload import SEL_EXACT_SETTLE
 from settlement.schemes.exact_resolve import mined_past
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, SEL_UPTO_SETTLE
 
-__all__ = ["COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "BroadcastHead", "Permit2Reads", "Permit2Signed", "copied_settlement", "explain_revert",
+__all__ = ["CLOCK_SLACK_SECONDS", "COPY_SCAN_BLOCKS", "SETTLEMENT_REVERTED", "BroadcastHead", "Permit2Reads", "Permit2Signed",
+           "block_since", "copied_settlement", "explain_revert",
            "same_call"]
 
 COPY_SCAN_BLOCKS = 64  # how far back from our receipt a copy is looked for when our broadcast's head is not known
@@ -127,6 +129,31 @@ async def _transfer_logs(chain: Permit2Reads, token: str, topics: list[str | lis
     for low in range(start, up_to_block + 1, LOG_WINDOW_BLOCKS):
         logs += await chain.get_logs(token, topics, low, min(low + LOG_WINDOW_BLOCKS - 1, up_to_block))
     return logs
+
+
+CLOCK_SLACK_SECONDS = 120  # our host's clock against the chain's, when a row's creation dates a block
+
+
+async def block_since(chain: Any, up_to_block: int, since: datetime) -> int | None:
+    """The first block dated at or after ``since`` less ``CLOCK_SLACK_SECONDS`` (a row's creation: a
+    copy of our settlement is mined after our broadcast, which came after it), among the
+    ``LOG_SCAN_BLOCKS`` up to ``up_to_block``: bisected on block dates, for an open row read back
+    (the resolver, reconcile), whose broadcast head was not kept. None when this chain client cannot
+    read a block's date (the ``COPY_SCAN_BLOCKS`` window then)."""
+    read = getattr(chain, "block_timestamp", None)  # JsonRpcChain's
+    if read is None:
+        return None
+    moment = (since if since.tzinfo is not None else since.replace(tzinfo=UTC)).timestamp() - CLOCK_SLACK_SECONDS
+    low, high = max(0, up_to_block - LOG_SCAN_BLOCKS), up_to_block
+    if int(await read(low)) >= moment:
+        return low
+    while high - low > 1:  # read(low) < moment: the first block at or after it is in (low, high]
+        middle = (low + high) // 2
+        if int(await read(middle)) >= moment:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _topic(address: str) -> str:

@@ -58,7 +58,7 @@ from settlement.schemes.base import Supported
 from settlement.schemes.eip712 import recover_signer
 from settlement.schemes.exact_guards import PAYER_CODE_REVERTED, STRUCK_MESSAGE, InFlight, in_flight_refusal
 from settlement.schemes.exact_resolve import receipt_now, resend_if_forgotten, window_closed
-from settlement.schemes.permit2_outcome import BroadcastHead, Permit2Signed, copied_settlement, explain_revert
+from settlement.schemes.permit2_outcome import BroadcastHead, Permit2Signed, block_since, copied_settlement, explain_revert
 from settlement.schemes.upto_permit import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit, parse_upto
 from settlement.x402.digits import is_digits
 from settlement.x402.wire import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
@@ -319,9 +319,10 @@ async def resolve_upto(row: Payment, permit: Permit2Signed, chain: UptoChain, cl
             receipt = await receipt_now(chain, row.tx_hash)
             if moved(receipt):
                 return outcome(PaymentState.SETTLED, "receipt_success", receipt)
+        up_to = receipt.block_number if receipt is not None else await chain.block_number()  # a copy comes before ours
         copy = None if settle_call is None else await copied_settlement(  # the upto proxy takes only us: no copies
-            chain, settle_call, (row.asset, row.payer, row.pay_to, row.amount),
-            receipt.block_number if receipt is not None else await chain.block_number())  # a copy comes before ours
+            chain, settle_call, (row.asset, row.payer, row.pay_to, row.amount), up_to,
+            await block_since(chain, up_to, row.created_at))  # and after our broadcast, after the row
         if copy is not None:  # a copy of our transaction (the exact proxy takes any sender) moved this very payment
             ours = receipt_shares(receipt, 1) if receipt is not None else None  # our revert's gas stays on the row
             return replace(outcome(PaymentState.SETTLED, "settled_by_copy", copy), gas=ours[0].ledger_fields() if ours else None)

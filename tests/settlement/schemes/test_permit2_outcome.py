@@ -147,3 +147,32 @@ def test_a_copy_is_looked_for_from_the_head_at_our_broadcast_however_long_ours_w
     assert asyncio.run(copied_settlement(unknown, (PROXY, CALLDATA), (TOKEN, PAYER, PAY_TO, AMOUNT),  # type: ignore[arg-type]
                                          receipt_block)) is None
     assert unknown.ranges == [(receipt_block - COPY_SCAN_BLOCKS, receipt_block)]
+
+
+class DatedChain:
+    """Blocks 0..1000 dated 1,000,000 + 2 s each (a 2-second chain)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def block_timestamp(self, number: int | None = None) -> int:
+        self.reads += 1
+        return 1_000_000 + 2 * (1000 if number is None else number)
+
+
+def test_block_since_finds_the_first_block_dated_after_a_rows_creation_less_the_slack() -> None:
+    """An open row read back (resolver, reconcile) has no broadcast head: the copy scan starts at the
+    first block dated at or after the row's creation less ``CLOCK_SLACK_SECONDS``, found by bisection
+    (a few reads, not one per block); a chain client without block dates: None (the 64-block window)."""
+    from datetime import UTC, datetime
+
+    from settlement.schemes.permit2_outcome import CLOCK_SLACK_SECONDS, block_since
+
+    chain = DatedChain()
+    created = datetime.fromtimestamp(1_000_000 + 2 * 700 + CLOCK_SLACK_SECONDS, tz=UTC)
+    assert asyncio.run(block_since(chain, 1000, created)) == 700 and chain.reads <= 12
+    naive = created.replace(tzinfo=None)  # SQLite's naive UTC
+    assert asyncio.run(block_since(DatedChain(), 1000, naive)) == 700
+    before_all = datetime.fromtimestamp(900_000, tz=UTC)
+    assert asyncio.run(block_since(DatedChain(), 1000, before_all)) == 0
+    assert asyncio.run(block_since(object(), 1000, created)) is None
