@@ -164,7 +164,10 @@ def test_valid_payment(facilitator: LocalFacilitator) -> None:
 def test_valid_at_the_window_edges(facilitator: LocalFacilitator) -> None:
     assert verify(facilitator, payment(valid_before=NOW + 6)).is_valid
     assert verify(facilitator, payment(valid_before=NOW + 60 + 600)).is_valid
-    assert verify(facilitator, payment(valid_after=NOW)).is_valid
+    assert verify(facilitator, payment(valid_after=NOW - 1)).is_valid
+    # The token takes it only in a block dated after validAfter: one valid from this very second is
+    # not yet (a block dated now would revert it on our gas).
+    assert rejected(verify(facilitator, payment(valid_after=NOW))) == "invalid_exact_evm_payload_authorization_valid_after"
 
 
 def test_addresses_compare_case_insensitively(facilitator: LocalFacilitator) -> None:
