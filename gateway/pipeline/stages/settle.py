@@ -117,7 +117,7 @@ def settled(ctx: RequestContext, receipt: SettleResponse) -> None:
         row = paid.recorded
         facts = {
             "tool": tool.name, "owner": row.owner if row is not None else tool.owner,
-            "payer": row.payer if row is not None else (paid.verified.payer if paid.verified else None) or paid.signer,
+            "payer": row.payer if row is not None else paid.signer,
             "payTo": requirements.pay_to, "asset": requirements.asset, "nonce": paid.nonce,
             # What the row holds once settled: an upto payment's charge, not its signed maximum.
             "amount": str(upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)),
