@@ -98,6 +98,9 @@ INVALID_PAYLOAD: Final = "invalid_payload"
 INVALID_PAYMENT: Final = "invalid_payment"
 INVALID_EXACT_EVM_PAYLOAD: Final = "invalid_exact_evm_payload"
 INVALID_EXACT_EVM_PAYLOAD_SIGNATURE: Final = "invalid_exact_evm_payload_signature"
+# The signed authorization does not pay this offer (checked at decode, whoever verifies): x402's codes.
+RECIPIENT_MISMATCH: Final = "invalid_exact_evm_payload_recipient_mismatch"
+VALUE_MISMATCH: Final = "invalid_exact_evm_payload_authorization_value_mismatch"
 INVALID_PERMIT2_SIGNATURE: Final = "invalid_permit2_signature"  # upto: not from's over its Permit2 authorization
 # batch-settlement (settlement.schemes.channels), offline in decode_and_bind, as the x402 SDK names them
 CHANNEL_ID_MISMATCH: Final = "invalid_batch_settlement_evm_channel_id_mismatch"  # voucher.channelId is not its config's
@@ -218,6 +221,8 @@ REFUSALS: Final[Mapping[str, Refusal]] = MappingProxyType({r.code: r for r in (
     Refusal(INVALID_PAYMENT, 400, "none"),  # the codec's generic code: no prefix, so no fix_payment
     Refusal(INVALID_EXACT_EVM_PAYLOAD, 400, "fix_payment"),
     Refusal(INVALID_EXACT_EVM_PAYLOAD_SIGNATURE, 402, "pay"),  # checked offline, answered with the offer
+    Refusal(RECIPIENT_MISMATCH, 402, "pay"),  # likewise: sign the offer's payTo
+    Refusal(VALUE_MISMATCH, 402, "pay"),  # likewise: sign the offer's amount
     Refusal(INVALID_PERMIT2_SIGNATURE, 402, "pay"),  # likewise, for an upto payment
     Refusal(CHANNEL_ID_MISMATCH, 402, "pay"),  # likewise, for a batch-settlement voucher
     Refusal(VOUCHER_SIGNATURE_INVALID, 402, "pay"),

@@ -190,9 +190,9 @@ def _pays_the_offer(quote: Quote, exact: ExactEvmPayload) -> None:
     an underpayment, or a payment to another address, that the ledger then books at the price)."""
     requirements, a = quote.requirements, exact.authorization
     if a.to.lower() != requirements.pay_to.lower():
-        raise PaymentChallenge(quote, "invalid_exact_evm_payload_recipient_mismatch", "authorization.to is not the payTo address")
+        raise PaymentChallenge(quote, codes.RECIPIENT_MISMATCH, "authorization.to is not the payTo address")
     if int(a.value) != int(requirements.amount):
-        raise PaymentChallenge(quote, "invalid_exact_evm_payload_authorization_value_mismatch",
+        raise PaymentChallenge(quote, codes.VALUE_MISMATCH,
                                f"authorization.value must be exactly {requirements.amount}")
 
 
