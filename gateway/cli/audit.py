@@ -73,7 +73,7 @@ def verify(database_url: str | None, file: Path | None, anchor: str | None, with
     if file is not None:
         try:
             report = _verify_file(file, pinned)
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             # Not an export: exit 2, never 1 (TAMPERED) nor a traceback.
             click.echo(f"error: {file} is not an audit export (JSON lines of `audit export`): "
                        f"{type(exc).__name__} [audit_export_unreadable]", err=True)

@@ -32,6 +32,10 @@ _WHY = {
                           "(the ledger row may have been edited)",
     "refund_unaudited": "left for a person: the audit trail names no such refund (the ledger row may have been edited; "
                         "once checked: --approve PAYMENT_ID)",
+    "refund_already_paid": "left for a person: the audit trail records this refund paid (refund_paid); the ledger row "
+                           "may have been reopened by an edit",
+    "refund_contradicted": "left for a person: the audit trail says this payment's answer was delivered (its response "
+                           "record), so no refund is owed; the record naming it may have been written by hand",
     "claimed_elsewhere": "another payer (the gateway, another run) claimed it first",
     "recorded_elsewhere": "its transaction had landed and another payer recorded it first: nothing sent",
     "sent": "sent; its receipt did not come in time: run again to record it",
@@ -103,7 +107,7 @@ def refunds(pay: bool, include_unknown: bool, approved: tuple[int, ...], as_json
             # A claim is quiet once no gateway can still send its transaction: past its receipt wait.
             quiet = UNKNOWN_QUIET_SECONDS + settings.receipt_timeout_seconds
             return await settle_owed_refunds(book, chains, refunder, pay=pay, include_unknown=include_unknown, on_line=show,
-                                             quiet_seconds=quiet, named=named)
+                                             quiet_seconds=quiet, trail=named)
         finally:
             if refunder is not None:
                 await refunder.close()
@@ -130,16 +134,24 @@ def refunds(pay: bool, include_unknown: bool, approved: tuple[int, ...], as_json
 
 
 class _Audited:
-    """Whether the audit trail (in the ledger's database) names a row's refund: the pipeline's
-    ``refund_owed`` record under the payment's request, with its payment id and amount."""
+    """The audit trail (in the ledger's database) on a row's refund: why it must not be paid
+    (``settlement.audit.refund_refusal``: not named by the pipeline's ``refund_owed`` or a person's
+    ``refund_approved``, already paid, or its answer delivered), and the record of one paid."""
 
     def __init__(self, trail: Any) -> None:
         self.trail = trail
 
-    def __call__(self, row: Any) -> bool:
-        from settlement.audit import refund_recorded
+    def refusal(self, row: Any) -> str | None:
+        from settlement.audit import refund_refusal
 
-        return refund_recorded(self.trail.for_request(row.request_id), row)
+        return refund_refusal(self.trail.for_request(row.request_id), row)
+
+    def paid(self, row: Any, amount: int, tx_hash: str | None) -> None:
+        from settlement.audit import REFUND_PAID, AuditEvent
+
+        self.trail.append([AuditEvent(row.request_id, REFUND_PAID, {
+            "paymentId": row.id, "amount": str(amount), "transaction": tx_hash,
+            "paidBy": "x402gw ledger refunds --pay"}, payer=row.payer, tool=row.tool)])
 
     def approve(self, book: Any, payment_ids: set[int]) -> None:
         """A person's approval of these owed refunds, written into the audit trail (``refund_approved``,

@@ -14,7 +14,7 @@ from catalog import Tool
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
 from gateway.store import StateStore, StoreUnavailable, payment_lock
-from settlement.audit import REFUND_OWED, AuditEvent, AuditSink
+from settlement.audit import REFUND_OWED, REFUND_PAID, AuditEvent, AuditSink
 from settlement.chain.refunds import Refunder
 from settlement.ledger import Payment, PaymentState
 from settlement.ledger.payments import Ledger
@@ -72,6 +72,17 @@ def _owed(payment_id: int, amount: int, reason: str) -> dict[str, Any]:
     return {"paymentId": payment_id, "amount": str(amount), "reason": reason}
 
 
+def _refund_events(request_id: str, payment_id: int, amount: int, reason: str, fields: dict[str, Any],
+                   payer: str | None = None, tool: str | None = None) -> list[AuditEvent]:
+    """``refund_owed``, and ``refund_paid`` when this very call paid it (``ledger refunds --pay``
+    refuses a refund the trail records paid: one reopened by SQL is not paid twice)."""
+    events = [AuditEvent(request_id, REFUND_OWED, _owed(payment_id, amount, reason), payer, tool)]
+    if fields.get("refund") == "refunded":
+        events.append(AuditEvent(request_id, REFUND_PAID, {"paymentId": payment_id, "amount": str(amount),
+                                                           "transaction": fields.get("refundTransaction")}, payer, tool))
+    return events
+
+
 class _ClaimedElsewhere(Exception):
     """Another payer of this refund claimed it before our broadcast."""
 
@@ -98,7 +109,7 @@ class Refunds:
         outcome, fields = await self._owe(payment_id, requirements.network, requirements.asset, ctx.payer, amount, reason)
         ctx.outcome = outcome
         if outcome != "settled":  # chained with the request's other events, stamped with its payer and tool
-            ctx.events.append(AuditEvent(request_id or ctx.request_id, REFUND_OWED, _owed(payment_id, amount, reason)))
+            ctx.events.extend(_refund_events(request_id or ctx.request_id, payment_id, amount, reason, fields))
         return fields
 
     async def owe_lost_answers(self, store: StateStore, resolved: Iterable[Resolution] | None = None, *,
@@ -138,8 +149,8 @@ class Refunds:
                 continue
             log.warning("payment %d was settled with no answer (its request died): refund %s", row.id, fields["refund"])
             if self.audit is not None:
-                self.audit.submit([AuditEvent(row.request_id, REFUND_OWED, _owed(row.id, row.amount, "answer_lost"),
-                                              row.payer, row.tool)])
+                self.audit.submit(_refund_events(row.request_id, row.id, row.amount, "answer_lost", fields,
+                                                 row.payer, row.tool))
             owed.append(row.id)
         return owed
 

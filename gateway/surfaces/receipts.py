@@ -17,8 +17,9 @@ wallets fill nothing. Refusals, in the order checked: 401 ``receipt_auth_invalid
 or malformed, a signature that recovers to nobody), 401 ``receipt_auth_expired``, 404
 ``receipt_not_found`` (no such payment, or another wallet's: the two are not told apart), 401
 ``receipt_auth_replayed``, 409 ``receipt_not_settled``, 409 ``receipt_refunded``, 409
-``receipt_unconfirmed`` (neither the audit trail's ``settled`` record nor the chain bears the
-settled row out: ``receipt_evidence``); 404
+``receipt_unconfirmed`` (the audit trail's ``settled`` record of the payment disagrees with the
+row, or the chain does not show the charge: ``receipt_evidence``), 503 ``receipt_unavailable``
+(the chain does not answer); 404
 ``receipts_disabled`` when the gateway has no receipt key. EOAs only: a smart wallet's owner key
 signs for it.
 """
@@ -136,8 +137,8 @@ class ReceiptEndpoint:
             raise GatewayError(codes.RECEIPT_REFUNDED, "this payment's charge is owed back (or paid back): it has no receipt",
                                paymentId=row.id, refund="refunded" if row.refunded_at else "owed", refundAmount=str(row.refund_owed))
         if not await self._confirmed(row):
-            raise GatewayError(codes.RECEIPT_UNCONFIRMED, "neither the audit trail nor the chain bears out this payment's "
-                               "settlement: it has no receipt", paymentId=row.id)
+            raise GatewayError(codes.RECEIPT_UNCONFIRMED, "the audit trail and the chain do not both bear out this "
+                               "payment's settlement: it has no receipt", paymentId=row.id)
         return JSONResponse(self.signer.receipt(row, self.public_url), headers={CACHE_CONTROL: "private, no-store"})
 
     async def _confirmed(self, row: Payment) -> bool:
@@ -153,12 +154,15 @@ class ReceiptEndpoint:
         """``GET /receipts/0x<tx hash>``: the signer's settled payments in that transaction (a batch
         may hold several), as ``{"receipts": [...]}``; none: 404, as for another wallet's."""
         wallet, timestamp = await self._authenticate(request, signer.address, transaction)
-        rows = [row for row in await self.ledger.run(lambda: list(settled_payments(self.ledger, payers=[wallet], transaction=transaction)))
-                if row.refund_owed is None]  # a charge owed back has no receipt
+        rows = await self.ledger.run(lambda: list(settled_payments(self.ledger, payers=[wallet], transaction=transaction)))
+        if not rows:
+            raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this transaction")
+        # Before the evidence: a replayed request must not cost a writer flush and an RPC call each time.
+        await self._once(wallet, transaction.lower(), timestamp)
+        rows = [row for row in rows if row.refund_owed is None]  # a charge owed back has no receipt
         rows = [row for row in rows if await self._confirmed(row)]  # nor one nothing bears out
         if not rows:
             raise GatewayError(codes.RECEIPT_NOT_FOUND, "no receipt of yours has this transaction")
-        await self._once(wallet, transaction.lower(), timestamp)
         receipts = [signer.receipt(row, self.public_url) for row in rows]
         return JSONResponse({"receipts": receipts}, headers={CACHE_CONTROL: "private, no-store"})
 

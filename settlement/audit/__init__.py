@@ -1,7 +1,7 @@
 """The audit trail: an append-only, hash-chained record of every decision the gateway takes.
 
 canonical (hash and redaction) ← records (tables, events, stored and exported records) ← chain
-(verify) ← ledger_check (settled records against payment rows) ← trail (the store: append, read,
+(verify) ← refund_check (records of refunds) ← ledger_check (settled records against payment rows) ← trail (the store: append, read,
 verify) ← writer (the asyncio front the pipeline uses).
 Sits above the ledger (its tables share the ledger's database and metadata); the ledger never
 imports it.
@@ -20,12 +20,10 @@ from settlement.audit.canonical import (
 )
 from settlement.audit.chain import Problem, VerifyReport, verify_chain
 from settlement.audit.ledger_check import (
-    REFUND_APPROVED,
-    REFUND_OWED,
     SETTLED,
     LedgerCheck,
-    refund_recorded,
     settled_disagreement,
+    settled_facts,
     settled_record,
 )
 from settlement.audit.records import (
@@ -37,6 +35,16 @@ from settlement.audit.records import (
     AuditRecord,
     StoredRecord,
 )
+from settlement.audit.refund_check import (
+    REFUND_ALREADY_PAID,
+    REFUND_APPROVED,
+    REFUND_CONTRADICTED,
+    REFUND_OWED,
+    REFUND_PAID,
+    REFUND_UNAUDITED,
+    refund_recorded,
+    refund_refusal,
+)
 from settlement.audit.trail import AuditTrail, create_audit_engine
 from settlement.audit.writer import AuditSink, AuditWriter, DirectSink
 
@@ -46,8 +54,12 @@ __all__ = [
     "HASH_VERSION",
     "HEAD_ID",
     "REDACTED",
+    "REFUND_ALREADY_PAID",
     "REFUND_APPROVED",
+    "REFUND_CONTRADICTED",
     "REFUND_OWED",
+    "REFUND_PAID",
+    "REFUND_UNAUDITED",
     "SECRET_FIELDS",
     "SETTLED",
     "AuditEvent",
@@ -69,7 +81,9 @@ __all__ = [
     "record_hash",
     "redact_url",
     "refund_recorded",
+    "refund_refusal",
     "settled_disagreement",
+    "settled_facts",
     "settled_record",
     "verify_chain",
 ]

@@ -14,34 +14,44 @@ string), asset, network, nonce and transaction. A row that disagrees is ``ledger
 is gone, ``ledger_row_missing``. Records written before these facts (transaction and network only)
 are checked for what they carry. Addresses, nonces and hashes compare case-insensitively.
 
+Since the eighth round the record carries method, path and fingerprint too (every field a receipt
+signs that the row holds, besides its request id, by which the record is found, and the row's
+creation time, block and signed maximum, which the chain or the signed authorization bear out). A
+paymentId outside 1..2**63-1 is ``ledger_row_missing`` (never read: a BIGINT cannot hold it).
+Records of refunds are checked by ``settlement.audit.refund_check`` (``refund_reopened``,
+``refund_contradicted``).
+
 Not checked here: a settled row with no ``settled`` record (one settled by a resolver after its
 request answered 503 has none, and an insider's inserted copy is named by reconcile,
-``duplicate_in_ledger``), and receipts and refunds ask ``settled_record`` / ``refund_recorded``
+``duplicate_in_ledger``), and receipts and refunds ask ``settled_facts`` / ``refund_refusal``
 per row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import inspect, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from settlement.audit.chain import Problem
 from settlement.audit.records import StoredRecord
+from settlement.audit.refund_check import RefundCheck
 from settlement.ledger.models import Payment, PaymentState
 
-__all__ = ["REFUND_APPROVED", "REFUND_OWED", "SETTLED", "LedgerCheck", "refund_recorded", "settled_disagreement",
-           "settled_record"]
+__all__ = ["SETTLED", "LedgerCheck", "settled_disagreement", "settled_facts", "settled_record"]
 
-SETTLED, REFUND_OWED = "settled", "refund_owed"
-REFUND_APPROVED = "refund_approved"  # a person's approval of a refund the pipeline did not record (ledger refunds --approve)
-# A settled record's field → the payment row's attribute, and whether it compares case-insensitively.
+SETTLED = "settled"
+# A settled record's field → the payment row's attribute, and whether it compares case-insensitively:
+# every field a receipt signs that the row holds and the request had in memory when it settled.
 _FACTS = {"tool": ("tool", False), "owner": ("owner", False), "payer": ("payer", True), "payTo": ("pay_to", True),
           "amount": ("amount", False), "asset": ("asset", True), "network": ("network", False),
-          "nonce": ("nonce", True)}
+          "nonce": ("nonce", True), "method": ("method", False), "path": ("path", False),
+          "fingerprint": ("fingerprint", True)}
 _BATCH = 500
+_MAX_ID = 2**63 - 1  # a payment id outside 1.._MAX_ID names no row (and a BIGINT cannot hold it)
 
 
 def _same(recorded: Any, stored: Any, fold: bool) -> bool:
@@ -66,54 +76,82 @@ def settled_disagreement(data: dict[str, Any], row: Any) -> list[str]:
     return found
 
 
-def settled_record(records: Iterable[StoredRecord], row: Payment) -> bool:
-    """Whether one of ``records`` (the row's request's) is the ``settled`` record of this very row:
-    its payment id, and no fact it carries (its transaction among them) disagreeing."""
+def settled_facts(records: Iterable[StoredRecord], row: Payment) -> bool | None:
+    """What ``records`` (the row's request's) say of this very row's settlement: None when none is
+    its ``settled`` record (its payment id); else whether every one that is agrees with the row, no
+    fact it carries (its transaction among them) disagreeing. A record that disagrees is never
+    outweighed by another that agrees: the row was edited, or the trail was."""
+    found = False
     for record in records:
         data = record.fields() if record.event == SETTLED else None
+        if data is None or data.get("paymentId") != row.id:
+            continue
+        found = True
         # A transaction of "" (a voucher accrued, claimed later; an upto charge of 0) names none: the
         # other facts still have to agree.
-        if data is not None and data.get("paymentId") == row.id and isinstance(data.get("transaction"), str) \
-                and not settled_disagreement(data, row):
-            return True
-    return False
+        if not isinstance(data.get("transaction"), str) or settled_disagreement(data, row):
+            return False
+    return True if found else None
 
 
-def refund_recorded(records: Iterable[StoredRecord], row: Payment) -> bool:
-    """Whether one of ``records`` (the row's request's) is the pipeline's ``refund_owed`` record of
-    this row's refund, or a person's ``refund_approved`` of it: its payment id and the amount owed."""
-    for record in records:
-        data = record.fields() if record.event in (REFUND_OWED, REFUND_APPROVED) else None
-        if data is not None and data.get("paymentId") == row.id and str(data.get("amount")) == str(row.refund_owed):
-            return True
-    return False
+def settled_record(records: Iterable[StoredRecord], row: Payment) -> bool:
+    """Whether ``records`` hold this row's ``settled`` record and none of them disagrees with it."""
+    return settled_facts(records, row) is True
 
 
 class LedgerCheck:
     """Watches records go by (``watch``) and compares each ``settled`` one with its payment row, 500
-    rows per read; ``problems`` after the walk. A database without the ledger's table: ``checked``
-    stays None (an audit trail of its own)."""
+    rows per read, and the records of refunds (``RefundCheck``); ``problems`` after the walk. A
+    database without the ledger's table: ``checked`` stays None (an audit trail of its own). The
+    ledger failing to answer is one problem (``ledger_unreadable``) and ends the comparison, never
+    the walk: the chain's own problems are still named."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.problems: list[Problem] = []
         self.checked: int | None = 0 if inspect(engine).has_table(Payment.__tablename__) else None
+        self.refunds = RefundCheck(engine)
         self._waiting: list[tuple[StoredRecord, dict[str, Any], int]] = []
+        self._failed = False
 
     def watch(self, records: Iterable[StoredRecord]) -> Iterator[StoredRecord]:
         for record in records:
             yield record
-            if self.checked is None or record.event != SETTLED or record.unreadable is not None:
+            if self.checked is None or self._failed or record.unreadable is not None:
+                continue
+            if record.event != SETTLED:
+                self.refunds.see(record)
                 continue
             data = record.fields()  # data that is not JSON is named by the chain (hash_mismatch)
             payment_id = data.get("paymentId") if data is not None else None
             if data is None or type(payment_id) is not int:
                 continue
+            if not 1 <= payment_id <= _MAX_ID:  # no row has it; the database would refuse the read
+                self.checked += 1
+                self._missing(record, payment_id)
+                continue
             self._waiting.append((record, data, payment_id))
             if len(self._waiting) >= _BATCH:
-                self._compare()
+                self._guarded(self._compare)
         if self.checked is not None:
-            self._compare()
+            self._guarded(self._compare)
+            self._guarded(self.refunds.finish)
+            self.problems.extend(self.refunds.problems)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        if self._failed:
+            return
+        try:
+            step()
+        except SQLAlchemyError as exc:
+            self._failed = True
+            self.problems.append(Problem("ledger_unreadable", -1, None,
+                                         f"the ledger could not be compared with the trail ({type(exc).__name__}); "
+                                         "the chain was walked to its end"))
+
+    def _missing(self, record: StoredRecord, payment_id: object) -> None:
+        self.problems.append(Problem("ledger_row_missing", record.seq, record.id,
+                                     f"{_name(record)} settled payment {payment_id}; the ledger has no such payment"))
 
     def _compare(self) -> None:
         waiting, self._waiting = self._waiting, []
@@ -125,16 +163,20 @@ class LedgerCheck:
         for record, data, payment_id in waiting:
             assert self.checked is not None
             self.checked += 1
-            name = f"seq {record.seq}" + (f" (id {record.id})" if record.id is not None else "")
             row = rows.get(payment_id)
             if row is None:
-                self.problems.append(Problem("ledger_row_missing", record.seq, record.id,
-                                             f"{name} settled payment {payment_id}; the ledger has no such payment"))
+                self._missing(record, payment_id)
                 continue
             wrong = settled_disagreement(data, row)  # a Row reads like a Payment
             if record.tool is not None and "tool" not in data and record.tool != row.tool:
                 wrong.append(f"tool: {record.tool} -> {row.tool}")
+            if record.request_id != row.request_id:  # a receipt signs it: the record is read by it
+                wrong.append(f"requestId: {record.request_id} -> {row.request_id}")
             if wrong:
                 self.problems.append(Problem("ledger_mismatch", record.seq, record.id,
-                                             f"{name} settled payment {payment_id}; its ledger row says otherwise "
+                                             f"{_name(record)} settled payment {payment_id}; its ledger row says otherwise "
                                              f"(record -> ledger): {'; '.join(wrong)}"))
+
+
+def _name(record: StoredRecord) -> str:
+    return f"seq {record.seq}" + (f" (id {record.id})" if record.id is not None else "")

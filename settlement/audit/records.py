@@ -144,10 +144,11 @@ class StoredRecord:
                            self.prev_hash)
 
     def fields(self) -> dict[str, Any] | None:
-        """The event's fields, or None when the stored data is not a JSON object (an edit)."""
+        """The event's fields, or None when the stored data is not a JSON object (an edit); JSON nested
+        deeper than the parser's recursion limit (an edit too) is not JSON here either."""
         try:
             value = json.loads(self.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return value if isinstance(value, dict) else None
 

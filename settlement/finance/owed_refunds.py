@@ -23,7 +23,10 @@ payment: its very authorization used there). A row that does not match (an insid
 payer, the amount owed, the transaction) is ``charge_unexplained``: nothing sent, left for a person.
 And a refund is paid only when the audit trail names it: the pipeline records each refund it owes
 (``refund_owed``: payment id, amount), so a ``refund_owed`` written into a delivered payment's row
-by SQL (whose settlement on chain is real) is ``refund_unaudited``, reported and never paid.
+by SQL (whose settlement on chain is real) is ``refund_unaudited``, reported and never paid. Each
+refund paid is recorded there too (``refund_paid``), so one reopened by SQL is
+``refund_already_paid``; and a refund named under a request whose own ``response`` record says its
+answer was delivered is ``refund_contradicted`` (``settlement.audit.refund_check``).
 
 Paying is exactly-once against every other payer of the same refund (a request of the gateway,
 another run of this command): each claims the refund in the ledger before its broadcast
@@ -51,7 +54,7 @@ from settlement.schemes.exact_permit2_payload import moved_by_permit2
 from settlement.schemes.exact_resolve import settled_by
 
 __all__ = ["LANDED", "PENDING", "REVERTED", "UNEXPLAINED", "UNKNOWN", "UNKNOWN_QUIET_SECONDS", "UNPAID", "RefundLine",
-           "RefundsReport", "settle_owed_refunds"]
+           "RefundTrail", "RefundsReport", "settle_owed_refunds"]
 
 UNPAID, LANDED, REVERTED, PENDING, UNKNOWN, UNEXPLAINED = "unpaid", "landed", "reverted", "pending", "unknown", "unexplained"
 _PAYABLE = {UNPAID, REVERTED}
@@ -64,6 +67,15 @@ class RefundChain(Protocol):
     async def get_receipt(self, tx_hash: str) -> Receipt | None: ...
 
     async def knows_transaction(self, tx_hash: str) -> bool: ...
+
+
+class RefundTrail(Protocol):
+    """The audit trail's say on refunds (``gateway.cli.refunds``): why a row's refund must not be paid
+    (``settlement.audit.refund_refusal``), and the record of one paid, written before the ledger's."""
+
+    def refusal(self, row: Payment) -> str | None: ...
+
+    def paid(self, row: Payment, amount: int, tx_hash: str | None) -> None: ...
 
 
 class RefundPayer(Protocol):
@@ -132,11 +144,12 @@ async def refund_status(chain: RefundChain, row: Payment) -> str:
 async def settle_owed_refunds(
     ledger: Ledger, chains: Mapping[str, RefundChain], refunder: RefundPayer | None, *, pay: bool,
     include_unknown: bool = False, on_line: Callable[[RefundLine], None] = lambda line: None,
-    quiet_seconds: float = UNKNOWN_QUIET_SECONDS, named: Callable[[Payment], bool] | None = None,
+    quiet_seconds: float = UNKNOWN_QUIET_SECONDS, trail: RefundTrail | None = None,
 ) -> RefundsReport:
     """Every owed refund, oldest first, classified; with ``pay``, each paid or recorded as it can be.
-    ``named``: whether the audit trail names the row's refund (``settlement.audit.refund_recorded``);
-    one it does not is ``refund_unaudited``, never paid (a ``refund_owed`` an insider wrote)."""
+    ``trail``: a refund it refuses (``refund_unaudited``, ``refund_already_paid``,
+    ``refund_contradicted``) is never paid, left for a person; each one paid or recorded is
+    recorded there (``refund_paid``) before the ledger records it."""
     report = RefundsReport()
     for row in await ledger.run(ledger.owed_refunds):
         chain = chains.get(row.network)
@@ -147,10 +160,11 @@ async def settle_owed_refunds(
         status = await refund_status(chain, row)
         line = RefundLine(row.id, row.network, row.payer, int(row.refund_owed or 0), row.refund_reason, status,
                           row.refund_tx, "listed", row.decimals)
-        if pay and named is not None and line.status != LANDED and not await asyncio.to_thread(named, row):
-            line.outcome = "refund_unaudited"  # the pipeline never owed it: left for a person
+        refused = await asyncio.to_thread(trail.refusal, row) if pay and trail is not None and line.status != LANDED else None
+        if refused is not None:
+            line.outcome = refused  # never owed, already paid, or its answer delivered: left for a person
         elif pay:
-            await _settle(ledger, refunder, row, line, include_unknown, quiet_seconds, chain)
+            await _settle(ledger, refunder, row, line, include_unknown, quiet_seconds, chain, trail)
         report.lines.append(line)
         on_line(line)
     return report
@@ -181,8 +195,10 @@ async def charge_shown(chain: RefundChain, row: Payment, amount: int) -> bool:
 
 
 async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, line: RefundLine,
-                  include_unknown: bool, quiet_seconds: float, chain: RefundChain) -> None:
+                  include_unknown: bool, quiet_seconds: float, chain: RefundChain, trail: RefundTrail | None = None) -> None:
     if line.status == LANDED:
+        if trail is not None:
+            await asyncio.to_thread(trail.paid, row, line.amount, row.refund_tx)
         first = await ledger.run(ledger.record_refund_paid, row.id, row.refund_tx)
         line.outcome = "recorded" if first else "recorded_elsewhere"
         return
@@ -220,6 +236,8 @@ async def _settle(ledger: Ledger, refunder: RefundPayer | None, row: Payment, li
         claimed.clear()
     line.tx_hash = result.tx_hash or (claimed[-1] if claimed else previous)
     if result.confirmed:
+        if trail is not None:  # the trail first: a ledger write lost after it leaves the row named, never paid twice
+            await asyncio.to_thread(trail.paid, row, line.amount, result.tx_hash)
         await ledger.run(ledger.record_refund_paid, row.id, result.tx_hash)
         line.outcome = "paid"
     else:

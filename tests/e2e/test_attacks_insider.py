@@ -17,7 +17,9 @@ Found by a review (2026-12-05); all of them failed before these fixes:
   payer, payTo, amount, asset, nonce, transaction) and ``audit verify`` compares each with its row
   (``ledger_mismatch``; ``settlement.audit.ledger_check``);
 - a refund written into a delivered payment's row: the pipeline records each refund it owes
-  (``refund_owed``) and ``ledger refunds --pay`` pays only those (``refund_unaudited`` otherwise);
+  (``refund_owed``) and ``ledger refunds --pay`` pays only those (``refund_unaudited`` otherwise;
+  since the bypass review, never one whose request's response record says it was delivered, even
+  approved: ``refund_contradicted``);
 - a refund marked paid by SQL: reconcile reads the refund transactions of refunded rows
   (``refund_unpaid`` when one did not pay the payer);
 - a receipt for a row set to settled: ``GET /receipts/{id}`` needs the trail's ``settled`` record
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,15 +239,57 @@ def test_an_insider_made_refund_on_a_delivered_answer_is_not_paid(
         f"(outcomes {outcomes}); the audit chain names no refund for payment {row.id}")
     assert outcomes == ["refund_unaudited"]
 
-    # A person who checked it (a refund owed before the trail named refunds) approves it by id: the
-    # approval goes into the audit trail first, then it is paid. An id owing nothing stops the run.
+    # An id owing nothing stops the run. An approval of this one is recorded, and still not paid: the
+    # trail's own response record says the answer was delivered (refund_contradicted; the bypass
+    # review, tests/e2e/test_attacks_insider_bypasses.py). An approval that pays: the next test.
     unknown = cli(gateway, "ledger", "refunds", "--pay", "--approve", str(row.id + 1000), X402GW_REFUND_KEY=devchain.key(9))
     assert unknown.exit_code != 0 and "refund_not_owed" in unknown.output and devchain.balance(payer) == before
     approved = cli(gateway, "ledger", "refunds", "--json", "--pay", "--approve", str(row.id), X402GW_REFUND_KEY=devchain.key(9))
-    assert approved.exit_code == 0, approved.output
-    assert devchain.balance(payer) == before + row.amount
+    assert approved.exit_code == 1, approved.output
+    assert [line["outcome"] for line in json.loads(approved.stdout)["refunds"]] == ["refund_contradicted"]
+    assert devchain.balance(payer) == before
     records = [r for r in writer.trail.for_request(row.request_id) if r.event == "refund_approved"]
     assert len(records) == 1 and json.loads(records[0].data)["paymentId"] == row.id
+
+
+class _NoTrail:
+    """An audit sink that keeps nothing: a gateway as before its trail named refunds."""
+
+    def submit(self, events: Sequence[AuditEvent]) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_refund_the_trail_never_named_is_paid_once_a_person_approves_it(
+    start_gateway: GatewayFactory, devchain: Devchain, tmp_path: Path, upstream: str
+) -> None:
+    """An upfront call whose upstream failed on a gateway that kept no audit trail (as before the
+    trail named refunds): its refund is owed and unnamed, so `--pay` leaves it (refund_unaudited).
+    A person approves it by id: the approval goes into the trail first, then it is paid, and the
+    payment recorded there (refund_paid)."""
+    catalog = demo_catalog(tmp_path, upstream)
+    catalog.write_text(catalog.read_text() + UPFRONT_TOOL)
+    gateway = start_gateway(catalog=catalog, app_options={"audit": _NoTrail()})  # no refund key: owed, unnamed
+    with gateway.client() as client:
+        header = signed(client, devchain, "/paid-first/reports/500", payer=PAYER)
+        failed = client.get("/paid-first/reports/500", headers={"PAYMENT-SIGNATURE": header})
+    assert failed.status_code == 500 and failed.headers["x402gw-refund"] == "owed"
+    [row] = [r for r in gateway.ledger.all() if r.request_id == failed.headers["x-request-id"]]
+    payer = devchain.address(PAYER)
+    before = devchain.balance(payer)
+
+    left = cli(gateway, "ledger", "refunds", "--json", "--pay", X402GW_REFUND_KEY=devchain.key(9))
+    assert [line["outcome"] for line in json.loads(left.stdout)["refunds"]] == ["refund_unaudited"], left.output
+    approved = cli(gateway, "ledger", "refunds", "--json", "--pay", "--approve", str(row.id), X402GW_REFUND_KEY=devchain.key(9))
+
+    assert approved.exit_code == 0, approved.output
+    assert devchain.balance(payer) == before + int(row.refund_owed or 0)
+    trail = AuditTrail(gateway.settings.database_url)
+    events = [r.event for r in trail.for_request(row.request_id)]
+    trail.close()
+    assert events == ["refund_approved", "refund_paid"], events
 
 
 def test_a_refund_marked_paid_by_sql_is_still_reported_owed(

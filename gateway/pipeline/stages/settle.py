@@ -121,6 +121,9 @@ def settled(ctx: RequestContext, receipt: SettleResponse) -> None:
             "payTo": requirements.pay_to, "asset": requirements.asset, "nonce": paid.nonce,
             # What the row holds once settled: an upto payment's charge, not its signed maximum.
             "amount": str(upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)),
+            # What a receipt signs besides: resourceUrl (path), method, argumentsDigest (fingerprint).
+            "method": row.method if row is not None else ctx.method, "path": row.path if row is not None else ctx.path,
+            "fingerprint": row.fingerprint if row is not None else paid.fingerprint,
         }
     ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id, **facts)
 
