@@ -4,7 +4,8 @@ Our clock and the chain's can disagree (a gateway host whose clock is slow, a ch
 dated ahead): a payment with time left by ours may be expired by the chain's already, and then the
 upstream runs unpaid and its settlement reverts on our gas. ``now`` is the later of our clock and the
 latest block's timestamp carried forward by the time since it was read (a lower bound of the chain's
-clock: the next block is dated at least that). The head is read again in the background at most
+clock: the next block is dated at least that; the pending block's date where the node gives one, so
+that a chain idle for a while is not taken for a clock behind ours). The head is read again in the background at most
 every ``HEAD_REFRESH_SECONDS`` while calls ask: a paid call waits for a read only when none was made
 yet or the last is older than ``HEAD_STALE_SECONDS`` (``read_ahead``); the start-up checks make the
 first one.
@@ -86,7 +87,10 @@ class HeadClock:
 
     async def _read(self) -> None:
         try:
-            stamp = await self._chain.block_timestamp()
+            # The next block's date where the node can say (an idle chain's latest block is old, and
+            # says nothing of its clock); the latest block's otherwise.
+            pending = getattr(self._chain, "next_block_timestamp", None)
+            stamp = await pending() if pending is not None else await self._chain.block_timestamp()
         except ChainUnavailable as exc:
             log.debug("head timestamp unread: %s", exc.message)
             return

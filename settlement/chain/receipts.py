@@ -127,6 +127,18 @@ class ReceiptPoller(JsonRpcTransport):
             raise ChainUnavailable("the node gave no latest block")
         return int(block["timestamp"], 16)
 
+    async def next_block_timestamp(self) -> int:
+        """The date the node would give its next block (its pending block's), the chain's clock now even
+        on a chain that has made no block for a while; the latest block's where the node keeps no
+        pending block (``RpcError`` or no answer for ``pending``)."""
+        try:
+            block = await self._rpc("eth_getBlockByNumber", ["pending", False])
+        except RpcError:
+            block = None
+        if isinstance(block, dict) and isinstance(block.get("timestamp"), str):
+            return int(block["timestamp"], 16)
+        return await self.block_timestamp()
+
     async def knows_transaction(self, tx_hash: str) -> bool:
         """Whether the node has the transaction, mined or in its pool."""
         return await self._rpc("eth_getTransactionByHash", [tx_hash]) is not None
