@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -40,6 +39,7 @@ from catalog.models import (
     consistency_problems,
     default_settle,
     max_call_seconds,
+    payment_window_seconds,
 )
 from catalog.offers import resolve_offers
 from catalog.price_rules import PriceRule, PriceRuleDoc, build_rule, rule_problems
@@ -149,9 +149,7 @@ def _tool_offers(
 
 def _payment_window(upstream: Upstream | None, settle: SettleMode) -> int:
     """The least ``max_timeout_seconds`` a tool's payment can have (``Tool.payment_window_seconds``)."""
-    if upstream is None:
-        return 0
-    return (math.ceil(max_call_seconds(upstream)) if settle == "after" else 0) + SETTLE_MARGIN_SECONDS
+    return 0 if upstream is None else payment_window_seconds(upstream, settle)
 
 
 def _priced(spec: ToolDoc, at: str, src: Source) -> tuple[ToolDoc, PriceRule | None]:

@@ -66,6 +66,7 @@ __all__ = [
     "consistency_problems",
     "default_settle",
     "max_call_seconds",
+    "payment_window_seconds",
 ]
 
 
@@ -185,6 +186,13 @@ def consistency_problems(
     return problems
 
 
+def payment_window_seconds(upstream: Upstream, settle: SettleMode) -> int:
+    """The least time a payment's ``validBefore`` must leave: for ``settle: after`` tools, the
+    upstream's worst case plus the settle margin (so it cannot expire while the upstream runs);
+    for ``upfront`` tools, the settle margin (verify, the write-ahead, the block after the broadcast)."""
+    return (math.ceil(max_call_seconds(upstream)) if settle == "after" else 0) + SETTLE_MARGIN_SECONDS
+
+
 def max_call_seconds(upstream: Upstream) -> float:
     """The longest one call to ``upstream`` can take: every try (retries and failover) at its
     timeout, and the longest wait between tries (backoff or an honoured Retry-After)."""
@@ -285,11 +293,8 @@ class Tool(FrozenModel):
 
     @property
     def payment_window_seconds(self) -> int:
-        """The least time a payment's ``validBefore`` must leave: for ``settle: after`` tools, the
-        upstream's worst case plus the settle margin (so it cannot expire while the upstream runs);
-        for ``upfront`` tools, the settle margin."""
-        upstream = self.max_call_seconds if self.settle == "after" else 0.0
-        return math.ceil(upstream) + SETTLE_MARGIN_SECONDS
+        """The least time a payment's ``validBefore`` must leave (``payment_window_seconds``)."""
+        return payment_window_seconds(self.upstream, self.settle)
 
     @property
     def settles_streamed(self) -> bool:

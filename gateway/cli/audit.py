@@ -6,6 +6,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -87,8 +88,7 @@ def verify(database_url: str | None, file: Path | None, anchor: str | None, with
         try:
             report = trail.verify(anchor=pinned, ledger=with_ledger)
         except SQLAlchemyError as exc:
-            click.echo(f"error: the audit trail cannot be read ({type(exc).__name__}) [audit_unreadable]", err=True)
-            sys.exit(EXIT_UNREADABLE)
+            _unreadable(exc)
         finally:
             trail.close()
     if as_json:
@@ -149,7 +149,12 @@ def export(database_url: str | None, fmt: str, since: str | None, until: str | N
                 if record.unreadable is not None:  # exported as stored; `audit verify --file` names it too
                     click.echo(f"warning: seq {record.seq} (id {record.id}): {record.unreadable}", err=True)
     except SQLAlchemyError as exc:
-        click.echo(f"error: the audit trail cannot be read ({type(exc).__name__}) [audit_unreadable]", err=True)
-        sys.exit(EXIT_UNREADABLE)
+        _unreadable(exc)
     finally:
         trail.close()
+
+
+def _unreadable(exc: Exception) -> NoReturn:
+    """The trail's database answered with an error mid-read (verify, export): one line, exit 2."""
+    click.echo(f"error: the audit trail cannot be read ({type(exc).__name__}) [audit_unreadable]", err=True)
+    sys.exit(EXIT_UNREADABLE)

@@ -177,4 +177,3 @@ def _audited(database_url: str) -> _Audited:
         return _Audited(AuditTrail(database_url))
     except LedgerError as exc:
         _fail(f"{exc.message} [{exc.code}]")
-        raise  # _fail exits

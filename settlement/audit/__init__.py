@@ -24,7 +24,6 @@ from settlement.audit.ledger_check import (
     LedgerCheck,
     settled_disagreement,
     settled_facts,
-    settled_record,
 )
 from settlement.audit.records import (
     AUDIT_TABLES,
@@ -84,6 +83,5 @@ __all__ = [
     "refund_refusal",
     "settled_disagreement",
     "settled_facts",
-    "settled_record",
     "verify_chain",
 ]

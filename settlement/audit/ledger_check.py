@@ -36,12 +36,12 @@ from sqlalchemy import inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from settlement.audit.chain import Problem
+from settlement.audit.chain import Problem, _name
 from settlement.audit.records import StoredRecord
-from settlement.audit.refund_check import RefundCheck
+from settlement.audit.refund_check import _BATCH, _MAX_ID, RefundCheck
 from settlement.ledger.models import Payment, PaymentState
 
-__all__ = ["SETTLED", "LedgerCheck", "settled_disagreement", "settled_facts", "settled_record"]
+__all__ = ["SETTLED", "LedgerCheck", "settled_disagreement", "settled_facts"]
 
 SETTLED = "settled"
 # A settled record's field → the payment row's attribute, and whether it compares case-insensitively:
@@ -50,8 +50,6 @@ _FACTS = {"tool": ("tool", False), "owner": ("owner", False), "payer": ("payer",
           "amount": ("amount", False), "asset": ("asset", True), "network": ("network", False),
           "nonce": ("nonce", True), "method": ("method", False), "path": ("path", False),
           "fingerprint": ("fingerprint", True)}
-_BATCH = 500
-_MAX_ID = 2**63 - 1  # a payment id outside 1.._MAX_ID names no row (and a BIGINT cannot hold it)
 
 
 def _same(recorded: Any, stored: Any, fold: bool) -> bool:
@@ -92,11 +90,6 @@ def settled_facts(records: Iterable[StoredRecord], row: Payment) -> bool | None:
         if not isinstance(data.get("transaction"), str) or settled_disagreement(data, row):
             return False
     return True if found else None
-
-
-def settled_record(records: Iterable[StoredRecord], row: Payment) -> bool:
-    """Whether ``records`` hold this row's ``settled`` record and none of them disagrees with it."""
-    return settled_facts(records, row) is True
 
 
 class LedgerCheck:
@@ -176,7 +169,3 @@ class LedgerCheck:
                 self.problems.append(Problem("ledger_mismatch", record.seq, record.id,
                                              f"{_name(record)} settled payment {payment_id}; its ledger row says otherwise "
                                              f"(record -> ledger): {'; '.join(wrong)}"))
-
-
-def _name(record: StoredRecord) -> str:
-    return f"seq {record.seq}" + (f" (id {record.id})" if record.id is not None else "")

@@ -103,11 +103,6 @@ class StoredRecord:
     unreadable: str | None = None
 
     @classmethod
-    def of(cls, row: AuditRecord) -> StoredRecord:
-        return cls.of_values(row.id, row.seq, row.recorded_at, row.request_id, row.event, row.payer, row.tool,
-                             row.data, row.prev_hash, row.hash)
-
-    @classmethod
     def of_values(cls, id: Any, seq: Any, at: Any, *texts: Any) -> StoredRecord:
         """A record from its columns as the database returned them, whatever an edit left there."""
         why: list[str] = []

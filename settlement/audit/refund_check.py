@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, select
 from sqlalchemy.engine import Engine
 
-from settlement.audit.chain import Problem
+from settlement.audit.chain import Problem, _name
 from settlement.audit.records import AUDIT_TABLES, StoredRecord
 from settlement.ledger.models import Payment
 
@@ -36,8 +36,8 @@ REFUND_OWED, REFUND_PAID = "refund_owed", "refund_paid"
 REFUND_APPROVED = "refund_approved"  # a person's approval of a refund the pipeline did not record (ledger refunds --approve)
 REFUND_ALREADY_PAID, REFUND_CONTRADICTED, REFUND_UNAUDITED = "refund_already_paid", "refund_contradicted", "refund_unaudited"
 _NAMING = (REFUND_OWED, REFUND_APPROVED)
-_BATCH = 500
-_MAX_ID = 2**63 - 1
+_BATCH = 500  # ledger rows or requests read at once
+_MAX_ID = 2**63 - 1  # a payment id outside 1.._MAX_ID names no row (and a BIGINT cannot hold it)
 
 
 def _payment_id(record: StoredRecord) -> int | None:
@@ -120,13 +120,9 @@ class RefundCheck:
         records = _RecordsByRequest(self.engine, {r.request_id for r in self._naming})
         for naming in self._naming:
             if _contradicted(records.of(naming.request_id), naming):
-                self.problems.append(Problem("refund_contradicted", naming.seq, naming.id,
+                self.problems.append(Problem(REFUND_CONTRADICTED, naming.seq, naming.id,
                                              f"{_name(naming)} names a refund ({naming.event}) of request "
                                              f"{naming.request_id}, whose answer its response record says was delivered"))
-
-
-def _name(record: StoredRecord) -> str:
-    return f"seq {record.seq}" + (f" (id {record.id})" if record.id is not None else "")
 
 
 class _RecordsByRequest:

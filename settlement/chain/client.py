@@ -322,11 +322,16 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
     async def traced_revert(self, tx_hash: str) -> str | None:
         """Why a mined transaction reverted, as the node's tracer says (``debug_traceTransaction``,
         callTracer: its revert reason, else its error); None when the node does not trace."""
+        trace = await self._call_trace(tx_hash)
+        return (str(trace.get("revertReason") or trace.get("error") or "") or None) if trace is not None else None
+
+    async def _call_trace(self, tx_hash: str) -> dict[str, Any] | None:
+        """``debug_traceTransaction`` with the callTracer: the top frame; None when the node does not trace."""
         try:
             trace = await self._rpc("debug_traceTransaction", [tx_hash, {"tracer": "callTracer"}])
         except (RpcError, ChainUnavailable):
             return None
-        return (str(trace.get("revertReason") or trace.get("error") or "") or None) if isinstance(trace, dict) else None
+        return trace if isinstance(trace, dict) else None
 
     async def traced_calls(self, tx_hash: str) -> list[tuple[str, str, bytes]] | None:
         """The plain calls (``CALL``) a mined transaction made that took effect, as (from, to, input):
@@ -334,11 +339,8 @@ class JsonRpcChain(BroadcastLane, ReceiptPoller):
         them (a failed frame's effects are undone). Every frame is read: the node's answer is in memory
         whole already, and a cut-off read would miss a call hidden behind padding. None when the node
         does not trace."""
-        try:
-            trace = await self._rpc("debug_traceTransaction", [tx_hash, {"tracer": "callTracer"}])
-        except (RpcError, ChainUnavailable):
-            return None
-        if not isinstance(trace, dict):
+        trace = await self._call_trace(tx_hash)
+        if trace is None:
             return None
         calls: list[tuple[str, str, bytes]] = []
         frames: list[Any] = [trace]

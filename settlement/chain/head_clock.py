@@ -2,13 +2,14 @@
 
 Our clock and the chain's can disagree (a gateway host whose clock is slow, a chain whose blocks are
 dated ahead): a payment with time left by ours may be expired by the chain's already, and then the
-upstream runs unpaid and its settlement reverts on our gas. ``now`` is the later of our clock and the
-latest block's timestamp carried forward by the time since it was read (a lower bound of the chain's
-clock: the next block is dated at least that; the pending block's date where the node gives one, so
-that a chain idle for a while is not taken for a clock behind ours). The head is read again in the background at most
-every ``HEAD_REFRESH_SECONDS`` while calls ask: a paid call waits for a read only when none was made
-yet or the last is older than ``HEAD_STALE_SECONDS`` (``read_ahead``); the start-up checks make the
-first one.
+upstream runs unpaid and its settlement reverts on our gas. The chain's clock is the date the node
+gives its next (pending) block, carried forward by the time since it was read (where the node keeps
+no pending block, the latest block's: a lower bound, the next block is dated at least that); a
+chain idle for a while is thus not taken for a clock behind ours. ``now`` is the later of the two
+clocks (``validBefore``), ``behind`` how far the chain's lags ours (``validAfter``). It is read again
+in the background at most every ``HEAD_REFRESH_SECONDS`` while calls ask: a paid call waits for a
+read only when none was made yet or the last is older than ``HEAD_STALE_SECONDS`` (``read_ahead``);
+the start-up checks make the first one.
 """
 
 from __future__ import annotations
@@ -44,25 +45,26 @@ class HeadClock:
     def now(self) -> int:
         """The chain's clock as far as it is known, in whole seconds (a block's timestamp is): never
         behind ours. A read in the background is started when the last one is old."""
-        head, wall = self._head, int(self._wall())
-        if head is None or self._monotonic() - head[0] >= HEAD_REFRESH_SECONDS:
-            self._refresh()
-        if head is None:
-            return wall
-        read_at, stamp = head
-        return max(wall, int(stamp + (self._monotonic() - read_at)))
+        wall, chain = int(self._wall()), self._chain_now()
+        return wall if chain is None else max(wall, chain)
 
     def behind(self) -> int:
         """Whole seconds the chain's clock is known to be behind ours (0 when it is not, or not known
         yet): the next block may be dated that far back, and a token takes an authorization only in a
         block dated after its ``validAfter``."""
-        head, wall = self._head, int(self._wall())
+        chain = self._chain_now()
+        return 0 if chain is None else max(0, int(self._wall()) - chain)
+
+    def _chain_now(self) -> int | None:
+        """The last read's date carried forward by the time since (None before any read); a read in
+        the background is started when it is ``HEAD_REFRESH_SECONDS`` old."""
+        head = self._head
         if head is None or self._monotonic() - head[0] >= HEAD_REFRESH_SECONDS:
             self._refresh()
         if head is None:
-            return 0
+            return None
         read_at, stamp = head
-        return max(0, wall - int(stamp + (self._monotonic() - read_at)))
+        return int(stamp + (self._monotonic() - read_at))
 
     def ahead(self) -> int:
         """Whole seconds the chain's clock is known to be ahead of ours (0 when it is not, or not known yet)."""

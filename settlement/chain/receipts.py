@@ -26,6 +26,7 @@ __all__ = [
     "LogEntry",
     "Receipt",
     "ReceiptPoller",
+    "address_topic",
 ]
 
 log = logging.getLogger("x402gw.chain")
@@ -57,7 +58,6 @@ class Receipt:
     gas_used: int | None = None
     effective_gas_price: int | None = None
     sender: str | None = None  # the account that sent it (and paid its gas)
-    recipient: str | None = None  # the account it was sent to (None: a contract creation, or not reported)
 
     @property
     def gas_cost(self) -> int | None:
@@ -99,6 +99,11 @@ class Receipt:
 
 def _topic_address(address: str) -> bytes:
     return bytes.fromhex(address[2:].lower()).rjust(32, b"\x00")
+
+
+def address_topic(address: str) -> str:
+    """An address as an ``eth_getLogs`` topic filter (a 32-byte word in hex)."""
+    return "0x" + _topic_address(address).hex()
 
 
 class ReceiptPoller(JsonRpcTransport):
@@ -281,5 +286,4 @@ def _receipt(tx_hash: str, raw: dict[str, Any]) -> Receipt:
         gas_used=int(gas_used, 16) if isinstance(gas_used, str) else None,
         effective_gas_price=int(price, 16) if isinstance(price, str) else None,
         sender=raw["from"] if isinstance(raw.get("from"), str) else None,
-        recipient=raw["to"] if isinstance(raw.get("to"), str) else None,
     )

@@ -36,13 +36,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from catalog.pricing import format_amount
 from settlement.chain.client import TOPIC_AUTHORIZATION_USED, TOPIC_TRANSFER, RpcError
+from settlement.chain.receipts import address_topic
 from settlement.finance.reconcile_channels import is_channel_row, match_channel_claims
-from settlement.finance.reconcile_refunds import refunds_not_landed
+from settlement.finance.reconcile_refunds import in_blocks, refunds_not_landed
 from settlement.ledger import OPEN_STATES, Ledger, Payment, PaymentState
 from settlement.ledger.resolve import Resolution, Resolver, resolve_open_payments
 from settlement.schemes import Schemes, exact_resolvers
@@ -109,10 +110,6 @@ class Report:
         return {"agree": self.agree, **asdict(self)}
 
 
-def _topic(address: str) -> str:
-    return "0x" + address[2:].lower().rjust(64, "0")
-
-
 def _address(topic: str) -> str:
     return "0x" + topic[-40:].lower()
 
@@ -138,7 +135,7 @@ async def read_logs(chain: LogReader, token: str, topics: list[str | list[str] |
 async def chain_transfers(chain: LogReader, network: str, token: str, pay_to: Iterable[str], start: int, end: int,
                           chunk: int = DEFAULT_CHUNK_BLOCKS) -> list[ChainTransfer]:
     """Transfers of ``token`` to any of ``pay_to`` in [start, end], each with its authorization nonce."""
-    targets = sorted({_topic(a) for a in pay_to})
+    targets = sorted({address_topic(a) for a in pay_to})
     if not targets:
         return []
     transfers = await read_logs(chain, token, ["0x" + TOPIC_TRANSFER.hex(), None, targets], start, end, chunk)
@@ -194,11 +191,8 @@ def _ledger_targets(ledger: Ledger, pay_to: set[str]) -> set[tuple[str, str, str
 
 def _settled_in_range(ledger: Ledger, network: str, asset: str, pay_to: set[str], start: int, end: int,
                       whole_chain: bool) -> list[Payment]:
-    in_range: ColumnElement[bool] = Payment.block_number.between(start, end)
-    if whole_chain:  # a settled row without a block (a remote facilitator did not say) is checked too
-        in_range = or_(in_range, Payment.block_number.is_(None))
     query = select(Payment).where(
-        Payment.network == network, Payment.state == PaymentState.SETTLED.value, in_range,
+        Payment.network == network, Payment.state == PaymentState.SETTLED.value, in_blocks(start, end, whole_chain),
         func.lower(Payment.asset) == asset, func.lower(Payment.pay_to).in_(sorted(pay_to)),
     )
     with Session(ledger.engine) as session:
@@ -257,17 +251,17 @@ async def reconcile(
     report.unchecked_networks = sorted({n for n, _ in by_token} - set(chains))
 
     # 3. Each (network, token) with a chain to read.
+    whole_chain = from_block == 0 and to_block is None
     for (network, asset), pay_tos in sorted(by_token.items()):
         chain = chains.get(network)
         if chain is None:
             continue
         end = to_block if to_block is not None else await chain.block_number()
         report.ranges[network] = {"from_block": from_block, "to_block": end}
-        whole_chain = from_block == 0 and to_block is None
         await _reconcile_token(report, ledger, chain, network, asset, pay_tos, from_block, end, whole_chain, chunk)
     for network, blocks in sorted(report.ranges.items()):  # refunds recorded paid: did their transactions pay?
-        report.refund_unpaid += await refunds_not_landed(ledger, chains[network], network, blocks["from_block"],
-                                                         blocks["to_block"], from_block == 0 and to_block is None, _row_json)
+        report.refund_unpaid += await refunds_not_landed(ledger, chains[network], network, from_block, blocks["to_block"],
+                                                         whole_chain, _row_json)
     report.still_open = [_row_json(r) for r in await asyncio.to_thread(ledger.open_payments) if r.network in chains]
     return report
 

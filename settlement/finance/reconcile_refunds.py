@@ -19,16 +19,20 @@ from sqlalchemy.orm import Session
 from settlement.finance.owed_refunds import LANDED, RefundChain, refund_status
 from settlement.ledger import Ledger, Payment, PaymentState
 
-__all__ = ["refunds_not_landed"]
+__all__ = ["in_blocks", "refunds_not_landed"]
+
+
+def in_blocks(start: int, end: int, whole_chain: bool) -> ColumnElement[bool]:
+    """Rows whose block is in [start, end]; over the whole chain, rows without a block too (a remote
+    facilitator did not say which)."""
+    in_range: ColumnElement[bool] = Payment.block_number.between(start, end)
+    return or_(in_range, Payment.block_number.is_(None)) if whole_chain else in_range
 
 
 def _refunded_in_range(ledger: Ledger, network: str, start: int, end: int, whole_chain: bool) -> list[Payment]:
-    in_range: ColumnElement[bool] = Payment.block_number.between(start, end)
-    if whole_chain:
-        in_range = or_(in_range, Payment.block_number.is_(None))
     query = select(Payment).where(
         Payment.network == network, Payment.state == PaymentState.SETTLED.value, Payment.refunded_at.is_not(None),
-        Payment.refund_owed.is_not(None), in_range,
+        Payment.refund_owed.is_not(None), in_blocks(start, end, whole_chain),
     ).order_by(Payment.id)
     with Session(ledger.engine) as session:
         return list(session.scalars(query))

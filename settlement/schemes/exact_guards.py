@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from settlement.chain.authorization import Eip3009Authorization, split_signature
 from settlement.chain.broadcast import TRANSFER_GAS_LIMIT
@@ -58,6 +58,17 @@ INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
 PAYER_CODE_REVERTED = "payer_code_reverted"
 STRIKE_TTL_MS = 3_600_000  # how long a payer whose code made a settlement revert is refused
 _STRIKES_HELD = 10_000  # in this process's memory (each one cost a revert: bounded by the gas it took)
+
+
+def _payer_key(network: str, payer: str) -> str:
+    return f"{network}:{payer.lower()}"
+
+
+def _put_held(held: dict[str, Any], key: str, value: Any) -> None:
+    """``held[key] = value``, the oldest entries dropped past ``_STRIKES_HELD``."""
+    held[key] = value
+    while len(held) > _STRIKES_HELD:
+        del held[next(iter(held))]
 _SIGNATURE = "invalid_exact_evm_payload_signature"
 # A mined settlement's failure that its nonce, balance and window do not explain (each scheme's name
 # for it; a batch item's is the token's "invalid signature"): the payer's code refused on chain.
@@ -248,7 +259,7 @@ class InFlight:
     async def struck(self, network: str, payer: str) -> bool:
         """Whether this payer's code made one of our settlements revert in the last hour (here, or in any
         process sharing the store; a store that cannot say: this process's own strikes only)."""
-        key = f"{network}:{payer.lower()}"
+        key = _payer_key(network, payer)
         until = self._struck.get(key)
         if until is not None:
             if until > time.monotonic():
@@ -259,15 +270,13 @@ class InFlight:
     def saw_code(self, network: str, payer: str) -> None:
         """Verify found code in this (verified) payer's account: its transfer asks that code about the
         signature, at whatever gas it takes (``has_code``)."""
-        self._coded[f"{network}:{payer.lower()}"] = None
-        while len(self._coded) > _STRIKES_HELD:
-            del self._coded[next(iter(self._coded))]
+        _put_held(self._coded, _payer_key(network, payer), None)
 
     def has_code(self, network: str, payer: str) -> bool:
         """Whether verify found code in this payer's account here: a batch gives each item's transfer
         ``ITEM_GAS``, less than the simulation's, so such a payer is settled on its own (an honest
         signature check between the two would fail in the batch and strike its payer)."""
-        return f"{network}:{payer.lower()}" in self._coded
+        return _payer_key(network, payer) in self._coded
 
     async def _strike(self, chain: BalanceReader, network: str, payer: str) -> None:
         """After an unexplained revert: the payer is struck if it has code (an account without any
@@ -277,10 +286,8 @@ class InFlight:
                 return
         except (ChainUnavailable, RpcError):
             return
-        key = f"{network}:{payer.lower()}"
-        self._struck[key] = time.monotonic() + STRIKE_TTL_MS / 1000
-        while len(self._struck) > _STRIKES_HELD:
-            del self._struck[next(iter(self._struck))]
+        key = _payer_key(network, payer)
+        _put_held(self._struck, key, time.monotonic() + STRIKE_TTL_MS / 1000)
         log.warning("payer %s on %s: its code made a settlement revert after its checks passed; refused for an hour",
                     payer, network)
         if self.shared is not None:

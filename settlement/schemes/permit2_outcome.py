@@ -28,7 +28,7 @@ from x402.mechanisms.evm.constants import (
 
 from settlement.chain.broadcast import BeforeSend
 from settlement.chain.client import LOG_SCAN_BLOCKS, LOG_WINDOW_BLOCKS, Receipt, RpcError
-from settlement.chain.receipts import TOPIC_TRANSFER
+from settlement.chain.receipts import TOPIC_TRANSFER, address_topic
 from settlement.errors import ChainUnavailable
 from settlement.schemes.exact_permit2_payload import SEL_EXACT_SETTLE
 from settlement.schemes.exact_resolve import mined_past
@@ -156,10 +156,6 @@ async def block_since(chain: Any, up_to_block: int, since: datetime) -> int | No
     return high
 
 
-def _topic(address: str) -> str:
-    return "0x" + address[2:].lower().rjust(64, "0")
-
-
 async def _wrapped_call(chain: Permit2Reads, tx_hash: str, settle_call: tuple[str, bytes]) -> bool:
     """Whether ``tx_hash``, sent to another contract (Multicall3, a bot's wrapper), made our very call
     to the proxy, and that call took effect: read from the node's trace (``JsonRpcChain.traced_calls``);
@@ -184,7 +180,7 @@ async def copied_settlement(chain: Permit2Reads, settle_call: tuple[str, bytes],
     payments at once."""
     proxy, calldata = settle_call
     token, payer, to, amount = transfer
-    topics: list[str | list[str] | None] = ["0x" + TOPIC_TRANSFER.hex(), _topic(payer), _topic(to)]
+    topics: list[str | list[str] | None] = ["0x" + TOPIC_TRANSFER.hex(), address_topic(payer), address_topic(to)]
     for log in await _transfer_logs(chain, token, topics, up_to_block, from_block):
         if int(str(log.get("data") or "0x0"), 16) != amount:
             continue

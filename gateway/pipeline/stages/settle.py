@@ -113,17 +113,18 @@ def settled(ctx: RequestContext, receipt: SettleResponse) -> None:
     facts: dict[str, object] = {}
     tool, quote, paid = ctx.tool, ctx.quote, ctx.paid
     if tool is not None and quote is not None and paid is not None:
-        requirements = quote.requirements
-        row = paid.recorded
+        requirements, row = quote.requirements, paid.recorded
+        # The row's where this request holds it, else what this request would have written. Besides
+        # what a row is about, what a receipt signs: resourceUrl (path), method, argumentsDigest (fingerprint).
+        owner, payer, method, path, fingerprint = (
+            (row.owner, row.payer, row.method, row.path, row.fingerprint) if row is not None
+            else (tool.owner, paid.signer, ctx.method, ctx.path, paid.fingerprint))
         facts = {
-            "tool": tool.name, "owner": row.owner if row is not None else tool.owner,
-            "payer": row.payer if row is not None else paid.signer,
-            "payTo": requirements.pay_to, "asset": requirements.asset, "nonce": paid.nonce,
+            "tool": tool.name, "owner": owner, "payer": payer, "payTo": requirements.pay_to, "asset": requirements.asset,
+            "nonce": paid.nonce,
             # What the row holds once settled: an upto payment's charge, not its signed maximum.
             "amount": str(upto_charge(requirements) if requirements.scheme == UPTO else int(requirements.amount)),
-            # What a receipt signs besides: resourceUrl (path), method, argumentsDigest (fingerprint).
-            "method": row.method if row is not None else ctx.method, "path": row.path if row is not None else ctx.path,
-            "fingerprint": row.fingerprint if row is not None else paid.fingerprint,
+            "method": method, "path": path, "fingerprint": fingerprint,
         }
     ctx.record("settled", transaction=receipt.transaction, network=receipt.network, paymentId=ctx.payment_id, **facts)
 
