@@ -114,6 +114,7 @@ class Chain:
         # The unpaid prefix, split the way the fast path runs it.
         self.shape_stages = tuple(stage for stage in self.stages[:at] if stage.shape_only)
         self.live_stages = tuple(stage for stage in self.stages[:at] if not stage.shape_only)
+        self.paid_stages = self.live_stages + self.stages[at:]  # a paid call whose shape the fast path kept
 
     @property
     def names(self) -> list[str]:
@@ -166,6 +167,14 @@ class Chain:
         if ctx.compiled is not None and ctx.compiled.tool.reaccess is not None:
             return None  # its 402 carries a fresh sign-in challenge (nonce, issuedAt): never kept
         return self.challenge.unpaid(ctx)
+
+    async def run_paid(self, ctx: RequestContext) -> Response:
+        """The chain for a paid call whose shape-only stages' results are already in ``ctx``."""
+        for stage in self.paid_stages:
+            answer = await stage(ctx)
+            if answer is not None:
+                return answer
+        raise AssertionError("the chain ended without an answer")  # ``respond`` always answers
 
     async def run_cached(self, ctx: RequestContext, cached: CachedChallenge) -> Response:
         """The unpaid prefix for a request whose shape-only stages' results are already in ``ctx``."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -39,6 +39,7 @@ from gateway.headers import PAYMENT_SIGNATURE, REQUEST_ID, X_PAYMENT, lower
 from gateway.pipeline.compiled import CompiledTool
 from gateway.pipeline.context import RequestContext
 from gateway.protocol.offers import Quote
+from gateway.upstream.trimming import AnswerRequest
 
 if TYPE_CHECKING:
     from gateway.pipeline.pipeline import Pipeline
@@ -46,10 +47,11 @@ if TYPE_CHECKING:
 __all__ = ["CachedResponse", "UnpaidFastPath"]
 
 # ``_key``'s answer (compared by identity) for a call the pipeline takes straight (``UnpaidFastPath._direct``).
-_DIRECT: tuple[tuple[Any, ...], bool] = ((), False)
+_DIRECT: tuple[tuple[Any, ...], bool, int] = ((), False, 0)
 MAX_ENTRIES = 1024  # distinct (method, path, query, host) answers kept; a few KB each
 MAX_KEY_CHARS = 2048  # of path, query and Host together: a request with a longer key is answered, not kept
-_PAYMENT_HEADERS = frozenset({lower(PAYMENT_SIGNATURE).encode(), lower(X_PAYMENT).encode()})
+_PAYMENT_SIGNATURE = lower(PAYMENT_SIGNATURE).encode()
+_X_PAYMENT = lower(X_PAYMENT).encode()
 _REQUEST_ID = lower(REQUEST_ID).encode()
 
 
@@ -75,6 +77,7 @@ class _Shape:
     query: str
     params: dict[str, str]
     arguments: dict[str, Any]
+    answer_request: AnswerRequest | None  # the x402gw_* parameters (``arguments``): a paid call's answer reads it
     quote: Quote
     code: str  # the 402's reason
     status: int
@@ -120,11 +123,14 @@ class UnpaidFastPath:
         if found is None:
             await self.app(scope, receive, send)
             return
-        key, origin = found
+        key, origin, version = found
         try:
             entry = self._entries[key]
         except KeyError:
             entry = await self._remember(key, scope)
+        if version:  # a paid call without a body: its shape is the unpaid call's
+            await (self._direct(scope, receive, send) if entry is None else self._paid(scope, receive, send, entry, version))
+            return
         if entry is None:
             await self.app(scope, receive, send)
             return
@@ -143,6 +149,22 @@ class UnpaidFastPath:
             send = self._with_cors(scope, send)
         await response(scope, receive, send)
 
+    async def _paid(self, scope: Scope, receive: Receive, send: Send, entry: _Shape, version: int) -> None:
+        """A paid call without a body: the pipeline's, from the stage after the shape-only ones,
+        with what they wrote taken from the unpaid call of the same key (the quote in the payment
+        header's protocol version, as ``offer`` would write it), as ``_direct`` answers it."""
+        client = scope.get("client")
+        quote = entry.quote if entry.quote.version == version else replace(entry.quote, version=version)
+        ctx = RequestContext(
+            method=scope["method"], path=entry.path, query=entry.query, client=client[0] if client else None,
+            raw_headers=scope["headers"], request=Request(scope, receive, send), tool=entry.tool,
+            compiled=entry.compiled, params=dict(entry.params), arguments=dict(entry.arguments),
+            answer_request=entry.answer_request, quote=quote, paying=True,
+        )
+        response = await self.chain.answer(ctx, self.chain.run_paid(ctx))
+        response.headers[REQUEST_ID] = ctx.request_id
+        await response(scope, receive, self._with_cors(scope, send))
+
     async def _direct(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A call with a payment or a body, to a path only the catalog's catch-all route takes:
         straight to the pipeline, as that route would hand it over, with the CORS headers the
@@ -155,10 +177,11 @@ class UnpaidFastPath:
         """``send`` through the app's ``CORSMiddleware.send``: the CORS headers it adds to an answer."""
         return functools.partial(self.cors.send, send=send, request_headers=Headers(scope=scope))
 
-    def _key(self, scope: Scope) -> tuple[tuple[Any, ...], bool] | None:
-        """The cache key of this request and whether it came with an Origin, if it is one the fast
-        path may answer; ``_DIRECT`` for a paid call (or one with a body) the pipeline answers
-        without the app's routing; else None."""
+    def _key(self, scope: Scope) -> tuple[tuple[Any, ...], bool, int] | None:
+        """The cache key of this request, whether it came with an Origin and the protocol version
+        of its payment header (0: none), if it is one the fast path may answer; ``_DIRECT`` for a
+        call with a body (or a paid HEAD, or no Host) the pipeline answers without the app's
+        routing; else None."""
         path: str = scope["path"]
         raw_path = scope.get("raw_path")
         if (
@@ -173,20 +196,31 @@ class UnpaidFastPath:
             return None
         host = None
         origin = False
+        version = 0  # as ``offer`` reads it: PAYMENT-SIGNATURE (v2) first, else X-PAYMENT (v1)
+        direct = False
         for name, value in scope["headers"]:
             if name == b"host":
                 if host is None:
                     host = value
             elif name == b"origin":
                 origin = True
-            elif name in _PAYMENT_HEADERS or name == b"transfer-encoding" or name == b"content-length" and value != b"0":
-                return None if any(pattern.match(path) for pattern in self._shadowed_patterns) else _DIRECT
-        if host is None:
+            elif name == _PAYMENT_SIGNATURE:
+                version = 2
+            elif name == _X_PAYMENT:
+                version = version or 1
+            elif name == b"transfer-encoding" or name == b"content-length" and value != b"0":
+                direct = True
+        if version or direct:
+            if any(pattern.match(path) for pattern in self._shadowed_patterns):
+                return None
+            if direct or host is None or scope["method"] == "HEAD":
+                return _DIRECT
+        elif host is None:
             return None  # without a Host, the URL is the server's
         server = scope.get("server")  # the URL's host when the Host header is unusable
         key = (scope["method"], path, scope.get("query_string", b""), host, scope.get("scheme"),
                None if server is None else tuple(server))
-        return key, origin
+        return key, origin, version
 
     async def _remember(self, key: tuple[Any, ...], scope: Scope) -> _Shape | None:
         shadowed = any(pattern.match(scope["path"]) for pattern in self._shadowed_patterns)
@@ -203,6 +237,9 @@ class UnpaidFastPath:
         """The chain's shape-only stages and the 402 they lead to, without side effects; None if
         any would refuse."""
         try:
+            # A paid call's shape is its unpaid call's: the 402 kept for the key is the unpaid one.
+            headers = [(name, value) for name, value in scope["headers"] if name not in (_PAYMENT_SIGNATURE, _X_PAYMENT)]
+            scope = {**scope, "headers": headers}
             request = Request(scope, _no_body)
             url = request.url
             ctx = RequestContext(method=scope["method"], path=url.path, query=url.query, client=None,
@@ -222,6 +259,6 @@ class UnpaidFastPath:
             return None  # CORS would change a header we prebuilt: let the app answer
         return _Shape(
             tool=ctx.tool, compiled=ctx.compiled, path=ctx.path, query=ctx.query, params=ctx.params,
-            arguments=ctx.arguments, quote=ctx.quote, code=challenge.code, status=response.status_code,
+            arguments=ctx.arguments, answer_request=ctx.answer_request, quote=ctx.quote, code=challenge.code, status=response.status_code,
             headers=tuple(response.raw_headers), body=bytes(response.body), cors_tail=tuple(tail),
         )
