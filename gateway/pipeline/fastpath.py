@@ -238,8 +238,8 @@ class UnpaidFastPath:
         any would refuse."""
         try:
             # A paid call's shape is its unpaid call's: the 402 kept for the key is the unpaid one.
-            headers = [(name, value) for name, value in scope["headers"] if name not in (_PAYMENT_SIGNATURE, _X_PAYMENT)]
-            scope = {**scope, "headers": headers}
+            unpaid = [(name, value) for name, value in scope["headers"] if name not in (_PAYMENT_SIGNATURE, _X_PAYMENT)]
+            scope = {**scope, "headers": unpaid}
             request = Request(scope, _no_body)
             url = request.url
             ctx = RequestContext(method=scope["method"], path=url.path, query=url.query, client=None,
@@ -259,6 +259,7 @@ class UnpaidFastPath:
             return None  # CORS would change a header we prebuilt: let the app answer
         return _Shape(
             tool=ctx.tool, compiled=ctx.compiled, path=ctx.path, query=ctx.query, params=ctx.params,
-            arguments=ctx.arguments, answer_request=ctx.answer_request, quote=ctx.quote, code=challenge.code, status=response.status_code,
+            arguments=ctx.arguments, answer_request=ctx.answer_request, quote=ctx.quote, code=challenge.code,
+            status=response.status_code,
             headers=tuple(response.raw_headers), body=bytes(response.body), cors_tail=tuple(tail),
         )
