@@ -13,10 +13,14 @@ own ``CORSMiddleware.send`` when the request has an Origin, and the ``Vary: Orig
 middleware adds to every other answer, prebuilt. It answers only a request to a catalog route that
 no other route of the app shadows, not OPTIONS, with no payment header, no body, and a plain ASCII
 path (no percent-encoding), whose shape-only stages pass. Anything else, including anything those
-stages refuse (404, 405, 422...), goes on to the app unchanged, except one kind: a call with a
-payment header or a body to such a path goes straight to the pipeline (``_direct``), as the app's
+stages refuse (404, 405, 422...), goes on to the app unchanged, except two kinds. A call with a
+body (or a paid HEAD) to such a path goes straight to the pipeline (``_direct``), as the app's
 catch-all route would hand it over, with the same CORS headers. What that skips is Starlette's
-exception middlewares and the walk along the app's other routes: a paid call's own overhead.
+exception middlewares and the walk along the app's other routes. A paid call without a body goes
+further (``_paid``): its shape is the unpaid call's of the same key, so the shape-only stages'
+results are taken from what is kept (the quote in the payment header's protocol version, as
+``offer`` writes it) and the chain runs from the stage after them. The kept shape and its 402
+are always computed without the payment headers, so a paid call never shapes an unpaid one's 402.
 """
 
 from __future__ import annotations
