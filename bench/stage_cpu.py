@@ -1,6 +1,7 @@
 """CPU per stage of a paid call: where the gateway's own CPU goes, stage by stage.
 
     python -m bench.stage_cpu [--calls 300] [--batched] [--yappi]
+    python -m bench.stage_cpu --concurrency 32 [--duration 8] [--batched]
 
 Starts a fresh anvil, the sample upstream and a gateway in this process (threads), pays ``--calls``
 calls of the example catalog's ``get_quote`` one after another with pre-signed authorizations, and
@@ -9,6 +10,13 @@ the client and the upstream, on their own threads, are left out): what a stage a
 (a batch's send and receipt, the upstream's answer being read) is charged to it. The ledger's
 group-commit thread (its writes, and the audit trail's appends, which share it on SQLite) is timed
 the same way and shown apart. These are real milliseconds, with a timer call around each stage.
+
+``--concurrency N``: under load instead, as ``bench.cpu_per_call`` drives it (wrk at N connections,
+pre-signed authorizations, ``--duration`` seconds): each stage is charged only the CPU of its own
+steps (the thread's CPU around each resumption of its coroutine, not what other requests do while
+it waits), so the table adds up under concurrency. What a stage starts but does not run itself
+(a batch's transaction and receipt polls, JSON-RPC batches, the upstream's answer parsed by the
+HTTP client's protocol) is the loop's time outside the stages.
 
 ``--yappi``: profile with yappi instead (``pip install -e '.[bench]'``): every function, but the
 figures carry yappi's own overhead (a few times the real cost of pure-Python code): read its shares.
@@ -28,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from bench.run import BATCH_POLICY
+from bench.run import BATCH_POLICY, fetch_offer, payment_headers, require_wrk, write_lines, wrk
 from catalog import load_catalogs
 from gateway.app import create_app
 from gateway.devkit.anvil import Anvil
@@ -90,12 +98,100 @@ class StageClock:
         return timed
 
 
+class _Steps:
+    """Drives a stage's coroutine, adding the thread's CPU of each of its steps to ``ns[label]``."""
+
+    __slots__ = ("coroutine", "label", "ns")
+
+    def __init__(self, coroutine: Any, label: str, ns: dict[str, int]) -> None:
+        self.coroutine, self.label, self.ns = coroutine, label, ns
+
+    def __await__(self) -> Any:
+        coroutine, ns, label = self.coroutine, self.ns, self.label
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            started = time.thread_time_ns()
+            try:
+                yielded = coroutine.send(value) if error is None else coroutine.throw(error)
+            except StopIteration as stop:
+                ns[label] += time.thread_time_ns() - started
+                return stop.value
+            except BaseException:
+                ns[label] += time.thread_time_ns() - started
+                raise
+            ns[label] += time.thread_time_ns() - started
+            try:
+                value, error = (yield yielded), None
+            except BaseException as exc:  # thrown in (a cancellation): handed to the stage
+                value, error = None, exc
+
+
+# Work a paid call starts in tasks of its own, charged to rows of their own under load (each of
+# these runs as its own task, never awaited inside a stage, so nothing is counted twice).
+BACKGROUND_TASKS = (
+    ("verify (its own task, beside the ledger lookup)", "gateway.pipeline.stages.exactly_once", None, "verify"),
+    ("batches (calldata, transaction, items)", "settlement.schemes.batch", "_NetworkBatcher", "_settle"),
+    ("JSON-RPC batches (encode, HTTP, decode)", "settlement.chain.rpc", "JsonRpcTransport", "_flush"),
+    ("receipt polls", "settlement.chain.receipts", "ReceiptPoller", "_poll_receipts"),
+)
+
+
+class StepClock(StageClock):
+    """``StageClock`` for concurrent requests: each stage is charged its own steps only, and so are
+    the tasks of ``BACKGROUND_TASKS``."""
+
+    def __init__(self, chain: Any) -> None:
+        super().__init__(chain)
+        for label, module_name, owner_name, attribute in BACKGROUND_TASKS:
+            module = importlib.import_module(module_name)
+            owner = module if owner_name is None else getattr(module, owner_name)
+            original = getattr(owner, attribute)
+            if not getattr(original, "__stepped__", False):
+                setattr(owner, attribute, self._charged(original, label))
+
+    def _charged(self, function: Any, label: str) -> Any:
+        ns = self.ns
+
+        async def charged(*args: Any, **kwargs: Any) -> Any:
+            return await _Steps(function(*args, **kwargs), label, ns)
+
+        charged.__stepped__ = True  # type: ignore[attr-defined]
+        return charged
+
+    def _timed(self, call: Any, label: str) -> Any:
+        ns = self.ns
+
+        def timed(stage: Any, ctx: Any) -> Any:
+            return _Steps(call(stage, ctx), label, ns)
+
+        return timed
+
+
+def under_load(app: Any, url: str, concurrency: int, duration: float, tmp: Path, threads: dict[str, int | None]
+               ) -> tuple[StepClock, dict[str, float], int]:
+    """wrk at ``concurrency`` on the paid path for ``duration`` seconds: the clock, the threads' CPU and the calls."""
+    clock = StepClock(app.state.pipeline.chain)
+    offer = fetch_offer(url + "/quotes/AAA")
+    headers = write_lines(tmp / "h.txt", payment_headers(offer, int(800 * duration) + 200))
+    wrk(url, "/quotes/AAA", 200, concurrency, 1, write_lines(tmp / "w.txt", payment_headers(offer, 400)))  # warm
+    clock.ns.clear()
+    before = {name: thread_cpu(tid) for name, tid in threads.items() if tid is not None}
+    result = wrk(url, "/quotes/AAA", 200, concurrency, duration, headers)
+    after = {name: thread_cpu(tid) for name, tid in threads.items() if tid is not None}
+    return clock, {name: after[name] - before[name] for name in after}, int(result["ok"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=600)
     parser.add_argument("--batched", action="store_true", help="batched settlement (case F) instead of one tx per call")
     parser.add_argument("--yappi", action="store_true", help="profile with yappi (every function, inflated figures)")
+    parser.add_argument("--concurrency", type=int, default=0, help="under load: wrk at this many connections")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load (with --concurrency)")
     args = parser.parse_args(argv)
+    if args.concurrency:
+        require_wrk()
     yappi: Any = None
     if args.yappi:
         try:  # bench only: pip install -e '.[bench]'
@@ -116,9 +212,18 @@ def main(argv: list[str] | None = None) -> int:
         ledger = open_ledger(settings.database_url)
         app = create_app(settings, catalogs=load_catalogs(settings.catalog), ledger=ledger)
         gateway = ThreadServer(app).start()
-        clock = None if yappi else StageClock(app.state.pipeline.chain)
         threads = {"loop": gateway.thread.native_id, "ledger": next(
             (t.native_id for t in threading.enumerate() if t.name == "x402gw-ledger"), None)}
+        if args.concurrency:
+            try:
+                clock, spent, calls = under_load(app, gateway.url, args.concurrency, args.duration, Path(tmp), threads)
+            finally:
+                gateway.stop()
+                upstream.stop()
+                ledger.close()
+            report_clock(clock.ns, spent, calls, args.batched, f"c={args.concurrency}, {calls} calls in {args.duration:g} s")
+            return 0
+        clock = None if yappi else StageClock(app.state.pipeline.chain)
         try:
             with httpx.Client(base_url=gateway.url, timeout=60) as client:
                 offer = PaymentRequired.model_validate(decode_header_json(client.get("/quotes/AAA").headers["PAYMENT-REQUIRED"]))
@@ -145,24 +250,25 @@ def main(argv: list[str] | None = None) -> int:
     if yappi:
         report(yappi.get_func_stats(), args.calls, stage_names())
     elif clock is not None:
-        report_clock(clock.ns, {name: after[name] - before[name] for name in after}, args.calls, args.batched)
+        report_clock(clock.ns, {name: after[name] - before[name] for name in after}, args.calls, args.batched,
+                     f"{args.calls} sequential calls")
     return 0
 
 
-def report_clock(ns: dict[str, int], threads: dict[str, float], calls: int, batched: bool) -> None:
+def report_clock(ns: dict[str, int], threads: dict[str, float], calls: int, batched: bool, how: str) -> None:
     loop, ledger = threads.get("loop", 0.0), threads.get("ledger", 0.0)
     staged = sum(ns.values()) / 1e9
     print(f"CPU per paid call by stage ({'batched settlement' if batched else 'one transaction per call'}; thread CPU "
-          f"time, {calls} sequential calls)")
-    print(f"  {'stage':36s} {'ms':>8s} {'share':>7s}")
+          f"time, {how})")
+    print(f"  {'stage':48s} {'ms':>8s} {'share':>7s}")
     total = loop + ledger
     rows = [(name, value / 1e9) for name, value in ns.items()]
-    rows.append(("loop outside the stages (HTTP, routing)", max(loop - staged, 0.0)))
+    rows.append(("loop outside the stages", max(loop - staged, 0.0)))
     rows.append(("ledger thread (ledger writes, audit)", ledger))
     for name, seconds in sorted(rows, key=lambda kv: -kv[1]):
         if seconds * 1000 / calls >= 0.005:
-            print(f"  {name:36s} {seconds * 1000 / calls:8.3f} {100 * seconds / total:6.1f}%")
-    print(f"  {'total (loop thread + ledger thread)':36s} {total * 1000 / calls:8.3f}")
+            print(f"  {name:48s} {seconds * 1000 / calls:8.3f} {100 * seconds / total:6.1f}%")
+    print(f"  {'total (loop thread + ledger thread)':48s} {total * 1000 / calls:8.3f}")
     print("  (thread totals from /proc, 10 ms ticks: the stages' sum is exact, the two totals within 10 ms / calls)")
 
 
@@ -180,12 +286,12 @@ def report(stats: object, calls: int, names: dict[str, str]) -> None:
     whole = cpu.pop("(the whole request on the loop)", 0.0)
     total = whole + sum(cpu[label] for label, _, _ in BACKGROUND)
     print(f"CPU per paid call by stage (yappi, CPU clock, {calls} sequential calls; ms per call under the profiler)")
-    print(f"  {'stage':36s} {'ms':>8s} {'share':>7s}")
+    print(f"  {'stage':48s} {'ms':>8s} {'share':>7s}")
     for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):
         if seconds * 1000 / calls >= 0.005:
-            print(f"  {name:36s} {seconds * 1000 / calls:8.3f} {100 * seconds / total:6.1f}%")
-    print(f"  {'request on the loop, all stages':36s} {whole * 1000 / calls:8.3f} {100 * whole / total:6.1f}%")
-    print(f"  {'total (loop + ledger + audit)':36s} {total * 1000 / calls:8.3f}")
+            print(f"  {name:48s} {seconds * 1000 / calls:8.3f} {100 * seconds / total:6.1f}%")
+    print(f"  {'request on the loop, all stages':48s} {whole * 1000 / calls:8.3f} {100 * whole / total:6.1f}%")
+    print(f"  {'total (loop + ledger + audit)':48s} {total * 1000 / calls:8.3f}")
 
 
 if __name__ == "__main__":
