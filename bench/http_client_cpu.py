@@ -5,7 +5,7 @@
 Starts the sample upstream (uvicorn, as ``bench.run`` does) and a fresh anvil, then times, with this
 process's CPU (``time.process_time``, the client's side only), ``--calls`` ``AiohttpUpstreamClient.send``
 GETs of the bench path at ``--concurrency``, and ``--rpc-calls`` JSON-RPC batches of eight
-``eth_call`` s (the batched paid path's mix: about eight calls a batch) through ``JsonRpcChain``.
+``eth_call`` s (the batched paid path sends about nine calls a POST on average, most POSTs one or two) through ``JsonRpcChain``.
 Prints microseconds of CPU per send and per batch.
 """
 
