@@ -70,8 +70,8 @@ def _received(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     Starlette writes them back): a UTF-8 file name or any obs-text reaches the agent unchanged.
     aiohttp's own view decodes UTF-8, which Starlette cannot encode: a paid answer was a 500. A field
     whose value holds a control character (DEL, VT...) is dropped: the server would refuse to write it."""
-    fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
-    return [(name, value) for name, value in fields if not _UNWRITABLE.search(value)]
+    search = _UNWRITABLE.search
+    return [(name.decode("latin-1"), text) for name, value in raw if not search(text := value.decode("latin-1"))]
 
 
 def wire_value(value: str) -> str | None:
@@ -143,6 +143,15 @@ class AiohttpUpstreamClient:
     def __init__(self, *, max_connections: int = 256) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._max_connections = max_connections
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}  # by seconds: a tool's, so a handful
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            if len(self._timeouts) >= 64:  # bounded, whatever callers pass
+                self._timeouts.clear()
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return timeout
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -163,7 +172,7 @@ class AiohttpUpstreamClient:
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                timeout=self._timeout(timeout),
             ) as response:
                 if response.content_length is not None and response.content_length > max_bytes:
                     raise GatewayError(codes.UPSTREAM_RESPONSE_TOO_LARGE, "the upstream answer exceeds the size limit")
@@ -207,15 +216,18 @@ async def _read_whole(content: aiohttp.StreamReader, max_bytes: int) -> bytes:
     """The whole body, or the first ``max_bytes`` + 1 bytes of one that is larger. ``read(n)`` hands
     back what has arrived so far, up to ``n``: read once, an answer sent in two parts was served (and
     charged) cut short. A body that ends before its Content-Length raises (aiohttp's payload error)."""
-    parts: list[bytes] = []
-    size = 0
+    first = await content.read(max_bytes + 1)
+    if not first or content.at_eof() or len(first) > max_bytes:  # mostly: the whole body came in one go
+        return first
+    parts = [first]
+    size = len(first)
     while size <= max_bytes:
         chunk = await content.read(max_bytes + 1 - size)
         if not chunk:  # the end of the body
             break
         parts.append(chunk)
         size += len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return b"".join(parts)
 
 
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

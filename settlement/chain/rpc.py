@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from pydantic_core import to_json
 
 from settlement.errors import ChainUnavailable
 
@@ -113,7 +114,8 @@ class JsonRpcTransport:
         if self._session is None or self._session.closed or self._session_loop is not loop:
             connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self._request_timeout), trust_env=False
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self._request_timeout), trust_env=False,
+                headers={"Content-Type": "application/json"},  # every request's, set once
             )
             self._session_loop = loop
         return self._session
@@ -210,7 +212,9 @@ class JsonRpcTransport:
         return up + [url for url in self.rpc_urls if url not in up]
 
     async def _http(self, body: Any) -> Any:
-        data = json.dumps(body, separators=(",", ":")).encode()
+        # Compact JSON, as json.dumps(separators=(",", ":")) writes it (non-ASCII as UTF-8, not \u
+        # escapes): pydantic's Rust encoder, a fifth of the time on a batch (bench/http_client_cpu.py).
+        data = to_json(body)
         failure: BaseException | None = None
         for url in self._url_order():
             health = self._rpc_health[url]
@@ -232,11 +236,11 @@ class JsonRpcTransport:
     async def _http_at(self, url: str, data: bytes) -> Any:
         for attempt in range(2):
             try:
-                async with self._client().post(url, data=data, headers={"Content-Type": "application/json"}) as reply:
+                async with self._client().post(url, data=data) as reply:
                     if reply.status == 429:
                         raise _UnusableStatus("HTTP 429")
                     try:
-                        return await reply.json(content_type=None, loads=json.loads)
+                        return json.loads(await reply.read())  # JSON's own UTF-8/16/32 detection
                     except (ValueError, RecursionError):
                         if reply.status >= 500:
                             raise _UnusableStatus(f"HTTP {reply.status}") from None
