@@ -25,11 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.app import create_app
-from gateway.ops.serving import ThreadServer
-from gateway.settings import Settings
 from settlement.ledger import PaymentState
-from settlement.schema import open_ledger
 from tests.support.attack_stack import (
     JUNK_SIGNATURE,
     Gateway,
@@ -37,6 +33,7 @@ from tests.support.attack_stack import (
     attack_stack,
     error_of,
     offer_for,
+    reference_gateway,
     sign,
     v1_header,
     v2_header,
@@ -54,17 +51,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def reference(stack: Stack) -> Iterator[Gateway]:
-    """A gateway like ``stack.gateway()`` with the fast path off: every request through the app."""
-    settings = Settings(catalog=[stack.catalog_path], deployment_file=stack.deployment_file,
-                        database_url=f"sqlite:///{stack.directory / 'ledger-reference.sqlite3'}",
-                        receipt_timeout_seconds=10)
-    ledger = open_ledger(settings.database_url)
-    server = ThreadServer(create_app(settings, catalogs=stack.catalogs, ledger=ledger, fast_path=False)).start()
-    try:
-        yield Gateway(server.url, "memory", ledger, server)
-    finally:
-        server.stop()
-        ledger.close()
+    with reference_gateway(stack) as gateway:
+        yield gateway
 
 
 def junk(payload: Any) -> dict[str, Any]:

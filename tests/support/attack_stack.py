@@ -234,6 +234,23 @@ def attack_stack(directory: Path) -> Iterator[Stack]:
                 pass
 
 
+@contextmanager
+def reference_gateway(stack: Stack, settlement_index: int = 7) -> Iterator[Gateway]:
+    """A gateway like ``stack.gateway()`` with the fast path off (every request through the app): the
+    reference the fast path's answers are compared with. It settles from anvil account
+    ``settlement_index``, not the stack's settlement account, so two gateways never race one nonce."""
+    settings = Settings(catalog=[stack.catalog_path], deployment_file=stack.deployment_file,
+                        database_url=f"sqlite:///{stack.directory / 'ledger-reference.sqlite3'}",
+                        receipt_timeout_seconds=10, settlement_key=stack.chain.key(settlement_index))
+    ledger = open_ledger(settings.database_url)
+    server = ThreadServer(create_app(settings, catalogs=stack.catalogs, ledger=ledger, fast_path=False)).start()
+    try:
+        yield Gateway(server.url, "memory", ledger, server)
+    finally:
+        server.stop()
+        ledger.close()
+
+
 # -- building payments -----------------------------------------------------------------------------
 
 
