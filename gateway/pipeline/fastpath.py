@@ -19,8 +19,9 @@ catch-all route would hand it over, with the same CORS headers. What that skips 
 exception middlewares and the walk along the app's other routes. A paid call without a body goes
 further (``_paid``): its shape is the unpaid call's of the same key, so the shape-only stages'
 results are taken from what is kept (the quote in the payment header's protocol version, as
-``offer`` writes it) and the chain runs from the stage after them. The kept shape and its 402
-are always computed without the payment headers, so a paid call never shapes an unpaid one's 402.
+``offer`` writes it) and the chain runs from the stage after them (with tracing on, the whole chain,
+so its trace shows every stage). The kept shape and its 402 are always computed without the payment
+headers, so a paid call never shapes an unpaid one's 402.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class UnpaidFastPath:
         self.app = app
         self.pipeline = pipeline
         self.chain = pipeline.chain
+        # With tracing on, a paid call's trace shows every stage: it goes to the pipeline whole.
+        self.paid_shapes = pipeline.tracing is None
         self.cors = cors  # the app's CORS settings: its ``send`` adds CORS headers to an answer
         # Routes the app tries before the catalog's catch-all: a path one of them may take is not ours.
         self._shadowed_literal: set[str] = set()
@@ -128,6 +131,9 @@ class UnpaidFastPath:
             await self.app(scope, receive, send)
             return
         key, origin, version = found
+        if version and not self.paid_shapes:
+            await self._direct(scope, receive, send)
+            return
         try:
             entry = self._entries[key]
         except KeyError:
