@@ -8,6 +8,8 @@ the thread-local slot through which a call finds the group's connection.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import queue
 import threading
@@ -23,6 +25,9 @@ __all__ = ["GroupCommitWorker", "atomic_alone"]
 
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
+# Whom a call's outcome goes to: an executor's future (any thread), or an event loop's own future,
+# answered on its loop (``submit_grouped_on``).
+_Target = Future[Any] | asyncio.Future[Any]
 
 
 def atomic_alone(fn: _F) -> _F:
@@ -46,6 +51,10 @@ class GroupCommitWorker(Executor):
     next one, committed once, and only then answered: a caller that was told "written" is durable
     (the write-ahead rule), and a burst of payments costs one commit, not one each.
 
+    ``submit_grouped_on`` is the event loop's way in (``Ledger.run``): its caller awaits a plain
+    future of its loop, and a group's answers reach each loop in one ``call_soon_threadsafe`` (one
+    wake-up of the loop per group, not one per call through a ``concurrent.futures.Future``).
+
     Each call runs in its own savepoint: one that raises is answered with its error, leaves nothing
     behind, and undoes none of the others.
     ``submit`` runs a call alone, outside any group transaction (the audit trail's appends, which
@@ -59,23 +68,32 @@ class GroupCommitWorker(Executor):
         the ledger's ``_connection`` and ``_session``)."""
         self._engine = engine
         self._batch = batch
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], bool] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], _Target, bool] | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="x402gw-ledger", daemon=True)
         self._thread.start()
 
     def submit_grouped(self, call: Callable[[], _T]) -> Future[_T]:
-        return self._put(call, grouped=True)
+        future: Future[_T] = Future()
+        self._put(call, future, grouped=True)
+        return future
+
+    def submit_grouped_on(self, call: Callable[[], _T], loop: asyncio.AbstractEventLoop) -> asyncio.Future[_T]:
+        """``submit_grouped`` for a caller on ``loop`` (its thread only): answered on ``loop``. A
+        caller that cancels its future stops waiting; the call, once queued, runs all the same."""
+        future: asyncio.Future[_T] = loop.create_future()
+        self._put(call, future, grouped=True)
+        return future
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        return self._put(functools.partial(fn, *args, **kwargs), grouped=False)
+        future: Future[_T] = Future()
+        self._put(functools.partial(fn, *args, **kwargs), future, grouped=False)
+        return future
 
-    def _put(self, call: Callable[[], Any], *, grouped: bool) -> Future[Any]:
+    def _put(self, call: Callable[[], Any], future: _Target, *, grouped: bool) -> None:
         if self._closed:
             raise LedgerError("the ledger is closed", code="ledger_closed")
-        future: Future[Any] = Future()
         self._queue.put((call, future, grouped))
-        return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if not self._closed:
@@ -85,7 +103,7 @@ class GroupCommitWorker(Executor):
             self._thread.join()
 
     def _loop(self) -> None:
-        held: tuple[Callable[[], Any], Future[Any], bool] | None = None
+        held: tuple[Callable[[], Any], _Target, bool] | None = None
         while True:
             item = held if held is not None else self._queue.get()
             held = None
@@ -110,10 +128,10 @@ class GroupCommitWorker(Executor):
                 group.append((nxt[0], nxt[1]))
             self._answer(self._run_group(group))
 
-    def _run_group(self, group: list[tuple[Callable[[], Any], Future[Any]]]) -> list[tuple[Future[Any], bool, Any]]:
+    def _run_group(self, group: list[tuple[Callable[[], Any], _Target]]) -> list[tuple[_Target, bool, Any]]:
         if len(group) == 1:
             return [(group[0][1], *_outcome(group[0][0]))]
-        outcomes: list[tuple[Future[Any], bool, Any]] = []
+        outcomes: list[tuple[_Target, bool, Any]] = []
         try:
             with self._engine.begin() as connection:
                 # pysqlite begins lazily at the first write: begin now, so the savepoints below nest
@@ -149,18 +167,49 @@ class GroupCommitWorker(Executor):
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(LedgerError("the ledger is closed", code="ledger_closed"))
+            if item is not None:
+                GroupCommitWorker._answer([(item[1], False, LedgerError("the ledger is closed", code="ledger_closed"))])
 
     @staticmethod
-    def _answer(outcomes: list[tuple[Future[Any], bool, Any]]) -> None:
+    def _answer(outcomes: list[tuple[_Target, bool, Any]]) -> None:
+        on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for future, ok, value in outcomes:
-            if not future.set_running_or_notify_cancel():
+            if not isinstance(future, Future):
+                on_loops.setdefault(future.get_loop(), []).append((future, ok, value))
+            elif not future.set_running_or_notify_cancel():
                 continue
-            if ok:
+            elif ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+        for loop, answers in on_loops.items():
+            try:
+                loop.call_soon_threadsafe(_settle, answers)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting (asyncio.wrap_future drops it too)
+
+
+def _settle(answers: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """On the futures' loop: each answer as ``asyncio.wrap_future`` would copy it over."""
+    for future, ok, value in answers:
+        if future.cancelled():
+            continue  # its caller stopped waiting
+        try:
+            if ok:
+                future.set_result(value)
+            else:
+                convert = _EXCEPTIONS.get(type(value))
+                future.set_exception(value if convert is None else convert(*value.args))
+        except Exception as exc:  # noqa: BLE001 - one future that cannot take its answer (StopIteration) leaves the others'
+            future.get_loop().call_exception_handler({"message": "a ledger call's answer was refused", "exception": exc,
+                                                      "future": future})
+
+
+# concurrent.futures' own exceptions as asyncio's (what ``asyncio.wrap_future`` converts).
+_EXCEPTIONS: dict[type[BaseException], type[BaseException]] = {
+    concurrent.futures.CancelledError: asyncio.CancelledError,
+    concurrent.futures.InvalidStateError: asyncio.InvalidStateError,
+}
 
 
 def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:

@@ -116,7 +116,7 @@ class Ledger(LedgerReads, RefundTransitions):
         loop = asyncio.get_running_loop()
         call = functools.partial(fn, *args, **kwargs)
         if isinstance(self.executor, GroupCommitWorker):
-            return await asyncio.wrap_future(self.executor.submit_grouped(call), loop=loop)
+            return await self.executor.submit_grouped_on(call, loop)
         return await loop.run_in_executor(self.executor, call)
 
     def close(self) -> None:

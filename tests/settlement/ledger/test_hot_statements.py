@@ -83,3 +83,24 @@ def test_rows_built_without_the_constructor_read_like_loaded_ones(ledger: Ledger
     assert (copy.state, copy.tx_hash, copy.block_number, copy.amount) == ("settled", "0x" + "cd" * 32, 9, 12_000)
     assert (row.state, row.tx_hash, row.block_number, row.amount) == ("verified", None, None, 12_345)
     assert copy.id == row.id and copy.nonce == row.nonce and copy.refund_owed is None
+
+
+def test_sqlite_datetimes_are_bound_as_sqlalchemy_binds_them() -> None:
+    """The hot statements' own SQLite DATETIME processor writes the very text SQLAlchemy's does."""
+    from datetime import date, timedelta, timezone
+
+    from sqlalchemy import Column, DateTime, MetaData, Table, create_engine
+
+    table = Table("t", MetaData(), Column("at", DateTime(timezone=True)))
+    dialect = create_engine("sqlite://").dialect
+    hot = HotStatement(insert(table), dialect, ["at"])
+    theirs = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
+    assert theirs is not None
+    values = [datetime(2026, 12, 5, 18, 46, 7, 214625, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5),
+              datetime(999, 1, 1, tzinfo=UTC), datetime(5, 6, 7, 8, 9, 10, 11), datetime(9999, 12, 31, 23, 59, 59, 999999),
+              datetime(2026, 6, 1, 12, tzinfo=timezone(timedelta(hours=-5, minutes=-30))), date(2026, 2, 3)]
+    for value in values:
+        assert hot.parameters({"at": value}) == [theirs(value)], value
+    assert hot.parameters({"at": None}) == [None]
+    with pytest.raises(TypeError):
+        hot.parameters({"at": "2026-01-01"})

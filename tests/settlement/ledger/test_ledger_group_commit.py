@@ -148,3 +148,57 @@ def test_a_closed_ledger_refuses_new_calls(tmp_path: Path) -> None:
     with pytest.raises(LedgerError) as refused:
         asyncio.run(ledger.run(ledger.all))
     assert refused.value.code == "ledger_closed"
+
+
+def test_a_caller_that_stops_waiting_leaves_its_call_written_and_its_neighbours_answered(tmp_path: Path) -> None:
+    """The loop's futures are answered a group at a time (``submit_grouped_on``): a cancelled caller's
+    call still runs (as through ``asyncio.wrap_future``), and the others in its group get their answers."""
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+
+    async def run() -> list[Any]:
+        calls = [asyncio.ensure_future(ledger.run(ledger.record_verified, **ledger_fields(i))) for i in range(6)]
+        await asyncio.sleep(0)  # all queued
+        calls[2].cancel()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        results = asyncio.run(run())
+        assert isinstance(results[2], asyncio.CancelledError)
+        assert [r.request_id for i, r in enumerate(results) if i != 2] == ["req-0", "req-1", "req-3", "req-4", "req-5"]
+        assert len(ledger.all()) == 6
+    finally:
+        ledger.close()
+
+
+def test_answers_reach_each_callers_own_loop_with_asyncios_exceptions(tmp_path: Path) -> None:
+    """Two event loops (threads) share the one ledger thread; an executor's CancelledError raised by a
+    call reaches its caller as asyncio's, as ``asyncio.wrap_future`` converted it."""
+    import concurrent.futures
+    import threading
+
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+
+    def cancelled() -> None:
+        raise concurrent.futures.CancelledError("gone")
+
+    async def run(base: int) -> list[Any]:
+        rows = asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(base + i)) for i in range(20)))
+        try:
+            await ledger.run(cancelled)
+        except asyncio.CancelledError as exc:
+            return [*await rows, exc]
+        raise AssertionError("not raised")
+
+    results: dict[int, list[Any]] = {}
+    threads = [threading.Thread(target=lambda b=base: results.__setitem__(b, asyncio.run(run(b)))) for base in (0, 100)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for base in (0, 100):
+            *rows, error = results[base]
+            assert [row.request_id for row in rows] == [f"req-{base + i}" for i in range(20)]
+            assert type(error) is asyncio.CancelledError and error.args == ("gone",)
+    finally:
+        ledger.close()
