@@ -152,11 +152,7 @@ class Chain:
                 log.exception("finalizer %s failed on request %s", finalizer.name, ctx.request_id)
 
     async def run(self, ctx: RequestContext) -> Response:
-        for stage in self.stages:
-            answer = await stage(ctx)
-            if answer is not None:
-                return answer
-        raise AssertionError("the chain ended without an answer")  # ``respond`` always answers
+        return await _through(self.stages, ctx)
 
     async def run_shape(self, ctx: RequestContext) -> PaymentChallenge | None:
         """The unpaid prefix's shape-only stages (a refusal raises); then the 402 they lead to, or
@@ -170,11 +166,7 @@ class Chain:
 
     async def run_paid(self, ctx: RequestContext) -> Response:
         """The chain for a paid call whose shape-only stages' results are already in ``ctx``."""
-        for stage in self.paid_stages:
-            answer = await stage(ctx)
-            if answer is not None:
-                return answer
-        raise AssertionError("the chain ended without an answer")  # ``respond`` always answers
+        return await _through(self.paid_stages, ctx)
 
     async def run_cached(self, ctx: RequestContext, cached: CachedChallenge) -> Response:
         """The unpaid prefix for a request whose shape-only stages' results are already in ``ctx``."""
@@ -183,6 +175,14 @@ class Chain:
             if answer is not None:
                 return answer
         return self.challenge.issue(ctx, cached.code, cached.response(ctx.request_id))
+
+
+async def _through(stages: Sequence[Stage], ctx: RequestContext) -> Response:
+    for stage in stages:
+        answer = await stage(ctx)
+        if answer is not None:
+            return answer
+    raise AssertionError("the chain ended without an answer")  # ``respond`` always answers
 
 
 def _refusal(ctx: RequestContext, exc: Exception) -> Response:

@@ -216,18 +216,17 @@ async def _read_whole(content: aiohttp.StreamReader, max_bytes: int) -> bytes:
     """The whole body, or the first ``max_bytes`` + 1 bytes of one that is larger. ``read(n)`` hands
     back what has arrived so far, up to ``n``: read once, an answer sent in two parts was served (and
     charged) cut short. A body that ends before its Content-Length raises (aiohttp's payload error)."""
-    first = await content.read(max_bytes + 1)
-    if not first or content.at_eof() or len(first) > max_bytes:  # mostly: the whole body came in one go
-        return first
-    parts = [first]
-    size = len(first)
+    parts: list[bytes] = []
+    size = 0
     while size <= max_bytes:
         chunk = await content.read(max_bytes + 1 - size)
         if not chunk:  # the end of the body
             break
         parts.append(chunk)
         size += len(chunk)
-    return b"".join(parts)
+        if content.at_eof():  # mostly: the whole body came in one go, no second read
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -212,8 +212,9 @@ class JsonRpcTransport:
         return up + [url for url in self.rpc_urls if url not in up]
 
     async def _http(self, body: Any) -> Any:
-        # Compact JSON, as json.dumps(separators=(",", ":")) writes it (non-ASCII as UTF-8, not \u
-        # escapes): pydantic's Rust encoder, a fifth of the time on a batch (bench/http_client_cpu.py).
+        # Compact JSON, as json.dumps(ensure_ascii=False, separators=(",", ":")) writes the hex strings
+        # and numbers sent here (non-ASCII would go as UTF-8, not \u escapes): pydantic's Rust encoder,
+        # a fifth of the time on a batch (bench/http_client_cpu.py).
         data = to_json(body)
         failure: BaseException | None = None
         for url in self._url_order():
@@ -240,7 +241,9 @@ class JsonRpcTransport:
                     if reply.status == 429:
                         raise _UnusableStatus("HTTP 429")
                     try:
-                        return json.loads(await reply.read())  # JSON's own UTF-8/16/32 detection
+                        raw = await reply.read()
+                        # An empty body is no answer (None), as aiohttp's ``json()`` read it before.
+                        return json.loads(raw) if raw.strip() else None
                     except (ValueError, RecursionError):
                         if reply.status >= 500:
                             raise _UnusableStatus(f"HTTP {reply.status}") from None

@@ -155,9 +155,7 @@ class GroupCommitWorker(Executor):
                 finally:
                     self._batch.connection = None
         except Exception as exc:  # noqa: BLE001 - the commit (or BEGIN) failed: nothing of the group was written
-            error = LedgerError(f"ledger write failed ({type(exc).__name__})")
-            error.__cause__ = exc
-            return [(future, False, error) for _, future in group]
+            return [(future, False, _write_failed(exc)) for _, future in group]  # one error each: tracebacks apart
         return outcomes
 
     def _refuse_the_rest(self) -> None:
@@ -189,6 +187,12 @@ class GroupCommitWorker(Executor):
                 pass  # the loop is closed: nobody is waiting (asyncio.wrap_future drops it too)
 
 
+def _write_failed(exc: Exception) -> LedgerError:
+    error = LedgerError(f"ledger write failed ({type(exc).__name__})")
+    error.__cause__ = exc
+    return error
+
+
 def _settle(answers: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     """On the futures' loop: each answer as ``asyncio.wrap_future`` would copy it over."""
     for future, ok, value in answers:
@@ -203,6 +207,9 @@ def _settle(answers: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
         except Exception as exc:  # noqa: BLE001 - one future that cannot take its answer (StopIteration) leaves the others'
             future.get_loop().call_exception_handler({"message": "a ledger call's answer was refused", "exception": exc,
                                                       "future": future})
+            refused = RuntimeError(f"the ledger call's answer could not be handed over ({type(value).__name__})")
+            refused.__cause__ = exc
+            future.set_exception(refused)  # never left waiting
 
 
 # concurrent.futures' own exceptions as asyncio's (what ``asyncio.wrap_future`` converts).

@@ -17,7 +17,7 @@ rows (result processing, ORM objects) stay with SQLAlchemy.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy.dialects import sqlite
@@ -111,7 +111,7 @@ def _sqlite_datetime(impl: Any, dialect: Dialect) -> Callable[[Any], Any] | None
     isoformat = datetime.isoformat
 
     def process(value: Any) -> Any:
-        if type(value) is datetime:
+        if type(value) is datetime and (value.tzinfo is None or value.tzinfo is UTC):  # utcoffset() cannot raise
             return isoformat(value, " ", "microseconds")[:26]
         return fallback(value) if fallback is not None else value
 

@@ -127,3 +127,19 @@ def test_one_url_string_still_works() -> None:
     assert JsonRpcChain("http://a/v2/k  http://b", 1, None).rpc_urls == ["http://a/v2/k", "http://b"]
     with pytest.raises(ValueError):
         JsonRpcChain([], 1, None)
+
+
+@pytest.mark.parametrize("bad_node", [(200, "", "application/json"), (200, " \n", "application/json")], indirect=True)
+def test_an_empty_reply_is_no_answer_from_a_node_that_is_up(devchain: Devchain, bad_node: BadNode) -> None:
+    """An empty body is no JSON-RPC answer (what aiohttp's ``json()`` read it as, before the
+    transport parsed the bytes itself): the caller learns the chain is unavailable, the node is not
+    taken for down, and the next URL is not asked."""
+    chain = JsonRpcChain([bad_node.server.url, devchain.anvil.rpc_url], 31337, None)
+
+    async def work(chain: JsonRpcChain) -> Any:
+        with pytest.raises(ChainUnavailable, match="not a JSON-RPC answer"):
+            await chain.remote_chain_id()
+        return chain.rpc_health()
+
+    assert [h["state"] for h in run(chain, work)] == ["up", "unknown"]
+    assert bad_node.hits == 1

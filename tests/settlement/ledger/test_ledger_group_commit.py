@@ -100,6 +100,8 @@ def test_a_failed_commit_fails_every_call_in_it(tmp_path: Path) -> None:
     try:
         results = asyncio.run(run())
         assert results and all(isinstance(r, (LedgerError, RuntimeError)) for r in results)
+        grouped = [r for r in results if isinstance(r, LedgerError)]
+        assert len({id(r) for r in grouped}) == len(grouped)  # one error each: their tracebacks stay apart
         assert {row.state for row in ledger.all()} == {PaymentState.VERIFIED.value}  # nothing half-written
     finally:
         ledger.close()
@@ -200,5 +202,26 @@ def test_answers_reach_each_callers_own_loop_with_asyncios_exceptions(tmp_path: 
             *rows, error = results[base]
             assert [row.request_id for row in rows] == [f"req-{base + i}" for i in range(20)]
             assert type(error) is asyncio.CancelledError and error.args == ("gone",)
+    finally:
+        ledger.close()
+
+
+def test_a_call_whose_answer_cannot_be_handed_over_is_still_answered(tmp_path: Path) -> None:
+    """A ledger call that raises StopIteration (which a future refuses to carry) fails its caller with
+    a RuntimeError naming it, instead of leaving it waiting for ever; its neighbours are answered."""
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+
+    def stops() -> None:
+        raise StopIteration
+
+    async def run() -> list[Any]:
+        return await asyncio.wait_for(asyncio.gather(
+            ledger.run(stops), ledger.run(ledger.record_verified, **ledger_fields(1)), return_exceptions=True,
+        ), timeout=30)
+
+    try:
+        refused, row = asyncio.run(run())
+        assert isinstance(refused, RuntimeError) and "StopIteration" in str(refused)
+        assert row.request_id == "req-1"
     finally:
         ledger.close()
