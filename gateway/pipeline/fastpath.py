@@ -90,6 +90,16 @@ class _Shape:
     body: bytes
     cors_tail: tuple[tuple[bytes, bytes], ...]  # what CORS adds after X-Request-Id without an Origin
 
+    def context(self, scope: Scope, quote: Quote, **more: Any) -> RequestContext:
+        """A request's context holding what the shape-only stages wrote for this shape (its own
+        copies of what a later stage may change), with ``quote`` and ``more``."""
+        client = scope.get("client")
+        return RequestContext(
+            method=scope["method"], path=self.path, query=self.query, client=client[0] if client else None,
+            raw_headers=scope["headers"], tool=self.tool, compiled=self.compiled, params=dict(self.params),
+            arguments=dict(self.arguments), answer_request=self.answer_request, quote=quote, **more,
+        )
+
     def response(self, request_id: str) -> CachedResponse:
         return CachedResponse(self.status, [*self.headers, (_REQUEST_ID, request_id.encode())], self.body)
 
@@ -144,12 +154,7 @@ class UnpaidFastPath:
         if entry is None:
             await self.app(scope, receive, send)
             return
-        client = scope.get("client")
-        ctx = RequestContext(
-            method=scope["method"], path=entry.path, query=entry.query, client=client[0] if client else None,
-            raw_headers=scope["headers"], tool=entry.tool, compiled=entry.compiled, params=dict(entry.params),
-            arguments=dict(entry.arguments), quote=entry.quote,
-        )
+        ctx = entry.context(scope, entry.quote)
         response = await self.chain.answer(ctx, self.chain.run_cached(ctx, entry))
         if isinstance(response, CachedResponse) and not origin:
             response.raw_headers.extend(entry.cors_tail)
@@ -163,20 +168,14 @@ class UnpaidFastPath:
         """A paid call without a body: the pipeline's, from the stage after the shape-only ones,
         with what they wrote taken from the unpaid call of the same key (the quote in the payment
         header's protocol version, as ``offer`` would write it), as ``_direct`` answers it."""
-        client = scope.get("client")
         quote = entry.quote if entry.quote.version == version else replace(entry.quote, version=version)
-        ctx = RequestContext(
-            method=scope["method"], path=entry.path, query=entry.query, client=client[0] if client else None,
-            raw_headers=scope["headers"], request=Request(scope, receive, send), tool=entry.tool,
-            compiled=entry.compiled, params=dict(entry.params), arguments=dict(entry.arguments),
-            answer_request=entry.answer_request, quote=quote, paying=True,
-        )
+        ctx = entry.context(scope, quote, request=Request(scope, receive, send), paying=True)
         response = await self.chain.answer(ctx, self.chain.run_paid(ctx))
         response.headers[REQUEST_ID] = ctx.request_id
         await response(scope, receive, self._with_cors(scope, send))
 
     async def _direct(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A call with a payment or a body, to a path only the catalog's catch-all route takes:
+        """A call with a body (or a paid call no kept shape serves), to a path only the catalog's catch-all route takes:
         straight to the pipeline, as that route would hand it over, with the CORS headers the
         app's ``CORSMiddleware`` adds; Starlette's exception middlewares and the walk along the
         app's other routes are what is skipped (the pipeline answers every refusal itself)."""

@@ -73,14 +73,10 @@ class GroupCommitWorker(Executor):
         self._thread = threading.Thread(target=self._loop, name="x402gw-ledger", daemon=True)
         self._thread.start()
 
-    def submit_grouped(self, call: Callable[[], _T]) -> Future[_T]:
-        future: Future[_T] = Future()
-        self._put(call, future, grouped=True)
-        return future
-
     def submit_grouped_on(self, call: Callable[[], _T], loop: asyncio.AbstractEventLoop) -> asyncio.Future[_T]:
-        """``submit_grouped`` for a caller on ``loop`` (its thread only): answered on ``loop``. A
-        caller that cancels its future stops waiting; the call, once queued, runs all the same."""
+        """``call`` in the next group transaction, for a caller on ``loop`` (its thread only): answered
+        on ``loop`` after the commit. A caller that cancels its future stops waiting; the call, once
+        queued, runs all the same."""
         future: asyncio.Future[_T] = loop.create_future()
         self._put(call, future, grouped=True)
         return future
