@@ -28,6 +28,9 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 # Whom a call's outcome goes to: an executor's future (any thread), or an event loop's own future,
 # answered on its loop (``submit_grouped_on``).
 _Target = Future[Any] | asyncio.Future[Any]
+# What the ledger thread takes from its queue: a call to run alone (``submit``), the calls one loop
+# iteration made (``submit_grouped_on``), or None (shut down).
+_Item = tuple[Callable[[], Any], _Target] | list[tuple[Callable[[], Any], _Target]] | None
 
 
 def atomic_alone(fn: _F) -> _F:
@@ -53,7 +56,10 @@ class GroupCommitWorker(Executor):
 
     ``submit_grouped_on`` is the event loop's way in (``Ledger.run``): its caller awaits a plain
     future of its loop, and a group's answers reach each loop in one ``call_soon_threadsafe`` (one
-    wake-up of the loop per group, not one per call through a ``concurrent.futures.Future``).
+    wake-up of the loop per group, not one per call through a ``concurrent.futures.Future``). The
+    calls a loop's tasks make in one iteration of the loop are handed over together at its end:
+    one wake-up of this thread, and one transaction, for what would otherwise each have woken it
+    and most often run alone (the thread is idle between iterations under a paid load).
 
     Each call runs in its own savepoint: one that raises is answered with its error, leaves nothing
     behind, and undoes none of the others.
@@ -68,60 +74,79 @@ class GroupCommitWorker(Executor):
         the ledger's ``_connection`` and ``_session``)."""
         self._engine = engine
         self._batch = batch
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], _Target, bool] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._closed = False
+        # Per loop, the calls of its current iteration not handed over yet (each loop's own thread).
+        self._waiting: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[], Any], _Target]]] = {}
         self._thread = threading.Thread(target=self._loop, name="x402gw-ledger", daemon=True)
         self._thread.start()
 
     def submit_grouped_on(self, call: Callable[[], _T], loop: asyncio.AbstractEventLoop) -> asyncio.Future[_T]:
-        """``call`` in the next group transaction, for a caller on ``loop`` (its thread only): answered
+        """``call`` in a group transaction after this iteration of ``loop`` (its thread only): answered
         on ``loop`` after the commit. A caller that cancels its future stops waiting; the call, once
-        queued, runs all the same."""
+        made, runs all the same."""
+        if self._closed:
+            raise _closed()
         future: asyncio.Future[_T] = loop.create_future()
-        self._put(call, future, grouped=True)
+        waiting = self._waiting.get(loop)
+        if waiting is None:
+            waiting = self._waiting[loop] = []
+            loop.call_soon(self._hand_over, loop)  # after the callbacks of this iteration
+        waiting.append((call, future))
         return future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiting = self._waiting.pop(loop, None)
+        if not waiting:
+            return  # ``shutdown`` handed them over
+        if self._closed:  # made while shutdown ran in another thread: refused, never left waiting
+            self._answer([(future, False, _closed()) for _, future in waiting])
+            return
+        self._queue.put(waiting)
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        if self._closed:
+            raise _closed()
         future: Future[_T] = Future()
-        self._put(functools.partial(fn, *args, **kwargs), future, grouped=False)
+        self._queue.put((functools.partial(fn, *args, **kwargs), future))
         return future
 
-    def _put(self, call: Callable[[], Any], future: _Target, *, grouped: bool) -> None:
-        if self._closed:
-            raise LedgerError("the ledger is closed", code="ledger_closed")
-        self._queue.put((call, future, grouped))
-
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stops after the calls made so far; on a loop's thread, its calls of this iteration too
+        (the ledger closed by the loop that made them: written, as they would have been at once)."""
         if not self._closed:
             self._closed = True
+            for loop in list(self._waiting):
+                waiting = self._waiting.pop(loop, None)
+                if waiting:
+                    self._queue.put(waiting)
             self._queue.put(None)
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _loop(self) -> None:
-        held: tuple[Callable[[], Any], _Target, bool] | None = None
+        held: _Item = None
         while True:
             item = held if held is not None else self._queue.get()
             held = None
             if item is None:
                 self._refuse_the_rest()
                 return
-            call, future, grouped = item
-            if not grouped:
-                self._answer([(future, *_outcome(call))])
+            if isinstance(item, tuple):
+                self._answer([(item[1], *_outcome(item[0]))])
                 continue
-            group = [(call, future)]
+            group = item
             while len(group) < self.MAX_GROUP:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None or not nxt[2]:
-                    held = nxt if nxt is not None else None
+                if not isinstance(nxt, list):
+                    held = nxt
                     if nxt is None:
                         self._queue.put(None)
                     break
-                group.append((nxt[0], nxt[1]))
+                group.extend(nxt)
             self._answer(self._run_group(group))
 
     def _run_group(self, group: list[tuple[Callable[[], Any], _Target]]) -> list[tuple[_Target, bool, Any]]:
@@ -162,7 +187,7 @@ class GroupCommitWorker(Executor):
             except queue.Empty:
                 return
             if item is not None:
-                GroupCommitWorker._answer([(item[1], False, LedgerError("the ledger is closed", code="ledger_closed"))])
+                GroupCommitWorker._answer([(future, False, _closed()) for _, future in (item if isinstance(item, list) else [item])])
 
     @staticmethod
     def _answer(outcomes: list[tuple[_Target, bool, Any]]) -> None:
@@ -181,6 +206,10 @@ class GroupCommitWorker(Executor):
                 loop.call_soon_threadsafe(_settle, answers)
             except RuntimeError:
                 pass  # the loop is closed: nobody is waiting (asyncio.wrap_future drops it too)
+
+
+def _closed() -> LedgerError:
+    return LedgerError("the ledger is closed", code="ledger_closed")
 
 
 def _write_failed(exc: Exception) -> LedgerError:

@@ -225,3 +225,101 @@ def test_a_call_whose_answer_cannot_be_handed_over_is_still_answered(tmp_path: P
         assert row.request_id == "req-1"
     finally:
         ledger.close()
+
+
+class _CountingQueue:
+    """The worker's queue, counting what the loop hands the ledger thread."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.puts: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        self.puts.append(item)
+        self.inner.put(item)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_the_calls_of_one_loop_iteration_are_handed_over_and_committed_together(tmp_path: Path) -> None:
+    """Calls made before the loop polls again reach the ledger thread as one hand-over and share one
+    transaction: one wake-up and one commit, not one each (they used to be queued one by one and
+    mostly ran alone, the thread being idle between them)."""
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    worker = ledger.executor
+    counting = worker._queue = _CountingQueue(worker._queue)  # type: ignore[union-attr]
+    commits = count_commits(ledger)
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        first = await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(i)) for i in range(12)))
+        hand_overs, commits_then = len(counting.puts), len(commits)
+        assert (hand_overs, commits_then) == (1, 1)
+        assert [len(item) for item in counting.puts] == [12]
+        second = await asyncio.gather(*(ledger.run(ledger.get, row.id) for row in first))
+        return first, second
+
+    try:
+        first, second = asyncio.run(run())
+        assert [row.request_id for row in first] == [f"req-{i}" for i in range(12)]
+        assert [row.request_id for row in second] == [f"req-{i}" for i in range(12)]
+        assert len(counting.puts) == 2  # the reads: their own iteration, one hand-over
+    finally:
+        ledger.close()
+
+
+def test_a_ledger_closed_by_its_loop_writes_the_calls_that_loop_made_first(tmp_path: Path) -> None:
+    """Closing the ledger on the loop's thread, in the iteration that made calls not handed over yet:
+    they are written and answered as if handed over at once, and later ones are refused."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    ledger = open_ledger(url)
+
+    async def run() -> list[Any]:
+        calls = [asyncio.ensure_future(ledger.run(ledger.record_verified, **ledger_fields(i))) for i in range(3)]
+        await asyncio.sleep(0)  # the three calls made, not handed over yet
+        ledger.close()
+        with pytest.raises(LedgerError) as late:
+            await ledger.run(ledger.record_verified, **ledger_fields(9))
+        assert late.value.code == "ledger_closed"
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout=30)
+
+    rows = asyncio.run(run())
+    assert [row.request_id for row in rows] == ["req-0", "req-1", "req-2"]
+    reopened = open_ledger(url)
+    try:
+        assert sorted(row.request_id for row in reopened.all()) == ["req-0", "req-1", "req-2"]
+    finally:
+        reopened.close()
+
+
+def test_calls_made_while_another_thread_closes_the_ledger_are_refused_not_left_waiting(tmp_path: Path) -> None:
+    """A loop whose calls wait for the end of its iteration while another thread closes the ledger:
+    each call is answered (written, or refused as closed), none waits for ever."""
+    import threading
+
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    closing, closed = threading.Event(), threading.Event()
+
+    def close_elsewhere() -> None:
+        closing.wait(30)
+        worker = ledger.executor
+        worker._closed = True  # type: ignore[union-attr]  # the moment between ``shutdown``'s flag and its hand-over
+        closed.set()
+
+    async def run() -> list[Any]:
+        calls = [asyncio.ensure_future(ledger.run(ledger.record_verified, **ledger_fields(i))) for i in range(3)]
+        await asyncio.sleep(0)  # made, waiting for the end of the iteration...
+        closing.set()
+        closed.wait(30)  # ...while the ledger is being closed (this loop blocked meanwhile)
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=30)
+
+    thread = threading.Thread(target=close_elsewhere)
+    thread.start()
+    try:
+        results = asyncio.run(run())
+        thread.join(30)
+        assert all(isinstance(r, LedgerError) and r.code == "ledger_closed" for r in results)
+        assert len({id(r) for r in results}) == 3  # one error each
+    finally:
+        ledger.executor._closed = False  # type: ignore[union-attr]
+        ledger.close()
