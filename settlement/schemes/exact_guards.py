@@ -16,6 +16,12 @@ on transactions that revert, for nothing.
   replica count: a burst spread over N processes is refused as it is in one. One ``InFlight`` serves
   every scheme that takes a payer's token balance (EIP-3009 and Permit2 alike).
 
+  The balance verify read a moment ago (``balance_mark``, ``saw_balance``) spares the settlement
+  its own read when, less everything this process's settlements of that asset gave back since the
+  read was sent (each may have spent its value, so all of it is taken off), it still covers them
+  all: the estimate never exceeds what the chain holds less our own spending (other processes' are
+  not seen here, so with a shared store the balance is always read).
+
 - ``InFlight.struck``: code can tell a simulation from the mined transaction (``GASPRICE`` is 0 in
   an ``eth_call``; ``ORIGIN``, the block, the gas left differ too), so a payer whose code says yes to
   every check and no on chain would have each settlement revert, round after round, for one
@@ -58,6 +64,7 @@ INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
 PAYER_CODE_REVERTED = "payer_code_reverted"
 STRIKE_TTL_MS = 3_600_000  # how long a payer whose code made a settlement revert is refused
 _STRIKES_HELD = 10_000  # in this process's memory (each one cost a revert: bounded by the gas it took)
+BALANCE_REUSE_SECONDS = 1.0  # how long verify's balance read may stand in for a settlement's own
 
 
 def _payer_key(network: str, payer: str) -> str:
@@ -219,6 +226,11 @@ class InFlight:
         self._process = os.urandom(6).hex()  # names this process's entries in the shared store
         self._struck: dict[str, float] = {}  # network:payer -> until (monotonic), this process's strikes
         self._coded: dict[str, None] = {}  # network:payer whose account verify found code in (oldest first)
+        # Per (network, token): the value of every hold given back so far, never less; per payer of
+        # it, the latest balance read with that total as it was when the read was sent, and when.
+        self._given_back: dict[tuple[str, str], int] = {}
+        self._balances: dict[str, tuple[int, int, float]] = {}
+        self.clock = time.monotonic
 
     @staticmethod
     def ttl_for(receipt_timeout: float) -> int:
@@ -266,6 +278,24 @@ class InFlight:
                 return True
             del self._struck[key]
         return self.shared is not None and await self.shared.is_held(f"struck:{key}") is True
+
+    def balance_mark(self, network: str, token: str) -> int:
+        """Taken before a balance read is sent, and handed to ``saw_balance`` with what it read."""
+        return self._given_back.get((network, token.lower()), 0)
+
+    def saw_balance(self, network: str, token: str, payer: str, balance: int, mark: int) -> None:
+        """``balance``: what the chain answered to a read sent when ``balance_mark`` said ``mark``."""
+        _put_held(self._balances, f"{network}:{token.lower()}:{payer.lower()}", (balance, mark, self.clock()))
+
+    def _estimate(self, network: str, token: str, payer: str) -> int | None:
+        """The payer's balance as this process knows it without a read: the latest one read, less all
+        that holds of the asset gave back since it was sent (spent or not); None when there is none
+        from the last ``BALANCE_REUSE_SECONDS``."""
+        seen = self._balances.get(f"{network}:{token.lower()}:{payer.lower()}")
+        if seen is None or self.clock() - seen[2] > BALANCE_REUSE_SECONDS:
+            return None
+        balance, mark, _ = seen
+        return balance - (self.balance_mark(network, token) - mark)
 
     def saw_code(self, network: str, payer: str) -> None:
         """Verify found code in this (verified) payer's account: its transfer asks that code about the
@@ -334,7 +364,10 @@ class InFlight:
 
     def _drop(self, key: tuple[str, str, str], entry: int) -> None:
         entries = self._held.get(key, {})
-        entries.pop(entry, None)
+        dropped = entries.pop(entry, None)
+        if dropped is not None:
+            asset = (key[0], key[1])
+            self._given_back[asset] = self._given_back.get(asset, 0) + dropped[0]
         self._authorizations.pop(entry, None)
         if not entries:
             self._held.pop(key, None)
@@ -349,6 +382,8 @@ class InFlight:
         others = here if elsewhere is None else max(here, sum(elsewhere))
         if not others:
             return True
+        if elsewhere is None and (estimate := self._estimate(network, token, payer)) is not None and estimate >= others + value:
+            return True  # verify's read, less what was given back since: covers them all without a read
         try:
             if await chain.balance_of(token, payer) >= others + value:
                 return True

@@ -262,13 +262,15 @@ class LocalFacilitator:
                 raise Rejected(PAYER_CODE_REVERTED, STRUCK_MESSAGE)
         except Rejected as rej:
             return VerifyResponse(is_valid=False, invalid_reason=rej.reason, invalid_message=rej.message)
-        chain = self._chains[requirements.network]
+        chain, network, flights = self._chains[requirements.network], requirements.network, self.in_flight
+        mark = flights.balance_mark(network, checked.token)  # before the read is sent (exact_guards)
         # Independent reads: one round trip's latency (one JSON-RPC batch), not three.
         used, balance, code = await _gather(
             chain.authorization_state(checked.token, checked.payer, checked.auth.nonce),
             chain.balance_of(checked.token, checked.payer),
             chain.get_code(checked.payer),
         )
+        flights.saw_balance(network, checked.token, checked.payer, balance, mark)
         if used:
             return VerifyResponse(
                 is_valid=False,
@@ -276,7 +278,6 @@ class LocalFacilitator:
                 invalid_message="this authorization was already used or canceled on chain",
                 payer=checked.payer,
             )
-        network, flights = requirements.network, self.in_flight
         if (balance < checked.auth.value + flights.taken(network, checked.token, checked.payer)
                 and balance < checked.auth.value + await flights.pending(network, checked.token, checked.payer)):
             return VerifyResponse(

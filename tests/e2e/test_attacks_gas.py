@@ -232,6 +232,34 @@ def test_one_balance_signed_over_many_times_at_once_does_not_buy_reverted_settle
         f"({[(r.state, r.error_reason) for r in rows]}); the gateway paid {eth_before - eth_after} wei of gas")
 
 
+def test_a_balance_of_two_prices_signed_over_five_times_at_once_buys_two_answers_and_no_revert(
+    start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    """The same with room for two: each verify reads two prices, and the second settlement's hold is
+    covered by that read (less what ended since: nothing) without a read of its own
+    (``InFlight.saw_balance``); the third's estimate falls short, so it reads the chain and is refused
+    with the rest. Two answers, two transfers, none reverted, the payer at zero."""
+    catalog = demo_catalog(tmp_path, upstream)
+    catalog.write_text(catalog.read_text() + UPFRONT_TOOL)
+    gateway = start_gateway(catalog=catalog, deployment_file=chain.deployment_file, receipt_timeout_seconds=60)
+    attacker = fresh_payer(chain, 2 * UPFRONT_PRICE)
+    address = Account.from_key(attacker).address
+    paths = [f"/paid-first/reports/{n}" for n in range(21, 26)]
+    with gateway.client() as client:
+        headers = [pay_header(client, attacker, path) for path in paths]
+    nonce_before, _ = spent(chain)
+    pay_to_before = chain.balance(PAY_TO)
+    mine: Callable[[], None] = request.getfixturevalue("manual_mining")
+    answers = at_once_then_mined(chain, gateway.ledger, gateway.url, paths, headers, mine)
+    assert sorted(a.status_code for a in answers) == [200, 200, 402, 402, 402], [(a.status_code, a.text[:120]) for a in answers]
+    assert chain.balance(address) == 0 and chain.balance(PAY_TO) - pay_to_before == 2 * UPFRONT_PRICE
+    rows = [r for r in gateway.ledger.all() if r.payer.lower() == address.lower()]
+    assert [r.state for r in rows].count(PaymentState.SETTLED) == 2
+    reverted = [r for r in rows if r.tx_hash and chain.w3.eth.get_transaction_receipt(r.tx_hash)["status"] == 0]
+    assert (spent(chain)[0] - nonce_before, len(reverted)) == (2, 0), [(r.state, r.error_reason) for r in rows]
+    assert sum(upstream_hits(upstream, f"GET /reports/{n}") for n in range(21, 26)) == 2
+
+
 def test_one_permit2_balance_signed_over_many_times_at_once_does_not_buy_reverted_settlements(
     start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:

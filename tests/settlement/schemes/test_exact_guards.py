@@ -407,3 +407,84 @@ def test_a_wallets_transfer_is_simulated_from_the_settlement_account_through_the
     auth = TransferAuthorization(from_=PAYER, to="0x" + "cc" * 20, value=1, valid_after=0, valid_before=2**40, nonce=bytes(32))
     assert asyncio.run(transfer_refusal(Recording(), b"\x60\x00", TOKEN, auth, bytes(65), wallet_signature=b"\x01" * 96)) is None
     assert calls == [(bytes.fromhex("cf092995"), "0x" + "5e" * 20)]
+
+
+def noted(flights: InFlight, balance: int, *, mark: int | None = None) -> None:
+    """What verify does around its balance read: the mark before sending it, the balance after."""
+    flights.saw_balance(NET, TOKEN, PAYER, balance, flights.balance_mark(NET, TOKEN) if mark is None else mark)
+
+
+def test_verifys_balance_read_spares_the_settlements_own_when_it_covers_them_all() -> None:
+    flights, chain = InFlight(), Balance(250)
+    noted(flights, 250)
+
+    async def run() -> list[bool]:
+        async with flights.hold(chain, NET, TOKEN.upper(), PAYER.lower(), 100, unmined) as first, \
+                flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:  # 200 <= 250, as read a moment ago
+            assert chain.reads == 0
+            async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as third:  # 300 > 250: read, refused
+                return [first.covered, second.covered, third.covered]
+
+    assert asyncio.run(run()) == [True, True, False]
+    assert chain.reads == 2  # only the third read the chain (the balance, the others' states, the balance)
+
+
+def test_what_holds_gave_back_since_the_read_was_sent_is_taken_off_it() -> None:
+    """Verify read 300 when nothing had been given back; then a settlement of 100 ended (it may have
+    spent it: the chain now says 200). Two more of 100 each: 300 - 100 = 200 covers them, no read;
+    a third: the estimate no longer covers it, the chain is read and it is refused."""
+    flights, chain = InFlight(), Balance(200)
+    mark = flights.balance_mark(NET, TOKEN)
+
+    async def run() -> list[bool]:
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, mined):  # alone: no read
+            pass
+        assert flights.balance_mark(NET, TOKEN) == mark + 100
+        noted(flights, 300, mark=mark)  # sent before that settlement ended, answered after
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as a, \
+                flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as b:
+            assert chain.reads == 0
+            async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as c:
+                return [a.covered, b.covered, c.covered]
+
+    assert asyncio.run(run()) == [True, True, False]
+    assert chain.reads == 2
+
+
+def test_another_tokens_or_payers_balance_or_an_old_one_is_not_used() -> None:
+    flights, chain = InFlight(), Balance(10_000)
+    now = [1000.0]
+    flights.clock = lambda: now[0]
+    flights.saw_balance(NET, "0x" + "cc" * 20, PAYER, 10_000, 0)  # another token
+    flights.saw_balance(NET, TOKEN, "0x" + "dd" * 20, 10_000, 0)  # another payer
+    flights.saw_balance("eip155:1", TOKEN, PAYER, 10_000, 0)  # another network
+
+    async def two() -> None:
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined), flights.hold(chain, NET, TOKEN, PAYER, 100, unmined):
+            pass
+
+    asyncio.run(two())
+    assert chain.reads == 1
+    noted(flights, 10_000)
+    now[0] += 1.5  # older than BALANCE_REUSE_SECONDS
+    asyncio.run(two())
+    assert chain.reads == 2
+    noted(flights, 10_000)
+    asyncio.run(two())
+    assert chain.reads == 2  # a fresh one is used
+
+
+def test_with_a_shared_store_the_balance_is_always_read() -> None:
+    """Other processes' settlements give back nothing here: a balance read before theirs ended would
+    count what they spent as still there."""
+    shared, chain = Shared(), Balance(10_000)
+    flights = InFlight(shared)
+    noted(flights, 10_000)
+
+    async def run() -> bool:
+        async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined), \
+                flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as second:
+            return second.covered
+
+    assert asyncio.run(run()) is True
+    assert chain.reads == 1
