@@ -76,8 +76,10 @@ class GroupCommitWorker(Executor):
         self._batch = batch
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._closed = False
-        # Per loop, the calls of its current iteration not handed over yet (each loop's own thread).
+        # Per loop, the calls of its current iteration not handed over yet. The lock orders them with
+        # ``shutdown`` (any thread): each call is queued before the stop marker, or refused.
         self._waiting: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[], Any], _Target]]] = {}
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="x402gw-ledger", daemon=True)
         self._thread.start()
 
@@ -85,42 +87,41 @@ class GroupCommitWorker(Executor):
         """``call`` in a group transaction after this iteration of ``loop`` (its thread only): answered
         on ``loop`` after the commit. A caller that cancels its future stops waiting; the call, once
         made, runs all the same."""
-        if self._closed:
-            raise _closed()
         future: asyncio.Future[_T] = loop.create_future()
-        waiting = self._waiting.get(loop)
-        if waiting is None:
-            waiting = self._waiting[loop] = []
-            loop.call_soon(self._hand_over, loop)  # after the callbacks of this iteration
-        waiting.append((call, future))
+        with self._lock:
+            if self._closed:
+                raise _closed()
+            waiting = self._waiting.get(loop)
+            if waiting is None:
+                loop.call_soon(self._hand_over, loop)  # after the callbacks of this iteration (first: it may raise)
+                waiting = self._waiting[loop] = []
+            waiting.append((call, future))
         return future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        waiting = self._waiting.pop(loop, None)
-        if not waiting:
-            return  # ``shutdown`` handed them over
-        if self._closed:  # made while shutdown ran in another thread: refused, never left waiting
-            self._answer([(future, False, _closed()) for _, future in waiting])
-            return
-        self._queue.put(waiting)
+        with self._lock:
+            waiting = self._waiting.pop(loop, None)
+            if waiting:  # else ``shutdown`` handed them over
+                self._queue.put(waiting)
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        if self._closed:
-            raise _closed()
         future: Future[_T] = Future()
-        self._queue.put((functools.partial(fn, *args, **kwargs), future))
+        with self._lock:
+            if self._closed:
+                raise _closed()
+            self._queue.put((functools.partial(fn, *args, **kwargs), future))
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stops after the calls made so far; on a loop's thread, its calls of this iteration too
-        (the ledger closed by the loop that made them: written, as they would have been at once)."""
-        if not self._closed:
-            self._closed = True
-            for loop in list(self._waiting):
-                waiting = self._waiting.pop(loop, None)
-                if waiting:
+        """Stops after the calls made so far, from any thread: those of every loop not handed over
+        yet are handed over first (written, as they would have been at once), later ones refused."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                for waiting in self._waiting.values():
                     self._queue.put(waiting)
-            self._queue.put(None)
+                self._waiting.clear()
+                self._queue.put(None)
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -147,7 +148,8 @@ class GroupCommitWorker(Executor):
                         self._queue.put(None)
                     break
                 group.extend(nxt)
-            self._answer(self._run_group(group))
+            for start in range(0, len(group), self.MAX_GROUP):  # one iteration's calls may be more
+                self._answer(self._run_group(group[start:start + self.MAX_GROUP]))
 
     def _run_group(self, group: list[tuple[Callable[[], Any], _Target]]) -> list[tuple[_Target, bool, Any]]:
         if len(group) == 1:

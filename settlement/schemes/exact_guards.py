@@ -19,8 +19,9 @@ on transactions that revert, for nothing.
   The balance verify read a moment ago (``balance_mark``, ``saw_balance``) spares the settlement
   its own read when, less everything this process's settlements of that asset gave back since the
   read was sent (each may have spent its value, so all of it is taken off), it still covers them
-  all: the estimate never exceeds what the chain holds less our own spending (other processes' are
-  not seen here, so with a shared store the balance is always read).
+  all: the estimate never exceeds the balance as read, less our own spending since. Other
+  processes' spending is not seen here, so with a shared store bound (even one that cannot answer
+  now) the balance is always read.
 
 - ``InFlight.struck``: code can tell a simulation from the mined transaction (``GASPRICE`` is 0 in
   an ``eth_call``; ``ORIGIN``, the block, the gas left differ too), so a payer whose code says yes to
@@ -33,6 +34,11 @@ on transactions that revert, for nothing.
 What is left: a delegation made between verify and settlement costs the payer a transaction of its
 own for each revert it causes. A payer's settlement
 whose state read and balance read straddle a block may be refused one it could pay (402, retryable).
+A payer that moves its balance away itself (its own transfer, or another facilitator settling its
+other authorizations) makes the settlements then in flight revert, as it always could between our
+last read and the settlement's block; verify's read standing in for the settlement's own widens
+that window by at most ``BALANCE_REUSE_SECONDS`` (counted from when the read was sent), for one
+transaction of the payer's each time.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
 PAYER_CODE_REVERTED = "payer_code_reverted"
 STRIKE_TTL_MS = 3_600_000  # how long a payer whose code made a settlement revert is refused
 _STRIKES_HELD = 10_000  # in this process's memory (each one cost a revert: bounded by the gas it took)
-BALANCE_REUSE_SECONDS = 1.0  # how long verify's balance read may stand in for a settlement's own
+BALANCE_REUSE_SECONDS = 0.25  # how long verify's balance read may stand in for a settlement's own
 
 
 def _payer_key(network: str, payer: str) -> str:
@@ -279,23 +285,24 @@ class InFlight:
             del self._struck[key]
         return self.shared is not None and await self.shared.is_held(f"struck:{key}") is True
 
-    def balance_mark(self, network: str, token: str) -> int:
-        """Taken before a balance read is sent, and handed to ``saw_balance`` with what it read."""
-        return self._given_back.get((network, token.lower()), 0)
+    def balance_mark(self, network: str, token: str) -> tuple[int, float]:
+        """Taken before a balance read is sent, and handed to ``saw_balance`` with what it read: what
+        holds of the asset had given back, and when."""
+        return self._given_back.get((network, token.lower()), 0), self.clock()
 
-    def saw_balance(self, network: str, token: str, payer: str, balance: int, mark: int) -> None:
+    def saw_balance(self, network: str, token: str, payer: str, balance: int, mark: tuple[int, float]) -> None:
         """``balance``: what the chain answered to a read sent when ``balance_mark`` said ``mark``."""
-        _put_held(self._balances, f"{network}:{token.lower()}:{payer.lower()}", (balance, mark, self.clock()))
+        _put_held(self._balances, f"{network}:{token.lower()}:{payer.lower()}", (balance, *mark))
 
     def _estimate(self, network: str, token: str, payer: str) -> int | None:
         """The payer's balance as this process knows it without a read: the latest one read, less all
-        that holds of the asset gave back since it was sent (spent or not); None when there is none
-        from the last ``BALANCE_REUSE_SECONDS``."""
+        that holds of the asset gave back since it was sent (spent or not); None when none was sent
+        in the last ``BALANCE_REUSE_SECONDS``."""
         seen = self._balances.get(f"{network}:{token.lower()}:{payer.lower()}")
         if seen is None or self.clock() - seen[2] > BALANCE_REUSE_SECONDS:
             return None
-        balance, mark, _ = seen
-        return balance - (self.balance_mark(network, token) - mark)
+        balance, given_back, _ = seen
+        return balance - (self._given_back.get((network, token.lower()), 0) - given_back)
 
     def saw_code(self, network: str, payer: str) -> None:
         """Verify found code in this (verified) payer's account: its transfer asks that code about the
@@ -328,7 +335,8 @@ class InFlight:
                    mined: Mined, nonce: bytes | None = None) -> AsyncIterator[Hold]:
         """Holds ``value`` of the payer's balance while the block runs (its settlement is sent and
         awaited there); ``Hold.covered``: whether the balance covers it beside what the payer's other
-        settlements in flight take: read on chain only when there are any (verify read it otherwise);
+        settlements in flight take: read on chain only when there are any (verify read it otherwise)
+        and verify's read, less what was given back since, does not cover them all;
         a read that fails lets it through, as before this guard. A settlement whose outcome is not
         known (``Hold.judged``) keeps its hold past the block, for the lifetime of a shared hold, or
         until mined: its transaction may still land, and one more against the same balance would revert."""
@@ -344,7 +352,7 @@ class InFlight:
             if await self.struck(network, payer):  # asked again here: its verify may have raced the strike
                 held.reason = PAYER_CODE_REVERTED
             else:
-                held.covered = await self._covered(chain, network, token, payer, value, entry, elsewhere)
+                held.covered = await self._covered(chain, network, token, payer, value, entry, elsewhere, shared is not None)
             try:
                 yield held
             except asyncio.CancelledError:
@@ -373,8 +381,10 @@ class InFlight:
             self._held.pop(key, None)
 
     async def _covered(self, chain: BalanceReader, network: str, token: str, payer: str, value: int, entry: int,
-                       elsewhere: list[int] | None) -> bool:
-        """One balance read when others are in flight; their mined states are read only when the
+                       elsewhere: list[int] | None, shared: bool) -> bool:
+        """When others are in flight: verify's read (``_estimate``) if it covers them all, in a process
+        with no store to share holds through (``shared``: one is bound, answering or not); else one
+        balance read, and their mined states only when the
         balance does not cover them all (a payer with room to spare costs no more reads).
         ``elsewhere``: the shared store's other holds, this process's among them (their mined states
         are known only here: another process's counts until it drops it)."""
@@ -382,7 +392,7 @@ class InFlight:
         others = here if elsewhere is None else max(here, sum(elsewhere))
         if not others:
             return True
-        if elsewhere is None and (estimate := self._estimate(network, token, payer)) is not None and estimate >= others + value:
+        if not shared and (estimate := self._estimate(network, token, payer)) is not None and estimate >= others + value:
             return True  # verify's read, less what was given back since: covers them all without a read
         try:
             if await chain.balance_of(token, payer) >= others + value:

@@ -235,10 +235,11 @@ def test_one_balance_signed_over_many_times_at_once_does_not_buy_reverted_settle
 def test_a_balance_of_two_prices_signed_over_five_times_at_once_buys_two_answers_and_no_revert(
     start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
-    """The same with room for two: each verify reads two prices, and the second settlement's hold is
-    covered by that read (less what ended since: nothing) without a read of its own
-    (``InFlight.saw_balance``); the third's estimate falls short, so it reads the chain and is refused
-    with the rest. Two answers, two transfers, none reverted, the payer at zero."""
+    """The same with room for two, through the path where verify's balance read may stand in for a
+    settlement's own (``InFlight.saw_balance``; that it does is tests/settlement/schemes/
+    test_exact_guards.py's): each verify reads two prices, the second hold is covered by that read,
+    the third's estimate falls short, so it reads the chain and is refused with the rest. Two
+    answers, two transfers, none reverted, the payer at zero, two upstream calls."""
     catalog = demo_catalog(tmp_path, upstream)
     catalog.write_text(catalog.read_text() + UPFRONT_TOOL)
     gateway = start_gateway(catalog=catalog, deployment_file=chain.deployment_file, receipt_timeout_seconds=60)

@@ -292,34 +292,57 @@ def test_a_ledger_closed_by_its_loop_writes_the_calls_that_loop_made_first(tmp_p
         reopened.close()
 
 
-def test_calls_made_while_another_thread_closes_the_ledger_are_refused_not_left_waiting(tmp_path: Path) -> None:
-    """A loop whose calls wait for the end of its iteration while another thread closes the ledger:
-    each call is answered (written, or refused as closed), none waits for ever."""
+def test_a_ledger_closed_from_another_thread_writes_the_calls_a_loop_had_not_handed_over(tmp_path: Path) -> None:
+    """A loop has made calls that wait for the end of its iteration when another thread closes the
+    ledger: ``shutdown`` hands them over before it stops, so they are written and answered (never left
+    waiting), and a call made after it is refused."""
     import threading
 
-    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
-    closing, closed = threading.Event(), threading.Event()
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    ledger = open_ledger(url)
+    made, closed = threading.Event(), threading.Event()
 
     def close_elsewhere() -> None:
-        closing.wait(30)
-        worker = ledger.executor
-        worker._closed = True  # type: ignore[union-attr]  # the moment between ``shutdown``'s flag and its hand-over
+        made.wait(30)
+        ledger.close()
         closed.set()
 
     async def run() -> list[Any]:
         calls = [asyncio.ensure_future(ledger.run(ledger.record_verified, **ledger_fields(i))) for i in range(3)]
         await asyncio.sleep(0)  # made, waiting for the end of the iteration...
-        closing.set()
-        closed.wait(30)  # ...while the ledger is being closed (this loop blocked meanwhile)
-        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=30)
+        made.set()
+        assert closed.wait(30)  # ...while another thread closes the ledger (this loop blocked meanwhile)
+        with pytest.raises(LedgerError) as late:
+            await ledger.run(ledger.record_verified, **ledger_fields(9))
+        assert late.value.code == "ledger_closed"
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout=30)
 
     thread = threading.Thread(target=close_elsewhere)
     thread.start()
+    rows = asyncio.run(run())
+    thread.join(30)
+    assert [row.request_id for row in rows] == ["req-0", "req-1", "req-2"]
+    reopened = open_ledger(url)
     try:
-        results = asyncio.run(run())
-        thread.join(30)
-        assert all(isinstance(r, LedgerError) and r.code == "ledger_closed" for r in results)
-        assert len({id(r) for r in results}) == 3  # one error each
+        assert sorted(row.request_id for row in reopened.all()) == ["req-0", "req-1", "req-2"]
     finally:
-        ledger.executor._closed = False  # type: ignore[union-attr]
+        reopened.close()
+
+
+def test_one_iterations_calls_past_the_group_limit_are_committed_in_groups_of_it(tmp_path: Path) -> None:
+    """A burst of more calls in one iteration than ``MAX_GROUP``: as many transactions as it takes,
+    none larger (a larger one would hold the write lock, and every caller's answer, for longer)."""
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    worker = ledger.executor
+    worker.MAX_GROUP = 5  # type: ignore[union-attr]
+    commits = count_commits(ledger)
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(*(ledger.run(ledger.record_verified, **ledger_fields(i)) for i in range(12)))
+
+    try:
+        rows = asyncio.run(run())
+        assert [row.request_id for row in rows] == [f"req-{i}" for i in range(12)]
+        assert len(commits) == 3  # 5 + 5 + 2
+    finally:
         ledger.close()

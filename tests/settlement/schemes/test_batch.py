@@ -229,3 +229,39 @@ def test_only_the_settler_may_call_the_batch_contract(devchain: Devchain) -> Non
             "from": stranger, "to": devchain.deployment.batch_settler,
             "data": "0x" + encode_batch(devchain.token, [checked]).hex(),
         })
+
+
+def test_verify_marks_what_was_given_back_before_its_balance_read_is_sent(devchain: Devchain) -> None:
+    """A hold of the asset given back while verify's balance read is on its way may have spent its
+    value after the node answered: verify's noted balance must count it as given back since (its
+    mark is taken before the read is sent), so the estimate a settlement may use is the balance read
+    less that value, never the balance read alone."""
+    req = requirements(devchain)
+    payment = Payer(devchain.key(4)).sign(req)
+    inner = JsonRpcChain(devchain.anvil.rpc_url, 31337, None)
+
+    class GivenBackDuringTheRead:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        async def balance_of(self, token: str, owner: str) -> int:
+            async def mined() -> bool:
+                return True
+
+            # Another payer's settlement of the same asset ends while this read is in flight.
+            async with local.in_flight.hold(inner, LOCAL_NETWORK, token, devchain.address(5), 777, mined):
+                pass
+            return await inner.balance_of(token, owner)
+
+    local = LocalFacilitator({LOCAL_NETWORK: GivenBackDuringTheRead()})  # type: ignore[dict-item]
+
+    async def run() -> tuple[bool, int, int | None]:
+        try:
+            verdict = await local.verify(payment, req)
+            balance = await inner.balance_of(devchain.token, devchain.address(4))
+            return verdict.is_valid, balance, local.in_flight._estimate(LOCAL_NETWORK, devchain.token, devchain.address(4))
+        finally:
+            await inner.close()
+
+    valid, balance, estimate = asyncio.run(run())
+    assert valid and estimate == balance - 777

@@ -409,7 +409,7 @@ def test_a_wallets_transfer_is_simulated_from_the_settlement_account_through_the
     assert calls == [(bytes.fromhex("cf092995"), "0x" + "5e" * 20)]
 
 
-def noted(flights: InFlight, balance: int, *, mark: int | None = None) -> None:
+def noted(flights: InFlight, balance: int, *, mark: tuple[int, float] | None = None) -> None:
     """What verify does around its balance read: the mark before sending it, the balance after."""
     flights.saw_balance(NET, TOKEN, PAYER, balance, flights.balance_mark(NET, TOKEN) if mark is None else mark)
 
@@ -439,7 +439,7 @@ def test_what_holds_gave_back_since_the_read_was_sent_is_taken_off_it() -> None:
     async def run() -> list[bool]:
         async with flights.hold(chain, NET, TOKEN, PAYER, 100, mined):  # alone: no read
             pass
-        assert flights.balance_mark(NET, TOKEN) == mark + 100
+        assert flights.balance_mark(NET, TOKEN)[0] == mark[0] + 100
         noted(flights, 300, mark=mark)  # sent before that settlement ended, answered after
         async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as a, \
                 flights.hold(chain, NET, TOKEN, PAYER, 100, unmined) as b:
@@ -455,9 +455,9 @@ def test_another_tokens_or_payers_balance_or_an_old_one_is_not_used() -> None:
     flights, chain = InFlight(), Balance(10_000)
     now = [1000.0]
     flights.clock = lambda: now[0]
-    flights.saw_balance(NET, "0x" + "cc" * 20, PAYER, 10_000, 0)  # another token
-    flights.saw_balance(NET, TOKEN, "0x" + "dd" * 20, 10_000, 0)  # another payer
-    flights.saw_balance("eip155:1", TOKEN, PAYER, 10_000, 0)  # another network
+    flights.saw_balance(NET, "0x" + "cc" * 20, PAYER, 10_000, flights.balance_mark(NET, "0x" + "cc" * 20))  # another token
+    flights.saw_balance(NET, TOKEN, "0x" + "dd" * 20, 10_000, flights.balance_mark(NET, TOKEN))  # another payer
+    flights.saw_balance("eip155:1", TOKEN, PAYER, 10_000, flights.balance_mark("eip155:1", TOKEN))  # another network
 
     async def two() -> None:
         async with flights.hold(chain, NET, TOKEN, PAYER, 100, unmined), flights.hold(chain, NET, TOKEN, PAYER, 100, unmined):
@@ -465,8 +465,9 @@ def test_another_tokens_or_payers_balance_or_an_old_one_is_not_used() -> None:
 
     asyncio.run(two())
     assert chain.reads == 1
-    noted(flights, 10_000)
-    now[0] += 1.5  # older than BALANCE_REUSE_SECONDS
+    sent = flights.balance_mark(NET, TOKEN)
+    now[0] += 0.3  # the read was sent longer than BALANCE_REUSE_SECONDS ago (answered just now)
+    noted(flights, 10_000, mark=sent)
     asyncio.run(two())
     assert chain.reads == 2
     noted(flights, 10_000)
@@ -474,10 +475,12 @@ def test_another_tokens_or_payers_balance_or_an_old_one_is_not_used() -> None:
     assert chain.reads == 2  # a fresh one is used
 
 
-def test_with_a_shared_store_the_balance_is_always_read() -> None:
+@pytest.mark.parametrize("store_answers", [True, False], ids=["store-up", "store-away"])
+def test_with_a_shared_store_the_balance_is_always_read(store_answers: bool) -> None:
     """Other processes' settlements give back nothing here: a balance read before theirs ended would
-    count what they spent as still there."""
+    count what they spent as still there. So too when the store cannot say now (its holds unknown)."""
     shared, chain = Shared(), Balance(10_000)
+    shared.away = not store_answers
     flights = InFlight(shared)
     noted(flights, 10_000)
 
