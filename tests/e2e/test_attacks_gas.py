@@ -198,8 +198,10 @@ def test_the_served_facilitator_does_not_broadcast_a_7702_gas_burners_payment(
 # -- 2. one balance, many signatures at once: every settlement but one reverts -------------------------
 
 
+@pytest.mark.parametrize(("room", "first"), [(1, 11), (2, 21)], ids=["one-price", "two-prices"])
 def test_one_balance_signed_over_many_times_at_once_does_not_buy_reverted_settlements(
     start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path, request: pytest.FixtureRequest,
+    room: int, first: int,
 ) -> None:
     """The attacker holds exactly one price and signs five authorizations over it (fresh nonces, no
     transaction of its own), and sends the five paid requests at once. Each verify reads the same
@@ -208,57 +210,34 @@ def test_one_balance_signed_over_many_times_at_once_does_not_buy_reverted_settle
     The attacker paid one price for one answer; the four extra requests cost it nothing. Correct: the
     gateway counts what a payer's in-flight settlements already take from its balance, so at most
     balance / price settlements are broadcast and the others are refused (402) before any broadcast:
-    the settlement account sends exactly one transaction and none reverts."""
+    the settlement account sends exactly one transaction and none reverts.
+
+    With room for two, through the path where verify's balance read may stand in for a settlement's
+    own (``InFlight.saw_balance``; that it does is tests/settlement/schemes/test_exact_guards.py's):
+    the second hold is covered by that read, the third's estimate falls short, so it reads the chain
+    and is refused with the rest. Two answers, two transfers, none reverted, the payer at zero."""
     catalog = demo_catalog(tmp_path, upstream)
     catalog.write_text(catalog.read_text() + UPFRONT_TOOL)
     gateway = start_gateway(catalog=catalog, deployment_file=chain.deployment_file, receipt_timeout_seconds=60)
-    attacker = fresh_payer(chain, UPFRONT_PRICE)
+    attacker = fresh_payer(chain, room * UPFRONT_PRICE)
     address = Account.from_key(attacker).address
-    paths = [f"/paid-first/reports/{n}" for n in range(11, 16)]
+    paths = [f"/paid-first/reports/{n}" for n in range(first, first + 5)]
     with gateway.client() as client:
         headers = [pay_header(client, attacker, path) for path in paths]
     nonce_before, eth_before = spent(chain)
     pay_to_before = chain.balance(PAY_TO)
     mine: Callable[[], None] = request.getfixturevalue("manual_mining")  # automining off from here (funded above)
     answers = at_once_then_mined(chain, gateway.ledger, gateway.url, paths, headers, mine)
-    assert [a.status_code for a in answers].count(200) == 1, [(a.status_code, a.text[:120]) for a in answers]
-    assert chain.balance(address) == 0 and chain.balance(PAY_TO) - pay_to_before == UPFRONT_PRICE
+    assert [a.status_code for a in answers].count(200) == room, [(a.status_code, a.text[:120]) for a in answers]
+    assert chain.balance(address) == 0 and chain.balance(PAY_TO) - pay_to_before == room * UPFRONT_PRICE
     rows = [r for r in gateway.ledger.all() if r.payer.lower() == address.lower()]
-    assert [r.state for r in rows].count(PaymentState.SETTLED) == 1
+    assert [r.state for r in rows].count(PaymentState.SETTLED) == room
     reverted = [r for r in rows if r.tx_hash and chain.w3.eth.get_transaction_receipt(r.tx_hash)["status"] == 0]
     nonce_after, eth_after = spent(chain)
-    assert (nonce_after - nonce_before, len(reverted)) == (1, 0), (
-        f"{nonce_after - nonce_before} settlements broadcast for one balance of one price, {len(reverted)} reverted "
+    assert (nonce_after - nonce_before, len(reverted)) == (room, 0), (
+        f"{nonce_after - nonce_before} settlements broadcast for one balance of {room} price(s), {len(reverted)} reverted "
         f"({[(r.state, r.error_reason) for r in rows]}); the gateway paid {eth_before - eth_after} wei of gas")
-
-
-def test_a_balance_of_two_prices_signed_over_five_times_at_once_buys_two_answers_and_no_revert(
-    start_gateway: GatewayFactory, chain: Devchain, upstream: str, tmp_path: Path, request: pytest.FixtureRequest,
-) -> None:
-    """The same with room for two, through the path where verify's balance read may stand in for a
-    settlement's own (``InFlight.saw_balance``; that it does is tests/settlement/schemes/
-    test_exact_guards.py's): each verify reads two prices, the second hold is covered by that read,
-    the third's estimate falls short, so it reads the chain and is refused with the rest. Two
-    answers, two transfers, none reverted, the payer at zero, two upstream calls."""
-    catalog = demo_catalog(tmp_path, upstream)
-    catalog.write_text(catalog.read_text() + UPFRONT_TOOL)
-    gateway = start_gateway(catalog=catalog, deployment_file=chain.deployment_file, receipt_timeout_seconds=60)
-    attacker = fresh_payer(chain, 2 * UPFRONT_PRICE)
-    address = Account.from_key(attacker).address
-    paths = [f"/paid-first/reports/{n}" for n in range(21, 26)]
-    with gateway.client() as client:
-        headers = [pay_header(client, attacker, path) for path in paths]
-    nonce_before, _ = spent(chain)
-    pay_to_before = chain.balance(PAY_TO)
-    mine: Callable[[], None] = request.getfixturevalue("manual_mining")
-    answers = at_once_then_mined(chain, gateway.ledger, gateway.url, paths, headers, mine)
-    assert sorted(a.status_code for a in answers) == [200, 200, 402, 402, 402], [(a.status_code, a.text[:120]) for a in answers]
-    assert chain.balance(address) == 0 and chain.balance(PAY_TO) - pay_to_before == 2 * UPFRONT_PRICE
-    rows = [r for r in gateway.ledger.all() if r.payer.lower() == address.lower()]
-    assert [r.state for r in rows].count(PaymentState.SETTLED) == 2
-    reverted = [r for r in rows if r.tx_hash and chain.w3.eth.get_transaction_receipt(r.tx_hash)["status"] == 0]
-    assert (spent(chain)[0] - nonce_before, len(reverted)) == (2, 0), [(r.state, r.error_reason) for r in rows]
-    assert sum(upstream_hits(upstream, f"GET /reports/{n}") for n in range(21, 26)) == 2
+    assert sum(upstream_hits(upstream, f"GET /reports/{n}") for n in range(first, first + 5)) == room
 
 
 def test_one_permit2_balance_signed_over_many_times_at_once_does_not_buy_reverted_settlements(

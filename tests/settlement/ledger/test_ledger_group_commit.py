@@ -268,58 +268,35 @@ def test_the_calls_of_one_loop_iteration_are_handed_over_and_committed_together(
         ledger.close()
 
 
-def test_a_ledger_closed_by_its_loop_writes_the_calls_that_loop_made_first(tmp_path: Path) -> None:
-    """Closing the ledger on the loop's thread, in the iteration that made calls not handed over yet:
-    they are written and answered as if handed over at once, and later ones are refused."""
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    ledger = open_ledger(url)
-
-    async def run() -> list[Any]:
-        calls = [asyncio.ensure_future(ledger.run(ledger.record_verified, **ledger_fields(i))) for i in range(3)]
-        await asyncio.sleep(0)  # the three calls made, not handed over yet
-        ledger.close()
-        with pytest.raises(LedgerError) as late:
-            await ledger.run(ledger.record_verified, **ledger_fields(9))
-        assert late.value.code == "ledger_closed"
-        return await asyncio.wait_for(asyncio.gather(*calls), timeout=30)
-
-    rows = asyncio.run(run())
-    assert [row.request_id for row in rows] == ["req-0", "req-1", "req-2"]
-    reopened = open_ledger(url)
-    try:
-        assert sorted(row.request_id for row in reopened.all()) == ["req-0", "req-1", "req-2"]
-    finally:
-        reopened.close()
-
-
-def test_a_ledger_closed_from_another_thread_writes_the_calls_a_loop_had_not_handed_over(tmp_path: Path) -> None:
-    """A loop has made calls that wait for the end of its iteration when another thread closes the
-    ledger: ``shutdown`` hands them over before it stops, so they are written and answered (never left
-    waiting), and a call made after it is refused."""
+@pytest.mark.parametrize("closer", ["its-loop", "another-thread"])
+def test_a_ledger_closed_before_a_loop_handed_its_calls_over_writes_them_first(tmp_path: Path, closer: str) -> None:
+    """A loop has made calls that wait for the end of its iteration when the ledger is closed, by that
+    loop or by another thread (the loop blocked meanwhile): ``shutdown`` hands them over before it
+    stops, so they are written and answered as if handed over at once (never left waiting), and a
+    call made after it is refused."""
     import threading
 
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     ledger = open_ledger(url)
-    made, closed = threading.Event(), threading.Event()
-
-    def close_elsewhere() -> None:
-        made.wait(30)
-        ledger.close()
-        closed.set()
+    made = threading.Event()
+    thread = threading.Thread(target=lambda: made.wait(30) and ledger.close())
 
     async def run() -> list[Any]:
         calls = [asyncio.ensure_future(ledger.run(ledger.record_verified, **ledger_fields(i))) for i in range(3)]
         await asyncio.sleep(0)  # made, waiting for the end of the iteration...
-        made.set()
-        assert closed.wait(30)  # ...while another thread closes the ledger (this loop blocked meanwhile)
+        if closer == "its-loop":
+            ledger.close()
+        else:
+            made.set()
+            thread.join(30)  # ...while another thread closes the ledger
         with pytest.raises(LedgerError) as late:
             await ledger.run(ledger.record_verified, **ledger_fields(9))
         assert late.value.code == "ledger_closed"
         return await asyncio.wait_for(asyncio.gather(*calls), timeout=30)
 
-    thread = threading.Thread(target=close_elsewhere)
     thread.start()
     rows = asyncio.run(run())
+    made.set()
     thread.join(30)
     assert [row.request_id for row in rows] == ["req-0", "req-1", "req-2"]
     reopened = open_ledger(url)
