@@ -214,7 +214,7 @@ def build_schemes(settings: Settings, catalogs: Catalogs) -> SchemeWiring:
         wiring.channels = build_channels(local_chains, settings.deployment_file, ChannelPolicy(
             settings.channel_claim_every_calls, settings.channel_claim_every_seconds, settings.channel_deposit_calls,
             min_deposit_calls=settings.channel_min_deposit_calls,
-        ), receipt_timeout=settings.receipt_timeout_seconds)
+        ), receipt_timeout=settings.receipt_timeout_seconds, in_flight=in_flight)  # a deposit spends that balance too
         if wiring.channels is not None:  # the escrow is there (the dev chain places it)
             wiring.schemes.register(wiring.channels)
     by_urls: dict[tuple[str, ...], list[str]] = {}

@@ -35,7 +35,7 @@ from x402.mechanisms.evm.batch_settlement.constants import MAX_WITHDRAW_DELAY, M
 from catalog import PaymentTerms
 from settlement.chain.client import BeforeSend, Receipt, RpcError
 from settlement.chain.deployment import LOCAL_CHAIN_ID, Deployment, DevchainError
-from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.errors import ChainUnavailable
 from settlement.ledger import Payment
 from settlement.ledger.resolve import Resolution
 from settlement.schemes.base import Supported
@@ -49,7 +49,6 @@ from settlement.schemes.channels_contract import (
 from settlement.schemes.channels_policy import (
     ACCRUED_KEY,
     BATCH,
-    DEPOSIT_GAS,
     ERR_CHANNEL_CLOSED,
     ERR_CHANNEL_WITHDRAWING,
     ERR_CUMULATIVE_NOT_INCREASING,
@@ -63,9 +62,12 @@ from settlement.schemes.channels_policy import (
     ChannelStore,
     Refused,
     accrued,
+    make_deposit,
     signed_by_code,
+    simulate_deposit,
 )
 from settlement.schemes.eip712 import recover_signer
+from settlement.schemes.exact_guards import InFlight
 from settlement.x402.wire import ExactEvmPayload, PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 __all__ = [
@@ -80,8 +82,9 @@ class ChannelsEvm:
     name = BATCH
 
     def __init__(self, chains: Mapping[str, ChannelChain], policy: ChannelPolicy | None = None, *,
-                 receipt_timeout: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+                 receipt_timeout: float = 30.0, clock: Callable[[], float] = time.time, in_flight: InFlight | None = None) -> None:
         self._chains = dict(chains)
+        self.in_flight = in_flight if in_flight is not None else InFlight()  # the exact scheme's: one balance
         self.policy = policy or ChannelPolicy()
         self._receipt_timeout = receipt_timeout
         self._clock = clock
@@ -219,7 +222,7 @@ class ChannelsEvm:
             view = await self.chain_view(chain, payment)
             balance = view.balance
             if await self.deposit_pending(chain, payment):
-                await self._simulate_deposit(chain, payment)
+                await simulate_deposit(chain, payment)
                 assert payment.deposit is not None
                 balance += payment.deposit.amount
             self.check_voucher(payment, int(requirements.amount), await self.charged(requirements.network, payment, view),
@@ -236,12 +239,6 @@ class ChannelsEvm:
         if await signed_by_code(chain, payment):
             raise Refused(ERR_PAYER_HAS_CODE, "the payer has code, which the escrow would ask about each voucher; "
                                               "open a channel with a payerAuthorizer key")
-
-    async def _simulate_deposit(self, chain: ChannelChain, payment: ChannelPayment) -> None:
-        try:
-            await chain.eth_call(ESCROW_ADDRESS, payment.deposit_calldata(), gas=DEPOSIT_GAS, sender=chain.settlement_address)
-        except RpcError:
-            raise Refused(E.ERR_DEPOSIT_SIMULATION_FAILED, "the deposit would not go through") from None
 
     # ------------------------------------------------------------------------------ settle
 
@@ -281,26 +278,13 @@ class ChannelsEvm:
         if deposit:
             assert payment.deposit is not None
             self.check_voucher(payment, price, charged, balance + payment.deposit.amount, view)
-            await self._deposit(chain, payment)
+            await make_deposit(chain, payment, network, self.in_flight, self._receipt_timeout)
             balance += payment.deposit.amount
         self.check_voucher(payment, price, charged, balance, view)
         await self._bound_store().put(_state_key(network, payment.channel_id),
                                       json.dumps({"charged": str(payment.max_claimable)}).encode())
         return {"channelId": payment.channel_id, "balance": str(balance), "totalClaimed": str(view.claimed),
                 "withdrawRequestedAt": view.withdrawing, "chargedCumulativeAmount": str(payment.max_claimable)}
-
-    async def _deposit(self, chain: ChannelChain, payment: ChannelPayment) -> str:
-        """The deposit, sent by our settlement account and confirmed (its receipt) before the voucher
-        is accepted against it."""
-        await self._simulate_deposit(chain, payment)
-        try:
-            tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.deposit_calldata(), gas=DEPOSIT_GAS)
-            receipt = await chain.wait_for_receipt(tx_hash, self._receipt_timeout)
-        except (RpcError, BroadcastUncertain, ChainUnavailable):
-            receipt = None
-        if receipt is None or receipt.status != 1:
-            raise Refused(E.ERR_DEPOSIT_TRANSACTION_FAILED, "the deposit did not go through; nothing was charged")
-        return receipt.tx_hash
 
     def _bound_store(self) -> ChannelStore:
         if self._store is None:
@@ -408,7 +392,8 @@ def channel_view(row: Payment) -> ExactEvmPayload | None:
 
 
 def build_channels(chains: Mapping[str, ChannelChain], deployment_file: str | os.PathLike[str],
-                   policy: ChannelPolicy | None = None, *, receipt_timeout: float = 30.0) -> ChannelsEvm | None:
+                   policy: ChannelPolicy | None = None, *, receipt_timeout: float = 30.0,
+                   in_flight: InFlight | None = None) -> ChannelsEvm | None:
     """``batch-settlement`` on the chains that have the escrow: today the local dev chain whose
     deployment file lists it (``x402gw devchain`` places it at its canonical address). None when
     no chain has it."""
@@ -417,4 +402,4 @@ def build_channels(chains: Mapping[str, ChannelChain], deployment_file: str | os
     except (DevchainError, UnicodeDecodeError):
         has_escrow = False
     served = {n: c for n, c in chains.items() if has_escrow and c.chain_id == LOCAL_CHAIN_ID}
-    return ChannelsEvm(served, policy, receipt_timeout=receipt_timeout) if served else None
+    return ChannelsEvm(served, policy, receipt_timeout=receipt_timeout, in_flight=in_flight) if served else None

@@ -7,18 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from x402.mechanisms.evm.batch_settlement import errors as E
 from x402.mechanisms.evm.batch_settlement.constants import MIN_WITHDRAW_DELAY
 
 from settlement.chain.client import BeforeSend, Receipt
 from settlement.chain.rpc import RpcError
-from settlement.errors import ChainUnavailable
-from settlement.schemes.channels_contract import ChannelPayment
+from settlement.errors import BroadcastUncertain, ChainUnavailable
+from settlement.schemes.channels_contract import ESCROW_ADDRESS, ChannelPayment
+from settlement.schemes.exact_guards import InFlight
 from settlement.x402.wire import SettleResponse
 
 __all__ = [
     "ACCRUED_KEY", "BATCH", "DEPOSIT_GAS", "ERR_CHANNEL_CLOSED", "ERR_CHANNEL_WITHDRAWING", "ERR_CUMULATIVE_NOT_INCREASING",
     "ERR_PAYER_HAS_CODE", "ERR_REFUND_TOO_EARLY", "LOCK_TTL_MS", "VOUCHER_ACCEPTED", "ChainView", "ChannelChain", "ChannelPolicy", "ChannelStore", "Refused", "accrued",
-    "signed_by_code",
+    "make_deposit", "signed_by_code", "simulate_deposit",
 ]
 
 BATCH = "batch-settlement"
@@ -72,6 +74,37 @@ async def signed_by_code(chain: ChannelChain, payment: ChannelPayment) -> bool:
         return bool(await chain.get_code(payment.payer))
     except (RpcError, ChainUnavailable):
         return False
+
+
+async def simulate_deposit(chain: ChannelChain, payment: ChannelPayment) -> None:
+    try:
+        await chain.eth_call(ESCROW_ADDRESS, payment.deposit_calldata(), gas=DEPOSIT_GAS, sender=chain.settlement_address)
+    except RpcError:
+        raise Refused(E.ERR_DEPOSIT_SIMULATION_FAILED, "the deposit would not go through") from None
+
+
+async def make_deposit(chain: ChannelChain, payment: ChannelPayment, network: str, in_flight: InFlight,
+                  receipt_timeout: float) -> str:
+    """The deposit, sent by our settlement account and confirmed (its receipt) before the voucher is
+    accepted against it. It spends the payer's token balance outside any settlement's hold: counted
+    among the payer's spending in flight meanwhile (``InFlight.spending``), or a balance read just
+    before it would stand in for a settlement's own read after it."""
+    assert payment.deposit is not None
+    await simulate_deposit(chain, payment)
+    receipt: Receipt | None = None
+    async with in_flight.spending(network, payment.config.token, payment.payer, payment.deposit.amount) as spent:
+        try:
+            tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.deposit_calldata(), gas=DEPOSIT_GAS)
+            receipt = await chain.wait_for_receipt(tx_hash, receipt_timeout)
+        except RpcError:
+            spent.unknown = False  # refused by the node: never sent
+        except (BroadcastUncertain, ChainUnavailable):
+            pass
+        if receipt is not None:
+            spent.unknown = False
+    if receipt is None or receipt.status != 1:
+        raise Refused(E.ERR_DEPOSIT_TRANSACTION_FAILED, "the deposit did not go through; nothing was charged")
+    return receipt.tx_hash
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,8 @@ on transactions that revert, for nothing.
   every scheme that takes a payer's token balance (EIP-3009 and Permit2 alike).
 
   The balance verify read a moment ago (``balance_mark``, ``saw_balance``) spares the settlement
-  its own read when, less everything this process's settlements of that asset gave back since the
-  read was sent (each may have spent its value, so all of it is taken off), it still covers them
+  its own read when, less everything this process's settlements (and channel deposits:
+  ``spending``) of that asset gave back since the read was sent (each may have spent its value, so all of it is taken off), it still covers them
   all: the estimate never exceeds the balance as read, less our own spending since. Other
   processes' spending is not seen here, so with a shared store bound (even one that cannot answer
   now) the balance is always read.
@@ -32,13 +32,11 @@ on transactions that revert, for nothing.
   a new account costs it a delegation or a deployment and a balance of one price.
 
 What is left: a delegation made between verify and settlement costs the payer a transaction of its
-own for each revert it causes. A payer's settlement
-whose state read and balance read straddle a block may be refused one it could pay (402, retryable).
-A payer that moves its balance away itself (its own transfer, or another facilitator settling its
-other authorizations) makes the settlements then in flight revert, as it always could between our
-last read and the settlement's block; verify's read standing in for the settlement's own widens
-that window by at most ``BALANCE_REUSE_SECONDS`` (counted from when the read was sent), for one
-transaction of the payer's each time.
+own for each revert it causes. A payer's settlement whose state read and balance read straddle a
+block may be refused one it could pay (402, retryable). A payer that moves its balance away itself
+(its own transfer, another facilitator) makes the settlements then in flight revert, as it always
+could between our last read and their block; verify's read standing in for the settlement's own
+widens that window by at most ``BALANCE_REUSE_SECONDS`` from when it was sent.
 """
 
 from __future__ import annotations
@@ -199,6 +197,10 @@ class SharedHolds(Protocol):
         ...
 
 
+async def _not_mined() -> bool:
+    return False
+
+
 def _kept_key(key: tuple[str, str, str], nonce: bytes) -> str:
     return ":".join(key) + ":" + nonce.hex()
 
@@ -286,8 +288,7 @@ class InFlight:
         return self.shared is not None and await self.shared.is_held(f"struck:{key}") is True
 
     def balance_mark(self, network: str, token: str) -> tuple[int, float]:
-        """Taken before a balance read is sent, and handed to ``saw_balance`` with what it read: what
-        holds of the asset had given back, and when."""
+        """Taken before a balance read is sent (for ``saw_balance``): what holds of the asset gave back so far, and when."""
         return self._given_back.get((network, token.lower()), 0), self.clock()
 
     def saw_balance(self, network: str, token: str, payer: str, balance: int, mark: tuple[int, float]) -> None:
@@ -301,8 +302,7 @@ class InFlight:
         seen = self._balances.get(f"{network}:{token.lower()}:{payer.lower()}")
         if seen is None or self.clock() - seen[2] > BALANCE_REUSE_SECONDS:
             return None
-        balance, given_back, _ = seen
-        return balance - (self._given_back.get((network, token.lower()), 0) - given_back)
+        return seen[0] - (self._given_back.get((network, token.lower()), 0) - seen[1])  # read, less given back since
 
     def saw_code(self, network: str, payer: str) -> None:
         """Verify found code in this (verified) payer's account: its transfer asks that code about the
@@ -369,6 +369,22 @@ class InFlight:
                     await shared.drop_share(shared_key, shared_entry, value)
             if held.reverted:
                 await self._strike(chain, network, payer)
+
+    @asynccontextmanager
+    async def spending(self, network: str, token: str, payer: str, value: int) -> AsyncIterator[Hold]:
+        """What this process spends of a payer's balance outside a settlement's hold (a channel's deposit):
+        held while it runs, given back when it ends, or after a hold's lifetime if its outcome is unknown
+        (``Hold.unknown``, True until the block says otherwise)."""
+        key, entry, held = (network, token.lower(), payer.lower()), self._next, Hold()
+        self._next, held.unknown = entry + 1, True
+        self._held.setdefault(key, {})[entry] = (value, _not_mined)  # counted until given back
+        try:
+            yield held
+        finally:
+            if held.unknown:
+                asyncio.get_running_loop().call_later(self.ttl_ms / 1000, self._drop, key, entry)
+            else:
+                self._drop(key, entry)
 
     def _drop(self, key: tuple[str, str, str], entry: int) -> None:
         entries = self._held.get(key, {})

@@ -491,3 +491,21 @@ def test_with_a_shared_store_the_balance_is_always_read(store_answers: bool) -> 
 
     assert asyncio.run(run()) is True
     assert chain.reads == 1
+
+
+def test_spending_outside_a_hold_counts_while_it_runs_and_is_given_back_when_it_ends() -> None:
+    """A channel's deposit (``InFlight.spending``): the payer's other settlements count it while it
+    runs, and its value is given back when its outcome is known; unknown, it stays for a hold's lifetime."""
+    flights = InFlight(ttl_ms=60_000)
+
+    async def run() -> tuple[int, int, int]:
+        before = flights.balance_mark(NET, TOKEN)[0]
+        async with flights.spending(NET, TOKEN, PAYER, 700) as spent:
+            during = flights.taken(NET, TOKEN, PAYER)
+            spent.unknown = False
+        after = flights.balance_mark(NET, TOKEN)[0] - before
+        async with flights.spending(NET, TOKEN, PAYER, 300):  # its outcome never known
+            pass
+        return during, after, flights.taken(NET, TOKEN, PAYER)
+
+    assert asyncio.run(run()) == (700, 700, 300)
