@@ -17,11 +17,11 @@ on transactions that revert, for nothing.
   every scheme that takes a payer's token balance (EIP-3009 and Permit2 alike).
 
   The balance verify read a moment ago (``balance_mark``, ``saw_balance``) spares the settlement
-  its own read when, less everything this process's settlements (and channel deposits:
-  ``spending``) of that asset gave back since the read was sent (each may have spent its value, so all of it is taken off), it still covers them
-  all: the estimate never exceeds the balance as read, less our own spending since. Other
-  processes' spending is not seen here, so with a shared store bound (even one that cannot answer
-  now) the balance is always read.
+  its own read when, less all that this process's settlements (and channel deposits: ``spending``)
+  of that asset gave back since the read was sent (spent or not), it still covers them all: the
+  estimate never exceeds the balance as read, less our own spending since. Other processes'
+  spending is not seen here, so with a shared store bound (even one that cannot answer now) the
+  balance is always read.
 
 - ``InFlight.struck``: code can tell a simulation from the mined transaction (``GASPRICE`` is 0 in
   an ``eth_call``; ``ORIGIN``, the block, the gas left differ too), so a payer whose code says yes to
