@@ -95,13 +95,16 @@ async def make_deposit(chain: ChannelChain, payment: ChannelPayment, network: st
     async with in_flight.spending(network, payment.config.token, payment.payer, payment.deposit.amount) as spent:
         try:
             tx_hash = await chain.send_call(ESCROW_ADDRESS, payment.deposit_calldata(), gas=DEPOSIT_GAS)
-            receipt = await chain.wait_for_receipt(tx_hash, receipt_timeout)
         except RpcError:
             spent.unknown = False  # refused by the node: never sent
         except (BroadcastUncertain, ChainUnavailable):
-            pass
-        if receipt is not None:
-            spent.unknown = False
+            pass  # it may have been sent
+        else:
+            try:
+                receipt = await chain.wait_for_receipt(tx_hash, receipt_timeout)
+            except (RpcError, BroadcastUncertain, ChainUnavailable):
+                pass  # sent: its outcome is not known
+            spent.unknown = receipt is None
     if receipt is None or receipt.status != 1:
         raise Refused(E.ERR_DEPOSIT_TRANSACTION_FAILED, "the deposit did not go through; nothing was charged")
     return receipt.tx_hash

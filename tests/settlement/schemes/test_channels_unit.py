@@ -7,6 +7,7 @@ import asyncio
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,12 +17,15 @@ from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEv
 from x402.schemas import PaymentRequirements
 
 from gateway.store.memory import MemoryStore
+from settlement.chain.rpc import RpcError
 from settlement.errors import ChainUnavailable, PaymentDecodeError
 from settlement.ledger import PaymentState
 from settlement.schema import open_ledger
 from settlement.schemes.channels import ChannelPolicy, ChannelsEvm
 from settlement.schemes.channels_claims import Claimer
 from settlement.schemes.channels_contract import channel_payment, channel_signer, parse_channel
+from settlement.schemes.channels_policy import Refused, make_deposit
+from settlement.schemes.exact_guards import InFlight
 
 KEY = "0x59c6995e998f97a5a0044966f0945389dc9c86dae88c7a8412f4603b6b78690d"  # anvil account 1
 TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
@@ -104,3 +108,54 @@ def test_a_claim_by_count_that_fails_leaves_the_accepted_voucher_accrued(tmp_pat
     stored = ledger.get(row.id)
     assert stored is not None and stored.state == PaymentState.SETTLING and stored.tx_hash is None
     ledger.close()
+
+
+class _DepositChain:
+    """A deposit's broadcast and receipt as a test sets them: ``send`` raises or returns the hash,
+    ``receipt`` raises or returns (None: not mined in time)."""
+
+    chain_id = 31337
+    settlement_address = AUTHORIZER
+
+    def __init__(self, send: Exception | None, receipt: Exception | Any) -> None:
+        self.send, self.receipt = send, receipt
+
+    async def eth_call(self, *args: Any, **kwargs: Any) -> bytes:
+        return b""  # the simulation goes through
+
+    async def send_call(self, *args: Any, **kwargs: Any) -> str:
+        if self.send is not None:
+            raise self.send
+        return "0x" + "ab" * 32
+
+    async def wait_for_receipt(self, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.receipt, Exception):
+            raise self.receipt
+        return self.receipt
+
+
+@pytest.mark.parametrize(("send", "receipt", "still_counted"), [
+    (RpcError("eth_sendRawTransaction", "nonce too low"), None, False),  # refused: never sent
+    (ChainUnavailable("down", code="chain_unavailable"), None, True),  # maybe sent
+    (None, RpcError("eth_getTransactionReceipt", "boom"), True),  # sent, its receipt unknown
+    (None, None, True),  # sent, not mined in time
+    (None, SimpleNamespace(status=0, tx_hash="0x" + "ab" * 32), False),  # mined, reverted: nothing spent
+], ids=["refused", "maybe-sent", "receipt-error", "not-mined", "reverted"])
+def test_a_deposit_whose_outcome_is_unknown_stays_counted_against_the_payers_balance(
+    send: Exception | None, receipt: Any, still_counted: bool,
+) -> None:
+    """A channel's deposit spends the payer's token balance outside any settlement's hold
+    (``make_deposit``, ``InFlight.spending``): refused, it counts no more; when it may still land,
+    the payer's other settlements keep counting it (a hold's lifetime), so no balance read from
+    before it stands in for theirs."""
+    payment = SimpleNamespace(deposit=SimpleNamespace(amount=10_000), deposit_calldata=lambda: b"",
+                              config=SimpleNamespace(token=TOKEN), payer=PAY_TO)
+    flights = InFlight(ttl_ms=60_000)
+
+    async def run() -> int:
+        with pytest.raises(Refused) as refused:
+            await make_deposit(_DepositChain(send, receipt), payment, "eip155:31337", flights, 1.0)  # type: ignore[arg-type]
+        assert refused.value.reason == "invalid_batch_settlement_evm_deposit_transaction_failed"
+        return flights.taken("eip155:31337", TOKEN, PAY_TO)
+
+    assert asyncio.run(run()) == (10_000 if still_counted else 0)
